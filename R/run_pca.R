@@ -1,0 +1,64 @@
+#' PCA on highly variable genes
+#'
+#' The standard first step of single-cell analysis, computed by the Rust core
+#' without densifying the data: seurat_v3 highly variable genes on raw counts
+#' (batch-aware when `batch` is given), log2(CPM + 1) of those genes,
+#' centering and (by default) scaling each gene, then a truncated PCA by
+#' randomized SVD with power iterations.
+#'
+#' The randomized SVD iterates until the top `n_pcs` singular values change
+#' by less than `getOption("scdistill.pca_tol", 1e-7)` (relative), at most
+#' `getOption("scdistill.pca_max_iterations", 100)` times, with
+#' `getOption("scdistill.pca_oversamples", max(20, n_pcs))` extra directions.
+#' With these defaults the components agree with `prcomp()` to a correlation
+#' above 0.99999 on real data; a larger tolerance trades accuracy of the
+#' trailing components for speed on very large data.
+#'
+#' @inheritParams highly_variable_genes
+#' @param n_pcs Number of principal components.
+#' @param scale Scale each gene to unit variance before PCA.
+#' @param name Name of the reduction written back: `"PCA"` for a
+#'   `SingleCellExperiment`, `"pca"` for a `Seurat` object.
+#' @param seed Seed of the random start; the same seed gives the same result.
+#' @return For a `SingleCellExperiment` (or `SummarizedExperiment`), `x` with
+#'   `reducedDim(x, name)`; for a `Seurat` object, `x` with the `DimReduc`
+#'   `name`; otherwise the cells × `n_pcs` matrix of scores. The scores carry
+#'   attributes `rotation` (loadings, highly variable genes × PCs), `sdev`,
+#'   `percentVar` (percentage of variance explained), `varExplained` and
+#'   `iterations` (power iterations done).
+#' @examples
+#' sce <- example_cellbench()
+#' sce <- run_pca(sce, n_pcs = 10, n_hvg = 1000, batch = "batch")
+#' pcs <- SingleCellExperiment::reducedDim(sce, "PCA")
+#' round(attr(pcs, "percentVar"), 1)
+#' plot(pcs[, 1:2], col = factor(sce$cell_line), pch = 19, cex = 0.5)
+#' @export
+run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, name = NULL,
+                    seed = 1, threads = NULL, ...) {
+  n_pcs <- check_count(n_pcs, "n_pcs")
+  n_hvg <- check_count(n_hvg, "n_hvg")
+  scale <- check_flag(scale, "scale")
+  seed <- check_count(seed, "seed", min = 0)
+  cnt <- as_counts(x, batch = batch, ...)
+  s <- slots(cnt)
+  b <- batch_args(cnt$batch)
+  oversamples <- check_count(getOption("scdistill.pca_oversamples", max(20L, n_pcs)),
+                             "options(scdistill.pca_oversamples)", min = 0)
+  max_iter <- check_count(getOption("scdistill.pca_max_iterations", 100L),
+                          "options(scdistill.pca_max_iterations)", min = 0)
+  tol <- getOption("scdistill.pca_tol", 1e-7)
+  res <- rust(rs_run_pca(s$p, s$i, s$x, s$genes, s$cells, b$codes, b$levels, n_pcs, n_hvg, scale,
+                         oversamples, max_iter, as.numeric(tol), as.numeric(seed), resolve_threads(threads)))
+  pcs <- paste0("PC", seq_len(n_pcs))
+  scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(s$cells, pcs))
+  attr(scores, "rotation") <- matrix(res$loadings, ncol = n_pcs,
+                                     dimnames = list(s$genes[res$hvg$selected], pcs))
+  attr(scores, "sdev") <- res$sdev
+  attr(scores, "percentVar") <- 100 * res$variance_ratio
+  attr(scores, "varExplained") <- res$sdev^2
+  attr(scores, "iterations") <- res$n_iter
+  write_back(x, scores, name %||% reduction_name(x, "PCA"))
+}
+
+# Seurat names reductions in lower case, Bioconductor in upper case.
+reduction_name <- function(x, name) if (is(x, "Seurat")) tolower(name) else name

@@ -1,0 +1,53 @@
+#' libtorch, device and threads
+#'
+#' Reports the libtorch the package was built against, whether CUDA is
+#' usable, which device `device` resolves to, and the number of threads
+#' computations will use.
+#'
+#' Thread policy (as `data.table` does): the `threads` argument of a function
+#' wins; otherwise `getOption("scdistill.threads")`; otherwise every core this
+#' process may use. `OMP_THREAD_LIMIT`, when set, caps the result.
+#'
+#' @param device `"auto"` (CUDA when libtorch sees a GPU, else CPU), `"cpu"`,
+#'   `"cuda"` or `"cuda:N"`.
+#' @param threads Number of threads, or `NULL` for the policy above.
+#' @return A list of class `scdistill_torch_config` with `libtorch_version`,
+#'   `cuda_available`, `cuda_device_count`, `cudnn_available`, `device` and
+#'   `threads`.
+#' @examples
+#' torch_config()
+#' torch_config(device = "cpu", threads = 1)
+#' @export
+torch_config <- function(device = "auto", threads = NULL) {
+  check_device(device)
+  cfg <- rust(rs_torch_config(device, resolve_threads(threads)))
+  structure(cfg, class = "scdistill_torch_config")
+}
+
+#' @method print scdistill_torch_config
+#' @export
+print.scdistill_torch_config <- function(x, ...) {
+  cat("libtorch ", x$libtorch_version, "\n", sep = "")
+  cat("CUDA:    ", if (x$cuda_available) sprintf("yes, %d device(s)%s", x$cuda_device_count,
+                                               if (x$cudnn_available) ", cuDNN" else "") else "no", "\n", sep = "")
+  cat("device:  ", x$device, "\n", sep = "")
+  cat("threads: ", x$threads, "\n", sep = "")
+  invisible(x)
+}
+
+# The thread count to use: argument, option, or all usable cores; capped by
+# OMP_THREAD_LIMIT.
+resolve_threads <- function(threads = NULL) {
+  n <- threads %||% getOption("scdistill.threads") %||% rs_available_threads()
+  n <- check_count(n, if (is.null(threads)) "options(scdistill.threads)" else "threads")
+  limit <- suppressWarnings(as.integer(Sys.getenv("OMP_THREAD_LIMIT", "")))
+  if (!is.na(limit) && limit >= 1) n <- min(n, limit)
+  n
+}
+
+check_device <- function(device) {
+  if (!is.character(device) || length(device) != 1 || is.na(device)) {
+    stop("`device` must be one string: \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"", call. = FALSE)
+  }
+  device
+}

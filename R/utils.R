@@ -1,0 +1,49 @@
+# Small helpers shared by the R layer.
+
+`%||%` <- function(a, b) if (is.null(a)) b else a
+
+utils_head <- function(x, n) if (length(x) > n) c(x[seq_len(n)], "...") else x
+
+fmt_int <- function(n) format(n, big.mark = ",", scientific = FALSE, trim = TRUE)
+
+# Stops with a helpful message when a suggested package is missing.
+need <- function(pkg) {
+  if (!requireNamespace(pkg, quietly = TRUE)) {
+    stop("this needs the Bioconductor/CRAN package '", pkg, "'; install it ",
+         "(on Debian: apt-get install r-bioc-", tolower(pkg), " or r-cran-", tolower(pkg), ")",
+         call. = FALSE)
+  }
+}
+
+# Evaluates a call into Rust and re-raises its error as coming from the
+# exported function that made the call.
+rust <- function(expr) {
+  call <- sys.call(-1)
+  tryCatch(expr, error = function(e) {
+    stop(simpleError(conditionMessage(e), call = call))
+  })
+}
+
+# The dgCMatrix slots the Rust routines take.
+slots <- function(cnt) {
+  m <- cnt$counts
+  list(p = m@p, i = m@i, x = m@x, genes = rownames(m), cells = colnames(m))
+}
+
+# Batch codes (1-based) and levels for Rust, NULLs when there is no batch.
+batch_args <- function(batch) {
+  if (is.null(batch)) return(list(codes = NULL, levels = NULL))
+  list(codes = as.integer(batch), levels = levels(batch))
+}
+
+check_count <- function(x, arg, min = 1) {
+  if (!is.numeric(x) || length(x) != 1 || is.na(x) || x != round(x) || x < min) {
+    stop("`", arg, "` must be a whole number >= ", min, call. = FALSE)
+  }
+  as.integer(x)
+}
+
+check_flag <- function(x, arg) {
+  if (!is.logical(x) || length(x) != 1 || is.na(x)) stop("`", arg, "` must be TRUE or FALSE", call. = FALSE)
+  x
+}

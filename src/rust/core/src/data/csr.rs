@@ -1,0 +1,163 @@
+//! Compressed sparse rows: the one in-memory layout of a data set.
+
+use rayon::prelude::*;
+
+/// A sparse matrix in CSR layout with `f32` values (cells are rows).
+///
+/// `indptr[r]..indptr[r + 1]` are the entries of row `r`; column indices are
+/// strictly increasing within a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Csr {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl Csr {
+    /// Number of stored entries.
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Column indices and values of row `r`.
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let span = self.indptr[r]..self.indptr[r + 1];
+        (&self.indices[span.clone()], &self.values[span])
+    }
+
+    /// Sum of each row.
+    pub fn row_sums(&self) -> Vec<f64> {
+        (0..self.n_rows)
+            .into_par_iter()
+            .map(|r| self.row(r).1.iter().map(|&v| v as f64).sum())
+            .collect()
+    }
+
+    /// Writes rows `rows` densely into `out` (row-major, `rows.len() × n_cols`).
+    /// This is how minibatches are cut: only the selected rows are densified.
+    pub fn dense_rows_into(&self, rows: &[usize], out: &mut [f32]) {
+        debug_assert_eq!(out.len(), rows.len() * self.n_cols);
+        out.fill(0.0);
+        for (k, &r) in rows.iter().enumerate() {
+            let dst = &mut out[k * self.n_cols..(k + 1) * self.n_cols];
+            let (idx, val) = self.row(r);
+            for (&j, &v) in idx.iter().zip(val) {
+                dst[j as usize] = v;
+            }
+        }
+    }
+
+    /// Keeps the columns in `keep` (in that order): a new CSR whose column `k`
+    /// is old column `keep[k]`.
+    pub fn select_columns(&self, keep: &[usize]) -> Csr {
+        let mut map = vec![u32::MAX; self.n_cols];
+        for (new, &old) in keep.iter().enumerate() {
+            map[old] = new as u32;
+        }
+        let sorted = keep.windows(2).all(|w| w[0] < w[1]);
+        let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..self.n_rows)
+            .into_par_iter()
+            .map(|r| {
+                let (idx, val) = self.row(r);
+                let mut pairs: Vec<(u32, f32)> = idx
+                    .iter()
+                    .zip(val)
+                    .filter_map(|(&j, &v)| {
+                        let m = map[j as usize];
+                        (m != u32::MAX).then_some((m, v))
+                    })
+                    .collect();
+                if !sorted {
+                    pairs.sort_unstable_by_key(|p| p.0);
+                }
+                pairs.into_iter().unzip()
+            })
+            .collect();
+        Csr::from_rows(rows, keep.len())
+    }
+
+    /// Assembles a CSR from per-row (indices, values) pairs.
+    pub fn from_rows(rows: Vec<(Vec<u32>, Vec<f32>)>, n_cols: usize) -> Csr {
+        let nnz = rows.iter().map(|r| r.0.len()).sum();
+        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        let mut indices = Vec::with_capacity(nnz);
+        let mut values = Vec::with_capacity(nnz);
+        indptr.push(0);
+        for (idx, val) in &rows {
+            indices.extend_from_slice(idx);
+            values.extend_from_slice(val);
+            indptr.push(indices.len());
+        }
+        Csr { n_rows: rows.len(), n_cols, indptr, indices, values }
+    }
+
+    /// Applies `f(row, value)` to every stored value, keeping the pattern.
+    pub fn map_values(&self, f: impl Fn(usize, f32) -> f32 + Sync) -> Csr {
+        let mut values = vec![0f32; self.nnz()];
+        let mut chunks: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.n_rows);
+        let mut rest: &mut [f32] = &mut values;
+        for r in 0..self.n_rows {
+            let (head, tail) = rest.split_at_mut(self.indptr[r + 1] - self.indptr[r]);
+            chunks.push((r, head));
+            rest = tail;
+        }
+        chunks.into_par_iter().for_each(|(r, dst)| {
+            for (d, &v) in dst.iter_mut().zip(self.row(r).1) {
+                *d = f(r, v);
+            }
+        });
+        Csr { values, ..self.clone_pattern() }
+    }
+
+    fn clone_pattern(&self) -> Csr {
+        Csr {
+            n_rows: self.n_rows,
+            n_cols: self.n_cols,
+            indptr: self.indptr.clone(),
+            indices: self.indices.clone(),
+            values: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Csr {
+        // [[1, 0, 2], [0, 0, 0], [0, 3, 4]]
+        Csr {
+            n_rows: 3,
+            n_cols: 3,
+            indptr: vec![0, 2, 2, 4],
+            indices: vec![0, 2, 1, 2],
+            values: vec![1., 2., 3., 4.],
+        }
+    }
+
+    #[test]
+    fn dense_rows_match_the_matrix() {
+        let m = small();
+        let mut out = vec![9.0; 6];
+        m.dense_rows_into(&[2, 0], &mut out);
+        assert_eq!(out, vec![0., 3., 4., 1., 0., 2.]);
+    }
+
+    #[test]
+    fn select_columns_reorders_and_drops() {
+        let m = small().select_columns(&[2, 0]);
+        let mut out = vec![0.0; 6];
+        m.dense_rows_into(&[0, 1, 2], &mut out);
+        assert_eq!(out, vec![2., 1., 0., 0., 4., 0.]);
+        assert_eq!(m.row_sums(), vec![3., 0., 4.]);
+    }
+
+    #[test]
+    fn map_values_keeps_pattern() {
+        let m = small().map_values(|r, v| v * 10.0 + r as f32);
+        assert_eq!(m.values, vec![10., 20., 32., 42.]);
+        assert_eq!(m.indices, small().indices);
+    }
+}

@@ -1,0 +1,12 @@
+//! Data in memory: the count matrix (CSR, cells × genes), cell covariates,
+//! the train/validation split, and minibatches cut straight into tensors.
+
+mod counts;
+mod covariates;
+mod csr;
+mod split;
+
+pub use counts::CountMatrix;
+pub use covariates::Categorical;
+pub use csr::Csr;
+pub use split::{rows_to_tensor, train_validation_split};

@@ -1,0 +1,58 @@
+//! Train/validation split and minibatches cut from CSR straight into tensors.
+
+use super::csr::Csr;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Tensor};
+
+/// Shuffles cells `0..n` with `seed` and holds out `ceil(validation_fraction · n)`
+/// of them (none when the fraction is 0). Returns (train, validation), each sorted.
+pub fn train_validation_split(n: usize, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let n_val = ((validation_fraction * n as f64).ceil() as usize).min(n.saturating_sub(1));
+    let (val, train) = order.split_at(n_val);
+    let (mut train, mut val) = (train.to_vec(), val.to_vec());
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
+}
+
+/// Dense `[rows.len(), n_cols]` float tensor of the given rows, on `device`.
+/// Only these rows are ever densified.
+pub fn rows_to_tensor(m: &Csr, rows: &[usize], device: Device) -> Tensor {
+    let mut buf = vec![0f32; rows.len() * m.n_cols];
+    m.dense_rows_into(rows, &mut buf);
+    let t = Tensor::from_slice(&buf).view([rows.len() as i64, m.n_cols as i64]);
+    if device == Device::Cpu {
+        t
+    } else {
+        t.pin_memory(device).to_device_(device, tch::Kind::Float, true, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_a_seeded_partition() {
+        let (t, v) = train_validation_split(100, 0.1, 7);
+        assert_eq!((t.len(), v.len()), (90, 10));
+        let mut all: Vec<usize> = t.iter().chain(&v).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(train_validation_split(100, 0.1, 7), (t, v.clone()));
+        assert_ne!(train_validation_split(100, 0.1, 8).1, v);
+    }
+
+    #[test]
+    fn tensor_rows_equal_csr_rows() {
+        let m = Csr { n_rows: 2, n_cols: 3, indptr: vec![0, 1, 3], indices: vec![1, 0, 2], values: vec![4., 5., 6.] };
+        let t = rows_to_tensor(&m, &[1, 0, 1], Device::Cpu);
+        assert_eq!(t.size(), vec![3, 3]);
+        let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap();
+        assert_eq!(v, vec![5., 0., 6., 0., 4., 0., 5., 0., 6.]);
+    }
+}

@@ -1,0 +1,11 @@
+//! scdistill-core: deep generative models of single-cell counts on libtorch.
+//!
+//! Pure Rust + tch; knows nothing of R. The R package talks to it through the
+//! thin `scdistill-r` glue crate.
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod prep;
+
+pub use error::{Error, Result};

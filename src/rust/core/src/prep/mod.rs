@@ -1,0 +1,12 @@
+//! Preprocessing: library sizes, log2(CPM+1), highly variable genes
+//! (seurat_v3), and truncated PCA on the selected genes.
+
+mod hvg;
+mod loess;
+mod normalize;
+mod pca;
+
+pub use hvg::{highly_variable_genes, HvgResult};
+pub use loess::loess_quadratic;
+pub use normalize::log2_cpm;
+pub use pca::{pca, PcaParams, PcaResult};

@@ -1,0 +1,213 @@
+//! extendr glue: R vectors ⇄ core types, core errors and panics → R errors,
+//! interrupts. No numerics here.
+
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use scdistill_core::data::{Categorical, CountMatrix};
+use scdistill_core::{device, prep};
+
+mod worker;
+
+/// Core errors become R errors carrying the core's message.
+fn fail(msg: impl ToString) -> Error {
+    Error::Other(msg.to_string())
+}
+
+fn int_slice<'a>(x: &'a Robj, what: &str) -> Result<&'a [i32]> {
+    x.as_integer_slice().ok_or_else(|| fail(format!("internal: `{what}` must be an integer vector")))
+}
+
+fn strings(x: &Robj, what: &str) -> Result<Vec<String>> {
+    x.as_str_vector()
+        .map(|v| v.into_iter().map(String::from).collect())
+        .ok_or_else(|| fail(format!("internal: `{what}` must be a character vector")))
+}
+
+/// The validated count matrix from the slots of a genes × cells dgCMatrix.
+fn counts_from_r(p: &Robj, i: &Robj, x: &Robj, genes: &Robj, cells: &Robj) -> Result<CountMatrix> {
+    let xs = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be a double vector"))?;
+    CountMatrix::from_csc_genes_by_cells(int_slice(p, "p")?, int_slice(i, "i")?, xs, strings(genes, "genes")?, strings(cells, "cells")?)
+        .map_err(fail)
+}
+
+/// A categorical covariate from 1-based R factor codes, or None for NULL.
+fn categorical_from_r(name: &str, codes: &Robj, levels: &Robj, n_cells: usize) -> Result<Option<Categorical>> {
+    if codes.is_null() {
+        return Ok(None);
+    }
+    let codes: Vec<u32> = int_slice(codes, name)?.iter().map(|&c| (c - 1).max(0) as u32).collect();
+    Categorical::new(name, codes, strings(levels, "levels")?, n_cells, 2).map(Some).map_err(fail)
+}
+
+fn threads_from_r(threads: i32) -> Result<usize> {
+    if threads < 1 {
+        return Err(fail("`threads` must be at least 1"));
+    }
+    Ok(threads as usize)
+}
+
+/// Runs core work on a worker thread, turning interrupts, core errors and panics into R errors.
+fn run<T: Send>(threads: i32, work: impl FnOnce(&dyn Fn() -> bool) -> scdistill_core::Result<T> + Send) -> Result<T> {
+    worker::run(threads_from_r(threads)?, work).map_err(fail)?.map_err(fail)
+}
+
+/// Validates counts; returns c(n_genes, n_cells, nnz).
+/// @noRd
+#[extendr]
+fn rs_validate_counts(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj) -> Result<Vec<f64>> {
+    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    Ok(vec![m.n_genes() as f64, m.n_cells() as f64, m.csr.nnz() as f64])
+}
+
+/// log2(CPM + 1) as the slots of a genes × cells dgCMatrix: list(p, i, x).
+/// @noRd
+#[extendr]
+fn rs_log2_cpm(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, threads: i32) -> Result<List> {
+    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    let l = run(threads, |_| Ok(prep::log2_cpm(&m)))?;
+    let p: Vec<i32> = l.indptr.iter().map(|&v| v as i32).collect();
+    let i: Vec<i32> = l.indices.iter().map(|&v| v as i32).collect();
+    let x: Vec<f64> = l.values.iter().map(|&v| v as f64).collect();
+    Ok(list!(p = p, i = i, x = x))
+}
+
+fn hvg_list(h: &prep::HvgResult) -> List {
+    let selected: Vec<i32> = h.selected.iter().map(|&g| g as i32 + 1).collect();
+    let n_batches: Vec<i32> = h.n_batches.iter().map(|&n| n as i32).collect();
+    list!(
+        mean = h.mean.clone(),
+        variance = h.variance.clone(),
+        variance_norm = h.variance_norm.clone(),
+        rank = h.rank.clone(),
+        n_batches = n_batches,
+        selected = selected
+    )
+}
+
+/// seurat_v3 highly variable genes on raw counts.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_hvg(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, batch: Robj, levels: Robj, n_hvg: i32, span: f64, threads: i32) -> Result<List> {
+    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
+    let h = run(threads, |_| prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), span))?;
+    Ok(hvg_list(&h))
+}
+
+/// HVG selection, log2(CPM+1) of those genes, and truncated PCA.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_run_pca(
+    p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, batch: Robj, levels: Robj,
+    n_pcs: i32, n_hvg: i32, scale: bool, n_oversamples: i32, max_iter: i32, tol: f64, seed: f64, threads: i32,
+) -> Result<List> {
+    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
+    let params = prep::PcaParams {
+        n_pcs: n_pcs.max(0) as usize,
+        scale,
+        n_oversamples: n_oversamples.max(0) as usize,
+        max_iter: max_iter.max(0) as usize,
+        tol,
+        seed: seed as u64,
+    };
+    let (h, r) = run(threads, |interrupted| {
+        let h = prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), 0.3)?;
+        let lognorm = prep::log2_cpm(&m).select_columns(&h.selected);
+        let r = prep::pca(&lognorm, &params, interrupted)?;
+        Ok((h, r))
+    })?;
+    let k = r.sdev.len();
+    let scores: Vec<f64> = (0..k).flat_map(|j| (0..m.n_cells()).map(move |i| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
+    let loadings: Vec<f64> =
+        (0..k).flat_map(|j| (0..h.selected.len()).map(move |g| (g, j))).map(|(g, j)| r.loadings[(g, j)]).collect();
+    Ok(list!(
+        scores = scores,
+        loadings = loadings,
+        sdev = r.sdev,
+        variance_ratio = r.variance_ratio,
+        n_iter = r.n_iter as i32,
+        hvg = hvg_list(&h)
+    ))
+}
+
+/// Cells `rows` (1-based) densified through a libtorch tensor, genes × cells, column-major.
+/// @noRd
+#[extendr]
+fn rs_dense_cells(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, rows: Robj) -> Result<Vec<f64>> {
+    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    let rows: Vec<usize> = int_slice(&rows, "rows")?
+        .iter()
+        .map(|&r| if r >= 1 && r as usize <= m.n_cells() { Ok(r as usize - 1) } else { Err(fail(format!("cell index {r} out of range"))) })
+        .collect::<Result<_>>()?;
+    let t = scdistill_core::data::rows_to_tensor(&m.csr, &rows, tch_device_cpu());
+    Vec::<f32>::try_from(t.flatten(0, -1)).map(|v| v.into_iter().map(f64::from).collect()).map_err(fail)
+}
+
+fn tch_device_cpu() -> scdistill_core::device::Device {
+    scdistill_core::device::Device::Cpu
+}
+
+/// libtorch version, CUDA availability, device and thread count.
+/// @noRd
+#[extendr]
+fn rs_torch_config(device: &str, threads: i32) -> Result<List> {
+    let info = device::torch_info(device, threads_from_r(threads)?).map_err(fail)?;
+    Ok(list!(
+        libtorch_version = info.libtorch_version,
+        cuda_available = info.cuda_available,
+        cuda_device_count = info.cuda_device_count as i32,
+        cudnn_available = info.cudnn_available,
+        device = info.device,
+        threads = info.threads as i32
+    ))
+}
+
+/// Threads this process may use (respects CPU affinity and cgroup limits).
+/// @noRd
+#[extendr]
+fn rs_available_threads() -> i32 {
+    std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1)
+}
+
+/// Panics on purpose, on the R thread or on a worker: proves panics become R errors.
+/// @noRd
+#[extendr]
+fn rs_panic_for_test(on_worker: bool) -> Result<()> {
+    if on_worker {
+        run(1, |_| -> scdistill_core::Result<()> { panic!("deliberate panic on a worker thread") })
+    } else {
+        panic!("deliberate panic on the R thread")
+    }
+}
+
+/// Spins until interrupted (for manual Ctrl-C checks) or `seconds` pass.
+/// @noRd
+#[extendr]
+fn rs_wait_for_interrupt(seconds: f64) -> Result<bool> {
+    run(1, |interrupted| {
+        let start = std::time::Instant::now();
+        while start.elapsed().as_secs_f64() < seconds {
+            if interrupted() {
+                return Err(scdistill_core::Error::Interrupted);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(true)
+    })
+}
+
+extendr_module! {
+    mod scdistill;
+    fn rs_validate_counts;
+    fn rs_log2_cpm;
+    fn rs_hvg;
+    fn rs_run_pca;
+    fn rs_dense_cells;
+    fn rs_torch_config;
+    fn rs_available_threads;
+    fn rs_panic_for_test;
+    fn rs_wait_for_interrupt;
+}

@@ -1,0 +1,4 @@
+library(testthat)
+library(scdistill)
+
+test_check("scdistill")
