@@ -101,7 +101,8 @@ as_counts.Seurat <- function(x, batch = NULL, assay = NULL, ...) {
          paste(SeuratObject::Assays(x), collapse = ", "), call. = FALSE)
   }
   m <- if ("LayerData" %in% getNamespaceExports("SeuratObject")) {
-    SeuratObject::LayerData(x, assay = assay, layer = "counts") # Seurat v5
+    layer_data <- getExportedValue("SeuratObject", "LayerData") # Seurat v5
+    layer_data(x, assay = assay, layer = "counts")
   } else {
     SeuratObject::GetAssayData(x, slot = "counts", assay = assay) # Seurat v4
   }

@@ -1,26 +1,46 @@
 # Thin wrappers around the routines of the Rust glue crate (src/rust/r).
 # Each `rs_*` function lives in src/rust/r/src/lib.rs under the same name.
+# The shared object links libtorch and its CUDA libraries (about 0.4 s and
+# 650 MB of mappings), so it is loaded on the first call, not by library().
 
-rs_validate_counts <- function(p, i, x, genes, cells) .Call(wrap__rs_validate_counts, p, i, x, genes, cells)
+native_env <- new.env(parent = emptyenv())
 
-rs_log2_cpm <- function(p, i, x, genes, cells, threads) .Call(wrap__rs_log2_cpm, p, i, x, genes, cells, threads)
+native <- function(name) {
+  sym <- native_env[[name]]
+  if (is.null(sym)) {
+    if (is.null(native_env$dll)) {
+      native_env$dll <- library.dynam("scdistill", "scdistill", lib.loc = dirname(system.file(package = "scdistill")))
+    }
+    sym <- getNativeSymbolInfo(name, native_env$dll)
+    native_env[[name]] <- sym
+  }
+  sym
+}
+
+.onUnload <- function(libpath) {
+  if (!is.null(native_env$dll)) library.dynam.unload("scdistill", libpath)
+}
+
+rs_validate_counts <- function(p, i, x, genes, cells) .Call(native("wrap__rs_validate_counts"), p, i, x, genes, cells)
+
+rs_log2_cpm <- function(p, i, x, genes, cells, threads) .Call(native("wrap__rs_log2_cpm"), p, i, x, genes, cells, threads)
 
 rs_hvg <- function(p, i, x, genes, cells, batch, levels, n_hvg, span, threads) {
-  .Call(wrap__rs_hvg, p, i, x, genes, cells, batch, levels, n_hvg, span, threads)
+  .Call(native("wrap__rs_hvg"), p, i, x, genes, cells, batch, levels, n_hvg, span, threads)
 }
 
 rs_run_pca <- function(p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
                        seed, threads) {
-  .Call(wrap__rs_run_pca, p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
+  .Call(native("wrap__rs_run_pca"), p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
         seed, threads)
 }
 
-rs_dense_cells <- function(p, i, x, genes, cells, rows) .Call(wrap__rs_dense_cells, p, i, x, genes, cells, rows)
+rs_dense_cells <- function(p, i, x, genes, cells, rows) .Call(native("wrap__rs_dense_cells"), p, i, x, genes, cells, rows)
 
-rs_torch_config <- function(device, threads) .Call(wrap__rs_torch_config, device, threads)
+rs_torch_config <- function(device, threads) .Call(native("wrap__rs_torch_config"), device, threads)
 
-rs_available_threads <- function() .Call(wrap__rs_available_threads)
+rs_available_threads <- function() .Call(native("wrap__rs_available_threads"))
 
-rs_panic_for_test <- function(on_worker) .Call(wrap__rs_panic_for_test, on_worker)
+rs_panic_for_test <- function(on_worker) .Call(native("wrap__rs_panic_for_test"), on_worker)
 
-rs_wait_for_interrupt <- function(seconds) .Call(wrap__rs_wait_for_interrupt, seconds)
+rs_wait_for_interrupt <- function(seconds) .Call(native("wrap__rs_wait_for_interrupt"), seconds)

@@ -12,9 +12,12 @@
 #' may use. The environment variable `OMP_THREAD_LIMIT`, when set, caps all of
 #' these.
 #'
+#' @section Loading:
+#' `library(scdistill)` is quick: the compiled code, and with it libtorch and
+#' its CUDA libraries (hundreds of MB), is loaded on first use.
+#'
 #' @keywords internal
-#' @useDynLib scdistill, .registration = TRUE
-#' @importFrom methods as is
+#' @importFrom methods as is new
 #' @importClassesFrom Matrix dgCMatrix
 #' @importFrom Matrix colSums sparseMatrix
 "_PACKAGE"

@@ -1,8 +1,8 @@
 //! Where computations run: CPU or CUDA, how many threads, and seeding.
 
 use crate::error::{Error, Result};
-pub use tch::Device;
 use tch::Cuda;
+pub use tch::Device;
 
 /// The libtorch version this crate was built against (e.g. "2.11.0+cu130").
 pub const LIBTORCH_VERSION: &str = env!("SCDISTILL_LIBTORCH_VERSION");

@@ -26,8 +26,14 @@ fn strings(x: &Robj, what: &str) -> Result<Vec<String>> {
 /// The validated count matrix from the slots of a genes × cells dgCMatrix.
 fn counts_from_r(p: &Robj, i: &Robj, x: &Robj, genes: &Robj, cells: &Robj) -> Result<CountMatrix> {
     let xs = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be a double vector"))?;
-    CountMatrix::from_csc_genes_by_cells(int_slice(p, "p")?, int_slice(i, "i")?, xs, strings(genes, "genes")?, strings(cells, "cells")?)
-        .map_err(fail)
+    CountMatrix::from_csc_genes_by_cells(
+        int_slice(p, "p")?,
+        int_slice(i, "i")?,
+        xs,
+        strings(genes, "genes")?,
+        strings(cells, "cells")?,
+    )
+    .map_err(fail)
 }
 
 /// A categorical covariate from 1-based R factor codes, or None for NULL.
@@ -88,7 +94,18 @@ fn hvg_list(h: &prep::HvgResult) -> List {
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
-fn rs_hvg(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, batch: Robj, levels: Robj, n_hvg: i32, span: f64, threads: i32) -> Result<List> {
+fn rs_hvg(
+    p: Robj,
+    i: Robj,
+    x: Robj,
+    genes: Robj,
+    cells: Robj,
+    batch: Robj,
+    levels: Robj,
+    n_hvg: i32,
+    span: f64,
+    threads: i32,
+) -> Result<List> {
     let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
     let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
     let h = run(threads, |_| prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), span))?;
@@ -100,8 +117,21 @@ fn rs_hvg(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, batch: Robj, leve
 #[extendr]
 #[allow(clippy::too_many_arguments)]
 fn rs_run_pca(
-    p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, batch: Robj, levels: Robj,
-    n_pcs: i32, n_hvg: i32, scale: bool, n_oversamples: i32, max_iter: i32, tol: f64, seed: f64, threads: i32,
+    p: Robj,
+    i: Robj,
+    x: Robj,
+    genes: Robj,
+    cells: Robj,
+    batch: Robj,
+    levels: Robj,
+    n_pcs: i32,
+    n_hvg: i32,
+    scale: bool,
+    n_oversamples: i32,
+    max_iter: i32,
+    tol: f64,
+    seed: f64,
+    threads: i32,
 ) -> Result<List> {
     let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
     let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
@@ -120,7 +150,8 @@ fn rs_run_pca(
         Ok((h, r))
     })?;
     let k = r.sdev.len();
-    let scores: Vec<f64> = (0..k).flat_map(|j| (0..m.n_cells()).map(move |i| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
+    let scores: Vec<f64> =
+        (0..k).flat_map(|j| (0..m.n_cells()).map(move |i| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
     let loadings: Vec<f64> =
         (0..k).flat_map(|j| (0..h.selected.len()).map(move |g| (g, j))).map(|(g, j)| r.loadings[(g, j)]).collect();
     Ok(list!(
@@ -140,7 +171,13 @@ fn rs_dense_cells(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, rows: Rob
     let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
     let rows: Vec<usize> = int_slice(&rows, "rows")?
         .iter()
-        .map(|&r| if r >= 1 && r as usize <= m.n_cells() { Ok(r as usize - 1) } else { Err(fail(format!("cell index {r} out of range"))) })
+        .map(|&r| {
+            if r >= 1 && r as usize <= m.n_cells() {
+                Ok(r as usize - 1)
+            } else {
+                Err(fail(format!("cell index {r} out of range")))
+            }
+        })
         .collect::<Result<_>>()?;
     let t = scdistill_core::data::rows_to_tensor(&m.csr, &rows, tch_device_cpu());
     Vec::<f32>::try_from(t.flatten(0, -1)).map(|v| v.into_iter().map(f64::from).collect()).map_err(fail)

@@ -87,8 +87,7 @@ impl CountMatrix {
     /// Cells with no counts carry no information for any model here: rather than
     /// drop them silently (and misalign results with the user's object), refuse.
     fn check_no_empty_cells(&self) -> Result<()> {
-        let empty: Vec<usize> =
-            (0..self.n_cells()).filter(|&c| self.csr.indptr[c] == self.csr.indptr[c + 1]).collect();
+        let empty: Vec<usize> = (0..self.n_cells()).filter(|&c| self.csr.indptr[c] == self.csr.indptr[c + 1]).collect();
         if empty.is_empty() {
             return Ok(());
         }
@@ -143,7 +142,8 @@ fn check_structure(p: &[i32], i: &[i32], x: &[f64], n_genes: usize) -> Result<()
 
 /// Counts must be finite, non-negative whole numbers.
 fn check_values(p: &[i32], i: &[i32], x: &[f64], genes: &[String], cells: &[String]) -> Result<()> {
-    let bad = |ok: &dyn Fn(f64) -> bool| x.iter().position(|&v| !ok(v)).map(|k| (k, x.iter().filter(|&&v| !ok(v)).count()));
+    let bad =
+        |ok: &dyn Fn(f64) -> bool| x.iter().position(|&v| !ok(v)).map(|k| (k, x.iter().filter(|&&v| !ok(v)).count()));
     let locate = |k: usize| {
         let c = p.partition_point(|&s| s as usize <= k) - 1;
         format!("gene '{}', cell '{}'", genes[i[k] as usize], cells[c])
@@ -152,7 +152,11 @@ fn check_values(p: &[i32], i: &[i32], x: &[f64], genes: &[String], cells: &[Stri
         return invalid!("counts contain {n} NA/NaN/Inf value(s) (first at {}); counts must be finite", locate(k));
     }
     if let Some((k, n)) = bad(&|v: f64| v >= 0.0) {
-        return invalid!("counts contain {n} negative value(s) (first: {} at {}); counts must be >= 0", x[k], locate(k));
+        return invalid!(
+            "counts contain {n} negative value(s) (first: {} at {}); counts must be >= 0",
+            x[k],
+            locate(k)
+        );
     }
     if let Some((k, n)) = bad(&|v: f64| v.fract() == 0.0) {
         return invalid!(

@@ -27,7 +27,8 @@ impl Categorical {
         }
         let cat = Categorical { name: name.to_string(), codes, levels };
         let sizes = cat.level_sizes();
-        let small: Vec<&String> = cat.levels.iter().zip(&sizes).filter(|(_, &s)| s < min_cells).map(|(l, _)| l).collect();
+        let small: Vec<&String> =
+            cat.levels.iter().zip(&sizes).filter(|(_, &s)| s < min_cells).map(|(l, _)| l).collect();
         if !small.is_empty() {
             return invalid!(
                 "{} level(s) of `{name}` have fewer than {min_cells} cells (first: {}); merge or drop them",

@@ -29,10 +29,7 @@ impl Csr {
 
     /// Sum of each row.
     pub fn row_sums(&self) -> Vec<f64> {
-        (0..self.n_rows)
-            .into_par_iter()
-            .map(|r| self.row(r).1.iter().map(|&v| v as f64).sum())
-            .collect()
+        (0..self.n_rows).into_par_iter().map(|r| self.row(r).1.iter().map(|&v| v as f64).sum()).collect()
     }
 
     /// Writes rows `rows` densely into `out` (row-major, `rows.len() × n_cols`).
@@ -128,13 +125,7 @@ mod tests {
 
     fn small() -> Csr {
         // [[1, 0, 2], [0, 0, 0], [0, 3, 4]]
-        Csr {
-            n_rows: 3,
-            n_cols: 3,
-            indptr: vec![0, 2, 2, 4],
-            indices: vec![0, 2, 1, 2],
-            values: vec![1., 2., 3., 4.],
-        }
+        Csr { n_rows: 3, n_cols: 3, indptr: vec![0, 2, 2, 4], indices: vec![0, 2, 1, 2], values: vec![1., 2., 3., 4.] }
     }
 
     #[test]

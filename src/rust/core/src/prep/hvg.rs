@@ -7,7 +7,7 @@
 //! the number of such batches.
 
 use super::loess::loess_quadratic;
-use super::normalize::column_sums;
+use super::normalize::{column_mean_var, column_sums};
 use crate::data::{Categorical, CountMatrix};
 use crate::error::{check_param, Result};
 
@@ -29,7 +29,12 @@ pub struct HvgResult {
 }
 
 /// Selects the `n_top` most variable genes; `batch` makes the selection batch-aware.
-pub fn highly_variable_genes(counts: &CountMatrix, n_top: usize, batch: Option<&Categorical>, span: f64) -> Result<HvgResult> {
+pub fn highly_variable_genes(
+    counts: &CountMatrix,
+    n_top: usize,
+    batch: Option<&Categorical>,
+    span: f64,
+) -> Result<HvgResult> {
     check_param(n_top >= 1, "n_hvg", "must be at least 1")?;
     check_param(span > 0.0 && span <= 1.0, "span", "must be in (0, 1]")?;
     let n_genes = counts.n_genes();
@@ -38,7 +43,7 @@ pub fn highly_variable_genes(counts: &CountMatrix, n_top: usize, batch: Option<&
     let batch = batch.unwrap_or(&all);
 
     let everyone: Vec<usize> = (0..counts.n_cells()).collect();
-    let (mean, variance) = mean_var(counts, &everyone);
+    let (mean, variance) = column_mean_var(&counts.csr, &everyone);
 
     let norm_vars: Vec<Vec<f64>> =
         batch.cells_by_level().iter().map(|cells| standardized_variance(counts, cells, span)).collect();
@@ -70,26 +75,10 @@ pub fn highly_variable_genes(counts: &CountMatrix, n_top: usize, batch: Option<&
     Ok(HvgResult { mean, variance, variance_norm, rank, n_batches, selected: order })
 }
 
-/// Per-gene mean and unbiased variance of raw counts over `cells`.
-fn mean_var(counts: &CountMatrix, cells: &[usize]) -> (Vec<f64>, Vec<f64>) {
-    let g = counts.n_genes();
-    let sums = column_sums(&counts.csr, cells, 2 * g, |j, v, acc| {
-        let v = v as f64;
-        acc[j as usize] += v;
-        acc[g + j as usize] += v * v;
-    });
-    let n = cells.len() as f64;
-    let mean: Vec<f64> = sums[..g].iter().map(|s| s / n).collect();
-    let var = (0..g)
-        .map(|j| if n > 1.0 { ((sums[g + j] - n * mean[j] * mean[j]) / (n - 1.0)).max(0.0) } else { 0.0 })
-        .collect();
-    (mean, var)
-}
-
 /// Variance of counts clipped at mean + sqrt(N)·sd_expected, over sd_expected².
 fn standardized_variance(counts: &CountMatrix, cells: &[usize], span: f64) -> Vec<f64> {
     let g = counts.n_genes();
-    let (mean, var) = mean_var(counts, cells);
+    let (mean, var) = column_mean_var(&counts.csr, cells);
     let varying: Vec<usize> = (0..g).filter(|&j| var[j] > 0.0).collect();
     let x: Vec<f64> = varying.iter().map(|&j| mean[j].log10()).collect();
     let y: Vec<f64> = varying.iter().map(|&j| var[j].log10()).collect();
@@ -144,7 +133,15 @@ mod tests {
             let state = c % 2 == 0;
             for g in 0..n_genes {
                 let base = 2.0 + (g % 20) as f64;
-                let lambda = if g < 10 { if state { base * 1.9 } else { base * 0.1 } } else { base };
+                let lambda = if g < 10 {
+                    if state {
+                        base * 1.9
+                    } else {
+                        base * 0.1
+                    }
+                } else {
+                    base
+                };
                 let v: f64 = Poisson::new(lambda).unwrap().sample(&mut rng);
                 if v > 0.0 {
                     i.push(g as i32);

@@ -35,6 +35,22 @@ pub(crate) fn column_sums(m: &Csr, rows: &[usize], n_out: usize, f: impl Fn(u32,
     total
 }
 
+/// Per-column mean and unbiased (n − 1) variance over `rows`.
+pub(crate) fn column_mean_var(m: &Csr, rows: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let p = m.n_cols;
+    let sums = column_sums(m, rows, 2 * p, |j, v, acc| {
+        let v = v as f64;
+        acc[j as usize] += v;
+        acc[p + j as usize] += v * v;
+    });
+    let n = rows.len() as f64;
+    let mean: Vec<f64> = sums[..p].iter().map(|s| s / n).collect();
+    let var = (0..p)
+        .map(|j| if n > 1.0 { ((sums[p + j] - n * mean[j] * mean[j]) / (n - 1.0)).max(0.0) } else { 0.0 })
+        .collect();
+    (mean, var)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

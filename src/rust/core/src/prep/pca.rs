@@ -119,8 +119,17 @@ pub fn pca(x: &Csr, params: &PcaParams, interrupted: &dyn Fn() -> bool) -> Resul
     Ok(PcaResult { scores, loadings, sdev, variance_ratio, center: op.mean, scale: op.scale, n_iter })
 }
 
+/// Top k singular values of a tall p × l matrix, from the eigenvalues of its
+/// l × l Gram matrix (far cheaper than an SVD of the matrix itself; precise
+/// enough for a convergence test).
 fn top_singular_values(m: &Mat<f64>, k: usize) -> Result<Vec<f64>> {
-    let mut s = m.singular_values().map_err(|e| Error::Linalg(format!("SVD did not converge: {e:?}")))?;
+    let gram = m.transpose() * m;
+    let mut s: Vec<f64> = gram
+        .self_adjoint_eigenvalues(faer::Side::Lower)
+        .map_err(|e| Error::Linalg(format!("eigen-decomposition did not converge: {e:?}")))?
+        .into_iter()
+        .map(|v| v.max(0.0).sqrt())
+        .collect();
     s.sort_by(|a, b| b.total_cmp(a));
     s.truncate(k);
     Ok(s)
@@ -144,15 +153,7 @@ const CHUNK: usize = 4096;
 impl<'a> Centered<'a> {
     fn new(x: &'a Csr, scale: bool) -> Self {
         let rows: Vec<usize> = (0..x.n_rows).collect();
-        let p = x.n_cols;
-        let sums = super::normalize::column_sums(x, &rows, 2 * p, |j, v, acc| {
-            let v = v as f64;
-            acc[j as usize] += v;
-            acc[p + j as usize] += v * v;
-        });
-        let n = x.n_rows as f64;
-        let mean: Vec<f64> = sums[..p].iter().map(|s| s / n).collect();
-        let var: Vec<f64> = (0..p).map(|j| ((sums[p + j] - n * mean[j] * mean[j]) / (n - 1.0)).max(0.0)).collect();
+        let (mean, var) = super::normalize::column_mean_var(x, &rows);
         let scale = var.iter().map(|&v| if scale && v > 0.0 { 1.0 / v.sqrt() } else { 1.0 }).collect();
         Centered { x, mean, scale, var }
     }
@@ -164,7 +165,8 @@ impl<'a> Centered<'a> {
     /// A·M for M of shape [genes, l]: rows of X times diag(s)·M, minus μᵀ diag(s) M.
     fn apply(&self, m: &Mat<f64>) -> Mat<f64> {
         let (p, l) = (self.x.n_cols, m.ncols());
-        let ms: Vec<f64> = (0..p).flat_map(|j| (0..l).map(move |c| (j, c))).map(|(j, c)| m[(j, c)] * self.scale[j]).collect();
+        let ms: Vec<f64> =
+            (0..p).flat_map(|j| (0..l).map(move |c| (j, c))).map(|(j, c)| m[(j, c)] * self.scale[j]).collect();
         let mut offset = vec![0.0; l];
         for j in 0..p {
             for c in 0..l {
