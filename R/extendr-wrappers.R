@@ -35,6 +35,8 @@ rs_run_pca <- function(p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale
         seed, threads)
 }
 
+rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
+
 rs_dense_cells <- function(p, i, x, genes, cells, rows) .Call(native("wrap__rs_dense_cells"), p, i, x, genes, cells, rows)
 
 rs_torch_config <- function(device, threads) .Call(native("wrap__rs_torch_config"), device, threads)

@@ -7,5 +7,6 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod prep;
+pub mod simulate;
 
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{Categorical, CountMatrix};
+use scdistill_core::simulate::{self, ConditionParams, SimParams};
 use scdistill_core::{device, prep};
 
 mod worker;
@@ -164,6 +165,110 @@ fn rs_run_pca(
     ))
 }
 
+/// Simulator parameters from a named list; names not given keep the core's defaults.
+fn sim_params_from_r(params: &List) -> Result<SimParams> {
+    let mut p = SimParams::default();
+    let mut cond: Option<ConditionParams> = None;
+    for (name, value) in params.iter() {
+        let nums: Vec<f64> = value.as_real_vector().ok_or_else(|| fail(format!("`{name}` must be numeric")))?;
+        let one = || -> Result<f64> {
+            (nums.len() == 1).then(|| nums[0]).ok_or_else(|| fail(format!("`{name}` must be a single number")))
+        };
+        let count = || -> Result<usize> {
+            let v = one()?;
+            (v >= 0.0 && v.fract() == 0.0)
+                .then_some(v as usize)
+                .ok_or_else(|| fail(format!("`{name}` must be a whole number")))
+        };
+        match name {
+            "n_cells" => p.n_cells = count()?,
+            "n_genes" => p.n_genes = count()?,
+            "seed" => p.seed = count()? as u64,
+            "group_prob" => p.group_prob = nums.clone(),
+            "batch_prob" => p.batch_prob = nums.clone(),
+            "batch_fac_loc" => p.batch_fac_loc = one()?,
+            "batch_fac_scale" => p.batch_fac_scale = one()?,
+            "batch_lib_shift" => p.batch_lib_shift = nums.clone(),
+            "mean_shape" => p.mean_shape = one()?,
+            "mean_rate" => p.mean_rate = one()?,
+            "lib_loc" => p.lib_loc = one()?,
+            "lib_scale" => p.lib_scale = one()?,
+            "out_prob" => p.out_prob = one()?,
+            "out_fac_loc" => p.out_fac_loc = one()?,
+            "out_fac_scale" => p.out_fac_scale = one()?,
+            "de_prob" => p.de_prob = one()?,
+            "de_down_prob" => p.de_down_prob = one()?,
+            "de_fac_loc" => p.de_fac_loc = one()?,
+            "de_fac_scale" => p.de_fac_scale = one()?,
+            "bcv_common" => p.bcv_common = one()?,
+            "bcv_df" => p.bcv_df = one()?,
+            "dropout" => p.dropout = Some((nums.first().copied().unwrap_or(0.0), nums.get(1).copied().unwrap_or(-1.0))),
+            "treated_fraction" => condition(&mut cond).treated_fraction = nums.clone(),
+            "condition_de_prob" => condition(&mut cond).de_prob = one()?,
+            "condition_de_down_prob" => condition(&mut cond).de_down_prob = one()?,
+            "condition_fac_loc" => condition(&mut cond).de_fac_loc = one()?,
+            "condition_fac_scale" => condition(&mut cond).de_fac_scale = one()?,
+            "samples_per_batch" => condition(&mut cond).samples_per_batch = count()?,
+            "age_de_prob" => condition(&mut cond).age_de_prob = one()?,
+            other => return Err(fail(format!("unknown simulation parameter `{other}`"))),
+        }
+    }
+    p.condition = cond;
+    Ok(p)
+}
+
+fn condition(c: &mut Option<ConditionParams>) -> &mut ConditionParams {
+    c.get_or_insert_with(ConditionParams::default)
+}
+
+fn codes_r(c: &Categorical) -> Vec<i32> {
+    c.codes.iter().map(|&v| v as i32 + 1).collect()
+}
+
+fn factor_list(c: &Option<Categorical>) -> Robj {
+    match c {
+        Some(c) => list!(codes = codes_r(c), levels = c.levels.clone()).into(),
+        None => ().into(),
+    }
+}
+
+fn flatten(rows: &[Vec<f64>]) -> Vec<f64> {
+    rows.iter().flatten().copied().collect()
+}
+
+/// Simulated counts (slots of a genes × cells dgCMatrix) and their truth.
+/// @noRd
+#[extendr]
+fn rs_simulate(params: List, threads: i32) -> Result<List> {
+    let p = sim_params_from_r(&params)?;
+    let mut s = run(threads, |_| simulate::simulate(&p))?;
+    // Straight into R vectors, freeing each Rust buffer once copied: the data
+    // can be several GB.
+    let csr = &mut s.counts.csr;
+    let indptr = Integers::from_values(std::mem::take(&mut csr.indptr).into_iter().map(|v| v as i32));
+    let indices = Integers::from_values(std::mem::take(&mut csr.indices).into_iter().map(|v| v as i32));
+    let values = Doubles::from_values(std::mem::take(&mut csr.values).into_iter().map(f64::from));
+    Ok(list!(
+        p = indptr,
+        i = indices,
+        x = values,
+        genes = s.counts.genes.clone(),
+        cells = s.counts.cells.clone(),
+        group = factor_list(&Some(s.group.clone())),
+        batch = factor_list(&Some(s.batch.clone())),
+        condition = factor_list(&s.condition),
+        sample = factor_list(&s.sample),
+        age_group = factor_list(&s.age_group),
+        library_size = s.library_size.clone(),
+        gene_mean = s.gene_mean.clone(),
+        group_factor = flatten(&s.group_factor),
+        batch_factor = flatten(&s.batch_factor),
+        condition_factor = flatten(&s.condition_factor),
+        age_factor = s.age_factor.clone(),
+        true_lfc = flatten(&s.true_lfc)
+    ))
+}
+
 /// Cells `rows` (1-based) densified through a libtorch tensor, genes × cells, column-major.
 /// @noRd
 #[extendr]
@@ -243,6 +348,7 @@ extendr_module! {
     fn rs_hvg;
     fn rs_run_pca;
     fn rs_dense_cells;
+    fn rs_simulate;
     fn rs_torch_config;
     fn rs_available_threads;
     fn rs_panic_for_test;

@@ -8,5 +8,6 @@ mod pca;
 
 pub use hvg::{highly_variable_genes, HvgResult};
 pub use loess::loess_quadratic;
+pub(crate) use normalize::column_mean_var;
 pub use normalize::log2_cpm;
 pub use pca::{pca, PcaParams, PcaResult};

@@ -153,7 +153,7 @@ const CHUNK: usize = 4096;
 impl<'a> Centered<'a> {
     fn new(x: &'a Csr, scale: bool) -> Self {
         let rows: Vec<usize> = (0..x.n_rows).collect();
-        let (mean, var) = super::normalize::column_mean_var(x, &rows);
+        let (mean, var) = super::column_mean_var(x, &rows);
         let scale = var.iter().map(|&v| if scale && v > 0.0 { 1.0 / v.sqrt() } else { 1.0 }).collect();
         Centered { x, mean, scale, var }
     }

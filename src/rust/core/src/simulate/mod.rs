@@ -1,0 +1,343 @@
+//! Splatter-style count simulator with known truth (Zappia et al. 2017,
+//! Genome Biology 18:174): gamma gene means with outliers, log-normal library
+//! sizes, log-normal cell-type DE factors, per-gene multiplicative batch
+//! factors, a treatment condition with per-cell-type effects, gamma–Poisson
+//! counts whose extra variance follows the biological coefficient of
+//! variation (BCV), and optional logistic dropout.
+//!
+//! Counts are generated cell by cell straight into CSR. Each cell draws from
+//! its own random stream, so the result depends on the seed only, not on the
+//! number of threads.
+
+mod params;
+
+pub use params::{ConditionParams, SimParams};
+
+use crate::data::{Categorical, CountMatrix, Csr};
+use crate::error::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{ChiSquared, Distribution, Gamma, LogNormal, Poisson};
+use rayon::prelude::*;
+
+/// Simulated counts and the truth behind them.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    pub counts: CountMatrix,
+    pub group: Categorical,
+    pub batch: Categorical,
+    /// control/treated, when a condition was simulated.
+    pub condition: Option<Categorical>,
+    /// Samples nested in batch × condition, when a condition was simulated.
+    pub sample: Option<Categorical>,
+    /// young/old, a property of each sample, when an age effect was simulated.
+    pub age_group: Option<Categorical>,
+    /// The library-size factor each cell was drawn with.
+    pub library_size: Vec<f64>,
+    /// Base expression level of each gene.
+    pub gene_mean: Vec<f64>,
+    /// Cell-type DE factors, [group][gene].
+    pub group_factor: Vec<Vec<f64>>,
+    /// Batch factors, [batch][gene].
+    pub batch_factor: Vec<Vec<f64>>,
+    /// Condition effect factors, [group][gene] (all 1 without a condition).
+    pub condition_factor: Vec<Vec<f64>>,
+    /// Age effect factors per gene (all 1 without an age group).
+    pub age_factor: Vec<f64>,
+    /// True log2 fold change treated vs control of batch-free normalized
+    /// expression, [group][gene].
+    pub true_lfc: Vec<Vec<f64>>,
+}
+
+/// Simulates counts with the given parameters.
+pub fn simulate(p: &SimParams) -> Result<Simulation> {
+    p.validate()?;
+    let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
+    let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
+
+    let gene_mean = gene_means(p, &mut rng);
+    let lnorm = |loc: f64, scale: f64| LogNormal::new(loc, scale).expect("validated scale");
+    // Splatter's getLNormFactors: a selected gene gets f ~ LogNormal(loc, scale),
+    // oriented so that increases are >= 1 and decreases (probability `down`) <= 1.
+    let factors = |rng: &mut ChaCha8Rng, prob: f64, down: f64, loc: f64, scale: f64| -> Vec<f64> {
+        (0..n_genes)
+            .map(|_| {
+                if rng.random::<f64>() < prob {
+                    let f = lnorm(loc, scale).sample(rng);
+                    let up = if f < 1.0 { 1.0 / f } else { f };
+                    if rng.random::<f64>() < down {
+                        1.0 / up
+                    } else {
+                        up
+                    }
+                } else {
+                    1.0
+                }
+            })
+            .collect()
+    };
+    let group_factor: Vec<Vec<f64>> =
+        (0..n_groups).map(|_| factors(&mut rng, p.de_prob, p.de_down_prob, p.de_fac_loc, p.de_fac_scale)).collect();
+    let batch_factor: Vec<Vec<f64>> =
+        (0..n_batches).map(|_| factors(&mut rng, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
+    let condition_factor: Vec<Vec<f64>> = match &p.condition {
+        Some(c) => {
+            (0..n_groups).map(|_| factors(&mut rng, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale)).collect()
+        }
+        None => vec![vec![1.0; n_genes]; n_groups],
+    };
+    let age_prob = p.condition.as_ref().map_or(0.0, |c| c.age_de_prob);
+    let age_factor =
+        if age_prob > 0.0 { factors(&mut rng, age_prob, 0.5, AGE_FAC_LOC, AGE_FAC_SCALE) } else { vec![1.0; n_genes] };
+    let n_age = if age_prob > 0.0 { 2 } else { 1 };
+
+    let cells = assign_cells(p, &mut rng);
+    // One χ² draw per gene, shared by all cells (as Splatter's recycling does).
+    let chi = ChiSquared::new(p.bcv_df).expect("validated");
+    let bcv_scale: Vec<f64> = (0..n_genes).map(|_| (p.bcv_df / chi.sample(&mut rng)).sqrt()).collect();
+
+    // Normalized expression profile of every (group, batch, condition, age).
+    let n_cond = if p.condition.is_some() { 2 } else { 1 };
+    let profile = |t: usize, b: Option<usize>, c: usize, a: usize| -> Vec<f64> {
+        let raw: Vec<f64> = (0..n_genes)
+            .map(|g| {
+                let cond = if c == 1 { condition_factor[t][g] } else { 1.0 };
+                let age = if a == 1 { age_factor[g] } else { 1.0 };
+                gene_mean[g] * group_factor[t][g] * b.map_or(1.0, |b| batch_factor[b][g]) * cond * age
+            })
+            .collect();
+        let total: f64 = raw.iter().sum();
+        raw.into_iter().map(|v| v / total).collect()
+    };
+    let combos: Vec<(usize, usize, usize, usize)> = (0..n_groups)
+        .flat_map(|t| {
+            (0..n_batches).flat_map(move |b| (0..n_cond).flat_map(move |c| (0..n_age).map(move |a| (t, b, c, a))))
+        })
+        .collect();
+    let profiles: Vec<Vec<f64>> = combos.par_iter().map(|&(t, b, c, a)| profile(t, Some(b), c, a)).collect();
+    let profile_of = |t: usize, b: usize, c: usize, a: usize| &profiles[((t * n_batches + b) * n_cond + c) * n_age + a];
+
+    // Truth for DE: batch-free, age-free normalized expression, treated vs control.
+    let true_lfc: Vec<Vec<f64>> = (0..n_groups)
+        .map(|t| {
+            let (control, treated) = (profile(t, None, 0, 0), profile(t, None, n_cond - 1, 0));
+            control.iter().zip(&treated).map(|(a, b)| (b / a).log2()).collect()
+        })
+        .collect();
+
+    let rows: Vec<((Vec<u32>, Vec<f32>), f64)> = (0..p.n_cells)
+        .into_par_iter()
+        .map(|i| {
+            let mut r = ChaCha8Rng::seed_from_u64(p.seed);
+            r.set_stream(i as u64 + 1);
+            let b = cells.batch[i] as usize;
+            let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
+            let lib = lnorm(p.lib_loc + shift, p.lib_scale).sample(&mut r);
+            let age = if n_age == 2 { cells.sample[i] as usize % 2 } else { 0 };
+            let prof = profile_of(cells.group[i] as usize, b, cells.condition[i] as usize, age);
+            (cell_counts(p, prof, &bcv_scale, lib, &mut r), lib)
+        })
+        .collect();
+    let library_size = rows.iter().map(|r| r.1).collect();
+    let csr = Csr::from_rows(rows.into_iter().map(|r| r.0).collect(), n_genes);
+
+    let names = |prefix: &str, n: usize| (1..=n).map(|k| format!("{prefix}{k}")).collect::<Vec<_>>();
+    let counts = CountMatrix { csr, genes: names("Gene", n_genes), cells: names("Cell", p.n_cells) };
+    let cat = |name: &str, codes: Vec<u32>, levels: Vec<String>| Categorical { name: name.into(), codes, levels };
+    let age_group = (n_age == 2).then(|| {
+        let codes = cells.sample.iter().map(|&k| k % 2).collect();
+        cat("age_group", codes, vec!["young".into(), "old".into()])
+    });
+    let (condition, sample) = match &p.condition {
+        Some(c) => {
+            let samples = (0..n_batches)
+                .flat_map(|b| {
+                    ["control", "treated"].into_iter().flat_map(move |cond| {
+                        (1..=c.samples_per_batch).map(move |k| format!("Batch{}_{cond}_{k}", b + 1))
+                    })
+                })
+                .collect();
+            (
+                Some(cat("condition", cells.condition.clone(), vec!["control".into(), "treated".into()])),
+                Some(cat("sample", cells.sample.clone(), samples)),
+            )
+        }
+        None => (None, None),
+    };
+    Ok(Simulation {
+        counts,
+        group: cat("group", cells.group, names("Group", n_groups)),
+        batch: cat("batch", cells.batch, names("Batch", n_batches)),
+        condition,
+        sample,
+        age_group,
+        library_size,
+        gene_mean,
+        group_factor,
+        batch_factor,
+        condition_factor,
+        age_factor,
+        true_lfc,
+    })
+}
+
+/// Log-normal location and scale of age effects (smaller than condition effects).
+const AGE_FAC_LOC: f64 = 0.3;
+const AGE_FAC_SCALE: f64 = 0.2;
+
+/// Gene means ~ Gamma(shape, rate); outliers are set to the median times a
+/// log-normal factor, as in Splatter.
+fn gene_means(p: &SimParams, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    let gamma = Gamma::new(p.mean_shape, 1.0 / p.mean_rate).expect("validated");
+    let mut means: Vec<f64> = (0..p.n_genes).map(|_| gamma.sample(rng)).collect();
+    let mut sorted = means.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let outlier = LogNormal::new(p.out_fac_loc, p.out_fac_scale).expect("validated");
+    for m in means.iter_mut() {
+        if rng.random::<f64>() < p.out_prob {
+            *m = median * outlier.sample(rng);
+        }
+    }
+    means
+}
+
+struct CellAssignment {
+    group: Vec<u32>,
+    batch: Vec<u32>,
+    condition: Vec<u32>,
+    sample: Vec<u32>,
+}
+
+/// Batches get exact sizes (largest remainder) in consecutive blocks; cell
+/// types are drawn per cell; within each batch exactly round(fraction × size)
+/// cells are treated; samples are drawn within batch × condition.
+fn assign_cells(p: &SimParams, rng: &mut ChaCha8Rng) -> CellAssignment {
+    let n = p.n_cells;
+    let sizes = exact_sizes(&p.batch_prob, n);
+    let batch: Vec<u32> = sizes.iter().enumerate().flat_map(|(b, &s)| std::iter::repeat_n(b as u32, s)).collect();
+    let group_cum = cumulative(&p.group_prob);
+    let group: Vec<u32> = (0..n)
+        .map(|_| {
+            let u = rng.random::<f64>();
+            group_cum.iter().position(|&c| u < c).unwrap_or(group_cum.len() - 1) as u32
+        })
+        .collect();
+    let mut condition = vec![0u32; n];
+    let mut sample = vec![0u32; n];
+    if let Some(c) = &p.condition {
+        let mut start = 0;
+        for (b, &size) in sizes.iter().enumerate() {
+            let n_treated = (c.treated_fraction[b] * size as f64).round() as usize;
+            let mut idx: Vec<usize> = (start..start + size).collect();
+            rand::seq::SliceRandom::shuffle(idx.as_mut_slice(), rng);
+            for &i in &idx[..n_treated] {
+                condition[i] = 1;
+            }
+            for i in start..start + size {
+                let k = rng.random_range(0..c.samples_per_batch);
+                sample[i] = ((b * 2 + condition[i] as usize) * c.samples_per_batch + k) as u32;
+            }
+            start += size;
+        }
+    }
+    CellAssignment { group, batch, condition, sample }
+}
+
+fn cumulative(p: &[f64]) -> Vec<f64> {
+    let total: f64 = p.iter().sum();
+    p.iter()
+        .scan(0.0, |acc, v| {
+            *acc += v / total;
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// Sizes proportional to `p` summing to `n` (largest-remainder rounding).
+fn exact_sizes(p: &[f64], n: usize) -> Vec<usize> {
+    let total: f64 = p.iter().sum();
+    let raw: Vec<f64> = p.iter().map(|v| v / total * n as f64).collect();
+    let mut sizes: Vec<usize> = raw.iter().map(|v| v.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| (raw[b] - raw[b].floor()).total_cmp(&(raw[a] - raw[a].floor())));
+    let missing = n - sizes.iter().sum::<usize>();
+    for &k in order.iter().take(missing) {
+        sizes[k] += 1;
+    }
+    sizes
+}
+
+/// One cell: gamma–Poisson counts around library × profile, with the BCV
+/// trend of Splatter: bcv = (bcv_common + 1/sqrt(mean)) · sqrt(df / χ²_df).
+fn cell_counts(
+    p: &SimParams,
+    profile: &[f64],
+    bcv_scale: &[f64],
+    lib: f64,
+    r: &mut ChaCha8Rng,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut idx = Vec::new();
+    let mut val = Vec::new();
+    for (g, &share) in profile.iter().enumerate() {
+        let mean = lib * share;
+        if mean <= 0.0 {
+            continue;
+        }
+        let bcv = (p.bcv_common + 1.0 / mean.sqrt()) * bcv_scale[g];
+        let shape = 1.0 / (bcv * bcv);
+        let count = match p.dropout {
+            // Dropout acts on the gamma-distributed cell mean, so draw it.
+            Some((mid, dshape)) => {
+                let true_mean = Gamma::new(shape, mean / shape).map(|d| d.sample(r)).unwrap_or(mean);
+                let drop = 1.0 / (1.0 + (-dshape * (true_mean.max(1e-300).ln() - mid)).exp());
+                if r.random::<f64>() < drop {
+                    continue;
+                }
+                poisson(true_mean, r)
+            }
+            None => negative_binomial(mean, shape, r),
+        };
+        if count > 0.0 {
+            idx.push(g as u32);
+            val.push(count as f32);
+        }
+    }
+    (idx, val)
+}
+
+fn poisson(mean: f64, r: &mut ChaCha8Rng) -> f64 {
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    Poisson::new(mean).map(|d| d.sample(r)).unwrap_or(0.0)
+}
+
+/// A gamma–Poisson (negative binomial) draw with the given mean and gamma
+/// shape. Small means, most entries of a count matrix, are drawn by inversion
+/// from one uniform, walking the pmf recursion
+/// P(k+1) = P(k) · (k + shape)/(k + 1) · mean/(mean + shape); large means by
+/// drawing the gamma mean and then the Poisson count.
+fn negative_binomial(mean: f64, shape: f64, r: &mut ChaCha8Rng) -> f64 {
+    const INVERSION_BELOW: f64 = 16.0;
+    if mean < INVERSION_BELOW {
+        let q = mean / (mean + shape);
+        let mut pk = (shape * (shape / (mean + shape)).ln()).exp(); // P(0)
+        let mut u: f64 = r.random();
+        let mut k = 0.0;
+        while u > pk {
+            u -= pk;
+            pk *= (k + shape) / (k + 1.0) * q;
+            k += 1.0;
+            if pk < 1e-300 && k > mean * 50.0 + 100.0 {
+                break; // the tail is exhausted numerically
+            }
+        }
+        return k;
+    }
+    let true_mean = Gamma::new(shape, mean / shape).map(|d| d.sample(r)).unwrap_or(mean);
+    poisson(true_mean, r)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+//! Validated parameters of the count simulator. Defaults follow Splatter's
+//! `newSplatParams()` (Zappia et al. 2017) except the library size, set to a
+//! droplet-like median of about 2,000 counts (Splatter: e^11), and cell-type
+//! DE factors centred at e^0.3 (Splatter: e^0.1) so that types separate.
+
+use crate::error::{check_param, Result};
+
+/// A treatment condition with known per-cell-type effects.
+#[derive(Debug, Clone)]
+pub struct ConditionParams {
+    /// Fraction of each batch's cells that are treated (one entry per batch).
+    pub treated_fraction: Vec<f64>,
+    /// Fraction of genes with a condition effect, per cell type.
+    pub de_prob: f64,
+    /// Probability that a condition effect is a decrease.
+    pub de_down_prob: f64,
+    /// Log-normal location and scale of the condition effect factor.
+    pub de_fac_loc: f64,
+    pub de_fac_scale: f64,
+    /// Samples (e.g. donors) per batch × condition, for pseudobulk.
+    pub samples_per_batch: usize,
+    /// Fraction of genes affected by an age group (young/old, alternating
+    /// over each batch × condition's samples); 0 means no age group.
+    pub age_de_prob: f64,
+}
+
+impl Default for ConditionParams {
+    fn default() -> Self {
+        ConditionParams {
+            treated_fraction: vec![0.5],
+            de_prob: 0.1,
+            de_down_prob: 0.5,
+            de_fac_loc: 0.5,
+            de_fac_scale: 0.4,
+            samples_per_batch: 2,
+            age_de_prob: 0.0,
+        }
+    }
+}
+
+/// Parameters of [`super::simulate`].
+#[derive(Debug, Clone)]
+pub struct SimParams {
+    pub n_cells: usize,
+    pub n_genes: usize,
+    pub seed: u64,
+    /// Cell-type proportions (their number is the number of groups).
+    pub group_prob: Vec<f64>,
+    /// Batch proportions (their number is the number of batches).
+    pub batch_prob: Vec<f64>,
+    /// Log-normal per-gene, per-batch multiplicative factors.
+    pub batch_fac_loc: f64,
+    pub batch_fac_scale: f64,
+    /// Shift of the log library-size location per batch (empty: none).
+    pub batch_lib_shift: Vec<f64>,
+    /// Gene means ~ Gamma(shape, rate).
+    pub mean_shape: f64,
+    pub mean_rate: f64,
+    /// Library sizes ~ LogNormal(loc, scale).
+    pub lib_loc: f64,
+    pub lib_scale: f64,
+    /// Expression outliers: probability and log-normal factor.
+    pub out_prob: f64,
+    pub out_fac_loc: f64,
+    pub out_fac_scale: f64,
+    /// Cell-type differential expression.
+    pub de_prob: f64,
+    pub de_down_prob: f64,
+    pub de_fac_loc: f64,
+    pub de_fac_scale: f64,
+    /// Biological coefficient of variation: common part and degrees of freedom.
+    pub bcv_common: f64,
+    pub bcv_df: f64,
+    /// Logistic dropout on log mean (midpoint, shape); None: no dropout.
+    pub dropout: Option<(f64, f64)>,
+    pub condition: Option<ConditionParams>,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        SimParams {
+            n_cells: 1000,
+            n_genes: 2000,
+            seed: 1,
+            group_prob: vec![0.2; 5],
+            batch_prob: vec![0.5, 0.5],
+            batch_fac_loc: 0.1,
+            batch_fac_scale: 0.1,
+            batch_lib_shift: Vec::new(),
+            mean_shape: 0.6,
+            mean_rate: 0.3,
+            lib_loc: 7.6,
+            lib_scale: 0.25,
+            out_prob: 0.05,
+            out_fac_loc: 4.0,
+            out_fac_scale: 0.5,
+            de_prob: 0.1,
+            de_down_prob: 0.5,
+            de_fac_loc: 0.3,
+            de_fac_scale: 0.4,
+            bcv_common: 0.1,
+            bcv_df: 60.0,
+            dropout: None,
+            condition: None,
+        }
+    }
+}
+
+fn probabilities(p: &[f64], name: &'static str) -> Result<()> {
+    check_param(!p.is_empty(), name, "needs at least one entry")?;
+    check_param(p.iter().all(|&v| v.is_finite() && v >= 0.0), name, "must be non-negative numbers")?;
+    check_param(p.iter().sum::<f64>() > 0.0, name, "must not all be zero")
+}
+
+impl SimParams {
+    pub fn n_groups(&self) -> usize {
+        self.group_prob.len()
+    }
+
+    pub fn n_batches(&self) -> usize {
+        self.batch_prob.len()
+    }
+
+    /// Rejects impossible parameters before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        check_param(self.n_cells >= 2, "n_cells", "must be at least 2")?;
+        check_param(self.n_genes >= 2, "n_genes", "must be at least 2")?;
+        probabilities(&self.group_prob, "group_prob")?;
+        probabilities(&self.batch_prob, "batch_prob")?;
+        check_param(
+            self.batch_lib_shift.is_empty() || self.batch_lib_shift.len() == self.n_batches(),
+            "batch_lib_shift",
+            "needs one entry per batch",
+        )?;
+        for (v, name) in [(self.mean_shape, "mean_shape"), (self.mean_rate, "mean_rate"), (self.bcv_df, "bcv_df")] {
+            check_param(v.is_finite() && v > 0.0, name, "must be positive")?;
+        }
+        for (v, name) in [
+            (self.batch_fac_scale, "batch_fac_scale"),
+            (self.lib_scale, "lib_scale"),
+            (self.out_fac_scale, "out_fac_scale"),
+            (self.de_fac_scale, "de_fac_scale"),
+            (self.bcv_common, "bcv_common"),
+        ] {
+            check_param(v.is_finite() && v >= 0.0, name, "must be >= 0")?;
+        }
+        for (v, name) in [(self.out_prob, "out_prob"), (self.de_prob, "de_prob"), (self.de_down_prob, "de_down_prob")] {
+            check_param((0.0..=1.0).contains(&v), name, "must be in [0, 1]")?;
+        }
+        if let Some((_, shape)) = self.dropout {
+            check_param(shape.is_finite(), "dropout_shape", "must be finite")?;
+        }
+        if let Some(c) = &self.condition {
+            check_param(
+                c.treated_fraction.len() == self.n_batches(),
+                "treated_fraction",
+                format!("needs one entry per batch ({})", self.n_batches()),
+            )?;
+            check_param(
+                c.treated_fraction.iter().all(|f| (0.0..=1.0).contains(f)),
+                "treated_fraction",
+                "must be in [0, 1]",
+            )?;
+            check_param((0.0..=1.0).contains(&c.de_prob), "condition_de_prob", "must be in [0, 1]")?;
+            check_param(c.samples_per_batch >= 1, "samples_per_batch", "must be at least 1")?;
+            check_param((0.0..=1.0).contains(&c.age_de_prob), "age_de_prob", "must be in [0, 1]")?;
+            check_param(
+                c.age_de_prob == 0.0 || c.samples_per_batch >= 2,
+                "samples_per_batch",
+                "must be at least 2 with an age group (ages alternate over samples)",
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+use super::*;
+
+fn with_condition(n_cells: usize, treated: Vec<f64>) -> SimParams {
+    SimParams {
+        n_cells,
+        n_genes: 300,
+        batch_prob: vec![1.0; treated.len()],
+        condition: Some(ConditionParams { treated_fraction: treated, de_prob: 0.2, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn same_seed_same_counts_whatever_the_threads() {
+    let p = with_condition(500, vec![0.5, 0.5]);
+    let a = crate::device::with_threads(1, || simulate(&p).unwrap()).unwrap();
+    let b = crate::device::with_threads(2, || simulate(&p).unwrap()).unwrap();
+    assert_eq!(a.counts.csr, b.counts.csr);
+    let c = simulate(&SimParams { seed: 2, ..p }).unwrap();
+    assert_ne!(a.counts.csr, c.counts.csr);
+}
+
+#[test]
+fn batch_sizes_and_treated_fractions_are_exact() {
+    let p = SimParams { batch_prob: vec![0.5, 0.3, 0.2], ..with_condition(1000, vec![0.7, 0.5, 0.3]) };
+    let s = simulate(&p).unwrap();
+    assert_eq!(s.batch.level_sizes(), vec![500, 300, 200]);
+    let cond = s.condition.unwrap();
+    let treated: Vec<usize> =
+        s.batch.cells_by_level().iter().map(|cells| cells.iter().filter(|&&i| cond.codes[i] == 1).count()).collect();
+    assert_eq!(treated, vec![350, 150, 60]);
+    // samples are nested in batch × condition
+    let sample = s.sample.unwrap();
+    for i in 0..1000 {
+        let k = sample.codes[i] as usize / 2; // samples_per_batch = 2
+        assert_eq!(k / 2, s.batch.codes[i] as usize);
+        assert_eq!(k % 2, cond.codes[i] as usize);
+    }
+}
+
+#[test]
+fn observed_fold_changes_follow_the_truth() {
+    let p = SimParams { n_genes: 400, group_prob: vec![1.0], ..with_condition(4000, vec![0.5]) };
+    let s = simulate(&p).unwrap();
+    let cond = s.condition.as_ref().unwrap();
+    let libs = s.counts.library_sizes();
+    // mean of counts/library in each condition, per gene
+    let mut sums = [vec![0.0f64; 400], vec![0.0f64; 400]];
+    let mut n = [0.0f64; 2];
+    for i in 0..4000 {
+        let c = cond.codes[i] as usize;
+        n[c] += 1.0;
+        let (idx, val) = s.counts.csr.row(i);
+        for (&g, &v) in idx.iter().zip(val) {
+            sums[c][g as usize] += v as f64 / libs[i];
+        }
+    }
+    let (mut est, mut truth) = (Vec::new(), Vec::new());
+    for g in 0..400 {
+        let (a, b) = (sums[0][g] / n[0], sums[1][g] / n[1]);
+        if s.condition_factor[0][g] != 1.0 && a > 1e-3 && b > 1e-3 {
+            est.push((b / a).log2());
+            truth.push(s.true_lfc[0][g]);
+        }
+    }
+    assert!(est.len() > 20, "{} DE genes", est.len());
+    let r = pearson(&est, &truth);
+    assert!(r > 0.95, "r = {r}");
+    // genes without an effect share one small constant shift (normalization)
+    let flat: Vec<f64> = (0..400).filter(|&g| s.condition_factor[0][g] == 1.0).map(|g| s.true_lfc[0][g]).collect();
+    assert!(flat.iter().all(|v| (v - flat[0]).abs() < 1e-12 && v.abs() < 0.2));
+}
+
+#[test]
+fn variance_follows_the_bcv_trend_and_dropout_adds_zeros() {
+    let p = SimParams {
+        n_cells: 3000,
+        n_genes: 200,
+        group_prob: vec![1.0],
+        batch_prob: vec![1.0],
+        lib_scale: 0.0,
+        ..Default::default()
+    };
+    let s = simulate(&p).unwrap();
+    // overdispersed: variance above the Poisson variance for expressed genes
+    let rows: Vec<usize> = (0..3000).collect();
+    let (mean, var) = crate::prep::column_mean_var(&s.counts.csr, &rows);
+    let over = (0..200).filter(|&g| mean[g] > 5.0).filter(|&g| var[g] > 1.1 * mean[g]).count();
+    let expressed = (0..200).filter(|&g| mean[g] > 5.0).count();
+    assert!(expressed > 10 && over as f64 > 0.9 * expressed as f64, "{over}/{expressed}");
+    let d = simulate(&SimParams { dropout: Some((0.0, -1.0)), ..p.clone() }).unwrap();
+    assert!(d.counts.csr.nnz() < s.counts.csr.nnz() * 9 / 10);
+}
+
+#[test]
+fn age_groups_alternate_over_samples() {
+    let mut p = with_condition(800, vec![0.5, 0.5]);
+    p.condition.as_mut().unwrap().age_de_prob = 0.1;
+    let s = simulate(&p).unwrap();
+    let age = s.age_group.unwrap();
+    let sample = s.sample.unwrap();
+    for i in 0..800 {
+        assert_eq!(age.codes[i], sample.codes[i] % 2);
+    }
+    assert!(s.age_factor.iter().any(|&f| f != 1.0));
+    p.condition.as_mut().unwrap().samples_per_batch = 1;
+    assert!(simulate(&p).unwrap_err().to_string().contains("samples_per_batch"));
+}
+
+#[test]
+fn invalid_parameters_are_named() {
+    let e = simulate(&SimParams { n_cells: 1, ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("n_cells"), "{e}");
+    let mut p = with_condition(100, vec![0.5, 0.5]);
+    p.condition.as_mut().unwrap().treated_fraction = vec![0.5];
+    assert!(simulate(&p).unwrap_err().to_string().contains("treated_fraction"));
+    let e = simulate(&SimParams { group_prob: vec![], ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("group_prob"), "{e}");
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+#[test]
+fn negative_binomial_draws_have_the_right_moments() {
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    for &(mean, shape) in &[(0.3, 0.8), (3.0, 5.0), (12.0, 2.0), (40.0, 10.0)] {
+        let n = 200_000;
+        let draws: Vec<f64> = (0..n).map(|_| negative_binomial(mean, shape, &mut r)).collect();
+        let m = draws.iter().sum::<f64>() / n as f64;
+        let v = draws.iter().map(|d| (d - m).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let want_v = mean + mean * mean / shape;
+        assert!((m - mean).abs() < 0.02 * mean + 0.01, "mean {m} vs {mean}");
+        assert!((v - want_v).abs() < 0.05 * want_v, "var {v} vs {want_v} (mean {mean}, shape {shape})");
+    }
+}

@@ -1,0 +1,73 @@
+test_that("simulate_counts returns counts and truth where Bioconductor users look", {
+  skip_if_not_installed("SingleCellExperiment")
+  sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3, n_batches = 3,
+                         treated_fraction = c(0.7, 0.5, 0.3), seed = 5)
+  expect_s4_class(sim, "SingleCellExperiment")
+  expect_identical(dim(sim), c(300L, 600L))
+  expect_identical(as.integer(table(sim$batch)), c(200L, 200L, 200L))
+  expect_identical(as.integer(table(sim$batch, sim$condition)[, "treated"]), c(140L, 100L, 60L))
+  rd <- SummarizedExperiment::rowData(sim)
+  expect_true(all(c("is_de", "is_de_Group1", "true_lfc_Group3", "batch_factor_Batch2", "base_mean") %in% names(rd)))
+  expect_identical(rd$is_de, rd$is_de_Group1 | rd$is_de_Group2 | rd$is_de_Group3)
+  # samples are nested in batch x condition
+  expect_true(all(startsWith(as.character(sim$sample), paste0(sim$batch, "_", sim$condition))))
+  # the counts pass the package's own validation
+  expect_s3_class(as_counts(sim, batch = "batch"), "scdistill_counts")
+})
+
+test_that("the same seed gives the same counts; another seed does not", {
+  a <- simulate_counts(n_cells = 300, n_genes = 100, seed = 9, format = "list", threads = 1)
+  b <- simulate_counts(n_cells = 300, n_genes = 100, seed = 9, format = "list", threads = 2)
+  c <- simulate_counts(n_cells = 300, n_genes = 100, seed = 10, format = "list")
+  expect_identical(a$counts, b$counts)
+  expect_false(identical(a$counts, c$counts))
+})
+
+test_that("true log fold changes are recovered from the simulated counts", {
+  sim <- simulate_counts(n_cells = 4000, n_genes = 400, n_groups = 1, n_batches = 1,
+                         treated_fraction = 0.5, condition_de_prob = 0.2, seed = 3, format = "list")
+  m <- sim$counts
+  norm <- t(t(as.matrix(m)) / Matrix::colSums(m))
+  treated <- sim$cell_data$condition == "treated"
+  obs <- log2(rowMeans(norm[, treated]) / rowMeans(norm[, !treated]))
+  de <- sim$gene_data$is_de_Group1 & rowMeans(as.matrix(m)) > 0.5
+  expect_gt(sum(de), 20)
+  expect_gt(stats::cor(obs[de], sim$gene_data$true_lfc_Group1[de]), 0.95)
+})
+
+test_that("batch effects grow with batch_effect and cell types separate", {
+  lib_spread <- function(effect) {
+    s <- simulate_counts(n_cells = 1000, n_genes = 200, n_batches = 2, batch_effect = effect,
+                         seed = 2, format = "list")
+    unname(diff(tapply(log(s$cell_data$library_size), s$cell_data$batch, mean)))
+  }
+  expect_lt(abs(lib_spread("none")), 0.05)
+  expect_gt(lib_spread("strong"), 0.6)
+  none <- simulate_counts(n_cells = 200, n_genes = 100, batch_effect = "none", format = "list")
+  expect_true(all(as.matrix(none$gene_data[, grep("^batch_factor_", names(none$gene_data))]) == 1))
+})
+
+test_that("zero inflation adds zeros", {
+  a <- simulate_counts(n_cells = 500, n_genes = 200, seed = 4, format = "list")
+  z <- simulate_counts(n_cells = 500, n_genes = 200, seed = 4, zero_inflation = TRUE, format = "list")
+  expect_lt(length(z$counts@x), 0.9 * length(a$counts@x))
+})
+
+test_that("the six scenarios have their designs and can be resized", {
+  s5 <- simulation_scenario("s5", n_cells = 900, format = "list")
+  tab <- table(s5$cell_data$batch, s5$cell_data$condition)
+  expect_identical(unname(tab[, "treated"] / rowSums(tab)), c(1, 0.5, 0))
+  s3 <- simulation_scenario("s3", n_cells = 1000, format = "list")
+  expect_identical(as.integer(table(s3$cell_data$batch)), c(400L, 300L, 200L, 100L))
+  expect_true("age_group" %in% names(s3$cell_data))
+  expect_identical(dim(s3$counts), c(3000L, 1000L))
+  expect_error(simulation_scenario("s7"), "should be one of")
+})
+
+test_that("bad simulation parameters are named", {
+  expect_error(simulate_counts(n_cells = 1), "`n_cells` must be a whole number >= 2")
+  expect_error(simulate_counts(n_batches = 3, treated_fraction = c(0.5, 0.5)), "one value per batch \\(3\\), not 2")
+  expect_error(simulate_counts(n_cells = 100, bogus = 1), "unknown simulation parameter `bogus`")
+  expect_error(simulate_counts(n_cells = 100, lib_scale = -1), "`lib_scale` must be >= 0")
+  expect_error(simulate_counts(n_cells = 100, age_de_prob = 0.1), "needs a condition")
+})
