@@ -37,6 +37,10 @@ rs_run_pca <- function(p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
 
+rs_integration_metrics <- function(x, n, d, batch, label, pre, pre_d, seed, threads) {
+  .Call(native("wrap__rs_integration_metrics"), x, n, d, batch, label, pre, pre_d, seed, threads)
+}
+
 rs_dense_cells <- function(p, i, x, genes, cells, rows) .Call(native("wrap__rs_dense_cells"), p, i, x, genes, cells, rows)
 
 rs_torch_config <- function(device, threads) .Call(native("wrap__rs_torch_config"), device, threads)

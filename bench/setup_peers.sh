@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates the Python environment of the reference tools the benchmarks compare
+# against: scvi-tools 1.4.2, harmonypy 2.1.0, scDistill 0.3.1, scib-metrics
+# and scanpy, from PyPI. It lives in $SCDISTILL_HOME/peers, outside the
+# package, and is never a dependency of it. PyTorch is not downloaded again:
+# the venv sees the torch 2.11.0 of tools/setup_torch.sh through a .pth file.
+# Idempotent. Prints the venv's python on its last line.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SCDISTILL_HOME="${SCDISTILL_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/scdistill}"
+PEERS="$SCDISTILL_HOME/peers"
+PY="${PYTHON:-python3}"
+
+bash "$ROOT/tools/setup_torch.sh" >&2
+TORCH_SITE=$("$SCDISTILL_HOME/torch-2.11.0/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -x "$PEERS/bin/python" ]; then
+  "$PY" -m venv "$PEERS"
+fi
+PEERS_SITE=$("$PEERS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$TORCH_SITE" > "$PEERS_SITE/scdistill-torch.pth"
+"$PEERS/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "scvi-tools==1.4.2" "harmonypy==2.1.0" "scdistill==0.3.1" "scib-metrics" "scanpy" "igraph" "leidenalg" >&2
+"$PEERS/bin/python" - >&2 <<'PYEOF'
+import importlib.metadata as m
+for p in ["torch", "scvi-tools", "harmonypy", "scdistill", "scib-metrics", "scanpy", "jax"]:
+    print(f"{p:14s} {m.version(p)}")
+PYEOF
+echo "$PEERS/bin/python"
