@@ -46,8 +46,8 @@
 #' @param ... Splatter-level parameters by name: `mean_shape` (0.6),
 #'   `mean_rate` (0.3), `lib_loc` (7.6, about 2,000 counts per cell; Splatter
 #'   uses 11), `lib_scale` (0.25), `out_prob` (0.05), `out_fac_loc` (4),
-#'   `out_fac_scale` (0.5), `de_prob` (0.1), `de_down_prob` (0.5),
-#'   `de_fac_loc` (0.3; Splatter 0.1), `de_fac_scale` (0.4), `bcv_common` (0.1), `bcv_df`
+#'   `out_fac_scale` (0.5), `de_prob` (0.2; Splatter 0.1), `de_down_prob` (0.5),
+#'   `de_fac_loc` (0.5; Splatter 0.1), `de_fac_scale` (0.4), `bcv_common` (0.1), `bcv_df`
 #'   (60), `condition_fac_scale` (0.4), `condition_de_down_prob` (0.5).
 #' @return A `SingleCellExperiment` with assay `counts`; `colData` columns
 #'   `cell_type`, `batch`, `library_size` and, with a condition, `condition`,

@@ -1,7 +1,8 @@
 //! Validated parameters of the count simulator. Defaults follow Splatter's
 //! `newSplatParams()` (Zappia et al. 2017) except the library size, set to a
 //! droplet-like median of about 2,000 counts (Splatter: e^11), and cell-type
-//! DE factors centred at e^0.3 (Splatter: e^0.1) so that types separate.
+//! DE on 20% of genes with factors centred at e^0.5 (Splatter: 10%, e^0.1),
+//! so that cell types separate as clearly as in real data.
 
 use crate::error::{check_param, Result};
 
@@ -94,9 +95,9 @@ impl Default for SimParams {
             out_prob: 0.05,
             out_fac_loc: 4.0,
             out_fac_scale: 0.5,
-            de_prob: 0.1,
+            de_prob: 0.2,
             de_down_prob: 0.5,
-            de_fac_loc: 0.3,
+            de_fac_loc: 0.5,
             de_fac_scale: 0.4,
             bcv_common: 0.1,
             bcv_df: 60.0,

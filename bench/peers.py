@@ -1,0 +1,58 @@
+"""Runs one reference tool on data written by bench/run.R; writes its embedding.
+
+    python bench/peers.py METHOD DIR [--epochs N] [--threads N]
+
+DIR holds counts.mtx (genes x cells, raw counts), obs.csv (cell, batch, label)
+and pca.csv (cells x PCs, the package's PCA). METHOD:
+  harmonypy  harmonypy 2.1.0 on pca.csv, theta = 2 (its defaults)
+  scvi       scvi-tools 1.4.2 SCVI (n_latent 10, its defaults) on the counts
+Writes DIR/<METHOD>.csv (cells x dims) and DIR/<METHOD>.json (seconds spent
+in the method itself, without reading the data).
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import scipy.io
+
+p = argparse.ArgumentParser()
+p.add_argument("method", choices=["harmonypy", "scvi"])
+p.add_argument("dir")
+p.add_argument("--epochs", type=int, default=None)
+p.add_argument("--threads", type=int, default=2)
+a = p.parse_args()
+
+obs = pd.read_csv(os.path.join(a.dir, "obs.csv"), index_col=0)
+obs["batch"] = obs["batch"].astype("category")
+
+if a.method == "harmonypy":
+    import harmonypy
+
+    pcs = pd.read_csv(os.path.join(a.dir, "pca.csv"), index_col=0).values
+    t0 = time.perf_counter()
+    ho = harmonypy.run_harmony(pcs, obs, ["batch"], theta=2)
+    seconds = time.perf_counter() - t0
+    z = np.asarray(ho.Z_corr)
+    emb = z if z.shape[0] == pcs.shape[0] else z.T  # 2.x: cells x PCs; < 2: PCs x cells
+else:
+    import anndata
+    import scvi
+    import torch
+
+    torch.set_num_threads(a.threads)
+    counts = scipy.io.mmread(os.path.join(a.dir, "counts.mtx")).T.tocsr().astype(np.float32)
+    ad = anndata.AnnData(X=counts, obs=obs)
+    scvi.settings.seed = 0
+    t0 = time.perf_counter()
+    scvi.model.SCVI.setup_anndata(ad, batch_key="batch")
+    model = scvi.model.SCVI(ad)
+    model.train(max_epochs=a.epochs, accelerator="cpu", enable_progress_bar=False)
+    emb = model.get_latent_representation()
+    seconds = time.perf_counter() - t0
+
+pd.DataFrame(emb, index=obs.index).to_csv(os.path.join(a.dir, f"{a.method}.csv"))
+with open(os.path.join(a.dir, f"{a.method}.json"), "w") as f:
+    json.dump({"method": a.method, "seconds": seconds}, f)
