@@ -6,6 +6,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod likelihood;
 pub mod metrics;
 pub mod prep;
 pub mod simulate;
