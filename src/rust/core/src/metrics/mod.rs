@@ -2,19 +2,21 @@
 //! scib-metrics 0.5 does where it is deterministic: one exact kNN graph
 //! (90 neighbours counting the cell itself), iLISI/cLISI (perplexity 30),
 //! silhouette scores, isolated labels, graph connectivity (15 neighbours),
-//! NMI/ARI of k-means clusters, and principal-component regression. kBET is
-//! not computed yet (NaN). Scores: bio = mean(isolated labels, NMI, ARI,
+//! NMI/ARI of k-means clusters, principal-component regression, and kBET per
+//! label (on the embedding's own kNN; see `kbet`). Scores: bio = mean(isolated labels, NMI, ARI,
 //! label silhouette, cLISI); batch = mean of the available batch scores
 //! (iLISI, kBET, graph connectivity, PCR comparison, batch silhouette);
 //! total = 0.6 bio + 0.4 batch.
 
 mod cluster;
 mod graph;
+mod kbet;
 mod knn;
 mod lisi;
 
 pub use cluster::{ari, kmeans, nmi, silhouette_samples};
 pub use graph::graph_connectivity;
+pub use kbet::kbet_per_label;
 pub use knn::{knn, Embedding, Knn};
 pub use lisi::{lisi, nan_median};
 
@@ -106,7 +108,7 @@ pub fn integration_metrics(
         }
         None => f64::NAN,
     };
-    let kbet = f64::NAN;
+    let kbet = kbet_per_label(x, batch, labels);
     let bio_conservation = mean_finite(&[isolated_labels, nmi_kmeans, ari_kmeans, silhouette_label, clisi]);
     let batch_correction = mean_finite(&[ilisi, kbet, graph_connectivity, pcr_comparison, silhouette_batch]);
     Ok(IntegrationMetrics {
