@@ -40,6 +40,16 @@
 #'   (young/old, alternating over samples); 0 for none.
 #' @param zero_inflation Add logistic dropout (Splatter's, midpoint 0, shape
 #'   -1 on the log mean): counts become zero-inflated.
+#' @param atac Also simulate chromatin accessibility of the same cells,
+#'   returned as `altExp(x, "ATAC")`: half the peaks are linked to a random
+#'   gene and follow its cell-type and condition program, 20% of the others
+#'   have cell-type effects of their own; Poisson counts (or 0/1 with
+#'   `atac_binary`), per-peak batch factors.
+#' @param n_peaks Number of peaks.
+#' @param atac_only_groups The last this-many cell types copy the first one's
+#'   RNA program and differ from it only in their peaks: a known case where
+#'   ATAC carries the signal.
+#' @param atac_binary Report peaks as 0/1 rather than counts.
 #' @param seed Random seed; the same seed gives the same counts.
 #' @param format `"sce"` (a `SingleCellExperiment`) or `"list"`.
 #' @param threads Number of threads (see [torch_config()]).
@@ -54,7 +64,10 @@
 #'   `sample` (and `age_group`); `rowData` with `base_mean`, `is_de` (any cell
 #'   type), `is_de_<type>`, `true_lfc_<type>`, `de_factor_<type>`,
 #'   `batch_factor_<batch>`; the parameters in `metadata(x)$simulation`. With
-#'   `format = "list"`: `counts`, `cell_data`, `gene_data`, `params`.
+#'   `atac`, `altExp(x, "ATAC")` holds the peak counts and, in its `rowData`,
+#'   `linked_gene` (`NA` for unlinked peaks) and `atac_factor_<type>`. With
+#'   `format = "list"`: `counts`, `cell_data`, `gene_data`, `params` (and
+#'   `atac`, `peak_data`).
 #' @seealso [simulation_scenario()] for the six benchmark designs.
 #' @examples
 #' sim <- simulate_counts(n_cells = 2000, n_genes = 500, n_batches = 3,
@@ -67,7 +80,8 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             batch_effect = c("medium", "none", "mild", "strong"),
                             group_prob = NULL, batch_prob = NULL, treated_fraction = NULL,
                             condition_de_prob = 0.1, condition_lfc = 0.5, samples_per_batch = 2,
-                            age_de_prob = 0, zero_inflation = FALSE, seed = 1,
+                            age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
+                            atac_only_groups = 0, atac_binary = FALSE, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
   batch_effect <- match.arg(batch_effect)
   format <- match.arg(format)
@@ -95,6 +109,11 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
     stop("`age_de_prob` needs a condition (`treated_fraction`): ages belong to samples", call. = FALSE)
   }
   if (isTRUE(zero_inflation)) params$dropout <- c(0, -1)
+  if (isTRUE(atac)) {
+    params <- c(params, list(n_peaks = check_count(n_peaks, "n_peaks", min = 2),
+                             atac_only_groups = check_count(atac_only_groups, "atac_only_groups", min = 0),
+                             atac_binary = as.numeric(isTRUE(atac_binary))))
+  }
   extra <- list(...)
   if (length(extra) && (is.null(names(extra)) || any(names(extra) == ""))) {
     stop("parameters in `...` must be named", call. = FALSE)
@@ -116,8 +135,8 @@ simulation_result <- function(res, params, format) {
   }
   types <- res$group$levels
   n_genes <- length(res$genes)
-  per <- function(v, names, prefix) {
-    m <- matrix(v, nrow = n_genes, dimnames = list(NULL, paste0(prefix, names)))
+  per <- function(v, names, prefix, n = n_genes) {
+    m <- matrix(v, nrow = n, dimnames = list(NULL, paste0(prefix, names)))
     as.data.frame(m)
   }
   condition_factor <- matrix(res$condition_factor, nrow = n_genes)
@@ -128,13 +147,30 @@ simulation_result <- function(res, params, format) {
                      per(res$group_factor, types, "de_factor_"),
                      per(res$batch_factor, res$batch$levels, "batch_factor_"))
   if (!is.null(res$age_group)) gene_data$age_factor <- res$age_factor
+  atac <- peak_data <- NULL
+  if (!is.null(res$atac)) {
+    a <- res$atac
+    atac <- new("dgCMatrix", i = a$i, p = a$p, x = a$x, Dim = c(length(a$peaks), length(res$cells)),
+                Dimnames = list(a$peaks, res$cells))
+    linked <- a$linked_gene
+    peak_data <- data.frame(linked_gene = ifelse(linked > 0, res$genes[pmax(linked, 1)], NA_character_),
+                            row.names = a$peaks)
+    peak_data <- cbind(peak_data, per(a$group_factor, types, "atac_factor_", n = length(a$peaks)))
+  }
   if (format == "list") {
-    return(list(counts = counts, cell_data = cell_data, gene_data = gene_data, params = params))
+    out <- list(counts = counts, cell_data = cell_data, gene_data = gene_data, params = params)
+    if (!is.null(atac)) out <- c(out, list(atac = atac, peak_data = peak_data))
+    return(out)
   }
   need("SingleCellExperiment")
-  SingleCellExperiment::SingleCellExperiment(
+  sce <- SingleCellExperiment::SingleCellExperiment(
     assays = list(counts = counts), colData = S4Vectors_DataFrame(cell_data),
     rowData = S4Vectors_DataFrame(gene_data), metadata = list(simulation = params))
+  if (!is.null(atac)) {
+    SingleCellExperiment::altExp(sce, "ATAC") <- SingleCellExperiment::SingleCellExperiment(
+      assays = list(counts = atac), rowData = S4Vectors_DataFrame(peak_data))
+  }
+  sce
 }
 
 #' The six benchmark scenarios

@@ -71,3 +71,27 @@ test_that("bad simulation parameters are named", {
   expect_error(simulate_counts(n_cells = 100, lib_scale = -1), "`lib_scale` must be >= 0")
   expect_error(simulate_counts(n_cells = 100, age_de_prob = 0.1), "needs a condition")
 })
+
+test_that("the ATAC modality goes to altExp with its truth", {
+  skip_if_not_installed("SingleCellExperiment")
+  sim <- simulate_counts(n_cells = 600, n_genes = 200, n_groups = 3, n_batches = 2, atac = TRUE,
+                         n_peaks = 400, atac_only_groups = 1, seed = 8)
+  atac <- SingleCellExperiment::altExp(sim, "ATAC")
+  expect_identical(dim(atac), c(400L, 600L))
+  expect_identical(colnames(atac), colnames(sim))
+  pd <- SummarizedExperiment::rowData(atac)
+  linked <- !is.na(pd$linked_gene)
+  expect_true(all(pd$linked_gene[linked] %in% rownames(sim)))
+  expect_gt(mean(linked), 0.35)
+  rd <- SummarizedExperiment::rowData(sim)
+  # Group3 is RNA-identical to Group1 but not in ATAC
+  expect_identical(rd$de_factor_Group3, rd$de_factor_Group1)
+  expect_gt(sum(abs(pd$atac_factor_Group3 - pd$atac_factor_Group1) > 1e-9), 30)
+  # a linked peak inherits its gene's cell-type factor
+  g <- match(pd$linked_gene[linked], rownames(sim))
+  expect_equal(pd$atac_factor_Group2[linked], rd$de_factor_Group2[g])
+  bin <- simulate_counts(n_cells = 200, n_genes = 100, atac = TRUE, n_peaks = 300, atac_binary = TRUE, format = "list")
+  expect_true(all(bin$atac@x == 1))
+  expect_error(simulate_counts(n_cells = 100, n_groups = 2, atac = TRUE, atac_only_groups = 2),
+               "`atac_only_groups` must be smaller than the number of cell types \\(2\\)")
+})

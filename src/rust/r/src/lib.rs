@@ -4,7 +4,7 @@
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{Categorical, CountMatrix};
-use scdistill_core::simulate::{self, ConditionParams, SimParams};
+use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams};
 use scdistill_core::{device, metrics, prep};
 
 mod worker;
@@ -169,6 +169,7 @@ fn rs_run_pca(
 fn sim_params_from_r(params: &List) -> Result<SimParams> {
     let mut p = SimParams::default();
     let mut cond: Option<ConditionParams> = None;
+    let mut atac: Option<AtacParams> = None;
     for (name, value) in params.iter() {
         let nums: Vec<f64> = value.as_real_vector().ok_or_else(|| fail(format!("`{name}` must be numeric")))?;
         let one = || -> Result<f64> {
@@ -210,10 +211,18 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
             "condition_fac_scale" => condition(&mut cond).de_fac_scale = one()?,
             "samples_per_batch" => condition(&mut cond).samples_per_batch = count()?,
             "age_de_prob" => condition(&mut cond).age_de_prob = one()?,
+            "n_peaks" => atac.get_or_insert_with(AtacParams::default).n_peaks = count()?,
+            "atac_link_prob" => atac.get_or_insert_with(AtacParams::default).link_prob = one()?,
+            "atac_de_prob" => atac.get_or_insert_with(AtacParams::default).private_de_prob = one()?,
+            "atac_fac_loc" => atac.get_or_insert_with(AtacParams::default).de_fac_loc = one()?,
+            "atac_lib_loc" => atac.get_or_insert_with(AtacParams::default).lib_loc = one()?,
+            "atac_only_groups" => atac.get_or_insert_with(AtacParams::default).atac_only_groups = count()?,
+            "atac_binary" => atac.get_or_insert_with(AtacParams::default).binary = one()? != 0.0,
             other => return Err(fail(format!("unknown simulation parameter `{other}`"))),
         }
     }
     p.condition = cond;
+    p.atac = atac;
     Ok(p)
 }
 
@@ -248,7 +257,20 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
     let indptr = Integers::from_values(std::mem::take(&mut csr.indptr).into_iter().map(|v| v as i32));
     let indices = Integers::from_values(std::mem::take(&mut csr.indices).into_iter().map(|v| v as i32));
     let values = Doubles::from_values(std::mem::take(&mut csr.values).into_iter().map(f64::from));
+    let atac: Robj = match s.atac.take() {
+        Some(a) => list!(
+            p = a.counts.indptr.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            i = a.counts.indices.iter().map(|&v| v as i32).collect::<Vec<_>>(),
+            x = a.counts.values.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            peaks = a.peaks,
+            linked_gene = a.linked_gene.iter().map(|g| g.map_or(0, |g| g as i32 + 1)).collect::<Vec<_>>(),
+            group_factor = flatten(&a.group_factor)
+        )
+        .into(),
+        None => ().into(),
+    };
     Ok(list!(
+        atac = atac,
         p = indptr,
         i = indices,
         x = values,

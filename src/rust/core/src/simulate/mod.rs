@@ -9,8 +9,10 @@
 //! its own random stream, so the result depends on the seed only, not on the
 //! number of threads.
 
+mod atac;
 mod params;
 
+pub use atac::{AtacParams, AtacSimulation};
 pub use params::{ConditionParams, SimParams};
 
 use crate::data::{Categorical, CountMatrix, Csr};
@@ -47,6 +49,8 @@ pub struct Simulation {
     /// True log2 fold change treated vs control of batch-free normalized
     /// expression, [group][gene].
     pub true_lfc: Vec<Vec<f64>>,
+    /// Peaks of the same cells, when an ATAC modality was simulated.
+    pub atac: Option<AtacSimulation>,
 }
 
 /// Simulates counts with the given parameters.
@@ -76,8 +80,13 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
             })
             .collect()
     };
-    let group_factor: Vec<Vec<f64>> =
+    let mut group_factor: Vec<Vec<f64>> =
         (0..n_groups).map(|_| factors(&mut rng, p.de_prob, p.de_down_prob, p.de_fac_loc, p.de_fac_scale)).collect();
+    // Cell types that differ in ATAC only share the first type's RNA program.
+    let atac_only = p.atac.as_ref().map_or(0, |a| a.atac_only_groups);
+    for t in n_groups - atac_only..n_groups {
+        group_factor[t] = group_factor[0].clone();
+    }
     let batch_factor: Vec<Vec<f64>> =
         (0..n_batches).map(|_| factors(&mut rng, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
     let condition_factor: Vec<Vec<f64>> = match &p.condition {
@@ -139,6 +148,18 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
         })
         .collect();
     let library_size = rows.iter().map(|r| r.1).collect();
+    let atac = p.atac.as_ref().map(|a| {
+        atac::simulate_atac(
+            p,
+            a,
+            &cells.group,
+            &cells.batch,
+            &cells.condition,
+            &group_factor,
+            &condition_factor,
+            p.seed,
+        )
+    });
     let csr = Csr::from_rows(rows.into_iter().map(|r| r.0).collect(), n_genes);
 
     let names = |prefix: &str, n: usize| (1..=n).map(|k| format!("{prefix}{k}")).collect::<Vec<_>>();
@@ -178,6 +199,7 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
         condition_factor,
         age_factor,
         true_lfc,
+        atac,
     })
 }
 

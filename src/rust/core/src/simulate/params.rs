@@ -75,6 +75,8 @@ pub struct SimParams {
     /// Logistic dropout on log mean (midpoint, shape); None: no dropout.
     pub dropout: Option<(f64, f64)>,
     pub condition: Option<ConditionParams>,
+    /// An ATAC modality for the same cells.
+    pub atac: Option<super::AtacParams>,
 }
 
 impl Default for SimParams {
@@ -103,6 +105,7 @@ impl Default for SimParams {
             bcv_df: 60.0,
             dropout: None,
             condition: None,
+            atac: None,
         }
     }
 }
@@ -150,6 +153,9 @@ impl SimParams {
         }
         if let Some((_, shape)) = self.dropout {
             check_param(shape.is_finite(), "dropout_shape", "must be finite")?;
+        }
+        if let Some(a) = &self.atac {
+            a.validate(self.n_groups())?;
         }
         if let Some(c) = &self.condition {
             check_param(

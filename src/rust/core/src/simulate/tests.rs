@@ -140,3 +140,32 @@ fn negative_binomial_draws_have_the_right_moments() {
         assert!((v - want_v).abs() < 0.05 * want_v, "var {v} vs {want_v} (mean {mean}, shape {shape})");
     }
 }
+
+#[test]
+fn atac_peaks_follow_linked_genes_and_can_carry_private_signal() {
+    let p = SimParams {
+        n_cells: 1200,
+        n_genes: 200,
+        group_prob: vec![1.0, 1.0, 1.0],
+        batch_prob: vec![1.0],
+        atac: Some(AtacParams { n_peaks: 600, atac_only_groups: 1, ..Default::default() }),
+        ..Default::default()
+    };
+    let s = simulate(&p).unwrap();
+    let a = s.atac.as_ref().unwrap();
+    assert_eq!((a.counts.n_rows, a.counts.n_cols), (1200, 600));
+    // group 2 is RNA-identical to group 0 but differs in ATAC
+    assert_eq!(s.group_factor[2], s.group_factor[0]);
+    let differing = (0..600).filter(|&k| (a.group_factor[2][k] - a.group_factor[0][k]).abs() > 1e-12).count();
+    assert!(differing > 50, "{differing}");
+    // a linked peak carries its gene's cell-type factor
+    for k in 0..600 {
+        if let Some(g) = a.linked_gene[k] {
+            assert!((a.group_factor[1][k] - s.group_factor[1][g]).abs() < 1e-12);
+        }
+    }
+    // same seed, same peaks
+    assert_eq!(simulate(&p).unwrap().atac.unwrap().counts, a.counts);
+    let bad = SimParams { atac: Some(AtacParams { atac_only_groups: 3, ..Default::default() }), ..p.clone() };
+    assert!(simulate(&bad).unwrap_err().to_string().contains("atac_only_groups"));
+}
