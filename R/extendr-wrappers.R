@@ -30,9 +30,9 @@ rs_hvg <- function(p, i, x, genes, cells, batch, levels, n_hvg, span, threads) {
 }
 
 rs_run_pca <- function(p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
-                       seed, threads) {
+                       max_genes_exact, seed, threads) {
   .Call(native("wrap__rs_run_pca"), p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
-        seed, threads)
+        max_genes_exact, seed, threads)
 }
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)

@@ -6,13 +6,17 @@
 #' centering and (by default) scaling each gene, then a truncated PCA by
 #' randomized SVD with power iterations.
 #'
-#' The randomized SVD iterates until the top `n_pcs` singular values change
+#' With up to `getOption("scdistill.pca_exact_max_genes", 3000)` selected
+#' genes and at least as many cells as genes, the PCA is exact: the covariance matrix is accumulated from the sparse
+#' data (products of co-occurring non-zeros only) and decomposed once. With
+#' more genes (or fewer cells), a randomized SVD iterates until the top
+#' `n_pcs` singular values change
 #' by less than `getOption("scdistill.pca_tol", 1e-7)` (relative), at most
 #' `getOption("scdistill.pca_max_iterations", 100)` times, with
 #' `getOption("scdistill.pca_oversamples", max(20, n_pcs))` extra directions.
-#' With these defaults the components agree with `prcomp()` to a correlation
-#' above 0.99999 on real data; a larger tolerance trades accuracy of the
-#' trailing components for speed on very large data.
+#' With these defaults both agree with `prcomp()` to a correlation above
+#' 0.99999 on real data; a larger tolerance trades accuracy of the trailing
+#' components for speed.
 #'
 #' @inheritParams highly_variable_genes
 #' @param n_pcs Number of principal components.
@@ -25,7 +29,7 @@
 #'   `name`; otherwise the cells × `n_pcs` matrix of scores. The scores carry
 #'   attributes `rotation` (loadings, highly variable genes × PCs), `sdev`,
 #'   `percentVar` (percentage of variance explained), `varExplained` and
-#'   `iterations` (power iterations done).
+#'   `iterations` (power iterations done; 0 for the exact method).
 #' @examples
 #' sce <- example_cellbench()
 #' sce <- run_pca(sce, n_pcs = 10, n_hvg = 1000, batch = "batch")
@@ -47,8 +51,11 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
   max_iter <- check_count(getOption("scdistill.pca_max_iterations", 100L),
                           "options(scdistill.pca_max_iterations)", min = 0)
   tol <- getOption("scdistill.pca_tol", 1e-7)
+  max_exact <- check_count(getOption("scdistill.pca_exact_max_genes", 3000L),
+                           "options(scdistill.pca_exact_max_genes)", min = 0)
   res <- rust(rs_run_pca(s$p, s$i, s$x, s$genes, s$cells, b$codes, b$levels, n_pcs, n_hvg, scale,
-                         oversamples, max_iter, as.numeric(tol), as.numeric(seed), resolve_threads(threads)))
+                         oversamples, max_iter, as.numeric(tol), max_exact, as.numeric(seed),
+                         resolve_threads(threads)))
   pcs <- paste0("PC", seq_len(n_pcs))
   scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(s$cells, pcs))
   attr(scores, "rotation") <- matrix(res$loadings, ncol = n_pcs,

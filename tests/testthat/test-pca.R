@@ -18,6 +18,21 @@ test_that("PCA matches prcomp and irlba on the HVGs of real data (CellBench)", {
   expect_gt(min(stats::cancor(pcs, ir$x)$cor), 0.9999)
 })
 
+test_that("the exact path (more cells than genes) matches prcomp too, and so does the randomized one", {
+  sim <- simulate_counts(n_cells = 1500, n_genes = 400, seed = 11, format = "list")
+  exact <- run_pca(sim$counts, n_pcs = 15, n_hvg = 300)
+  expect_identical(attr(exact, "iterations"), 0L)
+  x <- t(ref_log2_cpm(sim$counts)[rownames(attr(exact, "rotation")), ])
+  ref <- stats::prcomp(x, center = TRUE, scale. = TRUE, rank. = 15)
+  expect_equal(attr(exact, "sdev"), ref$sdev[1:15], tolerance = 1e-8)
+  expect_gt(min(abs(diag(stats::cor(exact, ref$x)))), 0.99999)
+  old <- options(scdistill.pca_exact_max_genes = 0)
+  on.exit(options(old))
+  randomized <- run_pca(sim$counts, n_pcs = 15, n_hvg = 300)
+  expect_gt(attr(randomized, "iterations"), 0L)
+  expect_gt(min(abs(diag(stats::cor(randomized, ref$x)))), 0.9999)
+})
+
 test_that("PCs separate the cell lines of the shipped example", {
   skip_if_not_installed("SingleCellExperiment")
   sce <- run_pca(example_cellbench(), n_pcs = 10, n_hvg = 1000, batch = "batch")

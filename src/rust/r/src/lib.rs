@@ -131,6 +131,7 @@ fn rs_run_pca(
     n_oversamples: i32,
     max_iter: i32,
     tol: f64,
+    max_genes_exact: i32,
     seed: f64,
     threads: i32,
 ) -> Result<List> {
@@ -143,6 +144,7 @@ fn rs_run_pca(
         max_iter: max_iter.max(0) as usize,
         tol,
         seed: seed as u64,
+        max_genes_exact: max_genes_exact.max(0) as usize,
     };
     let (h, r) = run(threads, |interrupted| {
         let h = prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), 0.3)?;

@@ -30,11 +30,22 @@ pub struct PcaParams {
     /// Stop when no top-`n_pcs` Ritz value changes by more than this, relatively (default 1e-7).
     pub tol: f64,
     pub seed: u64,
+    /// Use the exact Gram-matrix method up to this many genes (default 3,000);
+    /// randomized SVD beyond.
+    pub max_genes_exact: usize,
 }
 
 impl Default for PcaParams {
     fn default() -> Self {
-        PcaParams { n_pcs: 50, scale: true, n_oversamples: 20, max_iter: 100, tol: 1e-7, seed: 0 }
+        PcaParams {
+            n_pcs: 50,
+            scale: true,
+            n_oversamples: 20,
+            max_iter: 100,
+            tol: 1e-7,
+            seed: 0,
+            max_genes_exact: 3000,
+        }
     }
 }
 
@@ -49,7 +60,7 @@ pub struct PcaResult {
     pub variance_ratio: Vec<f64>,
     pub center: Vec<f64>,
     pub scale: Vec<f64>,
-    /// Power iterations done.
+    /// Power iterations done (0 for the exact method).
     pub n_iter: usize,
 }
 
@@ -70,6 +81,11 @@ pub fn pca(x: &Csr, params: &PcaParams, interrupted: &dyn Fn() -> bool) -> Resul
     faer::set_global_parallelism(faer::Par::Seq);
     let op = Centered::new(x, params.scale);
     let k = params.n_pcs;
+    // The exact method's p × p eigendecomposition only pays off with at least
+    // as many cells as genes.
+    if p <= params.max_genes_exact && n >= p {
+        return pca_exact(&op, k, interrupted);
+    }
     let l = (k + params.n_oversamples).min(n.min(p));
 
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
@@ -97,26 +113,14 @@ pub fn pca(x: &Csr, params: &PcaParams, interrupted: &dyn Fn() -> bool) -> Resul
     let (w, s) = (svd.U(), svd.S().column_vector());
 
     let mut loadings = Mat::<f64>::from_fn(p, k, |i, j| w[(i, j)]);
-    // Sign convention: the largest-magnitude loading of each component is positive.
-    for j in 0..k {
-        let (mut best, mut sign) = (0.0, 1.0);
-        for i in 0..p {
-            if loadings[(i, j)].abs() > best {
-                best = loadings[(i, j)].abs();
-                sign = loadings[(i, j)].signum();
-            }
-        }
-        for i in 0..p {
-            loadings[(i, j)] *= sign;
-        }
-    }
+    flip_signs(&mut loadings);
     // Scores = A·V, computed row by row (deterministic, and exact for the V found).
     let scores = op.apply(&loadings);
     let denom = (n - 1) as f64;
     let sdev: Vec<f64> = (0..k).map(|j| s[j] / denom.sqrt()).collect();
     let total = op.total_variance();
     let variance_ratio = sdev.iter().map(|sd| sd * sd / total).collect();
-    Ok(PcaResult { scores, loadings, sdev, variance_ratio, center: op.mean, scale: op.scale, n_iter })
+    Ok(PcaResult { scores, loadings, sdev, variance_ratio, center: op.mean.clone(), scale: op.scale.clone(), n_iter })
 }
 
 /// Top k singular values of a tall p × l matrix, from the eigenvalues of its
@@ -133,6 +137,102 @@ fn top_singular_values(m: &Mat<f64>, k: usize) -> Result<Vec<f64>> {
     s.sort_by(|a, b| b.total_cmp(a));
     s.truncate(k);
     Ok(s)
+}
+
+/// Exact PCA for a moderate number of genes: the covariance matrix of A from
+/// the sparse Gram matrix XᵀX (only products of co-occurring non-zeros,
+/// accumulated in fixed-order chunks), then one dense symmetric
+/// eigendecomposition. Cost Σ_cells nnz² plus O(p³), no iterations.
+fn pca_exact(op: &Centered, k: usize, interrupted: &dyn Fn() -> bool) -> Result<PcaResult> {
+    let (n, p) = (op.x.n_rows, op.x.n_cols);
+    let gram = sparse_gram(op.x, interrupted)?;
+    let denom = (n - 1) as f64;
+    let cov = Mat::<f64>::from_fn(p, p, |a, b| {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        (gram[lo * p + hi] - n as f64 * op.mean[a] * op.mean[b]) * op.scale[a] * op.scale[b] / denom
+    });
+    drop(gram);
+    let (mut loadings, values) = top_eigenpairs(&cov, k)?;
+    flip_signs(&mut loadings);
+    let scores = op.apply(&loadings);
+    let sdev: Vec<f64> = values.iter().map(|&v| v.max(0.0).sqrt()).collect();
+    let total = op.total_variance();
+    let variance_ratio = sdev.iter().map(|sd| sd * sd / total).collect();
+    Ok(PcaResult {
+        scores,
+        loadings,
+        sdev,
+        variance_ratio,
+        center: op.mean.clone(),
+        scale: op.scale.clone(),
+        n_iter: 0,
+    })
+}
+
+/// The k largest eigenpairs of a symmetric matrix, largest first.
+fn top_eigenpairs(c: &Mat<f64>, k: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+    let p = c.nrows();
+    let eig = c
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| Error::Linalg(format!("eigen-decomposition did not converge: {e:?}")))?;
+    let (u, s) = (eig.U(), eig.S().column_vector());
+    let top: Vec<usize> = (0..p).rev().take(k).collect(); // faer's order is ascending
+    Ok((Mat::<f64>::from_fn(p, k, |i, j| u[(i, top[j])]), top.iter().map(|&j| s[j]).collect()))
+}
+
+/// Upper triangle of XᵀX (row-major p × p). Chunks of rows are summed in
+/// their order, a fixed number at a time, so memory stays bounded and the
+/// result does not depend on the thread count.
+fn sparse_gram(x: &Csr, interrupted: &dyn Fn() -> bool) -> Result<Vec<f64>> {
+    const ROWS: usize = 2048;
+    const CHUNKS_AT_ONCE: usize = 8;
+    let p = x.n_cols;
+    let starts: Vec<usize> = (0..x.n_rows).step_by(ROWS).collect();
+    let mut total = vec![0.0f64; p * p];
+    for group in starts.chunks(CHUNKS_AT_ONCE) {
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let partials: Vec<Vec<f64>> = group
+            .par_iter()
+            .map(|&start| {
+                let mut g = vec![0.0f64; p * p];
+                let mut vals: Vec<f64> = Vec::new();
+                for r in start..(start + ROWS).min(x.n_rows) {
+                    let (idx, val) = x.row(r);
+                    vals.clear();
+                    vals.extend(val.iter().map(|&v| v as f64));
+                    for (a, (&ia, &va)) in idx.iter().zip(&vals).enumerate() {
+                        let row = &mut g[ia as usize * p..(ia as usize + 1) * p];
+                        for (&ib, &vb) in idx[a..].iter().zip(&vals[a..]) {
+                            row[ib as usize] += va * vb;
+                        }
+                    }
+                }
+                g
+            })
+            .collect();
+        for g in partials {
+            total.iter_mut().zip(g).for_each(|(t, v)| *t += v);
+        }
+    }
+    Ok(total)
+}
+
+/// Sign convention: the largest-magnitude loading of each component is positive.
+fn flip_signs(loadings: &mut Mat<f64>) {
+    for j in 0..loadings.ncols() {
+        let (mut best, mut sign) = (0.0, 1.0);
+        for i in 0..loadings.nrows() {
+            if loadings[(i, j)].abs() > best {
+                best = loadings[(i, j)].abs();
+                sign = loadings[(i, j)].signum();
+            }
+        }
+        for i in 0..loadings.nrows() {
+            loadings[(i, j)] *= sign;
+        }
+    }
 }
 
 fn orthonormal(m: &Mat<f64>) -> Mat<f64> {
@@ -256,29 +356,33 @@ mod tests {
     fn matches_the_exact_svd() {
         let x = random_low_rank(300, 40, 3);
         let (s_exact, a) = dense_reference(&x);
-        let r = pca(&x, &PcaParams { n_pcs: 5, ..Default::default() }, &|| false).unwrap();
-        for j in 0..5 {
-            let sd_exact = s_exact[j] / (299f64).sqrt();
-            assert!((r.sdev[j] - sd_exact).abs() / sd_exact < 1e-6, "pc{j}: {} vs {sd_exact}", r.sdev[j]);
-        }
-        // scores = A · loadings
-        let want = &a * &r.loadings;
-        for i in 0..300 {
+        for max_genes_exact in [0, 1000] {
+            let r = pca(&x, &PcaParams { n_pcs: 5, max_genes_exact, ..Default::default() }, &|| false).unwrap();
             for j in 0..5 {
-                assert!((want[(i, j)] - r.scores[(i, j)]).abs() < 1e-6);
+                let sd_exact = s_exact[j] / (299f64).sqrt();
+                assert!((r.sdev[j] - sd_exact).abs() / sd_exact < 1e-6, "pc{j}: {} vs {sd_exact}", r.sdev[j]);
             }
+            // scores = A · loadings
+            let want = &a * &r.loadings;
+            for i in 0..300 {
+                for j in 0..5 {
+                    assert!((want[(i, j)] - r.scores[(i, j)]).abs() < 1e-6);
+                }
+            }
+            let total: f64 = r.variance_ratio.iter().sum();
+            assert!(total > 0.0 && total <= 1.0 + 1e-9);
         }
-        let total: f64 = r.variance_ratio.iter().sum();
-        assert!(total > 0.0 && total <= 1.0 + 1e-9);
     }
 
     #[test]
     fn same_seed_same_result() {
         let x = random_low_rank(200, 30, 4);
-        let p = PcaParams { n_pcs: 4, seed: 11, ..Default::default() };
-        let a = pca(&x, &p, &|| false).unwrap();
-        let b = pca(&x, &p, &|| false).unwrap();
-        assert_eq!(a.scores, b.scores);
+        for max_genes_exact in [0, 1000] {
+            let p = PcaParams { n_pcs: 4, seed: 11, max_genes_exact, ..Default::default() };
+            let a = crate::device::with_threads(1, || pca(&x, &p, &|| false).unwrap()).unwrap();
+            let b = crate::device::with_threads(2, || pca(&x, &p, &|| false).unwrap()).unwrap();
+            assert_eq!(a.scores, b.scores);
+        }
     }
 
     #[test]
@@ -286,7 +390,9 @@ mod tests {
         let x = random_low_rank(50, 10, 5);
         let e = pca(&x, &PcaParams { n_pcs: 10, ..Default::default() }, &|| false).unwrap_err();
         assert!(e.to_string().contains("n_pcs"), "{e}");
-        let e = pca(&x, &PcaParams { n_pcs: 3, ..Default::default() }, &|| true).unwrap_err();
-        assert!(matches!(e, Error::Interrupted));
+        for max_genes_exact in [0, 1000] {
+            let e = pca(&x, &PcaParams { n_pcs: 3, max_genes_exact, ..Default::default() }, &|| true).unwrap_err();
+            assert!(matches!(e, Error::Interrupted));
+        }
     }
 }
