@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod likelihood;
 pub mod metrics;
+pub mod numeric;
 pub mod prep;
 pub mod simulate;
 

@@ -61,25 +61,11 @@ fn neighbour_probabilities(d: &[f64], perplexity: f64) -> Vec<f64> {
     p
 }
 
-/// Median of the finite values (NaN when there are none).
-pub fn nan_median(v: &[f64]) -> f64 {
-    let mut f: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
-    if f.is_empty() {
-        return f64::NAN;
-    }
-    f.sort_by(f64::total_cmp);
-    let m = f.len() / 2;
-    if f.len() % 2 == 1 {
-        f[m]
-    } else {
-        (f[m - 1] + f[m]) / 2.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::knn::{knn, Embedding};
+    use crate::numeric::nan_median;
 
     #[test]
     fn perfectly_mixed_and_perfectly_separated_neighbourhoods() {

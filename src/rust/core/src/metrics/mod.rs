@@ -18,7 +18,9 @@ pub use cluster::{ari, kmeans, nmi, silhouette_samples};
 pub use graph::graph_connectivity;
 pub use kbet::kbet_per_label;
 pub use knn::{knn, Embedding, Knn};
-pub use lisi::{lisi, nan_median};
+pub use lisi::lisi;
+
+use crate::numeric::nan_median;
 
 use crate::error::{check_param, Result};
 

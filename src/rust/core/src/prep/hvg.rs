@@ -10,6 +10,7 @@ use super::loess::loess_quadratic;
 use super::normalize::{column_mean_var, column_sums};
 use crate::data::{Categorical, CountMatrix};
 use crate::error::{check_param, Result};
+use crate::numeric::nan_median;
 
 /// Per-gene statistics and the selection.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub fn highly_variable_genes(
             n_batches[g] += 1;
         }
     }
-    let rank: Vec<f64> = rank_lists.iter_mut().map(|r| median(r)).collect();
+    let rank: Vec<f64> = rank_lists.iter().map(|r| nan_median(r)).collect();
     let variance_norm: Vec<f64> =
         (0..n_genes).map(|g| norm_vars.iter().map(|nv| nv[g]).sum::<f64>() / norm_vars.len() as f64).collect();
 
@@ -100,19 +101,6 @@ fn standardized_variance(counts: &CountMatrix, cells: &[usize], span: f64) -> Ve
             (n * m * m + s2 - 2.0 * s * m) / ((n - 1.0) * reg_sd[j] * reg_sd[j])
         })
         .collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 #[cfg(test)]
