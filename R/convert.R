@@ -155,7 +155,7 @@ new_counts <- function(m, batch, cell_data, checked = FALSE) {
     stop("`x` has no row names: every gene needs a name (set rownames(x))", call. = FALSE)
   }
   if (is.null(colnames(m))) colnames(m) <- paste0("cell_", seq_len(ncol(m)))
-  if (!checked) rust(rs_validate_counts(m@p, m@i, m@x, rownames(m), colnames(m)))
+  if (!checked) rust(rs_validate_counts(list(p = m@p, i = m@i, x = m@x, genes = rownames(m), cells = colnames(m))))
   structure(
     list(counts = m,
          cell_data = cell_data %||% data.frame(row.names = colnames(m)),

@@ -21,17 +21,17 @@ native <- function(name) {
   if (!is.null(native_env$dll)) library.dynam.unload("scdistill", libpath)
 }
 
-rs_validate_counts <- function(p, i, x, genes, cells) .Call(native("wrap__rs_validate_counts"), p, i, x, genes, cells)
+rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
-rs_log2_cpm <- function(p, i, x, genes, cells, threads) .Call(native("wrap__rs_log2_cpm"), p, i, x, genes, cells, threads)
+rs_log2_cpm <- function(counts, threads) .Call(native("wrap__rs_log2_cpm"), counts, threads)
 
-rs_hvg <- function(p, i, x, genes, cells, batch, levels, n_hvg, span, threads) {
-  .Call(native("wrap__rs_hvg"), p, i, x, genes, cells, batch, levels, n_hvg, span, threads)
+rs_hvg <- function(counts, batch, levels, n_hvg, span, threads) {
+  .Call(native("wrap__rs_hvg"), counts, batch, levels, n_hvg, span, threads)
 }
 
-rs_run_pca <- function(p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
+rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
                        max_genes_exact, seed, threads) {
-  .Call(native("wrap__rs_run_pca"), p, i, x, genes, cells, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
+  .Call(native("wrap__rs_run_pca"), counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
         max_genes_exact, seed, threads)
 }
 
@@ -41,7 +41,7 @@ rs_integration_metrics <- function(x, n, d, batch, label, pre, pre_d, seed, thre
   .Call(native("wrap__rs_integration_metrics"), x, n, d, batch, label, pre, pre_d, seed, threads)
 }
 
-rs_dense_cells <- function(p, i, x, genes, cells, rows) .Call(native("wrap__rs_dense_cells"), p, i, x, genes, cells, rows)
+rs_dense_cells <- function(counts, rows) .Call(native("wrap__rs_dense_cells"), counts, rows)
 
 rs_torch_config <- function(device, threads) .Call(native("wrap__rs_torch_config"), device, threads)
 

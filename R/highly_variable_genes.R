@@ -27,7 +27,7 @@ highly_variable_genes <- function(x, n_hvg = 2000, batch = NULL, span = 0.3, thr
   cnt <- as_counts(x, batch = batch, ...)
   s <- slots(cnt)
   b <- batch_args(cnt$batch)
-  h <- rust(rs_hvg(s$p, s$i, s$x, s$genes, s$cells, b$codes, b$levels, n_hvg, span, resolve_threads(threads)))
+  h <- rust(rs_hvg(s, b$codes, b$levels, n_hvg, span, resolve_threads(threads)))
   hvg_frame(h, s$genes)
 }
 

@@ -53,7 +53,7 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
   tol <- getOption("scdistill.pca_tol", 1e-7)
   max_exact <- check_count(getOption("scdistill.pca_exact_max_genes", 3000L),
                            "options(scdistill.pca_exact_max_genes)", min = 0)
-  res <- rust(rs_run_pca(s$p, s$i, s$x, s$genes, s$cells, b$codes, b$levels, n_pcs, n_hvg, scale,
+  res <- rust(rs_run_pca(s, b$codes, b$levels, n_pcs, n_hvg, scale,
                          oversamples, max_iter, as.numeric(tol), max_exact, as.numeric(seed),
                          resolve_threads(threads)))
   pcs <- paste0("PC", seq_len(n_pcs))

@@ -24,7 +24,7 @@ rust <- function(expr) {
   })
 }
 
-# The dgCMatrix slots the Rust routines take.
+# The counts as the Rust routines take them: a dgCMatrix's slots and dimnames.
 slots <- function(cnt) {
   m <- cnt$counts
   list(p = m@p, i = m@i, x = m@x, genes = rownames(m), cells = colnames(m))

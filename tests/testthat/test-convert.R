@@ -90,10 +90,10 @@ test_that("batch problems are named", {
 test_that("the core re-checks what R passes (never trust one side)", {
   d <- toy_dgc()
   x <- d@x; x[1] <- -3
-  expect_error(scdistill:::rs_validate_counts(d@p, d@i, x, rownames(d), colnames(d)), "negative")
+  expect_error(scdistill:::rs_validate_counts(list(p = d@p, i = d@i, x = x, genes = rownames(d), cells = colnames(d))), "negative")
   p <- d@p; p[3] <- p[3] + 1000L
-  expect_error(scdistill:::rs_validate_counts(p, d@i, d@x, rownames(d), colnames(d)), "malformed sparse matrix")
-  expect_error(scdistill:::rs_hvg(d@p, d@i, d@x, rownames(d), colnames(d), c(rep(1L, 11), 2L), c("a", "b"),
+  expect_error(scdistill:::rs_validate_counts(list(p = p, i = d@i, x = d@x, genes = rownames(d), cells = colnames(d))), "malformed sparse matrix")
+  expect_error(scdistill:::rs_hvg(scdistill:::slots(as_counts(d)), c(rep(1L, 11), 2L), c("a", "b"),
                                   10L, 0.3, 1L),
                "fewer than 2 cells \\(first: 'b'\\)")
 })
@@ -101,9 +101,9 @@ test_that("the core re-checks what R passes (never trust one side)", {
 test_that("minibatches cut from CSR into tensors equal the matrix columns", {
   d <- toy_dgc()
   rows <- c(5L, 1L, 12L, 5L)
-  dense <- scdistill:::rs_dense_cells(d@p, d@i, d@x, rownames(d), colnames(d), rows)
+  dense <- scdistill:::rs_dense_cells(scdistill:::slots(as_counts(d)), rows)
   expect_identical(matrix(dense, ncol = length(rows)), unname(as.matrix(d[, rows])))
-  expect_error(scdistill:::rs_dense_cells(d@p, d@i, d@x, rownames(d), colnames(d), 13L), "out of range")
+  expect_error(scdistill:::rs_dense_cells(scdistill:::slots(as_counts(d)), 13L), "out of range")
 })
 
 test_that("write_back puts reductions where SCE and Seurat users look, and checks cells", {

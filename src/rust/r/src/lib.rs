@@ -24,15 +24,24 @@ fn strings(x: &Robj, what: &str) -> Result<Vec<String>> {
         .ok_or_else(|| fail(format!("internal: `{what}` must be a character vector")))
 }
 
-/// The validated count matrix from the slots of a genes × cells dgCMatrix.
-fn counts_from_r(p: &Robj, i: &Robj, x: &Robj, genes: &Robj, cells: &Robj) -> Result<CountMatrix> {
+/// The validated count matrix from `list(p, i, x, genes, cells)`: the slots
+/// and dimnames of a genes × cells dgCMatrix (R's `slots()`).
+fn counts_from_r(counts: &List) -> Result<CountMatrix> {
+    let get = |name: &str| -> Result<Robj> {
+        counts
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| fail(format!("internal: the counts list has no `{name}`")))
+    };
+    let (p, i, x, genes, cells) = (get("p")?, get("i")?, get("x")?, get("genes")?, get("cells")?);
     let xs = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be a double vector"))?;
     CountMatrix::from_csc_genes_by_cells(
-        int_slice(p, "p")?,
-        int_slice(i, "i")?,
+        int_slice(&p, "p")?,
+        int_slice(&i, "i")?,
         xs,
-        strings(genes, "genes")?,
-        strings(cells, "cells")?,
+        strings(&genes, "genes")?,
+        strings(&cells, "cells")?,
     )
     .map_err(fail)
 }
@@ -61,16 +70,16 @@ fn run<T: Send>(threads: i32, work: impl FnOnce(&dyn Fn() -> bool) -> scdistill_
 /// Validates counts; returns c(n_genes, n_cells, nnz).
 /// @noRd
 #[extendr]
-fn rs_validate_counts(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj) -> Result<Vec<f64>> {
-    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+fn rs_validate_counts(counts: List) -> Result<Vec<f64>> {
+    let m = counts_from_r(&counts)?;
     Ok(vec![m.n_genes() as f64, m.n_cells() as f64, m.csr.nnz() as f64])
 }
 
 /// log2(CPM + 1) as the slots of a genes × cells dgCMatrix: list(p, i, x).
 /// @noRd
 #[extendr]
-fn rs_log2_cpm(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, threads: i32) -> Result<List> {
-    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+fn rs_log2_cpm(counts: List, threads: i32) -> Result<List> {
+    let m = counts_from_r(&counts)?;
     let l = run(threads, |_| Ok(prep::log2_cpm(&m)))?;
     let p: Vec<i32> = l.indptr.iter().map(|&v| v as i32).collect();
     let i: Vec<i32> = l.indices.iter().map(|&v| v as i32).collect();
@@ -94,20 +103,8 @@ fn hvg_list(h: &prep::HvgResult) -> List {
 /// seurat_v3 highly variable genes on raw counts.
 /// @noRd
 #[extendr]
-#[allow(clippy::too_many_arguments)]
-fn rs_hvg(
-    p: Robj,
-    i: Robj,
-    x: Robj,
-    genes: Robj,
-    cells: Robj,
-    batch: Robj,
-    levels: Robj,
-    n_hvg: i32,
-    span: f64,
-    threads: i32,
-) -> Result<List> {
-    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+fn rs_hvg(counts: List, batch: Robj, levels: Robj, n_hvg: i32, span: f64, threads: i32) -> Result<List> {
+    let m = counts_from_r(&counts)?;
     let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
     let h = run(threads, |_| prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), span))?;
     Ok(hvg_list(&h))
@@ -118,11 +115,7 @@ fn rs_hvg(
 #[extendr]
 #[allow(clippy::too_many_arguments)]
 fn rs_run_pca(
-    p: Robj,
-    i: Robj,
-    x: Robj,
-    genes: Robj,
-    cells: Robj,
+    counts: List,
     batch: Robj,
     levels: Robj,
     n_pcs: i32,
@@ -135,7 +128,7 @@ fn rs_run_pca(
     seed: f64,
     threads: i32,
 ) -> Result<List> {
-    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+    let m = counts_from_r(&counts)?;
     let b = categorical_from_r("batch", &batch, &levels, m.n_cells())?;
     let params = prep::PcaParams {
         n_pcs: n_pcs.max(0) as usize,
@@ -355,8 +348,8 @@ fn rs_integration_metrics(
 /// Cells `rows` (1-based) densified through a libtorch tensor, genes × cells, column-major.
 /// @noRd
 #[extendr]
-fn rs_dense_cells(p: Robj, i: Robj, x: Robj, genes: Robj, cells: Robj, rows: Robj) -> Result<Vec<f64>> {
-    let m = counts_from_r(&p, &i, &x, &genes, &cells)?;
+fn rs_dense_cells(counts: List, rows: Robj) -> Result<Vec<f64>> {
+    let m = counts_from_r(&counts)?;
     let rows: Vec<usize> = int_slice(&rows, "rows")?
         .iter()
         .map(|&r| {
