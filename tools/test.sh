@@ -19,6 +19,7 @@ export LIBTORCH
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/scdistill-test.XXXXXX")
 
 step "Rust core: cargo test --release"
+sh tools/claim_cargo_cache.sh src/rust "$SCDISTILL_CARGO_TARGET_DIR"
 (cd src/rust && CARGO_TARGET_DIR="$SCDISTILL_CARGO_TARGET_DIR" cargo test --release --workspace 2>&1) | tee "$WORK/cargo.log"
 cargo_rc=${PIPESTATUS[0]}
 rust_pass=$(grep -E '^test result' "$WORK/cargo.log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
