@@ -20,12 +20,7 @@ log2_cpm <- function(x, ...) UseMethod("log2_cpm")
 log2_cpm.default <- function(x, threads = NULL, ...) {
   cnt <- as_counts(x, ...)
   s <- slots(cnt)
-  out <- rust(rs_log2_cpm(s, resolve_threads(threads)))
-  m <- cnt$counts
-  m@p <- out$p
-  m@i <- out$i
-  m@x <- out$x
-  m
+  csr_to_dgc(rust(rs_log2_cpm(s, resolve_threads(threads))), s$genes, s$cells)
 }
 
 #' @rdname log2_cpm

@@ -125,8 +125,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
 }
 
 simulation_result <- function(res, params, format) {
-  counts <- new("dgCMatrix", i = res$i, p = res$p, x = res$x,
-                Dim = c(length(res$genes), length(res$cells)), Dimnames = list(res$genes, res$cells))
+  counts <- csr_to_dgc(res$counts, res$genes, res$cells)
   as_factor <- function(f) if (is.null(f)) NULL else droplevels(factor(f$levels[f$codes], levels = f$levels))
   cell_data <- data.frame(cell_type = as_factor(res$group), batch = as_factor(res$batch),
                           library_size = res$library_size, row.names = res$cells)
@@ -150,8 +149,7 @@ simulation_result <- function(res, params, format) {
   atac <- peak_data <- NULL
   if (!is.null(res$atac)) {
     a <- res$atac
-    atac <- new("dgCMatrix", i = a$i, p = a$p, x = a$x, Dim = c(length(a$peaks), length(res$cells)),
-                Dimnames = list(a$peaks, res$cells))
+    atac <- csr_to_dgc(a$counts, a$peaks, res$cells)
     linked <- a$linked_gene
     peak_data <- data.frame(linked_gene = ifelse(linked > 0, res$genes[pmax(linked, 1)], NA_character_),
                             row.names = a$peaks)

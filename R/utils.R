@@ -30,6 +30,12 @@ slots <- function(cnt) {
   list(p = m@p, i = m@i, x = m@x, genes = rownames(m), cells = colnames(m))
 }
 
+# A cells-as-rows CSR from Rust, list(p, i, x), as a features x cells dgCMatrix.
+csr_to_dgc <- function(csr, features, cells) {
+  new("dgCMatrix", i = csr$i, p = csr$p, x = csr$x, Dim = c(length(features), length(cells)),
+      Dimnames = list(features, cells))
+}
+
 # Batch codes (1-based) and levels for Rust, NULLs when there is no batch.
 batch_args <- function(batch) {
   if (is.null(batch)) return(list(codes = NULL, levels = NULL))

@@ -79,14 +79,19 @@ pub fn set_threads(threads: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` with libtorch and rayon both limited to `threads` threads.
-pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+/// Sets libtorch's thread count and returns a rayon pool of the same size,
+/// in which the core's parallel loops run.
+pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
     set_threads(threads)?;
-    let pool = rayon::ThreadPoolBuilder::new()
+    rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
-        .map_err(|e| Error::InvalidParameter { name: "threads", reason: e.to_string() })?;
-    Ok(pool.install(f))
+        .map_err(|e| Error::InvalidParameter { name: "threads", reason: e.to_string() })
+}
+
+/// Runs `f` with libtorch and rayon both limited to `threads` threads.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    Ok(thread_pool(threads)?.install(f))
 }
 
 /// Seeds libtorch (CPU and CUDA generators).

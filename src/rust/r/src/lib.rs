@@ -3,7 +3,7 @@
 
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::{Categorical, CountMatrix};
+use scdistill_core::data::{Categorical, CountMatrix, Csr};
 use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams};
 use scdistill_core::{device, metrics, prep};
 
@@ -81,10 +81,17 @@ fn rs_validate_counts(counts: List) -> Result<Vec<f64>> {
 fn rs_log2_cpm(counts: List, threads: i32) -> Result<List> {
     let m = counts_from_r(&counts)?;
     let l = run(threads, |_| Ok(prep::log2_cpm(&m)))?;
-    let p: Vec<i32> = l.indptr.iter().map(|&v| v as i32).collect();
-    let i: Vec<i32> = l.indices.iter().map(|&v| v as i32).collect();
-    let x: Vec<f64> = l.values.iter().map(|&v| v as f64).collect();
-    Ok(list!(p = p, i = i, x = x))
+    Ok(csr_to_r(l))
+}
+
+/// A CSR matrix as `list(p, i, x)`: with cells as rows, the slots of a
+/// genes × cells dgCMatrix. Written straight into R vectors, each Rust buffer
+/// freed once copied: the data can be several GB.
+fn csr_to_r(mut csr: Csr) -> List {
+    let p = Integers::from_values(std::mem::take(&mut csr.indptr).into_iter().map(|v| v as i32));
+    let i = Integers::from_values(std::mem::take(&mut csr.indices).into_iter().map(|v| v as i32));
+    let x = Doubles::from_values(std::mem::take(&mut csr.values).into_iter().map(f64::from));
+    list!(p = p, i = i, x = x)
 }
 
 fn hvg_list(h: &prep::HvgResult) -> List {
@@ -246,17 +253,10 @@ fn flatten(rows: &[Vec<f64>]) -> Vec<f64> {
 fn rs_simulate(params: List, threads: i32) -> Result<List> {
     let p = sim_params_from_r(&params)?;
     let mut s = run(threads, |_| simulate::simulate(&p))?;
-    // Straight into R vectors, freeing each Rust buffer once copied: the data
-    // can be several GB.
-    let csr = &mut s.counts.csr;
-    let indptr = Integers::from_values(std::mem::take(&mut csr.indptr).into_iter().map(|v| v as i32));
-    let indices = Integers::from_values(std::mem::take(&mut csr.indices).into_iter().map(|v| v as i32));
-    let values = Doubles::from_values(std::mem::take(&mut csr.values).into_iter().map(f64::from));
+    let counts = csr_to_r(std::mem::take(&mut s.counts.csr));
     let atac: Robj = match s.atac.take() {
         Some(a) => list!(
-            p = a.counts.indptr.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            i = a.counts.indices.iter().map(|&v| v as i32).collect::<Vec<_>>(),
-            x = a.counts.values.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            counts = csr_to_r(a.counts),
             peaks = a.peaks,
             linked_gene = a.linked_gene.iter().map(|g| g.map_or(0, |g| g as i32 + 1)).collect::<Vec<_>>(),
             group_factor = flatten(&a.group_factor)
@@ -266,9 +266,7 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
     };
     Ok(list!(
         atac = atac,
-        p = indptr,
-        i = indices,
-        x = values,
+        counts = counts,
         genes = s.counts.genes.clone(),
         cells = s.counts.cells.clone(),
         group = factor_list(&Some(s.group.clone())),

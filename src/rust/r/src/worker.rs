@@ -28,8 +28,7 @@ pub fn r_interrupt_pending() -> bool {
 /// Runs `work(interrupted)` with `threads` threads (libtorch and rayon) on a
 /// worker thread; `interrupted()` turns true once the user presses Ctrl-C.
 pub fn run<R: Send>(threads: usize, work: impl FnOnce(&dyn Fn() -> bool) -> R + Send) -> Result<R, String> {
-    scdistill_core::device::set_threads(threads).map_err(|e| e.to_string())?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| e.to_string())?;
+    let pool = scdistill_core::device::thread_pool(threads).map_err(|e| e.to_string())?;
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let handle = s.spawn(|| pool.install(|| work(&|| stop.load(Ordering::Relaxed))));

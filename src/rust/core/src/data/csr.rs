@@ -6,7 +6,7 @@ use rayon::prelude::*;
 ///
 /// `indptr[r]..indptr[r + 1]` are the entries of row `r`; column indices are
 /// strictly increasing within a row.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Csr {
     pub n_rows: usize,
     pub n_cols: usize,
