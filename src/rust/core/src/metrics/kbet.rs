@@ -9,6 +9,7 @@
 //! so values are close to, not identical with, scib-metrics'.
 
 use super::knn::{knn, Embedding};
+use super::recode;
 use statrs::function::gamma::gamma_ur;
 
 const ALPHA: f64 = 0.05;
@@ -18,17 +19,14 @@ pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
     let mut scores = Vec::new();
     for l in 0..n_labels as u32 {
         let cells: Vec<usize> = (0..x.n).filter(|&i| labels[i] == l).collect();
-        let mut levels: Vec<u32> = cells.iter().map(|&i| batch[i]).collect();
-        levels.sort_unstable();
-        levels.dedup();
-        if cells.len() < 10 || levels.len() < 2 {
+        let (codes, n_batches) = recode(&cells.iter().map(|&i| batch[i]).collect::<Vec<_>>());
+        if cells.len() < 10 || n_batches < 2 {
             continue;
         }
-        let codes: Vec<usize> = cells.iter().map(|&i| levels.binary_search(&batch[i]).unwrap_or(0)).collect();
-        let k0 = ((cells.len() as f64 / levels.len() as f64 / 4.0).floor() as usize).clamp(10, 70).min(cells.len() - 1);
+        let k0 = ((cells.len() as f64 / n_batches as f64 / 4.0).floor() as usize).clamp(10, 70).min(cells.len() - 1);
         let values: Vec<f64> = cells.iter().flat_map(|&i| x.row(i).to_vec()).collect();
         let Ok(g) = knn(&Embedding { values: &values, n: cells.len(), d: x.d }, k0) else { continue };
-        scores.push(acceptance(&g.indices, k0, &codes, levels.len()));
+        scores.push(acceptance(&g.indices, k0, &codes, n_batches));
     }
     if scores.is_empty() {
         f64::NAN
@@ -38,19 +36,19 @@ pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
 }
 
 /// Share of cells whose neighbourhood (self + `k` neighbours) passes the χ² test.
-fn acceptance(neighbours: &[u32], k: usize, codes: &[usize], n_batches: usize) -> f64 {
+fn acceptance(neighbours: &[u32], k: usize, codes: &[u32], n_batches: usize) -> f64 {
     let n = codes.len();
     let mut share = vec![0.0; n_batches];
     for &c in codes {
-        share[c] += 1.0 / n as f64;
+        share[c as usize] += 1.0 / n as f64;
     }
     let dof = (n_batches - 1) as f64;
     let accepted = (0..n)
         .filter(|&i| {
             let mut observed = vec![0.0; n_batches];
-            observed[codes[i]] += 1.0;
+            observed[codes[i] as usize] += 1.0;
             for &j in &neighbours[i * k..(i + 1) * k] {
-                observed[codes[j as usize]] += 1.0;
+                observed[codes[j as usize] as usize] += 1.0;
             }
             let size = (k + 1) as f64;
             let stat: f64 = observed.iter().zip(&share).map(|(o, s)| (o - s * size).powi(2) / (s * size)).sum();
@@ -74,7 +72,7 @@ mod tests {
         assert!((acceptance(&nb, 1, &codes, 2) - 1.0).abs() < 1e-12);
         // With 9 neighbours all of its own batch among 20 cells (10 per batch):
         // observed (10, 0) vs (5, 5): χ² = 10, p = 0.0016 → rejected.
-        let codes: Vec<usize> = (0..20).map(|i| i / 10).collect();
+        let codes: Vec<u32> = (0..20).map(|i| i / 10).collect();
         let nb: Vec<u32> = (0..20u32).flat_map(|i| (0..20u32).filter(move |&j| j != i && j / 10 == i / 10)).collect();
         assert_eq!(acceptance(&nb, 9, &codes, 2), 0.0);
     }

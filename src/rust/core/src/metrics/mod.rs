@@ -53,6 +53,16 @@ fn n_levels(codes: &[u32]) -> usize {
     seen.len()
 }
 
+/// Codes renumbered 0..levels in sorted order of the values present, and the
+/// number of levels.
+pub(crate) fn recode(codes: &[u32]) -> (Vec<u32>, usize) {
+    let mut levels = codes.to_vec();
+    levels.sort_unstable();
+    levels.dedup();
+    let recoded = codes.iter().map(|c| levels.binary_search(c).unwrap_or(0) as u32).collect();
+    (recoded, levels.len())
+}
+
 fn mean_finite(v: &[f64]) -> f64 {
     let f: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if f.is_empty() {
@@ -158,19 +168,12 @@ fn batch_silhouette(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
     for l in 0..n_labels as u32 {
         let cells: Vec<usize> = (0..x.n).filter(|&i| labels[i] == l).collect();
         let b: Vec<u32> = cells.iter().map(|&i| batch[i]).collect();
-        let nb = n_levels(&b);
+        let (codes, nb) = recode(&b);
         if cells.is_empty() || nb == 1 || nb == cells.len() {
             continue;
         }
         let values: Vec<f64> = cells.iter().flat_map(|&i| x.row(i).to_vec()).collect();
         let sub = Embedding { values: &values, n: cells.len(), d: x.d };
-        let mut codes = b.clone();
-        let mut levels = b.clone();
-        levels.sort_unstable();
-        levels.dedup();
-        for c in codes.iter_mut() {
-            *c = levels.binary_search(c).unwrap_or(0) as u32;
-        }
         let s = silhouette_samples(&sub, &codes);
         scores.push(s.iter().map(|v| 1.0 - v.abs()).sum::<f64>() / s.len() as f64);
     }
