@@ -135,19 +135,7 @@ pub(super) fn simulate_atac(
     }
     let batch_effect = LogNormal::new(p.batch_fac_loc, p.batch_fac_scale).expect("validated");
     let batch_factor: Vec<Vec<f64>> = (0..p.n_batches())
-        .map(|_| {
-            (0..a.n_peaks)
-                .map(|_| {
-                    let f = batch_effect.sample(&mut rng);
-                    let up = if f < 1.0 { 1.0 / f } else { f };
-                    if rng.random::<f64>() < 0.5 {
-                        1.0 / up
-                    } else {
-                        up
-                    }
-                })
-                .collect()
-        })
+        .map(|_| (0..a.n_peaks).map(|_| super::lognormal_factor(&mut rng, &batch_effect, 0.5)).collect())
         .collect();
     let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..group.len())
         .into_par_iter()

@@ -61,23 +61,10 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
 
     let gene_mean = gene_means(p, &mut rng);
     let lnorm = |loc: f64, scale: f64| LogNormal::new(loc, scale).expect("validated scale");
-    // Splatter's getLNormFactors: a selected gene gets f ~ LogNormal(loc, scale),
-    // oriented so that increases are >= 1 and decreases (probability `down`) <= 1.
+    // Splatter's getLNormFactors: a selected gene gets an oriented log-normal factor.
     let factors = |rng: &mut ChaCha8Rng, prob: f64, down: f64, loc: f64, scale: f64| -> Vec<f64> {
         (0..n_genes)
-            .map(|_| {
-                if rng.random::<f64>() < prob {
-                    let f = lnorm(loc, scale).sample(rng);
-                    let up = if f < 1.0 { 1.0 / f } else { f };
-                    if rng.random::<f64>() < down {
-                        1.0 / up
-                    } else {
-                        up
-                    }
-                } else {
-                    1.0
-                }
-            })
+            .map(|_| if rng.random::<f64>() < prob { lognormal_factor(rng, &lnorm(loc, scale), down) } else { 1.0 })
             .collect()
     };
     let mut group_factor: Vec<Vec<f64>> =
@@ -201,6 +188,18 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
         true_lfc,
         atac,
     })
+}
+
+/// f ~ LogNormal(loc, scale) oriented so that increases are >= 1, inverted
+/// (a decrease, <= 1) with probability `down` (Splatter's getLNormFactors).
+fn lognormal_factor(rng: &mut ChaCha8Rng, dist: &LogNormal<f64>, down: f64) -> f64 {
+    let f = dist.sample(rng);
+    let up = if f < 1.0 { 1.0 / f } else { f };
+    if rng.random::<f64>() < down {
+        1.0 / up
+    } else {
+        up
+    }
 }
 
 /// Log-normal location and scale of age effects (smaller than condition effects).
