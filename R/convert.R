@@ -164,31 +164,10 @@ new_counts <- function(m, batch, cell_data, checked = FALSE) {
 }
 
 # A batch given as a column name or a vector, as a factor without unused
-# levels; NULL stays NULL.
+# levels; NULL stays NULL. Every level needs two cells.
 resolve_batch <- function(batch, cell_data, cells, arg = "batch") {
   if (is.null(batch)) return(NULL)
-  n <- length(cells)
-  if (is.character(batch) && length(batch) == 1 && n != 1) {
-    if (is.null(cell_data) || ncol(cell_data) == 0) {
-      stop("`", arg, "` = '", batch, "' names a column, but `x` has no cell metadata; ",
-           "pass a vector with one value per cell", call. = FALSE)
-    }
-    if (!batch %in% colnames(cell_data)) {
-      cols <- colnames(cell_data)
-      stop("`", arg, "` = '", batch, "' is not a column of the cell metadata; available: ",
-           paste(utils_head(cols, 10), collapse = ", "), call. = FALSE)
-    }
-    batch <- cell_data[[batch]]
-  }
-  if (length(batch) != n) {
-    stop("`", arg, "` has ", length(batch), " values but `x` has ", n, " cells", call. = FALSE)
-  }
-  if (anyNA(batch)) {
-    stop("`", arg, "` has ", sum(is.na(batch)), " missing value(s) (first in cell '",
-         cells[which(is.na(batch))[1]], "'); give them a level or drop those cells",
-         call. = FALSE)
-  }
-  batch <- droplevels(as.factor(batch))
+  batch <- resolve_cell_factor(batch, cell_data, cells, arg)
   sizes <- table(batch)
   if (any(sizes < 2)) {
     lone <- names(sizes)[sizes < 2]
@@ -196,6 +175,32 @@ resolve_batch <- function(batch, cell_data, cells, arg = "batch") {
          "; merge them with another level or drop those cells", call. = FALSE)
   }
   batch
+}
+
+# A per-cell factor given as a column name of `cell_data` or as one value per
+# cell, without NA and without unused levels.
+resolve_cell_factor <- function(values, cell_data, cells, arg) {
+  n <- length(cells)
+  if (is.character(values) && length(values) == 1 && n != 1) {
+    if (is.null(cell_data) || ncol(cell_data) == 0) {
+      stop("`", arg, "` = '", values, "' names a column, but `x` has no cell metadata; ",
+           "pass a vector with one value per cell", call. = FALSE)
+    }
+    if (!values %in% colnames(cell_data)) {
+      stop("`", arg, "` = '", values, "' is not a column of the cell metadata; available: ",
+           paste(utils_head(colnames(cell_data), 10), collapse = ", "), call. = FALSE)
+    }
+    values <- cell_data[[values]]
+  }
+  if (length(values) != n) {
+    stop("`", arg, "` has ", length(values), " values but `x` has ", n, " cells", call. = FALSE)
+  }
+  if (anyNA(values)) {
+    stop("`", arg, "` has ", sum(is.na(values)), " missing value(s) (first in cell '",
+         cells[which(is.na(values))[1]], "'); give them a level or drop those cells",
+         call. = FALSE)
+  }
+  droplevels(as.factor(values))
 }
 
 # Any numeric matrix-like object as a dgCMatrix.

@@ -97,28 +97,13 @@ metric_inputs <- function(x, batch, label, reduction, pre) {
   }
   list(embeddings = embeddings,
        batch = resolve_batch(batch, cell_data, cells, arg = "batch"),
-       label = resolve_label(label, cell_data, cells),
+       label = resolve_cell_factor(label, cell_data, cells, arg = "label"),
        pre = pre)
 }
 
 embeddings_all <- function(x) {
   if (is(x, "SingleCellExperiment")) return(as.list(SingleCellExperiment::reducedDims(x)))
   sapply(SeuratObject::Reductions(x), function(r) SeuratObject::Embeddings(x, r), simplify = FALSE)
-}
-
-# Labels are checked like a batch, except that a label may have a single cell.
-resolve_label <- function(label, cell_data, cells) {
-  if (is.character(label) && length(label) == 1 && length(cells) != 1) {
-    if (is.null(cell_data) || !label %in% colnames(cell_data)) {
-      stop("`label` = '", label, "' is not a column of the cell metadata", call. = FALSE)
-    }
-    label <- cell_data[[label]]
-  }
-  if (length(label) != length(cells)) {
-    stop("`label` has ", length(label), " values but there are ", length(cells), " cells", call. = FALSE)
-  }
-  if (anyNA(label)) stop("`label` has ", sum(is.na(label)), " missing value(s)", call. = FALSE)
-  droplevels(as.factor(label))
 }
 
 #' @method plot scdistill_metrics
