@@ -6,10 +6,15 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod infer;
+pub mod io;
 pub mod likelihood;
 pub mod metrics;
+pub mod models;
+pub mod nn;
 pub mod numeric;
 pub mod prep;
 pub mod simulate;
+pub mod train;
 
 pub use error::{Error, Result};

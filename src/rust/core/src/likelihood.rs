@@ -9,10 +9,15 @@ use tch::Tensor;
 /// NB2; variance mu + mu²/theta):
 /// log Γ(x+θ) − log Γ(θ) − log Γ(x+1) + θ log(θ/(θ+μ)) + x log(μ/(θ+μ)).
 pub fn nb_log_prob(x: &Tensor, mu: &Tensor, theta: &Tensor, eps: f64) -> Tensor {
+    nb_log_kernel(x, mu, theta, eps) - (x + 1.0).lgamma()
+}
+
+/// `nb_log_prob` without −log Γ(x+1), which does not depend on the model:
+/// training drops it and adds it back per cell from the sparse counts.
+pub fn nb_log_kernel(x: &Tensor, mu: &Tensor, theta: &Tensor, eps: f64) -> Tensor {
     let log_theta_mu = (theta + mu + eps).log();
     theta * ((theta + eps).log() - &log_theta_mu) + x * ((mu + eps).log() - &log_theta_mu) + (x + theta).lgamma()
         - theta.lgamma()
-        - (x + 1.0).lgamma()
 }
 
 /// Zero-inflated negative binomial; `pi_logits` is the logit of the
@@ -20,21 +25,30 @@ pub fn nb_log_prob(x: &Tensor, mu: &Tensor, theta: &Tensor, eps: f64) -> Tensor 
 /// log(1 − π) + log NB(x), both written with softplus so that large logits of
 /// either sign stay finite.
 pub fn zinb_log_prob(x: &Tensor, mu: &Tensor, theta: &Tensor, pi_logits: &Tensor, eps: f64) -> Tensor {
+    zinb_log_kernel(x, mu, theta, pi_logits, eps) - (x + 1.0).lgamma()
+}
+
+/// `zinb_log_prob` without −log Γ(x+1) (zero at x = 0).
+pub fn zinb_log_kernel(x: &Tensor, mu: &Tensor, theta: &Tensor, pi_logits: &Tensor, eps: f64) -> Tensor {
     let softplus_neg_pi = (-pi_logits).softplus(); // −log(1 − π)
     let log_theta_mu = (theta + mu + eps).log();
     let pi_theta_log = -pi_logits + theta * ((theta + eps).log() - &log_theta_mu);
     let zero_case = pi_theta_log.softplus() - &softplus_neg_pi;
-    let nonzero_case =
-        -&softplus_neg_pi + &pi_theta_log + x * ((mu + eps).log() - &log_theta_mu) + (x + theta).lgamma()
-            - theta.lgamma()
-            - (x + 1.0).lgamma();
+    let nonzero_case = -&softplus_neg_pi + &pi_theta_log + x * ((mu + eps).log() - &log_theta_mu)
+        + (x + theta).lgamma()
+        - theta.lgamma();
     let is_zero = x.lt(eps.max(1e-12));
     zero_case.where_self(&is_zero, &nonzero_case)
 }
 
 /// Poisson with rate `rate`: x log(rate) − rate − log Γ(x + 1), with 0·log 0 = 0.
 pub fn poisson_log_prob(x: &Tensor, rate: &Tensor, eps: f64) -> Tensor {
-    x.xlogy(&(rate + eps)) - rate - (x + 1.0).lgamma()
+    poisson_log_kernel(x, rate, eps) - (x + 1.0).lgamma()
+}
+
+/// `poisson_log_prob` without −log Γ(x+1).
+pub fn poisson_log_kernel(x: &Tensor, rate: &Tensor, eps: f64) -> Tensor {
+    x.xlogy(&(rate + eps)) - rate
 }
 
 /// Bernoulli on 0/1 data with success logits `logits` (binarized ATAC peaks):

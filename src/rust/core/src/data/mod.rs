@@ -7,6 +7,6 @@ mod csr;
 mod split;
 
 pub use counts::CountMatrix;
-pub use covariates::Categorical;
+pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub use split::{rows_to_tensor, train_validation_split};

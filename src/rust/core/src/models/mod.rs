@@ -1,0 +1,16 @@
+//! The models. A model is a module of tensors and its loss; the training
+//! loop lives in `train`, batched inference in `infer`.
+
+pub mod vae;
+
+use crate::data::Csr;
+use rayon::prelude::*;
+use statrs::function::gamma::ln_gamma;
+
+/// Σ_g log Γ(x_g + 1) per cell, from the stored (non-zero) counts only.
+pub fn log_factorial(counts: &Csr) -> Vec<f32> {
+    (0..counts.n_rows)
+        .into_par_iter()
+        .map(|r| counts.row(r).1.iter().map(|&v| ln_gamma(v as f64 + 1.0)).sum::<f64>() as f32)
+        .collect()
+}

@@ -1,0 +1,519 @@
+//! scVI-style variational autoencoder for counts (Lopez et al. 2018), with
+//! scvi-tools 1.4 `SCVI` defaults.
+//!
+//! q(z | x): Gaussian encoder on log1p(counts) (covariates optional).
+//! p(x | z, covariates): the design vector (one-hot batch, further categories,
+//! continuous values) enters every decoder layer; ρ = softmax(decoder),
+//! μ = library · ρ; NB, ZINB or Poisson observation model.
+//! Library: observed log total counts, or learned with a per-batch
+//! log-normal prior whose mean and variance are those of the batch's log
+//! library sizes (as scVI).
+
+use crate::data::{Categorical, CountMatrix, Covariates, Csr};
+use crate::device::seed_torch;
+use crate::error::{check_param, invalid, Error, Result};
+use crate::io;
+use crate::likelihood::{nb_log_kernel, poisson_log_kernel, zinb_log_kernel};
+use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm};
+use crate::train::{default_max_epochs, evaluate, train, EpochRecord, LossTerms, TrainConfig, Trainable};
+use std::collections::HashMap;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Observation model of the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Likelihood {
+    Nb,
+    Zinb,
+    Poisson,
+}
+
+impl Likelihood {
+    pub fn parse(s: &str) -> Option<Likelihood> {
+        match s {
+            "nb" => Some(Likelihood::Nb),
+            "zinb" => Some(Likelihood::Zinb),
+            "poisson" => Some(Likelihood::Poisson),
+            _ => None,
+        }
+    }
+}
+
+/// Where the NB inverse dispersion θ varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dispersion {
+    #[serde(rename = "gene")]
+    Gene,
+    #[serde(rename = "gene-batch")]
+    GeneBatch,
+    #[serde(rename = "gene-cell")]
+    GeneCell,
+}
+
+impl Dispersion {
+    pub fn parse(s: &str) -> Option<Dispersion> {
+        match s {
+            "gene" => Some(Dispersion::Gene),
+            "gene-batch" => Some(Dispersion::GeneBatch),
+            "gene-cell" => Some(Dispersion::GeneCell),
+            _ => None,
+        }
+    }
+}
+
+/// Architecture of a VAE; saved with the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    pub n_genes: usize,
+    pub n_latent: usize,
+    pub n_hidden: usize,
+    pub n_layers: usize,
+    pub dropout: f64,
+    pub norm: Norm,
+    pub likelihood: Likelihood,
+    pub dispersion: Dispersion,
+    pub learn_library: bool,
+    pub encode_covariates: bool,
+    pub deeply_inject_covariates: bool,
+    /// Number of batches, and the width of the whole design vector.
+    pub n_batch: usize,
+    pub n_design: usize,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        VaeConfig {
+            n_genes: 0,
+            n_latent: 10,
+            n_hidden: 128,
+            n_layers: 1,
+            dropout: 0.1,
+            norm: Norm::Batch,
+            likelihood: Likelihood::Zinb,
+            dispersion: Dispersion::Gene,
+            learn_library: false,
+            encode_covariates: false,
+            deeply_inject_covariates: true,
+            n_batch: 1,
+            n_design: 1,
+        }
+    }
+}
+
+impl VaeConfig {
+    pub fn check(&self) -> Result<()> {
+        check_param(self.n_genes >= 1, "n_genes", "must be at least 1")?;
+        check_param(self.n_latent >= 1, "n_latent", "must be at least 1")?;
+        check_param(self.n_hidden >= 1, "n_hidden", "must be at least 1")?;
+        check_param(self.n_layers >= 1, "n_layers", "must be at least 1")?;
+        check_param((0.0..1.0).contains(&self.dropout), "dropout", "must be in [0, 1)")?;
+        check_param(self.n_batch >= 1 && self.n_design >= self.n_batch, "n_batch", "must be at least 1")
+    }
+}
+
+/// The decoded distribution of a minibatch.
+pub struct Decoded {
+    /// ρ: expected proportions per gene (rows sum to 1).
+    pub scale: Tensor,
+    /// μ = library · ρ.
+    pub rate: Tensor,
+    /// θ, broadcastable to `rate`.
+    pub theta: Tensor,
+    pub pi_logits: Option<Tensor>,
+}
+
+/// One minibatch of model inputs.
+pub struct Inputs {
+    pub x: Tensor,
+    pub log_library: Tensor,
+    pub design: Tensor,
+    pub batch: Tensor,
+    /// Σ log Γ(x + 1) per cell, the likelihood's model-free term.
+    pub log_factorial: Tensor,
+}
+
+pub struct Vae {
+    pub cfg: VaeConfig,
+    pub vs: nn::VarStore,
+    encoder: GaussianEncoder,
+    library_encoder: Option<GaussianEncoder>,
+    decoder: FcLayers,
+    scale_head: nn::Linear,
+    r_head: Option<nn::Linear>,
+    pi_head: Option<nn::Linear>,
+    px_r: Option<Tensor>,
+    library_log_means: Tensor,
+    library_log_vars: Tensor,
+}
+
+impl Vae {
+    /// A freshly initialised model on `device` (weights from libtorch's
+    /// global generator: seed it first).
+    pub fn new(cfg: VaeConfig, device: Device) -> Result<Vae> {
+        cfg.check()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let n_cov_enc = if cfg.encode_covariates { cfg.n_design } else { 0 };
+        let enc_spec = FcSpec {
+            n_in: cfg.n_genes,
+            n_hidden: cfg.n_hidden,
+            n_layers: cfg.n_layers,
+            n_cov: n_cov_enc,
+            dropout: cfg.dropout,
+            norm: cfg.norm,
+            inject_all: cfg.deeply_inject_covariates,
+        };
+        let encoder = GaussianEncoder::new(&(&root / "z_encoder"), enc_spec, cfg.n_latent);
+        let library_encoder = cfg
+            .learn_library
+            .then(|| GaussianEncoder::new(&(&root / "l_encoder"), FcSpec { n_layers: 1, ..enc_spec }, 1));
+        // The decoder has no dropout (scvi-tools' DecoderSCVI).
+        let dec_spec = FcSpec {
+            n_in: cfg.n_latent,
+            n_hidden: cfg.n_hidden,
+            n_layers: cfg.n_layers,
+            n_cov: cfg.n_design,
+            dropout: 0.0,
+            norm: cfg.norm,
+            inject_all: cfg.deeply_inject_covariates,
+        };
+        let decoder = FcLayers::new(&(&root / "decoder"), dec_spec);
+        let scale_head = linear(&root / "px_scale", cfg.n_hidden, cfg.n_genes);
+        let r_head = (cfg.dispersion == Dispersion::GeneCell && cfg.likelihood != Likelihood::Poisson)
+            .then(|| linear(&root / "px_r_decoder", cfg.n_hidden, cfg.n_genes));
+        let pi_head =
+            (cfg.likelihood == Likelihood::Zinb).then(|| linear(&root / "px_dropout", cfg.n_hidden, cfg.n_genes));
+        let px_r = match (cfg.likelihood, cfg.dispersion) {
+            (Likelihood::Poisson, _) | (_, Dispersion::GeneCell) => None,
+            (_, Dispersion::Gene) => Some(root.randn_standard("px_r", &[cfg.n_genes as i64])),
+            (_, Dispersion::GeneBatch) => Some(root.randn_standard("px_r", &[cfg.n_genes as i64, cfg.n_batch as i64])),
+        };
+        let library_log_means = root.zeros_no_train("library_log_means", &[cfg.n_batch as i64]);
+        let library_log_vars = root.ones_no_train("library_log_vars", &[cfg.n_batch as i64]);
+        Ok(Vae {
+            cfg,
+            vs,
+            encoder,
+            library_encoder,
+            decoder,
+            scale_head,
+            r_head,
+            pi_head,
+            px_r,
+            library_log_means,
+            library_log_vars,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Sets the per-batch prior of the learned library size from the data:
+    /// mean and variance of log total counts within each batch.
+    pub fn set_library_prior(&mut self, data: &VaeData) {
+        let n = self.cfg.n_batch;
+        let (mut s, mut ss, mut k) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+        for (c, &l) in data.log_library.iter().enumerate() {
+            let b = data.covariates.batch.codes[c] as usize;
+            s[b] += l as f64;
+            ss[b] += (l as f64).powi(2);
+            k[b] += 1.0;
+        }
+        let means: Vec<f32> = (0..n).map(|b| (s[b] / k[b].max(1.0)) as f32).collect();
+        // Population variance (numpy's default, as scvi-tools computes it).
+        let vars: Vec<f32> =
+            (0..n).map(|b| ((ss[b] / k[b].max(1.0) - (s[b] / k[b].max(1.0)).powi(2)).max(1e-4)) as f32).collect();
+        tch::no_grad(|| {
+            self.library_log_means.copy_(&Tensor::from_slice(&means).to_device(self.device()));
+            self.library_log_vars.copy_(&Tensor::from_slice(&vars).to_device(self.device()));
+        });
+    }
+
+    /// q(z | x) mean and variance; with a learned library also q(l | x).
+    #[allow(clippy::type_complexity)]
+    pub fn encode(&self, inp: &Inputs, train: bool) -> ((Tensor, Tensor), Option<(Tensor, Tensor)>) {
+        let h = inp.x.log1p();
+        let cov = self.cfg.encode_covariates.then_some(&inp.design);
+        let qz = self.encoder.forward(&h, cov, train);
+        let ql = self.library_encoder.as_ref().map(|e| e.forward(&h, cov, train));
+        (qz, ql)
+    }
+
+    /// p(x | z, l, design) for latent `z` and log library `log_library` ([B, 1]).
+    pub fn decode(&self, z: &Tensor, log_library: &Tensor, design: &Tensor, batch: &Tensor, train: bool) -> Decoded {
+        let h = self.decoder.forward(z, Some(design), train);
+        let scale = self.scale_head.forward(&h).softmax(-1, Kind::Float);
+        let rate = log_library.exp() * &scale;
+        let theta = match (&self.px_r, &self.r_head) {
+            (_, Some(head)) => head.forward(&h).exp(),
+            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
+                batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()).exp()
+            }
+            (Some(r), None) => r.exp().unsqueeze(0),
+            (None, None) => Tensor::ones([1], (Kind::Float, self.device())),
+        };
+        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
+        Decoded { scale, rate, theta, pi_logits }
+    }
+
+    /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).
+    pub fn log_likelihood(&self, inp: &Inputs, d: &Decoded) -> Tensor {
+        const EPS: f64 = 1e-8;
+        let kernel = match self.cfg.likelihood {
+            Likelihood::Nb => nb_log_kernel(&inp.x, &d.rate, &d.theta, EPS),
+            Likelihood::Zinb => {
+                zinb_log_kernel(&inp.x, &d.rate, &d.theta, d.pi_logits.as_ref().expect("ZINB has a dropout head"), EPS)
+            }
+            Likelihood::Poisson => poisson_log_kernel(&inp.x, &d.rate, EPS),
+        };
+        kernel.sum_dim_intlist(-1, false, Kind::Float) - &inp.log_factorial
+    }
+
+    /// Negative ELBO terms per cell: reconstruction −log p(x | z, l), KL of
+    /// z (warmed up) and KL of the library (not warmed up, as scVI).
+    pub fn loss_terms(&self, inp: &Inputs, train: bool) -> LossTerms {
+        let ((qm, qv), ql) = self.encode(inp, train);
+        let z = &qm + qv.sqrt() * qm.randn_like();
+        let (log_library, kl_l) = match &ql {
+            Some((lm, lv)) => {
+                let l = lm + lv.sqrt() * lm.randn_like();
+                let pm = self.library_log_means.index_select(0, &inp.batch).unsqueeze(1);
+                let pv = self.library_log_vars.index_select(0, &inp.batch).unsqueeze(1);
+                (l, kl_normal(lm, lv, &pm, &pv).sum_dim_intlist(-1, false, Kind::Float))
+            }
+            None => (inp.log_library.shallow_clone(), qm.zeros_like().sum_dim_intlist(-1, false, Kind::Float)),
+        };
+        let d = self.decode(&z, &log_library, &inp.design, &inp.batch, train);
+        let reconstruction = -self.log_likelihood(inp, &d);
+        let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l }
+    }
+}
+
+/// The counts and covariates a VAE trains on, with per-cell constants.
+pub struct VaeData<'a> {
+    pub counts: &'a Csr,
+    pub covariates: &'a Covariates,
+    pub log_library: Vec<f32>,
+    pub log_factorial: Vec<f32>,
+}
+
+impl<'a> VaeData<'a> {
+    pub fn new(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
+        let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
+        let log_factorial = super::log_factorial(counts);
+        VaeData { counts, covariates, log_library, log_factorial }
+    }
+
+    /// Inputs of `rows`, with every cell's batch set to `batch_as` if given.
+    pub fn inputs(&self, rows: &[usize], batch_as: Option<u32>, device: Device) -> Inputs {
+        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
+        Inputs {
+            x: crate::data::rows_to_tensor(self.counts, rows, device),
+            log_library: pick(&self.log_library).unsqueeze(1),
+            design: self.covariates.design(rows, batch_as, device),
+            batch: self.covariates.batch_codes(rows, batch_as, device),
+            log_factorial: pick(&self.log_factorial),
+        }
+    }
+}
+
+/// A VAE with its training data: what the training loop drives.
+pub struct VaeTask<'a> {
+    pub model: &'a Vae,
+    pub data: &'a VaeData<'a>,
+}
+
+impl Trainable for VaeTask<'_> {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.model.vs
+    }
+
+    fn n_cells(&self) -> usize {
+        self.data.counts.n_rows
+    }
+
+    fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
+        self.model.loss_terms(&self.data.inputs(rows, None, self.model.device()), train)
+    }
+}
+
+/// Everything a trained VAE needs to be used again: the architecture, the
+/// genes and covariate levels it was trained on, how it was trained.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VaeMeta {
+    pub config: VaeConfig,
+    pub genes: Vec<String>,
+    pub batch_name: String,
+    pub batch_levels: Vec<String>,
+    pub categorical: Vec<(String, Vec<String>)>,
+    pub continuous: Vec<String>,
+    pub train: TrainConfig,
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub n_cells: usize,
+    /// 0-based indices of the held-out cells of the training data.
+    pub validation_cells: Vec<usize>,
+}
+
+/// A trained VAE and its description.
+pub struct VaeModel {
+    pub meta: VaeMeta,
+    pub vae: Vae,
+}
+
+impl std::fmt::Debug for VaeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaeModel").field("config", &self.meta.config).finish_non_exhaustive()
+    }
+}
+
+impl VaeModel {
+    /// Builds and trains a VAE on `counts` with covariates `cov`. The
+    /// architecture's data-dependent sizes are filled in from the data;
+    /// `train.max_epochs == 0` means scvi-tools' default for this many cells.
+    pub fn fit(
+        counts: &CountMatrix,
+        cov: &Covariates,
+        mut config: VaeConfig,
+        mut train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<VaeModel> {
+        if cov.n_cells() != counts.n_cells() {
+            return invalid!("{} covariate values for {} cells", cov.n_cells(), counts.n_cells());
+        }
+        config.n_genes = counts.n_genes();
+        config.n_batch = cov.batch.n_levels();
+        config.n_design = cov.n_design();
+        if train_cfg.max_epochs == 0 {
+            train_cfg.max_epochs = default_max_epochs(counts.n_cells());
+        }
+        seed_torch(train_cfg.seed);
+        let mut vae = Vae::new(config.clone(), device)?;
+        let data = VaeData::new(&counts.csr, cov);
+        if config.learn_library {
+            vae.set_library_prior(&data);
+        }
+        let history = train(&VaeTask { model: &vae, data: &data }, &train_cfg, interrupted, on_epoch)?;
+        let meta = VaeMeta {
+            config,
+            genes: counts.genes.clone(),
+            batch_name: cov.batch.name.clone(),
+            batch_levels: cov.batch.levels.clone(),
+            categorical: cov.categorical.iter().map(|c| (c.name.clone(), c.levels.clone())).collect(),
+            continuous: cov.continuous.iter().map(|c| c.0.clone()).collect(),
+            train: train_cfg,
+            history: history.epochs,
+            best_epoch: history.best_epoch,
+            stopped_early: history.stopped_early,
+            interrupted: history.interrupted,
+            n_cells: counts.n_cells(),
+            validation_cells: history.validation_cells,
+        };
+        Ok(VaeModel { meta, vae })
+    }
+
+    /// The model as a model file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let meta = serde_json::to_value(&self.meta).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        io::to_bytes(&self.vae.vs, serde_json::json!({"kind": "vae", "vae": meta}))
+    }
+
+    /// Reads a model written by `to_bytes` onto `device`.
+    pub fn from_bytes(bytes: &[u8], device: Device) -> Result<VaeModel> {
+        let file = io::from_bytes(bytes)?;
+        if file.meta.get("kind").and_then(|k| k.as_str()) != Some("vae") {
+            return invalid!("this model file holds a different kind of model, not a VAE");
+        }
+        let meta: VaeMeta = serde_json::from_value(file.meta["vae"].clone())
+            .map_err(|e| Error::InvalidInput(format!("the model file's description is damaged: {e}")))?;
+        let vae = Vae::new(meta.config.clone(), device)?;
+        io::load_into(&vae.vs, &file.tensors)?;
+        Ok(VaeModel { meta, vae })
+    }
+
+    /// The columns of `counts` in the model's gene order. Genes the model
+    /// does not know are ignored; genes it needs but `counts` lacks are an error.
+    pub fn align_genes(&self, counts: &CountMatrix) -> Result<Csr> {
+        let at: HashMap<&str, usize> = counts.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+        let missing: Vec<&String> = self.meta.genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
+        if !missing.is_empty() {
+            return invalid!(
+                "{} of the model's {} genes are missing from the new data (first: {}); \
+                 the new cells must be measured on the genes the model was trained on",
+                missing.len(),
+                self.meta.genes.len(),
+                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        let keep: Vec<usize> = self.meta.genes.iter().map(|g| at[g.as_str()]).collect();
+        Ok(counts.csr.select_columns(&keep))
+    }
+
+    /// Covariates of new cells from their labels: each label must be a level
+    /// the model was trained with. `batch = None` is allowed only for a model
+    /// with a single batch (or where the batch is irrelevant, `batch_needed` false).
+    pub fn covariates_for(
+        &self,
+        n_cells: usize,
+        batch: Option<&[String]>,
+        categorical: &[Vec<String>],
+        continuous: Vec<Vec<f32>>,
+        batch_needed: bool,
+    ) -> Result<Covariates> {
+        let from_labels = |name: &str, labels: &[String], levels: &[String]| -> Result<Categorical> {
+            let at: HashMap<&str, u32> = levels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
+            let mut codes = Vec::with_capacity(labels.len());
+            for l in labels {
+                match at.get(l.as_str()) {
+                    Some(&c) => codes.push(c),
+                    None => {
+                        return invalid!(
+                            "`{name}` value '{l}' was not seen in training (levels: {})",
+                            levels.iter().map(|l| format!("'{l}'")).collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                }
+            }
+            Categorical::new(name, codes, levels.to_vec(), n_cells, 0)
+        };
+        let m = &self.meta;
+        let batch = match batch {
+            Some(labels) => from_labels(&m.batch_name, labels, &m.batch_levels)?,
+            None if m.batch_levels.len() == 1 || !batch_needed => {
+                Categorical { name: m.batch_name.clone(), codes: vec![0; n_cells], levels: m.batch_levels.clone() }
+            }
+            None => {
+                return invalid!(
+                    "the model was trained on {} batches: give the batch of the new cells (`batch =`)",
+                    m.batch_levels.len()
+                )
+            }
+        };
+        if categorical.len() != m.categorical.len() || continuous.len() != m.continuous.len() {
+            return invalid!(
+                "the model was trained with {} categorical and {} continuous covariates; give the same for the new cells",
+                m.categorical.len(),
+                m.continuous.len()
+            );
+        }
+        let cats = m
+            .categorical
+            .iter()
+            .zip(categorical)
+            .map(|((name, levels), labels)| from_labels(name, labels, levels))
+            .collect::<Result<Vec<_>>>()?;
+        Covariates::new(batch, cats, m.continuous.iter().cloned().zip(continuous).collect())
+    }
+}
+
+#[cfg(test)]
+#[path = "vae_tests.rs"]
+mod tests;

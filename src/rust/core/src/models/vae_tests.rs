@@ -1,0 +1,160 @@
+use super::*;
+use crate::infer;
+use crate::metrics::{integration_metrics, Embedding};
+use crate::simulate::{simulate, SimParams};
+
+fn sim(n_cells: usize, seed: u64) -> crate::simulate::Simulation {
+    let p = SimParams {
+        n_cells,
+        n_genes: 200,
+        group_prob: vec![0.4, 0.3, 0.3],
+        batch_prob: vec![0.5, 0.5],
+        seed,
+        ..Default::default()
+    };
+    simulate(&p).unwrap()
+}
+
+fn covariates(s: &crate::simulate::Simulation) -> Covariates {
+    Covariates::new(s.batch.clone(), vec![], vec![]).unwrap()
+}
+
+fn quick(max_epochs: usize) -> TrainConfig {
+    TrainConfig { max_epochs, early_stopping: false, ..Default::default() }
+}
+
+fn never() -> bool {
+    false
+}
+
+/// libtorch's generator is global: tests that train take turns, so that each
+/// sees only its own draws.
+static TORCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fit(s: &crate::simulate::Simulation, config: VaeConfig, tc: TrainConfig) -> VaeModel {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let cov = covariates(s);
+    crate::device::with_threads(2, || VaeModel::fit(&s.counts, &cov, config, tc, Device::Cpu, &never, &|_| {}))
+        .unwrap()
+        .unwrap()
+}
+
+fn latent_of(m: &VaeModel, s: &crate::simulate::Simulation) -> Vec<f32> {
+    let cov = covariates(s);
+    infer::latent(&m.vae, &VaeData::new(&s.counts.csr, &cov), true)
+}
+
+#[test]
+fn training_lowers_the_elbo_and_the_latent_separates_cell_types() {
+    let s = sim(600, 1);
+    for likelihood in [Likelihood::Zinb, Likelihood::Nb, Likelihood::Poisson] {
+        let m = fit(&s, VaeConfig { likelihood, ..Default::default() }, quick(60));
+        let h = &m.meta.history;
+        assert_eq!(h.len(), 60);
+        let (first, last) = (h[0].validation_elbo, h[59].validation_elbo);
+        assert!(last < 0.9 * first, "{likelihood:?}: validation -ELBO {first} -> {last}");
+        let z: Vec<f64> = latent_of(&m, &s).into_iter().map(f64::from).collect();
+        let e = Embedding { values: &z, n: 600, d: 10 };
+        let scores = integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap();
+        // Poisson ignores overdispersion, so its latent is noisier.
+        let floor = if likelihood == Likelihood::Poisson { 0.6 } else { 0.8 };
+        assert!(scores.ari_kmeans > floor, "{likelihood:?}: ARI {}", scores.ari_kmeans);
+    }
+}
+
+#[test]
+fn same_seed_same_latent_and_saved_models_reload_exactly() {
+    let s = sim(300, 2);
+    let cfg = VaeConfig { learn_library: true, dispersion: Dispersion::GeneBatch, ..Default::default() };
+    let a = fit(&s, cfg.clone(), quick(5));
+    let b = fit(&s, cfg.clone(), quick(5));
+    let (za, zb) = (latent_of(&a, &s), latent_of(&b, &s));
+    assert!(za == zb, "same seed, different latent");
+    let c = fit(&s, cfg, TrainConfig { seed: 1, ..quick(5) });
+    assert!(za != latent_of(&c, &s));
+
+    let bytes = a.to_bytes().unwrap();
+    let back = VaeModel::from_bytes(&bytes, Device::Cpu).unwrap();
+    assert_eq!(back.meta.genes, a.meta.genes);
+    assert_eq!(back.meta.history.len(), 5);
+    assert!(latent_of(&back, &s) == za, "reloaded model, different latent");
+    let cov = covariates(&s);
+    let data = VaeData::new(&s.counts.csr, &cov);
+    assert!(infer::expression(&back.vae, &data, &[1], 1.0, 1) == infer::expression(&a.vae, &data, &[1], 1.0, 1));
+
+    assert!(VaeModel::from_bytes(b"not a model at all", Device::Cpu).unwrap_err().to_string().contains("not a scdistill"));
+    let mut damaged = bytes.clone();
+    damaged.truncate(bytes.len() - 4);
+    assert!(VaeModel::from_bytes(&damaged, Device::Cpu).unwrap_err().to_string().contains("damaged"));
+}
+
+#[test]
+fn expression_rows_are_proportions_and_counterfactual_batches_differ() {
+    let s = sim(300, 3);
+    // NB, so that the posterior predictive mean is library · ρ (ZINB scales it by 1 − π).
+    let m = fit(&s, VaeConfig { likelihood: Likelihood::Nb, ..Default::default() }, quick(20));
+    let cov = covariates(&s);
+    let data = VaeData::new(&s.counts.csr, &cov);
+    let own = infer::expression(&m.vae, &data, &[], 1e4, 1);
+    let g = 200;
+    for c in [0, 150, 299] {
+        let total: f32 = own[c * g..(c + 1) * g].iter().sum();
+        assert!((total - 1e4).abs() < 1.0, "row {c} sums to {total}");
+    }
+    let b0 = infer::expression(&m.vae, &data, &[0], 1.0, 1);
+    let b1 = infer::expression(&m.vae, &data, &[1], 1.0, 1);
+    let both = infer::expression(&m.vae, &data, &[0, 1], 1.0, 1);
+    assert!(b0 != b1);
+    for k in [0usize, 777, 59_999] {
+        assert!((both[k] - (b0[k] + b1[k]) / 2.0).abs() < 1e-6);
+    }
+    let x = infer::sample_counts(&m.vae, &data);
+    assert_eq!((x.n_rows, x.n_cols), (300, 200));
+    // Posterior predictive totals follow the observed library sizes.
+    let (obs, sim): (f64, f64) = (s.counts.csr.row_sums().iter().sum(), x.row_sums().iter().sum());
+    assert!((sim / obs - 1.0).abs() < 0.1, "sampled {sim} vs observed {obs} counts");
+}
+
+#[test]
+fn early_stopping_restores_the_best_weights() {
+    let s = sim(300, 4);
+    let tc = TrainConfig { max_epochs: 300, kl_warmup: 0.0, patience: 3, min_delta: 5.0, ..Default::default() };
+    let m = fit(&s, VaeConfig::default(), tc);
+    assert!(m.meta.stopped_early);
+    assert_eq!(m.meta.best_epoch + 3, m.meta.history.len());
+    let cov = covariates(&s);
+    let data = VaeData::new(&s.counts.csr, &cov);
+    let (val, _, _) = evaluate(&VaeTask { model: &m.vae, data: &data }, &m.meta.validation_cells, 1024);
+    let best = m.meta.history[m.meta.best_epoch - 1].validation_elbo;
+    assert!((val - best).abs() / best < 0.02, "restored {val} vs best {best}");
+}
+
+#[test]
+fn interrupts_stop_training_and_keep_a_usable_model() {
+    let s = sim(300, 5);
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let stop = || calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 7;
+    let cov = covariates(&s);
+    let tc = TrainConfig { max_epochs: 50, kl_warmup: 0.0, ..Default::default() };
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let m = VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, Device::Cpu, &stop, &|_| {}).unwrap();
+    assert!(m.meta.interrupted);
+    assert!(m.meta.history.len() <= 4, "{} epochs", m.meta.history.len());
+    assert!(latent_of(&m, &s).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn new_cells_are_matched_by_gene_name_and_batch_label() {
+    let s = sim(200, 6);
+    let m = fit(&s, VaeConfig::default(), quick(2));
+    let fewer = s.counts.select_genes(&(5..200).collect::<Vec<_>>());
+    let e = m.align_genes(&fewer).unwrap_err().to_string();
+    assert!(e.contains("5 of the model's 200 genes are missing"), "{e}");
+    let reversed = s.counts.select_genes(&(0..200).rev().collect::<Vec<_>>());
+    assert!(m.align_genes(&reversed).unwrap() == s.counts.csr);
+    let labels: Vec<String> = vec!["plate 9".into(); 200];
+    let e = m.covariates_for(200, Some(&labels), &[], vec![], true).unwrap_err().to_string();
+    assert!(e.contains("'plate 9' was not seen"), "{e}");
+    let e = m.covariates_for(200, None, &[], vec![], true).unwrap_err().to_string();
+    assert!(e.contains("trained on 2 batches"), "{e}");
+}

@@ -1,0 +1,182 @@
+//! Building blocks shared by the models: fully connected stacks with
+//! covariate injection, and the Gaussian encoder head.
+//!
+//! Layers follow scvi-tools' `FCLayers` (Lopez et al. 2018): each hidden layer
+//! is Linear → norm → ReLU → Dropout, and the covariate vector (one-hot
+//! categories and continuous values) is concatenated to the input of the
+//! first layer, and of every layer when `inject_all` is set
+//! (`deeply_inject_covariates`).
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, ModuleT};
+use tch::Tensor;
+
+/// Normalization after each hidden linear layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// BatchNorm1d with momentum 0.01 and eps 1e-3 (scvi-tools' default).
+    Batch,
+    /// LayerNorm without affine parameters.
+    Layer,
+    None,
+}
+
+impl Norm {
+    pub fn parse(s: &str) -> Option<Norm> {
+        match s {
+            "batch" => Some(Norm::Batch),
+            "layer" => Some(Norm::Layer),
+            "none" => Some(Norm::None),
+            _ => None,
+        }
+    }
+}
+
+/// A linear layer initialised like PyTorch's `nn.Linear`: weights and bias
+/// uniform on ±1/√fan_in.
+pub fn linear(p: nn::Path, n_in: usize, n_out: usize) -> nn::Linear {
+    let bound = 1.0 / (n_in.max(1) as f64).sqrt();
+    let init = nn::Init::Uniform { lo: -bound, up: bound };
+    nn::linear(p, n_in as i64, n_out as i64, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
+}
+
+enum NormLayer {
+    Batch(nn::BatchNorm),
+    Layer(nn::LayerNorm),
+    None,
+}
+
+/// Shape of a fully connected stack.
+#[derive(Debug, Clone, Copy)]
+pub struct FcSpec {
+    pub n_in: usize,
+    pub n_hidden: usize,
+    pub n_layers: usize,
+    /// Width of the covariate vector (0 for none).
+    pub n_cov: usize,
+    pub dropout: f64,
+    pub norm: Norm,
+    pub inject_all: bool,
+}
+
+/// `n_layers` × [Linear → norm → ReLU → Dropout], covariates injected.
+pub struct FcLayers {
+    layers: Vec<(nn::Linear, NormLayer, bool)>,
+    dropout: f64,
+}
+
+impl FcLayers {
+    pub fn new(p: &nn::Path, s: FcSpec) -> FcLayers {
+        let layers = (0..s.n_layers)
+            .map(|i| {
+                let inject = s.n_cov > 0 && (i == 0 || s.inject_all);
+                let n_in = if i == 0 { s.n_in } else { s.n_hidden } + if inject { s.n_cov } else { 0 };
+                let q = p / format!("layer{i}");
+                let lin = linear(&q / "linear", n_in, s.n_hidden);
+                let norm = match s.norm {
+                    Norm::Batch => NormLayer::Batch(nn::batch_norm1d(
+                        &q / "norm",
+                        s.n_hidden as i64,
+                        nn::BatchNormConfig { momentum: 0.01, eps: 1e-3, ..Default::default() },
+                    )),
+                    Norm::Layer => NormLayer::Layer(nn::layer_norm(
+                        &q / "norm",
+                        vec![s.n_hidden as i64],
+                        nn::LayerNormConfig { elementwise_affine: false, eps: 1e-5, ..Default::default() },
+                    )),
+                    Norm::None => NormLayer::None,
+                };
+                (lin, norm, inject)
+            })
+            .collect();
+        FcLayers { layers, dropout: s.dropout }
+    }
+
+    /// Runs the stack; `cov` is `[batch, n_cov]` or None when `n_cov` is 0.
+    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (lin, norm, inject) in &self.layers {
+            if *inject {
+                if let Some(c) = cov {
+                    h = Tensor::cat(&[&h, c], 1);
+                }
+            }
+            h = lin.forward(&h);
+            h = match norm {
+                NormLayer::Batch(b) => b.forward_t(&h, train),
+                NormLayer::Layer(l) => l.forward(&h),
+                NormLayer::None => h,
+            };
+            h = h.relu();
+            if self.dropout > 0.0 {
+                h = h.dropout(self.dropout, train);
+            }
+        }
+        h
+    }
+}
+
+/// Gaussian head on a fully connected stack: returns the mean and the
+/// variance exp(v) + 1e-4 (scvi-tools' `Encoder`).
+pub struct GaussianEncoder {
+    fc: FcLayers,
+    mean: nn::Linear,
+    var: nn::Linear,
+}
+
+impl GaussianEncoder {
+    pub fn new(p: &nn::Path, s: FcSpec, n_out: usize) -> GaussianEncoder {
+        GaussianEncoder {
+            fc: FcLayers::new(&(p / "fc"), s),
+            mean: linear(p / "mean", s.n_hidden, n_out),
+            var: linear(p / "var", s.n_hidden, n_out),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
+        let h = self.fc.forward(x, cov, train);
+        (self.mean.forward(&h), self.var.forward(&h).exp() + 1e-4)
+    }
+}
+
+/// KL(N(m, v) ‖ N(m0, v0)), elementwise.
+pub fn kl_normal(m: &Tensor, v: &Tensor, m0: &Tensor, v0: &Tensor) -> Tensor {
+    ((v0 / v).log() + (v + (m - m0).square()) / v0 - 1.0) * 0.5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn covariates_are_injected_where_asked() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec =
+            FcSpec { n_in: 5, n_hidden: 4, n_layers: 2, n_cov: 3, dropout: 0.1, norm: Norm::Batch, inject_all: true };
+        let fc = FcLayers::new(&(vs.root() / "a"), spec);
+        let shapes: Vec<Vec<i64>> = fc.layers.iter().map(|l| l.0.ws.size()).collect();
+        assert_eq!(shapes, vec![vec![4, 8], vec![4, 7]]);
+        let fc1 = FcLayers::new(&(vs.root() / "b"), FcSpec { inject_all: false, ..spec });
+        assert_eq!(fc1.layers[1].0.ws.size(), vec![4, 4]);
+        let x = Tensor::randn([6, 5], (Kind::Float, Device::Cpu));
+        let c = Tensor::ones([6, 3], (Kind::Float, Device::Cpu));
+        assert_eq!(fc.forward(&x, Some(&c), true).size(), vec![6, 4]);
+        // Evaluation mode is deterministic (no dropout, running statistics).
+        let a = fc.forward(&x, Some(&c), false);
+        let b = fc.forward(&x, Some(&c), false);
+        assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn kl_of_a_normal_with_itself_is_zero_and_known_otherwise() {
+        let m = Tensor::from_slice(&[0.5f64, -1.0]);
+        let v = Tensor::from_slice(&[2.0f64, 0.25]);
+        let zero = kl_normal(&m, &v, &m, &v);
+        assert!(zero.abs().max().double_value(&[]) < 1e-12);
+        // KL(N(0,1) ‖ N(1,4)) = 0.5 (log 4 + (1 + 1)/4 − 1)
+        let kl = kl_normal(&Tensor::from(0.0f64), &Tensor::from(1.0f64), &Tensor::from(1.0f64), &Tensor::from(4.0f64));
+        assert!((kl.double_value(&[]) - 0.5 * (4f64.ln() + 0.5 - 1.0)).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,255 @@
+//! The one training loop of every model: Adam, KL warm-up, validation,
+//! early stopping with best-weight restore, history, interrupts.
+
+use crate::data::train_validation_split;
+use crate::error::{check_param, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::Instant;
+use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+
+/// A model's negative ELBO per cell, split the way the loop weighs it:
+/// `reconstruction + w · kl_warmup + kl_fixed`, where w is the KL weight.
+pub struct LossTerms {
+    pub reconstruction: Tensor,
+    pub kl_warmup: Tensor,
+    pub kl_fixed: Tensor,
+}
+
+/// What the loop needs from a model bound to its data.
+pub trait Trainable {
+    fn var_store(&self) -> &nn::VarStore;
+    fn n_cells(&self) -> usize;
+    /// Loss terms of the cells `rows` (dropout and batch statistics on when `train`).
+    fn loss(&self, rows: &[usize], train: bool) -> LossTerms;
+}
+
+/// Optimisation settings; defaults are scvi-tools 1.4's except the KL
+/// warm-up, which spans a fraction of the planned steps instead of 400 epochs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub max_epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub adam_eps: f64,
+    /// Fraction of the planned optimiser steps over which the KL weight rises
+    /// linearly from 0 to 1 (0: no warm-up).
+    pub kl_warmup: f64,
+    pub early_stopping: bool,
+    pub patience: usize,
+    pub min_delta: f64,
+    pub validation_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_epochs: 400,
+            batch_size: 128,
+            lr: 1e-3,
+            weight_decay: 1e-6,
+            adam_eps: 0.01,
+            kl_warmup: 0.5,
+            early_stopping: true,
+            patience: 45,
+            min_delta: 0.0,
+            validation_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// scvi-tools' rule: min(round(20000 / n_cells · 400), 400) epochs.
+pub fn default_max_epochs(n_cells: usize) -> usize {
+    ((20_000.0 / n_cells.max(1) as f64 * 400.0).round() as usize).clamp(1, 400)
+}
+
+impl TrainConfig {
+    pub fn check(&self) -> Result<()> {
+        check_param(self.max_epochs >= 1, "max_epochs", "must be at least 1")?;
+        check_param(self.batch_size >= 2, "batch_size", "must be at least 2")?;
+        check_param(self.lr > 0.0 && self.lr.is_finite(), "lr", "must be positive")?;
+        check_param(self.weight_decay >= 0.0, "weight_decay", "must be non-negative")?;
+        check_param((0.0..=1.0).contains(&self.kl_warmup), "kl_warmup", "must be in [0, 1]")?;
+        check_param(self.patience >= 1, "patience", "must be at least 1")?;
+        check_param((0.0..0.9).contains(&self.validation_fraction), "validation_fraction", "must be in [0, 0.9)")
+    }
+}
+
+/// One epoch of the history. Losses are means per cell; `*_elbo` are
+/// negative ELBOs at KL weight 1 (lower is better).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub kl_weight: f64,
+    pub train_loss: f64,
+    pub train_elbo: f64,
+    pub train_reconstruction: f64,
+    pub train_kl: f64,
+    pub validation_elbo: f64,
+    pub validation_reconstruction: f64,
+    pub validation_kl: f64,
+    pub seconds: f64,
+}
+
+/// What training did.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    pub epochs: Vec<EpochRecord>,
+    /// Epoch (1-based) whose weights the model holds.
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub train_cells: Vec<usize>,
+    pub validation_cells: Vec<usize>,
+}
+
+/// Mean negative ELBO, reconstruction and KL per cell over `rows`, in
+/// evaluation mode without gradients.
+pub fn evaluate(task: &dyn Trainable, rows: &[usize], batch_size: usize) -> (f64, f64, f64) {
+    if rows.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let (mut rec, mut kl) = (0f64, 0f64);
+    tch::no_grad(|| {
+        for chunk in rows.chunks(batch_size.max(1)) {
+            let t = task.loss(chunk, false);
+            rec += t.reconstruction.sum(Kind::Double).double_value(&[]);
+            kl += (t.kl_warmup + t.kl_fixed).sum(Kind::Double).double_value(&[]);
+        }
+    });
+    let n = rows.len() as f64;
+    ((rec + kl) / n, rec / n, kl / n)
+}
+
+fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
+    tch::no_grad(|| vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect())
+}
+
+fn restore(vs: &nn::VarStore, saved: &HashMap<String, Tensor>) {
+    tch::no_grad(|| {
+        for (k, mut v) in vs.variables() {
+            if let Some(s) = saved.get(&k) {
+                v.copy_(s);
+            }
+        }
+    });
+}
+
+/// Trains `task` with Adam. The KL weight rises over the first
+/// `kl_warmup` fraction of the planned steps. Once it has reached 1, the
+/// loop tracks the best validation ELBO (training ELBO without a validation
+/// set); with early stopping it stops after `patience` epochs without an
+/// improvement larger than `min_delta` and restores the best weights, which
+/// it also does when `interrupted()` turns true. `on_epoch` sees each epoch.
+pub fn train(
+    task: &dyn Trainable,
+    cfg: &TrainConfig,
+    interrupted: &dyn Fn() -> bool,
+    on_epoch: &dyn Fn(&EpochRecord),
+) -> Result<History> {
+    cfg.check()?;
+    let n = task.n_cells();
+    let (mut train_rows, validation_rows) = train_validation_split(n, cfg.validation_fraction, cfg.seed);
+    check_param(train_rows.len() >= 2, "validation_fraction", "leaves fewer than 2 cells to train on")?;
+    let vs = task.var_store();
+    let mut opt = nn::Adam { wd: cfg.weight_decay, eps: cfg.adam_eps, ..Default::default() }.build(vs, cfg.lr)?;
+
+    // A trailing minibatch of 1 or 2 cells is skipped: batch normalization
+    // needs more than one cell, and so few cells only add noise.
+    let bs = cfg.batch_size;
+    let n_train = train_rows.len();
+    let used = |len: usize| len >= 3 || n_train < bs;
+    let steps_per_epoch = n_train / bs + usize::from(n_train % bs != 0 && used(n_train % bs));
+    let warm_steps = (cfg.kl_warmup * (cfg.max_epochs * steps_per_epoch) as f64).round() as usize;
+    let kl_weight = |step: usize| if warm_steps == 0 { 1.0 } else { (step as f64 / warm_steps as f64).min(1.0) };
+
+    let mut history = History { validation_cells: validation_rows.clone(), ..Default::default() };
+    let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
+    let mut since_best = 0;
+    let mut step = 0;
+    let device = vs.device();
+    for epoch in 0..cfg.max_epochs {
+        let t0 = Instant::now();
+        train_rows.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1 + epoch as u64)));
+        let zero = || Tensor::zeros([], (Kind::Double, device));
+        let (mut sum_loss, mut sum_rec, mut sum_kl) = (zero(), zero(), zero());
+        let mut seen = 0usize;
+        let mut last_w = kl_weight(step);
+        for chunk in train_rows.chunks(bs) {
+            if !used(chunk.len()) {
+                continue;
+            }
+            let w = kl_weight(step);
+            last_w = w;
+            let t = task.loss(chunk, true);
+            let per_cell = &t.reconstruction + &t.kl_warmup * w + &t.kl_fixed;
+            let loss = per_cell.mean(Kind::Float);
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+            tch::no_grad(|| {
+                sum_loss += per_cell.detach().sum(Kind::Double);
+                sum_rec += t.reconstruction.detach().sum(Kind::Double);
+                sum_kl += (t.kl_warmup.detach() + t.kl_fixed.detach()).sum(Kind::Double);
+            });
+            seen += chunk.len();
+            step += 1;
+            if interrupted() {
+                history.interrupted = true;
+                break;
+            }
+        }
+        if history.interrupted && seen == 0 {
+            break;
+        }
+        let seen_f = seen.max(1) as f64;
+        let (val_elbo, val_rec, val_kl) = evaluate(task, &validation_rows, 1024);
+        let train_rec = sum_rec.double_value(&[]) / seen_f;
+        let train_kl = sum_kl.double_value(&[]) / seen_f;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            kl_weight: last_w,
+            train_loss: sum_loss.double_value(&[]) / seen_f,
+            train_elbo: train_rec + train_kl,
+            train_reconstruction: train_rec,
+            train_kl,
+            validation_elbo: val_elbo,
+            validation_reconstruction: val_rec,
+            validation_kl: val_kl,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        on_epoch(&record);
+        let monitored = if validation_rows.is_empty() { record.train_elbo } else { val_elbo };
+        history.epochs.push(record);
+        if history.interrupted {
+            break;
+        }
+        if kl_weight(step) >= 1.0 && monitored.is_finite() {
+            match &best {
+                Some((b, _)) if monitored >= b - cfg.min_delta => since_best += 1,
+                _ => {
+                    best = Some((monitored, snapshot(vs)));
+                    history.best_epoch = epoch + 1;
+                    since_best = 0;
+                }
+            }
+            if cfg.early_stopping && since_best >= cfg.patience {
+                history.stopped_early = true;
+                break;
+            }
+        }
+    }
+    match &best {
+        Some((_, saved)) if cfg.early_stopping || history.interrupted => restore(vs, saved),
+        _ => history.best_epoch = history.epochs.len(),
+    }
+    history.train_cells = train_rows;
+    history.train_cells.sort_unstable();
+    Ok(history)
+}
