@@ -50,3 +50,31 @@ rs_available_threads <- function() .Call(native("wrap__rs_available_threads"))
 rs_panic_for_test <- function(on_worker) .Call(native("wrap__rs_panic_for_test"), on_worker)
 
 rs_wait_for_interrupt <- function(seconds) .Call(native("wrap__rs_wait_for_interrupt"), seconds)
+
+rs_fit_vae <- function(counts, batch, categorical, continuous, config, train, device, threads, progress) {
+  .Call(native("wrap__rs_fit_vae"), counts, batch, categorical, continuous, config, train, device, threads, progress)
+}
+
+rs_model_info <- function(ptr) .Call(native("wrap__rs_model_info"), ptr)
+
+rs_model_bytes <- function(ptr) .Call(native("wrap__rs_model_bytes"), ptr)
+
+rs_model_from_bytes <- function(bytes, device) .Call(native("wrap__rs_model_from_bytes"), bytes, device)
+
+rs_vae_latent <- function(ptr, counts, give_mean, seed, threads) {
+  .Call(native("wrap__rs_vae_latent"), ptr, counts, give_mean, seed, threads)
+}
+
+rs_vae_expression <- function(ptr, counts, batch, categorical, continuous, transform_batch, library_size,
+                              n_samples, seed, threads) {
+  .Call(native("wrap__rs_vae_expression"), ptr, counts, batch, categorical, continuous, transform_batch,
+        library_size, n_samples, seed, threads)
+}
+
+rs_vae_sample <- function(ptr, counts, batch, categorical, continuous, n_samples, seed, threads) {
+  .Call(native("wrap__rs_vae_sample"), ptr, counts, batch, categorical, continuous, n_samples, seed, threads)
+}
+
+rs_vae_elbo <- function(ptr, counts, batch, categorical, continuous, seed, threads) {
+  .Call(native("wrap__rs_vae_elbo"), ptr, counts, batch, categorical, continuous, seed, threads)
+}

@@ -32,7 +32,13 @@ pub fn latent(model: &Vae, data: &VaeData, give_mean: bool) -> Vec<f32> {
 /// `[n_cells, n_genes]`, decoded as if each cell came from each batch in
 /// `transform_batch` (its own batch when empty) and averaged over those
 /// batches and over `n_samples` draws of z (the posterior mean when 1).
-pub fn expression(model: &Vae, data: &VaeData, transform_batch: &[u32], library_size: f64, n_samples: usize) -> Vec<f32> {
+pub fn expression(
+    model: &Vae,
+    data: &VaeData,
+    transform_batch: &[u32],
+    library_size: f64,
+    n_samples: usize,
+) -> Vec<f32> {
     let n = data.counts.n_rows;
     let g = model.cfg.n_genes;
     let batches: Vec<Option<u32>> =

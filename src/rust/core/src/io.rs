@@ -31,7 +31,10 @@ pub fn to_bytes(vs: &nn::VarStore, meta: Value) -> Result<Vec<u8>> {
     }
     let mut meta_map = Map::new();
     meta_map.insert("format".into(), Value::String(MAGIC.into()));
-    meta_map.insert("scdistill".into(), Value::String(json!({"format_version": FORMAT_VERSION, "model": meta}).to_string()));
+    meta_map.insert(
+        "scdistill".into(),
+        Value::String(json!({"format_version": FORMAT_VERSION, "model": meta}).to_string()),
+    );
     header.insert("__metadata__".into(), Value::Object(meta_map));
     let mut head = Value::Object(header).to_string().into_bytes();
     while head.len() % 8 != 0 {
@@ -121,7 +124,11 @@ pub fn load_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>) -> Resul
                 return invalid!("the model file lacks tensor `{name}`");
             };
             if src.size() != v.size() {
-                return invalid!("tensor `{name}` has shape {:?} in the file but {:?} in the model", src.size(), v.size());
+                return invalid!(
+                    "tensor `{name}` has shape {:?} in the file but {:?} in the model",
+                    src.size(),
+                    v.size()
+                );
             }
             v.copy_(src);
         }

@@ -7,6 +7,7 @@ use scdistill_core::data::{Categorical, CountMatrix, Csr};
 use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams};
 use scdistill_core::{device, metrics, prep};
 
+mod models;
 mod worker;
 
 /// Core errors become R errors carrying the core's message.
@@ -417,6 +418,7 @@ fn rs_wait_for_interrupt(seconds: f64) -> Result<bool> {
 
 extendr_module! {
     mod scdistill;
+    use models;
     fn rs_validate_counts;
     fn rs_log2_cpm;
     fn rs_hvg;

@@ -28,6 +28,16 @@ pub fn r_interrupt_pending() -> bool {
 /// Runs `work(interrupted)` with `threads` threads (libtorch and rayon) on a
 /// worker thread; `interrupted()` turns true once the user presses Ctrl-C.
 pub fn run<R: Send>(threads: usize, work: impl FnOnce(&dyn Fn() -> bool) -> R + Send) -> Result<R, String> {
+    run_with_ticks(threads, work, || {})
+}
+
+/// As `run`, and calls `tick()` on the R thread every poll (about 20 ms):
+/// where progress reported by the worker reaches R.
+pub fn run_with_ticks<R: Send>(
+    threads: usize,
+    work: impl FnOnce(&dyn Fn() -> bool) -> R + Send,
+    mut tick: impl FnMut(),
+) -> Result<R, String> {
     let pool = scdistill_core::device::thread_pool(threads).map_err(|e| e.to_string())?;
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -37,7 +47,9 @@ pub fn run<R: Send>(threads: usize, work: impl FnOnce(&dyn Fn() -> bool) -> R + 
             if !stop.load(Ordering::Relaxed) && r_interrupt_pending() {
                 stop.store(true, Ordering::Relaxed);
             }
+            tick();
         }
+        tick();
         handle.join().map_err(|payload| {
             let msg = payload
                 .downcast_ref::<&str>()
@@ -47,4 +59,20 @@ pub fn run<R: Send>(threads: usize, work: impl FnOnce(&dyn Fn() -> bool) -> R + 
             format!("internal error in scdistill (please report it): {msg}")
         })
     })
+}
+
+/// A borrowed model handed to the worker thread. libtorch tensors are not
+/// `Sync` in tch, but the R thread never touches the model while the worker
+/// runs (it only polls for interrupts), so exactly one thread uses it at a time.
+pub struct Lent<'a, T>(pub &'a T);
+
+// SAFETY: see above; the borrow ends when `run` returns, after the worker joined.
+unsafe impl<T> Send for Lent<'_, T> {}
+unsafe impl<T> Sync for Lent<'_, T> {}
+
+impl<'a, T> Lent<'a, T> {
+    /// The borrow (a method, so that closures capture the whole `Lent`).
+    pub fn get(&self) -> &'a T {
+        self.0
+    }
 }

@@ -13,11 +13,11 @@ use crate::data::{Categorical, CountMatrix, Covariates, Csr};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Error, Result};
 use crate::io;
-use crate::likelihood::{nb_log_kernel, poisson_log_kernel, zinb_log_kernel};
+use crate::likelihood::{nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, SparseBatch};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm};
-use crate::train::{default_max_epochs, evaluate, train, EpochRecord, LossTerms, TrainConfig, Trainable};
-use std::collections::HashMap;
+use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -132,6 +132,8 @@ pub struct Inputs {
     pub batch: Tensor,
     /// Σ log Γ(x + 1) per cell, the likelihood's model-free term.
     pub log_factorial: Tensor,
+    /// The non-zero counts, where most likelihood terms live.
+    pub nonzero: SparseBatch,
 }
 
 pub struct Vae {
@@ -262,14 +264,16 @@ impl Vae {
     /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).
     pub fn log_likelihood(&self, inp: &Inputs, d: &Decoded) -> Tensor {
         const EPS: f64 = 1e-8;
+        let c = &inp.nonzero;
         let kernel = match self.cfg.likelihood {
-            Likelihood::Nb => nb_log_kernel(&inp.x, &d.rate, &d.theta, EPS),
+            Likelihood::Nb => nb_log_kernel_rows(c, &d.rate, &d.theta, EPS),
             Likelihood::Zinb => {
-                zinb_log_kernel(&inp.x, &d.rate, &d.theta, d.pi_logits.as_ref().expect("ZINB has a dropout head"), EPS)
+                let pi = d.pi_logits.as_ref().expect("ZINB has a dropout head");
+                zinb_log_kernel_rows(c, &d.rate, &d.theta, pi, EPS)
             }
-            Likelihood::Poisson => poisson_log_kernel(&inp.x, &d.rate, EPS),
+            Likelihood::Poisson => poisson_log_kernel_rows(c, &d.rate, EPS),
         };
-        kernel.sum_dim_intlist(-1, false, Kind::Float) - &inp.log_factorial
+        kernel - &inp.log_factorial
     }
 
     /// Negative ELBO terms per cell: reconstruction −log p(x | z, l), KL of
@@ -317,6 +321,7 @@ impl<'a> VaeData<'a> {
             design: self.covariates.design(rows, batch_as, device),
             batch: self.covariates.batch_codes(rows, batch_as, device),
             log_factorial: pick(&self.log_factorial),
+            nonzero: SparseBatch::from_csr(self.counts, rows, device),
         }
     }
 }

@@ -2,6 +2,7 @@ use super::*;
 use crate::infer;
 use crate::metrics::{integration_metrics, Embedding};
 use crate::simulate::{simulate, SimParams};
+use crate::train::evaluate;
 
 fn sim(n_cells: usize, seed: u64) -> crate::simulate::Simulation {
     let p = SimParams {
@@ -82,7 +83,10 @@ fn same_seed_same_latent_and_saved_models_reload_exactly() {
     let data = VaeData::new(&s.counts.csr, &cov);
     assert!(infer::expression(&back.vae, &data, &[1], 1.0, 1) == infer::expression(&a.vae, &data, &[1], 1.0, 1));
 
-    assert!(VaeModel::from_bytes(b"not a model at all", Device::Cpu).unwrap_err().to_string().contains("not a scdistill"));
+    assert!(VaeModel::from_bytes(b"not a model at all", Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("not a scdistill"));
     let mut damaged = bytes.clone();
     damaged.truncate(bytes.len() - 4);
     assert!(VaeModel::from_bytes(&damaged, Device::Cpu).unwrap_err().to_string().contains("damaged"));

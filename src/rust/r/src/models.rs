@@ -1,0 +1,432 @@
+//! extendr glue of the trained models: fitting with progress reported to
+//! R, model bytes and descriptions, inference on (new) cells.
+
+use crate::worker::{self, Lent};
+use crate::{counts_from_r, fail, int_slice, strings, threads_from_r};
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use scdistill_core::data::{Categorical, CountMatrix, Covariates};
+use scdistill_core::device::parse_device;
+use scdistill_core::infer;
+use scdistill_core::models::vae::{Dispersion, Likelihood, VaeConfig, VaeData, VaeModel};
+use scdistill_core::nn::Norm;
+use scdistill_core::train::{EpochRecord, TrainConfig};
+use std::sync::Mutex;
+
+type ModelPtr = ExternalPtr<VaeModel>;
+
+fn model_ref(ptr: &Robj) -> Result<&VaeModel> {
+    let p: &ModelPtr = ptr.try_into().map_err(|_| fail("internal: not a scdistill model pointer"))?;
+    p.try_addr().map_err(|_| fail("internal: the model pointer is empty"))
+}
+
+/// Named scalar settings from an R list.
+struct Settings<'a>(&'a List);
+
+impl Settings<'_> {
+    fn get(&self, name: &str) -> Option<Robj> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+    fn num(&self, name: &str, default: f64) -> Result<f64> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .as_real()
+                .or_else(|| v.as_integer().map(f64::from))
+                .ok_or_else(|| fail(format!("`{name}` must be a single number"))),
+        }
+    }
+    fn count(&self, name: &str, default: usize) -> Result<usize> {
+        let v = self.num(name, default as f64)?;
+        if v < 0.0 || v.fract() != 0.0 || !v.is_finite() {
+            return Err(fail(format!("`{name}` must be a whole number, not {v}")));
+        }
+        Ok(v as usize)
+    }
+    fn flag(&self, name: &str, default: bool) -> Result<bool> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| fail(format!("`{name}` must be TRUE or FALSE"))),
+        }
+    }
+    fn choice<T>(&self, name: &str, default: T, parse: fn(&str) -> Option<T>) -> Result<T> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => {
+                let s = v.as_str().ok_or_else(|| fail(format!("`{name}` must be a string")))?;
+                parse(s).ok_or_else(|| fail(format!("unknown `{name}`: \"{s}\"")))
+            }
+        }
+    }
+}
+
+fn vae_config(s: &List) -> Result<VaeConfig> {
+    let s = Settings(s);
+    let d = VaeConfig::default();
+    Ok(VaeConfig {
+        n_latent: s.count("n_latent", d.n_latent)?,
+        n_hidden: s.count("n_hidden", d.n_hidden)?,
+        n_layers: s.count("n_layers", d.n_layers)?,
+        dropout: s.num("dropout", d.dropout)?,
+        norm: s.choice("norm", d.norm, Norm::parse)?,
+        likelihood: s.choice("likelihood", d.likelihood, Likelihood::parse)?,
+        dispersion: s.choice("dispersion", d.dispersion, Dispersion::parse)?,
+        learn_library: s.flag("learn_library", d.learn_library)?,
+        encode_covariates: s.flag("encode_covariates", d.encode_covariates)?,
+        deeply_inject_covariates: s.flag("deeply_inject_covariates", d.deeply_inject_covariates)?,
+        ..d
+    })
+}
+
+fn train_config(s: &List) -> Result<TrainConfig> {
+    let s = Settings(s);
+    let d = TrainConfig::default();
+    Ok(TrainConfig {
+        max_epochs: s.count("max_epochs", 0)?,
+        batch_size: s.count("batch_size", d.batch_size)?,
+        lr: s.num("lr", d.lr)?,
+        weight_decay: s.num("weight_decay", d.weight_decay)?,
+        adam_eps: s.num("adam_eps", d.adam_eps)?,
+        kl_warmup: s.num("kl_warmup", d.kl_warmup)?,
+        early_stopping: s.flag("early_stopping", d.early_stopping)?,
+        patience: s.count("patience", d.patience)?,
+        min_delta: s.num("min_delta", d.min_delta)?,
+        validation_fraction: s.num("validation_fraction", d.validation_fraction)?,
+        seed: s.count("seed", 0)? as u64,
+    })
+}
+
+/// Covariates of training cells: `batch` = list(name, codes (1-based), levels);
+/// `categorical` = list of such lists; `continuous` = named list of doubles.
+fn covariates_from_r(batch: &List, categorical: &List, continuous: &List, n: usize) -> Result<Covariates> {
+    let cat = |l: &List| -> Result<Categorical> {
+        let s = Settings(l);
+        let name = s.get("name").and_then(|v| v.as_str().map(String::from)).unwrap_or_else(|| "batch".into());
+        let codes = s.get("codes").ok_or_else(|| fail("internal: covariate without codes"))?;
+        let codes: Vec<u32> = int_slice(&codes, &name)?.iter().map(|&c| (c - 1).max(0) as u32).collect();
+        let levels = strings(&s.get("levels").ok_or_else(|| fail("internal: covariate without levels"))?, "levels")?;
+        Categorical::new(&name, codes, levels, n, 1).map_err(fail)
+    };
+    let batch = cat(batch)?;
+    let cats = categorical
+        .values()
+        .map(|v| cat(&List::try_from(v).map_err(|_| fail("internal: categorical covariate must be a list"))?))
+        .collect::<Result<Vec<_>>>()?;
+    let conts = continuous
+        .iter()
+        .map(|(name, v)| {
+            let x = v.as_real_vector().ok_or_else(|| fail(format!("`{name}` must be numeric")))?;
+            Ok((name.to_string(), x.into_iter().map(|x| x as f32).collect()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Covariates::new(batch, cats, conts).map_err(fail)
+}
+
+/// Covariates of new cells from labels: `batch` NULL or character;
+/// `categorical` list of character vectors; `continuous` list of doubles.
+fn new_covariates(
+    m: &VaeModel,
+    n: usize,
+    batch: &Robj,
+    categorical: &List,
+    continuous: &List,
+    needed: bool,
+) -> Result<Covariates> {
+    let b = if batch.is_null() { None } else { Some(strings(batch, "batch")?) };
+    let cats = categorical.values().map(|v| strings(&v, "categorical covariate")).collect::<Result<Vec<_>>>()?;
+    let conts = continuous
+        .values()
+        .map(|v| {
+            v.as_real_vector()
+                .map(|x| x.into_iter().map(|x| x as f32).collect())
+                .ok_or_else(|| fail("continuous covariates must be numeric"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    m.covariates_for(n, b.as_deref(), &cats, conts, needed).map_err(fail)
+}
+
+fn history_to_r(h: &[EpochRecord]) -> List {
+    let col = |f: fn(&EpochRecord) -> f64| h.iter().map(f).collect::<Vec<f64>>();
+    list!(
+        epoch = h.iter().map(|r| r.epoch as i32).collect::<Vec<i32>>(),
+        kl_weight = col(|r| r.kl_weight),
+        train_loss = col(|r| r.train_loss),
+        train_elbo = col(|r| r.train_elbo),
+        train_reconstruction = col(|r| r.train_reconstruction),
+        train_kl = col(|r| r.train_kl),
+        validation_elbo = col(|r| r.validation_elbo),
+        validation_reconstruction = col(|r| r.validation_reconstruction),
+        validation_kl = col(|r| r.validation_kl),
+        seconds = col(|r| r.seconds)
+    )
+}
+
+/// The description of a model as an R list.
+/// @noRd
+#[extendr]
+fn rs_model_info(ptr: Robj) -> Result<List> {
+    let m = model_ref(&ptr)?;
+    let (c, t) = (&m.meta.config, &m.meta.train);
+    Ok(list!(
+        kind = "vae",
+        device = scdistill_core::device::device_name(m.vae.device()),
+        genes = m.meta.genes.clone(),
+        batch_name = m.meta.batch_name.clone(),
+        batch_levels = m.meta.batch_levels.clone(),
+        categorical = List::from_pairs(m.meta.categorical.iter().map(|(n, l)| (n.as_str(), Robj::from(l.clone())))),
+        continuous = m.meta.continuous.clone(),
+        config = list!(
+            n_latent = c.n_latent as i32,
+            n_hidden = c.n_hidden as i32,
+            n_layers = c.n_layers as i32,
+            dropout = c.dropout,
+            norm = format!("{:?}", c.norm).to_lowercase(),
+            likelihood = format!("{:?}", c.likelihood).to_lowercase(),
+            dispersion = match c.dispersion {
+                Dispersion::Gene => "gene",
+                Dispersion::GeneBatch => "gene-batch",
+                Dispersion::GeneCell => "gene-cell",
+            },
+            library = if c.learn_library { "learned" } else { "observed" },
+            encode_covariates = c.encode_covariates
+        ),
+        train = list!(
+            max_epochs = t.max_epochs as i32,
+            batch_size = t.batch_size as i32,
+            lr = t.lr,
+            weight_decay = t.weight_decay,
+            kl_warmup = t.kl_warmup,
+            early_stopping = t.early_stopping,
+            patience = t.patience as i32,
+            min_delta = t.min_delta,
+            validation_fraction = t.validation_fraction,
+            seed = t.seed as f64
+        ),
+        history = history_to_r(&m.meta.history),
+        best_epoch = m.meta.best_epoch as i32,
+        stopped_early = m.meta.stopped_early,
+        interrupted = m.meta.interrupted,
+        n_cells = m.meta.n_cells as i32,
+        validation_cells = m.meta.validation_cells.iter().map(|&c| c as i32 + 1).collect::<Vec<i32>>()
+    ))
+}
+
+/// Trains a VAE. `progress` (an R function of epoch, train loss and
+/// validation -ELBO, or NULL) is called on the R thread as epochs finish.
+/// Returns the model pointer.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_fit_vae(
+    counts: List,
+    batch: List,
+    categorical: List,
+    continuous: List,
+    config: List,
+    train: List,
+    device: &str,
+    threads: i32,
+    progress: Robj,
+) -> Result<Robj> {
+    let m = counts_from_r(&counts)?;
+    let cov = covariates_from_r(&batch, &categorical, &continuous, m.n_cells())?;
+    let (config, train) = (vae_config(&config)?, train_config(&train)?);
+    let device = parse_device(device).map_err(fail)?;
+    let pending: Mutex<Vec<EpochRecord>> = Mutex::new(Vec::new());
+    let report = |r: &EpochRecord| pending.lock().unwrap_or_else(|e| e.into_inner()).push(r.clone());
+    let callback = progress.as_function();
+    let tick = || {
+        let done: Vec<EpochRecord> = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(f) = &callback {
+            for r in done {
+                // A failing progress callback must not stop training.
+                let _ = f.call(pairlist!(r.epoch as i32, r.train_loss, r.validation_elbo));
+            }
+        }
+    };
+    let model = worker::run_with_ticks(
+        threads_from_r(threads)?,
+        |interrupted| VaeModel::fit(&m, &cov, config, train, device, interrupted, &report),
+        tick,
+    )
+    .map_err(fail)?
+    .map_err(fail)?;
+    Ok(ExternalPtr::new(model).into())
+}
+
+/// The model file's bytes.
+/// @noRd
+#[extendr]
+fn rs_model_bytes(ptr: Robj) -> Result<Raw> {
+    let bytes = model_ref(&ptr)?.to_bytes().map_err(fail)?;
+    Ok(Raw::from_bytes(&bytes))
+}
+
+/// A model pointer from a model file's bytes, on `device`.
+/// @noRd
+#[extendr]
+fn rs_model_from_bytes(bytes: Raw, device: &str) -> Result<Robj> {
+    let device = parse_device(device).map_err(fail)?;
+    let model = VaeModel::from_bytes(bytes.as_slice(), device).map_err(fail)?;
+    Ok(ExternalPtr::new(model).into())
+}
+
+/// New (or training) cells aligned to the model's genes.
+fn aligned(model: &VaeModel, counts: &List) -> Result<CountMatrix> {
+    let m = counts_from_r(counts)?;
+    let csr = model.align_genes(&m).map_err(fail)?;
+    Ok(CountMatrix { csr, genes: model.meta.genes.clone(), cells: m.cells })
+}
+
+/// Latent coordinates, column-major cells × n_latent.
+/// @noRd
+#[extendr]
+fn rs_vae_latent(ptr: Robj, counts: List, give_mean: bool, seed: f64, threads: i32) -> Result<Vec<f64>> {
+    let model = model_ref(&ptr)?;
+    let m = aligned(model, &counts)?;
+    let cov = model.covariates_for(m.n_cells(), None, &[], vec![], false);
+    // Covariates matter to the encoder only when it was trained with them.
+    let cov = match (model.meta.config.encode_covariates, cov) {
+        (false, Ok(c)) => c,
+        (_, Err(e)) => return Err(fail(e)),
+        (true, Ok(_)) => {
+            return Err(fail("this model encodes covariates: use the accessor with the cells' covariates"))
+        }
+    };
+    let z = {
+        let lent = Lent(model);
+        crate::run(threads, |_| {
+            let model = lent.get();
+            scdistill_core::device::seed_torch(seed as u64);
+            Ok(infer::latent(&model.vae, &VaeData::new(&m.csr, &cov), give_mean))
+        })
+    }?;
+    Ok(transpose(&z, m.n_cells(), model.meta.config.n_latent))
+}
+
+fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
+    (0..d).flat_map(|j| (0..n).map(move |i| v[i * d + j] as f64)).collect()
+}
+
+/// Expected expression, genes × cells column-major (the row-major cells × genes buffer as is).
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_expression(
+    ptr: Robj,
+    counts: List,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    transform_batch: Robj,
+    library_size: f64,
+    n_samples: i32,
+    seed: f64,
+    threads: i32,
+) -> Result<Vec<f64>> {
+    let model = model_ref(&ptr)?;
+    let m = aligned(model, &counts)?;
+    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
+    let levels = &model.meta.batch_levels;
+    let targets: Vec<u32> = if transform_batch.is_null() {
+        vec![]
+    } else {
+        strings(&transform_batch, "transform_batch")?
+            .iter()
+            .map(|b| {
+                levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
+                    fail(format!(
+                        "`transform_batch` \"{b}\" is not a batch of the model (batches: {})",
+                        levels.join(", ")
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let x = {
+        let lent = Lent(model);
+        crate::run(threads, |_| {
+            let model = lent.get();
+            scdistill_core::device::seed_torch(seed as u64);
+            Ok(infer::expression(
+                &model.vae,
+                &VaeData::new(&m.csr, &cov),
+                &targets,
+                library_size,
+                n_samples.max(1) as usize,
+            ))
+        })
+    }?;
+    Ok(x.into_iter().map(f64::from).collect())
+}
+
+/// Posterior predictive counts: list of `n_samples` CSR slot lists.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_sample(
+    ptr: Robj,
+    counts: List,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    n_samples: i32,
+    seed: f64,
+    threads: i32,
+) -> Result<List> {
+    let model = model_ref(&ptr)?;
+    let m = aligned(model, &counts)?;
+    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
+    let draws = {
+        let lent = Lent(model);
+        crate::run(threads, |_| {
+            let model = lent.get();
+            scdistill_core::device::seed_torch(seed as u64);
+            let data = VaeData::new(&m.csr, &cov);
+            Ok((0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, &data)).collect::<Vec<_>>())
+        })
+    }?;
+    Ok(List::from_values(draws.into_iter().map(crate::csr_to_r)))
+}
+
+/// c(-ELBO, reconstruction, KL), means per cell.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_elbo(
+    ptr: Robj,
+    counts: List,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    seed: f64,
+    threads: i32,
+) -> Result<Vec<f64>> {
+    let model = model_ref(&ptr)?;
+    let m = aligned(model, &counts)?;
+    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
+    let (e, r, k) = {
+        let lent = Lent(model);
+        crate::run(threads, |_| {
+            let model = lent.get();
+            scdistill_core::device::seed_torch(seed as u64);
+            let data = VaeData::new(&m.csr, &cov);
+            let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data: &data };
+            let rows: Vec<usize> = (0..m.n_cells()).collect();
+            Ok(scdistill_core::train::evaluate(&task, &rows, 1024))
+        })
+    }?;
+    Ok(vec![e, r, k])
+}
+
+extendr_module! {
+    mod models;
+    fn rs_fit_vae;
+    fn rs_model_info;
+    fn rs_model_bytes;
+    fn rs_model_from_bytes;
+    fn rs_vae_latent;
+    fn rs_vae_expression;
+    fn rs_vae_sample;
+    fn rs_vae_elbo;
+}
