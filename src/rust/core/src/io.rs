@@ -37,7 +37,7 @@ pub fn to_bytes(vs: &nn::VarStore, meta: Value) -> Result<Vec<u8>> {
     );
     header.insert("__metadata__".into(), Value::Object(meta_map));
     let mut head = Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + data.len());

@@ -167,7 +167,7 @@ mod tests {
     #[test]
     fn design_rows_concatenate_one_hots_and_values() {
         let b = Categorical::new("batch", vec![1, 0], vec!["a".into(), "b".into()], 2, 1).unwrap();
-        let s = Categorical::new("sex", vec![0, 2], vec!["f".into(), "m".into(), "u".into()], 2, 1).unwrap();
+        let s = Categorical::new("sex", vec![0, 2], vec!["f".into(), "m".into(), "u".into()], 2, 0).unwrap();
         let cov = Covariates::new(b, vec![s], vec![("age".into(), vec![30.0, 41.5])]).unwrap();
         assert_eq!(cov.n_design(), 6);
         let d: Vec<f32> = Vec::try_from(cov.design(&[1, 0], None, Device::Cpu).flatten(0, -1)).unwrap();

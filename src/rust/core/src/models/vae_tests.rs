@@ -121,16 +121,18 @@ fn expression_rows_are_proportions_and_counterfactual_batches_differ() {
 
 #[test]
 fn early_stopping_restores_the_best_weights() {
-    let s = sim(300, 4);
+    let s = sim(1000, 4);
     let tc = TrainConfig { max_epochs: 300, kl_warmup: 0.0, patience: 3, min_delta: 5.0, ..Default::default() };
     let m = fit(&s, VaeConfig::default(), tc);
     assert!(m.meta.stopped_early);
     assert_eq!(m.meta.best_epoch + 3, m.meta.history.len());
     let cov = covariates(&s);
     let data = VaeData::new(&s.counts.csr, &cov);
-    let (val, _, _) = evaluate(&VaeTask { model: &m.vae, data: &data }, &m.meta.validation_cells, 1024);
+    // The ELBO draws z: average a few evaluations of the 100 held-out cells.
+    let task = VaeTask { model: &m.vae, data: &data };
+    let val: f64 = (0..10).map(|_| evaluate(&task, &m.meta.validation_cells, 1024).0).sum::<f64>() / 10.0;
     let best = m.meta.history[m.meta.best_epoch - 1].validation_elbo;
-    assert!((val - best).abs() / best < 0.02, "restored {val} vs best {best}");
+    assert!((val - best).abs() / best < 0.01, "restored {val} vs best {best}");
 }
 
 #[test]
