@@ -78,3 +78,5 @@ rs_vae_sample <- function(ptr, counts, batch, categorical, continuous, n_samples
 rs_vae_elbo <- function(ptr, counts, batch, categorical, continuous, seed, threads) {
   .Call(native("wrap__rs_vae_elbo"), ptr, counts, batch, categorical, continuous, seed, threads)
 }
+
+rs_blas_library <- function() .Call(native("wrap__rs_blas_library"))

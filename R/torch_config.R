@@ -12,8 +12,9 @@
 #'   `"cuda"` or `"cuda:N"`.
 #' @param threads Number of threads, or `NULL` for the policy above.
 #' @return A list of class `scdistill_torch_config` with `libtorch_version`,
-#'   `cuda_available`, `cuda_device_count`, `cudnn_available`, `device` and
-#'   `threads`.
+#'   `cuda_available`, `cuda_device_count`, `cudnn_available`, `device`,
+#'   `threads` and `blas` (the library libtorch's matrix products run in:
+#'   libtorch's own, whatever BLAS R uses).
 #' @examples
 #' torch_config()
 #' torch_config(device = "cpu", threads = 1)
@@ -21,6 +22,7 @@
 torch_config <- function(device = "auto", threads = NULL) {
   check_device(device)
   cfg <- rust(rs_torch_config(device, resolve_threads(threads)))
+  cfg$blas <- rs_blas_library()
   structure(cfg, class = "scdistill_torch_config")
 }
 
@@ -32,6 +34,7 @@ print.scdistill_torch_config <- function(x, ...) {
                                                if (x$cudnn_available) ", cuDNN" else "") else "no", "\n", sep = "")
   cat("device:  ", x$device, "\n", sep = "")
   cat("threads: ", x$threads, "\n", sep = "")
+  cat("BLAS:    ", basename(x$blas %||% "?"), "\n", sep = "")
   invisible(x)
 }
 

@@ -59,7 +59,11 @@ run_one <- function(name) {
   dir.create(work, showWarnings = FALSE)
   n <- ncol(d$counts)
   set.seed(1)
-  split <- ifelse(seq_len(n) %in% sample(n, ceiling(0.1 * n)), "validation", "train")
+  # 10% held out, a few more if needed so that no minibatch of 1 or 2 cells
+  # is left over (scvi-tools' BatchNorm fails on a minibatch of one cell).
+  n_val <- ceiling(0.1 * n)
+  while ((n - n_val) %% 128 %in% 1:2) n_val <- n_val + 1
+  split <- ifelse(seq_len(n) %in% sample(n, n_val), "validation", "train")
   obs <- data.frame(batch = d$batch, label = d$label, split = split, row.names = colnames(d$counts))
   invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
   utils::write.csv(obs, file.path(work, "obs.csv"))

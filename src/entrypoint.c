@@ -1,9 +1,36 @@
-// Registration of the Rust routines. The call into the Rust static library
-// also keeps the linker from dropping it.
-void R_init_scdistill_extendr(void *dll);
-void register_extendr_panic_hook(void);
+// The package's own shared object is only a loader. The Rust core and
+// libtorch live in scdistill_torch.so beside it, opened here with
+// RTLD_DEEPBIND: libtorch carries its own BLAS (MKL) under the Fortran names
+// (sgemm_, ...) that R's BLAS also exports, and without DEEPBIND libtorch's
+// matrix products would bind to R's BLAS (on Debian the slow reference BLAS:
+// training ten times slower). The routines are then registered for this
+// package by the core's init function.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+#include <R.h>
+#include <Rinternals.h>
+#include <R_ext/Rdynload.h>
 
-void R_init_scdistill(void *dll) {
-    register_extendr_panic_hook();
-    R_init_scdistill_extendr(dll);
+#ifndef RTLD_DEEPBIND
+#define RTLD_DEEPBIND 0
+#endif
+
+void R_init_scdistill(DllInfo *dll) {
+    Dl_info self;
+    if (!dladdr((void *)R_init_scdistill, &self) || !self.dli_fname) {
+        Rf_error("scdistill: cannot locate its own shared object");
+    }
+    char path[4096];
+    const char *slash = strrchr(self.dli_fname, '/');
+    size_t dir_len = slash ? (size_t)(slash - self.dli_fname) : 0;
+    if (dir_len + 32 > sizeof(path)) Rf_error("scdistill: installation path too long");
+    memcpy(path, self.dli_fname, dir_len);
+    snprintf(path + dir_len, sizeof(path) - dir_len, "%sscdistill_torch.so", dir_len ? "/" : "");
+    void *core = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+    if (!core) Rf_error("scdistill: cannot load its libtorch core (%s): %s", path, dlerror());
+    void (*init)(DllInfo *) = (void (*)(DllInfo *))dlsym(core, "scdistill_torch_init");
+    if (!init) Rf_error("scdistill: %s has no init function", path);
+    init(dll);
 }

@@ -1,6 +1,9 @@
 test_that("torch_config reports the pinned libtorch and applies threads", {
   cfg <- torch_config(device = "cpu", threads = 1)
   expect_s3_class(cfg, "scdistill_torch_config")
+  # libtorch's matrix products use its own BLAS, not R's (which exports the
+  # same Fortran names and would be ten times slower as the reference BLAS).
+  expect_match(basename(cfg$blas), "^libtorch_cpu")
   expect_match(cfg$libtorch_version, "^2\\.11\\.0")
   expect_identical(cfg$device, "cpu")
   expect_identical(cfg$threads, 1L)

@@ -382,6 +382,41 @@ fn rs_torch_config(device: &str, threads: i32) -> Result<List> {
     ))
 }
 
+#[repr(C)]
+struct DlInfo {
+    fname: *const std::ffi::c_char,
+    fbase: *mut std::ffi::c_void,
+    sname: *const std::ffi::c_char,
+    saddr: *mut std::ffi::c_void,
+}
+
+extern "C" {
+    fn dladdr(addr: *const std::ffi::c_void, info: *mut DlInfo) -> i32;
+    // Single-precision matrix product of the Fortran BLAS interface, as
+    // libtorch calls it.
+    fn sgemm_();
+}
+
+/// The shared object whose `sgemm_` the core (and so libtorch) calls: it
+/// must be libtorch's own, not R's BLAS (see src/entrypoint.c).
+/// @noRd
+#[extendr]
+fn rs_blas_library() -> String {
+    let mut info = DlInfo {
+        fname: std::ptr::null(),
+        fbase: std::ptr::null_mut(),
+        sname: std::ptr::null(),
+        saddr: std::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads the address; the name it returns is owned by the loader.
+    unsafe {
+        if dladdr(sgemm_ as *const std::ffi::c_void, &mut info) == 0 || info.fname.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(info.fname).to_string_lossy().into_owned()
+    }
+}
+
 /// Threads this process may use (respects CPU affinity and cgroup limits).
 /// @noRd
 #[extendr]
@@ -428,6 +463,7 @@ extendr_module! {
     fn rs_integration_metrics;
     fn rs_torch_config;
     fn rs_available_threads;
+    fn rs_blas_library;
     fn rs_panic_for_test;
     fn rs_wait_for_interrupt;
 }
