@@ -61,8 +61,8 @@ rs_model_bytes <- function(ptr) .Call(native("wrap__rs_model_bytes"), ptr)
 
 rs_model_from_bytes <- function(bytes, device) .Call(native("wrap__rs_model_from_bytes"), bytes, device)
 
-rs_vae_latent <- function(ptr, counts, give_mean, seed, threads) {
-  .Call(native("wrap__rs_vae_latent"), ptr, counts, give_mean, seed, threads)
+rs_vae_latent <- function(ptr, counts, batch, categorical, continuous, give_mean, seed, threads) {
+  .Call(native("wrap__rs_vae_latent"), ptr, counts, batch, categorical, continuous, give_mean, seed, threads)
 }
 
 rs_vae_expression <- function(ptr, counts, batch, categorical, continuous, transform_batch, library_size,

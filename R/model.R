@@ -156,6 +156,8 @@ model_input <- function(model, x, batch, ...) {
 #'
 #' @param model A `scdistill_model`.
 #' @param x `NULL` or counts of cells to place (see [as_counts()]).
+#' @param batch Batch of the cells of `x`, needed only by models that encode
+#'   covariates (see [normalized_expression()]).
 #' @param give_mean The posterior mean (default) or one draw from q(z | x).
 #' @param seed Seed of the draw when `give_mean = FALSE`.
 #' @param threads CPU threads.
@@ -166,7 +168,7 @@ model_input <- function(model, x, batch, ...) {
 #' model <- fit_vae(sce[1:500, ], batch = "batch", max_epochs = 20, threads = 2)
 #' head(latent(model))
 #' @export
-latent <- function(model, x = NULL, give_mean = TRUE, seed = 0, threads = NULL, ...) {
+latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, threads = NULL, ...) {
   check_model(model)
   give_mean <- check_flag(give_mean, "give_mean")
   if (is.null(x) && give_mean && !is.null(model$latent)) return(model$latent)
@@ -174,9 +176,11 @@ latent <- function(model, x = NULL, give_mean = TRUE, seed = 0, threads = NULL, 
     stop("pass `x`, the counts of the cells (the model keeps the latent space of its training cells only ",
          "in the session it was trained in, and draws always need the counts)", call. = FALSE)
   }
-  cnt <- as_counts(x, ...)
-  z <- rust(rs_vae_latent(model_ptr(model), slots(cnt), give_mean, as.numeric(seed), resolve_threads(threads)))
-  latent_matrix(z, colnames(cnt$counts), model$info$config$n_latent)
+  needs_covariates <- isTRUE(model$info$config$encode_covariates)
+  inp <- if (needs_covariates) model_input(model, x, batch, ...) else list(counts = slots(cnt <- as_counts(x, ...)))
+  z <- rust(rs_vae_latent(model_ptr(model), inp$counts, inp$batch, inp$categorical %||% list(),
+                          inp$continuous %||% list(), give_mean, as.numeric(seed), resolve_threads(threads)))
+  latent_matrix(z, inp$counts$cells, model$info$config$n_latent)
 }
 
 #' Normalized and batch-corrected expression

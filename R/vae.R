@@ -108,11 +108,10 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
 
   bar <- if (check_flag(progress, "progress")) training_bar(max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  ptr <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, train,
+  fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, train,
                          device, resolve_threads(threads), bar$update))
-  model <- new_model(ptr, "scdistill_vae")
-  model$latent <- latent_matrix(rs_vae_latent(model_ptr(model), slots(cnt), TRUE, 0, resolve_threads(threads)),
-                                colnames(cnt$counts), n_latent)
+  model <- new_model(fit$ptr, "scdistill_vae")
+  model$latent <- latent_matrix(fit$latent, colnames(cnt$counts), n_latent)
   if (isTRUE(model$info$interrupted)) {
     warning("training was interrupted at epoch ", nrow(model$history), "; the model keeps the weights of epoch ",
             model$info$best_epoch, call. = FALSE)

@@ -244,14 +244,20 @@ fn rs_fit_vae(
             }
         }
     };
-    let model = worker::run_with_ticks(
+    let (model, z) = worker::run_with_ticks(
         threads_from_r(threads)?,
-        |interrupted| VaeModel::fit(&m, &cov, config, train, device, interrupted, &report),
+        |interrupted| {
+            let model = VaeModel::fit(&m, &cov, config, train, device, interrupted, &report)?;
+            // The training cells' latent space, with their own covariates.
+            let z = infer::latent(&model.vae, &VaeData::new(&m.csr, &cov), true);
+            Ok::<_, scdistill_core::Error>((model, z))
+        },
         tick,
     )
     .map_err(fail)?
     .map_err(fail)?;
-    Ok(ExternalPtr::new(model).into())
+    let n_latent = model.meta.config.n_latent;
+    Ok(list!(ptr = ExternalPtr::new(model), latent = transpose(&z, m.n_cells(), n_latent)).into())
 }
 
 /// The model file's bytes.
@@ -281,17 +287,24 @@ fn aligned(model: &VaeModel, counts: &List) -> Result<CountMatrix> {
 /// Latent coordinates, column-major cells × n_latent.
 /// @noRd
 #[extendr]
-fn rs_vae_latent(ptr: Robj, counts: List, give_mean: bool, seed: f64, threads: i32) -> Result<Vec<f64>> {
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_latent(
+    ptr: Robj,
+    counts: List,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    give_mean: bool,
+    seed: f64,
+    threads: i32,
+) -> Result<Vec<f64>> {
     let model = model_ref(&ptr)?;
     let m = aligned(model, &counts)?;
-    let cov = model.covariates_for(m.n_cells(), None, &[], vec![], false);
     // Covariates matter to the encoder only when it was trained with them.
-    let cov = match (model.meta.config.encode_covariates, cov) {
-        (false, Ok(c)) => c,
-        (_, Err(e)) => return Err(fail(e)),
-        (true, Ok(_)) => {
-            return Err(fail("this model encodes covariates: use the accessor with the cells' covariates"))
-        }
+    let cov = if model.meta.config.encode_covariates {
+        new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?
+    } else {
+        model.neutral_covariates(m.n_cells())
     };
     let z = {
         let lent = Lent(model);

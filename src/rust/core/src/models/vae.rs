@@ -480,6 +480,22 @@ impl VaeModel {
         Ok(counts.csr.select_columns(&keep))
     }
 
+    /// Covariates for computations that do not use them (the encoder of a
+    /// model that does not encode covariates): every cell at the first level.
+    pub fn neutral_covariates(&self, n_cells: usize) -> Covariates {
+        let m = &self.meta;
+        let cat = |name: &str, levels: &[String]| Categorical {
+            name: name.to_string(),
+            codes: vec![0; n_cells],
+            levels: levels.to_vec(),
+        };
+        Covariates {
+            batch: cat(&m.batch_name, &m.batch_levels),
+            categorical: m.categorical.iter().map(|(n, l)| cat(n, l)).collect(),
+            continuous: m.continuous.iter().map(|n| (n.clone(), vec![0.0; n_cells])).collect(),
+        }
+    }
+
     /// Covariates of new cells from their labels: each label must be a level
     /// the model was trained with. `batch = None` is allowed only for a model
     /// with a single batch (or where the batch is irrelevant, `batch_needed` false).
