@@ -112,7 +112,7 @@ impl SparseBatch {
 /// Σ over genes of `nb_log_kernel` per row: θ log(θ/(θ+μ)) over every
 /// entry, the rest at the non-zeros only.
 pub fn nb_log_kernel_rows(c: &SparseBatch, mu: &Tensor, theta: &Tensor, eps: f64) -> Tensor {
-    let log_theta_mu = (theta + mu + eps).log();
+    let log_theta_mu = (mu + (theta + eps)).log();
     let a = theta * ((theta + eps).log() - &log_theta_mu);
     let dense = a.sum_dim_intlist(-1, false, a.kind());
     dense + c.per_row(&nb_nonzero_terms(c, mu, theta, &log_theta_mu, eps))
@@ -121,7 +121,10 @@ pub fn nb_log_kernel_rows(c: &SparseBatch, mu: &Tensor, theta: &Tensor, eps: f64
 fn nb_nonzero_terms(c: &SparseBatch, mu: &Tensor, theta: &Tensor, log_theta_mu: &Tensor, eps: f64) -> Tensor {
     let theta_nz = c.at(theta);
     let mu_nz = c.at(mu);
-    &c.x * ((mu_nz + eps).log() - c.at(log_theta_mu)) + (&c.x + &theta_nz).lgamma() - theta_nz.lgamma()
+    // log Γ(θ) of a per-gene θ: once per gene (and its digamma in the
+    // backward pass), not once per non-zero.
+    let lgamma_theta = if theta.size()[0] == 1 { c.at(&theta.lgamma()) } else { theta_nz.lgamma() };
+    &c.x * ((mu_nz + eps).log() - c.at(log_theta_mu)) + (&c.x + &theta_nz).lgamma() - lgamma_theta
 }
 
 /// Σ over genes of `zinb_log_kernel` per row. With A = θ log(θ/(θ+μ)) and
@@ -130,7 +133,7 @@ fn nb_nonzero_terms(c: &SparseBatch, mu: &Tensor, theta: &Tensor, log_theta_mu: 
 /// part is Σ softplus(A − π) − softplus(−π) over every entry, corrected at
 /// the non-zeros by −π + A − softplus(A − π) + the NB non-zero terms.
 pub fn zinb_log_kernel_rows(c: &SparseBatch, mu: &Tensor, theta: &Tensor, pi_logits: &Tensor, eps: f64) -> Tensor {
-    let log_theta_mu = (theta + mu + eps).log();
+    let log_theta_mu = (mu + (theta + eps)).log();
     let a = theta * ((theta + eps).log() - &log_theta_mu);
     let zero_case = (&a - pi_logits).softplus();
     let dense = (&zero_case - (-pi_logits).softplus()).sum_dim_intlist(-1, false, a.kind());
