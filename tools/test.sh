@@ -52,6 +52,6 @@ echo "cargo test (core):  $rust_pass passed, $rust_fail failed"
 echo "testthat (R API):   $r_pass passed, $r_fail failed, $r_skip skipped"
 echo "R CMD check:        $check_status   (log: $WORK/check.log)"
 failed=$((rust_fail + r_fail))
-case "$check_status" in *ERROR*) failed=$((failed + 1)) ;; esac
+case "$check_status" in *ERROR*|*WARNING*) failed=$((failed + 1)) ;; esac
 echo "scdistill: $((rust_pass + r_pass)) passed, $failed failed, $r_skip skipped"
 [ "$failed" = 0 ]
