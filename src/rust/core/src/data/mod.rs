@@ -4,9 +4,11 @@
 mod counts;
 mod covariates;
 mod csr;
+mod resident;
 mod split;
 
 pub use counts::CountMatrix;
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
+pub use resident::DeviceCsr;
 pub use split::{rows_to_tensor, train_validation_split};

@@ -9,7 +9,10 @@
 //! log-normal prior whose mean and variance are those of the batch's log
 //! library sizes (as scVI).
 
-use crate::data::{Categorical, CountMatrix, Covariates, Csr};
+use crate::data::{Categorical, CountMatrix, Covariates, Csr, DeviceCsr};
+
+/// Largest count matrix kept on a GPU for training (bytes).
+const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Error, Result};
 use crate::io;
@@ -321,25 +324,40 @@ pub struct VaeData<'a> {
     pub covariates: &'a Covariates,
     pub log_library: Vec<f32>,
     pub log_factorial: Vec<f32>,
+    /// The counts on the device, when they are kept there.
+    pub resident: Option<DeviceCsr>,
 }
 
 impl<'a> VaeData<'a> {
     pub fn new(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
         let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
         let log_factorial = super::log_factorial(counts);
-        VaeData { counts, covariates, log_library, log_factorial }
+        VaeData { counts, covariates, log_library, log_factorial, resident: None }
+    }
+
+    /// Keeps the counts on `device` and gathers minibatches there.
+    pub fn keep_on(mut self, device: Device) -> Result<Self> {
+        self.resident = Some(DeviceCsr::new(self.counts, device)?);
+        Ok(self)
     }
 
     /// Inputs of `rows`, with every cell's batch set to `batch_as` if given.
     pub fn inputs(&self, rows: &[usize], batch_as: Option<u32>, device: Device) -> Inputs {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
+        let (x, nonzero) = match &self.resident {
+            Some(d) if d.device() == device => d.rows(rows),
+            _ => (
+                crate::data::rows_to_tensor(self.counts, rows, device),
+                SparseBatch::from_csr(self.counts, rows, device),
+            ),
+        };
         Inputs {
-            x: crate::data::rows_to_tensor(self.counts, rows, device),
+            x,
             log_library: pick(&self.log_library).unsqueeze(1),
             design: self.covariates.design(rows, batch_as, device),
             batch: self.covariates.batch_codes(rows, batch_as, device),
             log_factorial: pick(&self.log_factorial),
-            nonzero: SparseBatch::from_csr(self.counts, rows, device),
+            nonzero,
         }
     }
 }
@@ -420,7 +438,11 @@ impl VaeModel {
         }
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(config.clone(), device)?;
-        let data = VaeData::new(&counts.csr, cov);
+        let mut data = VaeData::new(&counts.csr, cov);
+        // On a GPU, keep the counts there when they take at most 8 GiB.
+        if device != Device::Cpu && DeviceCsr::bytes(counts.csr.nnz(), counts.n_cells()) <= RESIDENT_MAX_BYTES {
+            data = data.keep_on(device)?;
+        }
         if config.learn_library {
             vae.set_library_prior(&data);
         }

@@ -164,3 +164,23 @@ fn new_cells_are_matched_by_gene_name_and_batch_label() {
     let e = m.covariates_for(200, None, &[], vec![], true).unwrap_err().to_string();
     assert!(e.contains("trained on 2 batches"), "{e}");
 }
+
+#[test]
+fn counts_kept_on_the_device_train_the_same_model() {
+    let s = sim(300, 8);
+    let cov = covariates(&s);
+    let tc = quick(3);
+    let run = |resident: bool| {
+        let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        seed_torch(tc.seed);
+        let cfg = VaeConfig { n_genes: 200, n_batch: 2, n_design: 2, ..Default::default() };
+        let vae = Vae::new(cfg, Device::Cpu).unwrap();
+        let mut data = VaeData::new(&s.counts.csr, &cov);
+        if resident {
+            data = data.keep_on(Device::Cpu).unwrap();
+        }
+        train(&VaeTask { model: &vae, data: &data }, &tc, &never, &|_| {}).unwrap();
+        infer::latent(&vae, &data, true)
+    };
+    assert!(run(true) == run(false), "resident and host minibatches trained different models");
+}
