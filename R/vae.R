@@ -179,15 +179,3 @@ training_bar <- function(max_epochs) {
 latent_matrix <- function(values, cells, n_latent) {
   matrix(values, ncol = n_latent, dimnames = list(cells, paste0("latent_", seq_len(n_latent))))
 }
-
-check_fraction <- function(x, arg, upper_open = TRUE) {
-  ok <- is.numeric(x) && length(x) == 1 && !is.na(x) && x >= 0 && (if (upper_open) x < 1 else x <= 1)
-  if (!ok) stop("`", arg, "` must be a number in [0, 1", if (upper_open) ")" else "]", call. = FALSE)
-  x
-}
-
-check_positive <- function(x, arg, zero_ok = FALSE) {
-  ok <- is.numeric(x) && length(x) == 1 && is.finite(x) && (x > 0 || (zero_ok && x == 0))
-  if (!ok) stop("`", arg, "` must be a ", if (zero_ok) "non-negative" else "positive", " number", call. = FALSE)
-  x
-}
