@@ -50,6 +50,17 @@
 #'   RNA program and differ from it only in their peaks: a known case where
 #'   ATAC carries the signal.
 #' @param atac_binary Report peaks as 0/1 rather than counts.
+#' @param species `NULL`, `TRUE`, or a list with any of `n_cells` (2000),
+#'   `n_genes` (2000), `homolog_fraction` (0.8), `mean_divergence` (0.3),
+#'   `de_conservation` (0.8): also simulate a second species with the same
+#'   cell types, for cross-species alignment. That fraction of its genes are
+#'   one-to-one homologs of the first species' genes: their base means differ
+#'   by a log-normal factor (sd `mean_divergence` on the log scale) and each
+#'   keeps its cell-type factor with probability `de_conservation`. It has its
+#'   own cells, batches and library sizes, no condition, and is returned as
+#'   `metadata(x)$species2` (a `SingleCellExperiment` whose `rowData` column
+#'   `homolog` names the first species' gene, `NA` for none). The first
+#'   species' counts are the same with or without it.
 #' @param seed Random seed; the same seed gives the same counts.
 #' @param format `"sce"` (a `SingleCellExperiment`) or `"list"`.
 #' @param threads Number of threads (see [torch_config()]).
@@ -81,7 +92,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             group_prob = NULL, batch_prob = NULL, treated_fraction = NULL,
                             condition_de_prob = 0.1, condition_lfc = 0.5, samples_per_batch = 2,
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
-                            atac_only_groups = 0, atac_binary = FALSE, seed = 1,
+                            atac_only_groups = 0, atac_binary = FALSE, species = NULL, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
   batch_effect <- match.arg(batch_effect)
   format <- match.arg(format)
@@ -113,6 +124,18 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
     params <- c(params, list(n_peaks = check_count(n_peaks, "n_peaks", min = 2),
                              atac_only_groups = check_count(atac_only_groups, "atac_only_groups", min = 0),
                              atac_binary = as.numeric(isTRUE(atac_binary))))
+  }
+  if (!is.null(species) && !isFALSE(species)) {
+    sp <- if (isTRUE(species)) list() else species
+    if (!is.list(sp) || (length(sp) && (is.null(names(sp)) || !all(names(sp) %in%
+        c("n_cells", "n_genes", "homolog_fraction", "mean_divergence", "de_conservation"))))) {
+      stop("`species` must be TRUE or a list with n_cells, n_genes, homolog_fraction, mean_divergence, ",
+           "de_conservation", call. = FALSE)
+    }
+    params <- c(params, list(species_n_cells = sp$n_cells %||% 2000, species_n_genes = sp$n_genes %||% 2000,
+                             homolog_fraction = sp$homolog_fraction %||% 0.8,
+                             mean_divergence = sp$mean_divergence %||% 0.3,
+                             de_conservation = sp$de_conservation %||% 0.8))
   }
   extra <- list(...)
   if (length(extra) && (is.null(names(extra)) || any(names(extra) == ""))) {
@@ -155,15 +178,29 @@ simulation_result <- function(res, params, format) {
                             row.names = a$peaks)
     peak_data <- cbind(peak_data, per(a$group_factor, types, "atac_factor_", n = length(a$peaks)))
   }
+  species2 <- NULL
+  if (!is.null(res$species)) {
+    homolog <- attr(res$species, "homolog")
+    species2 <- simulation_result(res$species, params, format)
+    first_gene <- ifelse(homolog > 0, res$genes[pmax(homolog, 1)], NA_character_)
+    if (format == "list") {
+      species2$gene_data$homolog <- first_gene
+      species2$params <- NULL
+    } else {
+      SummarizedExperiment::rowData(species2)$homolog <- first_gene
+    }
+  }
   if (format == "list") {
     out <- list(counts = counts, cell_data = cell_data, gene_data = gene_data, params = params)
     if (!is.null(atac)) out <- c(out, list(atac = atac, peak_data = peak_data))
+    if (!is.null(species2)) out$species2 <- species2
     return(out)
   }
   need("SingleCellExperiment")
   sce <- SingleCellExperiment::SingleCellExperiment(
     assays = list(counts = counts), colData = S4Vectors_DataFrame(cell_data),
-    rowData = S4Vectors_DataFrame(gene_data), metadata = list(simulation = params))
+    rowData = S4Vectors_DataFrame(gene_data),
+    metadata = c(list(simulation = params), if (!is.null(species2)) list(species2 = species2)))
   if (!is.null(atac)) {
     SingleCellExperiment::altExp(sce, "ATAC") <- SingleCellExperiment::SingleCellExperiment(
       assays = list(counts = atac), rowData = S4Vectors_DataFrame(peak_data))

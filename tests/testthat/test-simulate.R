@@ -95,3 +95,29 @@ test_that("the ATAC modality goes to altExp with its truth", {
   expect_error(simulate_counts(n_cells = 100, n_groups = 2, atac = TRUE, atac_only_groups = 2),
                "`atac_only_groups` must be smaller than the number of cell types \\(2\\)")
 })
+
+test_that("a second species comes with a one-to-one homolog map and the same cell types", {
+  one <- simulate_counts(n_cells = 300, n_genes = 200, seed = 5, threads = 2)
+  two <- simulate_counts(n_cells = 300, n_genes = 200, seed = 5, threads = 2,
+                         species = list(n_cells = 250, n_genes = 150, homolog_fraction = 0.6))
+  # The first species is unchanged by adding the second.
+  expect_identical(SingleCellExperiment::counts(two), SingleCellExperiment::counts(one))
+  sp <- two@metadata$species2
+  expect_s4_class(sp, "SingleCellExperiment")
+  expect_equal(dim(sp), c(150, 250))
+  expect_true(all(startsWith(rownames(sp), "Sp2Gene")))
+  hom <- SummarizedExperiment::rowData(sp)$homolog
+  expect_equal(sum(!is.na(hom)), 90)
+  expect_false(anyDuplicated(hom[!is.na(hom)]) > 0)
+  expect_true(all(hom[!is.na(hom)] %in% rownames(two)))
+  expect_setequal(levels(sp$cell_type), levels(two$cell_type))
+  # Homologs' base means follow the first species' (log-normal divergence, sd 0.3).
+  rd1 <- SummarizedExperiment::rowData(two)
+  rd2 <- SummarizedExperiment::rowData(sp)
+  keep <- !is.na(hom)
+  expect_gt(cor(log(rd2$base_mean[keep]), log(rd1[hom[keep], "base_mean"])), 0.9)
+  lst <- simulate_counts(n_cells = 300, n_genes = 200, seed = 5, threads = 2, species = TRUE, format = "list")
+  expect_equal(dim(lst$species2$counts), c(2000, 2000))
+  expect_true("homolog" %in% names(lst$species2$gene_data))
+  expect_error(simulate_counts(n_cells = 50, n_genes = 20, species = list(n_cell = 5)), "`species` must be")
+})

@@ -4,7 +4,7 @@
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{Categorical, CountMatrix, Csr};
-use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams};
+use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams, SpeciesParams};
 use scdistill_core::{device, metrics, prep};
 
 mod models;
@@ -173,6 +173,7 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
     let mut p = SimParams::default();
     let mut cond: Option<ConditionParams> = None;
     let mut atac: Option<AtacParams> = None;
+    let mut species: Option<SpeciesParams> = None;
     for (name, value) in params.iter() {
         let nums: Vec<f64> = value.as_real_vector().ok_or_else(|| fail(format!("`{name}` must be numeric")))?;
         let one = || -> Result<f64> {
@@ -221,11 +222,17 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
             "atac_lib_loc" => atac.get_or_insert_with(AtacParams::default).lib_loc = one()?,
             "atac_only_groups" => atac.get_or_insert_with(AtacParams::default).atac_only_groups = count()?,
             "atac_binary" => atac.get_or_insert_with(AtacParams::default).binary = one()? != 0.0,
+            "species_n_cells" => species.get_or_insert_with(SpeciesParams::default).n_cells = count()?,
+            "species_n_genes" => species.get_or_insert_with(SpeciesParams::default).n_genes = count()?,
+            "homolog_fraction" => species.get_or_insert_with(SpeciesParams::default).homolog_fraction = one()?,
+            "mean_divergence" => species.get_or_insert_with(SpeciesParams::default).mean_divergence = one()?,
+            "de_conservation" => species.get_or_insert_with(SpeciesParams::default).de_conservation = one()?,
             other => return Err(fail(format!("unknown simulation parameter `{other}`"))),
         }
     }
     p.condition = cond;
     p.atac = atac;
+    p.species = species;
     Ok(p)
 }
 
@@ -253,7 +260,22 @@ fn flatten(rows: &[Vec<f64>]) -> Vec<f64> {
 #[extendr]
 fn rs_simulate(params: List, threads: i32) -> Result<List> {
     let p = sim_params_from_r(&params)?;
-    let mut s = run(threads, |_| simulate::simulate(&p))?;
+    let s = run(threads, |_| simulate::simulate(&p))?;
+    Ok(simulation_to_r(s))
+}
+
+/// A simulation and its truth as an R list (the second species, if any, as
+/// `species`, with `homolog`: the 1-based first-species gene of each gene or 0).
+fn simulation_to_r(mut s: simulate::Simulation) -> List {
+    let species: Robj = match s.species.take() {
+        Some(sp) => {
+            let homolog: Vec<i32> = sp.homolog.iter().map(|h| h.map_or(0, |g| g as i32 + 1)).collect();
+            let mut l = simulation_to_r(sp.sim);
+            l.set_attrib("homolog", homolog).ok();
+            l.into()
+        }
+        None => ().into(),
+    };
     let counts = csr_to_r(std::mem::take(&mut s.counts.csr));
     let atac: Robj = match s.atac.take() {
         Some(a) => list!(
@@ -265,7 +287,8 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
         .into(),
         None => ().into(),
     };
-    Ok(list!(
+    list!(
+        species = species,
         atac = atac,
         counts = counts,
         genes = s.counts.genes.clone(),
@@ -282,7 +305,7 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
         condition_factor = flatten(&s.condition_factor),
         age_factor = s.age_factor.clone(),
         true_lfc = flatten(&s.true_lfc)
-    ))
+    )
 }
 
 /// Row-major copy of an R (column-major) numeric matrix.

@@ -13,10 +13,11 @@ mod atac;
 mod params;
 
 pub use atac::{AtacParams, AtacSimulation};
-pub use params::{ConditionParams, SimParams};
+pub use params::{ConditionParams, SimParams, SpeciesParams};
 
 use crate::data::{Categorical, CountMatrix, Csr};
 use crate::error::Result;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{ChiSquared, Distribution, Gamma, LogNormal, Poisson};
@@ -51,15 +52,78 @@ pub struct Simulation {
     pub true_lfc: Vec<Vec<f64>>,
     /// Peaks of the same cells, when an ATAC modality was simulated.
     pub atac: Option<AtacSimulation>,
+    /// The second species, when one was simulated.
+    pub species: Option<Box<SpeciesSimulation>>,
+}
+
+/// A second species: its simulation (same cell types, its own genes and
+/// cells) and, for each of its genes, the first species' homolog.
+#[derive(Debug, Clone)]
+pub struct SpeciesSimulation {
+    pub sim: Simulation,
+    pub homolog: Vec<Option<u32>>,
+}
+
+/// Programs a second species inherits: base mean and cell-type factor per
+/// gene, where set.
+struct Inherited {
+    gene_mean: Vec<Option<f64>>,
+    group_factor: Vec<Vec<Option<f64>>>,
 }
 
 /// Simulates counts with the given parameters.
 pub fn simulate(p: &SimParams) -> Result<Simulation> {
     p.validate()?;
+    let mut first = simulate_one(p, None, "")?;
+    if let Some(sp) = &p.species {
+        first.species = Some(Box::new(second_species(p, sp, &first)?));
+    }
+    Ok(first)
+}
+
+/// The second species, from its own random stream (the first species'
+/// counts do not change when it is added).
+fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Result<SpeciesSimulation> {
+    let p2 = SimParams {
+        n_cells: sp.n_cells,
+        n_genes: sp.n_genes,
+        seed: p.seed ^ 0x5bec_1e5,
+        condition: None,
+        atac: None,
+        species: None,
+        batch_lib_shift: Vec::new(),
+        ..p.clone()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(p2.seed);
+    let n_hom = ((sp.homolog_fraction * sp.n_genes as f64).round() as usize).min(p.n_genes);
+    // Which genes of each species are homologs, in random positions.
+    let mut from: Vec<u32> = (0..p.n_genes as u32).collect();
+    from.shuffle(&mut rng);
+    let mut to: Vec<usize> = (0..sp.n_genes).collect();
+    to.shuffle(&mut rng);
+    let mut homolog = vec![None; sp.n_genes];
+    let mut inherited =
+        Inherited { gene_mean: vec![None; sp.n_genes], group_factor: vec![vec![None; sp.n_genes]; p.n_groups()] };
+    let divergence = LogNormal::new(0.0, sp.mean_divergence).expect("validated");
+    for (&g1, &g2) in from.iter().zip(&to).take(n_hom) {
+        homolog[g2] = Some(g1);
+        inherited.gene_mean[g2] = Some(first.gene_mean[g1 as usize] * divergence.sample(&mut rng));
+        for t in 0..p.n_groups() {
+            if rng.random::<f64>() < sp.de_conservation {
+                inherited.group_factor[t][g2] = Some(first.group_factor[t][g1 as usize]);
+            }
+        }
+    }
+    let sim = simulate_one(&p2, Some(&inherited), "Sp2")?;
+    Ok(SpeciesSimulation { sim, homolog })
+}
+
+/// One species; `inherited` overrides the base means and cell-type factors it sets.
+fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> Result<Simulation> {
     let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
 
-    let gene_mean = gene_means(p, &mut rng);
+    let mut gene_mean = gene_means(p, &mut rng);
     let lnorm = |loc: f64, scale: f64| LogNormal::new(loc, scale).expect("validated scale");
     // Splatter's getLNormFactors: a selected gene gets an oriented log-normal factor.
     let factors = |rng: &mut ChaCha8Rng, prob: f64, down: f64, loc: f64, scale: f64| -> Vec<f64> {
@@ -73,6 +137,16 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
     let atac_only = p.atac.as_ref().map_or(0, |a| a.atac_only_groups);
     for t in n_groups - atac_only..n_groups {
         group_factor[t] = group_factor[0].clone();
+    }
+    if let Some(inh) = inherited {
+        for (m, i) in gene_mean.iter_mut().zip(&inh.gene_mean) {
+            *m = i.unwrap_or(*m);
+        }
+        for (factors, inh_factors) in group_factor.iter_mut().zip(&inh.group_factor) {
+            for (f, i) in factors.iter_mut().zip(inh_factors) {
+                *f = i.unwrap_or(*f);
+            }
+        }
     }
     let batch_factor: Vec<Vec<f64>> =
         (0..n_batches).map(|_| factors(&mut rng, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
@@ -150,7 +224,11 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
     let csr = Csr::from_rows(rows.into_iter().map(|r| r.0).collect(), n_genes);
 
     let names = |prefix: &str, n: usize| (1..=n).map(|k| format!("{prefix}{k}")).collect::<Vec<_>>();
-    let counts = CountMatrix { csr, genes: names("Gene", n_genes), cells: names("Cell", p.n_cells) };
+    let counts = CountMatrix {
+        csr,
+        genes: names(&format!("{prefix}Gene"), n_genes),
+        cells: names(&format!("{prefix}Cell"), p.n_cells),
+    };
     let cat = |name: &str, codes: Vec<u32>, levels: Vec<String>| Categorical { name: name.into(), codes, levels };
     let age_group = (n_age == 2).then(|| {
         let codes = cells.sample.iter().map(|&k| k % 2).collect();
@@ -187,6 +265,7 @@ pub fn simulate(p: &SimParams) -> Result<Simulation> {
         age_factor,
         true_lfc,
         atac,
+        species: None,
     })
 }
 

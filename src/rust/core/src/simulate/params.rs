@@ -39,6 +39,36 @@ impl Default for ConditionParams {
     }
 }
 
+/// A second species for cross-species work: its own cells and genes, the
+/// same cell types; a share of its genes are one-to-one homologs of the first
+/// species' genes, whose base means diverge by a log-normal factor and whose
+/// cell-type factors are kept with probability `de_conservation` (redrawn
+/// otherwise). Its other genes, cells, batches and counts are drawn afresh.
+#[derive(Debug, Clone)]
+pub struct SpeciesParams {
+    pub n_cells: usize,
+    pub n_genes: usize,
+    /// Fraction of the second species' genes with a homolog (at most all of
+    /// the first species' genes).
+    pub homolog_fraction: f64,
+    /// Standard deviation of log(base mean ratio) between homologs.
+    pub mean_divergence: f64,
+    /// Probability that a homolog keeps its cell-type factor, per cell type.
+    pub de_conservation: f64,
+}
+
+impl Default for SpeciesParams {
+    fn default() -> Self {
+        SpeciesParams {
+            n_cells: 2000,
+            n_genes: 2000,
+            homolog_fraction: 0.8,
+            mean_divergence: 0.3,
+            de_conservation: 0.8,
+        }
+    }
+}
+
 /// Parameters of [`super::simulate`].
 #[derive(Debug, Clone)]
 pub struct SimParams {
@@ -77,6 +107,8 @@ pub struct SimParams {
     pub condition: Option<ConditionParams>,
     /// An ATAC modality for the same cells.
     pub atac: Option<super::AtacParams>,
+    /// A second species (None: one species).
+    pub species: Option<SpeciesParams>,
 }
 
 impl Default for SimParams {
@@ -106,6 +138,7 @@ impl Default for SimParams {
             dropout: None,
             condition: None,
             atac: None,
+            species: None,
         }
     }
 }
@@ -156,6 +189,17 @@ impl SimParams {
         }
         if let Some(a) = &self.atac {
             a.validate(self.n_groups())?;
+        }
+        if let Some(sp) = &self.species {
+            check_param(sp.n_cells >= 2, "species_n_cells", "must be at least 2")?;
+            check_param(sp.n_genes >= 2, "species_n_genes", "must be at least 2")?;
+            check_param((0.0..=1.0).contains(&sp.homolog_fraction), "homolog_fraction", "must be in [0, 1]")?;
+            check_param((0.0..=1.0).contains(&sp.de_conservation), "de_conservation", "must be in [0, 1]")?;
+            check_param(
+                sp.mean_divergence.is_finite() && sp.mean_divergence >= 0.0,
+                "mean_divergence",
+                "must be >= 0",
+            )?;
         }
         if let Some(c) = &self.condition {
             check_param(

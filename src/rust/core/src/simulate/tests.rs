@@ -169,3 +169,47 @@ fn atac_peaks_follow_linked_genes_and_can_carry_private_signal() {
     let bad = SimParams { atac: Some(AtacParams { atac_only_groups: 3, ..Default::default() }), ..p.clone() };
     assert!(simulate(&bad).unwrap_err().to_string().contains("atac_only_groups"));
 }
+
+#[test]
+fn a_second_species_shares_cell_types_through_homologs() {
+    let base = SimParams { n_cells: 400, n_genes: 300, ..Default::default() };
+    let sp = SpeciesParams {
+        n_cells: 300,
+        n_genes: 250,
+        homolog_fraction: 0.8,
+        mean_divergence: 0.2,
+        de_conservation: 0.75,
+    };
+    let s = simulate(&SimParams { species: Some(sp.clone()), ..base.clone() }).unwrap();
+    // Adding a species leaves the first one's counts as they were.
+    assert_eq!(s.counts.csr, simulate(&base).unwrap().counts.csr);
+    let two = s.species.as_ref().unwrap();
+    assert_eq!((two.sim.counts.n_cells(), two.sim.counts.n_genes()), (300, 250));
+    assert!(two.sim.counts.genes[0].starts_with("Sp2Gene"));
+    let pairs: Vec<(usize, usize)> =
+        two.homolog.iter().enumerate().filter_map(|(g2, h)| h.map(|g1| (g1 as usize, g2))).collect();
+    assert_eq!(pairs.len(), 200);
+    let mut firsts: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+    firsts.sort_unstable();
+    firsts.dedup();
+    assert_eq!(firsts.len(), 200, "homologs are one-to-one");
+    // Base means diverge by a log-normal factor of sd 0.2.
+    let d: Vec<f64> = pairs.iter().map(|&(a, b)| (two.sim.gene_mean[b] / s.gene_mean[a]).ln()).collect();
+    let sd = (d.iter().map(|v| v * v).sum::<f64>() / d.len() as f64).sqrt();
+    assert!((sd - 0.2).abs() < 0.04, "log divergence sd {sd}");
+    // Cell-type factors of DE homologs are kept about 75% of the time.
+    let (mut kept, mut de) = (0, 0);
+    for t in 0..s.group_factor.len() {
+        for &(a, b) in &pairs {
+            if s.group_factor[t][a] != 1.0 {
+                de += 1;
+                kept += usize::from(two.sim.group_factor[t][b] == s.group_factor[t][a]);
+            }
+        }
+    }
+    let frac = kept as f64 / de as f64;
+    assert!((frac - 0.75).abs() < 0.1, "kept {frac} of {de}");
+    // Same seed, same second species.
+    let again = simulate(&SimParams { species: Some(sp), ..base }).unwrap();
+    assert_eq!(again.species.unwrap().sim.counts.csr, two.sim.counts.csr);
+}
