@@ -384,11 +384,14 @@ fn cell_counts(
         if mean <= 0.0 {
             continue;
         }
-        let bcv = (p.bcv_common + 1.0 / mean.sqrt()) * bcv_scale[g];
-        let shape = 1.0 / (bcv * bcv);
+        let shape = || {
+            let bcv = (p.bcv_common + 1.0 / mean.sqrt()) * bcv_scale[g];
+            1.0 / (bcv * bcv)
+        };
         let count = match p.dropout {
             // Dropout acts on the gamma-distributed cell mean, so draw it.
             Some((mid, dshape)) => {
+                let shape = shape();
                 let true_mean = Gamma::new(shape, mean / shape).map(|d| d.sample(r)).unwrap_or(mean);
                 let drop = 1.0 / (1.0 + (-dshape * (true_mean.max(1e-300).ln() - mid)).exp());
                 if r.random::<f64>() < drop {
@@ -396,7 +399,16 @@ fn cell_counts(
                 }
                 poisson(true_mean, r)
             }
-            None => negative_binomial(mean, shape, r),
+            // P(0) >= 1 − mean (Markov), so a uniform below 1 − mean is a
+            // zero without evaluating the pmf: the same draw, far cheaper.
+            None if mean < 1.0 => {
+                let u: f64 = r.random();
+                if u <= 1.0 - mean {
+                    continue;
+                }
+                nb_inversion(mean, shape(), u)
+            }
+            None => negative_binomial(mean, shape(), r),
         };
         if count > 0.0 {
             idx.push(g as u32);
@@ -421,22 +433,27 @@ fn poisson(mean: f64, r: &mut ChaCha8Rng) -> f64 {
 fn negative_binomial(mean: f64, shape: f64, r: &mut ChaCha8Rng) -> f64 {
     const INVERSION_BELOW: f64 = 16.0;
     if mean < INVERSION_BELOW {
-        let q = mean / (mean + shape);
-        let mut pk = (shape * (shape / (mean + shape)).ln()).exp(); // P(0)
-        let mut u: f64 = r.random();
-        let mut k = 0.0;
-        while u > pk {
-            u -= pk;
-            pk *= (k + shape) / (k + 1.0) * q;
-            k += 1.0;
-            if pk < 1e-300 && k > mean * 50.0 + 100.0 {
-                break; // the tail is exhausted numerically
-            }
-        }
-        return k;
+        return nb_inversion(mean, shape, r.random());
     }
     let true_mean = Gamma::new(shape, mean / shape).map(|d| d.sample(r)).unwrap_or(mean);
     poisson(true_mean, r)
+}
+
+/// The negative binomial count whose cumulative distribution first exceeds
+/// the uniform `u`.
+fn nb_inversion(mean: f64, shape: f64, mut u: f64) -> f64 {
+    let q = mean / (mean + shape);
+    let mut pk = (shape * (shape / (mean + shape)).ln()).exp(); // P(0)
+    let mut k = 0.0;
+    while u > pk {
+        u -= pk;
+        pk *= (k + shape) / (k + 1.0) * q;
+        k += 1.0;
+        if pk < 1e-300 && k > mean * 50.0 + 100.0 {
+            break; // the tail is exhausted numerically
+        }
+    }
+    k
 }
 
 #[cfg(test)]
