@@ -143,6 +143,12 @@ test_that("add_latent() stores the latent space where Bioconductor users look", 
   sce <- add_latent(sce, m)
   expect_true("scVI" %in% SingleCellExperiment::reducedDimNames(sce))
   expect_equal(SingleCellExperiment::reducedDim(sce, "scVI"), latent(m))
+  skip_if_not_installed("SeuratObject")
+  so <- suppressWarnings(SeuratObject::CreateSeuratObject(counts = SingleCellExperiment::counts(sce)))
+  so <- add_latent(so, m, "scvi")
+  emb <- SeuratObject::Embeddings(so, "scvi")
+  expect_equal(unname(emb), unname(latent(m)))
+  expect_identical(rownames(emb), colnames(sce))
 })
 
 test_that("plot() draws the training history", {
