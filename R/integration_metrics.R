@@ -8,7 +8,10 @@
 #'   (needs `pre`); batch silhouette (1 - |ASW| within each label).
 #' * bio conservation: cLISI, scaled (L - median)/(L - 1), perplexity 30;
 #'   label silhouette, (ASW + 1)/2; isolated labels; NMI and ARI of k-means
-#'   clusters (k = number of labels).
+#'   clusters (k = number of labels). Also reported, outside the mean as in
+#'   scib-metrics' default: NMI and ARI of Leiden clusters (modularity, on
+#'   the UMAP connectivities of the 15-NN graph) at the resolution among
+#'   0.2, 0.4, ..., 2 with the best NMI (`nmi_leiden`, `ari_leiden`).
 #' * `bio_conservation` and `batch_correction` are the means of the available
 #'   scores of each group, `total` = 0.6 bio + 0.4 batch. Scores are not
 #'   min-max scaled across embeddings (scib-metrics >= 0.5.6 default).

@@ -4,7 +4,9 @@
 scib_reference <- c(ilisi = 0.523190, clisi = 1.000000, silhouette_label = 0.733824,
                     silhouette_batch = 0.877533, isolated_labels = 0.733824,
                     graph_connectivity = 0.977778, pcr_comparison = 0.934124,
-                    nmi_kmeans = 0.987842, ari_kmeans = 0.993326)
+                    nmi_kmeans = 0.987842, ari_kmeans = 0.993326,
+                    # Leiden (igraph, seed 42) on the 15-NN UMAP connectivities
+                    nmi_leiden = 0.987842, ari_leiden = 0.993326)
 
 test_that("integration metrics reproduce scib-metrics on a fixed embedding", {
   fx <- utils::read.csv(test_path("fixtures", "metrics_embedding.csv"))

@@ -359,6 +359,8 @@ fn rs_integration_metrics(
         isolated_labels = m.isolated_labels,
         nmi_kmeans = m.nmi_kmeans,
         ari_kmeans = m.ari_kmeans,
+        nmi_leiden = m.nmi_leiden,
+        ari_leiden = m.ari_leiden,
         graph_connectivity = m.graph_connectivity,
         pcr_comparison = m.pcr_comparison,
         bio_conservation = m.bio_conservation,

@@ -12,12 +12,14 @@ mod cluster;
 mod graph;
 mod kbet;
 mod knn;
+mod leiden;
 mod lisi;
 
 pub use cluster::{ari, kmeans, nmi, silhouette_samples};
 pub use graph::graph_connectivity;
 pub use kbet::kbet_per_label;
 pub use knn::{knn, Embedding, Knn};
+pub use leiden::{leiden, leiden_nmi_ari, umap_connectivities, Graph};
 pub use lisi::lisi;
 
 use crate::numeric::nan_median;
@@ -39,6 +41,10 @@ pub struct IntegrationMetrics {
     pub isolated_labels: f64,
     pub nmi_kmeans: f64,
     pub ari_kmeans: f64,
+    /// Leiden NMI/ARI (scib-metrics computes them only on request; they are
+    /// reported, not part of the bio-conservation mean, as in its default).
+    pub nmi_leiden: f64,
+    pub ari_leiden: f64,
     pub graph_connectivity: f64,
     pub pcr_comparison: f64,
     pub bio_conservation: f64,
@@ -107,6 +113,7 @@ pub fn integration_metrics(
 
     let clusters = kmeans(x, n_labels, 5, 300, seed);
     let (nmi_kmeans, ari_kmeans) = (nmi(labels, &clusters), ari(labels, &clusters));
+    let (nmi_leiden, ari_leiden) = leiden_nmi_ari(&g, labels, seed);
 
     let pcr_comparison = match pre {
         Some(p) => {
@@ -132,6 +139,8 @@ pub fn integration_metrics(
         isolated_labels,
         nmi_kmeans,
         ari_kmeans,
+        nmi_leiden,
+        ari_leiden,
         graph_connectivity,
         pcr_comparison,
         bio_conservation,
