@@ -6,6 +6,14 @@ DIR holds counts.mtx (genes x cells, raw counts), obs.csv (cell, batch, label)
 and pca.csv (cells x PCs, the package's PCA). METHOD:
   harmonypy  harmonypy 2.1.0 on pca.csv, theta = 2 (its defaults)
   scvi       scvi-tools 1.4.2 SCVI (n_latent 10, its defaults) on the counts
+  scdistill_py  scDistill 0.3.1 (PyPI, Python) Distiller on the counts with its
+             defaults (its own log2 CPM + PCA, HarmonyTeacher theta 2, n_latent
+             50), CPU; writes the student encoder's latent. --epochs sets both
+             n_epochs_encoder and n_epochs_decoder (default 100 each, early
+             stopping on). Its teacher reads harmonypy < 2's Z_corr (d x N);
+             harmonypy 2.1.0 gives N x d, so run_harmony is wrapped at runtime
+             to hand it the old layout.
+--threads sets torch's threads (scvi, scdistill_py).
 Writes DIR/<METHOD>.csv (cells x dims) and DIR/<METHOD>.json (seconds spent
 in the method itself, without reading the data).
 """
@@ -19,7 +27,7 @@ import pandas as pd
 import scipy.io
 
 p = argparse.ArgumentParser()
-p.add_argument("method", choices=["harmonypy", "scvi"])
+p.add_argument("method", choices=["harmonypy", "scvi", "scdistill_py"])
 p.add_argument("dir")
 p.add_argument("--epochs", type=int, default=None)
 p.add_argument("--threads", type=int, default=2)
@@ -37,6 +45,47 @@ if a.method == "harmonypy":
     seconds = time.perf_counter() - t0
     z = np.asarray(ho.Z_corr)
     emb = z if z.shape[0] == pcs.shape[0] else z.T  # 2.x: cells x PCs; < 2: PCs x cells
+elif a.method == "scdistill_py":
+    import anndata
+    import harmonypy
+    import scdistill
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    counts = scipy.io.mmread(os.path.join(a.dir, "counts.mtx")).T.tocsr().astype(np.float32)
+    genes = [f"g{i}" for i in range(counts.shape[1])]
+    ad = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
+
+    # scDistill 0.3.1's HarmonyTeacher does `harmonypy.run_harmony(...).Z_corr.T`,
+    # assuming harmonypy < 2's d x N layout; 2.x returns N x d. Wrap run_harmony
+    # (looked up on the module at call time) so Z_corr comes back d x N.
+    class _OldLayout:
+        def __init__(self, ho, n_cells):
+            self._ho, self._n = ho, n_cells
+
+        def __getattr__(self, name):
+            return getattr(self._ho, name)
+
+        @property
+        def Z_corr(self):
+            z = np.asarray(self._ho.Z_corr)
+            return z.T if z.shape[0] == self._n else z
+
+    _run_harmony = harmonypy.run_harmony
+
+    def run_harmony_old_layout(data_mat, meta_data, *args, **kwargs):
+        return _OldLayout(_run_harmony(data_mat, meta_data, *args, **kwargs), meta_data.shape[0])
+
+    harmonypy.run_harmony = run_harmony_old_layout
+
+    epochs = {} if a.epochs is None else {"n_epochs_encoder": a.epochs, "n_epochs_decoder": a.epochs}
+    t0 = time.perf_counter()
+    model = scdistill.Distiller(ad, batch_key="batch", device="cpu")
+    model.train(verbose=False, **epochs)
+    emb = model.latent.student
+    seconds = time.perf_counter() - t0
 else:
     import anndata
     import scvi

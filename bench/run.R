@@ -8,8 +8,9 @@
 #         singlets only). Peers come from bench/setup_peers.sh.
 #
 # Methods so far: the package's PCA (unintegrated reference), harmonypy 2.1.0
-# on those PCs, scVI (scvi-tools 1.4.2). The package's own models join as they
-# land.
+# on those PCs, scVI (scvi-tools 1.4.2), scDistill 0.3.1 from PyPI (the Python
+# original, default Harmony teacher; its student's latent). --epochs goes to
+# scVI and scDistill. The package's own models join as they land.
 suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
 epochs <- if ("--epochs" %in% args) as.integer(args[which(args == "--epochs") + 1]) else NA
@@ -66,9 +67,9 @@ runs$pca$seconds <- as.numeric(readLines(file.path(work, "pca.seconds")))
 peers_py <- tryCatch(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE, stderr = FALSE),
                      error = function(e) character())
 peers_py <- utils::tail(peers_py, 1)
-for (m in c("harmonypy", "scvi")) {
+for (m in c("harmonypy", "scvi", "scdistill_py")) {
   if (!length(peers_py)) break
-  extra <- c(if (m == "scvi" && !is.na(epochs)) c("--epochs", epochs), "--threads", threads)
+  extra <- c(if (m %in% c("scvi", "scdistill_py") && !is.na(epochs)) c("--epochs", epochs), "--threads", threads)
   r <- timed(peers_py, c(file.path(root, "bench", "peers.py"), m, work, extra))
   if (r$ok) r$seconds <- jsonlite_seconds(file.path(work, paste0(m, ".json")))
   runs[[m]] <- r
