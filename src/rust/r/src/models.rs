@@ -321,6 +321,31 @@ fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
     (0..d).flat_map(|j| (0..n).map(move |i| v[i * d + j] as f64)).collect()
 }
 
+/// Runs `f(model, cells)` on a worker with libtorch's generator seeded: the
+/// cells of `counts` aligned to the model's genes, with their covariates.
+/// The one path of the accessors that decode.
+#[allow(clippy::too_many_arguments)]
+fn on_cells<T: Send>(
+    ptr: &Robj,
+    counts: &List,
+    batch: &Robj,
+    categorical: &List,
+    continuous: &List,
+    seed: f64,
+    threads: i32,
+    f: impl FnOnce(&VaeModel, &VaeData) -> T + Send,
+) -> Result<T> {
+    let model = model_ref(ptr)?;
+    let m = aligned(model, counts)?;
+    let cov = new_covariates(model, m.n_cells(), batch, categorical, continuous, true)?;
+    let lent = Lent(model);
+    crate::run(threads, |_| {
+        let model = lent.get();
+        scdistill_core::device::seed_torch(seed as u64);
+        Ok(f(model, &VaeData::new(&m.csr, &cov)))
+    })
+}
+
 /// Expected expression, genes × cells column-major (the row-major cells × genes buffer as is).
 /// @noRd
 #[extendr]
@@ -338,8 +363,6 @@ fn rs_vae_expression(
     threads: i32,
 ) -> Result<Vec<f64>> {
     let model = model_ref(&ptr)?;
-    let m = aligned(model, &counts)?;
-    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
     let levels = &model.meta.batch_levels;
     let targets: Vec<u32> = if transform_batch.is_null() {
         vec![]
@@ -356,20 +379,10 @@ fn rs_vae_expression(
             })
             .collect::<Result<_>>()?
     };
-    let x = {
-        let lent = Lent(model);
-        crate::run(threads, |_| {
-            let model = lent.get();
-            scdistill_core::device::seed_torch(seed as u64);
-            Ok(infer::expression(
-                &model.vae,
-                &VaeData::new(&m.csr, &cov),
-                &targets,
-                library_size,
-                n_samples.max(1) as usize,
-            ))
-        })
-    }?;
+    let n = n_samples.max(1) as usize;
+    let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+        infer::expression(&model.vae, data, &targets, library_size, n)
+    })?;
     Ok(x.into_iter().map(f64::from).collect())
 }
 
@@ -387,18 +400,9 @@ fn rs_vae_sample(
     seed: f64,
     threads: i32,
 ) -> Result<List> {
-    let model = model_ref(&ptr)?;
-    let m = aligned(model, &counts)?;
-    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
-    let draws = {
-        let lent = Lent(model);
-        crate::run(threads, |_| {
-            let model = lent.get();
-            scdistill_core::device::seed_torch(seed as u64);
-            let data = VaeData::new(&m.csr, &cov);
-            Ok((0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, &data)).collect::<Vec<_>>())
-        })
-    }?;
+    let draws = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+        (0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, data)).collect::<Vec<_>>()
+    })?;
     Ok(List::from_values(draws.into_iter().map(crate::csr_to_r)))
 }
 
@@ -415,20 +419,11 @@ fn rs_vae_elbo(
     seed: f64,
     threads: i32,
 ) -> Result<Vec<f64>> {
-    let model = model_ref(&ptr)?;
-    let m = aligned(model, &counts)?;
-    let cov = new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?;
-    let (e, r, k) = {
-        let lent = Lent(model);
-        crate::run(threads, |_| {
-            let model = lent.get();
-            scdistill_core::device::seed_torch(seed as u64);
-            let data = VaeData::new(&m.csr, &cov);
-            let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data: &data };
-            let rows: Vec<usize> = (0..m.n_cells()).collect();
-            Ok(scdistill_core::train::evaluate(&task, &rows, 1024))
-        })
-    }?;
+    let (e, r, k) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+        let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data };
+        let rows: Vec<usize> = (0..data.counts.n_rows).collect();
+        scdistill_core::train::evaluate(&task, &rows, 1024)
+    })?;
     Ok(vec![e, r, k])
 }
 

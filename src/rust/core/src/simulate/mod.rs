@@ -87,7 +87,7 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
     let p2 = SimParams {
         n_cells: sp.n_cells,
         n_genes: sp.n_genes,
-        seed: p.seed ^ 0x5bec_1e5,
+        seed: p.seed ^ 0x05be_c1e5,
         condition: None,
         atac: None,
         species: None,
