@@ -17,28 +17,14 @@ epochs <- if ("--epochs" %in% args) as.integer(args[which(args == "--epochs") + 
 args <- args[!args %in% c("--epochs", as.character(epochs))]
 data_name <- if (length(args) >= 1) args[1] else "s1"
 n_cells <- if (length(args) >= 2) as.integer(args[2]) else NULL
-root <- normalizePath(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), ".."))
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+root <- bench_root()
 threads <- 2L
 
 load_data <- function(name) {
-  if (name == "cellbench") {
-    dir <- file.path(root, "..", "shared", "data", "cellbench_5cl_3plates")
-    counts <- as(readMM(gzfile(file.path(dir, "counts.mtx.gz"))), "CsparseMatrix")
-    genes <- utils::read.csv(gzfile(file.path(dir, "genes.csv.gz")), row.names = 1)
-    cells <- utils::read.csv(gzfile(file.path(dir, "cells.csv.gz")), row.names = 1)
-    dimnames(counts) <- list(rownames(genes), rownames(cells))
-    keep <- cells$demuxlet_cls == "SNG"
-    return(list(counts = counts[, keep], batch = cells$batch[keep], label = cells$cell_line[keep]))
-  }
+  if (name == "cellbench") return(load_cellbench(root))
   s <- simulation_scenario(name, n_cells = n_cells, format = "list", threads = threads)
   list(counts = s$counts, batch = s$cell_data$batch, label = s$cell_data$cell_type)
-}
-
-timed <- function(cmd, args) {
-  log <- tempfile()
-  status <- system2("/usr/bin/time", c("-f", "'%e %M'", "-o", log, cmd, args), stdout = FALSE, stderr = FALSE)
-  v <- scan(log, quiet = TRUE)
-  list(ok = status == 0, wall = v[1], rss_mb = v[2] / 1024)
 }
 
 jsonlite_seconds <- function(path) as.numeric(sub('.*"seconds": *([0-9.eE+-]+).*', "\\1", readLines(path, warn = FALSE)))

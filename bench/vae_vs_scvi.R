@@ -22,35 +22,21 @@ epochs <- opt("--epochs", 50L)
 threads <- opt("--threads", 2L)
 n_sim <- opt("--cells", 20000L)
 which_data <- if (length(args) && !startsWith(args[1], "--")) args[1] else "both"
-root <- normalizePath(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), ".."))
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+root <- bench_root()
 python <- tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
 
 load_data <- function(name) {
   if (name == "cellbench") {
-    dir <- file.path(root, "..", "shared", "data", "cellbench_5cl_3plates")
-    counts <- as(readMM(gzfile(file.path(dir, "counts.mtx.gz"))), "CsparseMatrix")
-    genes <- utils::read.csv(gzfile(file.path(dir, "genes.csv.gz")), row.names = 1)
-    cells <- utils::read.csv(gzfile(file.path(dir, "cells.csv.gz")), row.names = 1)
-    dimnames(counts) <- list(rownames(genes), rownames(cells))
-    keep <- cells$demuxlet_cls == "SNG" & Matrix::colSums(counts) > 0
-    counts <- counts[, keep]
-    batch <- cells$batch[keep]
-    hvg <- highly_variable_genes(counts, n_hvg = 2000, batch = batch, threads = threads)
-    counts <- counts[hvg$highly_variable, ]
-    counts <- counts[, Matrix::colSums(counts) > 0]
-    keep2 <- colnames(counts)
-    return(list(counts = counts, batch = cells[keep2, "batch"], label = cells[keep2, "cell_line"]))
+    d <- load_cellbench(root)
+    hvg <- highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
+    counts <- d$counts[hvg$highly_variable, ]
+    keep <- Matrix::colSums(counts) > 0
+    return(list(counts = counts[, keep], batch = d$batch[keep], label = d$label[keep]))
   }
   s <- simulate_counts(n_cells = n_sim, n_genes = 2000, n_groups = 5, n_batches = 4, format = "list",
                        threads = threads)
   list(counts = s$counts, batch = s$cell_data$batch, label = s$cell_data$cell_type)
-}
-
-timed <- function(cmd, args) {
-  log <- tempfile()
-  status <- system2("/usr/bin/time", c("-f", "'%e %M'", "-o", log, cmd, args))
-  v <- scan(log, quiet = TRUE)
-  list(ok = status == 0, wall = v[1], rss_mb = v[2] / 1024)
 }
 
 run_one <- function(name) {
@@ -89,10 +75,10 @@ run_one <- function(name) {
     sprintf("write.csv(z, '%s')", file.path(work, "ours_latent.csv")),
     sprintf("writeLines(sprintf('%%.6f %%.6f %%.4f %%.4f %%.4f', median(s[-1]), mean(s), total, e_val, e_tr), '%s')",
             file.path(work, "ours.txt"))), ours)
-  r_ours <- timed(file.path(R.home("bin"), "Rscript"), ours)
+  r_ours <- timed(file.path(R.home("bin"), "Rscript"), ours, quiet = FALSE)
   v <- scan(file.path(work, "ours.txt"), quiet = TRUE)
   r_scvi <- timed(python, c(file.path(root, "bench", "vae_scvi.py"), work, "--epochs", epochs, "--threads", threads,
-                            "--kl-warmup-epochs", epochs %/% 2, "--likelihood", "zinb"))
+                            "--kl-warmup-epochs", epochs %/% 2, "--likelihood", "zinb"), quiet = FALSE)
   js <- readLines(file.path(work, "scvi_vae.json"), warn = FALSE)
   num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", paste(js, collapse = " ")))
   version <- sub('.*"method": *"([^"]+)".*', "\\1", paste(js, collapse = " "))

@@ -1,0 +1,30 @@
+# Helpers shared by the benchmark scripts (sourced by them; not part of the package).
+
+# The repository root, from the running script's path.
+bench_root <- function() {
+  normalizePath(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), ".."))
+}
+
+# CellBench, 5 cell lines on 3 plates (../shared/data/cellbench_5cl_3plates):
+# the singlets with counts, as list(counts = genes x cells, batch, label).
+load_cellbench <- function(root) {
+  dir <- file.path(root, "..", "shared", "data", "cellbench_5cl_3plates")
+  counts <- methods::as(Matrix::readMM(gzfile(file.path(dir, "counts.mtx.gz"))), "CsparseMatrix")
+  genes <- utils::read.csv(gzfile(file.path(dir, "genes.csv.gz")), row.names = 1)
+  cells <- utils::read.csv(gzfile(file.path(dir, "cells.csv.gz")), row.names = 1)
+  dimnames(counts) <- list(rownames(genes), rownames(cells))
+  keep <- cells$demuxlet_cls == "SNG" & Matrix::colSums(counts) > 0
+  list(counts = counts[, keep], batch = cells$batch[keep], label = cells$cell_line[keep])
+}
+
+# Runs a command under /usr/bin/time: success, wall seconds, peak RSS (MB).
+timed <- function(cmd, args, quiet = TRUE) {
+  log <- tempfile()
+  status <- if (quiet) {
+    system2("/usr/bin/time", c("-f", "'%e %M'", "-o", log, cmd, args), stdout = FALSE, stderr = FALSE)
+  } else {
+    system2("/usr/bin/time", c("-f", "'%e %M'", "-o", log, cmd, args))
+  }
+  v <- scan(log, quiet = TRUE)
+  list(ok = status == 0, wall = v[1], rss_mb = v[2] / 1024)
+}
