@@ -95,7 +95,7 @@ impl SparseBatch {
     }
 
     /// Values of a [rows, genes] tensor (or a [1, genes] one, broadcast) at the non-zeros.
-    pub fn at(&self, t: &Tensor) -> Tensor {
+    fn at(&self, t: &Tensor) -> Tensor {
         if t.size()[0] == 1 && self.n_rows != 1 {
             t.reshape([-1]).index_select(0, &self.gene)
         } else {
@@ -104,7 +104,7 @@ impl SparseBatch {
     }
 
     /// Sums per-non-zero values into one value per row.
-    pub fn per_row(&self, v: &Tensor) -> Tensor {
+    fn per_row(&self, v: &Tensor) -> Tensor {
         Tensor::zeros([self.n_rows], (v.kind(), v.device())).index_add(0, &self.row, v)
     }
 }

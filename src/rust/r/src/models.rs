@@ -298,23 +298,11 @@ fn rs_vae_latent(
     seed: f64,
     threads: i32,
 ) -> Result<Vec<f64>> {
-    let model = model_ref(&ptr)?;
-    let m = aligned(model, &counts)?;
-    // Covariates matter to the encoder only when it was trained with them.
-    let cov = if model.meta.config.encode_covariates {
-        new_covariates(model, m.n_cells(), &batch, &categorical, &continuous, true)?
-    } else {
-        model.neutral_covariates(m.n_cells())
-    };
-    let z = {
-        let lent = Lent(model);
-        crate::run(threads, |_| {
-            let model = lent.get();
-            scdistill_core::device::seed_torch(seed as u64);
-            Ok(infer::latent(&model.vae, &VaeData::new(&m.csr, &cov), give_mean))
-        })
-    }?;
-    Ok(transpose(&z, m.n_cells(), model.meta.config.n_latent))
+    let n_latent = model_ref(&ptr)?.meta.config.n_latent;
+    let (z, n) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, true, seed, threads, |model, data| {
+        (infer::latent(&model.vae, data, give_mean), data.counts.n_rows)
+    })?;
+    Ok(transpose(&z, n, n_latent))
 }
 
 fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
@@ -323,7 +311,9 @@ fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
 
 /// Runs `f(model, cells)` on a worker with libtorch's generator seeded: the
 /// cells of `counts` aligned to the model's genes, with their covariates.
-/// The one path of the accessors that decode.
+/// With `encoder_only`, covariates are needed only when the model encodes
+/// them (otherwise neutral placeholders stand in). The one path of the
+/// accessors that run the model on cells.
 #[allow(clippy::too_many_arguments)]
 fn on_cells<T: Send>(
     ptr: &Robj,
@@ -331,13 +321,18 @@ fn on_cells<T: Send>(
     batch: &Robj,
     categorical: &List,
     continuous: &List,
+    encoder_only: bool,
     seed: f64,
     threads: i32,
     f: impl FnOnce(&VaeModel, &VaeData) -> T + Send,
 ) -> Result<T> {
     let model = model_ref(ptr)?;
     let m = aligned(model, counts)?;
-    let cov = new_covariates(model, m.n_cells(), batch, categorical, continuous, true)?;
+    let cov = if encoder_only && !model.meta.config.encode_covariates {
+        model.neutral_covariates(m.n_cells())
+    } else {
+        new_covariates(model, m.n_cells(), batch, categorical, continuous, true)?
+    };
     let lent = Lent(model);
     crate::run(threads, |_| {
         let model = lent.get();
@@ -380,7 +375,7 @@ fn rs_vae_expression(
             .collect::<Result<_>>()?
     };
     let n = n_samples.max(1) as usize;
-    let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+    let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
         infer::expression(&model.vae, data, &targets, library_size, n)
     })?;
     Ok(x.into_iter().map(f64::from).collect())
@@ -400,7 +395,7 @@ fn rs_vae_sample(
     seed: f64,
     threads: i32,
 ) -> Result<List> {
-    let draws = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+    let draws = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
         (0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, data)).collect::<Vec<_>>()
     })?;
     Ok(List::from_values(draws.into_iter().map(crate::csr_to_r)))
@@ -419,7 +414,7 @@ fn rs_vae_elbo(
     seed: f64,
     threads: i32,
 ) -> Result<Vec<f64>> {
-    let (e, r, k) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, seed, threads, |model, data| {
+    let (e, r, k) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
         let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data };
         let rows: Vec<usize> = (0..data.counts.n_rows).collect();
         scdistill_core::train::evaluate(&task, &rows, 1024)

@@ -247,38 +247,20 @@ impl Vae {
         (qz, ql)
     }
 
-    /// The decoder's raw outputs: logits of ρ, log θ (`[1, G]` or `[B, G]`;
-    /// None for Poisson) and zero-inflation logits (ZINB).
-    pub fn decoder_outputs(
-        &self,
-        z: &Tensor,
-        design: &Tensor,
-        batch: &Tensor,
-        train: bool,
-    ) -> (Tensor, Option<Tensor>, Option<Tensor>) {
-        let h = self.decoder.forward(z, Some(design), train);
-        let logits = self.scale_head.forward(&h);
-        let log_theta = match (&self.px_r, &self.r_head) {
-            (_, Some(head)) => Some(head.forward(&h)),
-            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
-                Some(batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()))
-            }
-            (Some(r), None) => Some(r.unsqueeze(0)),
-            (None, None) => None,
-        };
-        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
-        (logits, log_theta, pi_logits)
-    }
-
     /// p(x | z, l, design) for latent `z` and log library `log_library` ([B, 1]).
     pub fn decode(&self, z: &Tensor, log_library: &Tensor, design: &Tensor, batch: &Tensor, train: bool) -> Decoded {
-        let (logits, log_theta, pi_logits) = self.decoder_outputs(z, design, batch, train);
-        let scale = logits.softmax(-1, Kind::Float);
+        let h = self.decoder.forward(z, Some(design), train);
+        let scale = self.scale_head.forward(&h).softmax(-1, Kind::Float);
         let rate = log_library.exp() * &scale;
-        let theta = match log_theta {
-            Some(t) => t.exp(),
-            None => Tensor::ones([1], (Kind::Float, self.device())),
+        let theta = match (&self.px_r, &self.r_head) {
+            (_, Some(head)) => head.forward(&h).exp(),
+            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
+                batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()).exp()
+            }
+            (Some(r), None) => r.exp().unsqueeze(0),
+            (None, None) => Tensor::ones([1], (Kind::Float, self.device())),
         };
+        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
         Decoded { scale, rate, theta, pi_logits }
     }
 
