@@ -15,6 +15,7 @@ pub mod nn;
 pub mod numeric;
 pub mod prep;
 pub mod simulate;
+pub mod teacher;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,840 @@
+//! Harmony (Korsunsky et al. 2019), following the R package `harmony` 1.2 /
+//! 2.x and harmonypy 2.1: soft k-means on cosine-normalized coordinates with a
+//! diversity penalty, then a mixture-of-experts ridge regression per cluster
+//! that removes the batch terms, repeated until the objective settles.
+//!
+//! Data are held cells-as-columns (d × N, column-major), the layout of the
+//! reference implementations. All heavy steps run over fixed chunks of cells
+//! in parallel and are summed in a fixed order, so the result depends on the
+//! seed, not on the number of threads. Cells are kept sorted by the level of
+//! the first covariate so that each level's cells are one contiguous block
+//! and the regression sums are matrix products.
+//!
+//! Protected covariates (for example `condition`) enter the diversity
+//! statistics with their own penalty and the ridge design, but their
+//! coefficients, like the intercept, are never subtracted: batch effects are
+//! estimated while holding the condition fixed, and the condition effect stays.
+
+use crate::error::{check_param, invalid, Error, Result};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Cells per parallel work item (fixed, so sums do not depend on threads).
+const CHUNK: usize = 512;
+/// Objective values compared by the clustering convergence test.
+const WINDOW: usize = 3;
+/// Lloyd iterations of the initial k-means (as Armadillo's `kmeans` in harmony).
+const KMEANS_ITER: usize = 10;
+
+/// One variable of the design: batch (regressed out) or protected.
+#[derive(Debug, Clone)]
+pub struct HarmonyCovariate {
+    pub name: String,
+    /// Level of every cell, 0-based.
+    pub codes: Vec<u32>,
+    pub n_levels: usize,
+    /// Diversity penalty of each level (harmony's θ).
+    pub theta: f64,
+    /// Ridge penalty of each level; `None` estimates it per cluster as
+    /// `alpha` × the expected number of the level's cells in the cluster.
+    pub lambda: Option<f64>,
+    /// Kept in the design but never subtracted.
+    pub protected: bool,
+}
+
+/// Settings; defaults are harmonypy 2.1's.
+#[derive(Debug, Clone)]
+pub struct HarmonyParams {
+    pub sigma: f64,
+    /// Number of clusters; `None`: min(round(N / 30), 100).
+    pub n_clusters: Option<usize>,
+    pub max_iter: usize,
+    pub max_iter_cluster: usize,
+    pub epsilon_cluster: f64,
+    pub epsilon_harmony: f64,
+    pub block_size: f64,
+    pub alpha: f64,
+    /// Protection of small batches against over-correction (0: off).
+    pub tau: f64,
+    /// Batches holding less than this share of a cluster are not corrected in it.
+    pub batch_prop_cutoff: f64,
+    pub seed: u64,
+}
+
+impl Default for HarmonyParams {
+    fn default() -> Self {
+        HarmonyParams {
+            sigma: 0.1,
+            n_clusters: None,
+            max_iter: 10,
+            max_iter_cluster: 4,
+            epsilon_cluster: 1e-3,
+            epsilon_harmony: 1e-2,
+            block_size: 0.05,
+            alpha: 0.2,
+            tau: 0.0,
+            batch_prop_cutoff: 1e-5,
+            seed: 0,
+        }
+    }
+}
+
+/// What Harmony returns.
+#[derive(Debug, Clone)]
+pub struct HarmonyResult {
+    /// Corrected coordinates, cells × d, row-major.
+    pub z_corr: Vec<f64>,
+    /// Soft cluster memberships, cells × K, row-major.
+    pub r: Vec<f64>,
+    pub n_clusters: usize,
+    /// Objective after initialisation and after each iteration's clustering.
+    pub objective: Vec<f64>,
+    /// Clustering rounds of each iteration.
+    pub cluster_rounds: Vec<usize>,
+    pub n_iter: usize,
+    pub converged: bool,
+}
+
+/// Corrects `z` (cells × d, row-major) for the non-protected covariates.
+/// `interrupted` is polled between blocks; `on_iter(i)` runs after iteration i.
+pub fn harmony(
+    z: &[f64],
+    n: usize,
+    d: usize,
+    covariates: &[HarmonyCovariate],
+    params: &HarmonyParams,
+    interrupted: &dyn Fn() -> bool,
+    on_iter: &dyn Fn(usize),
+) -> Result<HarmonyResult> {
+    check_inputs(z, n, d, covariates, params)?;
+    let mut h = Harmony::new(z, n, d, covariates, params)?;
+    h.init(interrupted)?;
+    let mut converged = false;
+    let mut n_iter = 0;
+    for it in 0..params.max_iter {
+        h.cluster(interrupted)?;
+        h.correct();
+        n_iter = it + 1;
+        on_iter(n_iter);
+        let (old, new) = (h.obj_harmony[h.obj_harmony.len() - 2], h.obj_harmony[h.obj_harmony.len() - 1]);
+        if (old - new) / old.abs() < params.epsilon_harmony {
+            converged = true;
+            break;
+        }
+    }
+    Ok(h.finish(n_iter, converged))
+}
+
+fn check_inputs(z: &[f64], n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
+    if z.len() != n * d {
+        return invalid!("the embedding has {} values, not cells × dimensions = {}", z.len(), n * d);
+    }
+    if n < 2 || d < 1 {
+        return invalid!("Harmony needs at least 2 cells and 1 dimension (got {n} × {d})");
+    }
+    if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+        return invalid!("the embedding has a missing or infinite value (cell {}, dimension {})", i / d + 1, i % d + 1);
+    }
+    if !covs.iter().any(|c| !c.protected) {
+        return invalid!("Harmony needs at least one batch covariate to correct for");
+    }
+    for c in covs {
+        if c.codes.len() != n {
+            return invalid!("covariate `{}` has {} values for {} cells", c.name, c.codes.len(), n);
+        }
+        if c.codes.iter().any(|&v| v as usize >= c.n_levels) {
+            return invalid!("covariate `{}` has codes outside its {} levels", c.name, c.n_levels);
+        }
+        check_param(c.theta >= 0.0 && c.theta.is_finite(), "theta", "must be finite and non-negative")?;
+        if let Some(l) = c.lambda {
+            check_param(l >= 0.0 && l.is_finite(), "lambda", "must be finite and non-negative")?;
+        }
+    }
+    check_param(p.sigma > 0.0 && p.sigma.is_finite(), "sigma", "must be positive")?;
+    check_param(p.block_size > 0.0 && p.block_size <= 1.0, "block_size", "must be in (0, 1]")?;
+    check_param(p.max_iter >= 1, "max_iter", "must be at least 1")?;
+    check_param(p.max_iter_cluster >= 1, "max_iter_cluster", "must be at least 1")?;
+    check_param(p.alpha > 0.0 && p.alpha.is_finite(), "alpha", "must be positive")?;
+    check_param(p.tau >= 0.0, "tau", "must be non-negative")?;
+    if let Some(k) = p.n_clusters {
+        check_param(k >= 1 && k <= n, "n_clusters", format!("must be between 1 and the number of cells ({n})"))?;
+    }
+    Ok(())
+}
+
+struct Harmony<'a> {
+    p: &'a HarmonyParams,
+    n: usize,
+    d: usize,
+    k: usize,
+    /// Total number of levels over all covariates.
+    b: usize,
+    n_cov: usize,
+    /// Internal position → original cell.
+    perm: Vec<usize>,
+    z_orig: Vec<f64>,
+    z_corr: Vec<f64>,
+    z_cos: Vec<f64>,
+    /// Global level of each (internal) cell and covariate, n_cov per cell.
+    lev: Vec<u32>,
+    /// Internal cell ranges of the levels of covariate 0.
+    ranges: Vec<(usize, usize)>,
+    pr_b: Vec<f64>,
+    theta: Vec<f64>,
+    lambda: Vec<Option<f64>>,
+    subtract: Vec<bool>,
+    sigma: Vec<f64>,
+    /// Centroids, d × K.
+    y: Vec<f64>,
+    /// K × N, column-major (one cell per column).
+    dist: Vec<f64>,
+    r: Vec<f64>,
+    /// Observed and expected cluster × level counts, stored level-major (b·K + k).
+    o: Vec<f64>,
+    e: Vec<f64>,
+    obj_kmeans: Vec<f64>,
+    obj_harmony: Vec<f64>,
+    rounds: Vec<usize>,
+    rng: ChaCha8Rng,
+}
+
+fn normalize_columns(m: &mut [f64], d: usize) {
+    m.par_chunks_mut(d * CHUNK).for_each(|c| {
+        for col in c.chunks_mut(d) {
+            let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                col.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+    });
+}
+
+fn add_into(acc: &mut [f64], x: &[f64]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// Fixed chunks for reductions over `len` items: the same for any thread count.
+fn reduction_chunk(len: usize) -> usize {
+    CHUNK.max(len.div_ceil(256))
+}
+
+impl<'a> Harmony<'a> {
+    fn new(z: &[f64], n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
+        let k = p.n_clusters.unwrap_or_else(|| ((n as f64 / 30.0).round() as usize).clamp(1, 100));
+        // Sort cells by the first covariate's level (stable).
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.sort_by_key(|&i| covs[0].codes[i]);
+        let mut z_orig = vec![0.0; n * d];
+        for (pos, &i) in perm.iter().enumerate() {
+            z_orig[pos * d..(pos + 1) * d].copy_from_slice(&z[i * d..(i + 1) * d]);
+        }
+        let n_cov = covs.len();
+        let offsets: Vec<usize> = covs.iter().scan(0, |s, c| {
+            let o = *s;
+            *s += c.n_levels;
+            Some(o)
+        }).collect();
+        let b = covs.iter().map(|c| c.n_levels).sum();
+        let mut lev = vec![0u32; n * n_cov];
+        for (pos, &i) in perm.iter().enumerate() {
+            for (c, cov) in covs.iter().enumerate() {
+                lev[pos * n_cov + c] = (offsets[c] + cov.codes[i] as usize) as u32;
+            }
+        }
+        let mut ranges = vec![(0, 0); covs[0].n_levels];
+        let mut start = 0;
+        for (l, range) in ranges.iter_mut().enumerate() {
+            let len = covs[0].codes.iter().filter(|&&c| c as usize == l).count();
+            *range = (start, start + len);
+            start += len;
+        }
+        let mut n_b = vec![0f64; b];
+        for &l in &lev {
+            n_b[l as usize] += 1.0;
+        }
+        let pr_b: Vec<f64> = n_b.iter().map(|&x| x / n as f64).collect();
+        let mut theta = vec![0.0; b];
+        let mut lambda = vec![None; b];
+        let mut subtract = vec![false; b];
+        for (c, cov) in covs.iter().enumerate() {
+            for l in 0..cov.n_levels {
+                let g = offsets[c] + l;
+                theta[g] = cov.theta;
+                if p.tau > 0.0 {
+                    // harmony's tau: small batches get a smaller penalty.
+                    theta[g] *= 1.0 - (-(n_b[g] / (k as f64 * p.tau)).powi(2)).exp();
+                }
+                lambda[g] = cov.lambda;
+                subtract[g] = !cov.protected;
+            }
+        }
+        let z_corr = z_orig.clone();
+        let mut z_cos = z_orig.clone();
+        normalize_columns(&mut z_cos, d);
+        Ok(Harmony {
+            p,
+            n,
+            d,
+            k,
+            b,
+            n_cov,
+            perm,
+            z_orig,
+            z_corr,
+            z_cos,
+            lev,
+            ranges,
+            pr_b,
+            theta,
+            lambda,
+            subtract,
+            sigma: vec![p.sigma; k],
+            y: vec![0.0; d * k],
+            dist: vec![0.0; k * n],
+            r: vec![0.0; k * n],
+            o: vec![0.0; b * k],
+            e: vec![0.0; b * k],
+            obj_kmeans: Vec::new(),
+            obj_harmony: Vec::new(),
+            rounds: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(p.seed),
+        })
+    }
+
+    /// dist = 2 (1 − Yᵀ z_cos), K × N.
+    fn compute_dist(&mut self) {
+        let (d, k) = (self.d, self.k);
+        let y = MatRef::from_column_major_slice(&self.y, d, k);
+        let z_cos = &self.z_cos;
+        self.dist.par_chunks_mut(k * CHUNK).enumerate().for_each(|(ci, out)| {
+            let m = out.len() / k;
+            let zc = MatRef::from_column_major_slice(&z_cos[ci * CHUNK * d..(ci * CHUNK + m) * d], d, m);
+            let mut dst = MatMut::from_column_major_slice_mut(out, k, m);
+            matmul(dst.as_mut(), Accum::Replace, y.transpose(), zc, -2.0, Par::Seq);
+            out.iter_mut().for_each(|v| *v += 2.0);
+        });
+    }
+
+    /// Initial centroids: k-means on z_cos from K distinct random cells.
+    fn init(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
+        let (n, d, k) = (self.n, self.d, self.k);
+        let mut seeds: Vec<usize> = (0..n).collect();
+        seeds.shuffle(&mut self.rng);
+        for (c, &i) in seeds[..k].iter().enumerate() {
+            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[i * d..(i + 1) * d]);
+        }
+        let mut assign = vec![u32::MAX; n];
+        for _ in 0..KMEANS_ITER {
+            if interrupted() {
+                return Err(Error::Interrupted);
+            }
+            // argmin ‖z − y‖² = argmax (yᵀz − ‖y‖²/2); with dist = 2 − 2 yᵀz
+            // that is argmin (dist + ‖y‖²).
+            self.compute_dist();
+            let half: Vec<f64> = self.y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
+            let next: Vec<u32> = self
+                .dist
+                .par_chunks(k)
+                .map(|col| {
+                    let mut best = (0u32, f64::INFINITY);
+                    for (c, (&dv, &hv)) in col.iter().zip(&half).enumerate() {
+                        if dv + hv < best.1 {
+                            best = (c as u32, dv + hv);
+                        }
+                    }
+                    best.0
+                })
+                .collect();
+            let changed = next != assign;
+            assign = next;
+            let mut sums = vec![0.0; d * k];
+            let mut counts = vec![0usize; k];
+            for (i, &c) in assign.iter().enumerate() {
+                counts[c as usize] += 1;
+                add_into(&mut sums[c as usize * d..(c as usize + 1) * d], &self.z_cos[i * d..(i + 1) * d]);
+            }
+            for c in 0..k {
+                if counts[c] > 0 {
+                    for j in 0..d {
+                        self.y[c * d + j] = sums[c * d + j] / counts[c] as f64;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        normalize_columns(&mut self.y, d);
+        self.compute_dist();
+        // R = softmax(−dist / σ) per cell, then the diversity statistics.
+        let sigma = &self.sigma;
+        self.r.par_chunks_mut(k).zip(self.dist.par_chunks(k)).for_each(|(r, dist)| soft_assign(r, dist, sigma, None));
+        self.recount();
+        let obj = self.objective();
+        self.obj_kmeans.push(obj);
+        self.obj_harmony.push(obj);
+        Ok(())
+    }
+
+    /// E and O from scratch.
+    fn recount(&mut self) {
+        let (rsum, osum) = self.sums_over(&(0..self.n).collect::<Vec<_>>(), None);
+        self.o = osum;
+        for b in 0..self.b {
+            for c in 0..self.k {
+                self.e[b * self.k + c] = rsum[c] * self.pr_b[b];
+            }
+        }
+    }
+
+    /// Σ R over `cells` (K) and per level (B × K, level-major), from `r`
+    /// or, when given, from `block` (the cells' new columns in order).
+    fn sums_over(&self, cells: &[usize], block: Option<&[f64]>) -> (Vec<f64>, Vec<f64>) {
+        let (k, b, n_cov) = (self.k, self.b, self.n_cov);
+        let chunk = reduction_chunk(cells.len());
+        let partials: Vec<(Vec<f64>, Vec<f64>)> = cells
+            .par_chunks(chunk)
+            .enumerate()
+            .map(|(ci, cs)| {
+                let mut rs = vec![0.0; k];
+                let mut os = vec![0.0; b * k];
+                for (j, &i) in cs.iter().enumerate() {
+                    let col = match block {
+                        Some(bl) => &bl[(ci * chunk + j) * k..(ci * chunk + j + 1) * k],
+                        None => &self.r[i * k..(i + 1) * k],
+                    };
+                    add_into(&mut rs, col);
+                    for &l in &self.lev[i * n_cov..(i + 1) * n_cov] {
+                        add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
+                    }
+                }
+                (rs, os)
+            })
+            .collect();
+        let mut rs = vec![0.0; k];
+        let mut os = vec![0.0; b * k];
+        for (a, o) in partials {
+            add_into(&mut rs, &a);
+            add_into(&mut os, &o);
+        }
+        (rs, os)
+    }
+
+    /// Soft k-means with the diversity penalty: up to `max_iter_cluster`
+    /// rounds of centroid update and blockwise R update.
+    fn cluster(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
+        // The convergence test needs every round's objective only when it can run.
+        let every = self.p.max_iter_cluster > WINDOW + 1;
+        let mut rounds = 0;
+        for it in 0..self.p.max_iter_cluster {
+            self.update_centroids();
+            self.compute_dist();
+            self.update_r(interrupted)?;
+            rounds = it + 1;
+            let last = it + 1 == self.p.max_iter_cluster;
+            if every || last {
+                let obj = self.objective();
+                self.obj_kmeans.push(obj);
+            }
+            if every && it > WINDOW {
+                let m = self.obj_kmeans.len();
+                let old: f64 = (0..WINDOW).map(|i| self.obj_kmeans[m - 2 - i]).sum();
+                let new: f64 = (0..WINDOW).map(|i| self.obj_kmeans[m - 1 - i]).sum();
+                if (old - new) / old.abs() < self.p.epsilon_cluster {
+                    break;
+                }
+            }
+        }
+        if !every && rounds < self.p.max_iter_cluster {
+            let obj = self.objective();
+            self.obj_kmeans.push(obj);
+        }
+        self.rounds.push(rounds);
+        self.obj_harmony.push(*self.obj_kmeans.last().unwrap_or(&f64::NAN));
+        Ok(())
+    }
+
+    /// Y = normalize(z_cos Rᵀ), d × K.
+    fn update_centroids(&mut self) {
+        let (n, d, k) = (self.n, self.d, self.k);
+        let chunk = reduction_chunk(n);
+        let partials: Vec<Vec<f64>> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|ci| {
+                let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
+                let zc = MatRef::from_column_major_slice(&self.z_cos[lo * d..hi * d], d, hi - lo);
+                let rc = MatRef::from_column_major_slice(&self.r[lo * k..hi * k], k, hi - lo);
+                let mut out = vec![0.0; d * k];
+                matmul(MatMut::from_column_major_slice_mut(&mut out, d, k), Accum::Replace, zc, rc.transpose(), 1.0, Par::Seq);
+                out
+            })
+            .collect();
+        self.y.iter_mut().for_each(|v| *v = 0.0);
+        for part in partials {
+            add_into(&mut self.y, &part);
+        }
+        normalize_columns(&mut self.y, d);
+    }
+
+    /// harmony's online update of R: cells in a random order, in blocks of
+    /// `block_size` · N; each block leaves the statistics, is re-assigned with
+    /// the penalty (E / (O + E))^θ, and returns.
+    fn update_r(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
+        let (n, k, b, n_cov) = (self.n, self.k, self.b, self.n_cov);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut self.rng);
+        let n_blocks = (1.0 / self.p.block_size).ceil() as usize;
+        let per_block = (n / n_blocks).max(1);
+        let mut lo = 0;
+        let mut blk = 0;
+        while lo < n {
+            let hi = if blk + 1 >= n_blocks { n } else { (lo + per_block).min(n) };
+            let cells = &order[lo..hi];
+            if interrupted() {
+                return Err(Error::Interrupted);
+            }
+            let (rs, os) = self.sums_over(cells, None);
+            for l in 0..b {
+                for c in 0..k {
+                    self.e[l * k + c] -= rs[c] * self.pr_b[l];
+                    self.o[l * k + c] -= os[l * k + c];
+                }
+            }
+            let pen: Vec<f64> = (0..b * k)
+                .map(|i| {
+                    let t = self.theta[i / k];
+                    if t == 0.0 {
+                        1.0
+                    } else {
+                        (self.e[i] / (self.o[i] + self.e[i])).powf(t)
+                    }
+                })
+                .collect();
+            let mut fresh = vec![0.0; cells.len() * k];
+            {
+                let (dist, sigma, lev) = (&self.dist, &self.sigma, &self.lev);
+                fresh.par_chunks_mut(k * CHUNK).enumerate().for_each(|(ci, out)| {
+                    let mut factor = vec![1.0; k];
+                    for (j, col) in out.chunks_mut(k).enumerate() {
+                        let i = cells[ci * CHUNK + j];
+                        factor.iter_mut().for_each(|f| *f = 1.0);
+                        for &l in &lev[i * n_cov..(i + 1) * n_cov] {
+                            let p = &pen[l as usize * k..(l as usize + 1) * k];
+                            factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
+                        }
+                        soft_assign(col, &dist[i * k..(i + 1) * k], sigma, Some(&factor));
+                    }
+                });
+            }
+            for (j, &i) in cells.iter().enumerate() {
+                self.r[i * k..(i + 1) * k].copy_from_slice(&fresh[j * k..(j + 1) * k]);
+            }
+            let (rs, os) = self.sums_over(cells, Some(&fresh));
+            for l in 0..b {
+                for c in 0..k {
+                    self.e[l * k + c] += rs[c] * self.pr_b[l];
+                    self.o[l * k + c] += os[l * k + c];
+                }
+            }
+            lo = hi;
+            blk += 1;
+        }
+        Ok(())
+    }
+
+    /// harmony's objective, scaled by 2000 / N: Σ R·dist + Σ σ R log R
+    /// + Σ σ R Σ_b θ_b log((O + E) / E) over each cell's levels.
+    fn objective(&self) -> f64 {
+        let (n, k, n_cov) = (self.n, self.k, self.n_cov);
+        let log_ratio: Vec<f64> = (0..self.b * k)
+            .map(|i| {
+                let t = self.theta[i / k];
+                if t == 0.0 {
+                    0.0
+                } else {
+                    t * ((self.o[i] + self.e[i]) / self.e[i]).ln()
+                }
+            })
+            .collect();
+        let chunk = reduction_chunk(n);
+        let parts: Vec<f64> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|ci| {
+                let mut s = 0.0;
+                for i in ci * chunk..((ci + 1) * chunk).min(n) {
+                    let r = &self.r[i * k..(i + 1) * k];
+                    let dist = &self.dist[i * k..(i + 1) * k];
+                    for c in 0..k {
+                        let rv = r[c];
+                        if rv > 0.0 {
+                            let mut cross = 0.0;
+                            for &l in &self.lev[i * n_cov..(i + 1) * n_cov] {
+                                cross += log_ratio[l as usize * k + c];
+                            }
+                            s += rv * dist[c] + self.sigma[c] * rv * (rv.ln() + cross);
+                        }
+                    }
+                }
+                s
+            })
+            .collect();
+        parts.iter().sum::<f64>() * 2000.0 / n as f64
+    }
+
+    /// Mixture-of-experts ridge correction: per cluster k, regress z_orig on
+    /// [1, Φ] with weights R_k and penalty diag(0, λ), then subtract the
+    /// batch terms weighted by R_k.
+    fn correct(&mut self) {
+        let (n, d, k, b, n_cov) = (self.n, self.d, self.k, self.b, self.n_cov);
+        let pdim = b + 1;
+        // S[l][k] = Σ_{i ∈ l} R_ki z_i (d values), level-major, (b · K + k) · d.
+        let mut s = vec![0.0; b * k * d];
+        // Covariate 0: one matrix product per contiguous level block.
+        for (l, &(lo, hi)) in self.ranges.iter().enumerate() {
+            if hi == lo {
+                continue;
+            }
+            let chunk = reduction_chunk(hi - lo);
+            let partials: Vec<Vec<f64>> = (lo..hi)
+                .step_by(chunk)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|a| {
+                    let e = (a + chunk).min(hi);
+                    let zc = MatRef::from_column_major_slice(&self.z_orig[a * d..e * d], d, e - a);
+                    let rc = MatRef::from_column_major_slice(&self.r[a * k..e * k], k, e - a);
+                    let mut out = vec![0.0; d * k];
+                    matmul(MatMut::from_column_major_slice_mut(&mut out, d, k), Accum::Replace, zc, rc.transpose(), 1.0, Par::Seq);
+                    out
+                })
+                .collect();
+            for part in partials {
+                add_into(&mut s[l * k * d..(l + 1) * k * d], &part);
+            }
+        }
+        // Weighted level sums m[l][k] and, with several covariates, the
+        // cross-covariate co-occurrences and the other covariates' S.
+        let (_, m) = self.sums_over(&(0..n).collect::<Vec<_>>(), None);
+        let mut cross = vec![0.0; if n_cov > 1 { b * b * k } else { 0 }];
+        if n_cov > 1 {
+            let chunk = reduction_chunk(n);
+            let partials: Vec<(Vec<f64>, Vec<f64>)> = (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .map(|ci| {
+                    let mut sp = vec![0.0; b * k * d];
+                    let mut cp = vec![0.0; b * b * k];
+                    for i in ci * chunk..((ci + 1) * chunk).min(n) {
+                        let r = &self.r[i * k..(i + 1) * k];
+                        let z = &self.z_orig[i * d..(i + 1) * d];
+                        let levels = &self.lev[i * n_cov..(i + 1) * n_cov];
+                        for &l in &levels[1..] {
+                            for c in 0..k {
+                                let out = &mut sp[(l as usize * k + c) * d..(l as usize * k + c + 1) * d];
+                                out.iter_mut().zip(z).for_each(|(o, zv)| *o += r[c] * zv);
+                            }
+                        }
+                        for (x, &l1) in levels.iter().enumerate() {
+                            for &l2 in &levels[x + 1..] {
+                                add_into(&mut cp[(l1 as usize * b + l2 as usize) * k..(l1 as usize * b + l2 as usize + 1) * k], r);
+                            }
+                        }
+                    }
+                    (sp, cp)
+                })
+                .collect();
+            for (sp, cp) in partials {
+                add_into(&mut s, &sp);
+                add_into(&mut cross, &cp);
+            }
+        }
+        let n0 = self.ranges.len();
+        // W_k, (B + 1) × d per cluster; rows that are not subtracted are zeroed.
+        let w: Vec<Vec<f64>> = (0..k)
+            .into_par_iter()
+            .map(|c| {
+                let total: f64 = (0..n0).map(|l| m[l * k + c]).sum();
+                let mut a = vec![0.0; pdim * pdim];
+                let mut rhs = vec![0.0; pdim * d];
+                a[0] = total;
+                for l in 0..n0 {
+                    add_into(&mut rhs[..d], &s[(l * k + c) * d..(l * k + c + 1) * d]);
+                }
+                let mut keep = vec![true; b];
+                for l in 0..b {
+                    let ml = m[l * k + c];
+                    keep[l] = total > 0.0 && ml / total >= self.p.batch_prop_cutoff;
+                    let lam = self.lambda[l].unwrap_or(self.p.alpha * self.e[l * k + c]);
+                    a[(l + 1) * pdim + (l + 1)] = ml + lam;
+                    a[l + 1] = ml;
+                    a[(l + 1) * pdim] = ml;
+                    rhs[(l + 1) * d..(l + 2) * d].copy_from_slice(&s[(l * k + c) * d..(l * k + c + 1) * d]);
+                }
+                if n_cov > 1 {
+                    for l1 in 0..b {
+                        for l2 in 0..b {
+                            let v = cross[(l1 * b + l2) * k + c];
+                            if v != 0.0 {
+                                a[(l1 + 1) * pdim + (l2 + 1)] += v;
+                                a[(l2 + 1) * pdim + (l1 + 1)] += v;
+                            }
+                        }
+                    }
+                }
+                // Levels too rare in this cluster leave the system.
+                for l in (0..b).filter(|&l| !keep[l]) {
+                    for j in 0..pdim {
+                        a[(l + 1) * pdim + j] = 0.0;
+                        a[j * pdim + (l + 1)] = 0.0;
+                    }
+                    a[(l + 1) * pdim + (l + 1)] = 1.0;
+                    rhs[(l + 1) * d..(l + 2) * d].iter_mut().for_each(|v| *v = 0.0);
+                }
+                let mut sol = solve(a, rhs, pdim, d);
+                sol[..d].iter_mut().for_each(|v| *v = 0.0);
+                for l in 0..b {
+                    if !self.subtract[l] || !keep[l] {
+                        sol[(l + 1) * d..(l + 2) * d].iter_mut().for_each(|v| *v = 0.0);
+                    }
+                }
+                sol
+            })
+            .collect();
+        // Per level, the d × K matrix of batch terms: wl[l][(c, j)] = W_c[l + 1, j].
+        let wl: Vec<Vec<f64>> = (0..b)
+            .map(|l| {
+                let mut m = vec![0.0; d * k];
+                for c in 0..k {
+                    m[c * d..(c + 1) * d].copy_from_slice(&w[c][(l + 1) * d..(l + 2) * d]);
+                }
+                m
+            })
+            .collect();
+        let active: Vec<bool> = wl.iter().map(|m| m.iter().any(|&v| v != 0.0)).collect();
+        self.z_corr.copy_from_slice(&self.z_orig);
+        let (r, lev, ranges) = (&self.r, &self.lev, &self.ranges);
+        self.z_corr.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, out)| {
+            let lo = ci * CHUNK;
+            let hi = lo + out.len() / d;
+            // Covariate 0: contiguous runs of one level, one product each.
+            for (l, &(a, e)) in ranges.iter().enumerate() {
+                let (a, e) = (a.max(lo), e.min(hi));
+                if a >= e || !active[l] {
+                    continue;
+                }
+                let wm = MatRef::from_column_major_slice(&wl[l], d, k);
+                let rc = MatRef::from_column_major_slice(&r[a * k..e * k], k, e - a);
+                let dst = MatMut::from_column_major_slice_mut(&mut out[(a - lo) * d..(e - lo) * d], d, e - a);
+                matmul(dst, Accum::Add, wm, rc, -1.0, Par::Seq);
+            }
+            if n_cov > 1 {
+                for i in lo..hi {
+                    let z = &mut out[(i - lo) * d..(i - lo + 1) * d];
+                    let rv = &r[i * k..(i + 1) * k];
+                    for &l in &lev[i * n_cov + 1..(i + 1) * n_cov] {
+                        if !active[l as usize] {
+                            continue;
+                        }
+                        let wm = &wl[l as usize];
+                        for c in 0..k {
+                            let col = &wm[c * d..(c + 1) * d];
+                            z.iter_mut().zip(col).for_each(|(zv, wv)| *zv -= rv[c] * wv);
+                        }
+                    }
+                }
+            }
+        });
+        self.z_cos.copy_from_slice(&self.z_corr);
+        normalize_columns(&mut self.z_cos, d);
+    }
+
+    fn finish(self, n_iter: usize, converged: bool) -> HarmonyResult {
+        let (n, d, k) = (self.n, self.d, self.k);
+        let mut z_corr = vec![0.0; n * d];
+        let mut r = vec![0.0; n * k];
+        for (pos, &i) in self.perm.iter().enumerate() {
+            z_corr[i * d..(i + 1) * d].copy_from_slice(&self.z_corr[pos * d..(pos + 1) * d]);
+            r[i * k..(i + 1) * k].copy_from_slice(&self.r[pos * k..(pos + 1) * k]);
+        }
+        HarmonyResult {
+            z_corr,
+            r,
+            n_clusters: k,
+            objective: self.obj_harmony,
+            cluster_rounds: self.rounds,
+            n_iter,
+            converged,
+        }
+    }
+}
+
+/// r ∝ exp(−dist / σ) · factor, normalized to sum 1 (shifted by the smallest
+/// distance so that the exponentials cannot all underflow).
+fn soft_assign(r: &mut [f64], dist: &[f64], sigma: &[f64], factor: Option<&[f64]>) {
+    let lo = dist.iter().zip(sigma).map(|(d, s)| d / s).fold(f64::INFINITY, f64::min);
+    for (c, out) in r.iter_mut().enumerate() {
+        *out = (lo - dist[c] / sigma[c]).exp();
+    }
+    if let Some(f) = factor {
+        r.iter_mut().zip(f).for_each(|(v, q)| *v *= q);
+    }
+    let total: f64 = r.iter().sum();
+    if total > 0.0 && total.is_finite() {
+        r.iter_mut().for_each(|v| *v /= total);
+    } else {
+        let u = 1.0 / r.len() as f64;
+        r.iter_mut().for_each(|v| *v = u);
+    }
+}
+
+/// Solves A X = B (A p × p row-major, B p × d row-major) by Gaussian
+/// elimination with partial pivoting; a singular pivot leaves its row 0.
+fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, p: usize, d: usize) -> Vec<f64> {
+    for col in 0..p {
+        let piv = (col..p).max_by(|&i, &j| a[i * p + col].abs().total_cmp(&a[j * p + col].abs())).unwrap_or(col);
+        if a[piv * p + col].abs() < 1e-300 {
+            continue;
+        }
+        if piv != col {
+            for j in 0..p {
+                a.swap(col * p + j, piv * p + j);
+            }
+            for j in 0..d {
+                rhs.swap(col * d + j, piv * d + j);
+            }
+        }
+        let pv = a[col * p + col];
+        for i in col + 1..p {
+            let f = a[i * p + col] / pv;
+            if f != 0.0 {
+                for j in col..p {
+                    a[i * p + j] -= f * a[col * p + j];
+                }
+                for j in 0..d {
+                    rhs[i * d + j] -= f * rhs[col * d + j];
+                }
+            }
+        }
+    }
+    let mut x = vec![0.0; p * d];
+    for i in (0..p).rev() {
+        let pv = a[i * p + i];
+        if pv.abs() < 1e-300 {
+            continue;
+        }
+        for j in 0..d {
+            let mut v = rhs[i * d + j];
+            for t in i + 1..p {
+                v -= a[i * p + t] * x[t * d + j];
+            }
+            x[i * d + j] = v / pv;
+        }
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests;
