@@ -16,6 +16,7 @@
 //! estimated while holding the condition fixed, and the condition effect stays.
 
 use crate::error::{check_param, invalid, Error, Result};
+use crate::numeric::{exp_nonpositive, ln_positive};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rand::seq::SliceRandom;
@@ -188,6 +189,7 @@ struct Harmony<'a> {
     lambda: Vec<Option<f64>>,
     subtract: Vec<bool>,
     sigma: Vec<f64>,
+    inv_sigma: Vec<f64>,
     /// Centroids, d × K.
     y: Vec<f64>,
     /// K × N, column-major (one cell per column).
@@ -293,6 +295,7 @@ impl<'a> Harmony<'a> {
             lambda,
             subtract,
             sigma: vec![p.sigma; k],
+            inv_sigma: vec![1.0 / p.sigma; k],
             y: vec![0.0; d * k],
             dist: vec![0.0; k * n],
             r: vec![0.0; k * n],
@@ -351,11 +354,26 @@ impl<'a> Harmony<'a> {
                 .collect();
             let changed = next != assign;
             assign = next;
+            let chunk = reduction_chunk(n);
+            let partials: Vec<(Vec<f64>, Vec<usize>)> = assign
+                .par_chunks(chunk)
+                .enumerate()
+                .map(|(ci, a)| {
+                    let mut sums = vec![0.0; d * k];
+                    let mut counts = vec![0usize; k];
+                    for (j, &c) in a.iter().enumerate() {
+                        let i = ci * chunk + j;
+                        counts[c as usize] += 1;
+                        add_into(&mut sums[c as usize * d..(c as usize + 1) * d], &self.z_cos[i * d..(i + 1) * d]);
+                    }
+                    (sums, counts)
+                })
+                .collect();
             let mut sums = vec![0.0; d * k];
             let mut counts = vec![0usize; k];
-            for (i, &c) in assign.iter().enumerate() {
-                counts[c as usize] += 1;
-                add_into(&mut sums[c as usize * d..(c as usize + 1) * d], &self.z_cos[i * d..(i + 1) * d]);
+            for (ps, pc) in partials {
+                add_into(&mut sums, &ps);
+                counts.iter_mut().zip(pc).for_each(|(c, v)| *c += v);
             }
             for c in 0..k {
                 if counts[c] > 0 {
@@ -371,8 +389,8 @@ impl<'a> Harmony<'a> {
         normalize_columns(&mut self.y, d);
         self.compute_dist();
         // R = softmax(−dist / σ) per cell, then the diversity statistics.
-        let sigma = &self.sigma;
-        self.r.par_chunks_mut(k).zip(self.dist.par_chunks(k)).for_each(|(r, dist)| soft_assign(r, dist, sigma, None));
+        let inv_sigma = &self.inv_sigma;
+        self.r.par_chunks_mut(k).zip(self.dist.par_chunks(k)).for_each(|(r, dist)| soft_assign(r, dist, inv_sigma, None));
         self.recount();
         let obj = self.objective();
         self.obj_kmeans.push(obj);
@@ -382,7 +400,7 @@ impl<'a> Harmony<'a> {
 
     /// E and O from scratch.
     fn recount(&mut self) {
-        let (rsum, osum) = self.sums_over(&(0..self.n).collect::<Vec<_>>(), None);
+        let (rsum, osum) = self.sums_over(&(0..self.n).collect::<Vec<_>>());
         self.o = osum;
         for b in 0..self.b {
             for c in 0..self.k {
@@ -391,22 +409,17 @@ impl<'a> Harmony<'a> {
         }
     }
 
-    /// Σ R over `cells` (K) and per level (B × K, level-major), from `r`
-    /// or, when given, from `block` (the cells' new columns in order).
-    fn sums_over(&self, cells: &[usize], block: Option<&[f64]>) -> (Vec<f64>, Vec<f64>) {
+    /// Σ R over `cells` (K) and per level (B × K, level-major).
+    fn sums_over(&self, cells: &[usize]) -> (Vec<f64>, Vec<f64>) {
         let (k, b, n_cov) = (self.k, self.b, self.n_cov);
         let chunk = reduction_chunk(cells.len());
         let partials: Vec<(Vec<f64>, Vec<f64>)> = cells
             .par_chunks(chunk)
-            .enumerate()
-            .map(|(ci, cs)| {
+            .map(|cs| {
                 let mut rs = vec![0.0; k];
                 let mut os = vec![0.0; b * k];
-                for (j, &i) in cs.iter().enumerate() {
-                    let col = match block {
-                        Some(bl) => &bl[(ci * chunk + j) * k..(ci * chunk + j + 1) * k],
-                        None => &self.r[i * k..(i + 1) * k],
-                    };
+                for &i in cs {
+                    let col = &self.r[i * k..(i + 1) * k];
                     add_into(&mut rs, col);
                     for &l in &self.lev[i * n_cov..(i + 1) * n_cov] {
                         add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
@@ -497,7 +510,7 @@ impl<'a> Harmony<'a> {
             if interrupted() {
                 return Err(Error::Interrupted);
             }
-            let (rs, os) = self.sums_over(cells, None);
+            let (rs, os) = self.sums_over(cells);
             for l in 0..b {
                 for c in 0..k {
                     self.e[l * k + c] -= rs[c] * self.pr_b[l];
@@ -514,26 +527,26 @@ impl<'a> Harmony<'a> {
                     }
                 })
                 .collect();
-            let mut fresh = vec![0.0; cells.len() * k];
             {
-                let (dist, sigma, lev) = (&self.dist, &self.sigma, &self.lev);
-                fresh.par_chunks_mut(k * CHUNK).enumerate().for_each(|(ci, out)| {
+                // Each cell's column of R is written by exactly one task.
+                let r_ptr = SharedMut(self.r.as_mut_ptr());
+                let (dist, inv_sigma, lev) = (&self.dist, &self.inv_sigma, &self.lev);
+                cells.par_chunks(CHUNK).for_each(|cs| {
+                    let r_ptr = &r_ptr;
                     let mut factor = vec![1.0; k];
-                    for (j, col) in out.chunks_mut(k).enumerate() {
-                        let i = cells[ci * CHUNK + j];
+                    for &i in cs {
                         factor.iter_mut().for_each(|f| *f = 1.0);
                         for &l in &lev[i * n_cov..(i + 1) * n_cov] {
                             let p = &pen[l as usize * k..(l as usize + 1) * k];
                             factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
                         }
-                        soft_assign(col, &dist[i * k..(i + 1) * k], sigma, Some(&factor));
+                        // SAFETY: `cells` are distinct, so no two tasks touch the same column.
+                        let col = unsafe { std::slice::from_raw_parts_mut(r_ptr.0.add(i * k), k) };
+                        soft_assign(col, &dist[i * k..(i + 1) * k], inv_sigma, Some(&factor));
                     }
                 });
             }
-            for (j, &i) in cells.iter().enumerate() {
-                self.r[i * k..(i + 1) * k].copy_from_slice(&fresh[j * k..(j + 1) * k]);
-            }
-            let (rs, os) = self.sums_over(cells, Some(&fresh));
+            let (rs, os) = self.sums_over(cells);
             for l in 0..b {
                 for c in 0..k {
                     self.e[l * k + c] += rs[c] * self.pr_b[l];
@@ -575,7 +588,7 @@ impl<'a> Harmony<'a> {
                             for &l in &self.lev[i * n_cov..(i + 1) * n_cov] {
                                 cross += log_ratio[l as usize * k + c];
                             }
-                            s += rv * dist[c] + self.sigma[c] * rv * (rv.ln() + cross);
+                            s += rv * dist[c] + self.sigma[c] * rv * (ln_positive(rv) + cross);
                         }
                     }
                 }
@@ -618,7 +631,7 @@ impl<'a> Harmony<'a> {
         }
         // Weighted level sums m[l][k] and, with several covariates, the
         // cross-covariate co-occurrences and the other covariates' S.
-        let (_, m) = self.sums_over(&(0..n).collect::<Vec<_>>(), None);
+        let (_, m) = self.sums_over(&(0..n).collect::<Vec<_>>());
         let mut cross = vec![0.0; if n_cov > 1 { b * b * k } else { 0 }];
         if n_cov > 1 {
             let chunk = reduction_chunk(n);
@@ -771,19 +784,51 @@ impl<'a> Harmony<'a> {
     }
 }
 
+/// A raw pointer handed to parallel tasks that write disjoint parts.
+struct SharedMut(*mut f64);
+// SAFETY: only used for writes to disjoint ranges (see `update_r`).
+unsafe impl Sync for SharedMut {}
+
 /// r ∝ exp(−dist / σ) · factor, normalized to sum 1 (shifted by the smallest
-/// distance so that the exponentials cannot all underflow).
-fn soft_assign(r: &mut [f64], dist: &[f64], sigma: &[f64], factor: Option<&[f64]>) {
-    let lo = dist.iter().zip(sigma).map(|(d, s)| d / s).fold(f64::INFINITY, f64::min);
-    for (c, out) in r.iter_mut().enumerate() {
-        *out = (lo - dist[c] / sigma[c]).exp();
+/// distance so that the exponentials cannot all underflow). `inv_sigma` = 1/σ.
+/// This is Harmony's innermost loop; on CPUs with AVX2 and FMA it runs in a
+/// copy compiled for them, where the exponentials vectorize (same results
+/// to rounding).
+fn soft_assign(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { soft_assign_avx2(r, dist, inv_sigma, factor) };
+            return;
+        }
     }
+    soft_assign_body(r, dist, inv_sigma, factor)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn soft_assign_avx2(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
+    soft_assign_body(r, dist, inv_sigma, factor)
+}
+
+#[inline(always)]
+fn soft_assign_body(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
+    let mut hi = f64::NEG_INFINITY;
+    for ((out, &dv), &s) in r.iter_mut().zip(dist).zip(inv_sigma) {
+        *out = -dv * s;
+        if *out > hi {
+            hi = *out;
+        }
+    }
+    r.iter_mut().for_each(|v| *v = exp_nonpositive(*v - hi));
     if let Some(f) = factor {
         r.iter_mut().zip(f).for_each(|(v, q)| *v *= q);
     }
     let total: f64 = r.iter().sum();
     if total > 0.0 && total.is_finite() {
-        r.iter_mut().for_each(|v| *v /= total);
+        let inv = 1.0 / total;
+        r.iter_mut().for_each(|v| *v *= inv);
     } else {
         let u = 1.0 / r.len() as f64;
         r.iter_mut().for_each(|v| *v = u);
@@ -838,3 +883,4 @@ fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, p: usize, d: usize) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests;
+
