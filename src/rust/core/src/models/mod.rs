@@ -1,7 +1,13 @@
 //! The models. A model is a module of tensors and its loss; the training
 //! loop lives in `train`, batched inference in `infer`.
 
+pub mod distill;
 pub mod vae;
+
+/// libtorch's generator is global: tests that train take turns, so that each
+/// sees only its own draws.
+#[cfg(test)]
+pub(crate) static TORCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 use crate::data::Csr;
 use rayon::prelude::*;

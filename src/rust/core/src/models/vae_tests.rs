@@ -28,9 +28,7 @@ fn never() -> bool {
     false
 }
 
-/// libtorch's generator is global: tests that train take turns, so that each
-/// sees only its own draws.
-static TORCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+use crate::models::TORCH;
 
 fn fit(s: &crate::simulate::Simulation, config: VaeConfig, tc: TrainConfig) -> VaeModel {
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,489 @@
+//! Two-phase distillation (scDistill): a student learns a teacher's
+//! batch-free embedding Z* and then a batch-aware decoder of the counts.
+//!
+//! Phase 1: encoder(log2(CPM + 1) of the encoder genes) → Z, loss
+//! ‖Z − Z*‖² / d per cell, with Z* standardized per cell; the encoder is
+//! n_layers × [Linear → norm → ReLU → Dropout] → Linear → LayerNorm (no
+//! affine), whose output has the same per-cell standardization.
+//! Phase 2: encoder frozen; decoder([Z, batch embedding]) → ρ = softmax,
+//! counts ~ NB(μ = library · ρ, θ per gene), loss −log p per cell.
+//! Both phases stop early on a held-out validation split (scDistill 0.3.1
+//! watches the training loss).
+//!
+//! Corrected expression is the decoder's ρ for a reference batch.
+
+use crate::data::{Categorical, CountMatrix, Csr};
+use crate::device::seed_torch;
+use crate::error::{check_param, invalid, Error, Result};
+use crate::io;
+use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
+use crate::nn::{linear, FcLayers, FcSpec, Norm};
+use crate::train::{train, EpochRecord, History, LossTerms, TrainConfig, Trainable};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Cells per inference minibatch.
+const CHUNK: usize = 1024;
+
+/// Architecture of a distilled student; saved with the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillConfig {
+    /// Genes the encoder reads (log2 CPM).
+    pub n_input: usize,
+    /// Genes the decoder writes.
+    pub n_genes: usize,
+    pub n_latent: usize,
+    pub n_hidden: usize,
+    pub n_layers: usize,
+    pub dropout: f64,
+    /// Normalization in the encoder's hidden layers (the decoder has none).
+    pub norm: Norm,
+    pub n_batch: usize,
+    pub batch_embedding: usize,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            n_input: 0,
+            n_genes: 0,
+            n_latent: 0,
+            n_hidden: 128,
+            n_layers: 2,
+            dropout: 0.1,
+            norm: Norm::Batch,
+            n_batch: 1,
+            batch_embedding: 10,
+        }
+    }
+}
+
+impl DistillConfig {
+    pub fn check(&self) -> Result<()> {
+        check_param(self.n_input >= 1, "n_input", "must be at least 1")?;
+        check_param(self.n_genes >= 1, "n_genes", "must be at least 1")?;
+        check_param(self.n_latent >= 2, "n_latent", "must be at least 2 (the teacher needs 2 or more dimensions)")?;
+        check_param(self.n_hidden >= 1, "n_hidden", "must be at least 1")?;
+        check_param(self.n_layers >= 1, "n_layers", "must be at least 1")?;
+        check_param((0.0..1.0).contains(&self.dropout), "dropout", "must be in [0, 1)")?;
+        check_param(self.n_batch >= 1, "n_batch", "must be at least 1")?;
+        check_param(self.batch_embedding >= 1, "batch_embedding", "must be at least 1")
+    }
+}
+
+/// The student: encoder and decoder in one variable store (paths
+/// `encoder/…` and `decoder/…`).
+pub struct Student {
+    pub cfg: DistillConfig,
+    pub vs: nn::VarStore,
+    enc_fc: FcLayers,
+    enc_out: nn::Linear,
+    dec_fc: FcLayers,
+    batch_emb: Tensor,
+    scale_head: nn::Linear,
+    log_theta: Tensor,
+}
+
+impl Student {
+    pub fn new(cfg: DistillConfig, device: Device) -> Result<Student> {
+        cfg.check()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let enc = &root / "encoder";
+        let enc_fc = FcLayers::new(
+            &(&enc / "fc"),
+            FcSpec {
+                n_in: cfg.n_input,
+                n_hidden: cfg.n_hidden,
+                n_layers: cfg.n_layers,
+                n_cov: 0,
+                dropout: cfg.dropout,
+                norm: cfg.norm,
+                inject_all: false,
+            },
+        );
+        let enc_out = linear(&enc / "out", cfg.n_hidden, cfg.n_latent);
+        let dec = &root / "decoder";
+        let batch_emb = (&dec).randn_standard("batch_embedding", &[cfg.n_batch as i64, cfg.batch_embedding as i64]);
+        let dec_fc = FcLayers::new(
+            &(&dec / "fc"),
+            FcSpec {
+                n_in: cfg.n_latent + cfg.batch_embedding,
+                n_hidden: cfg.n_hidden,
+                n_layers: cfg.n_layers,
+                n_cov: 0,
+                dropout: cfg.dropout,
+                norm: Norm::None,
+                inject_all: false,
+            },
+        );
+        let scale_head = linear(&dec / "scale", cfg.n_hidden, cfg.n_genes);
+        let log_theta = (&dec).zeros("log_theta", &[cfg.n_genes as i64]);
+        Ok(Student { cfg, vs, enc_fc, enc_out, dec_fc, batch_emb, scale_head, log_theta })
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Z for log2(CPM + 1) input `x` ([cells, n_input]).
+    pub fn encode(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = self.enc_fc.forward(x, None, train);
+        self.enc_out.forward(&h).layer_norm([self.cfg.n_latent as i64], None::<Tensor>, None::<Tensor>, 1e-5, false)
+    }
+
+    /// ρ (rows sum to 1) for latent `z` and batch codes `batch` (int64).
+    pub fn decode_scale(&self, z: &Tensor, batch: &Tensor, train: bool) -> Tensor {
+        let e = self.batch_emb.index_select(0, batch);
+        let h = self.dec_fc.forward(&Tensor::cat(&[z, &e], 1), None, train);
+        self.scale_head.forward(&h).softmax(-1, Kind::Float)
+    }
+
+    pub fn theta(&self) -> Tensor {
+        self.log_theta.exp()
+    }
+
+    fn set_encoder_trainable(&self, on: bool) {
+        for (name, v) in self.vs.variables() {
+            if name.starts_with("encoder") && v.requires_grad() != on {
+                // Running statistics of batch norm are buffers, not parameters.
+                if v.is_floating_point() {
+                    let _ = v.set_requires_grad(on);
+                }
+            }
+        }
+    }
+}
+
+/// Standardizes each row (cell) of `z` (`[n, d]`, row-major) to mean 0 and
+/// population standard deviation 1, as scDistill does with the teacher.
+pub fn standardize_rows(z: &[f64], d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(z.len());
+    for row in z.chunks(d) {
+        let m = row.iter().sum::<f64>() / d as f64;
+        let sd = (row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / d as f64).sqrt();
+        out.extend(row.iter().map(|v| ((v - m) / (sd + 1e-5)) as f32));
+    }
+    out
+}
+
+/// Phase 1: encoder input and teacher target.
+struct EncoderTask<'a> {
+    student: &'a Student,
+    input: &'a Csr,
+    target: &'a [f32],
+}
+
+impl Trainable for EncoderTask<'_> {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.student.vs
+    }
+    fn n_cells(&self) -> usize {
+        self.input.n_rows
+    }
+    fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
+        let dev = self.student.device();
+        let d = self.student.cfg.n_latent;
+        let x = crate::data::rows_to_tensor(self.input, rows, dev);
+        let mut t = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            t.extend_from_slice(&self.target[r * d..(r + 1) * d]);
+        }
+        let target = Tensor::from_slice(&t).view([rows.len() as i64, d as i64]).to_device(dev);
+        let z = self.student.encode(&x, train);
+        let mse = (z - target).square().mean_dim(-1, false, Kind::Float);
+        let zero = mse.zeros_like();
+        LossTerms { reconstruction: mse, kl_warmup: zero.shallow_clone(), kl_fixed: zero }
+    }
+}
+
+/// Phase 2: the frozen encoder's Z of every cell, counts and batches.
+struct DecoderTask<'a> {
+    student: &'a Student,
+    z: &'a [f32],
+    counts: &'a Csr,
+    batch: &'a [u32],
+    log_library: &'a [f32],
+    log_factorial: &'a [f32],
+}
+
+impl Trainable for DecoderTask<'_> {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.student.vs
+    }
+    fn n_cells(&self) -> usize {
+        self.counts.n_rows
+    }
+    fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
+        let s = self.student;
+        let dev = s.device();
+        let d = s.cfg.n_latent;
+        let mut zb = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            zb.extend_from_slice(&self.z[r * d..(r + 1) * d]);
+        }
+        let z = Tensor::from_slice(&zb).view([rows.len() as i64, d as i64]).to_device(dev);
+        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
+        let batch = Tensor::from_slice(&rows.iter().map(|&r| self.batch[r] as i64).collect::<Vec<i64>>()).to_device(dev);
+        let rho = s.decode_scale(&z, &batch, train);
+        let mu = pick(self.log_library).exp().unsqueeze(1) * rho;
+        let nz = SparseBatch::from_csr(self.counts, rows, dev);
+        let nll = -(nb_log_kernel_rows(&nz, &mu, &s.theta().unsqueeze(0), 1e-8) - pick(self.log_factorial));
+        let zero = nll.zeros_like();
+        LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero }
+    }
+}
+
+/// Everything needed to use a trained student again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DistillMeta {
+    pub config: DistillConfig,
+    /// Genes of the encoder's input, in order.
+    pub input_genes: Vec<String>,
+    /// Genes of the decoder's output, in order.
+    pub genes: Vec<String>,
+    pub batch_name: String,
+    pub batch_levels: Vec<String>,
+    pub train_encoder: TrainConfig,
+    pub train_decoder: TrainConfig,
+    pub history_encoder: Vec<EpochRecord>,
+    pub history_decoder: Vec<EpochRecord>,
+    pub best_epoch_encoder: usize,
+    pub best_epoch_decoder: usize,
+    pub stopped_early: [bool; 2],
+    pub interrupted: bool,
+    pub n_cells: usize,
+    pub validation_cells: Vec<usize>,
+    /// Description of the teacher (free text from the caller).
+    pub teacher: String,
+}
+
+/// A trained student and its description.
+pub struct DistillModel {
+    pub meta: DistillMeta,
+    pub student: Student,
+}
+
+impl std::fmt::Debug for DistillModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistillModel").field("config", &self.meta.config).finish_non_exhaustive()
+    }
+}
+
+/// Which phase an epoch belongs to, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Encoder,
+    Decoder,
+}
+
+/// Training data of [`DistillModel::fit`].
+pub struct DistillData<'a> {
+    /// Raw counts of every gene (decoder genes are selected by `decoder_genes`).
+    pub counts: &'a CountMatrix,
+    /// Columns of `counts` the encoder reads.
+    pub input_genes: &'a [usize],
+    /// Columns of `counts` the decoder writes.
+    pub decoder_genes: &'a [usize],
+    pub batch: &'a Categorical,
+    /// Teacher embedding, cells × d, row-major.
+    pub teacher: &'a [f64],
+    pub teacher_dim: usize,
+    pub teacher_name: String,
+}
+
+/// log2(CPM + 1) of the columns `keep`, with library sizes over all genes.
+pub fn encoder_input(counts: &CountMatrix, keep: &[usize]) -> Csr {
+    crate::prep::log2_cpm(counts).select_columns(keep)
+}
+
+impl DistillModel {
+    /// Runs both phases. `config.n_input`, `n_genes`, `n_latent` and
+    /// `n_batch` are filled in from the data.
+    pub fn fit(
+        data: &DistillData,
+        mut config: DistillConfig,
+        train_encoder: TrainConfig,
+        train_decoder: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(Phase, &EpochRecord),
+    ) -> Result<DistillModel> {
+        let m = data.counts;
+        let n = m.n_cells();
+        if data.teacher.len() != n * data.teacher_dim {
+            return invalid!(
+                "the teacher embedding has {} values; expected cells ({n}) × dimensions ({})",
+                data.teacher.len(),
+                data.teacher_dim
+            );
+        }
+        if let Some(i) = data.teacher.iter().position(|v| !v.is_finite()) {
+            return invalid!("the teacher embedding has a missing or infinite value (cell {})", i / data.teacher_dim + 1);
+        }
+        if data.batch.codes.len() != n {
+            return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
+        }
+        if data.input_genes.is_empty() || data.decoder_genes.is_empty() {
+            return invalid!("the encoder and the decoder need at least one gene each");
+        }
+        config.n_input = data.input_genes.len();
+        config.n_genes = data.decoder_genes.len();
+        config.n_latent = data.teacher_dim;
+        config.n_batch = data.batch.n_levels();
+        seed_torch(train_encoder.seed);
+        let student = Student::new(config.clone(), device)?;
+
+        // Phase 1.
+        let input = encoder_input(m, data.input_genes);
+        let target = standardize_rows(data.teacher, data.teacher_dim);
+        let enc_task = EncoderTask { student: &student, input: &input, target: &target };
+        let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
+
+        // Phase 2, unless stopped: Z of every cell from the frozen encoder.
+        let z = latent_of(&student, &input);
+        let counts = m.csr.select_columns(data.decoder_genes);
+        let log_library: Vec<f32> = counts.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
+        let log_factorial = super::log_factorial(&counts);
+        let h2 = if h1.interrupted {
+            History::default()
+        } else {
+            student.set_encoder_trainable(false);
+            let task = DecoderTask {
+                student: &student,
+                z: &z,
+                counts: &counts,
+                batch: &data.batch.codes,
+                log_library: &log_library,
+                log_factorial: &log_factorial,
+            };
+            let cfg2 = TrainConfig { seed: train_decoder.seed, ..train_decoder.clone() };
+            let h = train(&task, &cfg2, interrupted, &|r| on_epoch(Phase::Decoder, r));
+            student.set_encoder_trainable(true);
+            h?
+        };
+        let pick = |idx: &[usize]| idx.iter().map(|&j| m.genes[j].clone()).collect::<Vec<_>>();
+        let meta = DistillMeta {
+            config,
+            input_genes: pick(data.input_genes),
+            genes: pick(data.decoder_genes),
+            batch_name: data.batch.name.clone(),
+            batch_levels: data.batch.levels.clone(),
+            train_encoder: train_encoder.clone(),
+            train_decoder: train_decoder.clone(),
+            history_encoder: h1.epochs,
+            history_decoder: h2.epochs,
+            best_epoch_encoder: h1.best_epoch,
+            best_epoch_decoder: h2.best_epoch,
+            stopped_early: [h1.stopped_early, h2.stopped_early],
+            interrupted: h1.interrupted || h2.interrupted,
+            n_cells: n,
+            validation_cells: h1.validation_cells,
+            teacher: data.teacher_name.clone(),
+        };
+        Ok(DistillModel { meta, student })
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let meta = serde_json::to_value(&self.meta).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        io::to_bytes(&self.student.vs, serde_json::json!({"kind": "distill", "distill": meta}))
+    }
+
+    pub fn from_bytes(bytes: &[u8], device: Device) -> Result<DistillModel> {
+        let file = io::from_bytes(bytes)?;
+        if file.meta.get("kind").and_then(|k| k.as_str()) != Some("distill") {
+            return invalid!("this model file holds a different kind of model, not a distilled one");
+        }
+        let meta: DistillMeta = serde_json::from_value(file.meta["distill"].clone())
+            .map_err(|e| Error::InvalidInput(format!("the model file's description is damaged: {e}")))?;
+        let student = Student::new(meta.config.clone(), device)?;
+        io::load_into(&student.vs, &file.tensors)?;
+        Ok(DistillModel { meta, student })
+    }
+
+    /// Column indices of `genes` in `counts`, or an error naming what is missing.
+    fn columns(counts: &CountMatrix, genes: &[String], what: &str) -> Result<Vec<usize>> {
+        let at: HashMap<&str, usize> = counts.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+        let missing: Vec<&String> = genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
+        if !missing.is_empty() {
+            return invalid!(
+                "{} of the model's {} {what} genes are missing from the new data (first: {}); \
+                 the new cells must be measured on the genes the model was trained on",
+                missing.len(),
+                genes.len(),
+                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(genes.iter().map(|g| at[g.as_str()]).collect())
+    }
+
+    /// Encoder input of new cells: log2 CPM (library over all their genes)
+    /// of the model's input genes, matched by name.
+    pub fn input_for(&self, counts: &CountMatrix) -> Result<Csr> {
+        let keep = Self::columns(counts, &self.meta.input_genes, "input")?;
+        Ok(encoder_input(counts, &keep))
+    }
+
+    /// Latent Z of every cell, row-major `[n, n_latent]`.
+    pub fn latent(&self, counts: &CountMatrix) -> Result<Vec<f32>> {
+        Ok(latent_of(&self.student, &self.input_for(counts)?))
+    }
+
+    /// Corrected expression ρ of every cell decoded as if from each batch of
+    /// `reference` (averaged), row-major `[n, n_genes]`.
+    pub fn corrected(&self, counts: &CountMatrix, reference: &[u32]) -> Result<Vec<f32>> {
+        if reference.is_empty() || reference.iter().any(|&b| b as usize >= self.meta.batch_levels.len()) {
+            return invalid!("the reference batch must be one or more of the model's batches");
+        }
+        let z = self.latent(counts)?;
+        let (s, d, g) = (&self.student, self.meta.config.n_latent, self.meta.config.n_genes);
+        let n = counts.n_cells();
+        let mut out = Vec::with_capacity(n * g);
+        tch::no_grad(|| {
+            for start in (0..n).step_by(CHUNK) {
+                let end = (start + CHUNK).min(n);
+                let zt = Tensor::from_slice(&z[start * d..end * d]).view([(end - start) as i64, d as i64]).to_device(s.device());
+                let mut acc = Tensor::zeros([(end - start) as i64, g as i64], (Kind::Float, s.device()));
+                for &b in reference {
+                    let batch = Tensor::full([(end - start) as i64], b as i64, (Kind::Int64, s.device()));
+                    acc += s.decode_scale(&zt, &batch, false);
+                }
+                acc /= reference.len() as f64;
+                out.extend(Vec::<f32>::try_from(acc.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default());
+            }
+        });
+        Ok(out)
+    }
+
+    /// Mean negative log-likelihood per cell of `counts` (its decoder genes)
+    /// under their own batches `batch`.
+    pub fn nll(&self, counts: &CountMatrix, batch: &[u32]) -> Result<f64> {
+        let z = self.latent(counts)?;
+        let keep = Self::columns(counts, &self.meta.genes, "output")?;
+        let c = counts.csr.select_columns(&keep);
+        let log_library: Vec<f32> = c.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
+        let log_factorial = super::log_factorial(&c);
+        let task = DecoderTask { student: &self.student, z: &z, counts: &c, batch, log_library: &log_library, log_factorial: &log_factorial };
+        let rows: Vec<usize> = (0..c.n_rows).collect();
+        Ok(crate::train::evaluate(&task, &rows, CHUNK).0)
+    }
+}
+
+fn latent_of(s: &Student, input: &Csr) -> Vec<f32> {
+    let n = input.n_rows;
+    let mut out = Vec::with_capacity(n * s.cfg.n_latent);
+    tch::no_grad(|| {
+        for start in (0..n).step_by(CHUNK) {
+            let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
+            let x = crate::data::rows_to_tensor(input, &rows, s.device());
+            out.extend(Vec::<f32>::try_from(s.encode(&x, false).to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default());
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+#[path = "distill_tests.rs"]
+mod tests;

@@ -1,0 +1,152 @@
+use super::*;
+use crate::models::TORCH;
+use crate::prep::{pca, PcaParams};
+use crate::simulate::{simulate, SimParams, Simulation};
+use crate::teacher::{harmony, HarmonyCovariate, HarmonyParams};
+
+fn sim(n_cells: usize, seed: u64) -> Simulation {
+    let p = SimParams {
+        n_cells,
+        n_genes: 300,
+        group_prob: vec![0.4, 0.3, 0.3],
+        batch_prob: vec![0.5, 0.5],
+        seed,
+        ..Default::default()
+    };
+    simulate(&p).unwrap()
+}
+
+/// Harmony on 10 PCs of log2 CPM: the default teacher, built from the core's parts.
+fn teacher(s: &Simulation) -> Vec<f64> {
+    let x = crate::prep::log2_cpm(&s.counts);
+    let pcs = pca(&x, &PcaParams { n_pcs: 10, ..Default::default() }, &|| false).unwrap();
+    let n = s.counts.n_cells();
+    let z: Vec<f64> = (0..n).flat_map(|i| (0..10).map(move |j| (i, j))).map(|(i, j)| pcs.scores[(i, j)]).collect();
+    let cov = HarmonyCovariate {
+        name: "batch".into(),
+        codes: s.batch.codes.clone(),
+        n_levels: 2,
+        theta: 2.0,
+        lambda: None,
+        protected: false,
+    };
+    harmony(&z, n, 10, &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
+}
+
+fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let all: Vec<usize> = (0..s.counts.n_genes()).collect();
+    let data = DistillData {
+        counts: &s.counts,
+        input_genes: &all,
+        decoder_genes: &all,
+        batch: &s.batch,
+        teacher: z,
+        teacher_dim: 10,
+        teacher_name: "harmony".into(),
+    };
+    let tc = TrainConfig { max_epochs: epochs, batch_size: 128, adam_eps: 1e-8, weight_decay: 0.0, kl_warmup: 0.0, seed, ..Default::default() };
+    crate::device::with_threads(2, || {
+        DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc, Device::Cpu, &|| false, &|_, _| {})
+    })
+    .unwrap()
+    .unwrap()
+}
+
+#[test]
+fn student_learns_the_teacher_and_decodes_without_the_batch() {
+    let s = sim(800, 3);
+    let z = teacher(&s);
+    let m = fit(&s, &z, 100, 1);
+    // Phase 1: the student's Z keeps what the teacher has: cell types apart,
+    // batches mixed (the teacher's trailing dimensions are noise that no
+    // student can predict cell by cell, so compare scores, not coordinates).
+    let target = standardize_rows(&z, 10);
+    let ours = m.latent(&s.counts).unwrap();
+    let score = |v: &[f32]| {
+        let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        let e = crate::metrics::Embedding { values: &v, n: 800, d: 10 };
+        crate::metrics::integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap()
+    };
+    let (st, te) = (score(&ours), score(&target));
+    let msg = format!("student iLISI {:.3} cLISI {:.3} ARI {:.3}; teacher {:.3} {:.3} {:.3}", st.ilisi, st.clisi, st.ari_kmeans, te.ilisi, te.clisi, te.ari_kmeans);
+    assert!(te.ilisi > 0.5 && te.ari_kmeans > 0.9, "{msg}");
+    assert!(st.ilisi > te.ilisi - 0.05 && st.clisi > te.clisi - 0.02 && st.ari_kmeans > te.ari_kmeans - 0.02, "{msg}");
+    // Phase 2 lowered the validation NLL.
+    let h = &m.meta.history_decoder;
+    assert!(h.last().unwrap().validation_elbo < 0.8 * h[0].validation_elbo);
+    // Corrected expression: within a cell type, cells of batch 1 decoded to
+    // batch 0 look like batch 0 cells; the raw data differ by the batch factors.
+    let rho = m.corrected(&s.counts, &[0]).unwrap();
+    let g = 300;
+    let lib: Vec<f64> = s.counts.library_sizes();
+    let (mut raw_gap, mut cor_gap) = (0.0, 0.0);
+    for grp in 0..3u32 {
+        let cells = |b: u32| (0..800).filter(|&i| s.group.codes[i] == grp && s.batch.codes[i] == b).collect::<Vec<_>>();
+        let (c0, c1) = (cells(0), cells(1));
+        for j in 0..g {
+            let mean_rho = |cs: &[usize]| cs.iter().map(|&i| rho[i * g + j] as f64).sum::<f64>() / cs.len() as f64;
+            let mean_raw = |cs: &[usize]| {
+                cs.iter()
+                    .map(|&i| {
+                        let (idx, val) = s.counts.csr.row(i);
+                        idx.iter().position(|&c| c as usize == j).map_or(0.0, |p| val[p] as f64) / lib[i]
+                    })
+                    .sum::<f64>()
+                    / cs.len() as f64
+            };
+            let w = s.gene_mean[j];
+            raw_gap += w * ((mean_raw(&c1) + 1e-6).ln() - (mean_raw(&c0) + 1e-6).ln()).abs();
+            cor_gap += w * ((mean_rho(&c1) + 1e-6).ln() - (mean_rho(&c0) + 1e-6).ln()).abs();
+        }
+    }
+    assert!(cor_gap < 0.3 * raw_gap, "batch gap in expression: raw {raw_gap}, corrected {cor_gap}");
+}
+
+#[test]
+fn same_seed_same_model_and_files_round_trip() {
+    let s = sim(300, 5);
+    let z = teacher(&s);
+    let a = fit(&s, &z, 3, 7);
+    let b = fit(&s, &z, 3, 7);
+    assert_eq!(a.latent(&s.counts).unwrap(), b.latent(&s.counts).unwrap());
+    let c = fit(&s, &z, 3, 8);
+    assert_ne!(a.latent(&s.counts).unwrap(), c.latent(&s.counts).unwrap());
+    let back = DistillModel::from_bytes(&a.to_bytes().unwrap(), Device::Cpu).unwrap();
+    assert_eq!(back.meta.genes, a.meta.genes);
+    assert_eq!(back.latent(&s.counts).unwrap(), a.latent(&s.counts).unwrap());
+    assert_eq!(back.corrected(&s.counts, &[1]).unwrap(), a.corrected(&s.counts, &[1]).unwrap());
+    // The encoder did not move in phase 2: Z equals phase 1's best.
+    assert_eq!(a.meta.history_decoder.len(), 3);
+    let vae_file = DistillModel::from_bytes(b"not a model", Device::Cpu).unwrap_err().to_string();
+    assert!(vae_file.contains("not a scdistill model file"));
+}
+
+#[test]
+fn refuses_bad_teachers_and_missing_genes() {
+    let s = sim(100, 2);
+    let all: Vec<usize> = (0..300).collect();
+    let mut z = vec![0.5; 100 * 10];
+    z[35] = f64::NAN;
+    let tc = TrainConfig::default();
+    let mk = |z: &[f64], dim: usize| {
+        let data = DistillData {
+            counts: &s.counts,
+            input_genes: &all,
+            decoder_genes: &all,
+            batch: &s.batch,
+            teacher: z,
+            teacher_dim: dim,
+            teacher_name: String::new(),
+        };
+        DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc.clone(), Device::Cpu, &|| false, &|_, _| {})
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(mk(&z, 10).contains("missing or infinite value (cell 4)"));
+    assert!(mk(&z[..990], 10).contains("990 values"));
+    let m = fit(&s, &teacher(&s), 1, 1);
+    let fewer = s.counts.select_genes(&(0..299).collect::<Vec<_>>());
+    let err = m.latent(&fewer).unwrap_err().to_string();
+    assert!(err.contains("1 of the model's 300 input genes are missing"), "{err}");
+}
