@@ -80,3 +80,29 @@ rs_vae_elbo <- function(ptr, counts, batch, categorical, continuous, seed, threa
 }
 
 rs_blas_library <- function() .Call(native("wrap__rs_blas_library"))
+
+rs_run_harmony <- function(x, n, d, covariates, params, threads, progress) {
+  .Call(native("wrap__rs_run_harmony"), x, n, d, covariates, params, threads, progress)
+}
+
+rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
+                           config, train_encoder, train_decoder, device, threads, progress) {
+  .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
+        teacher_name, config, train_encoder, train_decoder, device, threads, progress)
+}
+
+rs_distill_info <- function(ptr) .Call(native("wrap__rs_distill_info"), ptr)
+
+rs_distill_bytes <- function(ptr) .Call(native("wrap__rs_distill_bytes"), ptr)
+
+rs_distill_from_bytes <- function(bytes, device) .Call(native("wrap__rs_distill_from_bytes"), bytes, device)
+
+rs_model_kind <- function(bytes) .Call(native("wrap__rs_model_kind"), bytes)
+
+rs_distill_latent <- function(ptr, counts, threads) .Call(native("wrap__rs_distill_latent"), ptr, counts, threads)
+
+rs_distill_corrected <- function(ptr, counts, reference, threads) {
+  .Call(native("wrap__rs_distill_corrected"), ptr, counts, reference, threads)
+}
+
+rs_distill_nll <- function(ptr, counts, batch, threads) .Call(native("wrap__rs_distill_nll"), ptr, counts, batch, threads)

@@ -5,16 +5,17 @@
 # the pointer is restored from them when needed), and plain R metadata.
 
 new_model <- function(ptr, class) {
-  info <- rs_model_info(ptr)
+  distilled <- identical(class, "scdistill_distill")
+  info <- if (distilled) rs_distill_info(ptr) else rs_model_info(ptr)
   state <- new.env(parent = emptyenv())
   state$ptr <- ptr
-  model <- list(state = state, bytes = rs_model_bytes(ptr), info = info,
+  model <- list(state = state, bytes = if (distilled) rs_distill_bytes(ptr) else rs_model_bytes(ptr), info = info,
                 history = as.data.frame(info$history),
                 # The batch column of the training data (none when no batch
                 # was given) and further covariates, looked up in new data.
                 covariates = list(batch = if (nzchar(info$batch_name)) info$batch_name,
                                   batch_given = nzchar(info$batch_name),
-                                  categorical = names(info$categorical), continuous = info$continuous),
+                                  categorical = names(info$categorical %||% list()), continuous = info$continuous),
                 # Cells held out for validation (indices into the training data).
                 validation_cells = info$validation_cells)
   class(model) <- c(class, "scdistill_model")
@@ -26,7 +27,8 @@ new_model <- function(ptr, class) {
 model_ptr <- function(model) {
   ptr <- model$state$ptr
   if (is.null(ptr) || identical(ptr, methods::new("externalptr"))) {
-    ptr <- rust(rs_model_from_bytes(model$bytes, model$device %||% "auto"))
+    from <- if (inherits(model, "scdistill_distill")) rs_distill_from_bytes else rs_model_from_bytes
+    ptr <- rust(from(model$bytes, model$device %||% "auto"))
     model$state$ptr <- ptr
   }
   ptr
@@ -34,7 +36,7 @@ model_ptr <- function(model) {
 
 check_model <- function(model) {
   if (!inherits(model, "scdistill_model")) {
-    stop("`model` must be a scdistill model (from fit_vae()), not ", class(model)[1], call. = FALSE)
+    stop("`model` must be a scdistill model (from fit_vae() or distill()), not ", class(model)[1], call. = FALSE)
   }
 }
 
@@ -176,6 +178,11 @@ latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, th
     stop("pass `x`, the counts of the cells (the model keeps the latent space of its training cells only ",
          "in the session it was trained in, and draws always need the counts)", call. = FALSE)
   }
+  if (inherits(model, "scdistill_distill")) {
+    cnt <- as_counts(x, ...)
+    z <- rust(rs_distill_latent(model_ptr(model), slots(cnt), resolve_threads(threads)))
+    return(latent_matrix(z, colnames(cnt$counts), model$info$config$n_latent))
+  }
   needs_covariates <- isTRUE(model$info$config$encode_covariates)
   inp <- if (needs_covariates) model_input(model, x, batch, ...) else list(counts = slots(cnt <- as_counts(x, ...)))
   z <- rust(rs_vae_latent(model_ptr(model), inp$counts, inp$batch, inp$categorical %||% list(),
@@ -217,6 +224,12 @@ normalized_expression <- function(model, x, batch = NULL, transform_batch = NULL
   check_model(model)
   check_positive(library_size, "library_size")
   n_samples <- check_count(n_samples, "n_samples")
+  if (inherits(model, "scdistill_distill")) {
+    # A distilled decoder is deterministic given Z: decode to the reference batch(es).
+    out <- library_size * corrected_expression(model, x, reference_batch = transform_batch %||% model$info$batch_levels,
+                                               type = "scale", threads = threads, ...)
+    return(if (check_flag(log1p, "log1p")) log1p(out) else out)
+  }
   inp <- model_input(model, x, batch, ...)
   if (!is.null(transform_batch)) transform_batch <- as.character(transform_batch)
   v <- rust(rs_vae_expression(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous,
@@ -243,7 +256,7 @@ normalized_expression <- function(model, x, batch = NULL, transform_batch = NULL
 #' summary(Matrix::colSums(sim) / Matrix::colSums(SingleCellExperiment::counts(sce[1:500, ])))
 #' @export
 sample_counts <- function(model, x, batch = NULL, n_samples = 1, seed = 0, threads = NULL, ...) {
-  check_model(model)
+  check_vae(model, "sample_counts()")
   n_samples <- check_count(n_samples, "n_samples")
   inp <- model_input(model, x, batch, ...)
   draws <- rust(rs_vae_sample(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous,
@@ -278,7 +291,7 @@ reconstruction_error <- function(model, x, batch = NULL, seed = 0, threads = NUL
 }
 
 elbo_parts <- function(model, x, batch, seed, threads, ...) {
-  check_model(model)
+  check_vae(model, "elbo() and reconstruction_error()")
   inp <- model_input(model, x, batch, ...)
   v <- rust(rs_vae_elbo(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous,
                         as.numeric(seed), resolve_threads(threads)))
@@ -290,7 +303,8 @@ elbo_parts <- function(model, x, batch, seed, threads, ...) {
 #' @param x The object the model was trained on (or new cells, placed with
 #'   [latent()]).
 #' @param model A `scdistill_model`.
-#' @param name Name of the `reducedDim` (SingleCellExperiment) or reduction (Seurat).
+#' @param name Name of the `reducedDim` (SingleCellExperiment) or reduction
+#'   (Seurat); by default `"scVI"` for a VAE and `"scDistill"` for a distilled model.
 #' @param ... Passed to [latent()].
 #' @return `x` with the latent space added.
 #' @examples
@@ -299,8 +313,9 @@ elbo_parts <- function(model, x, batch, seed, threads, ...) {
 #' sce <- add_latent(sce, model)
 #' SingleCellExperiment::reducedDimNames(sce)
 #' @export
-add_latent <- function(x, model, name = "scVI", ...) {
+add_latent <- function(x, model, name = NULL, ...) {
   check_model(model)
+  name <- name %||% if (inherits(model, "scdistill_distill")) "scDistill" else "scVI"
   z <- model$latent
   if (is.null(z) || !identical(rownames(z), colnames(x))) z <- latent(model, x, ...)
   write_back(x, z, name)
@@ -340,8 +355,19 @@ save_model <- function(model, path, overwrite = FALSE) {
 load_model <- function(path, device = "auto") {
   if (!file.exists(path)) stop("no file '", path, "'", call. = FALSE)
   bytes <- readBin(path, "raw", n = file.size(path))
-  ptr <- rust(rs_model_from_bytes(bytes, device))
-  model <- new_model(ptr, "scdistill_vae")
+  kind <- rust(rs_model_kind(bytes))
+  model <- if (kind == "distill") {
+    new_model(rust(rs_distill_from_bytes(bytes, device)), "scdistill_distill")
+  } else {
+    new_model(rust(rs_model_from_bytes(bytes, device)), "scdistill_vae")
+  }
   model$device <- device
   model
+}
+
+check_vae <- function(model, what) {
+  check_model(model)
+  if (inherits(model, "scdistill_distill")) {
+    stop(what, " needs a VAE (fit_vae()); a distilled model has no posterior to draw from", call. = FALSE)
+  }
 }

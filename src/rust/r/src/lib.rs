@@ -7,6 +7,7 @@ use scdistill_core::data::{Categorical, CountMatrix, Csr};
 use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams, SpeciesParams};
 use scdistill_core::{device, metrics, prep};
 
+mod distill;
 mod models;
 mod worker;
 
@@ -479,6 +480,7 @@ fn rs_wait_for_interrupt(seconds: f64) -> Result<bool> {
 extendr_module! {
     mod scdistill;
     use models;
+    use distill;
     fn rs_validate_counts;
     fn rs_log2_cpm;
     fn rs_hvg;

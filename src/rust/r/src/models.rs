@@ -21,13 +21,13 @@ fn model_ref(ptr: &Robj) -> Result<&VaeModel> {
 }
 
 /// Named scalar settings from an R list.
-struct Settings<'a>(&'a List);
+pub(crate) struct Settings<'a>(pub(crate) &'a List);
 
 impl Settings<'_> {
-    fn get(&self, name: &str) -> Option<Robj> {
+    pub(crate) fn get(&self, name: &str) -> Option<Robj> {
         self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
-    fn num(&self, name: &str, default: f64) -> Result<f64> {
+    pub(crate) fn num(&self, name: &str, default: f64) -> Result<f64> {
         match self.get(name) {
             None => Ok(default),
             Some(v) => v
@@ -36,20 +36,20 @@ impl Settings<'_> {
                 .ok_or_else(|| fail(format!("`{name}` must be a single number"))),
         }
     }
-    fn count(&self, name: &str, default: usize) -> Result<usize> {
+    pub(crate) fn count(&self, name: &str, default: usize) -> Result<usize> {
         let v = self.num(name, default as f64)?;
         if v < 0.0 || v.fract() != 0.0 || !v.is_finite() {
             return Err(fail(format!("`{name}` must be a whole number, not {v}")));
         }
         Ok(v as usize)
     }
-    fn flag(&self, name: &str, default: bool) -> Result<bool> {
+    pub(crate) fn flag(&self, name: &str, default: bool) -> Result<bool> {
         match self.get(name) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| fail(format!("`{name}` must be TRUE or FALSE"))),
         }
     }
-    fn choice<T>(&self, name: &str, default: T, parse: fn(&str) -> Option<T>) -> Result<T> {
+    pub(crate) fn choice<T>(&self, name: &str, default: T, parse: fn(&str) -> Option<T>) -> Result<T> {
         match self.get(name) {
             None => Ok(default),
             Some(v) => {
@@ -78,7 +78,7 @@ fn vae_config(s: &List) -> Result<VaeConfig> {
     })
 }
 
-fn train_config(s: &List) -> Result<TrainConfig> {
+pub(crate) fn train_config(s: &List) -> Result<TrainConfig> {
     let s = Settings(s);
     let d = TrainConfig::default();
     Ok(TrainConfig {
@@ -145,7 +145,7 @@ fn new_covariates(
     m.covariates_for(n, b.as_deref(), &cats, conts, needed).map_err(fail)
 }
 
-fn history_to_r(h: &[EpochRecord]) -> List {
+pub(crate) fn history_to_r(h: &[EpochRecord]) -> List {
     let col = |f: fn(&EpochRecord) -> f64| h.iter().map(f).collect::<Vec<f64>>();
     list!(
         epoch = h.iter().map(|r| r.epoch as i32).collect::<Vec<i32>>(),
@@ -305,7 +305,7 @@ fn rs_vae_latent(
     Ok(transpose(&z, n, n_latent))
 }
 
-fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
+pub(crate) fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
     (0..d).flat_map(|j| (0..n).map(move |i| v[i * d + j] as f64)).collect()
 }
 

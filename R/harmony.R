@@ -1,0 +1,160 @@
+#' Harmony batch correction of an embedding
+#'
+#' Harmony (Korsunsky et al. 2019) computed by the Rust core, with the
+#' defaults of the R package `harmony` 2.x and harmonypy 2.1: soft k-means
+#' on cosine-normalized coordinates with a diversity penalty `theta`, then a
+#' mixture-of-experts ridge regression per cluster that removes the batch
+#' terms, repeated until the objective changes by less than
+#' `epsilon_harmony`. The ridge penalty is estimated in each cluster as
+#' `alpha` times the expected number of the batch's cells there (`lambda =
+#' NULL`) or fixed. Several batch variables can be corrected at once.
+#'
+#' Covariates named in `protect` (for example a treatment `condition`) are
+#' held fixed while the batch terms are estimated and are never subtracted:
+#' when a condition is unevenly spread over batches, plain Harmony removes
+#' part of the condition effect along with the batch; protected, it stays.
+#' They take part in the clustering's diversity statistics with penalty
+#' `protect_theta` (0 by default: clusters are not pushed to mix conditions).
+#'
+#' The result depends on `seed`, not on `threads`.
+#'
+#' @param x A `SingleCellExperiment` (uses `reducedDim(x, reduction)`), a
+#'   `Seurat` object (uses the reduction `reduction`), or a cells ×
+#'   dimensions numeric matrix (e.g. principal components).
+#' @param batch The batch variable(s): column name(s) of the cell metadata,
+#'   a vector with one value per cell, or a data frame of such columns.
+#' @param theta Diversity penalty: one value, or one per batch variable.
+#' @param lambda `NULL` (estimated per cluster from `alpha`) or a fixed ridge
+#'   penalty (one value, or one per batch variable).
+#' @param sigma Width of the soft k-means kernel.
+#' @param n_clusters Number of clusters; `NULL`: min(round(N / 30), 100).
+#' @param max_iter Harmony iterations at most.
+#' @param max_iter_cluster Clustering rounds per iteration.
+#' @param epsilon_cluster,epsilon_harmony Convergence tolerances of the
+#'   clustering and of Harmony.
+#' @param block_size Fraction of cells updated together in a clustering round.
+#' @param alpha Scale of the estimated ridge penalty.
+#' @param tau Protection of small batches against over-correction (0: off).
+#' @param protect Biological covariates to keep (column names or a data frame).
+#' @param protect_theta Diversity penalty of the protected covariates.
+#' @param reduction For containers: the embedding to correct.
+#' @param name For containers: name of the corrected reduction written back
+#'   (`"HARMONY"`; `"harmony"` for Seurat).
+#' @param seed Seed of the initial clustering and the update order.
+#' @param threads CPU threads.
+#' @param progress Show a progress bar.
+#' @return For a container, `x` with the corrected embedding added; for a
+#'   matrix, the corrected matrix, with attribute `harmony`: a list with the
+#'   objective per iteration, the number of iterations, whether it
+#'   converged, the number of clusters and the soft cluster memberships
+#'   (cells × clusters).
+#' @references Korsunsky I. et al. (2019) Fast, sensitive and accurate
+#'   integration of single-cell data with Harmony. Nature Methods 16, 1289–1296.
+#' @examples
+#' sce <- example_cellbench()
+#' sce <- run_pca(sce, n_pcs = 20, batch = "batch")
+#' sce <- run_harmony(sce, batch = "batch")
+#' integration_metrics(sce, batch = "batch", label = "cell_line",
+#'                     reduction = c("PCA", "HARMONY"))[, c("ilisi", "clisi")]
+#' @export
+run_harmony <- function(x, batch, theta = 2, lambda = NULL, sigma = 0.1, n_clusters = NULL, max_iter = 10,
+                        max_iter_cluster = 4, epsilon_cluster = 1e-3, epsilon_harmony = 1e-2, block_size = 0.05,
+                        alpha = 0.2, tau = 0, protect = NULL, protect_theta = 0, reduction = "PCA", name = NULL,
+                        seed = 1, threads = NULL, progress = interactive()) {
+  input <- harmony_input(x, reduction)
+  emb <- input$embedding
+  z <- harmony_fit(emb, input$cell_data, batch, protect, theta = theta, lambda = lambda, sigma = sigma,
+                   n_clusters = n_clusters, max_iter = max_iter, max_iter_cluster = max_iter_cluster,
+                   epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
+                   alpha = alpha, tau = tau, protect_theta = protect_theta, seed = seed, threads = threads,
+                   progress = progress)
+  if (is.matrix(x)) return(z)
+  attr(z, "harmony") <- NULL
+  write_back(x, z, name %||% reduction_name(x, "HARMONY"))
+}
+
+# The embedding to correct and the cell metadata of `x`.
+harmony_input <- function(x, reduction) {
+  if (is.matrix(x) || is.data.frame(x)) {
+    emb <- as.matrix(x)
+    if (!is.numeric(emb)) stop("`x` must be a numeric matrix of cells x dimensions", call. = FALSE)
+    return(list(embedding = emb, cell_data = NULL))
+  }
+  if (!is(x, "SingleCellExperiment") && !is(x, "Seurat")) {
+    stop("`x` must be a SingleCellExperiment, a Seurat object or a numeric matrix, not ", class(x)[1], call. = FALSE)
+  }
+  all <- embeddings_all(x)
+  red <- if (is(x, "Seurat") && !reduction %in% names(all)) tolower(reduction) else reduction
+  if (!red %in% names(all)) {
+    stop("`x` has no reduction '", reduction, "'",
+         if (length(all)) paste0(" (it has: ", paste(names(all), collapse = ", "), ")") else "",
+         "; compute one first, e.g. x <- run_pca(x)", call. = FALSE)
+  }
+  cell_data <- if (is(x, "Seurat")) x[[]] else as.data.frame(SummarizedExperiment::colData(x))
+  list(embedding = as.matrix(all[[red]]), cell_data = cell_data)
+}
+
+# Covariates (batch variables, then protected ones) in the glue's layout.
+harmony_covariates <- function(values, cell_data, cells, arg, theta, lambda, protected) {
+  if (is.null(values)) return(list())
+  if (is.data.frame(values)) {
+    cols <- as.list(values)
+  } else if (is.character(values) && length(values) < length(cells) && length(values) >= 1) {
+    cols <- stats::setNames(as.list(values), values)
+  } else {
+    cols <- list(values)
+    names(cols) <- arg
+  }
+  per <- function(v, what) {
+    if (is.null(v)) return(rep(NA_real_, length(cols)))
+    if (!is.numeric(v) || !(length(v) %in% c(1, length(cols))) || anyNA(v) || any(v < 0)) {
+      stop("`", what, "` must be one non-negative number or one per ", arg, " variable (", length(cols), ")",
+           call. = FALSE)
+    }
+    rep_len(as.numeric(v), length(cols))
+  }
+  theta <- per(theta, if (protected) "protect_theta" else "theta")
+  lambda <- per(lambda, "lambda")
+  mapply(function(col, nm, th, la) {
+    f <- resolve_batch(col, cell_data, cells, arg = arg)
+    cov <- list(name = nm, codes = as.integer(f), n_levels = nlevels(f), theta = th, protected = protected)
+    if (!is.na(la)) cov$lambda <- la # absent: estimated per cluster
+    cov
+  }, cols, names(cols), theta, lambda, SIMPLIFY = FALSE, USE.NAMES = FALSE)
+}
+
+harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_clusters, max_iter,
+                        max_iter_cluster, epsilon_cluster, epsilon_harmony, block_size, alpha, tau,
+                        protect_theta, seed, threads, progress) {
+  n <- nrow(emb)
+  if (n < 2 || ncol(emb) < 1) stop("the embedding needs at least 2 cells and 1 dimension", call. = FALSE)
+  if (anyNA(emb)) stop("the embedding has ", sum(is.na(emb)), " missing value(s)", call. = FALSE)
+  cells <- rownames(emb) %||% paste0("cell_", seq_len(n))
+  check_positive(sigma, "sigma")
+  check_fraction(block_size, "block_size", upper_open = FALSE)
+  check_positive(alpha, "alpha")
+  check_positive(tau, "tau", zero_ok = TRUE)
+  covs <- c(harmony_covariates(batch, cell_data, cells, "batch", theta, lambda, FALSE),
+            harmony_covariates(protect, cell_data, cells, "protect", protect_theta, lambda, TRUE))
+  if (!length(covs) || all(vapply(covs, function(c) c$protected, logical(1)))) {
+    stop("`batch` is required: the variable(s) to correct for", call. = FALSE)
+  }
+  params <- list(sigma = sigma, n_clusters = if (is.null(n_clusters)) 0 else check_count(n_clusters, "n_clusters"),
+                 max_iter = check_count(max_iter, "max_iter"),
+                 max_iter_cluster = check_count(max_iter_cluster, "max_iter_cluster"),
+                 epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
+                 alpha = alpha, tau = tau, seed = check_count(seed, "seed", min = 0))
+  bar <- NULL
+  if (check_flag(progress, "progress")) {
+    id <- cli::cli_progress_bar(total = params$max_iter, clear = FALSE,
+                                format = "Harmony {cli::pb_bar} iteration {cli::pb_current}/{cli::pb_total} | {cli::pb_elapsed}")
+    on.exit(cli::cli_progress_done(id = id), add = TRUE)
+    bar <- function(i) cli::cli_progress_update(id = id, set = i)
+  }
+  res <- rust(rs_run_harmony(as.double(emb), n, ncol(emb), covs, params, resolve_threads(threads), bar))
+  z <- matrix(res$z, nrow = n, dimnames = list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb)))))
+  attr(z, "harmony") <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
+                             n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds,
+                             memberships = matrix(res$r, nrow = n, dimnames = list(rownames(emb), NULL)))
+  z
+}
