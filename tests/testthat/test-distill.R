@@ -1,0 +1,94 @@
+# distill() on the CellBench example (571 cells, 5 cell lines, 3 plates).
+
+distill_small <- function(...) {
+  distill(example_cellbench(), batch = "batch", teacher = harmony_teacher(n_hvg = 1000), n_latent = 10,
+          threads = 2, device = "cpu", progress = FALSE, ...)
+}
+
+fitted <- local({
+  cache <- NULL
+  function() {
+    if (is.null(cache)) cache <<- distill_small(max_epochs_decoder = 30)
+    cache
+  }
+})
+
+test_that("the student learns the teacher: cell lines apart, plates mixed", {
+  m <- fitted()
+  sce <- example_cellbench()
+  expect_s3_class(m, c("scdistill_distill", "scdistill_model"))
+  z <- latent(m)
+  expect_equal(dim(z), c(ncol(sce), 10))
+  expect_identical(rownames(z), colnames(sce))
+  s <- integration_metrics(list(student = z, teacher = teacher_latent(m)), batch = sce$batch,
+                           label = sce$cell_line, threads = 2)
+  expect_gt(s["teacher", "ari_kmeans"], 0.9)
+  expect_gt(s["student", "clisi"], s["teacher", "clisi"] - 0.02)
+  expect_gt(s["student", "ilisi"], s["teacher", "ilisi"] - 0.02)
+  # Both phases lowered their held-out loss; the encoder stopped early.
+  h1 <- m$info$history_encoder
+  h2 <- m$info$history_decoder
+  expect_lt(min(h1$validation_elbo), 0.6 * h1$validation_elbo[1])
+  expect_lt(tail(h2$validation_elbo, 1), h2$validation_elbo[1])
+  expect_length(h2$epoch, 30)
+  expect_match(capture.output(print(m))[1], "1,000 input genes -> 10 latent dimensions -> 3,000 genes")
+  # Placing the training cells again gives the stored latent space.
+  expect_equal(latent(m, sce), z, tolerance = 1e-6)
+})
+
+test_that("corrected expression removes the plate effect within cell lines", {
+  m <- fitted()
+  sce <- example_cellbench()
+  cpm <- log2(t(t(as.matrix(SingleCellExperiment::counts(sce))) / colSums(SingleCellExperiment::counts(sce))) * 1e6 + 1)
+  cor1 <- corrected_expression(m, sce, reference_batch = "p1")
+  expect_equal(dim(cor1), dim(sce))
+  rho <- corrected_expression(m, sce, reference_batch = "p1", type = "scale")
+  expect_equal(unname(colSums(rho)), rep(1, ncol(sce)), tolerance = 1e-4)
+  # Distance between plate means of each cell line, over the 500 most expressed genes.
+  top <- order(rowMeans(cpm), decreasing = TRUE)[1:500]
+  gap <- function(x) mean(sapply(split(seq_len(ncol(sce)), sce$cell_line), function(cells) {
+    means <- sapply(split(cells, sce$batch[cells]), function(cs) rowMeans(x[top, cs, drop = FALSE]))
+    mean(dist(t(means)))
+  }))
+  expect_lt(gap(cor1), 0.5 * gap(cpm))
+  expect_error(corrected_expression(m, sce, reference_batch = "p9"), "\"p9\" is not a batch of the model")
+  # normalized_expression() on a distilled model is the same decoding.
+  ne <- normalized_expression(m, sce, transform_batch = "p1", library_size = 1e6)
+  expect_equal(log2(ne + 1), cor1, tolerance = 1e-5)
+})
+
+test_that("models save, load and place new cells; same seed, same model", {
+  m <- fitted()
+  sce <- example_cellbench()
+  f <- tempfile(fileext = ".safetensors")
+  save_model(m, f)
+  back <- load_model(f)
+  expect_s3_class(back, "scdistill_distill")
+  expect_equal(latent(back, sce), latent(m), tolerance = 1e-6)
+  expect_error(teacher_latent(back), "no teacher embedding")
+  rds <- tempfile(fileext = ".rds")
+  saveRDS(m, rds)
+  expect_equal(latent(readRDS(rds), sce[, 1:50]), latent(m)[1:50, ], tolerance = 1e-6)
+  # New cells: genes matched by name, order does not matter.
+  shuffled <- sce[rev(seq_len(nrow(sce))), 1:40]
+  expect_equal(latent(m, shuffled), latent(m)[1:40, ], tolerance = 1e-6)
+  expect_error(latent(m, sce[-(1:500), ]), "of the model's 1000 input genes are missing")
+  a <- distill_small(max_epochs_encoder = 3, max_epochs_decoder = 2, seed = 5)
+  b <- distill_small(max_epochs_encoder = 3, max_epochs_decoder = 2, seed = 5)
+  expect_identical(latent(a), latent(b))
+  expect_error(sample_counts(m, sce), "needs a VAE")
+})
+
+test_that("a given embedding can be the teacher", {
+  sce <- run_pca(example_cellbench(), n_pcs = 8, batch = "batch", threads = 2)
+  m <- distill(sce, batch = "batch", teacher = given_teacher("PCA", n_hvg = 500), max_epochs_encoder = 5,
+               max_epochs_decoder = 2, threads = 2, progress = FALSE)
+  expect_equal(ncol(latent(m)), 8)
+  expect_equal(teacher_latent(m), SingleCellExperiment::reducedDim(sce, "PCA"), ignore_attr = TRUE)
+  expect_match(m$info$teacher, "given embedding 'PCA'")
+  expect_error(distill(sce, batch = "batch", teacher = given_teacher("UMAP"), progress = FALSE), "no reduction 'UMAP'")
+  expect_error(distill(sce, batch = "batch", teacher = given_teacher(matrix(0, 10, 3)), progress = FALSE),
+               "10 rows but `x` has 571 cells")
+  expect_error(distill(sce, batch = "nope", progress = FALSE), "'nope' is not a column")
+  expect_error(distill(sce, progress = FALSE), "`batch` is required")
+})

@@ -1,0 +1,58 @@
+# run_harmony() on the CellBench example and on simulated data with a
+# condition partly confounded with batch.
+
+test_that("Harmony mixes CellBench plates and keeps cell lines apart", {
+  sce <- run_pca(example_cellbench(), n_pcs = 20, batch = "batch", threads = 2)
+  sce <- run_harmony(sce, batch = "batch", threads = 2, progress = FALSE)
+  expect_true("HARMONY" %in% SingleCellExperiment::reducedDimNames(sce))
+  s <- integration_metrics(sce, batch = "batch", label = "cell_line", reduction = c("PCA", "HARMONY"), threads = 2)
+  # The plates are mixed better than before, the cell lines stay separate.
+  expect_gt(s["HARMONY", "ilisi"], s["PCA", "ilisi"] + 0.1)
+  expect_gt(s["HARMONY", "clisi"], 0.98)
+  # A matrix in, the corrected matrix out, with the fit's record; the same
+  # seed gives the same result whatever the thread count.
+  pcs <- SingleCellExperiment::reducedDim(sce, "PCA")
+  a <- run_harmony(pcs, batch = sce$batch, seed = 4, threads = 1, progress = FALSE)
+  b <- run_harmony(pcs, batch = sce$batch, seed = 4, threads = 2, progress = FALSE)
+  expect_identical(unclass(a), unclass(b))
+  expect_equal(dim(a), dim(pcs))
+  fit <- attr(a, "harmony")
+  expect_true(fit$converged)
+  expect_equal(fit$n_clusters, round(ncol(sce) / 30))
+  expect_equal(unname(rowSums(fit$memberships)), rep(1, ncol(sce)), tolerance = 1e-9)
+  expect_lt(tail(fit$objective, 1), fit$objective[1])
+})
+
+test_that("protected covariates keep a condition effect that plain Harmony erodes", {
+  # Condition shifts dimension 1 by 3; treated cells are 80 % of batch a and
+  # 20 % of batch b, which is shifted by 2.5 in every dimension.
+  set.seed(2)
+  n <- 1200
+  batch <- rep(c("a", "b"), length.out = n)
+  treated <- ifelse(batch == "a", runif(n) < 0.8, runif(n) < 0.2)
+  type <- rep(1:3, length.out = n)
+  x <- matrix(rnorm(n * 5), n, 5)
+  x[cbind(seq_len(n), type + 1)] <- x[cbind(seq_len(n), type + 1)] + 6
+  x <- x + 2.5 * (batch == "b")
+  x[, 1] <- x[, 1] + 3 * treated
+  meta <- data.frame(batch = batch, condition = ifelse(treated, "treated", "control"))
+  effect <- function(z) mean(sapply(1:3, function(t) {
+    mean(z[type == t & treated, 1]) - mean(z[type == t & !treated, 1])
+  }))
+  plain <- run_harmony(x, batch = meta$batch, progress = FALSE, threads = 2)
+  kept <- run_harmony(x, batch = meta["batch"], protect = meta["condition"], progress = FALSE, threads = 2)
+  expect_lt(effect(x), 2) # pooled over batches the input understates it
+  expect_gt(effect(kept), effect(plain) + 0.4)
+  expect_gt(effect(kept), effect(x) + 0.7)
+})
+
+test_that("bad input gives clear errors", {
+  sce <- example_cellbench()
+  expect_error(run_harmony(sce, batch = "batch"), "no reduction 'PCA'.*run_pca")
+  pcs <- matrix(rnorm(200), 100, 2)
+  expect_error(run_harmony(pcs, batch = rep(1:2, 50), protect = NULL, theta = -1, progress = FALSE), "theta")
+  expect_error(run_harmony(pcs, batch = rep(1:2, 40), progress = FALSE), "80 values but `x` has 100 cells")
+  expect_error(run_harmony(pcs, batch = NULL, progress = FALSE), "`batch` is required")
+  pcs[3, 1] <- NA
+  expect_error(run_harmony(pcs, batch = rep(1:2, 50), progress = FALSE), "missing value")
+})
