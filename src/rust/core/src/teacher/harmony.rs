@@ -1,7 +1,11 @@
-//! Harmony (Korsunsky et al. 2019), following the R package `harmony` 1.2 /
-//! 2.x and harmonypy 2.1: soft k-means on cosine-normalized coordinates with a
-//! diversity penalty, then a mixture-of-experts ridge regression per cluster
-//! that removes the batch terms, repeated until the objective settles.
+//! Harmony (Korsunsky et al. 2019) as the R package `harmony` 2.x and
+//! harmonypy 2.1 compute it: k-means++ centroids on cosine-normalized
+//! coordinates; then per iteration a fresh soft assignment, rounds of
+//! blockwise updates with the diversity penalty ((2E + 1) / (O + E + 1))^θ,
+//! and a mixture-of-experts ridge regression per cluster whose intercepts
+//! become the next centroids and whose batch terms are removed, until the
+//! objective settles. One difference: with several covariates the ridge
+//! design includes their co-occurrence (harmony 2 keeps only its diagonal).
 //!
 //! Data are held cells-as-columns (d × N, column-major), the layout of the
 //! reference implementations. All heavy steps run over fixed chunks of cells
@@ -20,7 +24,7 @@ use crate::numeric::{exp_nonpositive, ln_positive};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
@@ -28,8 +32,8 @@ use rayon::prelude::*;
 const CHUNK: usize = 512;
 /// Objective values compared by the clustering convergence test.
 const WINDOW: usize = 3;
-/// Lloyd iterations of the initial k-means (as Armadillo's `kmeans` in harmony).
-const KMEANS_ITER: usize = 10;
+/// Lloyd iterations of the initial k-means at most (as harmony 2).
+const KMEANS_ITER: usize = 25;
 
 /// One variable of the design: batch (regressed out) or protected.
 #[derive(Debug, Clone)]
@@ -188,6 +192,10 @@ struct Harmony<'a> {
     theta: Vec<f64>,
     lambda: Vec<Option<f64>>,
     subtract: Vec<bool>,
+    /// Covariate of each level, and cells per level.
+    level_cov: Vec<usize>,
+    n_b: Vec<f64>,
+    protected_cov: Vec<bool>,
     sigma: Vec<f64>,
     inv_sigma: Vec<f64>,
     /// Centroids, d × K.
@@ -262,9 +270,11 @@ impl<'a> Harmony<'a> {
         let mut theta = vec![0.0; b];
         let mut lambda = vec![None; b];
         let mut subtract = vec![false; b];
+        let mut level_cov = vec![0; b];
         for (c, cov) in covs.iter().enumerate() {
             for l in 0..cov.n_levels {
                 let g = offsets[c] + l;
+                level_cov[g] = c;
                 theta[g] = cov.theta;
                 if p.tau > 0.0 {
                     // harmony's tau: small batches get a smaller penalty.
@@ -294,6 +304,9 @@ impl<'a> Harmony<'a> {
             theta,
             lambda,
             subtract,
+            level_cov,
+            n_b,
+            protected_cov: covs.iter().map(|c| c.protected).collect(),
             sigma: vec![p.sigma; k],
             inv_sigma: vec![1.0 / p.sigma; k],
             y: vec![0.0; d * k],
@@ -325,12 +338,8 @@ impl<'a> Harmony<'a> {
     /// Initial centroids: k-means on z_cos from K distinct random cells.
     fn init(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
         let (n, d, k) = (self.n, self.d, self.k);
-        let mut seeds: Vec<usize> = (0..n).collect();
-        seeds.shuffle(&mut self.rng);
-        for (c, &i) in seeds[..k].iter().enumerate() {
-            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[i * d..(i + 1) * d]);
-        }
-        let mut assign = vec![u32::MAX; n];
+        self.kmeans_plus_plus();
+        let mut assign;
         for _ in 0..KMEANS_ITER {
             if interrupted() {
                 return Err(Error::Interrupted);
@@ -352,7 +361,6 @@ impl<'a> Harmony<'a> {
                     best.0
                 })
                 .collect();
-            let changed = next != assign;
             assign = next;
             let chunk = reduction_chunk(n);
             let partials: Vec<(Vec<f64>, Vec<usize>)> = assign
@@ -375,14 +383,21 @@ impl<'a> Harmony<'a> {
                 add_into(&mut sums, &ps);
                 counts.iter_mut().zip(pc).for_each(|(c, v)| *c += v);
             }
+            let mut change = 0.0f64;
             for c in 0..k {
-                if counts[c] > 0 {
-                    for j in 0..d {
-                        self.y[c * d + j] = sums[c * d + j] / counts[c] as f64;
-                    }
+                let new: Vec<f64> = if counts[c] > 0 {
+                    sums[c * d..(c + 1) * d].iter().map(|v| v / counts[c] as f64).collect()
+                } else {
+                    // An empty cluster restarts at a random cell.
+                    let i = self.rng.random_range(0..n);
+                    self.z_cos[i * d..(i + 1) * d].to_vec()
+                };
+                for (j, v) in new.into_iter().enumerate() {
+                    change += (v - self.y[c * d + j]).powi(2);
+                    self.y[c * d + j] = v;
                 }
             }
-            if !changed {
+            if change.sqrt() < 1e-6 {
                 break;
             }
         }
@@ -396,6 +411,47 @@ impl<'a> Harmony<'a> {
         self.obj_kmeans.push(obj);
         self.obj_harmony.push(obj);
         Ok(())
+    }
+
+    /// k-means++ seeds (Arthur & Vassilvitskii 2007) on z_cos into `y`.
+    fn kmeans_plus_plus(&mut self) {
+        let (n, d, k) = (self.n, self.d, self.k);
+        let first = self.rng.random_range(0..n);
+        self.y[..d].copy_from_slice(&self.z_cos[first * d..(first + 1) * d]);
+        let mut min_d2 = vec![f64::INFINITY; n];
+        let mut chosen = vec![false; n];
+        chosen[first] = true;
+        for c in 1..k {
+            let prev = self.y[(c - 1) * d..c * d].to_vec();
+            let z = &self.z_cos;
+            min_d2.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
+                for (j, m) in out.iter_mut().enumerate() {
+                    let i = ci * CHUNK + j;
+                    let d2: f64 = z[i * d..(i + 1) * d].iter().zip(&prev).map(|(a, b)| (a - b) * (a - b)).sum();
+                    *m = m.min(d2);
+                }
+            });
+            for (m, &ch) in min_d2.iter_mut().zip(&chosen) {
+                if ch {
+                    *m = 0.0;
+                }
+            }
+            let total: f64 = min_d2.iter().sum();
+            let mut pick = if total > 0.0 {
+                let mut u = self.rng.random::<f64>() * total;
+                min_d2.iter().position(|&w| {
+                    u -= w;
+                    u <= 0.0
+                }).unwrap_or(n - 1)
+            } else {
+                self.rng.random_range(0..n)
+            };
+            while chosen[pick] && chosen.iter().any(|c| !c) {
+                pick = self.rng.random_range(0..n);
+            }
+            chosen[pick] = true;
+            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[pick * d..(pick + 1) * d]);
+        }
     }
 
     /// E and O from scratch.
@@ -437,15 +493,20 @@ impl<'a> Harmony<'a> {
         (rs, os)
     }
 
-    /// Soft k-means with the diversity penalty: up to `max_iter_cluster`
-    /// rounds of centroid update and blockwise R update.
+    /// Soft clustering with the diversity penalty. After a correction, R is
+    /// re-estimated from scratch against the centroids (harmony 2's cold
+    /// start); then up to `max_iter_cluster` rounds of blockwise updates.
     fn cluster(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
+        if self.obj_harmony.len() > 1 {
+            self.compute_dist();
+            let inv_sigma = &self.inv_sigma;
+            self.r.par_chunks_mut(self.k).zip(self.dist.par_chunks(self.k)).for_each(|(r, dist)| soft_assign(r, dist, inv_sigma, None));
+            self.recount();
+        }
         // The convergence test needs every round's objective only when it can run.
         let every = self.p.max_iter_cluster > WINDOW + 1;
         let mut rounds = 0;
         for it in 0..self.p.max_iter_cluster {
-            self.update_centroids();
-            self.compute_dist();
             self.update_r(interrupted)?;
             rounds = it + 1;
             let last = it + 1 == self.p.max_iter_cluster;
@@ -457,7 +518,7 @@ impl<'a> Harmony<'a> {
                 let m = self.obj_kmeans.len();
                 let old: f64 = (0..WINDOW).map(|i| self.obj_kmeans[m - 2 - i]).sum();
                 let new: f64 = (0..WINDOW).map(|i| self.obj_kmeans[m - 1 - i]).sum();
-                if (old - new) / old.abs() < self.p.epsilon_cluster {
+                if (old - new).abs() / old.abs() < self.p.epsilon_cluster {
                     break;
                 }
             }
@@ -471,37 +532,15 @@ impl<'a> Harmony<'a> {
         Ok(())
     }
 
-    /// Y = normalize(z_cos Rᵀ), d × K.
-    fn update_centroids(&mut self) {
-        let (n, d, k) = (self.n, self.d, self.k);
-        let chunk = reduction_chunk(n);
-        let partials: Vec<Vec<f64>> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|ci| {
-                let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
-                let zc = MatRef::from_column_major_slice(&self.z_cos[lo * d..hi * d], d, hi - lo);
-                let rc = MatRef::from_column_major_slice(&self.r[lo * k..hi * k], k, hi - lo);
-                let mut out = vec![0.0; d * k];
-                matmul(MatMut::from_column_major_slice_mut(&mut out, d, k), Accum::Replace, zc, rc.transpose(), 1.0, Par::Seq);
-                out
-            })
-            .collect();
-        self.y.iter_mut().for_each(|v| *v = 0.0);
-        for part in partials {
-            add_into(&mut self.y, &part);
-        }
-        normalize_columns(&mut self.y, d);
-    }
-
     /// harmony's online update of R: cells in a random order, in blocks of
     /// `block_size` · N; each block leaves the statistics, is re-assigned with
-    /// the penalty (E / (O + E))^θ, and returns.
+    /// the penalty ((2E + 1) / (O + E + 1))^θ, and returns.
     fn update_r(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
         let (n, k, b, n_cov) = (self.n, self.k, self.b, self.n_cov);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut self.rng);
         let n_blocks = (1.0 / self.p.block_size).ceil() as usize;
-        let per_block = (n / n_blocks).max(1);
+        let per_block = ((n as f64 * self.p.block_size) as usize).max(1);
         let mut lo = 0;
         let mut blk = 0;
         while lo < n {
@@ -523,7 +562,7 @@ impl<'a> Harmony<'a> {
                     if t == 0.0 {
                         1.0
                     } else {
-                        (self.e[i] / (self.o[i] + self.e[i])).powf(t)
+                        ((2.0 * self.e[i] + 1.0) / (self.o[i] + self.e[i] + 1.0)).powf(t)
                     }
                 })
                 .collect();
@@ -559,20 +598,10 @@ impl<'a> Harmony<'a> {
         Ok(())
     }
 
-    /// harmony's objective, scaled by 2000 / N: Σ R·dist + Σ σ R log R
-    /// + Σ σ R Σ_b θ_b log((O + E) / E) over each cell's levels.
+    /// harmony 2's objective, scaled by 2000 / N: Σ R·dist + Σ σ R log R
+    /// + Σ_{k,b} σ_k θ_b O_kb log((O_kb + E_kb + 1) / (2 E_kb + 1)).
     fn objective(&self) -> f64 {
-        let (n, k, n_cov) = (self.n, self.k, self.n_cov);
-        let log_ratio: Vec<f64> = (0..self.b * k)
-            .map(|i| {
-                let t = self.theta[i / k];
-                if t == 0.0 {
-                    0.0
-                } else {
-                    t * ((self.o[i] + self.e[i]) / self.e[i]).ln()
-                }
-            })
-            .collect();
+        let (n, k) = (self.n, self.k);
         let chunk = reduction_chunk(n);
         let parts: Vec<f64> = (0..n.div_ceil(chunk))
             .into_par_iter()
@@ -584,18 +613,21 @@ impl<'a> Harmony<'a> {
                     for c in 0..k {
                         let rv = r[c];
                         if rv > 0.0 {
-                            let mut cross = 0.0;
-                            for &l in &self.lev[i * n_cov..(i + 1) * n_cov] {
-                                cross += log_ratio[l as usize * k + c];
-                            }
-                            s += rv * dist[c] + self.sigma[c] * rv * (ln_positive(rv) + cross);
+                            s += rv * dist[c] + self.sigma[c] * rv * ln_positive(rv);
                         }
                     }
                 }
                 s
             })
             .collect();
-        parts.iter().sum::<f64>() * 2000.0 / n as f64
+        let mut cross = 0.0;
+        for i in 0..self.b * k {
+            let t = self.theta[i / k];
+            if t != 0.0 {
+                cross += self.sigma[i % k] * t * self.o[i] * ((self.o[i] + self.e[i] + 1.0) / (2.0 * self.e[i] + 1.0)).ln();
+            }
+        }
+        (parts.iter().sum::<f64>() + cross) * 2000.0 / n as f64
     }
 
     /// Mixture-of-experts ridge correction: per cluster k, regress z_orig on
@@ -666,9 +698,26 @@ impl<'a> Harmony<'a> {
         }
         let n0 = self.ranges.len();
         // W_k, (B + 1) × d per cluster; rows that are not subtracted are zeroed.
-        let w: Vec<Vec<f64>> = (0..k)
+        let n_cov_total = self.protected_cov.len();
+        let w: Vec<Option<(Vec<f64>, Vec<f64>)>> = (0..k)
             .into_par_iter()
             .map(|c| {
+                // Levels with too few of their cells here leave the system;
+                // so do covariates left with a single level. Without any
+                // batch covariate left, the cluster is not corrected.
+                let mut keep: Vec<bool> = (0..b).map(|l| m[l * k + c] / self.n_b[l].max(1.0) > self.p.batch_prop_cutoff).collect();
+                let mut active = false;
+                for cv in 0..n_cov_total {
+                    let kept = (0..b).filter(|&l| self.level_cov[l] == cv && keep[l]).count();
+                    if kept <= 1 {
+                        (0..b).filter(|&l| self.level_cov[l] == cv).for_each(|l| keep[l] = false);
+                    } else if !self.protected_cov[cv] {
+                        active = true;
+                    }
+                }
+                if !active {
+                    return None;
+                }
                 let total: f64 = (0..n0).map(|l| m[l * k + c]).sum();
                 let mut a = vec![0.0; pdim * pdim];
                 let mut rhs = vec![0.0; pdim * d];
@@ -676,10 +725,8 @@ impl<'a> Harmony<'a> {
                 for l in 0..n0 {
                     add_into(&mut rhs[..d], &s[(l * k + c) * d..(l * k + c + 1) * d]);
                 }
-                let mut keep = vec![true; b];
                 for l in 0..b {
                     let ml = m[l * k + c];
-                    keep[l] = total > 0.0 && ml / total >= self.p.batch_prop_cutoff;
                     let lam = self.lambda[l].unwrap_or(self.p.alpha * self.e[l * k + c]);
                     a[(l + 1) * pdim + (l + 1)] = ml + lam;
                     a[l + 1] = ml;
@@ -707,21 +754,31 @@ impl<'a> Harmony<'a> {
                     rhs[(l + 1) * d..(l + 2) * d].iter_mut().for_each(|v| *v = 0.0);
                 }
                 let mut sol = solve(a, rhs, pdim, d);
+                let intercept = sol[..d].to_vec();
                 sol[..d].iter_mut().for_each(|v| *v = 0.0);
                 for l in 0..b {
                     if !self.subtract[l] || !keep[l] {
                         sol[(l + 1) * d..(l + 2) * d].iter_mut().for_each(|v| *v = 0.0);
                     }
                 }
-                sol
+                Some((sol, intercept))
             })
             .collect();
+        // The regression intercepts are the next centroids.
+        for (c, wc) in w.iter().enumerate() {
+            if let Some((_, intercept)) = wc {
+                self.y[c * d..(c + 1) * d].copy_from_slice(intercept);
+            }
+        }
+        normalize_columns(&mut self.y, d);
         // Per level, the d × K matrix of batch terms: wl[l][(c, j)] = W_c[l + 1, j].
         let wl: Vec<Vec<f64>> = (0..b)
             .map(|l| {
                 let mut m = vec![0.0; d * k];
-                for c in 0..k {
-                    m[c * d..(c + 1) * d].copy_from_slice(&w[c][(l + 1) * d..(l + 2) * d]);
+                for (c, wc) in w.iter().enumerate() {
+                    if let Some((sol, _)) = wc {
+                        m[c * d..(c + 1) * d].copy_from_slice(&sol[(l + 1) * d..(l + 2) * d]);
+                    }
                 }
                 m
             })
