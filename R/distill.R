@@ -14,15 +14,19 @@
 #' @param n_pcs Principal components handed to Harmony; also the latent
 #'   dimension of the student unless `distill(n_latent =)` says otherwise.
 #' @param n_hvg Highly variable genes: the PCA's genes and the encoder's input.
+#' @param pca_method PCA of log2(CPM + 1) (`"standard"`) or of analytic
+#'   Pearson residuals (`"pearson_residuals"`), see [run_pca()]. The
+#'   encoder reads log2 CPM either way.
 #' @param ... Further arguments of [run_harmony()] (`sigma`, `lambda`,
 #'   `n_clusters`, `max_iter`, ...).
 #' @return A `scdistill_teacher`.
 #' @examples
 #' harmony_teacher(theta = 2, protect = "condition")
 #' @export
-harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000, ...) {
+harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
+                            pca_method = c("standard", "pearson_residuals"), ...) {
   structure(list(kind = "harmony", theta = theta, protect = protect, n_pcs = check_count(n_pcs, "n_pcs", min = 2),
-                 n_hvg = check_count(n_hvg, "n_hvg"), args = list(...)),
+                 n_hvg = check_count(n_hvg, "n_hvg"), pca_method = match.arg(pca_method), args = list(...)),
             class = "scdistill_teacher")
 }
 
@@ -173,8 +177,9 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   cells <- colnames(cnt$counts)
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
-    if (progress) cli::cli_progress_step("Teacher: PCA of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
-    pcs <- run_pca(cnt, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads)
+    if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$pca_method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
+    pcs <- run_pca(cnt, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads,
+                   method = if (identical(teacher$pca_method, "pearson_residuals")) "pearson_residuals" else "log2cpm")
     if (progress) cli::cli_progress_done()
     args <- utils::modifyList(list(theta = teacher$theta, lambda = NULL, sigma = 0.1, n_clusters = NULL,
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
@@ -185,9 +190,9 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                      threads = threads, progress = progress), args))
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
-    return(list(z = z, hvg = rownames(attr(pcs, "rotation")), name = sprintf("harmony (theta %s) on %d PCs of %d HVGs",
+    return(list(z = z, hvg = rownames(attr(pcs, "rotation")), name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs",
                                                                           paste(teacher$theta, collapse = "/"),
-                                                                          n_pcs, teacher$n_hvg)))
+                                                                          n_pcs, teacher$pca_method, teacher$n_hvg)))
   }
   emb <- teacher$embedding
   label <- "given embedding"

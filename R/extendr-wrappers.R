@@ -30,9 +30,9 @@ rs_hvg <- function(counts, batch, levels, n_hvg, span, threads) {
 }
 
 rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
-                       max_genes_exact, seed, threads) {
+                       max_genes_exact, seed, residual_theta, threads) {
   .Call(native("wrap__rs_run_pca"), counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
-        max_genes_exact, seed, threads)
+        max_genes_exact, seed, residual_theta, threads)
 }
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)

@@ -20,7 +20,14 @@
 #'
 #' @inheritParams highly_variable_genes
 #' @param n_pcs Number of principal components.
-#' @param scale Scale each gene to unit variance before PCA.
+#' @param scale Scale each gene to unit variance before PCA (log2 CPM only).
+#' @param method `"log2cpm"` (default) or `"pearson_residuals"`: analytic
+#'   Pearson residuals of the counts (Lause, Berens & Kobak 2021, as scanpy's
+#'   `normalize_pearson_residuals()`): μ = cell total × gene share,
+#'   (x − μ) / √(μ + μ²/θ) clipped to ±√N, centred, not scaled. The residuals
+#'   are dense; they are formed a chunk of cells at a time and the PCA is
+#'   exact (covariance of the selected genes).
+#' @param residual_theta θ of the Pearson residuals' negative binomial.
 #' @param name Name of the reduction written back: `"PCA"` for a
 #'   `SingleCellExperiment`, `"pca"` for a `Seurat` object.
 #' @param seed Seed of the random start; the same seed gives the same result.
@@ -38,7 +45,10 @@
 #' plot(pcs[, 1:2], col = factor(sce$cell_line), pch = 19, cex = 0.5)
 #' @export
 run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, name = NULL,
+                    method = c("log2cpm", "pearson_residuals"), residual_theta = 100,
                     seed = 1, threads = NULL, ...) {
+  method <- match.arg(method)
+  if (method == "pearson_residuals") check_positive(residual_theta, "residual_theta")
   n_pcs <- check_count(n_pcs, "n_pcs")
   n_hvg <- check_count(n_hvg, "n_hvg")
   scale <- check_flag(scale, "scale")
@@ -55,6 +65,7 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
                            "options(scdistill.pca_exact_max_genes)", min = 0)
   res <- rust(rs_run_pca(s, b$codes, b$levels, n_pcs, n_hvg, scale,
                          oversamples, max_iter, as.numeric(tol), max_exact, as.numeric(seed),
+                         if (method == "pearson_residuals") as.numeric(residual_theta) else 0,
                          resolve_threads(threads)))
   pcs <- paste0("PC", seq_len(n_pcs))
   scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(s$cells, pcs))

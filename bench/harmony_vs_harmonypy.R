@@ -46,9 +46,9 @@ for (n in sizes) {
       sprintf("writeBin(as.vector(t(unclass(z)[, ])), '%s', endian = 'little')", file.path(work, "ours.f64")),
       sprintf("writeLines(sprintf('%%.4f %%d', s, attr(z, 'harmony')$n_iter), '%s')", file.path(work, "ours.txt"))),
       ours_script)
-    r1 <- timed(file.path(R.home("bin"), "Rscript"), ours_script)
+    r1 <- timed(file.path(R.home("bin"), "Rscript"), ours_script, quiet = FALSE)
     v <- strsplit(readLines(file.path(work, "ours.txt")), " ")[[1]]
-    r2 <- timed(python, c(file.path(root, "bench", "harmony_peer.py"), work, n, 50, th))
+    r2 <- timed(python, c(file.path(root, "bench", "harmony_peer.py"), work, format(n, scientific = FALSE), 50, th), quiet = FALSE)
     js <- paste(readLines(file.path(work, "harmonypy.json"), warn = FALSE), collapse = " ")
     num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", js))
     rows[[length(rows) + 1]] <- data.frame(

@@ -15,7 +15,8 @@ and pca.csv (cells x PCs, the package's PCA). METHOD:
              to hand it the old layout.
 --threads sets torch's threads (scvi, scdistill_py).
 Writes DIR/<METHOD>.csv (cells x dims) and DIR/<METHOD>.json (seconds spent
-in the method itself, without reading the data).
+in the method itself, without reading the data); scdistill_py also writes its
+teacher's embedding to DIR/scdistill_py_teacher.csv.
 """
 import argparse
 import json
@@ -86,6 +87,7 @@ elif a.method == "scdistill_py":
     model.train(verbose=False, **epochs)
     emb = model.latent.student
     seconds = time.perf_counter() - t0
+    pd.DataFrame(model.latent.teacher, index=obs.index).to_csv(os.path.join(a.dir, "scdistill_py_teacher.csv"))
 else:
     import anndata
     import scvi

@@ -11,34 +11,30 @@ cat(sprintf("Example: %d cells x %s genes, %d cell lines on %d plates\n",
             ncol(sce), format(nrow(sce), big.mark = ","),
             nlevels(sce$cell_line), nlevels(sce$batch)))
 
-t0 <- proc.time()[["elapsed"]]
-sce <- run_pca(sce, n_pcs = 30, n_hvg = 2000, batch = "batch")
-elapsed <- proc.time()[["elapsed"]] - t0
-pcs <- SingleCellExperiment::reducedDim(sce, "PCA")
-cat(sprintf("Batch-aware HVGs (2,000) + PCA (30 PCs) in %.2f s -> reducedDim(sce, \"PCA\")\n", elapsed))
-cat("Variance explained by PC1-PC5 (%):", sprintf("%.1f", attr(pcs, "percentVar")[1:5]), "\n")
+# How often is a cell's nearest neighbour from the same cell line / plate?
+neighbours <- function(z) {
+  d <- as.matrix(stats::dist(z))
+  diag(d) <- Inf
+  nn <- apply(d, 1, which.min)
+  c(line = 100 * mean(sce$cell_line[nn] == sce$cell_line), plate = 100 * mean(sce$batch[nn] == sce$batch))
+}
+mixed <- 100 * sum((table(sce$batch) / ncol(sce))^2)
 
-# How well do nearest neighbours in PC space agree on cell line and on plate?
-d <- as.matrix(stats::dist(pcs))
-diag(d) <- Inf
-nn <- apply(d, 1, which.min)
-same_line <- mean(sce$cell_line[nn] == sce$cell_line)
-same_plate <- mean(sce$batch[nn] == sce$batch)
-expected_plate <- sum((table(sce$batch) / ncol(sce))^2)
-cat(sprintf("Nearest neighbour in PC space: same cell line %.1f%%, same plate %.1f%% (%.1f%% if plates were perfectly mixed)\n",
-            100 * same_line, 100 * same_plate, 100 * expected_plate))
-
-# scVI-style VAE on the 2,000 HVGs: a batch-corrected latent space.
+# Distillation: Harmony on 30 PCs of log2 CPM is the teacher; a student
+# encoder learns it, then a batch-aware NB decoder learns the counts.
 t0 <- proc.time()[["elapsed"]]
-hvg <- highly_variable_genes(sce, n_hvg = 2000, batch = "batch")
-model <- fit_vae(sce[hvg$highly_variable, ], batch = "batch", max_epochs = 200, seed = 1)
+model <- distill(sce, batch = "batch", teacher = harmony_teacher(n_pcs = 30), seed = 1)
 elapsed <- proc.time()[["elapsed"]] - t0
-sce <- add_latent(sce, model, "scVI")
-z <- SingleCellExperiment::reducedDim(sce, "scVI")
-d <- as.matrix(stats::dist(z))
-diag(d) <- Inf
-nn <- apply(d, 1, which.min)
-cat(sprintf("fit_vae(): %d epochs in %.1f s, held-out -ELBO %.1f per cell -> reducedDim(sce, \"scVI\")\n",
-            nrow(model$history), elapsed, model$history$validation_elbo[model$info$best_epoch]))
-cat(sprintf("Nearest neighbour in scVI space: same cell line %.1f%%, same plate %.1f%%\n",
-            100 * mean(sce$cell_line[nn] == sce$cell_line), 100 * mean(sce$batch[nn] == sce$batch)))
+sce <- add_latent(sce, model)                                   # reducedDim(sce, "scDistill")
+SingleCellExperiment::reducedDim(sce, "Harmony") <- teacher_latent(model)
+SummarizedExperiment::assay(sce, "corrected") <- corrected_expression(model, sce, reference_batch = "p1")
+h <- model$info
+cat(sprintf("distill(): teacher + %d encoder and %d decoder epochs in %.1f s -> reducedDim(sce, \"scDistill\"), assay(sce, \"corrected\")\n",
+            length(h$history_encoder$epoch), length(h$history_decoder$epoch), elapsed))
+for (r in c("Harmony", "scDistill")) {
+  n <- neighbours(SingleCellExperiment::reducedDim(sce, r))
+  cat(sprintf("Nearest neighbour in %-9s space: same cell line %.1f%%, same plate %.1f%% (%.1f%% if perfectly mixed)\n",
+              r, n[["line"]], n[["plate"]], mixed))
+}
+m <- integration_metrics(sce, batch = "batch", label = "cell_line", reduction = c("Harmony", "scDistill"))
+print(round(m[, c("ilisi", "clisi", "ari_kmeans", "bio_conservation", "batch_correction", "total")], 3))

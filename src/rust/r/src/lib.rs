@@ -135,6 +135,7 @@ fn rs_run_pca(
     tol: f64,
     max_genes_exact: i32,
     seed: f64,
+    residual_theta: f64,
     threads: i32,
 ) -> Result<List> {
     let m = counts_from_r(&counts)?;
@@ -150,8 +151,12 @@ fn rs_run_pca(
     };
     let (h, r) = run(threads, |interrupted| {
         let h = prep::highly_variable_genes(&m, n_hvg.max(0) as usize, b.as_ref(), 0.3)?;
-        let lognorm = prep::log2_cpm(&m).select_columns(&h.selected);
-        let r = prep::pca(&lognorm, &params, interrupted)?;
+        let r = if residual_theta > 0.0 {
+            prep::pearson_residual_pca(&m, &h.selected, params.n_pcs, residual_theta, interrupted)?
+        } else {
+            let lognorm = prep::log2_cpm(&m).select_columns(&h.selected);
+            prep::pca(&lognorm, &params, interrupted)?
+        };
         Ok((h, r))
     })?;
     let k = r.sdev.len();

@@ -170,7 +170,7 @@ fn pca_exact(op: &Centered, k: usize, interrupted: &dyn Fn() -> bool) -> Result<
 }
 
 /// The k largest eigenpairs of a symmetric matrix, largest first.
-fn top_eigenpairs(c: &Mat<f64>, k: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+pub(super) fn top_eigenpairs(c: &Mat<f64>, k: usize) -> Result<(Mat<f64>, Vec<f64>)> {
     let p = c.nrows();
     let eig = c
         .self_adjoint_eigen(faer::Side::Lower)
@@ -220,7 +220,7 @@ fn sparse_gram(x: &Csr, interrupted: &dyn Fn() -> bool) -> Result<Vec<f64>> {
 }
 
 /// Sign convention: the largest-magnitude loading of each component is positive.
-fn flip_signs(loadings: &mut Mat<f64>) {
+pub(super) fn flip_signs(loadings: &mut Mat<f64>) {
     for j in 0..loadings.ncols() {
         let (mut best, mut sign) = (0.0, 1.0);
         for i in 0..loadings.nrows() {

@@ -200,8 +200,13 @@ struct Harmony<'a> {
     inv_sigma: Vec<f64>,
     /// Centroids, d × K.
     y: Vec<f64>,
-    /// K × N, column-major (one cell per column).
+    /// K × N, column-major (one cell per column): distances 2 (1 − Yᵀ z_cos)
+    /// while they are computed, then, until the centroids move, the
+    /// normalized kernel exp(−dist / σ) of each cell (`to_scale`), which the
+    /// rounds of a clustering share (no exponentials per round).
     dist: Vec<f64>,
+    /// Per cell, c with dist_k = −σ_k (ln scale_k + c).
+    offset: Vec<f64>,
     r: Vec<f64>,
     /// Observed and expected cluster × level counts, stored level-major (b·K + k).
     o: Vec<f64>,
@@ -311,6 +316,7 @@ impl<'a> Harmony<'a> {
             inv_sigma: vec![1.0 / p.sigma; k],
             y: vec![0.0; d * k],
             dist: vec![0.0; k * n],
+            offset: vec![0.0; n],
             r: vec![0.0; k * n],
             o: vec![0.0; b * k],
             e: vec![0.0; b * k],
@@ -335,44 +341,53 @@ impl<'a> Harmony<'a> {
         });
     }
 
+    /// Turns the distances into each cell's normalized kernel, recording the offsets.
+    fn to_scale(&mut self) {
+        let (k, inv_sigma) = (self.k, &self.inv_sigma);
+        self.dist.par_chunks_mut(k * CHUNK).zip(self.offset.par_chunks_mut(CHUNK)).for_each(|(d, off)| {
+            for (col, o) in d.chunks_mut(k).zip(off.iter_mut()) {
+                *o = scale_column(col, inv_sigma);
+            }
+        });
+    }
+
     /// Initial centroids: k-means on z_cos from K distinct random cells.
     fn init(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
         let (n, d, k) = (self.n, self.d, self.k);
         self.kmeans_plus_plus();
-        let mut assign;
         for _ in 0..KMEANS_ITER {
             if interrupted() {
                 return Err(Error::Interrupted);
             }
-            // argmin ‖z − y‖² = argmax (yᵀz − ‖y‖²/2); with dist = 2 − 2 yᵀz
-            // that is argmin (dist + ‖y‖²).
-            self.compute_dist();
-            let half: Vec<f64> = self.y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
-            let next: Vec<u32> = self
-                .dist
-                .par_chunks(k)
-                .map(|col| {
-                    let mut best = (0u32, f64::INFINITY);
-                    for (c, (&dv, &hv)) in col.iter().zip(&half).enumerate() {
-                        if dv + hv < best.1 {
-                            best = (c as u32, dv + hv);
-                        }
-                    }
-                    best.0
-                })
-                .collect();
-            assign = next;
+            // One fused pass per iteration: for a chunk of cells, Yᵀz in a
+            // small buffer, the nearest centroid (argmin ‖z − y‖² = argmin
+            // (‖y‖² − 2 yᵀz)), and the chunk's sums per centroid.
+            let sq: Vec<f64> = self.y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
             let chunk = reduction_chunk(n);
-            let partials: Vec<(Vec<f64>, Vec<usize>)> = assign
-                .par_chunks(chunk)
-                .enumerate()
-                .map(|(ci, a)| {
+            let (y, z_cos) = (&self.y, &self.z_cos);
+            let partials: Vec<(Vec<f64>, Vec<usize>)> = (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .map(|ci| {
                     let mut sums = vec![0.0; d * k];
                     let mut counts = vec![0usize; k];
-                    for (j, &c) in a.iter().enumerate() {
-                        let i = ci * chunk + j;
-                        counts[c as usize] += 1;
-                        add_into(&mut sums[c as usize * d..(c as usize + 1) * d], &self.z_cos[i * d..(i + 1) * d]);
+                    let mut buf = vec![0.0; k * CHUNK];
+                    let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
+                    for a in (lo..hi).step_by(CHUNK) {
+                        let e = (a + CHUNK).min(hi);
+                        let m = e - a;
+                        let zc = MatRef::from_column_major_slice(&z_cos[a * d..e * d], d, m);
+                        let dst = MatMut::from_column_major_slice_mut(&mut buf[..k * m], k, m);
+                        matmul(dst, Accum::Replace, MatRef::from_column_major_slice(y, d, k).transpose(), zc, -2.0, Par::Seq);
+                        for (j, col) in buf[..k * m].chunks(k).enumerate() {
+                            let mut best = (0usize, f64::INFINITY);
+                            for (c, (&v, &q)) in col.iter().zip(&sq).enumerate() {
+                                if v + q < best.1 {
+                                    best = (c, v + q);
+                                }
+                            }
+                            counts[best.0] += 1;
+                            add_into(&mut sums[best.0 * d..(best.0 + 1) * d], &z_cos[(a + j) * d..(a + j + 1) * d]);
+                        }
                     }
                     (sums, counts)
                 })
@@ -403,9 +418,9 @@ impl<'a> Harmony<'a> {
         }
         normalize_columns(&mut self.y, d);
         self.compute_dist();
+        self.to_scale();
         // R = softmax(−dist / σ) per cell, then the diversity statistics.
-        let inv_sigma = &self.inv_sigma;
-        self.r.par_chunks_mut(k).zip(self.dist.par_chunks(k)).for_each(|(r, dist)| soft_assign(r, dist, inv_sigma, None));
+        self.r.copy_from_slice(&self.dist);
         self.recount();
         let obj = self.objective();
         self.obj_kmeans.push(obj);
@@ -499,8 +514,8 @@ impl<'a> Harmony<'a> {
     fn cluster(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
         if self.obj_harmony.len() > 1 {
             self.compute_dist();
-            let inv_sigma = &self.inv_sigma;
-            self.r.par_chunks_mut(self.k).zip(self.dist.par_chunks(self.k)).for_each(|(r, dist)| soft_assign(r, dist, inv_sigma, None));
+            self.to_scale();
+            self.r.copy_from_slice(&self.dist);
             self.recount();
         }
         // The convergence test needs every round's objective only when it can run.
@@ -545,6 +560,10 @@ impl<'a> Harmony<'a> {
         let mut blk = 0;
         while lo < n {
             let hi = if blk + 1 >= n_blocks { n } else { (lo + per_block).min(n) };
+            // A block's cells are updated together, so their order within
+            // it does not matter: sorted, they are read in memory order
+            // (random order cost a cache miss per cache line).
+            order[lo..hi].sort_unstable();
             let cells = &order[lo..hi];
             if interrupted() {
                 return Err(Error::Interrupted);
@@ -569,7 +588,7 @@ impl<'a> Harmony<'a> {
             {
                 // Each cell's column of R is written by exactly one task.
                 let r_ptr = SharedMut(self.r.as_mut_ptr());
-                let (dist, inv_sigma, lev) = (&self.dist, &self.inv_sigma, &self.lev);
+                let (scale, lev) = (&self.dist, &self.lev);
                 cells.par_chunks(CHUNK).for_each(|cs| {
                     let r_ptr = &r_ptr;
                     let mut factor = vec![1.0; k];
@@ -581,7 +600,7 @@ impl<'a> Harmony<'a> {
                         }
                         // SAFETY: `cells` are distinct, so no two tasks touch the same column.
                         let col = unsafe { std::slice::from_raw_parts_mut(r_ptr.0.add(i * k), k) };
-                        soft_assign(col, &dist[i * k..(i + 1) * k], inv_sigma, Some(&factor));
+                        reweight(col, &scale[i * k..(i + 1) * k], &factor);
                     }
                 });
             }
@@ -609,11 +628,13 @@ impl<'a> Harmony<'a> {
                 let mut s = 0.0;
                 for i in ci * chunk..((ci + 1) * chunk).min(n) {
                     let r = &self.r[i * k..(i + 1) * k];
-                    let dist = &self.dist[i * k..(i + 1) * k];
+                    let scale = &self.dist[i * k..(i + 1) * k];
+                    let off = self.offset[i];
                     for c in 0..k {
                         let rv = r[c];
                         if rv > 0.0 {
-                            s += rv * dist[c] + self.sigma[c] * rv * ln_positive(rv);
+                            // R·dist + σ R ln R, with dist = −σ (ln scale + off).
+                            s += self.sigma[c] * rv * (ln_positive(rv) - ln_positive(scale[c]) - off);
                         }
                     }
                 }
@@ -846,43 +867,50 @@ struct SharedMut(*mut f64);
 // SAFETY: only used for writes to disjoint ranges (see `update_r`).
 unsafe impl Sync for SharedMut {}
 
-/// r ∝ exp(−dist / σ) · factor, normalized to sum 1 (shifted by the smallest
-/// distance so that the exponentials cannot all underflow). `inv_sigma` = 1/σ.
-/// This is Harmony's innermost loop; on CPUs with AVX2 and FMA it runs in a
-/// copy compiled for them, where the exponentials vectorize (same results
-/// to rounding).
-fn soft_assign(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
+/// In place: dist → exp(−dist/σ) / Z, normalized to sum 1 (shifted by the
+/// smallest distance so that the exponentials cannot all underflow).
+/// Returns c = m + ln Z, so that dist_k = −σ_k (ln scale_k + c). On CPUs with
+/// AVX2 and FMA it runs in a copy compiled for them, where the exponentials
+/// vectorize (same results to rounding).
+fn scale_column(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { soft_assign_avx2(r, dist, inv_sigma, factor) };
-            return;
+            return unsafe { scale_column_avx2(col, inv_sigma) };
         }
     }
-    soft_assign_body(r, dist, inv_sigma, factor)
+    scale_column_body(col, inv_sigma)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn soft_assign_avx2(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
-    soft_assign_body(r, dist, inv_sigma, factor)
+unsafe fn scale_column_avx2(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
+    scale_column_body(col, inv_sigma)
 }
 
 #[inline(always)]
-fn soft_assign_body(r: &mut [f64], dist: &[f64], inv_sigma: &[f64], factor: Option<&[f64]>) {
+fn scale_column_body(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
     let mut hi = f64::NEG_INFINITY;
-    for ((out, &dv), &s) in r.iter_mut().zip(dist).zip(inv_sigma) {
-        *out = -dv * s;
-        if *out > hi {
-            hi = *out;
-        }
+    for (v, &s) in col.iter_mut().zip(inv_sigma) {
+        let t = -*v * s;
+        *v = t;
+        hi = if t > hi { t } else { hi };
     }
-    r.iter_mut().for_each(|v| *v = exp_nonpositive(*v - hi));
-    if let Some(f) = factor {
-        r.iter_mut().zip(f).for_each(|(v, q)| *v *= q);
+    col.iter_mut().for_each(|v| *v = exp_nonpositive(*v - hi));
+    let total: f64 = col.iter().sum();
+    let inv = 1.0 / total;
+    col.iter_mut().for_each(|v| *v *= inv);
+    hi + total.ln()
+}
+
+/// r = scale · factor, normalized to sum 1 (uniform if all vanish).
+fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) {
+    let mut total = 0.0;
+    for ((out, &s), &f) in r.iter_mut().zip(scale).zip(factor) {
+        *out = s * f;
+        total += *out;
     }
-    let total: f64 = r.iter().sum();
     if total > 0.0 && total.is_finite() {
         let inv = 1.0 / total;
         r.iter_mut().for_each(|v| *v *= inv);
