@@ -65,3 +65,18 @@ test_that("PCA arguments are validated", {
   expect_error(run_pca(d, scale = NA), "`scale` must be TRUE or FALSE")
   expect_error(run_pca(d, batch = "plate"), "no cell metadata")
 })
+
+test_that("PCA of analytic Pearson residuals matches a direct computation", {
+  sce <- example_cellbench()
+  counts <- as.matrix(SingleCellExperiment::counts(sce))
+  pcs <- run_pca(counts, n_pcs = 5, n_hvg = 300, method = "pearson_residuals", threads = 2)
+  genes <- rownames(attr(pcs, "rotation"))
+  # scanpy's normalize_pearson_residuals (theta 100, clip sqrt(N)), then a centred PCA.
+  mu <- outer(rowSums(counts) / sum(counts), colSums(counts))
+  r <- (counts - mu) / sqrt(mu + mu^2 / 100)
+  r <- pmin(pmax(r, -sqrt(ncol(counts))), sqrt(ncol(counts)))
+  ref <- prcomp(t(r[genes, ]), center = TRUE, scale. = FALSE, rank. = 5)
+  for (j in 1:5) expect_gt(abs(cor(pcs[, j], ref$x[, j])), 0.9999)
+  expect_equal(attr(pcs, "sdev"), ref$sdev[1:5], tolerance = 1e-6)
+  expect_error(run_pca(counts, method = "pearson_residuals", residual_theta = -1), "residual_theta")
+})
