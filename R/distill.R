@@ -43,6 +43,7 @@ given_teacher <- function(embedding, n_hvg = 2000) {
             class = "scdistill_teacher")
 }
 
+#' @method print scdistill_teacher
 #' @export
 print.scdistill_teacher <- function(x, ...) {
   if (x$kind == "harmony") {
@@ -63,7 +64,7 @@ print.scdistill_teacher <- function(x, ...) {
 #'
 #' 1. an encoder from log2(CPM + 1) of the highly variable genes to Z (loss:
 #'    mean squared error to Z* standardized per cell; architecture
-#'    `n_layers` × [Linear → norm → ReLU → Dropout] → Linear → LayerNorm);
+#'    `n_layers` × (Linear → norm → ReLU → Dropout) → Linear → LayerNorm);
 #' 2. with the encoder frozen, a decoder from Z and a learned batch embedding
 #'    (10 dimensions) to a negative binomial model of the counts, μ =
 #'    library size × softmax, θ per gene.
