@@ -1,6 +1,6 @@
 //! extendr glue of the teacher (Harmony) and the distilled student.
 
-use crate::models::{history_to_r, train_config, transpose, Settings};
+use crate::models::{batch_codes, history_to_r, train_config, transpose, Settings};
 use crate::worker::{self, Lent};
 use crate::{counts_from_r, fail, int_slice, strings, threads_from_r};
 use extendr_api::prelude::*;
@@ -277,14 +277,7 @@ fn rs_distill_latent(ptr: Robj, counts: List, threads: i32) -> Result<Vec<f64>> 
 fn rs_distill_corrected(ptr: Robj, counts: List, reference: Robj, threads: i32) -> Result<Vec<f64>> {
     let model = distill_ref(&ptr)?;
     let levels = &model.meta.batch_levels;
-    let refs: Vec<u32> = strings(&reference, "reference_batch")?
-        .iter()
-        .map(|b| {
-            levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
-                fail(format!("`reference_batch` \"{b}\" is not a batch of the model (batches: {})", levels.join(", ")))
-            })
-        })
-        .collect::<Result<_>>()?;
+    let refs = batch_codes(&reference, levels, "`reference_batch`", "is not a batch of the model")?;
     let m = counts_from_r(&counts)?;
     let lent = Lent(model);
     let x = crate::run(threads, |_| lent.get().corrected(&m, &refs))?;
@@ -297,14 +290,7 @@ fn rs_distill_corrected(ptr: Robj, counts: List, reference: Robj, threads: i32) 
 fn rs_distill_nll(ptr: Robj, counts: List, batch: Robj, threads: i32) -> Result<f64> {
     let model = distill_ref(&ptr)?;
     let levels = &model.meta.batch_levels;
-    let codes: Vec<u32> = strings(&batch, "batch")?
-        .iter()
-        .map(|b| {
-            levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
-                fail(format!("`batch` value \"{b}\" was not seen in training (batches: {})", levels.join(", ")))
-            })
-        })
-        .collect::<Result<_>>()?;
+    let codes = batch_codes(&batch, levels, "`batch` value", "was not seen in training")?;
     let m = counts_from_r(&counts)?;
     let lent = Lent(model);
     crate::run(threads, |_| lent.get().nll(&m, &codes))

@@ -145,6 +145,19 @@ fn new_covariates(
     m.covariates_for(n, b.as_deref(), &cats, conts, needed).map_err(fail)
 }
 
+/// Codes of batch labels among the model's `levels`; an unknown label is an
+/// error naming it (`what` and `problem` phrase the message).
+pub(crate) fn batch_codes(labels: &Robj, levels: &[String], what: &str, problem: &str) -> Result<Vec<u32>> {
+    strings(labels, what)?
+        .iter()
+        .map(|b| {
+            levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
+                fail(format!("{what} \"{b}\" {problem} (batches: {})", levels.join(", ")))
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn history_to_r(h: &[EpochRecord]) -> List {
     let col = |f: fn(&EpochRecord) -> f64| h.iter().map(f).collect::<Vec<f64>>();
     list!(
@@ -362,17 +375,7 @@ fn rs_vae_expression(
     let targets: Vec<u32> = if transform_batch.is_null() {
         vec![]
     } else {
-        strings(&transform_batch, "transform_batch")?
-            .iter()
-            .map(|b| {
-                levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
-                    fail(format!(
-                        "`transform_batch` \"{b}\" is not a batch of the model (batches: {})",
-                        levels.join(", ")
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?
+batch_codes(&transform_batch, levels, "`transform_batch`", "is not a batch of the model")?
     };
     let n = n_samples.max(1) as usize;
     let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {

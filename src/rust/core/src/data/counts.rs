@@ -75,6 +75,25 @@ impl CountMatrix {
         self.csr.row_sums()
     }
 
+    /// Columns of `genes` (by name, in that order) — a model's genes in new
+    /// data. Extra genes are ignored; missing ones are an error naming how
+    /// many of the model's `what` genes are missing and the first few.
+    pub fn columns_of(&self, genes: &[String], what: &str) -> crate::Result<Vec<usize>> {
+        let at: std::collections::HashMap<&str, usize> =
+            self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+        let missing: Vec<&String> = genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
+        if !missing.is_empty() {
+            return crate::error::invalid!(
+                "{} of the model's {} {what}genes are missing from the new data (first: {}); \
+                 the new cells must be measured on the genes the model was trained on",
+                missing.len(),
+                genes.len(),
+                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(genes.iter().map(|g| at[g.as_str()]).collect())
+    }
+
     /// The same cells restricted to the genes `keep` (in that order).
     pub fn select_genes(&self, keep: &[usize]) -> CountMatrix {
         CountMatrix {

@@ -20,7 +20,6 @@ use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
 use crate::nn::{linear, FcLayers, FcSpec, Norm};
 use crate::train::{train, EpochRecord, History, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -403,26 +402,10 @@ impl DistillModel {
         Ok(DistillModel { meta, student })
     }
 
-    /// Column indices of `genes` in `counts`, or an error naming what is missing.
-    fn columns(counts: &CountMatrix, genes: &[String], what: &str) -> Result<Vec<usize>> {
-        let at: HashMap<&str, usize> = counts.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
-        let missing: Vec<&String> = genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
-        if !missing.is_empty() {
-            return invalid!(
-                "{} of the model's {} {what} genes are missing from the new data (first: {}); \
-                 the new cells must be measured on the genes the model was trained on",
-                missing.len(),
-                genes.len(),
-                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
-            );
-        }
-        Ok(genes.iter().map(|g| at[g.as_str()]).collect())
-    }
-
     /// Encoder input of new cells: log2 CPM (library over all their genes)
     /// of the model's input genes, matched by name.
     pub fn input_for(&self, counts: &CountMatrix) -> Result<Csr> {
-        let keep = Self::columns(counts, &self.meta.input_genes, "input")?;
+        let keep = counts.columns_of(&self.meta.input_genes, "input ")?;
         Ok(encoder_input(counts, &keep))
     }
 
@@ -461,7 +444,7 @@ impl DistillModel {
     /// under their own batches `batch`.
     pub fn nll(&self, counts: &CountMatrix, batch: &[u32]) -> Result<f64> {
         let z = self.latent(counts)?;
-        let keep = Self::columns(counts, &self.meta.genes, "output")?;
+        let keep = counts.columns_of(&self.meta.genes, "output ")?;
         let c = counts.csr.select_columns(&keep);
         let log_library: Vec<f32> = c.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
         let log_factorial = super::log_factorial(&c);

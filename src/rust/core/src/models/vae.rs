@@ -469,19 +469,7 @@ impl VaeModel {
     /// The columns of `counts` in the model's gene order. Genes the model
     /// does not know are ignored; genes it needs but `counts` lacks are an error.
     pub fn align_genes(&self, counts: &CountMatrix) -> Result<Csr> {
-        let at: HashMap<&str, usize> = counts.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
-        let missing: Vec<&String> = self.meta.genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
-        if !missing.is_empty() {
-            return invalid!(
-                "{} of the model's {} genes are missing from the new data (first: {}); \
-                 the new cells must be measured on the genes the model was trained on",
-                missing.len(),
-                self.meta.genes.len(),
-                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
-            );
-        }
-        let keep: Vec<usize> = self.meta.genes.iter().map(|g| at[g.as_str()]).collect();
-        Ok(counts.csr.select_columns(&keep))
+        Ok(counts.csr.select_columns(&counts.columns_of(&self.meta.genes, "")?))
     }
 
     /// Covariates for computations that do not use them (the encoder of a
