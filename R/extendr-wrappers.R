@@ -106,3 +106,5 @@ rs_distill_corrected <- function(ptr, counts, reference, threads) {
 }
 
 rs_distill_nll <- function(ptr, counts, batch, threads) .Call(native("wrap__rs_distill_nll"), ptr, counts, batch, threads)
+rs_vae_de <- function(ptr, counts, batch, categorical, continuous, group1, group2, settings, threads) .Call(native("wrap__rs_vae_de"), ptr, counts, batch, categorical, continuous, group1, group2, settings, threads)
+rs_distill_de <- function(ptr, counts, batch, group1, group2, settings, threads) .Call(native("wrap__rs_distill_de"), ptr, counts, batch, group1, group2, settings, threads)

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
+from scdistill_compat import patch_harmonypy_layout
+
 p = argparse.ArgumentParser()
 p.add_argument("method", choices=["harmonypy", "scvi", "scdistill_py"])
 p.add_argument("dir")
@@ -48,7 +50,6 @@ if a.method == "harmonypy":
     emb = z if z.shape[0] == pcs.shape[0] else z.T  # 2.x: cells x PCs; < 2: PCs x cells
 elif a.method == "scdistill_py":
     import anndata
-    import harmonypy
     import scdistill
     import torch
 
@@ -59,27 +60,7 @@ elif a.method == "scdistill_py":
     genes = [f"g{i}" for i in range(counts.shape[1])]
     ad = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
 
-    # scDistill 0.3.1's HarmonyTeacher does `harmonypy.run_harmony(...).Z_corr.T`,
-    # assuming harmonypy < 2's d x N layout; 2.x returns N x d. Wrap run_harmony
-    # (looked up on the module at call time) so Z_corr comes back d x N.
-    class _OldLayout:
-        def __init__(self, ho, n_cells):
-            self._ho, self._n = ho, n_cells
-
-        def __getattr__(self, name):
-            return getattr(self._ho, name)
-
-        @property
-        def Z_corr(self):
-            z = np.asarray(self._ho.Z_corr)
-            return z.T if z.shape[0] == self._n else z
-
-    _run_harmony = harmonypy.run_harmony
-
-    def run_harmony_old_layout(data_mat, meta_data, *args, **kwargs):
-        return _OldLayout(_run_harmony(data_mat, meta_data, *args, **kwargs), meta_data.shape[0])
-
-    harmonypy.run_harmony = run_harmony_old_layout
+    patch_harmonypy_layout()
 
     epochs = {} if a.epochs is None else {"n_epochs_encoder": a.epochs, "n_epochs_decoder": a.epochs}
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@
 //! thin `scdistill-r` glue crate.
 
 pub mod data;
+pub mod de;
 pub mod device;
 pub mod error;
 pub mod infer;

@@ -33,6 +33,28 @@ impl Norm {
     }
 }
 
+/// How a forward pass treats dropout and batch normalization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Dropout on, batch statistics in batch norm (training).
+    Train,
+    /// Dropout off, running statistics (inference).
+    Eval,
+    /// Dropout on, running statistics: Monte Carlo dropout (Gal and
+    /// Ghahramani 2016), a draw from the approximate weight posterior.
+    McDropout,
+}
+
+impl From<bool> for Pass {
+    fn from(train: bool) -> Pass {
+        if train {
+            Pass::Train
+        } else {
+            Pass::Eval
+        }
+    }
+}
+
 /// A linear layer initialised like PyTorch's `nn.Linear`: weights and bias
 /// uniform on ±1/√fan_in.
 pub fn linear(p: nn::Path, n_in: usize, n_out: usize) -> nn::Linear {
@@ -94,7 +116,8 @@ impl FcLayers {
     }
 
     /// Runs the stack; `cov` is `[batch, n_cov]` or None when `n_cov` is 0.
-    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, train: bool) -> Tensor {
+    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, pass: impl Into<Pass>) -> Tensor {
+        let pass = pass.into();
         let mut h = x.shallow_clone();
         for (lin, norm, inject) in &self.layers {
             if *inject {
@@ -104,13 +127,13 @@ impl FcLayers {
             }
             h = lin.forward(&h);
             h = match norm {
-                NormLayer::Batch(b) => b.forward_t(&h, train),
+                NormLayer::Batch(b) => b.forward_t(&h, pass == Pass::Train),
                 NormLayer::Layer(l) => l.forward(&h),
                 NormLayer::None => h,
             };
             h = h.relu();
             if self.dropout > 0.0 {
-                h = h.dropout(self.dropout, train);
+                h = h.dropout(self.dropout, pass != Pass::Eval);
             }
         }
         h
@@ -134,8 +157,8 @@ impl GaussianEncoder {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
-        let h = self.fc.forward(x, cov, train);
+    pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, pass: impl Into<Pass>) -> (Tensor, Tensor) {
+        let h = self.fc.forward(x, cov, pass);
         (self.mean.forward(&h), self.var.forward(&h).exp() + 1e-4)
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 type DistillPtr = ExternalPtr<DistillModel>;
 
-fn distill_ref(ptr: &Robj) -> Result<&DistillModel> {
+pub(crate) fn distill_ref(ptr: &Robj) -> Result<&DistillModel> {
     let p: &DistillPtr = ptr.try_into().map_err(|_| fail("internal: not a distilled model pointer"))?;
     p.try_addr().map_err(|_| fail("internal: the model pointer is empty"))
 }

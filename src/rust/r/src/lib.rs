@@ -7,6 +7,7 @@ use scdistill_core::data::{Categorical, CountMatrix, Csr};
 use scdistill_core::simulate::{self, AtacParams, ConditionParams, SimParams, SpeciesParams};
 use scdistill_core::{device, metrics, prep};
 
+mod de;
 mod distill;
 mod models;
 mod worker;
@@ -486,6 +487,7 @@ extendr_module! {
     mod scdistill;
     use models;
     use distill;
+    use de;
     fn rs_validate_counts;
     fn rs_log2_cpm;
     fn rs_hvg;

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 type ModelPtr = ExternalPtr<VaeModel>;
 
-fn model_ref(ptr: &Robj) -> Result<&VaeModel> {
+pub(crate) fn model_ref(ptr: &Robj) -> Result<&VaeModel> {
     let p: &ModelPtr = ptr.try_into().map_err(|_| fail("internal: not a scdistill model pointer"))?;
     p.try_addr().map_err(|_| fail("internal: the model pointer is empty"))
 }
@@ -151,9 +151,11 @@ pub(crate) fn batch_codes(labels: &Robj, levels: &[String], what: &str, problem:
     strings(labels, what)?
         .iter()
         .map(|b| {
-            levels.iter().position(|l| l == b).map(|p| p as u32).ok_or_else(|| {
-                fail(format!("{what} \"{b}\" {problem} (batches: {})", levels.join(", ")))
-            })
+            levels
+                .iter()
+                .position(|l| l == b)
+                .map(|p| p as u32)
+                .ok_or_else(|| fail(format!("{what} \"{b}\" {problem} (batches: {})", levels.join(", "))))
         })
         .collect()
 }
@@ -312,8 +314,8 @@ fn rs_vae_latent(
     threads: i32,
 ) -> Result<Vec<f64>> {
     let n_latent = model_ref(&ptr)?.meta.config.n_latent;
-    let (z, n) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, true, seed, threads, |model, data| {
-        (infer::latent(&model.vae, data, give_mean), data.counts.n_rows)
+    let (z, n) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, true, seed, threads, |model, data, _| {
+        Ok((infer::latent(&model.vae, data, give_mean), data.counts.n_rows))
     })?;
     Ok(transpose(&z, n, n_latent))
 }
@@ -328,7 +330,7 @@ pub(crate) fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
 /// them (otherwise neutral placeholders stand in). The one path of the
 /// accessors that run the model on cells.
 #[allow(clippy::too_many_arguments)]
-fn on_cells<T: Send>(
+pub(crate) fn on_cells<T: Send>(
     ptr: &Robj,
     counts: &List,
     batch: &Robj,
@@ -337,7 +339,7 @@ fn on_cells<T: Send>(
     encoder_only: bool,
     seed: f64,
     threads: i32,
-    f: impl FnOnce(&VaeModel, &VaeData) -> T + Send,
+    f: impl FnOnce(&VaeModel, &VaeData, &dyn Fn() -> bool) -> scdistill_core::Result<T> + Send,
 ) -> Result<T> {
     let model = model_ref(ptr)?;
     let m = aligned(model, counts)?;
@@ -347,10 +349,10 @@ fn on_cells<T: Send>(
         new_covariates(model, m.n_cells(), batch, categorical, continuous, true)?
     };
     let lent = Lent(model);
-    crate::run(threads, |_| {
+    crate::run(threads, |interrupted| {
         let model = lent.get();
         scdistill_core::device::seed_torch(seed as u64);
-        Ok(f(model, &VaeData::new(&m.csr, &cov)))
+        f(model, &VaeData::new(&m.csr, &cov), interrupted)
     })
 }
 
@@ -375,11 +377,11 @@ fn rs_vae_expression(
     let targets: Vec<u32> = if transform_batch.is_null() {
         vec![]
     } else {
-batch_codes(&transform_batch, levels, "`transform_batch`", "is not a batch of the model")?
+        batch_codes(&transform_batch, levels, "`transform_batch`", "is not a batch of the model")?
     };
     let n = n_samples.max(1) as usize;
-    let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
-        infer::expression(&model.vae, data, &targets, library_size, n)
+    let x = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data, _| {
+        Ok(infer::expression(&model.vae, data, &targets, library_size, n))
     })?;
     Ok(x.into_iter().map(f64::from).collect())
 }
@@ -398,8 +400,8 @@ fn rs_vae_sample(
     seed: f64,
     threads: i32,
 ) -> Result<List> {
-    let draws = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
-        (0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, data)).collect::<Vec<_>>()
+    let draws = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data, _| {
+        Ok((0..n_samples.max(1)).map(|_| infer::sample_counts(&model.vae, data)).collect::<Vec<_>>())
     })?;
     Ok(List::from_values(draws.into_iter().map(crate::csr_to_r)))
 }
@@ -417,11 +419,12 @@ fn rs_vae_elbo(
     seed: f64,
     threads: i32,
 ) -> Result<Vec<f64>> {
-    let (e, r, k) = on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data| {
-        let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data };
-        let rows: Vec<usize> = (0..data.counts.n_rows).collect();
-        scdistill_core::train::evaluate(&task, &rows, 1024)
-    })?;
+    let (e, r, k) =
+        on_cells(&ptr, &counts, &batch, &categorical, &continuous, false, seed, threads, |model, data, _| {
+            let task = scdistill_core::models::vae::VaeTask { model: &model.vae, data };
+            let rows: Vec<usize> = (0..data.counts.n_rows).collect();
+            Ok(scdistill_core::train::evaluate(&task, &rows, 1024))
+        })?;
     Ok(vec![e, r, k])
 }
 

@@ -17,7 +17,7 @@ use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Error, Result};
 use crate::io;
 use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
-use crate::nn::{linear, FcLayers, FcSpec, Norm};
+use crate::nn::{linear, FcLayers, FcSpec, Norm, Pass};
 use crate::train::{train, EpochRecord, History, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
@@ -128,13 +128,13 @@ impl Student {
     }
 
     /// Z for log2(CPM + 1) input `x` ([cells, n_input]).
-    pub fn encode(&self, x: &Tensor, train: bool) -> Tensor {
+    pub fn encode(&self, x: &Tensor, train: impl Into<Pass>) -> Tensor {
         let h = self.enc_fc.forward(x, None, train);
         self.enc_out.forward(&h).layer_norm([self.cfg.n_latent as i64], None::<Tensor>, None::<Tensor>, 1e-5, false)
     }
 
     /// ρ (rows sum to 1) for latent `z` and batch codes `batch` (int64).
-    pub fn decode_scale(&self, z: &Tensor, batch: &Tensor, train: bool) -> Tensor {
+    pub fn decode_scale(&self, z: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> Tensor {
         let e = self.batch_emb.index_select(0, batch);
         let h = self.dec_fc.forward(&Tensor::cat(&[z, &e], 1), None, train);
         self.scale_head.forward(&h).softmax(-1, Kind::Float)
@@ -225,7 +225,8 @@ impl Trainable for DecoderTask<'_> {
         }
         let z = Tensor::from_slice(&zb).view([rows.len() as i64, d as i64]).to_device(dev);
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
-        let batch = Tensor::from_slice(&rows.iter().map(|&r| self.batch[r] as i64).collect::<Vec<i64>>()).to_device(dev);
+        let batch =
+            Tensor::from_slice(&rows.iter().map(|&r| self.batch[r] as i64).collect::<Vec<i64>>()).to_device(dev);
         let rho = s.decode_scale(&z, &batch, train);
         let mu = pick(self.log_library).exp().unsqueeze(1) * rho;
         let nz = SparseBatch::from_csr(self.counts, rows, dev);
@@ -320,7 +321,10 @@ impl DistillModel {
             );
         }
         if let Some(i) = data.teacher.iter().position(|v| !v.is_finite()) {
-            return invalid!("the teacher embedding has a missing or infinite value (cell {})", i / data.teacher_dim + 1);
+            return invalid!(
+                "the teacher embedding has a missing or infinite value (cell {})",
+                i / data.teacher_dim + 1
+            );
         }
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
@@ -427,7 +431,9 @@ impl DistillModel {
         tch::no_grad(|| {
             for start in (0..n).step_by(CHUNK) {
                 let end = (start + CHUNK).min(n);
-                let zt = Tensor::from_slice(&z[start * d..end * d]).view([(end - start) as i64, d as i64]).to_device(s.device());
+                let zt = Tensor::from_slice(&z[start * d..end * d])
+                    .view([(end - start) as i64, d as i64])
+                    .to_device(s.device());
                 let mut acc = Tensor::zeros([(end - start) as i64, g as i64], (Kind::Float, s.device()));
                 for &b in reference {
                     let batch = Tensor::full([(end - start) as i64], b as i64, (Kind::Int64, s.device()));
@@ -448,7 +454,14 @@ impl DistillModel {
         let c = counts.csr.select_columns(&keep);
         let log_library: Vec<f32> = c.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
         let log_factorial = super::log_factorial(&c);
-        let task = DecoderTask { student: &self.student, z: &z, counts: &c, batch, log_library: &log_library, log_factorial: &log_factorial };
+        let task = DecoderTask {
+            student: &self.student,
+            z: &z,
+            counts: &c,
+            batch,
+            log_library: &log_library,
+            log_factorial: &log_factorial,
+        };
         let rows: Vec<usize> = (0..c.n_rows).collect();
         Ok(crate::train::evaluate(&task, &rows, CHUNK).0)
     }
@@ -461,7 +474,9 @@ fn latent_of(s: &Student, input: &Csr) -> Vec<f32> {
         for start in (0..n).step_by(CHUNK) {
             let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
             let x = crate::data::rows_to_tensor(input, &rows, s.device());
-            out.extend(Vec::<f32>::try_from(s.encode(&x, false).to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default());
+            out.extend(
+                Vec::<f32>::try_from(s.encode(&x, false).to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default(),
+            );
         }
     });
     out

@@ -17,7 +17,7 @@ use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Error, Result};
 use crate::io;
 use crate::likelihood::{nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, SparseBatch};
-use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm};
+use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -239,7 +239,8 @@ impl Vae {
 
     /// q(z | x) mean and variance; with a learned library also q(l | x).
     #[allow(clippy::type_complexity)]
-    pub fn encode(&self, inp: &Inputs, train: bool) -> ((Tensor, Tensor), Option<(Tensor, Tensor)>) {
+    pub fn encode(&self, inp: &Inputs, pass: impl Into<Pass>) -> ((Tensor, Tensor), Option<(Tensor, Tensor)>) {
+        let train = pass.into();
         let h = inp.x.log1p();
         let cov = self.cfg.encode_covariates.then_some(&inp.design);
         let qz = self.encoder.forward(&h, cov, train);
@@ -248,7 +249,14 @@ impl Vae {
     }
 
     /// p(x | z, l, design) for latent `z` and log library `log_library` ([B, 1]).
-    pub fn decode(&self, z: &Tensor, log_library: &Tensor, design: &Tensor, batch: &Tensor, train: bool) -> Decoded {
+    pub fn decode(
+        &self,
+        z: &Tensor,
+        log_library: &Tensor,
+        design: &Tensor,
+        batch: &Tensor,
+        train: impl Into<Pass>,
+    ) -> Decoded {
         let h = self.decoder.forward(z, Some(design), train);
         let scale = self.scale_head.forward(&h).softmax(-1, Kind::Float);
         let rate = log_library.exp() * &scale;

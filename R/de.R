@@ -1,0 +1,386 @@
+# Differential expression: Bayesian (from a model's expression scales) and
+# pseudobulk (raw counts summed per sample, tested with DESeq2 or edgeR).
+
+#' Differential expression between two groups of cells
+#'
+#' Compares the expression of every gene between `group1` and `group2`.
+#' Three Bayesian methods use a trained model (from [fit_vae()] or
+#' [distill()]); the pseudobulk method sums raw counts per sample and tests
+#' them with DESeq2 or edgeR.
+#'
+#' @section Methods:
+#' - `"change"` (default; scvi-tools' change mode, Boyeau et al. 2019):
+#'   `n_samples` draws of the expression scale ρ per group (random cells of
+#'   the group, one posterior draw each), `n_pairs` random pairs of draws
+#'   across the groups and the log fold change
+#'   LFC = log2(ρ1 + ε) − log2(ρ2 + ε) of each pair. A gene's probability of
+#'   being DE is `proba_de` = max(P(LFC ≥ δ), P(LFC ≤ −δ)), its Bayes
+#'   factor log(p / (1 − p)).
+#' - `"vanilla"`: the probability that ρ1 > ρ2 over the same pairs;
+#'   `bayes_factor` = log P(ρ1 > ρ2) − log P(ρ1 ≤ ρ2) (signed), `proba_de`
+#'   the larger of the two probabilities.
+#' - `"mc_dropout"` (scDistill's Bayesian mode): `n_samples` passes over all
+#'   cells of both groups with dropout on (Monte Carlo dropout). The LFC of
+#'   the group means is Gaussian with variance from the model (across
+#'   passes) plus the data (across cells, over their number), carried to the
+#'   log scale by the delta method. Only per-pass group means are kept, so
+#'   memory does not grow with the number of cells. Needs a model trained
+#'   with `dropout > 0`.
+#' - `"pseudobulk"`: raw counts summed per `sample_key` × group (samples
+#'   with fewer than `min_cells` cells of a group are left out; each group
+#'   needs at least two samples), then DESeq2's Wald test or edgeR's
+#'   quasi-likelihood F test with design `~ covariates + group`. With
+#'   `on = "corrected"`, the pseudobulks are sums of the model's corrected
+#'   expression (each cell decoded to `reference_batch`, times its library
+#'   size, rounded): labelled as such in the parameters.
+#'
+#' @section Decision rules:
+#' - **Pseudocount ε** (change, vanilla, MC dropout): in each group, the
+#'   genes with a mean count below 0.01 are treated as absent; the largest
+#'   scale the model gives each of them is a measure of the scale of
+#'   "nothing", and ε is the 0.9-quantile of those maxima, the larger of the
+#'   two groups' (1e-10 when no gene is absent). Give `pseudocount` to fix it.
+#' - **Threshold δ**: unless given, a three-component Gaussian mixture is
+#'   fitted to the genes' mean LFCs (down, unchanged, up) and δ is 0.6 times
+#'   the mean absolute value of its two extreme means, but at least
+#'   `delta_floor` (0.1).
+#' - **Calls**: genes are sorted by `proba_de` and the top k are called DE,
+#'   for the largest k whose posterior expected false discovery proportion,
+#'   the mean of 1 − `proba_de` over them, is at most `fdr_target`.
+#'   Pseudobulk calls are `padj < fdr_target` (Benjamini–Hochberg).
+#'
+#' @param model A model from [fit_vae()] or [distill()]; may be `NULL` for
+#'   `method = "pseudobulk"` on raw counts.
+#' @param x The cells: a `SingleCellExperiment`, Seurat object or count
+#'   matrix (see [as_counts()]), on the model's genes (matched by name).
+#' @param groupby A column of the cell metadata (or one label per cell)
+#'   whose values `group1` and `group2` name; `NULL` to give the groups as
+#'   cell indices, logical vectors or cell names.
+#' @param group1 Value(s) of `groupby` (or cells) of the first group: the
+#'   numerator of the fold change.
+#' @param group2 Value(s) (or cells) of the second group; `NULL` for all
+#'   other cells.
+#' @param method `"change"`, `"vanilla"`, `"mc_dropout"` or `"pseudobulk"`.
+#' @param batch Batch of each cell, as in [normalized_expression()]; by
+#'   default the model's batch column.
+#' @param batch_correction `FALSE`: each cell is decoded in its own batch.
+#'   `TRUE`: every cell is decoded under every batch of the model (or give
+#'   the batches to use) and draws are paired within a batch, so that batch
+#'   effects confounded with the groups do not enter the fold changes.
+#' @param n_samples Scale draws per group (change, vanilla; default 5000,
+#'   split across the decoding batches) or dropout passes (MC dropout;
+#'   default 100).
+#' @param n_pairs Pairs of draws compared (change, vanilla).
+#' @param delta δ, the smallest |LFC| that counts as a change; `NULL` to
+#'   estimate it.
+#' @param delta_floor Lower bound of an estimated δ.
+#' @param pseudocount ε; `NULL` to estimate it.
+#' @param fdr_target Target false discovery rate of the calls.
+#' @param sample_key Pseudobulk: column of the cell metadata (or one value
+#'   per cell) naming each cell's sample (donor, replicate).
+#' @param test Pseudobulk: `"DESeq2"` (default) or `"edgeR"`.
+#' @param covariates Pseudobulk: further columns of the cell metadata, each
+#'   constant within a sample, added to the design (e.g. a batch).
+#' @param on Pseudobulk: `"counts"` (raw counts, default) or `"corrected"`
+#'   (the model's corrected expression).
+#' @param reference_batch Pseudobulk on corrected expression: the batch(es)
+#'   to decode to (default: the model's first).
+#' @param min_cells Pseudobulk: fewest cells of a group for a sample to
+#'   count.
+#' @param seed Seed of the random draws: the same seed gives the same table.
+#' @param threads CPU threads.
+#' @param ... Passed to [as_counts()].
+#' @return A `data.frame` of class `scdistill_de`, one row per gene in the
+#'   model's order, with columns `gene`, `lfc_mean`, `lfc_median`,
+#'   `lfc_sd`, `lfc_lower`, `lfc_upper` (95% interval), `proba_de`,
+#'   `bayes_factor`, `is_de`, `scale1`, `scale2` (mean expression scale of
+#'   each group), `pvalue`, `padj`, and for change and vanilla `lfc_min`,
+#'   `lfc_max`; columns a method does not produce are `NA`.
+#'   `attr(, "params")` records the method and its settings, including the
+#'   δ and ε used. Plot it with [plot.scdistill_de()].
+#' @references Boyeau P. et al. (2019) Deep generative models for detecting
+#'   differential expression in single cells. bioRxiv 794289.
+#' @examples
+#' sim <- simulation_scenario("s1", n_cells = 1200, seed = 2)
+#' sim <- sim[, sim$cell_type == "Group1"]
+#' model <- fit_vae(sim, batch = "batch", max_epochs = 30, threads = 2)
+#' de <- differential_expression(model, sim, "condition", "treated", "control", threads = 2)
+#' head(de[order(-de$proba_de), c("gene", "lfc_mean", "proba_de", "is_de")])
+#' # Against the simulator's truth:
+#' table(called = de$is_de, true = SummarizedExperiment::rowData(sim)$is_de_Group1)
+#' plot(de)
+#' @export
+differential_expression <- function(model, x, groupby = NULL, group1, group2 = NULL,
+                                    method = c("change", "vanilla", "mc_dropout", "pseudobulk"),
+                                    batch = NULL, batch_correction = FALSE, n_samples = NULL, n_pairs = 10000,
+                                    delta = NULL, delta_floor = 0.1, pseudocount = NULL, fdr_target = 0.05,
+                                    sample_key = NULL, test = c("DESeq2", "edgeR"), covariates = NULL,
+                                    on = c("counts", "corrected"), reference_batch = NULL, min_cells = 10,
+                                    seed = 0, threads = NULL, ...) {
+  method <- match.arg(method)
+  if (!is.null(model) || method != "pseudobulk") check_model(model)
+  check_fraction(fdr_target, "fdr_target")
+  seed <- check_count(seed, "seed", min = 0)
+  cnt <- as_counts(x, ...)
+  groups <- de_groups(groupby, group1, group2, cnt)
+  if (method == "pseudobulk") {
+    return(pseudobulk_de(model, x, cnt, groups, sample_key = sample_key, test = match.arg(test),
+                         covariates = covariates, on = match.arg(on), reference_batch = reference_batch,
+                         min_cells = check_count(min_cells, "min_cells"), fdr_target = fdr_target,
+                         threads = threads))
+  }
+  n_samples <- check_count(n_samples %||% if (method == "mc_dropout") 100 else 5000, "n_samples")
+  if (method == "mc_dropout" && !(model$info$config$dropout > 0)) {
+    stop("`method = \"mc_dropout\"` needs a model trained with dropout > 0; this one has none", call. = FALSE)
+  }
+  levels <- model$info$batch_levels
+  batches <- de_batches(batch_correction, levels)
+  inp <- model_input(model, cnt, batch)
+  distilled <- inherits(model, "scdistill_distill")
+  if (is.null(inp$batch)) {
+    if (distilled && length(batches)) inp$batch <- rep(levels[1], length(inp$cells))
+    else stop("the cells' batch is needed: pass `batch` (a column of the cell metadata or one value per cell), ",
+              "or use `batch_correction = TRUE`", call. = FALSE)
+  }
+  settings <- list(method = method, n_samples = n_samples, n_pairs = check_count(n_pairs, "n_pairs"),
+                   batches = batches, delta = de_optional(delta, "delta"),
+                   delta_floor = check_positive(delta_floor, "delta_floor", zero_ok = TRUE),
+                   pseudocount = de_optional(pseudocount, "pseudocount"), low_count = 0.01,
+                   fdr_target = fdr_target, seed = seed)
+  i1 <- groups$idx1 - 1L
+  i2 <- groups$idx2 - 1L
+  res <- if (distilled) {
+    rust(rs_distill_de(model_ptr(model), inp$counts, inp$batch, i1, i2, settings, resolve_threads(threads)))
+  } else {
+    rust(rs_vae_de(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous, i1, i2, settings,
+                   resolve_threads(threads)))
+  }
+  change <- method != "mc_dropout"
+  out <- de_table(model$info$genes, res, change = change)
+  params <- c(list(method = method, model = if (distilled) "distill" else "vae"), groups$labels,
+              list(n_cells1 = length(i1), n_cells2 = length(i2), batch_correction = batches %||% FALSE,
+                   n_samples = n_samples, n_pairs = if (change) settings$n_pairs,
+                   delta = res$delta, delta_estimated = is.null(delta), pseudocount = res$pseudocount,
+                   pseudocount_estimated = is.null(pseudocount), fdr_target = fdr_target, seed = seed))
+  structure(out, params = params, class = c("scdistill_de", "data.frame"))
+}
+
+# Cell indices (1-based) of the two groups and their labels.
+de_groups <- function(groupby, group1, group2, cnt) {
+  cells <- colnames(cnt$counts)
+  n <- length(cells)
+  if (missing(group1) || is.null(group1) || !length(group1)) stop("`group1` is missing", call. = FALSE)
+  if (!is.null(groupby)) {
+    labels <- as.character(resolve_cell_factor(groupby, cnt$cell_data, cells, "groupby"))
+    known <- unique(labels)
+    for (g in list(list(group1, "group1"), list(group2, "group2"))) {
+      bad <- setdiff(as.character(g[[1]]), known)
+      if (length(bad)) {
+        stop("`", g[[2]], "` value(s) ", paste0("'", utils_head(bad, 3), "'", collapse = ", "), " not found in `groupby`",
+             "; its values: ", paste0("'", utils_head(sort(known), 10), "'", collapse = ", "), call. = FALSE)
+      }
+    }
+    idx1 <- which(labels %in% as.character(group1))
+    idx2 <- if (is.null(group2)) which(!labels %in% as.character(group1)) else which(labels %in% as.character(group2))
+    if (length(intersect(as.character(group1), as.character(group2)))) {
+      stop("`group1` and `group2` share value(s): ", paste(intersect(group1, group2), collapse = ", "), call. = FALSE)
+    }
+    lab <- list(groupby = if (is.character(groupby) && length(groupby) == 1) groupby else "(given)",
+                group1 = paste(group1, collapse = "+"), group2 = if (is.null(group2)) "rest" else paste(group2, collapse = "+"))
+  } else {
+    idx1 <- cell_index(group1, cells, "group1")
+    idx2 <- if (is.null(group2)) setdiff(seq_len(n), idx1) else cell_index(group2, cells, "group2")
+    if (length(intersect(idx1, idx2))) {
+      stop("`group1` and `group2` share ", length(intersect(idx1, idx2)), " cell(s); the groups must be disjoint",
+           call. = FALSE)
+    }
+    lab <- list(groupby = NULL, group1 = "group1", group2 = if (is.null(group2)) "rest" else "group2")
+  }
+  if (!length(idx1)) stop("`group1` has no cells", call. = FALSE)
+  if (!length(idx2)) stop("`group2` has no cells", call. = FALSE)
+  list(idx1 = idx1, idx2 = idx2, labels = lab)
+}
+
+# Cells given as indices, a logical vector or cell names.
+cell_index <- function(v, cells, arg) {
+  n <- length(cells)
+  if (is.logical(v)) {
+    if (length(v) != n || anyNA(v)) stop("`", arg, "` as a logical vector needs one TRUE/FALSE per cell (", n, ")",
+                                         call. = FALSE)
+    return(which(v))
+  }
+  if (is.character(v)) {
+    i <- match(v, cells)
+    if (anyNA(i)) stop("`", arg, "`: cell(s) not in `x`: ", paste0("'", utils_head(v[is.na(i)], 3), "'", collapse = ", "),
+                       call. = FALSE)
+    return(unique(i))
+  }
+  if (!is.numeric(v) || anyNA(v) || any(v != round(v)) || any(v < 1 | v > n)) {
+    stop("`", arg, "` must be cell indices in 1..", n, ", a logical vector or cell names ",
+         "(or pass `groupby` to name groups by a metadata column)", call. = FALSE)
+  }
+  unique(as.integer(v))
+}
+
+de_batches <- function(batch_correction, levels) {
+  if (isTRUE(batch_correction)) return(levels)
+  if (isFALSE(batch_correction)) return(NULL)
+  b <- as.character(batch_correction)
+  bad <- setdiff(b, levels)
+  if (!length(b) || length(bad)) {
+    stop("`batch_correction` must be TRUE, FALSE or batches of the model (", paste(levels, collapse = ", "), ")",
+         call. = FALSE)
+  }
+  b
+}
+
+de_optional <- function(v, arg) {
+  if (is.null(v)) return(NULL)
+  check_positive(v, arg, zero_ok = TRUE)
+}
+
+# The stable columns; those a method does not give are NA.
+de_table <- function(genes, res, change) {
+  na <- rep(NA_real_, length(genes))
+  out <- data.frame(gene = genes, lfc_mean = res$lfc_mean, lfc_median = res$lfc_median, lfc_sd = res$lfc_sd,
+                    lfc_lower = res$lfc_lower, lfc_upper = res$lfc_upper, proba_de = res$proba_de,
+                    bayes_factor = res$bayes_factor, is_de = res$is_de, scale1 = res$scale1, scale2 = res$scale2,
+                    pvalue = na, padj = na, stringsAsFactors = FALSE)
+  if (change) {
+    out$lfc_min <- res$lfc_min
+    out$lfc_max <- res$lfc_max
+  }
+  rownames(out) <- genes
+  out
+}
+
+pseudobulk_de <- function(model, x, cnt, groups, sample_key, test, covariates, on, reference_batch, min_cells,
+                          fdr_target, threads) {
+  if (is.null(sample_key)) {
+    stop("pseudobulk DE needs `sample_key`: the column of the cell metadata naming each cell's sample ",
+         "(donor, replicate)", call. = FALSE)
+  }
+  need(test)
+  cells <- colnames(cnt$counts)
+  sample <- as.character(resolve_cell_factor(sample_key, cnt$cell_data, cells, "sample_key"))
+  genes <- if (is.null(model)) rownames(cnt$counts) else model$info$genes
+  missing_genes <- setdiff(genes, rownames(cnt$counts))
+  if (length(missing_genes)) {
+    stop("`x` lacks ", length(missing_genes), " of the model's genes (e.g. '", missing_genes[1], "')", call. = FALSE)
+  }
+  if (on == "corrected") {
+    if (is.null(model)) stop("`on = \"corrected\"` needs a model", call. = FALSE)
+    reference_batch <- as.character(reference_batch %||% model$info$batch_levels[1])
+    rho <- if (inherits(model, "scdistill_distill")) {
+      corrected_expression(model, cnt, reference_batch = reference_batch, type = "scale", threads = threads)
+    } else {
+      normalized_expression(model, cnt, transform_batch = reference_batch, threads = threads)
+    }
+    mat <- sweep(rho, 2, Matrix::colSums(cnt$counts), `*`)
+  } else {
+    mat <- cnt$counts[genes, , drop = FALSE]
+  }
+  # Pseudobulk columns: (sample, group) with enough cells.
+  grp <- rep(NA_character_, length(cells))
+  grp[groups$idx1] <- "group1"
+  grp[groups$idx2] <- "group2"
+  keep <- !is.na(grp)
+  key <- paste(sample, grp, sep = "\r")
+  sizes <- table(key[keep])
+  ok <- names(sizes)[sizes >= min_cells]
+  cols <- sort(ok)
+  col_group <- sub(".*\r", "", cols)
+  n1 <- sum(col_group == "group1")
+  n2 <- sum(col_group == "group2")
+  if (n1 < 2 || n2 < 2) {
+    stop("pseudobulk DE needs at least 2 samples per group with >= ", min_cells, " cells; found ", n1,
+         " for group1 and ", n2, " for group2 (lower `min_cells`, or use a Bayesian method)", call. = FALSE)
+  }
+  member <- match(key, cols)
+  sel <- which(!is.na(member))
+  agg <- Matrix::sparseMatrix(i = sel, j = member[sel], x = 1, dims = c(length(cells), length(cols)))
+  pb <- as.matrix(mat %*% agg)
+  dimnames(pb) <- list(genes, sub("\r", ":", cols))
+  if (on == "corrected") pb <- round(pb)
+  storage.mode(pb) <- "integer"
+  design_data <- data.frame(group = factor(col_group, levels = c("group2", "group1")), row.names = colnames(pb))
+  for (cv in covariates) {
+    v <- resolve_cell_factor(cv, cnt$cell_data, cells, "covariates")
+    per_col <- tapply(as.character(v)[sel], member[sel], function(z) unique(z))
+    if (any(lengths(per_col) > 1)) {
+      stop("covariate '", cv, "' varies within a sample; pseudobulk covariates must be constant per sample",
+           call. = FALSE)
+    }
+    design_data[[cv]] <- factor(unlist(per_col))
+  }
+  terms <- c(setdiff(names(design_data), "group"), "group")
+  design <- stats::as.formula(paste("~", paste(terms, collapse = " + ")))
+  res <- if (test == "DESeq2") pseudobulk_deseq2(pb, design_data, design) else pseudobulk_edger(pb, design_data, design)
+  props <- sweep(pb, 2, pmax(colSums(pb), 1), `/`)
+  na <- rep(NA_real_, length(genes))
+  z <- stats::qnorm(0.975)
+  out <- data.frame(gene = genes, lfc_mean = res$lfc, lfc_median = res$lfc, lfc_sd = res$se,
+                    lfc_lower = res$lfc - z * res$se, lfc_upper = res$lfc + z * res$se, proba_de = na,
+                    bayes_factor = na, is_de = !is.na(res$padj) & res$padj < fdr_target,
+                    scale1 = rowMeans(props[, col_group == "group1", drop = FALSE]),
+                    scale2 = rowMeans(props[, col_group == "group2", drop = FALSE]),
+                    pvalue = res$pvalue, padj = res$padj, stringsAsFactors = FALSE, row.names = genes)
+  params <- c(list(method = "pseudobulk", test = test,
+                   on = if (on == "corrected") paste0("corrected expression (decoded to ", paste(reference_batch, collapse = "+"), ")") else "raw counts"),
+              groups$labels,
+              list(n_cells1 = length(groups$idx1), n_cells2 = length(groups$idx2), samples1 = n1, samples2 = n2,
+                   design = paste(deparse(design), collapse = ""), min_cells = min_cells, fdr_target = fdr_target))
+  structure(out, params = params, pseudobulk = pb, class = c("scdistill_de", "data.frame"))
+}
+
+pseudobulk_deseq2 <- function(pb, design_data, design) {
+  dds <- suppressMessages(DESeq2::DESeqDataSetFromMatrix(pb, design_data, design))
+  dds <- suppressMessages(DESeq2::DESeq(dds, quiet = TRUE))
+  r <- DESeq2::results(dds, contrast = c("group", "group1", "group2"))
+  list(lfc = r$log2FoldChange, se = r$lfcSE, pvalue = r$pvalue, padj = r$padj)
+}
+
+pseudobulk_edger <- function(pb, design_data, design) {
+  mm <- stats::model.matrix(design, design_data)
+  y <- edgeR::DGEList(pb)
+  y <- edgeR::calcNormFactors(y)
+  y <- edgeR::estimateDisp(y, mm)
+  fit <- edgeR::glmQLFit(y, mm)
+  tt <- edgeR::topTags(edgeR::glmQLFTest(fit, coef = "groupgroup1"), n = Inf, sort.by = "none")$table
+  list(lfc = tt$logFC, se = rep(NA_real_, nrow(tt)), pvalue = tt$PValue, padj = tt$FDR)
+}
+
+#' Volcano plot of a differential expression table
+#'
+#' Log fold change against the evidence: the Bayes factor for the Bayesian
+#' methods, −log10 of the adjusted p-value for pseudobulk. Called genes are
+#' coloured by direction, the thresholds drawn, and the strongest calls
+#' labelled.
+#'
+#' @param x A table from [differential_expression()].
+#' @param n_labels Number of called genes to label.
+#' @param ... Passed to [graphics::plot()].
+#' @return `x`, invisibly.
+#' @method plot scdistill_de
+#' @examples
+#' sim <- simulation_scenario("s1", n_cells = 1200, seed = 2)
+#' sim <- sim[, sim$cell_type == "Group1"]
+#' model <- fit_vae(sim, batch = "batch", max_epochs = 30, threads = 2)
+#' plot(differential_expression(model, sim, "condition", "treated", threads = 2))
+#' @export
+plot.scdistill_de <- function(x, n_labels = 10, ...) {
+  p <- attr(x, "params")
+  pb <- identical(p$method, "pseudobulk")
+  y <- if (pb) -log10(pmax(x$padj, 1e-300)) else x$bayes_factor
+  ylab <- if (pb) "-log10 adjusted p-value" else if (p$method == "vanilla") "log Bayes factor (group1 > group2)" else "log Bayes factor"
+  col <- ifelse(x$is_de & x$lfc_mean > 0, "#d1495b", ifelse(x$is_de, "#1b6ca8", "grey70"))
+  graphics::plot(x$lfc_mean, y, pch = 19, cex = 0.5, col = col, xlab = sprintf("log2 fold change (%s / %s)", p$group1, p$group2),
+                 ylab = ylab, main = sprintf("%s: %d of %d genes called", p$method, sum(x$is_de, na.rm = TRUE), nrow(x)), ...)
+  if (!pb && is.numeric(p$delta) && p$method != "vanilla") graphics::abline(v = c(-1, 1) * p$delta, lty = 3, col = "grey40")
+  top <- utils::head(order(-y * x$is_de, -abs(x$lfc_mean)), n_labels)
+  top <- top[x$is_de[top] %in% TRUE]
+  if (length(top)) graphics::text(x$lfc_mean[top], y[top], x$gene[top], pos = 3, cex = 0.7)
+  graphics::legend("topleft", c("up", "down", "not called"), col = c("#d1495b", "#1b6ca8", "grey70"), pch = 19,
+                   bty = "n", cex = 0.8)
+  invisible(x)
+}

@@ -1,0 +1,455 @@
+//! Bayesian differential expression between two groups of cells, from a
+//! trained model's expression scales ρ.
+//!
+//! - `Method::Change` (scvi-tools' "change" mode, Boyeau et al. 2019):
+//!   draws of ρ for random cells of each group (one posterior draw of z
+//!   per cell), random pairs of draws across the groups, the LFC
+//!   log2(ρ1 + ε) − log2(ρ2 + ε) per pair; a gene is DE with probability
+//!   max(P(LFC ≥ δ), P(LFC ≤ −δ)).
+//! - `Method::Vanilla`: P(ρ1 > ρ2) over the same pairs.
+//! - `Method::McDropout` (scDistill's Bayesian mode): `n_samples` passes
+//!   over every cell of each group with dropout on; per pass only the
+//!   group's mean ρ and its variance across cells are kept, so memory is
+//!   O(genes × passes). The LFC posterior is Gaussian: model variance
+//!   (across passes) plus data variance (across cells, divided by their
+//!   number), carried to the log scale by the delta method.
+//!
+//! Genes are called DE by the posterior expected FDR rule (`stats::fdr_calls`).
+
+pub mod stats;
+
+use crate::data::{rows_to_tensor, Csr};
+use crate::error::{invalid, Result};
+use crate::models::distill::Student;
+use crate::models::vae::{Vae, VaeData};
+use crate::nn::Pass;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+/// Cells per forward pass.
+const CHUNK: usize = 1024;
+
+/// A trained model seen as a source of expression scales.
+pub trait ScaleModel {
+    fn n_genes(&self) -> usize;
+    /// ρ (`[rows.len(), genes]`, on the model's device) of cells `rows`,
+    /// decoded as if from batch `under` (each cell's own batch when None):
+    /// one posterior draw per row (`Pass::Eval`), or one dropout draw of the
+    /// network with the posterior mean (`Pass::McDropout`).
+    fn scales(&self, rows: &[usize], under: Option<u32>, pass: Pass) -> Tensor;
+}
+
+/// A VAE on its cells.
+pub struct VaeScales<'a> {
+    pub model: &'a Vae,
+    pub data: &'a VaeData<'a>,
+}
+
+impl ScaleModel for VaeScales<'_> {
+    fn n_genes(&self) -> usize {
+        self.model.cfg.n_genes
+    }
+
+    fn scales(&self, rows: &[usize], under: Option<u32>, pass: Pass) -> Tensor {
+        let dev = self.model.device();
+        let own = self.data.inputs(rows, None, dev);
+        let ((qm, qv), _) = self.model.encode(&own, pass);
+        let z = if pass == Pass::McDropout { qm } else { &qm + qv.sqrt() * qm.randn_like() };
+        let design = self.data.covariates.design(rows, under, dev);
+        let batch = self.data.covariates.batch_codes(rows, under, dev);
+        self.model.decode(&z, &own.log_library, &design, &batch, pass).scale
+    }
+}
+
+/// A distilled student on its cells: encoder input and own batch codes.
+/// Its encoder is deterministic, so a "posterior draw" is the cell's ρ.
+pub struct StudentScales<'a> {
+    pub student: &'a Student,
+    pub input: &'a Csr,
+    pub batch: &'a [u32],
+}
+
+impl ScaleModel for StudentScales<'_> {
+    fn n_genes(&self) -> usize {
+        self.student.cfg.n_genes
+    }
+
+    fn scales(&self, rows: &[usize], under: Option<u32>, pass: Pass) -> Tensor {
+        let dev = self.student.device();
+        let z = self.student.encode(&rows_to_tensor(self.input, rows, dev), pass);
+        let codes: Vec<i64> = rows.iter().map(|&r| under.unwrap_or(self.batch[r]) as i64).collect();
+        self.student.decode_scale(&z, &Tensor::from_slice(&codes).to_device(dev), pass)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Change,
+    Vanilla,
+    McDropout,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Option<Method> {
+        match s {
+            "change" => Some(Method::Change),
+            "vanilla" => Some(Method::Vanilla),
+            "mc_dropout" => Some(Method::McDropout),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeSettings {
+    pub method: Method,
+    /// Change/vanilla: scale draws per group, split evenly across the
+    /// decoding batches. MC dropout: passes over the cells.
+    pub n_samples: usize,
+    /// Pairs of draws compared (change/vanilla), split across batches.
+    pub n_pairs: usize,
+    /// Batches every cell is decoded under (`batch_correction`); draws are
+    /// paired within a batch. Empty: each cell in its own batch.
+    pub batches: Vec<u32>,
+    /// δ; estimated from the mean LFCs when None.
+    pub delta: Option<f64>,
+    /// Lower bound of an estimated δ.
+    pub delta_floor: f64,
+    /// ε of log2(ρ + ε); estimated when None.
+    pub pseudocount: Option<f64>,
+    /// Genes with a mean count below this in a group count as absent from
+    /// it when estimating ε.
+    pub low_count: f64,
+    pub fdr_target: f64,
+    pub seed: u64,
+}
+
+impl Default for DeSettings {
+    fn default() -> Self {
+        DeSettings {
+            method: Method::Change,
+            n_samples: 5000,
+            n_pairs: 10000,
+            batches: vec![],
+            delta: None,
+            delta_floor: 0.1,
+            pseudocount: None,
+            low_count: 0.01,
+            fdr_target: 0.05,
+            seed: 0,
+        }
+    }
+}
+
+/// One row per gene.
+#[derive(Debug, Clone, Default)]
+pub struct DeTable {
+    pub lfc_mean: Vec<f64>,
+    pub lfc_median: Vec<f64>,
+    pub lfc_sd: Vec<f64>,
+    pub lfc_lower: Vec<f64>,
+    pub lfc_upper: Vec<f64>,
+    pub lfc_min: Vec<f64>,
+    pub lfc_max: Vec<f64>,
+    pub proba_de: Vec<f64>,
+    /// Vanilla: P(ρ1 > ρ2); otherwise the same as `proba_de`.
+    pub proba_up: Vec<f64>,
+    pub bayes_factor: Vec<f64>,
+    pub is_de: Vec<bool>,
+    pub scale1: Vec<f64>,
+    pub scale2: Vec<f64>,
+    pub delta: f64,
+    pub pseudocount: f64,
+}
+
+impl DeTable {
+    fn push(&mut self, s: stats::LfcSummary) {
+        self.lfc_mean.push(s.mean);
+        self.lfc_median.push(s.median);
+        self.lfc_sd.push(s.sd);
+        self.lfc_lower.push(s.lower);
+        self.lfc_upper.push(s.upper);
+        self.lfc_min.push(s.min);
+        self.lfc_max.push(s.max);
+        self.proba_de.push(s.proba_de);
+    }
+}
+
+/// Genes whose mean count over `cells` of `counts` is below `threshold`.
+pub fn low_count_genes(counts: &Csr, cells: &[usize], threshold: f64) -> Vec<bool> {
+    let mut sum = vec![0f64; counts.n_cols];
+    for &c in cells {
+        let (idx, val) = counts.row(c);
+        for (&j, &v) in idx.iter().zip(val) {
+            sum[j as usize] += v as f64;
+        }
+    }
+    let n = cells.len().max(1) as f64;
+    sum.iter().map(|s| s / n < threshold).collect()
+}
+
+/// Differential expression of `group1` against `group2` (row indices of
+/// the model's cells; `counts` holds the same cells on the model's genes).
+pub fn differential_expression(
+    model: &dyn ScaleModel,
+    counts: &Csr,
+    group1: &[usize],
+    group2: &[usize],
+    s: &DeSettings,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<DeTable> {
+    if group1.is_empty() || group2.is_empty() {
+        return invalid!("both groups need at least one cell");
+    }
+    if s.n_samples == 0 || s.n_pairs == 0 {
+        return invalid!("`n_samples` must be positive");
+    }
+    let low1 = low_count_genes(counts, group1, s.low_count);
+    let low2 = low_count_genes(counts, group2, s.low_count);
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let table = match s.method {
+        Method::McDropout => {
+            let a = mc_moments(model, group1, s, interrupted)?;
+            let b = mc_moments(model, group2, s, interrupted)?;
+            mc_table(&a, &b, &low1, &low2, s)
+        }
+        _ => {
+            let a = draw_scales(model, group1, s, &mut rng, interrupted)?;
+            let b = draw_scales(model, group2, s, &mut rng, interrupted)?;
+            let pairs = pair_draws(&a, &b, s, &mut rng);
+            pairs_table(&a, &b, &pairs, &low1, &low2, s)
+        }
+    };
+    if interrupted() {
+        return Err(crate::error::Error::Interrupted);
+    }
+    Ok(table)
+}
+
+/// Scale draws of one group, gene-major (`values[g * n + i]`), with the
+/// range of draws decoded under each batch.
+struct Draws {
+    n: usize,
+    values: Vec<f32>,
+    /// (start, end) of the draws of each decoding batch (one range when cells keep their own).
+    units: Vec<(usize, usize)>,
+}
+
+fn decoding_units(s: &DeSettings) -> Vec<Option<u32>> {
+    if s.batches.is_empty() {
+        vec![None]
+    } else {
+        s.batches.iter().map(|&b| Some(b)).collect()
+    }
+}
+
+fn to_cpu(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
+}
+
+/// `n_samples / batches` random cells (with replacement) of `cells` per
+/// decoding batch, one draw of ρ each (scvi-tools' `scale_sampler`).
+fn draw_scales(
+    model: &dyn ScaleModel,
+    cells: &[usize],
+    s: &DeSettings,
+    rng: &mut ChaCha8Rng,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Draws> {
+    let g = model.n_genes();
+    let units = decoding_units(s);
+    let per = (s.n_samples / units.len()).max(1);
+    let n = per * units.len();
+    let mut rows_major = Vec::with_capacity(n * g);
+    let mut ranges = Vec::with_capacity(units.len());
+    tch::no_grad(|| -> Result<()> {
+        for (u, &under) in units.iter().enumerate() {
+            let picked: Vec<usize> = (0..per).map(|_| cells[rng.random_range(0..cells.len())]).collect();
+            for chunk in picked.chunks(CHUNK) {
+                if interrupted() {
+                    return Err(crate::error::Error::Interrupted);
+                }
+                rows_major.extend(to_cpu(&model.scales(chunk, under, Pass::Eval)));
+            }
+            ranges.push((u * per, (u + 1) * per));
+        }
+        Ok(())
+    })?;
+    let mut values = vec![0f32; n * g];
+    values.par_chunks_mut(n).enumerate().for_each(|(j, col)| {
+        for (i, v) in col.iter_mut().enumerate() {
+            *v = rows_major[i * g + j];
+        }
+    });
+    Ok(Draws { n, values, units: ranges })
+}
+
+/// Pairs (i, j) of draws of the two groups: uniformly at random, or within
+/// the same decoding batch when every cell was decoded under each batch.
+fn pair_draws(a: &Draws, b: &Draws, s: &DeSettings, rng: &mut ChaCha8Rng) -> Vec<(u32, u32)> {
+    let per_unit = (s.n_pairs / a.units.len()).max(1);
+    let mut pairs = Vec::with_capacity(per_unit * a.units.len());
+    for (&(a0, a1), &(b0, b1)) in a.units.iter().zip(&b.units) {
+        for _ in 0..per_unit {
+            pairs.push((rng.random_range(a0..a1) as u32, rng.random_range(b0..b1) as u32));
+        }
+    }
+    pairs
+}
+
+fn pairs_table(a: &Draws, b: &Draws, pairs: &[(u32, u32)], low1: &[bool], low2: &[bool], s: &DeSettings) -> DeTable {
+    let g = low1.len();
+    fn col(d: &Draws, j: usize) -> &[f32] {
+        &d.values[j * d.n..(j + 1) * d.n]
+    }
+    let colmax =
+        |d: &Draws| -> Vec<f64> { (0..g).map(|j| col(d, j).iter().copied().fold(0f32, f32::max) as f64).collect() };
+    let colmean = |d: &Draws| -> Vec<f64> {
+        (0..g).map(|j| col(d, j).iter().map(|&v| v as f64).sum::<f64>() / d.n as f64).collect()
+    };
+    let eps = s.pseudocount.unwrap_or_else(|| stats::pseudocount(&colmax(a), low1, &colmax(b), low2));
+    // LFC draws of gene j.
+    let lfc = |j: usize| -> Vec<f64> {
+        let (x, y) = (col(a, j), col(b, j));
+        pairs.iter().map(|&(p, q)| (x[p as usize] as f64 + eps).log2() - (y[q as usize] as f64 + eps).log2()).collect()
+    };
+    let means: Vec<f64> = (0..g).into_par_iter().map(|j| lfc(j).iter().sum::<f64>() / pairs.len() as f64).collect();
+    let delta = s.delta.unwrap_or_else(|| stats::estimate_delta(&means, s.delta_floor));
+    let rows: Vec<(stats::LfcSummary, f64)> = (0..g)
+        .into_par_iter()
+        .map(|j| {
+            let up = match s.method {
+                Method::Vanilla => {
+                    let (x, y) = (col(a, j), col(b, j));
+                    pairs.iter().filter(|&&(p, q)| x[p as usize] > y[q as usize]).count() as f64 / pairs.len() as f64
+                }
+                _ => f64::NAN,
+            };
+            (stats::summarize_draws(&mut lfc(j), delta), up)
+        })
+        .collect();
+    let mut t = DeTable { delta, pseudocount: eps, scale1: colmean(a), scale2: colmean(b), ..Default::default() };
+    for (summary, up) in rows {
+        t.push(summary);
+        if s.method == Method::Vanilla {
+            // P(ρ1 > ρ2) against P(ρ1 ≤ ρ2), as scvi-tools' vanilla mode.
+            t.proba_up.push(up);
+            t.bayes_factor.push((up + 1e-8).ln() - (1.0 - up + 1e-8).ln());
+            *t.proba_de.last_mut().expect("pushed") = up.max(1.0 - up);
+        } else {
+            let p = summary.proba_de;
+            t.proba_up.push(p);
+            t.bayes_factor.push(stats::bayes_factor(p));
+        }
+    }
+    t.is_de = stats::fdr_calls(&t.proba_de, s.fdr_target);
+    t
+}
+
+/// Per pass of MC dropout: the group's mean ρ and its variance across
+/// cells, passes × genes; and the largest ρ of each gene over everything.
+struct Moments {
+    mean: Vec<Vec<f64>>,
+    var: Vec<Vec<f64>>,
+    max: Vec<f64>,
+    n_cells: usize,
+}
+
+fn mc_moments(
+    model: &dyn ScaleModel,
+    cells: &[usize],
+    s: &DeSettings,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Moments> {
+    let g = model.n_genes();
+    let units = decoding_units(s);
+    let n = cells.len() as f64;
+    let mut m = Moments { mean: vec![], var: vec![], max: vec![0.0; g], n_cells: cells.len() };
+    tch::no_grad(|| -> Result<()> {
+        for _ in 0..s.n_samples {
+            let mut sum: Option<Tensor> = None;
+            let mut sq: Option<Tensor> = None;
+            let mut mx: Option<Tensor> = None;
+            for chunk in cells.chunks(CHUNK) {
+                if interrupted() {
+                    return Err(crate::error::Error::Interrupted);
+                }
+                // A cell's ρ under batch correction is its mean over the decoding batches.
+                let mut rho: Option<Tensor> = None;
+                for &under in &units {
+                    let r = model.scales(chunk, under, Pass::McDropout).to_kind(Kind::Double);
+                    rho = Some(match rho {
+                        Some(acc) => acc + r,
+                        None => r,
+                    });
+                }
+                let rho = rho.expect("at least one unit") / units.len() as f64;
+                let add = |acc: Option<Tensor>, t: Tensor| {
+                    Some(match acc {
+                        Some(a) => a + t,
+                        None => t,
+                    })
+                };
+                sum = add(sum, rho.sum_dim_intlist(0, false, Kind::Double));
+                sq = add(sq, rho.square().sum_dim_intlist(0, false, Kind::Double));
+                let cmax = rho.amax(0, false);
+                mx = Some(match mx {
+                    Some(a) => a.maximum(&cmax),
+                    None => cmax,
+                });
+            }
+            let mean: Vec<f64> = Vec::try_from(sum.expect("cells").to_device(Device::Cpu) / n).unwrap_or_default();
+            let sq: Vec<f64> = Vec::try_from(sq.expect("cells").to_device(Device::Cpu) / n).unwrap_or_default();
+            let mx: Vec<f64> = Vec::try_from(mx.expect("cells").to_device(Device::Cpu)).unwrap_or_default();
+            m.var.push(mean.iter().zip(&sq).map(|(a, b)| (b - a * a).max(0.0)).collect());
+            m.mean.push(mean);
+            for (acc, v) in m.max.iter_mut().zip(mx) {
+                *acc = acc.max(v);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(m)
+}
+
+fn mc_table(a: &Moments, b: &Moments, low1: &[bool], low2: &[bool], s: &DeSettings) -> DeTable {
+    let g = low1.len();
+    let eps = s.pseudocount.unwrap_or_else(|| stats::pseudocount(&a.max, low1, &b.max, low2));
+    // Mean over passes of the group mean, total variance of that mean:
+    // variance across passes (model) + mean within-pass variance / cells (data).
+    let moments = |m: &Moments, j: usize| {
+        let p = m.mean.len() as f64;
+        let mu = m.mean.iter().map(|r| r[j]).sum::<f64>() / p;
+        let model_var = m.mean.iter().map(|r| (r[j] - mu).powi(2)).sum::<f64>() / p;
+        let data_var = m.var.iter().map(|r| r[j]).sum::<f64>() / p / m.n_cells as f64;
+        (mu, model_var + data_var)
+    };
+    let ln2 = std::f64::consts::LN_2;
+    let gauss: Vec<(f64, f64, f64, f64)> = (0..g)
+        .map(|j| {
+            let ((m1, v1), (m2, v2)) = (moments(a, j), moments(b, j));
+            // Delta method: Var log2(X + ε) ≈ Var X / ((E X + ε) ln 2)².
+            let lfc = (m1 + eps).log2() - (m2 + eps).log2();
+            let sd = (v1 / ((m1 + eps) * ln2).powi(2) + v2 / ((m2 + eps) * ln2).powi(2)).sqrt();
+            (lfc, sd, m1, m2)
+        })
+        .collect();
+    let means: Vec<f64> = gauss.iter().map(|r| r.0).collect();
+    let delta = s.delta.unwrap_or_else(|| stats::estimate_delta(&means, s.delta_floor));
+    let mut t = DeTable { delta, pseudocount: eps, ..Default::default() };
+    for &(lfc, sd, m1, m2) in &gauss {
+        let summary = stats::summarize_normal(lfc, sd, delta);
+        t.push(summary);
+        t.proba_up.push(summary.proba_de);
+        t.bayes_factor.push(stats::bayes_factor(summary.proba_de));
+        t.scale1.push(m1);
+        t.scale2.push(m2);
+    }
+    t.is_de = stats::fdr_calls(&t.proba_de, s.fdr_target);
+    t
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+# differential_expression(): the decision rules are tested in the core
+# (cargo test: de::tests, with hand-computed answers); here the R API, the
+# pseudobulk path against known truths, and the Bayesian methods against the
+# simulator's ground truth.
+
+# One cell type, strong condition effects on 10% of 400 genes.
+de_sim <- function(seed = 3) {
+  simulate_counts(n_cells = 1200, n_genes = 400, n_groups = 1, n_batches = 2, treated_fraction = 0.5,
+                  condition_de_prob = 0.1, condition_lfc = 1.5, seed = seed)
+}
+
+test_that("pseudobulk DESeq2 recovers the ERCC spike-ins' known fold changes", {
+  skip_if_not_installed("DESeq2")
+  e <- new.env()
+  load(shared_data("ercc_spikein", "ERCC.RData"), envir = e)
+  info <- utils::read.delim(shared_data("ercc_spikein", "ercc_info.txt"), check.names = FALSE)
+  m <- e$ERCC
+  # Bulk samples: each "cell" is a sample.
+  cd <- data.frame(group = sub("_.*", "", colnames(m)), sample = colnames(m), row.names = colnames(m))
+  sce <- SingleCellExperiment::SingleCellExperiment(list(counts = m), colData = cd)
+  de <- differential_expression(NULL, sce, "group", "A", "B", method = "pseudobulk", sample_key = "sample",
+                                min_cells = 1)
+  i <- match(de$gene, info[["ERCC ID"]])
+  err <- tapply(de$lfc_mean - info[["log2(Mix 1/Mix 2)"]][i], info$subgroup[i], median, na.rm = TRUE)
+  expect_equal(names(err), c("A", "B", "C", "D"))
+  expect_true(all(abs(err) < 0.3))
+  expect_identical(attr(de, "params")$test, "DESeq2")
+  expect_identical(names(de)[1:13], c("gene", "lfc_mean", "lfc_median", "lfc_sd", "lfc_lower", "lfc_upper", "proba_de",
+                                      "bayes_factor", "is_de", "scale1", "scale2", "pvalue", "padj"))
+  # Subgroup A (4-fold) is called, B (no change) mostly not.
+  expect_gt(mean(de$is_de[info$subgroup[i] == "A"]), 0.8)
+})
+
+test_that("pseudobulk sums raw counts per sample and group, and checks its input", {
+  skip_if_not_installed("edgeR")
+  sim <- de_sim()
+  cnt <- SingleCellExperiment::counts(sim)
+  de <- differential_expression(NULL, sim, "condition", "treated", "control", method = "pseudobulk",
+                                sample_key = "sample", test = "edgeR")
+  pb <- attr(de, "pseudobulk")
+  s <- colnames(pb)[1]
+  parts <- strsplit(s, ":")[[1]]
+  cond <- if (parts[2] == "group1") "treated" else "control"
+  cells <- sim$sample == parts[1] & sim$condition == cond
+  expect_equal(unname(pb[, s]), unname(as.integer(Matrix::rowSums(cnt[, cells]))))
+  truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
+  expect_lt(1 - sum(de$is_de & truth) / max(1, sum(de$is_de)), 0.1)
+  expect_true(is.na(de$proba_de[1]) && !is.na(de$padj[1]))
+  expect_error(differential_expression(NULL, sim, "condition", "treated", method = "pseudobulk"),
+               "needs `sample_key`")
+  expect_error(differential_expression(NULL, sim, "condition", "treated", method = "pseudobulk",
+                                       sample_key = "sample", min_cells = 10000), "at least 2 samples per group")
+  expect_error(differential_expression(NULL, sim, "condition", "treated", method = "pseudobulk",
+                                       sample_key = "nope"), "not a column")
+  expect_error(differential_expression(NULL, sim, "condition", "treated", method = "pseudobulk",
+                                       sample_key = "sample", covariates = "batch", on = "corrected"),
+               "needs a model")
+})
+
+test_that("group selection: values, the rest, indices, and clear errors", {
+  sim <- de_sim()
+  cnt <- as_counts(sim)
+  g <- de_groups("condition", "treated", NULL, cnt)
+  expect_equal(g$idx1, which(sim$condition == "treated"))
+  expect_equal(g$idx2, which(sim$condition != "treated"))
+  g <- de_groups(NULL, 1:10, 11:20, cnt)
+  expect_equal(g$idx2, 11:20)
+  g <- de_groups(NULL, sim$condition == "treated", NULL, cnt)
+  expect_equal(g$idx2, which(sim$condition == "control"))
+  g <- de_groups(NULL, colnames(sim)[1:3], NULL, cnt)
+  expect_equal(g$idx1, 1:3)
+  expect_error(de_groups("condition", "cured", NULL, cnt), "'cured' not found in `groupby`")
+  expect_error(de_groups("condition", "treated", "treated", cnt), "share value")
+  expect_error(de_groups(NULL, 1:10, 5:20, cnt), "share 6 cell")
+  expect_error(de_groups(NULL, 0:3, NULL, cnt), "cell indices in 1..1200")
+  expect_error(de_groups(NULL, "CellX", NULL, cnt), "not in `x`")
+  expect_error(de_groups("nothere", "a", NULL, cnt), "not a column")
+})
+
+test_that("change mode finds the simulator's DE genes with a VAE, reproducibly", {
+  sim <- de_sim()
+  model <- fit_vae(sim, batch = "batch", max_epochs = 150, threads = 2)
+  truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
+  true_lfc <- SummarizedExperiment::rowData(sim)$true_lfc_Group1
+  de <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
+                                threads = 2)
+  expect_s3_class(de, "scdistill_de")
+  expect_identical(de$gene, rownames(sim))
+  # Calls are mostly right, LFCs follow the truth in sign and size.
+  expect_gt(sum(de$is_de), 5)
+  expect_lt(1 - sum(de$is_de & truth) / sum(de$is_de), 0.25)
+  expect_gt(cor(de$lfc_mean[truth], true_lfc[truth]), 0.6)
+  expect_true(all(de$lfc_lower <= de$lfc_median & de$lfc_median <= de$lfc_upper))
+  p <- attr(de, "params")
+  expect_true(p$delta >= 0.1 && p$delta_estimated && p$pseudocount > 0)
+  # The expected-FDR rule holds for the calls.
+  expect_lte(mean(1 - de$proba_de[de$is_de]), 0.05)
+  # Same seed, same table; given delta is used as is.
+  again <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
+                                   threads = 2)
+  expect_identical(again$lfc_mean, de$lfc_mean)
+  fixed <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 500, delta = 0.5,
+                                   batch_correction = TRUE, seed = 1, threads = 2)
+  expect_identical(attr(fixed, "params")$delta, 0.5)
+  expect_identical(attr(fixed, "params")$batch_correction, c("Batch1", "Batch2"))
+  # Vanilla: P(rho1 > rho2) is high for genes the truth says go up.
+  van <- differential_expression(model, sim, "condition", "treated", "control", method = "vanilla",
+                                 n_samples = 1000, threads = 2)
+  up <- truth & true_lfc > 1
+  expect_gt(mean(van$bayes_factor[up] > 0), 0.8)
+  # MC dropout: Gaussian posterior, no range columns.
+  mc <- differential_expression(model, sim, "condition", "treated", "control", method = "mc_dropout",
+                                n_samples = 20, threads = 2)
+  expect_false("lfc_min" %in% names(mc))
+  expect_gt(cor(mc$lfc_mean[truth], true_lfc[truth]), 0.6)
+  expect_equal(mc$lfc_median, mc$lfc_mean)
+  f <- tempfile(fileext = ".png")
+  grDevices::png(f)
+  expect_identical(plot(de), de)
+  grDevices::dev.off()
+  expect_error(differential_expression(model, sim, "condition", "treated", batch_correction = "BatchZ"),
+               "batches of the model")
+  expect_error(differential_expression(model, sim[1:50, ], "condition", "treated"), "genes")
+})
+
+test_that("a distilled model gives Bayesian DE too", {
+  sim <- de_sim(4)
+  model <- distill(sim, batch = "batch", teacher = harmony_teacher(n_pcs = 20), n_latent = 10,
+                   max_epochs_encoder = 60, max_epochs_decoder = 100, threads = 2)
+  truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
+  true_lfc <- SummarizedExperiment::rowData(sim)$true_lfc_Group1
+  de <- differential_expression(model, sim, "condition", "treated", "control", batch_correction = TRUE,
+                                n_samples = 1000, threads = 2)
+  expect_gt(cor(de$lfc_mean[truth], true_lfc[truth]), 0.7)
+  expect_gt(sum(de$is_de & truth), 5)
+  expect_identical(attr(de, "params")$model, "distill")
+})
