@@ -124,7 +124,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
   cnt <- as_counts(x, ...)
   groups <- de_groups(groupby, group1, group2, cnt)
   if (method == "pseudobulk") {
-    return(pseudobulk_de(model, x, cnt, groups, sample_key = sample_key, test = match.arg(test),
+    return(pseudobulk_de(model, cnt, groups, sample_key = sample_key, test = match.arg(test),
                          covariates = covariates, on = match.arg(on), reference_batch = reference_batch,
                          min_cells = check_count(min_cells, "min_cells"), fdr_target = fdr_target,
                          threads = threads))
@@ -254,7 +254,7 @@ de_table <- function(genes, res, change) {
   out
 }
 
-pseudobulk_de <- function(model, x, cnt, groups, sample_key, test, covariates, on, reference_batch, min_cells,
+pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, reference_batch, min_cells,
                           fdr_target, threads) {
   if (is.null(sample_key)) {
     stop("pseudobulk DE needs `sample_key`: the column of the cell metadata naming each cell's sample ",

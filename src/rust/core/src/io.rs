@@ -111,6 +111,33 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile> {
     Ok(ModelFile { meta: desc["model"].clone(), tensors })
 }
 
+/// The bytes of a model of kind `kind` ("vae", "distill"): the variables of
+/// `vs` and the description `meta`, stored under the kind's own key.
+pub fn model_to_bytes<T: serde::Serialize>(vs: &nn::VarStore, kind: &str, meta: &T) -> Result<Vec<u8>> {
+    let meta = serde_json::to_value(meta).map_err(|e| crate::Error::InvalidInput(e.to_string()))?;
+    let mut desc = Map::new();
+    desc.insert("kind".into(), Value::from(kind));
+    desc.insert(kind.into(), meta);
+    to_bytes(vs, Value::Object(desc))
+}
+
+/// Reads a file written by `model_to_bytes` for kind `kind`: its
+/// description and tensors. A file of another kind is refused, naming the
+/// expected one as `what` ("a VAE").
+pub fn model_from_bytes<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    kind: &str,
+    what: &str,
+) -> Result<(T, BTreeMap<String, Tensor>)> {
+    let file = from_bytes(bytes)?;
+    if file.meta.get("kind").and_then(|k| k.as_str()) != Some(kind) {
+        return invalid!("this model file holds a different kind of model, not {what}");
+    }
+    let meta = serde_json::from_value(file.meta[kind].clone())
+        .map_err(|e| crate::Error::InvalidInput(format!("the model file's description is damaged: {e}")))?;
+    Ok((meta, file.tensors))
+}
+
 /// Copies the file's tensors into `vs`, which must have exactly the same
 /// variables and shapes (a file of another architecture is refused).
 pub fn load_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>) -> Result<()> {

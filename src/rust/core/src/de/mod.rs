@@ -310,10 +310,11 @@ fn pairs_table(a: &Draws, b: &Draws, pairs: &[(u32, u32)], low1: &[bool], low2: 
         (0..g).map(|j| col(d, j).iter().map(|&v| v as f64).sum::<f64>() / d.n as f64).collect()
     };
     let eps = s.pseudocount.unwrap_or_else(|| stats::pseudocount(&colmax(a), low1, &colmax(b), low2));
-    // LFC draws of gene j.
+    // LFC draws of gene j (the logs once per draw, not once per pair).
     let lfc = |j: usize| -> Vec<f64> {
-        let (x, y) = (col(a, j), col(b, j));
-        pairs.iter().map(|&(p, q)| (x[p as usize] as f64 + eps).log2() - (y[q as usize] as f64 + eps).log2()).collect()
+        let log = |d: &Draws| -> Vec<f64> { col(d, j).iter().map(|&v| (v as f64 + eps).log2()).collect() };
+        let (x, y) = (log(a), log(b));
+        pairs.iter().map(|&(p, q)| x[p as usize] - y[q as usize]).collect()
     };
     let means: Vec<f64> = (0..g).into_par_iter().map(|j| lfc(j).iter().sum::<f64>() / pairs.len() as f64).collect();
     let delta = s.delta.unwrap_or_else(|| stats::estimate_delta(&means, s.delta_floor));
@@ -369,45 +370,33 @@ fn mc_moments(
     let mut m = Moments { mean: vec![], var: vec![], max: vec![0.0; g], n_cells: cells.len() };
     tch::no_grad(|| -> Result<()> {
         for _ in 0..s.n_samples {
-            let mut sum: Option<Tensor> = None;
-            let mut sq: Option<Tensor> = None;
-            let mut mx: Option<Tensor> = None;
+            // Per gene: sum and sum of squares of ρ over the cells, and its maximum.
+            let (mut sum, mut sq) = (vec![0f64; g], vec![0f64; g]);
             for chunk in cells.chunks(CHUNK) {
                 if interrupted() {
                     return Err(crate::error::Error::Interrupted);
                 }
                 // A cell's ρ under batch correction is its mean over the decoding batches.
-                let mut rho: Option<Tensor> = None;
-                for &under in &units {
-                    let r = model.scales(chunk, under, Pass::McDropout).to_kind(Kind::Double);
-                    rho = Some(match rho {
-                        Some(acc) => acc + r,
-                        None => r,
-                    });
+                let rho = units
+                    .iter()
+                    .map(|&under| model.scales(chunk, under, Pass::McDropout).to_kind(Kind::Double))
+                    .reduce(|a, b| a + b)
+                    .expect("at least one decoding batch")
+                    / units.len() as f64;
+                let cpu = |t: Tensor| Vec::<f64>::try_from(t.to_device(Device::Cpu)).unwrap_or_default();
+                for (acc, v) in sum.iter_mut().zip(cpu(rho.sum_dim_intlist(0, false, Kind::Double))) {
+                    *acc += v;
                 }
-                let rho = rho.expect("at least one unit") / units.len() as f64;
-                let add = |acc: Option<Tensor>, t: Tensor| {
-                    Some(match acc {
-                        Some(a) => a + t,
-                        None => t,
-                    })
-                };
-                sum = add(sum, rho.sum_dim_intlist(0, false, Kind::Double));
-                sq = add(sq, rho.square().sum_dim_intlist(0, false, Kind::Double));
-                let cmax = rho.amax(0, false);
-                mx = Some(match mx {
-                    Some(a) => a.maximum(&cmax),
-                    None => cmax,
-                });
+                for (acc, v) in sq.iter_mut().zip(cpu(rho.square().sum_dim_intlist(0, false, Kind::Double))) {
+                    *acc += v;
+                }
+                for (acc, v) in m.max.iter_mut().zip(cpu(rho.amax(0, false))) {
+                    *acc = acc.max(v);
+                }
             }
-            let mean: Vec<f64> = Vec::try_from(sum.expect("cells").to_device(Device::Cpu) / n).unwrap_or_default();
-            let sq: Vec<f64> = Vec::try_from(sq.expect("cells").to_device(Device::Cpu) / n).unwrap_or_default();
-            let mx: Vec<f64> = Vec::try_from(mx.expect("cells").to_device(Device::Cpu)).unwrap_or_default();
-            m.var.push(mean.iter().zip(&sq).map(|(a, b)| (b - a * a).max(0.0)).collect());
+            let mean: Vec<f64> = sum.iter().map(|v| v / n).collect();
+            m.var.push(mean.iter().zip(&sq).map(|(a, b)| (b / n - a * a).max(0.0)).collect());
             m.mean.push(mean);
-            for (acc, v) in m.max.iter_mut().zip(mx) {
-                *acc = acc.max(v);
-            }
         }
         Ok(())
     })?;

@@ -14,7 +14,7 @@
 
 use crate::data::{Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
-use crate::error::{check_param, invalid, Error, Result};
+use crate::error::{check_param, invalid, Result};
 use crate::io;
 use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
 use crate::nn::{linear, FcLayers, FcSpec, Norm, Pass};
@@ -390,19 +390,13 @@ impl DistillModel {
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let meta = serde_json::to_value(&self.meta).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        io::to_bytes(&self.student.vs, serde_json::json!({"kind": "distill", "distill": meta}))
+        io::model_to_bytes(&self.student.vs, "distill", &self.meta)
     }
 
     pub fn from_bytes(bytes: &[u8], device: Device) -> Result<DistillModel> {
-        let file = io::from_bytes(bytes)?;
-        if file.meta.get("kind").and_then(|k| k.as_str()) != Some("distill") {
-            return invalid!("this model file holds a different kind of model, not a distilled one");
-        }
-        let meta: DistillMeta = serde_json::from_value(file.meta["distill"].clone())
-            .map_err(|e| Error::InvalidInput(format!("the model file's description is damaged: {e}")))?;
+        let (meta, tensors): (DistillMeta, _) = io::model_from_bytes(bytes, "distill", "a distilled one")?;
         let student = Student::new(meta.config.clone(), device)?;
-        io::load_into(&student.vs, &file.tensors)?;
+        io::load_into(&student.vs, &tensors)?;
         Ok(DistillModel { meta, student })
     }
 

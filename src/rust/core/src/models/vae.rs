@@ -14,7 +14,7 @@ use crate::data::{Categorical, CountMatrix, Covariates, Csr, DeviceCsr};
 /// Largest count matrix kept on a GPU for training (bytes).
 const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
-use crate::error::{check_param, invalid, Error, Result};
+use crate::error::{check_param, invalid, Result};
 use crate::io;
 use crate::likelihood::{nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, SparseBatch};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
@@ -457,20 +457,14 @@ impl VaeModel {
 
     /// The model as a model file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let meta = serde_json::to_value(&self.meta).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        io::to_bytes(&self.vae.vs, serde_json::json!({"kind": "vae", "vae": meta}))
+        io::model_to_bytes(&self.vae.vs, "vae", &self.meta)
     }
 
     /// Reads a model written by `to_bytes` onto `device`.
     pub fn from_bytes(bytes: &[u8], device: Device) -> Result<VaeModel> {
-        let file = io::from_bytes(bytes)?;
-        if file.meta.get("kind").and_then(|k| k.as_str()) != Some("vae") {
-            return invalid!("this model file holds a different kind of model, not a VAE");
-        }
-        let meta: VaeMeta = serde_json::from_value(file.meta["vae"].clone())
-            .map_err(|e| Error::InvalidInput(format!("the model file's description is damaged: {e}")))?;
+        let (meta, tensors): (VaeMeta, _) = io::model_from_bytes(bytes, "vae", "a VAE")?;
         let vae = Vae::new(meta.config.clone(), device)?;
-        io::load_into(&vae.vs, &file.tensors)?;
+        io::load_into(&vae.vs, &tensors)?;
         Ok(VaeModel { meta, vae })
     }
 
