@@ -115,6 +115,11 @@ impl FcLayers {
         FcLayers { layers, dropout: s.dropout }
     }
 
+    /// The weight matrices of the linear layers (for ridge penalties).
+    pub fn weights(&self) -> Vec<&Tensor> {
+        self.layers.iter().map(|l| &l.0.ws).collect()
+    }
+
     /// Runs the stack; `cov` is `[batch, n_cov]` or None when `n_cov` is 0.
     pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, pass: impl Into<Pass>) -> Tensor {
         let pass = pass.into();
@@ -154,6 +159,13 @@ impl GaussianEncoder {
             fc: FcLayers::new(&(p / "fc"), s),
             mean: linear(p / "mean", s.n_hidden, n_out),
             var: linear(p / "var", s.n_hidden, n_out),
+        }
+    }
+
+    /// Starts the mean head's outputs around `v` (its bias).
+    pub fn set_mean_bias(&mut self, v: f64) {
+        if let Some(b) = self.mean.bs.as_mut() {
+            tch::no_grad(|| b.fill_(v));
         }
     }
 

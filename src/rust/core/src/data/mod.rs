@@ -8,6 +8,7 @@ mod resident;
 mod split;
 
 pub use counts::CountMatrix;
+pub(crate) use counts::quote_some;
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub use resident::DeviceCsr;

@@ -2,6 +2,7 @@
 //! loop lives in `train`, batched inference in `infer`.
 
 pub mod distill;
+pub mod multimodal;
 pub mod vae;
 
 /// libtorch's generator is global: tests that train take turns, so that each

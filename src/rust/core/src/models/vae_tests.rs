@@ -73,7 +73,11 @@ fn same_seed_same_latent_and_saved_models_reload_exactly() {
     assert!(za != latent_of(&c, &s));
 
     let bytes = a.to_bytes().unwrap();
-    let back = VaeModel::from_bytes(&bytes, Device::Cpu).unwrap();
+    // Building a model draws weights from the global generator: take a turn.
+    let back = {
+        let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        VaeModel::from_bytes(&bytes, Device::Cpu).unwrap()
+    };
     assert_eq!(back.meta.genes, a.meta.genes);
     assert_eq!(back.meta.history.len(), 5);
     assert!(latent_of(&back, &s) == za, "reloaded model, different latent");

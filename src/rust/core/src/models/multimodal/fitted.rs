@@ -1,0 +1,205 @@
+//! A trained multimodal model: fitting, its description, model files, and
+//! the covariates of new cells.
+
+use super::{Multimodal, MultimodalConfig, MultimodalCovariates, MultimodalData, MultimodalTask};
+use crate::data::{train_validation_split, Categorical, CountMatrix, Csr};
+use crate::device::seed_torch;
+use crate::error::{invalid, Result};
+use crate::io;
+use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tch::Device;
+
+/// A categorical covariate key of the model: its name and levels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Key {
+    pub name: String,
+    pub levels: Vec<String>,
+}
+
+impl Key {
+    fn of(c: &Categorical) -> Key {
+        Key { name: c.name.clone(), levels: c.levels.clone() }
+    }
+}
+
+/// Everything a trained multimodal model needs to be used again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultimodalMeta {
+    pub config: MultimodalConfig,
+    /// Feature names of each modality, in the model's order.
+    pub features: Vec<Vec<String>>,
+    pub ambient: Key,
+    pub scaling: Key,
+    pub dispersion: Key,
+    pub library: Key,
+    pub decoder: Vec<Key>,
+    pub encoder: Vec<Key>,
+    pub train: TrainConfig,
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub n_cells: usize,
+    pub n_obs: usize,
+    pub validation_cells: Vec<usize>,
+}
+
+pub struct MultimodalModel {
+    pub meta: MultimodalMeta,
+    pub model: Multimodal,
+}
+
+impl std::fmt::Debug for MultimodalModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultimodalModel").field("config", &self.meta.config).finish_non_exhaustive()
+    }
+}
+
+impl MultimodalModel {
+    /// Builds and trains a model on paired modalities `counts` (same cells,
+    /// same order) with covariates `cov`. The feature counts and covariate
+    /// widths of `config` are filled in from the data; `max_epochs == 0`
+    /// means scvi-tools' default for this many cells.
+    pub fn fit(
+        counts: &[&CountMatrix],
+        cov: &MultimodalCovariates,
+        mut config: MultimodalConfig,
+        mut train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<MultimodalModel> {
+        if counts.len() != config.modalities.len() {
+            return invalid!("{} count matrices for {} modalities", counts.len(), config.modalities.len());
+        }
+        let n = cov.n_cells();
+        for (c, spec) in counts.iter().zip(&config.modalities) {
+            if c.n_cells() != n {
+                return invalid!("modality `{}` has {} cells where the others have {n}", spec.name, c.n_cells());
+            }
+        }
+        for (c, spec) in counts.iter().zip(config.modalities.iter_mut()) {
+            spec.n_features = c.n_genes();
+        }
+        config.n_ambient = cov.ambient.n_levels();
+        config.n_scaling = cov.scaling.n_levels();
+        config.n_dispersion = cov.dispersion.n_levels();
+        config.n_library = cov.library.n_levels();
+        config.n_decoder_cov = MultimodalCovariates::width(&cov.decoder);
+        config.n_encoder_cov = MultimodalCovariates::width(&cov.encoder);
+        if train_cfg.max_epochs == 0 {
+            train_cfg.max_epochs = default_max_epochs(n);
+        }
+        train_cfg.check()?;
+        seed_torch(train_cfg.seed);
+        let mut model = Multimodal::new(config.clone(), device)?;
+        let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
+        model.init_from_data(&data);
+        // The global terms are shared out over the cells the loop trains on.
+        let n_obs = train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
+        model.n_obs = n_obs.max(1) as f64;
+        let history = train(&MultimodalTask { model: &model, data: &data }, &train_cfg, interrupted, on_epoch)?;
+        let meta = MultimodalMeta {
+            config,
+            features: counts.iter().map(|c| c.genes.clone()).collect(),
+            ambient: Key::of(&cov.ambient),
+            scaling: Key::of(&cov.scaling),
+            dispersion: Key::of(&cov.dispersion),
+            library: Key::of(&cov.library),
+            decoder: cov.decoder.iter().map(Key::of).collect(),
+            encoder: cov.encoder.iter().map(Key::of).collect(),
+            train: train_cfg,
+            history: history.epochs,
+            best_epoch: history.best_epoch,
+            stopped_early: history.stopped_early,
+            interrupted: history.interrupted,
+            n_cells: n,
+            n_obs,
+            validation_cells: history.validation_cells,
+        };
+        Ok(MultimodalModel { meta, model })
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        io::model_to_bytes(&self.model.vs, "multimodal", &self.meta)
+    }
+
+    pub fn from_bytes(bytes: &[u8], device: Device) -> Result<MultimodalModel> {
+        let (meta, tensors): (MultimodalMeta, _) = io::model_from_bytes(bytes, "multimodal", "a multimodal model")?;
+        let mut model = Multimodal::new(meta.config.clone(), device)?;
+        io::load_into(&model.vs, &tensors)?;
+        model.n_obs = meta.n_obs.max(1) as f64;
+        Ok(MultimodalModel { meta, model })
+    }
+
+    /// The columns of each modality of new cells in the model's feature
+    /// order; missing features are an error naming the modality.
+    pub fn align(&self, counts: &[&CountMatrix]) -> Result<Vec<Csr>> {
+        if counts.len() != self.meta.features.len() {
+            return invalid!("the model has {} modalities; got {}", self.meta.features.len(), counts.len());
+        }
+        counts
+            .iter()
+            .zip(&self.meta.features)
+            .zip(&self.meta.config.modalities)
+            .map(|((c, f), spec)| Ok(c.csr.select_columns(&c.columns_of(f, &format!(" of modality `{}`", spec.name))?)))
+            .collect()
+    }
+
+    /// Covariates of new cells from their labels, one vector per key in the
+    /// order ambient, scaling, dispersion, library, decoder keys, encoder
+    /// keys. `None` for a key means its first level (allowed only for a key
+    /// with one level, or when `strict` is false: computations that do not use it).
+    pub fn covariates_for(
+        &self,
+        n_cells: usize,
+        labels: &[Option<Vec<String>>],
+        strict: bool,
+    ) -> Result<MultimodalCovariates> {
+        let m = &self.meta;
+        let keys: Vec<&Key> = [&m.ambient, &m.scaling, &m.dispersion, &m.library]
+            .into_iter()
+            .chain(&m.decoder)
+            .chain(&m.encoder)
+            .collect();
+        if labels.len() != keys.len() {
+            return invalid!("internal: {} covariate label vectors for {} keys", labels.len(), keys.len());
+        }
+        let mut cats = Vec::with_capacity(keys.len());
+        for (key, lab) in keys.iter().zip(labels) {
+            let cat = match lab {
+                Some(l) => {
+                    let at: HashMap<&str, u32> =
+                        key.levels.iter().enumerate().map(|(i, l)| (l.as_str(), i as u32)).collect();
+                    let mut codes = Vec::with_capacity(l.len());
+                    for v in l {
+                        match at.get(v.as_str()) {
+                            Some(&c) => codes.push(c),
+                            None => {
+                                return invalid!(
+                                    "`{}` value '{v}' was not seen in training (levels: {})",
+                                    key.name,
+                                    crate::data::quote_some(key.levels.iter())
+                                )
+                            }
+                        }
+                    }
+                    Categorical::new(&key.name, codes, key.levels.clone(), n_cells, 0)?
+                }
+                None if key.levels.len() == 1 || !strict => {
+                    Categorical { name: key.name.clone(), codes: vec![0; n_cells], levels: key.levels.clone() }
+                }
+                None => return invalid!("the model uses covariate `{}`: give it for the new cells", key.name),
+            };
+            cats.push(cat);
+        }
+        let mut it = cats.into_iter();
+        let mut next = || it.next().expect("one per key");
+        let (ambient, scaling, dispersion, library) = (next(), next(), next(), next());
+        let decoder = (0..m.decoder.len()).map(|_| next()).collect();
+        let encoder = (0..m.encoder.len()).map(|_| next()).collect();
+        Ok(MultimodalCovariates { ambient, scaling, dispersion, library, decoder, encoder })
+    }
+}

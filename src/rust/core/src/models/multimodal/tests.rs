@@ -1,0 +1,201 @@
+use super::*;
+use crate::data::CountMatrix;
+use crate::metrics::{integration_metrics, Embedding};
+use crate::models::TORCH;
+use crate::simulate::{simulate, AtacParams, SimParams, Simulation};
+use crate::train::TrainConfig;
+use statrs::distribution::{Continuous, Gamma};
+
+fn sim(n_cells: usize, n_groups: usize, atac_only: usize, n_batches: usize, seed: u64) -> Simulation {
+    let p = SimParams {
+        n_cells,
+        n_genes: 200,
+        group_prob: vec![1.0 / n_groups as f64; n_groups],
+        batch_prob: vec![1.0 / n_batches as f64; n_batches],
+        atac: Some(AtacParams { n_peaks: 600, atac_only_groups: atac_only, ..Default::default() }),
+        seed,
+        ..Default::default()
+    };
+    simulate(&p).unwrap()
+}
+
+fn peaks(s: &Simulation) -> CountMatrix {
+    let a = s.atac.as_ref().unwrap();
+    CountMatrix { csr: a.counts.clone(), genes: a.peaks.clone(), cells: s.counts.cells.clone() }
+}
+
+fn spec(name: &str, ambient: bool, feature_scaling: bool) -> ModalitySpec {
+    ModalitySpec { name: name.into(), n_features: 0, n_latent: 8, n_hidden: 64, ambient, feature_scaling, weight: 1.0 }
+}
+
+fn batch_covariates(s: &Simulation) -> MultimodalCovariates {
+    let b = s.batch.clone();
+    MultimodalCovariates {
+        ambient: b.clone(),
+        scaling: b.clone(),
+        dispersion: b.clone(),
+        library: b,
+        decoder: vec![],
+        encoder: vec![],
+    }
+}
+
+fn fit(counts: &[&CountMatrix], s: &Simulation, cfg: MultimodalConfig, tc: TrainConfig) -> MultimodalModel {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let cov = batch_covariates(s);
+    crate::device::with_threads(2, || MultimodalModel::fit(counts, &cov, cfg, tc, Device::Cpu, &|| false, &|_| {}))
+        .unwrap()
+        .unwrap()
+}
+
+fn two() -> MultimodalConfig {
+    MultimodalConfig { modalities: vec![spec("RNA", true, false), spec("ATAC", false, true)], ..Default::default() }
+}
+
+fn ari(z: &[f32], d: usize, s: &Simulation, rows: &[usize]) -> f64 {
+    let v: Vec<f64> = rows.iter().flat_map(|&r| z[r * d..(r + 1) * d].iter().map(|&x| x as f64)).collect();
+    let batch: Vec<u32> = rows.iter().map(|&r| s.batch.codes[r]).collect();
+    let label: Vec<u32> = rows.iter().map(|&r| s.group.codes[r]).collect();
+    let e = Embedding { values: &v, n: rows.len(), d };
+    integration_metrics(&e, &batch, &label, None, 0).unwrap().ari_kmeans
+}
+
+#[test]
+fn global_terms_match_a_hand_computation_and_are_shared_over_training_cells_not_minibatches() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(3);
+    let g = 3usize;
+    let cfg = MultimodalConfig {
+        modalities: vec![ModalitySpec { n_features: g, ..spec("RNA", false, true) }],
+        decoder_l2: 0.0,
+        ..Default::default()
+    };
+    let mut model = Multimodal::new(cfg, Device::Cpu).unwrap();
+    // σ → 0 makes the θ draw deterministic: log θ = μ.
+    let mu = [1.0f64, 2.0, 0.5];
+    tch::no_grad(|| {
+        let net = &mut model.nets[0];
+        net.theta_mu.copy_(&Tensor::from_slice(&mu.map(|v| v as f32)).view([1, 3]));
+        net.theta_log_sigma.fill_(-30.0);
+        net.scaling.as_mut().unwrap().copy_(&Tensor::from_slice(&[0.0f32, 0.5, -0.5]).view([1, 3]));
+    });
+    // By hand: −log Gamma(y; 200, 200) with y = softplus(γ)/0.7, −H = −Σ(log σ + ½ log 2πe),
+    // −Σ(log λ − λ e^(−μ/2)) with λ = 3, −log Gamma(λ; 9, 3).
+    let softplus = |x: f64| (1.0 + x.exp()).ln();
+    let prior_y = Gamma::new(200.0, 200.0).unwrap();
+    let mut want = 0.0;
+    for (gamma, m) in [0.0, 0.5, -0.5].iter().zip(mu) {
+        want -= prior_y.ln_pdf(softplus(*gamma) / 0.7);
+        want -= -30.0 + 0.5 * (2.0 * std::f64::consts::PI * std::f64::consts::E).ln();
+        want -= 3f64.ln() - 3.0 * (-m / 2.0).exp();
+    }
+    want -= Gamma::new(9.0, 3.0).unwrap().ln_pdf(3.0);
+    let got = model.global_loss().double_value(&[]);
+    assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "global terms {got}, by hand {want}");
+
+    // Per cell, the loss carries global / n_obs whatever the minibatch size.
+    let rows = vec![
+        (vec![0, 2], vec![3.0, 1.0]),
+        (vec![1, 2], vec![5.0, 2.0]),
+        (vec![0, 1], vec![1.0, 1.0]),
+        (vec![0], vec![4.0]),
+    ];
+    let counts = Csr::from_rows(rows, 3);
+    let cov = MultimodalCovariates::none(4);
+    let data = MultimodalData::new(vec![&counts], &cov).unwrap();
+    let mut share = |n_obs: f64, rows: &[usize]| -> Vec<f64> {
+        model.n_obs = n_obs;
+        tch::manual_seed(1);
+        let t = model.loss_terms(&data.inputs(rows, Device::Cpu), false);
+        Vec::<f64>::try_from(t.kl_fixed.to_kind(Kind::Double)).unwrap()
+    };
+    for rows in [vec![0usize, 1], vec![0, 1, 2, 3]] {
+        let (a, b) = (share(10.0, &rows), share(1000.0, &rows));
+        for (x, y) in a.iter().zip(&b) {
+            // Library KL is the same in both; the difference is global · (1/10 − 1/1000).
+            assert!(((x - y) - want * (0.1 - 0.001)).abs() < 1e-3 * want.abs().max(1.0), "{x} {y}");
+        }
+    }
+}
+
+#[test]
+fn training_on_rna_and_atac_separates_groups_that_only_atac_tells_apart() {
+    // 4 cell types; the last one has the first one's RNA and differs in its peaks only.
+    let s = sim(1200, 4, 1, 2, 7);
+    let atac = peaks(&s);
+    let tc = TrainConfig { max_epochs: 200, patience: 10, kl_warmup: 0.1, ..Default::default() };
+    let both = fit(&[&s.counts, &atac], &s, two(), tc.clone());
+    let h = &both.meta.history;
+    let v: Vec<String> = h.iter().step_by(10).map(|r| format!("{:.2}", r.validation_elbo)).collect();
+    assert!(both.meta.stopped_early, "ran {} epochs without stopping early: {}", h.len(), v.join(" "));
+    assert!(h[both.meta.best_epoch - 1].validation_elbo < h[0].validation_elbo);
+    assert_eq!(both.meta.n_obs, 1200 - 120);
+    let rna_only_cfg = MultimodalConfig { modalities: vec![spec("RNA", true, false)], ..Default::default() };
+    let rna_only = fit(&[&s.counts], &s, rna_only_cfg, tc);
+
+    let cov = batch_covariates(&s);
+    let (z_both, per) =
+        infer::latent(&both.model, &MultimodalData::new(vec![&s.counts.csr, &atac.csr], &cov).unwrap(), true);
+    let (z_rna, _) = infer::latent(&rna_only.model, &MultimodalData::new(vec![&s.counts.csr], &cov).unwrap(), true);
+    assert_eq!(per.len(), 2);
+    assert_eq!(per[0].len(), 1200 * 8);
+    // Cells of type 0 and its ATAC-only twin, type 3.
+    let twins: Vec<usize> = (0..1200).filter(|&c| s.group.codes[c] == 0 || s.group.codes[c] == 3).collect();
+    let (a_both, a_rna) = (ari(&z_both, 16, &s, &twins), ari(&z_rna, 8, &s, &twins));
+    assert!(a_both > 0.8 && a_rna < 0.3, "twins ARI: joint {a_both}, RNA only {a_rna}");
+}
+
+#[test]
+fn attribution_favours_the_modality_that_carries_the_signal_and_the_model_round_trips() {
+    // Every cell type copies the first one's RNA: only the peaks differ.
+    let s = sim(800, 3, 2, 1, 11);
+    let atac = peaks(&s);
+    let tc = TrainConfig { max_epochs: 60, early_stopping: false, kl_warmup: 0.2, ..Default::default() };
+    let m = fit(&[&s.counts, &atac], &s, two(), tc);
+    let cov = batch_covariates(&s);
+    let data = MultimodalData::new(vec![&s.counts.csr, &atac.csr], &cov).unwrap();
+    let a = infer::attribution(&m.model, &data, &|| false);
+    assert_eq!(a.len(), 800 * 2 * 16);
+    assert!(a.iter().all(|v| v.is_finite() && *v >= 0.0));
+    let (mut rna, mut peak) = (0f64, 0f64);
+    for c in 0..800 {
+        rna += a[(c * 2) * 16..(c * 2 + 1) * 16].iter().map(|&v| v as f64).sum::<f64>();
+        peak += a[(c * 2 + 1) * 16..(c * 2 + 2) * 16].iter().map(|&v| v as f64).sum::<f64>();
+    }
+    assert!(peak > 2.0 * rna, "attribution: ATAC {peak}, RNA {rna}");
+
+    // The file round-trip gives the same latent space.
+    // (Building a model draws initial weights from the global generator: take a turn.)
+    let back = {
+        let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        MultimodalModel::from_bytes(&m.to_bytes().unwrap(), Device::Cpu).unwrap()
+    };
+    let (z1, _) = infer::latent(&m.model, &data, true);
+    let (z2, _) = infer::latent(&back.model, &data, true);
+    assert_eq!(z1, z2);
+    assert_eq!(back.meta.features[1], atac.genes);
+    // Another kind of model file is refused.
+    let err = crate::models::vae::VaeModel::from_bytes(&m.to_bytes().unwrap(), Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("not a VAE"), "{err}");
+}
+
+#[test]
+fn same_seed_same_model_and_bad_settings_are_refused() {
+    let s = sim(300, 2, 0, 2, 2);
+    let atac = peaks(&s);
+    let tc = TrainConfig { max_epochs: 3, early_stopping: false, ..Default::default() };
+    let a = fit(&[&s.counts, &atac], &s, two(), tc.clone());
+    let b = fit(&[&s.counts, &atac], &s, two(), tc.clone());
+    let cov = batch_covariates(&s);
+    let data = MultimodalData::new(vec![&s.counts.csr, &atac.csr], &cov).unwrap();
+    assert_eq!(infer::latent(&a.model, &data, true).0, infer::latent(&b.model, &data, true).0);
+
+    let mut mean = two();
+    mean.combine = Combine::Mean;
+    mean.modalities[1].n_latent = 5;
+    let err =
+        MultimodalModel::fit(&[&s.counts, &atac], &cov, mean, tc.clone(), Device::Cpu, &|| false, &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("n_latent"), "{err}");
+    let err = MultimodalModel::fit(&[&s.counts], &cov, two(), tc, Device::Cpu, &|| false, &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("1 count matrices for 2 modalities"), "{err}");
+}
