@@ -108,3 +108,29 @@ rs_distill_corrected <- function(ptr, counts, reference, threads) {
 rs_distill_nll <- function(ptr, counts, batch, threads) .Call(native("wrap__rs_distill_nll"), ptr, counts, batch, threads)
 rs_vae_de <- function(ptr, counts, batch, categorical, continuous, group1, group2, settings, threads) .Call(native("wrap__rs_vae_de"), ptr, counts, batch, categorical, continuous, group1, group2, settings, threads)
 rs_distill_de <- function(ptr, counts, batch, group1, group2, settings, threads) .Call(native("wrap__rs_distill_de"), ptr, counts, batch, group1, group2, settings, threads)
+
+rs_fit_multimodal <- function(counts, covariates, config, modalities, train, device, threads, progress) {
+  .Call(native("wrap__rs_fit_multimodal"), counts, covariates, config, modalities, train, device, threads, progress)
+}
+
+rs_multimodal_info <- function(ptr) .Call(native("wrap__rs_multimodal_info"), ptr)
+
+rs_multimodal_bytes <- function(ptr) .Call(native("wrap__rs_multimodal_bytes"), ptr)
+
+rs_multimodal_from_bytes <- function(bytes, device) .Call(native("wrap__rs_multimodal_from_bytes"), bytes, device)
+
+rs_multimodal_latent <- function(ptr, counts, labels, give_mean, seed, threads) {
+  .Call(native("wrap__rs_multimodal_latent"), ptr, counts, labels, give_mean, seed, threads)
+}
+
+rs_multimodal_normalized <- function(ptr, counts, labels, modality, library_size, ambient, threads) {
+  .Call(native("wrap__rs_multimodal_normalized"), ptr, counts, labels, modality, library_size, ambient, threads)
+}
+
+rs_multimodal_attribution <- function(ptr, counts, labels, threads) {
+  .Call(native("wrap__rs_multimodal_attribution"), ptr, counts, labels, threads)
+}
+
+rs_multimodal_elbo <- function(ptr, counts, labels, seed, threads) {
+  .Call(native("wrap__rs_multimodal_elbo"), ptr, counts, labels, seed, threads)
+}

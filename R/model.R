@@ -4,17 +4,26 @@
 # the model file's bytes (so that saveRDS()/readRDS() and new sessions work:
 # the pointer is restored from them when needed), and plain R metadata.
 
+# The Rust functions describing, writing and reading each kind of model.
+model_kinds <- list(
+  scdistill_vae = list(info = function(p) rs_model_info(p), bytes = function(p) rs_model_bytes(p),
+                       from = function(b, d) rs_model_from_bytes(b, d)),
+  scdistill_distill = list(info = function(p) rs_distill_info(p), bytes = function(p) rs_distill_bytes(p),
+                           from = function(b, d) rs_distill_from_bytes(b, d)),
+  scdistill_multimodal = list(info = function(p) rs_multimodal_info(p), bytes = function(p) rs_multimodal_bytes(p),
+                              from = function(b, d) rs_multimodal_from_bytes(b, d)))
+
 new_model <- function(ptr, class) {
-  distilled <- identical(class, "scdistill_distill")
-  info <- if (distilled) rs_distill_info(ptr) else rs_model_info(ptr)
+  kind <- model_kinds[[class]]
+  info <- kind$info(ptr)
   state <- new.env(parent = emptyenv())
   state$ptr <- ptr
-  model <- list(state = state, bytes = if (distilled) rs_distill_bytes(ptr) else rs_model_bytes(ptr), info = info,
+  model <- list(state = state, bytes = kind$bytes(ptr), info = info,
                 history = as.data.frame(info$history),
                 # The batch column of the training data (none when no batch
                 # was given) and further covariates, looked up in new data.
-                covariates = list(batch = if (nzchar(info$batch_name)) info$batch_name,
-                                  batch_given = nzchar(info$batch_name),
+                covariates = list(batch = if (nzchar(info$batch_name %||% "")) info$batch_name,
+                                  batch_given = nzchar(info$batch_name %||% ""),
                                   categorical = names(info$categorical %||% list()), continuous = info$continuous),
                 # Cells held out for validation (indices into the training data).
                 validation_cells = info$validation_cells)
@@ -27,8 +36,7 @@ new_model <- function(ptr, class) {
 model_ptr <- function(model) {
   ptr <- model$state$ptr
   if (is.null(ptr) || identical(ptr, methods::new("externalptr"))) {
-    from <- if (inherits(model, "scdistill_distill")) rs_distill_from_bytes else rs_model_from_bytes
-    ptr <- rust(from(model$bytes, model$device %||% "auto"))
+    ptr <- rust(model_kinds[[class(model)[1]]]$from(model$bytes, model$device %||% "auto"))
     model$state$ptr <- ptr
   }
   ptr
@@ -36,7 +44,8 @@ model_ptr <- function(model) {
 
 check_model <- function(model) {
   if (!inherits(model, "scdistill_model")) {
-    stop("`model` must be a scdistill model (from fit_vae() or distill()), not ", class(model)[1], call. = FALSE)
+    stop("`model` must be a scdistill model (from fit_vae(), distill() or fit_multimodal()), not ", class(model)[1],
+         call. = FALSE)
   }
 }
 
@@ -163,6 +172,8 @@ model_input <- function(model, x, batch, ...) {
 #' @param give_mean The posterior mean (default) or one draw from q(z | x).
 #' @param seed Seed of the draw when `give_mean = FALSE`.
 #' @param threads CPU threads.
+#' @param modality For a multimodal model: `NULL` for the joint latent
+#'   space, or a modality name for that modality's own latent space.
 #' @param ... Passed to [as_counts()].
 #' @return A cells × latent dimensions matrix.
 #' @examples
@@ -170,9 +181,12 @@ model_input <- function(model, x, batch, ...) {
 #' model <- fit_vae(sce[1:500, ], batch = "batch", max_epochs = 20, threads = 2)
 #' head(latent(model))
 #' @export
-latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, threads = NULL, ...) {
+latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, threads = NULL, modality = NULL, ...) {
   check_model(model)
   give_mean <- check_flag(give_mean, "give_mean")
+  if (inherits(model, "scdistill_multimodal")) {
+    return(multimodal_latent(model, x, give_mean, seed, threads, modality))
+  }
   if (is.null(x) && give_mean && !is.null(model$latent)) return(model$latent)
   if (is.null(x)) {
     stop("pass `x`, the counts of the cells (the model keeps the latent space of its training cells only ",
@@ -212,6 +226,10 @@ latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, th
 #'   per 10,000.
 #' @param n_samples Draws from q(z | x) to average (1: the posterior mean).
 #' @param log1p Return log1p of the values.
+#' @param modality For a multimodal model: the modality to decode (default:
+#'   the first, RNA); its normalized accessibility for ATAC.
+#' @param ambient For a multimodal model: include the ambient background
+#'   (default `FALSE`: what the cell itself expresses).
 #' @return A genes × cells dense matrix.
 #' @examples
 #' sce <- example_cellbench()
@@ -220,9 +238,14 @@ latent <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, th
 #' rho[1:3, 1:3]
 #' @export
 normalized_expression <- function(model, x, batch = NULL, transform_batch = NULL, library_size = 1,
-                                  n_samples = 1, log1p = FALSE, seed = 0, threads = NULL, ...) {
+                                  n_samples = 1, log1p = FALSE, seed = 0, threads = NULL, modality = NULL,
+                                  ambient = FALSE, ...) {
   check_model(model)
   check_positive(library_size, "library_size")
+  if (inherits(model, "scdistill_multimodal")) {
+    out <- multimodal_normalized(model, x, modality, library_size, check_flag(ambient, "ambient"), threads)
+    return(if (check_flag(log1p, "log1p")) log1p(out) else out)
+  }
   n_samples <- check_count(n_samples, "n_samples")
   if (inherits(model, "scdistill_distill")) {
     # A distilled decoder is deterministic given Z: decode to the reference batch(es).
@@ -291,6 +314,11 @@ reconstruction_error <- function(model, x, batch = NULL, seed = 0, threads = NUL
 }
 
 elbo_parts <- function(model, x, batch, seed, threads, ...) {
+  if (inherits(model, "scdistill_multimodal")) {
+    inp <- multimodal_input(model, x)
+    v <- rust(rs_multimodal_elbo(model_ptr(model), inp$slots, inp$labels, as.numeric(seed), resolve_threads(threads)))
+    return(c(elbo = v[1], reconstruction = v[2], kl = v[3]))
+  }
   check_vae(model, "elbo() and reconstruction_error()")
   inp <- model_input(model, x, batch, ...)
   v <- rust(rs_vae_elbo(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous,
@@ -304,7 +332,9 @@ elbo_parts <- function(model, x, batch, seed, threads, ...) {
 #'   [latent()]).
 #' @param model A `scdistill_model`.
 #' @param name Name of the `reducedDim` (SingleCellExperiment) or reduction
-#'   (Seurat); by default `"scVI"` for a VAE and `"scDistill"` for a distilled model.
+#'   (Seurat); by default `"scVI"` for a VAE, `"scDistill"` for a distilled
+#'   model and `"multimodal"` for a multimodal one, whose per-modality latent
+#'   spaces are added as well (`"multimodal_RNA"`, `"multimodal_ATAC"`).
 #' @param ... Passed to [latent()].
 #' @return `x` with the latent space added.
 #' @examples
@@ -315,6 +345,7 @@ elbo_parts <- function(model, x, batch, seed, threads, ...) {
 #' @export
 add_latent <- function(x, model, name = NULL, ...) {
   check_model(model)
+  if (inherits(model, "scdistill_multimodal")) return(add_multimodal_latent(x, model, name %||% "multimodal", ...))
   name <- name %||% if (inherits(model, "scdistill_distill")) "scDistill" else "scVI"
   z <- model$latent
   if (is.null(z) || !identical(rownames(z), colnames(x))) z <- latent(model, x, ...)
@@ -356,11 +387,8 @@ load_model <- function(path, device = "auto") {
   if (!file.exists(path)) stop("no file '", path, "'", call. = FALSE)
   bytes <- readBin(path, "raw", n = file.size(path))
   kind <- rust(rs_model_kind(bytes))
-  model <- if (kind == "distill") {
-    new_model(rust(rs_distill_from_bytes(bytes, device)), "scdistill_distill")
-  } else {
-    new_model(rust(rs_model_from_bytes(bytes, device)), "scdistill_vae")
-  }
+  class <- switch(kind, distill = "scdistill_distill", multimodal = "scdistill_multimodal", "scdistill_vae")
+  model <- new_model(rust(model_kinds[[class]]$from(bytes, device)), class)
   model$device <- device
   model
 }

@@ -165,7 +165,9 @@ impl GaussianEncoder {
     /// Starts the mean head's outputs around `v` (its bias).
     pub fn set_mean_bias(&mut self, v: f64) {
         if let Some(b) = self.mean.bs.as_mut() {
-            tch::no_grad(|| b.fill_(v));
+            tch::no_grad(|| {
+                let _ = b.fill_(v);
+            });
         }
     }
 

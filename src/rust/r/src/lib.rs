@@ -10,6 +10,7 @@ use scdistill_core::{device, metrics, prep};
 mod de;
 mod distill;
 mod models;
+mod multimodal;
 mod worker;
 
 /// Core errors become R errors carrying the core's message.
@@ -488,6 +489,7 @@ extendr_module! {
     use models;
     use distill;
     use de;
+    use multimodal;
     fn rs_validate_counts;
     fn rs_log2_cpm;
     fn rs_hvg;

@@ -96,17 +96,20 @@ pub(crate) fn train_config(s: &List) -> Result<TrainConfig> {
     })
 }
 
+/// A categorical covariate of `n` cells from list(name, codes (1-based), levels).
+pub(crate) fn categorical_list(l: &List, n: usize) -> Result<Categorical> {
+    let s = Settings(l);
+    let name = s.get("name").and_then(|v| v.as_str().map(String::from)).unwrap_or_else(|| "batch".into());
+    let codes = s.get("codes").ok_or_else(|| fail("internal: covariate without codes"))?;
+    let codes: Vec<u32> = int_slice(&codes, &name)?.iter().map(|&c| (c - 1).max(0) as u32).collect();
+    let levels = strings(&s.get("levels").ok_or_else(|| fail("internal: covariate without levels"))?, "levels")?;
+    Categorical::new(&name, codes, levels, n, 1).map_err(fail)
+}
+
 /// Covariates of training cells: `batch` = list(name, codes (1-based), levels);
 /// `categorical` = list of such lists; `continuous` = named list of doubles.
 fn covariates_from_r(batch: &List, categorical: &List, continuous: &List, n: usize) -> Result<Covariates> {
-    let cat = |l: &List| -> Result<Categorical> {
-        let s = Settings(l);
-        let name = s.get("name").and_then(|v| v.as_str().map(String::from)).unwrap_or_else(|| "batch".into());
-        let codes = s.get("codes").ok_or_else(|| fail("internal: covariate without codes"))?;
-        let codes: Vec<u32> = int_slice(&codes, &name)?.iter().map(|&c| (c - 1).max(0) as u32).collect();
-        let levels = strings(&s.get("levels").ok_or_else(|| fail("internal: covariate without levels"))?, "levels")?;
-        Categorical::new(&name, codes, levels, n, 1).map_err(fail)
-    };
+    let cat = |l: &List| categorical_list(l, n);
     let batch = cat(batch)?;
     let cats = categorical
         .values()
@@ -226,6 +229,31 @@ fn rs_model_info(ptr: Robj) -> Result<List> {
     ))
 }
 
+/// Runs `work(interrupted, report)` on a worker; each epoch it reports is
+/// handed to `progress` (an R function of epoch, training loss and
+/// validation -ELBO, or NULL) on the R thread.
+pub(crate) fn with_epoch_progress<T: Send>(
+    threads: i32,
+    progress: &Robj,
+    work: impl FnOnce(&dyn Fn() -> bool, &dyn Fn(&EpochRecord)) -> scdistill_core::Result<T> + Send,
+) -> Result<T> {
+    let pending: Mutex<Vec<EpochRecord>> = Mutex::new(Vec::new());
+    let report = |r: &EpochRecord| pending.lock().unwrap_or_else(|e| e.into_inner()).push(r.clone());
+    let callback = progress.as_function();
+    let tick = || {
+        let done: Vec<EpochRecord> = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(f) = &callback {
+            for r in done {
+                // A failing progress callback must not stop training.
+                let _ = f.call(pairlist!(r.epoch as i32, r.train_loss, r.validation_elbo));
+            }
+        }
+    };
+    worker::run_with_ticks(threads_from_r(threads)?, |interrupted| work(interrupted, &report), tick)
+        .map_err(fail)?
+        .map_err(fail)
+}
+
 /// Trains a VAE. `progress` (an R function of epoch, train loss and
 /// validation -ELBO, or NULL) is called on the R thread as epochs finish.
 /// Returns the model pointer.
@@ -247,30 +275,12 @@ fn rs_fit_vae(
     let cov = covariates_from_r(&batch, &categorical, &continuous, m.n_cells())?;
     let (config, train) = (vae_config(&config)?, train_config(&train)?);
     let device = parse_device(device).map_err(fail)?;
-    let pending: Mutex<Vec<EpochRecord>> = Mutex::new(Vec::new());
-    let report = |r: &EpochRecord| pending.lock().unwrap_or_else(|e| e.into_inner()).push(r.clone());
-    let callback = progress.as_function();
-    let tick = || {
-        let done: Vec<EpochRecord> = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(f) = &callback {
-            for r in done {
-                // A failing progress callback must not stop training.
-                let _ = f.call(pairlist!(r.epoch as i32, r.train_loss, r.validation_elbo));
-            }
-        }
-    };
-    let (model, z) = worker::run_with_ticks(
-        threads_from_r(threads)?,
-        |interrupted| {
-            let model = VaeModel::fit(&m, &cov, config, train, device, interrupted, &report)?;
-            // The training cells' latent space, with their own covariates.
-            let z = infer::latent(&model.vae, &VaeData::new(&m.csr, &cov), true);
-            Ok::<_, scdistill_core::Error>((model, z))
-        },
-        tick,
-    )
-    .map_err(fail)?
-    .map_err(fail)?;
+    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
+        let model = VaeModel::fit(&m, &cov, config, train, device, interrupted, report)?;
+        // The training cells' latent space, with their own covariates.
+        let z = infer::latent(&model.vae, &VaeData::new(&m.csr, &cov), true);
+        Ok((model, z))
+    })?;
     let n_latent = model.meta.config.n_latent;
     Ok(list!(ptr = ExternalPtr::new(model), latent = transpose(&z, m.n_cells(), n_latent)).into())
 }

@@ -49,7 +49,7 @@ pub const SCALING_DIVISOR: f64 = 0.7;
 pub const DISPERSION_RATE_PRIOR: (f64, f64) = (9.0, 3.0);
 /// Initial log-mean (log 9: θ = λ0² with λ0 = 3) and log-sd (log 0.1) of
 /// the variational LogNormal of θ.
-pub const THETA_INIT: (f64, f64) = (2.197_224_577_336_219_6, -2.302_585_092_994_045_7);
+pub const THETA_INIT: (f64, f64) = (2.197_224_577_336_219_6, -std::f64::consts::LN_10);
 /// Units of the library encoders' hidden layer.
 pub const LIBRARY_HIDDEN: usize = 16;
 
@@ -538,10 +538,10 @@ impl Multimodal {
         let net = &self.nets[m];
         let mut out = net.head.forward(h).softplus();
         if let (Some(beta), true) = (&net.ambient, ambient) {
-            out = out + beta.index_select(0, &inp.ambient).exp();
+            out += beta.index_select(0, &inp.ambient).exp();
         }
         if let Some(gamma) = &net.scaling {
-            out = out * (gamma.index_select(0, &inp.scaling).softplus() / SCALING_DIVISOR);
+            out *= gamma.index_select(0, &inp.scaling).softplus() / SCALING_DIVISOR;
         }
         out
     }
@@ -611,9 +611,8 @@ impl Multimodal {
         let dev = self.device();
         let mut reconstruction = Tensor::zeros([n], (Kind::Float, dev));
         let mut kl_fixed = Tensor::zeros([n], (Kind::Float, dev));
-        for m in 0..self.nets.len() {
-            let net = &self.nets[m];
-            let log_library = match &ql[m] {
+        for (m, (net, ql)) in self.nets.iter().zip(&ql).enumerate() {
+            let log_library = match ql {
                 Some((lm, lv)) => {
                     let pm = net.library_means.index_select(0, &inp.library).unsqueeze(1);
                     let pv = net.library_vars.index_select(0, &inp.library).unsqueeze(1);

@@ -76,7 +76,7 @@ fn global_terms_match_a_hand_computation_and_are_shared_over_training_cells_not_
     tch::no_grad(|| {
         let net = &mut model.nets[0];
         net.theta_mu.copy_(&Tensor::from_slice(&mu.map(|v| v as f32)).view([1, 3]));
-        net.theta_log_sigma.fill_(-30.0);
+        let _ = net.theta_log_sigma.fill_(-30.0);
         net.scaling.as_mut().unwrap().copy_(&Tensor::from_slice(&[0.0f32, 0.5, -0.5]).view([1, 3]));
     });
     // By hand: −log Gamma(y; 200, 200) with y = softplus(γ)/0.7, −H = −Σ(log σ + ½ log 2πe),
