@@ -441,7 +441,7 @@ plot.scdistill_attribution <- function(x, modality = NULL, umap = NULL, ...) {
     if (is.null(z)) stop("give `umap` coordinates (the attribution was computed on cells the model does not keep)",
                          call. = FALSE)
     need("uwot")
-    umap <- uwot::umap(z, n_neighbors = min(15, nrow(z) - 1), seed = 1, n_threads = 1)
+    umap <- withr_seed(1, uwot::umap(z, n_neighbors = min(15, nrow(z) - 1), n_threads = 1))
   }
   if (nrow(umap) != nrow(share)) stop("`umap` has ", nrow(umap), " rows for ", nrow(share), " cells", call. = FALSE)
   v <- share[, modality]
@@ -452,6 +452,14 @@ plot.scdistill_attribution <- function(x, modality = NULL, umap = NULL, ...) {
   graphics::legend("topright", legend = sprintf("%.2f", stats::quantile(v, c(1, 0.5, 0))),
                    col = pal[c(100, 50, 1)], pch = 16, bty = "n", cex = 0.8)
   invisible(umap)
+}
+
+# Evaluates `expr` with the random seed `seed`, restoring the caller's stream.
+withr_seed <- function(seed, expr) {
+  old <- if (exists(".Random.seed", envir = globalenv())) get(".Random.seed", envir = globalenv())
+  on.exit(if (is.null(old)) rm(".Random.seed", envir = globalenv()) else assign(".Random.seed", old, envir = globalenv()))
+  set.seed(seed)
+  expr
 }
 
 check_multimodal <- function(model, what) {

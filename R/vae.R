@@ -56,6 +56,13 @@
 #' @param device `"auto"` (CUDA when available), `"cpu"`, `"cuda"` or `"cuda:N"`.
 #' @param threads CPU threads (default: `getOption("scdistill.threads")`, else all cores).
 #' @param progress Show a progress bar.
+#' @param regularized Fit the regularized model of [fit_multimodal()] on
+#'   this one modality instead (regularizedvi's `AmbientRegularizedSCVI`):
+#'   softplus decoder with an ambient background per batch, hierarchical
+#'   dispersion per batch, learned library size, LayerNorm, batch-free
+#'   decoder. `likelihood`, `dispersion`, the further covariates and
+#'   `encode_covariates` do not apply; `library_size` and `norm` default to
+#'   `"learned"` and `"layer"` unless given.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_model`: use [latent()], [expression()],
 #'   [sample_counts()], [elbo()], `plot()` (training history), `summary()`,
@@ -76,7 +83,12 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                     categorical_covariates = NULL, continuous_covariates = NULL, encode_covariates = FALSE,
                     max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
                     early_stopping = TRUE, patience = 45, min_delta = 0, validation_fraction = 0.1,
-                    seed = 0, device = "auto", threads = NULL, progress = interactive(), ...) {
+                    seed = 0, device = "auto", threads = NULL, progress = interactive(), regularized = FALSE, ...) {
+  if (check_flag(regularized, "regularized")) {
+    return(fit_regularized(x, batch, n_latent, n_hidden, n_layers, dropout, library_size, norm, max_epochs,
+                           batch_size, lr, weight_decay, kl_warmup, early_stopping, patience, min_delta,
+                           validation_fraction, seed, device, threads, progress, ...))
+  }
   likelihood <- match.arg(likelihood)
   dispersion <- match.arg(dispersion)
   library_size <- match.arg(library_size)
@@ -117,6 +129,21 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
             model$info$best_epoch, call. = FALSE)
   }
   model
+}
+
+# fit_vae(regularized = TRUE): the multimodal model on one modality.
+fit_regularized <- function(x, batch, n_latent, n_hidden, n_layers, dropout, library_size, norm, max_epochs,
+                            batch_size, lr, weight_decay, kl_warmup, early_stopping, patience, min_delta,
+                            validation_fraction, seed, device, threads, progress, ...) {
+  cnt <- as_counts(x, batch = batch, ...)
+  one <- function(v, default) if (length(v) > 1) default else v
+  fit_multimodal(list(RNA = cnt$counts), batch = if (!is.null(cnt$batch)) cnt$batch,
+                 n_latent = n_latent, n_hidden = n_hidden, n_layers = n_layers, dropout = dropout,
+                 library_size = one(library_size, "learned"), norm = one(norm, "layer"),
+                 max_epochs = max_epochs, batch_size = batch_size, lr = lr, weight_decay = weight_decay,
+                 kl_warmup = kl_warmup, early_stopping = early_stopping, patience = patience,
+                 min_delta = if (min_delta > 0) min_delta, validation_fraction = validation_fraction, seed = seed,
+                 device = device, threads = threads, progress = progress)
 }
 
 # Categorical and continuous covariates of the cells: column names of the

@@ -1,0 +1,107 @@
+# fit_multimodal() against scvi-tools 1.4.2 MULTIVI on the same paired
+# RNA + ATAC data, the same training cells and epochs, both on CPU with the
+# same number of threads, each with its own defaults otherwise (ours: one
+# layer of 128 units, 10 latent dimensions per modality concatenated, NB
+# with the regularizedvi priors; MULTIVI: two layers, n_hidden = min(128,
+# sqrt(n_peaks)), n_latent = sqrt(n_hidden), ZINB genes, Bernoulli peaks).
+# Neither stops early. Each runs in its own process under /usr/bin/time.
+#
+#   Rscript bench/multimodal.R [--cells 20000] [--genes 2000] [--peaks 20000] [--epochs 20] [--threads 2]
+#
+# Data: simulate_counts(n_groups = 6, n_batches = 2, atac = TRUE,
+# atac_only_groups = 1): the last cell type has the first one's RNA and
+# differs in its peaks only. Prints seconds per epoch (median without the
+# first), the ratio, and iLISI/cLISI/ARI of both joint latents (also on the
+# ATAC-only twin pair of cell types); appends to bench/results/multimodal.csv.
+suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
+args <- commandArgs(trailingOnly = TRUE)
+opt <- function(name, default) {
+  i <- which(args == name)
+  if (length(i)) as.integer(args[i + 1]) else default
+}
+n_cells <- opt("--cells", 20000L)
+n_genes <- opt("--genes", 2000L)
+n_peaks <- opt("--peaks", 20000L)
+epochs <- opt("--epochs", 20L)
+threads <- opt("--threads", 2L)
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+root <- bench_root()
+python <- tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
+
+sce <- simulate_counts(n_cells = n_cells, n_genes = n_genes, n_groups = 6, n_batches = 2, atac = TRUE,
+                       n_peaks = n_peaks, atac_only_groups = 1, seed = 1, threads = threads)
+rna <- SingleCellExperiment::counts(sce)
+atac <- SummarizedExperiment::assay(SingleCellExperiment::altExp(sce, "ATAC"), "counts")
+keep <- Matrix::colSums(rna) > 0 & Matrix::colSums(atac) > 0
+rna <- rna[, keep]
+atac <- atac[, keep]
+work <- file.path(tempdir(), "multimodal")
+dir.create(work, showWarnings = FALSE)
+n <- ncol(rna)
+set.seed(1)
+n_val <- ceiling(0.1 * n)
+while ((n - n_val) %% 128 %in% 1:2) n_val <- n_val + 1
+split <- ifelse(seq_len(n) %in% sample(n, n_val), "validation", "train")
+obs <- data.frame(batch = sce$batch[keep], label = sce$cell_type[keep], split = split, row.names = colnames(rna))
+invisible(writeMM(rna, file.path(work, "rna.mtx")))
+invisible(writeMM(atac, file.path(work, "atac.mtx")))
+writeLines(rownames(rna), file.path(work, "genes.txt"))
+writeLines(rownames(atac), file.path(work, "peaks.txt"))
+utils::write.csv(obs, file.path(work, "obs.csv"))
+saveRDS(list(rna = rna, atac = atac, obs = obs), file.path(work, "data.rds"))
+cat(sprintf("\n== %s cells (%s train) x %s genes + %s peaks, %d batches, %d epochs, %d threads\n",
+            format(n, big.mark = ","), format(sum(split == "train"), big.mark = ","), format(nrow(rna), big.mark = ","),
+            format(nrow(atac), big.mark = ","), length(unique(obs$batch)), epochs, threads))
+
+ours <- file.path(work, "ours.R")
+writeLines(c(
+  "suppressPackageStartupMessages({library(scdistill); library(Matrix)})",
+  sprintf("d <- readRDS('%s'); tr <- d$obs$split == 'train'", file.path(work, "data.rds")),
+  "x <- list(RNA = d$rna[, tr], ATAC = d$atac[, tr])",
+  "t0 <- proc.time()[['elapsed']]",
+  sprintf(paste("m <- fit_multimodal(x, batch = d$obs$batch[tr], max_epochs = %d, early_stopping = FALSE,",
+                "validation_fraction = 0, threads = %d, device = 'cpu', progress = FALSE, seed = 0)"),
+          epochs, threads),
+  "total <- proc.time()[['elapsed']] - t0",
+  "z <- latent(m, list(RNA = d$rna, ATAC = d$atac))",
+  "s <- m$history$seconds",
+  sprintf("write.csv(z, '%s')", file.path(work, "ours_latent.csv")),
+  sprintf("writeLines(sprintf('%%.6f %%.6f %%.4f', median(s[-1]), mean(s), total), '%s')",
+          file.path(work, "ours.txt"))), ours)
+r_ours <- timed(file.path(R.home("bin"), "Rscript"), ours, quiet = FALSE)
+v <- scan(file.path(work, "ours.txt"), quiet = TRUE)
+r_peer <- timed(python, c(file.path(root, "bench", "multimodal_peer.py"), work, "--epochs", epochs,
+                          "--threads", threads), quiet = FALSE)
+js <- paste(readLines(file.path(work, "multivi.json"), warn = FALSE), collapse = " ")
+num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", js))
+
+score <- function(file, rows = rep(TRUE, nrow(obs))) {
+  z <- as.matrix(utils::read.csv(file, row.names = 1))
+  z <- z[rownames(obs), , drop = FALSE][rows, , drop = FALSE]
+  integration_metrics(z, batch = obs$batch[rows], label = obs$label[rows], threads = threads)
+}
+types <- sort(unique(obs$label))
+twins <- obs$label %in% c(types[1], types[length(types)])
+m_ours <- score(file.path(work, "ours_latent.csv"))
+m_peer <- score(file.path(work, "multivi_latent.csv"))
+t_ours <- score(file.path(work, "ours_latent.csv"), twins)
+t_peer <- score(file.path(work, "multivi_latent.csv"), twins)
+tab <- data.frame(
+  method = c("scdistill fit_multimodal", "scvi-tools MULTIVI"),
+  s_per_epoch = c(v[1], num("seconds_per_epoch_median")),
+  train_s = c(v[3], num("train_seconds")),
+  process_s = c(r_ours$wall, r_peer$wall), peak_rss_mb = c(r_ours$rss_mb, r_peer$rss_mb),
+  ilisi = c(m_ours$ilisi, m_peer$ilisi), clisi = c(m_ours$clisi, m_peer$clisi),
+  ari = c(m_ours$ari_kmeans, m_peer$ari_kmeans), nmi = c(m_ours$nmi_kmeans, m_peer$nmi_kmeans),
+  twins_ari = c(t_ours$ari_kmeans, t_peer$ari_kmeans))
+print(tab, row.names = FALSE, digits = 4)
+cat(sprintf("speed-up (MULTIVI s/epoch / ours): %.2fx\n", tab$s_per_epoch[2] / tab$s_per_epoch[1]))
+tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
+tab$cells <- n
+tab$genes <- nrow(rna)
+tab$peaks <- nrow(atac)
+tab$epochs <- epochs
+tab$threads <- threads
+out <- file.path(root, "bench", "results", "multimodal.csv")
+dir.create(dirname(out), showWarnings = FALSE)
+utils::write.table(tab, out, sep = ",", append = file.exists(out), col.names = !file.exists(out), row.names = FALSE)
