@@ -338,6 +338,16 @@ pub struct Multimodal {
     pub n_obs: f64,
 }
 
+/// Rows `codes` of a [levels, features] tensor, one per cell; a single
+/// level stays [1, features] and broadcasts (no copy per cell).
+fn per_level(t: &Tensor, codes: &Tensor) -> Tensor {
+    if t.size()[0] == 1 {
+        t.shallow_clone()
+    } else {
+        t.index_select(0, codes)
+    }
+}
+
 fn gamma_log_prob(x: &Tensor, shape: f64, rate: f64) -> Tensor {
     // log Γ(x; a, b) = a log b − log Γ(a) + (a − 1) log x − b x
     let c = shape * rate.ln() - statrs::function::gamma::ln_gamma(shape);
@@ -508,18 +518,20 @@ impl Multimodal {
         }
     }
 
-    /// θ of modality `m` for cells of dispersion levels `codes`: a draw per
-    /// cell and feature from its LogNormal when `sample`, its mean
-    /// exp(μ + σ²/2) otherwise.
+    /// θ of modality `m` for cells of dispersion levels `codes`: a draw from
+    /// its LogNormal when `sample`, its mean exp(μ + σ²/2) otherwise. One draw
+    /// per level and feature serves the whole minibatch (regularizedvi draws
+    /// per cell; both are unbiased, this one costs levels × features rather
+    /// than cells × features).
     fn theta(&self, m: usize, codes: &Tensor, sample: bool) -> Tensor {
         let net = &self.nets[m];
-        let mu = net.theta_mu.index_select(0, codes);
-        let sigma = net.theta_log_sigma.index_select(0, codes).exp();
-        if sample {
-            (&mu + &sigma * mu.randn_like()).exp()
+        let sigma = net.theta_log_sigma.exp();
+        let all = if sample {
+            (&net.theta_mu + &sigma * net.theta_mu.randn_like()).exp()
         } else {
-            (mu + sigma.square() * 0.5).exp()
-        }
+            (&net.theta_mu + sigma.square() * 0.5).exp()
+        };
+        per_level(&all, codes)
     }
 
     /// Decodes modality `m` from joint latent `z`.
@@ -538,10 +550,10 @@ impl Multimodal {
         let net = &self.nets[m];
         let mut out = net.head.forward(h).softplus();
         if let (Some(beta), true) = (&net.ambient, ambient) {
-            out += beta.index_select(0, &inp.ambient).exp();
+            out += per_level(&beta.exp(), &inp.ambient);
         }
         if let Some(gamma) = &net.scaling {
-            out *= gamma.index_select(0, &inp.scaling).softplus() / SCALING_DIVISOR;
+            out *= per_level(&(gamma.softplus() / SCALING_DIVISOR), &inp.scaling);
         }
         out
     }

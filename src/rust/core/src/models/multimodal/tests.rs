@@ -123,7 +123,7 @@ fn training_on_rna_and_atac_separates_groups_that_only_atac_tells_apart() {
     // 4 cell types; the last one has the first one's RNA and differs in its peaks only.
     let s = sim(1200, 4, 1, 2, 7);
     let atac = peaks(&s);
-    let tc = TrainConfig { max_epochs: 200, patience: 10, kl_warmup: 0.1, ..Default::default() };
+    let tc = TrainConfig { max_epochs: 200, patience: 10, min_delta: 0.5, kl_warmup: 0.1, ..Default::default() };
     let both = fit(&[&s.counts, &atac], &s, two(), tc.clone());
     let h = &both.meta.history;
     let v: Vec<String> = h.iter().step_by(10).map(|r| format!("{:.2}", r.validation_elbo)).collect();
