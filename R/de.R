@@ -119,6 +119,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
                                     seed = 0, threads = NULL, ...) {
   method <- match.arg(method)
   if (!is.null(model) || method != "pseudobulk") check_model(model)
+  if (!is.null(model)) check_not_multimodal(model, "differential_expression()")
   check_fraction(fdr_target, "fdr_target")
   seed <- check_count(seed, "seed", min = 0)
   cnt <- as_counts(x, ...)

@@ -74,8 +74,12 @@ summary.scdistill_model <- function(object, ...) {
   i <- object$info
   h <- object$history
   best <- h[max(i$best_epoch, 1), , drop = FALSE]
-  structure(list(config = unlist(i$config), train = unlist(i$train), genes = length(i$genes),
-                 cells = i$n_cells, batches = i$batch_levels, epochs = nrow(h), best_epoch = i$best_epoch,
+  # A multimodal model counts the features of every modality; its batches are the ambient key's levels.
+  n_features <- if (is.null(i$modalities)) length(i$genes) else sum(lengths(lapply(i$modalities, `[[`, "features")))
+  structure(list(config = unlist(i$config), train = unlist(i$train), genes = n_features,
+                 features = if (is.null(i$modalities)) "genes" else "features",
+                 cells = i$n_cells, batches = i$batch_levels %||% i$covariates$ambient$levels, epochs = nrow(h),
+                 best_epoch = i$best_epoch,
                  stopped_early = i$stopped_early, interrupted = i$interrupted,
                  best = best, seconds = sum(h$seconds)),
             class = "summary.scdistill_model")
@@ -88,7 +92,7 @@ print.summary.scdistill_model <- function(x, ...) {
   print(x$config, quote = FALSE)
   cat("\nTraining:\n")
   print(x$train, quote = FALSE)
-  cat(sprintf("\n%s cells x %s genes, batches: %s\n", fmt_int(x$cells), fmt_int(x$genes),
+  cat(sprintf("\n%s cells x %s %s, batches: %s\n", fmt_int(x$cells), fmt_int(x$genes), x$features %||% "genes",
               paste(utils_head(x$batches, 8), collapse = ", ")))
   cat(sprintf("%d epochs in %.1f s; kept epoch %d:\n", x$epochs, x$seconds, x$best_epoch))
   print(x$best, row.names = FALSE, digits = 5)
@@ -397,5 +401,13 @@ check_vae <- function(model, what) {
   check_model(model)
   if (inherits(model, "scdistill_distill")) {
     stop(what, " needs a VAE (fit_vae()); a distilled model has no posterior to draw from", call. = FALSE)
+  }
+  check_not_multimodal(model, what)
+}
+
+check_not_multimodal <- function(model, what) {
+  if (inherits(model, "scdistill_multimodal")) {
+    stop(what, " is not available for multimodal models yet; use latent(), normalized_expression(), elbo() ",
+         "and modality_attribution()", call. = FALSE)
   }
 }

@@ -68,6 +68,8 @@
 #' @param decoder_l2 Weight of the ridge penalty on the decoders' weights.
 #' @param norm Normalisation of hidden layers: `"layer"` (regularizedvi's
 #'   default), `"batch"` or `"none"`.
+#' @param early_stopping,patience Stop when the validation loss has not
+#'   improved for `patience` epochs, keeping the best weights.
 #' @param min_delta Smallest improvement of the validation loss that resets
 #'   early stopping; `NULL` means 0.0002 per feature.
 #' @inheritParams fit_vae

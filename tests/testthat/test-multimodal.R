@@ -44,6 +44,7 @@ test_that("on the real multiome data, training stops early and gives joint and p
   xy <- plot(a)
   expect_equal(dim(xy), c(ncol(mo), 2))
   plot(m)
+  expect_output(print(summary(m)), "981 cells x 219 features")
 
   f <- tempfile(fileext = ".safetensors")
   save_model(m, f)
@@ -132,6 +133,8 @@ test_that("bad multimodal input gives clear errors", {
   expect_error(go(rna), "needs paired modalities")
   m <- go(sce, batch = "batch")
   expect_error(modality_attribution(fit_vae(rna[, 1:200], max_epochs = 2, threads = 2), sce), "needs a multimodal")
+  expect_error(sample_counts(m, sce), "not available for multimodal models")
+  expect_error(differential_expression(m, sce, "cell_type", "Group1"), "not available for multimodal models")
   # New cells must carry the model's features.
   expect_error(latent(m, list(RNA = rna[-1, ], ATAC = atac)), "1 of")
 })
