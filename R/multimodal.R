@@ -31,6 +31,12 @@
 #' of training cells, so the loss is a per-cell quantity whatever the
 #' minibatch size.
 #'
+#' Strong per-gene batch effects are not removed by those channels alone: a
+#' batch-free decoder leaves the encoder free to keep batches apart. Give
+#' `nn_conditioning_covariates = "batch"` too when the joint latent space
+#' should mix batches (on simulated data with two "medium" batches it
+#' raised iLISI from 0 to 0.80 at the same ARI).
+#'
 #' Training, early stopping, progress bar and Ctrl-C work as in [fit_vae()].
 #' By default early stopping uses regularizedvi's `min_delta` of 0.0002 per
 #' feature (summed over modalities).
