@@ -104,10 +104,6 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
   library_size <- match.arg(library_size)
   norm <- match.arg(norm)
   check_fraction(dropout, "dropout")
-  check_fraction(kl_warmup, "kl_warmup", upper_open = FALSE)
-  check_fraction(validation_fraction, "validation_fraction")
-  check_positive(lr, "lr")
-  check_positive(weight_decay, "weight_decay", zero_ok = TRUE)
   check_positive(library_prior_scale, "library_prior_scale")
   check_positive(decoder_l2, "decoder_l2", zero_ok = TRUE)
   mo <- multimodal_counts(x, modalities)
@@ -156,15 +152,10 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                  ambient_prior = check_flag(ambient_prior, "ambient_prior"), decoder_l2 = decoder_l2)
   n_features <- sum(vapply(mo$counts, nrow, integer(1)))
   min_delta <- min_delta %||% (2e-4 * n_features)
-  check_positive(min_delta, "min_delta", zero_ok = TRUE)
-  max_epochs <- if (is.null(max_epochs)) min(round(20000 / n_cells * 400), 400) else check_count(max_epochs, "max_epochs")
-  train <- list(max_epochs = max_epochs, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
-                weight_decay = weight_decay, kl_warmup = kl_warmup,
-                early_stopping = check_flag(early_stopping, "early_stopping"),
-                patience = check_count(patience, "patience"), min_delta = min_delta,
-                validation_fraction = validation_fraction, seed = check_count(seed, "seed", min = 0))
+  train <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                          min_delta, validation_fraction, seed)
 
-  bar <- if (check_flag(progress, "progress")) training_bar(max_epochs) else NULL
+  bar <- if (check_flag(progress, "progress")) training_bar(train$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_multimodal(lapply(mo$slots, identity), covariates, config, specs, train, device,
                                 resolve_threads(threads), bar$update))

@@ -94,11 +94,6 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   library_size <- match.arg(library_size)
   norm <- match.arg(norm)
   check_fraction(dropout, "dropout")
-  check_fraction(kl_warmup, "kl_warmup", upper_open = FALSE)
-  check_fraction(validation_fraction, "validation_fraction")
-  check_positive(lr, "lr")
-  check_positive(weight_decay, "weight_decay", zero_ok = TRUE)
-  check_positive(min_delta, "min_delta", zero_ok = TRUE)
   config <- list(n_latent = check_count(n_latent, "n_latent"), n_hidden = check_count(n_hidden, "n_hidden"),
                  n_layers = check_count(n_layers, "n_layers"), dropout = dropout, norm = norm,
                  likelihood = likelihood, dispersion = dispersion,
@@ -106,19 +101,15 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                  encode_covariates = check_flag(encode_covariates, "encode_covariates"))
   cnt <- as_counts(x, batch = batch, ...)
   n_cells <- ncol(cnt$counts)
-  max_epochs <- if (is.null(max_epochs)) min(round(20000 / n_cells * 400), 400) else check_count(max_epochs, "max_epochs")
-  train <- list(max_epochs = max_epochs, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
-                weight_decay = weight_decay, kl_warmup = kl_warmup,
-                early_stopping = check_flag(early_stopping, "early_stopping"),
-                patience = check_count(patience, "patience"), min_delta = min_delta,
-                validation_fraction = validation_fraction, seed = check_count(seed, "seed", min = 0))
+  train <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                          min_delta, validation_fraction, seed)
   covs <- cell_covariates(cnt, categorical_covariates, continuous_covariates)
   batch_f <- cnt$batch %||% factor(rep("all", n_cells))
   # The batch's name: its metadata column, "batch" for a vector, "" for none.
   batch_name <- if (is.null(cnt$batch)) "" else if (is.character(batch) && length(batch) == 1 && n_cells != 1) batch else "batch"
   batch_arg <- list(name = batch_name, codes = as.integer(batch_f), levels = levels(batch_f))
 
-  bar <- if (check_flag(progress, "progress")) training_bar(max_epochs) else NULL
+  bar <- if (check_flag(progress, "progress")) training_bar(train$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, train,
                          device, resolve_threads(threads), bar$update))
@@ -144,6 +135,22 @@ fit_regularized <- function(x, batch, n_latent, n_hidden, n_layers, dropout, lib
                  kl_warmup = kl_warmup, early_stopping = early_stopping, patience = patience,
                  min_delta = if (min_delta > 0) min_delta, validation_fraction = validation_fraction, seed = seed,
                  device = device, threads = threads, progress = progress)
+}
+
+# The training settings of the core's TrainConfig, checked; `max_epochs = NULL`
+# is scvi-tools' rule min(round(20000 / n_cells * 400), 400).
+train_settings <- function(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                           min_delta, validation_fraction, seed) {
+  check_fraction(kl_warmup, "kl_warmup", upper_open = FALSE)
+  check_fraction(validation_fraction, "validation_fraction")
+  check_positive(lr, "lr")
+  check_positive(weight_decay, "weight_decay", zero_ok = TRUE)
+  check_positive(min_delta, "min_delta", zero_ok = TRUE)
+  max_epochs <- if (is.null(max_epochs)) min(round(20000 / n_cells * 400), 400) else check_count(max_epochs, "max_epochs")
+  list(max_epochs = max_epochs, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
+       weight_decay = weight_decay, kl_warmup = kl_warmup, early_stopping = check_flag(early_stopping, "early_stopping"),
+       patience = check_count(patience, "patience"), min_delta = min_delta,
+       validation_fraction = validation_fraction, seed = check_count(seed, "seed", min = 0))
 }
 
 # Categorical and continuous covariates of the cells: column names of the

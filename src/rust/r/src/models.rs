@@ -163,6 +163,22 @@ pub(crate) fn batch_codes(labels: &Robj, levels: &[String], what: &str, problem:
         .collect()
 }
 
+/// Training settings as an R list.
+pub(crate) fn train_to_r(t: &TrainConfig) -> List {
+    list!(
+        max_epochs = t.max_epochs as i32,
+        batch_size = t.batch_size as i32,
+        lr = t.lr,
+        weight_decay = t.weight_decay,
+        kl_warmup = t.kl_warmup,
+        early_stopping = t.early_stopping,
+        patience = t.patience as i32,
+        min_delta = t.min_delta,
+        validation_fraction = t.validation_fraction,
+        seed = t.seed as f64
+    )
+}
+
 pub(crate) fn history_to_r(h: &[EpochRecord]) -> List {
     let col = |f: fn(&EpochRecord) -> f64| h.iter().map(f).collect::<Vec<f64>>();
     list!(
@@ -208,18 +224,7 @@ fn rs_model_info(ptr: Robj) -> Result<List> {
             library = if c.learn_library { "learned" } else { "observed" },
             encode_covariates = c.encode_covariates
         ),
-        train = list!(
-            max_epochs = t.max_epochs as i32,
-            batch_size = t.batch_size as i32,
-            lr = t.lr,
-            weight_decay = t.weight_decay,
-            kl_warmup = t.kl_warmup,
-            early_stopping = t.early_stopping,
-            patience = t.patience as i32,
-            min_delta = t.min_delta,
-            validation_fraction = t.validation_fraction,
-            seed = t.seed as f64
-        ),
+        train = train_to_r(t),
         history = history_to_r(&m.meta.history),
         best_epoch = m.meta.best_epoch as i32,
         stopped_early = m.meta.stopped_early,

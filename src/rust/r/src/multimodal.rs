@@ -1,7 +1,9 @@
 //! extendr glue of the multimodal model: fitting, description, files, and
 //! inference on (new) paired cells.
 
-use crate::models::{categorical_list, history_to_r, train_config, transpose, with_epoch_progress, Settings};
+use crate::models::{
+    categorical_list, history_to_r, train_config, train_to_r, transpose, with_epoch_progress, Settings,
+};
 use crate::worker::Lent;
 use crate::{counts_from_r, fail, strings};
 use extendr_api::prelude::*;
@@ -181,18 +183,7 @@ fn rs_multimodal_info(ptr: Robj) -> Result<List> {
             ambient_prior = c.ambient_prior,
             decoder_l2 = c.decoder_l2
         ),
-        train = list!(
-            max_epochs = t.max_epochs as i32,
-            batch_size = t.batch_size as i32,
-            lr = t.lr,
-            weight_decay = t.weight_decay,
-            kl_warmup = t.kl_warmup,
-            early_stopping = t.early_stopping,
-            patience = t.patience as i32,
-            min_delta = t.min_delta,
-            validation_fraction = t.validation_fraction,
-            seed = t.seed as f64
-        ),
+        train = train_to_r(t),
         history = history_to_r(&m.meta.history),
         best_epoch = m.meta.best_epoch as i32,
         stopped_early = m.meta.stopped_early,
