@@ -1,20 +1,37 @@
 # Comparison harness: runs this package and the reference tools in one run on
 # the same data and prints one table (method, seconds, peak memory, scIB
 # metrics). Each method runs in its own process under /usr/bin/time, so peak
-# memory is its own. Results: bench/results/<data>.csv.
+# memory is its own. Results: bench/results/<data>[_<cells>].csv.
 #
-#   Rscript bench/run.R [data] [n_cells] [--epochs N]
+#   Rscript bench/run.R [data] [n_cells] [--epochs N] [--methods a,b,...]
 #   data: s1 ... s6 (the simulator's scenarios) or cellbench (../shared/data,
 #         singlets only). Peers come from bench/setup_peers.sh.
 #
-# Methods so far: the package's PCA (unintegrated reference), harmonypy 2.1.0
-# on those PCs, scVI (scvi-tools 1.4.2), scDistill 0.3.1 from PyPI (the Python
-# original, default Harmony teacher; its student's latent). --epochs goes to
-# scVI and scDistill. The package's own models join as they land.
+# Methods (all by default, in this order):
+#   pca           the package's PCA (batch-aware HVGs, 50 PCs): the unintegrated
+#                 reference every other method is compared with (PCR comparison)
+#   harmony       the package's run_harmony() on those PCs (theta 2)
+#   harmonypy     harmonypy 2.1.0 on the same PCs (theta 2)
+#   distill       the package's distill() with its defaults; the student latent
+#   scdistill_py  scDistill 0.3.1 from PyPI (the Python original, default
+#                 Harmony teacher); its student's latent
+#   vae           the package's fit_vae() with its defaults (scVI's); latent mean
+#   scvi          scvi-tools 1.4.2 SCVI with its defaults; latent mean
+# --epochs N caps the training epochs of the four deep models (both phases of
+# the distillers); without it each uses its own default. pca always runs.
 suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
-epochs <- if ("--epochs" %in% args) as.integer(args[which(args == "--epochs") + 1]) else NA
-args <- args[!args %in% c("--epochs", as.character(epochs))]
+option <- function(flag, default) {
+  i <- which(args == flag)
+  if (!length(i)) return(default)
+  value <- args[i + 1]
+  args <<- args[-c(i, i + 1)]
+  value
+}
+epochs <- as.integer(option("--epochs", NA))
+all_methods <- c("pca", "harmony", "harmonypy", "distill", "scdistill_py", "vae", "scvi")
+methods <- union("pca", strsplit(option("--methods", paste(all_methods, collapse = ",")), ",")[[1]])
+if (length(bad <- setdiff(methods, all_methods))) stop("unknown method(s): ", paste(bad, collapse = ", "))
 data_name <- if (length(args) >= 1) args[1] else "s1"
 n_cells <- if (length(args) >= 2) as.integer(args[2]) else NULL
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
@@ -32,39 +49,71 @@ jsonlite_seconds <- function(path) as.numeric(sub('.*"seconds": *([0-9.eE+-]+).*
 d <- load_data(data_name)
 work <- file.path(tempdir(), "bench")
 dir.create(work, showWarnings = FALSE)
-cat(sprintf("data: %s, %s cells x %s genes, %d batches\n", data_name, format(ncol(d$counts), big.mark = ","),
-            format(nrow(d$counts), big.mark = ","), length(unique(d$batch))))
-invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
+cat(sprintf("data: %s, %s cells x %s genes, %d batches; methods: %s\n", data_name,
+            format(ncol(d$counts), big.mark = ","), format(nrow(d$counts), big.mark = ","),
+            length(unique(d$batch)), paste(methods, collapse = ", ")))
+if (any(c("scvi", "scdistill_py") %in% methods)) invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
 utils::write.csv(data.frame(batch = d$batch, label = d$label, row.names = colnames(d$counts)), file.path(work, "obs.csv"))
+saveRDS(d, file.path(work, "data.rds"), compress = FALSE)
 
-# The package's PCA, timed in its own process too.
-saveRDS(d, file.path(work, "data.rds"))
-pca_script <- file.path(work, "pca.R")
-writeLines(c("suppressPackageStartupMessages(library(scdistill))",
-             sprintf("d <- readRDS('%s')", file.path(work, "data.rds")),
-             "t0 <- proc.time()[['elapsed']]",
-             sprintf("p <- run_pca(d$counts, n_pcs = 50, n_hvg = 2000, batch = d$batch, threads = %d)", threads),
-             "s <- proc.time()[['elapsed']] - t0",
-             sprintf("utils::write.csv(p, '%s')", file.path(work, "pca.csv")),
-             sprintf("writeLines(as.character(s), '%s')", file.path(work, "pca.seconds"))), pca_script)
-runs <- list(pca = timed(file.path(R.home("bin"), "Rscript"), pca_script))
-runs$pca$seconds <- as.numeric(readLines(file.path(work, "pca.seconds")))
-
-peers_py <- tryCatch(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE, stderr = FALSE),
-                     error = function(e) character())
-peers_py <- utils::tail(peers_py, 1)
-for (m in c("harmonypy", "scvi", "scdistill_py")) {
-  if (!length(peers_py)) break
-  extra <- c(if (m %in% c("scvi", "scdistill_py") && !is.na(epochs)) c("--epochs", epochs), "--threads", threads)
-  r <- timed(peers_py, c(file.path(root, "bench", "peers.py"), m, work, extra))
-  if (r$ok) r$seconds <- jsonlite_seconds(file.path(work, paste0(m, ".json")))
-  runs[[m]] <- r
+# One of the package's methods, timed in its own process: `body` computes
+# `emb` (cells x dims) from `d` (and `pcs` where it needs the PCA).
+ours <- function(name, body) {
+  script <- file.path(work, paste0(name, ".R"))
+  writeLines(c("suppressPackageStartupMessages(library(scdistill))",
+               sprintf("d <- readRDS('%s')", file.path(work, "data.rds")),
+               sprintf("threads <- %d; epochs <- %s", threads, if (is.na(epochs)) "NULL" else epochs),
+               if (name != "pca") sprintf("pcs <- as.matrix(utils::read.csv('%s', row.names = 1))",
+                                          file.path(work, "pca.csv")),
+               "invisible(torch_config(threads = threads))",
+               "t0 <- proc.time()[['elapsed']]", body,
+               "s <- proc.time()[['elapsed']] - t0",
+               sprintf("utils::write.csv(emb, '%s')", file.path(work, paste0(name, ".csv"))),
+               sprintf("writeLines(as.character(s), '%s')", file.path(work, paste0(name, ".seconds")))), script)
+  r <- timed(file.path(R.home("bin"), "Rscript"), script)
+  if (r$ok) r$seconds <- as.numeric(readLines(file.path(work, paste0(name, ".seconds"))))
+  r
 }
+bodies <- list(
+  pca = "emb <- run_pca(d$counts, n_pcs = 50, n_hvg = 2000, batch = d$batch, threads = threads)",
+  harmony = "emb <- run_harmony(pcs, batch = d$batch, theta = 2, threads = threads, progress = FALSE)",
+  distill = c("m <- if (is.null(epochs)) distill(d$counts, batch = d$batch, threads = threads) else",
+              "  distill(d$counts, batch = d$batch, max_epochs_encoder = epochs, max_epochs_decoder = epochs, threads = threads)",
+              "emb <- latent(m)"),
+  vae = c("m <- fit_vae(d$counts, batch = d$batch, max_epochs = epochs, threads = threads)",
+          "emb <- latent(m, d$counts)")
+)
+
+peers_py <- if (any(c("harmonypy", "scvi", "scdistill_py") %in% methods)) {
+  p <- tryCatch(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE, stderr = FALSE),
+                error = function(e) character())
+  utils::tail(p, 1)
+} else character()
+runs <- list()
+for (m in methods) {
+  if (m %in% names(bodies)) {
+    runs[[m]] <- ours(m, bodies[[m]])
+  } else if (length(peers_py)) {
+    extra <- c(if (m %in% c("scvi", "scdistill_py") && !is.na(epochs)) c("--epochs", epochs), "--threads", threads)
+    r <- timed(peers_py, c(file.path(root, "bench", "peers.py"), m, work, extra))
+    if (r$ok) r$seconds <- jsonlite_seconds(file.path(work, paste0(m, ".json")))
+    runs[[m]] <- r
+  } else {
+    message(m, ": skipped, the peers' venv (bench/setup_peers.sh) is not available")
+  }
+  if (!is.null(runs[[m]])) {
+    cat(sprintf("  %-13s %s\n", m, if (runs[[m]]$ok) sprintf("%.1f s, %.0f MB", runs[[m]]$seconds, runs[[m]]$rss_mb)
+                                    else "FAILED"))
+  }
+}
+if (!runs$pca$ok) stop("the package's PCA failed; nothing to compare")
 
 read_emb <- function(m) as.matrix(utils::read.csv(file.path(work, paste0(m, ".csv")), row.names = 1))
 embs <- lapply(names(runs)[vapply(runs, `[[`, TRUE, "ok")], read_emb)
 names(embs) <- names(runs)[vapply(runs, `[[`, TRUE, "ok")]
+t0 <- proc.time()[["elapsed"]]
 met <- integration_metrics(embs, batch = d$batch, label = d$label, pre = embs$pca, threads = threads)
+cat(sprintf("integration_metrics() on %d embeddings: %.1f s\n", length(embs), proc.time()[["elapsed"]] - t0))
 tab <- data.frame(method = names(embs),
                   seconds = vapply(runs[names(embs)], function(r) r$seconds, 0),
                   process_seconds = vapply(runs[names(embs)], function(r) r$wall, 0),
@@ -73,7 +122,10 @@ tab <- data.frame(method = names(embs),
                                          "nmi_kmeans", "ari_kmeans", "graph_connectivity", "pcr_comparison",
                                          "bio_conservation", "batch_correction", "total")],
                   row.names = NULL)
-print(format(tab, digits = 3), row.names = FALSE)
+# A Markdown table, as bench/RESULTS.md shows them.
+cells <- function(v) if (is.numeric(v)) as.character(signif(v, 3)) else v
+md <- vapply(seq_len(nrow(tab)), function(i) paste0("| ", paste(vapply(tab[i, ], cells, ""), collapse = " | "), " |"), "")
+writeLines(c(paste0("| ", paste(names(tab), collapse = " | "), " |"), paste0("|", strrep("---|", ncol(tab))), md))
 out <- file.path(root, "bench", "results")
 dir.create(out, showWarnings = FALSE)
 utils::write.csv(tab, file.path(out, paste0(data_name, if (!is.null(n_cells)) paste0("_", n_cells), ".csv")),

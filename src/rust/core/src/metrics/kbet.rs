@@ -8,13 +8,13 @@
 //! from the embedding itself rather than a diffusion map of its UMAP graph,
 //! so values are close to, not identical with, scib-metrics'.
 
-use super::knn::{knn, Embedding};
+use super::knn::{knn_auto, Embedding};
 use super::recode;
 use statrs::function::gamma::gamma_ur;
 
 const ALPHA: f64 = 0.05;
 
-pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
+pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32], seed: u64) -> f64 {
     let n_labels = labels.iter().max().map_or(0, |&m| m as usize + 1);
     let mut scores = Vec::new();
     for l in 0..n_labels as u32 {
@@ -25,7 +25,7 @@ pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
         }
         let k0 = ((cells.len() as f64 / n_batches as f64 / 4.0).floor() as usize).clamp(10, 70).min(cells.len() - 1);
         let values: Vec<f64> = cells.iter().flat_map(|&i| x.row(i).to_vec()).collect();
-        let Ok(g) = knn(&Embedding { values: &values, n: cells.len(), d: x.d }, k0) else { continue };
+        let Ok(g) = knn_auto(&Embedding { values: &values, n: cells.len(), d: x.d }, k0, seed) else { continue };
         scores.push(acceptance(&g.indices, k0, &codes, n_batches));
     }
     if scores.is_empty() {
@@ -84,9 +84,9 @@ mod tests {
         let batch: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
         let label = vec![0u32; n];
         let e = Embedding { values: &mixed, n, d: 1 };
-        assert!(kbet_per_label(&e, &batch, &label) > 0.9);
+        assert!(kbet_per_label(&e, &batch, &label, 1) > 0.9);
         let separated: Vec<f64> = (0..n).map(|i| i as f64 + if i % 2 == 1 { 10_000.0 } else { 0.0 }).collect();
         let e = Embedding { values: &separated, n, d: 1 };
-        assert!(kbet_per_label(&e, &batch, &label) < 0.05);
+        assert!(kbet_per_label(&e, &batch, &label, 1) < 0.05);
     }
 }

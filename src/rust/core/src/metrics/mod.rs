@@ -1,7 +1,10 @@
 //! Integration metrics of the scIB family (Luecken et al. 2022), computed as
-//! scib-metrics 0.5 does where it is deterministic: one exact kNN graph
-//! (90 neighbours counting the cell itself), iLISI/cLISI (perplexity 30),
-//! silhouette scores, isolated labels, graph connectivity (15 neighbours),
+//! scib-metrics 0.5 does where it is deterministic: one kNN graph (90
+//! neighbours counting the cell itself; exact up to 50,000 cells, an
+//! approximate inverted-file search above, where scib-metrics uses
+//! pynndescent), iLISI/cLISI (perplexity 30), silhouette scores (on a
+//! stratified subsample of 50,000 cells above that size, as scikit-learn's
+//! `silhouette_score(sample_size =)`), isolated labels, graph connectivity (15 neighbours),
 //! NMI/ARI of k-means clusters, principal-component regression, and kBET per
 //! label (on the embedding's own kNN; see `kbet`). Scores: bio = mean(isolated labels, NMI, ARI,
 //! label silhouette, cLISI); batch = mean of the available batch scores
@@ -18,17 +21,23 @@ mod lisi;
 pub use cluster::{ari, kmeans, nmi, silhouette_samples};
 pub use graph::graph_connectivity;
 pub use kbet::kbet_per_label;
-pub use knn::{knn, Embedding, Knn};
+pub use knn::{knn, knn_approx, knn_auto, Embedding, Knn, EXACT_MAX_CELLS};
 pub use leiden::{leiden, leiden_nmi_ari, umap_connectivities, Graph};
 pub use lisi::lisi;
 
 use crate::numeric::nan_median;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::error::{check_param, Result};
 
 /// Neighbours used by scib-metrics' Benchmarker, counting the cell itself.
 const K_LISI: usize = 90;
 const K_CONNECTIVITY: usize = 15;
+/// Cells above which the silhouette scores (O(n²)) use a subsample.
+pub const SILHOUETTE_MAX_CELLS: usize = 50_000;
+/// Every label keeps at least this many cells (or all it has) in that subsample.
+const SILHOUETTE_MIN_PER_LABEL: usize = 200;
 
 /// One embedding's scores; NaN where a score could not be computed.
 #[derive(Debug, Clone)]
@@ -90,7 +99,7 @@ pub fn integration_metrics(
     check_param(batch.len() == x.n && labels.len() == x.n, "batch", "and `label` need one value per cell")?;
     check_param(x.n > K_LISI, "embedding", format!("needs more than {K_LISI} cells"))?;
     let (n_batches, n_labels) = (n_levels(batch), n_levels(labels));
-    let g = knn(x, K_LISI - 1)?;
+    let g = knn_auto(x, K_LISI - 1, seed)?;
     let perplexity = (K_LISI / 3) as f64;
 
     let ilisi_median = nan_median(&lisi(&g, batch, perplexity));
@@ -98,10 +107,16 @@ pub fn integration_metrics(
     let clisi_median = nan_median(&lisi(&g, labels, perplexity));
     let clisi = if n_labels > 1 { (n_labels as f64 - clisi_median) / (n_labels - 1) as f64 } else { f64::NAN };
 
-    let sil = silhouette_samples(x, labels);
-    let silhouette_label = (sil.iter().sum::<f64>() / x.n as f64 + 1.0) / 2.0;
-    let isolated_labels = isolated_label_score(&sil, batch, labels);
-    let silhouette_batch = batch_silhouette(x, batch, labels);
+    let (silhouette_label, isolated_labels, silhouette_batch) = match silhouette_subsample(labels, seed) {
+        None => silhouette_scores(x, batch, labels),
+        Some(rows) => {
+            let values: Vec<f64> = rows.iter().flat_map(|&i| x.row(i).to_vec()).collect();
+            let sub = Embedding { values: &values, n: rows.len(), d: x.d };
+            let b: Vec<u32> = rows.iter().map(|&i| batch[i]).collect();
+            let (l, _) = recode(&rows.iter().map(|&i| labels[i]).collect::<Vec<_>>());
+            silhouette_scores(&sub, &b, &l)
+        }
+    };
 
     let g15 = Knn {
         n: g.n,
@@ -127,7 +142,7 @@ pub fn integration_metrics(
         }
         None => f64::NAN,
     };
-    let kbet = kbet_per_label(x, batch, labels);
+    let kbet = kbet_per_label(x, batch, labels, seed);
     let bio_conservation = mean_finite(&[isolated_labels, nmi_kmeans, ari_kmeans, silhouette_label, clisi]);
     let batch_correction = mean_finite(&[ilisi, kbet, graph_connectivity, pcr_comparison, silhouette_batch]);
     Ok(IntegrationMetrics {
@@ -147,6 +162,39 @@ pub fn integration_metrics(
         batch_correction,
         total: 0.6 * bio_conservation + 0.4 * batch_correction,
     })
+}
+
+/// Label silhouette, isolated-label score and batch silhouette.
+fn silhouette_scores(x: &Embedding, batch: &[u32], labels: &[u32]) -> (f64, f64, f64) {
+    let sil = silhouette_samples(x, labels);
+    let silhouette_label = (sil.iter().sum::<f64>() / x.n as f64 + 1.0) / 2.0;
+    (silhouette_label, isolated_label_score(&sil, batch, labels), batch_silhouette(x, batch, labels))
+}
+
+/// Above `SILHOUETTE_MAX_CELLS` cells, a seeded subsample of about that many
+/// cells, stratified by label (each label in proportion, but at least
+/// `SILHOUETTE_MIN_PER_LABEL` cells or all it has), sorted; `None` below.
+fn silhouette_subsample(labels: &[u32], seed: u64) -> Option<Vec<usize>> {
+    let n = labels.len();
+    if n <= SILHOUETTE_MAX_CELLS {
+        return None;
+    }
+    let n_labels = labels.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut by_label = vec![Vec::new(); n_labels];
+    for (i, &l) in labels.iter().enumerate() {
+        by_label[l as usize].push(i);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let share = SILHOUETTE_MAX_CELLS as f64 / n as f64;
+    let mut rows: Vec<usize> = by_label
+        .iter()
+        .flat_map(|cells| {
+            let keep = ((cells.len() as f64 * share).round() as usize).max(SILHOUETTE_MIN_PER_LABEL).min(cells.len());
+            rand::seq::index::sample(&mut rng, cells.len(), keep).into_iter().map(|j| cells[j]).collect::<Vec<_>>()
+        })
+        .collect();
+    rows.sort_unstable();
+    Some(rows)
 }
 
 /// Labels found in the fewest batches; the mean of their cells' rescaled
@@ -263,6 +311,21 @@ mod tests {
         .unwrap();
         assert!(with_pre.pcr_comparison > 0.9, "{}", with_pre.pcr_comparison);
         assert!((with_pre.total - (0.6 * with_pre.bio_conservation + 0.4 * with_pre.batch_correction)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn silhouette_subsample_keeps_every_label() {
+        // 60,000 cells: label 0 has 50 cells, label 1 has 950, label 2 the rest
+        let labels: Vec<u32> = (0..60_000).map(|i| if i < 50 { 0 } else if i < 1000 { 1 } else { 2 }).collect();
+        assert!(silhouette_subsample(&labels[..SILHOUETTE_MAX_CELLS], 1).is_none());
+        let rows = silhouette_subsample(&labels, 1).unwrap();
+        let count = |l: u32| rows.iter().filter(|&&i| labels[i] == l).count();
+        assert_eq!(count(0), 50); // all it has
+        assert_eq!(count(1), 792); // in proportion: 950 · 5/6 ≈ 792 >= 200
+        assert_eq!(count(2), (59_000.0f64 * 5.0 / 6.0).round() as usize);
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(silhouette_subsample(&labels, 1).unwrap(), rows);
+        assert_ne!(silhouette_subsample(&labels, 2).unwrap(), rows);
     }
 
     #[test]
