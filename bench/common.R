@@ -5,6 +5,19 @@ bench_root <- function() {
   normalizePath(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), ".."))
 }
 
+# The value after `flag` among the script's arguments `args`, converted by
+# `as`; `default` when the flag is absent.
+bench_option <- function(args, flag, default, as = as.integer) {
+  i <- match(flag, args)
+  if (is.na(i)) default else as(args[i + 1])
+}
+
+# The Python of the peers' venv, created by bench/setup_peers.sh on first use
+# (the script prints its path last).
+peers_python <- function(root) {
+  utils::tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
+}
+
 # CellBench, 5 cell lines on 3 plates (../shared/data/cellbench_5cl_3plates):
 # the singlets with counts, as list(counts = genes x cells, batch, label).
 load_cellbench <- function(root) {

@@ -14,10 +14,7 @@ suppressMessages(library(scdistill))
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
 args <- commandArgs(trailingOnly = TRUE)
-opt <- function(name, default) {
-  i <- match(name, args)
-  if (is.na(i)) default else as.numeric(args[i + 1])
-}
+opt <- function(name, default) bench_option(args, name, default, as = as.numeric)
 threads <- opt("--threads", 2)
 cells <- opt("--cells", NA)
 epochs <- opt("--epochs", NA)

@@ -13,16 +13,13 @@
 # Appends to bench/results/distill_vs_scdistill.csv.
 suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
-opt <- function(name, default) {
-  i <- which(args == name)
-  if (length(i)) as.integer(args[i + 1]) else default
-}
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+opt <- function(name, default) bench_option(args, name, default)
 threads <- opt("--threads", 2L)
 n_sim <- opt("--cells", 20000L)
 which_data <- if (length(args) && !startsWith(args[1], "--")) args[1] else "both"
-source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
-python <- tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
+python <- peers_python(root)
 
 load_data <- function(name) {
   d <- if (name == "cellbench") {

@@ -18,7 +18,7 @@ sizes <- as.numeric(args[!startsWith(args, "--") & !seq_along(args) %in% (ti + 1
 if (!length(sizes)) sizes <- c(1e4, 1e5, 1e6)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
-python <- tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
+python <- peers_python(root)
 
 for (n in sizes) {
   work <- file.path(tempdir(), sprintf("harmony_%d", as.integer(n)))

@@ -15,18 +15,15 @@
 # ATAC-only twin pair of cell types); appends to bench/results/multimodal.csv.
 suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
-opt <- function(name, default) {
-  i <- which(args == name)
-  if (length(i)) as.integer(args[i + 1]) else default
-}
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+opt <- function(name, default) bench_option(args, name, default)
 n_cells <- opt("--cells", 20000L)
 n_genes <- opt("--genes", 2000L)
 n_peaks <- opt("--peaks", 20000L)
 epochs <- opt("--epochs", 20L)
 threads <- opt("--threads", 2L)
-source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
-python <- tail(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE), 1)
+python <- peers_python(root)
 
 sce <- simulate_counts(n_cells = n_cells, n_genes = n_genes, n_groups = 6, n_batches = 2, atac = TRUE,
                        n_peaks = n_peaks, atac_only_groups = 1, seed = 1, threads = threads)

@@ -21,20 +21,15 @@
 # the distillers); without it each uses its own default. pca always runs.
 suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
-option <- function(flag, default) {
-  i <- which(args == flag)
-  if (!length(i)) return(default)
-  value <- args[i + 1]
-  args <<- args[-c(i, i + 1)]
-  value
-}
-epochs <- as.integer(option("--epochs", NA))
-all_methods <- c("pca", "harmony", "harmonypy", "distill", "scdistill_py", "vae", "scvi")
-methods <- union("pca", strsplit(option("--methods", paste(all_methods, collapse = ",")), ",")[[1]])
-if (length(bad <- setdiff(methods, all_methods))) stop("unknown method(s): ", paste(bad, collapse = ", "))
-data_name <- if (length(args) >= 1) args[1] else "s1"
-n_cells <- if (length(args) >= 2) as.integer(args[2]) else NULL
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
+epochs <- bench_option(args, "--epochs", NA_integer_)
+all_methods <- c("pca", "harmony", "harmonypy", "distill", "scdistill_py", "vae", "scvi")
+methods <- union("pca", strsplit(bench_option(args, "--methods", paste(all_methods, collapse = ","), as = identity), ",")[[1]])
+if (length(bad <- setdiff(methods, all_methods))) stop("unknown method(s): ", paste(bad, collapse = ", "))
+flags <- which(startsWith(args, "--"))
+positional <- if (length(flags)) args[-c(flags, flags + 1)] else args
+data_name <- if (length(positional) >= 1) positional[1] else "s1"
+n_cells <- if (length(positional) >= 2) as.integer(positional[2]) else NULL
 root <- bench_root()
 threads <- 2L
 
@@ -85,9 +80,7 @@ bodies <- list(
 )
 
 peers_py <- if (any(c("harmonypy", "scvi", "scdistill_py") %in% methods)) {
-  p <- tryCatch(system2("bash", file.path(root, "bench", "setup_peers.sh"), stdout = TRUE, stderr = FALSE),
-                error = function(e) character())
-  utils::tail(p, 1)
+  tryCatch(peers_python(root), error = function(e) character())
 } else character()
 runs <- list()
 for (m in methods) {
