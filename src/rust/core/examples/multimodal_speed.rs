@@ -49,7 +49,7 @@ fn main() {
             eprintln!("epoch {} {:.3} s  train {:.2}  validation {:.2}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)
         })
         .unwrap();
-        let mut secs: Vec<f64> = m.meta.history.iter().map(|r| r.seconds).collect();
+        let mut secs: Vec<f64> = m.meta.training.history.iter().map(|r| r.seconds).collect();
         secs.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!(
             "{n_cells} cells x {n_genes} genes + {n_peaks} peaks, {threads} threads, {device:?}: {:.3} s/epoch (median), total {:.1} s",

@@ -22,7 +22,7 @@ fn main() {
             eprintln!("epoch {} {:.3} s  train {:.2}  validation {:.2}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)
         })
         .unwrap();
-        let secs: Vec<f64> = m.meta.history.iter().map(|r| r.seconds).collect();
+        let secs: Vec<f64> = m.meta.training.history.iter().map(|r| r.seconds).collect();
         println!(
             "{n_cells} cells x {n_genes} genes, {threads} threads, {:?}: {:.3} s/epoch (median), {:.0} cells/s, total {:.1} s",
             device,

@@ -109,6 +109,35 @@ pub struct History {
     pub validation_cells: Vec<usize>,
 }
 
+/// How a model was trained, as its model file keeps it (flattened into the
+/// model's metadata, so the file's fields keep their names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    pub train: TrainConfig,
+    pub history: Vec<EpochRecord>,
+    /// Epoch (1-based) whose weights the model holds.
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub n_cells: usize,
+    /// 0-based indices of the held-out cells of the training data.
+    pub validation_cells: Vec<usize>,
+}
+
+impl TrainingRecord {
+    pub fn new(train: TrainConfig, history: History, n_cells: usize) -> TrainingRecord {
+        TrainingRecord {
+            train,
+            history: history.epochs,
+            best_epoch: history.best_epoch,
+            stopped_early: history.stopped_early,
+            interrupted: history.interrupted,
+            n_cells,
+            validation_cells: history.validation_cells,
+        }
+    }
+}
+
 /// Mean negative ELBO, reconstruction and KL per cell over `rows`, in
 /// evaluation mode without gradients.
 pub fn evaluate(task: &dyn Trainable, rows: &[usize], batch_size: usize) -> (f64, f64, f64) {

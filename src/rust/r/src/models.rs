@@ -10,7 +10,7 @@ use scdistill_core::device::parse_device;
 use scdistill_core::infer;
 use scdistill_core::models::vae::{Dispersion, Likelihood, VaeConfig, VaeData, VaeModel};
 use scdistill_core::nn::Norm;
-use scdistill_core::train::{EpochRecord, TrainConfig};
+use scdistill_core::train::{EpochRecord, TrainConfig, TrainingRecord};
 use std::sync::Mutex;
 
 type ModelPtr = ExternalPtr<VaeModel>;
@@ -200,38 +200,50 @@ pub(crate) fn history_to_r(h: &[EpochRecord]) -> List {
 #[extendr]
 fn rs_model_info(ptr: Robj) -> Result<List> {
     let m = model_ref(&ptr)?;
-    let (c, t) = (&m.meta.config, &m.meta.train);
-    Ok(list!(
-        kind = "vae",
-        device = scdistill_core::device::device_name(m.vae.device()),
-        genes = m.meta.genes.clone(),
-        batch_name = m.meta.batch_name.clone(),
-        batch_levels = m.meta.batch_levels.clone(),
-        categorical = List::from_pairs(m.meta.categorical.iter().map(|(n, l)| (n.as_str(), Robj::from(l.clone())))),
-        continuous = m.meta.continuous.clone(),
-        config = list!(
-            n_latent = c.n_latent as i32,
-            n_hidden = c.n_hidden as i32,
-            n_layers = c.n_layers as i32,
-            dropout = c.dropout,
-            norm = format!("{:?}", c.norm).to_lowercase(),
-            likelihood = format!("{:?}", c.likelihood).to_lowercase(),
-            dispersion = match c.dispersion {
-                Dispersion::Gene => "gene",
-                Dispersion::GeneBatch => "gene-batch",
-                Dispersion::GeneCell => "gene-cell",
-            },
-            library = if c.learn_library { "learned" } else { "observed" },
-            encode_covariates = c.encode_covariates
+    let c = &m.meta.config;
+    Ok(with_training(
+        list!(
+            kind = "vae",
+            device = scdistill_core::device::device_name(m.vae.device()),
+            genes = m.meta.genes.clone(),
+            batch_name = m.meta.batch_name.clone(),
+            batch_levels = m.meta.batch_levels.clone(),
+            categorical = List::from_pairs(m.meta.categorical.iter().map(|(n, l)| (n.as_str(), Robj::from(l.clone())))),
+            continuous = m.meta.continuous.clone(),
+            config = list!(
+                n_latent = c.n_latent as i32,
+                n_hidden = c.n_hidden as i32,
+                n_layers = c.n_layers as i32,
+                dropout = c.dropout,
+                norm = format!("{:?}", c.norm).to_lowercase(),
+                likelihood = format!("{:?}", c.likelihood).to_lowercase(),
+                dispersion = match c.dispersion {
+                    Dispersion::Gene => "gene",
+                    Dispersion::GeneBatch => "gene-batch",
+                    Dispersion::GeneCell => "gene-cell",
+                },
+                library = if c.learn_library { "learned" } else { "observed" },
+                encode_covariates = c.encode_covariates
+            ),
         ),
-        train = train_to_r(t),
-        history = history_to_r(&m.meta.history),
-        best_epoch = m.meta.best_epoch as i32,
-        stopped_early = m.meta.stopped_early,
-        interrupted = m.meta.interrupted,
-        n_cells = m.meta.n_cells as i32,
-        validation_cells = m.meta.validation_cells.iter().map(|&c| c as i32 + 1).collect::<Vec<i32>>()
+        &m.meta.training,
     ))
+}
+
+/// `info` followed by how the model was trained (train settings, history,
+/// best epoch, early stop, interruption, cells, 1-based validation cells).
+pub(crate) fn with_training(info: List, r: &TrainingRecord) -> List {
+    let mut pairs: Vec<(String, Robj)> = info.iter().map(|(n, v)| (n.to_string(), v)).collect();
+    pairs.extend([
+        ("train".to_string(), train_to_r(&r.train).into()),
+        ("history".to_string(), history_to_r(&r.history).into()),
+        ("best_epoch".to_string(), (r.best_epoch as i32).into()),
+        ("stopped_early".to_string(), r.stopped_early.into()),
+        ("interrupted".to_string(), r.interrupted.into()),
+        ("n_cells".to_string(), (r.n_cells as i32).into()),
+        ("validation_cells".to_string(), r.validation_cells.iter().map(|&c| c as i32 + 1).collect::<Vec<i32>>().into()),
+    ]);
+    List::from_pairs(pairs)
 }
 
 /// Runs `work(interrupted, report)` on a worker; each epoch it reports is

@@ -1,9 +1,7 @@
 //! extendr glue of the multimodal model: fitting, description, files, and
 //! inference on (new) paired cells.
 
-use crate::models::{
-    categorical_list, history_to_r, train_config, train_to_r, transpose, with_epoch_progress, Settings,
-};
+use crate::models::{categorical_list, train_config, transpose, with_epoch_progress, with_training, Settings};
 use crate::worker::Lent;
 use crate::{counts_from_r, fail, strings};
 use extendr_api::prelude::*;
@@ -94,12 +92,8 @@ fn covariates_from_r(cov: &List, n: usize) -> Result<MultimodalCovariates> {
 
 fn latents_to_r(model: &MultimodalModel, joint: &[f32], per: &[Vec<f32>], n: usize) -> List {
     let c = &model.meta.config;
-    let per_r: Vec<(&str, Robj)> = c
-        .modalities
-        .iter()
-        .zip(per)
-        .map(|(m, z)| (m.name.as_str(), Robj::from(transpose(z, n, m.n_latent))))
-        .collect();
+    let per_r: Vec<(&str, Robj)> =
+        c.modalities.iter().zip(per).map(|(m, z)| (m.name.as_str(), Robj::from(transpose(z, n, m.n_latent)))).collect();
     list!(joint = transpose(joint, n, c.n_latent()), modalities = List::from_pairs(per_r))
 }
 
@@ -143,7 +137,7 @@ fn key_to_r(k: &Key) -> List {
 #[extendr]
 fn rs_multimodal_info(ptr: Robj) -> Result<List> {
     let m = model_ref(&ptr)?;
-    let (c, t) = (&m.meta.config, &m.meta.train);
+    let c = &m.meta.config;
     let modalities: Vec<(&str, Robj)> = c
         .modalities
         .iter()
@@ -160,36 +154,32 @@ fn rs_multimodal_info(ptr: Robj) -> Result<List> {
             (s.name.as_str(), Robj::from(l))
         })
         .collect();
-    Ok(list!(
-        kind = "multimodal",
-        device = scdistill_core::device::device_name(m.model.device()),
-        modalities = List::from_pairs(modalities),
-        covariates = list!(
-            ambient = key_to_r(&m.meta.ambient),
-            scaling = key_to_r(&m.meta.scaling),
-            dispersion = key_to_r(&m.meta.dispersion),
-            library = key_to_r(&m.meta.library),
-            decoder = List::from_values(m.meta.decoder.iter().map(key_to_r)),
-            encoder = List::from_values(m.meta.encoder.iter().map(key_to_r))
+    Ok(with_training(
+        list!(
+            kind = "multimodal",
+            device = scdistill_core::device::device_name(m.model.device()),
+            modalities = List::from_pairs(modalities),
+            covariates = list!(
+                ambient = key_to_r(&m.meta.ambient),
+                scaling = key_to_r(&m.meta.scaling),
+                dispersion = key_to_r(&m.meta.dispersion),
+                library = key_to_r(&m.meta.library),
+                decoder = List::from_values(m.meta.decoder.iter().map(key_to_r)),
+                encoder = List::from_values(m.meta.encoder.iter().map(key_to_r))
+            ),
+            config = list!(
+                n_latent = c.n_latent() as i32,
+                combine = format!("{:?}", c.combine).to_lowercase(),
+                n_layers = c.n_layers as i32,
+                dropout = c.dropout,
+                norm = format!("{:?}", c.norm).to_lowercase(),
+                library = if c.learn_library { "learned" } else { "observed" },
+                library_prior_scale = c.library_prior_scale,
+                ambient_prior = c.ambient_prior,
+                decoder_l2 = c.decoder_l2
+            ),
         ),
-        config = list!(
-            n_latent = c.n_latent() as i32,
-            combine = format!("{:?}", c.combine).to_lowercase(),
-            n_layers = c.n_layers as i32,
-            dropout = c.dropout,
-            norm = format!("{:?}", c.norm).to_lowercase(),
-            library = if c.learn_library { "learned" } else { "observed" },
-            library_prior_scale = c.library_prior_scale,
-            ambient_prior = c.ambient_prior,
-            decoder_l2 = c.decoder_l2
-        ),
-        train = train_to_r(t),
-        history = history_to_r(&m.meta.history),
-        best_epoch = m.meta.best_epoch as i32,
-        stopped_early = m.meta.stopped_early,
-        interrupted = m.meta.interrupted,
-        n_cells = m.meta.n_cells as i32,
-        validation_cells = m.meta.validation_cells.iter().map(|&c| c as i32 + 1).collect::<Vec<i32>>()
+        &m.meta.training,
     ))
 }
 
@@ -242,7 +232,14 @@ fn on_cells<T: Send>(
 /// Joint and per-modality latent spaces, column-major cells × dimensions.
 /// @noRd
 #[extendr]
-fn rs_multimodal_latent(ptr: Robj, counts: List, labels: List, give_mean: bool, seed: f64, threads: i32) -> Result<List> {
+fn rs_multimodal_latent(
+    ptr: Robj,
+    counts: List,
+    labels: List,
+    give_mean: bool,
+    seed: f64,
+    threads: i32,
+) -> Result<List> {
     let (joint, per, n) = on_cells(&ptr, &counts, &labels, false, seed, threads, |m, data, _| {
         let (j, p) = infer::latent(&m.model, data, give_mean);
         Ok((j, p, data.n_cells()))

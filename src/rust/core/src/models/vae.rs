@@ -18,7 +18,7 @@ use crate::error::{check_param, invalid, Result};
 use crate::io;
 use crate::likelihood::{nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, SparseBatch};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
-use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable};
+use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::nn::{self, Module};
@@ -382,14 +382,8 @@ pub struct VaeMeta {
     pub batch_levels: Vec<String>,
     pub categorical: Vec<(String, Vec<String>)>,
     pub continuous: Vec<String>,
-    pub train: TrainConfig,
-    pub history: Vec<EpochRecord>,
-    pub best_epoch: usize,
-    pub stopped_early: bool,
-    pub interrupted: bool,
-    pub n_cells: usize,
-    /// 0-based indices of the held-out cells of the training data.
-    pub validation_cells: Vec<usize>,
+    #[serde(flatten)]
+    pub training: TrainingRecord,
 }
 
 /// A trained VAE and its description.
@@ -444,13 +438,7 @@ impl VaeModel {
             batch_levels: cov.batch.levels.clone(),
             categorical: cov.categorical.iter().map(|c| (c.name.clone(), c.levels.clone())).collect(),
             continuous: cov.continuous.iter().map(|c| c.0.clone()).collect(),
-            train: train_cfg,
-            history: history.epochs,
-            best_epoch: history.best_epoch,
-            stopped_early: history.stopped_early,
-            interrupted: history.interrupted,
-            n_cells: counts.n_cells(),
-            validation_cells: history.validation_cells,
+            training: TrainingRecord::new(train_cfg, history, counts.n_cells()),
         };
         Ok(VaeModel { meta, vae })
     }

@@ -48,7 +48,7 @@ fn training_lowers_the_elbo_and_the_latent_separates_cell_types() {
     let s = sim(600, 1);
     for likelihood in [Likelihood::Zinb, Likelihood::Nb, Likelihood::Poisson] {
         let m = fit(&s, VaeConfig { likelihood, ..Default::default() }, quick(60));
-        let h = &m.meta.history;
+        let h = &m.meta.training.history;
         assert_eq!(h.len(), 60);
         let (first, last) = (h[0].validation_elbo, h[59].validation_elbo);
         assert!(last < 0.9 * first, "{likelihood:?}: validation -ELBO {first} -> {last}");
@@ -79,7 +79,7 @@ fn same_seed_same_latent_and_saved_models_reload_exactly() {
         VaeModel::from_bytes(&bytes, Device::Cpu).unwrap()
     };
     assert_eq!(back.meta.genes, a.meta.genes);
-    assert_eq!(back.meta.history.len(), 5);
+    assert_eq!(back.meta.training.history.len(), 5);
     assert!(latent_of(&back, &s) == za, "reloaded model, different latent");
     let cov = covariates(&s);
     let data = VaeData::new(&s.counts.csr, &cov);
@@ -126,14 +126,14 @@ fn early_stopping_restores_the_best_weights() {
     let s = sim(1000, 4);
     let tc = TrainConfig { max_epochs: 300, kl_warmup: 0.0, patience: 3, min_delta: 5.0, ..Default::default() };
     let m = fit(&s, VaeConfig::default(), tc);
-    assert!(m.meta.stopped_early);
-    assert_eq!(m.meta.best_epoch + 3, m.meta.history.len());
+    assert!(m.meta.training.stopped_early);
+    assert_eq!(m.meta.training.best_epoch + 3, m.meta.training.history.len());
     let cov = covariates(&s);
     let data = VaeData::new(&s.counts.csr, &cov);
     // The ELBO draws z: average a few evaluations of the 100 held-out cells.
     let task = VaeTask { model: &m.vae, data: &data };
-    let val: f64 = (0..10).map(|_| evaluate(&task, &m.meta.validation_cells, 1024).0).sum::<f64>() / 10.0;
-    let best = m.meta.history[m.meta.best_epoch - 1].validation_elbo;
+    let val: f64 = (0..10).map(|_| evaluate(&task, &m.meta.training.validation_cells, 1024).0).sum::<f64>() / 10.0;
+    let best = m.meta.training.history[m.meta.training.best_epoch - 1].validation_elbo;
     assert!((val - best).abs() / best < 0.01, "restored {val} vs best {best}");
 }
 
@@ -146,8 +146,8 @@ fn interrupts_stop_training_and_keep_a_usable_model() {
     let tc = TrainConfig { max_epochs: 50, kl_warmup: 0.0, ..Default::default() };
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let m = VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, Device::Cpu, &stop, &|_| {}).unwrap();
-    assert!(m.meta.interrupted);
-    assert!(m.meta.history.len() <= 4, "{} epochs", m.meta.history.len());
+    assert!(m.meta.training.interrupted);
+    assert!(m.meta.training.history.len() <= 4, "{} epochs", m.meta.training.history.len());
     assert!(latent_of(&m, &s).iter().all(|v| v.is_finite()));
 }
 

@@ -6,7 +6,7 @@ use crate::data::{train_validation_split, Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::io;
-use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig};
+use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::Device;
@@ -36,14 +36,10 @@ pub struct MultimodalMeta {
     pub library: Key,
     pub decoder: Vec<Key>,
     pub encoder: Vec<Key>,
-    pub train: TrainConfig,
-    pub history: Vec<EpochRecord>,
-    pub best_epoch: usize,
-    pub stopped_early: bool,
-    pub interrupted: bool,
-    pub n_cells: usize,
+    /// Training cells the global prior terms are divided by.
     pub n_obs: usize,
-    pub validation_cells: Vec<usize>,
+    #[serde(flatten)]
+    pub training: TrainingRecord,
 }
 
 pub struct MultimodalModel {
@@ -110,14 +106,8 @@ impl MultimodalModel {
             library: Key::of(&cov.library),
             decoder: cov.decoder.iter().map(Key::of).collect(),
             encoder: cov.encoder.iter().map(Key::of).collect(),
-            train: train_cfg,
-            history: history.epochs,
-            best_epoch: history.best_epoch,
-            stopped_early: history.stopped_early,
-            interrupted: history.interrupted,
-            n_cells: n,
             n_obs,
-            validation_cells: history.validation_cells,
+            training: TrainingRecord::new(train_cfg, history, n),
         };
         Ok(MultimodalModel { meta, model })
     }

@@ -125,10 +125,10 @@ fn training_on_rna_and_atac_separates_groups_that_only_atac_tells_apart() {
     let atac = peaks(&s);
     let tc = TrainConfig { max_epochs: 200, patience: 10, min_delta: 0.5, kl_warmup: 0.1, ..Default::default() };
     let both = fit(&[&s.counts, &atac], &s, two(), tc.clone());
-    let h = &both.meta.history;
+    let h = &both.meta.training.history;
     let v: Vec<String> = h.iter().step_by(10).map(|r| format!("{:.2}", r.validation_elbo)).collect();
-    assert!(both.meta.stopped_early, "ran {} epochs without stopping early: {}", h.len(), v.join(" "));
-    assert!(h[both.meta.best_epoch - 1].validation_elbo < h[0].validation_elbo);
+    assert!(both.meta.training.stopped_early, "ran {} epochs without stopping early: {}", h.len(), v.join(" "));
+    assert!(h[both.meta.training.best_epoch - 1].validation_elbo < h[0].validation_elbo);
     assert_eq!(both.meta.n_obs, 1200 - 120);
     let rna_only_cfg = MultimodalConfig { modalities: vec![spec("RNA", true, false)], ..Default::default() };
     let rna_only = fit(&[&s.counts], &s, rna_only_cfg, tc);
