@@ -90,6 +90,56 @@ impl Csr {
         Csr { n_rows: rows.len(), n_cols, indptr, indices, values }
     }
 
+    /// Builds a matrix row by row in parallel: `row(i, indices, values)`
+    /// appends the entries of row i (columns ascending) and returns a value
+    /// kept per row. Rows are made in ordered rounds of chunks and appended
+    /// as each round ends, so memory is the result plus one round's buffers
+    /// (no per-row vectors, no second copy), and the result does not depend
+    /// on the number of threads.
+    pub fn build_rows<T: Send>(
+        n_rows: usize,
+        n_cols: usize,
+        row: impl Fn(usize, &mut Vec<u32>, &mut Vec<f32>) -> T + Sync,
+    ) -> (Csr, Vec<T>) {
+        const CHUNK: usize = 512;
+        let per_round = CHUNK * 4 * rayon::current_num_threads().max(1);
+        let mut indptr = Vec::with_capacity(n_rows + 1);
+        indptr.push(0usize);
+        let (mut indices, mut values, mut kept) = (Vec::new(), Vec::new(), Vec::with_capacity(n_rows));
+        for start in (0..n_rows).step_by(per_round) {
+            let end = (start + per_round).min(n_rows);
+            let chunks: Vec<(Vec<usize>, Vec<u32>, Vec<f32>, Vec<T>)> = (start..end)
+                .step_by(CHUNK)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|c0| {
+                    let c1 = (c0 + CHUNK).min(end);
+                    let (mut ends, mut idx, mut val, mut out) =
+                        (Vec::with_capacity(c1 - c0), Vec::new(), Vec::new(), Vec::with_capacity(c1 - c0));
+                    for i in c0..c1 {
+                        out.push(row(i, &mut idx, &mut val));
+                        ends.push(idx.len());
+                    }
+                    (ends, idx, val, out)
+                })
+                .collect();
+            for (ends, idx, val, out) in chunks {
+                let base = indices.len();
+                indptr.extend(ends.iter().map(|e| base + e));
+                indices.extend_from_slice(&idx);
+                values.extend_from_slice(&val);
+                kept.extend(out);
+            }
+            if start == 0 && end < n_rows {
+                // Reserve for the rest at the first round's density (+5%).
+                let expected = (indices.len() as f64 / end as f64 * n_rows as f64 * 1.05) as usize;
+                indices.reserve(expected.saturating_sub(indices.len()));
+                values.reserve(expected.saturating_sub(values.len()));
+            }
+        }
+        (Csr { n_rows, n_cols, indptr, indices, values }, kept)
+    }
+
     /// Applies `f(row, value)` to every stored value, keeping the pattern.
     pub fn map_values(&self, f: impl Fn(usize, f32) -> f32 + Sync) -> Csr {
         let mut values = vec![0f32; self.nnz()];

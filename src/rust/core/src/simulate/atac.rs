@@ -13,7 +13,6 @@ use crate::error::{check_param, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma, LogNormal, Poisson};
-use rayon::prelude::*;
 
 /// Parameters of the ATAC modality.
 #[derive(Debug, Clone)]
@@ -137,40 +136,30 @@ pub(super) fn simulate_atac(
     let batch_factor: Vec<Vec<f64>> = (0..p.n_batches())
         .map(|_| (0..a.n_peaks).map(|_| super::lognormal_factor(&mut rng, &batch_effect, 0.5)).collect())
         .collect();
-    let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..group.len())
-        .into_par_iter()
-        .map(|i| {
-            let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xA7AC);
-            r.set_stream(i as u64 + 1);
-            let (t, b) = (group[i] as usize, batch[i] as usize);
-            let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
-            let lib = LogNormal::new(a.lib_loc + shift, a.lib_scale).expect("validated").sample(&mut r);
-            let raw: Vec<f64> = (0..a.n_peaks)
-                .map(|k| {
-                    let cond = match linked_gene[k] {
-                        Some(g) if condition[i] == 1 => gene_condition_factor[t][g],
-                        _ => 1.0,
-                    };
-                    base[k] * group_factor[t][k] * batch_factor[b][k] * cond
-                })
-                .collect();
-            let total: f64 = raw.iter().sum();
-            let (mut idx, mut val) = (Vec::new(), Vec::new());
-            for (k, v) in raw.iter().enumerate() {
-                let rate = lib * v / total;
-                let c = if rate > 0.0 { Poisson::new(rate).map(|d| d.sample(&mut r)).unwrap_or(0.0) } else { 0.0 };
-                if c > 0.0 {
-                    idx.push(k as u32);
-                    val.push(if a.binary { 1.0 } else { c as f32 });
-                }
+    let (counts, _) = Csr::build_rows(group.len(), a.n_peaks, |i, idx, val| {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xA7AC);
+        r.set_stream(i as u64 + 1);
+        let (t, b) = (group[i] as usize, batch[i] as usize);
+        let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
+        let lib = LogNormal::new(a.lib_loc + shift, a.lib_scale).expect("validated").sample(&mut r);
+        let raw: Vec<f64> = (0..a.n_peaks)
+            .map(|k| {
+                let cond = match linked_gene[k] {
+                    Some(g) if condition[i] == 1 => gene_condition_factor[t][g],
+                    _ => 1.0,
+                };
+                base[k] * group_factor[t][k] * batch_factor[b][k] * cond
+            })
+            .collect();
+        let total: f64 = raw.iter().sum();
+        for (k, v) in raw.iter().enumerate() {
+            let rate = lib * v / total;
+            let c = if rate > 0.0 { Poisson::new(rate).map(|d| d.sample(&mut r)).unwrap_or(0.0) } else { 0.0 };
+            if c > 0.0 {
+                idx.push(k as u32);
+                val.push(if a.binary { 1.0 } else { c as f32 });
             }
-            (idx, val)
-        })
-        .collect();
-    AtacSimulation {
-        counts: Csr::from_rows(rows, a.n_peaks),
-        peaks: (1..=a.n_peaks).map(|k| format!("Peak{k}")).collect(),
-        linked_gene,
-        group_factor,
-    }
+        }
+    });
+    AtacSimulation { counts, peaks: (1..=a.n_peaks).map(|k| format!("Peak{k}")).collect(), linked_gene, group_factor }
 }

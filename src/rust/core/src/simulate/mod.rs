@@ -195,20 +195,17 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         })
         .collect();
 
-    let rows: Vec<((Vec<u32>, Vec<f32>), f64)> = (0..p.n_cells)
-        .into_par_iter()
-        .map(|i| {
-            let mut r = ChaCha8Rng::seed_from_u64(p.seed);
-            r.set_stream(i as u64 + 1);
-            let b = cells.batch[i] as usize;
-            let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
-            let lib = lnorm(p.lib_loc + shift, p.lib_scale).sample(&mut r);
-            let age = if n_age == 2 { cells.sample[i] as usize % 2 } else { 0 };
-            let prof = profile_of(cells.group[i] as usize, b, cells.condition[i] as usize, age);
-            (cell_counts(p, prof, &bcv_scale, lib, &mut r), lib)
-        })
-        .collect();
-    let library_size = rows.iter().map(|r| r.1).collect();
+    let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
+        let mut r = ChaCha8Rng::seed_from_u64(p.seed);
+        r.set_stream(i as u64 + 1);
+        let b = cells.batch[i] as usize;
+        let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
+        let lib = lnorm(p.lib_loc + shift, p.lib_scale).sample(&mut r);
+        let age = if n_age == 2 { cells.sample[i] as usize % 2 } else { 0 };
+        let prof = profile_of(cells.group[i] as usize, b, cells.condition[i] as usize, age);
+        cell_counts(p, prof, &bcv_scale, lib, &mut r, idx, val);
+        lib
+    });
     let atac = p.atac.as_ref().map(|a| {
         atac::simulate_atac(
             p,
@@ -221,7 +218,6 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
             p.seed,
         )
     });
-    let csr = Csr::from_rows(rows.into_iter().map(|r| r.0).collect(), n_genes);
 
     let names = |prefix: &str, n: usize| (1..=n).map(|k| format!("{prefix}{k}")).collect::<Vec<_>>();
     let counts = CountMatrix {
@@ -368,17 +364,18 @@ fn exact_sizes(p: &[f64], n: usize) -> Vec<usize> {
     sizes
 }
 
-/// One cell: gamma–Poisson counts around library × profile, with the BCV
-/// trend of Splatter: bcv = (bcv_common + 1/sqrt(mean)) · sqrt(df / χ²_df).
+/// One cell, appended to `idx`/`val`: gamma–Poisson counts around library ×
+/// profile, with the BCV trend of Splatter:
+/// bcv = (bcv_common + 1/sqrt(mean)) · sqrt(df / χ²_df).
 fn cell_counts(
     p: &SimParams,
     profile: &[f64],
     bcv_scale: &[f64],
     lib: f64,
     r: &mut ChaCha8Rng,
-) -> (Vec<u32>, Vec<f32>) {
-    let mut idx = Vec::new();
-    let mut val = Vec::new();
+    idx: &mut Vec<u32>,
+    val: &mut Vec<f32>,
+) {
     for (g, &share) in profile.iter().enumerate() {
         let mean = lib * share;
         if mean <= 0.0 {
@@ -399,11 +396,13 @@ fn cell_counts(
                 }
                 poisson(true_mean, r)
             }
-            // P(0) >= 1 − mean (Markov), so a uniform below 1 − mean is a
-            // zero without evaluating the pmf: the same draw, far cheaper.
-            None if mean < 1.0 => {
+            // P(0) = (1 + mean/shape)^−shape ≥ e^−mean ≥ 1 − m + m²/2 − m³/6
+            // (an alternating series cut after a negative term), so a uniform
+            // below that bound is a zero without evaluating the pmf: the same
+            // draw, far cheaper. Useful for means below ~1.6.
+            None if mean < NB_INVERSION_BELOW => {
                 let u: f64 = r.random();
-                if u <= 1.0 - mean {
+                if u <= 1.0 - mean * (1.0 - mean * (0.5 - mean / 6.0)) {
                     continue;
                 }
                 nb_inversion(mean, shape(), u)
@@ -415,7 +414,6 @@ fn cell_counts(
             val.push(count as f32);
         }
     }
-    (idx, val)
 }
 
 fn poisson(mean: f64, r: &mut ChaCha8Rng) -> f64 {
@@ -425,14 +423,16 @@ fn poisson(mean: f64, r: &mut ChaCha8Rng) -> f64 {
     Poisson::new(mean).map(|d| d.sample(r)).unwrap_or(0.0)
 }
 
+/// Means below which a negative binomial count is drawn by inversion.
+const NB_INVERSION_BELOW: f64 = 16.0;
+
 /// A gamma–Poisson (negative binomial) draw with the given mean and gamma
 /// shape. Small means, most entries of a count matrix, are drawn by inversion
 /// from one uniform, walking the pmf recursion
 /// P(k+1) = P(k) · (k + shape)/(k + 1) · mean/(mean + shape); large means by
 /// drawing the gamma mean and then the Poisson count.
 fn negative_binomial(mean: f64, shape: f64, r: &mut ChaCha8Rng) -> f64 {
-    const INVERSION_BELOW: f64 = 16.0;
-    if mean < INVERSION_BELOW {
+    if mean < NB_INVERSION_BELOW {
         return nb_inversion(mean, shape, r.random());
     }
     let true_mean = Gamma::new(shape, mean / shape).map(|d| d.sample(r)).unwrap_or(mean);
