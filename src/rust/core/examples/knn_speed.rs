@@ -14,7 +14,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use scdistill_core::metrics::{knn, knn_approx, Embedding};
+use scdistill_core::metrics::{knn, knn_approx, leiden, umap_connectivities, Embedding};
 use std::time::Instant;
 
 fn main() {
@@ -58,6 +58,10 @@ fn main() {
         hits += g.neighbors(i).iter().filter(|j| truth.contains(j)).count();
     }
     println!("recall on 2,000 cells: {:.4}", hits as f64 / (2000 * k) as f64);
+    let t = Instant::now();
+    let clusters = leiden(&umap_connectivities(&g, 15), 1.0, 1);
+    let n_clusters = clusters.iter().max().map_or(0, |&c| c + 1);
+    println!("Leiden (resolution 1) on its 15-NN graph: {n_clusters} clusters, {:.1} s", t.elapsed().as_secs_f64());
     if n <= 100_000 {
         let t = Instant::now();
         let _ = knn(&e, k).unwrap();

@@ -142,14 +142,62 @@ pub fn leiden(graph: &Graph, resolution: f64, seed: u64) -> Vec<u32> {
     membership.into_iter().map(|c| c as u32).collect()
 }
 
+/// Codes renumbered 0.. in order of first appearance.
 fn relabel(c: &[usize]) -> Vec<usize> {
-    let mut map = HashMap::new();
+    let mut map = vec![usize::MAX; c.iter().max().map_or(0, |&m| m + 1)];
+    let mut next = 0;
     c.iter()
         .map(|&x| {
-            let next = map.len();
-            *map.entry(x).or_insert(next)
+            if map[x] == usize::MAX {
+                map[x] = next;
+                next += 1;
+            }
+            map[x]
         })
         .collect()
+}
+
+/// Edge weights summed per community in a dense array (no hashing); the
+/// communities touched come back in ascending order, each sum accumulated
+/// in edge order.
+struct WeightTo {
+    sum: Vec<f64>,
+    seen: Vec<bool>,
+    touched: Vec<usize>,
+}
+
+impl WeightTo {
+    fn new(n: usize) -> WeightTo {
+        WeightTo { sum: vec![0.0; n], seen: vec![false; n], touched: Vec::new() }
+    }
+
+    fn add(&mut self, c: usize, w: f64) {
+        if !self.seen[c] {
+            self.seen[c] = true;
+            self.touched.push(c);
+        }
+        self.sum[c] += w;
+    }
+
+    fn get(&self, c: usize) -> f64 {
+        if self.seen[c] {
+            self.sum[c]
+        } else {
+            0.0
+        }
+    }
+
+    /// The touched communities and their sums, ascending, then resets.
+    fn drain_sorted(&mut self) -> Vec<(usize, f64)> {
+        self.touched.sort_unstable();
+        let out = self.touched.iter().map(|&c| (c, self.sum[c])).collect();
+        for &c in &self.touched {
+            self.sum[c] = 0.0;
+            self.seen[c] = false;
+        }
+        self.touched.clear();
+        out
+    }
 }
 
 /// Fast local moving: nodes in a queue (random order), each moved to the
@@ -169,25 +217,22 @@ fn move_nodes(g: &Graph, part: &mut [usize], gamma: f64, two_m: f64, rng: &mut C
     order.shuffle(rng);
     let mut queue: VecDeque<usize> = order.into();
     let mut queued = vec![true; n];
-    let mut w_to: HashMap<usize, f64> = HashMap::new();
+    let mut w_to = WeightTo::new(n_comm);
     while let Some(v) = queue.pop_front() {
         queued[v] = false;
         let old = part[v];
         tot[old] -= deg[v];
         size[old] -= 1;
-        w_to.clear();
         for &(u, w) in &g.adj[v] {
             if u as usize != v {
-                *w_to.entry(part[u as usize]).or_insert(0.0) += w;
+                w_to.add(part[u as usize], w);
             }
         }
         // Gain of joining c (the node's own community included, as left).
         let gain = |c: usize, w: f64| w - gamma * deg[v] * tot[c] / two_m;
         let mut best = old;
-        let mut best_gain = if size[old] == 0 { 0.0 } else { gain(old, w_to.get(&old).copied().unwrap_or(0.0)) };
-        let mut cands: Vec<(usize, f64)> = w_to.iter().map(|(&c, &w)| (c, w)).collect();
-        cands.sort_unstable_by_key(|e| e.0);
-        for (c, w) in cands {
+        let mut best_gain = if size[old] == 0 { 0.0 } else { gain(old, w_to.get(old)) };
+        for (c, w) in w_to.drain_sorted() {
             let g_c = gain(c, w);
             if g_c > best_gain + 1e-12 {
                 best = c;
@@ -242,24 +287,21 @@ fn refine(g: &Graph, part: &[usize], gamma: f64, two_m: f64, rng: &mut ChaCha8Rn
     let mut singleton = vec![true; n];
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(rng);
-    let mut w_to: HashMap<usize, f64> = HashMap::new();
+    let mut w_to = WeightTo::new(n);
     for v in order {
         let c = part[v];
         if !singleton[v] || w_in[v] < gamma * deg[v] * (comm_tot[c] - deg[v]) / two_m {
             continue;
         }
-        w_to.clear();
         for &(u, w) in &g.adj[v] {
             let u = u as usize;
             if u != v && part[u] == c {
-                *w_to.entry(refined[u]).or_insert(0.0) += w;
+                w_to.add(refined[u], w);
             }
         }
         let mut best = refined[v];
         let mut best_gain = 0.0;
-        let mut cands: Vec<(usize, f64)> = w_to.iter().map(|(&r, &w)| (r, w)).collect();
-        cands.sort_unstable_by_key(|e| e.0);
-        for (r, w) in cands {
+        for (r, w) in w_to.drain_sorted() {
             if r == refined[v] {
                 continue;
             }
@@ -285,18 +327,20 @@ fn refine(g: &Graph, part: &[usize], gamma: f64, two_m: f64, rng: &mut ChaCha8Rn
 
 /// The graph whose nodes are the communities `c` (0..k), edge weights summed.
 fn aggregate(g: &Graph, c: &[usize], k: usize) -> Graph {
-    let mut rows: Vec<HashMap<u32, f64>> = vec![HashMap::new(); k];
-    for (v, edges) in g.adj.iter().enumerate() {
-        for &(u, w) in edges {
-            *rows[c[v]].entry(c[u as usize] as u32).or_insert(0.0) += w;
-        }
+    let mut members = vec![Vec::new(); k];
+    for (v, &cv) in c.iter().enumerate() {
+        members[cv].push(v);
     }
-    let adj = rows
-        .into_iter()
-        .map(|r| {
-            let mut e: Vec<(u32, f64)> = r.into_iter().collect();
-            e.sort_unstable_by_key(|x| x.0);
-            e
+    let mut w_to = WeightTo::new(k);
+    let adj = members
+        .iter()
+        .map(|vs| {
+            for &v in vs {
+                for &(u, w) in &g.adj[v] {
+                    w_to.add(c[u as usize], w);
+                }
+            }
+            w_to.drain_sorted().into_iter().map(|(u, w)| (u as u32, w)).collect()
         })
         .collect();
     Graph { adj }
