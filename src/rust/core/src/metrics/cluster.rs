@@ -57,7 +57,12 @@ pub fn silhouette_samples(x: &Embedding, labels: &[u32]) -> Vec<f64> {
 }
 
 /// k-means (Lloyd) from k-means++ seeds; the best of `n_init` runs by inertia.
+/// A run stops when no cell changes cluster or, as scikit-learn's, when the
+/// centres move by at most 1e-4 × the mean per-dimension variance (summed
+/// squared shift); without the latter, a few cells flipping back and forth
+/// keep large data sets iterating to `max_iter`.
 pub fn kmeans(x: &Embedding, k: usize, n_init: usize, max_iter: usize, seed: u64) -> Vec<u32> {
+    let tol = 1e-4 * mean_variance(x);
     let mut best: Option<(f64, Vec<u32>)> = None;
     for run in 0..n_init.max(1) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -68,8 +73,10 @@ pub fn kmeans(x: &Embedding, k: usize, n_init: usize, max_iter: usize, seed: u64
             let next: Vec<u32> = (0..x.n).into_par_iter().map(|i| nearest(x.row(i), &centers, x.d).0).collect();
             let changed = next != assign;
             assign = next;
-            centers = means(x, &assign, k, &centers);
-            if !changed {
+            let moved = means(x, &assign, k, &centers);
+            let shift: f64 = moved.iter().zip(&centers).map(|(a, b)| (a - b) * (a - b)).sum();
+            centers = moved;
+            if !changed || shift <= tol {
                 break;
             }
         }
@@ -79,6 +86,18 @@ pub fn kmeans(x: &Embedding, k: usize, n_init: usize, max_iter: usize, seed: u64
         }
     }
     best.map(|b| b.1).unwrap_or_default()
+}
+
+/// Mean over dimensions of the (population) variance of the cells.
+fn mean_variance(x: &Embedding) -> f64 {
+    let n = x.n.max(1) as f64;
+    (0..x.d)
+        .map(|j| {
+            let mean = (0..x.n).map(|i| x.values[i * x.d + j]).sum::<f64>() / n;
+            (0..x.n).map(|i| (x.values[i * x.d + j] - mean).powi(2)).sum::<f64>() / n
+        })
+        .sum::<f64>()
+        / x.d.max(1) as f64
 }
 
 fn nearest(p: &[f64], centers: &[f64], d: usize) -> (u32, f64) {

@@ -107,6 +107,12 @@ fn push_nearest(
 ) {
     cand.clear();
     cand.extend(d2.iter().enumerate().map(|(j, &v)| (v, ids(j))).filter(|&(_, id)| id != itself));
+    take_nearest(cand, k, out);
+}
+
+/// Appends the `k` nearest of the (squared distance, id) pairs `cand`,
+/// nearest first, ties to the lower id.
+fn take_nearest(cand: &mut [(f64, u32)], k: usize, out: (&mut Vec<u32>, &mut Vec<f64>)) {
     let by = |a: &(f64, u32), b: &(f64, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
     let k = k.min(cand.len());
     if k == 0 {
@@ -249,20 +255,22 @@ pub fn knn_approx(x: &Embedding, k: usize, seed: u64) -> Result<Knn> {
             })
             .collect()
     };
+    const QUERIES: usize = 256; // cells per task; bounds the candidate buffers
     let tasks: Vec<(usize, usize)> =
-        (0..m).flat_map(|c| (0..lists[c].len()).step_by(BLOCK).map(move |s| (c, s))).collect();
+        (0..m).flat_map(|c| (0..lists[c].len()).step_by(QUERIES).map(move |s| (c, s))).collect();
     let found: Vec<(usize, usize, Vec<u32>, Vec<f64>)> = tasks
         .par_iter()
         .map(|&(c, start)| {
-            let cells = &lists[c][start..(start + BLOCK).min(lists[c].len())];
+            let cells = &lists[c][start..(start + QUERIES).min(lists[c].len())];
+            let searched_by: Vec<Vec<u32>> = cells.iter().map(|&i| searched(i as usize)).collect();
             // searched list -> positions in `cells` of the cells that search it
-            let mut by_list: Vec<(u32, u32)> = cells
-                .iter()
-                .enumerate()
-                .flat_map(|(q, &i)| searched(i as usize).into_iter().map(move |l| (l, q as u32)))
-                .collect();
+            let mut by_list: Vec<(u32, u32)> =
+                searched_by.iter().enumerate().flat_map(|(q, ls)| ls.iter().map(move |&l| (l, q as u32))).collect();
             by_list.sort_unstable();
-            let mut cand: Vec<Vec<(f64, u32)>> = vec![Vec::new(); cells.len()];
+            let mut cand: Vec<Vec<(f64, u32)>> = searched_by
+                .iter()
+                .map(|ls| Vec::with_capacity(ls.iter().map(|&l| lists[l as usize].len()).sum()))
+                .collect();
             for group in by_list.chunk_by(|a, b| a.0 == b.0) {
                 let l = group[0].0 as usize;
                 let qs: Vec<u32> = group.iter().map(|&(_, q)| cells[q as usize]).collect();
@@ -274,10 +282,9 @@ pub fn knn_approx(x: &Embedding, k: usize, seed: u64) -> Result<Knn> {
                 }
             }
             let (mut idx, mut dist) = (Vec::with_capacity(cells.len() * k), Vec::with_capacity(cells.len() * k));
-            let mut scratch = Vec::new();
             for (q, &i) in cells.iter().enumerate() {
-                let (d2, ids): (Vec<f64>, Vec<u32>) = cand[q].iter().copied().unzip();
-                push_nearest(&d2, |j| ids[j], i, k, &mut scratch, (&mut idx, &mut dist));
+                cand[q].retain(|&(_, j)| j != i);
+                take_nearest(&mut cand[q], k, (&mut idx, &mut dist));
             }
             (c, start, idx, dist)
         })
