@@ -58,7 +58,7 @@ ours <- function(name, body) {
   writeLines(c("suppressPackageStartupMessages(library(scdistill))",
                sprintf("d <- readRDS('%s')", file.path(work, "data.rds")),
                sprintf("threads <- %d; epochs <- %s", threads, if (is.na(epochs)) "NULL" else epochs),
-               if (name != "pca") sprintf("pcs <- as.matrix(utils::read.csv('%s', row.names = 1))",
+               if (name == "harmony") sprintf("pcs <- as.matrix(utils::read.csv('%s', row.names = 1))",
                                           file.path(work, "pca.csv")),
                "invisible(torch_config(threads = threads))",
                "t0 <- proc.time()[['elapsed']]", body,
