@@ -5,7 +5,7 @@
 
 use super::csr::Csr;
 use crate::error::Result;
-use crate::likelihood::SparseBatch;
+use crate::likelihood::{HostRows, SparseBatch};
 use tch::{Device, Kind, Tensor};
 
 /// CSR of cells × genes as tensors on one device.
@@ -53,7 +53,18 @@ impl DeviceCsr {
         let x = self.values.index_select(0, &pos);
         let flat = &row * self.n_cols + &gene;
         let dense = Tensor::zeros([b * self.n_cols], (Kind::Float, device)).index_put(&[Some(&flat)], &x, false);
-        (dense.view([b, self.n_cols]), SparseBatch { flat, gene, row, x, n_rows: b })
+        // On the CPU the fused likelihood kernel reads the same entries as CSR rows.
+        let host = (device == Device::Cpu).then(|| {
+            let lens = Vec::<i64>::try_from(&lens).expect("row lengths");
+            let mut indptr = vec![0usize];
+            indptr.extend(lens.iter().scan(0usize, |acc, &l| {
+                *acc += l as usize;
+                Some(*acc)
+            }));
+            let indices = Vec::<i64>::try_from(&gene).expect("gene indices").into_iter().map(|j| j as u32).collect();
+            HostRows { indptr, indices, values: Vec::<f32>::try_from(&x).expect("counts") }
+        });
+        (dense.view([b, self.n_cols]), SparseBatch { flat, gene, row, x, n_rows: b, host })
     }
 }
 
@@ -79,5 +90,7 @@ mod tests {
         let hb = SparseBatch::from_csr(&m, &rows, Device::Cpu);
         assert!(sb.flat.equal(&hb.flat) && sb.gene.equal(&hb.gene) && sb.row.equal(&hb.row) && sb.x.equal(&hb.x));
         assert_eq!(sb.n_rows, 4);
+        let (a, b) = (sb.host.as_ref().unwrap(), hb.host.as_ref().unwrap());
+        assert!(a.indptr == b.indptr && a.indices == b.indices && a.values == b.values);
     }
 }

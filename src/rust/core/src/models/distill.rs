@@ -16,7 +16,8 @@ use crate::data::{Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
+use crate::likelihood::fused::Family;
+use crate::likelihood::{fused_log_kernel_rows, nb_log_kernel_rows, RawDecoded, SparseBatch};
 use crate::nn::{linear, FcLayers, FcSpec, Norm, Pass};
 use crate::train::{train, EpochRecord, History, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
@@ -135,9 +136,14 @@ impl Student {
 
     /// ρ (rows sum to 1) for latent `z` and batch codes `batch` (int64).
     pub fn decode_scale(&self, z: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> Tensor {
+        self.decode_logits(z, batch, train).softmax(-1, Kind::Float)
+    }
+
+    /// The decoder's logits, ρ = softmax(logits).
+    fn decode_logits(&self, z: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> Tensor {
         let e = self.batch_emb.index_select(0, batch);
         let h = self.dec_fc.forward(&Tensor::cat(&[z, &e], 1), None, train);
-        self.scale_head.forward(&h).softmax(-1, Kind::Float)
+        self.scale_head.forward(&h)
     }
 
     pub fn theta(&self) -> Tensor {
@@ -227,10 +233,21 @@ impl Trainable for DecoderTask<'_> {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
         let batch =
             Tensor::from_slice(&rows.iter().map(|&r| self.batch[r] as i64).collect::<Vec<i64>>()).to_device(dev);
-        let rho = s.decode_scale(&z, &batch, train);
-        let mu = pick(self.log_library).exp().unsqueeze(1) * rho;
+        let logits = s.decode_logits(&z, &batch, train);
+        let log_library = pick(self.log_library).unsqueeze(1);
         let nz = SparseBatch::from_csr(self.counts, rows, dev);
-        let nll = -(nb_log_kernel_rows(&nz, &mu, &s.theta().unsqueeze(0), 1e-8) - pick(self.log_factorial));
+        let raw = RawDecoded {
+            family: Family::Nb,
+            logits: &logits,
+            log_library: &log_library,
+            log_theta: Some(&s.log_theta),
+            pi_logits: None,
+        };
+        let kernel = fused_log_kernel_rows(&nz, &raw).unwrap_or_else(|| {
+            let mu = log_library.exp() * logits.softmax(-1, Kind::Float);
+            nb_log_kernel_rows(&nz, &mu, &s.theta().unsqueeze(0), 1e-8)
+        });
+        let nll = -(kernel - pick(self.log_factorial));
         let zero = nll.zeros_like();
         LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero }
     }

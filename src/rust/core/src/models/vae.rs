@@ -16,7 +16,10 @@ const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::{nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, SparseBatch};
+use crate::likelihood::fused::Family;
+use crate::likelihood::{
+    fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, RawDecoded, SparseBatch,
+};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
@@ -124,6 +127,14 @@ pub struct Decoded {
     pub rate: Tensor,
     /// θ, broadcastable to `rate`.
     pub theta: Tensor,
+    pub pi_logits: Option<Tensor>,
+}
+
+/// The decoder's outputs before the softmax and the exponential of θ.
+pub struct DecoderHeads {
+    pub logits: Tensor,
+    /// log θ: [genes] or [cells, genes]; `None` for Poisson.
+    pub log_theta: Option<Tensor>,
     pub pi_logits: Option<Tensor>,
 }
 
@@ -248,6 +259,22 @@ impl Vae {
         (qz, ql)
     }
 
+    /// The decoder's heads for latent `z`.
+    pub fn decode_heads(&self, z: &Tensor, design: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> DecoderHeads {
+        let h = self.decoder.forward(z, Some(design), train);
+        let logits = self.scale_head.forward(&h);
+        let log_theta = match (&self.px_r, &self.r_head) {
+            (_, Some(head)) => Some(head.forward(&h)),
+            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
+                Some(batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()))
+            }
+            (Some(r), None) => Some(r.shallow_clone()),
+            (None, None) => None,
+        };
+        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
+        DecoderHeads { logits, log_theta, pi_logits }
+    }
+
     /// p(x | z, l, design) for latent `z` and log library `log_library` ([B, 1]).
     pub fn decode(
         &self,
@@ -257,19 +284,40 @@ impl Vae {
         batch: &Tensor,
         train: impl Into<Pass>,
     ) -> Decoded {
-        let h = self.decoder.forward(z, Some(design), train);
-        let scale = self.scale_head.forward(&h).softmax(-1, Kind::Float);
+        self.distribution(self.decode_heads(z, design, batch, train), log_library)
+    }
+
+    /// The decoded distribution from the decoder's heads.
+    fn distribution(&self, heads: DecoderHeads, log_library: &Tensor) -> Decoded {
+        let scale = heads.logits.softmax(-1, Kind::Float);
         let rate = log_library.exp() * &scale;
-        let theta = match (&self.px_r, &self.r_head) {
-            (_, Some(head)) => head.forward(&h).exp(),
-            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
-                batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()).exp()
-            }
-            (Some(r), None) => r.exp().unsqueeze(0),
-            (None, None) => Tensor::ones([1], (Kind::Float, self.device())),
+        let theta = match &heads.log_theta {
+            Some(t) if t.dim() == 1 => t.exp().unsqueeze(0),
+            Some(t) => t.exp(),
+            None => Tensor::ones([1], (Kind::Float, self.device())),
         };
-        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
-        Decoded { scale, rate, theta, pi_logits }
+        Decoded { scale, rate, theta, pi_logits: heads.pi_logits }
+    }
+
+    /// log p(x | z, l) per cell straight from the decoder's heads: the fused
+    /// CPU kernel where it applies, else softmax and the tensor kernels.
+    pub fn log_likelihood_heads(&self, inp: &Inputs, heads: DecoderHeads, log_library: &Tensor) -> Tensor {
+        let family = match self.cfg.likelihood {
+            Likelihood::Nb => Family::Nb,
+            Likelihood::Zinb => Family::Zinb,
+            Likelihood::Poisson => Family::Poisson,
+        };
+        let raw = RawDecoded {
+            family,
+            logits: &heads.logits,
+            log_library,
+            log_theta: heads.log_theta.as_ref(),
+            pi_logits: heads.pi_logits.as_ref(),
+        };
+        if let Some(kernel) = fused_log_kernel_rows(&inp.nonzero, &raw) {
+            return kernel - &inp.log_factorial;
+        }
+        self.log_likelihood(inp, &self.distribution(heads, log_library))
     }
 
     /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).
@@ -301,8 +349,8 @@ impl Vae {
             }
             None => (inp.log_library.shallow_clone(), qm.zeros_like().sum_dim_intlist(-1, false, Kind::Float)),
         };
-        let d = self.decode(&z, &log_library, &inp.design, &inp.batch, train);
-        let reconstruction = -self.log_likelihood(inp, &d);
+        let heads = self.decode_heads(&z, &inp.design, &inp.batch, train);
+        let reconstruction = -self.log_likelihood_heads(inp, heads, &log_library);
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
         LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l }
     }

@@ -3,7 +3,10 @@
 //! `eps` guards the logarithms against zero means or dispersions; pass 0 for
 //! the exact value.
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
+
+pub mod fused;
+pub mod vmath;
 
 /// Negative binomial with mean `mu` and inverse dispersion `theta` (Hilbe 2011,
 /// NB2; variance mu + mu²/theta):
@@ -67,6 +70,16 @@ pub struct SparseBatch {
     pub row: Tensor,
     pub x: Tensor,
     pub n_rows: i64,
+    /// The same entries as CSR rows in host memory, for the fused CPU kernel
+    /// (absent when the minibatch was gathered on a GPU).
+    pub host: Option<HostRows>,
+}
+
+/// A minibatch's counts as CSR rows in host memory.
+pub struct HostRows {
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
 }
 
 impl SparseBatch {
@@ -75,6 +88,8 @@ impl SparseBatch {
         let nnz: usize = rows.iter().map(|&r| m.indptr[r + 1] - m.indptr[r]).sum();
         let (mut flat, mut gene, mut row, mut x) =
             (Vec::with_capacity(nnz), Vec::with_capacity(nnz), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        indptr.push(0);
         for (k, &r) in rows.iter().enumerate() {
             let (idx, val) = m.row(r);
             for (&j, &v) in idx.iter().zip(val) {
@@ -83,7 +98,13 @@ impl SparseBatch {
                 row.push(k as i64);
                 x.push(v);
             }
+            indptr.push(x.len());
         }
+        let host = (device == Device::Cpu).then(|| HostRows {
+            indptr,
+            indices: gene.iter().map(|&j| j as u32).collect(),
+            values: x.clone(),
+        });
         let t = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         SparseBatch {
             flat: t(&flat),
@@ -91,6 +112,7 @@ impl SparseBatch {
             row: t(&row),
             x: Tensor::from_slice(&x).to_device(device),
             n_rows: rows.len() as i64,
+            host,
         }
     }
 
@@ -146,6 +168,82 @@ pub fn zinb_log_kernel_rows(c: &SparseBatch, mu: &Tensor, theta: &Tensor, pi_log
 pub fn poisson_log_kernel_rows(c: &SparseBatch, rate: &Tensor, eps: f64) -> Tensor {
     let dense = -rate.sum_dim_intlist(-1, false, rate.kind());
     dense + c.per_row(&(&c.x * (c.at(rate) + eps).log()))
+}
+
+/// A decoder's raw outputs for the fused CPU likelihood: scale logits
+/// (μ = exp(log_library) · softmax(logits)), log θ ([genes] or [rows, genes];
+/// unused for Poisson) and ZINB dropout logits.
+pub struct RawDecoded<'a> {
+    pub family: fused::Family,
+    pub logits: &'a Tensor,
+    pub log_library: &'a Tensor,
+    pub log_theta: Option<&'a Tensor>,
+    pub pi_logits: Option<&'a Tensor>,
+}
+
+/// Σ over genes of the log-likelihood kernel per row (no −log Γ(x+1)), as
+/// `nb_log_kernel_rows` and friends, evaluated by the fused kernel with its
+/// gradients wired into autograd. `None` when the kernel does not apply (not
+/// on the CPU, not f32, or no host copy of the counts): use the tensor path.
+pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> {
+    let host = c.host.as_ref()?;
+    let float_cpu = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
+    let parts = [Some(d.logits), Some(d.log_library), d.log_theta, d.pi_logits];
+    if !parts.iter().flatten().all(|t| float_cpu(t)) {
+        return None;
+    }
+    let (n, g) = d.logits.size2().ok()?;
+    let flat = |t: &Tensor| t.detach().contiguous().reshape([-1]);
+    let logits = flat(d.logits);
+    let log_library = flat(d.log_library);
+    let log_theta = d.log_theta.map(flat).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+    let pi = d.pi_logits.map(flat).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+    let shared_theta = log_theta.numel() == g as usize;
+    let needs = |t: Option<&Tensor>| t.is_some_and(|t| t.requires_grad());
+    let want_grad = parts.iter().any(|&t| needs(t));
+    let value = Tensor::empty([n], (Kind::Float, Device::Cpu));
+    let empty = || Tensor::zeros([0], (Kind::Float, Device::Cpu));
+    let dense = |on: bool| if on { Tensor::empty([n, g], (Kind::Float, Device::Cpu)) } else { empty() };
+    let (g_logits, g_lib) =
+        (dense(want_grad), if want_grad { Tensor::empty([n], (Kind::Float, Device::Cpu)) } else { empty() });
+    let g_theta = dense(want_grad && d.log_theta.is_some());
+    let g_pi = dense(want_grad && d.pi_logits.is_some());
+    // SAFETY: each slice covers exactly its tensor's contiguous f32 storage,
+    // the tensors live until the end of this function and none is aliased.
+    unsafe {
+        let view = |t: &Tensor| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel());
+        let view_mut = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel());
+        let inputs = fused::Inputs {
+            family: d.family,
+            n_genes: g as usize,
+            logits: view(&logits),
+            log_library: view(&log_library),
+            log_theta: view(&log_theta),
+            pi_logits: view(&pi),
+            counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
+        };
+        let grads = want_grad.then(|| fused::Grads {
+            logits: view_mut(&g_logits),
+            log_library: view_mut(&g_lib),
+            log_theta: view_mut(&g_theta),
+            pi_logits: view_mut(&g_pi),
+        });
+        fused::log_likelihood(&inputs, view_mut(&value), grads);
+    }
+    if !want_grad {
+        return Some(value);
+    }
+    // A surrogate whose value is 0 and whose gradient is the kernel's:
+    // Σ_g input_bg · grad_bg per row (bmm of [1 × g] by [g × 1]).
+    let row_dot = |t: &Tensor, gr: &Tensor| t.reshape([n, 1, g]).bmm(&gr.view([n, g, 1])).view([n]);
+    let mut s = row_dot(d.logits, &g_logits) + d.log_library.reshape([n]) * &g_lib;
+    if let Some(t) = d.log_theta.filter(|t| t.requires_grad()) {
+        s += if shared_theta { g_theta.mv(&t.reshape([g])) } else { row_dot(t, &g_theta) };
+    }
+    if let Some(p) = d.pi_logits.filter(|t| t.requires_grad()) {
+        s += row_dot(p, &g_pi);
+    }
+    Some(value + (&s - s.detach()))
 }
 
 #[cfg(test)]
