@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod numeric;
+pub mod omp;
 pub mod prep;
 pub mod simulate;
 pub mod teacher;

@@ -20,6 +20,7 @@
 //! with q_g = μ_g ∂ℓ/∂μ_g, and dℓ/dlog ℓ = Σ q.
 
 use super::vmath;
+use std::sync::Mutex;
 
 /// ε of the logarithms, as in the libtorch path.
 pub const EPS: f32 = 1e-8;
@@ -85,11 +86,8 @@ impl GeneTheta {
 }
 
 /// Each row's log-likelihood without −Σ log Γ(x + 1), into `out`; with
-/// `grads`, also its gradients.
-///
-/// One thread: during training libtorch's OpenMP workers keep spinning on
-/// the other cores for a while after each operation, and a second thread
-/// here only fought them for the core (measured slower on 2 cores).
+/// `grads`, also its gradients. Rows are shared out among libtorch's OpenMP
+/// threads (`crate::omp`); each row's result does not depend on how many.
 pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     let g = inp.n_genes;
     let n = out.len();
@@ -128,11 +126,23 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     let gt = rows_of(grads.log_theta, g, n);
     let gp = rows_of(grads.pi_logits, g, n);
     let glib = rows_of(grads.log_library, 1, n);
-    let mut scratch = Scratch::default();
-    for (r, ((((o, gl), gt), gp), glib)) in out.iter_mut().zip(gl).zip(gt).zip(gp).zip(glib).enumerate() {
-        let row = RowJob { inp, r, gene_theta: gene_theta.as_ref(), gl, gt, gp, glib };
-        *o = run_row(row, &mut scratch);
+    // Contiguous blocks of rows, one per thread of libtorch's OpenMP team.
+    let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
+    let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (r, job) in out.iter_mut().zip(gl).zip(gt).zip(gp).zip(glib).enumerate() {
+        parts[r * threads / n.max(1)].push((r, job));
     }
+    let parts: Vec<Mutex<Vec<_>>> = parts.into_iter().map(Mutex::new).collect();
+    crate::omp::run(threads, &|member, members| {
+        let mut scratch = Scratch::default();
+        for part in parts.iter().skip(member).step_by(members) {
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            for (r, ((((o, gl), gt), gp), glib)) in part.drain(..) {
+                let row = RowJob { inp, r, gene_theta: gene_theta.as_ref(), gl, gt, gp, glib };
+                *o = run_row(row, &mut scratch);
+            }
+        }
+    });
 }
 
 #[derive(Default)]

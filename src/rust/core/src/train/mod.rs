@@ -11,6 +11,38 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
+pub mod adam;
+
+/// Adam: the fused CPU update where it applies, else libtorch's (same
+/// rule). libtorch's optimizer is kept in both cases for `zero_grad`, which
+/// drops the gradients (rather than zeroing them) so that a parameter left
+/// out of a step's loss is not updated, as in PyTorch; it allocates no state
+/// unless stepped.
+struct Optimizer {
+    torch: nn::Optimizer,
+    fused: Option<adam::Adam>,
+}
+
+impl Optimizer {
+    fn new(vs: &nn::VarStore, cfg: &TrainConfig) -> Result<Optimizer> {
+        Ok(Optimizer {
+            torch: nn::Adam { wd: cfg.weight_decay, eps: cfg.adam_eps, ..Default::default() }.build(vs, cfg.lr)?,
+            fused: adam::Adam::new(vs, cfg.lr, cfg.weight_decay, cfg.adam_eps),
+        })
+    }
+
+    fn zero_grad(&mut self) {
+        self.torch.zero_grad();
+    }
+
+    fn step(&mut self) {
+        match &mut self.fused {
+            Some(a) => a.step(),
+            None => self.torch.step(),
+        }
+    }
+}
+
 /// A model's negative ELBO per cell, split the way the loop weighs it:
 /// `reconstruction + w · kl_warmup + kl_fixed`, where w is the KL weight.
 pub struct LossTerms {
@@ -187,7 +219,7 @@ pub fn train(
     let (mut train_rows, validation_rows) = train_validation_split(n, cfg.validation_fraction, cfg.seed);
     check_param(train_rows.len() >= 2, "validation_fraction", "leaves fewer than 2 cells to train on")?;
     let vs = task.var_store();
-    let mut opt = nn::Adam { wd: cfg.weight_decay, eps: cfg.adam_eps, ..Default::default() }.build(vs, cfg.lr)?;
+    let mut opt = Optimizer::new(vs, cfg)?;
 
     // A trailing minibatch of 1 or 2 cells is skipped: batch normalization
     // needs more than one cell, and so few cells only add noise.
