@@ -99,6 +99,7 @@ mod tests {
 
     #[test]
     fn every_member_runs_once_and_the_work_is_covered() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::set_num_threads(2); // loads libtorch, and with it libgomp
         let hits: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
         let members = AtomicUsize::new(0);
@@ -120,6 +121,7 @@ mod tests {
 
     #[test]
     fn a_panicking_member_becomes_a_panic_of_the_caller() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::set_num_threads(2);
         let r = std::panic::catch_unwind(|| super::run(2, &|t, _| assert!(t > 5, "member {t}")));
         assert!(r.is_err());

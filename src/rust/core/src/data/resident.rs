@@ -64,7 +64,7 @@ impl DeviceCsr {
             let indices = Vec::<i64>::try_from(&gene).expect("gene indices").into_iter().map(|j| j as u32).collect();
             HostRows { indptr, indices, values: Vec::<f32>::try_from(&x).expect("counts") }
         });
-        (dense.view([b, self.n_cols]), SparseBatch { flat, gene, row, x, n_rows: b, host })
+        (dense.view([b, self.n_cols]), SparseBatch::from_tensors(flat, gene, row, x, b, host))
     }
 }
 
@@ -88,7 +88,12 @@ mod tests {
         let host = crate::data::rows_to_tensor(&m, &rows, Device::Cpu);
         assert!(dense.equal(&host));
         let hb = SparseBatch::from_csr(&m, &rows, Device::Cpu);
-        assert!(sb.flat.equal(&hb.flat) && sb.gene.equal(&hb.gene) && sb.row.equal(&hb.row) && sb.x.equal(&hb.x));
+        assert!(
+            sb.flat().equal(hb.flat())
+                && sb.gene().equal(hb.gene())
+                && sb.row().equal(hb.row())
+                && sb.x().equal(hb.x())
+        );
         assert_eq!(sb.n_rows, 4);
         let (a, b) = (sb.host.as_ref().unwrap(), hb.host.as_ref().unwrap());
         assert!(a.indptr == b.indptr && a.indices == b.indices && a.values == b.values);

@@ -22,9 +22,13 @@ pub fn train_validation_split(n: usize, validation_fraction: f64, seed: u64) -> 
 /// Dense `[rows.len(), n_cols]` float tensor of the given rows, on `device`.
 /// Only these rows are ever densified.
 pub fn rows_to_tensor(m: &Csr, rows: &[usize], device: Device) -> Tensor {
-    let mut buf = vec![0f32; rows.len() * m.n_cols];
-    m.dense_rows_into(rows, &mut buf);
-    let t = Tensor::from_slice(&buf).view([rows.len() as i64, m.n_cols as i64]);
+    let t = Tensor::empty([rows.len() as i64, m.n_cols as i64], (tch::Kind::Float, Device::Cpu));
+    if rows.is_empty() || m.n_cols == 0 {
+        return t.to_device(device);
+    }
+    // SAFETY: a fresh contiguous f32 tensor of exactly this many elements.
+    let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, rows.len() * m.n_cols) };
+    m.dense_rows_into(rows, buf);
     if device == Device::Cpu {
         t
     } else {

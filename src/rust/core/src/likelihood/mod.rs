@@ -63,16 +63,26 @@ pub fn bernoulli_log_prob(x: &Tensor, logits: &Tensor) -> Tensor {
 /// The non-zero entries of a minibatch of counts, for likelihoods summed
 /// per cell: most counts are zero, and the terms log Γ(x+θ) − log Γ(θ) and
 /// x log μ vanish there, so they are evaluated at the non-zeros only.
+///
+/// On the CPU the entries are kept as host CSR rows (what the fused kernel
+/// reads) and turned into index tensors only if the tensor path asks.
 pub struct SparseBatch {
-    /// Row-major flat index (row · n_genes + gene) of each non-zero.
-    pub flat: Tensor,
-    pub gene: Tensor,
-    pub row: Tensor,
-    pub x: Tensor,
     pub n_rows: i64,
-    /// The same entries as CSR rows in host memory, for the fused CPU kernel
-    /// (absent when the minibatch was gathered on a GPU).
+    n_cols: i64,
+    device: Device,
+    /// The entries as CSR rows in host memory (absent when the minibatch was
+    /// gathered on a GPU).
     pub host: Option<HostRows>,
+    tensors: std::cell::OnceCell<Entries>,
+}
+
+/// The non-zeros as tensors: row-major flat index (row · n_genes + gene),
+/// gene, row and count of each.
+struct Entries {
+    flat: Tensor,
+    gene: Tensor,
+    row: Tensor,
+    x: Tensor,
 }
 
 /// A minibatch's counts as CSR rows in host memory.
@@ -84,50 +94,101 @@ pub struct HostRows {
 
 impl SparseBatch {
     /// Rows `rows` of `m` on `device`.
-    pub fn from_csr(m: &crate::data::Csr, rows: &[usize], device: tch::Device) -> SparseBatch {
+    pub fn from_csr(m: &crate::data::Csr, rows: &[usize], device: Device) -> SparseBatch {
         let nnz: usize = rows.iter().map(|&r| m.indptr[r + 1] - m.indptr[r]).sum();
-        let (mut flat, mut gene, mut row, mut x) =
-            (Vec::with_capacity(nnz), Vec::with_capacity(nnz), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
-        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        let (mut indptr, mut indices, mut values) =
+            (Vec::with_capacity(rows.len() + 1), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
         indptr.push(0);
-        for (k, &r) in rows.iter().enumerate() {
+        for &r in rows {
             let (idx, val) = m.row(r);
-            for (&j, &v) in idx.iter().zip(val) {
-                flat.push((k * m.n_cols) as i64 + j as i64);
-                gene.push(j as i64);
-                row.push(k as i64);
-                x.push(v);
-            }
-            indptr.push(x.len());
+            indices.extend_from_slice(idx);
+            values.extend_from_slice(val);
+            indptr.push(values.len());
         }
-        let host = (device == Device::Cpu).then(|| HostRows {
-            indptr,
-            indices: gene.iter().map(|&j| j as u32).collect(),
-            values: x.clone(),
-        });
-        let t = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        SparseBatch {
-            flat: t(&flat),
-            gene: t(&gene),
-            row: t(&row),
-            x: Tensor::from_slice(&x).to_device(device),
+        let sb = SparseBatch {
             n_rows: rows.len() as i64,
-            host,
+            n_cols: m.n_cols as i64,
+            device,
+            host: Some(HostRows { indptr, indices, values }),
+            tensors: std::cell::OnceCell::new(),
+        };
+        if device != Device::Cpu {
+            // Off the CPU only the tensors are used: build them now, drop the host copy.
+            sb.entries();
+            return SparseBatch { host: None, ..sb };
         }
+        sb
+    }
+
+    /// A batch from its non-zeros already in tensors (see `Entries`).
+    pub fn from_tensors(
+        flat: Tensor,
+        gene: Tensor,
+        row: Tensor,
+        x: Tensor,
+        n_rows: i64,
+        host: Option<HostRows>,
+    ) -> Self {
+        let device = x.device();
+        let tensors = std::cell::OnceCell::new();
+        let _ = tensors.set(Entries { flat, gene, row, x });
+        SparseBatch { n_rows, n_cols: 0, device, host, tensors }
+    }
+
+    fn entries(&self) -> &Entries {
+        self.tensors.get_or_init(|| {
+            let h = self.host.as_ref().expect("a batch without tensors has host rows");
+            let nnz = h.values.len();
+            let (mut flat, mut row) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+            for k in 0..h.indptr.len() - 1 {
+                for &j in &h.indices[h.indptr[k]..h.indptr[k + 1]] {
+                    flat.push(k as i64 * self.n_cols + j as i64);
+                    row.push(k as i64);
+                }
+            }
+            let gene: Vec<i64> = h.indices.iter().map(|&j| j as i64).collect();
+            let t = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
+            Entries {
+                flat: t(&flat),
+                gene: t(&gene),
+                row: t(&row),
+                x: Tensor::from_slice(&h.values).to_device(self.device),
+            }
+        })
+    }
+
+    /// Flat row-major index of each non-zero.
+    pub fn flat(&self) -> &Tensor {
+        &self.entries().flat
+    }
+
+    /// Gene (column) of each non-zero.
+    pub fn gene(&self) -> &Tensor {
+        &self.entries().gene
+    }
+
+    /// Row of each non-zero.
+    pub fn row(&self) -> &Tensor {
+        &self.entries().row
+    }
+
+    /// The non-zero counts.
+    pub fn x(&self) -> &Tensor {
+        &self.entries().x
     }
 
     /// Values of a [rows, genes] tensor (or a [1, genes] one, broadcast) at the non-zeros.
     fn at(&self, t: &Tensor) -> Tensor {
         if t.size()[0] == 1 && self.n_rows != 1 {
-            t.reshape([-1]).index_select(0, &self.gene)
+            t.reshape([-1]).index_select(0, self.gene())
         } else {
-            t.reshape([-1]).index_select(0, &self.flat)
+            t.reshape([-1]).index_select(0, self.flat())
         }
     }
 
     /// Sums per-non-zero values into one value per row.
     fn per_row(&self, v: &Tensor) -> Tensor {
-        Tensor::zeros([self.n_rows], (v.kind(), v.device())).index_add(0, &self.row, v)
+        Tensor::zeros([self.n_rows], (v.kind(), v.device())).index_add(0, self.row(), v)
     }
 }
 
@@ -146,7 +207,7 @@ fn nb_nonzero_terms(c: &SparseBatch, mu: &Tensor, theta: &Tensor, log_theta_mu: 
     // log Γ(θ) of a per-gene θ: once per gene (and its digamma in the
     // backward pass), not once per non-zero.
     let lgamma_theta = if theta.size()[0] == 1 { c.at(&theta.lgamma()) } else { theta_nz.lgamma() };
-    &c.x * ((mu_nz + eps).log() - c.at(log_theta_mu)) + (&c.x + &theta_nz).lgamma() - lgamma_theta
+    c.x() * ((mu_nz + eps).log() - c.at(log_theta_mu)) + (c.x() + &theta_nz).lgamma() - lgamma_theta
 }
 
 /// Σ over genes of `zinb_log_kernel` per row. With A = θ log(θ/(θ+μ)) and
@@ -167,7 +228,7 @@ pub fn zinb_log_kernel_rows(c: &SparseBatch, mu: &Tensor, theta: &Tensor, pi_log
 /// Σ over genes of `poisson_log_kernel` per row: −Σ rate + Σ_nz x log rate.
 pub fn poisson_log_kernel_rows(c: &SparseBatch, rate: &Tensor, eps: f64) -> Tensor {
     let dense = -rate.sum_dim_intlist(-1, false, rate.kind());
-    dense + c.per_row(&(&c.x * (c.at(rate) + eps).log()))
+    dense + c.per_row(&(c.x() * (c.at(rate) + eps).log()))
 }
 
 /// A decoder's raw outputs for the fused CPU likelihood: scale logits
@@ -334,7 +395,14 @@ mod tests {
         let rows = [2usize, 0, 1];
         let c = SparseBatch::from_csr(&m, &rows, tch::Device::Cpu);
         let x = crate::data::rows_to_tensor(&m, &rows, tch::Device::Cpu).to_kind(Kind::Double);
-        let c = SparseBatch { x: c.x.to_kind(Kind::Double), ..c };
+        let c = SparseBatch::from_tensors(
+            c.flat().shallow_clone(),
+            c.gene().shallow_clone(),
+            c.row().shallow_clone(),
+            c.x().to_kind(Kind::Double),
+            c.n_rows,
+            None,
+        );
         let mu = Tensor::from_slice(&[0.5f64, 2., 40., 1e-3, 3., 0.2, 9., 300., 1., 1., 1., 1.]).view([3, 4]);
         let pi = Tensor::from_slice(&[-2.0f64, 0., 1., 5., -8., 0.3, 0.1, -1., 2., 2., -3., 0.]).view([3, 4]);
         let close = |a: Tensor, b: Tensor| {

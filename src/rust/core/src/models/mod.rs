@@ -5,8 +5,9 @@ pub mod distill;
 pub mod multimodal;
 pub mod vae;
 
-/// libtorch's generator is global: tests that train take turns, so that each
-/// sees only its own draws.
+/// libtorch's generator and thread count are global: tests that train, or
+/// that switch the thread count, take turns, so that each sees only its own
+/// draws and a model is not trained half on one thread count, half on another.
 #[cfg(test)]
 pub(crate) static TORCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

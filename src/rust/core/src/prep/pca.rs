@@ -377,6 +377,7 @@ mod tests {
     #[test]
     fn same_seed_same_result() {
         let x = random_low_rank(200, 30, 4);
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         for max_genes_exact in [0, 1000] {
             let p = PcaParams { n_pcs: 4, seed: 11, max_genes_exact, ..Default::default() };
             let a = crate::device::with_threads(1, || pca(&x, &p, &|| false).unwrap()).unwrap();

@@ -13,6 +13,7 @@ fn with_condition(n_cells: usize, treated: Vec<f64>) -> SimParams {
 #[test]
 fn same_seed_same_counts_whatever_the_threads() {
     let p = with_condition(500, vec![0.5, 0.5]);
+    let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let a = crate::device::with_threads(1, || simulate(&p).unwrap()).unwrap();
     let b = crate::device::with_threads(2, || simulate(&p).unwrap()).unwrap();
     assert_eq!(a.counts.csr, b.counts.csr);
