@@ -231,11 +231,12 @@ pub fn poisson_log_kernel_rows(c: &SparseBatch, rate: &Tensor, eps: f64) -> Tens
     dense + c.per_row(&(c.x() * (c.at(rate) + eps).log()))
 }
 
-/// A decoder's raw outputs for the fused CPU likelihood: scale logits
-/// (μ = exp(log_library) · softmax(logits)), log θ ([genes] or [rows, genes];
-/// unused for Poisson) and ZINB dropout logits.
+/// A decoder's raw outputs for the fused CPU likelihood: its output `logits`
+/// (μ = exp(log_library) · softmax(logits), or · logits itself: `front`),
+/// log θ ([genes] or [rows, genes]; unused for Poisson) and ZINB dropout logits.
 pub struct RawDecoded<'a> {
     pub family: fused::Family,
+    pub front: fused::Front,
     pub logits: &'a Tensor,
     pub log_library: &'a Tensor,
     pub log_theta: Option<&'a Tensor>,
@@ -276,6 +277,7 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
         let view_mut = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel());
         let inputs = fused::Inputs {
             family: d.family,
+            front: d.front,
             n_genes: g as usize,
             logits: view(&logits),
             log_library: view(&log_library),

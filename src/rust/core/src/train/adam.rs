@@ -133,6 +133,8 @@ mod tests {
     /// A few steps of a small regression with both optimizers from the same start.
     #[test]
     fn matches_libtorch_adam_step_for_step() {
+        // The generator is global: take a turn with the training tests.
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         let run = |fused: bool| -> Vec<Tensor> {
             tch::manual_seed(7);
             let vs = nn::VarStore::new(Device::Cpu);

@@ -29,7 +29,8 @@
 
 use crate::data::{Categorical, Csr};
 use crate::error::{check_param, invalid, Result};
-use crate::likelihood::{nb_log_kernel_rows, SparseBatch};
+use crate::likelihood::fused::{Family, Front};
+use crate::likelihood::{fused_log_kernel_rows, nb_log_kernel_rows, RawDecoded, SparseBatch};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{LossTerms, Trainable};
 use serde::{Deserialize, Serialize};
@@ -320,16 +321,6 @@ struct ModalityNet {
     library_vars: Tensor,
 }
 
-/// The decoded distribution of one modality for a minibatch.
-pub struct MmDecoded {
-    /// (softplus(f) + s) · y: expected expression per unit library.
-    pub normalized: Tensor,
-    /// μ = exp(ℓ) · normalized.
-    pub rate: Tensor,
-    /// θ for each cell and feature.
-    pub theta: Tensor,
-}
-
 pub struct Multimodal {
     pub cfg: MultimodalConfig,
     pub vs: nn::VarStore,
@@ -518,30 +509,20 @@ impl Multimodal {
         }
     }
 
-    /// θ of modality `m` for cells of dispersion levels `codes`: a draw from
-    /// its LogNormal when `sample`, its mean exp(μ + σ²/2) otherwise. One draw
-    /// per level and feature serves the whole minibatch (regularizedvi draws
-    /// per cell; both are unbiased, this one costs levels × features rather
-    /// than cells × features).
-    fn theta(&self, m: usize, codes: &Tensor, sample: bool) -> Tensor {
+    /// log θ of modality `m` for cells of dispersion levels `codes`: a draw
+    /// from its LogNormal when `sample`, the log of its mean exp(μ + σ²/2)
+    /// otherwise. One draw per level and feature serves the whole minibatch
+    /// (regularizedvi draws per cell; both are unbiased, this one costs
+    /// levels × features rather than cells × features).
+    fn log_theta(&self, m: usize, codes: &Tensor, sample: bool) -> Tensor {
         let net = &self.nets[m];
         let sigma = net.theta_log_sigma.exp();
         let all = if sample {
-            (&net.theta_mu + &sigma * net.theta_mu.randn_like()).exp()
+            &net.theta_mu + &sigma * net.theta_mu.randn_like()
         } else {
-            (&net.theta_mu + sigma.square() * 0.5).exp()
+            &net.theta_mu + sigma.square() * 0.5
         };
         per_level(&all, codes)
-    }
-
-    /// Decodes modality `m` from joint latent `z`.
-    pub fn decode(&self, m: usize, z: &Tensor, log_library: &Tensor, inp: &MmInputs, pass: Pass) -> MmDecoded {
-        let net = &self.nets[m];
-        let h = net.decoder.forward(z, inp.decoder_cov.as_ref(), pass);
-        let normalized = self.mean_from_hidden(m, &h, inp, true);
-        let rate = log_library.exp() * &normalized;
-        let theta = self.theta(m, &inp.dispersion, pass == Pass::Train);
-        MmDecoded { normalized, rate, theta }
     }
 
     /// (softplus(f) + s) · y from the decoder's last hidden layer `h`; s left
@@ -637,8 +618,24 @@ impl Multimodal {
                 }
                 None => inp.log_library[m].shallow_clone(),
             };
-            let d = self.decode(m, &z, &log_library, inp, pass);
-            reconstruction -= nb_log_kernel_rows(&inp.nonzero[m], &d.rate, &d.theta, 1e-8) - &inp.log_factorial[m];
+            // The fused CPU kernel from the decoder's mean per unit library;
+            // the tensor path where it does not apply.
+            let h = net.decoder.forward(&z, inp.decoder_cov.as_ref(), pass);
+            let normalized = self.mean_from_hidden(m, &h, inp, true);
+            let log_theta = self.log_theta(m, &inp.dispersion, pass == Pass::Train);
+            let raw = RawDecoded {
+                family: Family::Nb,
+                front: Front::Scaled,
+                logits: &normalized,
+                log_library: &log_library,
+                log_theta: Some(&log_theta),
+                pi_logits: None,
+            };
+            let kernel = fused_log_kernel_rows(&inp.nonzero[m], &raw).unwrap_or_else(|| {
+                let rate = log_library.exp() * &normalized;
+                nb_log_kernel_rows(&inp.nonzero[m], &rate, &log_theta.exp(), 1e-8)
+            });
+            reconstruction -= kernel - &inp.log_factorial[m];
         }
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
         LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + self.global_loss() / self.n_obs }
