@@ -37,6 +37,10 @@ const RTLD_NOLOAD: c_int = 4;
 fn gomp() -> Option<&'static Gomp> {
     static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
     GOMP.get_or_init(|| {
+        // The dlopen flag values below are glibc's.
+        if !cfg!(target_os = "linux") {
+            return None;
+        }
         // SAFETY: dlopen with RTLD_NOLOAD only returns a library that is
         // already loaded; the symbols have the signatures of libgomp's ABI
         // (GOMP_parallel since GCC 4.9).

@@ -255,6 +255,9 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
         return None;
     }
     let (n, g) = d.logits.size2().ok()?;
+    if n == 0 || g == 0 {
+        return None;
+    }
     let flat = |t: &Tensor| t.detach().contiguous().reshape([-1]);
     let logits = flat(d.logits);
     let log_library = flat(d.log_library);
