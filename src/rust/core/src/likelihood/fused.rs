@@ -588,25 +588,17 @@ mod tests {
         c.host = None;
         let logits = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
         let lib = Tensor::zeros([2, 1], (Kind::Float, Device::Cpu));
-        let raw = RawDecoded {
+        let poisson = |logits| RawDecoded {
             family: Family::Poisson,
             front: Front::Softmax,
-            logits: &logits,
+            logits,
             log_library: &lib,
             log_theta: None,
             pi_logits: None,
         };
-        assert!(fused_log_kernel_rows(&c, &raw).is_none());
+        assert!(fused_log_kernel_rows(&c, &poisson(&logits)).is_none());
         let c = SparseBatch::from_csr(&m, &[0, 1], Device::Cpu);
         let logits = logits.to_kind(Kind::Double);
-        let raw = RawDecoded {
-            family: Family::Poisson,
-            front: Front::Softmax,
-            logits: &logits,
-            log_library: &lib,
-            log_theta: None,
-            pi_logits: None,
-        };
-        assert!(fused_log_kernel_rows(&c, &raw).is_none(), "f64 goes the tensor way");
+        assert!(fused_log_kernel_rows(&c, &poisson(&logits)).is_none(), "f64 goes the tensor way");
     }
 }
