@@ -299,24 +299,11 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                 q[k] = -1.0;
             }
         }
-        Family::Nb => {
+        Family::Nb | Family::Zinb => {
+            // The NB part A = θ log((θ + ε)/u) and its derivatives; ZINB then
+            // mixes in the dropout in a second loop (two small loops stay in
+            // vector registers where one large one did not).
             let (theta, lte, ite, gt) = (&theta[..g], &lte[..g], &ite[..g], &mut gt[..g]);
-            for k in 0..g {
-                let mu = lam * rho[k];
-                let th = theta[k];
-                let u = th + mu + EPS;
-                let iu = 1.0 / u;
-                let d_log = lte[k] - vmath::ln(u);
-                f[k] = th * d_log;
-                q[k] = -th * iu;
-                gt[k] = (d_log + th * (ite[k] - iu)) * th;
-            }
-        }
-        Family::Zinb => {
-            let (theta, lte, ite) = (&theta[..g], &lte[..g], &ite[..g]);
-            let (pi, gt, gp) = (&pi[..g], &mut gt[..g], &mut gp[..g]);
-            // Two loops (NB part, then the dropout mixture) keep each one
-            // small enough to stay in vector registers.
             for k in 0..g {
                 let mu = lam * rho[k];
                 let th = theta[k];
@@ -327,14 +314,17 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                 q[k] = -th * iu; // ∂A/∂μ
                 gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
             }
-            for k in 0..g {
-                let p = pi[k];
-                let (sp_t, sig_t) = vmath::softplus_sigmoid(f[k] - p);
-                let (sp_np, sig_np) = vmath::softplus_sigmoid(-p);
-                f[k] = sp_t - sp_np;
-                q[k] *= sig_t;
-                gt[k] *= sig_t;
-                gp[k] = sig_np - sig_t;
+            if fam == Family::Zinb {
+                let (pi, gp) = (&pi[..g], &mut gp[..g]);
+                for k in 0..g {
+                    let p = pi[k];
+                    let (sp_t, sig_t) = vmath::softplus_sigmoid(f[k] - p);
+                    let (sp_np, sig_np) = vmath::softplus_sigmoid(-p);
+                    f[k] = sp_t - sp_np;
+                    q[k] *= sig_t;
+                    gt[k] *= sig_t;
+                    gp[k] = sig_np - sig_t;
+                }
             }
         }
     }
