@@ -248,11 +248,14 @@ impl<'a> Harmony<'a> {
             z_orig[pos * d..(pos + 1) * d].copy_from_slice(&z[i * d..(i + 1) * d]);
         }
         let n_cov = covs.len();
-        let offsets: Vec<usize> = covs.iter().scan(0, |s, c| {
-            let o = *s;
-            *s += c.n_levels;
-            Some(o)
-        }).collect();
+        let offsets: Vec<usize> = covs
+            .iter()
+            .scan(0, |s, c| {
+                let o = *s;
+                *s += c.n_levels;
+                Some(o)
+            })
+            .collect();
         let b = covs.iter().map(|c| c.n_levels).sum();
         let mut lev = vec![0u32; n * n_cov];
         for (pos, &i) in perm.iter().enumerate() {
@@ -377,7 +380,14 @@ impl<'a> Harmony<'a> {
                         let m = e - a;
                         let zc = MatRef::from_column_major_slice(&z_cos[a * d..e * d], d, m);
                         let dst = MatMut::from_column_major_slice_mut(&mut buf[..k * m], k, m);
-                        matmul(dst, Accum::Replace, MatRef::from_column_major_slice(y, d, k).transpose(), zc, -2.0, Par::Seq);
+                        matmul(
+                            dst,
+                            Accum::Replace,
+                            MatRef::from_column_major_slice(y, d, k).transpose(),
+                            zc,
+                            -2.0,
+                            Par::Seq,
+                        );
                         for (j, col) in buf[..k * m].chunks(k).enumerate() {
                             let mut best = (0usize, f64::INFINITY);
                             for (c, (&v, &q)) in col.iter().zip(&sq).enumerate() {
@@ -454,10 +464,13 @@ impl<'a> Harmony<'a> {
             let total: f64 = min_d2.iter().sum();
             let mut pick = if total > 0.0 {
                 let mut u = self.rng.random::<f64>() * total;
-                min_d2.iter().position(|&w| {
-                    u -= w;
-                    u <= 0.0
-                }).unwrap_or(n - 1)
+                min_d2
+                    .iter()
+                    .position(|&w| {
+                        u -= w;
+                        u <= 0.0
+                    })
+                    .unwrap_or(n - 1)
             } else {
                 self.rng.random_range(0..n)
             };
@@ -522,11 +535,11 @@ impl<'a> Harmony<'a> {
         let every = self.p.max_iter_cluster > WINDOW + 1;
         let mut rounds = 0;
         for it in 0..self.p.max_iter_cluster {
-            self.update_r(interrupted)?;
+            let r_term = self.update_r(interrupted)?;
             rounds = it + 1;
             let last = it + 1 == self.p.max_iter_cluster;
             if every || last {
-                let obj = self.objective();
+                let obj = (r_term + self.cross_term()) * 2000.0 / self.n as f64;
                 self.obj_kmeans.push(obj);
             }
             if every && it > WINDOW {
@@ -549,8 +562,9 @@ impl<'a> Harmony<'a> {
 
     /// harmony's online update of R: cells in a random order, in blocks of
     /// `block_size` · N; each block leaves the statistics, is re-assigned with
-    /// the penalty ((2E + 1) / (O + E + 1))^θ, and returns.
-    fn update_r(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
+    /// the penalty ((2E + 1) / (O + E + 1))^θ, and returns. Returns the
+    /// objective's R terms, Σ R·dist + σ R ln R, of the new R.
+    fn update_r(&mut self, interrupted: &dyn Fn() -> bool) -> Result<f64> {
         let (n, k, b, n_cov) = (self.n, self.k, self.b, self.n_cov);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut self.rng);
@@ -558,6 +572,7 @@ impl<'a> Harmony<'a> {
         let per_block = ((n as f64 * self.p.block_size) as usize).max(1);
         let mut lo = 0;
         let mut blk = 0;
+        let mut r_term = 0.0;
         while lo < n {
             let hi = if blk + 1 >= n_blocks { n } else { (lo + per_block).min(n) };
             // A block's cells are updated together, so their order within
@@ -585,36 +600,64 @@ impl<'a> Harmony<'a> {
                     }
                 })
                 .collect();
-            {
+            let ln_pen: Vec<f64> = pen.iter().map(|p| p.ln()).collect();
+            // One pass: the new R of each cell, its sums back into the
+            // statistics, and its objective terms. With R = scale · f / T,
+            // dist = −σ (ln scale + offset) gives R·dist + σ R ln R =
+            // σ R (ln f − ln T − offset): one logarithm per cell.
+            let parts: Vec<(Vec<f64>, Vec<f64>, f64)> = {
                 // Each cell's column of R is written by exactly one task.
                 let r_ptr = SharedMut(self.r.as_mut_ptr());
-                let (scale, lev) = (&self.dist, &self.lev);
-                cells.par_chunks(CHUNK).for_each(|cs| {
-                    let r_ptr = &r_ptr;
-                    let mut factor = vec![1.0; k];
-                    for &i in cs {
-                        factor.iter_mut().for_each(|f| *f = 1.0);
-                        for &l in &lev[i * n_cov..(i + 1) * n_cov] {
-                            let p = &pen[l as usize * k..(l as usize + 1) * k];
-                            factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
+                let (scale, lev, sigma, offset) = (&self.dist, &self.lev, &self.sigma, &self.offset);
+                cells
+                    .par_chunks(CHUNK)
+                    .map(|cs| {
+                        let r_ptr = &r_ptr;
+                        let mut factor = vec![1.0; k];
+                        let mut ln_factor = vec![0.0; k];
+                        let (mut rs, mut os, mut obj) = (vec![0.0; k], vec![0.0; b * k], 0.0);
+                        for &i in cs {
+                            factor.iter_mut().for_each(|f| *f = 1.0);
+                            ln_factor.iter_mut().for_each(|f| *f = 0.0);
+                            let levels = &lev[i * n_cov..(i + 1) * n_cov];
+                            for &l in levels {
+                                let p = &pen[l as usize * k..(l as usize + 1) * k];
+                                factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
+                                let lp = &ln_pen[l as usize * k..(l as usize + 1) * k];
+                                ln_factor.iter_mut().zip(lp).for_each(|(f, q)| *f += q);
+                            }
+                            // SAFETY: `cells` are distinct, so no two tasks touch the same column.
+                            let col = unsafe { std::slice::from_raw_parts_mut(r_ptr.0.add(i * k), k) };
+                            let sc = &scale[i * k..(i + 1) * k];
+                            obj += match reweight(col, sc, &factor) {
+                                Some(total) => {
+                                    let c0 = total.ln() + offset[i];
+                                    (0..k).map(|c| sigma[c] * col[c] * (ln_factor[c] - c0)).sum::<f64>()
+                                }
+                                None => r_terms(col, sc, sigma, offset[i]),
+                            };
+                            add_into(&mut rs, col);
+                            for &l in levels {
+                                add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
+                            }
                         }
-                        // SAFETY: `cells` are distinct, so no two tasks touch the same column.
-                        let col = unsafe { std::slice::from_raw_parts_mut(r_ptr.0.add(i * k), k) };
-                        reweight(col, &scale[i * k..(i + 1) * k], &factor);
+                        (rs, os, obj)
+                    })
+                    .collect()
+            };
+            for (rs, os, obj) in parts {
+                for l in 0..b {
+                    for c in 0..k {
+                        self.e[l * k + c] += rs[c] * self.pr_b[l];
+                        self.o[l * k + c] += os[l * k + c];
                     }
-                });
-            }
-            let (rs, os) = self.sums_over(cells);
-            for l in 0..b {
-                for c in 0..k {
-                    self.e[l * k + c] += rs[c] * self.pr_b[l];
-                    self.o[l * k + c] += os[l * k + c];
                 }
+                r_term += obj;
             }
             lo = hi;
             blk += 1;
         }
-        Ok(())
+        Ok(r_term)
     }
 
     /// harmony 2's objective, scaled by 2000 / N: Σ R·dist + Σ σ R log R
@@ -625,30 +668,33 @@ impl<'a> Harmony<'a> {
         let parts: Vec<f64> = (0..n.div_ceil(chunk))
             .into_par_iter()
             .map(|ci| {
-                let mut s = 0.0;
-                for i in ci * chunk..((ci + 1) * chunk).min(n) {
-                    let r = &self.r[i * k..(i + 1) * k];
-                    let scale = &self.dist[i * k..(i + 1) * k];
-                    let off = self.offset[i];
-                    for c in 0..k {
-                        let rv = r[c];
-                        if rv > 0.0 {
-                            // R·dist + σ R ln R, with dist = −σ (ln scale + off).
-                            s += self.sigma[c] * rv * (ln_positive(rv) - ln_positive(scale[c]) - off);
-                        }
-                    }
-                }
-                s
+                (ci * chunk..((ci + 1) * chunk).min(n))
+                    .map(|i| {
+                        r_terms(
+                            &self.r[i * k..(i + 1) * k],
+                            &self.dist[i * k..(i + 1) * k],
+                            &self.sigma,
+                            self.offset[i],
+                        )
+                    })
+                    .sum::<f64>()
             })
             .collect();
+        (parts.iter().sum::<f64>() + self.cross_term()) * 2000.0 / n as f64
+    }
+
+    /// The objective's diversity term, Σ_{k,b} σ_k θ_b O_kb log((O_kb + E_kb + 1) / (2 E_kb + 1)).
+    fn cross_term(&self) -> f64 {
+        let k = self.k;
         let mut cross = 0.0;
         for i in 0..self.b * k {
             let t = self.theta[i / k];
             if t != 0.0 {
-                cross += self.sigma[i % k] * t * self.o[i] * ((self.o[i] + self.e[i] + 1.0) / (2.0 * self.e[i] + 1.0)).ln();
+                cross +=
+                    self.sigma[i % k] * t * self.o[i] * ((self.o[i] + self.e[i] + 1.0) / (2.0 * self.e[i] + 1.0)).ln();
             }
         }
-        (parts.iter().sum::<f64>() + cross) * 2000.0 / n as f64
+        cross
     }
 
     /// Mixture-of-experts ridge correction: per cluster k, regress z_orig on
@@ -674,7 +720,14 @@ impl<'a> Harmony<'a> {
                     let zc = MatRef::from_column_major_slice(&self.z_orig[a * d..e * d], d, e - a);
                     let rc = MatRef::from_column_major_slice(&self.r[a * k..e * k], k, e - a);
                     let mut out = vec![0.0; d * k];
-                    matmul(MatMut::from_column_major_slice_mut(&mut out, d, k), Accum::Replace, zc, rc.transpose(), 1.0, Par::Seq);
+                    matmul(
+                        MatMut::from_column_major_slice_mut(&mut out, d, k),
+                        Accum::Replace,
+                        zc,
+                        rc.transpose(),
+                        1.0,
+                        Par::Seq,
+                    );
                     out
                 })
                 .collect();
@@ -705,7 +758,11 @@ impl<'a> Harmony<'a> {
                         }
                         for (x, &l1) in levels.iter().enumerate() {
                             for &l2 in &levels[x + 1..] {
-                                add_into(&mut cp[(l1 as usize * b + l2 as usize) * k..(l1 as usize * b + l2 as usize + 1) * k], r);
+                                add_into(
+                                    &mut cp
+                                        [(l1 as usize * b + l2 as usize) * k..(l1 as usize * b + l2 as usize + 1) * k],
+                                    r,
+                                );
                             }
                         }
                     }
@@ -726,7 +783,8 @@ impl<'a> Harmony<'a> {
                 // Levels with too few of their cells here leave the system;
                 // so do covariates left with a single level. Without any
                 // batch covariate left, the cluster is not corrected.
-                let mut keep: Vec<bool> = (0..b).map(|l| m[l * k + c] / self.n_b[l].max(1.0) > self.p.batch_prop_cutoff).collect();
+                let mut keep: Vec<bool> =
+                    (0..b).map(|l| m[l * k + c] / self.n_b[l].max(1.0) > self.p.batch_prop_cutoff).collect();
                 let mut active = false;
                 for cv in 0..n_cov_total {
                     let kept = (0..b).filter(|&l| self.level_cov[l] == cv && keep[l]).count();
@@ -904,8 +962,9 @@ fn scale_column_body(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
     hi + total.ln()
 }
 
-/// r = scale · factor, normalized to sum 1 (uniform if all vanish).
-fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) {
+/// r = scale · factor, normalized to sum 1: returns the sum it divided by,
+/// or None when all vanished and r was set uniform.
+fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) -> Option<f64> {
     let mut total = 0.0;
     for ((out, &s), &f) in r.iter_mut().zip(scale).zip(factor) {
         *out = s * f;
@@ -914,10 +973,24 @@ fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) {
     if total > 0.0 && total.is_finite() {
         let inv = 1.0 / total;
         r.iter_mut().for_each(|v| *v *= inv);
+        Some(total)
     } else {
         let u = 1.0 / r.len() as f64;
         r.iter_mut().for_each(|v| *v = u);
+        None
     }
+}
+
+/// One cell's objective terms R·dist + σ R ln R, with the distances held as
+/// the normalized kernel `scale` and the cell's offset (dist = −σ (ln scale + offset)).
+fn r_terms(r: &[f64], scale: &[f64], sigma: &[f64], offset: f64) -> f64 {
+    let mut s = 0.0;
+    for ((&rv, &sc), &sg) in r.iter().zip(scale).zip(sigma) {
+        if rv > 0.0 {
+            s += sg * rv * (ln_positive(rv) - ln_positive(sc) - offset);
+        }
+    }
+    s
 }
 
 /// Solves A X = B (A p × p row-major, B p × d row-major) by Gaussian
@@ -968,4 +1041,3 @@ fn solve(mut a: Vec<f64>, mut rhs: Vec<f64>, p: usize, d: usize) -> Vec<f64> {
 
 #[cfg(test)]
 mod tests;
-

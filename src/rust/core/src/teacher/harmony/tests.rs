@@ -40,7 +40,8 @@ fn batch_spread(z: &[f64], d: usize, batch: &[u32], label: &[u32]) -> f64 {
     for l in 0..nl {
         let cents: Vec<Vec<f64>> = (0..nb)
             .map(|b| {
-                let rows: Vec<usize> = (0..batch.len()).filter(|&i| batch[i] == b as u32 && label[i] == l as u32).collect();
+                let rows: Vec<usize> =
+                    (0..batch.len()).filter(|&i| batch[i] == b as u32 && label[i] == l as u32).collect();
                 (0..d).map(|j| rows.iter().map(|&i| z[i * d + j]).sum::<f64>() / rows.len() as f64).collect()
             })
             .collect();
@@ -142,7 +143,14 @@ fn protected_condition_is_not_regressed_out() {
     };
     let p = HarmonyParams::default();
     let plain = run(&x, d, &[batch_cov(batch.clone(), 2)], &p);
-    let protect = HarmonyCovariate { name: "condition".into(), codes: cond.clone(), n_levels: 2, theta: 0.0, lambda: None, protected: true };
+    let protect = HarmonyCovariate {
+        name: "condition".into(),
+        codes: cond.clone(),
+        n_levels: 2,
+        theta: 0.0,
+        lambda: None,
+        protected: true,
+    };
     let kept = run(&x, d, &[batch_cov(batch.clone(), 2), protect], &p);
     let (e_in, e_plain, e_kept) = (effect(&x), effect(&plain.z_corr), effect(&kept.z_corr));
     // Pooled over batches the input understates the true effect of 3:
@@ -173,7 +181,8 @@ fn refuses_bad_input() {
     let prot = HarmonyCovariate { protected: true, ..batch_cov(f.batch.clone(), 3) };
     assert!(err(&f.x, &[prot]).contains("at least one batch covariate"));
     assert!(err(&f.x, &[batch_cov(f.batch[1..].to_vec(), 3)]).contains("899 values for 900 cells"));
-    let interrupted = harmony(&f.x, n, D, &[batch_cov(f.batch.clone(), 3)], &HarmonyParams::default(), &|| true, &|_| {});
+    let interrupted =
+        harmony(&f.x, n, D, &[batch_cov(f.batch.clone(), 3)], &HarmonyParams::default(), &|| true, &|_| {});
     assert!(matches!(interrupted, Err(Error::Interrupted)));
 }
 
@@ -190,5 +199,31 @@ fn solves_small_systems() {
     let sol = solve(a, b, 3, 2);
     for (s, t) in sol.iter().zip(x) {
         assert!((s - t).abs() < 1e-12);
+    }
+}
+
+/// The objective that a clustering round computes while it updates R (one
+/// logarithm per cell) equals a full pass over R and the distances, with two
+/// covariates (so that penalties multiply) and after a correction.
+#[test]
+fn objective_from_the_update_pass_equals_the_full_pass() {
+    let f = fixture();
+    let n = f.batch.len();
+    let second: Vec<u32> = (0..n as u32).map(|i| (i * 7 / 5) % 3).collect();
+    let covs = [batch_cov(f.batch.clone(), 3), HarmonyCovariate { theta: 1.0, ..batch_cov(second, 3) }];
+    let p = HarmonyParams::default();
+    let mut h = Harmony::new(&f.x, n, D, &covs, &p).unwrap();
+    h.init(&|| false).unwrap();
+    for _ in 0..2 {
+        for _ in 0..3 {
+            let fused = (h.update_r(&|| false).unwrap() + h.cross_term()) * 2000.0 / n as f64;
+            let full = h.objective();
+            assert!((fused - full).abs() <= 1e-9 * full.abs(), "fused {fused} vs full {full}");
+        }
+        h.correct();
+        h.compute_dist();
+        h.to_scale();
+        h.r.copy_from_slice(&h.dist);
+        h.recount();
     }
 }
