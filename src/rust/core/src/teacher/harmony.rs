@@ -32,6 +32,12 @@ use rayon::prelude::*;
 const CHUNK: usize = 512;
 /// Objective values compared by the clustering convergence test.
 const WINDOW: usize = 3;
+/// Fewest cells per parallel work item within a block of the clustering
+/// update (a block is 5% of the cells: 500 at 10^4 must still split); a
+/// block is cut into at most 32 items.
+const BLOCK_CHUNK: usize = 64;
+/// Cells the k-means++ seeds are drawn from at most.
+const SEED_POOL: usize = 20_000;
 /// Lloyd iterations of the initial k-means at most (as harmony 2).
 const KMEANS_ITER: usize = 25;
 
@@ -438,27 +444,37 @@ impl<'a> Harmony<'a> {
         Ok(())
     }
 
-    /// k-means++ seeds (Arthur & Vassilvitskii 2007) on z_cos into `y`.
+    /// k-means++ seeds (Arthur & Vassilvitskii 2007) on z_cos into `y`,
+    /// drawn from at most `SEED_POOL` random cells: the seeding costs K
+    /// passes over its pool, the Lloyd iterations that follow see every cell.
     fn kmeans_plus_plus(&mut self) {
         let (n, d, k) = (self.n, self.d, self.k);
-        let first = self.rng.random_range(0..n);
+        let pool: Vec<usize> = if n > SEED_POOL.max(k) {
+            let mut p = rand::seq::index::sample(&mut self.rng, n, SEED_POOL.max(k)).into_vec();
+            p.sort_unstable();
+            p
+        } else {
+            (0..n).collect()
+        };
+        let m = pool.len();
+        let first = pool[self.rng.random_range(0..m)];
         self.y[..d].copy_from_slice(&self.z_cos[first * d..(first + 1) * d]);
-        let mut min_d2 = vec![f64::INFINITY; n];
-        let mut chosen = vec![false; n];
-        chosen[first] = true;
+        let mut min_d2 = vec![f64::INFINITY; m];
+        let mut chosen = vec![false; m];
+        chosen[pool.binary_search(&first).unwrap_or(0)] = true;
         for c in 1..k {
             let prev = self.y[(c - 1) * d..c * d].to_vec();
-            let z = &self.z_cos;
+            let (z, pool) = (&self.z_cos, &pool);
             min_d2.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
-                for (j, m) in out.iter_mut().enumerate() {
-                    let i = ci * CHUNK + j;
+                for (j, md) in out.iter_mut().enumerate() {
+                    let i = pool[ci * CHUNK + j];
                     let d2: f64 = z[i * d..(i + 1) * d].iter().zip(&prev).map(|(a, b)| (a - b) * (a - b)).sum();
-                    *m = m.min(d2);
+                    *md = md.min(d2);
                 }
             });
-            for (m, &ch) in min_d2.iter_mut().zip(&chosen) {
+            for (md, &ch) in min_d2.iter_mut().zip(&chosen) {
                 if ch {
-                    *m = 0.0;
+                    *md = 0.0;
                 }
             }
             let total: f64 = min_d2.iter().sum();
@@ -470,15 +486,16 @@ impl<'a> Harmony<'a> {
                         u -= w;
                         u <= 0.0
                     })
-                    .unwrap_or(n - 1)
+                    .unwrap_or(m - 1)
             } else {
-                self.rng.random_range(0..n)
+                self.rng.random_range(0..m)
             };
             while chosen[pick] && chosen.iter().any(|c| !c) {
-                pick = self.rng.random_range(0..n);
+                pick = self.rng.random_range(0..m);
             }
             chosen[pick] = true;
-            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[pick * d..(pick + 1) * d]);
+            let i = pool[pick];
+            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[i * d..(i + 1) * d]);
         }
     }
 
@@ -495,8 +512,12 @@ impl<'a> Harmony<'a> {
 
     /// Σ R over `cells` (K) and per level (B × K, level-major).
     fn sums_over(&self, cells: &[usize]) -> (Vec<f64>, Vec<f64>) {
+        self.sums_over_in(cells, reduction_chunk(cells.len()))
+    }
+
+    /// `sums_over` with partial sums over fixed chunks of `chunk` cells.
+    fn sums_over_in(&self, cells: &[usize], chunk: usize) -> (Vec<f64>, Vec<f64>) {
         let (k, b, n_cov) = (self.k, self.b, self.n_cov);
-        let chunk = reduction_chunk(cells.len());
         let partials: Vec<(Vec<f64>, Vec<f64>)> = cells
             .par_chunks(chunk)
             .map(|cs| {
@@ -583,7 +604,8 @@ impl<'a> Harmony<'a> {
             if interrupted() {
                 return Err(Error::Interrupted);
             }
-            let (rs, os) = self.sums_over(cells);
+            let chunk = BLOCK_CHUNK.max(cells.len() / 32);
+            let (rs, os) = self.sums_over_in(cells, chunk);
             for l in 0..b {
                 for c in 0..k {
                     self.e[l * k + c] -= rs[c] * self.pr_b[l];
@@ -608,42 +630,18 @@ impl<'a> Harmony<'a> {
             let parts: Vec<(Vec<f64>, Vec<f64>, f64)> = {
                 // Each cell's column of R is written by exactly one task.
                 let r_ptr = SharedMut(self.r.as_mut_ptr());
-                let (scale, lev, sigma, offset) = (&self.dist, &self.lev, &self.sigma, &self.offset);
-                cells
-                    .par_chunks(CHUNK)
-                    .map(|cs| {
-                        let r_ptr = &r_ptr;
-                        let mut factor = vec![1.0; k];
-                        let mut ln_factor = vec![0.0; k];
-                        let (mut rs, mut os, mut obj) = (vec![0.0; k], vec![0.0; b * k], 0.0);
-                        for &i in cs {
-                            factor.iter_mut().for_each(|f| *f = 1.0);
-                            ln_factor.iter_mut().for_each(|f| *f = 0.0);
-                            let levels = &lev[i * n_cov..(i + 1) * n_cov];
-                            for &l in levels {
-                                let p = &pen[l as usize * k..(l as usize + 1) * k];
-                                factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
-                                let lp = &ln_pen[l as usize * k..(l as usize + 1) * k];
-                                ln_factor.iter_mut().zip(lp).for_each(|(f, q)| *f += q);
-                            }
-                            // SAFETY: `cells` are distinct, so no two tasks touch the same column.
-                            let col = unsafe { std::slice::from_raw_parts_mut(r_ptr.0.add(i * k), k) };
-                            let sc = &scale[i * k..(i + 1) * k];
-                            obj += match reweight(col, sc, &factor) {
-                                Some(total) => {
-                                    let c0 = total.ln() + offset[i];
-                                    (0..k).map(|c| sigma[c] * col[c] * (ln_factor[c] - c0)).sum::<f64>()
-                                }
-                                None => r_terms(col, sc, sigma, offset[i]),
-                            };
-                            add_into(&mut rs, col);
-                            for &l in levels {
-                                add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
-                            }
-                        }
-                        (rs, os, obj)
-                    })
-                    .collect()
+                let ctx = UpdateCtx {
+                    k,
+                    b,
+                    n_cov,
+                    pen: &pen,
+                    ln_pen: &ln_pen,
+                    scale: &self.dist,
+                    lev: &self.lev,
+                    sigma: &self.sigma,
+                    offset: &self.offset,
+                };
+                cells.par_chunks(chunk).map(|cs| update_cells(&ctx, cs, &r_ptr)).collect()
             };
             for (rs, os, obj) in parts {
                 for l in 0..b {
@@ -962,14 +960,102 @@ fn scale_column_body(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
     hi + total.ln()
 }
 
+/// What `update_cells` reads.
+struct UpdateCtx<'a> {
+    k: usize,
+    b: usize,
+    n_cov: usize,
+    pen: &'a [f64],
+    ln_pen: &'a [f64],
+    scale: &'a [f64],
+    lev: &'a [u32],
+    sigma: &'a [f64],
+    offset: &'a [f64],
+}
+
+/// New R of the distinct `cells`, written through `r`; returns their sums
+/// (K, and B × K level-major) and objective terms. With R = scale · f / T,
+/// dist = −σ (ln scale + offset) gives R·dist + σ R ln R =
+/// σ R (ln f − ln T − offset): one logarithm per cell. On CPUs with AVX2 and
+/// FMA it runs in a copy compiled for them.
+fn update_cells(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { update_cells_avx2(ctx, cells, r) };
+        }
+    }
+    update_cells_body(ctx, cells, r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn update_cells_avx2(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+    update_cells_body(ctx, cells, r)
+}
+
+#[inline(always)]
+fn update_cells_body(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+    let (k, n_cov) = (ctx.k, ctx.n_cov);
+    let mut factor = vec![1.0; k];
+    let mut ln_factor = vec![0.0; k];
+    let (mut rs, mut os, mut obj) = (vec![0.0; k], vec![0.0; ctx.b * k], 0.0);
+    for &i in cells {
+        let levels = &ctx.lev[i * n_cov..(i + 1) * n_cov];
+        let l0 = levels[0] as usize;
+        factor.copy_from_slice(&ctx.pen[l0 * k..(l0 + 1) * k]);
+        ln_factor.copy_from_slice(&ctx.ln_pen[l0 * k..(l0 + 1) * k]);
+        for &l in &levels[1..] {
+            let p = &ctx.pen[l as usize * k..(l as usize + 1) * k];
+            factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
+            let lp = &ctx.ln_pen[l as usize * k..(l as usize + 1) * k];
+            ln_factor.iter_mut().zip(lp).for_each(|(f, q)| *f += q);
+        }
+        // SAFETY: the cells of a block are distinct and each chunk of them
+        // goes to one task, so no two tasks touch the same column.
+        let col = unsafe { std::slice::from_raw_parts_mut(r.0.add(i * k), k) };
+        let sc = &ctx.scale[i * k..(i + 1) * k];
+        obj += match reweight(col, sc, &factor) {
+            Some(total) => {
+                let c0 = total.ln() + ctx.offset[i];
+                lane_sum(k, |c| ctx.sigma[c] * col[c] * (ln_factor[c] - c0))
+            }
+            None => r_terms(col, sc, ctx.sigma, ctx.offset[i]),
+        };
+        add_into(&mut rs, col);
+        for &l in levels {
+            add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
+        }
+    }
+    (rs, os, obj)
+}
+
+/// Σ_{i < n} f(i) in `LANES` independent partial sums (a single running sum
+/// waits on the latency of every addition), in a fixed order.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0; LANES];
+    let full = n - n % LANES;
+    for i0 in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i0 + l);
+        }
+    }
+    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
+        *a += f(full + l);
+    }
+    acc.iter().sum()
+}
+
 /// r = scale · factor, normalized to sum 1: returns the sum it divided by,
 /// or None when all vanished and r was set uniform.
 fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) -> Option<f64> {
-    let mut total = 0.0;
     for ((out, &s), &f) in r.iter_mut().zip(scale).zip(factor) {
         *out = s * f;
-        total += *out;
     }
+    let total = lane_sum(r.len(), |c| r[c]);
     if total > 0.0 && total.is_finite() {
         let inv = 1.0 / total;
         r.iter_mut().for_each(|v| *v *= inv);
