@@ -40,6 +40,9 @@ const BLOCK_CHUNK: usize = 64;
 const SEED_POOL: usize = 20_000;
 /// Lloyd iterations of the initial k-means at most (as harmony 2).
 const KMEANS_ITER: usize = 25;
+/// Above `SEED_POOL` cells, the k-means runs on the seeds' pool and then
+/// this many iterations over all cells.
+const KMEANS_ITER_ALL: usize = 3;
 
 /// One variable of the design: batch (regressed out) or protected.
 #[derive(Debug, Clone)]
@@ -363,74 +366,17 @@ impl<'a> Harmony<'a> {
     /// Initial centroids: k-means on z_cos from K distinct random cells.
     fn init(&mut self, interrupted: &dyn Fn() -> bool) -> Result<()> {
         let (n, d, k) = (self.n, self.d, self.k);
-        self.kmeans_plus_plus();
-        for _ in 0..KMEANS_ITER {
-            if interrupted() {
-                return Err(Error::Interrupted);
+        let pool = self.kmeans_plus_plus();
+        if pool.len() < n {
+            // Lloyd on the seeds' pool, then a few passes over every cell.
+            let mut zp = Vec::with_capacity(pool.len() * d);
+            for &i in &pool {
+                zp.extend_from_slice(&self.z_cos[i * d..(i + 1) * d]);
             }
-            // One fused pass per iteration: for a chunk of cells, Yᵀz in a
-            // small buffer, the nearest centroid (argmin ‖z − y‖² = argmin
-            // (‖y‖² − 2 yᵀz)), and the chunk's sums per centroid.
-            let sq: Vec<f64> = self.y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
-            let chunk = reduction_chunk(n);
-            let (y, z_cos) = (&self.y, &self.z_cos);
-            let partials: Vec<(Vec<f64>, Vec<usize>)> = (0..n.div_ceil(chunk))
-                .into_par_iter()
-                .map(|ci| {
-                    let mut sums = vec![0.0; d * k];
-                    let mut counts = vec![0usize; k];
-                    let mut buf = vec![0.0; k * CHUNK];
-                    let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
-                    for a in (lo..hi).step_by(CHUNK) {
-                        let e = (a + CHUNK).min(hi);
-                        let m = e - a;
-                        let zc = MatRef::from_column_major_slice(&z_cos[a * d..e * d], d, m);
-                        let dst = MatMut::from_column_major_slice_mut(&mut buf[..k * m], k, m);
-                        matmul(
-                            dst,
-                            Accum::Replace,
-                            MatRef::from_column_major_slice(y, d, k).transpose(),
-                            zc,
-                            -2.0,
-                            Par::Seq,
-                        );
-                        for (j, col) in buf[..k * m].chunks(k).enumerate() {
-                            let mut best = (0usize, f64::INFINITY);
-                            for (c, (&v, &q)) in col.iter().zip(&sq).enumerate() {
-                                if v + q < best.1 {
-                                    best = (c, v + q);
-                                }
-                            }
-                            counts[best.0] += 1;
-                            add_into(&mut sums[best.0 * d..(best.0 + 1) * d], &z_cos[(a + j) * d..(a + j + 1) * d]);
-                        }
-                    }
-                    (sums, counts)
-                })
-                .collect();
-            let mut sums = vec![0.0; d * k];
-            let mut counts = vec![0usize; k];
-            for (ps, pc) in partials {
-                add_into(&mut sums, &ps);
-                counts.iter_mut().zip(pc).for_each(|(c, v)| *c += v);
-            }
-            let mut change = 0.0f64;
-            for c in 0..k {
-                let new: Vec<f64> = if counts[c] > 0 {
-                    sums[c * d..(c + 1) * d].iter().map(|v| v / counts[c] as f64).collect()
-                } else {
-                    // An empty cluster restarts at a random cell.
-                    let i = self.rng.random_range(0..n);
-                    self.z_cos[i * d..(i + 1) * d].to_vec()
-                };
-                for (j, v) in new.into_iter().enumerate() {
-                    change += (v - self.y[c * d + j]).powi(2);
-                    self.y[c * d + j] = v;
-                }
-            }
-            if change.sqrt() < 1e-6 {
-                break;
-            }
+            lloyd(&zp, d, k, &mut self.y, KMEANS_ITER, &mut self.rng, interrupted)?;
+            lloyd(&self.z_cos, d, k, &mut self.y, KMEANS_ITER_ALL, &mut self.rng, interrupted)?;
+        } else {
+            lloyd(&self.z_cos, d, k, &mut self.y, KMEANS_ITER, &mut self.rng, interrupted)?;
         }
         normalize_columns(&mut self.y, d);
         self.compute_dist();
@@ -438,7 +384,17 @@ impl<'a> Harmony<'a> {
         // R = softmax(−dist / σ) per cell, then the diversity statistics.
         self.r.copy_from_slice(&self.dist);
         self.recount();
-        let obj = self.objective();
+        // With R equal to the kernel, R ln R − R ln scale vanishes and the R
+        // terms reduce to −offset · Σ σ R per cell (no logarithms).
+        let (k, sigma) = (self.k, &self.sigma);
+        let chunk = reduction_chunk(n);
+        let parts: Vec<f64> = self
+            .r
+            .par_chunks(k * chunk)
+            .zip(self.offset.par_chunks(chunk))
+            .map(|(r, off)| r.chunks(k).zip(off).map(|(col, o)| -o * lane_sum(k, |c| sigma[c] * col[c])).sum::<f64>())
+            .collect();
+        let obj = (parts.iter().sum::<f64>() + self.cross_term()) * 2000.0 / n as f64;
         self.obj_kmeans.push(obj);
         self.obj_harmony.push(obj);
         Ok(())
@@ -447,7 +403,8 @@ impl<'a> Harmony<'a> {
     /// k-means++ seeds (Arthur & Vassilvitskii 2007) on z_cos into `y`,
     /// drawn from at most `SEED_POOL` random cells: the seeding costs K
     /// passes over its pool, the Lloyd iterations that follow see every cell.
-    fn kmeans_plus_plus(&mut self) {
+    /// Returns the pool, sorted.
+    fn kmeans_plus_plus(&mut self) -> Vec<usize> {
         let (n, d, k) = (self.n, self.d, self.k);
         let pool: Vec<usize> = if n > SEED_POOL.max(k) {
             let mut p = rand::seq::index::sample(&mut self.rng, n, SEED_POOL.max(k)).into_vec();
@@ -497,6 +454,7 @@ impl<'a> Harmony<'a> {
             let i = pool[pick];
             self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[i * d..(i + 1) * d]);
         }
+        pool
     }
 
     /// E and O from scratch.
@@ -958,6 +916,83 @@ fn scale_column_body(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
     let inv = 1.0 / total;
     col.iter_mut().for_each(|v| *v *= inv);
     hi + total.ln()
+}
+
+/// Up to `max_iter` Lloyd iterations of k-means from the centroids `y`
+/// (d × K) over the cells `z` (d values each); stops once no centroid moves.
+/// An empty cluster restarts at a random cell.
+fn lloyd(
+    z: &[f64],
+    d: usize,
+    k: usize,
+    y: &mut [f64],
+    max_iter: usize,
+    rng: &mut ChaCha8Rng,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<()> {
+    let n = z.len() / d;
+    for _ in 0..max_iter {
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
+        // One fused pass per iteration: for a chunk of cells, Yᵀz in a
+        // small buffer, the nearest centroid (argmin ‖z − y‖² = argmin
+        // (‖y‖² − 2 yᵀz)), and the chunk's sums per centroid.
+        let sq: Vec<f64> = y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
+        let chunk = reduction_chunk(n);
+        let yr = &*y;
+        let partials: Vec<(Vec<f64>, Vec<usize>)> = (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .map(|ci| {
+                let mut sums = vec![0.0; d * k];
+                let mut counts = vec![0usize; k];
+                let mut buf = vec![0.0; k * CHUNK];
+                let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
+                for a in (lo..hi).step_by(CHUNK) {
+                    let e = (a + CHUNK).min(hi);
+                    let m = e - a;
+                    let zc = MatRef::from_column_major_slice(&z[a * d..e * d], d, m);
+                    let dst = MatMut::from_column_major_slice_mut(&mut buf[..k * m], k, m);
+                    let yt = MatRef::from_column_major_slice(yr, d, k).transpose();
+                    matmul(dst, Accum::Replace, yt, zc, -2.0, Par::Seq);
+                    for (j, col) in buf[..k * m].chunks(k).enumerate() {
+                        let mut best = (0usize, f64::INFINITY);
+                        for (c, (&v, &q)) in col.iter().zip(&sq).enumerate() {
+                            if v + q < best.1 {
+                                best = (c, v + q);
+                            }
+                        }
+                        counts[best.0] += 1;
+                        add_into(&mut sums[best.0 * d..(best.0 + 1) * d], &z[(a + j) * d..(a + j + 1) * d]);
+                    }
+                }
+                (sums, counts)
+            })
+            .collect();
+        let mut sums = vec![0.0; d * k];
+        let mut counts = vec![0usize; k];
+        for (ps, pc) in partials {
+            add_into(&mut sums, &ps);
+            counts.iter_mut().zip(pc).for_each(|(c, v)| *c += v);
+        }
+        let mut change = 0.0f64;
+        for c in 0..k {
+            let new: Vec<f64> = if counts[c] > 0 {
+                sums[c * d..(c + 1) * d].iter().map(|v| v / counts[c] as f64).collect()
+            } else {
+                let i = rng.random_range(0..n);
+                z[i * d..(i + 1) * d].to_vec()
+            };
+            for (j, v) in new.into_iter().enumerate() {
+                change += (v - y[c * d + j]).powi(2);
+                y[c * d + j] = v;
+            }
+        }
+        if change.sqrt() < 1e-6 {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// What `update_cells` reads.

@@ -214,6 +214,8 @@ fn objective_from_the_update_pass_equals_the_full_pass() {
     let p = HarmonyParams::default();
     let mut h = Harmony::new(&f.x, n, D, &covs, &p).unwrap();
     h.init(&|| false).unwrap();
+    let (first, full) = (h.obj_harmony[0], h.objective());
+    assert!((first - full).abs() <= 1e-9 * full.abs(), "initial {first} vs full {full}");
     for _ in 0..2 {
         for _ in 0..3 {
             let fused = (h.update_r(&|| false).unwrap() + h.cross_term()) * 2000.0 / n as f64;
@@ -226,4 +228,40 @@ fn objective_from_the_update_pass_equals_the_full_pass() {
         h.r.copy_from_slice(&h.dist);
         h.recount();
     }
+}
+
+/// Above the seeding pool's size the k-means++ seeds come from a random
+/// subset: still distinct cells, one in each of K well-separated groups.
+#[test]
+fn seeds_from_a_pool_still_find_every_group() {
+    let (n, d, k) = (SEED_POOL + 5_000, 3, 6);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut x = vec![0.0; n * d];
+    for i in 0..n {
+        let g = i % k;
+        for j in 0..d {
+            // Groups on distinct directions (the seeding sees cosine-normalized cells).
+            x[i * d + j] =
+                if j == g % d { 1.0 } else { 0.0 } * if g < d { 1.0 } else { -1.0 } + 0.01 * rng.random::<f64>();
+        }
+    }
+    let codes: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
+    let p = HarmonyParams { n_clusters: Some(k), ..Default::default() };
+    let covs = [batch_cov(codes, 2)];
+    let mut h = Harmony::new(&x, n, d, &covs, &p).unwrap();
+    let pool = h.kmeans_plus_plus();
+    assert_eq!(pool.len(), SEED_POOL);
+    assert!(pool.windows(2).all(|w| w[0] < w[1]) && *pool.last().unwrap() < n);
+    let mut hit = vec![0; k];
+    for c in 0..k {
+        let y = &h.y[c * d..(c + 1) * d];
+        let g = (0..k)
+            .max_by(|&a, &b| {
+                let dir = |g: usize| (if g < d { 1.0 } else { -1.0 }) * y[g % d];
+                dir(a).total_cmp(&dir(b))
+            })
+            .unwrap();
+        hit[g] += 1;
+    }
+    assert_eq!(hit, vec![1; k]);
 }
