@@ -4,8 +4,8 @@
 #' defaults of the R package `harmony` 2.x and harmonypy 2.1: soft k-means
 #' on cosine-normalized coordinates with a diversity penalty `theta`, then a
 #' mixture-of-experts ridge regression per cluster that removes the batch
-#' terms, repeated until the objective changes by less than
-#' `epsilon_harmony`. The ridge penalty is estimated in each cluster as
+#' terms, repeated until the objective falls by less than the fraction
+#' `epsilon_harmony` (a rise does not stop it, as in harmonypy 2.1). The ridge penalty is estimated in each cluster as
 #' `alpha` times the expected number of the batch's cells there (`lambda =
 #' NULL`) or fixed. Several batch variables can be corrected at once.
 #'

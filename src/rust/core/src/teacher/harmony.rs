@@ -135,12 +135,26 @@ pub fn harmony(
         n_iter = it + 1;
         on_iter(n_iter);
         let (old, new) = (h.obj_harmony[h.obj_harmony.len() - 2], h.obj_harmony[h.obj_harmony.len() - 1]);
-        if (old - new) / old.abs() < params.epsilon_harmony {
+        if objective_settled(old, new, params.epsilon_harmony) {
             converged = true;
             break;
         }
     }
     Ok(h.finish(n_iter, converged))
+}
+
+/// Whether the objective fell from `old` to `new` by less than the fraction
+/// `eps`. A rise is not convergence (as in harmonypy 2.1; R harmony's signed
+/// test stops at any rise, often after a few iterations on large data).
+fn objective_settled(old: f64, new: f64, eps: f64) -> bool {
+    if !old.is_finite() || !new.is_finite() {
+        return false;
+    }
+    if old == 0.0 {
+        return new == 0.0;
+    }
+    let fall = (old - new) / old.abs();
+    (0.0..eps).contains(&fall)
 }
 
 fn check_inputs(z: &[f64], n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
@@ -213,10 +227,12 @@ struct Harmony<'a> {
     /// while they are computed, then, until the centroids move, the
     /// normalized kernel exp(−dist / σ) of each cell (`to_scale`), which the
     /// rounds of a clustering share (no exponentials per round).
-    dist: Vec<f64>,
+    dist: Vec<f32>,
     /// Per cell, c with dist_k = −σ_k (ln scale_k + c).
     offset: Vec<f64>,
-    r: Vec<f64>,
+    /// Soft assignments, K × N like `dist`. Both are f32 (as in harmonypy
+    /// 2.1): the clustering rounds stream them, and sums are taken in f64.
+    r: Vec<f32>,
     /// Observed and expected cluster × level counts, stored level-major (b·K + k).
     o: Vec<f64>,
     e: Vec<f64>,
@@ -237,8 +253,13 @@ fn normalize_columns(m: &mut [f64], d: usize) {
     });
 }
 
-fn add_into(acc: &mut [f64], x: &[f64]) {
-    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+fn add_into<T: Copy + Into<f64>>(acc: &mut [f64], x: &[T]) {
+    acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b.into());
+}
+
+/// The columns `lo..hi` of the K × N matrix `m`, widened to f64.
+fn columns_f64(m: &[f32], k: usize, lo: usize, hi: usize) -> Vec<f64> {
+    m[lo * k..hi * k].iter().map(|&v| v as f64).collect()
 }
 
 /// Fixed chunks for reductions over `len` items: the same for any thread count.
@@ -347,9 +368,10 @@ impl<'a> Harmony<'a> {
         self.dist.par_chunks_mut(k * CHUNK).enumerate().for_each(|(ci, out)| {
             let m = out.len() / k;
             let zc = MatRef::from_column_major_slice(&z_cos[ci * CHUNK * d..(ci * CHUNK + m) * d], d, m);
-            let mut dst = MatMut::from_column_major_slice_mut(out, k, m);
-            matmul(dst.as_mut(), Accum::Replace, y.transpose(), zc, -2.0, Par::Seq);
-            out.iter_mut().for_each(|v| *v += 2.0);
+            let mut buf = vec![0.0; k * m];
+            let dst = MatMut::from_column_major_slice_mut(&mut buf, k, m);
+            matmul(dst, Accum::Replace, y.transpose(), zc, -2.0, Par::Seq);
+            out.iter_mut().zip(&buf).for_each(|(o, v)| *o = (v + 2.0) as f32);
         });
     }
 
@@ -357,8 +379,9 @@ impl<'a> Harmony<'a> {
     fn to_scale(&mut self) {
         let (k, inv_sigma) = (self.k, &self.inv_sigma);
         self.dist.par_chunks_mut(k * CHUNK).zip(self.offset.par_chunks_mut(CHUNK)).for_each(|(d, off)| {
+            let mut scratch = Vec::with_capacity(k);
             for (col, o) in d.chunks_mut(k).zip(off.iter_mut()) {
-                *o = scale_column(col, inv_sigma);
+                *o = scale_column(col, inv_sigma, &mut scratch);
             }
         });
     }
@@ -392,7 +415,9 @@ impl<'a> Harmony<'a> {
             .r
             .par_chunks(k * chunk)
             .zip(self.offset.par_chunks(chunk))
-            .map(|(r, off)| r.chunks(k).zip(off).map(|(col, o)| -o * lane_sum(k, |c| sigma[c] * col[c])).sum::<f64>())
+            .map(|(r, off)| {
+                r.chunks(k).zip(off).map(|(col, o)| -o * lane_sum(k, |c| sigma[c] * col[c] as f64)).sum::<f64>()
+            })
             .collect();
         let obj = (parts.iter().sum::<f64>() + self.cross_term()) * 2000.0 / n as f64;
         self.obj_kmeans.push(obj);
@@ -673,17 +698,15 @@ impl<'a> Harmony<'a> {
                 .into_par_iter()
                 .map(|a| {
                     let e = (a + chunk).min(hi);
-                    let zc = MatRef::from_column_major_slice(&self.z_orig[a * d..e * d], d, e - a);
-                    let rc = MatRef::from_column_major_slice(&self.r[a * k..e * k], k, e - a);
                     let mut out = vec![0.0; d * k];
-                    matmul(
-                        MatMut::from_column_major_slice_mut(&mut out, d, k),
-                        Accum::Replace,
-                        zc,
-                        rc.transpose(),
-                        1.0,
-                        Par::Seq,
-                    );
+                    for a0 in (a..e).step_by(CHUNK) {
+                        let e0 = (a0 + CHUNK).min(e);
+                        let zc = MatRef::from_column_major_slice(&self.z_orig[a0 * d..e0 * d], d, e0 - a0);
+                        let r64 = columns_f64(&self.r, k, a0, e0);
+                        let rc = MatRef::from_column_major_slice(&r64, k, e0 - a0);
+                        let dst = MatMut::from_column_major_slice_mut(&mut out, d, k);
+                        matmul(dst, Accum::Add, zc, rc.transpose(), 1.0, Par::Seq);
+                    }
                     out
                 })
                 .collect();
@@ -709,7 +732,7 @@ impl<'a> Harmony<'a> {
                         for &l in &levels[1..] {
                             for c in 0..k {
                                 let out = &mut sp[(l as usize * k + c) * d..(l as usize * k + c + 1) * d];
-                                out.iter_mut().zip(z).for_each(|(o, zv)| *o += r[c] * zv);
+                                out.iter_mut().zip(z).for_each(|(o, zv)| *o += r[c] as f64 * zv);
                             }
                         }
                         for (x, &l1) in levels.iter().enumerate() {
@@ -831,7 +854,8 @@ impl<'a> Harmony<'a> {
                     continue;
                 }
                 let wm = MatRef::from_column_major_slice(&wl[l], d, k);
-                let rc = MatRef::from_column_major_slice(&r[a * k..e * k], k, e - a);
+                let r64 = columns_f64(r, k, a, e);
+                let rc = MatRef::from_column_major_slice(&r64, k, e - a);
                 let dst = MatMut::from_column_major_slice_mut(&mut out[(a - lo) * d..(e - lo) * d], d, e - a);
                 matmul(dst, Accum::Add, wm, rc, -1.0, Par::Seq);
             }
@@ -846,7 +870,7 @@ impl<'a> Harmony<'a> {
                         let wm = &wl[l as usize];
                         for c in 0..k {
                             let col = &wm[c * d..(c + 1) * d];
-                            z.iter_mut().zip(col).for_each(|(zv, wv)| *zv -= rv[c] * wv);
+                            z.iter_mut().zip(col).for_each(|(zv, wv)| *zv -= rv[c] as f64 * wv);
                         }
                     }
                 }
@@ -862,7 +886,7 @@ impl<'a> Harmony<'a> {
         let mut r = vec![0.0; n * k];
         for (pos, &i) in self.perm.iter().enumerate() {
             z_corr[i * d..(i + 1) * d].copy_from_slice(&self.z_corr[pos * d..(pos + 1) * d]);
-            r[i * k..(i + 1) * k].copy_from_slice(&self.r[pos * k..(pos + 1) * k]);
+            r[i * k..(i + 1) * k].iter_mut().zip(&self.r[pos * k..(pos + 1) * k]).for_each(|(o, &v)| *o = v as f64);
         }
         HarmonyResult {
             z_corr,
@@ -877,7 +901,7 @@ impl<'a> Harmony<'a> {
 }
 
 /// A raw pointer handed to parallel tasks that write disjoint parts.
-struct SharedMut(*mut f64);
+struct SharedMut(*mut f32);
 // SAFETY: only used for writes to disjoint ranges (see `update_r`).
 unsafe impl Sync for SharedMut {}
 
@@ -886,36 +910,68 @@ unsafe impl Sync for SharedMut {}
 /// Returns c = m + ln Z, so that dist_k = −σ_k (ln scale_k + c). On CPUs with
 /// AVX2 and FMA it runs in a copy compiled for them, where the exponentials
 /// vectorize (same results to rounding).
-fn scale_column(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
+fn scale_column(col: &mut [f32], inv_sigma: &[f64], e: &mut Vec<f64>) -> f64 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { scale_column_avx2(col, inv_sigma) };
+            return unsafe { scale_column_avx2(col, inv_sigma, e) };
         }
     }
-    scale_column_body(col, inv_sigma)
+    scale_column_body(col, inv_sigma, e)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn scale_column_avx2(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
-    scale_column_body(col, inv_sigma)
+unsafe fn scale_column_avx2(col: &mut [f32], inv_sigma: &[f64], e: &mut Vec<f64>) -> f64 {
+    scale_column_body(col, inv_sigma, e)
 }
 
 #[inline(always)]
-fn scale_column_body(col: &mut [f64], inv_sigma: &[f64]) -> f64 {
+fn scale_column_body(col: &mut [f32], inv_sigma: &[f64], e: &mut Vec<f64>) -> f64 {
     let mut hi = f64::NEG_INFINITY;
-    for (v, &s) in col.iter_mut().zip(inv_sigma) {
-        let t = -*v * s;
-        *v = t;
+    for (&v, &s) in col.iter().zip(inv_sigma) {
+        let t = -(v as f64) * s;
         hi = if t > hi { t } else { hi };
     }
-    col.iter_mut().for_each(|v| *v = exp_nonpositive(*v - hi));
-    let total: f64 = col.iter().sum();
+    e.resize(col.len(), 0.0);
+    for ((o, &v), &s) in e.iter_mut().zip(col.iter()).zip(inv_sigma) {
+        *o = exp_nonpositive(-(v as f64) * s - hi);
+    }
+    let total = lane_sum(e.len(), |c| e[c]);
     let inv = 1.0 / total;
-    col.iter_mut().for_each(|v| *v *= inv);
+    col.iter_mut().zip(e.iter()).for_each(|(v, &x)| *v = (x * inv) as f32);
     hi + total.ln()
+}
+
+/// r = scale · factor, normalized to sum 1: returns the sum it divided by,
+/// or None when all vanished and r was set uniform.
+fn reweight(r: &mut [f32], scale: &[f32], factor: &[f64]) -> Option<f64> {
+    let total = lane_sum(r.len(), |c| scale[c] as f64 * factor[c]);
+    if total > 0.0 && total.is_finite() {
+        let inv = 1.0 / total;
+        for ((out, &s), &f) in r.iter_mut().zip(scale).zip(factor) {
+            *out = (s as f64 * f * inv) as f32;
+        }
+        Some(total)
+    } else {
+        let u = 1.0 / r.len() as f32;
+        r.iter_mut().for_each(|v| *v = u);
+        None
+    }
+}
+
+/// One cell's objective terms R·dist + σ R ln R, with the distances held as
+/// the normalized kernel `scale` and the cell's offset (dist = −σ (ln scale + offset)).
+fn r_terms(r: &[f32], scale: &[f32], sigma: &[f64], offset: f64) -> f64 {
+    let mut s = 0.0;
+    for ((&rv, &sc), &sg) in r.iter().zip(scale).zip(sigma) {
+        if rv > 0.0 {
+            let (rv, sc) = (rv as f64, sc as f64);
+            s += sg * rv * (ln_positive(rv) - ln_positive(sc) - offset);
+        }
+    }
+    s
 }
 
 /// Up to `max_iter` Lloyd iterations of k-means from the centroids `y`
@@ -1002,7 +1058,7 @@ struct UpdateCtx<'a> {
     n_cov: usize,
     pen: &'a [f64],
     ln_pen: &'a [f64],
-    scale: &'a [f64],
+    scale: &'a [f32],
     lev: &'a [u32],
     sigma: &'a [f64],
     offset: &'a [f64],
@@ -1054,7 +1110,7 @@ fn update_cells_body(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f6
         obj += match reweight(col, sc, &factor) {
             Some(total) => {
                 let c0 = total.ln() + ctx.offset[i];
-                lane_sum(k, |c| ctx.sigma[c] * col[c] * (ln_factor[c] - c0))
+                lane_sum(k, |c| ctx.sigma[c] * col[c] as f64 * (ln_factor[c] - c0))
             }
             None => r_terms(col, sc, ctx.sigma, ctx.offset[i]),
         };
@@ -1082,36 +1138,6 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
         *a += f(full + l);
     }
     acc.iter().sum()
-}
-
-/// r = scale · factor, normalized to sum 1: returns the sum it divided by,
-/// or None when all vanished and r was set uniform.
-fn reweight(r: &mut [f64], scale: &[f64], factor: &[f64]) -> Option<f64> {
-    for ((out, &s), &f) in r.iter_mut().zip(scale).zip(factor) {
-        *out = s * f;
-    }
-    let total = lane_sum(r.len(), |c| r[c]);
-    if total > 0.0 && total.is_finite() {
-        let inv = 1.0 / total;
-        r.iter_mut().for_each(|v| *v *= inv);
-        Some(total)
-    } else {
-        let u = 1.0 / r.len() as f64;
-        r.iter_mut().for_each(|v| *v = u);
-        None
-    }
-}
-
-/// One cell's objective terms R·dist + σ R ln R, with the distances held as
-/// the normalized kernel `scale` and the cell's offset (dist = −σ (ln scale + offset)).
-fn r_terms(r: &[f64], scale: &[f64], sigma: &[f64], offset: f64) -> f64 {
-    let mut s = 0.0;
-    for ((&rv, &sc), &sg) in r.iter().zip(scale).zip(sigma) {
-        if rv > 0.0 {
-            s += sg * rv * (ln_positive(rv) - ln_positive(sc) - offset);
-        }
-    }
-    s
 }
 
 /// Solves A X = B (A p × p row-major, B p × d row-major) by Gaussian

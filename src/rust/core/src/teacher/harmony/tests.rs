@@ -86,9 +86,9 @@ fn agrees_with_harmonypy_on_the_fixture() {
     // The objective falls, and the run stops by convergence.
     assert!(res.converged && res.n_iter < 10);
     assert!(res.objective.last().unwrap() < &res.objective[0]);
-    // Memberships are distributions.
+    // Memberships are distributions (held in f32).
     for row in res.r.chunks(res.n_clusters) {
-        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
     }
 }
 
@@ -220,7 +220,8 @@ fn objective_from_the_update_pass_equals_the_full_pass() {
         for _ in 0..3 {
             let fused = (h.update_r(&|| false).unwrap() + h.cross_term()) * 2000.0 / n as f64;
             let full = h.objective();
-            assert!((fused - full).abs() <= 1e-9 * full.abs(), "fused {fused} vs full {full}");
+            // Equal up to the f32 rounding of R, which the full pass takes logarithms of.
+            assert!((fused - full).abs() <= 1e-7 * full.abs(), "fused {fused} vs full {full}");
         }
         h.correct();
         h.compute_dist();
@@ -264,4 +265,16 @@ fn seeds_from_a_pool_still_find_every_group() {
         hit[g] += 1;
     }
     assert_eq!(hit, vec![1; k]);
+}
+
+/// The outer loop stops on a small fall of the objective, never on a rise.
+#[test]
+fn only_a_small_fall_of_the_objective_is_convergence() {
+    assert!(objective_settled(100.0, 99.5, 0.01));
+    assert!(!objective_settled(100.0, 98.0, 0.01));
+    assert!(!objective_settled(100.0, 101.0, 0.01));
+    assert!(!objective_settled(-100.0, -99.0, 0.01));
+    assert!(objective_settled(-100.0, -100.5, 0.01));
+    assert!(objective_settled(0.0, 0.0, 0.01) && !objective_settled(0.0, -1.0, 0.01));
+    assert!(!objective_settled(f64::NAN, 1.0, 0.01) && !objective_settled(1.0, f64::INFINITY, 0.01));
 }
