@@ -26,7 +26,15 @@ fn main() {
             x[i * d + j] = centres[c * d + j] / (1.0 + j as f64 / 5.0) + shifts[b * d + j] + g.sample(&mut rng);
         }
     }
-    if let Some(out) = a.get(5) {
+    // OUT naming a folder with pcs.f64 and batch.i32 (bench/harmony_peer.py's
+    // input): run on those instead.
+    if let Some(dir) = a.get(5).filter(|p| std::path::Path::new(p).join("pcs.f64").exists()) {
+        let bytes = std::fs::read(std::path::Path::new(dir).join("pcs.f64")).unwrap();
+        x = bytes.chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        let bytes = std::fs::read(std::path::Path::new(dir).join("batch.i32")).unwrap();
+        batch = bytes.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+        assert_eq!((x.len(), batch.len()), (n * d, n), "N and D must match the files");
+    } else if let Some(out) = a.get(5) {
         let mut f = std::fs::File::create(format!("{out}.x")).unwrap();
         for v in &x {
             f.write_all(&v.to_le_bytes()).unwrap();
@@ -36,9 +44,22 @@ fn main() {
             f.write_all(&v.to_le_bytes()).unwrap();
         }
     }
-    let cov = HarmonyCovariate { name: "batch".into(), codes: batch, n_levels: nb, theta: 2.0, lambda: None, protected: false };
+    let cov = HarmonyCovariate {
+        name: "batch".into(),
+        codes: batch,
+        n_levels: nb,
+        theta: 2.0,
+        lambda: None,
+        protected: false,
+    };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let t = Instant::now();
     let r = pool.install(|| harmony(&x, n, d, &[cov], &HarmonyParams::default(), &|| false, &|_| {})).unwrap();
-    println!("harmony n={n} d={d} batches={nb} threads={threads}: {:.2} s, {} iterations, rounds {:?}", t.elapsed().as_secs_f64(), r.n_iter, r.cluster_rounds);
+    println!(
+        "harmony n={n} d={d} batches={nb} threads={threads}: {:.2} s, {} iterations, rounds {:?}",
+        t.elapsed().as_secs_f64(),
+        r.n_iter,
+        r.cluster_rounds
+    );
+    println!("objective {:?}", r.objective.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>());
 }

@@ -38,8 +38,8 @@ const WINDOW: usize = 3;
 const BLOCK_CHUNK: usize = 64;
 /// Cells the k-means++ seeds are drawn from at most.
 const SEED_POOL: usize = 20_000;
-/// Lloyd iterations of the initial k-means at most (as harmony 2).
-const KMEANS_ITER: usize = 25;
+/// Lloyd iterations of the initial k-means at most (10, as harmony 2 and harmonypy 2.1).
+const KMEANS_ITER: usize = 10;
 /// Above `SEED_POOL` cells, the k-means runs on the seeds' pool and then
 /// this many iterations over all cells.
 const KMEANS_ITER_ALL: usize = 3;
