@@ -88,9 +88,9 @@ fn rs_run_harmony(x: &[f64], n: i32, d: i32, covariates: List, params: List, thr
     )
     .map_err(fail)?
     .map_err(fail)?;
-    let z: Vec<f64> = (0..d).flat_map(|j| (0..n).map(move |i| (i, j))).map(|(i, j)| r.z_corr[i * d + j]).collect();
+    let z = transpose(&r.z_corr, n, d);
     let k = r.n_clusters;
-    let memberships: Vec<f64> = (0..k).flat_map(|c| (0..n).map(move |i| (i, c))).map(|(i, c)| r.r[i * k + c]).collect();
+    let memberships = transpose(&r.r, n, k);
     Ok(list!(
         z = z,
         r = memberships,

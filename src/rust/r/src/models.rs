@@ -347,8 +347,21 @@ fn rs_vae_latent(
     Ok(transpose(&z, n, n_latent))
 }
 
-pub(crate) fn transpose(v: &[f32], n: usize, d: usize) -> Vec<f64> {
-    (0..d).flat_map(|j| (0..n).map(move |i| v[i * d + j] as f64)).collect()
+/// The row-major n × d matrix `v` in R's column-major order, transposed in
+/// tiles of cells (a column at a time misses the cache on every read of a
+/// large matrix, e.g. 10^8 Harmony memberships at 10^6 cells).
+pub(crate) fn transpose<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> Vec<f64> {
+    const TILE: usize = 256;
+    let mut out = vec![0.0; n * d];
+    for i0 in (0..n).step_by(TILE) {
+        let i1 = (i0 + TILE).min(n);
+        for j in 0..d {
+            for i in i0..i1 {
+                out[j * n + i] = v[i * d + j].into();
+            }
+        }
+    }
+    out
 }
 
 /// Runs `f(model, cells)` on a worker with libtorch's generator seeded: the
