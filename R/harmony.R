@@ -153,8 +153,13 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
   }
   res <- rust(rs_run_harmony(as.double(emb), n, ncol(emb), covs, params, resolve_threads(threads), bar))
   z <- matrix(res$z, nrow = n, dimnames = list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb)))))
+  # The memberships (cells x clusters, 10^8 values at 10^6 cells) get their
+  # dimensions in place rather than through a copy by matrix().
+  r <- res$r
+  res$r <- NULL
+  dim(r) <- c(n, res$n_clusters)
+  dimnames(r) <- list(rownames(emb), NULL)
   attr(z, "harmony") <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
-                             n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds,
-                             memberships = matrix(res$r, nrow = n, dimnames = list(rownames(emb), NULL)))
+                             n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds, memberships = r)
   z
 }

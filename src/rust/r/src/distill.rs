@@ -1,6 +1,6 @@
 //! extendr glue of the teacher (Harmony) and the distilled student.
 
-use crate::models::{batch_codes, history_to_r, train_config, transpose, Settings};
+use crate::models::{batch_codes, from_column_major, history_to_r, train_config, transpose, Settings};
 use crate::worker::{self, Lent};
 use crate::{counts_from_r, fail, int_slice, strings, threads_from_r};
 use extendr_api::prelude::*;
@@ -26,12 +26,20 @@ pub(crate) fn distill_ref(ptr: &Robj) -> Result<&DistillModel> {
 /// on the R thread. Returns the corrected matrix (column-major) and the fit.
 /// @noRd
 #[extendr]
-fn rs_run_harmony(x: &[f64], n: i32, d: i32, covariates: List, params: List, threads: i32, progress: Robj) -> Result<List> {
+fn rs_run_harmony(
+    x: &[f64],
+    n: i32,
+    d: i32,
+    covariates: List,
+    params: List,
+    threads: i32,
+    progress: Robj,
+) -> Result<List> {
     let (n, d) = (n.max(0) as usize, d.max(0) as usize);
     if x.len() != n * d {
         return Err(fail("internal: embedding size does not match"));
     }
-    let row_major: Vec<f64> = (0..n).flat_map(|i| (0..d).map(move |j| x[j * n + i])).collect();
+    let row_major = from_column_major(x, n, d);
     let covs = covariates
         .values()
         .map(|v| {
@@ -150,7 +158,7 @@ fn rs_fit_distill(
         Ok(int_slice(x, what)?.iter().map(|&c| (c - 1).max(0) as usize).collect())
     };
     let (input, output) = (cols(&input_genes, "input genes")?, cols(&decoder_genes, "decoder genes")?);
-    let teacher_rm: Vec<f64> = (0..n).flat_map(|i| (0..d).map(move |j| teacher[j * n + i])).collect();
+    let teacher_rm = from_column_major(teacher, n, d);
     let (config, t1, t2) = (distill_config(&config)?, train_config(&train_encoder)?, train_config(&train_decoder)?);
     let device = parse_device(device).map_err(fail)?;
     let pending: Mutex<Vec<(Phase, EpochRecord)>> = Mutex::new(Vec::new());

@@ -322,7 +322,7 @@ fn row_major(values: &Robj, n: usize, d: usize, what: &str) -> Result<Vec<f64>> 
     if v.len() != n * d {
         return Err(fail(format!("internal: `{what}` has {} values for {n} x {d}", v.len())));
     }
-    Ok((0..n).flat_map(|i| (0..d).map(move |j| v[j * n + i])).collect())
+    Ok(models::from_column_major(v, n, d))
 }
 
 fn zero_based(codes: &Robj, what: &str) -> Result<Vec<u32>> {

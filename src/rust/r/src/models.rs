@@ -347,6 +347,22 @@ fn rs_vae_latent(
     Ok(transpose(&z, n, n_latent))
 }
 
+/// The inverse of `transpose`: R's column-major n × d matrix `v` as a
+/// row-major copy, in the same tiles.
+pub(crate) fn from_column_major(v: &[f64], n: usize, d: usize) -> Vec<f64> {
+    const TILE: usize = 256;
+    let mut out = vec![0.0; n * d];
+    for i0 in (0..n).step_by(TILE) {
+        let i1 = (i0 + TILE).min(n);
+        for j in 0..d {
+            for i in i0..i1 {
+                out[i * d + j] = v[j * n + i];
+            }
+        }
+    }
+    out
+}
+
 /// The row-major n × d matrix `v` in R's column-major order, transposed in
 /// tiles of cells (a column at a time misses the cache on every read of a
 /// large matrix, e.g. 10^8 Harmony memberships at 10^6 cells).
