@@ -347,36 +347,31 @@ fn rs_vae_latent(
     Ok(transpose(&z, n, n_latent))
 }
 
-/// The inverse of `transpose`: R's column-major n × d matrix `v` as a
-/// row-major copy, in the same tiles.
-pub(crate) fn from_column_major(v: &[f64], n: usize, d: usize) -> Vec<f64> {
+/// Visits every (cell i, column j) of an n × d matrix in tiles of cells:
+/// a column at a time would miss the cache on every read of a large matrix
+/// (e.g. 10^8 Harmony memberships at 10^6 cells).
+fn for_each_in_tiles(n: usize, d: usize, mut f: impl FnMut(usize, usize)) {
     const TILE: usize = 256;
-    let mut out = vec![0.0; n * d];
     for i0 in (0..n).step_by(TILE) {
-        let i1 = (i0 + TILE).min(n);
         for j in 0..d {
-            for i in i0..i1 {
-                out[i * d + j] = v[j * n + i];
+            for i in i0..(i0 + TILE).min(n) {
+                f(i, j);
             }
         }
     }
+}
+
+/// R's column-major n × d matrix `v` as a row-major copy.
+pub(crate) fn from_column_major(v: &[f64], n: usize, d: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * d];
+    for_each_in_tiles(n, d, |i, j| out[i * d + j] = v[j * n + i]);
     out
 }
 
-/// The row-major n × d matrix `v` in R's column-major order, transposed in
-/// tiles of cells (a column at a time misses the cache on every read of a
-/// large matrix, e.g. 10^8 Harmony memberships at 10^6 cells).
+/// The row-major n × d matrix `v` in R's column-major order.
 pub(crate) fn transpose<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> Vec<f64> {
-    const TILE: usize = 256;
     let mut out = vec![0.0; n * d];
-    for i0 in (0..n).step_by(TILE) {
-        let i1 = (i0 + TILE).min(n);
-        for j in 0..d {
-            for i in i0..i1 {
-                out[j * n + i] = v[i * d + j].into();
-            }
-        }
-    }
+    for_each_in_tiles(n, d, |i, j| out[j * n + i] = v[i * d + j].into());
     out
 }
 
