@@ -47,7 +47,7 @@
 #'   matrix, the corrected matrix, with attribute `harmony`: a list with the
 #'   objective per iteration, the number of iterations, whether it
 #'   converged, the number of clusters and the soft cluster memberships
-#'   (cells × clusters).
+#'   (cells × clusters, computed in single precision as in harmonypy 2.1).
 #' @references Korsunsky I. et al. (2019) Fast, sensitive and accurate
 #'   integration of single-cell data with Harmony. Nature Methods 16, 1289–1296.
 #' @examples

@@ -19,7 +19,8 @@ test_that("Harmony mixes CellBench plates and keeps cell lines apart", {
   fit <- attr(a, "harmony")
   expect_true(fit$converged)
   expect_equal(fit$n_clusters, round(ncol(sce) / 30))
-  expect_equal(unname(rowSums(fit$memberships)), rep(1, ncol(sce)), tolerance = 1e-9)
+  # Memberships are held in single precision (as in harmonypy 2.1).
+  expect_equal(unname(rowSums(fit$memberships)), rep(1, ncol(sce)), tolerance = 1e-6)
   expect_lt(tail(fit$objective, 1), fit$objective[1])
 })
 
