@@ -85,7 +85,7 @@ fn rs_run_harmony(
             }
         }
     };
-    let r = worker::run_with_ticks(
+    let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
             harmony(&row_major, n, d, &covs, &p, interrupted, &|i| {
@@ -96,9 +96,14 @@ fn rs_run_harmony(
     )
     .map_err(fail)?
     .map_err(fail)?;
+    // Each large array is freed as soon as its R-ordered copy exists (peak
+    // memory at 10^6 cells).
+    drop(row_major);
     let z = transpose(&r.z_corr, n, d);
+    r.z_corr = Vec::new();
     let k = r.n_clusters;
     let memberships = transpose(&r.r, n, k);
+    r.r = Vec::new();
     Ok(list!(
         z = z,
         r = memberships,

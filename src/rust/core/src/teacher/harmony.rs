@@ -102,8 +102,8 @@ impl Default for HarmonyParams {
 pub struct HarmonyResult {
     /// Corrected coordinates, cells × d, row-major.
     pub z_corr: Vec<f64>,
-    /// Soft cluster memberships, cells × K, row-major.
-    pub r: Vec<f64>,
+    /// Soft cluster memberships, cells × K, row-major (single precision).
+    pub r: Vec<f32>,
     pub n_clusters: usize,
     /// Objective after initialisation and after each iteration's clustering.
     pub objective: Vec<f64>,
@@ -868,13 +868,15 @@ impl<'a> Harmony<'a> {
         normalize_columns(&mut self.z_cos, d);
     }
 
-    fn finish(self, n_iter: usize, converged: bool) -> HarmonyResult {
+    fn finish(mut self, n_iter: usize, converged: bool) -> HarmonyResult {
         let (n, d, k) = (self.n, self.d, self.k);
+        // Freed before the outputs are allocated: at 10^6 cells they are 1.4 GB.
+        (self.z_orig, self.z_cos, self.dist) = (Vec::new(), Vec::new(), Vec::new());
         let mut z_corr = vec![0.0; n * d];
         let mut r = vec![0.0; n * k];
         for (pos, &i) in self.perm.iter().enumerate() {
             z_corr[i * d..(i + 1) * d].copy_from_slice(&self.z_corr[pos * d..(pos + 1) * d]);
-            r[i * k..(i + 1) * k].iter_mut().zip(&self.r[pos * k..(pos + 1) * k]).for_each(|(o, &v)| *o = v as f64);
+            r[i * k..(i + 1) * k].copy_from_slice(&self.r[pos * k..(pos + 1) * k]);
         }
         HarmonyResult {
             z_corr,

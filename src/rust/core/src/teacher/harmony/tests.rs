@@ -88,7 +88,7 @@ fn agrees_with_harmonypy_on_the_fixture() {
     assert!(res.objective.last().unwrap() < &res.objective[0]);
     // Memberships are distributions (held in f32).
     for row in res.r.chunks(res.n_clusters) {
-        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!((row.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-5);
     }
 }
 
