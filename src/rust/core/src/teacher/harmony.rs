@@ -1067,13 +1067,20 @@ fn sum_cells_body(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cell
     let mut rs = vec![0.0; k];
     let mut os = vec![0.0; b * k];
     for &i in cells {
-        let col = &r[i * k..(i + 1) * k];
-        add_into(&mut rs, col);
-        for &l in &lev[i * n_cov..(i + 1) * n_cov] {
-            add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
-        }
+        add_cell(&mut rs, &mut os, &r[i * k..(i + 1) * k], &lev[i * n_cov..(i + 1) * n_cov]);
     }
     (rs, os)
+}
+
+/// Adds one cell's column of R to the sums over cells (`rs`) and over the
+/// cells of each of its levels (`os`, level-major).
+#[inline(always)]
+fn add_cell(rs: &mut [f64], os: &mut [f64], col: &[f32], levels: &[u32]) {
+    let k = col.len();
+    add_into(rs, col);
+    for &l in levels {
+        add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
+    }
 }
 
 /// What `update_cells` reads.
@@ -1139,10 +1146,7 @@ fn update_cells_body(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f6
             }
             None => r_terms(col, sc, ctx.sigma, ctx.offset[i]),
         };
-        add_into(&mut rs, col);
-        for &l in levels {
-            add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
-        }
+        add_cell(&mut rs, &mut os, col, levels);
     }
     (rs, os, obj)
 }
