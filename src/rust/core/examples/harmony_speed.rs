@@ -53,8 +53,15 @@ fn main() {
         protected: false,
     };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let mut params = HarmonyParams::default();
+    if let Some(seed) = std::env::var("HARMONY_SEED").ok().and_then(|s| s.parse().ok()) {
+        params.seed = seed;
+    }
+    if let Some(it) = std::env::var("HARMONY_ITER").ok().and_then(|s| s.parse().ok()) {
+        params.max_iter = it;
+    }
     let t = Instant::now();
-    let r = pool.install(|| harmony(&x, n, d, &[cov], &HarmonyParams::default(), &|| false, &|_| {})).unwrap();
+    let r = pool.install(|| harmony(&x, n, d, &[cov], &params, &|| false, &|_| {})).unwrap();
     println!(
         "harmony n={n} d={d} batches={nb} threads={threads}: {:.2} s, {} iterations, rounds {:?}",
         t.elapsed().as_secs_f64(),

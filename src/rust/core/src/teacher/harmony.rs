@@ -206,7 +206,9 @@ struct Harmony<'a> {
     perm: Vec<usize>,
     z_orig: Vec<f64>,
     z_corr: Vec<f64>,
-    z_cos: Vec<f64>,
+    /// Cosine-normalized z_corr in single precision (as harmonypy 2.1):
+    /// the distance and k-means products are f32, their sums f64.
+    z_cos: Vec<f32>,
     /// Global level of each (internal) cell and covariate, n_cov per cell.
     lev: Vec<u32>,
     /// Internal cell ranges of the levels of covariate 0.
@@ -242,6 +244,17 @@ struct Harmony<'a> {
     rng: ChaCha8Rng,
 }
 
+/// `dst` = the columns of `src` (d values each) scaled to unit length, in f32.
+fn normalized_f32(src: &[f64], dst: &mut [f32], d: usize) {
+    dst.par_chunks_mut(d * CHUNK).zip(src.par_chunks(d * CHUNK)).for_each(|(o, c)| {
+        for (out, col) in o.chunks_mut(d).zip(c.chunks(d)) {
+            let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let inv = if norm > 0.0 { 1.0 / norm } else { 1.0 };
+            out.iter_mut().zip(col).for_each(|(o, v)| *o = (v * inv) as f32);
+        }
+    });
+}
+
 fn normalize_columns(m: &mut [f64], d: usize) {
     m.par_chunks_mut(d * CHUNK).for_each(|c| {
         for col in c.chunks_mut(d) {
@@ -251,6 +264,28 @@ fn normalize_columns(m: &mut [f64], d: usize) {
             }
         }
     });
+}
+
+/// ‖a − b‖² with eight partial sums (a single running sum is one long
+/// dependency chain that does not vectorize).
+fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            let t = x[l] - y[l];
+            acc[l] += t * t;
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += (x - y) * (x - y);
+    }
+    acc.iter().sum()
+}
+
+fn widen_into(dst: &mut [f64], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = v as f64);
 }
 
 #[inline(always)]
@@ -324,8 +359,8 @@ impl<'a> Harmony<'a> {
             }
         }
         let z_corr = z_orig.clone();
-        let mut z_cos = z_orig.clone();
-        normalize_columns(&mut z_cos, d);
+        let mut z_cos = vec![0f32; n * d];
+        normalized_f32(&z_orig, &mut z_cos, d);
         Ok(Harmony {
             p,
             n,
@@ -364,15 +399,15 @@ impl<'a> Harmony<'a> {
     /// dist = 2 (1 − Yᵀ z_cos), K × N.
     fn compute_dist(&mut self) {
         let (d, k) = (self.d, self.k);
-        let y = MatRef::from_column_major_slice(&self.y, d, k);
+        let yf: Vec<f32> = self.y.iter().map(|&v| v as f32).collect();
+        let y = MatRef::from_column_major_slice(&yf, d, k);
         let z_cos = &self.z_cos;
         self.dist.par_chunks_mut(k * CHUNK).enumerate().for_each(|(ci, out)| {
             let m = out.len() / k;
             let zc = MatRef::from_column_major_slice(&z_cos[ci * CHUNK * d..(ci * CHUNK + m) * d], d, m);
-            let mut buf = vec![0.0; k * m];
-            let dst = MatMut::from_column_major_slice_mut(&mut buf, k, m);
-            matmul(dst, Accum::Replace, y.transpose(), zc, -2.0, Par::Seq);
-            out.iter_mut().zip(&buf).for_each(|(o, v)| *o = (v + 2.0) as f32);
+            let dst = MatMut::from_column_major_slice_mut(out, k, m);
+            matmul(dst, Accum::Replace, y.transpose(), zc, -2.0f32, Par::Seq);
+            out.iter_mut().for_each(|o| *o += 2.0);
         });
     }
 
@@ -441,18 +476,17 @@ impl<'a> Harmony<'a> {
         };
         let m = pool.len();
         let first = pool[self.rng.random_range(0..m)];
-        self.y[..d].copy_from_slice(&self.z_cos[first * d..(first + 1) * d]);
+        widen_into(&mut self.y[..d], &self.z_cos[first * d..(first + 1) * d]);
         let mut min_d2 = vec![f64::INFINITY; m];
         let mut chosen = vec![false; m];
         chosen[pool.binary_search(&first).unwrap_or(0)] = true;
         for c in 1..k {
-            let prev = self.y[(c - 1) * d..c * d].to_vec();
+            let prev: Vec<f32> = self.y[(c - 1) * d..c * d].iter().map(|&v| v as f32).collect();
             let (z, pool) = (&self.z_cos, &pool);
             min_d2.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, out)| {
                 for (j, md) in out.iter_mut().enumerate() {
                     let i = pool[ci * CHUNK + j];
-                    let d2: f64 = z[i * d..(i + 1) * d].iter().zip(&prev).map(|(a, b)| (a - b) * (a - b)).sum();
-                    *md = md.min(d2);
+                    *md = md.min(sq_dist(&z[i * d..(i + 1) * d], &prev) as f64);
                 }
             });
             for (md, &ch) in min_d2.iter_mut().zip(&chosen) {
@@ -478,7 +512,7 @@ impl<'a> Harmony<'a> {
             }
             chosen[pick] = true;
             let i = pool[pick];
-            self.y[c * d..(c + 1) * d].copy_from_slice(&self.z_cos[i * d..(i + 1) * d]);
+            widen_into(&mut self.y[c * d..(c + 1) * d], &self.z_cos[i * d..(i + 1) * d]);
         }
         pool
     }
@@ -502,15 +536,24 @@ impl<'a> Harmony<'a> {
     /// `sums_over` with partial sums over fixed chunks of `chunk` cells.
     fn sums_over_in(&self, cells: &[usize], chunk: usize) -> (Vec<f64>, Vec<f64>) {
         let (k, b, n_cov) = (self.k, self.b, self.n_cov);
-        let partials: Vec<(Vec<f64>, Vec<f64>)> =
+        let partials: Vec<Vec<f64>> =
             cells.par_chunks(chunk).map(|cs| sum_cells(&self.r, &self.lev, k, b, n_cov, cs)).collect();
-        let mut rs = vec![0.0; k];
         let mut os = vec![0.0; b * k];
-        for (a, o) in partials {
-            add_into(&mut rs, &a);
+        for o in partials {
             add_into(&mut os, &o);
         }
-        (rs, os)
+        (self.over_cells(&os), os)
+    }
+
+    /// Σ over cells from the sums per level: every cell has one level of
+    /// covariate 0 (levels 0..n0), so those sums add up to the total.
+    fn over_cells(&self, os: &[f64]) -> Vec<f64> {
+        let k = self.k;
+        let mut rs = vec![0.0; k];
+        for l in 0..self.ranges.len() {
+            add_into(&mut rs, &os[l * k..(l + 1) * k]);
+        }
+        rs
     }
 
     /// Soft clustering with the diversity penalty. After a correction, R is
@@ -575,22 +618,24 @@ impl<'a> Harmony<'a> {
                     self.o[l * k + c] -= os[l * k + c];
                 }
             }
-            let pen: Vec<f64> = (0..b * k)
+            // ln of the penalty first: one logarithm and one exponential
+            // per entry (a powf is both, and the objective needs the ln).
+            let ln_pen: Vec<f64> = (0..b * k)
                 .map(|i| {
                     let t = self.theta[i / k];
                     if t == 0.0 {
-                        1.0
+                        0.0
                     } else {
-                        ((2.0 * self.e[i] + 1.0) / (self.o[i] + self.e[i] + 1.0)).powf(t)
+                        t * ((2.0 * self.e[i] + 1.0) / (self.o[i] + self.e[i] + 1.0)).ln()
                     }
                 })
                 .collect();
-            let ln_pen: Vec<f64> = pen.iter().map(|p| p.ln()).collect();
+            let pen: Vec<f64> = ln_pen.iter().map(|&l| l.exp()).collect();
             // One pass: the new R of each cell, its sums back into the
             // statistics, and its objective terms. With R = scale · f / T,
             // dist = −σ (ln scale + offset) gives R·dist + σ R ln R =
             // σ R (ln f − ln T − offset): one logarithm per cell.
-            let parts: Vec<(Vec<f64>, Vec<f64>, f64)> = {
+            let parts: Vec<(Vec<f64>, f64)> = {
                 // Each cell's column of R is written by exactly one task.
                 let r_ptr = SharedMut(self.r.as_mut_ptr());
                 let ctx = UpdateCtx {
@@ -606,7 +651,8 @@ impl<'a> Harmony<'a> {
                 };
                 cells.par_chunks(chunk).map(|cs| update_cells(&ctx, cs, &r_ptr)).collect()
             };
-            for (rs, os, obj) in parts {
+            for (os, obj) in parts {
+                let rs = self.over_cells(&os);
                 for l in 0..b {
                     for c in 0..k {
                         self.e[l * k + c] += rs[c] * self.pr_b[l];
@@ -858,8 +904,7 @@ impl<'a> Harmony<'a> {
                 }
             }
         });
-        self.z_cos.copy_from_slice(&self.z_corr);
-        normalize_columns(&mut self.z_cos, d);
+        normalized_f32(&self.z_corr, &mut self.z_cos, d);
     }
 
     fn finish(mut self, n_iter: usize, converged: bool) -> HarmonyResult {
@@ -963,7 +1008,7 @@ fn r_terms(r: &[f32], scale: &[f32], sigma: &[f64], offset: f64) -> f64 {
 /// (d × K) over the cells `z` (d values each); stops once no centroid moves.
 /// An empty cluster restarts at a random cell.
 fn lloyd(
-    z: &[f64],
+    z: &[f32],
     d: usize,
     k: usize,
     y: &mut [f64],
@@ -979,15 +1024,16 @@ fn lloyd(
         // One fused pass per iteration: for a chunk of cells, Yᵀz in a
         // small buffer, the nearest centroid (argmin ‖z − y‖² = argmin
         // (‖y‖² − 2 yᵀz)), and the chunk's sums per centroid.
-        let sq: Vec<f64> = y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>()).collect();
+        let sq: Vec<f32> = y.chunks(d).map(|c| c.iter().map(|v| v * v).sum::<f64>() as f32).collect();
         let chunk = reduction_chunk(n);
-        let yr = &*y;
+        let yf: Vec<f32> = y.iter().map(|&v| v as f32).collect();
+        let yr = &yf;
         let partials: Vec<(Vec<f64>, Vec<usize>)> = (0..n.div_ceil(chunk))
             .into_par_iter()
             .map(|ci| {
                 let mut sums = vec![0.0; d * k];
                 let mut counts = vec![0usize; k];
-                let mut buf = vec![0.0; k * CHUNK];
+                let mut buf = vec![0f32; k * CHUNK];
                 let (lo, hi) = (ci * chunk, ((ci + 1) * chunk).min(n));
                 for a in (lo..hi).step_by(CHUNK) {
                     let e = (a + CHUNK).min(hi);
@@ -995,9 +1041,9 @@ fn lloyd(
                     let zc = MatRef::from_column_major_slice(&z[a * d..e * d], d, m);
                     let dst = MatMut::from_column_major_slice_mut(&mut buf[..k * m], k, m);
                     let yt = MatRef::from_column_major_slice(yr, d, k).transpose();
-                    matmul(dst, Accum::Replace, yt, zc, -2.0, Par::Seq);
+                    matmul(dst, Accum::Replace, yt, zc, -2.0f32, Par::Seq);
                     for (j, col) in buf[..k * m].chunks(k).enumerate() {
-                        let mut best = (0usize, f64::INFINITY);
+                        let mut best = (0usize, f32::INFINITY);
                         for (c, (&v, &q)) in col.iter().zip(&sq).enumerate() {
                             if v + q < best.1 {
                                 best = (c, v + q);
@@ -1022,7 +1068,7 @@ fn lloyd(
                 sums[c * d..(c + 1) * d].iter().map(|v| v / counts[c] as f64).collect()
             } else {
                 let i = rng.random_range(0..n);
-                z[i * d..(i + 1) * d].to_vec()
+                z[i * d..(i + 1) * d].iter().map(|&v| v as f64).collect()
             };
             for (j, v) in new.into_iter().enumerate() {
                 change += (v - y[c * d + j]).powi(2);
@@ -1036,9 +1082,9 @@ fn lloyd(
     Ok(())
 }
 
-/// Σ R over `cells` (K) and per level (B × K, level-major). On CPUs with
+/// Σ R over `cells` per level (B × K, level-major). On CPUs with
 /// AVX2 and FMA it runs in a copy compiled for them.
-fn sum_cells(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> (Vec<f64>, Vec<f64>) {
+fn sum_cells(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> Vec<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -1051,33 +1097,24 @@ fn sum_cells(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_cells_avx2(
-    r: &[f32],
-    lev: &[u32],
-    k: usize,
-    b: usize,
-    n_cov: usize,
-    cells: &[usize],
-) -> (Vec<f64>, Vec<f64>) {
+unsafe fn sum_cells_avx2(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> Vec<f64> {
     sum_cells_body(r, lev, k, b, n_cov, cells)
 }
 
 #[inline(always)]
-fn sum_cells_body(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> (Vec<f64>, Vec<f64>) {
-    let mut rs = vec![0.0; k];
+fn sum_cells_body(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> Vec<f64> {
     let mut os = vec![0.0; b * k];
     for &i in cells {
-        add_cell(&mut rs, &mut os, &r[i * k..(i + 1) * k], &lev[i * n_cov..(i + 1) * n_cov]);
+        add_cell(&mut os, &r[i * k..(i + 1) * k], &lev[i * n_cov..(i + 1) * n_cov]);
     }
-    (rs, os)
+    os
 }
 
-/// Adds one cell's column of R to the sums over cells (`rs`) and over the
-/// cells of each of its levels (`os`, level-major).
+/// Adds one cell's column of R to the sums over the cells of each of its
+/// levels (`os`, level-major).
 #[inline(always)]
-fn add_cell(rs: &mut [f64], os: &mut [f64], col: &[f32], levels: &[u32]) {
+fn add_cell(os: &mut [f64], col: &[f32], levels: &[u32]) {
     let k = col.len();
-    add_into(rs, col);
     for &l in levels {
         add_into(&mut os[l as usize * k..(l as usize + 1) * k], col);
     }
@@ -1097,11 +1134,11 @@ struct UpdateCtx<'a> {
 }
 
 /// New R of the distinct `cells`, written through `r`; returns their sums
-/// (K, and B × K level-major) and objective terms. With R = scale · f / T,
+/// per level (B × K, level-major) and objective terms. With R = scale · f / T,
 /// dist = −σ (ln scale + offset) gives R·dist + σ R ln R =
 /// σ R (ln f − ln T − offset): one logarithm per cell. On CPUs with AVX2 and
 /// FMA it runs in a copy compiled for them.
-fn update_cells(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+fn update_cells(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, f64) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -1114,41 +1151,47 @@ fn update_cells(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, V
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn update_cells_avx2(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+unsafe fn update_cells_avx2(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, f64) {
     update_cells_body(ctx, cells, r)
 }
 
 #[inline(always)]
-fn update_cells_body(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, Vec<f64>, f64) {
+fn update_cells_body(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, f64) {
     let (k, n_cov) = (ctx.k, ctx.n_cov);
     let mut factor = vec![1.0; k];
     let mut ln_factor = vec![0.0; k];
-    let (mut rs, mut os, mut obj) = (vec![0.0; k], vec![0.0; ctx.b * k], 0.0);
+    let (mut os, mut obj) = (vec![0.0; ctx.b * k], 0.0);
     for &i in cells {
         let levels = &ctx.lev[i * n_cov..(i + 1) * n_cov];
         let l0 = levels[0] as usize;
-        factor.copy_from_slice(&ctx.pen[l0 * k..(l0 + 1) * k]);
-        ln_factor.copy_from_slice(&ctx.ln_pen[l0 * k..(l0 + 1) * k]);
-        for &l in &levels[1..] {
-            let p = &ctx.pen[l as usize * k..(l as usize + 1) * k];
-            factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
-            let lp = &ctx.ln_pen[l as usize * k..(l as usize + 1) * k];
-            ln_factor.iter_mut().zip(lp).for_each(|(f, q)| *f += q);
-        }
+        // One covariate: the penalty row is the cell's factor as it is.
+        let (f, lf): (&[f64], &[f64]) = if n_cov == 1 {
+            (&ctx.pen[l0 * k..(l0 + 1) * k], &ctx.ln_pen[l0 * k..(l0 + 1) * k])
+        } else {
+            factor.copy_from_slice(&ctx.pen[l0 * k..(l0 + 1) * k]);
+            ln_factor.copy_from_slice(&ctx.ln_pen[l0 * k..(l0 + 1) * k]);
+            for &l in &levels[1..] {
+                let p = &ctx.pen[l as usize * k..(l as usize + 1) * k];
+                factor.iter_mut().zip(p).for_each(|(f, q)| *f *= q);
+                let lp = &ctx.ln_pen[l as usize * k..(l as usize + 1) * k];
+                ln_factor.iter_mut().zip(lp).for_each(|(f, q)| *f += q);
+            }
+            (&factor, &ln_factor)
+        };
         // SAFETY: the cells of a block are distinct and each chunk of them
         // goes to one task, so no two tasks touch the same column.
         let col = unsafe { std::slice::from_raw_parts_mut(r.0.add(i * k), k) };
         let sc = &ctx.scale[i * k..(i + 1) * k];
-        obj += match reweight(col, sc, &factor) {
+        obj += match reweight(col, sc, f) {
             Some(total) => {
                 let c0 = total.ln() + ctx.offset[i];
-                lane_sum(k, |c| ctx.sigma[c] * col[c] as f64 * (ln_factor[c] - c0))
+                lane_sum(k, |c| ctx.sigma[c] * col[c] as f64 * (lf[c] - c0))
             }
             None => r_terms(col, sc, ctx.sigma, ctx.offset[i]),
         };
-        add_cell(&mut rs, &mut os, col, levels);
+        add_cell(&mut os, col, levels);
     }
-    (rs, os, obj)
+    (os, obj)
 }
 
 /// Σ_{i < n} f(i) in `LANES` independent partial sums (a single running sum
