@@ -43,11 +43,15 @@
 #' @param seed Seed of the initial clustering and the update order.
 #' @param threads CPU threads.
 #' @param progress Show a progress bar.
+#' @param memberships For a matrix `x`: also return the soft cluster
+#'   memberships (cells × clusters; 800 MB as doubles at 10^6 cells and 100
+#'   clusters, so off by default).
 #' @return For a container, `x` with the corrected embedding added; for a
 #'   matrix, the corrected matrix, with attribute `harmony`: a list with the
 #'   objective per iteration, the number of iterations, whether it
-#'   converged, the number of clusters and the soft cluster memberships
-#'   (cells × clusters, computed in single precision as in harmonypy 2.1).
+#'   converged, the number of clusters and, with `memberships = TRUE`, the
+#'   soft cluster memberships (cells × clusters, computed in single
+#'   precision as in harmonypy 2.1).
 #' @references Korsunsky I. et al. (2019) Fast, sensitive and accurate
 #'   integration of single-cell data with Harmony. Nature Methods 16, 1289–1296.
 #' @examples
@@ -60,14 +64,14 @@
 run_harmony <- function(x, batch, theta = 2, lambda = NULL, sigma = 0.1, n_clusters = NULL, max_iter = 10,
                         max_iter_cluster = 4, epsilon_cluster = 1e-3, epsilon_harmony = 1e-2, block_size = 0.05,
                         alpha = 0.2, tau = 0, protect = NULL, protect_theta = 0, reduction = "PCA", name = NULL,
-                        seed = 1, threads = NULL, progress = interactive()) {
+                        seed = 1, threads = NULL, progress = interactive(), memberships = FALSE) {
   input <- harmony_input(x, reduction)
   emb <- input$embedding
   z <- harmony_fit(emb, input$cell_data, batch, protect, theta = theta, lambda = lambda, sigma = sigma,
                    n_clusters = n_clusters, max_iter = max_iter, max_iter_cluster = max_iter_cluster,
                    epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
                    alpha = alpha, tau = tau, protect_theta = protect_theta, seed = seed, threads = threads,
-                   progress = progress)
+                   progress = progress, memberships = is.matrix(x) && check_flag(memberships, "memberships"))
   if (is.matrix(x)) return(z)
   attr(z, "harmony") <- NULL
   write_back(x, z, name %||% reduction_name(x, "HARMONY"))
@@ -125,7 +129,7 @@ harmony_covariates <- function(values, cell_data, cells, arg, theta, lambda, pro
 
 harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_clusters, max_iter,
                         max_iter_cluster, epsilon_cluster, epsilon_harmony, block_size, alpha, tau,
-                        protect_theta, seed, threads, progress) {
+                        protect_theta, seed, threads, progress, memberships = FALSE) {
   n <- nrow(emb)
   if (n < 2 || ncol(emb) < 1) stop("the embedding needs at least 2 cells and 1 dimension", call. = FALSE)
   if (anyNA(emb)) stop("the embedding has ", sum(is.na(emb)), " missing value(s)", call. = FALSE)
@@ -143,7 +147,7 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
                  max_iter = check_count(max_iter, "max_iter"),
                  max_iter_cluster = check_count(max_iter_cluster, "max_iter_cluster"),
                  epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
-                 alpha = alpha, tau = tau, seed = check_count(seed, "seed", min = 0))
+                 alpha = alpha, tau = tau, seed = check_count(seed, "seed", min = 0), memberships = memberships)
   bar <- NULL
   if (check_flag(progress, "progress")) {
     id <- cli::cli_progress_bar(total = params$max_iter, clear = FALSE,
@@ -151,15 +155,22 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
     on.exit(cli::cli_progress_done(id = id), add = TRUE)
     bar <- function(i) cli::cli_progress_update(id = id, set = i)
   }
-  res <- rust(rs_run_harmony(as.double(emb), n, ncol(emb), covs, params, resolve_threads(threads), bar))
-  z <- matrix(res$z, nrow = n, dimnames = list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb)))))
-  # The memberships (cells x clusters, 10^8 values at 10^6 cells) get their
-  # dimensions in place rather than through a copy by matrix().
-  r <- res$r
-  res$r <- NULL
-  dim(r) <- c(n, res$n_clusters)
-  dimnames(r) <- list(rownames(emb), NULL)
-  attr(z, "harmony") <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
-                             n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds, memberships = r)
+  # The core reads R's column-major values as they are: no copy of the
+  # embedding (400 MB at 10^6 cells and 50 dimensions) unless it is integer.
+  if (!is.double(emb)) storage.mode(emb) <- "double"
+  res <- rust(rs_run_harmony(emb, n, ncol(emb), covs, params, resolve_threads(threads), bar))
+  # The results arrive as matrices and get their names in place.
+  z <- res$z
+  res$z <- NULL
+  dimnames(z) <- list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb))))
+  fit <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
+              n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds)
+  if (memberships) {
+    r <- res$r
+    res$r <- NULL
+    dimnames(r) <- list(rownames(emb), NULL)
+    fit$memberships <- r
+  }
+  attr(z, "harmony") <- fit
   z
 }

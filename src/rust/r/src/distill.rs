@@ -1,6 +1,6 @@
 //! extendr glue of the teacher (Harmony) and the distilled student.
 
-use crate::models::{batch_codes, from_column_major, history_to_r, train_config, transpose, Settings};
+use crate::models::{batch_codes, from_column_major, history_to_r, r_matrix, train_config, transpose, Settings};
 use crate::worker::{self, Lent};
 use crate::{counts_from_r, fail, int_slice, strings, threads_from_r};
 use extendr_api::prelude::*;
@@ -9,7 +9,7 @@ use scdistill_core::data::Categorical;
 use scdistill_core::device::parse_device;
 use scdistill_core::models::distill::{DistillConfig, DistillData, DistillModel, Phase};
 use scdistill_core::nn::Norm;
-use scdistill_core::teacher::{harmony, HarmonyCovariate, HarmonyParams};
+use scdistill_core::teacher::{harmony_column_major, HarmonyCovariate, HarmonyParams};
 use scdistill_core::train::EpochRecord;
 use std::sync::Mutex;
 
@@ -39,7 +39,6 @@ fn rs_run_harmony(
     if x.len() != n * d {
         return Err(fail("internal: embedding size does not match"));
     }
-    let row_major = from_column_major(x, n, d);
     let covs = covariates
         .values()
         .map(|v| {
@@ -74,6 +73,7 @@ fn rs_run_harmony(
         tau: s.num("tau", dflt.tau)?,
         batch_prop_cutoff: s.num("batch_prop_cutoff", dflt.batch_prop_cutoff)?,
         seed: s.count("seed", 0)? as u64,
+        memberships: s.flag("memberships", false)?,
     };
     let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     let callback = progress.as_function();
@@ -88,7 +88,7 @@ fn rs_run_harmony(
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
-            harmony(&row_major, n, d, &covs, &p, interrupted, &|i| {
+            harmony_column_major(x, n, d, &covs, &p, interrupted, &|i| {
                 done.lock().unwrap_or_else(|e| e.into_inner()).push(i)
             })
         },
@@ -96,13 +96,12 @@ fn rs_run_harmony(
     )
     .map_err(fail)?
     .map_err(fail)?;
-    // Each large array is freed as soon as its R-ordered copy exists (peak
-    // memory at 10^6 cells).
-    drop(row_major);
-    let z = transpose(&r.z_corr, n, d);
+    // Each large array is freed as soon as its R matrix exists (peak memory
+    // at 10^6 cells).
+    let z = r_matrix(&r.z_corr, n, d);
     r.z_corr = Vec::new();
     let k = r.n_clusters;
-    let memberships = transpose(&r.r, n, k);
+    let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
     r.r = Vec::new();
     Ok(list!(
         z = z,

@@ -368,6 +368,16 @@ pub(crate) fn from_column_major(v: &[f64], n: usize, d: usize) -> Vec<f64> {
     out
 }
 
+/// The row-major n × d matrix `v` as an R matrix, written in place.
+pub(crate) fn r_matrix<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> RMatrix<f64> {
+    let mut out = RMatrix::<f64>::new(n, d);
+    if n * d > 0 {
+        let o = out.data_mut();
+        for_each_in_tiles(n, d, |i, j| o[j * n + i] = v[i * d + j].into());
+    }
+    out
+}
+
 /// The row-major n × d matrix `v` in R's column-major order.
 pub(crate) fn transpose<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> Vec<f64> {
     let mut out = vec![0.0; n * d];

@@ -77,6 +77,9 @@ pub struct HarmonyParams {
     /// Batches holding less than this share of a cluster are not corrected in it.
     pub batch_prop_cutoff: f64,
     pub seed: u64,
+    /// Return the soft memberships (N × K single-precision values; 400 MB
+    /// at 10^6 cells). Without them `HarmonyResult::r` is empty.
+    pub memberships: bool,
 }
 
 impl Default for HarmonyParams {
@@ -93,6 +96,7 @@ impl Default for HarmonyParams {
             tau: 0.0,
             batch_prop_cutoff: 1e-5,
             seed: 0,
+            memberships: true,
         }
     }
 }
@@ -102,7 +106,8 @@ impl Default for HarmonyParams {
 pub struct HarmonyResult {
     /// Corrected coordinates, cells × d, row-major.
     pub z_corr: Vec<f64>,
-    /// Soft cluster memberships, cells × K, row-major (single precision).
+    /// Soft cluster memberships, cells × K, row-major (single precision);
+    /// empty unless `HarmonyParams::memberships`.
     pub r: Vec<f32>,
     pub n_clusters: usize,
     /// Objective after initialisation and after each iteration's clustering.
@@ -117,6 +122,50 @@ pub struct HarmonyResult {
 /// `interrupted` is polled between blocks; `on_iter(i)` runs after iteration i.
 pub fn harmony(
     z: &[f64],
+    n: usize,
+    d: usize,
+    covariates: &[HarmonyCovariate],
+    params: &HarmonyParams,
+    interrupted: &dyn Fn() -> bool,
+    on_iter: &dyn Fn(usize),
+) -> Result<HarmonyResult> {
+    run(Input { z, column_major: false }, n, d, covariates, params, interrupted, on_iter)
+}
+
+/// `harmony` on `z` stored one dimension after another (R's column-major
+/// cells × d matrix), read without a reordered copy of the input.
+pub fn harmony_column_major(
+    z: &[f64],
+    n: usize,
+    d: usize,
+    covariates: &[HarmonyCovariate],
+    params: &HarmonyParams,
+    interrupted: &dyn Fn() -> bool,
+    on_iter: &dyn Fn(usize),
+) -> Result<HarmonyResult> {
+    run(Input { z, column_major: true }, n, d, covariates, params, interrupted, on_iter)
+}
+
+/// The embedding as given: cells × d, row-major or column-major.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    z: &'a [f64],
+    column_major: bool,
+}
+
+impl Input<'_> {
+    /// (cell, dimension) of the value at `pos`, 0-based.
+    fn at(&self, pos: usize, n: usize, d: usize) -> (usize, usize) {
+        if self.column_major {
+            (pos % n, pos / n)
+        } else {
+            (pos / d, pos % d)
+        }
+    }
+}
+
+fn run(
+    z: Input,
     n: usize,
     d: usize,
     covariates: &[HarmonyCovariate],
@@ -157,15 +206,16 @@ fn objective_settled(old: f64, new: f64, eps: f64) -> bool {
     (0.0..eps).contains(&fall)
 }
 
-fn check_inputs(z: &[f64], n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
-    if z.len() != n * d {
-        return invalid!("the embedding has {} values, not cells × dimensions = {}", z.len(), n * d);
+fn check_inputs(z: Input, n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
+    if z.z.len() != n * d {
+        return invalid!("the embedding has {} values, not cells × dimensions = {}", z.z.len(), n * d);
     }
     if n < 2 || d < 1 {
         return invalid!("Harmony needs at least 2 cells and 1 dimension (got {n} × {d})");
     }
-    if let Some(i) = z.iter().position(|v| !v.is_finite()) {
-        return invalid!("the embedding has a missing or infinite value (cell {}, dimension {})", i / d + 1, i % d + 1);
+    if let Some(i) = z.z.iter().position(|v| !v.is_finite()) {
+        let (cell, dim) = z.at(i, n, d);
+        return invalid!("the embedding has a missing or infinite value (cell {}, dimension {})", cell + 1, dim + 1);
     }
     if !covs.iter().any(|c| !c.protected) {
         return invalid!("Harmony needs at least one batch covariate to correct for");
@@ -304,14 +354,27 @@ fn reduction_chunk(len: usize) -> usize {
 }
 
 impl<'a> Harmony<'a> {
-    fn new(z: &[f64], n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
+    fn new(z: Input, n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
         let k = p.n_clusters.unwrap_or_else(|| ((n as f64 / 30.0).round() as usize).clamp(1, 100));
         // Sort cells by the first covariate's level (stable).
         let mut perm: Vec<usize> = (0..n).collect();
         perm.sort_by_key(|&i| covs[0].codes[i]);
         let mut z_orig = vec![0.0; n * d];
-        for (pos, &i) in perm.iter().enumerate() {
-            z_orig[pos * d..(pos + 1) * d].copy_from_slice(&z[i * d..(i + 1) * d]);
+        if z.column_major {
+            // In tiles of cells: within a tile the sorted cells mostly run
+            // in order, so each dimension is read as a stream.
+            z_orig.par_chunks_mut(d * 64).zip(perm.par_chunks(64)).for_each(|(out, cells)| {
+                for j in 0..d {
+                    let col = &z.z[j * n..(j + 1) * n];
+                    for (o, &i) in cells.iter().enumerate() {
+                        out[o * d + j] = col[i];
+                    }
+                }
+            });
+        } else {
+            for (pos, &i) in perm.iter().enumerate() {
+                z_orig[pos * d..(pos + 1) * d].copy_from_slice(&z.z[i * d..(i + 1) * d]);
+            }
         }
         let n_cov = covs.len();
         let offsets: Vec<usize> = covs
@@ -912,11 +975,17 @@ impl<'a> Harmony<'a> {
         // Freed before the outputs are allocated: at 10^6 cells they are 1.4 GB.
         (self.z_orig, self.z_cos, self.dist) = (Vec::new(), Vec::new(), Vec::new());
         let mut z_corr = vec![0.0; n * d];
-        let mut r = vec![0.0; n * k];
         for (pos, &i) in self.perm.iter().enumerate() {
             z_corr[i * d..(i + 1) * d].copy_from_slice(&self.z_corr[pos * d..(pos + 1) * d]);
-            r[i * k..(i + 1) * k].copy_from_slice(&self.r[pos * k..(pos + 1) * k]);
         }
+        self.z_corr = Vec::new();
+        let mut r = vec![0.0; if self.p.memberships { n * k } else { 0 }];
+        if self.p.memberships {
+            for (pos, &i) in self.perm.iter().enumerate() {
+                r[i * k..(i + 1) * k].copy_from_slice(&self.r[pos * k..(pos + 1) * k]);
+            }
+        }
+        self.r = Vec::new();
         HarmonyResult {
             z_corr,
             r,
