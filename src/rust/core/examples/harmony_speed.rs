@@ -1,7 +1,8 @@
 //! Times Harmony on synthetic PCs: `harmony_speed N D BATCHES THREADS [OUT]`.
 //! Cells come from 12 Gaussian clusters with a per-batch shift; with OUT the
 //! input (f64, cells × D row-major) and batch codes (u32) are written to
-//! OUT.x and OUT.batch for the same run in another tool.
+//! OUT.x and OUT.batch for the same run in another tool. HARMONY_SEED and
+//! HARMONY_ITER in the environment set the seed and the iterations at most.
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};

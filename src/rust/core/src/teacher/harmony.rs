@@ -972,7 +972,8 @@ impl<'a> Harmony<'a> {
 
     fn finish(mut self, n_iter: usize, converged: bool) -> HarmonyResult {
         let (n, d, k) = (self.n, self.d, self.k);
-        // Freed before the outputs are allocated: at 10^6 cells they are 1.4 GB.
+        // Freed before the outputs are allocated: at 10^6 cells and 50
+        // dimensions they are 1 GB.
         (self.z_orig, self.z_cos, self.dist) = (Vec::new(), Vec::new(), Vec::new());
         let mut z_corr = vec![0.0; n * d];
         for (pos, &i) in self.perm.iter().enumerate() {
