@@ -87,8 +87,18 @@ else:
         json.dump(seconds, f)
 
 # scDistill 0.3.1
+import joblib  # noqa: E402
+import pydeseq2.default_inference  # noqa: E402
+
 import scdistill  # noqa: E402
 from scdistill.de import BayesianConfig  # noqa: E402
+
+# Without multiprocessing, joblib runs pydeseq2's loky jobs on threads, and its
+# threading backend refuses the inner_max_num_threads=1 that pydeseq2 passes:
+# run those blocks on threads without the limit.
+pydeseq2.default_inference.parallel_backend = (
+    lambda backend, inner_max_num_threads=None, **kw: joblib.parallel_backend("threading", **kw)
+)
 
 patch_harmonypy_layout()
 torch.manual_seed(0)
