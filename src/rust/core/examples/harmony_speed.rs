@@ -6,7 +6,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use scdistill_core::teacher::{harmony, HarmonyCovariate, HarmonyParams};
+use scdistill_core::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
 use std::io::Write;
 use std::time::Instant;
 
@@ -62,7 +62,7 @@ fn main() {
         params.max_iter = it;
     }
     let t = Instant::now();
-    let r = pool.install(|| harmony(&x, n, d, &[cov], &params, &|| false, &|_| {})).unwrap();
+    let r = pool.install(|| harmony(Embedding::row_major(&x), n, d, &[cov], &params, &|| false, &|_| {})).unwrap();
     println!(
         "harmony n={n} d={d} batches={nb} threads={threads}: {:.2} s, {} iterations, rounds {:?}",
         t.elapsed().as_secs_f64(),

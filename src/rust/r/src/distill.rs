@@ -9,7 +9,7 @@ use scdistill_core::data::Categorical;
 use scdistill_core::device::parse_device;
 use scdistill_core::models::distill::{DistillConfig, DistillData, DistillModel, Phase};
 use scdistill_core::nn::Norm;
-use scdistill_core::teacher::{harmony_column_major, HarmonyCovariate, HarmonyParams};
+use scdistill_core::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
 use scdistill_core::train::EpochRecord;
 use std::sync::Mutex;
 
@@ -88,7 +88,7 @@ fn rs_run_harmony(
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
-            harmony_column_major(x, n, d, &covs, &p, interrupted, &|i| {
+            harmony(Embedding::column_major(x), n, d, &covs, &p, interrupted, &|i| {
                 done.lock().unwrap_or_else(|e| e.into_inner()).push(i)
             })
         },

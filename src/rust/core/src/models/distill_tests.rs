@@ -2,7 +2,7 @@ use super::*;
 use crate::models::TORCH;
 use crate::prep::{pca, PcaParams};
 use crate::simulate::{simulate, SimParams, Simulation};
-use crate::teacher::{harmony, HarmonyCovariate, HarmonyParams};
+use crate::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
 
 fn sim(n_cells: usize, seed: u64) -> Simulation {
     let p = SimParams {
@@ -30,7 +30,7 @@ fn teacher(s: &Simulation) -> Vec<f64> {
         lambda: None,
         protected: false,
     };
-    harmony(&z, n, 10, &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
+    harmony(Embedding::row_major(&z), n, 10, &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
 }
 
 fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {

@@ -118,42 +118,24 @@ pub struct HarmonyResult {
     pub converged: bool,
 }
 
-/// Corrects `z` (cells × d, row-major) for the non-protected covariates.
-/// `interrupted` is polled between blocks; `on_iter(i)` runs after iteration i.
-pub fn harmony(
-    z: &[f64],
-    n: usize,
-    d: usize,
-    covariates: &[HarmonyCovariate],
-    params: &HarmonyParams,
-    interrupted: &dyn Fn() -> bool,
-    on_iter: &dyn Fn(usize),
-) -> Result<HarmonyResult> {
-    run(Input { z, column_major: false }, n, d, covariates, params, interrupted, on_iter)
-}
-
-/// `harmony` on `z` stored one dimension after another (R's column-major
-/// cells × d matrix), read without a reordered copy of the input.
-pub fn harmony_column_major(
-    z: &[f64],
-    n: usize,
-    d: usize,
-    covariates: &[HarmonyCovariate],
-    params: &HarmonyParams,
-    interrupted: &dyn Fn() -> bool,
-    on_iter: &dyn Fn(usize),
-) -> Result<HarmonyResult> {
-    run(Input { z, column_major: true }, n, d, covariates, params, interrupted, on_iter)
-}
-
-/// The embedding as given: cells × d, row-major or column-major.
+/// The embedding to correct, cells × d, as stored: one cell after another
+/// (row-major) or one dimension after another (R's column-major matrix,
+/// read in place without a reordered copy).
 #[derive(Clone, Copy)]
-struct Input<'a> {
+pub struct Embedding<'a> {
     z: &'a [f64],
     column_major: bool,
 }
 
-impl Input<'_> {
+impl<'a> Embedding<'a> {
+    pub fn row_major(z: &'a [f64]) -> Self {
+        Embedding { z, column_major: false }
+    }
+
+    pub fn column_major(z: &'a [f64]) -> Self {
+        Embedding { z, column_major: true }
+    }
+
     /// (cell, dimension) of the value at `pos`, 0-based.
     fn at(&self, pos: usize, n: usize, d: usize) -> (usize, usize) {
         if self.column_major {
@@ -164,8 +146,10 @@ impl Input<'_> {
     }
 }
 
-fn run(
-    z: Input,
+/// Corrects `z` (n cells × d) for the non-protected covariates.
+/// `interrupted` is polled between blocks; `on_iter(i)` runs after iteration i.
+pub fn harmony(
+    z: Embedding,
     n: usize,
     d: usize,
     covariates: &[HarmonyCovariate],
@@ -206,7 +190,7 @@ fn objective_settled(old: f64, new: f64, eps: f64) -> bool {
     (0.0..eps).contains(&fall)
 }
 
-fn check_inputs(z: Input, n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
+fn check_inputs(z: Embedding, n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
     if z.z.len() != n * d {
         return invalid!("the embedding has {} values, not cells × dimensions = {}", z.z.len(), n * d);
     }
@@ -354,7 +338,7 @@ fn reduction_chunk(len: usize) -> usize {
 }
 
 impl<'a> Harmony<'a> {
-    fn new(z: Input, n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
+    fn new(z: Embedding, n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
         let k = p.n_clusters.unwrap_or_else(|| ((n as f64 / 30.0).round() as usize).clamp(1, 100));
         // Sort cells by the first covariate's level (stable).
         let mut perm: Vec<usize> = (0..n).collect();

@@ -4,4 +4,4 @@
 
 mod harmony;
 
-pub use harmony::{harmony, harmony_column_major, HarmonyCovariate, HarmonyParams, HarmonyResult};
+pub use harmony::{harmony, Embedding, HarmonyCovariate, HarmonyParams, HarmonyResult};
