@@ -17,6 +17,7 @@ pub mod numeric;
 pub mod omp;
 pub mod prep;
 pub mod simulate;
+mod simd;
 pub mod teacher;
 pub mod train;
 

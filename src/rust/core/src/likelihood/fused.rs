@@ -201,31 +201,8 @@ struct RowJob<'a, 'b> {
     glib: Option<&'b mut [f32]>,
 }
 
-fn run_row(job: RowJob, s: &mut Scratch) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: as below.
-            return unsafe { row_avx512(job, s) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { row_avx2(job, s) };
-        }
-    }
-    row(job, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn row_avx512(job: RowJob, s: &mut Scratch) -> f32 {
-    row(job, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(job: RowJob, s: &mut Scratch) -> f32 {
-    row(job, s)
+crate::simd::wide_copies! {
+    fn run_row(job: RowJob, s: &mut Scratch) -> f32 = row
 }
 
 /// Indices of the non-zero-case arrays in `Scratch::nz` (struct of arrays).

@@ -110,9 +110,25 @@ impl Adam {
     }
 }
 
+crate::simd::wide_copies! {
+    /// One block of the update, in the widest vectors the CPU has.
+    fn update(
+        p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32, eps: f32, step_size: f32, sqrt_bc2: f32,
+    ) = update_portable
+}
+
 #[allow(clippy::too_many_arguments)]
-#[inline]
-fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32, eps: f32, step_size: f32, sqrt_bc2: f32) {
+#[inline(always)]
+fn update_portable(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    wd: f32,
+    eps: f32,
+    step_size: f32,
+    sqrt_bc2: f32,
+) {
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
     for i in 0..n {

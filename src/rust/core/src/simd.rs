@@ -1,0 +1,45 @@
+//! Run-time choice of vector width for the hand-written loops.
+//!
+//! The crate is compiled for baseline x86-64 (SSE2) so that one build runs on
+//! any machine. A loop written in the plain indexed form LLVM vectorizes gets
+//! 4-lane code there; `wide_copies!` compiles the same body again for AVX-512
+//! and for AVX2 + FMA and calls the widest copy the CPU supports.
+
+/// `wide_copies! { fn name(a: A, b: B) -> R = body }` (the return type may
+/// be left out) defines `fn name`, which calls `body(a, b)` compiled for
+/// AVX-512, else for AVX2 + FMA, else for the baseline. `body` should be
+/// `#[inline(always)]` so that each copy gets its own code.
+macro_rules! wide_copies {
+    ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = $body:path) => {
+        $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = $body:path) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($a: $t),*) -> $ret {
+                    $body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($a: $t),*) -> $ret {
+                    $body($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the copy is compiled for.
+                    return unsafe { avx512($($a),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+pub(crate) use wide_copies;
