@@ -35,13 +35,24 @@ impl Csr {
     /// Writes rows `rows` densely into `out` (row-major, `rows.len() × n_cols`).
     /// This is how minibatches are cut: only the selected rows are densified.
     pub fn dense_rows_into(&self, rows: &[usize], out: &mut [f32]) {
+        self.dense_rows_map_into(rows, out, |v| v);
+    }
+
+    /// `dense_rows_into` of log(1 + value): the encoders' input, computed at
+    /// the non-zeros only (log 1 = 0 keeps the zeros).
+    pub fn dense_log1p_rows_into(&self, rows: &[usize], out: &mut [f32]) {
+        let table = log1p_table();
+        self.dense_rows_map_into(rows, out, |v| log1p_count(v, table));
+    }
+
+    fn dense_rows_map_into(&self, rows: &[usize], out: &mut [f32], f: impl Fn(f32) -> f32) {
         debug_assert_eq!(out.len(), rows.len() * self.n_cols);
         out.fill(0.0);
         for (k, &r) in rows.iter().enumerate() {
             let dst = &mut out[k * self.n_cols..(k + 1) * self.n_cols];
             let (idx, val) = self.row(r);
             for (&j, &v) in idx.iter().zip(val) {
-                dst[j as usize] = v;
+                dst[j as usize] = f(v);
             }
         }
     }
@@ -200,5 +211,26 @@ mod tests {
         let m = small().map_values(|r, v| v * 10.0 + r as f32);
         assert_eq!(m.values, vec![10., 20., 32., 42.]);
         assert_eq!(m.indices, small().indices);
+    }
+}
+
+/// Whole numbers below this have their log(1 + x) in `log1p_table`.
+const LOG1P_TABLE_LEN: usize = 4096;
+
+/// log(1 + k) for k = 0, 1, …, rounded from double precision.
+fn log1p_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..LOG1P_TABLE_LEN).map(|k| (k as f64).ln_1p() as f32).collect())
+}
+
+/// log(1 + v): looked up for the small whole numbers that make up nearly all
+/// counts, computed otherwise.
+#[inline]
+fn log1p_count(v: f32, table: &[f32]) -> f32 {
+    let k = v as usize; // saturates: negative and NaN give 0, checked below
+    if k < table.len() && k as f32 == v {
+        table[k]
+    } else {
+        v.ln_1p()
     }
 }

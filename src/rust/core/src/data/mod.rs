@@ -12,4 +12,4 @@ pub(crate) use counts::quote_some;
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub use resident::DeviceCsr;
-pub use split::{rows_to_tensor, train_validation_split};
+pub use split::{log1p_rows_to_tensor, rows_to_tensor, train_validation_split};

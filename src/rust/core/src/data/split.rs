@@ -22,13 +22,22 @@ pub fn train_validation_split(n: usize, validation_fraction: f64, seed: u64) -> 
 /// Dense `[rows.len(), n_cols]` float tensor of the given rows, on `device`.
 /// Only these rows are ever densified.
 pub fn rows_to_tensor(m: &Csr, rows: &[usize], device: Device) -> Tensor {
+    rows_to_tensor_with(m, rows, device, Csr::dense_rows_into)
+}
+
+/// `rows_to_tensor` of log(1 + value), the encoders' input.
+pub fn log1p_rows_to_tensor(m: &Csr, rows: &[usize], device: Device) -> Tensor {
+    rows_to_tensor_with(m, rows, device, Csr::dense_log1p_rows_into)
+}
+
+fn rows_to_tensor_with(m: &Csr, rows: &[usize], device: Device, fill: fn(&Csr, &[usize], &mut [f32])) -> Tensor {
     let t = Tensor::empty([rows.len() as i64, m.n_cols as i64], (tch::Kind::Float, Device::Cpu));
     if rows.is_empty() || m.n_cols == 0 {
         return t.to_device(device);
     }
     // SAFETY: a fresh contiguous f32 tensor of exactly this many elements.
     let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, rows.len() * m.n_cols) };
-    m.dense_rows_into(rows, buf);
+    fill(m, rows, buf);
     if device == Device::Cpu {
         t
     } else {
@@ -58,5 +67,20 @@ mod tests {
         assert_eq!(t.size(), vec![3, 3]);
         let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap();
         assert_eq!(v, vec![5., 0., 6., 0., 4., 0., 5., 0., 6.]);
+    }
+
+    #[test]
+    fn log1p_rows_equal_log1p_of_the_dense_rows() {
+        // Whole numbers inside and beyond the lookup table, and fractions.
+        let values = vec![1., 3., 4095., 4096., 1e6, 0.25, 2.5, 7.];
+        let m = Csr { n_rows: 2, n_cols: 5, indptr: vec![0, 4, 8], indices: vec![0, 1, 2, 4, 0, 1, 3, 4], values };
+        let rows = [1, 0];
+        let want = rows_to_tensor(&m, &rows, Device::Cpu).to_kind(tch::Kind::Double).log1p();
+        let got = log1p_rows_to_tensor(&m, &rows, Device::Cpu);
+        assert_eq!(got.size(), vec![2, 5]);
+        let err = (got.to_kind(tch::Kind::Double) - &want).abs() / (want.abs() + 1e-30);
+        assert!(err.max().double_value(&[]) < 1e-7, "relative error {err:?}");
+        let zeros: Vec<f32> = Vec::try_from(got.flatten(0, -1)).unwrap();
+        assert_eq!((zeros[2], zeros[8]), (0.0, 0.0));
     }
 }

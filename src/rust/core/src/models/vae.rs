@@ -140,7 +140,8 @@ pub struct DecoderHeads {
 
 /// One minibatch of model inputs.
 pub struct Inputs {
-    pub x: Tensor,
+    /// log(1 + counts), dense: the encoder's input.
+    pub log1p_x: Tensor,
     pub log_library: Tensor,
     pub design: Tensor,
     pub batch: Tensor,
@@ -252,10 +253,10 @@ impl Vae {
     #[allow(clippy::type_complexity)]
     pub fn encode(&self, inp: &Inputs, pass: impl Into<Pass>) -> ((Tensor, Tensor), Option<(Tensor, Tensor)>) {
         let train = pass.into();
-        let h = inp.x.log1p();
+        let h = &inp.log1p_x;
         let cov = self.cfg.encode_covariates.then_some(&inp.design);
-        let qz = self.encoder.forward(&h, cov, train);
-        let ql = self.library_encoder.as_ref().map(|e| e.forward(&h, cov, train));
+        let qz = self.encoder.forward(h, cov, train);
+        let ql = self.library_encoder.as_ref().map(|e| e.forward(h, cov, train));
         (qz, ql)
     }
 
@@ -383,15 +384,18 @@ impl<'a> VaeData<'a> {
     /// Inputs of `rows`, with every cell's batch set to `batch_as` if given.
     pub fn inputs(&self, rows: &[usize], batch_as: Option<u32>, device: Device) -> Inputs {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
-        let (x, nonzero) = match &self.resident {
-            Some(d) if d.device() == device => d.rows(rows),
+        let (log1p_x, nonzero) = match &self.resident {
+            Some(d) if d.device() == device => {
+                let (x, nonzero) = d.rows(rows);
+                (x.log1p(), nonzero)
+            }
             _ => (
-                crate::data::rows_to_tensor(self.counts, rows, device),
+                crate::data::log1p_rows_to_tensor(self.counts, rows, device),
                 SparseBatch::from_csr(self.counts, rows, device),
             ),
         };
         Inputs {
-            x,
+            log1p_x,
             log_library: pick(&self.log_library).unsqueeze(1),
             design: self.covariates.design(rows, batch_as, device),
             batch: self.covariates.batch_codes(rows, batch_as, device),

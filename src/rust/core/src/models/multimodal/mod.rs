@@ -226,7 +226,8 @@ impl MultimodalCovariates {
 
 /// One minibatch.
 pub struct MmInputs {
-    pub x: Vec<Tensor>,
+    /// log(1 + counts) per modality, dense: the encoders' input.
+    pub log1p_x: Vec<Tensor>,
     pub nonzero: Vec<SparseBatch>,
     pub log_library: Vec<Tensor>,
     pub log_factorial: Vec<Tensor>,
@@ -269,7 +270,7 @@ impl<'a> MultimodalData<'a> {
             Tensor::from_slice(&rows.iter().map(|&r| c.codes[r] as i64).collect::<Vec<i64>>()).to_device(device)
         };
         MmInputs {
-            x: self.counts.iter().map(|c| crate::data::rows_to_tensor(c, rows, device)).collect(),
+            log1p_x: self.counts.iter().map(|c| crate::data::log1p_rows_to_tensor(c, rows, device)).collect(),
             nonzero: self.counts.iter().map(|c| SparseBatch::from_csr(c, rows, device)).collect(),
             log_library: self.log_library.iter().map(|l| pick(l).unsqueeze(1)).collect(),
             log_factorial: self.log_factorial.iter().map(|l| pick(l)).collect(),
@@ -480,10 +481,9 @@ impl Multimodal {
         let cov = inp.encoder_cov.as_ref();
         let mut qz = Vec::with_capacity(self.nets.len());
         let mut ql = Vec::with_capacity(self.nets.len());
-        for (net, x) in self.nets.iter().zip(&inp.x) {
-            let h = x.log1p();
-            qz.push(net.encoder.forward(&h, cov, pass));
-            ql.push(net.library_encoder.as_ref().map(|e| e.forward(&h, cov, pass)));
+        for (net, h) in self.nets.iter().zip(&inp.log1p_x) {
+            qz.push(net.encoder.forward(h, cov, pass));
+            ql.push(net.library_encoder.as_ref().map(|e| e.forward(h, cov, pass)));
         }
         (qz, ql)
     }
