@@ -7,7 +7,7 @@
 //! first layer, and of every layer when `inject_all` is set
 //! (`deeply_inject_covariates`).
 
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
@@ -151,7 +151,7 @@ impl FcLayers {
 /// 1 / (1 − p). On the CPU the mask comes from a ChaCha8 stream seeded from
 /// libtorch's generator, so `manual_seed` still fixes it; libtorch's own CPU
 /// dropout draws its mask one entry at a time (about 0.1 ms for 128 × 128,
-/// against 0.01 ms here).
+/// against 0.03 ms here).
 pub fn dropout(h: &Tensor, p: f64) -> Tensor {
     if h.device() != Device::Cpu || h.kind() != Kind::Float {
         return h.dropout(p, true);
@@ -162,13 +162,12 @@ pub fn dropout(h: &Tensor, p: f64) -> Tensor {
     let keep = ((1.0 - p) * 4_294_967_296.0) as u64;
     let scale = (1.0 / (1.0 - p)) as f32;
     let mask = Tensor::empty(h.size(), (Kind::Float, Device::Cpu));
-    // SAFETY: a fresh contiguous f32 tensor of exactly numel elements.
-    let m = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut f32, mask.numel()) };
-    for pair in m.chunks_mut(2) {
-        let r = rng.next_u64();
-        for (k, e) in pair.iter_mut().enumerate() {
-            *e = if (r >> (32 * k)) & 0xffff_ffff < keep { scale } else { 0.0 };
-        }
+    // SAFETY: a fresh contiguous f32 tensor of exactly numel elements, seen
+    // first as its raw 32-bit words (filled with random bits) then as floats.
+    let bits = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u32, mask.numel()) };
+    rng.fill(bits);
+    for b in bits.iter_mut() {
+        *b = if (*b as u64) < keep { scale.to_bits() } else { 0 };
     }
     h * mask
 }
