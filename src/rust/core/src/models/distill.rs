@@ -354,6 +354,10 @@ impl DistillModel {
         config.n_genes = data.decoder_genes.len();
         config.n_latent = data.teacher_dim;
         config.n_batch = data.batch.n_levels();
+        // Every check before the global generator is seeded.
+        config.check()?;
+        train_encoder.check()?;
+        train_decoder.check()?;
         seed_torch(train_encoder.seed);
         let student = Student::new(config.clone(), device)?;
 

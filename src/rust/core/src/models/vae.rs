@@ -473,6 +473,10 @@ impl VaeModel {
         if train_cfg.max_epochs == 0 {
             train_cfg.max_epochs = default_max_epochs(counts.n_cells());
         }
+        // Every check before the global generator is seeded: a refused call
+        // leaves libtorch's random state as it was.
+        config.check()?;
+        train_cfg.check()?;
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(config.clone(), device)?;
         let mut data = VaeData::new(&counts.csr, cov);

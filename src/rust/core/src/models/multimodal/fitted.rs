@@ -89,9 +89,12 @@ impl MultimodalModel {
             train_cfg.max_epochs = default_max_epochs(n);
         }
         train_cfg.check()?;
+        // Every check before the global generator is seeded: a refused call
+        // leaves libtorch's random state as it was.
+        config.check()?;
+        let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
         seed_torch(train_cfg.seed);
         let mut model = Multimodal::new(config.clone(), device)?;
-        let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
         model.init_from_data(&data);
         // The global terms are shared out over the cells the loop trains on.
         let n_obs = train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
