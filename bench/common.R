@@ -41,3 +41,24 @@ timed <- function(cmd, args, quiet = TRUE) {
   v <- scan(log, quiet = TRUE)
   list(ok = status == 0, wall = v[1], rss_mb = v[2] / 1024)
 }
+
+# Appends the rows of `tab` to the CSV `out`; when the file's columns differ
+# (a script gained a column), the file is rewritten with the union of both,
+# missing values left empty.
+append_csv <- function(tab, out) {
+  dir.create(dirname(out), showWarnings = FALSE, recursive = TRUE)
+  if (file.exists(out)) {
+    old <- utils::read.csv(out, check.names = FALSE)
+    if (!identical(names(old), names(tab))) {
+      cols <- union(names(old), names(tab))
+      fill <- function(d) {
+        for (col in setdiff(cols, names(d))) d[[col]] <- NA
+        d[cols]
+      }
+      utils::write.csv(rbind(fill(old), fill(tab)), out, row.names = FALSE, na = "")
+      return(invisible(out))
+    }
+  }
+  utils::write.table(tab, out, sep = ",", append = file.exists(out), col.names = !file.exists(out), row.names = FALSE)
+  invisible(out)
+}

@@ -82,8 +82,7 @@ run_one <- function(name) {
   tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
   tab$threads <- threads
   out <- file.path(root, "bench", "results", "distill_vs_scdistill.csv")
-  dir.create(dirname(out), showWarnings = FALSE)
-  utils::write.table(tab, out, sep = ",", append = file.exists(out), col.names = !file.exists(out), row.names = FALSE)
+  append_csv(tab, out)
 }
 
 for (name in if (which_data == "both") c("cellbench", "sim") else which_data) run_one(name)

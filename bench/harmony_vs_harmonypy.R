@@ -73,6 +73,5 @@ for (n in sizes) {
   print(tab, row.names = FALSE, digits = 4)
   tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
   out <- file.path(root, "bench", "results", "harmony_vs_harmonypy.csv")
-  dir.create(dirname(out), showWarnings = FALSE)
-  utils::write.table(tab, out, sep = ",", append = file.exists(out), col.names = !file.exists(out), row.names = FALSE)
+  append_csv(tab, out)
 }

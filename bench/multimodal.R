@@ -107,5 +107,4 @@ tab$peaks <- nrow(atac)
 tab$epochs <- epochs
 tab$threads <- threads
 out <- file.path(root, "bench", "results", "multimodal.csv")
-dir.create(dirname(out), showWarnings = FALSE)
-utils::write.table(tab, out, sep = ",", append = file.exists(out), col.names = !file.exists(out), row.names = FALSE)
+append_csv(tab, out)
