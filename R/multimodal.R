@@ -286,7 +286,8 @@ multimodal_counts <- function(x, modalities = NULL) {
                    fmt_int(only_first), names(mats)[1], m, fmt_int(only_other), m, names(mats)[1],
                    fmt_int(sum(cells %in% other))), call. = FALSE)
     }
-    mats[[m]] <- mats[[m]][, cells, drop = FALSE]
+    # Reordered only when the order differs: subsetting copies the matrix.
+    if (!identical(other, cells)) mats[[m]] <- mats[[m]][, match(cells, other), drop = FALSE]
   }
   if (!is.null(cell_data) && nrow(cell_data) && !is.null(rownames(cell_data)) && all(cells %in% rownames(cell_data))) {
     cell_data <- cell_data[cells, , drop = FALSE]

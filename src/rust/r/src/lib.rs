@@ -28,9 +28,8 @@ fn strings(x: &Robj, what: &str) -> Result<Vec<String>> {
         .ok_or_else(|| fail(format!("internal: `{what}` must be a character vector")))
 }
 
-/// The validated count matrix from `list(p, i, x, genes, cells)`: the slots
-/// and dimnames of a genes × cells dgCMatrix (R's `slots()`).
-fn counts_from_r(counts: &List) -> Result<CountMatrix> {
+/// The elements p, i, x, genes, cells of a counts list.
+fn count_slots(counts: &List) -> Result<(Robj, Robj, Robj, Robj, Robj)> {
     let get = |name: &str| -> Result<Robj> {
         counts
             .iter()
@@ -38,7 +37,13 @@ fn counts_from_r(counts: &List) -> Result<CountMatrix> {
             .map(|(_, v)| v)
             .ok_or_else(|| fail(format!("internal: the counts list has no `{name}`")))
     };
-    let (p, i, x, genes, cells) = (get("p")?, get("i")?, get("x")?, get("genes")?, get("cells")?);
+    Ok((get("p")?, get("i")?, get("x")?, get("genes")?, get("cells")?))
+}
+
+/// The validated count matrix from `list(p, i, x, genes, cells)`: the slots
+/// and dimnames of a genes × cells dgCMatrix (R's `slots()`).
+fn counts_from_r(counts: &List) -> Result<CountMatrix> {
+    let (p, i, x, genes, cells) = count_slots(counts)?;
     let xs = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be a double vector"))?;
     CountMatrix::from_csc_genes_by_cells(
         int_slice(&p, "p")?,
@@ -75,8 +80,13 @@ fn run<T: Send>(threads: i32, work: impl FnOnce(&dyn Fn() -> bool) -> scdistill_
 /// @noRd
 #[extendr]
 fn rs_validate_counts(counts: List) -> Result<Vec<f64>> {
-    let m = counts_from_r(&counts)?;
-    Ok(vec![m.n_genes() as f64, m.n_cells() as f64, m.csr.nnz() as f64])
+    let (p, i, x, genes, cells) = count_slots(&counts)?;
+    let xs = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be a double vector"))?;
+    let (genes, cells) = (strings(&genes, "genes")?, strings(&cells, "cells")?);
+    CountMatrix::check_csc_genes_by_cells(int_slice(&p, "p")?, int_slice(&i, "i")?, xs, &genes, &cells)
+        .map_err(fail)?;
+    let nnz = xs.iter().filter(|&&v| v != 0.0).count();
+    Ok(vec![genes.len() as f64, cells.len() as f64, nnz as f64])
 }
 
 /// log2(CPM + 1) as the slots of a genes × cells dgCMatrix: list(p, i, x).

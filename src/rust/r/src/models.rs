@@ -321,9 +321,10 @@ fn rs_model_from_bytes(bytes: Raw, device: &str) -> Result<Robj> {
 
 /// New (or training) cells aligned to the model's genes.
 fn aligned(model: &VaeModel, counts: &List) -> Result<CountMatrix> {
-    let m = counts_from_r(counts)?;
-    let csr = model.align_genes(&m).map_err(fail)?;
-    Ok(CountMatrix { csr, genes: model.meta.genes.clone(), cells: m.cells })
+    let mut m = counts_from_r(counts)?;
+    let cells = std::mem::take(&mut m.cells);
+    let csr = model.align_genes(m).map_err(fail)?;
+    Ok(CountMatrix { csr, genes: model.meta.genes.clone(), cells })
 }
 
 /// Latent coordinates, column-major cells × n_latent.

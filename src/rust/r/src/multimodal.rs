@@ -212,9 +212,7 @@ fn on_cells<T: Send>(
     f: impl FnOnce(&MultimodalModel, &MultimodalData, &dyn Fn() -> bool) -> scdistill_core::Result<T> + Send,
 ) -> Result<T> {
     let model = model_ref(ptr)?;
-    let mats = modality_counts(counts)?;
-    let refs: Vec<&CountMatrix> = mats.iter().collect();
-    let aligned = model.align(&refs).map_err(fail)?;
+    let aligned = model.align(modality_counts(counts)?).map_err(fail)?;
     let n = aligned.first().map(|c| c.n_rows).unwrap_or(0);
     let labs = labels
         .values()

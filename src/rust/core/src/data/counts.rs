@@ -28,21 +28,8 @@ impl CountMatrix {
         genes: Vec<String>,
         cells: Vec<String>,
     ) -> Result<CountMatrix> {
-        let n_genes = genes.len();
-        if n_genes == 0 {
-            return invalid!("the count matrix has no genes (0 rows)");
-        }
-        if p.len() < 2 {
-            return invalid!("the count matrix has no cells (0 columns)");
-        }
+        Self::check_csc_genes_by_cells(p, i, x, &genes, &cells)?;
         let n_cells = p.len() - 1;
-        if cells.len() != n_cells {
-            return invalid!("{} cell names for {} cells", cells.len(), n_cells);
-        }
-        check_names(&genes, "gene")?;
-        check_structure(p, i, x, n_genes)?;
-        check_values(p, i, x, &genes, &cells)?;
-
         let mut indptr = Vec::with_capacity(n_cells + 1);
         let mut indices = Vec::with_capacity(x.len());
         let mut values = Vec::with_capacity(x.len());
@@ -56,10 +43,41 @@ impl CountMatrix {
             }
             indptr.push(indices.len());
         }
-        let csr = Csr { n_rows: n_cells, n_cols: n_genes, indptr, indices, values };
-        let m = CountMatrix { csr, genes, cells };
-        m.check_no_empty_cells()?;
-        Ok(m)
+        let csr = Csr { n_rows: n_cells, n_cols: genes.len(), indptr, indices, values };
+        Ok(CountMatrix { csr, genes, cells })
+    }
+
+    /// Every check of `from_csc_genes_by_cells`, without building the matrix
+    /// (validating a large matrix then costs no copy of it).
+    pub fn check_csc_genes_by_cells(p: &[i32], i: &[i32], x: &[f64], genes: &[String], cells: &[String]) -> Result<()> {
+        let n_genes = genes.len();
+        if n_genes == 0 {
+            return invalid!("the count matrix has no genes (0 rows)");
+        }
+        if p.len() < 2 {
+            return invalid!("the count matrix has no cells (0 columns)");
+        }
+        let n_cells = p.len() - 1;
+        if cells.len() != n_cells {
+            return invalid!("{} cell names for {} cells", cells.len(), n_cells);
+        }
+        check_names(genes, "gene")?;
+        check_structure(p, i, x, n_genes)?;
+        check_values(p, i, x, genes, cells)?;
+        // Cells with no counts carry no information for any model here: rather
+        // than drop them silently (and misalign results with the user's
+        // object), refuse. Stored zeros do not count.
+        let empty: Vec<usize> =
+            (0..n_cells).filter(|&c| x[p[c] as usize..p[c + 1] as usize].iter().all(|&v| v == 0.0)).collect();
+        if !empty.is_empty() {
+            return invalid!(
+                "{} cell(s) have zero total counts (first: {}); remove them before fitting, \
+                 e.g. `x <- x[, colSums(counts) > 0]`",
+                empty.len(),
+                quote_some(empty.iter().map(|&c| &cells[c]))
+            );
+        }
+        Ok(())
     }
 
     pub fn n_cells(&self) -> usize {
@@ -94,6 +112,17 @@ impl CountMatrix {
         Ok(genes.iter().map(|g| at[g.as_str()]).collect())
     }
 
+    /// This matrix's CSR with only the columns `keep` (in that order); no
+    /// copy when `keep` is every column in order, the usual case of new data
+    /// measured on a model's own genes.
+    pub fn into_columns(self, keep: &[usize]) -> Csr {
+        if keep.len() == self.csr.n_cols && keep.iter().enumerate().all(|(k, &c)| k == c) {
+            self.csr
+        } else {
+            self.csr.select_columns(keep)
+        }
+    }
+
     /// The same cells restricted to the genes `keep` (in that order).
     pub fn select_genes(&self, keep: &[usize]) -> CountMatrix {
         CountMatrix {
@@ -101,21 +130,6 @@ impl CountMatrix {
             genes: keep.iter().map(|&g| self.genes[g].clone()).collect(),
             cells: self.cells.clone(),
         }
-    }
-
-    /// Cells with no counts carry no information for any model here: rather than
-    /// drop them silently (and misalign results with the user's object), refuse.
-    fn check_no_empty_cells(&self) -> Result<()> {
-        let empty: Vec<usize> = (0..self.n_cells()).filter(|&c| self.csr.indptr[c] == self.csr.indptr[c + 1]).collect();
-        if empty.is_empty() {
-            return Ok(());
-        }
-        invalid!(
-            "{} cell(s) have zero total counts (first: {}); remove them before fitting, \
-             e.g. `x <- x[, colSums(counts) > 0]`",
-            empty.len(),
-            quote_some(empty.iter().map(|&c| &self.cells[c]))
-        )
     }
 }
 
@@ -216,6 +230,27 @@ mod tests {
         let mut out = vec![0.0; 6];
         m.csr.dense_rows_into(&[0, 1], &mut out);
         assert_eq!(out, vec![1., 0., 5., 0., 2., 0.]);
+    }
+
+    #[test]
+    fn own_columns_in_order_are_kept_without_a_copy() {
+        let m = build(&[1., 5., 2.]).unwrap();
+        let values = m.csr.values.as_ptr();
+        let same = m.into_columns(&[0, 1, 2]);
+        assert_eq!(same.values.as_ptr(), values);
+        let m = build(&[1., 5., 2.]).unwrap();
+        let swapped = m.into_columns(&[2, 0]);
+        assert_eq!((swapped.n_cols, swapped.indices.clone(), swapped.values.clone()), (2, vec![0, 1], vec![5., 1.]));
+    }
+
+    #[test]
+    fn a_matrix_is_checked_without_being_built() {
+        let (g, c) = (names("g", 3), names("c", 2));
+        assert!(CountMatrix::check_csc_genes_by_cells(&[0, 2, 3], &[0, 2, 1], &[1., 5., 2.], &g, &c).is_ok());
+        let e = CountMatrix::check_csc_genes_by_cells(&[0, 2, 3], &[0, 2, 1], &[1., 5., 0.], &g, &c).unwrap_err();
+        assert!(e.to_string().contains("1 cell(s) have zero total counts (first: 'c1')"), "{e}");
+        let e = CountMatrix::check_csc_genes_by_cells(&[0, 2, 3], &[0, 2, 1], &[1., -5., 2.], &g, &c).unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
     }
 
     #[test]

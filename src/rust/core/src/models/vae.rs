@@ -515,8 +515,9 @@ impl VaeModel {
 
     /// The columns of `counts` in the model's gene order. Genes the model
     /// does not know are ignored; genes it needs but `counts` lacks are an error.
-    pub fn align_genes(&self, counts: &CountMatrix) -> Result<Csr> {
-        Ok(counts.csr.select_columns(&counts.columns_of(&self.meta.genes, "")?))
+    pub fn align_genes(&self, counts: CountMatrix) -> Result<Csr> {
+        let keep = counts.columns_of(&self.meta.genes, "")?;
+        Ok(counts.into_columns(&keep))
     }
 
     /// Covariates for computations that do not use them (the encoder of a

@@ -156,10 +156,10 @@ fn new_cells_are_matched_by_gene_name_and_batch_label() {
     let s = sim(200, 6);
     let m = fit(&s, VaeConfig::default(), quick(2));
     let fewer = s.counts.select_genes(&(5..200).collect::<Vec<_>>());
-    let e = m.align_genes(&fewer).unwrap_err().to_string();
+    let e = m.align_genes(fewer).unwrap_err().to_string();
     assert!(e.contains("5 of the model's 200 genes are missing"), "{e}");
     let reversed = s.counts.select_genes(&(0..200).rev().collect::<Vec<_>>());
-    assert!(m.align_genes(&reversed).unwrap() == s.counts.csr);
+    assert!(m.align_genes(reversed).unwrap() == s.counts.csr);
     let labels: Vec<String> = vec!["plate 9".into(); 200];
     let e = m.covariates_for(200, Some(&labels), &[], vec![], true).unwrap_err().to_string();
     assert!(e.contains("'plate 9' was not seen"), "{e}");

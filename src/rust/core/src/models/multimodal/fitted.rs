@@ -129,15 +129,18 @@ impl MultimodalModel {
 
     /// The columns of each modality of new cells in the model's feature
     /// order; missing features are an error naming the modality.
-    pub fn align(&self, counts: &[&CountMatrix]) -> Result<Vec<Csr>> {
+    pub fn align(&self, counts: Vec<CountMatrix>) -> Result<Vec<Csr>> {
         if counts.len() != self.meta.features.len() {
             return invalid!("the model has {} modalities; got {}", self.meta.features.len(), counts.len());
         }
         counts
-            .iter()
+            .into_iter()
             .zip(&self.meta.features)
             .zip(&self.meta.config.modalities)
-            .map(|((c, f), spec)| Ok(c.csr.select_columns(&c.columns_of(f, &format!(" of modality `{}`", spec.name))?)))
+            .map(|((c, f), spec)| {
+                let keep = c.columns_of(f, &format!(" of modality `{}`", spec.name))?;
+                Ok(c.into_columns(&keep))
+            })
             .collect()
     }
 
