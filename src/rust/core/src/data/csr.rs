@@ -180,6 +180,27 @@ impl Csr {
     }
 }
 
+/// Whole numbers below this have their log(1 + x) in `log1p_table`.
+const LOG1P_TABLE_LEN: usize = 4096;
+
+/// log(1 + k) for k = 0, 1, …, rounded from double precision.
+fn log1p_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..LOG1P_TABLE_LEN).map(|k| (k as f64).ln_1p() as f32).collect())
+}
+
+/// log(1 + v): looked up for the small whole numbers that make up nearly all
+/// counts, computed otherwise.
+#[inline]
+fn log1p_count(v: f32, table: &[f32]) -> f32 {
+    let k = v as usize; // saturates: negative and NaN give 0, checked below
+    if k < table.len() && k as f32 == v {
+        table[k]
+    } else {
+        v.ln_1p()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,26 +232,5 @@ mod tests {
         let m = small().map_values(|r, v| v * 10.0 + r as f32);
         assert_eq!(m.values, vec![10., 20., 32., 42.]);
         assert_eq!(m.indices, small().indices);
-    }
-}
-
-/// Whole numbers below this have their log(1 + x) in `log1p_table`.
-const LOG1P_TABLE_LEN: usize = 4096;
-
-/// log(1 + k) for k = 0, 1, …, rounded from double precision.
-fn log1p_table() -> &'static [f32] {
-    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| (0..LOG1P_TABLE_LEN).map(|k| (k as f64).ln_1p() as f32).collect())
-}
-
-/// log(1 + v): looked up for the small whole numbers that make up nearly all
-/// counts, computed otherwise.
-#[inline]
-fn log1p_count(v: f32, table: &[f32]) -> f32 {
-    let k = v as usize; // saturates: negative and NaN give 0, checked below
-    if k < table.len() && k as f32 == v {
-        table[k]
-    } else {
-        v.ln_1p()
     }
 }
