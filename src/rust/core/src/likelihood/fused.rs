@@ -37,8 +37,27 @@ pub enum Family {
 pub enum Front {
     /// μ = exp(log ℓ) · softmax(f) (scVI's decoder).
     Softmax,
-    /// μ = exp(log ℓ) · f for a non-negative f (regularizedvi's decoder).
-    Scaled,
+    /// μ = exp(log ℓ) · (softplus(f) + s) · y (regularizedvi's decoder), with
+    /// the ambient background s and the feature scaling y of the row's
+    /// levels (`Inputs::ambient`, `Inputs::scaling`; absent: 0 and 1).
+    Softplus,
+}
+
+/// A per-gene table with one row per level, and the level of each minibatch
+/// row: a parameter that the rows share.
+#[derive(Clone, Copy)]
+pub struct Levels<'a> {
+    /// [levels × n_genes], row-major.
+    pub table: &'a [f32],
+    /// The level of each minibatch row.
+    pub codes: &'a [i64],
+}
+
+impl<'a> Levels<'a> {
+    fn row(&self, r: usize, g: usize) -> &'a [f32] {
+        let l = self.codes[r] as usize;
+        &self.table[l * g..(l + 1) * g]
+    }
 }
 
 /// A minibatch's counts as CSR rows (column indices within each row in any order).
@@ -57,20 +76,42 @@ pub struct Inputs<'a> {
     pub logits: &'a [f32],
     /// log library size per row.
     pub log_library: &'a [f32],
-    /// log θ: one per gene (`n_genes`), or one per entry; unused for Poisson.
+    /// log θ: one per gene (`n_genes`), one per entry, or (with
+    /// `theta_codes`) a [levels × n_genes] table; unused for Poisson.
     pub log_theta: &'a [f32],
+    /// The level of each row in the log θ table.
+    pub theta_codes: Option<&'a [i64]>,
     /// Dropout logits π (ZINB only).
     pub pi_logits: &'a [f32],
+    /// s and y of `Front::Softplus` (ignored by `Front::Softmax`).
+    pub ambient: Option<Levels<'a>>,
+    pub scaling: Option<Levels<'a>>,
     pub counts: Rows<'a>,
 }
 
 /// Where the gradients of each row's log-likelihood go (same layouts as the
-/// inputs; `log_theta` is always per entry here). Empty slices: not wanted.
+/// inputs; `log_theta` is per entry here, and unused when log θ is a table).
+/// Empty slices: not wanted.
 pub struct Grads<'a> {
     pub logits: &'a mut [f32],
     pub log_library: &'a mut [f32],
     pub log_theta: &'a mut [f32],
     pub pi_logits: &'a mut [f32],
+    pub shared: SharedGrads<'a>,
+}
+
+/// Gradients of the sum over rows with respect to what the rows share, each
+/// [levels × n_genes] (empty: not wanted): a bias of the decoder output f
+/// (one level: the column sums of ∂/∂f), the ambient s and scaling y of
+/// `Front::Softplus`, and the log θ table. Rows are summed per block of the
+/// thread split and the blocks added in order, so the result depends on the
+/// number of threads asked for, not on scheduling.
+#[derive(Default)]
+pub struct SharedGrads<'a> {
+    pub bias: &'a mut [f32],
+    pub ambient: &'a mut [f32],
+    pub scaling: &'a mut [f32],
+    pub log_theta: &'a mut [f32],
 }
 
 /// Distinct per-row θ whose per-gene constants are computed once.
@@ -108,19 +149,44 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     assert_eq!(inp.logits.len(), n * g, "logits");
     assert_eq!(inp.log_library.len(), n, "log library");
     assert_eq!(inp.counts.indptr.len(), n + 1, "count rows");
-    let shared = inp.family != Family::Poisson && inp.log_theta.len() == g;
-    if inp.family != Family::Poisson {
-        assert!(shared || inp.log_theta.len() == n * g, "log theta");
+    let has_theta = inp.family != Family::Poisson;
+    let tabled = has_theta && inp.theta_codes.is_some();
+    let shared = has_theta && !tabled && inp.log_theta.len() == g;
+    if has_theta {
+        assert!(tabled || shared || inp.log_theta.len() == n * g, "log theta");
     }
     if inp.family == Family::Zinb {
         assert_eq!(inp.pi_logits.len(), n * g, "dropout logits");
     }
+    let n_levels = |t: &[f32]| t.len() / g.max(1);
+    let check_levels = |l: &Levels, what: &str| {
+        assert!(l.table.len().is_multiple_of(g.max(1)) && l.codes.len() == n, "{what}");
+        assert!(l.codes.iter().all(|&c| c >= 0 && (c as usize) < n_levels(l.table)), "{what} codes");
+    };
+    if tabled {
+        let codes = inp.theta_codes.unwrap_or_default();
+        check_levels(&Levels { table: inp.log_theta, codes }, "log theta table");
+    }
+    for (l, what) in [(&inp.ambient, "ambient"), (&inp.scaling, "scaling")] {
+        if let Some(l) = l {
+            check_levels(l, what);
+        }
+    }
     let gene_theta = shared.then(|| GeneTheta::new(inp.log_theta));
-    // Per-row θ that repeats (one row per batch or dispersion level, as in a
-    // gene-batch dispersion): its per-gene constants once per distinct row.
+    // The per-gene constants of θ once per distinct row: per level present
+    // when θ is a table; otherwise per repeated row (one per batch or
+    // dispersion level, as in a gene-batch dispersion), up to a limit.
     let mut levels: Vec<(usize, GeneTheta)> = Vec::new();
     let mut row_level: Vec<Option<usize>> = vec![None; n];
-    if inp.family != Family::Poisson && !shared {
+    if let (true, Some(codes)) = (tabled, inp.theta_codes) {
+        for (level, &c) in row_level.iter_mut().zip(codes) {
+            let c = c as usize;
+            *level = Some(levels.iter().position(|&(k, _)| k == c).unwrap_or_else(|| {
+                levels.push((c, GeneTheta::new(&inp.log_theta[c * g..(c + 1) * g])));
+                levels.len() - 1
+            }));
+        }
+    } else if has_theta && !shared {
         let row = |r: usize| &inp.log_theta[r * g..(r + 1) * g];
         for (r, level) in row_level.iter_mut().enumerate() {
             let seen = levels.iter().position(|&(rep, _)| row(rep)[..1] == row(r)[..1] && row(rep) == row(r));
@@ -135,17 +201,28 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         }
     }
     let want = grads.is_some();
-    let grads =
-        grads.unwrap_or(Grads { logits: &mut [], log_library: &mut [], log_theta: &mut [], pi_logits: &mut [] });
+    let grads = grads.unwrap_or(Grads {
+        logits: &mut [],
+        log_library: &mut [],
+        log_theta: &mut [],
+        pi_logits: &mut [],
+        shared: SharedGrads::default(),
+    });
+    let sg = grads.shared;
     if want {
         assert_eq!(grads.logits.len(), n * g);
         assert_eq!(grads.log_library.len(), n);
-        if inp.family != Family::Poisson {
+        if has_theta && !tabled {
             assert_eq!(grads.log_theta.len(), n * g);
         }
         if inp.family == Family::Zinb {
             assert_eq!(grads.pi_logits.len(), n * g);
         }
+        let size = |l: &Option<Levels>| l.map_or(0, |l| l.table.len());
+        assert!(sg.bias.is_empty() || sg.bias.len() == g, "bias gradient");
+        assert!(sg.ambient.is_empty() || sg.ambient.len() == size(&inp.ambient), "ambient gradient");
+        assert!(sg.scaling.is_empty() || sg.scaling.len() == size(&inp.scaling), "scaling gradient");
+        assert!(sg.log_theta.is_empty() || (tabled && sg.log_theta.len() == inp.log_theta.len()), "θ table gradient");
     }
     fn rows_of(s: &mut [f32], w: usize, n: usize) -> Vec<Option<&mut [f32]>> {
         if s.is_empty() {
@@ -155,27 +232,58 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         }
     }
     let gl = rows_of(grads.logits, g, n);
-    let gt = rows_of(grads.log_theta, g, n);
+    let gt = rows_of(if tabled { &mut [] } else { grads.log_theta }, g, n);
     let gp = rows_of(grads.pi_logits, g, n);
     let glib = rows_of(grads.log_library, 1, n);
-    // Contiguous blocks of rows, one per thread of libtorch's OpenMP team.
+    // Contiguous blocks of rows, one per thread of libtorch's OpenMP team,
+    // each with its own sums of the shared gradients.
     let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
     let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
     for (r, job) in out.iter_mut().zip(gl).zip(gt).zip(gp).zip(glib).enumerate() {
         parts[r * threads / n.max(1)].push((r, job));
     }
-    let parts: Vec<Mutex<Vec<_>>> = parts.into_iter().map(Mutex::new).collect();
+    let new_sums = || Sums {
+        bias: vec![0.0; sg.bias.len()],
+        ambient: vec![0.0; sg.ambient.len()],
+        scaling: vec![0.0; sg.scaling.len()],
+        log_theta: vec![0.0; sg.log_theta.len()],
+    };
+    let parts: Vec<Mutex<(Vec<_>, Sums)>> = parts.into_iter().map(|p| Mutex::new((p, new_sums()))).collect();
     crate::omp::run(threads, &|member, members| {
         let mut scratch = Scratch::default();
         for part in parts.iter().skip(member).step_by(members) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
-            for (r, ((((o, gl), gt), gp), glib)) in part.drain(..) {
+            let (jobs, sums) = &mut *part;
+            for (r, ((((o, gl), gt), gp), glib)) in jobs.drain(..) {
                 let theta = gene_theta.as_ref().or_else(|| row_level[r].map(|k| &levels[k].1));
-                let row = RowJob { inp, r, gene_theta: theta, gl, gt, gp, glib };
+                let row = RowJob { inp, r, gene_theta: theta, gl, gt, gp, glib, sums: want.then_some(&mut *sums) };
                 *o = run_row(row, &mut scratch);
             }
         }
     });
+    for (k, part) in parts.into_iter().enumerate() {
+        let (_, sums) = part.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (to, from) in [
+            (&mut *sg.bias, &sums.bias),
+            (&mut *sg.ambient, &sums.ambient),
+            (&mut *sg.scaling, &sums.scaling),
+            (&mut *sg.log_theta, &sums.log_theta),
+        ] {
+            if k == 0 {
+                to.copy_from_slice(from);
+            } else {
+                to.iter_mut().zip(from).for_each(|(t, f)| *t += f);
+            }
+        }
+    }
+}
+
+/// One block's sums of the shared gradients (see `SharedGrads`).
+struct Sums {
+    bias: Vec<f32>,
+    ambient: Vec<f32>,
+    scaling: Vec<f32>,
+    log_theta: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -189,6 +297,9 @@ struct Scratch {
     nz: Vec<f32>,
     sink_t: Vec<f32>,
     sink_p: Vec<f32>,
+    /// softplus(f) + s and σ(f) of `Front::Softplus`.
+    base: Vec<f32>,
+    sig: Vec<f32>,
 }
 
 struct RowJob<'a, 'b> {
@@ -199,6 +310,7 @@ struct RowJob<'a, 'b> {
     gt: Option<&'b mut [f32]>,
     gp: Option<&'b mut [f32]>,
     glib: Option<&'b mut [f32]>,
+    sums: Option<&'b mut Sums>,
 }
 
 crate::simd::wide_copies! {
@@ -222,6 +334,9 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
     for v in [&mut s.f, &mut s.q, &mut s.rho, &mut s.theta, &mut s.lte, &mut s.ite] {
         v.resize(g, 0.0);
     }
+    let softplus = inp.front == Front::Softplus;
+    let ambient = inp.ambient.filter(|_| softplus).map(|l| l.row(r, g));
+    let scaling = inp.scaling.filter(|_| softplus).map(|l| l.row(r, g));
 
     match inp.front {
         // Softmax: ρ = e^(logit − max) / Σ.
@@ -235,7 +350,29 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                 *e *= inv_total;
             }
         }
-        Front::Scaled => s.rho.copy_from_slice(logits),
+        // ρ = (softplus(f) + s) · y, keeping softplus(f) + s and σ(f).
+        Front::Softplus => {
+            s.base.resize(g, 0.0);
+            s.sig.resize(g, 0.0);
+            let (base, sig) = (&mut s.base[..g], &mut s.sig[..g]);
+            for k in 0..g {
+                let (sp, sg) = vmath::softplus_sigmoid(logits[k]);
+                base[k] = sp;
+                sig[k] = sg;
+            }
+            if let Some(a) = ambient {
+                for k in 0..g {
+                    base[k] += a[k];
+                }
+            }
+            s.rho[..g].copy_from_slice(base);
+            if let Some(y) = scaling {
+                let rho = &mut s.rho[..g];
+                for k in 0..g {
+                    rho[k] *= y[k];
+                }
+            }
+        }
     }
 
     // θ and its logarithm for this row.
@@ -405,37 +542,80 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
     }
 
     // q holds ∂ℓ/∂μ; with μ = λ ρ: ∂ℓ/∂log λ = Σ μ q, and the softmax
-    // backward ∂ℓ/∂logit_g = μ_g q_g − ρ_g Σ μ q (or ∂ℓ/∂ρ = λ q when ρ is given).
+    // backward ∂ℓ/∂logit_g = μ_g q_g − ρ_g Σ μ q. For the softplus front,
+    // with ∂ℓ/∂ρ = λ q: ∂ℓ/∂s = λ q y, ∂ℓ/∂f = λ q y σ(f) and
+    // ∂ℓ/∂y = λ q (softplus(f) + s).
     if let (Some(gl), Some(glib)) = (job.gl, job.glib) {
         let gl = &mut gl[..g];
         for k in 0..g {
             gl[k] = lam * rho[k] * q[k];
         }
         let total_q = vmath::sum(gl);
+        glib[0] = total_q;
         match inp.front {
             Front::Softmax => {
                 for k in 0..g {
                     gl[k] -= rho[k] * total_q;
                 }
             }
-            Front::Scaled => {
+            Front::Softplus => {
+                // ∂ℓ/∂s into f, free since the row's total was taken.
+                let (gs, sig, base) = (&mut f[..g], &s.sig[..g], &s.base[..g]);
                 for k in 0..g {
-                    gl[k] = lam * q[k];
+                    gs[k] = lam * q[k];
+                }
+                if let Some(y) = scaling {
+                    let sums = job.sums.as_deref_mut();
+                    if let (Some(l), Some(sums)) = (inp.scaling, sums.filter(|s| !s.scaling.is_empty())) {
+                        let at = l.codes[r] as usize * g;
+                        let acc = &mut sums.scaling[at..at + g];
+                        for k in 0..g {
+                            acc[k] += gs[k] * base[k];
+                        }
+                    }
+                    for k in 0..g {
+                        gs[k] *= y[k];
+                    }
+                }
+                for k in 0..g {
+                    gl[k] = gs[k] * sig[k];
+                }
+                if let Some(sums) = job.sums.as_deref_mut() {
+                    if let Some(l) = inp.ambient.filter(|_| !sums.ambient.is_empty()) {
+                        let at = l.codes[r] as usize * g;
+                        add(&mut sums.ambient[at..at + g], gs);
+                    }
                 }
             }
         }
-        glib[0] = total_q;
+        if let Some(sums) = job.sums.as_deref_mut() {
+            if !sums.bias.is_empty() {
+                add(&mut sums.bias, gl);
+            }
+            if let (false, Some(codes)) = (sums.log_theta.is_empty(), inp.theta_codes) {
+                let at = codes[r] as usize * g;
+                add(&mut sums.log_theta[at..at + g], &gt[..g]);
+            }
+        }
     }
     total
+}
+
+/// to += from, elementwise.
+#[inline(always)]
+fn add(to: &mut [f32], from: &[f32]) {
+    for (t, &f) in to.iter_mut().zip(from) {
+        *t += f;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::{
-        fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, RawDecoded,
-        SparseBatch,
+        fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
+        PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
     };
-    use super::{Family, Front};
+    use super::Family;
     use crate::data::Csr;
     use tch::{Device, Kind, Tensor};
 
@@ -466,7 +646,7 @@ mod tests {
     /// Value and gradients of Σ_rows w_r · ll_r by both paths.
     /// `theta_levels`: 0 for one θ per gene; k for k distinct θ rows, row r
     /// using level r mod k (k > 16 leaves some rows to the uncached path).
-    fn both(family: Family, theta_levels: i64, front: Front) {
+    fn both(family: Family, theta_levels: i64) {
         let (n, g) = (21i64, 301i64);
         tch::manual_seed(3);
         let m = counts(n as usize, g as usize);
@@ -492,12 +672,7 @@ mod tests {
             let grad = |p: &Tensor| if p.grad().defined() { p.grad().copy() } else { p.zeros_like() };
             (total.double_value(&[]), params.iter().map(|p| grad(p)).collect())
         };
-        // A positive decoder output for the scaled front (regularizedvi's softplus).
-        let output = || if front == Front::Softmax { logits.shallow_clone() } else { logits.softplus() };
-        let rate = match front {
-            Front::Softmax => log_library.exp() * logits.softmax(-1, Kind::Float),
-            Front::Scaled => log_library.exp() * output(),
-        };
+        let rate = log_library.exp() * logits.softmax(-1, Kind::Float);
         let theta = if theta_levels > 0 { log_theta().exp() } else { log_theta().exp().unsqueeze(0) };
         let reference = match family {
             Family::Nb => nb_log_kernel_rows(&c, &rate, &theta, 1e-8),
@@ -505,11 +680,10 @@ mod tests {
             Family::Poisson => poisson_log_kernel_rows(&c, &rate, 1e-8),
         };
         let (v0, g0) = grads_of((&reference * &weights).sum(Kind::Float));
-        let (output, log_theta) = (output(), log_theta());
+        let log_theta = log_theta();
         let raw = RawDecoded {
             family,
-            front,
-            logits: &output,
+            logits: &logits,
             log_library: &log_library,
             log_theta: (family != Family::Poisson).then_some(&log_theta),
             pi_logits: (family == Family::Zinb).then_some(&pi),
@@ -538,13 +712,110 @@ mod tests {
         // The generator is global: take a turn with the training tests.
         let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         for family in [Family::Nb, Family::Zinb, Family::Poisson] {
-            both(family, 0, Front::Softmax);
-            both(family, 0, Front::Scaled);
+            both(family, 0);
         }
         for levels in [2, 21] {
-            both(Family::Nb, levels, Front::Softmax);
-            both(Family::Zinb, levels, Front::Softmax);
-            both(Family::Nb, levels, Front::Scaled);
+            both(Family::Nb, levels);
+            both(Family::Zinb, levels);
+        }
+    }
+
+    /// The softplus front with its output layer, ambient, scaling and θ
+    /// tables against the tensor path: values per row, the gradients of the
+    /// per-row inputs under unequal row weights, and every gradient under
+    /// equal ones (the training loop's mean).
+    fn softplus_both(levels: i64, ambient: bool, scaling: bool) {
+        let (n, g, units) = (21i64, 301i64, 7i64);
+        tch::manual_seed(5);
+        let m = counts(n as usize, g as usize);
+        let rows: Vec<usize> = (0..n as usize).collect();
+        let c = SparseBatch::from_csr(&m, &rows, Device::Cpu);
+        let opts = (Kind::Float, Device::Cpu);
+        let hidden = leaf(Tensor::randn([n, units], opts));
+        let weight = leaf(Tensor::randn([g, units], opts) * 0.7);
+        let bias = leaf(Tensor::randn([g], opts) - 2.0);
+        let log_library = leaf(Tensor::randn([n, 1], opts) + 7.0);
+        let log_theta = leaf(Tensor::randn([levels, g], opts) * 2.0);
+        let beta = leaf(Tensor::randn([levels, g], opts) - 3.0);
+        let gamma = leaf(Tensor::randn([levels, g], opts) * 0.3);
+        // Levels in a different order for each table.
+        let codes = |k: i64| (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * k + 1).remainder(levels);
+        let (theta_codes, ambient_codes, scaling_codes) = (codes(1), codes(2), codes(5));
+        let params = [&hidden, &weight, &bias, &log_library, &log_theta, &beta, &gamma];
+        let run = |fused: bool, weights: &Tensor| -> (Tensor, Vec<Tensor>) {
+            for p in params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let s = beta.exp();
+            let y = gamma.softplus() / 0.7;
+            let rows = if fused {
+                let d = SoftplusDecoded {
+                    hidden: &hidden,
+                    weight: &weight,
+                    bias: &bias,
+                    log_library: &log_library,
+                    log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
+                    ambient: ambient.then_some(PerLevel { table: &s, codes: &ambient_codes }),
+                    scaling: scaling.then_some(PerLevel { table: &y, codes: &scaling_codes }),
+                };
+                fused_softplus_rows(&c, &d).expect("applies on CPU f32")
+            } else {
+                let mean = hidden.mm(&weight.tr()).g_add(&bias).softplus();
+                let mean = if ambient { mean + s.index_select(0, &ambient_codes) } else { mean };
+                let mean = if scaling { mean * y.index_select(0, &scaling_codes) } else { mean };
+                let theta = log_theta.index_select(0, &theta_codes).exp();
+                nb_log_kernel_rows(&c, &(log_library.exp() * mean), &theta, 1e-8)
+            };
+            (&rows * weights).sum(Kind::Float).backward();
+            let grad = |p: &Tensor| if p.grad().defined() { p.grad().copy() } else { p.zeros_like() };
+            (rows.detach(), params.iter().map(|p| grad(p)).collect())
+        };
+        let close = |a: &Tensor, b: &Tensor, what: String| {
+            let scale = a.abs().max().double_value(&[]);
+            let err = (a - b).abs().max().double_value(&[]);
+            assert!(err <= 2e-4 * scale + 1e-5, "{what}: max error {err} at scale {scale}");
+        };
+        let unequal = Tensor::rand([n], opts) + 0.5;
+        let equal = Tensor::full([n], 1.0 / n as f64, opts);
+        for (weights, all) in [(&unequal, false), (&equal, true)] {
+            let (v0, g0) = run(false, weights);
+            let (v1, g1) = run(true, weights);
+            assert!(v0.allclose(&v1, 1e-4, 1e-2, false), "per row: {v0} vs {v1}");
+            for (k, (a, b)) in g0.iter().zip(&g1).enumerate() {
+                if !all && k != 0 && k != 3 {
+                    continue; // under unequal weights, only the per-row inputs (hidden, library)
+                }
+                close(
+                    a,
+                    b,
+                    format!("levels {levels}, ambient {ambient}, scaling {scaling}, gradient {k}, equal {all}"),
+                );
+            }
+        }
+        tch::no_grad(|| {
+            let d = SoftplusDecoded {
+                hidden: &hidden,
+                weight: &weight,
+                bias: &bias,
+                log_library: &log_library,
+                log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
+                ambient: None,
+                scaling: None,
+            };
+            assert!(!fused_softplus_rows(&c, &d).unwrap().requires_grad());
+        });
+    }
+
+    #[test]
+    fn fused_softplus_front_matches_the_tensor_path_value_and_gradients() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        for (levels, ambient, scaling) in
+            [(1, false, false), (1, true, true), (3, true, false), (3, false, true), (3, true, true)]
+        {
+            softplus_both(levels, ambient, scaling);
         }
     }
 
@@ -557,7 +828,6 @@ mod tests {
         let lib = Tensor::zeros([2, 1], (Kind::Float, Device::Cpu));
         let poisson = |logits| RawDecoded {
             family: Family::Poisson,
-            front: Front::Softmax,
             logits,
             log_library: &lib,
             log_theta: None,

@@ -232,15 +232,52 @@ pub fn poisson_log_kernel_rows(c: &SparseBatch, rate: &Tensor, eps: f64) -> Tens
 }
 
 /// A decoder's raw outputs for the fused CPU likelihood: its output `logits`
-/// (μ = exp(log_library) · softmax(logits), or · logits itself: `front`),
-/// log θ ([genes] or [rows, genes]; unused for Poisson) and ZINB dropout logits.
+/// (μ = exp(log_library) · softmax(logits)), log θ ([genes] or [rows, genes];
+/// unused for Poisson) and ZINB dropout logits.
 pub struct RawDecoded<'a> {
     pub family: fused::Family,
-    pub front: fused::Front,
     pub logits: &'a Tensor,
     pub log_library: &'a Tensor,
     pub log_theta: Option<&'a Tensor>,
     pub pi_logits: Option<&'a Tensor>,
+}
+
+/// Whether gradients will flow into `t`: it requires them and the graph is
+/// being recorded (a parameter keeps `requires_grad` inside `no_grad`, a
+/// view of it does not).
+fn tracked(t: &Tensor) -> bool {
+    t.requires_grad() && (t.numel() == 0 || t.reshape([-1]).narrow(0, 0, 1).requires_grad())
+}
+
+fn float_cpu(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float
+}
+
+/// A tensor's values as a contiguous flat tensor, out of the graph.
+fn flat(t: &Tensor) -> Tensor {
+    t.detach().contiguous().reshape([-1])
+}
+
+fn empty() -> Tensor {
+    Tensor::zeros([0], (Kind::Float, Device::Cpu))
+}
+
+fn empty_unless(on: bool, size: &[i64]) -> Tensor {
+    if on {
+        Tensor::empty(size, (Kind::Float, Device::Cpu))
+    } else {
+        empty()
+    }
+}
+
+/// Σ t · grad over the last dimension: the part of a surrogate whose
+/// gradient with respect to `t` is `grad` (the surrogate then subtracts its
+/// own detached value, so that it adds 0).
+fn row_dot(t: &Tensor, grad: &Tensor) -> Tensor {
+    // A product and a row sum: their backward is one scaling pass, where a
+    // bmm of [1 × g] by [g × 1] took 2.5 times as long forward and back
+    // (0.29 against 0.12 ms at 128 × 2,000).
+    (t * grad).sum_dim_intlist(-1, false, Kind::Float)
 }
 
 /// Σ over genes of the log-likelihood kernel per row (no −log Γ(x+1)), as
@@ -249,7 +286,6 @@ pub struct RawDecoded<'a> {
 /// on the CPU, not f32, or no host copy of the counts): use the tensor path.
 pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> {
     let host = c.host.as_ref()?;
-    let float_cpu = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
     let parts = [Some(d.logits), Some(d.log_library), d.log_theta, d.pi_logits];
     if !parts.iter().flatten().all(|t| float_cpu(t)) {
         return None;
@@ -258,34 +294,31 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
     if n == 0 || g == 0 {
         return None;
     }
-    let flat = |t: &Tensor| t.detach().contiguous().reshape([-1]);
     let logits = flat(d.logits);
     let log_library = flat(d.log_library);
-    let log_theta = d.log_theta.map(flat).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
-    let pi = d.pi_logits.map(flat).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+    let log_theta = d.log_theta.map(flat).unwrap_or_else(empty);
+    let pi = d.pi_logits.map(flat).unwrap_or_else(empty);
     let shared_theta = log_theta.numel() == g as usize;
-    let needs = |t: Option<&Tensor>| t.is_some_and(|t| t.requires_grad());
-    let want_grad = parts.iter().any(|&t| needs(t));
+    let want_grad = parts.iter().flatten().any(|t| t.requires_grad());
     let value = Tensor::empty([n], (Kind::Float, Device::Cpu));
-    let empty = || Tensor::zeros([0], (Kind::Float, Device::Cpu));
-    let dense = |on: bool| if on { Tensor::empty([n, g], (Kind::Float, Device::Cpu)) } else { empty() };
-    let (g_logits, g_lib) =
-        (dense(want_grad), if want_grad { Tensor::empty([n], (Kind::Float, Device::Cpu)) } else { empty() });
-    let g_theta = dense(want_grad && d.log_theta.is_some());
-    let g_pi = dense(want_grad && d.pi_logits.is_some());
+    let g_logits = empty_unless(want_grad, &[n, g]);
+    let g_lib = empty_unless(want_grad, &[n]);
+    let g_theta = empty_unless(want_grad && d.log_theta.is_some(), &[n, g]);
+    let g_pi = empty_unless(want_grad && d.pi_logits.is_some(), &[n, g]);
     // SAFETY: each slice covers exactly its tensor's contiguous f32 storage,
     // the tensors live until the end of this function and none is aliased.
     unsafe {
-        let view = |t: &Tensor| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel());
-        let view_mut = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel());
         let inputs = fused::Inputs {
             family: d.family,
-            front: d.front,
+            front: fused::Front::Softmax,
             n_genes: g as usize,
             logits: view(&logits),
             log_library: view(&log_library),
             log_theta: view(&log_theta),
+            theta_codes: None,
             pi_logits: view(&pi),
+            ambient: None,
+            scaling: None,
             counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
         };
         let grads = want_grad.then(|| fused::Grads {
@@ -293,17 +326,14 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
             log_library: view_mut(&g_lib),
             log_theta: view_mut(&g_theta),
             pi_logits: view_mut(&g_pi),
+            shared: Default::default(),
         });
         fused::log_likelihood(&inputs, view_mut(&value), grads);
     }
     if !want_grad {
         return Some(value);
     }
-    // A surrogate whose value is 0 and whose gradient is the kernel's:
-    // Σ_g input_bg · grad_bg per row. A product and a row sum: their backward
-    // is one scaling pass, where a bmm of [1 × g] by [g × 1] took 2.5 times as
-    // long forward and back (0.29 against 0.12 ms at 128 × 2,000).
-    let row_dot = |t: &Tensor, gr: &Tensor| (t * gr).sum_dim_intlist(1, false, Kind::Float);
+    // A surrogate whose value is 0 and whose gradient is the kernel's.
     let mut s = row_dot(d.logits, &g_logits) + d.log_library.reshape([n]) * &g_lib;
     if let Some(t) = d.log_theta.filter(|t| t.requires_grad()) {
         s += if shared_theta { g_theta.mv(&t.reshape([g])) } else { row_dot(t, &g_theta) };
@@ -311,6 +341,146 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
     if let Some(p) = d.pi_logits.filter(|t| t.requires_grad()) {
         s += row_dot(p, &g_pi);
     }
+    Some(value + (&s - s.detach()))
+}
+
+/// # Safety
+/// `t` must be a contiguous CPU f32 tensor that outlives the slice and is
+/// not written through another path meanwhile.
+unsafe fn view(t: &Tensor) -> &[f32] {
+    std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
+}
+
+/// # Safety
+/// As `view`, and no other slice of `t` may be alive.
+#[allow(clippy::mut_from_ref)]
+unsafe fn view_mut(t: &Tensor) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// A per-feature table with one row per level ([levels, genes]) and each
+/// cell's level ([cells], int64).
+#[derive(Clone, Copy)]
+pub struct PerLevel<'a> {
+    pub table: &'a Tensor,
+    pub codes: &'a Tensor,
+}
+
+/// The last layer of a regularizedvi decoder and what follows it, for the
+/// fused NB likelihood: f = hidden · weightᵀ + bias and
+/// μ = exp(log_library) · (softplus(f) + s) · y, with the ambient background
+/// s, the feature scaling y and log θ per level.
+pub struct SoftplusDecoded<'a> {
+    /// The decoder's last hidden layer, [cells, units].
+    pub hidden: &'a Tensor,
+    /// The output layer's weight [genes, units] and bias [genes].
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    /// [cells, 1].
+    pub log_library: &'a Tensor,
+    pub log_theta: PerLevel<'a>,
+    pub ambient: Option<PerLevel<'a>>,
+    pub scaling: Option<PerLevel<'a>>,
+}
+
+/// Σ over genes of the NB log-likelihood kernel per row for
+/// `SoftplusDecoded`, by the fused kernel; `None` where it does not apply.
+///
+/// The output layer is part of the fused step: its gradients (two GEMMs)
+/// are taken in the forward pass from the kernel's ∂/∂f, so that no
+/// [cells × genes] tensor enters the autograd graph. The gradients of the
+/// per-row inputs (`hidden`, `log_library`) are exact for any weighting of
+/// the rows; those of the shared parameters (weight, bias and the per-level
+/// tables) are summed over rows inside the kernel and spread evenly over
+/// them, so they are exact when the rows enter the loss with equal weights,
+/// as in the training loop's minibatch mean.
+pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tensor> {
+    let host = c.host.as_ref()?;
+    let tables = [Some(d.log_theta), d.ambient, d.scaling];
+    let floats =
+        [d.hidden, d.weight, d.bias, d.log_library].into_iter().chain(tables.iter().flatten().map(|l| l.table));
+    if !floats.clone().all(float_cpu) || !tables.iter().flatten().all(|l| l.codes.device() == Device::Cpu) {
+        return None;
+    }
+    let (n, _) = d.hidden.size2().ok()?;
+    let (g, _) = d.weight.size2().ok()?;
+    if n == 0 || g == 0 {
+        return None;
+    }
+    let want_grad = floats.clone().any(tracked);
+    let f = tch::no_grad(|| d.bias.detach().addmm(&d.hidden.detach(), &d.weight.detach().tr()));
+    let log_library = flat(d.log_library);
+    let values = |l: &Option<PerLevel>| l.map(|l| (flat(l.table), l.codes.to_kind(Kind::Int64).contiguous()));
+    let (theta, ambient, scaling) = (values(&Some(d.log_theta)), values(&d.ambient), values(&d.scaling));
+    let want = |l: &Option<PerLevel>| want_grad && l.is_some_and(|l| tracked(l.table));
+    let table_grad = |l: &Option<PerLevel>| empty_unless(want(l), &[l.map_or(0, |l| l.table.numel() as i64)]);
+    let value = Tensor::empty([n], (Kind::Float, Device::Cpu));
+    let g_f = empty_unless(want_grad, &[n, g]);
+    let g_lib = empty_unless(want_grad, &[n]);
+    let g_bias = empty_unless(want_grad && tracked(d.bias), &[g]);
+    let (g_theta, g_ambient, g_scaling) =
+        (table_grad(&Some(d.log_theta)), table_grad(&d.ambient), table_grad(&d.scaling));
+    // SAFETY: as in `fused_log_kernel_rows`; the codes are contiguous int64.
+    unsafe {
+        let codes = |t: &Tensor| std::slice::from_raw_parts(t.data_ptr() as *const i64, t.numel());
+        fn levels(v: &Option<(Tensor, Tensor)>) -> Option<fused::Levels<'_>> {
+            // SAFETY: as above.
+            v.as_ref().map(|(t, c)| unsafe {
+                fused::Levels {
+                    table: view(t),
+                    codes: std::slice::from_raw_parts(c.data_ptr() as *const i64, c.numel()),
+                }
+            })
+        }
+        let (theta_table, theta_codes) = theta.as_ref().expect("θ is given");
+        let inputs = fused::Inputs {
+            family: fused::Family::Nb,
+            front: fused::Front::Softplus,
+            n_genes: g as usize,
+            logits: view(&f),
+            log_library: view(&log_library),
+            log_theta: view(theta_table),
+            theta_codes: Some(codes(theta_codes)),
+            pi_logits: &[],
+            ambient: levels(&ambient),
+            scaling: levels(&scaling),
+            counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
+        };
+        let grads = want_grad.then(|| fused::Grads {
+            logits: view_mut(&g_f),
+            log_library: view_mut(&g_lib),
+            log_theta: &mut [],
+            pi_logits: &mut [],
+            shared: fused::SharedGrads {
+                bias: view_mut(&g_bias),
+                ambient: view_mut(&g_ambient),
+                scaling: view_mut(&g_scaling),
+                log_theta: view_mut(&g_theta),
+            },
+        });
+        fused::log_likelihood(&inputs, view_mut(&value), grads);
+    }
+    if !want_grad {
+        return Some(value);
+    }
+    // ∂/∂hidden = ∂/∂f · weight and ∂/∂weight = (∂/∂f)ᵀ · hidden, now.
+    let mut per_row = d.log_library.reshape([n]) * &g_lib;
+    let mut shared = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    if tracked(d.hidden) {
+        per_row += row_dot(d.hidden, &g_f.mm(&d.weight.detach()));
+    }
+    if tracked(d.weight) {
+        shared += (d.weight * g_f.tr().mm(&d.hidden.detach())).sum(Kind::Float);
+    }
+    if g_bias.numel() > 0 {
+        shared += (d.bias * &g_bias).sum(Kind::Float);
+    }
+    for (l, gr) in [(Some(d.log_theta), &g_theta), (d.ambient, &g_ambient), (d.scaling, &g_scaling)] {
+        if let (Some(l), true) = (l, gr.numel() > 0) {
+            shared += (l.table.reshape([-1]) * gr).sum(Kind::Float);
+        }
+    }
+    let s = per_row + shared / n as f64;
     Some(value + (&s - s.detach()))
 }
 

@@ -16,7 +16,7 @@ const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::fused::{Family, Front};
+use crate::likelihood::fused::Family;
 use crate::likelihood::{
     fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, RawDecoded, SparseBatch,
 };
@@ -310,7 +310,6 @@ impl Vae {
         };
         let raw = RawDecoded {
             family,
-            front: Front::Softmax,
             logits: &heads.logits,
             log_library,
             log_theta: heads.log_theta.as_ref(),

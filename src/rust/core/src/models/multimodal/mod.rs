@@ -29,8 +29,7 @@
 
 use crate::data::{Categorical, Csr};
 use crate::error::{check_param, invalid, Result};
-use crate::likelihood::fused::{Family, Front};
-use crate::likelihood::{fused_log_kernel_rows, nb_log_kernel_rows, RawDecoded, SparseBatch};
+use crate::likelihood::{fused_softplus_rows, nb_log_kernel_rows, PerLevel, SoftplusDecoded, SparseBatch};
 use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{LossTerms, Trainable};
 use serde::{Deserialize, Serialize};
@@ -509,32 +508,40 @@ impl Multimodal {
         }
     }
 
-    /// log θ of modality `m` for cells of dispersion levels `codes`: a draw
-    /// from its LogNormal when `sample`, the log of its mean exp(μ + σ²/2)
+    /// log θ of modality `m` per dispersion level and feature: a draw from
+    /// its LogNormal when `sample`, the log of its mean exp(μ + σ²/2)
     /// otherwise. One draw per level and feature serves the whole minibatch
     /// (regularizedvi draws per cell; both are unbiased, this one costs
     /// levels × features rather than cells × features).
-    fn log_theta(&self, m: usize, codes: &Tensor, sample: bool) -> Tensor {
+    fn log_theta_table(&self, m: usize, sample: bool) -> Tensor {
         let net = &self.nets[m];
         let sigma = net.theta_log_sigma.exp();
-        let all = if sample {
+        if sample {
             &net.theta_mu + &sigma * net.theta_mu.randn_like()
         } else {
             &net.theta_mu + sigma.square() * 0.5
-        };
-        per_level(&all, codes)
+        }
+    }
+
+    /// The ambient background s = exp(β) per ambient level and feature.
+    fn ambient_table(&self, m: usize) -> Option<Tensor> {
+        self.nets[m].ambient.as_ref().map(|beta| beta.exp())
+    }
+
+    /// The feature scaling y = softplus(γ) / 0.7 per scaling level and feature.
+    fn scaling_table(&self, m: usize) -> Option<Tensor> {
+        self.nets[m].scaling.as_ref().map(|gamma| gamma.softplus() / SCALING_DIVISOR)
     }
 
     /// (softplus(f) + s) · y from the decoder's last hidden layer `h`; s left
     /// out unless `ambient`.
     fn mean_from_hidden(&self, m: usize, h: &Tensor, inp: &MmInputs, ambient: bool) -> Tensor {
-        let net = &self.nets[m];
-        let mut out = net.head.forward(h).softplus();
-        if let (Some(beta), true) = (&net.ambient, ambient) {
-            out += per_level(&beta.exp(), &inp.ambient);
+        let mut out = self.nets[m].head.forward(h).softplus();
+        if let (Some(s), true) = (self.ambient_table(m), ambient) {
+            out += per_level(&s, &inp.ambient);
         }
-        if let Some(gamma) = &net.scaling {
-            out *= per_level(&(gamma.softplus() / SCALING_DIVISOR), &inp.scaling);
+        if let Some(y) = self.scaling_table(m) {
+            out *= per_level(&y, &inp.scaling);
         }
         out
     }
@@ -618,22 +625,26 @@ impl Multimodal {
                 }
                 None => inp.log_library[m].shallow_clone(),
             };
-            // The fused CPU kernel from the decoder's mean per unit library;
-            // the tensor path where it does not apply.
+            // The fused CPU kernel from the decoder's last hidden layer; the
+            // tensor path where it does not apply.
             let h = net.decoder.forward(&z, inp.decoder_cov.as_ref(), pass);
-            let normalized = self.mean_from_hidden(m, &h, inp, true);
-            let log_theta = self.log_theta(m, &inp.dispersion, pass == Pass::Train);
-            let raw = RawDecoded {
-                family: Family::Nb,
-                front: Front::Scaled,
-                logits: &normalized,
+            let log_theta = self.log_theta_table(m, pass == Pass::Train);
+            let (ambient, scaling) = (self.ambient_table(m), self.scaling_table(m));
+            fn level<'a>(table: &'a Option<Tensor>, codes: &'a Tensor) -> Option<PerLevel<'a>> {
+                table.as_ref().map(|table| PerLevel { table, codes })
+            }
+            let decoded = SoftplusDecoded {
+                hidden: &h,
+                weight: &net.head.ws,
+                bias: net.head.bs.as_ref().expect("head has a bias"),
                 log_library: &log_library,
-                log_theta: Some(&log_theta),
-                pi_logits: None,
+                log_theta: PerLevel { table: &log_theta, codes: &inp.dispersion },
+                ambient: level(&ambient, &inp.ambient),
+                scaling: level(&scaling, &inp.scaling),
             };
-            let kernel = fused_log_kernel_rows(&inp.nonzero[m], &raw).unwrap_or_else(|| {
-                let rate = log_library.exp() * &normalized;
-                nb_log_kernel_rows(&inp.nonzero[m], &rate, &log_theta.exp(), 1e-8)
+            let kernel = fused_softplus_rows(&inp.nonzero[m], &decoded).unwrap_or_else(|| {
+                let rate = log_library.exp() * self.mean_from_hidden(m, &h, inp, true);
+                nb_log_kernel_rows(&inp.nonzero[m], &rate, &per_level(&log_theta, &inp.dispersion).exp(), 1e-8)
             });
             reconstruction -= kernel - &inp.log_factorial[m];
         }
