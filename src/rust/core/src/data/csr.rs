@@ -45,16 +45,35 @@ impl Csr {
         self.dense_rows_map_into(rows, out, |v| log1p_count(v, table));
     }
 
-    fn dense_rows_map_into(&self, rows: &[usize], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    fn dense_rows_map_into(&self, rows: &[usize], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
         debug_assert_eq!(out.len(), rows.len() * self.n_cols);
-        out.fill(0.0);
-        for (k, &r) in rows.iter().enumerate() {
-            let dst = &mut out[k * self.n_cols..(k + 1) * self.n_cols];
-            let (idx, val) = self.row(r);
-            for (&j, &v) in idx.iter().zip(val) {
-                dst[j as usize] = f(v);
+        let fill = |rows: &[usize], out: &mut [f32]| {
+            out.fill(0.0);
+            for (k, &r) in rows.iter().enumerate() {
+                let dst = &mut out[k * self.n_cols..(k + 1) * self.n_cols];
+                let (idx, val) = self.row(r);
+                for (&j, &v) in idx.iter().zip(val) {
+                    dst[j as usize] = f(v);
+                }
             }
+        };
+        // A minibatch of a wide modality is written between two libtorch
+        // operations: on libtorch's OpenMP team (see `crate::omp`), in
+        // blocks of rows, when it is large enough to be worth it.
+        let threads = (tch::get_num_threads().max(1) as usize).min(rows.len());
+        if threads < 2 || out.len() < 1 << 18 {
+            return fill(rows, out);
         }
+        let per = rows.len().div_ceil(threads);
+        let blocks: Vec<_> =
+            rows.chunks(per).zip(out.chunks_mut(per * self.n_cols)).map(std::sync::Mutex::new).collect();
+        crate::omp::run(threads, &|member, members| {
+            for block in blocks.iter().skip(member).step_by(members) {
+                let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+                let (rows, out) = &mut *block;
+                fill(rows, out);
+            }
+        });
     }
 
     /// Keeps the columns in `keep` (in that order): a new CSR whose column `k`

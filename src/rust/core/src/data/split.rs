@@ -83,4 +83,32 @@ mod tests {
         let zeros: Vec<f32> = Vec::try_from(got.flatten(0, -1)).unwrap();
         assert_eq!((zeros[2], zeros[8]), (0.0, 0.0));
     }
+
+    #[test]
+    fn wide_minibatches_are_written_in_parallel_blocks_to_the_same_result() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        // A 70 × 4,001 minibatch: above the size written by the OpenMP team,
+        // with an uneven last block, rows repeated and out of order.
+        let (n, g) = (40usize, 4001usize);
+        let (mut indptr, mut indices, mut values) = (vec![0], vec![], vec![]);
+        for r in 0..n {
+            for j in (r % 7..g).step_by(5 + r % 3) {
+                indices.push(j as u32);
+                values.push(((r * 31 + j) % 50) as f32);
+            }
+            indptr.push(indices.len());
+        }
+        let m = Csr { n_rows: n, n_cols: g, indptr, indices, values };
+        let rows: Vec<usize> = (0..70).map(|k| (k * 17) % n).collect();
+        let mut serial = vec![0f32; rows.len() * g];
+        for (k, &r) in rows.iter().enumerate() {
+            m.dense_log1p_rows_into(&[r], &mut serial[k * g..(k + 1) * g]);
+        }
+        for threads in [1, 2, 3] {
+            tch::set_num_threads(threads);
+            let got: Vec<f32> = Vec::try_from(log1p_rows_to_tensor(&m, &rows, Device::Cpu).flatten(0, -1)).unwrap();
+            assert!(got == serial, "{threads} threads");
+        }
+        tch::set_num_threads(2);
+    }
 }
