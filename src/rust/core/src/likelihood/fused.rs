@@ -128,15 +128,48 @@ struct GeneTheta {
 
 impl GeneTheta {
     fn new(log_theta: &[f32]) -> GeneTheta {
-        let theta: Vec<f32> = log_theta.iter().map(|&r| vmath::exp(r)).collect();
-        let (lgamma, digamma) = theta.iter().map(|&t| vmath::lgamma_digamma(t)).unzip();
-        GeneTheta {
-            log_theta_eps: theta.iter().map(|&t| vmath::ln(t + EPS)).collect(),
-            inv_theta_eps: theta.iter().map(|&t| 1.0 / (t + EPS)).collect(),
-            lgamma,
-            digamma,
-            theta,
+        Self::many(&[log_theta]).pop().expect("one row in, one out")
+    }
+
+    /// The constants of several rows of log θ, on libtorch's OpenMP team in
+    /// blocks of genes (serial work here would leave the team idle).
+    fn many(rows: &[&[f32]]) -> Vec<GeneTheta> {
+        const BLOCK: usize = 4096;
+        let mut out: Vec<GeneTheta> = rows
+            .iter()
+            .map(|r| {
+                let z = || vec![0f32; r.len()];
+                GeneTheta { theta: z(), log_theta_eps: z(), inv_theta_eps: z(), lgamma: z(), digamma: z() }
+            })
+            .collect();
+        let mut jobs = Vec::new();
+        for (src, t) in rows.iter().zip(out.iter_mut()) {
+            let chunks = t
+                .theta
+                .chunks_mut(BLOCK)
+                .zip(t.log_theta_eps.chunks_mut(BLOCK))
+                .zip(t.inv_theta_eps.chunks_mut(BLOCK))
+                .zip(t.lgamma.chunks_mut(BLOCK))
+                .zip(t.digamma.chunks_mut(BLOCK));
+            for (src, ((((th, lte), ite), lg), dg)) in src.chunks(BLOCK).zip(chunks) {
+                jobs.push(Mutex::new((src, th, lte, ite, lg, dg)));
+            }
         }
+        let threads = (tch::get_num_threads().max(1) as usize).min(jobs.len());
+        crate::omp::run(threads, &|member, members| {
+            for job in jobs.iter().skip(member).step_by(members) {
+                let mut job = job.lock().unwrap_or_else(|e| e.into_inner());
+                let (src, th, lte, ite, lg, dg) = &mut *job;
+                for k in 0..src.len() {
+                    let t = vmath::exp(src[k]);
+                    th[k] = t;
+                    lte[k] = vmath::ln(t + EPS);
+                    ite[k] = 1.0 / (t + EPS);
+                    (lg[k], dg[k]) = vmath::lgamma_digamma(t);
+                }
+            }
+        });
+        out
     }
 }
 
@@ -179,13 +212,16 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     let mut levels: Vec<(usize, GeneTheta)> = Vec::new();
     let mut row_level: Vec<Option<usize>> = vec![None; n];
     if let (true, Some(codes)) = (tabled, inp.theta_codes) {
+        let mut present: Vec<usize> = Vec::new();
         for (level, &c) in row_level.iter_mut().zip(codes) {
             let c = c as usize;
-            *level = Some(levels.iter().position(|&(k, _)| k == c).unwrap_or_else(|| {
-                levels.push((c, GeneTheta::new(&inp.log_theta[c * g..(c + 1) * g])));
-                levels.len() - 1
+            *level = Some(present.iter().position(|&k| k == c).unwrap_or_else(|| {
+                present.push(c);
+                present.len() - 1
             }));
         }
+        let rows: Vec<&[f32]> = present.iter().map(|&c| &inp.log_theta[c * g..(c + 1) * g]).collect();
+        levels = present.into_iter().zip(GeneTheta::many(&rows)).collect();
     } else if has_theta && !shared {
         let row = |r: usize| &inp.log_theta[r * g..(r + 1) * g];
         for (r, level) in row_level.iter_mut().enumerate() {

@@ -470,7 +470,8 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
         per_row += row_dot(d.hidden, &g_f.mm(&d.weight.detach()));
     }
     if tracked(d.weight) {
-        shared += (d.weight * g_f.tr().mm(&d.hidden.detach())).sum(Kind::Float);
+        // A dot product: no [genes × units] product tensor, forward or back.
+        shared += d.weight.reshape([-1]).dot(&g_f.tr().mm(&d.hidden.detach()).reshape([-1]));
     }
     if g_bias.numel() > 0 {
         shared += (d.bias * &g_bias).sum(Kind::Float);
