@@ -778,6 +778,16 @@ mod tests {
         let codes = |k: i64| (Tensor::arange(n, (Kind::Int64, Device::Cpu)) * k + 1).remainder(levels);
         let (theta_codes, ambient_codes, scaling_codes) = (codes(1), codes(2), codes(5));
         let params = [&hidden, &weight, &bias, &log_library, &log_theta, &beta, &gamma];
+        // The decoder without ambient or scaling; each run adds its own tables.
+        let plain = SoftplusDecoded {
+            hidden: &hidden,
+            weight: &weight,
+            bias: &bias,
+            log_library: &log_library,
+            log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
+            ambient: None,
+            scaling: None,
+        };
         let run = |fused: bool, weights: &Tensor| -> (Tensor, Vec<Tensor>) {
             for p in params {
                 let mut g = p.grad();
@@ -789,13 +799,9 @@ mod tests {
             let y = gamma.softplus() / 0.7;
             let rows = if fused {
                 let d = SoftplusDecoded {
-                    hidden: &hidden,
-                    weight: &weight,
-                    bias: &bias,
-                    log_library: &log_library,
-                    log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
                     ambient: ambient.then_some(PerLevel { table: &s, codes: &ambient_codes }),
                     scaling: scaling.then_some(PerLevel { table: &y, codes: &scaling_codes }),
+                    ..plain
                 };
                 fused_softplus_rows(&c, &d).expect("applies on CPU f32")
             } else {
@@ -831,18 +837,7 @@ mod tests {
                 );
             }
         }
-        tch::no_grad(|| {
-            let d = SoftplusDecoded {
-                hidden: &hidden,
-                weight: &weight,
-                bias: &bias,
-                log_library: &log_library,
-                log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
-                ambient: None,
-                scaling: None,
-            };
-            assert!(!fused_softplus_rows(&c, &d).unwrap().requires_grad());
-        });
+        tch::no_grad(|| assert!(!fused_softplus_rows(&c, &plain).unwrap().requires_grad()));
     }
 
     #[test]
