@@ -147,7 +147,10 @@ pub fn load_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>) -> Resul
     }
     tch::no_grad(|| {
         for (name, mut v) in vars {
-            let Some(src) = tensors.get(&name) else {
+            // A transposed first layer (`weight_t`) reads the [out, in]
+            // `weight` of files written before it existed.
+            let older = name.strip_suffix("weight_t").and_then(|p| tensors.get(&format!("{p}weight"))).map(|w| w.tr());
+            let Some(src) = tensors.get(&name).or(older.as_ref()) else {
                 return invalid!("the model file lacks tensor `{name}`");
             };
             if src.size() != v.size() {

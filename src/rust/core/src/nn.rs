@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+pub mod sparse;
+pub use sparse::{Deferred, SparseInput};
+
 /// Normalization after each hidden linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,6 +68,43 @@ pub fn linear(p: nn::Path, n_in: usize, n_out: usize) -> nn::Linear {
     nn::linear(p, n_in as i64, n_out as i64, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
 }
 
+/// The linear map of a hidden layer: libtorch's layout (weight
+/// [out, in]), or the weight stored transposed ([in, out], under the name
+/// `weight_t`) so that the layer can read a sparse input (`sparse`).
+enum Lin {
+    Plain(nn::Linear),
+    Transposed { wt: Tensor, bs: Tensor },
+}
+
+impl Lin {
+    fn new(p: nn::Path, n_in: usize, n_out: usize, transposed: bool) -> Lin {
+        if !transposed {
+            return Lin::Plain(linear(p, n_in, n_out));
+        }
+        // The same draws as `linear`, in the same order (bias, then weight
+        // as [out, in]), the weight then transposed.
+        let bound = 1.0 / (n_in.max(1) as f64).sqrt();
+        let init = nn::Init::Uniform { lo: -bound, up: bound };
+        let bs = p.var("bias", &[n_out as i64], init);
+        let drawn = nn::init(init, &[n_out as i64, n_in as i64], p.device()).tr().contiguous();
+        Lin::Transposed { wt: p.var_copy("weight_t", &drawn), bs }
+    }
+
+    fn weight(&self) -> &Tensor {
+        match self {
+            Lin::Plain(l) => &l.ws,
+            Lin::Transposed { wt, .. } => wt,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Lin::Plain(l) => l.forward(x),
+            Lin::Transposed { wt, bs } => x.matmul(wt) + bs,
+        }
+    }
+}
+
 enum NormLayer {
     Batch(nn::BatchNorm),
     Layer(nn::LayerNorm),
@@ -82,11 +122,23 @@ pub struct FcSpec {
     pub dropout: f64,
     pub norm: Norm,
     pub inject_all: bool,
+    /// Store the first layer's weight transposed (`weight_t`, [in, out]) so
+    /// that the stack can read a sparse input (`Input::Sparse`).
+    pub sparse_input: bool,
+}
+
+/// What a stack reads. `Sparse` holds the input with its covariates already
+/// appended as one-hot columns; the tensor beside it is the covariate vector
+/// for the deeper layers that inject it (`inject_all`).
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Dense(&'a Tensor, Option<&'a Tensor>),
+    Sparse(&'a std::rc::Rc<SparseInput>, Option<&'a Tensor>),
 }
 
 /// `n_layers` × [Linear → norm → ReLU → Dropout], covariates injected.
 pub struct FcLayers {
-    layers: Vec<(nn::Linear, NormLayer, bool)>,
+    layers: Vec<(Lin, NormLayer, bool)>,
     dropout: f64,
 }
 
@@ -97,7 +149,7 @@ impl FcLayers {
                 let inject = s.n_cov > 0 && (i == 0 || s.inject_all);
                 let n_in = if i == 0 { s.n_in } else { s.n_hidden } + if inject { s.n_cov } else { 0 };
                 let q = p / format!("layer{i}");
-                let lin = linear(&q / "linear", n_in, s.n_hidden);
+                let lin = Lin::new(&q / "linear", n_in, s.n_hidden, i == 0 && s.sparse_input);
                 let norm = match s.norm {
                     Norm::Batch => NormLayer::Batch(nn::batch_norm1d(
                         &q / "norm",
@@ -119,20 +171,42 @@ impl FcLayers {
 
     /// The weight matrices of the linear layers (for ridge penalties).
     pub fn weights(&self) -> Vec<&Tensor> {
-        self.layers.iter().map(|l| &l.0.ws).collect()
+        self.layers.iter().map(|l| l.0.weight()).collect()
     }
 
     /// Runs the stack; `cov` is `[batch, n_cov]` or None when `n_cov` is 0.
     pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, pass: impl Into<Pass>) -> Tensor {
+        self.forward_input(Input::Dense(x, cov), pass, &mut Vec::new())
+    }
+
+    /// Runs the stack on `x`. A sparse input is multiplied by the transposed
+    /// first layer on the CPU (densified elsewhere); when autograd records,
+    /// the weight's gradient is left to the `Deferred` pushed on `deferred`.
+    pub fn forward_input(&self, x: Input, pass: impl Into<Pass>, deferred: &mut Vec<Deferred>) -> Tensor {
         let pass = pass.into();
-        let mut h = x.shallow_clone();
-        for (lin, norm, inject) in &self.layers {
-            if *inject {
-                if let Some(c) = cov {
-                    h = Tensor::cat(&[&h, c], 1);
+        let (mut h, cov, first) = match x {
+            Input::Dense(x, cov) => (x.shallow_clone(), cov, None),
+            Input::Sparse(s, cov) => match &self.layers[0].0 {
+                Lin::Transposed { wt, bs } if wt.device() == Device::Cpu && wt.kind() == Kind::Float => {
+                    let (y, d) = sparse::linear_t(s, wt, bs);
+                    deferred.extend(d);
+                    (Tensor::new(), cov, Some(y))
                 }
-            }
-            h = lin.forward(&h);
+                lin => (Tensor::new(), cov, Some(lin.forward(&s.to_dense(lin.weight().device())))),
+            },
+        };
+        for (i, (lin, norm, inject)) in self.layers.iter().enumerate() {
+            h = match (i, &first) {
+                (0, Some(y)) => y.shallow_clone(),
+                _ => {
+                    if *inject {
+                        if let Some(c) = cov {
+                            h = Tensor::cat(&[&h, c], 1);
+                        }
+                    }
+                    lin.forward(&h)
+                }
+            };
             h = match norm {
                 NormLayer::Batch(b) => b.forward_t(&h, pass == Pass::Train),
                 NormLayer::Layer(l) => l.forward(&h),
@@ -199,7 +273,12 @@ impl GaussianEncoder {
     }
 
     pub fn forward(&self, x: &Tensor, cov: Option<&Tensor>, pass: impl Into<Pass>) -> (Tensor, Tensor) {
-        let h = self.fc.forward(x, cov, pass);
+        self.forward_input(Input::Dense(x, cov), pass, &mut Vec::new())
+    }
+
+    /// As `forward`, from any input (see `FcLayers::forward_input`).
+    pub fn forward_input(&self, x: Input, pass: impl Into<Pass>, deferred: &mut Vec<Deferred>) -> (Tensor, Tensor) {
+        let h = self.fc.forward_input(x, pass, deferred);
         (self.mean.forward(&h), self.var.forward(&h).exp() + 1e-4)
     }
 }
@@ -216,13 +295,21 @@ mod tests {
     #[test]
     fn covariates_are_injected_where_asked() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let spec =
-            FcSpec { n_in: 5, n_hidden: 4, n_layers: 2, n_cov: 3, dropout: 0.1, norm: Norm::Batch, inject_all: true };
+        let spec = FcSpec {
+            n_in: 5,
+            n_hidden: 4,
+            n_layers: 2,
+            n_cov: 3,
+            dropout: 0.1,
+            norm: Norm::Batch,
+            inject_all: true,
+            sparse_input: false,
+        };
         let fc = FcLayers::new(&(vs.root() / "a"), spec);
-        let shapes: Vec<Vec<i64>> = fc.layers.iter().map(|l| l.0.ws.size()).collect();
+        let shapes: Vec<Vec<i64>> = fc.layers.iter().map(|l| l.0.weight().size()).collect();
         assert_eq!(shapes, vec![vec![4, 8], vec![4, 7]]);
         let fc1 = FcLayers::new(&(vs.root() / "b"), FcSpec { inject_all: false, ..spec });
-        assert_eq!(fc1.layers[1].0.ws.size(), vec![4, 4]);
+        assert_eq!(fc1.layers[1].0.weight().size(), vec![4, 4]);
         let x = Tensor::randn([6, 5], (Kind::Float, Device::Cpu));
         let c = Tensor::ones([6, 3], (Kind::Float, Device::Cpu));
         assert_eq!(fc.forward(&x, Some(&c), true).size(), vec![6, 4]);
@@ -230,6 +317,44 @@ mod tests {
         let a = fc.forward(&x, Some(&c), false);
         let b = fc.forward(&x, Some(&c), false);
         assert!(a.equal(&b));
+    }
+
+    #[test]
+    fn a_transposed_first_layer_starts_from_the_plain_layers_draws_and_computes_the_same() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = FcSpec {
+            n_in: 6,
+            n_hidden: 4,
+            n_layers: 2,
+            n_cov: 2,
+            dropout: 0.0,
+            norm: Norm::None,
+            inject_all: true,
+            sparse_input: false,
+        };
+        tch::manual_seed(21);
+        let plain = FcLayers::new(&(vs.root() / "p"), spec);
+        tch::manual_seed(21);
+        let tr = FcLayers::new(&(vs.root() / "t"), FcSpec { sparse_input: true, ..spec });
+        assert_eq!(tr.layers[0].0.weight().size(), vec![8, 4]);
+        assert!(tr.layers[0].0.weight().tr().equal(plain.layers[0].0.weight()));
+        assert!(tr.layers[1].0.weight().equal(plain.layers[1].0.weight()));
+        let x = Tensor::randn([5, 6], (Kind::Float, Device::Cpu));
+        let c = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
+        assert!(tr.forward(&x, Some(&c), false).allclose(&plain.forward(&x, Some(&c), false), 1e-6, 1e-6, false));
+        let names: Vec<String> = vs.variables().into_keys().filter(|k| k.starts_with("t.layer0")).collect();
+        assert!(names.iter().any(|k| k.ends_with("weight_t")), "{names:?}");
+
+        // A file written before the transposed layer (weight [out, in]) loads into it.
+        let old = nn::VarStore::new(Device::Cpu);
+        tch::manual_seed(4);
+        let saved = FcLayers::new(&(old.root() / "t"), spec);
+        let file: std::collections::BTreeMap<String, Tensor> = old.variables().into_iter().collect();
+        let new = nn::VarStore::new(Device::Cpu);
+        let loaded = FcLayers::new(&(new.root() / "t"), FcSpec { sparse_input: true, ..spec });
+        crate::io::load_into(&new, &file).unwrap();
+        assert!(loaded.layers[0].0.weight().equal(&saved.layers[0].0.weight().tr()));
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Csr {
 const LOG1P_TABLE_LEN: usize = 4096;
 
 /// log(1 + k) for k = 0, 1, …, rounded from double precision.
-fn log1p_table() -> &'static [f32] {
+pub(crate) fn log1p_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| (0..LOG1P_TABLE_LEN).map(|k| (k as f64).ln_1p() as f32).collect())
 }
@@ -211,7 +211,7 @@ fn log1p_table() -> &'static [f32] {
 /// log(1 + v): looked up for the small whole numbers that make up nearly all
 /// counts, computed otherwise.
 #[inline]
-fn log1p_count(v: f32, table: &[f32]) -> f32 {
+pub(crate) fn log1p_count(v: f32, table: &[f32]) -> f32 {
     let k = v as usize; // saturates: negative and NaN give 0, checked below
     if k < table.len() && k as f32 == v {
         table[k]

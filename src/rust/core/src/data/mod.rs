@@ -7,9 +7,10 @@ mod csr;
 mod resident;
 mod split;
 
-pub use counts::CountMatrix;
 pub(crate) use counts::quote_some;
+pub use counts::CountMatrix;
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
+pub(crate) use csr::{log1p_count, log1p_table};
 pub use resident::DeviceCsr;
 pub use split::{log1p_rows_to_tensor, rows_to_tensor, train_validation_split};

@@ -102,6 +102,7 @@ impl Student {
                 dropout: cfg.dropout,
                 norm: cfg.norm,
                 inject_all: false,
+                sparse_input: false,
             },
         );
         let enc_out = linear(&enc / "out", cfg.n_hidden, cfg.n_latent);
@@ -117,6 +118,7 @@ impl Student {
                 dropout: cfg.dropout,
                 norm: Norm::None,
                 inject_all: false,
+                sparse_input: false,
             },
         );
         let scale_head = linear(&dec / "scale", cfg.n_hidden, cfg.n_genes);
@@ -200,7 +202,7 @@ impl Trainable for EncoderTask<'_> {
         let z = self.student.encode(&x, train);
         let mse = (z - target).square().mean_dim(-1, false, Kind::Float);
         let zero = mse.zeros_like();
-        LossTerms { reconstruction: mse, kl_warmup: zero.shallow_clone(), kl_fixed: zero }
+        LossTerms { reconstruction: mse, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![] }
     }
 }
 
@@ -249,7 +251,7 @@ impl Trainable for DecoderTask<'_> {
         });
         let nll = -(kernel - pick(self.log_factorial));
         let zero = nll.zeros_like();
-        LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero }
+        LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![] }
     }
 }
 

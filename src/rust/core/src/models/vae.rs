@@ -181,6 +181,7 @@ impl Vae {
             dropout: cfg.dropout,
             norm: cfg.norm,
             inject_all: cfg.deeply_inject_covariates,
+            sparse_input: false,
         };
         let encoder = GaussianEncoder::new(&(&root / "z_encoder"), enc_spec, cfg.n_latent);
         let library_encoder = cfg
@@ -195,6 +196,7 @@ impl Vae {
             dropout: 0.0,
             norm: cfg.norm,
             inject_all: cfg.deeply_inject_covariates,
+            sparse_input: false,
         };
         let decoder = FcLayers::new(&(&root / "decoder"), dec_spec);
         let scale_head = linear(&root / "px_scale", cfg.n_hidden, cfg.n_genes);
@@ -353,7 +355,7 @@ impl Vae {
         let heads = self.decode_heads(&z, &inp.design, &inp.batch, train);
         let reconstruction = -self.log_likelihood_heads(inp, heads, &log_library);
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
-        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l }
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l, deferred: vec![] }
     }
 }
 

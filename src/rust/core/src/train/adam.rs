@@ -59,7 +59,9 @@ impl Adam {
         Some(Adam { lr: lr as f32, eps: eps as f32, wd: wd as f32, t: 0, params })
     }
 
-    pub fn step(&mut self) {
+    /// One update. A parameter without a gradient from autograd takes its
+    /// gradient from `extra` (parameter, gradient) pairs, if listed there.
+    pub fn step(&mut self, extra: &[(Tensor, Tensor)]) {
         self.t += 1;
         let step_size = self.lr / (1.0 - BETA1.powi(self.t));
         let sqrt_bc2 = (1.0 - BETA2.powi(self.t)).sqrt();
@@ -68,7 +70,10 @@ impl Adam {
         let mut grads = Vec::with_capacity(self.params.len());
         let mut blocks = Vec::new();
         for (p, m, v) in &mut self.params {
-            let g = p.grad();
+            let mut g = p.grad();
+            if let Some((_, e)) = extra.iter().find(|(q, _)| q.data_ptr() == p.data_ptr()) {
+                g = if g.defined() { g + e } else { e.shallow_clone() };
+            }
             if !p.requires_grad() || !g.defined() {
                 continue;
             }
@@ -168,7 +173,7 @@ mod tests {
                 torch.zero_grad();
                 loss.backward();
                 if fused {
-                    ours.step();
+                    ours.step(&[]);
                 } else {
                     torch.step();
                 }

@@ -35,10 +35,19 @@ impl Optimizer {
         self.torch.zero_grad();
     }
 
-    fn step(&mut self) {
+    /// One step; `extra` holds (parameter, gradient) pairs computed outside
+    /// autograd, for parameters that autograd gave no gradient.
+    fn step(&mut self, extra: &[(Tensor, Tensor)]) {
         match &mut self.fused {
-            Some(a) => a.step(),
-            None => self.torch.step(),
+            Some(a) => a.step(extra),
+            None => {
+                // libtorch's optimizer reads `.grad`: put the gradient there
+                // through a product whose gradient it is.
+                for (p, g) in extra {
+                    (p * g.detach()).sum(Kind::Float).backward();
+                }
+                self.torch.step()
+            }
         }
     }
 }
@@ -49,6 +58,9 @@ pub struct LossTerms {
     pub reconstruction: Tensor,
     pub kl_warmup: Tensor,
     pub kl_fixed: Tensor,
+    /// Weights whose gradients the model computes itself after `backward()`
+    /// (sparse first layers, `nn::sparse`).
+    pub deferred: Vec<crate::nn::Deferred>,
 }
 
 /// What the loop needs from a model bound to its data.
@@ -253,7 +265,8 @@ pub fn train(
             let loss = per_cell.mean(Kind::Float);
             opt.zero_grad();
             loss.backward();
-            opt.step();
+            let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
+            opt.step(&extra);
             tch::no_grad(|| {
                 sum_loss += per_cell.detach().sum(Kind::Double);
                 sum_rec += t.reconstruction.detach().sum(Kind::Double);

@@ -30,9 +30,10 @@
 use crate::data::{Categorical, Csr};
 use crate::error::{check_param, invalid, Result};
 use crate::likelihood::{fused_softplus_rows, nb_log_kernel_rows, PerLevel, SoftplusDecoded, SparseBatch};
-use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
+use crate::nn::{kl_normal, linear, Deferred, FcLayers, FcSpec, GaussianEncoder, Input, Norm, Pass, SparseInput};
 use crate::train::{LossTerms, Trainable};
 use serde::{Deserialize, Serialize};
+use std::rc::Rc;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -223,10 +224,18 @@ impl MultimodalCovariates {
     }
 }
 
+/// An encoder's input, log(1 + counts): on the CPU as sparse columns with
+/// the encoder covariates appended (read by the transposed first layer),
+/// elsewhere a dense tensor (the covariates apart, in `MmInputs`).
+pub enum EncoderInput {
+    Dense(Tensor),
+    Sparse(Rc<SparseInput>),
+}
+
 /// One minibatch.
 pub struct MmInputs {
-    /// log(1 + counts) per modality, dense: the encoders' input.
-    pub log1p_x: Vec<Tensor>,
+    /// The encoders' input per modality.
+    pub encoder_input: Vec<EncoderInput>,
     pub nonzero: Vec<SparseBatch>,
     pub log_library: Vec<Tensor>,
     pub log_factorial: Vec<Tensor>,
@@ -269,7 +278,14 @@ impl<'a> MultimodalData<'a> {
             Tensor::from_slice(&rows.iter().map(|&r| c.codes[r] as i64).collect::<Vec<i64>>()).to_device(device)
         };
         MmInputs {
-            log1p_x: self.counts.iter().map(|c| crate::data::log1p_rows_to_tensor(c, rows, device)).collect(),
+            encoder_input: self
+                .counts
+                .iter()
+                .map(|c| match device {
+                    Device::Cpu => EncoderInput::Sparse(Rc::new(SparseInput::log1p_rows(c, rows, &self.cov.encoder))),
+                    _ => EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c, rows, device)),
+                })
+                .collect(),
             nonzero: self.counts.iter().map(|c| SparseBatch::from_csr(c, rows, device)).collect(),
             log_library: self.log_library.iter().map(|l| pick(l).unsqueeze(1)).collect(),
             log_factorial: self.log_factorial.iter().map(|l| pick(l)).collect(),
@@ -365,6 +381,7 @@ impl Multimodal {
                     dropout: cfg.dropout,
                     norm: cfg.norm,
                     inject_all: false,
+                    sparse_input: true,
                 };
                 let encoder = GaussianEncoder::new(&(&p / "z_encoder"), enc_spec, m.n_latent);
                 let library_encoder = cfg.learn_library.then(|| {
@@ -379,6 +396,7 @@ impl Multimodal {
                     dropout: 0.0,
                     norm: cfg.norm,
                     inject_all: true,
+                    sparse_input: false,
                 };
                 let g = m.n_features as i64;
                 ModalityNet {
@@ -477,12 +495,28 @@ impl Multimodal {
         inp: &MmInputs,
         pass: Pass,
     ) -> (Vec<(Tensor, Tensor)>, Vec<Option<(Tensor, Tensor)>>) {
+        self.encode_recording(inp, pass, &mut Vec::new())
+    }
+
+    /// As `encode_modalities`; the first layers' weight gradients that
+    /// autograd cannot take go to `deferred`.
+    #[allow(clippy::type_complexity)]
+    fn encode_recording(
+        &self,
+        inp: &MmInputs,
+        pass: Pass,
+        deferred: &mut Vec<Deferred>,
+    ) -> (Vec<(Tensor, Tensor)>, Vec<Option<(Tensor, Tensor)>>) {
         let cov = inp.encoder_cov.as_ref();
         let mut qz = Vec::with_capacity(self.nets.len());
         let mut ql = Vec::with_capacity(self.nets.len());
-        for (net, h) in self.nets.iter().zip(&inp.log1p_x) {
-            qz.push(net.encoder.forward(h, cov, pass));
-            ql.push(net.library_encoder.as_ref().map(|e| e.forward(h, cov, pass)));
+        for (net, x) in self.nets.iter().zip(&inp.encoder_input) {
+            let x = match x {
+                EncoderInput::Dense(t) => Input::Dense(t, cov),
+                EncoderInput::Sparse(s) => Input::Sparse(s, cov),
+            };
+            qz.push(net.encoder.forward_input(x, pass, deferred));
+            ql.push(net.library_encoder.as_ref().map(|e| e.forward_input(x, pass, deferred)));
         }
         (qz, ql)
     }
@@ -604,7 +638,8 @@ impl Multimodal {
     /// (÷ `n_obs`) of the global terms (not warmed up).
     pub fn loss_terms(&self, inp: &MmInputs, train: bool) -> LossTerms {
         let pass = Pass::from(train);
-        let (qz, ql) = self.encode_modalities(inp, pass);
+        let mut deferred = Vec::new();
+        let (qz, ql) = self.encode_recording(inp, pass, &mut deferred);
         let (qm, qv) = self.combine(&qz);
         let z = &qm + qv.sqrt() * qm.randn_like();
         let n = qm.size()[0];
@@ -649,7 +684,7 @@ impl Multimodal {
             reconstruction -= kernel - &inp.log_factorial[m];
         }
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
-        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + self.global_loss() / self.n_obs }
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + self.global_loss() / self.n_obs, deferred }
     }
 }
 

@@ -199,3 +199,68 @@ fn same_seed_same_model_and_bad_settings_are_refused() {
     let err = MultimodalModel::fit(&[&s.counts], &cov, two(), tc, Device::Cpu, &|| false, &|_| {}).unwrap_err();
     assert!(err.to_string().contains("1 count matrices for 2 modalities"), "{err}");
 }
+
+#[test]
+fn sparse_encoder_input_gives_the_dense_inputs_loss_and_gradients() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let s = sim(90, 3, 1, 2, 5);
+    let atac = peaks(&s);
+    // An encoder covariate too: its one-hot columns follow the features.
+    let cov = MultimodalCovariates { encoder: vec![s.batch.clone()], ..batch_covariates(&s) };
+    let data = MultimodalData::new(vec![&s.counts.csr, &atac.csr], &cov).unwrap();
+    let mut cfg = two();
+    cfg.modalities[0].n_features = 200;
+    cfg.modalities[1].n_features = 600;
+    cfg.n_ambient = 2;
+    cfg.n_scaling = 2;
+    cfg.n_dispersion = 2;
+    cfg.n_library = 2;
+    cfg.n_encoder_cov = 2;
+    tch::manual_seed(5);
+    let mut model = Multimodal::new(cfg, Device::Cpu).unwrap();
+    model.init_from_data(&data);
+    model.n_obs = 90.0;
+    let rows: Vec<usize> = (0..90).step_by(2).collect();
+    let run = |dense: bool| -> (f64, Vec<Tensor>) {
+        let mut inp = data.inputs(&rows, Device::Cpu);
+        assert!(inp.encoder_input.iter().all(|x| matches!(x, EncoderInput::Sparse(_))));
+        if dense {
+            inp.encoder_input = data
+                .counts
+                .iter()
+                .map(|c| EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c, &rows, Device::Cpu)))
+                .collect();
+        }
+        for v in model.vs.trainable_variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::manual_seed(9);
+        let t = model.loss_terms(&inp, true);
+        assert_eq!(t.deferred.len(), if dense { 0 } else { 4 });
+        let loss = (&t.reconstruction + &t.kl_warmup + &t.kl_fixed).mean(Kind::Float);
+        loss.backward();
+        let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
+        assert_eq!(extra.len(), t.deferred.len());
+        let grads = model
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|v| match extra.iter().find(|(p, _)| p.data_ptr() == v.data_ptr()) {
+                Some((_, g)) => g.copy(),
+                None => v.grad().copy(),
+            })
+            .collect();
+        (loss.double_value(&[]), grads)
+    };
+    let (sparse_loss, sparse_grads) = run(false);
+    let (dense_loss, dense_grads) = run(true);
+    assert!((sparse_loss - dense_loss).abs() < 1e-4 * dense_loss.abs(), "loss {sparse_loss} vs {dense_loss}");
+    for (a, b) in sparse_grads.iter().zip(&dense_grads) {
+        let scale = b.abs().max().double_value(&[]).max(1e-3);
+        let err = (a - b).abs().max().double_value(&[]);
+        assert!(err < 1e-3 * scale, "gradient {:?}: error {err} at scale {scale}", b.size());
+    }
+}
