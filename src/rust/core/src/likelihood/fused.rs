@@ -160,17 +160,37 @@ impl GeneTheta {
             for job in jobs.iter().skip(member).step_by(members) {
                 let mut job = job.lock().unwrap_or_else(|e| e.into_inner());
                 let (src, th, lte, ite, lg, dg) = &mut *job;
-                for k in 0..src.len() {
-                    let t = vmath::exp(src[k]);
-                    th[k] = t;
-                    lte[k] = vmath::ln(t + EPS);
-                    ite[k] = 1.0 / (t + EPS);
-                    (lg[k], dg[k]) = vmath::lgamma_digamma(t);
-                }
+                theta_constants(src, th, lte, ite, lg, dg);
             }
         });
         out
     }
+}
+
+/// θ = e^(log θ) and its constants per gene: log(θ + ε), 1/(θ + ε), log Γ(θ), ψ(θ).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn theta_constants_body<const FMA: bool>(
+    src: &[f32],
+    th: &mut [f32],
+    lte: &mut [f32],
+    ite: &mut [f32],
+    lg: &mut [f32],
+    dg: &mut [f32],
+) {
+    for k in 0..src.len() {
+        let t = vmath::exp::<FMA>(src[k]);
+        th[k] = t;
+        lte[k] = vmath::ln::<FMA>(t + EPS);
+        ite[k] = 1.0 / (t + EPS);
+        (lg[k], dg[k]) = vmath::lgamma_digamma::<FMA>(t);
+    }
+}
+
+crate::simd::wide_copies! {
+    fn theta_constants(
+        src: &[f32], th: &mut [f32], lte: &mut [f32], ite: &mut [f32], lg: &mut [f32], dg: &mut [f32],
+    ) = fma theta_constants_body
 }
 
 /// Each row's log-likelihood without −Σ log Γ(x + 1), into `out`; with
@@ -350,7 +370,7 @@ struct RowJob<'a, 'b> {
 }
 
 crate::simd::wide_copies! {
-    fn run_row(job: RowJob, s: &mut Scratch) -> f32 = row
+    fn run_row(job: RowJob, s: &mut Scratch) -> f32 = fma row
 }
 
 /// Indices of the non-zero-case arrays in `Scratch::nz` (struct of arrays).
@@ -359,14 +379,14 @@ const NZ_FIELDS: usize = 10;
 // Indexed loops over equal-length slices: the form LLVM vectorizes.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
+fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
     let inp = job.inp;
     let g = inp.n_genes;
     let r = job.r;
     let fam = inp.family;
     let grad = job.gl.is_some();
     let logits = &inp.logits[r * g..(r + 1) * g];
-    let lam = vmath::exp(inp.log_library[r]);
+    let lam = vmath::exp::<FMA>(inp.log_library[r]);
     for v in [&mut s.f, &mut s.q, &mut s.rho, &mut s.theta, &mut s.lte, &mut s.ite] {
         v.resize(g, 0.0);
     }
@@ -379,7 +399,7 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
         Front::Softmax => {
             let m = vmath::max(logits);
             for (e, &l) in s.rho.iter_mut().zip(logits) {
-                *e = vmath::exp(l - m);
+                *e = vmath::exp::<FMA>(l - m);
             }
             let inv_total = 1.0 / vmath::sum(&s.rho);
             for e in s.rho.iter_mut() {
@@ -392,7 +412,7 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
             s.sig.resize(g, 0.0);
             let (base, sig) = (&mut s.base[..g], &mut s.sig[..g]);
             for k in 0..g {
-                let (sp, sg) = vmath::softplus_sigmoid(logits[k]);
+                let (sp, sg) = vmath::softplus_sigmoid::<FMA>(logits[k]);
                 base[k] = sp;
                 sig[k] = sg;
             }
@@ -418,9 +438,9 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
         (_, None) => {
             let lt = &inp.log_theta[r * g..(r + 1) * g];
             for k in 0..g {
-                let t = vmath::exp(lt[k]);
+                let t = vmath::exp::<FMA>(lt[k]);
                 s.theta[k] = t;
-                s.lte[k] = vmath::ln(t + EPS);
+                s.lte[k] = vmath::ln::<FMA>(t + EPS);
                 s.ite[k] = 1.0 / (t + EPS);
             }
             (&s.theta, &s.lte, &s.ite)
@@ -459,7 +479,7 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                 let th = theta[k];
                 let u = th + mu + EPS;
                 let iu = 1.0 / u;
-                let d_log = lte[k] - vmath::ln(u);
+                let d_log = lte[k] - vmath::ln::<FMA>(u);
                 f[k] = th * d_log; // A
                 q[k] = -th * iu; // ∂A/∂μ
                 gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
@@ -468,8 +488,8 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                 let (pi, gp) = (&pi[..g], &mut gp[..g]);
                 for k in 0..g {
                     let p = pi[k];
-                    let (sp_t, sig_t) = vmath::softplus_sigmoid(f[k] - p);
-                    let (sp_np, sig_np) = vmath::softplus_sigmoid(-p);
+                    let (sp_t, sig_t) = vmath::softplus_sigmoid::<FMA>(f[k] - p);
+                    let (sp_np, sig_np) = vmath::softplus_sigmoid::<FMA>(-p);
                     f[k] = sp_t - sp_np;
                     q[k] *= sig_t;
                     gt[k] *= sig_t;
@@ -517,7 +537,7 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
         }
         if fam != Family::Poisson && job.gene_theta.is_none() {
             for i in 0..nnz {
-                let (lg, dg) = vmath::lgamma_digamma(th_a[i]);
+                let (lg, dg) = vmath::lgamma_digamma::<FMA>(th_a[i]);
                 lgt_a[i] = lg;
                 dgt_a[i] = dg;
             }
@@ -526,7 +546,7 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
             Family::Poisson => {
                 for i in 0..nnz {
                     let (x, mu) = (xs[i], mu_a[i]);
-                    df_a[i] = x * vmath::ln(mu + EPS);
+                    df_a[i] = x * vmath::ln::<FMA>(mu + EPS);
                     dq_a[i] = x / (mu + EPS);
                 }
             }
@@ -536,8 +556,8 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                     let u = th + mu + EPS;
                     let iu = 1.0 / u;
                     let im = 1.0 / (mu + EPS);
-                    let (lg, dg) = vmath::lgamma_digamma(x + th);
-                    df_a[i] = x * vmath::ln((mu + EPS) * iu) + lg - lgt_a[i];
+                    let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
+                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
                     dq_a[i] = x * (im - iu);
                     dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
                 }
@@ -548,13 +568,13 @@ fn row(mut job: RowJob, s: &mut Scratch) -> f32 {
                     let u = th + mu + EPS;
                     let iu = 1.0 / u;
                     let im = 1.0 / (mu + EPS);
-                    let lu = vmath::ln(u);
+                    let lu = vmath::ln::<FMA>(u);
                     let d_log = lte_a[i] - lu;
                     let a = th * d_log;
-                    let (sp_t, sig_t) = vmath::softplus_sigmoid(a - p);
+                    let (sp_t, sig_t) = vmath::softplus_sigmoid::<FMA>(a - p);
                     let keep = 1.0 - sig_t;
-                    let (lg, dg) = vmath::lgamma_digamma(x + th);
-                    df_a[i] = -p + a - sp_t + x * vmath::ln((mu + EPS) * iu) + lg - lgt_a[i];
+                    let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
+                    df_a[i] = -p + a - sp_t + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
                     dq_a[i] = -keep * th * iu + x * (im - iu);
                     dt_a[i] = (keep * (d_log + th * (ite_a[i] - iu)) - x * iu + dg - dgt_a[i]) * th;
                     // dπ into π's slot, read above.

@@ -19,25 +19,35 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 · 2^23: adding it rounds an f32 of magnitude < 2^22 to an integer.
 const ROUND: f32 = 12_582_912.0;
 
+/// a · b + c: one fused instruction where `FMA` (the AVX copies of the
+/// loops), two operations otherwise.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// e^x; arguments are clamped to [−87, 88] (so e^x is never 0 or ∞), NaN stays NaN.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     // n as an integer, read from t's low mantissa bits.
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO; // |r| ≤ ln 2 / 2
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
-        * r
-        + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
+    let m = |a: f32, c: f32| madd::<FMA>(a, r, c);
+    let p = m(m(m(m(m(1.987_569_2e-4, 1.398_199_9e-3), 8.333_452e-3), 4.166_579_6e-2), 1.666_666_5e-1), 5.000_000_1e-1);
+    let e = madd::<FMA>(p, r * r, r) + 1.0;
     e * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
 }
 
 /// Natural logarithm: −∞ at 0, NaN below 0 or at NaN, ∞ at ∞.
 #[inline(always)]
-pub fn ln(x: f32) -> f32 {
+pub fn ln<const FMA: bool>(x: f32) -> f32 {
     let b = x.to_bits();
     // x = m · 2^e with m in [0.5, 1) (normal numbers).
     let e = ((b >> 23) & 0xff) as i32 - 126;
@@ -46,17 +56,20 @@ pub fn ln(x: f32) -> f32 {
     let e = (e - i32::from(small)) as f32;
     let f = if small { m + m - 1.0 } else { m - 1.0 };
     let z = f * f;
-    let p = ((((((((7.037_683_6e-2 * f - 1.151_461e-1) * f + 1.167_699_9e-1) * f - 1.242_014_1e-1) * f
-        + 1.424_932_3e-1)
-        * f
-        - 1.666_805_8e-1)
-        * f
-        + 2.000_071_4e-1)
-        * f
-        - 2.499_999_4e-1)
-        * f
-        + 3.333_333_1e-1)
-        * f
+    let m = |a: f32, c: f32| madd::<FMA>(a, f, c);
+    let p = m(
+        m(
+            m(
+                m(
+                    m(m(m(m(7.037_683_6e-2, -1.151_461e-1), 1.167_699_9e-1), -1.242_014_1e-1), 1.424_932_3e-1),
+                    -1.666_805_8e-1,
+                ),
+                2.000_071_4e-1,
+            ),
+            -2.499_999_4e-1,
+        ),
+        3.333_333_1e-1,
+    ) * f
         * z;
     let y = f + (p + e * LN2_LO - 0.5 * z) + e * LN2_HI;
     // Zero, negative, subnormal-free inputs only above; the edges by select.
@@ -79,21 +92,21 @@ pub fn ln(x: f32) -> f32 {
 
 /// ln(1 + y) for y ≥ −1, accurate for tiny y (Goldberg's correction).
 #[inline(always)]
-pub fn log1p(y: f32) -> f32 {
+pub fn log1p<const FMA: bool>(y: f32) -> f32 {
     let u = 1.0 + y;
     let d = u - 1.0;
     if d == 0.0 {
         y
     } else {
-        ln(u) * (y / d)
+        ln::<FMA>(u) * (y / d)
     }
 }
 
 /// softplus(t) = ln(1 + e^t) and the logistic σ(t) = its derivative, sharing one exp.
 #[inline(always)]
-pub fn softplus_sigmoid(t: f32) -> (f32, f32) {
-    let e = exp(-t.abs());
-    let sp = t.max(0.0) + log1p(e);
+pub fn softplus_sigmoid<const FMA: bool>(t: f32) -> (f32, f32) {
+    let e = exp::<FMA>(-t.abs());
+    let sp = t.max(0.0) + log1p::<FMA>(e);
     let s = 1.0 / (1.0 + e);
     let sig = if t >= 0.0 { s } else { e * s };
     (if t.is_nan() { t } else { sp }, sig)
@@ -105,7 +118,7 @@ const HALF_LN_2PI: f32 = 0.918_938_5;
 /// arguments below 8 are shifted up by 8 with P = z (z + 1) ⋯ (z + 7),
 /// log Γ(z) = log Γ(z + 8) − log P and ψ(z) = ψ(z + 8) − P′ / P.
 #[inline(always)]
-pub fn lgamma_digamma(z: f32) -> (f32, f32) {
+pub fn lgamma_digamma<const FMA: bool>(z: f32) -> (f32, f32) {
     let small = z < 8.0;
     // P and its derivative by the product rule, one factor at a time.
     let (mut p, mut dp) = (z, 1.0f32);
@@ -119,23 +132,23 @@ pub fn lgamma_digamma(z: f32) -> (f32, f32) {
     let w = if small { z + 8.0 } else { z };
     let iw = 1.0 / w;
     let iw2 = iw * iw;
-    let lw = ln(w);
+    let lw = ln::<FMA>(w);
     let series = iw * (1.0 / 12.0 - iw2 * (1.0 / 360.0 - iw2 * (1.0 / 1260.0)));
-    let lg = (w - 0.5) * lw - w + HALF_LN_2PI + series - ln(p);
+    let lg = (w - 0.5) * lw - w + HALF_LN_2PI + series - ln::<FMA>(p);
     let dg = lw - 0.5 * iw - iw2 * (1.0 / 12.0 - iw2 * (1.0 / 120.0 - iw2 * (1.0 / 252.0))) - dp / p;
     (lg, dg)
 }
 
 /// log Γ(z) for z > 0.
 #[inline(always)]
-pub fn lgamma(z: f32) -> f32 {
-    lgamma_digamma(z).0
+pub fn lgamma<const FMA: bool>(z: f32) -> f32 {
+    lgamma_digamma::<FMA>(z).0
 }
 
 /// ψ(z) for z > 0.
 #[inline(always)]
-pub fn digamma(z: f32) -> f32 {
-    lgamma_digamma(z).1
+pub fn digamma<const FMA: bool>(z: f32) -> f32 {
+    lgamma_digamma::<FMA>(z).1
 }
 
 /// Σ v in a fixed order with 16 independent partial sums (vectorizes; the
@@ -200,52 +213,80 @@ mod tests {
 
     #[test]
     fn exp_and_ln_are_within_a_few_ulp() {
+        exp_and_ln_are_within_a_few_ulp_with::<false>();
+        exp_and_ln_are_within_a_few_ulp_with::<true>();
+    }
+
+    fn exp_and_ln_are_within_a_few_ulp_with<const F: bool>() {
         for x in grid(-87.0, 88.0, 100_000, false) {
             let want = (x as f64).exp();
-            assert!(rel(exp(x), want) < 3e-7, "exp({x}) = {} vs {want}", exp(x));
+            assert!(rel(exp::<F>(x), want) < 3e-7, "exp({x}) = {} vs {want}", exp::<F>(x));
         }
         for x in grid(1.2e-38, 3e38, 100_000, true) {
             let want = (x as f64).ln();
-            assert!((ln(x) as f64 - want).abs() < 3e-7 * want.abs().max(1.0), "ln({x}) = {} vs {want}", ln(x));
+            assert!(
+                (ln::<F>(x) as f64 - want).abs() < 3e-7 * want.abs().max(1.0),
+                "ln({x}) = {} vs {want}",
+                ln::<F>(x)
+            );
         }
-        assert_eq!(ln(0.0), f32::NEG_INFINITY);
-        assert!(ln(-1.0).is_nan() && ln(f32::NAN).is_nan() && exp(f32::NAN).is_nan());
-        assert_eq!(ln(f32::INFINITY), f32::INFINITY);
-        assert_eq!(exp(-1000.0), (-87f32).exp());
+        assert_eq!(ln::<F>(0.0), f32::NEG_INFINITY);
+        assert!(ln::<F>(-1.0).is_nan() && ln::<F>(f32::NAN).is_nan() && exp::<F>(f32::NAN).is_nan());
+        assert_eq!(ln::<F>(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp::<F>(-1000.0), (-87f32).exp());
     }
 
     #[test]
     fn log1p_softplus_and_sigmoid_hold_at_both_ends() {
+        log1p_softplus_and_sigmoid_hold_at_both_ends_with::<false>();
+        log1p_softplus_and_sigmoid_hold_at_both_ends_with::<true>();
+    }
+
+    fn log1p_softplus_and_sigmoid_hold_at_both_ends_with<const F: bool>() {
         for y in grid(1e-12, 1e6, 20_000, true).into_iter().chain(grid(-0.999, 0.0, 2_000, false)) {
             let want = (y as f64).ln_1p();
-            assert!((log1p(y) as f64 - want).abs() <= 3e-7 * want.abs().max(1e-30), "log1p({y})");
+            assert!((log1p::<F>(y) as f64 - want).abs() <= 3e-7 * want.abs().max(1e-30), "log1p({y})");
         }
         for t in grid(-80.0, 80.0, 20_001, false) {
             let t64 = t as f64;
-            let (sp, sig) = softplus_sigmoid(t);
+            let (sp, sig) = softplus_sigmoid::<F>(t);
             let want_sp = t64.max(0.0) + (-t64.abs()).exp().ln_1p();
             let want_sig = 1.0 / (1.0 + (-t64).exp());
             assert!(rel(sp, want_sp) < 5e-7, "softplus({t}) = {sp} vs {want_sp}");
             assert!(rel(sig, want_sig) < 5e-7, "sigmoid({t}) = {sig} vs {want_sig}");
         }
-        assert!(softplus_sigmoid(f32::NAN).0.is_nan());
+        assert!(softplus_sigmoid::<F>(f32::NAN).0.is_nan());
     }
 
     #[test]
     fn lgamma_and_digamma_match_f64_references() {
+        lgamma_and_digamma_match_f64_references_with::<false>();
+        lgamma_and_digamma_match_f64_references_with::<true>();
+    }
+
+    fn lgamma_and_digamma_match_f64_references_with<const F: bool>() {
         use statrs::function::gamma::{digamma as digamma64, ln_gamma};
         for z in grid(1e-6, 1e7, 50_000, true) {
             let z64 = z as f64;
             let (lg, dg) = (ln_gamma(z64), digamma64(z64));
             // Absolute error scaled by the magnitude of the terms that cancel.
             let scale = (z64 * z64.ln()).abs().max(lg.abs()).max(ln_gamma(z64 + 8.0)).max(1.0);
-            assert!((lgamma(z) as f64 - lg).abs() < 1e-6 * scale, "lgamma({z}) = {} vs {lg}", lgamma(z));
-            assert!((digamma(z) as f64 - dg).abs() < 1e-6 * dg.abs().max(1.0), "digamma({z}) = {} vs {dg}", digamma(z));
+            assert!((lgamma::<F>(z) as f64 - lg).abs() < 1e-6 * scale, "lgamma({z}) = {} vs {lg}", lgamma::<F>(z));
+            assert!(
+                (digamma::<F>(z) as f64 - dg).abs() < 1e-6 * dg.abs().max(1.0),
+                "digamma({z}) = {} vs {dg}",
+                digamma::<F>(z)
+            );
         }
     }
 
     #[test]
     fn sums_and_maxima_see_every_element() {
+        sums_and_maxima_see_every_element_with::<false>();
+        sums_and_maxima_see_every_element_with::<true>();
+    }
+
+    fn sums_and_maxima_see_every_element_with<const F: bool>() {
         let v: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
         let want: f64 = v.iter().map(|&x| x as f64).sum();
         assert!((sum(&v) as f64 - want).abs() < 1e-5);

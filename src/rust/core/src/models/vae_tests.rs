@@ -55,9 +55,17 @@ fn training_lowers_the_elbo_and_the_latent_separates_cell_types() {
         let z: Vec<f64> = latent_of(&m, &s).into_iter().map(f64::from).collect();
         let e = Embedding { values: &z, n: 600, d: 10 };
         let scores = integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap();
-        // Poisson ignores overdispersion, so its latent is noisier.
-        let floor = if likelihood == Likelihood::Poisson { 0.6 } else { 0.8 };
-        assert!(scores.ari_kmeans > floor, "{likelihood:?}: ARI {}", scores.ari_kmeans);
+        if likelihood == Likelihood::Poisson {
+            // Poisson ignores overdispersion: its groups are well apart but
+            // unevenly spread, and k-means' ARI on them swings between about
+            // 0.43 and 0.97 with the seed (seeds 0-6). Neighbourhoods and
+            // silhouettes do not: cLISI ≥ 0.998 and label silhouette
+            // 0.66-0.70 at every one of those seeds.
+            assert!(scores.clisi > 0.95, "{likelihood:?}: cLISI {}", scores.clisi);
+            assert!(scores.silhouette_label > 0.6, "{likelihood:?}: label silhouette {}", scores.silhouette_label);
+        } else {
+            assert!(scores.ari_kmeans > 0.8, "{likelihood:?}: ARI {}", scores.ari_kmeans);
+        }
     }
 }
 
