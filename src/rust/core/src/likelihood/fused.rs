@@ -779,8 +779,9 @@ mod tests {
     /// The softplus front with its output layer, ambient, scaling and θ
     /// tables against the tensor path: values per row, the gradients of the
     /// per-row inputs under unequal row weights, and every gradient under
-    /// equal ones (the training loop's mean).
-    fn softplus_both(levels: i64, ambient: bool, scaling: bool) {
+    /// equal ones (the training loop's mean), with a ridge ρ Σ W² on the
+    /// output weight taken by the fused path.
+    fn softplus_both(levels: i64, ambient: bool, scaling: bool, ridge: f64) {
         let (n, g, units) = (21i64, 301i64, 7i64);
         tch::manual_seed(5);
         let m = counts(n as usize, g as usize);
@@ -807,6 +808,7 @@ mod tests {
             log_theta: PerLevel { table: &log_theta, codes: &theta_codes },
             ambient: None,
             scaling: None,
+            weight_ridge: 0.0,
         };
         let run = |fused: bool, weights: &Tensor| -> (Tensor, Vec<Tensor>) {
             for p in params {
@@ -821,6 +823,7 @@ mod tests {
                 let d = SoftplusDecoded {
                     ambient: ambient.then_some(PerLevel { table: &s, codes: &ambient_codes }),
                     scaling: scaling.then_some(PerLevel { table: &y, codes: &scaling_codes }),
+                    weight_ridge: ridge,
                     ..plain
                 };
                 fused_softplus_rows(&c, &d).expect("applies on CPU f32")
@@ -831,7 +834,10 @@ mod tests {
                 let theta = log_theta.index_select(0, &theta_codes).exp();
                 nb_log_kernel_rows(&c, &(log_library.exp() * mean), &theta, 1e-8)
             };
-            (&rows * weights).sum(Kind::Float).backward();
+            // The rows' log-likelihoods, less the ridge (the fused path adds
+            // only its gradient).
+            let penalty = if fused { Tensor::zeros([], opts) } else { weight.square().sum(Kind::Float) * ridge };
+            ((&rows * weights).sum(Kind::Float) - penalty).backward();
             let grad = |p: &Tensor| if p.grad().defined() { p.grad().copy() } else { p.zeros_like() };
             (rows.detach(), params.iter().map(|p| grad(p)).collect())
         };
@@ -853,7 +859,7 @@ mod tests {
                 close(
                     a,
                     b,
-                    format!("levels {levels}, ambient {ambient}, scaling {scaling}, gradient {k}, equal {all}"),
+                    format!("levels {levels}, ambient {ambient}, scaling {scaling}, ridge {ridge}, gradient {k}, equal {all}"),
                 );
             }
         }
@@ -863,10 +869,15 @@ mod tests {
     #[test]
     fn fused_softplus_front_matches_the_tensor_path_value_and_gradients() {
         let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
-        for (levels, ambient, scaling) in
-            [(1, false, false), (1, true, true), (3, true, false), (3, false, true), (3, true, true)]
-        {
-            softplus_both(levels, ambient, scaling);
+        for (levels, ambient, scaling, ridge) in [
+            (1, false, false, 0.0),
+            (1, true, true, 0.0),
+            (3, true, false, 0.0),
+            (3, false, true, 0.0),
+            (3, true, true, 0.0),
+            (3, true, true, 0.37),
+        ] {
+            softplus_both(levels, ambient, scaling, ridge);
         }
     }
 

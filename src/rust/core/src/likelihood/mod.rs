@@ -381,6 +381,10 @@ pub struct SoftplusDecoded<'a> {
     pub log_theta: PerLevel<'a>,
     pub ambient: Option<PerLevel<'a>>,
     pub scaling: Option<PerLevel<'a>>,
+    /// ρ of a ridge penalty ρ · Σ weight² that the caller's loss adds to
+    /// every row: its gradient is added to the weight's here (in the same
+    /// pass as the output layer's), its value left to the caller.
+    pub weight_ridge: f64,
 }
 
 /// Σ over genes of the NB log-likelihood kernel per row for
@@ -470,8 +474,20 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
         per_row += row_dot(d.hidden, &g_f.mm(&d.weight.detach()));
     }
     if tracked(d.weight) {
+        let g_w = g_f.tr().mm(&d.hidden.detach()).contiguous();
+        if d.weight_ridge != 0.0 {
+            // The rows' loss holds −value + ρ Σ W², and the weight's
+            // gradient reaches the loss as −g_w / n (below): ρ's gradient
+            // 2ρW is −(−2ρn W) / n.
+            let w = d.weight.detach().contiguous();
+            let k = (2.0 * d.weight_ridge * n as f64) as f32;
+            // SAFETY: two contiguous f32 tensors of the weight's shape; g_w
+            // is a fresh product, not aliased.
+            let (gs, ws) = unsafe { (view_mut(&g_w), view(&w)) };
+            gs.iter_mut().zip(ws).for_each(|(g, &w)| *g -= k * w);
+        }
         // A dot product: no [genes × units] product tensor, forward or back.
-        shared += d.weight.reshape([-1]).dot(&g_f.tr().mm(&d.hidden.detach()).reshape([-1]));
+        shared += d.weight.reshape([-1]).dot(&g_w.reshape([-1]));
     }
     if g_bias.numel() > 0 {
         shared += (d.bias * &g_bias).sum(Kind::Float);

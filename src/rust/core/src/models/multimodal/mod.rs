@@ -598,6 +598,13 @@ impl Multimodal {
     /// hyperprior, and the decoder ridge. As in regularizedvi, the priors of s
     /// and y are densities of s and y themselves, without Jacobians.
     pub fn global_terms(&self, m: usize) -> Tensor {
+        self.global_terms_with(m, false)
+    }
+
+    /// `global_terms`; with `head_ridge_elsewhere`, the output layer's
+    /// ridge enters as a value only, its gradient being added by the fused
+    /// likelihood (`SoftplusDecoded::weight_ridge`).
+    fn global_terms_with(&self, m: usize, head_ridge_elsewhere: bool) -> Tensor {
         let net = &self.nets[m];
         let mut total = Tensor::zeros([], (Kind::Float, self.device()));
         if let (Some(beta), true) = (&net.ambient, self.cfg.ambient_prior) {
@@ -617,12 +624,14 @@ impl Multimodal {
         let log_hyper = gamma_log_prob(&lambda, DISPERSION_RATE_PRIOR.0, DISPERSION_RATE_PRIOR.1).sum(Kind::Float);
         total = total - entropy - log_p - log_hyper;
         if self.cfg.decoder_l2 > 0.0 {
-            let ridge = net
-                .decoder
-                .weights()
-                .into_iter()
-                .chain(std::iter::once(&net.head.ws))
-                .fold(Tensor::zeros([], (Kind::Float, self.device())), |a, w| a + w.square().sum(Kind::Float));
+            let head = if head_ridge_elsewhere {
+                // Σ W² as a dot product, outside the graph.
+                let w = net.head.ws.detach().reshape([-1]);
+                w.dot(&w)
+            } else {
+                net.head.ws.square().sum(Kind::Float)
+            };
+            let ridge = net.decoder.weights().into_iter().fold(head, |a, w| a + w.square().sum(Kind::Float));
             total += ridge * self.cfg.decoder_l2;
         }
         total
@@ -646,6 +655,8 @@ impl Multimodal {
         let dev = self.device();
         let mut reconstruction = Tensor::zeros([n], (Kind::Float, dev));
         let mut kl_fixed = Tensor::zeros([n], (Kind::Float, dev));
+        // Per modality: whether the fused likelihood took the output layer's ridge.
+        let mut head_ridge_fused = Vec::with_capacity(self.nets.len());
         for (m, (net, ql)) in self.nets.iter().zip(&ql).enumerate() {
             let log_library = match ql {
                 Some((lm, lv)) => {
@@ -676,15 +687,22 @@ impl Multimodal {
                 log_theta: PerLevel { table: &log_theta, codes: &inp.dispersion },
                 ambient: level(&ambient, &inp.ambient),
                 scaling: level(&scaling, &inp.scaling),
+                weight_ridge: self.cfg.decoder_l2 / self.n_obs,
             };
-            let kernel = fused_softplus_rows(&inp.nonzero[m], &decoded).unwrap_or_else(|| {
+            let fused = fused_softplus_rows(&inp.nonzero[m], &decoded);
+            head_ridge_fused.push(fused.is_some());
+            let kernel = fused.unwrap_or_else(|| {
                 let rate = log_library.exp() * self.mean_from_hidden(m, &h, inp, true);
                 nb_log_kernel_rows(&inp.nonzero[m], &rate, &per_level(&log_theta, &inp.dispersion).exp(), 1e-8)
             });
             reconstruction -= kernel - &inp.log_factorial[m];
         }
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
-        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + self.global_loss() / self.n_obs, deferred }
+        let global = head_ridge_fused
+            .iter()
+            .enumerate()
+            .fold(Tensor::zeros([], (Kind::Float, dev)), |a, (m, &fused)| a + self.global_terms_with(m, fused));
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + global / self.n_obs, deferred }
     }
 }
 

@@ -201,7 +201,7 @@ fn same_seed_same_model_and_bad_settings_are_refused() {
 }
 
 #[test]
-fn sparse_encoder_input_gives_the_dense_inputs_loss_and_gradients() {
+fn sparse_input_and_fused_likelihood_give_the_tensor_paths_loss_and_gradients() {
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let s = sim(90, 3, 1, 2, 5);
     let atac = peaks(&s);
@@ -216,12 +216,16 @@ fn sparse_encoder_input_gives_the_dense_inputs_loss_and_gradients() {
     cfg.n_dispersion = 2;
     cfg.n_library = 2;
     cfg.n_encoder_cov = 2;
+    // A ridge strong enough to matter in the output layer's gradient.
+    cfg.decoder_l2 = 50.0;
     tch::manual_seed(5);
     let mut model = Multimodal::new(cfg, Device::Cpu).unwrap();
     model.init_from_data(&data);
     model.n_obs = 90.0;
     let rows: Vec<usize> = (0..90).step_by(2).collect();
-    let run = |dense: bool| -> (f64, Vec<Tensor>) {
+    // dense: dense encoder input; tensor: the likelihood's tensor path too
+    // (no host rows), where the output layer's ridge is in the graph.
+    let run = |dense: bool, tensor: bool| -> (f64, Vec<Tensor>) {
         let mut inp = data.inputs(&rows, Device::Cpu);
         assert!(inp.encoder_input.iter().all(|x| matches!(x, EncoderInput::Sparse(_))));
         if dense {
@@ -230,6 +234,13 @@ fn sparse_encoder_input_gives_the_dense_inputs_loss_and_gradients() {
                 .iter()
                 .map(|c| EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c, &rows, Device::Cpu)))
                 .collect();
+        }
+        if tensor {
+            // Build the entries' tensors, then drop the host rows the fused kernel reads.
+            inp.nonzero.iter_mut().for_each(|c| {
+                c.x();
+                c.host = None;
+            });
         }
         for v in model.vs.trainable_variables() {
             let mut g = v.grad();
@@ -255,12 +266,14 @@ fn sparse_encoder_input_gives_the_dense_inputs_loss_and_gradients() {
             .collect();
         (loss.double_value(&[]), grads)
     };
-    let (sparse_loss, sparse_grads) = run(false);
-    let (dense_loss, dense_grads) = run(true);
-    assert!((sparse_loss - dense_loss).abs() < 1e-4 * dense_loss.abs(), "loss {sparse_loss} vs {dense_loss}");
-    for (a, b) in sparse_grads.iter().zip(&dense_grads) {
-        let scale = b.abs().max().double_value(&[]).max(1e-3);
-        let err = (a - b).abs().max().double_value(&[]);
-        assert!(err < 1e-3 * scale, "gradient {:?}: error {err} at scale {scale}", b.size());
+    let (sparse_loss, sparse_grads) = run(false, false);
+    for tensor in [false, true] {
+        let (loss, grads) = run(true, tensor);
+        assert!((sparse_loss - loss).abs() < 1e-4 * loss.abs(), "loss {sparse_loss} vs {loss}, tensor path {tensor}");
+        for (a, b) in sparse_grads.iter().zip(&grads) {
+            let scale = b.abs().max().double_value(&[]).max(1e-3);
+            let err = (a - b).abs().max().double_value(&[]);
+            assert!(err < 1e-3 * scale, "gradient {:?}: error {err} at scale {scale}, tensor path {tensor}", b.size());
+        }
     }
 }
