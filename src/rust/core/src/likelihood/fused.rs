@@ -83,6 +83,8 @@ pub struct Inputs<'a> {
     pub theta_codes: Option<&'a [i64]>,
     /// Dropout logits π (ZINB only).
     pub pi_logits: &'a [f32],
+    /// A bias per gene added to f (`Front::Softplus`; empty for none).
+    pub bias: &'a [f32],
     /// s and y of `Front::Softplus` (ignored by `Front::Softmax`).
     pub ambient: Option<Levels<'a>>,
     pub scaling: Option<Levels<'a>>,
@@ -411,10 +413,15 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             s.base.resize(g, 0.0);
             s.sig.resize(g, 0.0);
             let (base, sig) = (&mut s.base[..g], &mut s.sig[..g]);
-            for k in 0..g {
-                let (sp, sg) = vmath::softplus_sigmoid::<FMA>(logits[k]);
-                base[k] = sp;
-                sig[k] = sg;
+            if inp.bias.is_empty() {
+                for k in 0..g {
+                    (base[k], sig[k]) = vmath::softplus_sigmoid::<FMA>(logits[k]);
+                }
+            } else {
+                let bias = &inp.bias[..g];
+                for k in 0..g {
+                    (base[k], sig[k]) = vmath::softplus_sigmoid::<FMA>(logits[k] + bias[k]);
+                }
             }
             if let Some(a) = ambient {
                 for k in 0..g {

@@ -319,6 +319,7 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
             pi_logits: view(&pi),
             ambient: None,
             scaling: None,
+            bias: &[],
             counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
         };
         let grads = want_grad.then(|| fused::Grads {
@@ -412,7 +413,9 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
         return None;
     }
     let want_grad = floats.clone().any(tracked);
-    let f = tch::no_grad(|| d.bias.detach().addmm(&d.hidden.detach(), &d.weight.detach().tr()));
+    // f without its bias: the kernel adds the bias as it reads f.
+    let f = tch::no_grad(|| d.hidden.detach().mm(&d.weight.detach().tr()));
+    let bias = flat(d.bias);
     let log_library = flat(d.log_library);
     let values = |l: &Option<PerLevel>| l.map(|l| (flat(l.table), l.codes.to_kind(Kind::Int64).contiguous()));
     let (theta, ambient, scaling) = (values(&Some(d.log_theta)), values(&d.ambient), values(&d.scaling));
@@ -446,6 +449,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
             log_theta: view(theta_table),
             theta_codes: Some(codes(theta_codes)),
             pi_logits: &[],
+            bias: view(&bias),
             ambient: levels(&ambient),
             scaling: levels(&scaling),
             counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
@@ -484,7 +488,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
             // SAFETY: two contiguous f32 tensors of the weight's shape; g_w
             // is a fresh product, not aliased.
             let (gs, ws) = unsafe { (view_mut(&g_w), view(&w)) };
-            gs.iter_mut().zip(ws).for_each(|(g, &w)| *g -= k * w);
+            sub_scaled(gs, ws, k);
         }
         // A dot product: no [genes × units] product tensor, forward or back.
         shared += d.weight.reshape([-1]).dot(&g_w.reshape([-1]));
@@ -499,6 +503,16 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
     }
     let s = per_row + shared / n as f64;
     Some(value + (&s - s.detach()))
+}
+
+/// g −= k · w, elementwise.
+#[inline(always)]
+fn sub_scaled_body(g: &mut [f32], w: &[f32], k: f32) {
+    g.iter_mut().zip(w).for_each(|(g, &w)| *g -= k * w);
+}
+
+crate::simd::wide_copies! {
+    fn sub_scaled(g: &mut [f32], w: &[f32], k: f32) = sub_scaled_body
 }
 
 #[cfg(test)]
