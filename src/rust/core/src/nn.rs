@@ -14,7 +14,7 @@ use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 pub mod sparse;
-pub use sparse::{Deferred, SparseInput};
+pub use sparse::{Deferred, GradBuffer, SparseInput};
 
 /// Normalization after each hidden linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +73,7 @@ pub fn linear(p: nn::Path, n_in: usize, n_out: usize) -> nn::Linear {
 /// `weight_t`) so that the layer can read a sparse input (`sparse`).
 enum Lin {
     Plain(nn::Linear),
-    Transposed { wt: Tensor, bs: Tensor },
+    Transposed { wt: Tensor, bs: Tensor, grad: GradBuffer },
 }
 
 impl Lin {
@@ -87,7 +87,7 @@ impl Lin {
         let init = nn::Init::Uniform { lo: -bound, up: bound };
         let bs = p.var("bias", &[n_out as i64], init);
         let drawn = nn::init(init, &[n_out as i64, n_in as i64], p.device()).tr().contiguous();
-        Lin::Transposed { wt: p.var_copy("weight_t", &drawn), bs }
+        Lin::Transposed { wt: p.var_copy("weight_t", &drawn), bs, grad: GradBuffer::default() }
     }
 
     fn weight(&self) -> &Tensor {
@@ -100,7 +100,7 @@ impl Lin {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Lin::Plain(l) => l.forward(x),
-            Lin::Transposed { wt, bs } => x.matmul(wt) + bs,
+            Lin::Transposed { wt, bs, .. } => x.matmul(wt) + bs,
         }
     }
 }
@@ -187,8 +187,8 @@ impl FcLayers {
         let (mut h, cov, first) = match x {
             Input::Dense(x, cov) => (x.shallow_clone(), cov, None),
             Input::Sparse(s, cov) => match &self.layers[0].0 {
-                Lin::Transposed { wt, bs } if wt.device() == Device::Cpu && wt.kind() == Kind::Float => {
-                    let (y, d) = sparse::linear_t(s, wt, bs);
+                Lin::Transposed { wt, bs, grad } if wt.device() == Device::Cpu && wt.kind() == Kind::Float => {
+                    let (y, d) = sparse::linear_t(s, wt, bs, grad);
                     deferred.extend(d);
                     (Tensor::new(), cov, Some(y))
                 }

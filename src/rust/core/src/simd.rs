@@ -9,6 +9,10 @@
 /// be left out) defines `fn name`, which calls `body(a, b)` compiled for
 /// AVX-512, else for AVX2 + FMA, else for the baseline. `body` should be
 /// `#[inline(always)]` so that each copy gets its own code.
+///
+/// With `= fma body`, `body` takes a `const FMA: bool`: true in the AVX
+/// copies (where `f32::mul_add` is one instruction), false in the baseline
+/// one (where it would be a library call).
 macro_rules! wide_copies {
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = fma $body:ident) => {
         $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = fma $body }
@@ -16,38 +20,17 @@ macro_rules! wide_copies {
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = $body:path) => {
         $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
     };
-    // `= fma body`: `body` takes a `const FMA: bool`, true in the AVX copies
-    // (where `f32::mul_add` is one instruction), false in the baseline one
-    // (where it would be a library call).
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = fma $body:ident) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($a: $t),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($a: $t),*) -> $ret {
-                    $body::<true>($($a),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($a: $t),*) -> $ret {
-                    $body::<true>($($a),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features the copy is compiled for.
-                    return unsafe { avx512($($a),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($a),*) };
-                }
-            }
-            $body::<false>($($a),*)
+        $crate::simd::wide_copies! {
+            @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body::<true>] [$body::<false>]
         }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = $body:path) => {
+        $crate::simd::wide_copies! { @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body] [$body] }
+    };
+    // The three copies: `wide` called in the AVX ones, `base` in the baseline.
+    (@copies $(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),*) -> $ret:ty;
+        [$($wide:tt)*] [$($base:tt)*]) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($a: $t),*) -> $ret {
@@ -56,12 +39,12 @@ macro_rules! wide_copies {
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($a: $t),*) -> $ret {
-                    $body($($a),*)
+                    $($wide)*($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($a: $t),*) -> $ret {
-                    $body($($a),*)
+                    $($wide)*($($a),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features the copy is compiled for.
@@ -72,7 +55,7 @@ macro_rules! wide_copies {
                     return unsafe { avx2($($a),*) };
                 }
             }
-            $body($($a),*)
+            $($base)*($($a),*)
         }
     };
 }

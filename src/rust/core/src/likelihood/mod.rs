@@ -262,6 +262,36 @@ fn empty() -> Tensor {
     Tensor::zeros([0], (Kind::Float, Device::Cpu))
 }
 
+thread_local! {
+    /// Large CPU buffers of `fused_softplus_rows` kept between calls: a
+    /// fresh 10 MB tensor per minibatch comes from the system each time,
+    /// and touching its pages cost more than the work written into them.
+    static SCRATCH: std::cell::RefCell<Vec<Tensor>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A CPU f32 tensor of shape `size` from the scratch buffers (contents
+/// undefined), or a new one.
+fn scratch(size: &[i64]) -> Tensor {
+    let numel: i64 = size.iter().product();
+    SCRATCH
+        .with(|s| {
+            let mut s = s.borrow_mut();
+            let at = s.iter().position(|t| t.numel() as i64 == numel)?;
+            Some(s.swap_remove(at).view(size))
+        })
+        .unwrap_or_else(|| Tensor::empty(size, (Kind::Float, Device::Cpu)))
+}
+
+/// Returns `t` to the scratch buffers; nothing else may hold it.
+fn unscratch(t: Tensor) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < 4 {
+            s.push(t);
+        }
+    });
+}
+
 fn empty_unless(on: bool, size: &[i64]) -> Tensor {
     if on {
         Tensor::empty(size, (Kind::Float, Device::Cpu))
@@ -414,7 +444,8 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
     }
     let want_grad = floats.clone().any(tracked);
     // f without its bias: the kernel adds the bias as it reads f.
-    let f = tch::no_grad(|| d.hidden.detach().mm(&d.weight.detach().tr()));
+    let f = scratch(&[n, g]);
+    let _ = tch::no_grad(|| d.hidden.detach().mm_out(&f, &d.weight.detach().tr()));
     let bias = flat(d.bias);
     let log_library = flat(d.log_library);
     let values = |l: &Option<PerLevel>| l.map(|l| (flat(l.table), l.codes.to_kind(Kind::Int64).contiguous()));
@@ -422,7 +453,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
     let want = |l: &Option<PerLevel>| want_grad && l.is_some_and(|l| tracked(l.table));
     let table_grad = |l: &Option<PerLevel>| empty_unless(want(l), &[l.map_or(0, |l| l.table.numel() as i64)]);
     let value = Tensor::empty([n], (Kind::Float, Device::Cpu));
-    let g_f = empty_unless(want_grad, &[n, g]);
+    let g_f = if want_grad { scratch(&[n, g]) } else { empty() };
     let g_lib = empty_unless(want_grad, &[n]);
     let g_bias = empty_unless(want_grad && tracked(d.bias), &[g]);
     let (g_theta, g_ambient, g_scaling) =
@@ -468,6 +499,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
         });
         fused::log_likelihood(&inputs, view_mut(&value), grads);
     }
+    unscratch(f);
     if !want_grad {
         return Some(value);
     }
@@ -501,6 +533,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
             shared += (l.table.reshape([-1]) * gr).sum(Kind::Float);
         }
     }
+    unscratch(g_f);
     let s = per_row + shared / n as f64;
     Some(value + (&s - s.detach()))
 }

@@ -313,11 +313,18 @@ pub struct Deferred {
     weight: Tensor,
     input: Rc<SparseInput>,
     output: Tensor,
+    buffer: GradBuffer,
 }
+
+/// Where a transposed layer keeps its weight's gradient between steps (the
+/// optimizer reads it within the step; a fresh 10 MB tensor per step costs
+/// more in page faults than the product written into it).
+pub type GradBuffer = std::sync::Arc<Mutex<Option<Tensor>>>;
 
 impl Deferred {
     /// The weight and its gradient Xᵀ · ∂output; None when the output got
-    /// no gradient (it did not reach the loss).
+    /// no gradient (it did not reach the loss). The gradient lives in the
+    /// layer's buffer: valid until the layer's next `gradient`.
     pub fn gradient(&self) -> Option<(Tensor, Tensor)> {
         let g = self.output.grad();
         if !g.defined() {
@@ -325,7 +332,9 @@ impl Deferred {
         }
         let g = g.contiguous();
         let width = self.weight.size()[1] as usize;
-        let d = Tensor::empty(self.weight.size(), (Kind::Float, Device::Cpu));
+        let kept =
+            self.buffer.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|t| t.size() == self.weight.size());
+        let d = kept.unwrap_or_else(|| Tensor::empty(self.weight.size(), (Kind::Float, Device::Cpu)));
         // SAFETY: `g` is a contiguous f32 [rows, width] tensor and `d` a fresh
         // contiguous f32 tensor of the weight's shape; neither is aliased.
         let (gs, ds) = unsafe {
@@ -335,6 +344,7 @@ impl Deferred {
             )
         };
         self.input.matmul_t(gs, width, ds, threads());
+        *self.buffer.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.shallow_clone());
         Some((self.weight.shallow_clone(), d))
     }
 }
@@ -343,7 +353,7 @@ impl Deferred {
 /// tensor) and bias `bs` [width]. When autograd is recording (grad mode on
 /// and the bias trainable), the product is a leaf that requires a gradient,
 /// and the `Deferred` returned with it turns that gradient into the weight's.
-pub fn linear_t(x: &Rc<SparseInput>, wt: &Tensor, bs: &Tensor) -> (Tensor, Option<Deferred>) {
+pub fn linear_t(x: &Rc<SparseInput>, wt: &Tensor, bs: &Tensor, buffer: &GradBuffer) -> (Tensor, Option<Deferred>) {
     let width = wt.size()[1] as usize;
     let wt_c = wt.detach().contiguous();
     let out = Tensor::empty([x.n_rows as i64, width as i64], (Kind::Float, Device::Cpu));
@@ -362,7 +372,12 @@ pub fn linear_t(x: &Rc<SparseInput>, wt: &Tensor, bs: &Tensor) -> (Tensor, Optio
         return (y, None);
     }
     let out = out.set_requires_grad(true);
-    let deferred = Deferred { weight: wt.shallow_clone(), input: Rc::clone(x), output: out.shallow_clone() };
+    let deferred = Deferred {
+        weight: wt.shallow_clone(),
+        input: Rc::clone(x),
+        output: out.shallow_clone(),
+        buffer: std::sync::Arc::clone(buffer),
+    };
     (&out + bs, Some(deferred))
 }
 
@@ -426,11 +441,12 @@ mod tests {
         (&want * &upstream).sum(Kind::Float).backward();
         let want_grad = wt.grad().copy();
         let bs = Tensor::randn([19], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let buffer = GradBuffer::default();
         let want = want.detach() + &bs.detach();
         let before = tch::get_num_threads();
         for threads in [1, 2, 3] {
             tch::set_num_threads(threads);
-            let (out, deferred) = linear_t(&x, &wt, &bs);
+            let (out, deferred) = linear_t(&x, &wt, &bs, &buffer);
             assert!(out.allclose(&want, 1e-5, 1e-5, false), "forward, {threads} threads");
             let _ = bs.grad().f_zero_();
             (&out * &upstream).sum(Kind::Float).backward();
@@ -438,13 +454,13 @@ mod tests {
             assert_eq!(w.data_ptr(), wt.data_ptr());
             assert!(g.allclose(&want_grad, 1e-5, 1e-5, false), "gradient, {threads} threads");
             assert!(bs.grad().allclose(&upstream.sum_dim_intlist(0, false, Kind::Float), 1e-5, 1e-5, false));
-            let (plain, none) = tch::no_grad(|| linear_t(&x, &wt, &bs));
+            let (plain, none) = tch::no_grad(|| linear_t(&x, &wt, &bs, &buffer));
             assert!(none.is_none() && !plain.requires_grad());
             assert!(plain.allclose(&want, 1e-5, 1e-5, false));
         }
         tch::set_num_threads(before);
         // A product that never reaches a loss has no gradient to give.
-        let (_, d) = linear_t(&x, &wt, &bs);
+        let (_, d) = linear_t(&x, &wt, &bs, &buffer);
         assert!(d.expect("recorded").gradient().is_none());
     }
 }
