@@ -41,7 +41,9 @@ fn rows_to_tensor_with(m: &Csr, rows: &[usize], device: Device, fill: fn(&Csr, &
     if device == Device::Cpu {
         t
     } else {
-        t.pin_memory(device).to_device_(device, tch::Kind::Float, true, false)
+        // `_pin_memory`: libtorch 2.11's `pin_memory` warns on every call
+        // that its device argument (which tch always passes) is deprecated.
+        t.internal_pin_memory(device).to_device_(device, tch::Kind::Float, true, false)
     }
 }
 

@@ -59,8 +59,9 @@ impl Adam {
         Some(Adam { lr: lr as f32, eps: eps as f32, wd: wd as f32, t: 0, params })
     }
 
-    /// One update. A parameter without a gradient from autograd takes its
-    /// gradient from `extra` (parameter, gradient) pairs, if listed there.
+    /// One update. A parameter listed in `extra` (parameter, gradient pairs
+    /// computed outside autograd) takes that gradient, added to autograd's
+    /// if it has one.
     pub fn step(&mut self, extra: &[(Tensor, Tensor)]) {
         self.t += 1;
         let step_size = self.lr / (1.0 - BETA1.powi(self.t));

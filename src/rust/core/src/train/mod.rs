@@ -36,7 +36,7 @@ impl Optimizer {
     }
 
     /// One step; `extra` holds (parameter, gradient) pairs computed outside
-    /// autograd, for parameters that autograd gave no gradient.
+    /// autograd (added to autograd's gradients).
     fn step(&mut self, extra: &[(Tensor, Tensor)]) {
         match &mut self.fused {
             Some(a) => a.step(extra),
