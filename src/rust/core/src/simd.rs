@@ -60,3 +60,14 @@ macro_rules! wide_copies {
     };
 }
 pub(crate) use wide_copies;
+
+/// a · b + c: one fused instruction where `FMA` (in the AVX copies of a
+/// `= fma` body), two operations otherwise.
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}

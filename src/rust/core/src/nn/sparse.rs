@@ -26,8 +26,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Lanes summed in registers at once: four AVX-512 vectors, so that four
 /// independent chains of fused multiply-adds hide each one's latency.
-/// (`mul_add` is one instruction in the AVX2 and AVX-512 copies of the
-/// loops; only the baseline copy, for CPUs without FMA, calls a library fma.)
 const LANES: usize = 64;
 /// Bytes of the weight's rows the forward pass keeps hot at a time (half a
 /// typical 1 MB L2 cache).
@@ -249,12 +247,18 @@ fn touch(v: &[f32]) {
 
 /// Σ v · m[k, c0..c0 + N] over the entries (k, v), summed in registers.
 #[inline(always)]
-fn lanes<const N: usize>(keys: &[u32], values: &[f32], m: &[f32], width: usize, c0: usize) -> [f32; N] {
+fn lanes<const N: usize, const FMA: bool>(
+    keys: &[u32],
+    values: &[f32],
+    m: &[f32],
+    width: usize,
+    c0: usize,
+) -> [f32; N] {
     let mut acc = [0f32; N];
     for (&k, &v) in keys.iter().zip(values) {
         let x: &[f32; N] = m[k as usize * width + c0..][..N].try_into().expect("N lanes");
         for l in 0..N {
-            acc[l] = v.mul_add(x[l], acc[l]);
+            acc[l] = crate::simd::madd::<FMA>(v, x[l], acc[l]);
         }
     }
     acc
@@ -264,47 +268,60 @@ fn lanes<const N: usize>(keys: &[u32], values: &[f32], m: &[f32], width: usize, 
 /// where sums = Σ v · m[k, c0..] over the entries (k, v): `LANES` lanes at
 /// a time, then 16, then one.
 #[inline(always)]
-fn sum_rows(keys: &[u32], values: &[f32], m: &[f32], width: usize, mut put: impl FnMut(usize, &[f32])) {
+fn sum_rows<const FMA: bool>(
+    keys: &[u32],
+    values: &[f32],
+    m: &[f32],
+    width: usize,
+    mut put: impl FnMut(usize, &[f32]),
+) {
     let mut c0 = 0;
     while c0 + LANES <= width {
-        put(c0, &lanes::<LANES>(keys, values, m, width, c0));
+        put(c0, &lanes::<LANES, FMA>(keys, values, m, width, c0));
         c0 += LANES;
     }
     while c0 + 16 <= width {
-        put(c0, &lanes::<16>(keys, values, m, width, c0));
+        put(c0, &lanes::<16, FMA>(keys, values, m, width, c0));
         c0 += 16;
     }
     while c0 < width {
-        put(c0, &lanes::<1>(keys, values, m, width, c0));
+        put(c0, &lanes::<1, FMA>(keys, values, m, width, c0));
         c0 += 1;
     }
 }
 
 /// row += Σ v · wt[j, :] over the entries (j, v).
 #[inline(always)]
-fn row_times_block_body(indices: &[u32], values: &[f32], wt: &[f32], width: usize, row: &mut [f32]) {
-    sum_rows(indices, values, wt, width, |c0, s| {
+fn row_times_block_body<const FMA: bool>(indices: &[u32], values: &[f32], wt: &[f32], width: usize, row: &mut [f32]) {
+    sum_rows::<FMA>(indices, values, wt, width, |c0, s| {
         row[c0..c0 + s.len()].iter_mut().zip(s).for_each(|(o, a)| *o += a);
     });
 }
 
 crate::simd::wide_copies! {
-    fn row_times_block(indices: &[u32], values: &[f32], wt: &[f32], width: usize, row: &mut [f32]) = row_times_block_body
+    fn row_times_block(indices: &[u32], values: &[f32], wt: &[f32], width: usize, row: &mut [f32]) = fma row_times_block_body
 }
 
 /// d[j, :] = Σ v · g[r, :] over the entries (r, v) of each column j of
 /// `colptr` (absolute offsets into `rows` and `values`).
 #[inline(always)]
-fn columns_times_g_body(colptr: &[usize], rows: &[u32], values: &[f32], g: &[f32], width: usize, d: &mut [f32]) {
+fn columns_times_g_body<const FMA: bool>(
+    colptr: &[usize],
+    rows: &[u32],
+    values: &[f32],
+    g: &[f32],
+    width: usize,
+    d: &mut [f32],
+) {
     for j in 0..colptr.len() - 1 {
         let (rs, vs) = (&rows[colptr[j]..colptr[j + 1]], &values[colptr[j]..colptr[j + 1]]);
         let out = &mut d[j * width..(j + 1) * width];
-        sum_rows(rs, vs, g, width, |c0, s| out[c0..c0 + s.len()].copy_from_slice(s));
+        sum_rows::<FMA>(rs, vs, g, width, |c0, s| out[c0..c0 + s.len()].copy_from_slice(s));
     }
 }
 
 crate::simd::wide_copies! {
-    fn columns_times_g(colptr: &[usize], rows: &[u32], values: &[f32], g: &[f32], width: usize, d: &mut [f32]) = columns_times_g_body
+    fn columns_times_g(colptr: &[usize], rows: &[u32], values: &[f32], g: &[f32], width: usize, d: &mut [f32]) = fma columns_times_g_body
 }
 
 /// A weight whose gradient is computed after `backward()`: the product
