@@ -36,11 +36,8 @@ const BLOCK_BYTES: usize = 1 << 18;
 /// after the features. The same entries by column are built on first use
 /// (by the weight gradient).
 pub struct SparseInput {
-    pub n_rows: usize,
-    pub n_cols: usize,
-    indptr: Vec<usize>,
-    indices: Vec<u32>,
-    values: Vec<f32>,
+    /// The minibatch's rows: one `Csr` row per chosen cell.
+    pub rows: Csr,
     by_column: OnceCell<Columns>,
 }
 
@@ -95,22 +92,17 @@ impl SparseInput {
             }
             indptr.push(values.len());
         }
-        SparseInput { n_rows: rows.len(), n_cols, indptr, indices, values, by_column: OnceCell::new() }
+        let rows = Csr { n_rows: rows.len(), n_cols, indptr, indices, values };
+        SparseInput { rows, by_column: OnceCell::new() }
     }
 
     pub fn nnz(&self) -> usize {
-        self.values.len()
+        self.rows.nnz()
     }
 
     /// The dense [rows, columns] matrix on `device`.
     pub fn to_dense(&self, device: Device) -> Tensor {
-        let mut v = vec![0f32; self.n_rows * self.n_cols];
-        for r in 0..self.n_rows {
-            for k in self.indptr[r]..self.indptr[r + 1] {
-                v[r * self.n_cols + self.indices[k] as usize] = self.values[k];
-            }
-        }
-        Tensor::from_slice(&v).view([self.n_rows as i64, self.n_cols as i64]).to_device(device)
+        crate::data::rows_to_tensor(&self.rows, &(0..self.rows.n_rows).collect::<Vec<_>>(), device)
     }
 
     /// `parts` ranges of columns of about equal numbers of entries, given
@@ -136,12 +128,13 @@ impl SparseInput {
     /// through its columns in blocks whose rows of Wᵀ fit in cache, and for
     /// each row of X sums its entries in the block in registers.
     pub fn matmul(&self, wt: &[f32], width: usize, out: &mut [f32], threads: usize) {
-        assert_eq!(wt.len(), self.n_cols * width, "weight shape");
-        assert_eq!(out.len(), self.n_rows * width, "output shape");
-        let parts = Self::column_parts(self.n_cols, None, threads);
+        assert_eq!(wt.len(), self.rows.n_cols * width, "weight shape");
+        assert_eq!(out.len(), self.rows.n_rows * width, "output shape");
+        let parts = Self::column_parts(self.rows.n_cols, None, threads);
         let partial: Vec<Mutex<Vec<f32>>> = (0..parts.len()).map(|_| Mutex::new(Vec::new())).collect();
         let block = (BLOCK_BYTES / (4 * width.max(1))).max(16);
-        let (n_rows, indptr, indices, values) = (self.n_rows, &self.indptr, &self.indices, &self.values);
+        let Csr { n_rows, indptr, indices, values, .. } = &self.rows;
+        let n_rows = *n_rows;
         let out_len = out.len();
         crate::omp::run(parts.len(), &|member, members| {
             for p in (member..parts.len()).step_by(members) {
@@ -180,17 +173,18 @@ impl SparseInput {
     fn columns(&self, threads: usize) -> &Columns {
         self.by_column.get_or_init(|| {
             let nnz = self.nnz();
-            let mut colptr = vec![0usize; self.n_cols + 1];
-            for &j in &self.indices {
+            let mut colptr = vec![0usize; self.rows.n_cols + 1];
+            for &j in &self.rows.indices {
                 colptr[j as usize + 1] += 1;
             }
-            for j in 0..self.n_cols {
+            for j in 0..self.rows.n_cols {
                 colptr[j + 1] += colptr[j];
             }
             let (mut rows, mut values) = (vec![0u32; nnz], vec![0f32; nnz]);
-            let parts = Self::column_parts(self.n_cols, Some(&colptr), threads);
+            let parts = Self::column_parts(self.rows.n_cols, Some(&colptr), threads);
             let (rs, vs) = (Shared(rows.as_mut_ptr(), nnz), Shared(values.as_mut_ptr(), nnz));
-            let (indptr, indices, vals, colptr_ref) = (&self.indptr, &self.indices, &self.values, &colptr);
+            let Csr { indptr, indices, values: vals, .. } = &self.rows;
+            let colptr_ref = &colptr;
             crate::omp::run(parts.len(), &|member, members| {
                 for &(lo, hi) in parts.iter().skip(member).step_by(members) {
                     let base = colptr_ref[lo];
@@ -221,10 +215,10 @@ impl SparseInput {
     /// ∂Wᵀ = Xᵀ · G for `g` [rows × width], into `dwt` [columns × width]
     /// (every row written; the columns shared out among `threads`).
     pub fn matmul_t(&self, g: &[f32], width: usize, dwt: &mut [f32], threads: usize) {
-        assert_eq!(g.len(), self.n_rows * width, "gradient shape");
-        assert_eq!(dwt.len(), self.n_cols * width, "weight shape");
+        assert_eq!(g.len(), self.rows.n_rows * width, "gradient shape");
+        assert_eq!(dwt.len(), self.rows.n_cols * width, "weight shape");
         let c = self.columns(threads);
-        let parts = Self::column_parts(self.n_cols, Some(&c.colptr), threads);
+        let parts = Self::column_parts(self.rows.n_cols, Some(&c.colptr), threads);
         let d = Shared(dwt.as_mut_ptr(), dwt.len());
         crate::omp::run(parts.len(), &|member, members| {
             for &(lo, hi) in parts.iter().skip(member).step_by(members) {
@@ -373,7 +367,7 @@ impl Deferred {
 pub fn linear_t(x: &Rc<SparseInput>, wt: &Tensor, bs: &Tensor, buffer: &GradBuffer) -> (Tensor, Option<Deferred>) {
     let width = wt.size()[1] as usize;
     let wt_c = wt.detach().contiguous();
-    let out = Tensor::empty([x.n_rows as i64, width as i64], (Kind::Float, Device::Cpu));
+    let out = Tensor::empty([x.rows.n_rows as i64, width as i64], (Kind::Float, Device::Cpu));
     // SAFETY: `wt_c` is contiguous f32 of columns × width elements (checked
     // by `matmul`), `out` a fresh contiguous f32 tensor of rows × width.
     let (ws, os) = unsafe {
@@ -419,7 +413,7 @@ mod tests {
         let (m, cats) = example();
         let rows = [3, 0, 2, 1, 3];
         let x = SparseInput::log1p_rows(&m, &rows, &cats);
-        assert_eq!((x.n_rows, x.n_cols), (5, 7));
+        assert_eq!((x.rows.n_rows, x.rows.n_cols), (5, 7));
         let dense = Vec::<f32>::try_from(x.to_dense(Device::Cpu).flatten(0, -1)).unwrap();
         let mut want = vec![0f32; 5 * 7];
         for (k, &r) in rows.iter().enumerate() {
@@ -434,8 +428,8 @@ mod tests {
         }
         // By column: the same entries, rows ascending within each column.
         let c = x.columns(2);
-        assert_eq!(c.colptr[x.n_cols], x.nnz());
-        for j in 0..x.n_cols {
+        assert_eq!(c.colptr[x.rows.n_cols], x.nnz());
+        for j in 0..x.rows.n_cols {
             let (a, b) = (c.colptr[j], c.colptr[j + 1]);
             assert!(c.rows[a..b].windows(2).all(|w| w[0] < w[1]));
             for (&r, &v) in c.rows[a..b].iter().zip(&c.values[a..b]) {
