@@ -20,7 +20,10 @@
 #' normalized expression of treated over control cells of that cell type:
 #' what a batch-corrected DE method should estimate. Genes without a
 #' condition effect share one small constant (the normalization shift);
-#' `is_de_<type>` marks the genes with an effect.
+#' `is_de_<type>` marks the genes with an effect. `true_lfc` is the same
+#' ratio for all cells together (the cell-type mixture in proportions
+#' `group_prob`): the truth for treated against control cells of every type,
+#' for genes marked by `is_de`.
 #'
 #' @param n_cells,n_genes Size of the data.
 #' @param n_groups Number of cell types (`group_prob` overrides).
@@ -33,6 +36,9 @@
 #'   `c(0.7, 0.5, 0.3)` confounds condition with batch.
 #' @param condition_de_prob Fraction of genes with a condition effect in each
 #'   cell type.
+#' @param condition_shared `FALSE`: each cell type draws its own condition
+#'   effects; `TRUE`: one set of effects shared by every cell type (a
+#'   population-level treatment response, as in the scDistill scenarios).
 #' @param condition_lfc Log-normal location of the condition effect factor
 #'   (natural log; 0.5 is a median fold change of 1.65).
 #' @param samples_per_batch Samples per batch and condition.
@@ -73,7 +79,7 @@
 #' @return A `SingleCellExperiment` with assay `counts`; `colData` columns
 #'   `cell_type`, `batch`, `library_size` and, with a condition, `condition`,
 #'   `sample` (and `age_group`); `rowData` with `base_mean`, `is_de` (any cell
-#'   type), `is_de_<type>`, `true_lfc_<type>`, `de_factor_<type>`,
+#'   type), `true_lfc` (all cells), `is_de_<type>`, `true_lfc_<type>`, `de_factor_<type>`,
 #'   `batch_factor_<batch>`; the parameters in `metadata(x)$simulation`. With
 #'   `atac`, `altExp(x, "ATAC")` holds the peak counts and, in its `rowData`,
 #'   `linked_gene` (`NA` for unlinked peaks) and `atac_factor_<type>`. With
@@ -90,7 +96,8 @@
 simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batches = 2,
                             batch_effect = c("medium", "none", "mild", "strong"),
                             group_prob = NULL, batch_prob = NULL, treated_fraction = NULL,
-                            condition_de_prob = 0.1, condition_lfc = 0.5, samples_per_batch = 2,
+                            condition_de_prob = 0.1, condition_shared = FALSE, condition_lfc = 0.5,
+                            samples_per_batch = 2,
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
                             atac_only_groups = 0, atac_binary = FALSE, species = NULL, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
@@ -113,7 +120,9 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
       stop("`treated_fraction` needs one value per batch (", n_b, "), not ", length(treated_fraction), call. = FALSE)
     }
     params <- c(params, list(treated_fraction = as.numeric(treated_fraction),
-                             condition_de_prob = condition_de_prob, condition_fac_loc = condition_lfc,
+                             condition_de_prob = condition_de_prob,
+                             condition_shared = as.numeric(check_flag(condition_shared, "condition_shared")),
+                             condition_fac_loc = condition_lfc,
                              samples_per_batch = check_count(samples_per_batch, "samples_per_batch"),
                              age_de_prob = age_de_prob))
   } else if (age_de_prob > 0) {
@@ -164,7 +173,8 @@ simulation_result <- function(res, params, format) {
   condition_factor <- matrix(res$condition_factor, nrow = n_genes)
   is_de <- per(as.numeric(condition_factor != 1), types, "is_de_")
   is_de[] <- lapply(is_de, as.logical)
-  gene_data <- data.frame(base_mean = res$gene_mean, is_de = rowSums(is_de) > 0, row.names = res$genes)
+  gene_data <- data.frame(base_mean = res$gene_mean, is_de = rowSums(is_de) > 0, true_lfc = res$true_lfc_population,
+                          row.names = res$genes)
   gene_data <- cbind(gene_data, is_de, per(res$true_lfc, types, "true_lfc_"),
                      per(res$group_factor, types, "de_factor_"),
                      per(res$batch_factor, res$batch$levels, "batch_factor_"))
@@ -226,13 +236,22 @@ simulation_result <- function(res, params, format) {
 #' | `s5` | 8,000 x 3,000 | 3 (balanced) | 100/50/0% | strongly confounded |
 #' | `s6` | 5,000 x 2,000 | 2 (balanced) | 50/50% | zero inflation |
 #'
-#' All have five cell types, a medium batch effect, 10% of genes with a
-#' condition effect per cell type, and two samples per batch and condition.
+#' All have five cell types, a medium batch effect, two samples per batch and
+#' condition, and a strong treatment response shared by every cell type, as
+#' in scDistill's scenarios (one `is_de` and `true_lfc` per gene,
+#' "biological effect strength: strong"): 10% of genes change, by a factor
+#' drawn as LogNormal(1, 0.3) (median 2.7-fold, |log2 FC| mostly 0.8 to
+#' 2.2), up or down with equal odds. The truth for treated against control
+#' cells is in `rowData` (`is_de`, `true_lfc`; per cell type
+#' `true_lfc_<type>`). For weaker or cell-type-specific effects call
+#' [simulate_counts()] with `condition_shared = FALSE` and a smaller
+#' `condition_lfc`.
 #'
 #' @param scenario One of `"s1"` to `"s6"`.
 #' @param n_cells Number of cells (default: the scenario's own).
 #' @param seed Random seed.
-#' @param ... Passed to [simulate_counts()] (e.g. `format`, `threads`).
+#' @param ... Passed to [simulate_counts()] (e.g. `format`, `threads`), and
+#'   overriding the scenario's settings (e.g. `condition_lfc`).
 #' @return As [simulate_counts()].
 #' @examples
 #' s5 <- simulation_scenario("s5", n_cells = 1500)
@@ -249,5 +268,6 @@ simulation_scenario <- function(scenario = c("s1", "s2", "s3", "s4", "s5", "s6")
     s5 = list(n_cells = 8000, n_genes = 3000, batch_prob = c(1, 1, 1), treated_fraction = c(1, 0.5, 0)),
     s6 = list(n_cells = 5000, n_genes = 2000, batch_prob = c(1, 1), treated_fraction = 0.5, zero_inflation = TRUE))
   if (!is.null(n_cells)) design$n_cells <- n_cells
-  do.call(simulate_counts, c(design, list(seed = seed, ...)))
+  design <- c(design, list(condition_shared = TRUE, condition_lfc = 1, condition_fac_scale = 0.3, seed = seed))
+  do.call(simulate_counts, utils::modifyList(design, list(...)))
 }

@@ -7,7 +7,7 @@ test_that("simulate_counts returns counts and truth where Bioconductor users loo
   expect_identical(as.integer(table(sim$batch)), c(200L, 200L, 200L))
   expect_identical(as.integer(table(sim$batch, sim$condition)[, "treated"]), c(140L, 100L, 60L))
   rd <- SummarizedExperiment::rowData(sim)
-  expect_true(all(c("is_de", "is_de_Group1", "true_lfc_Group3", "batch_factor_Batch2", "base_mean") %in% names(rd)))
+  expect_true(all(c("is_de", "true_lfc", "is_de_Group1", "true_lfc_Group3", "batch_factor_Batch2", "base_mean") %in% names(rd)))
   expect_identical(rd$is_de, rd$is_de_Group1 | rd$is_de_Group2 | rd$is_de_Group3)
   # samples are nested in batch x condition
   expect_true(all(startsWith(as.character(sim$sample), paste0(sim$batch, "_", sim$condition))))
@@ -61,11 +61,21 @@ test_that("the six scenarios have their designs and can be resized", {
   expect_identical(as.integer(table(s3$cell_data$batch)), c(400L, 300L, 200L, 100L))
   expect_true("age_group" %in% names(s3$cell_data))
   expect_identical(dim(s3$counts), c(3000L, 1000L))
+  # A strong treatment response shared by the cell types: one truth per gene.
+  g <- s5$gene_data
+  expect_identical(g$is_de_Group1, g$is_de_Group4)
+  expect_identical(g$is_de, g$is_de_Group1)
+  expect_gt(median(abs(g$true_lfc[g$is_de])), 1)
+  expect_equal(mean(g$is_de), 0.1, tolerance = 0.02)
+  # The scenario's settings can be overridden.
+  weak <- simulation_scenario("s1", n_cells = 300, condition_shared = FALSE, format = "list")$gene_data
+  expect_false(identical(weak$is_de_Group1, weak$is_de_Group2))
   expect_error(simulation_scenario("s7"), "should be one of")
 })
 
 test_that("bad simulation parameters are named", {
   expect_error(simulate_counts(n_cells = 1), "`n_cells` must be a whole number >= 2")
+  expect_error(simulate_counts(treated_fraction = 0.5, condition_shared = NA), "condition_shared")
   expect_error(simulate_counts(n_batches = 3, treated_fraction = c(0.5, 0.5)), "one value per batch \\(3\\), not 2")
   expect_error(simulate_counts(n_cells = 100, bogus = 1), "unknown simulation parameter `bogus`")
   expect_error(simulate_counts(n_cells = 100, lib_scale = -1), "`lib_scale` must be >= 0")

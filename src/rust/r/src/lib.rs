@@ -228,6 +228,7 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
             "dropout" => p.dropout = Some((nums.first().copied().unwrap_or(0.0), nums.get(1).copied().unwrap_or(-1.0))),
             "treated_fraction" => condition(&mut cond).treated_fraction = nums.clone(),
             "condition_de_prob" => condition(&mut cond).de_prob = one()?,
+            "condition_shared" => condition(&mut cond).shared = one()? != 0.0,
             "condition_de_down_prob" => condition(&mut cond).de_down_prob = one()?,
             "condition_fac_loc" => condition(&mut cond).de_fac_loc = one()?,
             "condition_fac_scale" => condition(&mut cond).de_fac_scale = one()?,
@@ -322,7 +323,8 @@ fn simulation_to_r(mut s: simulate::Simulation) -> List {
         batch_factor = flatten(&s.batch_factor),
         condition_factor = flatten(&s.condition_factor),
         age_factor = s.age_factor.clone(),
-        true_lfc = flatten(&s.true_lfc)
+        true_lfc = flatten(&s.true_lfc),
+        true_lfc_population = s.true_lfc_population.clone()
     )
 }
 

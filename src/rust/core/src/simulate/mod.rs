@@ -1,7 +1,7 @@
 //! Splatter-style count simulator with known truth (Zappia et al. 2017,
 //! Genome Biology 18:174): gamma gene means with outliers, log-normal library
 //! sizes, log-normal cell-type DE factors, per-gene multiplicative batch
-//! factors, a treatment condition with per-cell-type effects, gamma–Poisson
+//! factors, a treatment condition with per-cell-type (or shared) effects, gamma–Poisson
 //! counts whose extra variance follows the biological coefficient of
 //! variation (BCV), and optional logistic dropout.
 //!
@@ -50,6 +50,10 @@ pub struct Simulation {
     /// True log2 fold change treated vs control of batch-free normalized
     /// expression, [group][gene].
     pub true_lfc: Vec<Vec<f64>>,
+    /// The same for all cells together, [gene]: the log2 ratio of the
+    /// cell-type mixture's (weights `group_prob`) batch-free normalized
+    /// expression, treated over control.
+    pub true_lfc_population: Vec<f64>,
     /// Peaks of the same cells, when an ATAC modality was simulated.
     pub atac: Option<AtacSimulation>,
     /// The second species, when one was simulated.
@@ -151,6 +155,9 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
     let batch_factor: Vec<Vec<f64>> =
         (0..n_batches).map(|_| factors(&mut rng, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
     let condition_factor: Vec<Vec<f64>> = match &p.condition {
+        Some(c) if c.shared => {
+            vec![factors(&mut rng, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale); n_groups]
+        }
         Some(c) => {
             (0..n_groups).map(|_| factors(&mut rng, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale)).collect()
         }
@@ -188,12 +195,18 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
     let profile_of = |t: usize, b: usize, c: usize, a: usize| &profiles[((t * n_batches + b) * n_cond + c) * n_age + a];
 
     // Truth for DE: batch-free, age-free normalized expression, treated vs control.
-    let true_lfc: Vec<Vec<f64>> = (0..n_groups)
-        .map(|t| {
-            let (control, treated) = (profile(t, None, 0, 0), profile(t, None, n_cond - 1, 0));
-            control.iter().zip(&treated).map(|(a, b)| (b / a).log2()).collect()
-        })
+    let free: Vec<(Vec<f64>, Vec<f64>)> =
+        (0..n_groups).map(|t| (profile(t, None, 0, 0), profile(t, None, n_cond - 1, 0))).collect();
+    let true_lfc: Vec<Vec<f64>> = free
+        .iter()
+        .map(|(control, treated)| control.iter().zip(treated).map(|(a, b)| (b / a).log2()).collect())
         .collect();
+    let weight_sum: f64 = p.group_prob.iter().sum();
+    let mixture = |which: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>, g: usize| -> f64 {
+        free.iter().zip(&p.group_prob).map(|(f, w)| w / weight_sum * which(f)[g]).sum()
+    };
+    let true_lfc_population: Vec<f64> =
+        (0..n_genes).map(|g| (mixture(|f| &f.1, g) / mixture(|f| &f.0, g)).log2()).collect();
 
     let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
         let mut r = ChaCha8Rng::seed_from_u64(p.seed);
@@ -260,6 +273,7 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         condition_factor,
         age_factor,
         true_lfc,
+        true_lfc_population,
         atac,
         species: None,
     })

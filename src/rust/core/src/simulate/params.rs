@@ -13,6 +13,9 @@ pub struct ConditionParams {
     pub treated_fraction: Vec<f64>,
     /// Fraction of genes with a condition effect, per cell type.
     pub de_prob: f64,
+    /// One set of condition effects shared by every cell type (a
+    /// population-level treatment response), instead of one per cell type.
+    pub shared: bool,
     /// Probability that a condition effect is a decrease.
     pub de_down_prob: f64,
     /// Log-normal location and scale of the condition effect factor.
@@ -30,6 +33,7 @@ impl Default for ConditionParams {
         ConditionParams {
             treated_fraction: vec![0.5],
             de_prob: 0.1,
+            shared: false,
             de_down_prob: 0.5,
             de_fac_loc: 0.5,
             de_fac_scale: 0.4,

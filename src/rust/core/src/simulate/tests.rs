@@ -39,28 +39,38 @@ fn batch_sizes_and_treated_fractions_are_exact() {
     }
 }
 
-#[test]
-fn observed_fold_changes_follow_the_truth() {
-    let p = SimParams { n_genes: 400, group_prob: vec![1.0], ..with_condition(4000, vec![0.5]) };
-    let s = simulate(&p).unwrap();
+/// log2 of treated over control mean counts/library per gene (None where
+/// either mean is below 1e-3).
+fn observed_lfc(s: &Simulation) -> Vec<Option<f64>> {
     let cond = s.condition.as_ref().unwrap();
     let libs = s.counts.library_sizes();
-    // mean of counts/library in each condition, per gene
-    let mut sums = [vec![0.0f64; 400], vec![0.0f64; 400]];
+    let n_genes = s.gene_mean.len();
+    let mut sums = [vec![0.0f64; n_genes], vec![0.0f64; n_genes]];
     let mut n = [0.0f64; 2];
-    for i in 0..4000 {
-        let c = cond.codes[i] as usize;
+    for (i, &c) in cond.codes.iter().enumerate() {
+        let c = c as usize;
         n[c] += 1.0;
         let (idx, val) = s.counts.csr.row(i);
         for (&g, &v) in idx.iter().zip(val) {
             sums[c][g as usize] += v as f64 / libs[i];
         }
     }
+    (0..n_genes)
+        .map(|g| {
+            let (a, b) = (sums[0][g] / n[0], sums[1][g] / n[1]);
+            (a > 1e-3 && b > 1e-3).then(|| (b / a).log2())
+        })
+        .collect()
+}
+
+#[test]
+fn observed_fold_changes_follow_the_truth() {
+    let p = SimParams { n_genes: 400, group_prob: vec![1.0], ..with_condition(4000, vec![0.5]) };
+    let s = simulate(&p).unwrap();
     let (mut est, mut truth) = (Vec::new(), Vec::new());
-    for g in 0..400 {
-        let (a, b) = (sums[0][g] / n[0], sums[1][g] / n[1]);
-        if s.condition_factor[0][g] != 1.0 && a > 1e-3 && b > 1e-3 {
-            est.push((b / a).log2());
+    for (g, obs) in observed_lfc(&s).into_iter().enumerate() {
+        if let (true, Some(o)) = (s.condition_factor[0][g] != 1.0, obs) {
+            est.push(o);
             truth.push(s.true_lfc[0][g]);
         }
     }
@@ -70,6 +80,33 @@ fn observed_fold_changes_follow_the_truth() {
     // genes without an effect share one small constant shift (normalization)
     let flat: Vec<f64> = (0..400).filter(|&g| s.condition_factor[0][g] == 1.0).map(|g| s.true_lfc[0][g]).collect();
     assert!(flat.iter().all(|v| (v - flat[0]).abs() < 1e-12 && v.abs() < 0.2));
+    // One cell type: the population truth is that type's.
+    assert_eq!(s.true_lfc_population.len(), 400);
+    assert!(s.true_lfc_population.iter().zip(&s.true_lfc[0]).all(|(a, b)| (a - b).abs() < 1e-12));
+}
+
+#[test]
+fn shared_condition_effects_and_the_population_truth() {
+    let mut p = SimParams { n_genes: 400, group_prob: vec![0.5, 0.3, 0.2], ..with_condition(6000, vec![0.5, 0.5]) };
+    p.condition.as_mut().unwrap().shared = true;
+    let s = simulate(&p).unwrap();
+    // One set of factors for every cell type, some of them not 1.
+    assert!(s.condition_factor.iter().all(|f| f == &s.condition_factor[0]));
+    let de: Vec<usize> = (0..400).filter(|&g| s.condition_factor[0][g] != 1.0).collect();
+    assert!(de.len() > 40, "{} DE genes", de.len());
+    // All cells together, treated over control, follow the population truth
+    // (cell types differ in their expression, so it is not any one type's).
+    let obs = observed_lfc(&s);
+    let (est, truth): (Vec<f64>, Vec<f64>) =
+        de.iter().filter_map(|&g| obs[g].map(|o| (o, s.true_lfc_population[g]))).unzip();
+    let r = pearson(&est, &truth);
+    assert!(r > 0.95, "r = {r} over {} genes", est.len());
+    let off_type = de.iter().filter(|&&g| (s.true_lfc_population[g] - s.true_lfc[0][g]).abs() > 1e-6).count();
+    assert!(off_type > 0);
+    // Without `shared`, the types draw their own effects.
+    p.condition.as_mut().unwrap().shared = false;
+    let own = simulate(&p).unwrap();
+    assert!(own.condition_factor[0] != own.condition_factor[1]);
 }
 
 #[test]
