@@ -38,10 +38,12 @@
 #' - **Pseudocount ε** (change, vanilla, MC dropout): in each group, the
 #'   genes with a mean count below 0.01 are treated as absent; the largest
 #'   scale the model gives each of them is a measure of the scale of
-#'   "nothing", and ε is the 0.9-quantile of those maxima, the larger of the
-#'   two groups' (1e-10 when no gene is absent). Give `pseudocount` to fix it.
+#'   "nothing": ε is the 0.9-quantile of those maxima, the larger of the
+#'   two groups', divided by the number of genes as scvi-tools 1.4.2 does
+#'   (and at least 1e-10). Give `pseudocount` to fix it.
 #' - **Threshold δ**: unless given, a three-component Gaussian mixture is
-#'   fitted to the genes' mean LFCs (down, unchanged, up) and δ is 0.6 times
+#'   fitted to the genes' mean LFCs (down, unchanged, up; started from a
+#'   k-means split, as scikit-learn's `GaussianMixture`) and δ is 0.6 times
 #'   the mean absolute value of its two extreme means, but at least
 #'   `delta_floor` (0.1).
 #' - **Calls**: genes are sorted by `proba_de` and the top k are called DE,

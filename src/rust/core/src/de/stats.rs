@@ -45,20 +45,51 @@ pub fn fdr_calls(proba_de: &[f64], target: f64) -> Vec<bool> {
 }
 
 /// Means of a three-component Gaussian mixture fitted to `x` by EM,
-/// sorted. Deterministic start: means at the 1/6, 1/2 and 5/6 quantiles,
-/// equal weights, the overall variance; variances floored by 1e-6
-/// (scikit-learn's `reg_covar`).
+/// sorted, started as scikit-learn's `GaussianMixture` is (its default
+/// `init_params = "kmeans"`): k-means (here 1-d Lloyd from the 1/6, 1/2 and
+/// 5/6 quantiles, deterministic) gives hard responsibilities, one M step
+/// gives the start. Variances are floored by 1e-6 (`reg_covar`); EM stops
+/// when the mean log-likelihood per point changes by less than 1e-3 (`tol`)
+/// or after 100 iterations (`max_iter`). Starting from the quantiles with the
+/// overall variance instead can end in a different optimum, with the two
+/// outer components pulled into the bulk of unchanged genes.
 pub fn gmm3_means(x: &[f64]) -> [f64; 3] {
     let n = x.len() as f64;
-    let mean = x.iter().sum::<f64>() / n;
-    let var = (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).max(1e-6);
     let mut sorted = x.to_vec();
-    let mut mu = [1.0 / 6.0, 0.5, 5.0 / 6.0].map(|p| quantile(&mut sorted, p));
-    let mut s2 = [var; 3];
-    let mut w = [1.0f64 / 3.0; 3];
-    let mut resp = vec![[0.0f64; 3]; x.len()];
+    let mut centre = [1.0 / 6.0, 0.5, 5.0 / 6.0].map(|p| quantile(&mut sorted, p));
+    let nearest = |c: &[f64; 3], v: f64| (0..3).min_by(|&a, &b| (v - c[a]).abs().total_cmp(&(v - c[b]).abs())).unwrap();
+    let mut label: Vec<usize> = x.iter().map(|&v| nearest(&centre, v)).collect();
+    for _ in 0..300 {
+        let mut sum = [0.0f64; 3];
+        let mut count = [0usize; 3];
+        for (&l, &v) in label.iter().zip(x) {
+            sum[l] += v;
+            count[l] += 1;
+        }
+        for k in 0..3 {
+            if count[k] > 0 {
+                centre[k] = sum[k] / count[k] as f64;
+            }
+        }
+        let next: Vec<usize> = x.iter().map(|&v| nearest(&centre, v)).collect();
+        if next == label {
+            break;
+        }
+        label = next;
+    }
+    let mut resp: Vec<[f64; 3]> = label.iter().map(|&l| std::array::from_fn(|k| f64::from(u8::from(k == l)))).collect();
+    let (mut mu, mut s2, mut w) = ([0.0f64; 3], [0.0f64; 3], [0.0f64; 3]);
+    let m_step = |resp: &[[f64; 3]], mu: &mut [f64; 3], s2: &mut [f64; 3], w: &mut [f64; 3]| {
+        for k in 0..3 {
+            let nk: f64 = resp.iter().map(|r| r[k]).sum::<f64>() + 1e-12;
+            mu[k] = resp.iter().zip(x).map(|(r, v)| r[k] * v).sum::<f64>() / nk;
+            s2[k] = resp.iter().zip(x).map(|(r, v)| r[k] * (v - mu[k]).powi(2)).sum::<f64>() / nk + 1e-6;
+            w[k] = nk / n;
+        }
+    };
+    m_step(&resp, &mut mu, &mut s2, &mut w);
     let mut last = f64::NEG_INFINITY;
-    for _ in 0..500 {
+    for _ in 0..100 {
         // E step (log-sum-exp per point).
         let mut loglik = 0.0;
         for (r, &v) in resp.iter_mut().zip(x) {
@@ -70,17 +101,11 @@ pub fn gmm3_means(x: &[f64]) -> [f64; 3] {
             loglik += m + z.ln();
             *r = std::array::from_fn(|k| (l[k] - m).exp() / z);
         }
-        // M step.
-        for k in 0..3 {
-            let nk: f64 = resp.iter().map(|r| r[k]).sum::<f64>() + 1e-12;
-            mu[k] = resp.iter().zip(x).map(|(r, v)| r[k] * v).sum::<f64>() / nk;
-            s2[k] = resp.iter().zip(x).map(|(r, v)| r[k] * (v - mu[k]).powi(2)).sum::<f64>() / nk + 1e-6;
-            w[k] = nk / n;
-        }
-        if (loglik - last).abs() <= 1e-8 * n {
+        m_step(&resp, &mut mu, &mut s2, &mut w);
+        if (loglik / n - last).abs() < 1e-3 {
             break;
         }
-        last = loglik;
+        last = loglik / n;
     }
     mu.sort_by(f64::total_cmp);
     mu
@@ -99,11 +124,12 @@ pub fn estimate_delta(lfc_means: &[f64], floor: f64) -> f64 {
     (0.6 * (m[0].abs() + m[2].abs()) / 2.0).max(floor)
 }
 
-/// Pseudocount ε of log2(ρ + ε) (scvi-tools' rule): for each group, the
-/// 0.9-quantile, over the genes barely detected in that group (`low`),
-/// of the largest scale any draw gave them, an estimate of the scale the
-/// model assigns to genes that are not there; ε is the larger of the two
-/// groups' (1e-10 for a group without such genes).
+/// Pseudocount ε of log2(ρ + ε) (scvi-tools' rule, `estimate_pseudocounts_offset`
+/// in 1.4.2): for each group, the 0.9-quantile, over the genes barely
+/// detected in that group (`low`), of the largest scale any draw gave them,
+/// an estimate of the scale the model assigns to genes that are not there
+/// (1e-10 for a group without such genes); ε is the larger of the two
+/// groups', divided by the number of genes, and at least 1e-10.
 pub fn pseudocount(max_scale1: &[f64], low1: &[bool], max_scale2: &[f64], low2: &[bool]) -> f64 {
     let one = |m: &[f64], low: &[bool]| {
         let mut v: Vec<f64> = m.iter().zip(low).filter(|(_, &l)| l).map(|(&s, _)| s).collect();
@@ -113,7 +139,7 @@ pub fn pseudocount(max_scale1: &[f64], low1: &[bool], max_scale2: &[f64], low2: 
             quantile(&mut v, 0.9)
         }
     };
-    one(max_scale1, low1).max(one(max_scale2, low2))
+    (one(max_scale1, low1).max(one(max_scale2, low2)) / max_scale1.len().max(1) as f64).max(1e-10)
 }
 
 /// Bayes factor of a probability: log(p / (1 − p)), guarded by 1e-8 as

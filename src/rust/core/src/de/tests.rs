@@ -52,19 +52,39 @@ fn delta_is_sixty_percent_of_the_extreme_modes() {
 }
 
 #[test]
+fn delta_matches_scikit_learn_on_a_bulk_with_wide_tails() {
+    // Mean LFCs shaped like a trained VAE's on the simulator's s1: 86% of
+    // genes unchanged (−0.09 ± 0.15), wide down and up tails. Points at the
+    // normal quantiles (i + 0.5)/n of each part. scikit-learn 1.x
+    // `GaussianMixture(3, random_state=0..3)` on the same points: extreme
+    // means −0.889 to −0.894 and 0.721, δ 0.483 to 0.485. (The former
+    // quantile start with the overall variance ended at δ = 0.1, the floor.)
+    use statrs::distribution::{ContinuousCDF, Normal};
+    let part = |n: usize, m: f64, s: f64| {
+        let z = Normal::new(0.0, 1.0).unwrap();
+        (0..n).map(move |i| m + s * z.inverse_cdf((i as f64 + 0.5) / n as f64))
+    };
+    let x: Vec<f64> = part(1720, -0.09, 0.15).chain(part(130, -0.68, 0.49)).chain(part(150, 0.53, 0.48)).collect();
+    let m = gmm3_means(&x);
+    assert!(close(m[0], -0.89, 0.02) && close(m[1], -0.09, 0.01) && close(m[2], 0.72, 0.02), "{m:?}");
+    assert!(close(estimate_delta(&x, 0.1), 0.483, 0.01));
+}
+
+#[test]
 fn pseudocount_is_the_ninetieth_percentile_of_absent_genes_maxima() {
-    // Group 1: absent genes' maxima 1..10 (×1e-5) → 0.9-quantile 9.1e-5;
-    // present genes (huge maxima) are ignored. Group 2 has no absent gene.
+    // Group 1: absent genes' maxima 1..10 (×1e-5) → 0.9-quantile 9.1e-5,
+    // over 11 genes (scvi-tools divides by the number of genes); present
+    // genes (huge maxima) are ignored. Group 2 has no absent gene.
     let mut max1: Vec<f64> = (1..=10).map(|i| i as f64 * 1e-5).collect();
     let mut low1 = vec![true; 10];
     max1.push(0.5);
     low1.push(false);
     let max2 = vec![0.3; 11];
     let low2 = vec![false; 11];
-    assert!(close(pseudocount(&max1, &low1, &max2, &low2), 9.1e-5, 1e-12));
+    assert!(close(pseudocount(&max1, &low1, &max2, &low2), 9.1e-5 / 11.0, 1e-15));
     // The larger of the two groups' values wins; none anywhere gives 1e-10.
     let low2b: Vec<bool> = (0..11).map(|i| i == 0).collect();
-    assert!(close(pseudocount(&max1, &low1, &max2, &low2b), 0.3, 1e-12));
+    assert!(close(pseudocount(&max1, &low1, &max2, &low2b), 0.3 / 11.0, 1e-12));
     assert_eq!(pseudocount(&max2, &low2, &max2, &low2), 1e-10);
 }
 
