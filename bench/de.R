@@ -1,15 +1,17 @@
 # Differential expression against the simulator's truth, side by side with
 # scvi-tools 1.4.2 (change mode) and scDistill 0.3.1 (pseudobulk, MC dropout).
 #
-#   Rscript bench/de.R [s1 s2 ... s6] [--cells N] [--threads N] [--epochs N] [--no-peers]
+#   Rscript bench/de.R [s1 s2 ... s6] [--cells N] [--threads N] [--epochs N] [--per-type] [--no-peers]
 #
-# For each scenario (default all six, at their own sizes unless --cells) and
-# each cell type: treated against control cells of that type. Truth: rowData
-# is_de_<type> and true_lfc_<type>. Per method, pooled over the cell types:
-# F1 of the calls, false discovery proportion among calls, Pearson r of the
-# estimated against the true LFC on the true DE genes, seconds of the DE calls
-# (model training separately). Tables go to bench/results/de_<scenario>.csv
-# and are printed.
+# For each scenario (default all six, at their own sizes unless --cells):
+# treated against control cells of every cell type together, as scDistill's
+# benchmark compares them; truth: rowData is_de and true_lfc (the cell-type
+# mixture's fold change). With --per-type, treated against control within
+# each cell type instead, truth is_de_<type> and true_lfc_<type>, pooled over
+# the types. Per method: F1 of the calls, false discovery proportion among
+# calls, Pearson r of the estimated against the true LFC on the true DE
+# genes, seconds of the DE calls (model training separately). Tables go to
+# bench/results/de_<scenario>[_per_type].csv and are printed.
 suppressMessages(library(scdistill))
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -19,6 +21,8 @@ threads <- opt("--threads", 2)
 cells <- opt("--cells", NA)
 epochs <- opt("--epochs", NA)
 peers <- !"--no-peers" %in% args
+per_type <- "--per-type" %in% args
+tag <- if (per_type) "_per_type" else ""
 scenarios <- grep("^s[1-6]$", args, value = TRUE)
 if (!length(scenarios)) scenarios <- paste0("s", 1:6)
 python <- file.path(Sys.getenv("HOME"), ".local", "share", "scdistill", "peers", "bin", "python")
@@ -37,7 +41,8 @@ run_scenario <- function(sc) {
   sim <- simulation_scenario(sc, n_cells = if (is.na(cells)) NULL else cells, seed = 1, threads = threads)
   rd <- SummarizedExperiment::rowData(sim)
   types <- sort(unique(as.character(sim$cell_type)))
-  cat(sprintf("\n== %s: %d cells x %d genes, %d cell types ==\n", sc, ncol(sim), nrow(sim), length(types)))
+  cat(sprintf("\n== %s: %d cells x %d genes, %d cell types, %s ==\n", sc, ncol(sim), nrow(sim), length(types),
+              if (per_type) "treated vs control within each type" else "treated vs control over all cells"))
   ep <- if (is.na(epochs)) NULL else epochs
   t0 <- Sys.time()
   vae <- fit_vae(sim, batch = "batch", max_epochs = ep, threads = threads)
@@ -66,12 +71,15 @@ run_scenario <- function(sc) {
     pseudobulk_edger = function(x) differential_expression(NULL, x, "condition", "treated", "control",
                                                            method = "pseudobulk", sample_key = "sample",
                                                            test = "edgeR"))
+  # The comparisons: one over all cells, or one per cell type.
+  parts <- if (per_type) types else "all"
+  truth_of <- function(part, what) rd[[if (part == "all") what else paste0(what, "_", part)]]
   rows <- list()
   for (m in names(methods)) {
     calls <- lfc <- truth <- tl <- c()
     secs <- 0
-    for (ct in types) {
-      x <- sim[, sim$cell_type == ct]
+    for (ct in parts) {
+      x <- if (ct == "all") sim else sim[, sim$cell_type == ct]
       t0 <- Sys.time()
       de <- tryCatch(methods[[m]](x), error = function(e) {
         message(m, " on ", ct, ": ", conditionMessage(e))
@@ -81,13 +89,13 @@ run_scenario <- function(sc) {
       if (is.null(de)) next
       calls <- c(calls, de$is_de)
       lfc <- c(lfc, de$lfc_mean)
-      truth <- c(truth, rd[[paste0("is_de_", ct)]])
-      tl <- c(tl, rd[[paste0("true_lfc_", ct)]])
+      truth <- c(truth, truth_of(ct, "is_de"))
+      tl <- c(tl, truth_of(ct, "true_lfc"))
     }
     if (length(calls)) rows[[m]] <- cbind(method = m, score(calls, lfc, truth, tl), seconds = secs)
   }
   if (peers && file.exists(python)) {
-    dir <- file.path(out_dir, paste0("de_", sc, "_data"))
+    dir <- file.path(out_dir, paste0("de_", sc, tag, "_data"))
     dir.create(dir, showWarnings = FALSE)
     Matrix::writeMM(SingleCellExperiment::counts(sim), file.path(dir, "counts.mtx"))
     writeLines(rownames(sim), file.path(dir, "genes.txt"))
@@ -95,16 +103,19 @@ run_scenario <- function(sc) {
                                 condition = sim$condition, sample = sim$sample),
                      file.path(dir, "obs.csv"), row.names = FALSE)
     peer_args <- c(file.path(root, "bench", "de_peer.py"), dir, "--threads", threads,
-                   if (!is.na(epochs)) c("--epochs", epochs))
+                   if (!is.na(epochs)) c("--epochs", epochs), if (!per_type) "--population")
     status <- system2(python, peer_args, stdout = FALSE, stderr = file.path(dir, "peer.log"))
     if (status == 0) {
       secs <- jsonlite_read(file.path(dir, "peer_de.json"))
       cat(sprintf("peers' training: scvi %.1f s, scDistill %.1f s\n", secs$scvi_train, secs$scdistill_train))
       for (m in c("scvi_change", "scdistill_pseudobulk", "scdistill_bayesian")) {
         p <- utils::read.csv(file.path(dir, paste0("peer_", m, ".csv")))
-        p <- p[order(match(p$cell_type, types)), ]
-        truth <- unlist(lapply(types, function(ct) rd[[paste0("is_de_", ct)]][match(p$gene[p$cell_type == ct], rownames(sim))]))
-        tl <- unlist(lapply(types, function(ct) rd[[paste0("true_lfc_", ct)]][match(p$gene[p$cell_type == ct], rownames(sim))]))
+        p <- p[order(match(p$cell_type, parts)), ]
+        at <- function(what) {
+          unlist(lapply(parts, function(ct) truth_of(ct, what)[match(p$gene[p$cell_type == ct], rownames(sim))]))
+        }
+        truth <- at("is_de")
+        tl <- at("true_lfc")
         rows[[m]] <- cbind(method = m, score(as.logical(p$is_de), p$lfc, truth, tl), seconds = secs[[m]])
       }
     } else {
@@ -113,7 +124,7 @@ run_scenario <- function(sc) {
   }
   res <- cbind(scenario = sc, do.call(rbind, rows))
   res$train_seconds <- ifelse(grepl("^vae", res$method), t_vae, ifelse(grepl("^distill", res$method), t_dst, NA))
-  utils::write.csv(res, file.path(out_dir, paste0("de_", sc, ".csv")), row.names = FALSE)
+  utils::write.csv(res, file.path(out_dir, paste0("de_", sc, tag, ".csv")), row.names = FALSE)
   print(res, digits = 3, row.names = FALSE)
   res
 }

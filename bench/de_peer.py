@@ -1,9 +1,10 @@
 """The reference tools' differential expression on data written by bench/de.R.
 
-    python bench/de_peer.py DIR [--threads 2] [--epochs N]
+    python bench/de_peer.py DIR [--threads 2] [--epochs N] [--population]
 
 DIR holds counts.mtx (genes x cells, raw counts), genes.txt and obs.csv (cell, batch, cell_type,
-condition, sample). For every cell type, treated against control cells of that type:
+condition, sample). For every cell type, treated against control cells of that type (with
+--population: treated against control cells of all types, reported as cell type "all"):
   scvi_change            scvi-tools 1.4.2 SCVI (its defaults, batch_key="batch"),
                          differential_expression(mode="change") with its defaults
                          (delta 0.25, fdr_target 0.05, no batch correction); calls are
@@ -35,6 +36,7 @@ p.add_argument("dir")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--epochs", type=int, default=None)
 p.add_argument("--skip-scvi", action="store_true", help="only scDistill (keeps an earlier scvi result)")
+p.add_argument("--population", action="store_true", help="one comparison over all cell types")
 a = p.parse_args()
 
 import anndata  # noqa: E402
@@ -45,6 +47,8 @@ obs = pd.read_csv(os.path.join(a.dir, "obs.csv"), index_col=0)
 obs.index = obs.index.astype(str)
 for k in ["batch", "cell_type", "condition", "sample"]:
     obs[k] = obs[k].astype(str)
+if a.population:
+    obs["cell_type"] = "all"
 obs["ct_cond"] = obs["cell_type"] + "|" + obs["condition"]
 counts = scipy.io.mmread(os.path.join(a.dir, "counts.mtx")).T.tocsr().astype(np.float32)
 with open(os.path.join(a.dir, "genes.txt")) as f:
