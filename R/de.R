@@ -15,7 +15,13 @@
 #'   across the groups and the log fold change
 #'   LFC = log2(ρ1 + ε) − log2(ρ2 + ε) of each pair. A gene's probability of
 #'   being DE is `proba_de` = max(P(LFC ≥ δ), P(LFC ≤ −δ)), its Bayes
-#'   factor log(p / (1 − p)).
+#'   factor log(p / (1 − p)). This is the posterior of the fold change
+#'   between single cells: when the groups mix cell types (e.g. treated
+#'   against control cells of every type), pairs of cells of different types
+#'   widen it and few genes reach `fdr_target`. For such population-level
+#'   comparisons `"pseudobulk"` (with samples) and `"mc_dropout"` estimate
+#'   the fold change of the group means instead (simulator benchmark:
+#'   `bench/RESULTS.md` in the source repository).
 #' - `"vanilla"`: the probability that ρ1 > ρ2 over the same pairs;
 #'   `bayes_factor` = log P(ρ1 > ρ2) − log P(ρ1 ≤ ρ2) (signed), `proba_de`
 #'   the larger of the two probabilities.
@@ -25,7 +31,11 @@
 #'   passes) plus the data (across cells, over their number), carried to the
 #'   log scale by the delta method. Only per-pass group means are kept, so
 #'   memory does not grow with the number of cells. Needs a model trained
-#'   with `dropout > 0`.
+#'   with `dropout > 0`. The variance covers neither the decoder's own
+#'   errors nor the count noise of rarely detected genes, so with thousands
+#'   of cells it can be over-confident: on the simulator, a VAE's calls were
+#'   mostly false (a distilled model's 10-17%), many of them genes with a
+#'   mean count below 0.1.
 #' - `"pseudobulk"`: raw counts summed per `sample_key` × group (samples
 #'   with fewer than `min_cells` cells of a group are left out; each group
 #'   needs at least two samples), then DESeq2's Wald test or edgeR's
