@@ -240,8 +240,8 @@ simulation_result <- function(res, params, format) {
 #' condition, and a strong treatment response shared by every cell type, as
 #' in scDistill's scenarios (one `is_de` and `true_lfc` per gene,
 #' "biological effect strength: strong"): 10% of genes change, by a factor
-#' drawn as LogNormal(1, 0.3) (median 2.7-fold, |log2 FC| mostly 0.8 to
-#' 2.2), up or down with equal odds. The truth for treated against control
+#' drawn as LogNormal(1, 0.3) (median 2.7-fold, |log2 FC| mostly 0.6 to
+#' 2.3), up or down with equal odds. The truth for treated against control
 #' cells is in `rowData` (`is_de`, `true_lfc`; per cell type
 #' `true_lfc_<type>`). For weaker or cell-type-specific effects call
 #' [simulate_counts()] with `condition_shared = FALSE` and a smaller
