@@ -201,12 +201,14 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         .iter()
         .map(|(control, treated)| control.iter().zip(treated).map(|(a, b)| (b / a).log2()).collect())
         .collect();
-    let weight_sum: f64 = p.group_prob.iter().sum();
-    let mixture = |which: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>, g: usize| -> f64 {
-        free.iter().zip(&p.group_prob).map(|(f, w)| w / weight_sum * which(f)[g]).sum()
-    };
-    let true_lfc_population: Vec<f64> =
-        (0..n_genes).map(|g| (mixture(|f| &f.1, g) / mixture(|f| &f.0, g)).log2()).collect();
+    // The mixture in proportions group_prob (their sum cancels in the ratio).
+    let true_lfc_population: Vec<f64> = (0..n_genes)
+        .map(|g| {
+            let (control, treated) =
+                free.iter().zip(&p.group_prob).fold((0.0, 0.0), |(c, t), ((fc, ft), w)| (c + w * fc[g], t + w * ft[g]));
+            (treated / control).log2()
+        })
+        .collect();
 
     let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
         let mut r = ChaCha8Rng::seed_from_u64(p.seed);
