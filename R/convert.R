@@ -6,7 +6,9 @@
 #' the package calls it on its input, so you rarely need it yourself; it is
 #' exported to check data early and to see what the package will use.
 #'
-#' Counts must be finite, non-negative whole numbers. Cells with no counts
+#' Counts must be finite, non-negative whole numbers, at most 2^24
+#' (16,777,216: the core stores counts as single-precision floats, which
+#' hold every whole number up to there exactly). Cells with no counts
 #' are refused (rather than silently dropped, which would misalign results
 #' with your object): remove them first. Genes need unique names; cells
 #' without names are called `cell_1`, `cell_2`, ...

@@ -129,16 +129,17 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
                                     sample_key = NULL, test = c("DESeq2", "edgeR"), covariates = NULL,
                                     on = c("counts", "corrected"), reference_batch = NULL, min_cells = 10,
                                     seed = 0, threads = NULL, ...) {
-  method <- match.arg(method)
+  method <- choose_arg(method, "method")
+  test <- choose_arg(test, "test")
+  on <- choose_arg(on, "on")
   if (!is.null(model) || method != "pseudobulk") check_model(model)
-  if (!is.null(model)) check_not_multimodal(model, "differential_expression()")
   check_fraction(fdr_target, "fdr_target")
-  seed <- check_count(seed, "seed", min = 0)
+  seed <- check_seed(seed)
   cnt <- as_counts(x, ...)
   groups <- de_groups(groupby, group1, group2, cnt)
   if (method == "pseudobulk") {
-    return(pseudobulk_de(model, cnt, groups, sample_key = sample_key, test = match.arg(test),
-                         covariates = covariates, on = match.arg(on), reference_batch = reference_batch,
+    return(pseudobulk_de(model, cnt, groups, sample_key = sample_key, test = test,
+                         covariates = covariates, on = on, reference_batch = reference_batch,
                          min_cells = check_count(min_cells, "min_cells"), fdr_target = fdr_target,
                          threads = threads))
   }
@@ -147,27 +148,27 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
     stop("`method = \"mc_dropout\"` needs a model trained with dropout > 0; this one has none", call. = FALSE)
   }
   levels <- model$info$batch_levels
+  if (is.null(levels)) {
+    stop("Bayesian differential_expression() is not available for ", sub("scdistill_", "", class(model)[1]),
+         " models; use ",
+         "`method = \"pseudobulk\"`", call. = FALSE)
+  }
   batches <- de_batches(batch_correction, levels)
-  inp <- model_input(model, cnt, batch)
+  cells <- model_cells(model, cnt, batch)
   distilled <- inherits(model, "scdistill_distill")
-  if (is.null(inp$batch)) {
-    if (distilled && length(batches)) inp$batch <- rep(levels[1], length(inp$cells))
+  if (is.null(cells$batch)) {
+    if (distilled && length(batches)) cells$batch <- rep(levels[1], length(cells$cells))
     else stop("the cells' batch is needed: pass `batch` (a column of the cell metadata or one value per cell), ",
               "or use `batch_correction = TRUE`", call. = FALSE)
   }
   settings <- list(method = method, n_samples = n_samples, n_pairs = check_count(n_pairs, "n_pairs"),
-                   batches = batches, delta = de_optional(delta, "delta"),
+                   batches = as.list(batches), delta = de_optional(delta, "delta"),
                    delta_floor = check_positive(delta_floor, "delta_floor", zero_ok = TRUE),
                    pseudocount = de_optional(pseudocount, "pseudocount"), low_count = 0.01,
                    fdr_target = fdr_target, seed = seed)
   i1 <- groups$idx1 - 1L
   i2 <- groups$idx2 - 1L
-  res <- if (distilled) {
-    rust(rs_distill_de(model_ptr(model), inp$counts, inp$batch, i1, i2, settings, resolve_threads(threads)))
-  } else {
-    rust(rs_vae_de(model_ptr(model), inp$counts, inp$batch, inp$categorical, inp$continuous, i1, i2, settings,
-                   resolve_threads(threads)))
-  }
+  res <- rust(rs_model_de(model_ptr(model), cells, i1, i2, settings, resolve_threads(threads)))
   change <- method != "mc_dropout"
   out <- de_table(model$info$genes, res, change = change)
   params <- c(list(method = method, model = if (distilled) "distill" else "vae"), groups$labels,
@@ -284,11 +285,7 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
   if (on == "corrected") {
     if (is.null(model)) stop("`on = \"corrected\"` needs a model", call. = FALSE)
     reference_batch <- as.character(reference_batch %||% model$info$batch_levels[1])
-    rho <- if (inherits(model, "scdistill_distill")) {
-      corrected_expression(model, cnt, reference_batch = reference_batch, type = "scale", threads = threads)
-    } else {
-      normalized_expression(model, cnt, transform_batch = reference_batch, threads = threads)
-    }
+    rho <- normalized_expression(model, cnt, transform_batch = reference_batch, threads = threads)
     mat <- sweep(rho, 2, Matrix::colSums(cnt$counts), `*`)
   } else {
     mat <- cnt$counts[genes, , drop = FALSE]

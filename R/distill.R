@@ -14,19 +14,41 @@
 #' @param n_pcs Principal components handed to Harmony; also the latent
 #'   dimension of the student unless `distill(n_latent =)` says otherwise.
 #' @param n_hvg Highly variable genes: the PCA's genes and the encoder's input.
-#' @param pca_method PCA of log2(CPM + 1) (`"standard"`) or of analytic
-#'   Pearson residuals (`"pearson_residuals"`), see [run_pca()]. The
-#'   encoder reads log2 CPM either way.
-#' @param ... Further arguments of [run_harmony()] (`sigma`, `lambda`,
-#'   `n_clusters`, `max_iter`, ...).
+#' @param method PCA of log2(CPM + 1) (`"log2cpm"`) or of analytic
+#'   Pearson residuals (`"pearson_residuals"`): [run_pca()]'s `method`. The
+#'   encoder reads log2 CPM either way. (Formerly `pca_method`, with
+#'   `"standard"` for `"log2cpm"`; both are still accepted, with a warning.)
+#' @param ... Further arguments of [run_harmony()]'s algorithm: `sigma`,
+#'   `lambda`, `n_clusters`, `max_iter`, `max_iter_cluster`,
+#'   `epsilon_cluster`, `epsilon_harmony`, `block_size`, `alpha`, `tau`,
+#'   `protect_theta`, and `seed` (by default [distill()]'s). `reduction` and
+#'   `name` do not apply: the teacher computes its own PCA and keeps Z* in
+#'   the model.
 #' @return A `scdistill_teacher`.
 #' @examples
 #' harmony_teacher(theta = 2, protect = "condition")
 #' @export
 harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
-                            pca_method = c("standard", "pearson_residuals"), ...) {
+                            method = c("log2cpm", "pearson_residuals"), ...) {
+  args <- list(...)
+  if (!is.null(args$pca_method)) {
+    warning("harmony_teacher(pca_method =) is now `method`, as in run_pca()", call. = FALSE)
+    method <- if (identical(args$pca_method, "standard")) "log2cpm" else args$pca_method
+    args$pca_method <- NULL
+  }
+  known <- c("sigma", "lambda", "n_clusters", "max_iter", "max_iter_cluster", "epsilon_cluster", "epsilon_harmony",
+             "block_size", "alpha", "tau", "protect_theta", "seed")
+  bad <- setdiff(names(args) %||% rep("", length(args)), known)
+  if (length(bad) || (length(args) && is.null(names(args)))) {
+    bad <- bad[nzchar(bad)]
+    stop("harmony_teacher() takes run_harmony()'s algorithm settings (", paste(known, collapse = ", "), "); not ",
+         if (length(bad)) paste0("`", bad, "`", collapse = ", ") else "unnamed arguments",
+         if (any(c("reduction", "name") %in% bad)) " (the teacher computes its own PCA and keeps Z* in the model)",
+         call. = FALSE)
+  }
+  if (!is.null(args$seed)) args$seed <- check_seed(args$seed)
   structure(list(kind = "harmony", theta = theta, protect = protect, n_pcs = check_count(n_pcs, "n_pcs", min = 2),
-                 n_hvg = check_count(n_hvg, "n_hvg"), pca_method = match.arg(pca_method), args = list(...)),
+                 n_hvg = check_count(n_hvg, "n_hvg"), method = choose_arg(method, "method"), args = args),
             class = "scdistill_teacher")
 }
 
@@ -121,27 +143,29 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
                     dropout = 0.1, norm = c("batch", "layer", "none"), decoder_genes = c("all", "hvg"),
                     max_epochs_encoder = 100, max_epochs_decoder = 100, batch_size = 128, lr = 1e-3,
                     weight_decay = 0, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
-                    device = "auto", threads = NULL, progress = interactive(), ...) {
+                    device = "auto", threads = NULL, progress = interactive(), train = NULL, ...) {
+  apply_train_params(train, environment(), names(match.call())[-1], "distill",
+                     map = list(max_epochs = c("max_epochs_encoder", "max_epochs_decoder")))
   if (missing(batch) || is.null(batch)) stop("`batch` is required: the batch of each cell", call. = FALSE)
   if (!inherits(teacher, "scdistill_teacher")) {
     stop("`teacher` must be harmony_teacher() or given_teacher()", call. = FALSE)
   }
-  norm <- match.arg(norm)
-  decoder_genes <- match.arg(decoder_genes)
+  norm <- choose_arg(norm, "norm")
+  decoder_genes <- choose_arg(decoder_genes, "decoder_genes")
   check_fraction(dropout, "dropout")
   check_fraction(validation_fraction, "validation_fraction")
   check_positive(lr, "lr")
   check_positive(weight_decay, "weight_decay", zero_ok = TRUE)
-  seed <- check_count(seed, "seed", min = 0)
+  seed <- check_seed(seed)
   progress <- check_flag(progress, "progress")
-  train <- function(epochs, arg) {
+  phase <- function(epochs, arg) {
     list(max_epochs = check_count(epochs, arg), batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
          weight_decay = weight_decay, adam_eps = 1e-8, kl_warmup = 0,
          early_stopping = check_flag(early_stopping, "early_stopping"), patience = check_count(patience, "patience"),
          min_delta = 0, validation_fraction = validation_fraction, seed = seed)
   }
-  t1 <- train(max_epochs_encoder, "max_epochs_encoder")
-  t2 <- train(max_epochs_decoder, "max_epochs_decoder")
+  t1 <- phase(max_epochs_encoder, "max_epochs_encoder")
+  t2 <- phase(max_epochs_decoder, "max_epochs_decoder")
   config <- list(n_hidden = check_count(n_hidden, "n_hidden"), n_layers = check_count(n_layers, "n_layers"),
                  dropout = dropout, norm = norm)
   if (!is.null(n_latent)) n_latent <- check_count(n_latent, "n_latent", min = 2)
@@ -161,16 +185,14 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   bar <- if (progress) distill_bar(t1$max_epochs, t2$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_distill(slots(cnt), as.integer(cnt$batch), levels(cnt$batch), input, output, as.double(z),
-                             ncol(z), t$name, config, t1, t2, device, resolve_threads(threads), bar$update))
-  model <- new_model(fit$ptr, "scdistill_distill")
+                             ncol(z), t$name, config, t1, t2, check_device(device), resolve_threads(threads),
+                             bar$update))
+  model <- new_model(fit$ptr, cnt$counts)
+  # The batch's metadata column, where normalized_expression() finds each cell's own batch.
   model$covariates$batch <- if (is.character(batch) && length(batch) == 1 && length(cells) != 1) batch
-  model$latent <- latent_matrix(fit$latent, cells, ncol(z))
   model$teacher_latent <- z
   model$teacher <- teacher
-  if (isTRUE(model$info$interrupted)) {
-    warning("training was interrupted; the model keeps the best weights reached", call. = FALSE)
-  }
-  model
+  finish_fit(model, fit$latent, cells)
 }
 
 # Z* (cells x d, rows in the order of `cnt`), the encoder's genes and a label.
@@ -178,22 +200,22 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   cells <- colnames(cnt$counts)
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
-    if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$pca_method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
+    if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
     pcs <- run_pca(cnt, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads,
-                   method = if (identical(teacher$pca_method, "pearson_residuals")) "pearson_residuals" else "log2cpm")
+                   method = teacher$method)
     if (progress) cli::cli_progress_done()
     args <- utils::modifyList(list(theta = teacher$theta, lambda = NULL, sigma = 0.1, n_clusters = NULL,
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
-                                   protect_theta = 0), teacher$args)
+                                   protect_theta = 0, seed = seed), teacher$args)
     z <- do.call(harmony_fit, c(list(emb = unclass_matrix(pcs), cell_data = cnt$cell_data,
-                                     batch = cnt$batch, protect = teacher$protect, seed = seed,
+                                     batch = cnt$batch, protect = teacher$protect,
                                      threads = threads, progress = progress), args))
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
     return(list(z = z, hvg = rownames(attr(pcs, "rotation")), name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs",
                                                                           paste(teacher$theta, collapse = "/"),
-                                                                          n_pcs, teacher$pca_method, teacher$n_hvg)))
+                                                                          n_pcs, teacher$method, teacher$n_hvg)))
   }
   emb <- teacher$embedding
   label <- "given embedding"
@@ -273,7 +295,10 @@ teacher_latent <- function(model) {
 #' @param x Counts of the cells (usually the training data; new cells work
 #'   too, genes matched by name).
 #' @param reference_batch One or more batch levels of the training data;
-#'   `NULL`: the first level.
+#'   `NULL`: the first level. The same as [normalized_expression()]'s
+#'   `transform_batch` (this function calls it, then takes log2 CPM); only
+#'   the default differs: `transform_batch = NULL` decodes each cell in its
+#'   own batch, which corrects nothing.
 #' @param type `"log2cpm"`: log2(ρ · 10^6 + 1), the scale of the encoder's
 #'   input; `"scale"`: the proportions ρ (columns sum to 1).
 #' @param threads CPU threads.
@@ -287,11 +312,9 @@ teacher_latent <- function(model) {
 #' @export
 corrected_expression <- function(model, x, reference_batch = NULL, type = c("log2cpm", "scale"), threads = NULL, ...) {
   check_distill(model)
-  type <- match.arg(type)
+  type <- choose_arg(type, "type")
   reference_batch <- as.character(reference_batch %||% model$info$batch_levels[1])
-  cnt <- as_counts(x, ...)
-  v <- rust(rs_distill_corrected(model_ptr(model), slots(cnt), reference_batch, resolve_threads(threads)))
-  out <- matrix(v, nrow = length(model$info$genes), dimnames = list(model$info$genes, colnames(cnt$counts)))
+  out <- normalized_expression(model, x, transform_batch = reference_batch, threads = threads, ...)
   if (type == "log2cpm") out <- log2(out * 1e6 + 1)
   out
 }

@@ -18,7 +18,7 @@
 #' table(sce$cell_line, sce$batch)
 #' @export
 example_cellbench <- function(format = c("sce", "list")) {
-  format <- match.arg(format)
+  format <- choose_arg(format, "format")
   path <- system.file("extdata", "cellbench_sng.rds", package = "scdistill", mustWork = TRUE)
   data <- readRDS(path)
   if (format == "list") return(data)

@@ -104,6 +104,14 @@ harmony_covariates <- function(values, cell_data, cells, arg, theta, lambda, pro
   if (is.data.frame(values)) {
     cols <- as.list(values)
   } else if (is.character(values) && length(values) < length(cells) && length(values) >= 1) {
+    # Column names of the cell metadata (several: one batch variable each).
+    unknown <- setdiff(values, colnames(cell_data) %||% character())
+    if (length(values) > 1 && length(unknown)) {
+      stop("`", arg, "` has ", length(values), " values but `x` has ", length(cells), " cells, and ",
+           paste0("'", utils_head(unknown, 3), "'", collapse = ", "), " ",
+           if (length(unknown) == 1) "is not a column" else "are not columns", " of the cell metadata",
+           call. = FALSE)
+    }
     cols <- stats::setNames(as.list(values), values)
   } else {
     cols <- list(values)
@@ -143,11 +151,11 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
   if (!length(covs) || all(vapply(covs, function(c) c$protected, logical(1)))) {
     stop("`batch` is required: the variable(s) to correct for", call. = FALSE)
   }
-  params <- list(sigma = sigma, n_clusters = if (is.null(n_clusters)) 0 else check_count(n_clusters, "n_clusters"),
+  params <- list(sigma = sigma, n_clusters = if (!is.null(n_clusters)) check_count(n_clusters, "n_clusters"),
                  max_iter = check_count(max_iter, "max_iter"),
                  max_iter_cluster = check_count(max_iter_cluster, "max_iter_cluster"),
                  epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
-                 alpha = alpha, tau = tau, seed = check_count(seed, "seed", min = 0), memberships = memberships)
+                 alpha = alpha, tau = tau, seed = check_seed(seed), memberships = memberships)
   bar <- NULL
   if (check_flag(progress, "progress")) {
     id <- cli::cli_progress_bar(total = params$max_iter, clear = FALSE,

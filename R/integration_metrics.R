@@ -77,6 +77,17 @@ integration_metrics <- function(x, batch, label, reduction = NULL, pre = NULL, s
   out
 }
 
+# The scores plot() draws, in groups: every score of the table. kBET counts
+# in the batch score; Leiden's NMI and ARI are reported beside the bio
+# score (outside its mean, as in scib-metrics' default).
+metric_groups <- function(x) {
+  all <- list(bio = c("clisi", "silhouette_label", "isolated_labels", "nmi_kmeans", "ari_kmeans"),
+              batch = c("ilisi", "kbet", "silhouette_batch", "graph_connectivity", "pcr_comparison"),
+              extra = c("nmi_leiden", "ari_leiden"),
+              agg = c("bio_conservation", "batch_correction", "total"))
+  lapply(all, intersect, names(x))
+}
+
 metric_inputs <- function(x, batch, label, reduction, pre) {
   cell_data <- NULL
   if (is(x, "SingleCellExperiment")) {
@@ -125,9 +136,8 @@ embeddings_all <- function(x) {
 #' @method plot scdistill_metrics
 #' @export
 plot.scdistill_metrics <- function(x, ...) {
-  cols <- c(bio = "clisi", bio = "silhouette_label", bio = "isolated_labels", bio = "nmi_kmeans",
-            bio = "ari_kmeans", batch = "ilisi", batch = "silhouette_batch", batch = "graph_connectivity",
-            batch = "pcr_comparison", "bio_conservation", "batch_correction", "total")
+  groups <- metric_groups(x)
+  cols <- unlist(groups, use.names = FALSE)
   m <- as.matrix(as.data.frame(x)[, cols, drop = FALSE])
   nr <- nrow(m)
   op <- graphics::par(mar = c(8, 8, 2, 1))
@@ -136,9 +146,11 @@ plot.scdistill_metrics <- function(x, ...) {
                  main = "Integration metrics (larger is better)")
   graphics::axis(1, at = seq_len(ncol(m)), labels = colnames(m), las = 2, cex.axis = 0.8, tick = FALSE)
   graphics::axis(2, at = rev(seq_len(nr)), labels = rownames(m), las = 1, tick = FALSE)
-  graphics::abline(v = c(5.5, 9.5), col = "grey80")
-  graphics::mtext(c("bio conservation", "batch correction", "aggregate"), side = 3, at = c(3, 7.5, 11),
-                  line = 0, cex = 0.8, col = "grey30")
+  ends <- cumsum(lengths(groups))
+  graphics::abline(v = ends[-length(ends)] + 0.5, col = "grey80")
+  mids <- (c(0, ends[-length(ends)]) + ends) / 2 + 0.5
+  graphics::mtext(c("bio conservation", "batch correction", "Leiden", "aggregate")[lengths(groups) > 0],
+                  side = 3, at = mids[lengths(groups) > 0], line = 0, cex = 0.8, col = "grey30")
   pal <- grDevices::colorRampPalette(c("#d7301f", "#fdd49e", "#2b8cbe"))(101)
   for (i in seq_len(nr)) for (j in seq_len(ncol(m))) {
     v <- m[i, j]

@@ -99,10 +99,11 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                            library_prior_scale = 0.5, decoder_l2 = 0.1, norm = c("layer", "batch", "none"),
                            max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
                            early_stopping = TRUE, patience = 45, min_delta = NULL, validation_fraction = 0.1,
-                           seed = 0, device = "auto", threads = NULL, progress = interactive()) {
-  combine <- match.arg(combine)
-  library_size <- match.arg(library_size)
-  norm <- match.arg(norm)
+                           seed = 0, device = "auto", threads = NULL, progress = interactive(), train = NULL) {
+  apply_train_params(train, environment(), names(match.call())[-1], "fit_multimodal")
+  combine <- choose_arg(combine, "combine")
+  library_size <- choose_arg(library_size, "library_size")
+  norm <- choose_arg(norm, "norm")
   check_fraction(dropout, "dropout")
   check_positive(library_prior_scale, "library_prior_scale")
   check_positive(decoder_l2, "decoder_l2", zero_ok = TRUE)
@@ -139,7 +140,14 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
   })
   names(specs) <- mods
 
-  batch_cols <- if (is.null(batch)) NULL else batch
+  # A batch given as one value per cell becomes the metadata column "batch",
+  # under which new cells give it (as for fit_vae()).
+  if (!is.null(batch) && !(is.character(batch) && length(batch) >= 1 && length(batch) < n_cells &&
+                           all(batch %in% colnames(mo$cell_data)))) {
+    mo$cell_data$batch <- resolve_cell_factor(batch, mo$cell_data, cells, "batch")
+    batch <- "batch"
+  }
+  batch_cols <- batch
   key <- function(cols, arg) covariate_key(cols, mo$cell_data, cells, arg)
   covariates <- list(ambient = key(ambient_covariates %||% batch_cols, "ambient_covariates"),
                      scaling = key(feature_scaling_covariates, "feature_scaling_covariates"),
@@ -152,20 +160,17 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                  ambient_prior = check_flag(ambient_prior, "ambient_prior"), decoder_l2 = decoder_l2)
   n_features <- sum(vapply(mo$counts, nrow, integer(1)))
   min_delta <- min_delta %||% (2e-4 * n_features)
-  train <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
-                          min_delta, validation_fraction, seed)
+  tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                       min_delta, validation_fraction, seed)
+  config$modalities <- unname(Map(function(spec, m) c(list(name = m), spec), specs, mods))
 
-  bar <- if (check_flag(progress, "progress")) training_bar(train$max_epochs) else NULL
+  bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_multimodal(lapply(mo$slots, identity), covariates, config, specs, train, device,
+  fit <- rust(rs_fit_multimodal(unname(mo$slots), covariates, config, tc, check_device(device),
                                 resolve_threads(threads), bar$update))
-  model <- new_model(fit$ptr, "scdistill_multimodal")
-  model$latent <- multimodal_latents(fit$latent, cells, model)
-  if (isTRUE(model$info$interrupted)) {
-    warning("training was interrupted at epoch ", nrow(model$history), "; the model keeps the weights of epoch ",
-            model$info$best_epoch, call. = FALSE)
-  }
-  model
+  model <- new_model(fit$ptr, mo$counts)
+  model$covariates$batch <- batch_cols
+  finish_fit(model, fit$latent, cells)
 }
 
 check_modalities <- function(m, mods, arg) {
@@ -259,6 +264,7 @@ multimodal_counts <- function(x, modalities = NULL) {
     names(mats) <- modalities
     cell_data <- x[[]]
   } else if (is.list(x) && !is.data.frame(x)) {
+    cell_data <- attr(x, "cell_data")
     if (is.null(names(x)) || any(!nzchar(names(x)))) {
       stop("a list of modalities must be named (e.g. list(RNA = rna, ATAC = atac))", call. = FALSE)
     }
@@ -314,52 +320,136 @@ default_modalities <- function(available) {
   c(rna[1], atac[1])
 }
 
+# The latent spaces from the glue (list(joint, parts)) as the joint matrix
+# with each modality's own in attribute "modalities".
 multimodal_latents <- function(values, cells, model) {
-  joint <- latent_matrix(values$joint, cells, model$info$config$n_latent)
-  per <- lapply(names(values$modalities), function(m) {
-    d <- model$info$modalities[[m]]$n_latent
-    matrix(values$modalities[[m]], ncol = d, dimnames = list(cells, paste0(m, "_", seq_len(d))))
+  joint <- latent_matrix(values$joint, cells, ncol(values$joint))
+  per <- lapply(names(values$parts), function(m) {
+    z <- values$parts[[m]]
+    matrix(z, ncol = ncol(z), dimnames = list(cells, paste0(m, "_", seq_len(ncol(z)))))
   })
-  names(per) <- names(values$modalities)
+  names(per) <- names(values$parts)
   attr(joint, "modalities") <- per
   joint
 }
 
+modality_names <- function(model) as.character(model$info$config$modalities$name)
+
+# The model's batch: the metadata column it was trained with, or (for a
+# model read from a file) the name of its ambient key, which the batch sets.
+multimodal_batch_name <- function(model) model$covariates$batch %||% model$info$ambient$name
+
 # Covariate labels of (new) cells for each key of the model, in the core's
 # order; NULL where the key has one level or is absent from the cell data.
-multimodal_labels <- function(model, cell_data, cells) {
-  cov <- model$info$covariates
-  keys <- c(list(cov$ambient, cov$scaling, cov$dispersion, cov$library), cov$decoder, cov$encoder)
+# `batch` (a column or one value per cell) gives the keys made from the batch.
+multimodal_labels <- function(model, cell_data, cells, batch = NULL) {
+  i <- model$info
+  keys <- c(list(i$ambient, i$scaling, i$dispersion, i$library), i$decoder, i$encoder)
+  batch_name <- multimodal_batch_name(model)
+  batch_values <- if (!is.null(batch)) as.character(resolve_cell_factor(batch, cell_data, cells, "batch"))
   lapply(keys, function(k) {
     if (length(k$levels) == 1 || !nzchar(k$name)) return(NULL)
+    if (!is.null(batch_values) && identical(k$name, batch_name)) return(batch_values)
     cols <- strsplit(k$name, ":", fixed = TRUE)[[1]]
     if (!all(cols %in% colnames(cell_data))) return(NULL)
     as.character(do.call(paste, c(lapply(cols, function(c) as.character(cell_data[[c]])), sep = ":")))
   })
 }
 
-multimodal_input <- function(model, x) {
-  mo <- if (is.null(x)) stop("pass `x`, the paired counts of the cells", call. = FALSE) else
-    multimodal_counts(x, names(model$info$modalities))
+#' @export
+model_cells.scdistill_multimodal <- function(model, x, batch = NULL, ...) {
+  if (is.null(x)) stop("pass `x`, the paired counts of the cells", call. = FALSE)
+  mo <- multimodal_counts(x, modality_names(model))
   cells <- colnames(mo$counts[[1]])
-  list(slots = mo$slots, labels = multimodal_labels(model, mo$cell_data, cells), cells = cells)
+  list(counts = unname(mo$slots), categorical = multimodal_labels(model, mo$cell_data, cells, batch), cells = cells)
+}
+
+#' @export
+model_features.scdistill_multimodal <- function(model, modality = NULL) {
+  model$info$features[[match(modality %||% modality_names(model)[1], modality_names(model))]]
+}
+
+check_modality <- function(model, modality, joint_ok) {
+  mods <- modality_names(model)
+  if (is.null(modality) && joint_ok) return(NULL)
+  modality <- modality %||% mods[1]
+  if (!(is.character(modality) && length(modality) == 1 && modality %in% mods)) {
+    stop("`modality` must be one of ", paste(mods, collapse = ", "),
+         if (joint_ok) " (or NULL for the joint latent space)", call. = FALSE)
+  }
+  modality
+}
+
+#' @rdname latent
+#' @export
+latent.scdistill_multimodal <- function(model, x = NULL, batch = NULL, give_mean = TRUE, seed = 0, threads = NULL,
+                                        modality = NULL, ...) {
+  give_mean <- check_flag(give_mean, "give_mean")
+  modality <- check_modality(model, modality, joint_ok = TRUE)
+  z <- if (is.null(x) && give_mean && !is.null(model$latent)) {
+    model$latent
+  } else {
+    cells <- model_cells(model, x, batch)
+    v <- rust(rs_model_latent(model_ptr(model), cells, list(give_mean = give_mean, seed = check_seed(seed)),
+                              resolve_threads(threads)))
+    multimodal_latents(v, cells$cells, model)
+  }
+  if (is.null(modality)) {
+    attr(z, "modalities") <- NULL
+    return(z)
+  }
+  attr(z, "modalities")[[modality]]
+}
+
+#' @rdname normalized_expression
+#' @export
+normalized_expression.scdistill_multimodal <- function(model, x, batch = NULL, transform_batch = NULL,
+                                                       library_size = 1, n_samples = 1, log1p = FALSE, seed = 0,
+                                                       threads = NULL, modality = NULL, ambient = FALSE, ...) {
+  modality <- check_modality(model, modality, joint_ok = FALSE)
+  opts <- list(transform_batch = transform_batch, library_size = library_size, n_samples = n_samples, seed = seed,
+               modality = match(modality, modality_names(model)) - 1L, ambient = check_flag(ambient, "ambient"))
+  expression_of(model, x, batch, opts, log1p, threads, modality = modality)
+}
+
+#' @rdname add_latent
+#' @export
+add_latent.scdistill_multimodal <- function(x, model, name = NULL, ...) {
+  name <- name %||% "multimodal"
+  z <- NULL
+  if (!is.null(model$latent)) {
+    mo <- multimodal_counts(x, modality_names(model))
+    if (identical(data_fingerprint(mo$counts), model$fingerprint)) z <- model$latent
+  }
+  if (is.null(z)) {
+    cells <- model_cells(model, x, ...)
+    z <- multimodal_latents(rust(rs_model_latent(model_ptr(model), cells, list(give_mean = TRUE, seed = 0),
+                                                 resolve_threads(NULL))), cells$cells, model)
+  }
+  per <- attr(z, "modalities")
+  attr(z, "modalities") <- NULL
+  x <- write_back(x, z, name)
+  for (m in names(per)) x <- write_back(x, per[[m]], paste0(name, "_", m))
+  x
 }
 
 #' @method print scdistill_multimodal
 #' @export
 print.scdistill_multimodal <- function(x, ...) {
   i <- x$info
-  mods <- vapply(names(i$modalities), function(m) {
-    s <- i$modalities[[m]]
-    sprintf("%s (%s features, %d latent%s%s)", m, fmt_int(length(s$features)), s$n_latent,
-            if (isTRUE(s$ambient)) ", ambient" else "", if (isTRUE(s$feature_scaling)) ", scaled" else "")
+  spec <- i$config$modalities
+  mods <- vapply(seq_along(spec$name), function(k) {
+    sprintf("%s (%s features, %d latent%s%s)", spec$name[k], fmt_int(spec$n_features[k]), spec$n_latent[k],
+            if (isTRUE(spec$ambient[k])) ", ambient" else "", if (isTRUE(spec$feature_scaling[k])) ", scaled" else "")
   }, character(1))
   cat(sprintf("scdistill multimodal VAE: %s -> %d joint latent dimensions (%s)\n",
-              paste(mods, collapse = " + "), i$config$n_latent, i$config$combine))
-  keys <- vapply(i$covariates[c("ambient", "scaling", "dispersion", "library")],
+              paste(mods, collapse = " + "),
+              if (identical(i$config$combine, "mean")) spec$n_latent[1] else sum(spec$n_latent), i$config$combine))
+  keys <- vapply(i[c("ambient", "scaling", "dispersion", "library")],
                  function(k) if (nzchar(k$name)) sprintf("%s (%d)", k$name, length(k$levels)) else "-", character(1))
   cat(sprintf("  trained on %s cells; ambient: %s, scaling: %s, dispersion: %s, library (%s): %s\n",
-              fmt_int(i$n_cells), keys[1], keys[2], keys[3], i$config$library, keys[4]))
+              fmt_int(i$n_cells), keys[1], keys[2], keys[3],
+              if (isTRUE(i$config$learn_library)) "learned" else "observed", keys[4]))
   h <- x$history
   if (nrow(h)) {
     state <- if (isTRUE(i$interrupted)) "interrupted" else if (isTRUE(i$stopped_early)) "stopped early" else "done"
@@ -394,10 +484,10 @@ print.scdistill_multimodal <- function(x, ...) {
 #' @export
 modality_attribution <- function(model, x, threads = NULL) {
   check_multimodal(model, "modality_attribution()")
-  inp <- multimodal_input(model, x)
-  v <- rust(rs_multimodal_attribution(model_ptr(model), inp$slots, inp$labels, resolve_threads(threads)))
-  mods <- names(model$info$modalities)
-  d <- model$info$config$n_latent
+  inp <- model_cells(model, x)
+  v <- rust(rs_multimodal_attribution(model_ptr(model), inp, resolve_threads(threads)))
+  mods <- modality_names(model)
+  d <- length(v) / length(mods) / max(length(inp$cells), 1)
   n <- length(inp$cells)
   # The core's buffer is row-major [cells, modalities, latent].
   a <- aperm(array(v, dim = c(d, length(mods), n)), c(3, 2, 1))
@@ -503,52 +593,4 @@ example_multiome <- function() {
   SingleCellExperiment::altExp(sce, "ATAC") <- SingleCellExperiment::SingleCellExperiment(list(counts = atac))
   SingleCellExperiment::mainExpName(sce) <- "RNA"
   sce
-}
-
-multimodal_latent <- function(model, x, give_mean, seed, threads, modality) {
-  mods <- names(model$info$modalities)
-  if (!is.null(modality) && !(is.character(modality) && length(modality) == 1 && modality %in% mods)) {
-    stop("`modality` must be one of ", paste(mods, collapse = ", "), " (or NULL for the joint latent space)",
-         call. = FALSE)
-  }
-  z <- if (is.null(x) && give_mean && !is.null(model$latent)) {
-    model$latent
-  } else {
-    inp <- multimodal_input(model, x)
-    v <- rust(rs_multimodal_latent(model_ptr(model), inp$slots, inp$labels, give_mean, as.numeric(seed),
-                                   resolve_threads(threads)))
-    multimodal_latents(v, inp$cells, model)
-  }
-  if (is.null(modality)) {
-    attr(z, "modalities") <- NULL
-    return(z)
-  }
-  attr(z, "modalities")[[modality]]
-}
-
-multimodal_normalized <- function(model, x, modality, library_size, ambient, threads) {
-  mods <- names(model$info$modalities)
-  modality <- modality %||% mods[1]
-  k <- match(modality, mods)
-  if (length(modality) != 1 || is.na(k)) stop("`modality` must be one of ", paste(mods, collapse = ", "), call. = FALSE)
-  inp <- multimodal_input(model, x)
-  v <- rust(rs_multimodal_normalized(model_ptr(model), inp$slots, inp$labels, k, as.numeric(library_size), ambient,
-                                     resolve_threads(threads)))
-  features <- model$info$modalities[[modality]]$features
-  matrix(v, nrow = length(features), dimnames = list(features, inp$cells))
-}
-
-add_multimodal_latent <- function(x, model, name, ...) {
-  z <- model$latent
-  cells <- colnames(x)
-  if (is.null(z) || !identical(rownames(z), cells)) {
-    inp <- multimodal_input(model, x)
-    z <- multimodal_latents(rust(rs_multimodal_latent(model_ptr(model), inp$slots, inp$labels, TRUE, 0,
-                                                      resolve_threads(NULL))), cells, model)
-  }
-  per <- attr(z, "modalities")
-  attr(z, "modalities") <- NULL
-  x <- write_back(x, z, name)
-  for (m in names(per)) x <- write_back(x, per[[m]], paste0(name, "_", m))
-  x
 }

@@ -47,12 +47,12 @@
 run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, name = NULL,
                     method = c("log2cpm", "pearson_residuals"), residual_theta = 100,
                     seed = 1, threads = NULL, ...) {
-  method <- match.arg(method)
+  method <- choose_arg(method, "method")
   if (method == "pearson_residuals") check_positive(residual_theta, "residual_theta")
   n_pcs <- check_count(n_pcs, "n_pcs")
   n_hvg <- check_count(n_hvg, "n_hvg")
   scale <- check_flag(scale, "scale")
-  seed <- check_count(seed, "seed", min = 0)
+  seed <- check_seed(seed)
   cnt <- as_counts(x, batch = batch, ...)
   s <- slots(cnt)
   b <- batch_args(cnt$batch)

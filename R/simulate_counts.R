@@ -101,8 +101,8 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
                             atac_only_groups = 0, atac_binary = FALSE, species = NULL, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
-  batch_effect <- match.arg(batch_effect)
-  format <- match.arg(format)
+  batch_effect <- choose_arg(batch_effect, "batch_effect")
+  format <- choose_arg(format, "format")
   group_prob <- group_prob %||% rep(1, check_count(n_groups, "n_groups"))
   batch_prob <- batch_prob %||% rep(1, check_count(n_batches, "n_batches"))
   n_b <- length(batch_prob)
@@ -110,7 +110,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                    strong = c(0.3, 0.2, 0.4))[[batch_effect]]
   params <- list(n_cells = check_count(n_cells, "n_cells", min = 2),
                  n_genes = check_count(n_genes, "n_genes", min = 2),
-                 seed = check_count(seed, "seed", min = 0),
+                 seed = check_seed(seed),
                  group_prob = as.numeric(group_prob), batch_prob = as.numeric(batch_prob),
                  batch_fac_loc = strength[1], batch_fac_scale = strength[2],
                  batch_lib_shift = if (n_b > 1) strength[3] * (2 * (seq_len(n_b) - 1) / (n_b - 1) - 1) else 0)
@@ -258,7 +258,7 @@ simulation_result <- function(res, params, format) {
 #' table(s5$batch, s5$condition)
 #' @export
 simulation_scenario <- function(scenario = c("s1", "s2", "s3", "s4", "s5", "s6"), n_cells = NULL, seed = 1, ...) {
-  scenario <- match.arg(scenario)
+  scenario <- choose_arg(scenario, "scenario")
   design <- switch(scenario,
     s1 = list(n_cells = 5000, n_genes = 2000, batch_prob = c(1, 1), treated_fraction = 0.5),
     s2 = list(n_cells = 8000, n_genes = 3000, batch_prob = c(1, 1, 1), treated_fraction = 0.5, age_de_prob = 0.05),

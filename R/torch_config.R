@@ -42,7 +42,17 @@ print.scdistill_torch_config <- function(x, ...) {
 # OMP_THREAD_LIMIT.
 resolve_threads <- function(threads = NULL) {
   n <- threads %||% getOption("scdistill.threads") %||% rs_available_threads()
-  n <- check_count(n, if (is.null(threads)) "options(scdistill.threads)" else "threads")
+  arg <- if (is.null(threads)) "options(scdistill.threads)" else "threads"
+  if (!is.numeric(n) || length(n) != 1 || is.na(n) || n != round(n) || n < 1) {
+    stop("`", arg, "` must be a whole number >= 1", call. = FALSE)
+  }
+  cores <- rs_available_threads()
+  if (n > cores) {
+    message("`", arg, "` = ", format(n, scientific = FALSE), " is more than the ", cores,
+            " core(s) this process may use; using ", cores)
+    n <- cores
+  }
+  n <- as.integer(n)
   limit <- suppressWarnings(as.integer(Sys.getenv("OMP_THREAD_LIMIT", "")))
   if (!is.na(limit) && limit >= 1) n <- min(n, limit)
   n

@@ -65,3 +65,25 @@ check_positive <- function(x, arg, zero_ok = FALSE) {
   if (!ok) stop("`", arg, "` must be a ", if (zero_ok) "non-negative" else "positive", " number", call. = FALSE)
   x
 }
+
+# A seed: a whole number from 0 to 2^53 (doubles hold every whole number
+# up to there), kept as a double so that no integer overflow warns.
+check_seed <- function(x, arg = "seed") {
+  if (!is.numeric(x) || length(x) != 1 || is.na(x) || x != round(x) || x < 0 || x > 2^53) {
+    stop("`", arg, "` must be a whole number from 0 to 2^53", call. = FALSE)
+  }
+  as.double(x)
+}
+
+# match.arg() whose error names the argument: `arg` against the choices in
+# the calling function's default for `name`.
+choose_arg <- function(arg, name) {
+  choices <- eval(formals(sys.function(sys.parent()))[[name]])
+  if (identical(arg, choices)) return(arg[[1]])
+  if (is.character(arg) && length(arg) == 1 && !is.na(arg)) {
+    hit <- pmatch(arg, choices)
+    if (!is.na(hit)) return(choices[[hit]])
+  }
+  stop("`", name, "` must be one of ", paste0("\"", choices, "\"", collapse = ", "), ", not ",
+       paste(deparse(arg), collapse = " "), call. = FALSE)
+}

@@ -7,7 +7,7 @@
 #' each gene, which times the library size is the mean of a zero-inflated
 #' negative binomial (or NB, or Poisson) distribution of the counts. The
 #' latent space is batch-corrected: use [latent()] for clustering and UMAP,
-#' and [expression()] for denoised, batch-corrected expression.
+#' and [normalized_expression()] for denoised, batch-corrected expression.
 #'
 #' Defaults are those of scvi-tools 1.4 `SCVI` with one exception: the KL
 #' warm-up. scvi-tools raises the weight of the KL term over 400 *epochs*,
@@ -21,7 +21,13 @@
 #' epoch is tracked; with `early_stopping` training stops when the
 #' validation loss has not improved for `patience` epochs, and the weights of
 #' the best epoch are kept. Pressing Ctrl-C (Esc in RStudio) stops training
-#' within about a second and keeps the best weights so far, with a warning.
+#' within about a second: in an interactive session the model keeps the best
+#' weights so far and is returned with a warning; in a script (or with
+#' `options(scdistill.on_interrupt = "stop")`) an error of class
+#' `"interrupt"` stops the script, the model in its `model` field. A loss
+#' that becomes infinite or NaN (a learning rate too large) stops training
+#' with an error naming the epoch; the model with the weights of the epoch
+#' before is in the error's `model` field.
 #'
 #' Select genes first (e.g. 2,000 highly variable genes with
 #' [highly_variable_genes()]): the model uses every gene of `x`.
@@ -49,7 +55,10 @@
 #' @param batch_size Cells per minibatch.
 #' @param lr,weight_decay Adam learning rate and weight decay (Adam's eps is 0.01, as scvi-tools).
 #' @param kl_warmup Fraction of the planned steps over which the KL weight rises from 0 to 1.
-#' @param early_stopping,patience,min_delta Early stopping on the validation loss.
+#' @param early_stopping,patience Early stopping on the validation loss.
+#' @param min_delta Smallest improvement of the validation loss that resets
+#'   early stopping; `NULL`: 0, or for `regularized = TRUE` 0.0002 per gene
+#'   (as [fit_multimodal()]).
 #' @param validation_fraction Fraction of the cells held out for validation.
 #' @param seed Seed of the weights, minibatches and held-out cells: the same
 #'   seed gives the same model on CPU.
@@ -61,10 +70,17 @@
 #'   softplus decoder with an ambient background per batch, hierarchical
 #'   dispersion per batch, learned library size, LayerNorm, batch-free
 #'   decoder. `likelihood`, `dispersion`, the further covariates and
-#'   `encode_covariates` do not apply; `library_size` and `norm` default to
-#'   `"learned"` and `"layer"` unless given.
+#'   `encode_covariates` do not apply (giving them is an error);
+#'   `library_size` and `norm` default to `"learned"` and `"layer"` unless
+#'   given. The result is a `scdistill_multimodal` model: [latent()],
+#'   [normalized_expression()] (with `transform_batch`, `n_samples`,
+#'   `ambient`), [elbo()] and [add_latent()] work; [sample_counts()] and
+#'   Bayesian [differential_expression()] are not available for it (use
+#'   `method = "pseudobulk"`).
+#' @param train Training settings from [train_params()], instead of (not as
+#'   well as) the arguments of the same names.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
-#' @return A `scdistill_model`: use [latent()], [expression()],
+#' @return A `scdistill_vae` model (a `scdistill_model`): use [latent()], [normalized_expression()],
 #'   [sample_counts()], [elbo()], `plot()` (training history), `summary()`,
 #'   [save_model()].
 #' @seealso [add_latent()] to store the latent space in a
@@ -82,17 +98,24 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                     library_size = c("observed", "learned"), norm = c("batch", "layer", "none"),
                     categorical_covariates = NULL, continuous_covariates = NULL, encode_covariates = FALSE,
                     max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
-                    early_stopping = TRUE, patience = 45, min_delta = 0, validation_fraction = 0.1,
-                    seed = 0, device = "auto", threads = NULL, progress = interactive(), regularized = FALSE, ...) {
+                    early_stopping = TRUE, patience = 45, min_delta = NULL, validation_fraction = 0.1,
+                    seed = 0, device = "auto", threads = NULL, progress = interactive(), regularized = FALSE,
+                    train = NULL, ...) {
+  apply_train_params(train, environment(), names(match.call())[-1], "fit_vae")
   if (check_flag(regularized, "regularized")) {
+    given <- intersect(names(match.call())[-1], c("likelihood", "dispersion", "categorical_covariates",
+                                                  "continuous_covariates", "encode_covariates"))
+    if (length(given)) {
+      stop("`", given[1], "` does not apply to `regularized = TRUE` (see ?fit_vae)", call. = FALSE)
+    }
     return(fit_regularized(x, batch, n_latent, n_hidden, n_layers, dropout, library_size, norm, max_epochs,
                            batch_size, lr, weight_decay, kl_warmup, early_stopping, patience, min_delta,
                            validation_fraction, seed, device, threads, progress, ...))
   }
-  likelihood <- match.arg(likelihood)
-  dispersion <- match.arg(dispersion)
-  library_size <- match.arg(library_size)
-  norm <- match.arg(norm)
+  likelihood <- choose_arg(likelihood, "likelihood")
+  dispersion <- choose_arg(dispersion, "dispersion")
+  library_size <- choose_arg(library_size, "library_size")
+  norm <- choose_arg(norm, "norm")
   check_fraction(dropout, "dropout")
   config <- list(n_latent = check_count(n_latent, "n_latent"), n_hidden = check_count(n_hidden, "n_hidden"),
                  n_layers = check_count(n_layers, "n_layers"), dropout = dropout, norm = norm,
@@ -101,39 +124,39 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                  encode_covariates = check_flag(encode_covariates, "encode_covariates"))
   cnt <- as_counts(x, batch = batch, ...)
   n_cells <- ncol(cnt$counts)
-  train <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
-                          min_delta, validation_fraction, seed)
+  tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                       min_delta %||% 0, validation_fraction, seed)
   covs <- cell_covariates(cnt, categorical_covariates, continuous_covariates)
   batch_f <- cnt$batch %||% factor(rep("all", n_cells))
   # The batch's name: its metadata column, "batch" for a vector, "" for none.
   batch_name <- if (is.null(cnt$batch)) "" else if (is.character(batch) && length(batch) == 1 && n_cells != 1) batch else "batch"
   batch_arg <- list(name = batch_name, codes = as.integer(batch_f), levels = levels(batch_f))
 
-  bar <- if (check_flag(progress, "progress")) training_bar(train$max_epochs) else NULL
+  bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, train,
-                         device, resolve_threads(threads), bar$update))
-  model <- new_model(fit$ptr, "scdistill_vae")
-  model$latent <- latent_matrix(fit$latent, colnames(cnt$counts), n_latent)
-  if (isTRUE(model$info$interrupted)) {
-    warning("training was interrupted at epoch ", nrow(model$history), "; the model keeps the weights of epoch ",
-            model$info$best_epoch, call. = FALSE)
-  }
-  model
+  fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, tc,
+                         check_device(device), resolve_threads(threads), bar$update))
+  finish_fit(new_model(fit$ptr, cnt$counts), fit$latent, colnames(cnt$counts))
 }
 
-# fit_vae(regularized = TRUE): the multimodal model on one modality.
+# fit_vae(regularized = TRUE): the multimodal model on one modality. The
+# batch keeps the name of its metadata column ("batch" for a vector), so
+# that new cells find it there.
 fit_regularized <- function(x, batch, n_latent, n_hidden, n_layers, dropout, library_size, norm, max_epochs,
                             batch_size, lr, weight_decay, kl_warmup, early_stopping, patience, min_delta,
                             validation_fraction, seed, device, threads, progress, ...) {
   cnt <- as_counts(x, batch = batch, ...)
   one <- function(v, default) if (length(v) > 1) default else v
-  fit_multimodal(list(RNA = cnt$counts), batch = if (!is.null(cnt$batch)) cnt$batch,
+  name <- if (is.character(batch) && length(batch) == 1 && ncol(cnt$counts) != 1) batch else "batch"
+  cell_data <- data.frame(row.names = colnames(cnt$counts))
+  if (!is.null(cnt$batch)) cell_data[[name]] <- cnt$batch
+  fit_multimodal(structure(list(RNA = cnt$counts), cell_data = cell_data),
+                 batch = if (!is.null(cnt$batch)) name,
                  n_latent = n_latent, n_hidden = n_hidden, n_layers = n_layers, dropout = dropout,
                  library_size = one(library_size, "learned"), norm = one(norm, "layer"),
                  max_epochs = max_epochs, batch_size = batch_size, lr = lr, weight_decay = weight_decay,
                  kl_warmup = kl_warmup, early_stopping = early_stopping, patience = patience,
-                 min_delta = if (min_delta > 0) min_delta, validation_fraction = validation_fraction, seed = seed,
+                 min_delta = min_delta, validation_fraction = validation_fraction, seed = seed,
                  device = device, threads = threads, progress = progress)
 }
 
@@ -150,7 +173,7 @@ train_settings <- function(n_cells, max_epochs, batch_size, lr, weight_decay, kl
   list(max_epochs = max_epochs, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
        weight_decay = weight_decay, kl_warmup = kl_warmup, early_stopping = check_flag(early_stopping, "early_stopping"),
        patience = check_count(patience, "patience"), min_delta = min_delta,
-       validation_fraction = validation_fraction, seed = check_count(seed, "seed", min = 0))
+       validation_fraction = validation_fraction, seed = check_seed(seed))
 }
 
 # Categorical and continuous covariates of the cells: column names of the
@@ -192,6 +215,25 @@ cell_covariates <- function(cnt, categorical, continuous) {
   list(categorical_r = categorical_r, continuous = continuous)
 }
 
+#' @method print scdistill_vae
+#' @export
+print.scdistill_vae <- function(x, ...) {
+  i <- x$info
+  c <- i$config
+  h <- x$history
+  cat(sprintf("scdistill VAE: %s genes -> %d latent dimensions (%d x %d hidden), %s likelihood, %s dispersion\n",
+              fmt_int(length(i$genes)), c$n_latent, c$n_layers, c$n_hidden, c$likelihood, c$dispersion))
+  cat(sprintf("  trained on %s cells, %d batch(es)%s; library size %s\n", fmt_int(i$n_cells),
+              length(i$batch_levels), if (length(i$categorical) + length(i$continuous)) " + covariates" else "",
+              if (isTRUE(c$learn_library)) "learned" else "observed"))
+  if (nrow(h)) {
+    state <- if (isTRUE(i$interrupted)) "interrupted" else if (isTRUE(i$stopped_early)) "stopped early" else "done"
+    cat(sprintf("  %d epochs (%s), weights of epoch %d; validation -ELBO %.2f per cell; %.1f s\n",
+                nrow(h), state, i$best_epoch, h$validation_elbo[max(i$best_epoch, 1)], sum(h$seconds)))
+  }
+  invisible(x)
+}
+
 # A cli progress bar over epochs; `update` is handed to Rust, which calls it
 # on the R thread as epochs finish.
 training_bar <- function(max_epochs) {
@@ -202,7 +244,7 @@ training_bar <- function(max_epochs) {
     total = max_epochs, clear = FALSE, .envir = state,
     format = paste("Training {cli::pb_bar} epoch {cli::pb_current}/{cli::pb_total}",
                    "| loss {format(loss, digits = 5)} | validation -ELBO {format(val, digits = 5)} | {cli::pb_eta}"))
-  list(update = function(epoch, loss, val) {
+  list(update = function(phase, epoch, loss, val) {
          state$loss <- loss
          state$val <- val
          cli::cli_progress_update(id = id, set = epoch, .envir = state)

@@ -22,8 +22,9 @@ test_that("on the real multiome data, training stops early and gives joint and p
   expect_equal(dim(latent(m, modality = "ATAC")), c(ncol(mo), 10))
   expect_error(latent(m, modality = "protein"), "must be one of RNA, ATAC")
   # The RNA modality has the ambient term and ATAC the feature scaling, by default.
-  expect_true(m$info$modalities$RNA$ambient)
-  expect_true(m$info$modalities$ATAC$feature_scaling)
+  spec <- m$info$config$modalities
+  expect_true(spec$ambient[spec$name == "RNA"])
+  expect_true(spec$feature_scaling[spec$name == "ATAC"])
   acc <- normalized_expression(m, mo, modality = "ATAC", library_size = 1e4)
   expect_equal(dim(acc), c(nrow(SingleCellExperiment::altExp(mo)), ncol(mo)))
   expect_true(all(is.finite(acc)) && all(acc > 0))
@@ -66,7 +67,7 @@ test_that("the joint latent space separates cell types that only ATAC tells apar
   rna_only <- fit_vae(sce, batch = "batch", regularized = TRUE, max_epochs = 150, patience = 10, kl_warmup = 0.1,
                       threads = 2, progress = FALSE)
   expect_s3_class(rna_only, "scdistill_multimodal")
-  expect_equal(names(rna_only$info$modalities), "RNA")
+  expect_equal(rna_only$info$config$modalities$name, "RNA")
   twins <- sce$cell_type %in% c("Group1", "Group4")
   score <- function(z) integration_metrics(z[twins, ], batch = sce$batch[twins], label = sce$cell_type[twins])
   joint <- score(latent(both))

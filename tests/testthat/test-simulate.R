@@ -70,7 +70,7 @@ test_that("the six scenarios have their designs and can be resized", {
   # The scenario's settings can be overridden.
   weak <- simulation_scenario("s1", n_cells = 300, condition_shared = FALSE, format = "list")$gene_data
   expect_false(identical(weak$is_de_Group1, weak$is_de_Group2))
-  expect_error(simulation_scenario("s7"), "should be one of")
+  expect_error(simulation_scenario("s7"), "`scenario` must be one of")
 })
 
 test_that("bad simulation parameters are named", {

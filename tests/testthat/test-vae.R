@@ -62,7 +62,7 @@ test_that("normalized expression sums to the library size and decodes to other b
   # Cells already in p1 decode the same with and without transform_batch = "p1".
   in_p1 <- sce$batch == "p1"
   expect_equal(p1[, in_p1], own[, in_p1] / 1e4, tolerance = 1e-5)
-  expect_error(normalized_expression(m, sce, transform_batch = "p9"), "not a batch of the model.*p1, p2, p3")
+  expect_error(normalized_expression(m, sce, transform_batch = "p9"), "not a batch of the model.*'p1', 'p2', 'p3'")
   expect_equal(normalized_expression(m, sce, log1p = TRUE, library_size = 1e4), log1p(own))
 })
 
@@ -123,7 +123,7 @@ test_that("new cells are matched by gene name; bad input is refused clearly", {
   bad <- SingleCellExperiment::counts(sce)
   bad[1, 1] <- -1
   expect_error(fit_vae(bad, progress = FALSE), "negative")
-  expect_error(fit_small(likelihood = "gaussian"), "should be one of")
+  expect_error(fit_small(likelihood = "gaussian"), "`likelihood` must be one of")
   expect_error(fit_small(kl_warmup = 2), "kl_warmup")
   expect_error(latent("model"), "must be a scdistill model")
   expect_error(elbo(m, sce, batch = rep("p7", ncol(sce))), "'p7' was not seen in training")

@@ -138,21 +138,65 @@ pub fn model_from_bytes<T: serde::de::DeserializeOwned>(
     Ok((meta, file.tensors))
 }
 
+/// The kind of model a file holds ("vae", "distill", "multimodal"), from its header.
+pub fn kind_of(bytes: &[u8]) -> Result<String> {
+    let file = from_bytes(bytes)?;
+    match file.meta.get("kind").and_then(Value::as_str) {
+        Some(k) => Ok(k.to_string()),
+        None => invalid!("the model file's description is damaged (no model kind)"),
+    }
+}
+
+/// Refuses a description whose `what` has `got` entries where the
+/// architecture stored beside it has `want` (a file edited or damaged).
+pub fn check_meta(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return invalid!(
+            "the model file is inconsistent: its description lists {got} {what} where its architecture has {want}"
+        );
+    }
+    Ok(())
+}
+
 /// Copies the file's tensors into `vs`, which must have exactly the same
-/// variables and shapes (a file of another architecture is refused).
+/// variables and shapes (a file of another architecture is refused, naming
+/// the tensors that differ).
 pub fn load_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let vars = vs.variables();
-    if vars.len() != tensors.len() {
-        return invalid!("the model file has {} tensors where the model has {}", tensors.len(), vars.len());
+    // A transposed first layer (`weight_t`) reads the [out, in] `weight` of
+    // files written before it existed.
+    let older = |name: &str| name.strip_suffix("weight_t").map(|p| format!("{p}weight"));
+    let source = |name: &str| -> Option<(String, bool)> {
+        if tensors.contains_key(name) {
+            return Some((name.to_string(), false));
+        }
+        older(name).filter(|o| tensors.contains_key(o)).map(|o| (o, true))
+    };
+    let mut missing: Vec<&String> = vars.keys().filter(|k| source(k).is_none()).collect();
+    missing.sort();
+    if !missing.is_empty() {
+        return invalid!(
+            "the model file lacks tensor(s) {} ({} tensors in the file, {} in the model)",
+            names(missing.into_iter()),
+            tensors.len(),
+            vars.len()
+        );
+    }
+    let used: Vec<String> = vars.keys().filter_map(|k| source(k).map(|s| s.0)).collect();
+    let extra: Vec<&String> = tensors.keys().filter(|k| !used.contains(k)).collect();
+    if !extra.is_empty() {
+        return invalid!(
+            "the model file has tensor(s) the model does not: {} ({} tensors in the file, {} in the model)",
+            names(extra.into_iter()),
+            tensors.len(),
+            vars.len()
+        );
     }
     tch::no_grad(|| {
         for (name, mut v) in vars {
-            // A transposed first layer (`weight_t`) reads the [out, in]
-            // `weight` of files written before it existed.
-            let older = name.strip_suffix("weight_t").and_then(|p| tensors.get(&format!("{p}weight"))).map(|w| w.tr());
-            let Some(src) = tensors.get(&name).or(older.as_ref()) else {
-                return invalid!("the model file lacks tensor `{name}`");
-            };
+            let Some((key, transposed)) = source(&name) else { continue };
+            let Some(t) = tensors.get(&key) else { continue };
+            let src = if transposed { t.tr() } else { t.shallow_clone() };
             if src.size() != v.size() {
                 return invalid!(
                     "tensor `{name}` has shape {:?} in the file but {:?} in the model",
@@ -160,8 +204,17 @@ pub fn load_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>) -> Resul
                     v.size()
                 );
             }
-            v.copy_(src);
+            v.f_copy_(&src)?;
         }
         Ok(())
     })
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<String> = it.map(|n| format!("`{n}`")).collect();
+    if v.len() > 5 {
+        format!("{}, ... ({} in all)", v[..5].join(", "), v.len())
+    } else {
+        v.join(", ")
+    }
 }

@@ -7,7 +7,6 @@ pub mod data;
 pub mod de;
 pub mod device;
 pub mod error;
-pub mod infer;
 pub mod io;
 pub mod likelihood;
 pub mod metrics;

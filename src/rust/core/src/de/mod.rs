@@ -26,6 +26,7 @@ use crate::nn::Pass;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 /// Cells per forward pass.
@@ -84,7 +85,8 @@ impl ScaleModel for StudentScales<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Method {
     Change,
     Vanilla,
@@ -102,7 +104,9 @@ impl Method {
     }
 }
 
-#[derive(Debug, Clone)]
+/// DE settings; read from R by name, fields not given keep their defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeSettings {
     pub method: Method,
     /// Change/vanilla: scale draws per group, split evenly across the
@@ -111,7 +115,9 @@ pub struct DeSettings {
     /// Pairs of draws compared (change/vanilla), split across batches.
     pub n_pairs: usize,
     /// Batches every cell is decoded under (`batch_correction`); draws are
-    /// paired within a batch. Empty: each cell in its own batch.
+    /// paired within a batch. Empty: each cell in its own batch. Set by the
+    /// model from batch labels, never read from R.
+    #[serde(skip)]
     pub batches: Vec<u32>,
     /// δ; estimated from the mean LFCs when None.
     pub delta: Option<f64>,
@@ -144,7 +150,7 @@ impl Default for DeSettings {
 }
 
 /// One row per gene.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct DeTable {
     pub lfc_mean: Vec<f64>,
     pub lfc_median: Vec<f64>,

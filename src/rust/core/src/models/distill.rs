@@ -29,6 +29,7 @@ const CHUNK: usize = 1024;
 
 /// Architecture of a distilled student; saved with the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DistillConfig {
     /// Genes the encoder reads (log2 CPM).
     pub n_input: usize,
@@ -273,6 +274,9 @@ pub struct DistillMeta {
     pub best_epoch_decoder: usize,
     pub stopped_early: [bool; 2],
     pub interrupted: bool,
+    /// Phase and epoch whose loss was not finite (training stopped there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged_at: Option<(String, usize)>,
     pub n_cells: usize,
     pub validation_cells: Vec<usize>,
     /// Description of the teacher (free text from the caller).
@@ -373,7 +377,7 @@ impl DistillModel {
         let counts = m.csr.select_columns(data.decoder_genes);
         let log_library: Vec<f32> = counts.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
         let log_factorial = super::log_factorial(&counts);
-        let h2 = if h1.interrupted {
+        let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
         } else {
             student.set_encoder_trainable(false);
@@ -405,6 +409,8 @@ impl DistillModel {
             best_epoch_decoder: h2.best_epoch,
             stopped_early: [h1.stopped_early, h2.stopped_early],
             interrupted: h1.interrupted || h2.interrupted,
+            diverged_at: h1.diverged_at.map(|e| ("encoder".to_string(), e))
+                .or(h2.diverged_at.map(|e| ("decoder".to_string(), e))),
             n_cells: n,
             validation_cells: h1.validation_cells,
             teacher: data.teacher_name.clone(),
@@ -418,6 +424,9 @@ impl DistillModel {
 
     pub fn from_bytes(bytes: &[u8], device: Device) -> Result<DistillModel> {
         let (meta, tensors): (DistillMeta, _) = io::model_from_bytes(bytes, "distill", "a distilled one")?;
+        io::check_meta("input genes", meta.input_genes.len(), meta.config.n_input)?;
+        io::check_meta("genes", meta.genes.len(), meta.config.n_genes)?;
+        io::check_meta("batches", meta.batch_levels.len(), meta.config.n_batch)?;
         let student = Student::new(meta.config.clone(), device)?;
         io::load_into(&student.vs, &tensors)?;
         Ok(DistillModel { meta, student })
@@ -438,12 +447,26 @@ impl DistillModel {
     /// Corrected expression ρ of every cell decoded as if from each batch of
     /// `reference` (averaged), row-major `[n, n_genes]`.
     pub fn corrected(&self, counts: &CountMatrix, reference: &[u32]) -> Result<Vec<f32>> {
-        if reference.is_empty() || reference.iter().any(|&b| b as usize >= self.meta.batch_levels.len()) {
+        if reference.is_empty() {
             return invalid!("the reference batch must be one or more of the model's batches");
+        }
+        self.decoded(counts, &[], reference)
+    }
+
+    /// ρ of every cell, row-major `[n, n_genes]`: decoded under each cell's
+    /// own batch `own` (one code per cell) when `reference` is empty, else
+    /// as if from each batch of `reference`, averaged.
+    pub fn decoded(&self, counts: &CountMatrix, own: &[u32], reference: &[u32]) -> Result<Vec<f32>> {
+        let n = counts.n_cells();
+        let n_batch = self.meta.batch_levels.len();
+        if own.iter().chain(reference).any(|&b| b as usize >= n_batch) {
+            return invalid!("the reference batch must be one or more of the model's batches");
+        }
+        if reference.is_empty() && own.len() != n {
+            return invalid!("{} batch labels for {n} cells", own.len());
         }
         let z = self.latent(counts)?;
         let (s, d, g) = (&self.student, self.meta.config.n_latent, self.meta.config.n_genes);
-        let n = counts.n_cells();
         let mut out = Vec::with_capacity(n * g);
         tch::no_grad(|| {
             for start in (0..n).step_by(CHUNK) {
@@ -451,36 +474,21 @@ impl DistillModel {
                 let zt = Tensor::from_slice(&z[start * d..end * d])
                     .view([(end - start) as i64, d as i64])
                     .to_device(s.device());
-                let mut acc = Tensor::zeros([(end - start) as i64, g as i64], (Kind::Float, s.device()));
-                for &b in reference {
-                    let batch = Tensor::full([(end - start) as i64], b as i64, (Kind::Int64, s.device()));
-                    acc += s.decode_scale(&zt, &batch, false);
-                }
-                acc /= reference.len() as f64;
+                let acc = if reference.is_empty() {
+                    let codes: Vec<i64> = own[start..end].iter().map(|&b| b as i64).collect();
+                    s.decode_scale(&zt, &Tensor::from_slice(&codes).to_device(s.device()), false)
+                } else {
+                    let mut acc = Tensor::zeros([(end - start) as i64, g as i64], (Kind::Float, s.device()));
+                    for &b in reference {
+                        let batch = Tensor::full([(end - start) as i64], b as i64, (Kind::Int64, s.device()));
+                        acc += s.decode_scale(&zt, &batch, false);
+                    }
+                    acc / reference.len() as f64
+                };
                 out.extend(Vec::<f32>::try_from(acc.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default());
             }
         });
         Ok(out)
-    }
-
-    /// Mean negative log-likelihood per cell of `counts` (its decoder genes)
-    /// under their own batches `batch`.
-    pub fn nll(&self, counts: &CountMatrix, batch: &[u32]) -> Result<f64> {
-        let z = self.latent(counts)?;
-        let keep = counts.columns_of(&self.meta.genes, "output ")?;
-        let c = counts.csr.select_columns(&keep);
-        let log_library: Vec<f32> = c.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
-        let log_factorial = super::log_factorial(&c);
-        let task = DecoderTask {
-            student: &self.student,
-            z: &z,
-            counts: &c,
-            batch,
-            log_library: &log_library,
-            log_factorial: &log_factorial,
-        };
-        let rows: Vec<usize> = (0..c.n_rows).collect();
-        Ok(crate::train::evaluate(&task, &rows, CHUNK).0)
     }
 }
 
@@ -498,6 +506,8 @@ fn latent_of(s: &Student, input: &Csr) -> Vec<f32> {
     });
     out
 }
+
+mod fitted;
 
 #[cfg(test)]
 #[path = "distill_tests.rs"]

@@ -154,3 +154,19 @@ fn refuses_bad_teachers_and_missing_genes() {
     let err = m.latent(&fewer).unwrap_err().to_string();
     assert!(err.contains("1 of the model's 300 input genes are missing"), "{err}");
 }
+
+#[test]
+fn decoding_under_each_cells_own_batch_matches_decoding_to_that_batch() {
+    let s = sim(300, 7);
+    let m = fit(&s, &teacher(&s), 3, 1);
+    let n = s.counts.n_cells();
+    let own = m.decoded(&s.counts, &s.batch.codes, &[]).unwrap();
+    let g = m.meta.config.n_genes;
+    for b in 0..s.batch.n_levels() as u32 {
+        let all = m.decoded(&s.counts, &[], &[b]).unwrap();
+        for i in (0..n).filter(|&i| s.batch.codes[i] == b) {
+            assert_eq!(own[i * g..(i + 1) * g], all[i * g..(i + 1) * g]);
+        }
+    }
+    assert!(m.decoded(&s.counts, &[0], &[]).is_err(), "one label for many cells");
+}

@@ -1,9 +1,17 @@
 //! The models. A model is a module of tensors and its loss; the training
-//! loop lives in `train`, batched inference in `infer`.
+//! loop lives in `train`. Each model's batched inference sits beside it,
+//! and every fitted model implements [`FittedModel`], the one shape the
+//! glue and R see.
 
 pub mod distill;
+mod fitted;
 pub mod multimodal;
 pub mod vae;
+
+pub use fitted::{
+    codes_of, from_bytes, kind_name, levels_list, one_or_many, Cells, Elbo, ExpressionOptions, FittedModel, Latent,
+    LatentOptions, Matrix,
+};
 
 /// libtorch's generator and thread count are global: tests that train, or
 /// that switch the thread count, take turns, so that each sees only its own

@@ -71,6 +71,7 @@ impl Dispersion {
 
 /// Architecture of a VAE; saved with the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct VaeConfig {
     pub n_genes: usize,
     pub n_latent: usize,
@@ -509,6 +510,8 @@ impl VaeModel {
     /// Reads a model written by `to_bytes` onto `device`.
     pub fn from_bytes(bytes: &[u8], device: Device) -> Result<VaeModel> {
         let (meta, tensors): (VaeMeta, _) = io::model_from_bytes(bytes, "vae", "a VAE")?;
+        io::check_meta("genes", meta.genes.len(), meta.config.n_genes)?;
+        io::check_meta("batches", meta.batch_levels.len(), meta.config.n_batch)?;
         let vae = Vae::new(meta.config.clone(), device)?;
         io::load_into(&vae.vs, &tensors)?;
         Ok(VaeModel { meta, vae })
@@ -593,6 +596,9 @@ impl VaeModel {
         Covariates::new(batch, cats, m.continuous.iter().cloned().zip(continuous).collect())
     }
 }
+
+mod fitted;
+pub mod infer;
 
 #[cfg(test)]
 #[path = "vae_tests.rs"]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::infer;
+use super::infer;
 use crate::metrics::{integration_metrics, Embedding};
 use crate::simulate::{simulate, SimParams};
 use crate::train::evaluate;
@@ -193,4 +193,73 @@ fn counts_kept_on_the_device_train_the_same_model() {
         infer::latent(&vae, &data, true)
     };
     assert!(run(true) == run(false), "resident and host minibatches trained different models");
+}
+
+/// The model seen through the one interface every kind implements.
+fn cells_of(s: &crate::simulate::Simulation) -> crate::models::Cells {
+    let b = &s.batch;
+    crate::models::Cells {
+        counts: vec![s.counts.clone()],
+        batch: Some(b.codes.iter().map(|&c| b.levels[c as usize].clone()).collect()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_fitted_model_interface_matches_the_model_and_survives_its_file() {
+    use crate::models::{ExpressionOptions, FittedModel, LatentOptions};
+    let s = sim(300, 4);
+    let m = fit(&s, VaeConfig::default(), quick(3));
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let z = FittedModel::latent(&m, cells_of(&s), &LatentOptions::default()).unwrap();
+    assert_eq!((z.joint.rows, z.joint.cols), (300, 10));
+    assert!(z.joint.values == latent_of(&m, &s));
+    let back = crate::models::from_bytes(&FittedModel::to_bytes(&m).unwrap(), Device::Cpu).unwrap();
+    assert_eq!(back.kind(), "vae");
+    let opts = ExpressionOptions { transform_batch: vec![s.batch.levels[1].clone()], ..Default::default() };
+    let e1 = FittedModel::expression(&m, cells_of(&s), &opts).unwrap();
+    let e2 = back.expression(cells_of(&s), &opts).unwrap();
+    assert!(e1 == e2, "expression differs after the round trip");
+    assert_eq!((e1.rows, e1.cols), (300, 200));
+    let d = back.describe().unwrap();
+    assert_eq!(d["kind"], "vae");
+    assert_eq!(d["genes"].as_array().map(Vec::len), Some(200));
+    // Options a VAE cannot honour are refused by name.
+    let err = back.expression(cells_of(&s), &ExpressionOptions { ambient: true, ..Default::default() });
+    assert!(err.unwrap_err().to_string().contains("`ambient`"));
+    let unknown = ExpressionOptions { transform_batch: vec!["nope".into()], ..Default::default() };
+    assert!(back.expression(cells_of(&s), &unknown).unwrap_err().to_string().contains("'nope' is not a batch"));
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_finite_weights() {
+    let s = sim(300, 5);
+    let m = fit(&s, VaeConfig::default(), TrainConfig { lr: 1e6, ..quick(20) });
+    let t = &m.meta.training;
+    let at = t.diverged_at.expect("lr = 1e6 diverges");
+    assert_eq!(t.history.len(), at);
+    assert!(!t.history[at - 1].train_loss.is_finite());
+    assert!(latent_of(&m, &s).iter().all(|v| v.is_finite()), "NaN weights were kept");
+    for (name, v) in m.vae.vs.variables() {
+        assert!(v.isfinite().all().int64_value(&[]) == 1, "{name} holds non-finite values");
+    }
+}
+
+#[test]
+fn a_model_file_inconsistent_with_its_tensors_is_refused_naming_the_problem() {
+    let s = sim(200, 6);
+    let m = fit(&s, VaeConfig::default(), quick(1));
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let mut meta = m.meta.clone();
+    meta.genes.pop();
+    let bytes = crate::io::model_to_bytes(&m.vae.vs, "vae", &meta).unwrap();
+    let err = VaeModel::from_bytes(&bytes, Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("199 genes") && err.contains("200"), "{err}");
+    // A tensor missing from the file is named.
+    let file = crate::io::from_bytes(&m.to_bytes().unwrap()).unwrap();
+    let mut tensors = file.tensors;
+    let gone = tensors.keys().next().cloned().unwrap();
+    tensors.remove(&gone);
+    let err = crate::io::load_into(&m.vae.vs, &tensors).unwrap_err().to_string();
+    assert!(err.contains(&format!("`{gone}`")), "{err}");
 }

@@ -60,8 +60,9 @@ pub struct HarmonyCovariate {
     pub protected: bool,
 }
 
-/// Settings; defaults are harmonypy 2.1's.
-#[derive(Debug, Clone)]
+/// Settings; defaults are harmonypy 2.1's. Read from R by name.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HarmonyParams {
     pub sigma: f64,
     /// Number of clusters; `None`: min(round(N / 30), 100).

@@ -74,6 +74,7 @@ pub trait Trainable {
 /// Optimisation settings; defaults are scvi-tools 1.4's except the KL
 /// warm-up, which spans a fraction of the planned steps instead of 400 epochs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     pub max_epochs: usize,
     pub batch_size: usize,
@@ -149,6 +150,9 @@ pub struct History {
     pub best_epoch: usize,
     pub stopped_early: bool,
     pub interrupted: bool,
+    /// Epoch (1-based) whose loss was not finite: training stopped there and
+    /// the model holds the weights of the epoch before.
+    pub diverged_at: Option<usize>,
     pub train_cells: Vec<usize>,
     pub validation_cells: Vec<usize>,
 }
@@ -163,6 +167,9 @@ pub struct TrainingRecord {
     pub best_epoch: usize,
     pub stopped_early: bool,
     pub interrupted: bool,
+    /// Epoch whose loss was not finite (training stopped; see `History`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged_at: Option<usize>,
     pub n_cells: usize,
     /// 0-based indices of the held-out cells of the training data.
     pub validation_cells: Vec<usize>,
@@ -176,6 +183,7 @@ impl TrainingRecord {
             best_epoch: history.best_epoch,
             stopped_early: history.stopped_early,
             interrupted: history.interrupted,
+            diverged_at: history.diverged_at,
             n_cells,
             validation_cells: history.validation_cells,
         }
@@ -219,7 +227,10 @@ fn restore(vs: &nn::VarStore, saved: &HashMap<String, Tensor>) {
 /// loop tracks the best validation ELBO (training ELBO without a validation
 /// set); with early stopping it stops after `patience` epochs without an
 /// improvement larger than `min_delta` and restores the best weights, which
-/// it also does when `interrupted()` turns true. `on_epoch` sees each epoch.
+/// it also does when `interrupted()` turns true. An epoch whose training
+/// loss is not finite (a learning rate too large, say) ends training with
+/// the weights of the epoch before (`History::diverged_at`): NaN weights
+/// are never kept. `on_epoch` sees each epoch.
 pub fn train(
     task: &dyn Trainable,
     cfg: &TrainConfig,
@@ -247,6 +258,8 @@ pub fn train(
     let mut since_best = 0;
     let mut step = 0;
     let device = vs.device();
+    // The weights at the end of the last epoch whose loss was finite.
+    let mut last_finite = snapshot(vs);
     for epoch in 0..cfg.max_epochs {
         let t0 = Instant::now();
         train_rows.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1 + epoch as u64)));
@@ -300,9 +313,19 @@ pub fn train(
         };
         on_epoch(&record);
         let monitored = if validation_rows.is_empty() { record.train_elbo } else { val_elbo };
+        let finite = record.train_loss.is_finite();
         history.epochs.push(record);
+        if !finite {
+            history.diverged_at = Some(epoch + 1);
+            restore(vs, &last_finite);
+            history.best_epoch = epoch;
+            break;
+        }
         if history.interrupted {
             break;
+        }
+        if epoch + 1 < cfg.max_epochs {
+            last_finite = snapshot(vs);
         }
         if kl_weight(step) >= 1.0 && monitored.is_finite() {
             match &best {
@@ -320,6 +343,7 @@ pub fn train(
         }
     }
     match &best {
+        _ if history.diverged_at.is_some() => {}
         Some((_, saved)) if cfg.early_stopping || history.interrupted => restore(vs, saved),
         _ => history.best_epoch = history.epochs.len(),
     }

@@ -1,11 +1,16 @@
 //! A trained multimodal model: fitting, its description, model files, and
 //! the covariates of new cells.
 
-use super::{Multimodal, MultimodalConfig, MultimodalCovariates, MultimodalData, MultimodalTask};
+use super::{infer, Multimodal, MultimodalConfig, MultimodalCovariates, MultimodalData, MultimodalTask};
 use crate::data::{train_validation_split, Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::io;
+use crate::models::fitted::{
+    codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
+};
+use serde_json::Value;
+use std::any::Any;
 use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -121,6 +126,15 @@ impl MultimodalModel {
 
     pub fn from_bytes(bytes: &[u8], device: Device) -> Result<MultimodalModel> {
         let (meta, tensors): (MultimodalMeta, _) = io::model_from_bytes(bytes, "multimodal", "a multimodal model")?;
+        let c = &meta.config;
+        io::check_meta("modalities", meta.features.len(), c.modalities.len())?;
+        for (f, spec) in meta.features.iter().zip(&c.modalities) {
+            io::check_meta(&format!("features of modality `{}`", spec.name), f.len(), spec.n_features)?;
+        }
+        io::check_meta("ambient levels", meta.ambient.levels.len(), c.n_ambient)?;
+        io::check_meta("dispersion levels", meta.dispersion.levels.len(), c.n_dispersion)?;
+        io::check_meta("library levels", meta.library.levels.len(), c.n_library)?;
+        io::check_meta("scaling levels", meta.scaling.levels.len(), c.n_scaling)?;
         let mut model = Multimodal::new(meta.config.clone(), device)?;
         io::load_into(&model.vs, &tensors)?;
         model.n_obs = meta.n_obs.max(1) as f64;
@@ -197,5 +211,143 @@ impl MultimodalModel {
         let decoder = (0..m.decoder.len()).map(|_| next()).collect();
         let encoder = (0..m.encoder.len()).map(|_| next()).collect();
         Ok(MultimodalCovariates { ambient, scaling, dispersion, library, decoder, encoder })
+    }
+}
+
+impl MultimodalModel {
+    /// Posterior means of the training cells (`counts` and `cov` as fitted).
+    pub fn training_latent(&self, counts: &[&CountMatrix], cov: &MultimodalCovariates) -> Result<Latent> {
+        let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
+        Ok(self.latent_of(&data, true))
+    }
+
+    /// The joint and per-modality latent spaces of `data`.
+    fn latent_of(&self, data: &MultimodalData, give_mean: bool) -> Latent {
+        let n = data.n_cells();
+        let (joint, per) = infer::latent(&self.model, data, give_mean);
+        let parts = self
+            .meta
+            .config
+            .modalities
+            .iter()
+            .zip(per)
+            .map(|(spec, z)| (spec.name.clone(), Matrix::new(n, spec.n_latent, z)))
+            .collect();
+        Latent { joint: Matrix::new(n, self.meta.config.n_latent(), joint), parts }
+    }
+
+    /// The cells' counts aligned to the model's features, and their
+    /// covariates (`strict`: every key with several levels must be given).
+    fn prepare(&self, cells: Cells, strict: bool) -> Result<(Vec<Csr>, MultimodalCovariates)> {
+        let n = cells.n_cells();
+        let aligned = self.align(cells.counts)?;
+        let cov = self.covariates_for(n, &cells.categorical, strict)?;
+        Ok((aligned, cov))
+    }
+
+    /// The keys made from the batch (named as the ambient key), set to
+    /// `level` for every cell.
+    fn under_batch(&self, cov: &MultimodalCovariates, level: u32) -> MultimodalCovariates {
+        let name = &self.meta.ambient.name;
+        let set = |c: &Categorical| -> Categorical {
+            if &c.name == name {
+                Categorical { codes: vec![level; c.codes.len()], ..c.clone() }
+            } else {
+                c.clone()
+            }
+        };
+        MultimodalCovariates {
+            ambient: set(&cov.ambient),
+            scaling: set(&cov.scaling),
+            dispersion: set(&cov.dispersion),
+            library: set(&cov.library),
+            decoder: cov.decoder.iter().map(set).collect(),
+            encoder: cov.encoder.iter().map(set).collect(),
+        }
+    }
+}
+
+impl FittedModel for MultimodalModel {
+    fn kind(&self) -> &'static str {
+        "multimodal"
+    }
+
+    fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    fn describe(&self) -> Result<Value> {
+        describe_meta(self.kind(), self.device(), &self.meta)
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        MultimodalModel::to_bytes(self)
+    }
+
+    fn latent(&self, cells: Cells, opts: &LatentOptions) -> Result<Latent> {
+        let (aligned, cov) = self.prepare(cells, false)?;
+        seed_torch(opts.seed);
+        let data = MultimodalData::new(aligned.iter().collect(), &cov)?;
+        Ok(self.latent_of(&data, opts.give_mean))
+    }
+
+    fn expression(&self, cells: Cells, opts: &ExpressionOptions) -> Result<Matrix> {
+        let specs = &self.meta.config.modalities;
+        let Some(spec) = specs.get(opts.modality) else {
+            return invalid!("the model has {} modalities; `modality` {} is not one", specs.len(), opts.modality + 1);
+        };
+        let (aligned, cov) = self.prepare(cells, true)?;
+        let n = aligned.first().map_or(0, |c| c.n_rows);
+        let covs = if opts.transform_batch.is_empty() {
+            vec![cov]
+        } else {
+            let ambient = &self.meta.ambient;
+            if ambient.levels.len() < 2 {
+                return invalid!("`transform_batch` does not apply: the model was trained without a batch");
+            }
+            let codes = codes_of(&opts.transform_batch, &ambient.levels, "`transform_batch`")?;
+            codes.into_iter().map(|b| self.under_batch(&cov, b)).collect()
+        };
+        seed_torch(opts.seed);
+        let draws = opts.n_samples.max(1);
+        let mut sum = vec![0f32; n * spec.n_features];
+        for c in &covs {
+            let data = MultimodalData::new(aligned.iter().collect(), c)?;
+            let v = infer::normalized(&self.model, &data, opts.modality, opts.library_size, opts.ambient, draws);
+            sum.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+        }
+        if covs.len() > 1 {
+            let k = covs.len() as f32;
+            sum.iter_mut().for_each(|s| *s /= k);
+        }
+        Ok(Matrix::new(n, spec.n_features, sum))
+    }
+
+    fn elbo(&self, cells: Cells, seed: u64) -> Result<Elbo> {
+        let (aligned, cov) = self.prepare(cells, true)?;
+        seed_torch(seed);
+        let data = MultimodalData::new(aligned.iter().collect(), &cov)?;
+        let rows: Vec<usize> = (0..data.n_cells()).collect();
+        let (elbo, reconstruction, kl) =
+            crate::train::evaluate(&MultimodalTask { model: &self.model, data: &data }, &rows, 1024);
+        Ok(Elbo { elbo, reconstruction, kl })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl MultimodalModel {
+    /// Modality attribution of `cells` (see [`infer::attribution`]).
+    pub fn attribution(&self, cells: Cells, interrupted: &dyn Fn() -> bool) -> Result<Vec<f32>> {
+        let (aligned, cov) = self.prepare(cells, true)?;
+        seed_torch(0);
+        let data = MultimodalData::new(aligned.iter().collect(), &cov)?;
+        let a = infer::attribution(&self.model, &data, interrupted);
+        if interrupted() {
+            return Err(crate::Error::Interrupted);
+        }
+        Ok(a)
     }
 }

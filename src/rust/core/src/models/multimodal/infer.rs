@@ -39,10 +39,18 @@ pub fn latent(model: &Multimodal, data: &MultimodalData, give_mean: bool) -> (Ve
 }
 
 /// Expected expression (or accessibility) per unit library of modality
-/// `m` for every cell at its posterior mean latent, × `library_size`,
-/// row-major `[cells, features]`. Without `ambient`, the background term s
+/// `m` for every cell, × `library_size`, row-major `[cells, features]`: at
+/// the posterior mean latent when `n_draws` is 1, else averaged over
+/// `n_draws` draws from q(z | x). Without `ambient`, the background term s
 /// is left out: what the cell itself expresses.
-pub fn normalized(model: &Multimodal, data: &MultimodalData, m: usize, library_size: f64, ambient: bool) -> Vec<f32> {
+pub fn normalized(
+    model: &Multimodal,
+    data: &MultimodalData,
+    m: usize,
+    library_size: f64,
+    ambient: bool,
+    n_draws: usize,
+) -> Vec<f32> {
     let n = data.n_cells();
     let g = model.cfg.modalities[m].n_features;
     let mut out = Vec::with_capacity(n * g);
@@ -50,8 +58,17 @@ pub fn normalized(model: &Multimodal, data: &MultimodalData, m: usize, library_s
         for rows in chunks(n) {
             let inp = data.inputs(&rows, model.device());
             let (qz, _) = model.encode_modalities(&inp, Pass::Eval);
-            let (z, _) = model.combine(&qz);
-            let v = if ambient { model.normalized(m, &z, &inp) } else { model.expressed(m, &z, &inp) };
+            let (qm, qv) = model.combine(&qz);
+            let decode = |z: &Tensor| if ambient { model.normalized(m, z, &inp) } else { model.expressed(m, z, &inp) };
+            let v = if n_draws <= 1 {
+                decode(&qm)
+            } else {
+                let mut acc = decode(&(&qm + qv.sqrt() * qm.randn_like()));
+                for _ in 1..n_draws {
+                    acc += decode(&(&qm + qv.sqrt() * qm.randn_like()));
+                }
+                acc / n_draws as f64
+            };
             out.extend(to_vec(&(v * library_size)));
         }
     });

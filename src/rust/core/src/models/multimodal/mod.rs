@@ -77,6 +77,7 @@ impl Combine {
 
 /// One modality of the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModalitySpec {
     pub name: String,
     pub n_features: usize,
@@ -90,8 +91,23 @@ pub struct ModalitySpec {
     pub weight: f64,
 }
 
+impl Default for ModalitySpec {
+    fn default() -> Self {
+        ModalitySpec {
+            name: String::new(),
+            n_features: 0,
+            n_latent: 10,
+            n_hidden: 128,
+            ambient: false,
+            feature_scaling: false,
+            weight: 1.0,
+        }
+    }
+}
+
 /// Architecture of a multimodal model; saved with the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MultimodalConfig {
     pub modalities: Vec<ModalitySpec>,
     pub combine: Combine,

@@ -2,7 +2,7 @@
 //! and counterfactual expression, posterior predictive counts.
 
 use crate::data::Csr;
-use crate::models::vae::{Likelihood, Vae, VaeData};
+use super::{Likelihood, Vae, VaeData};
 use tch::{Kind, Tensor};
 
 /// Cells per inference minibatch.

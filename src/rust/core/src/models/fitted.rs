@@ -1,0 +1,232 @@
+//! The one shape of every fitted model: what the glue and R see, whatever
+//! the model. A new model implements [`FittedModel`] and registers its kind
+//! in [`from_bytes`]; nothing else in the glue or in R dispatches on kinds.
+
+use crate::data::{CountMatrix, Csr};
+use crate::de::{DeSettings, DeTable};
+use crate::error::{invalid, Error, Result};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use std::any::Any;
+use tch::Device;
+
+/// Cells handed to a fitted model: their counts (one matrix per modality,
+/// in the model's modality order; genes are matched by name) and their
+/// covariate labels.
+#[derive(Debug, Default)]
+pub struct Cells {
+    pub counts: Vec<CountMatrix>,
+    /// Batch label of each cell; `None` when not given (allowed where the
+    /// model has one batch or the computation does not use it).
+    pub batch: Option<Vec<String>>,
+    /// Further categorical covariates in the model's order (for a
+    /// multimodal model: its covariate keys); `None` where not given.
+    pub categorical: Vec<Option<Vec<String>>>,
+    /// Continuous covariates in the model's order.
+    pub continuous: Vec<Vec<f32>>,
+}
+
+impl Cells {
+    pub fn n_cells(&self) -> usize {
+        self.counts.first().map_or(0, CountMatrix::n_cells)
+    }
+}
+
+/// A row-major matrix of results, `rows × cols`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub values: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn new(rows: usize, cols: usize, values: Vec<f32>) -> Matrix {
+        debug_assert_eq!(values.len(), rows * cols);
+        Matrix { rows, cols, values }
+    }
+}
+
+/// Options of [`FittedModel::latent`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LatentOptions {
+    /// The posterior mean, or one draw from q(z | x).
+    pub give_mean: bool,
+    /// Seed of the draws.
+    pub seed: u64,
+}
+
+impl Default for LatentOptions {
+    fn default() -> Self {
+        LatentOptions { give_mean: true, seed: 0 }
+    }
+}
+
+/// A model's latent space of some cells: the joint one, and for a model of
+/// several modalities each modality's own (named).
+#[derive(Debug, Clone)]
+pub struct Latent {
+    pub joint: Matrix,
+    pub parts: Vec<(String, Matrix)>,
+}
+
+/// Options of [`FittedModel::expression`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpressionOptions {
+    /// Batches every cell is decoded under, averaged; empty: each cell's own.
+    #[serde(deserialize_with = "one_or_many")]
+    pub transform_batch: Vec<String>,
+    /// Scale of the output (1: proportions).
+    pub library_size: f64,
+    /// Draws of z averaged (1: the posterior mean).
+    pub n_samples: usize,
+    pub seed: u64,
+    /// Modality decoded (0-based), for models of several modalities.
+    pub modality: usize,
+    /// Include the ambient background, for models that have one.
+    pub ambient: bool,
+}
+
+impl Default for ExpressionOptions {
+    fn default() -> Self {
+        ExpressionOptions {
+            transform_batch: vec![],
+            library_size: 1.0,
+            n_samples: 1,
+            seed: 0,
+            modality: 0,
+            ambient: false,
+        }
+    }
+}
+
+/// Mean negative ELBO, reconstruction and KL per cell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Elbo {
+    pub elbo: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+}
+
+/// A string, or a sequence of strings (R's length-one vectors arrive as scalars).
+pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+        None(()),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+        OneOrMany::None(()) => vec![],
+    })
+}
+
+/// What every fitted model offers. Operations a model does not have answer
+/// with an error that says so (never a silently different computation).
+pub trait FittedModel: Send {
+    /// The kind stored in model files: "vae", "distill", "multimodal".
+    fn kind(&self) -> &'static str;
+    fn device(&self) -> Device;
+    /// The model's description (architecture, features, covariate levels,
+    /// training record) as stored in its file, plus `kind` and `device`.
+    fn describe(&self) -> Result<Value>;
+    /// The model file's bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>>;
+    /// Latent coordinates of `cells`.
+    fn latent(&self, cells: Cells, opts: &LatentOptions) -> Result<Latent>;
+    /// Expected expression (features × ... per cell) of `cells`, row-major
+    /// `[cells, features]`.
+    fn expression(&self, cells: Cells, opts: &ExpressionOptions) -> Result<Matrix>;
+    /// Negative ELBO of `cells`, one draw of z per cell.
+    fn elbo(&self, _cells: Cells, _seed: u64) -> Result<Elbo> {
+        unavailable(self.kind(), "elbo()")
+    }
+    /// `n_samples` draws of counts from the posterior predictive.
+    fn sample_counts(&self, _cells: Cells, _n_samples: usize, _seed: u64) -> Result<Vec<Csr>> {
+        unavailable(self.kind(), "sample_counts()")
+    }
+    /// Bayesian DE between the cells `group1` and `group2` (0-based) of
+    /// `cells`; `batches`: labels every cell is decoded under (empty: own).
+    fn differential_expression(
+        &self,
+        _cells: Cells,
+        _group1: &[usize],
+        _group2: &[usize],
+        _settings: DeSettings,
+        _batches: &[String],
+        _interrupted: &dyn Fn() -> bool,
+    ) -> Result<DeTable> {
+        unavailable(self.kind(), "Bayesian differential_expression()")
+    }
+    /// For operations of one kind only (downcast by the caller).
+    fn as_any(&self) -> &dyn Any;
+}
+
+fn unavailable<T>(kind: &str, what: &str) -> Result<T> {
+    invalid!("{what} is not available for {} models", kind_name(kind))
+}
+
+/// The kind as users know it.
+pub fn kind_name(kind: &str) -> &str {
+    match kind {
+        "vae" => "VAE",
+        "distill" => "distilled",
+        "multimodal" => "multimodal",
+        other => other,
+    }
+}
+
+/// Reads any model file onto `device`: the one place that knows every kind.
+pub fn from_bytes(bytes: &[u8], device: Device) -> Result<Box<dyn FittedModel>> {
+    let kind = crate::io::kind_of(bytes)?;
+    Ok(match kind.as_str() {
+        "vae" => Box::new(super::vae::VaeModel::from_bytes(bytes, device)?),
+        "distill" => Box::new(super::distill::DistillModel::from_bytes(bytes, device)?),
+        "multimodal" => Box::new(super::multimodal::MultimodalModel::from_bytes(bytes, device)?),
+        other => return invalid!("the model file holds a model of kind '{other}', which this scdistill does not know"),
+    })
+}
+
+/// `meta` as JSON with the model's kind and device added.
+pub fn describe_meta<T: serde::Serialize>(kind: &str, device: Device, meta: &T) -> Result<Value> {
+    let mut v = serde_json::to_value(meta).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if let Value::Object(map) = &mut v {
+        map.insert("kind".into(), Value::from(kind));
+        map.insert("device".into(), Value::from(crate::device::device_name(device)));
+    }
+    Ok(v)
+}
+
+/// Codes of `labels` among `levels`; an unknown label is an error naming
+/// it, the argument `what` and the levels.
+pub fn codes_of(labels: &[String], levels: &[String], what: &str) -> Result<Vec<u32>> {
+    labels
+        .iter()
+        .map(|l| match levels.iter().position(|v| v == l) {
+            Some(p) => Ok(p as u32),
+            None => invalid!("{what} '{l}' is not a batch of the model (batches: {})", levels_list(levels)),
+        })
+        .collect()
+}
+
+/// Refuses an option the model cannot honour, naming it and why.
+pub fn refuse(given: bool, option: &str, why: &str) -> Result<()> {
+    if given {
+        return invalid!("`{option}` does not apply here: {why}");
+    }
+    Ok(())
+}
+
+/// Levels quoted and joined, the first 20.
+pub fn levels_list(levels: &[String]) -> String {
+    let mut s = levels.iter().take(20).map(|l| format!("'{l}'")).collect::<Vec<_>>().join(", ");
+    if levels.len() > 20 {
+        s.push_str(&format!(", ... ({} in all)", levels.len()));
+    }
+    s
+}

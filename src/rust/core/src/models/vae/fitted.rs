@@ -1,0 +1,120 @@
+//! The VAE as a [`FittedModel`].
+
+use super::{infer, VaeData, VaeModel, VaeTask};
+use crate::data::{Covariates, Csr};
+use crate::de::{self, DeSettings, DeTable, VaeScales};
+use crate::device::seed_torch;
+use crate::error::Result;
+use crate::models::fitted::{
+    codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
+};
+use serde_json::Value;
+use std::any::Any;
+use tch::Device;
+
+impl VaeModel {
+    /// Posterior means of the training cells (`counts` and `cov` as fitted).
+    pub fn training_latent(&self, counts: &Csr, cov: &Covariates) -> Matrix {
+        Matrix::new(counts.n_rows, self.meta.config.n_latent, infer::latent(&self.vae, &VaeData::new(counts, cov), true))
+    }
+
+    /// The counts of `cells` in the model's gene order, with their
+    /// covariates. Covariates the computation does not read (the encoder of
+    /// a model that does not encode them) may be left out.
+    fn prepare(&self, cells: Cells, encoder_only: bool) -> Result<(Csr, Covariates)> {
+        let n = cells.n_cells();
+        let Cells { mut counts, batch, categorical, continuous } = cells;
+        if counts.len() != 1 {
+            return crate::error::invalid!("a VAE reads one count matrix; got {}", counts.len());
+        }
+        let csr = self.align_genes(counts.remove(0))?;
+        let cov = if encoder_only && !self.meta.config.encode_covariates {
+            self.neutral_covariates(n)
+        } else {
+            let cats = categorical
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    c.ok_or_else(|| {
+                        let name = self.meta.categorical.get(i).map_or("?", |c| c.0.as_str());
+                        crate::Error::InvalidInput(format!("the model uses covariate `{name}`: give it for the cells"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.covariates_for(n, batch.as_deref(), &cats, continuous, true)?
+        };
+        Ok((csr, cov))
+    }
+}
+
+impl FittedModel for VaeModel {
+    fn kind(&self) -> &'static str {
+        "vae"
+    }
+
+    fn device(&self) -> Device {
+        self.vae.device()
+    }
+
+    fn describe(&self) -> Result<Value> {
+        describe_meta(self.kind(), self.device(), &self.meta)
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        VaeModel::to_bytes(self)
+    }
+
+    fn latent(&self, cells: Cells, opts: &LatentOptions) -> Result<Latent> {
+        let (csr, cov) = self.prepare(cells, true)?;
+        seed_torch(opts.seed);
+        let z = infer::latent(&self.vae, &VaeData::new(&csr, &cov), opts.give_mean);
+        Ok(Latent { joint: Matrix::new(csr.n_rows, self.meta.config.n_latent, z), parts: vec![] })
+    }
+
+    fn expression(&self, cells: Cells, opts: &ExpressionOptions) -> Result<Matrix> {
+        refuse(opts.modality != 0, "modality", "a VAE models one modality")?;
+        refuse(opts.ambient, "ambient", "a VAE has no ambient term (see fit_vae(regularized = TRUE))")?;
+        let targets = codes_of(&opts.transform_batch, &self.meta.batch_levels, "`transform_batch`")?;
+        let (csr, cov) = self.prepare(cells, false)?;
+        seed_torch(opts.seed);
+        let data = VaeData::new(&csr, &cov);
+        let x = infer::expression(&self.vae, &data, &targets, opts.library_size, opts.n_samples.max(1));
+        Ok(Matrix::new(csr.n_rows, self.meta.config.n_genes, x))
+    }
+
+    fn elbo(&self, cells: Cells, seed: u64) -> Result<Elbo> {
+        let (csr, cov) = self.prepare(cells, false)?;
+        seed_torch(seed);
+        let data = VaeData::new(&csr, &cov);
+        let rows: Vec<usize> = (0..csr.n_rows).collect();
+        let (elbo, reconstruction, kl) = crate::train::evaluate(&VaeTask { model: &self.vae, data: &data }, &rows, 1024);
+        Ok(Elbo { elbo, reconstruction, kl })
+    }
+
+    fn sample_counts(&self, cells: Cells, n_samples: usize, seed: u64) -> Result<Vec<Csr>> {
+        let (csr, cov) = self.prepare(cells, false)?;
+        seed_torch(seed);
+        let data = VaeData::new(&csr, &cov);
+        Ok((0..n_samples.max(1)).map(|_| infer::sample_counts(&self.vae, &data)).collect())
+    }
+
+    fn differential_expression(
+        &self,
+        cells: Cells,
+        group1: &[usize],
+        group2: &[usize],
+        mut settings: DeSettings,
+        batches: &[String],
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<DeTable> {
+        settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
+        let (csr, cov) = self.prepare(cells, false)?;
+        seed_torch(settings.seed);
+        let data = VaeData::new(&csr, &cov);
+        de::differential_expression(&VaeScales { model: &self.vae, data: &data }, &csr, group1, group2, &settings, interrupted)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,117 @@
+//! extendr glue of run_harmony() (mirrors R/harmony.R).
+
+use crate::convert::from_r;
+use crate::worker;
+use crate::{fail, r_matrix, threads_from_r};
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use scdistill_core::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
+use std::sync::Mutex;
+
+/// One batch variable from R: list(name, codes (1-based), n_levels, theta,
+/// lambda (NA: estimated), protected).
+#[derive(serde::Deserialize)]
+struct CovariateFromR {
+    #[serde(default)]
+    name: String,
+    #[serde(deserialize_with = "codes")]
+    codes: Vec<u32>,
+    n_levels: usize,
+    theta: f64,
+    lambda: Option<f64>,
+    #[serde(default)]
+    protected: bool,
+}
+
+/// 1-based R codes (one or many) as 0-based codes.
+fn codes<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    let v = match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(c) => vec![c],
+        OneOrMany::Many(v) => v,
+    };
+    Ok(v.into_iter().map(|c| c.saturating_sub(1)).collect())
+}
+
+/// Harmony on `x` (cells × d, column-major). `covariates` is a list of
+/// lists (name, codes 1-based, n_levels, theta, lambda (NA: estimated),
+/// protected); `params` the named settings. `progress(iteration)` is called
+/// on the R thread. Returns the corrected matrix (column-major) and the fit.
+/// @noRd
+#[extendr]
+fn rs_run_harmony(
+    x: &[f64],
+    n: i32,
+    d: i32,
+    covariates: List,
+    params: List,
+    threads: i32,
+    progress: Robj,
+) -> Result<List> {
+    let (n, d) = (n.max(0) as usize, d.max(0) as usize);
+    if x.len() != n * d {
+        return Err(fail("internal: embedding size does not match"));
+    }
+    let covs = covariates
+        .values()
+        .map(|v| {
+            let c: CovariateFromR = from_r(&v, "Harmony covariate")?;
+            Ok(HarmonyCovariate {
+                name: c.name,
+                codes: c.codes,
+                n_levels: c.n_levels,
+                theta: c.theta,
+                lambda: c.lambda,
+                protected: c.protected,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let p: HarmonyParams = from_r(&params.into(), "Harmony settings")?;
+    let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let callback = progress.as_function();
+    let tick = || {
+        let its: Vec<usize> = std::mem::take(&mut *done.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(f) = &callback {
+            for i in its {
+                let _ = f.call(pairlist!(i as i32));
+            }
+        }
+    };
+    let mut r = worker::run_with_ticks(
+        threads_from_r(threads)?,
+        |interrupted| {
+            harmony(Embedding::column_major(x), n, d, &covs, &p, interrupted, &|i| {
+                done.lock().unwrap_or_else(|e| e.into_inner()).push(i)
+            })
+        },
+        tick,
+    )
+    .map_err(fail)?
+    .map_err(fail)?;
+    // Each large array is freed as soon as its R matrix exists (peak memory
+    // at 10^6 cells).
+    let z = r_matrix(&r.z_corr, n, d);
+    r.z_corr = Vec::new();
+    let k = r.n_clusters;
+    let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
+    r.r = Vec::new();
+    Ok(list!(
+        z = z,
+        r = memberships,
+        n_clusters = k as i32,
+        objective = r.objective,
+        cluster_rounds = r.cluster_rounds.iter().map(|&v| v as i32).collect::<Vec<i32>>(),
+        n_iter = r.n_iter as i32,
+        converged = r.converged
+    ))
+}
+
+extendr_module! {
+    mod harmony;
+    fn rs_run_harmony;
+}
