@@ -18,6 +18,10 @@ LIBTORCH=$(sh tools/find_libtorch.sh) || exit 1
 export LIBTORCH
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/scdistill-test.XXXXXX")
 
+step "R/extendr-wrappers.R matches the glue's entry points"
+Rscript tools/wrappers.R --check
+wrappers_rc=$?
+
 step "Rust core: cargo test --release"
 sh tools/claim_cargo_cache.sh src/rust "$SCDISTILL_CARGO_TARGET_DIR"
 (cd src/rust && CARGO_TARGET_DIR="$SCDISTILL_CARGO_TARGET_DIR" cargo test --release --workspace 2>&1) | tee "$WORK/cargo.log"
@@ -51,7 +55,7 @@ echo
 echo "cargo test (core):  $rust_pass passed, $rust_fail failed"
 echo "testthat (R API):   $r_pass passed, $r_fail failed, $r_skip skipped"
 echo "R CMD check:        $check_status   (log: $WORK/check.log)"
-failed=$((rust_fail + r_fail))
+failed=$((rust_fail + r_fail + (wrappers_rc != 0)))
 case "$check_status" in *ERROR*|*WARNING*) failed=$((failed + 1)) ;; esac
 echo "scdistill: $((rust_pass + r_pass)) passed, $failed failed, $r_skip skipped"
 [ "$failed" = 0 ]
