@@ -4,6 +4,14 @@
 # simulator's ground truth.
 
 # One cell type, strong condition effects on 10% of 400 genes.
+# The Bayesian methods on the simulator's conditions, which are a property
+# of samples: the warning that points to pseudobulk is tested on its own.
+de_cells <- function(...) {
+  withCallingHandlers(differential_expression(...), warning = function(w) {
+    if (grepl("property of samples", conditionMessage(w))) invokeRestart("muffleWarning")
+  })
+}
+
 de_sim <- function(seed = 3) {
   simulate_counts(n_cells = 1200, n_genes = 400, n_groups = 1, n_batches = 2, treated_fraction = 0.5,
                   condition_de_prob = 0.1, condition_lfc = 1.5, seed = seed)
@@ -82,7 +90,7 @@ test_that("change mode finds the simulator's DE genes with a VAE, reproducibly",
   model <- fit_vae(sim, batch = "batch", max_epochs = 150, threads = 2)
   truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
   true_lfc <- SummarizedExperiment::rowData(sim)$true_lfc_Group1
-  de <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
+  de <- de_cells(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
                                 threads = 2)
   expect_s3_class(de, "scdistill_de")
   expect_identical(de$gene, rownames(sim))
@@ -102,20 +110,20 @@ test_that("change mode finds the simulator's DE genes with a VAE, reproducibly",
   # The expected-FDR rule holds for the calls.
   expect_lte(mean(1 - de$proba_de[de$is_de]), 0.05)
   # Same seed, same table; given delta is used as is.
-  again <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
+  again <- de_cells(model, sim, "condition", "treated", "control", n_samples = 2000, seed = 1,
                                    threads = 2)
   expect_identical(again$lfc_mean, de$lfc_mean)
-  fixed <- differential_expression(model, sim, "condition", "treated", "control", n_samples = 500, delta = 0.5,
+  fixed <- de_cells(model, sim, "condition", "treated", "control", n_samples = 500, delta = 0.5,
                                    batch_correction = TRUE, seed = 1, threads = 2)
   expect_identical(attr(fixed, "params")$delta, 0.5)
   expect_identical(attr(fixed, "params")$batch_correction, c("Batch1", "Batch2"))
   # Vanilla: P(rho1 > rho2) is high for genes the truth says go up.
-  van <- differential_expression(model, sim, "condition", "treated", "control", method = "vanilla",
+  van <- de_cells(model, sim, "condition", "treated", "control", method = "vanilla",
                                  n_samples = 1000, threads = 2)
   up <- truth & true_lfc > 1
   expect_gt(mean(van$bayes_factor[up] > 0), 0.8)
   # MC dropout: Gaussian posterior, no range columns.
-  mc <- differential_expression(model, sim, "condition", "treated", "control", method = "mc_dropout",
+  mc <- de_cells(model, sim, "condition", "treated", "control", method = "mc_dropout",
                                 n_samples = 20, threads = 2)
   expect_false("lfc_min" %in% names(mc))
   expect_gt(cor(mc$lfc_mean[truth], true_lfc[truth]), 0.6)
@@ -135,9 +143,47 @@ test_that("a distilled model gives Bayesian DE too", {
                    max_epochs_encoder = 60, max_epochs_decoder = 100, threads = 2)
   truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
   true_lfc <- SummarizedExperiment::rowData(sim)$true_lfc_Group1
-  de <- differential_expression(model, sim, "condition", "treated", "control", batch_correction = TRUE,
+  de <- de_cells(model, sim, "condition", "treated", "control", batch_correction = TRUE,
                                 n_samples = 1000, threads = 2)
   expect_gt(cor(de$lfc_mean[truth], true_lfc[truth]), 0.7)
   expect_gt(sum(de$is_de & truth), 5)
   expect_identical(attr(de, "params")$model, "distill")
+})
+
+test_that("pseudobulk puts the batch in the design by default and refuses a collinear one", {
+  skip_if_not_installed("edgeR")
+  # Condition confounded with batch 100/50/0 %: the batch effect leaks into
+  # the calls without the batch in the design.
+  sim <- simulate_counts(n_cells = 1500, n_genes = 300, n_groups = 1, n_batches = 3,
+                         treated_fraction = c(1, 0.5, 0), condition_de_prob = 0.1, condition_lfc = 1.5,
+                         batch_effect = "strong", seed = 4)
+  truth <- SummarizedExperiment::rowData(sim)$is_de_Group1
+  fdp <- function(de) 1 - sum(de$is_de & truth) / max(1, sum(de$is_de))
+  expect_message(with_batch <- differential_expression(NULL, sim, "condition", "treated", "control",
+                                                       method = "pseudobulk", sample_key = "sample", test = "edgeR"),
+                 "hold\\(s\\) samples of one group only")
+  expect_match(attr(with_batch, "params")$design, "~batch \\+ group")
+  without <- differential_expression(NULL, sim, "condition", "treated", "control", method = "pseudobulk",
+                                     sample_key = "sample", test = "edgeR", covariates = character())
+  expect_match(attr(without, "params")$design, "~group")
+  expect_lt(fdp(with_batch), fdp(without))
+  expect_lt(fdp(with_batch), 0.15)
+  # Fully confounded: every batch holds one condition.
+  two <- sim[, sim$batch != levels(factor(sim$batch))[2]]
+  expect_error(differential_expression(NULL, two, "condition", "treated", "control", method = "pseudobulk",
+                                       sample_key = "sample", test = "edgeR"),
+               "`batch` and the groups are collinear.*covariates = character\\(\\)")
+})
+
+test_that("a Bayesian cell-level method warns when the groups are a property of samples", {
+  sim <- de_sim()
+  # The simulator's samples are nested in batch and condition.
+  expect_true(all(tapply(as.character(sim$condition), sim$sample, function(z) length(unique(z))) == 1))
+  m <- fit_vae(sim, batch = "batch", max_epochs = 2, threads = 2)
+  expect_warning(differential_expression(m, sim, "condition", "treated", "control", n_samples = 200,
+                                         n_pairs = 200, threads = 2),
+                 "property of samples.*pseudobulk")
+  # Groups mixed within samples: a cell-level question, no warning.
+  sim$half <- rep(c("a", "b"), length.out = ncol(sim))
+  expect_no_warning(differential_expression(m, sim, "half", "a", "b", n_samples = 200, n_pairs = 200, threads = 2))
 })
