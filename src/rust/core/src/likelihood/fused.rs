@@ -20,17 +20,11 @@
 //! with q_g = μ_g ∂ℓ/∂μ_g, and dℓ/dlog ℓ = Σ q.
 
 use super::vmath;
+use super::Likelihood;
 use std::sync::Mutex;
 
 /// ε of the logarithms, as in the libtorch path.
 pub const EPS: f32 = 1e-8;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Nb,
-    Zinb,
-    Poisson,
-}
 
 /// How the mean μ comes from the decoder's output f and the library ℓ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +63,7 @@ pub struct Rows<'a> {
 
 /// Inputs, all row-major [n_rows × n_genes] unless stated.
 pub struct Inputs<'a> {
-    pub family: Family,
+    pub family: Likelihood,
     pub front: Front,
     pub n_genes: usize,
     /// The decoder's output f (see `Front`).
@@ -204,13 +198,13 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     assert_eq!(inp.logits.len(), n * g, "logits");
     assert_eq!(inp.log_library.len(), n, "log library");
     assert_eq!(inp.counts.indptr.len(), n + 1, "count rows");
-    let has_theta = inp.family != Family::Poisson;
+    let has_theta = inp.family != Likelihood::Poisson;
     let tabled = has_theta && inp.theta_codes.is_some();
     let shared = has_theta && !tabled && inp.log_theta.len() == g;
     if has_theta {
         assert!(tabled || shared || inp.log_theta.len() == n * g, "log theta");
     }
-    if inp.family == Family::Zinb {
+    if inp.family == Likelihood::Zinb {
         assert_eq!(inp.pi_logits.len(), n * g, "dropout logits");
     }
     let n_levels = |t: &[f32]| t.len() / g.max(1);
@@ -273,7 +267,7 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         if has_theta && !tabled {
             assert_eq!(grads.log_theta.len(), n * g);
         }
-        if inp.family == Family::Zinb {
+        if inp.family == Likelihood::Zinb {
             assert_eq!(grads.pi_logits.len(), n * g);
         }
         let size = |l: &Option<Levels>| l.map_or(0, |l| l.table.len());
@@ -440,7 +434,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
 
     // θ and its logarithm for this row.
     let (theta, lte, ite): (&[f32], &[f32], &[f32]) = match (fam, job.gene_theta) {
-        (Family::Poisson, _) => (&[], &[], &[]),
+        (Likelihood::Poisson, _) => (&[], &[], &[]),
         (_, Some(gt)) => (&gt.theta, &gt.log_theta_eps, &gt.inv_theta_eps),
         (_, None) => {
             let lt = &inp.log_theta[r * g..(r + 1) * g];
@@ -453,7 +447,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             (&s.theta, &s.lte, &s.ite)
         }
     };
-    let pi = if fam == Family::Zinb { &inp.pi_logits[r * g..(r + 1) * g] } else { &[][..] };
+    let pi = if fam == Likelihood::Zinb { &inp.pi_logits[r * g..(r + 1) * g] } else { &[][..] };
 
     // Every entry as if its count were zero. Without gradients, the
     // gradient rows are scratch space (the loops stay branch-free).
@@ -469,14 +463,14 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
     };
     let (f, q, rho) = (&mut s.f[..g], &mut s.q[..g], &s.rho[..g]);
     match fam {
-        Family::Poisson => {
+        Likelihood::Poisson => {
             for k in 0..g {
                 let mu = lam * rho[k];
                 f[k] = -mu;
                 q[k] = -1.0;
             }
         }
-        Family::Nb | Family::Zinb => {
+        Likelihood::Nb | Likelihood::Zinb => {
             // The NB part A = θ log((θ + ε)/u) and its derivatives; ZINB then
             // mixes in the dropout in a second loop (two small loops stay in
             // vector registers where one large one did not).
@@ -491,7 +485,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
                 q[k] = -th * iu; // ∂A/∂μ
                 gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
             }
-            if fam == Family::Zinb {
+            if fam == Likelihood::Zinb {
                 let (pi, gp) = (&pi[..g], &mut gp[..g]);
                 for k in 0..g {
                     let p = pi[k];
@@ -529,7 +523,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
         for (i, &j) in idx.iter().enumerate() {
             let j = j as usize;
             mu_a[i] = lam * rho[j];
-            if fam != Family::Poisson {
+            if fam != Likelihood::Poisson {
                 th_a[i] = theta[j];
                 lte_a[i] = lte[j];
                 ite_a[i] = ite[j];
@@ -538,11 +532,11 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
                     dgt_a[i] = gtc.digamma[j];
                 }
             }
-            if fam == Family::Zinb {
+            if fam == Likelihood::Zinb {
                 pi_a[i] = pi[j];
             }
         }
-        if fam != Family::Poisson && job.gene_theta.is_none() {
+        if fam != Likelihood::Poisson && job.gene_theta.is_none() {
             for i in 0..nnz {
                 let (lg, dg) = vmath::lgamma_digamma::<FMA>(th_a[i]);
                 lgt_a[i] = lg;
@@ -550,14 +544,14 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             }
         }
         match fam {
-            Family::Poisson => {
+            Likelihood::Poisson => {
                 for i in 0..nnz {
                     let (x, mu) = (xs[i], mu_a[i]);
                     df_a[i] = x * vmath::ln::<FMA>(mu + EPS);
                     dq_a[i] = x / (mu + EPS);
                 }
             }
-            Family::Nb => {
+            Likelihood::Nb => {
                 for i in 0..nnz {
                     let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
                     let u = th + mu + EPS;
@@ -569,7 +563,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
                     dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
                 }
             }
-            Family::Zinb => {
+            Likelihood::Zinb => {
                 for i in 0..nnz {
                     let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
                     let u = th + mu + EPS;
@@ -594,10 +588,10 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             for (i, &j) in idx.iter().enumerate() {
                 let j = j as usize;
                 q[j] += dq_a[i];
-                if fam != Family::Poisson {
+                if fam != Likelihood::Poisson {
                     gt[j] += dt_a[i];
                 }
-                if fam == Family::Zinb {
+                if fam == Likelihood::Zinb {
                     gp[j] += pi_a[i];
                 }
             }
@@ -676,9 +670,8 @@ fn add(to: &mut [f32], from: &[f32]) {
 mod tests {
     use super::super::{
         fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
-        PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
+        Likelihood, PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
     };
-    use super::Family;
     use crate::data::Csr;
     use tch::{Device, Kind, Tensor};
 
@@ -709,7 +702,7 @@ mod tests {
     /// Value and gradients of Σ_rows w_r · ll_r by both paths.
     /// `theta_levels`: 0 for one θ per gene; k for k distinct θ rows, row r
     /// using level r mod k (k > 16 leaves some rows to the uncached path).
-    fn both(family: Family, theta_levels: i64) {
+    fn both(family: Likelihood, theta_levels: i64) {
         let (n, g) = (21i64, 301i64);
         tch::manual_seed(3);
         let m = counts(n as usize, g as usize);
@@ -738,9 +731,9 @@ mod tests {
         let rate = log_library.exp() * logits.softmax(-1, Kind::Float);
         let theta = if theta_levels > 0 { log_theta().exp() } else { log_theta().exp().unsqueeze(0) };
         let reference = match family {
-            Family::Nb => nb_log_kernel_rows(&c, &rate, &theta, 1e-8),
-            Family::Zinb => zinb_log_kernel_rows(&c, &rate, &theta, &pi, 1e-8),
-            Family::Poisson => poisson_log_kernel_rows(&c, &rate, 1e-8),
+            Likelihood::Nb => nb_log_kernel_rows(&c, &rate, &theta, 1e-8),
+            Likelihood::Zinb => zinb_log_kernel_rows(&c, &rate, &theta, &pi, 1e-8),
+            Likelihood::Poisson => poisson_log_kernel_rows(&c, &rate, 1e-8),
         };
         let (v0, g0) = grads_of((&reference * &weights).sum(Kind::Float));
         let log_theta = log_theta();
@@ -748,15 +741,15 @@ mod tests {
             family,
             logits: &logits,
             log_library: &log_library,
-            log_theta: (family != Family::Poisson).then_some(&log_theta),
-            pi_logits: (family == Family::Zinb).then_some(&pi),
+            log_theta: (family != Likelihood::Poisson).then_some(&log_theta),
+            pi_logits: (family == Likelihood::Zinb).then_some(&pi),
         };
         let fused = fused_log_kernel_rows(&c, &raw).expect("applies on CPU f32");
         assert!(reference.allclose(&fused, 1e-4, 1e-2, false), "{family:?} per row: {reference} vs {fused}");
         let (v1, g1) = grads_of((&fused * &weights).sum(Kind::Float));
         assert!((v0 - v1).abs() <= 1e-4 * v0.abs(), "{family:?}: {v0} vs {v1}");
         for (k, (a, b)) in g0.iter().zip(&g1).enumerate() {
-            if family == Family::Poisson && k >= 2 || family == Family::Nb && k == 3 {
+            if family == Likelihood::Poisson && k >= 2 || family == Likelihood::Nb && k == 3 {
                 continue; // not inputs of this family
             }
             let scale = a.abs().max().double_value(&[]);
@@ -774,12 +767,12 @@ mod tests {
     fn fused_kernel_matches_the_tensor_path_value_and_gradients() {
         // The generator is global: take a turn with the training tests.
         let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
-        for family in [Family::Nb, Family::Zinb, Family::Poisson] {
+        for family in [Likelihood::Nb, Likelihood::Zinb, Likelihood::Poisson] {
             both(family, 0);
         }
         for levels in [2, 21] {
-            both(Family::Nb, levels);
-            both(Family::Zinb, levels);
+            both(Likelihood::Nb, levels);
+            both(Likelihood::Zinb, levels);
         }
     }
 
@@ -896,7 +889,7 @@ mod tests {
         let logits = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
         let lib = Tensor::zeros([2, 1], (Kind::Float, Device::Cpu));
         let poisson = |logits| RawDecoded {
-            family: Family::Poisson,
+            family: Likelihood::Poisson,
             logits,
             log_library: &lib,
             log_theta: None,

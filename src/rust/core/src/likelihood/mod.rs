@@ -3,6 +3,7 @@
 //! `eps` guards the logarithms against zero means or dispersions; pass 0 for
 //! the exact value.
 
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 pub mod fused;
@@ -10,6 +11,28 @@ pub mod vmath;
 
 // The minibatch type lives with the data; models import it from here too.
 pub use crate::data::SparseBatch;
+
+/// Observation model of the counts, as a model's configuration names it and
+/// as the fused kernel evaluates it. Stored in model files by its lowercase
+/// name ("nb", "zinb", "poisson"): keep the serde attributes as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Likelihood {
+    Nb,
+    Zinb,
+    Poisson,
+}
+
+impl Likelihood {
+    pub fn parse(s: &str) -> Option<Likelihood> {
+        match s {
+            "nb" => Some(Likelihood::Nb),
+            "zinb" => Some(Likelihood::Zinb),
+            "poisson" => Some(Likelihood::Poisson),
+            _ => None,
+        }
+    }
+}
 
 /// Negative binomial with mean `mu` and inverse dispersion `theta` (Hilbe 2011,
 /// NB2; variance mu + mu²/theta):
@@ -106,7 +129,7 @@ pub fn poisson_log_kernel_rows(c: &SparseBatch, rate: &Tensor, eps: f64) -> Tens
 /// (μ = exp(log_library) · softmax(logits)), log θ ([genes] or [rows, genes];
 /// unused for Poisson) and ZINB dropout logits.
 pub struct RawDecoded<'a> {
-    pub family: fused::Family,
+    pub family: Likelihood,
     pub logits: &'a Tensor,
     pub log_library: &'a Tensor,
     pub log_theta: Option<&'a Tensor>,
@@ -343,7 +366,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
         }
         let (theta_table, theta_codes) = theta.as_ref().expect("θ is given");
         let inputs = fused::Inputs {
-            family: fused::Family::Nb,
+            family: Likelihood::Nb,
             front: fused::Front::Softplus,
             n_genes: g as usize,
             logits: view(&f),
@@ -530,6 +553,17 @@ mod tests {
             close(zinb_log_kernel_rows(&c, &mu, &theta, &pi, 1e-8), sum(zinb_log_kernel(&x, &mu, &theta, &pi, 1e-8)));
             close(poisson_log_kernel_rows(&c, &mu, 1e-8), sum(poisson_log_kernel(&x, &mu, 1e-8)));
         }
+    }
+
+    #[test]
+    fn the_likelihood_keeps_its_names_in_model_files() {
+        // Model files store the configuration as JSON: these strings are a file format.
+        for (l, name) in [(Likelihood::Nb, "nb"), (Likelihood::Zinb, "zinb"), (Likelihood::Poisson, "poisson")] {
+            assert_eq!(serde_json::to_string(&l).unwrap(), format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<Likelihood>(&format!("\"{name}\"")).unwrap(), l);
+            assert_eq!(Likelihood::parse(name), Some(l));
+        }
+        assert_eq!(Likelihood::parse("gaussian"), None);
     }
 
     #[test]
