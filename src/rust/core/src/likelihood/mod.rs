@@ -6,8 +6,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-pub mod fused;
-pub mod vmath;
+use crate::kernels::fused;
 
 // The minibatch type lives with the data; models import it from here too.
 pub use crate::data::SparseBatch;
@@ -438,7 +437,7 @@ fn sub_scaled_body(g: &mut [f32], w: &[f32], k: f32) {
     g.iter_mut().zip(w).for_each(|(g, &w)| *g -= k * w);
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn sub_scaled(g: &mut [f32], w: &[f32], k: f32) = sub_scaled_body
 }
 

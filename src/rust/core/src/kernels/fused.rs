@@ -8,7 +8,7 @@
 //! functions of `vmath`, and the gradients with respect to the logits, the
 //! log library size, log θ and the dropout logits are written at once. The
 //! autograd graph then receives them through a surrogate (see
-//! `likelihood::fused_log_likelihood`), so the rest of the model is unchanged.
+//! `likelihood::fused_log_kernel_rows`), so the rest of the model is unchanged.
 //!
 //! Per entry, with u = θ + μ + ε and A = θ (log(θ + ε) − log u):
 //! - NB, x = 0: A; x > 0: A + x (log(μ + ε) − log u) + log Γ(x + θ) − log Γ(θ).
@@ -20,7 +20,7 @@
 //! with q_g = μ_g ∂ℓ/∂μ_g, and dℓ/dlog ℓ = Σ q.
 
 use super::vmath;
-use super::Likelihood;
+use crate::likelihood::Likelihood;
 use std::sync::Mutex;
 
 /// ε of the logarithms, as in the libtorch path.
@@ -152,7 +152,7 @@ impl GeneTheta {
             }
         }
         let threads = (tch::get_num_threads().max(1) as usize).min(jobs.len());
-        crate::omp::run(threads, &|member, members| {
+        super::omp::run(threads, &|member, members| {
             for job in jobs.iter().skip(member).step_by(members) {
                 let mut job = job.lock().unwrap_or_else(|e| e.into_inner());
                 let (src, th, lte, ite, lg, dg) = &mut *job;
@@ -183,7 +183,7 @@ fn theta_constants_body<const FMA: bool>(
     }
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn theta_constants(
         src: &[f32], th: &mut [f32], lte: &mut [f32], ite: &mut [f32], lg: &mut [f32], dg: &mut [f32],
     ) = fma theta_constants_body
@@ -191,7 +191,7 @@ crate::simd::wide_copies! {
 
 /// Each row's log-likelihood without −Σ log Γ(x + 1), into `out`; with
 /// `grads`, also its gradients. Rows are shared out among libtorch's OpenMP
-/// threads (`crate::omp`); each row's result does not depend on how many.
+/// threads (`kernels::omp`); each row's result does not depend on how many.
 pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     let g = inp.n_genes;
     let n = out.len();
@@ -301,7 +301,7 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         log_theta: vec![0.0; sg.log_theta.len()],
     };
     let parts: Vec<Mutex<(Vec<_>, Sums)>> = parts.into_iter().map(|p| Mutex::new((p, new_sums()))).collect();
-    crate::omp::run(threads, &|member, members| {
+    super::omp::run(threads, &|member, members| {
         let mut scratch = Scratch::default();
         for part in parts.iter().skip(member).step_by(members) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
@@ -365,7 +365,7 @@ struct RowJob<'a, 'b> {
     sums: Option<&'b mut Sums>,
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn run_row(job: RowJob, s: &mut Scratch) -> f32 = fma row
 }
 
@@ -668,11 +668,11 @@ fn add(to: &mut [f32], from: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
+    use crate::data::Csr;
+    use crate::likelihood::{
         fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
         Likelihood, PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
     };
-    use crate::data::Csr;
     use tch::{Device, Kind, Tensor};
 
     /// Counts with zeros, small and large values (up to 5,000) and an empty row.

@@ -15,18 +15,18 @@
 /// one (where it would be a library call).
 macro_rules! wide_copies {
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = fma $body:ident) => {
-        $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = fma $body }
+        $crate::kernels::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = fma $body }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = $body:path) => {
-        $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
+        $crate::kernels::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = fma $body:ident) => {
-        $crate::simd::wide_copies! {
+        $crate::kernels::simd::wide_copies! {
             @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body::<true>] [$body::<false>]
         }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = $body:path) => {
-        $crate::simd::wide_copies! { @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body] [$body] }
+        $crate::kernels::simd::wide_copies! { @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body] [$body] }
     };
     // The three copies: `wide` called in the AVX ones, `base` in the baseline.
     (@copies $(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),*) -> $ret:ty;
