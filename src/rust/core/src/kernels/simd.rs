@@ -4,6 +4,12 @@
 //! any machine. A loop written in the plain indexed form LLVM vectorizes gets
 //! 4-lane code there; `wide_copies!` compiles the same body again for AVX-512
 //! and for AVX2 + FMA and calls the widest copy the CPU supports.
+//!
+//! It is the crate's one dispatch macro: the fused likelihood, the sparse
+//! first layer, Adam and Harmony's soft clustering use it. The copies give
+//! the same bits: Rust never fuses a · b + c on its own, so wider registers
+//! change how many lanes run at once, not the arithmetic, except where a body
+//! asks for `madd` (the `= fma` form).
 
 /// `wide_copies! { fn name(a: A, b: B) -> R = body }` (the return type may
 /// be left out) defines `fn name`, which calls `body(a, b)` compiled for

@@ -983,43 +983,17 @@ impl<'a> Harmony<'a> {
     }
 }
 
-/// `fn name(args) -> ret` that runs `body(args)`, on CPUs with AVX2 and FMA
-/// in a copy compiled for them (`fast`), where its loops vectorize; `body`
-/// is `#[inline(always)]` so that each copy gets its own code.
-macro_rules! with_avx2 {
-    ($(#[$m:meta])* fn $name:ident / $fast:ident ($($a:ident: $t:ty),*) -> $ret:ty = $body:ident) => {
-        $(#[$m])*
-        fn $name($($a: $t),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features the function is compiled for.
-                    return unsafe { $fast($($a),*) };
-                }
-            }
-            $body($($a),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $fast($($a: $t),*) -> $ret {
-            $body($($a),*)
-        }
-    };
-}
-
 /// A raw pointer handed to parallel tasks that write disjoint parts.
 struct SharedMut(*mut f32);
 // SAFETY: only used for writes to disjoint ranges (see `update_r`).
 unsafe impl Sync for SharedMut {}
 
-with_avx2! {
+crate::kernels::simd::wide_copies! {
     /// In place: dist → exp(−dist/σ) / Z, normalized to sum 1 (shifted by the
     /// smallest distance so that the exponentials cannot all underflow).
-    /// Returns c = m + ln Z, so that dist_k = −σ_k (ln scale_k + c). On CPUs with
-    /// AVX2 and FMA it runs in a copy compiled for them, where the exponentials
-    /// vectorize (same results to rounding).
-    fn scale_column / scale_column_avx2 (col: &mut [f32], inv_sigma: &[f64], e: &mut Vec<f64>) -> f64 = scale_column_body
+    /// Returns c = m + ln Z, so that dist_k = −σ_k (ln scale_k + c). Runs in
+    /// the widest SIMD copy the CPU has, where the exponentials vectorize.
+    fn scale_column(col: &mut [f32], inv_sigma: &[f64], e: &mut Vec<f64>) -> f64 = scale_column_body
 }
 
 #[inline(always)]
@@ -1148,10 +1122,10 @@ fn lloyd(
     Ok(())
 }
 
-with_avx2! {
-    /// Σ R over `cells` per level (B × K, level-major). On CPUs with
-    /// AVX2 and FMA it runs in a copy compiled for them.
-    fn sum_cells / sum_cells_avx2 (r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> Vec<f64> = sum_cells_body
+crate::kernels::simd::wide_copies! {
+    /// Σ R over `cells` per level (B × K, level-major), in the widest SIMD
+    /// copy the CPU has.
+    fn sum_cells(r: &[f32], lev: &[u32], k: usize, b: usize, n_cov: usize, cells: &[usize]) -> Vec<f64> = sum_cells_body
 }
 
 #[inline(always)]
@@ -1186,13 +1160,13 @@ struct UpdateCtx<'a> {
     offset: &'a [f64],
 }
 
-with_avx2! {
+crate::kernels::simd::wide_copies! {
     /// New R of the distinct `cells`, written through `r`; returns their sums
     /// per level (B × K, level-major) and objective terms. With R = scale · f / T,
     /// dist = −σ (ln scale + offset) gives R·dist + σ R ln R =
-    /// σ R (ln f − ln T − offset): one logarithm per cell. On CPUs with AVX2 and
-    /// FMA it runs in a copy compiled for them.
-    fn update_cells / update_cells_avx2 (ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, f64) = update_cells_body
+    /// σ R (ln f − ln T − offset): one logarithm per cell. Runs in the widest
+    /// SIMD copy the CPU has.
+    fn update_cells(ctx: &UpdateCtx, cells: &[usize], r: &SharedMut) -> (Vec<f64>, f64) = update_cells_body
 }
 
 #[inline(always)]
