@@ -739,7 +739,7 @@ fn row_gradients(
             }
         }
     }
-    if let Some(sums) = sums.as_deref_mut() {
+    if let Some(sums) = sums {
         if !sums.bias.is_empty() {
             add(&mut sums.bias, gl);
         }
