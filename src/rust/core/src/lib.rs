@@ -8,15 +8,14 @@ pub mod de;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod likelihood;
 pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod numeric;
-pub mod omp;
 pub mod prep;
 pub mod simulate;
-mod simd;
 pub mod teacher;
 pub mod train;
 

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-pub mod sparse;
-pub use sparse::{Deferred, GradBuffer, SparseInput};
+use crate::kernels::sparse;
+pub use crate::kernels::sparse::{Deferred, GradBuffer, SparseInput};
 
 /// Normalization after each hidden linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

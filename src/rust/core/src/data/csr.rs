@@ -58,7 +58,7 @@ impl Csr {
             }
         };
         // A minibatch of a wide modality is written between two libtorch
-        // operations: on libtorch's OpenMP team (see `crate::omp`), in
+        // operations: on libtorch's OpenMP team (see `kernels::omp`), in
         // blocks of rows, when it is large enough to be worth it.
         let threads = (tch::get_num_threads().max(1) as usize).min(rows.len());
         if threads < 2 || out.len() < 1 << 18 {
@@ -67,7 +67,7 @@ impl Csr {
         let per = rows.len().div_ceil(threads);
         let blocks: Vec<_> =
             rows.chunks(per).zip(out.chunks_mut(per * self.n_cols)).map(std::sync::Mutex::new).collect();
-        crate::omp::run(threads, &|member, members| {
+        crate::kernels::omp::run(threads, &|member, members| {
             for block in blocks.iter().skip(member).step_by(members) {
                 let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
                 let (rows, out) = &mut *block;

@@ -4,8 +4,8 @@
 //! the CPU.
 
 use super::csr::Csr;
+use super::sparse_batch::{HostRows, SparseBatch};
 use crate::error::Result;
-use crate::likelihood::{HostRows, SparseBatch};
 use tch::{Device, Kind, Tensor};
 
 /// CSR of cells × genes as tensors on one device.

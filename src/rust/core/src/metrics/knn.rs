@@ -9,7 +9,7 @@
 //!   per searched list and block of cells. O(N_PROBE·n^1.5·d). On the
 //!   50-PC PCA and Harmony embeddings of 100,000 simulated cells (scenario
 //!   s1) it finds 99.9% and 99.6% of the exact 89 neighbours in 11 s where
-//!   the exact search takes 77 s (`examples/knn_speed.rs`, 2 threads);
+//!   the exact search takes 77 s (`examples/bench.rs knn`, 2 threads);
 //!   scib-metrics uses pynndescent for the same purpose.
 //! * `knn_auto`: exact up to `EXACT_MAX_CELLS` cells, approximate above.
 //!

@@ -16,8 +16,7 @@ use crate::data::{Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::fused::Family;
-use crate::likelihood::{fused_log_kernel_rows, nb_log_kernel_rows, RawDecoded, SparseBatch};
+use crate::likelihood::{fused_log_kernel_rows, nb_log_kernel_rows, Likelihood, RawDecoded, SparseBatch};
 use crate::nn::{linear, FcLayers, FcSpec, Norm, Pass};
 use crate::train::{train, EpochRecord, History, LossTerms, TrainConfig, Trainable};
 use serde::{Deserialize, Serialize};
@@ -240,7 +239,7 @@ impl Trainable for DecoderTask<'_> {
         let log_library = pick(self.log_library).unsqueeze(1);
         let nz = SparseBatch::from_csr(self.counts, rows, dev);
         let raw = RawDecoded {
-            family: Family::Nb,
+            family: Likelihood::Nb,
             logits: &logits,
             log_library: &log_library,
             log_theta: Some(&s.log_theta),

@@ -16,7 +16,6 @@ const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::fused::Family;
 use crate::likelihood::{
     fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, RawDecoded, SparseBatch,
 };
@@ -27,25 +26,8 @@ use std::collections::HashMap;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-/// Observation model of the counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Likelihood {
-    Nb,
-    Zinb,
-    Poisson,
-}
-
-impl Likelihood {
-    pub fn parse(s: &str) -> Option<Likelihood> {
-        match s {
-            "nb" => Some(Likelihood::Nb),
-            "zinb" => Some(Likelihood::Zinb),
-            "poisson" => Some(Likelihood::Poisson),
-            _ => None,
-        }
-    }
-}
+// The observation model is shared with the fused kernel; its old path stays.
+pub use crate::likelihood::Likelihood;
 
 /// Where the NB inverse dispersion θ varies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,13 +288,8 @@ impl Vae {
     /// log p(x | z, l) per cell straight from the decoder's heads: the fused
     /// CPU kernel where it applies, else softmax and the tensor kernels.
     pub fn log_likelihood_heads(&self, inp: &Inputs, heads: DecoderHeads, log_library: &Tensor) -> Tensor {
-        let family = match self.cfg.likelihood {
-            Likelihood::Nb => Family::Nb,
-            Likelihood::Zinb => Family::Zinb,
-            Likelihood::Poisson => Family::Poisson,
-        };
         let raw = RawDecoded {
-            family,
+            family: self.cfg.likelihood,
             logits: &heads.logits,
             log_library,
             log_theta: heads.log_theta.as_ref(),

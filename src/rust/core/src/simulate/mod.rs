@@ -126,48 +126,9 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
 fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> Result<Simulation> {
     let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
-
-    let mut gene_mean = gene_means(p, &mut rng);
-    let lnorm = |loc: f64, scale: f64| LogNormal::new(loc, scale).expect("validated scale");
-    // Splatter's getLNormFactors: a selected gene gets an oriented log-normal factor.
-    let factors = |rng: &mut ChaCha8Rng, prob: f64, down: f64, loc: f64, scale: f64| -> Vec<f64> {
-        (0..n_genes)
-            .map(|_| if rng.random::<f64>() < prob { lognormal_factor(rng, &lnorm(loc, scale), down) } else { 1.0 })
-            .collect()
-    };
-    let mut group_factor: Vec<Vec<f64>> =
-        (0..n_groups).map(|_| factors(&mut rng, p.de_prob, p.de_down_prob, p.de_fac_loc, p.de_fac_scale)).collect();
-    // Cell types that differ in ATAC only share the first type's RNA program.
-    let atac_only = p.atac.as_ref().map_or(0, |a| a.atac_only_groups);
-    for t in n_groups - atac_only..n_groups {
-        group_factor[t] = group_factor[0].clone();
-    }
-    if let Some(inh) = inherited {
-        for (m, i) in gene_mean.iter_mut().zip(&inh.gene_mean) {
-            *m = i.unwrap_or(*m);
-        }
-        for (factors, inh_factors) in group_factor.iter_mut().zip(&inh.group_factor) {
-            for (f, i) in factors.iter_mut().zip(inh_factors) {
-                *f = i.unwrap_or(*f);
-            }
-        }
-    }
-    let batch_factor: Vec<Vec<f64>> =
-        (0..n_batches).map(|_| factors(&mut rng, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
-    let condition_factor: Vec<Vec<f64>> = match &p.condition {
-        Some(c) if c.shared => {
-            vec![factors(&mut rng, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale); n_groups]
-        }
-        Some(c) => {
-            (0..n_groups).map(|_| factors(&mut rng, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale)).collect()
-        }
-        None => vec![vec![1.0; n_genes]; n_groups],
-    };
-    let age_prob = p.condition.as_ref().map_or(0.0, |c| c.age_de_prob);
-    let age_factor =
-        if age_prob > 0.0 { factors(&mut rng, age_prob, 0.5, AGE_FAC_LOC, AGE_FAC_SCALE) } else { vec![1.0; n_genes] };
-    let n_age = if age_prob > 0.0 { 2 } else { 1 };
-
+    // The draws below come from one stream in this order: moving one moves the rest.
+    let programs = draw_programs(p, inherited, &mut rng);
+    let n_age = programs.n_age;
     let cells = assign_cells(p, &mut rng);
     // One χ² draw per gene, shared by all cells (as Splatter's recycling does).
     let chi = ChiSquared::new(p.bcv_df).expect("validated");
@@ -175,40 +136,14 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
 
     // Normalized expression profile of every (group, batch, condition, age).
     let n_cond = if p.condition.is_some() { 2 } else { 1 };
-    let profile = |t: usize, b: Option<usize>, c: usize, a: usize| -> Vec<f64> {
-        let raw: Vec<f64> = (0..n_genes)
-            .map(|g| {
-                let cond = if c == 1 { condition_factor[t][g] } else { 1.0 };
-                let age = if a == 1 { age_factor[g] } else { 1.0 };
-                gene_mean[g] * group_factor[t][g] * b.map_or(1.0, |b| batch_factor[b][g]) * cond * age
-            })
-            .collect();
-        let total: f64 = raw.iter().sum();
-        raw.into_iter().map(|v| v / total).collect()
-    };
     let combos: Vec<(usize, usize, usize, usize)> = (0..n_groups)
         .flat_map(|t| {
             (0..n_batches).flat_map(move |b| (0..n_cond).flat_map(move |c| (0..n_age).map(move |a| (t, b, c, a))))
         })
         .collect();
-    let profiles: Vec<Vec<f64>> = combos.par_iter().map(|&(t, b, c, a)| profile(t, Some(b), c, a)).collect();
+    let profiles: Vec<Vec<f64>> = combos.par_iter().map(|&(t, b, c, a)| programs.profile(t, Some(b), c, a)).collect();
     let profile_of = |t: usize, b: usize, c: usize, a: usize| &profiles[((t * n_batches + b) * n_cond + c) * n_age + a];
-
-    // Truth for DE: batch-free, age-free normalized expression, treated vs control.
-    let free: Vec<(Vec<f64>, Vec<f64>)> =
-        (0..n_groups).map(|t| (profile(t, None, 0, 0), profile(t, None, n_cond - 1, 0))).collect();
-    let true_lfc: Vec<Vec<f64>> = free
-        .iter()
-        .map(|(control, treated)| control.iter().zip(treated).map(|(a, b)| (b / a).log2()).collect())
-        .collect();
-    // The mixture in proportions group_prob (their sum cancels in the ratio).
-    let true_lfc_population: Vec<f64> = (0..n_genes)
-        .map(|g| {
-            let (control, treated) =
-                free.iter().zip(&p.group_prob).fold((0.0, 0.0), |(c, t), ((fc, ft), w)| (c + w * fc[g], t + w * ft[g]));
-            (treated / control).log2()
-        })
-        .collect();
+    let (true_lfc, true_lfc_population) = de_truth(p, &programs, n_cond);
 
     let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
         let mut r = ChaCha8Rng::seed_from_u64(p.seed);
@@ -228,43 +163,23 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
             &cells.group,
             &cells.batch,
             &cells.condition,
-            &group_factor,
-            &condition_factor,
+            &programs.group_factor,
+            &programs.condition_factor,
             p.seed,
         )
     });
 
-    let names = |prefix: &str, n: usize| (1..=n).map(|k| format!("{prefix}{k}")).collect::<Vec<_>>();
     let counts = CountMatrix {
         csr,
-        genes: names(&format!("{prefix}Gene"), n_genes),
-        cells: names(&format!("{prefix}Cell"), p.n_cells),
+        genes: numbered(&format!("{prefix}Gene"), n_genes),
+        cells: numbered(&format!("{prefix}Cell"), p.n_cells),
     };
-    let cat = |name: &str, codes: Vec<u32>, levels: Vec<String>| Categorical { name: name.into(), codes, levels };
-    let age_group = (n_age == 2).then(|| {
-        let codes = cells.sample.iter().map(|&k| k % 2).collect();
-        cat("age_group", codes, vec!["young".into(), "old".into()])
-    });
-    let (condition, sample) = match &p.condition {
-        Some(c) => {
-            let samples = (0..n_batches)
-                .flat_map(|b| {
-                    ["control", "treated"].into_iter().flat_map(move |cond| {
-                        (1..=c.samples_per_batch).map(move |k| format!("Batch{}_{cond}_{k}", b + 1))
-                    })
-                })
-                .collect();
-            (
-                Some(cat("condition", cells.condition.clone(), vec!["control".into(), "treated".into()])),
-                Some(cat("sample", cells.sample.clone(), samples)),
-            )
-        }
-        None => (None, None),
-    };
+    let (condition, sample, age_group) = cell_annotations(p, &cells, n_age);
+    let Programs { gene_mean, group_factor, batch_factor, condition_factor, age_factor, .. } = programs;
     Ok(Simulation {
         counts,
-        group: cat("group", cells.group, names("Group", n_groups)),
-        batch: cat("batch", cells.batch, names("Batch", n_batches)),
+        group: categorical("group", cells.group, numbered("Group", n_groups)),
+        batch: categorical("batch", cells.batch, numbered("Batch", n_batches)),
         condition,
         sample,
         age_group,
@@ -279,6 +194,156 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         atac,
         species: None,
     })
+}
+
+/// A species' gene-level programs: base means and the factors of cell type,
+/// batch, condition and age, each one value per gene.
+struct Programs {
+    gene_mean: Vec<f64>,
+    /// [group][gene].
+    group_factor: Vec<Vec<f64>>,
+    /// [batch][gene].
+    batch_factor: Vec<Vec<f64>>,
+    /// [group][gene], all 1 without a condition.
+    condition_factor: Vec<Vec<f64>>,
+    /// All 1 without an age effect.
+    age_factor: Vec<f64>,
+    /// Age groups: 2 with an age effect, else 1.
+    n_age: usize,
+}
+
+impl Programs {
+    /// Normalized expression profile of cell type `t` in batch `b` (none:
+    /// batch-free), condition `c` (1: treated) and age group `a` (1: old).
+    fn profile(&self, t: usize, b: Option<usize>, c: usize, a: usize) -> Vec<f64> {
+        let raw: Vec<f64> = (0..self.gene_mean.len())
+            .map(|g| {
+                let cond = if c == 1 { self.condition_factor[t][g] } else { 1.0 };
+                let age = if a == 1 { self.age_factor[g] } else { 1.0 };
+                self.gene_mean[g] * self.group_factor[t][g] * b.map_or(1.0, |b| self.batch_factor[b][g]) * cond * age
+            })
+            .collect();
+        let total: f64 = raw.iter().sum();
+        raw.into_iter().map(|v| v / total).collect()
+    }
+}
+
+/// The programs, drawn from `rng` in a fixed order: base means, cell-type,
+/// batch, condition and age factors.
+fn draw_programs(p: &SimParams, inherited: Option<&Inherited>, rng: &mut ChaCha8Rng) -> Programs {
+    let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
+    let mut gene_mean = gene_means(p, rng);
+    let mut group_factor: Vec<Vec<f64>> = (0..n_groups)
+        .map(|_| draw_factors(rng, n_genes, p.de_prob, p.de_down_prob, p.de_fac_loc, p.de_fac_scale))
+        .collect();
+    // Cell types that differ in ATAC only share the first type's RNA program.
+    let atac_only = p.atac.as_ref().map_or(0, |a| a.atac_only_groups);
+    for t in n_groups - atac_only..n_groups {
+        group_factor[t] = group_factor[0].clone();
+    }
+    if let Some(inh) = inherited {
+        for (m, i) in gene_mean.iter_mut().zip(&inh.gene_mean) {
+            *m = i.unwrap_or(*m);
+        }
+        for (factors, inh_factors) in group_factor.iter_mut().zip(&inh.group_factor) {
+            for (f, i) in factors.iter_mut().zip(inh_factors) {
+                *f = i.unwrap_or(*f);
+            }
+        }
+    }
+    let batch_factor: Vec<Vec<f64>> =
+        (0..n_batches).map(|_| draw_factors(rng, n_genes, 1.0, 0.5, p.batch_fac_loc, p.batch_fac_scale)).collect();
+    let condition_factor: Vec<Vec<f64>> = match &p.condition {
+        Some(c) if c.shared => {
+            vec![draw_factors(rng, n_genes, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale); n_groups]
+        }
+        Some(c) => (0..n_groups)
+            .map(|_| draw_factors(rng, n_genes, c.de_prob, c.de_down_prob, c.de_fac_loc, c.de_fac_scale))
+            .collect(),
+        None => vec![vec![1.0; n_genes]; n_groups],
+    };
+    let age_prob = p.condition.as_ref().map_or(0.0, |c| c.age_de_prob);
+    let age_factor = if age_prob > 0.0 {
+        draw_factors(rng, n_genes, age_prob, 0.5, AGE_FAC_LOC, AGE_FAC_SCALE)
+    } else {
+        vec![1.0; n_genes]
+    };
+    let n_age = if age_prob > 0.0 { 2 } else { 1 };
+    Programs { gene_mean, group_factor, batch_factor, condition_factor, age_factor, n_age }
+}
+
+fn lnorm(loc: f64, scale: f64) -> LogNormal<f64> {
+    LogNormal::new(loc, scale).expect("validated scale")
+}
+
+/// Splatter's getLNormFactors: each gene, with probability `prob`, gets an
+/// oriented log-normal factor (else 1).
+fn draw_factors(rng: &mut ChaCha8Rng, n_genes: usize, prob: f64, down: f64, loc: f64, scale: f64) -> Vec<f64> {
+    (0..n_genes)
+        .map(|_| if rng.random::<f64>() < prob { lognormal_factor(rng, &lnorm(loc, scale), down) } else { 1.0 })
+        .collect()
+}
+
+/// Truth for DE, from batch-free, age-free normalized expression, treated
+/// vs control: the log2 fold change per cell type ([group][gene]) and of
+/// the cell-type mixture in proportions `group_prob` ([gene]; their sum
+/// cancels in the ratio).
+fn de_truth(p: &SimParams, programs: &Programs, n_cond: usize) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let free: Vec<(Vec<f64>, Vec<f64>)> = (0..p.n_groups())
+        .map(|t| (programs.profile(t, None, 0, 0), programs.profile(t, None, n_cond - 1, 0)))
+        .collect();
+    let true_lfc: Vec<Vec<f64>> = free
+        .iter()
+        .map(|(control, treated)| control.iter().zip(treated).map(|(a, b)| (b / a).log2()).collect())
+        .collect();
+    let true_lfc_population: Vec<f64> = (0..p.n_genes)
+        .map(|g| {
+            let (control, treated) =
+                free.iter().zip(&p.group_prob).fold((0.0, 0.0), |(c, t), ((fc, ft), w)| (c + w * fc[g], t + w * ft[g]));
+            (treated / control).log2()
+        })
+        .collect();
+    (true_lfc, true_lfc_population)
+}
+
+/// The cells' condition, sample (nested in batch × condition) and age group,
+/// where the parameters simulate them.
+fn cell_annotations(
+    p: &SimParams,
+    cells: &CellAssignment,
+    n_age: usize,
+) -> (Option<Categorical>, Option<Categorical>, Option<Categorical>) {
+    let n_batches = p.n_batches();
+    let age_group = (n_age == 2).then(|| {
+        let codes = cells.sample.iter().map(|&k| k % 2).collect();
+        categorical("age_group", codes, vec!["young".into(), "old".into()])
+    });
+    let (condition, sample) = match &p.condition {
+        Some(c) => {
+            let samples = (0..n_batches)
+                .flat_map(|b| {
+                    ["control", "treated"].into_iter().flat_map(move |cond| {
+                        (1..=c.samples_per_batch).map(move |k| format!("Batch{}_{cond}_{k}", b + 1))
+                    })
+                })
+                .collect();
+            (
+                Some(categorical("condition", cells.condition.clone(), vec!["control".into(), "treated".into()])),
+                Some(categorical("sample", cells.sample.clone(), samples)),
+            )
+        }
+        None => (None, None),
+    };
+    (condition, sample, age_group)
+}
+
+/// `prefix`1, ..., `prefix`n.
+fn numbered(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|k| format!("{prefix}{k}")).collect()
+}
+
+fn categorical(name: &str, codes: Vec<u32>, levels: Vec<String>) -> Categorical {
+    Categorical { name: name.into(), codes, levels }
 }
 
 /// f ~ LogNormal(loc, scale) oriented so that increases are >= 1, inverted

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
-pub mod adam;
+use crate::kernels::adam;
 
 /// Adam: the fused CPU update where it applies, else libtorch's (same
 /// rule). libtorch's optimizer is kept in both cases for `zero_grad`, which
@@ -59,7 +59,7 @@ pub struct LossTerms {
     pub kl_warmup: Tensor,
     pub kl_fixed: Tensor,
     /// Weights whose gradients the model computes itself after `backward()`
-    /// (sparse first layers, `nn::sparse`).
+    /// (sparse first layers, `kernels::sparse`).
     pub deferred: Vec<crate::nn::Deferred>,
 }
 

@@ -653,11 +653,6 @@ impl Multimodal {
         total
     }
 
-    /// The sum of every modality's global terms, before the division by `n_obs`.
-    pub fn global_loss(&self) -> Tensor {
-        (0..self.nets.len()).fold(Tensor::zeros([], (Kind::Float, self.device())), |a, m| a + self.global_terms(m))
-    }
-
     /// Negative ELBO terms per cell: reconstruction of every modality, KL of
     /// z (warmed up), KL of the libraries plus the per-cell share
     /// (÷ `n_obs`) of the global terms (not warmed up).

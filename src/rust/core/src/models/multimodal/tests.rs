@@ -60,6 +60,15 @@ fn ari(z: &[f32], d: usize, s: &Simulation, rows: &[usize]) -> f64 {
     integration_metrics(&e, &batch, &label, None, 0).unwrap().ari_kmeans
 }
 
+// Only the test sums every modality's global terms at once; training adds
+// each modality's share to its loss (`loss_terms`).
+impl Multimodal {
+    /// The sum of every modality's global terms, before the division by `n_obs`.
+    fn global_loss(&self) -> Tensor {
+        (0..self.nets.len()).fold(Tensor::zeros([], (Kind::Float, self.device())), |a, m| a + self.global_terms(m))
+    }
+}
+
 #[test]
 fn global_terms_match_a_hand_computation_and_are_shared_over_training_cells_not_minibatches() {
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());

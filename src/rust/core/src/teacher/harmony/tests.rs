@@ -1,4 +1,8 @@
+use super::correction::solve;
+use super::kmeans::SEED_POOL;
 use super::*;
+use crate::error::Error;
+use rand::Rng;
 
 /// The fixture written by `bench/harmony_fixture.py`: inputs, harmonypy 2.1's
 /// output, batch and label of 900 cells in 6 dimensions.

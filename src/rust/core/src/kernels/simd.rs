@@ -4,6 +4,12 @@
 //! any machine. A loop written in the plain indexed form LLVM vectorizes gets
 //! 4-lane code there; `wide_copies!` compiles the same body again for AVX-512
 //! and for AVX2 + FMA and calls the widest copy the CPU supports.
+//!
+//! It is the crate's one dispatch macro: the fused likelihood, the sparse
+//! first layer, Adam and Harmony's soft clustering use it. The copies give
+//! the same bits: Rust never fuses a · b + c on its own, so wider registers
+//! change how many lanes run at once, not the arithmetic, except where a body
+//! asks for `madd` (the `= fma` form).
 
 /// `wide_copies! { fn name(a: A, b: B) -> R = body }` (the return type may
 /// be left out) defines `fn name`, which calls `body(a, b)` compiled for
@@ -15,18 +21,18 @@
 /// one (where it would be a library call).
 macro_rules! wide_copies {
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = fma $body:ident) => {
-        $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = fma $body }
+        $crate::kernels::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = fma $body }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) = $body:path) => {
-        $crate::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
+        $crate::kernels::simd::wide_copies! { $(#[$m])* $vis fn $name($($a: $t),*) -> () = $body }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = fma $body:ident) => {
-        $crate::simd::wide_copies! {
+        $crate::kernels::simd::wide_copies! {
             @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body::<true>] [$body::<false>]
         }
     };
     ($(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),* $(,)?) -> $ret:ty = $body:path) => {
-        $crate::simd::wide_copies! { @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body] [$body] }
+        $crate::kernels::simd::wide_copies! { @copies $(#[$m])* $vis fn $name($($a: $t),*) -> $ret; [$body] [$body] }
     };
     // The three copies: `wide` called in the AVX ones, `base` in the baseline.
     (@copies $(#[$m:meta])* $vis:vis fn $name:ident ($($a:ident: $t:ty),*) -> $ret:ty;

@@ -97,7 +97,7 @@ impl Adam {
             grads.push(g);
         }
         let threads = (tch::get_num_threads().max(1) as usize).min(blocks.len().max(1));
-        crate::omp::run(threads, &|member, members| {
+        super::omp::run(threads, &|member, members| {
             for b in blocks.iter().skip(member).step_by(members) {
                 let Some(b) = b.lock().unwrap_or_else(|e| e.into_inner()).take() else { continue };
                 // SAFETY: see `Block`.
@@ -116,7 +116,7 @@ impl Adam {
     }
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     /// One block of the update, in the widest vectors the CPU has.
     fn update(
         p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32, eps: f32, step_size: f32, sqrt_bc2: f32,

@@ -19,7 +19,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 · 2^23: adding it rounds an f32 of magnitude < 2^22 to an integer.
 const ROUND: f32 = 12_582_912.0;
 
-use crate::simd::madd;
+use super::simd::madd;
 
 /// e^x; arguments are clamped to [−87, 88] (so e^x is never 0 or ∞), NaN stays NaN.
 #[inline(always)]

@@ -136,7 +136,7 @@ impl SparseInput {
         let Csr { n_rows, indptr, indices, values, .. } = &self.rows;
         let n_rows = *n_rows;
         let out_len = out.len();
-        crate::omp::run(parts.len(), &|member, members| {
+        super::omp::run(parts.len(), &|member, members| {
             for p in (member..parts.len()).step_by(members) {
                 let (lo, hi) = parts[p];
                 let mut acc = vec![0f32; out_len];
@@ -185,7 +185,7 @@ impl SparseInput {
             let (rs, vs) = (Shared(rows.as_mut_ptr(), nnz), Shared(values.as_mut_ptr(), nnz));
             let Csr { indptr, indices, values: vals, .. } = &self.rows;
             let colptr_ref = &colptr;
-            crate::omp::run(parts.len(), &|member, members| {
+            super::omp::run(parts.len(), &|member, members| {
                 for &(lo, hi) in parts.iter().skip(member).step_by(members) {
                     let base = colptr_ref[lo];
                     // SAFETY: the entries of columns lo..hi fill exactly
@@ -220,7 +220,7 @@ impl SparseInput {
         let c = self.columns(threads);
         let parts = Self::column_parts(self.rows.n_cols, Some(&c.colptr), threads);
         let d = Shared(dwt.as_mut_ptr(), dwt.len());
-        crate::omp::run(parts.len(), &|member, members| {
+        super::omp::run(parts.len(), &|member, members| {
             for &(lo, hi) in parts.iter().skip(member).step_by(members) {
                 // SAFETY: rows lo..hi of ∂Wᵀ belong to this part alone.
                 let d = unsafe { d.part(lo * width..hi * width) };
@@ -252,7 +252,7 @@ fn lanes<const N: usize, const FMA: bool>(
     for (&k, &v) in keys.iter().zip(values) {
         let x: &[f32; N] = m[k as usize * width + c0..][..N].try_into().expect("N lanes");
         for l in 0..N {
-            acc[l] = crate::simd::madd::<FMA>(v, x[l], acc[l]);
+            acc[l] = super::simd::madd::<FMA>(v, x[l], acc[l]);
         }
     }
     acc
@@ -292,7 +292,7 @@ fn row_times_block_body<const FMA: bool>(indices: &[u32], values: &[f32], wt: &[
     });
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn row_times_block(indices: &[u32], values: &[f32], wt: &[f32], width: usize, row: &mut [f32]) = fma row_times_block_body
 }
 
@@ -314,7 +314,7 @@ fn columns_times_g_body<const FMA: bool>(
     }
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn columns_times_g(colptr: &[usize], rows: &[u32], values: &[f32], g: &[f32], width: usize, d: &mut [f32]) = fma columns_times_g_body
 }
 

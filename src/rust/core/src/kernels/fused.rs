@@ -8,7 +8,7 @@
 //! functions of `vmath`, and the gradients with respect to the logits, the
 //! log library size, log θ and the dropout logits are written at once. The
 //! autograd graph then receives them through a surrogate (see
-//! `likelihood::fused_log_likelihood`), so the rest of the model is unchanged.
+//! `likelihood::fused_log_kernel_rows`), so the rest of the model is unchanged.
 //!
 //! Per entry, with u = θ + μ + ε and A = θ (log(θ + ε) − log u):
 //! - NB, x = 0: A; x > 0: A + x (log(μ + ε) − log u) + log Γ(x + θ) − log Γ(θ).
@@ -20,17 +20,11 @@
 //! with q_g = μ_g ∂ℓ/∂μ_g, and dℓ/dlog ℓ = Σ q.
 
 use super::vmath;
+use crate::likelihood::Likelihood;
 use std::sync::Mutex;
 
 /// ε of the logarithms, as in the libtorch path.
 pub const EPS: f32 = 1e-8;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Nb,
-    Zinb,
-    Poisson,
-}
 
 /// How the mean μ comes from the decoder's output f and the library ℓ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +63,7 @@ pub struct Rows<'a> {
 
 /// Inputs, all row-major [n_rows × n_genes] unless stated.
 pub struct Inputs<'a> {
-    pub family: Family,
+    pub family: Likelihood,
     pub front: Front,
     pub n_genes: usize,
     /// The decoder's output f (see `Front`).
@@ -158,7 +152,7 @@ impl GeneTheta {
             }
         }
         let threads = (tch::get_num_threads().max(1) as usize).min(jobs.len());
-        crate::omp::run(threads, &|member, members| {
+        super::omp::run(threads, &|member, members| {
             for job in jobs.iter().skip(member).step_by(members) {
                 let mut job = job.lock().unwrap_or_else(|e| e.into_inner());
                 let (src, th, lte, ite, lg, dg) = &mut *job;
@@ -189,7 +183,7 @@ fn theta_constants_body<const FMA: bool>(
     }
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn theta_constants(
         src: &[f32], th: &mut [f32], lte: &mut [f32], ite: &mut [f32], lg: &mut [f32], dg: &mut [f32],
     ) = fma theta_constants_body
@@ -197,20 +191,20 @@ crate::simd::wide_copies! {
 
 /// Each row's log-likelihood without −Σ log Γ(x + 1), into `out`; with
 /// `grads`, also its gradients. Rows are shared out among libtorch's OpenMP
-/// threads (`crate::omp`); each row's result does not depend on how many.
+/// threads (`kernels::omp`); each row's result does not depend on how many.
 pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
     let g = inp.n_genes;
     let n = out.len();
     assert_eq!(inp.logits.len(), n * g, "logits");
     assert_eq!(inp.log_library.len(), n, "log library");
     assert_eq!(inp.counts.indptr.len(), n + 1, "count rows");
-    let has_theta = inp.family != Family::Poisson;
+    let has_theta = inp.family != Likelihood::Poisson;
     let tabled = has_theta && inp.theta_codes.is_some();
     let shared = has_theta && !tabled && inp.log_theta.len() == g;
     if has_theta {
         assert!(tabled || shared || inp.log_theta.len() == n * g, "log theta");
     }
-    if inp.family == Family::Zinb {
+    if inp.family == Likelihood::Zinb {
         assert_eq!(inp.pi_logits.len(), n * g, "dropout logits");
     }
     let n_levels = |t: &[f32]| t.len() / g.max(1);
@@ -273,7 +267,7 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         if has_theta && !tabled {
             assert_eq!(grads.log_theta.len(), n * g);
         }
-        if inp.family == Family::Zinb {
+        if inp.family == Likelihood::Zinb {
             assert_eq!(grads.pi_logits.len(), n * g);
         }
         let size = |l: &Option<Levels>| l.map_or(0, |l| l.table.len());
@@ -307,7 +301,7 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         log_theta: vec![0.0; sg.log_theta.len()],
     };
     let parts: Vec<Mutex<(Vec<_>, Sums)>> = parts.into_iter().map(|p| Mutex::new((p, new_sums()))).collect();
-    crate::omp::run(threads, &|member, members| {
+    super::omp::run(threads, &|member, members| {
         let mut scratch = Scratch::default();
         for part in parts.iter().skip(member).step_by(members) {
             let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
@@ -371,23 +365,38 @@ struct RowJob<'a, 'b> {
     sums: Option<&'b mut Sums>,
 }
 
-crate::simd::wide_copies! {
+crate::kernels::simd::wide_copies! {
     fn run_row(job: RowJob, s: &mut Scratch) -> f32 = fma row
 }
 
 /// Indices of the non-zero-case arrays in `Scratch::nz` (struct of arrays).
 const NZ_FIELDS: usize = 10;
 
-// Indexed loops over equal-length slices: the form LLVM vectorizes.
-#[allow(clippy::needless_range_loop)]
+/// What one row's terms read: the mean shares ρ (μ = λ ρ), θ and its
+/// constants (empty for Poisson), the dropout logits π (empty unless ZINB).
+struct RowParams<'a> {
+    inp: &'a Inputs<'a>,
+    r: usize,
+    lam: f32,
+    rho: &'a [f32],
+    theta: &'a [f32],
+    lte: &'a [f32],
+    ite: &'a [f32],
+    pi: &'a [f32],
+    gene_theta: Option<&'a GeneTheta>,
+    /// The feature scaling y of `Front::Softplus`.
+    scaling: Option<&'a [f32]>,
+}
+
+// Indexed loops over equal-length slices: the form LLVM vectorizes. `row`
+// and its helpers are #[inline(always)], so that each SIMD copy of
+// `run_row` gets all of them compiled for its instruction set.
 #[inline(always)]
 fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
     let inp = job.inp;
     let g = inp.n_genes;
     let r = job.r;
-    let fam = inp.family;
     let grad = job.gl.is_some();
-    let logits = &inp.logits[r * g..(r + 1) * g];
     let lam = vmath::exp::<FMA>(inp.log_library[r]);
     for v in [&mut s.f, &mut s.q, &mut s.rho, &mut s.theta, &mut s.lte, &mut s.ite] {
         v.resize(g, 0.0);
@@ -395,7 +404,47 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
     let softplus = inp.front == Front::Softplus;
     let ambient = inp.ambient.filter(|_| softplus).map(|l| l.row(r, g));
     let scaling = inp.scaling.filter(|_| softplus).map(|l| l.row(r, g));
+    mean_shares::<FMA>(inp, r, ambient, scaling, s);
+    let (theta, lte, ite) = row_theta::<FMA>(inp, r, job.gene_theta, &mut s.theta, &mut s.lte, &mut s.ite);
+    let pi = if inp.family == Likelihood::Zinb { &inp.pi_logits[r * g..(r + 1) * g] } else { &[][..] };
+    let rp = RowParams { inp, r, lam, rho: &s.rho[..g], theta, lte, ite, pi, gene_theta: job.gene_theta, scaling };
 
+    // Without gradients, the gradient rows are scratch space (the loops
+    // stay branch-free).
+    s.sink_t.resize(g, 0.0);
+    s.sink_p.resize(g, 0.0);
+    let gt: &mut [f32] = match job.gt.as_deref_mut() {
+        Some(v) => v,
+        None => &mut s.sink_t,
+    };
+    let gp: &mut [f32] = match job.gp.as_deref_mut() {
+        Some(v) => v,
+        None => &mut s.sink_p,
+    };
+    let (f, q) = (&mut s.f[..g], &mut s.q[..g]);
+    zero_case::<FMA>(&rp, f, q, gt, gp);
+    let total = vmath::sum(f);
+    let total = add_nonzeros::<FMA>(&rp, &mut s.nz, grad, q, gt, gp, total);
+    if let (Some(gl), Some(glib)) = (job.gl, job.glib) {
+        row_gradients(&rp, q, f, &s.base, &s.sig, gl, glib, job.sums, gt);
+    }
+    total
+}
+
+/// The row's mean shares ρ (μ = λ ρ) into `s.rho`; for `Front::Softplus`
+/// also softplus(f) + s and σ(f) into `s.base` and `s.sig` (the backward
+/// pass reads them).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn mean_shares<const FMA: bool>(
+    inp: &Inputs,
+    r: usize,
+    ambient: Option<&[f32]>,
+    scaling: Option<&[f32]>,
+    s: &mut Scratch,
+) {
+    let g = inp.n_genes;
+    let logits = &inp.logits[r * g..(r + 1) * g];
     match inp.front {
         // Softmax: ρ = e^(logit − max) / Σ.
         Front::Softmax => {
@@ -437,46 +486,54 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             }
         }
     }
+}
 
-    // θ and its logarithm for this row.
-    let (theta, lte, ite): (&[f32], &[f32], &[f32]) = match (fam, job.gene_theta) {
-        (Family::Poisson, _) => (&[], &[], &[]),
+/// θ of the row and its constants log(θ + ε) and 1/(θ + ε): the shared
+/// per-gene ones where there are, else computed into the three buffers.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn row_theta<'a, const FMA: bool>(
+    inp: &Inputs,
+    r: usize,
+    gene_theta: Option<&'a GeneTheta>,
+    theta: &'a mut [f32],
+    lte: &'a mut [f32],
+    ite: &'a mut [f32],
+) -> (&'a [f32], &'a [f32], &'a [f32]) {
+    let g = inp.n_genes;
+    match (inp.family, gene_theta) {
+        (Likelihood::Poisson, _) => (&[], &[], &[]),
         (_, Some(gt)) => (&gt.theta, &gt.log_theta_eps, &gt.inv_theta_eps),
         (_, None) => {
             let lt = &inp.log_theta[r * g..(r + 1) * g];
             for k in 0..g {
                 let t = vmath::exp::<FMA>(lt[k]);
-                s.theta[k] = t;
-                s.lte[k] = vmath::ln::<FMA>(t + EPS);
-                s.ite[k] = 1.0 / (t + EPS);
+                theta[k] = t;
+                lte[k] = vmath::ln::<FMA>(t + EPS);
+                ite[k] = 1.0 / (t + EPS);
             }
-            (&s.theta, &s.lte, &s.ite)
+            (theta, lte, ite)
         }
-    };
-    let pi = if fam == Family::Zinb { &inp.pi_logits[r * g..(r + 1) * g] } else { &[][..] };
+    }
+}
 
-    // Every entry as if its count were zero. Without gradients, the
-    // gradient rows are scratch space (the loops stay branch-free).
-    s.sink_t.resize(g, 0.0);
-    s.sink_p.resize(g, 0.0);
-    let gt: &mut [f32] = match job.gt.as_deref_mut() {
-        Some(v) => v,
-        None => &mut s.sink_t,
-    };
-    let gp: &mut [f32] = match job.gp.as_deref_mut() {
-        Some(v) => v,
-        None => &mut s.sink_p,
-    };
-    let (f, q, rho) = (&mut s.f[..g], &mut s.q[..g], &s.rho[..g]);
-    match fam {
-        Family::Poisson => {
+/// Every entry's terms as if its count were zero (the non-zeros, a
+/// minority, are corrected afterwards): the log-likelihood into `f`,
+/// ∂/∂μ into `q`, θ ∂/∂θ into `gt` and ∂/∂π into `gp`.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: &mut [f32], gp: &mut [f32]) {
+    let g = rp.inp.n_genes;
+    let (lam, rho, theta, lte, ite, pi) = (rp.lam, &rp.rho[..g], rp.theta, rp.lte, rp.ite, rp.pi);
+    match rp.inp.family {
+        Likelihood::Poisson => {
             for k in 0..g {
                 let mu = lam * rho[k];
                 f[k] = -mu;
                 q[k] = -1.0;
             }
         }
-        Family::Nb | Family::Zinb => {
+        Likelihood::Nb | Likelihood::Zinb => {
             // The NB part A = θ log((θ + ε)/u) and its derivatives; ZINB then
             // mixes in the dropout in a second loop (two small loops stay in
             // vector registers where one large one did not).
@@ -491,7 +548,7 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
                 q[k] = -th * iu; // ∂A/∂μ
                 gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
             }
-            if fam == Family::Zinb {
+            if rp.inp.family == Likelihood::Zinb {
                 let (pi, gp) = (&pi[..g], &mut gp[..g]);
                 for k in 0..g {
                     let p = pi[k];
@@ -505,163 +562,192 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
             }
         }
     }
-    let mut total = vmath::sum(f);
+}
 
-    // Corrections at the non-zeros: the per-gene values gathered into
-    // contiguous arrays, the terms computed in one vectorizable loop, the
-    // gradients scattered back.
+/// The corrections at the row's non-zeros, added to `total`: the per-gene
+/// values gathered into contiguous arrays, the terms computed in one
+/// vectorizable loop, the gradients scattered back into `q`, `gt` and `gp`.
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[inline(always)]
+fn add_nonzeros<const FMA: bool>(
+    rp: &RowParams,
+    nz: &mut Vec<f32>,
+    grad: bool,
+    q: &mut [f32],
+    gt: &mut [f32],
+    gp: &mut [f32],
+    total: f32,
+) -> f32 {
+    let (inp, r, fam) = (rp.inp, rp.r, rp.inp.family);
+    let (lam, rho, theta, lte, ite, pi) = (rp.lam, &rp.rho[..inp.n_genes], rp.theta, rp.lte, rp.ite, rp.pi);
     let (lo, hi) = (inp.counts.indptr[r], inp.counts.indptr[r + 1]);
     let idx = &inp.counts.indices[lo..hi];
     let xs = &inp.counts.values[lo..hi];
     let nnz = idx.len();
-    if nnz > 0 {
-        s.nz.resize(nnz * NZ_FIELDS, 0.0);
-        let (mu_a, rest) = s.nz.split_at_mut(nnz);
-        let (th_a, rest) = rest.split_at_mut(nnz);
-        let (lte_a, rest) = rest.split_at_mut(nnz);
-        let (ite_a, rest) = rest.split_at_mut(nnz);
-        let (pi_a, rest) = rest.split_at_mut(nnz);
-        let (lgt_a, rest) = rest.split_at_mut(nnz);
-        let (dgt_a, rest) = rest.split_at_mut(nnz);
-        let (df_a, rest) = rest.split_at_mut(nnz);
-        let (dq_a, rest) = rest.split_at_mut(nnz);
-        let (dt_a, _) = rest.split_at_mut(nnz);
-        for (i, &j) in idx.iter().enumerate() {
-            let j = j as usize;
-            mu_a[i] = lam * rho[j];
-            if fam != Family::Poisson {
-                th_a[i] = theta[j];
-                lte_a[i] = lte[j];
-                ite_a[i] = ite[j];
-                if let Some(gtc) = job.gene_theta {
-                    lgt_a[i] = gtc.lgamma[j];
-                    dgt_a[i] = gtc.digamma[j];
-                }
-            }
-            if fam == Family::Zinb {
-                pi_a[i] = pi[j];
+    if nnz == 0 {
+        return total;
+    }
+    nz.resize(nnz * NZ_FIELDS, 0.0);
+    let (mu_a, rest) = nz.split_at_mut(nnz);
+    let (th_a, rest) = rest.split_at_mut(nnz);
+    let (lte_a, rest) = rest.split_at_mut(nnz);
+    let (ite_a, rest) = rest.split_at_mut(nnz);
+    let (pi_a, rest) = rest.split_at_mut(nnz);
+    let (lgt_a, rest) = rest.split_at_mut(nnz);
+    let (dgt_a, rest) = rest.split_at_mut(nnz);
+    let (df_a, rest) = rest.split_at_mut(nnz);
+    let (dq_a, rest) = rest.split_at_mut(nnz);
+    let (dt_a, _) = rest.split_at_mut(nnz);
+    for (i, &j) in idx.iter().enumerate() {
+        let j = j as usize;
+        mu_a[i] = lam * rho[j];
+        if fam != Likelihood::Poisson {
+            th_a[i] = theta[j];
+            lte_a[i] = lte[j];
+            ite_a[i] = ite[j];
+            if let Some(gtc) = rp.gene_theta {
+                lgt_a[i] = gtc.lgamma[j];
+                dgt_a[i] = gtc.digamma[j];
             }
         }
-        if fam != Family::Poisson && job.gene_theta.is_none() {
+        if fam == Likelihood::Zinb {
+            pi_a[i] = pi[j];
+        }
+    }
+    if fam != Likelihood::Poisson && rp.gene_theta.is_none() {
+        for i in 0..nnz {
+            let (lg, dg) = vmath::lgamma_digamma::<FMA>(th_a[i]);
+            lgt_a[i] = lg;
+            dgt_a[i] = dg;
+        }
+    }
+    match fam {
+        Likelihood::Poisson => {
             for i in 0..nnz {
-                let (lg, dg) = vmath::lgamma_digamma::<FMA>(th_a[i]);
-                lgt_a[i] = lg;
-                dgt_a[i] = dg;
+                let (x, mu) = (xs[i], mu_a[i]);
+                df_a[i] = x * vmath::ln::<FMA>(mu + EPS);
+                dq_a[i] = x / (mu + EPS);
             }
         }
-        match fam {
-            Family::Poisson => {
-                for i in 0..nnz {
-                    let (x, mu) = (xs[i], mu_a[i]);
-                    df_a[i] = x * vmath::ln::<FMA>(mu + EPS);
-                    dq_a[i] = x / (mu + EPS);
-                }
-            }
-            Family::Nb => {
-                for i in 0..nnz {
-                    let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
-                    let u = th + mu + EPS;
-                    let iu = 1.0 / u;
-                    let im = 1.0 / (mu + EPS);
-                    let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
-                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
-                    dq_a[i] = x * (im - iu);
-                    dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
-                }
-            }
-            Family::Zinb => {
-                for i in 0..nnz {
-                    let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
-                    let u = th + mu + EPS;
-                    let iu = 1.0 / u;
-                    let im = 1.0 / (mu + EPS);
-                    let lu = vmath::ln::<FMA>(u);
-                    let d_log = lte_a[i] - lu;
-                    let a = th * d_log;
-                    let (sp_t, sig_t) = vmath::softplus_sigmoid::<FMA>(a - p);
-                    let keep = 1.0 - sig_t;
-                    let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
-                    df_a[i] = -p + a - sp_t + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
-                    dq_a[i] = -keep * th * iu + x * (im - iu);
-                    dt_a[i] = (keep * (d_log + th * (ite_a[i] - iu)) - x * iu + dg - dgt_a[i]) * th;
-                    // dπ into π's slot, read above.
-                    pi_a[i] = sig_t - 1.0;
-                }
+        Likelihood::Nb => {
+            for i in 0..nnz {
+                let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
+                let u = th + mu + EPS;
+                let iu = 1.0 / u;
+                let im = 1.0 / (mu + EPS);
+                let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
+                df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+                dq_a[i] = x * (im - iu);
+                dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
             }
         }
-        total += vmath::sum(df_a);
-        if grad {
-            for (i, &j) in idx.iter().enumerate() {
-                let j = j as usize;
-                q[j] += dq_a[i];
-                if fam != Family::Poisson {
-                    gt[j] += dt_a[i];
-                }
-                if fam == Family::Zinb {
-                    gp[j] += pi_a[i];
-                }
+        Likelihood::Zinb => {
+            for i in 0..nnz {
+                let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
+                let u = th + mu + EPS;
+                let iu = 1.0 / u;
+                let im = 1.0 / (mu + EPS);
+                let lu = vmath::ln::<FMA>(u);
+                let d_log = lte_a[i] - lu;
+                let a = th * d_log;
+                let (sp_t, sig_t) = vmath::softplus_sigmoid::<FMA>(a - p);
+                let keep = 1.0 - sig_t;
+                let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
+                df_a[i] = -p + a - sp_t + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+                dq_a[i] = -keep * th * iu + x * (im - iu);
+                dt_a[i] = (keep * (d_log + th * (ite_a[i] - iu)) - x * iu + dg - dgt_a[i]) * th;
+                // dπ into π's slot, read above.
+                pi_a[i] = sig_t - 1.0;
             }
         }
     }
-
-    // q holds ∂ℓ/∂μ; with μ = λ ρ: ∂ℓ/∂log λ = Σ μ q, and the softmax
-    // backward ∂ℓ/∂logit_g = μ_g q_g − ρ_g Σ μ q. For the softplus front,
-    // with ∂ℓ/∂ρ = λ q: ∂ℓ/∂s = λ q y, ∂ℓ/∂f = λ q y σ(f) and
-    // ∂ℓ/∂y = λ q (softplus(f) + s).
-    if let (Some(gl), Some(glib)) = (job.gl, job.glib) {
-        let gl = &mut gl[..g];
-        for k in 0..g {
-            gl[k] = lam * rho[k] * q[k];
-        }
-        let total_q = vmath::sum(gl);
-        glib[0] = total_q;
-        match inp.front {
-            Front::Softmax => {
-                for k in 0..g {
-                    gl[k] -= rho[k] * total_q;
-                }
+    let total = total + vmath::sum(df_a);
+    if grad {
+        for (i, &j) in idx.iter().enumerate() {
+            let j = j as usize;
+            q[j] += dq_a[i];
+            if fam != Likelihood::Poisson {
+                gt[j] += dt_a[i];
             }
-            Front::Softplus => {
-                // ∂ℓ/∂s into f, free since the row's total was taken.
-                let (gs, sig, base) = (&mut f[..g], &s.sig[..g], &s.base[..g]);
-                for k in 0..g {
-                    gs[k] = lam * q[k];
-                }
-                if let Some(y) = scaling {
-                    let sums = job.sums.as_deref_mut();
-                    if let (Some(l), Some(sums)) = (inp.scaling, sums.filter(|s| !s.scaling.is_empty())) {
-                        let at = l.codes[r] as usize * g;
-                        let acc = &mut sums.scaling[at..at + g];
-                        for k in 0..g {
-                            acc[k] += gs[k] * base[k];
-                        }
-                    }
-                    for k in 0..g {
-                        gs[k] *= y[k];
-                    }
-                }
-                for k in 0..g {
-                    gl[k] = gs[k] * sig[k];
-                }
-                if let Some(sums) = job.sums.as_deref_mut() {
-                    if let Some(l) = inp.ambient.filter(|_| !sums.ambient.is_empty()) {
-                        let at = l.codes[r] as usize * g;
-                        add(&mut sums.ambient[at..at + g], gs);
-                    }
-                }
-            }
-        }
-        if let Some(sums) = job.sums.as_deref_mut() {
-            if !sums.bias.is_empty() {
-                add(&mut sums.bias, gl);
-            }
-            if let (false, Some(codes)) = (sums.log_theta.is_empty(), inp.theta_codes) {
-                let at = codes[r] as usize * g;
-                add(&mut sums.log_theta[at..at + g], &gt[..g]);
+            if fam == Likelihood::Zinb {
+                gp[j] += pi_a[i];
             }
         }
     }
     total
+}
+
+/// The row's gradients from q = ∂ℓ/∂μ, and its shares of the shared ones
+/// (into `sums`). With μ = λ ρ: ∂ℓ/∂log λ = Σ μ q, and the softmax
+/// backward ∂ℓ/∂logit_g = μ_g q_g − ρ_g Σ μ q. For the softplus front,
+/// with ∂ℓ/∂ρ = λ q: ∂ℓ/∂s = λ q y, ∂ℓ/∂f = λ q y σ(f) and
+/// ∂ℓ/∂y = λ q (softplus(f) + s).
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+#[inline(always)]
+fn row_gradients(
+    rp: &RowParams,
+    q: &[f32],
+    f: &mut [f32],
+    base: &[f32],
+    sig: &[f32],
+    gl: &mut [f32],
+    glib: &mut [f32],
+    mut sums: Option<&mut Sums>,
+    gt: &[f32],
+) {
+    let (inp, r, g) = (rp.inp, rp.r, rp.inp.n_genes);
+    let (lam, rho, scaling) = (rp.lam, &rp.rho[..g], rp.scaling);
+    let gl = &mut gl[..g];
+    for k in 0..g {
+        gl[k] = lam * rho[k] * q[k];
+    }
+    let total_q = vmath::sum(gl);
+    glib[0] = total_q;
+    match inp.front {
+        Front::Softmax => {
+            for k in 0..g {
+                gl[k] -= rho[k] * total_q;
+            }
+        }
+        Front::Softplus => {
+            // ∂ℓ/∂s into f, free since the row's total was taken.
+            let (gs, sig, base) = (&mut f[..g], &sig[..g], &base[..g]);
+            for k in 0..g {
+                gs[k] = lam * q[k];
+            }
+            if let Some(y) = scaling {
+                let sums = sums.as_deref_mut();
+                if let (Some(l), Some(sums)) = (inp.scaling, sums.filter(|s| !s.scaling.is_empty())) {
+                    let at = l.codes[r] as usize * g;
+                    let acc = &mut sums.scaling[at..at + g];
+                    for k in 0..g {
+                        acc[k] += gs[k] * base[k];
+                    }
+                }
+                for k in 0..g {
+                    gs[k] *= y[k];
+                }
+            }
+            for k in 0..g {
+                gl[k] = gs[k] * sig[k];
+            }
+            if let Some(sums) = sums.as_deref_mut() {
+                if let Some(l) = inp.ambient.filter(|_| !sums.ambient.is_empty()) {
+                    let at = l.codes[r] as usize * g;
+                    add(&mut sums.ambient[at..at + g], gs);
+                }
+            }
+        }
+    }
+    if let Some(sums) = sums {
+        if !sums.bias.is_empty() {
+            add(&mut sums.bias, gl);
+        }
+        if let (false, Some(codes)) = (sums.log_theta.is_empty(), inp.theta_codes) {
+            let at = codes[r] as usize * g;
+            add(&mut sums.log_theta[at..at + g], &gt[..g]);
+        }
+    }
 }
 
 /// to += from, elementwise.
@@ -674,12 +760,11 @@ fn add(to: &mut [f32], from: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
-        PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
-    };
-    use super::Family;
     use crate::data::Csr;
+    use crate::likelihood::{
+        fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
+        Likelihood, PerLevel, RawDecoded, SoftplusDecoded, SparseBatch,
+    };
     use tch::{Device, Kind, Tensor};
 
     /// Counts with zeros, small and large values (up to 5,000) and an empty row.
@@ -709,7 +794,7 @@ mod tests {
     /// Value and gradients of Σ_rows w_r · ll_r by both paths.
     /// `theta_levels`: 0 for one θ per gene; k for k distinct θ rows, row r
     /// using level r mod k (k > 16 leaves some rows to the uncached path).
-    fn both(family: Family, theta_levels: i64) {
+    fn both(family: Likelihood, theta_levels: i64) {
         let (n, g) = (21i64, 301i64);
         tch::manual_seed(3);
         let m = counts(n as usize, g as usize);
@@ -738,9 +823,9 @@ mod tests {
         let rate = log_library.exp() * logits.softmax(-1, Kind::Float);
         let theta = if theta_levels > 0 { log_theta().exp() } else { log_theta().exp().unsqueeze(0) };
         let reference = match family {
-            Family::Nb => nb_log_kernel_rows(&c, &rate, &theta, 1e-8),
-            Family::Zinb => zinb_log_kernel_rows(&c, &rate, &theta, &pi, 1e-8),
-            Family::Poisson => poisson_log_kernel_rows(&c, &rate, 1e-8),
+            Likelihood::Nb => nb_log_kernel_rows(&c, &rate, &theta, 1e-8),
+            Likelihood::Zinb => zinb_log_kernel_rows(&c, &rate, &theta, &pi, 1e-8),
+            Likelihood::Poisson => poisson_log_kernel_rows(&c, &rate, 1e-8),
         };
         let (v0, g0) = grads_of((&reference * &weights).sum(Kind::Float));
         let log_theta = log_theta();
@@ -748,15 +833,15 @@ mod tests {
             family,
             logits: &logits,
             log_library: &log_library,
-            log_theta: (family != Family::Poisson).then_some(&log_theta),
-            pi_logits: (family == Family::Zinb).then_some(&pi),
+            log_theta: (family != Likelihood::Poisson).then_some(&log_theta),
+            pi_logits: (family == Likelihood::Zinb).then_some(&pi),
         };
         let fused = fused_log_kernel_rows(&c, &raw).expect("applies on CPU f32");
         assert!(reference.allclose(&fused, 1e-4, 1e-2, false), "{family:?} per row: {reference} vs {fused}");
         let (v1, g1) = grads_of((&fused * &weights).sum(Kind::Float));
         assert!((v0 - v1).abs() <= 1e-4 * v0.abs(), "{family:?}: {v0} vs {v1}");
         for (k, (a, b)) in g0.iter().zip(&g1).enumerate() {
-            if family == Family::Poisson && k >= 2 || family == Family::Nb && k == 3 {
+            if family == Likelihood::Poisson && k >= 2 || family == Likelihood::Nb && k == 3 {
                 continue; // not inputs of this family
             }
             let scale = a.abs().max().double_value(&[]);
@@ -774,12 +859,12 @@ mod tests {
     fn fused_kernel_matches_the_tensor_path_value_and_gradients() {
         // The generator is global: take a turn with the training tests.
         let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
-        for family in [Family::Nb, Family::Zinb, Family::Poisson] {
+        for family in [Likelihood::Nb, Likelihood::Zinb, Likelihood::Poisson] {
             both(family, 0);
         }
         for levels in [2, 21] {
-            both(Family::Nb, levels);
-            both(Family::Zinb, levels);
+            both(Likelihood::Nb, levels);
+            both(Likelihood::Zinb, levels);
         }
     }
 
@@ -896,7 +981,7 @@ mod tests {
         let logits = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
         let lib = Tensor::zeros([2, 1], (Kind::Float, Device::Cpu));
         let poisson = |logits| RawDecoded {
-            family: Family::Poisson,
+            family: Likelihood::Poisson,
             logits,
             log_library: &lib,
             log_theta: None,
