@@ -185,8 +185,8 @@ fn harmony_job(a: &[String]) {
         params.max_iter = it;
     }
     let t = Instant::now();
-    let z = scdistill_core::teacher::Embedding::row_major(&x);
-    let r = pool.install(|| harmony(z, n, d, &[cov], &params, &|| false, &|_| {})).unwrap();
+    let z = scdistill_core::teacher::Embedding::row_major(&x, n, d);
+    let r = pool.install(|| harmony(z, &[cov], &params, &|| false, &|_| {})).unwrap();
     println!(
         "harmony n={n} d={d} batches={nb} threads={threads}: {:.2} s, {} iterations, rounds {:?}",
         t.elapsed().as_secs_f64(),
@@ -229,7 +229,7 @@ fn knn_job(a: &[String]) {
             .collect(),
     };
     let n = if input.is_some() { values.len() / d } else { n };
-    let e = Embedding { values: &values, n, d };
+    let e = Embedding::row_major(&values, n, d);
     let t = Instant::now();
     let g = knn_approx(&e, k, 1).unwrap();
     println!("approximate: {n} cells x {d} dims, k = {k}: {:.1} s", t.elapsed().as_secs_f64());

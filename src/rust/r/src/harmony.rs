@@ -85,7 +85,7 @@ fn rs_run_harmony(
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
-            harmony(Embedding::column_major(x), n, d, &covs, &p, interrupted, &|i| {
+            harmony(Embedding::column_major(x, n, d), &covs, &p, interrupted, &|i| {
                 done.lock().unwrap_or_else(|e| e.into_inner()).push(i)
             })
         },

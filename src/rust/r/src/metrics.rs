@@ -39,9 +39,9 @@ fn rs_integration_metrics(
     let pre_values = if pre.is_null() { None } else { Some(row_major(&pre, n, pre_d as usize, "pre")?) };
     let (batch, label) = (zero_based(&batch, "batch")?, zero_based(&label, "label")?);
     let m = run(threads, |_| {
-        let pre = pre_values.as_ref().map(|v| metrics::Embedding { values: v, n, d: pre_d as usize });
+        let pre = pre_values.as_ref().map(|v| metrics::Embedding::row_major(v, n, pre_d as usize));
         metrics::integration_metrics(
-            &metrics::Embedding { values: &values, n, d },
+            &metrics::Embedding::row_major(&values, n, d),
             &batch,
             &label,
             pre.as_ref(),

@@ -3,6 +3,7 @@
 //! (dense, and sparse for the likelihoods).
 
 mod counts;
+mod embedding;
 mod covariates;
 mod csr;
 mod resident;
@@ -11,6 +12,7 @@ mod split;
 
 pub(crate) use counts::quote_some;
 pub use counts::CountMatrix;
+pub use embedding::Embedding;
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub(crate) use csr::{log1p_count, log1p_table};

@@ -222,7 +222,7 @@ mod tests {
     fn silhouette_by_hand_and_kmeans_on_two_blobs() {
         // 1-d points 0, 1 (label 0) and 10, 12 (label 1)
         let v = [0.0, 1.0, 10.0, 12.0];
-        let e = Embedding { values: &v, n: 4, d: 1 };
+        let e = Embedding::row_major(&v, 4, 1);
         let s = silhouette_samples(&e, &[0, 0, 1, 1]);
         // cell 0: a = 1, b = mean(10, 12) = 11 → 10/11
         assert!((s[0] - 10.0 / 11.0).abs() < 1e-12);

@@ -87,7 +87,7 @@ mod tests {
     fn split_labels_lose_connectivity() {
         // label 0 at 0,1,2 and 100,101 (two islands); label 1 at 50,51,52
         let v = [0.0, 1.0, 2.0, 100.0, 101.0, 50.0, 51.0, 52.0];
-        let g = knn(&Embedding { values: &v, n: 8, d: 1 }, 2).unwrap();
+        let g = knn(&Embedding::row_major(&v, 8, 1), 2).unwrap();
         let c = graph_connectivity(&g, &[0, 0, 0, 0, 0, 1, 1, 1]);
         assert!((c - (3.0 / 5.0 + 1.0) / 2.0).abs() < 1e-12, "{c}");
     }

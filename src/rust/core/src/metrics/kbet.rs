@@ -25,7 +25,7 @@ pub fn kbet_per_label(x: &Embedding, batch: &[u32], labels: &[u32], seed: u64) -
         }
         let k0 = ((cells.len() as f64 / n_batches as f64 / 4.0).floor() as usize).clamp(10, 70).min(cells.len() - 1);
         let values: Vec<f64> = cells.iter().flat_map(|&i| x.row(i).to_vec()).collect();
-        let Ok(g) = knn_auto(&Embedding { values: &values, n: cells.len(), d: x.d }, k0, seed) else { continue };
+        let Ok(g) = knn_auto(&Embedding::row_major(&values, cells.len(), x.d), k0, seed) else { continue };
         scores.push(acceptance(&g.indices, k0, &codes, n_batches));
     }
     if scores.is_empty() {
@@ -83,10 +83,10 @@ mod tests {
         let mixed: Vec<f64> = (0..n).map(|i| i as f64).collect();
         let batch: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
         let label = vec![0u32; n];
-        let e = Embedding { values: &mixed, n, d: 1 };
+        let e = Embedding::row_major(&mixed, n, 1);
         assert!(kbet_per_label(&e, &batch, &label, 1) > 0.9);
         let separated: Vec<f64> = (0..n).map(|i| i as f64 + if i % 2 == 1 { 10_000.0 } else { 0.0 }).collect();
-        let e = Embedding { values: &separated, n, d: 1 };
+        let e = Embedding::row_major(&separated, n, 1);
         assert!(kbet_per_label(&e, &batch, &label, 1) < 0.05);
     }
 }

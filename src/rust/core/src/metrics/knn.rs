@@ -16,7 +16,7 @@
 //! The cell itself is not its own neighbour; ties go to the lower index, so
 //! both graphs are deterministic (the approximate one given its seed).
 
-use crate::error::{check_param, Result};
+use crate::error::{check_param, invalid, Result};
 use faer::{Accum, Mat, MatRef, Par};
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -43,18 +43,9 @@ impl Knn {
     }
 }
 
-/// An embedding of `n` cells in `d` dimensions, row-major.
-pub struct Embedding<'a> {
-    pub values: &'a [f64],
-    pub n: usize,
-    pub d: usize,
-}
+pub use crate::data::Embedding;
 
 impl Embedding<'_> {
-    pub fn row(&self, i: usize) -> &[f64] {
-        &self.values[i * self.d..(i + 1) * self.d]
-    }
-
     /// The rows `rows` as a dense (rows × d) matrix.
     pub(crate) fn gather(&self, rows: &[u32]) -> Mat<f64> {
         Mat::from_fn(rows.len(), self.d, |i, j| self.values[rows[i] as usize * self.d + j])
@@ -74,6 +65,9 @@ const N_PROBE: usize = 32;
 const BLOCK: usize = 512;
 
 fn validate(x: &Embedding, k: usize) -> Result<()> {
+    if x.column_major {
+        return invalid!("internal: the kNN search reads row-major embeddings");
+    }
     check_param(
         k >= 1 && k < x.n,
         "k",
@@ -309,15 +303,15 @@ mod tests {
     fn neighbours_on_a_line() {
         // points 0, 1, 3, 7, 8 on a line
         let v = [0.0, 1.0, 3.0, 7.0, 8.0];
-        let g = knn(&Embedding { values: &v, n: 5, d: 1 }, 2).unwrap();
+        let g = knn(&Embedding::row_major(&v, 5, 1), 2).unwrap();
         assert_eq!(g.neighbors(0), &[1, 2]);
         assert_eq!(g.neighbors(2), &[1, 0]);
         assert_eq!(g.neighbors(4), &[3, 2]);
         assert!((g.dists(2)[1] - 3.0).abs() < 1e-12);
-        assert!(knn(&Embedding { values: &v, n: 5, d: 1 }, 5).is_err());
-        assert!(knn_approx(&Embedding { values: &v, n: 5, d: 1 }, 5, 1).is_err());
+        assert!(knn(&Embedding::row_major(&v, 5, 1), 5).is_err());
+        assert!(knn_approx(&Embedding::row_major(&v, 5, 1), 5, 1).is_err());
         // with √5 ≈ 2 lists the search falls back to enough lists to hold k cells
-        let a = knn_approx(&Embedding { values: &v, n: 5, d: 1 }, 4, 1).unwrap();
+        let a = knn_approx(&Embedding::row_major(&v, 5, 1), 4, 1).unwrap();
         assert_eq!(a.neighbors(0), &[1, 2, 3, 4]);
     }
 
@@ -325,7 +319,7 @@ mod tests {
     fn blocks_agree_with_brute_force() {
         let n = 1200; // more than two blocks
         let v: Vec<f64> = (0..n * 3).map(|i| ((i * 7919) % 1000) as f64 / 100.0 + (i as f64).sin()).collect();
-        let e = Embedding { values: &v, n, d: 3 };
+        let e = Embedding::row_major(&v, n, 3);
         let g = knn(&e, 5).unwrap();
         for &i in &[0usize, 511, 512, 1199] {
             let mut all: Vec<(f64, usize)> = (0..n)
@@ -358,7 +352,7 @@ mod tests {
     fn approximate_search_recalls_the_exact_graph() {
         let n = 12_000;
         let v = clustered(n, 3);
-        let e = Embedding { values: &v, n, d: 15 };
+        let e = Embedding::row_major(&v, n, 15);
         let k = 89;
         let exact = knn(&e, k).unwrap();
         let approx = knn_approx(&e, k, 5).unwrap();

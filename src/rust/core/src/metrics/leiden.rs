@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn separated_groups_are_found_and_resolution_splits_them_further() {
         let (x, lab) = blobs(60, &[[0.0, 0.0], [20.0, 0.0], [0.0, 20.0], [20.0, 20.0]], 3);
-        let g = knn(&Embedding { values: &x, n: 240, d: 2 }, 30).unwrap();
+        let g = knn(&Embedding::row_major(&x, 240, 2), 30).unwrap();
         let graph = umap_connectivities(&g, 15);
         let c = leiden(&graph, 0.2, 1);
         assert!((ari(&lab, &c) - 1.0).abs() < 1e-12, "ARI {}", ari(&lab, &c));
@@ -403,7 +403,7 @@ mod tests {
     #[test]
     fn connectivities_are_symmetric_and_in_the_unit_interval() {
         let (x, _) = blobs(40, &[[0.0, 0.0], [5.0, 0.0]], 9);
-        let g = knn(&Embedding { values: &x, n: 80, d: 2 }, 20).unwrap();
+        let g = knn(&Embedding::row_major(&x, 80, 2), 20).unwrap();
         let graph = umap_connectivities(&g, 15);
         for (i, row) in graph.adj.iter().enumerate() {
             for &(j, w) in row {

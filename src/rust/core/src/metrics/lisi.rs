@@ -72,7 +72,7 @@ mod tests {
         // Two labels alternating along a line: neighbours are half/half, the
         // nearest ones of the other label, so LISI is close to (not at) 2.
         let v: Vec<f64> = (0..200).map(|i| i as f64).collect();
-        let g = knn(&Embedding { values: &v, n: 200, d: 1 }, 30).unwrap();
+        let g = knn(&Embedding::row_major(&v, 200, 1), 30).unwrap();
         let alternating: Vec<u32> = (0..200).map(|i| i % 2).collect();
         let mixed = nan_median(&lisi(&g, &alternating, 10.0));
         assert!(mixed > 1.8 && mixed <= 2.0, "{mixed}");

@@ -111,7 +111,7 @@ pub fn integration_metrics(
         None => silhouette_scores(x, batch, labels),
         Some(rows) => {
             let values: Vec<f64> = rows.iter().flat_map(|&i| x.row(i).to_vec()).collect();
-            let sub = Embedding { values: &values, n: rows.len(), d: x.d };
+            let sub = Embedding::row_major(&values, rows.len(), x.d);
             let b: Vec<u32> = rows.iter().map(|&i| batch[i]).collect();
             let (l, _) = recode(&rows.iter().map(|&i| labels[i]).collect::<Vec<_>>());
             silhouette_scores(&sub, &b, &l)
@@ -230,7 +230,7 @@ fn batch_silhouette(x: &Embedding, batch: &[u32], labels: &[u32]) -> f64 {
             continue;
         }
         let values: Vec<f64> = cells.iter().flat_map(|&i| x.row(i).to_vec()).collect();
-        let sub = Embedding { values: &values, n: cells.len(), d: x.d };
+        let sub = Embedding::row_major(&values, cells.len(), x.d);
         let s = silhouette_samples(&sub, &codes);
         scores.push(s.iter().map(|v| 1.0 - v.abs()).sum::<f64>() / s.len() as f64);
     }
@@ -293,19 +293,19 @@ mod tests {
     #[test]
     fn mixed_batches_score_high_and_separated_batches_low() {
         let (v, b, l) = blobs(0.0);
-        let mixed = integration_metrics(&Embedding { values: &v, n: 600, d: 5 }, &b, &l, None, 1).unwrap();
+        let mixed = integration_metrics(&Embedding::row_major(&v, 600, 5), &b, &l, None, 1).unwrap();
         assert!(mixed.ilisi > 0.8, "{mixed:?}");
         assert!(mixed.clisi > 0.95 && mixed.nmi_kmeans > 0.95 && mixed.ari_kmeans > 0.95, "{mixed:?}");
         assert!(mixed.graph_connectivity > 0.95 && mixed.silhouette_batch > 0.9, "{mixed:?}");
         let (v2, _, _) = blobs(30.0);
-        let split = integration_metrics(&Embedding { values: &v2, n: 600, d: 5 }, &b, &l, None, 1).unwrap();
+        let split = integration_metrics(&Embedding::row_major(&v2, 600, 5), &b, &l, None, 1).unwrap();
         assert!(split.ilisi < 0.05 && split.silhouette_batch < mixed.silhouette_batch, "{split:?}");
         // PCR comparison: integrating `split` into `mixed` removes the batch variance
         let with_pre = integration_metrics(
-            &Embedding { values: &v, n: 600, d: 5 },
+            &Embedding::row_major(&v, 600, 5),
             &b,
             &l,
-            Some(&Embedding { values: &v2, n: 600, d: 5 }),
+            Some(&Embedding::row_major(&v2, 600, 5)),
             1,
         )
         .unwrap();
@@ -332,7 +332,7 @@ mod tests {
     fn pcr_by_hand() {
         // 1-d: batch 0 at {0, 2}, batch 1 at {10, 12}: between = 4·25 = 100, total = 104
         let v = [0.0, 2.0, 10.0, 12.0];
-        let r = pcr(&Embedding { values: &v, n: 4, d: 1 }, &[0, 0, 1, 1]);
+        let r = pcr(&Embedding::row_major(&v, 4, 1), &[0, 0, 1, 1]);
         assert!((r - 100.0 / 104.0).abs() < 1e-12);
     }
 }

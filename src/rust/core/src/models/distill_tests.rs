@@ -30,7 +30,7 @@ fn teacher(s: &Simulation) -> Vec<f64> {
         lambda: None,
         protected: false,
     };
-    harmony(Embedding::row_major(&z), n, 10, &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
+    harmony(Embedding::row_major(&z, n, 10), &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
 }
 
 fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {
@@ -65,7 +65,7 @@ fn student_learns_the_teacher_and_decodes_without_the_batch() {
     let ours = m.latent(&s.counts).unwrap();
     let score = |v: &[f32]| {
         let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-        let e = crate::metrics::Embedding { values: &v, n: 800, d: 10 };
+        let e = crate::metrics::Embedding::row_major(&v, 800, 10);
         crate::metrics::integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap()
     };
     let (st, te) = (score(&ours), score(&target));

@@ -53,7 +53,7 @@ fn training_lowers_the_elbo_and_the_latent_separates_cell_types() {
         let (first, last) = (h[0].validation_elbo, h[59].validation_elbo);
         assert!(last < 0.9 * first, "{likelihood:?}: validation -ELBO {first} -> {last}");
         let z: Vec<f64> = latent_of(&m, &s).into_iter().map(f64::from).collect();
-        let e = Embedding { values: &z, n: 600, d: 10 };
+        let e = Embedding::row_major(&z, 600, 10);
         let scores = integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap();
         if likelihood == Likelihood::Poisson {
             // Poisson ignores overdispersion: its groups are well apart but

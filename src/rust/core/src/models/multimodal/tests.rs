@@ -56,7 +56,7 @@ fn ari(z: &[f32], d: usize, s: &Simulation, rows: &[usize]) -> f64 {
     let v: Vec<f64> = rows.iter().flat_map(|&r| z[r * d..(r + 1) * d].iter().map(|&x| x as f64)).collect();
     let batch: Vec<u32> = rows.iter().map(|&r| s.batch.codes[r]).collect();
     let label: Vec<u32> = rows.iter().map(|&r| s.group.codes[r]).collect();
-    let e = Embedding { values: &v, n: rows.len(), d };
+    let e = Embedding::row_major(&v, rows.len(), d);
     integration_metrics(&e, &batch, &label, None, 0).unwrap().ari_kmeans
 }
 

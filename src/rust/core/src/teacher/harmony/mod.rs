@@ -52,47 +52,20 @@ pub struct HarmonyResult {
     pub converged: bool,
 }
 
-/// The embedding to correct, cells × d, as stored: one cell after another
-/// (row-major) or one dimension after another (R's column-major matrix,
-/// read in place without a reordered copy).
-#[derive(Clone, Copy)]
-pub struct Embedding<'a> {
-    z: &'a [f64],
-    column_major: bool,
-}
+pub use crate::data::Embedding;
 
-impl<'a> Embedding<'a> {
-    pub fn row_major(z: &'a [f64]) -> Self {
-        Embedding { z, column_major: false }
-    }
-
-    pub fn column_major(z: &'a [f64]) -> Self {
-        Embedding { z, column_major: true }
-    }
-
-    /// (cell, dimension) of the value at `pos`, 0-based.
-    fn at(&self, pos: usize, n: usize, d: usize) -> (usize, usize) {
-        if self.column_major {
-            (pos % n, pos / n)
-        } else {
-            (pos / d, pos % d)
-        }
-    }
-}
-
-/// Corrects `z` (n cells × d) for the non-protected covariates.
+/// Corrects `z` (cells × dimensions, row- or column-major) for the
+/// non-protected covariates.
 /// `interrupted` is polled between blocks; `on_iter(i)` runs after iteration i.
 pub fn harmony(
     z: Embedding,
-    n: usize,
-    d: usize,
     covariates: &[HarmonyCovariate],
     params: &HarmonyParams,
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
 ) -> Result<HarmonyResult> {
-    check_inputs(z, n, d, covariates, params)?;
-    let mut h = Harmony::new(z, n, d, covariates, params)?;
+    check_inputs(z, covariates, params)?;
+    let mut h = Harmony::new(z, covariates, params)?;
     h.init(interrupted)?;
     let mut converged = false;
     let mut n_iter = 0;
@@ -230,7 +203,8 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
 impl<'a> Harmony<'a> {
     /// The state before the first k-means: cells in the internal order, their
     /// levels and the per-level penalties.
-    fn new(z: Embedding, n: usize, d: usize, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
+    fn new(z: Embedding, covs: &[HarmonyCovariate], p: &'a HarmonyParams) -> Result<Self> {
+        let (n, d) = (z.n, z.d);
         let k = p.n_clusters.unwrap_or_else(|| ((n as f64 / 30.0).round() as usize).clamp(1, 100));
         // Sort cells by the first covariate's level (stable).
         let mut perm: Vec<usize> = (0..n).collect();
@@ -241,7 +215,7 @@ impl<'a> Harmony<'a> {
             // in order, so each dimension is read as a stream.
             z_orig.par_chunks_mut(d * 64).zip(perm.par_chunks(64)).for_each(|(out, cells)| {
                 for j in 0..d {
-                    let col = &z.z[j * n..(j + 1) * n];
+                    let col = &z.values[j * n..(j + 1) * n];
                     for (o, &i) in cells.iter().enumerate() {
                         out[o * d + j] = col[i];
                     }
@@ -249,7 +223,7 @@ impl<'a> Harmony<'a> {
             });
         } else {
             for (pos, &i) in perm.iter().enumerate() {
-                z_orig[pos * d..(pos + 1) * d].copy_from_slice(&z.z[i * d..(i + 1) * d]);
+                z_orig[pos * d..(pos + 1) * d].copy_from_slice(z.row(i));
             }
         }
         let n_cov = covs.len();

@@ -64,21 +64,16 @@ impl Default for HarmonyParams {
 }
 
 /// Rejects inputs Harmony cannot run on, naming the argument.
-pub(super) fn check_inputs(
-    z: Embedding,
-    n: usize,
-    d: usize,
-    covs: &[HarmonyCovariate],
-    p: &HarmonyParams,
-) -> Result<()> {
-    if z.z.len() != n * d {
-        return invalid!("the embedding has {} values, not cells × dimensions = {}", z.z.len(), n * d);
+pub(super) fn check_inputs(z: Embedding, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
+    let (n, d) = (z.n, z.d);
+    if z.values.len() != n * d {
+        return invalid!("the embedding has {} values, not cells × dimensions = {}", z.values.len(), n * d);
     }
     if n < 2 || d < 1 {
         return invalid!("Harmony needs at least 2 cells and 1 dimension (got {n} × {d})");
     }
-    if let Some(i) = z.z.iter().position(|v| !v.is_finite()) {
-        let (cell, dim) = z.at(i, n, d);
+    if let Some(i) = z.values.iter().position(|v| !v.is_finite()) {
+        let (cell, dim) = z.at(i);
         return invalid!("the embedding has a missing or infinite value (cell {}, dimension {})", cell + 1, dim + 1);
     }
     if !covs.iter().any(|c| !c.protected) {

@@ -33,7 +33,7 @@ fn batch_cov(codes: Vec<u32>, n_levels: usize) -> HarmonyCovariate {
 }
 
 fn run(x: &[f64], d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> HarmonyResult {
-    harmony(Embedding::row_major(x), x.len() / d, d, covs, p, &|| false, &|_| {}).unwrap()
+    harmony(Embedding::row_major(x, x.len() / d, d), covs, p, &|| false, &|_| {}).unwrap()
 }
 
 /// Mean over labels of the mean distance between batch centroids of that label.
@@ -177,7 +177,7 @@ fn refuses_bad_input() {
     let f = fixture();
     let n = f.batch.len();
     let err = |x: &[f64], covs: &[HarmonyCovariate]| {
-        harmony(Embedding::row_major(x), n, D, covs, &HarmonyParams::default(), &|| false, &|_| {})
+        harmony(Embedding::row_major(x, n, D), covs, &HarmonyParams::default(), &|| false, &|_| {})
             .unwrap_err()
             .to_string()
     };
@@ -188,9 +188,7 @@ fn refuses_bad_input() {
     assert!(err(&f.x, &[prot]).contains("at least one batch covariate"));
     assert!(err(&f.x, &[batch_cov(f.batch[1..].to_vec(), 3)]).contains("899 values for 900 cells"));
     let interrupted = harmony(
-        Embedding::row_major(&f.x),
-        n,
-        D,
+        Embedding::row_major(&f.x, n, D),
         &[batch_cov(f.batch.clone(), 3)],
         &HarmonyParams::default(),
         &|| true,
@@ -214,12 +212,12 @@ fn column_major_input_gives_the_same_result() {
     let covs = [batch_cov(f.batch.clone(), 3)];
     let p = HarmonyParams::default();
     let a = run(&f.x, D, &covs, &p);
-    let b = harmony(Embedding::column_major(&cm), n, D, &covs, &p, &|| false, &|_| {}).unwrap();
+    let b = harmony(Embedding::column_major(&cm, n, D), &covs, &p, &|| false, &|_| {}).unwrap();
     assert_eq!(a.z_corr, b.z_corr);
     assert_eq!(a.r, b.r);
     // A missing value is named by cell and dimension in either layout.
     cm[D * n - 1] = f64::NAN;
-    let err = harmony(Embedding::column_major(&cm), n, D, &covs, &p, &|| false, &|_| {}).unwrap_err().to_string();
+    let err = harmony(Embedding::column_major(&cm, n, D), &covs, &p, &|| false, &|_| {}).unwrap_err().to_string();
     assert!(err.contains(&format!("cell {n}, dimension {D}")), "{err}");
     // Without memberships the correction is the same and r stays empty.
     let c = run(&f.x, D, &covs, &HarmonyParams { memberships: false, ..p });
@@ -253,7 +251,7 @@ fn objective_from_the_update_pass_equals_the_full_pass() {
     let second: Vec<u32> = (0..n as u32).map(|i| (i * 7 / 5) % 3).collect();
     let covs = [batch_cov(f.batch.clone(), 3), HarmonyCovariate { theta: 1.0, ..batch_cov(second, 3) }];
     let p = HarmonyParams::default();
-    let mut h = Harmony::new(Embedding::row_major(&f.x), n, D, &covs, &p).unwrap();
+    let mut h = Harmony::new(Embedding::row_major(&f.x, n, D), &covs, &p).unwrap();
     h.init(&|| false).unwrap();
     let (first, full) = (h.obj_harmony[0], h.objective());
     assert!((first - full).abs() <= 1e-9 * full.abs(), "initial {first} vs full {full}");
@@ -290,7 +288,7 @@ fn seeds_from_a_pool_still_find_every_group() {
     let codes: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
     let p = HarmonyParams { n_clusters: Some(k), ..Default::default() };
     let covs = [batch_cov(codes, 2)];
-    let mut h = Harmony::new(Embedding::row_major(&x), n, d, &covs, &p).unwrap();
+    let mut h = Harmony::new(Embedding::row_major(&x, n, d), &covs, &p).unwrap();
     let pool = h.kmeans_plus_plus();
     assert_eq!(pool.len(), SEED_POOL);
     assert!(pool.windows(2).all(|w| w[0] < w[1]) && *pool.last().unwrap() < n);
