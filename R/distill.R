@@ -124,6 +124,9 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param device `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`.
 #' @param threads CPU threads.
 #' @param progress Show progress bars.
+#' @param train Training settings from [train_params()], instead of (not as
+#'   well as) the arguments of the same names; its `max_epochs` sets both
+#'   phases, and `kl_warmup` and `min_delta` do not apply.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_distill` model (also a `scdistill_model`), with
 #'   `$latent` (the student's embedding of the training cells) and

@@ -211,3 +211,14 @@ test_that("harmony_teacher() takes run_pca()'s `method`; `pca_method` still work
   expect_warning(t <- harmony_teacher(pca_method = "standard"), "now `method`")
   expect_identical(t$method, "log2cpm")
 })
+
+test_that("a model trained without validation cells saves and loads (its NaN history survives)", {
+  x <- cellbench_small(100)
+  m <- fit_vae(x, batch = "batch", max_epochs = 2, validation_fraction = 0, threads = 2)
+  expect_true(all(is.nan(m$history$validation_elbo)))
+  f <- tempfile(fileext = ".safetensors")
+  save_model(m, f)
+  back <- load_model(f)
+  expect_true(all(is.nan(back$history$validation_elbo)))
+  expect_equal(back$history$train_loss, m$history$train_loss)
+})

@@ -263,3 +263,14 @@ fn a_model_file_inconsistent_with_its_tensors_is_refused_naming_the_problem() {
     let err = crate::io::load_into(&m.vae.vs, &tensors).unwrap_err().to_string();
     assert!(err.contains(&format!("`{gone}`")), "{err}");
 }
+
+#[test]
+fn a_model_without_validation_cells_reloads_with_its_nan_history() {
+    let s = sim(200, 8);
+    let m = fit(&s, VaeConfig::default(), TrainConfig { validation_fraction: 0.0, ..quick(2) });
+    assert!(m.meta.training.history[0].validation_elbo.is_nan());
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let back = VaeModel::from_bytes(&m.to_bytes().unwrap(), Device::Cpu).unwrap();
+    assert!(back.meta.training.history[1].validation_elbo.is_nan());
+    assert_eq!(back.meta.training.history[1].train_loss, m.meta.training.history[1].train_loss);
+}

@@ -131,15 +131,30 @@ impl TrainConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
+    // JSON has no NaN: serde_json writes it as null (a validation ELBO
+    // without validation cells, a diverged epoch), read back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub kl_weight: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_elbo: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_reconstruction: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub train_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub validation_elbo: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub validation_reconstruction: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub validation_kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// What training did.
