@@ -119,6 +119,8 @@ mod tests {
 
     #[test]
     fn threads_are_applied_and_version_is_known() {
+        // The thread count is global: tests that compare trained models take turns with this one.
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         let info = torch_info("cpu", 1).unwrap();
         assert_eq!(info.threads, 1);
         assert!(info.libtorch_version.starts_with("2.11.0"), "{}", info.libtorch_version);
