@@ -55,7 +55,6 @@ finish_fit <- function(model, latent, cells) {
   i <- model$info
   diverged <- unlist(i$diverged_at)
   if (length(diverged)) {
-    where <- paste(rev(diverged), collapse = " of the ")
     where <- if (length(diverged) == 2) paste0("epoch ", diverged[2], " of the ", diverged[1]) else
       paste("epoch", diverged)
     stop(errorCondition(
