@@ -17,10 +17,14 @@ const MAGIC: &str = "scdistill-model";
 /// Serializes every variable of `vs` (trainable and buffers) and the
 /// description `meta` (it must carry "model", the model kind).
 pub fn to_bytes(vs: &nn::VarStore, meta: Value) -> Result<Vec<u8>> {
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    named_to_bytes(&vs.variables().into_iter().collect(), meta)
+}
+
+/// As `to_bytes`, from named tensors (a model of several variable stores).
+pub fn named_to_bytes(vars: &BTreeMap<String, Tensor>, meta: Value) -> Result<Vec<u8>> {
     let mut header = Map::new();
     let mut data: Vec<u8> = Vec::new();
-    for (name, t) in &vars {
+    for (name, t) in vars {
         let t = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
         let v: Vec<f32> = Vec::try_from(t.flatten(0, -1))?;
         let start = data.len();
@@ -114,11 +118,16 @@ pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile> {
 /// The bytes of a model of kind `kind` ("vae", "distill"): the variables of
 /// `vs` and the description `meta`, stored under the kind's own key.
 pub fn model_to_bytes<T: serde::Serialize>(vs: &nn::VarStore, kind: &str, meta: &T) -> Result<Vec<u8>> {
+    tensors_to_bytes(vs.variables().into_iter().collect(), kind, meta)
+}
+
+/// As `model_to_bytes`, from named tensors.
+pub fn tensors_to_bytes<T: serde::Serialize>(vars: BTreeMap<String, Tensor>, kind: &str, meta: &T) -> Result<Vec<u8>> {
     let meta = serde_json::to_value(meta).map_err(|e| crate::Error::InvalidInput(e.to_string()))?;
     let mut desc = Map::new();
     desc.insert("kind".into(), Value::from(kind));
     desc.insert(kind.into(), meta);
-    to_bytes(vs, Value::Object(desc))
+    named_to_bytes(&vars, Value::Object(desc))
 }
 
 /// Reads a file written by `model_to_bytes` for kind `kind`: its

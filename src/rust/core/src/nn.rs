@@ -144,21 +144,29 @@ pub struct FcLayers {
 
 impl FcLayers {
     pub fn new(p: &nn::Path, s: FcSpec) -> FcLayers {
-        let layers = (0..s.n_layers)
-            .map(|i| {
+        FcLayers::with_widths(p, s, &vec![s.n_hidden; s.n_layers])
+    }
+
+    /// A stack whose hidden layers have the given widths (scSpecies'
+    /// decoder is [200, 300]); `s.n_hidden` and `s.n_layers` are ignored.
+    pub fn with_widths(p: &nn::Path, s: FcSpec, widths: &[usize]) -> FcLayers {
+        let layers = widths
+            .iter()
+            .enumerate()
+            .map(|(i, &width)| {
                 let inject = s.n_cov > 0 && (i == 0 || s.inject_all);
-                let n_in = if i == 0 { s.n_in } else { s.n_hidden } + if inject { s.n_cov } else { 0 };
+                let n_in = if i == 0 { s.n_in } else { widths[i - 1] } + if inject { s.n_cov } else { 0 };
                 let q = p / format!("layer{i}");
-                let lin = Lin::new(&q / "linear", n_in, s.n_hidden, i == 0 && s.sparse_input);
+                let lin = Lin::new(&q / "linear", n_in, width, i == 0 && s.sparse_input);
                 let norm = match s.norm {
                     Norm::Batch => NormLayer::Batch(nn::batch_norm1d(
                         &q / "norm",
-                        s.n_hidden as i64,
+                        width as i64,
                         nn::BatchNormConfig { momentum: 0.01, eps: 1e-3, ..Default::default() },
                     )),
                     Norm::Layer => NormLayer::Layer(nn::layer_norm(
                         &q / "norm",
-                        vec![s.n_hidden as i64],
+                        vec![width as i64],
                         nn::LayerNormConfig { elementwise_affine: false, eps: 1e-5, ..Default::default() },
                     )),
                     Norm::None => NormLayer::None,
@@ -256,10 +264,16 @@ pub struct GaussianEncoder {
 
 impl GaussianEncoder {
     pub fn new(p: &nn::Path, s: FcSpec, n_out: usize) -> GaussianEncoder {
+        GaussianEncoder::with_widths(p, s, &vec![s.n_hidden; s.n_layers], n_out)
+    }
+
+    /// Heads on a stack of the given widths (see `FcLayers::with_widths`).
+    pub fn with_widths(p: &nn::Path, s: FcSpec, widths: &[usize], n_out: usize) -> GaussianEncoder {
+        let last = widths.last().copied().unwrap_or(s.n_in);
         GaussianEncoder {
-            fc: FcLayers::new(&(p / "fc"), s),
-            mean: linear(p / "mean", s.n_hidden, n_out),
-            var: linear(p / "var", s.n_hidden, n_out),
+            fc: FcLayers::with_widths(&(p / "fc"), s, widths),
+            mean: linear(p / "mean", last, n_out),
+            var: linear(p / "var", last, n_out),
         }
     }
 

@@ -202,7 +202,7 @@ impl Trainable for EncoderTask<'_> {
         let z = self.student.encode(&x, train);
         let mse = (z - target).square().mean_dim(-1, false, Kind::Float);
         let zero = mse.zeros_like();
-        LossTerms { reconstruction: mse, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![] }
+        LossTerms { reconstruction: mse, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![], penalty: None }
     }
 }
 
@@ -251,7 +251,7 @@ impl Trainable for DecoderTask<'_> {
         });
         let nll = -(kernel - pick(self.log_factorial));
         let zero = nll.zeros_like();
-        LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![] }
+        LossTerms { reconstruction: nll, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![], penalty: None }
     }
 }
 

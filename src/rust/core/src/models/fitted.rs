@@ -55,11 +55,13 @@ pub struct LatentOptions {
     pub give_mean: bool,
     /// Seed of the draws.
     pub seed: u64,
+    /// For a model of several species: "context" or "target".
+    pub species: String,
 }
 
 impl Default for LatentOptions {
     fn default() -> Self {
-        LatentOptions { give_mean: true, seed: 0 }
+        LatentOptions { give_mean: true, seed: 0, species: String::new() }
     }
 }
 
@@ -87,6 +89,8 @@ pub struct ExpressionOptions {
     pub modality: usize,
     /// Include the ambient background, for models that have one.
     pub ambient: bool,
+    /// For a model of several species: "context" or "target".
+    pub species: String,
 }
 
 impl Default for ExpressionOptions {
@@ -98,6 +102,7 @@ impl Default for ExpressionOptions {
             seed: 0,
             modality: 0,
             ambient: false,
+            species: String::new(),
         }
     }
 }
@@ -177,6 +182,7 @@ pub fn kind_name(kind: &str) -> &str {
         "vae" => "VAE",
         "distill" => "distilled",
         "multimodal" => "multimodal",
+        "species" => "cross-species",
         other => other,
     }
 }
@@ -188,6 +194,7 @@ pub fn from_bytes(bytes: &[u8], device: Device) -> Result<Box<dyn FittedModel>> 
         "vae" => Box::new(super::vae::VaeModel::from_bytes(bytes, device)?),
         "distill" => Box::new(super::distill::DistillModel::from_bytes(bytes, device)?),
         "multimodal" => Box::new(super::multimodal::MultimodalModel::from_bytes(bytes, device)?),
+        "species" => Box::new(super::species::SpeciesModel::from_bytes(bytes, device)?),
         other => return invalid!("the model file holds a model of kind '{other}', which this scdistill does not know"),
     })
 }

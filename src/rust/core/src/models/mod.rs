@@ -3,9 +3,11 @@
 //! and every fitted model implements [`FittedModel`], the one shape the
 //! glue and R see.
 
+pub mod count_decoder;
 pub mod distill;
 mod fitted;
 pub mod multimodal;
+pub mod species;
 pub mod vae;
 
 pub use fitted::{

@@ -16,40 +16,18 @@ const RESIDENT_MAX_BYTES: usize = 8 << 30;
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use crate::likelihood::{
-    fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, RawDecoded, SparseBatch,
-};
-use crate::nn::{kl_normal, linear, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
+use super::count_decoder::{CountDecoder, CountDecoderSpec};
+use crate::likelihood::SparseBatch;
+use crate::nn::{kl_normal, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 // The observation model is shared with the fused kernel; its old path stays.
 pub use crate::likelihood::Likelihood;
-
-/// Where the NB inverse dispersion θ varies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Dispersion {
-    #[serde(rename = "gene")]
-    Gene,
-    #[serde(rename = "gene-batch")]
-    GeneBatch,
-    #[serde(rename = "gene-cell")]
-    GeneCell,
-}
-
-impl Dispersion {
-    pub fn parse(s: &str) -> Option<Dispersion> {
-        match s {
-            "gene" => Some(Dispersion::Gene),
-            "gene-batch" => Some(Dispersion::GeneBatch),
-            "gene-cell" => Some(Dispersion::GeneCell),
-            _ => None,
-        }
-    }
-}
+pub use super::count_decoder::{Decoded, DecoderHeads, Dispersion};
 
 /// Architecture of a VAE; saved with the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,25 +80,6 @@ impl VaeConfig {
     }
 }
 
-/// The decoded distribution of a minibatch.
-pub struct Decoded {
-    /// ρ: expected proportions per gene (rows sum to 1).
-    pub scale: Tensor,
-    /// μ = library · ρ.
-    pub rate: Tensor,
-    /// θ, broadcastable to `rate`.
-    pub theta: Tensor,
-    pub pi_logits: Option<Tensor>,
-}
-
-/// The decoder's outputs before the softmax and the exponential of θ.
-pub struct DecoderHeads {
-    pub logits: Tensor,
-    /// log θ: [genes] or [cells, genes]; `None` for Poisson.
-    pub log_theta: Option<Tensor>,
-    pub pi_logits: Option<Tensor>,
-}
-
 /// One minibatch of model inputs.
 pub struct Inputs {
     /// log(1 + counts), dense: the encoder's input.
@@ -139,11 +98,7 @@ pub struct Vae {
     pub vs: nn::VarStore,
     encoder: GaussianEncoder,
     library_encoder: Option<GaussianEncoder>,
-    decoder: FcLayers,
-    scale_head: nn::Linear,
-    r_head: Option<nn::Linear>,
-    pi_head: Option<nn::Linear>,
-    px_r: Option<Tensor>,
+    decoder: CountDecoder,
     library_log_means: Tensor,
     library_log_vars: Tensor,
 }
@@ -181,17 +136,17 @@ impl Vae {
             inject_all: cfg.deeply_inject_covariates,
             sparse_input: false,
         };
-        let decoder = FcLayers::new(&(&root / "decoder"), dec_spec);
-        let scale_head = linear(&root / "px_scale", cfg.n_hidden, cfg.n_genes);
-        let r_head = (cfg.dispersion == Dispersion::GeneCell && cfg.likelihood != Likelihood::Poisson)
-            .then(|| linear(&root / "px_r_decoder", cfg.n_hidden, cfg.n_genes));
-        let pi_head =
-            (cfg.likelihood == Likelihood::Zinb).then(|| linear(&root / "px_dropout", cfg.n_hidden, cfg.n_genes));
-        let px_r = match (cfg.likelihood, cfg.dispersion) {
-            (Likelihood::Poisson, _) | (_, Dispersion::GeneCell) => None,
-            (_, Dispersion::Gene) => Some(root.randn_standard("px_r", &[cfg.n_genes as i64])),
-            (_, Dispersion::GeneBatch) => Some(root.randn_standard("px_r", &[cfg.n_genes as i64, cfg.n_batch as i64])),
-        };
+        let decoder = CountDecoder::new(
+            &root,
+            CountDecoderSpec {
+                stack: dec_spec,
+                widths: &vec![cfg.n_hidden; cfg.n_layers],
+                n_genes: cfg.n_genes,
+                likelihood: cfg.likelihood,
+                dispersion: cfg.dispersion,
+                n_batch: cfg.n_batch,
+            },
+        );
         let library_log_means = root.zeros_no_train("library_log_means", &[cfg.n_batch as i64]);
         let library_log_vars = root.ones_no_train("library_log_vars", &[cfg.n_batch as i64]);
         Ok(Vae {
@@ -200,10 +155,6 @@ impl Vae {
             encoder,
             library_encoder,
             decoder,
-            scale_head,
-            r_head,
-            pi_head,
-            px_r,
             library_log_means,
             library_log_vars,
         })
@@ -247,18 +198,7 @@ impl Vae {
 
     /// The decoder's heads for latent `z`.
     pub fn decode_heads(&self, z: &Tensor, design: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> DecoderHeads {
-        let h = self.decoder.forward(z, Some(design), train);
-        let logits = self.scale_head.forward(&h);
-        let log_theta = match (&self.px_r, &self.r_head) {
-            (_, Some(head)) => Some(head.forward(&h)),
-            (Some(r), None) if self.cfg.dispersion == Dispersion::GeneBatch => {
-                Some(batch.one_hot(self.cfg.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()))
-            }
-            (Some(r), None) => Some(r.shallow_clone()),
-            (None, None) => None,
-        };
-        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
-        DecoderHeads { logits, log_theta, pi_logits }
+        self.decoder.heads(z, design, batch, train)
     }
 
     /// p(x | z, l, design) for latent `z` and log library `log_library` ([B, 1]).
@@ -270,50 +210,17 @@ impl Vae {
         batch: &Tensor,
         train: impl Into<Pass>,
     ) -> Decoded {
-        self.distribution(self.decode_heads(z, design, batch, train), log_library)
+        self.decoder.distribution(self.decoder.heads(z, design, batch, train), log_library)
     }
 
-    /// The decoded distribution from the decoder's heads.
-    fn distribution(&self, heads: DecoderHeads, log_library: &Tensor) -> Decoded {
-        let scale = heads.logits.softmax(-1, Kind::Float);
-        let rate = log_library.exp() * &scale;
-        let theta = match &heads.log_theta {
-            Some(t) if t.dim() == 1 => t.exp().unsqueeze(0),
-            Some(t) => t.exp(),
-            None => Tensor::ones([1], (Kind::Float, self.device())),
-        };
-        Decoded { scale, rate, theta, pi_logits: heads.pi_logits }
-    }
-
-    /// log p(x | z, l) per cell straight from the decoder's heads: the fused
-    /// CPU kernel where it applies, else softmax and the tensor kernels.
+    /// log p(x | z, l) per cell from the decoder's heads (fused on the CPU).
     pub fn log_likelihood_heads(&self, inp: &Inputs, heads: DecoderHeads, log_library: &Tensor) -> Tensor {
-        let raw = RawDecoded {
-            family: self.cfg.likelihood,
-            logits: &heads.logits,
-            log_library,
-            log_theta: heads.log_theta.as_ref(),
-            pi_logits: heads.pi_logits.as_ref(),
-        };
-        if let Some(kernel) = fused_log_kernel_rows(&inp.nonzero, &raw) {
-            return kernel - &inp.log_factorial;
-        }
-        self.log_likelihood(inp, &self.distribution(heads, log_library))
+        self.decoder.log_likelihood_heads(&inp.nonzero, &inp.log_factorial, heads, log_library)
     }
 
     /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).
     pub fn log_likelihood(&self, inp: &Inputs, d: &Decoded) -> Tensor {
-        const EPS: f64 = 1e-8;
-        let c = &inp.nonzero;
-        let kernel = match self.cfg.likelihood {
-            Likelihood::Nb => nb_log_kernel_rows(c, &d.rate, &d.theta, EPS),
-            Likelihood::Zinb => {
-                let pi = d.pi_logits.as_ref().expect("ZINB has a dropout head");
-                zinb_log_kernel_rows(c, &d.rate, &d.theta, pi, EPS)
-            }
-            Likelihood::Poisson => poisson_log_kernel_rows(c, &d.rate, EPS),
-        };
-        kernel - &inp.log_factorial
+        self.decoder.log_likelihood(&inp.nonzero, &inp.log_factorial, d)
     }
 
     /// Negative ELBO terms per cell: reconstruction −log p(x | z, l), KL of
@@ -333,7 +240,7 @@ impl Vae {
         let heads = self.decode_heads(&z, &inp.design, &inp.batch, train);
         let reconstruction = -self.log_likelihood_heads(inp, heads, &log_library);
         let kl_z = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
-        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l, deferred: vec![] }
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_l, deferred: vec![], penalty: None }
     }
 }
 

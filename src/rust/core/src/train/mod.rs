@@ -61,6 +61,9 @@ pub struct LossTerms {
     /// Weights whose gradients the model computes itself after `backward()`
     /// (sparse first layers, `kernels::sparse`).
     pub deferred: Vec<crate::nn::Deferred>,
+    /// A scalar added to the minibatch's training loss but not to its ELBO
+    /// (the cross-species alignment term).
+    pub penalty: Option<Tensor>,
 }
 
 /// What the loop needs from a model bound to its data.
@@ -69,6 +72,9 @@ pub trait Trainable {
     fn n_cells(&self) -> usize;
     /// Loss terms of the cells `rows` (dropout and batch statistics on when `train`).
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms;
+    /// Called before each training epoch (0-based), for schedules of the
+    /// model's own (the cross-species alignment weight).
+    fn start_epoch(&self, _epoch: usize) {}
 }
 
 /// Optimisation settings; defaults are scvi-tools 1.4's except the KL
@@ -84,6 +90,11 @@ pub struct TrainConfig {
     /// Fraction of the planned optimiser steps over which the KL weight rises
     /// linearly from 0 to 1 (0: no warm-up).
     pub kl_warmup: f64,
+    /// When positive, the KL weight instead rises per epoch from `kl_start`
+    /// to 1 over this many epochs, held within an epoch (scSpecies' rule:
+    /// 0.1 to 1 over 10 epochs).
+    pub kl_warmup_epochs: usize,
+    pub kl_start: f64,
     pub early_stopping: bool,
     pub patience: usize,
     pub min_delta: f64,
@@ -100,6 +111,8 @@ impl Default for TrainConfig {
             weight_decay: 1e-6,
             adam_eps: 0.01,
             kl_warmup: 0.5,
+            kl_warmup_epochs: 0,
+            kl_start: 0.0,
             early_stopping: true,
             patience: 45,
             min_delta: 0.0,
@@ -121,6 +134,7 @@ impl TrainConfig {
         check_param(self.lr > 0.0 && self.lr.is_finite(), "lr", "must be positive")?;
         check_param(self.weight_decay >= 0.0, "weight_decay", "must be non-negative")?;
         check_param((0.0..=1.0).contains(&self.kl_warmup), "kl_warmup", "must be in [0, 1]")?;
+        check_param((0.0..=1.0).contains(&self.kl_start), "kl_start", "must be in [0, 1]")?;
         check_param(self.patience >= 1, "patience", "must be at least 1")?;
         check_param((0.0..0.9).contains(&self.validation_fraction), "validation_fraction", "must be in [0, 0.9)")
     }
@@ -266,7 +280,17 @@ pub fn train(
     let used = |len: usize| len >= 3 || n_train < bs;
     let steps_per_epoch = n_train / bs + usize::from(n_train % bs != 0 && used(n_train % bs));
     let warm_steps = (cfg.kl_warmup * (cfg.max_epochs * steps_per_epoch) as f64).round() as usize;
-    let kl_weight = |step: usize| if warm_steps == 0 { 1.0 } else { (step as f64 / warm_steps as f64).min(1.0) };
+    let warm_epochs = cfg.kl_warmup_epochs;
+    let kl_weight = |step: usize| {
+        if warm_epochs > 0 {
+            let epoch = step / steps_per_epoch.max(1);
+            (cfg.kl_start + (1.0 - cfg.kl_start) * epoch as f64 / warm_epochs as f64).min(1.0)
+        } else if warm_steps == 0 {
+            1.0
+        } else {
+            (step as f64 / warm_steps as f64).min(1.0)
+        }
+    };
 
     let mut history = History { validation_cells: validation_rows.clone(), ..Default::default() };
     let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
@@ -282,6 +306,7 @@ pub fn train(
         let (mut sum_loss, mut sum_rec, mut sum_kl) = (zero(), zero(), zero());
         let mut seen = 0usize;
         let mut last_w = kl_weight(step);
+        task.start_epoch(epoch);
         for chunk in train_rows.chunks(bs) {
             if !used(chunk.len()) {
                 continue;
@@ -290,7 +315,10 @@ pub fn train(
             last_w = w;
             let t = task.loss(chunk, true);
             let per_cell = &t.reconstruction + &t.kl_warmup * w + &t.kl_fixed;
-            let loss = per_cell.mean(Kind::Float);
+            let loss = match &t.penalty {
+                Some(p) => per_cell.mean(Kind::Float) + p,
+                None => per_cell.mean(Kind::Float),
+            };
             opt.zero_grad();
             loss.backward();
             let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();

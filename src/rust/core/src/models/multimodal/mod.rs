@@ -713,7 +713,7 @@ impl Multimodal {
             .iter()
             .enumerate()
             .fold(Tensor::zeros([], (Kind::Float, dev)), |a, (m, &fused)| a + self.global_terms_with(m, fused));
-        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + global / self.n_obs, deferred }
+        LossTerms { reconstruction, kl_warmup: kl_z, kl_fixed: kl_fixed + global / self.n_obs, deferred, penalty: None }
     }
 }
 

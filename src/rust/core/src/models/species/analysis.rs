@@ -1,0 +1,507 @@
+//! Analyses of an aligned pair of species (scSpecies 0.1.4, section by
+//! section): the likelihood-based similarity of a target cell to a context
+//! cell, label transfer by the most similar context cells, the cell-type
+//! similarity table, and log2 fold changes of homologous genes per shared
+//! cell type.
+//!
+//! Similarity (scSpecies' `similarity_metric`): for target cell i with
+//! counts x_i, batch s_i and library l_i = exp(E[log l | x_i]),
+//! sim(i, j) = NLL(x_i | z = E[z_j], s_i, l_i) − NLL(x_i | z = E[z_i], s_i, l_i)
+//! under the target decoder: 0 when context cell j explains x_i as well as
+//! the cell's own latent; lower is more similar.
+
+use super::align::{encode_all, Representations};
+use super::{Side, SpeciesModel};
+use crate::data::{Covariates, Csr};
+use crate::error::{invalid, Result};
+use crate::models::count_decoder::{CountDecoder, DecoderHeads};
+use crate::models::vae::VaeData;
+use crate::nn::Pass;
+use crate::data::SparseBatch;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use statrs::distribution::{ChiSquared, ContinuousCDF};
+use tch::{Device, Kind, Tensor};
+
+/// −log p(x_i | candidate) for each of `rows` (cells of `data`) and each of
+/// its `k` candidates, whose decoder heads are `pool` rows `pick` (flat,
+/// `k` per cell); `log_library` [rows, 1]. Returns [rows, k].
+pub fn candidate_nll(
+    decoder: &CountDecoder,
+    data: &VaeData,
+    rows: &[usize],
+    pool: &DecoderHeads,
+    pick: &Tensor,
+    log_library: &Tensor,
+    k: usize,
+) -> Tensor {
+    let device = pick.device();
+    let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
+    let x = SparseBatch::from_csr(data.counts, &rep, device);
+    let lf: Vec<f32> = rep.iter().map(|&r| data.log_factorial[r]).collect();
+    let lf = Tensor::from_slice(&lf).to_device(device);
+    let heads = DecoderHeads {
+        logits: pool.logits.index_select(0, pick),
+        log_theta: pool.log_theta.as_ref().map(|t| if t.dim() == 2 { t.index_select(0, pick) } else { t.shallow_clone() }),
+        pi_logits: pool.pi_logits.as_ref().map(|t| t.index_select(0, pick)),
+    };
+    let lib = log_library.repeat_interleave_self_int(k as i64, Some(0), None);
+    (-decoder.log_likelihood_heads(&x, &lf, heads, &lib)).view([rows.len() as i64, k as i64])
+}
+
+/// `candidate_nll` for candidate latents `z` ([rows · k, d]) decoded with
+/// each cell's own batch.
+pub fn decode_candidates_nll(
+    decoder: &CountDecoder,
+    data: &VaeData,
+    rows: &[usize],
+    z: &Tensor,
+    k: usize,
+    log_library: &Tensor,
+    pass: Pass,
+) -> Tensor {
+    let device = z.device();
+    let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
+    let design = data.covariates.design(&rep, None, device);
+    let batch = data.covariates.batch_codes(&rep, None, device);
+    let pool = decoder.heads(z, &design, &batch, pass);
+    let pick = Tensor::arange((rows.len() * k) as i64, (Kind::Int64, device));
+    candidate_nll(decoder, data, rows, &pool, &pick, log_library, k)
+}
+
+/// The decoder heads of every row of `z` under batch `b` (one-hot of
+/// `n_batch`), in evaluation mode; a per-batch θ is kept as one row.
+fn heads_under(decoder: &CountDecoder, z: &Tensor, b: usize, n_batch: usize) -> DecoderHeads {
+    let device = z.device();
+    let n = z.size()[0];
+    let (mut logits, mut pis, mut theta) = (vec![], vec![], None);
+    tch::no_grad(|| {
+        for start in (0..n).step_by(4096) {
+            let len = 4096.min(n - start);
+            let batch = Tensor::full([len], b as i64, (Kind::Int64, device));
+            let design = batch.one_hot(n_batch as i64).to_kind(Kind::Float);
+            let h = decoder.heads(&z.narrow(0, start, len), &design, &batch, Pass::Eval);
+            logits.push(h.logits);
+            if let Some(p) = h.pi_logits {
+                pis.push(p);
+            }
+            if theta.is_none() {
+                theta = h.log_theta.map(|t| if t.dim() == 2 && batch_constant(decoder) { t.get(0) } else { t });
+            }
+        }
+    });
+    DecoderHeads {
+        logits: Tensor::cat(&logits, 0),
+        log_theta: theta,
+        pi_logits: (!pis.is_empty()).then(|| Tensor::cat(&pis, 0)),
+    }
+}
+
+/// Whether θ is the same for every cell of a batch (per gene, or per gene and batch).
+fn batch_constant(decoder: &CountDecoder) -> bool {
+    !decoder.cell_dispersion()
+}
+
+/// Target cells as the analyses read them.
+pub struct TargetCells<'a> {
+    pub data: VaeData<'a>,
+    pub reps: Representations,
+}
+
+impl SpeciesModel {
+    /// Encodes target cells (`counts` in the model's target gene order).
+    pub fn target_cells<'a>(&self, counts: &'a Csr, cov: &'a Covariates) -> TargetCells<'a> {
+        let data = VaeData::new(counts, cov);
+        let reps = encode_all(&self.target, self.target_inner(), &data, self.device(), false);
+        TargetCells { data, reps }
+    }
+
+    /// NLL of each target cell under its own posterior mean: the zero of sim.
+    fn own_nll(&self, t: &TargetCells) -> Tensor {
+        let n = t.data.counts.n_rows;
+        let rows: Vec<usize> = (0..n).collect();
+        let mut out = Vec::new();
+        tch::no_grad(|| {
+            for chunk in rows.chunks(1024) {
+                let at = Tensor::from_slice(&chunk.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(self.device());
+                let z = t.reps.mean.index_select(0, &at);
+                let lib = t.reps.log_library.index_select(0, &at);
+                out.push(decode_candidates_nll(&self.target.decoder, &t.data, chunk, &z, 1, &lib, Pass::Eval));
+            }
+        });
+        Tensor::cat(&out, 0).view([-1])
+    }
+
+    /// sim(i, j) for target cells `rows` (all of batch `b`) and context
+    /// cells `cand` (flat, `k` per row), with `pool` the context latents
+    /// decoded under `b`. Returns [rows, k] (f64, row-major).
+    fn similarities(&self, t: &TargetCells, own: &[f32], rows: &[usize], pool: &DecoderHeads, cand: &[i64], k: usize) -> Vec<f64> {
+        let device = self.device();
+        let at = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(device);
+        let lib = t.reps.log_library.index_select(0, &at);
+        let pick = Tensor::from_slice(cand).to_device(device);
+        let nll = tch::no_grad(|| candidate_nll(&self.target.decoder, &t.data, rows, pool, &pick, &lib, k));
+        let v: Vec<f32> = Vec::try_from(nll.to_device(Device::Cpu).flatten(0, -1)).expect("floats");
+        v.iter().enumerate().map(|(x, &nll)| (nll - own[rows[x / k]]) as f64).collect()
+    }
+
+    /// Target cells of each target batch.
+    fn cells_by_batch(t: &TargetCells) -> Vec<Vec<usize>> {
+        t.data.covariates.batch.cells_by_level()
+    }
+
+    /// scSpecies' label transfer: each target cell's `n_candidates` nearest
+    /// context cells in the latent space, ranked by sim; the majority label
+    /// of the `top_neigh` most similar (ties: the first label in level
+    /// order), with its vote share as confidence, and the median sim of
+    /// those `top_neigh` cells.
+    pub fn transfer_labels(&self, t: &TargetCells, n_candidates: usize, top_neigh: usize, interrupted: &dyn Fn() -> bool) -> Result<Transfer> {
+        let nc = self.meta.context_cells.len();
+        let k = n_candidates.min(nc).max(1);
+        let top = top_neigh.min(k).max(1);
+        let n = t.data.counts.n_rows;
+        let own: Vec<f32> = Vec::try_from(self.own_nll(t).to_device(Device::Cpu)).expect("floats");
+        let neighbours = latent_neighbours(&t.reps.mean, &self.context_latent, k);
+        let n_levels = self.meta.label_levels.len();
+        let mut out = Transfer { label: vec![0; n], confidence: vec![0.0; n], similarity: vec![0.0; n] };
+        for (b, cells) in Self::cells_by_batch(t).iter().enumerate() {
+            if cells.is_empty() {
+                continue;
+            }
+            let pool = heads_under(&self.target.decoder, &self.context_latent, b, self.target.shape.n_batch);
+            for chunk in cells.chunks(16) {
+                if interrupted() {
+                    return invalid!("interrupted");
+                }
+                let cand: Vec<i64> = chunk.iter().flat_map(|&r| neighbours[r * k..(r + 1) * k].iter().map(|&c| c as i64)).collect();
+                let sims = self.similarities(t, &own, chunk, &pool, &cand, k);
+                for (x, &r) in chunk.iter().enumerate() {
+                    let mut order: Vec<usize> = (0..k).collect();
+                    let s = &sims[x * k..(x + 1) * k];
+                    order.sort_by(|&a, &b| s[a].total_cmp(&s[b]));
+                    let mut votes = vec![0usize; n_levels];
+                    for &o in &order[..top] {
+                        votes[self.meta.context_labels[cand[x * k + o] as usize] as usize] += 1;
+                    }
+                    let most = *votes.iter().max().unwrap_or(&0);
+                    let best = votes.iter().position(|&v| v == most).unwrap_or(0);
+                    out.label[r] = best as u32;
+                    out.confidence[r] = most as f64 / top as f64;
+                    out.similarity[r] = median(order[..top].iter().map(|&o| s[o]).collect());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// scSpecies' cell-type similarity: for each target type T (codes
+    /// `labels` into `n_levels` target types) and context type C, sim over
+    /// up to `max_target` cells of T each against up to `max_context`
+    /// cells of C; the value is minus the mode of those values (the
+    /// midpoint of the fullest bin of a Freedman–Diaconis histogram), so
+    /// that 0 is most similar. Row-major [target types, context types];
+    /// NaN where a type has no cells.
+    pub fn similarity_table(
+        &self,
+        t: &TargetCells,
+        labels: &[u32],
+        n_levels: usize,
+        max_target: usize,
+        max_context: usize,
+        seed: u64,
+    ) -> Result<Vec<f64>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let nl = self.meta.label_levels.len();
+        let mut by_ctx: Vec<Vec<usize>> = vec![Vec::new(); nl];
+        for (i, &l) in self.meta.context_labels.iter().enumerate() {
+            by_ctx[l as usize].push(i);
+        }
+        let own: Vec<f32> = Vec::try_from(self.own_nll(t).to_device(Device::Cpu)).expect("floats");
+        let mut values: Vec<Vec<f64>> = vec![Vec::new(); n_levels * nl];
+        let batches = Self::cells_by_batch(t);
+        for (b, cells) in batches.iter().enumerate() {
+            if cells.is_empty() {
+                continue;
+            }
+            let pool = heads_under(&self.target.decoder, &self.context_latent, b, self.target.shape.n_batch);
+            for tt in 0..n_levels {
+                let mut of_type: Vec<usize> = cells.iter().copied().filter(|&c| labels[c] as usize == tt).collect();
+                // Cells of T over all batches share `max_target`, by batch size.
+                let total = labels.iter().filter(|&&l| l as usize == tt).count();
+                let quota = ((max_target as f64) * of_type.len() as f64 / total.max(1) as f64).ceil() as usize;
+                of_type.shuffle(&mut rng);
+                of_type.truncate(quota);
+                for chunk in of_type.chunks(8) {
+                    // Each target cell gets its own draw of context cells per type.
+                    let mut cand = Vec::new();
+                    let mut segment = Vec::new();
+                    for _ in chunk {
+                        for (c, members) in by_ctx.iter().enumerate() {
+                            for &j in members.choose_multiple(&mut rng, max_context.min(members.len())) {
+                                cand.push(j as i64);
+                                segment.push(c);
+                            }
+                        }
+                    }
+                    let k = cand.len() / chunk.len().max(1);
+                    if k == 0 {
+                        continue;
+                    }
+                    let sims = self.similarities(t, &own, chunk, &pool, &cand, k);
+                    for (x, &s) in sims.iter().enumerate() {
+                        values[tt * nl + segment[x]].push(s);
+                    }
+                }
+            }
+        }
+        Ok(values.into_iter().map(|v| if v.is_empty() { f64::NAN } else { -histogram_mode(&v) }).collect())
+    }
+
+    /// scSpecies' homologous-gene log2 fold changes, target vs context, for
+    /// each cell type shared by the target labels (`labels` codes into
+    /// `levels`) and the context; see [`FoldChanges`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn fold_changes(
+        &self,
+        t: &TargetCells,
+        labels: &[u32],
+        levels: &[String],
+        n_samples: usize,
+        delta: f64,
+        seed: u64,
+    ) -> Result<Vec<FoldChanges>> {
+        let device = self.device();
+        let d = self.meta.config.n_latent;
+        let h_ctx: Vec<i64> = self.meta.homologs.iter().map(|p| p.0 as i64).collect();
+        let h_tgt: Vec<i64> = self.meta.homologs.iter().map(|p| p.1 as i64).collect();
+        let h_ctx_t = Tensor::from_slice(&h_ctx).to_device(device);
+        let h_tgt_t = Tensor::from_slice(&h_tgt).to_device(device);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut perm: Vec<i64> = (0..h_ctx.len() as i64).collect();
+        perm.shuffle(&mut rng);
+        let perm = Tensor::from_slice(&perm).to_device(device);
+        tch::manual_seed(seed as i64);
+        let chi = ChiSquared::new(d as f64).expect("positive df").inverse_cdf(0.9).sqrt();
+        let mut out = Vec::new();
+        for (tt, name) in levels.iter().enumerate() {
+            let Some(ct) = self.meta.label_levels.iter().position(|l| l == name) else { continue };
+            let cells: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] as usize == tt).collect();
+            let ctx_cells: Vec<usize> =
+                (0..self.meta.context_labels.len()).filter(|&i| self.meta.context_labels[i] as usize == ct).collect();
+            if cells.is_empty() || ctx_cells.is_empty() {
+                continue;
+            }
+            let at = Tensor::from_slice(&cells.iter().map(|&c| c as i64).collect::<Vec<_>>()).to_device(device);
+            let mean = t.reps.mean.index_select(0, &at);
+            let kept = mahalanobis_keep(&mean, chi);
+            let keep = Tensor::from_slice(&kept.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let (mean, var) = (mean.index_select(0, &keep), t.reps.var.index_select(0, &at).index_select(0, &keep));
+            let (lm, lv) = (
+                t.reps.log_library.index_select(0, &at).index_select(0, &keep),
+                t.reps.log_library_var.index_select(0, &at).index_select(0, &keep),
+            );
+            // The context library of each kept cell: mean library of its 25
+            // nearest context cells of the type in the latent space.
+            let ctx_at = Tensor::from_slice(&ctx_cells.iter().map(|&c| c as i64).collect::<Vec<_>>()).to_device(device);
+            let ctx_z = self.context_latent.index_select(0, &ctx_at);
+            let kn = 25.min(ctx_cells.len());
+            let nb = latent_neighbours(&mean, &ctx_z, kn);
+            let nb = Tensor::from_slice(&nb.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let ctx_lib = self.context_log_library.index_select(0, &ctx_at).exp().index_select(0, &nb).view([-1, kn as i64]).mean_dim(-1, true, Kind::Float);
+            let t_batches = present_batches(cells.iter().map(|&c| t.data.covariates.batch.codes[c]), self.target.shape.n_batch);
+            let c_batches = present_batches(ctx_cells.iter().map(|&c| self.meta.context_batches[c]), self.context.shape.n_batch);
+            let draws = (n_samples / kept.len().max(1)).max(1);
+            let (mut rt, mut rc, mut mt, mut mc) = (vec![], vec![], vec![], vec![]);
+            tch::no_grad(|| {
+                for _ in 0..draws {
+                    let z = &mean + var.sqrt() * mean.randn_like();
+                    let lib_t = (&lm + lv.sqrt() * lm.randn_like()).exp();
+                    let rho_t = homologous_scale(&self.target, &z, &t_batches, &h_tgt_t);
+                    let rho_c = homologous_scale(&self.context, &z, &c_batches, &h_ctx_t);
+                    mt.push(&rho_t * &lib_t);
+                    mc.push(&rho_c * &ctx_lib);
+                    rt.push(rho_t);
+                    rc.push(rho_c);
+                }
+            });
+            let (rt, rc, mt, mc) = (Tensor::cat(&rt, 0), Tensor::cat(&rc, 0), Tensor::cat(&mt, 0), Tensor::cat(&mc, 0));
+            const EPS: f64 = 1e-6;
+            let log2 = |x: &Tensor| (x + EPS).log2();
+            let lfc = log2(&rt) - log2(&rc);
+            let lfc_rand = log2(&rt) - log2(&rc.index_select(1, &perm));
+            let col = |x: &Tensor| -> Vec<f64> {
+                Vec::<f32>::try_from(x.median_dim(0, false).0.to_device(Device::Cpu)).expect("floats").into_iter().map(f64::from).collect()
+            };
+            let share = |x: &Tensor| -> Vec<f64> {
+                Vec::<f64>::try_from(x.abs().gt(delta).to_kind(Kind::Double).mean_dim(0, false, Kind::Double).to_device(Device::Cpu))
+                    .expect("doubles")
+            };
+            out.push(FoldChanges {
+                cell_type: name.clone(),
+                n_target_cells: cells.len(),
+                n_used: kept.len(),
+                rho_median_context: col(&rc),
+                mu_median_context: col(&mc),
+                rho_median_target: col(&rt),
+                mu_median_target: col(&mt),
+                lfc: col(&lfc),
+                p: share(&lfc),
+                lfc_rand: col(&lfc_rand),
+                p_rand: share(&lfc_rand),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Labels transferred to target cells.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// Codes into the context's label levels.
+    pub label: Vec<u32>,
+    /// Share of the `top_neigh` most similar context cells with that label.
+    pub confidence: Vec<f64>,
+    /// Median sim of those cells (0: as good as the cell's own latent).
+    pub similarity: Vec<f64>,
+}
+
+/// Fold changes of one shared cell type, one value per homologous pair (in
+/// the model's pair order): medians over posterior draws of the target
+/// cells of the type, decoded by both decoders (averaged over the batches
+/// in which the type has more than 3 cells) with the softmax taken over the
+/// homologous genes only (times 1 − π under ZINB); `p` the share of draws
+/// with |LFC| > δ; `*_rand` the same with the context genes permuted (one
+/// permutation for all types), the null of no gene-wise correspondence.
+#[derive(Debug, Clone)]
+pub struct FoldChanges {
+    pub cell_type: String,
+    pub n_target_cells: usize,
+    /// Cells kept after the outlier filter (Mahalanobis distance of the
+    /// posterior mean within the type under the χ² 0.9 quantile).
+    pub n_used: usize,
+    pub rho_median_context: Vec<f64>,
+    pub mu_median_context: Vec<f64>,
+    pub rho_median_target: Vec<f64>,
+    pub mu_median_target: Vec<f64>,
+    pub lfc: Vec<f64>,
+    pub p: Vec<f64>,
+    pub lfc_rand: Vec<f64>,
+    pub p_rand: Vec<f64>,
+}
+
+/// Batches with more than 3 of the cells (all batches present if none).
+fn present_batches(codes: impl Iterator<Item = u32>, n_batch: usize) -> Vec<usize> {
+    let mut count = vec![0usize; n_batch];
+    for c in codes {
+        count[c as usize] += 1;
+    }
+    let many: Vec<usize> = (0..n_batch).filter(|&b| count[b] > 3).collect();
+    if many.is_empty() {
+        (0..n_batch).filter(|&b| count[b] > 0).collect()
+    } else {
+        many
+    }
+}
+
+/// Expected proportions over the homologous genes `h` of latents `z`,
+/// averaged over `batches`: softmax of the logits restricted to `h`, times
+/// 1 − π under ZINB.
+fn homologous_scale(side: &Side, z: &Tensor, batches: &[usize], h: &Tensor) -> Tensor {
+    let mut acc: Option<Tensor> = None;
+    for &b in batches {
+        let heads = heads_under(&side.decoder, z, b, side.shape.n_batch);
+        let mut rho = heads.logits.index_select(1, h).softmax(-1, Kind::Float);
+        if let Some(pi) = &heads.pi_logits {
+            rho = rho * (-pi.index_select(1, h)).sigmoid();
+        }
+        acc = Some(match acc {
+            Some(a) => a + rho,
+            None => rho,
+        });
+    }
+    acc.expect("at least one batch") / batches.len().max(1) as f64
+}
+
+/// Rows of `x` within Mahalanobis distance `limit` of their mean (all rows
+/// when there are too few to estimate a covariance).
+fn mahalanobis_keep(x: &Tensor, limit: f64) -> Vec<usize> {
+    let n = x.size()[0] as usize;
+    let d = x.size()[1] as usize;
+    if n <= d + 1 {
+        return (0..n).collect();
+    }
+    let x = x.to_device(Device::Cpu).to_kind(Kind::Double);
+    let c = &x - x.mean_dim(0, true, Kind::Double);
+    let cov = c.tr().matmul(&c) / (n as f64 - 1.0) + Tensor::eye(d as i64, (Kind::Double, Device::Cpu)) * 1e-9;
+    let inv = cov.inverse();
+    let m2 = (c.matmul(&inv) * &c).sum_dim_intlist(-1, false, Kind::Double);
+    let m2: Vec<f64> = Vec::try_from(m2).expect("doubles");
+    let kept: Vec<usize> = (0..n).filter(|&i| m2[i].sqrt() < limit).collect();
+    if kept.is_empty() {
+        (0..n).collect()
+    } else {
+        kept
+    }
+}
+
+/// For each row of `q`, the `k` nearest rows of `r` (Euclidean), nearest
+/// first; flat.
+pub fn latent_neighbours(q: &Tensor, r: &Tensor, k: usize) -> Vec<u32> {
+    let k = k.min(r.size()[0] as usize) as i64;
+    let rt = r.tr();
+    let rn = r.square().sum_dim_intlist(-1, false, Kind::Float).unsqueeze(0);
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let n = q.size()[0];
+        for start in (0..n).step_by(2048) {
+            let len = 2048.min(n - start);
+            let qb = q.narrow(0, start, len);
+            let d2 = qb.square().sum_dim_intlist(-1, true, Kind::Float) + &rn - qb.matmul(&rt) * 2.0;
+            let (_, idx) = d2.topk(k, 1, false, true);
+            let v: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1)).expect("indices");
+            out.extend(v.into_iter().map(|i| i as u32));
+        }
+    });
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// The mode of `v` as the midpoint of the fullest bin of a histogram with
+/// Freedman–Diaconis bins (width 2 · IQR · n^(−1/3); numpy's `bins='fd'`).
+pub fn histogram_mode(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        let pos = p * (s.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+    };
+    let (lo, hi) = (s[0], s[s.len() - 1]);
+    let width = 2.0 * (q(0.75) - q(0.25)) / (s.len() as f64).cbrt();
+    if !(width > 0.0) || hi <= lo {
+        return median(s);
+    }
+    let bins = (((hi - lo) / width).ceil() as usize).clamp(1, 100_000);
+    let w = (hi - lo) / bins as f64;
+    let mut count = vec![0usize; bins];
+    for &x in &s {
+        count[(((x - lo) / w) as usize).min(bins - 1)] += 1;
+    }
+    let best = count.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i);
+    lo + (best as f64 + 0.5) * w
+}

@@ -1,0 +1,268 @@
+use super::analysis::{histogram_mode, Transfer};
+use super::fitted::Species;
+use super::*;
+use crate::models::fitted::{Cells, FittedModel, LatentOptions};
+use crate::models::TORCH;
+use crate::simulate::{simulate, SimParams, SpeciesParams, Simulation};
+
+fn never() -> bool {
+    false
+}
+
+/// Two species, 4 shared cell types, 2 batches each.
+fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, String)>) {
+    let p = SimParams {
+        n_cells: n,
+        n_genes: 300,
+        group_prob: vec![0.4, 0.3, 0.2, 0.1],
+        de_fac_loc: 1.0,
+        batch_prob: vec![0.5, 0.5],
+        seed,
+        species: Some(SpeciesParams { n_cells: n, n_genes: 280, ..Default::default() }),
+        ..Default::default()
+    };
+    let mut s = simulate(&p).unwrap();
+    let two = *s.species.take().unwrap();
+    let pairs = two
+        .homolog
+        .iter()
+        .enumerate()
+        .filter_map(|(g2, h)| h.map(|g1| (two.sim.counts.genes[g2].clone(), s.counts.genes[g1 as usize].clone())))
+        .collect();
+    (s, two.sim, pairs)
+}
+
+fn fit_on(c: &Simulation, t: &Simulation, pairs: &[(String, String)], epochs: usize, seed: u64) -> SpeciesModel {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let tc = TrainConfig { max_epochs: epochs, seed, ..SpeciesConfig::default_training() };
+    crate::device::with_threads(2, || {
+        SpeciesModel::fit(
+            SpeciesData { counts: &c.counts, batch: c.batch.clone() },
+            &c.group,
+            SpeciesData { counts: &t.counts, batch: t.batch.clone() },
+            pairs,
+            SpeciesConfig::default(),
+            tc.clone(),
+            tc,
+            Device::Cpu,
+            &never,
+            &|_, _| {},
+        )
+    })
+    .unwrap()
+    .unwrap()
+}
+
+fn cells(s: &Simulation) -> Cells {
+    let labels = s.batch.codes.iter().map(|&c| s.batch.levels[c as usize].clone()).collect();
+    Cells { counts: vec![s.counts.clone()], batch: Some(labels), ..Default::default() }
+}
+
+fn latent(m: &SpeciesModel, s: &Simulation, species: &str) -> Vec<f32> {
+    let opts = LatentOptions { species: species.into(), ..Default::default() };
+    m.latent(cells(s), &opts).unwrap().joint.values
+}
+
+fn transfer(m: &SpeciesModel, t: &Simulation) -> Transfer {
+    let (csr, cov) = m.prepare(Species::Target, cells(t)).unwrap();
+    let tc = m.target_cells(&csr, &cov);
+    m.transfer_labels(&tc, 250, 25, &never).unwrap()
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+#[test]
+fn homolog_pairs_are_one_to_one_and_unknown_genes_are_counted() {
+    let g = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (ctx, tgt) = (g(&["a", "b", "c"]), g(&["A", "B", "C", "D"]));
+    let pairs: Vec<(String, String)> = [("A", "a"), ("A", "b"), ("B", "b"), ("D", "b"), ("C", "zz"), ("C", "c")]
+        .iter()
+        .map(|(t, c)| (t.to_string(), c.to_string()))
+        .collect();
+    // A–a first; A–b skipped (A taken); B–b; D–b skipped (b taken); C–zz unknown; C–c.
+    assert_eq!(align::homolog_pairs(&pairs, &ctx, &tgt).unwrap(), vec![(0, 0), (1, 1), (2, 2)]);
+    let none: Vec<(String, String)> = vec![("X".into(), "a".into()), ("A".into(), "y".into())];
+    let e = align::homolog_pairs(&none, &ctx, &tgt).unwrap_err().to_string();
+    assert!(e.contains("no homologous genes in common: of 2 homolog pairs, 1 name a gene of the target data and 1"), "{e}");
+}
+
+#[test]
+fn the_most_agreeing_cells_of_each_majority_label_are_pulled() {
+    // 10 target cells, k = 4 neighbours; context labels: cells 0..4 are 0, 4..8 are 1.
+    let labels = [0u32, 0, 0, 0, 1, 1, 1, 1];
+    let nb: Vec<u32> = vec![
+        0, 1, 2, 3, // 4 votes for 0
+        0, 1, 2, 4, // 3
+        0, 1, 4, 5, // tie 2–2: the label met first (0)
+        0, 1, 2, 3, // 4
+        0, 4, 5, 6, // 3 votes for 1
+        4, 5, 6, 7, // 4 for 1
+        4, 5, 0, 1, // tie, 1 met first
+        4, 5, 6, 0, // 3 for 1
+        0, 1, 2, 4, // 3 for 0
+        4, 5, 6, 7, // 4 for 1
+    ];
+    let pulled = align::agreement(&nb, &labels, 2, 4, 40.0);
+    // Label 0 holds cells 0, 1, 2, 3, 8 (votes 4, 3, 2, 4, 3); ranked by
+    // votes: 2, 1, 8, 0, 3 with scores 0.8, 0.6, 0.4, 0.2, 0: below 0.4 are 0 and 3.
+    // Label 1 holds 4, 5, 6, 7, 9 (votes 3, 4, 2, 3, 4): ranked 6, 4, 7, 5, 9: 5 and 9.
+    let want: Vec<usize> = vec![0, 3, 5, 9];
+    let got: Vec<usize> = (0..10).filter(|&i| pulled[i]).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_histogram_mode_finds_the_peak() {
+    // 900 values near 2 and 300 spread over [-10, 10]: the mode is near 2.
+    let mut v: Vec<f64> = (0..900).map(|i| 2.0 + ((i as f64) / 900.0 - 0.5) * 0.2).collect();
+    v.extend((0..300).map(|i| -10.0 + 20.0 * i as f64 / 300.0));
+    let m = histogram_mode(&v);
+    assert!((m - 2.0).abs() < 0.3, "mode {m}");
+}
+
+#[test]
+fn aligned_species_share_a_latent_space_labels_transfer_and_files_round_trip() {
+    let (c, t, pairs) = two_species(1200, 3);
+    let m = fit_on(&c, &t, &pairs, 40, 0);
+    assert_eq!(m.meta.homologs.len(), pairs.len());
+    // About top_percent of the target cells are pulled.
+    let share = m.meta.n_aligned as f64 / 1200.0;
+    assert!((0.12..0.3).contains(&share), "pulled {share}");
+    assert_eq!(m.meta.context_training.history.len(), 40);
+    assert_eq!(m.meta.target_training.history.len(), 40);
+
+    // Labels carried across by likelihood: the simulator's cell types are the truth.
+    let tr = transfer(&m, &t);
+    let names: Vec<&str> = tr.label.iter().map(|&l| m.meta.label_levels[l as usize].as_str()).collect();
+    let truth: Vec<&str> = t.group.codes.iter().map(|&c| t.group.levels[c as usize].as_str()).collect();
+    let acc = names.iter().zip(&truth).filter(|(a, b)| a == b).count() as f64 / 1200.0;
+    assert!(acc > 0.9, "label transfer accuracy {acc}");
+    assert!(tr.confidence.iter().all(|&c| (0.0..=1.0).contains(&c)));
+
+    // The two species mix in the latent space: a target cell's nearest
+    // context cells (latent) are of its own type.
+    let (zc, zt) = (latent(&m, &c, "context"), latent(&m, &t, "target"));
+    let zc_t = Tensor::from_slice(&zc).view([1200, 10]);
+    let zt_t = Tensor::from_slice(&zt).view([1200, 10]);
+    let nb = analysis::latent_neighbours(&zt_t, &zc_t, 1);
+    let same = (0..1200).filter(|&i| c.group.levels[c.group.codes[nb[i] as usize] as usize] == truth[i]).count();
+    assert!(same as f64 / 1200.0 > 0.85, "nearest context cell of the same type: {same} of 1200");
+
+    // Cell-type similarity: each target type is most similar to its own context type.
+    let (csr, cov) = m.prepare(Species::Target, cells(&t)).unwrap();
+    let tc = m.target_cells(&csr, &cov);
+    let table = m.similarity_table(&tc, &t.group.codes, 4, 100, 20, 1).unwrap();
+    for r in 0..4 {
+        let row = &table[r * 4..(r + 1) * 4];
+        let best = (0..4).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+        assert_eq!(m.meta.label_levels[best], t.group.levels[r], "row {r}: {row:?}");
+    }
+
+    // Homologous-gene fold changes against the simulator's programs: the
+    // truth is log2 of each species' type expression normalised over its
+    // homologous genes, target over context.
+    let fc = m.fold_changes(&tc, &t.group.codes, &t.group.levels, 4000, 1.0, 2).unwrap();
+    assert_eq!(fc.len(), 4);
+    let (mut est, mut truth_lfc) = (vec![], vec![]);
+    for f in &fc {
+        let ty = t.group.levels.iter().position(|l| *l == f.cell_type).unwrap();
+        let expr = |sim: &Simulation, g: usize| sim.gene_mean[g] * sim.group_factor[ty][g];
+        let tot_c: f64 = m.meta.homologs.iter().map(|p| expr(&c, p.0 as usize)).sum();
+        let tot_t: f64 = m.meta.homologs.iter().map(|p| expr(&t, p.1 as usize)).sum();
+        for (k, p) in m.meta.homologs.iter().enumerate() {
+            let truth = (expr(&t, p.1 as usize) / tot_t / (expr(&c, p.0 as usize) / tot_c)).log2();
+            // Genes expressed well enough to be measured in both species.
+            if expr(&c, p.0 as usize) / tot_c > 1e-3 && expr(&t, p.1 as usize) / tot_t > 1e-3 {
+                est.push(f.lfc[k]);
+                truth_lfc.push(truth);
+            }
+        }
+        assert!(f.p.iter().chain(&f.p_rand).all(|&v| (0.0..=1.0).contains(&v)));
+    }
+    let r = pearson(&est, &truth_lfc);
+    let null: Vec<f64> = fc.iter().flat_map(|f| f.lfc_rand.clone()).collect();
+    eprintln!("fold-change r {r} over {} genes; null sd {}", est.len(), (null.iter().map(|v| v * v).sum::<f64>() / null.len() as f64).sqrt());
+    assert!(r > 0.8, "fold-change r {r}");
+
+    // One file holds both species; reading it back gives the same latents.
+    let bytes = m.to_bytes().unwrap();
+    let back = SpeciesModel::from_bytes(&bytes, Device::Cpu).unwrap();
+    assert_eq!(latent(&back, &t, "target"), zt);
+    assert_eq!(latent(&back, &c, "context"), zc);
+    assert!(back.context_latent.equal(&m.context_latent));
+    let e = crate::models::vae::VaeModel::from_bytes(&bytes, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("not a VAE"), "{e}");
+    // Asking without the species is an error that says what to give.
+    let e = m.latent(cells(&t), &LatentOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("say which species"), "{e}");
+    // Context cells read as target cells: their genes are not the target's.
+    let e = m.latent(cells(&c), &LatentOptions { species: "target".into(), ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("target species"), "{e}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_model() {
+    let (c, t, pairs) = two_species(400, 5);
+    let a = fit_on(&c, &t, &pairs, 3, 7);
+    let b = fit_on(&c, &t, &pairs, 3, 7);
+    assert_eq!(latent(&a, &t, "target"), latent(&b, &t, "target"));
+    assert_eq!(latent(&a, &c, "context"), latent(&b, &c, "context"));
+    assert!(a.context_latent.equal(&b.context_latent));
+    let other = fit_on(&c, &t, &pairs, 3, 8);
+    assert_ne!(latent(&a, &t, "target"), latent(&other, &t, "target"));
+}
+
+#[test]
+fn a_context_of_one_cell_type_is_refused() {
+    let (c, t, pairs) = two_species(200, 2);
+    let one = Categorical::constant("cell_type", 200);
+    let tc = TrainConfig { max_epochs: 1, ..SpeciesConfig::default_training() };
+    let e = SpeciesModel::fit(
+        SpeciesData { counts: &c.counts, batch: c.batch.clone() },
+        &one,
+        SpeciesData { counts: &t.counts, batch: t.batch.clone() },
+        &pairs,
+        SpeciesConfig::default(),
+        tc.clone(),
+        tc,
+        Device::Cpu,
+        &never,
+        &|_, _| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("single cell type"), "{e}");
+}
+
+#[test]
+#[ignore]
+fn diagnose() {
+    let (c, t, pairs) = two_species(1200, 3);
+    let ep: usize = std::env::var("EP").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
+    let m = fit_on(&c, &t, &pairs, ep, 0);
+    let truth: Vec<&str> = t.group.codes.iter().map(|&c| t.group.levels[c as usize].as_str()).collect();
+    let cname = |i: usize| c.group.levels[c.group.codes[i] as usize].as_str();
+    let nns = align::data_neighbours(&c.counts.csr, &t.counts.csr, &m.meta.homologs, 25, Device::Cpu);
+    let nn_acc = (0..1200).filter(|&i| cname(nns[i * 25] as usize) == truth[i]).count();
+    let (zc, zt) = (latent(&m, &c, "context"), latent(&m, &t, "target"));
+    let zc_t = Tensor::from_slice(&zc).view([1200, 10]);
+    let zt_t = Tensor::from_slice(&zt).view([1200, 10]);
+    let nb = analysis::latent_neighbours(&zt_t, &zc_t, 1);
+    let lat = (0..1200).filter(|&i| cname(nb[i] as usize) == truth[i]).count();
+    let t0 = std::time::Instant::now();
+    let tr = transfer(&m, &t);
+    eprintln!("transfer {:?}", t0.elapsed());
+    let sec = |h: &[crate::train::EpochRecord]| h.iter().map(|r| r.seconds).sum::<f64>() / h.len() as f64;
+    eprintln!("s/epoch context {} target {}", sec(&m.meta.context_training.history), sec(&m.meta.target_training.history));
+    let acc = (0..1200).filter(|&i| m.meta.label_levels[tr.label[i] as usize] == truth[i]).count();
+    let h = &m.meta.target_training.history;
+    eprintln!("epochs {ep}: data-NN {nn_acc}, latent-NN {lat}, transfer {acc}, aligned {}; target elbo {} -> {}; ctx elbo {}",
+        m.meta.n_aligned, h[0].train_elbo, h[h.len()-1].train_elbo, m.meta.context_training.history.last().unwrap().train_elbo);
+    eprintln!("ctx mean |z| {}, tgt mean |z| {}", zc_t.abs().mean(Kind::Float).double_value(&[]), zt_t.abs().mean(Kind::Float).double_value(&[]));
+}
