@@ -85,6 +85,26 @@ rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
 
+rs_fit_species <- function(context, context_batch, labels, target, target_batch, homologs, config, train_context,
+                            train_target, device, threads, progress) {
+  .Call(native("wrap__rs_fit_species"), context, context_batch, labels, target, target_batch, homologs, config,
+        train_context, train_target, device, threads, progress)
+}
+
+rs_species_transfer <- function(ptr, cells, n_candidates, top_neigh, threads) {
+  .Call(native("wrap__rs_species_transfer"), ptr, cells, n_candidates, top_neigh, threads)
+}
+
+rs_species_similarity <- function(ptr, cells, labels, max_target, max_context, seed, threads) {
+  .Call(native("wrap__rs_species_similarity"), ptr, cells, labels, max_target, max_context, seed, threads)
+}
+
+rs_species_fold_changes <- function(ptr, cells, labels, n_samples, delta, seed, threads) {
+  .Call(native("wrap__rs_species_fold_changes"), ptr, cells, labels, n_samples, delta, seed, threads)
+}
+
+rs_species_pairs <- function(ptr) .Call(native("wrap__rs_species_pairs"), ptr)
+
 rs_torch_config <- function(device, threads) .Call(native("wrap__rs_torch_config"), device, threads)
 
 rs_blas_library <- function() .Call(native("wrap__rs_blas_library"))

@@ -24,6 +24,7 @@ new_model <- function(ptr, data = NULL) {
                 validation_cells = as.integer(unlist(info$validation_cells)) + 1L,
                 fingerprint = if (!is.null(data)) data_fingerprint(data))
   class(model) <- c(paste0("scdistill_", info$kind), "scdistill_model")
+  if (identical(info$kind, "species")) model <- species_fields(model)
   model
 }
 

@@ -12,6 +12,7 @@ mod model;
 mod multimodal;
 mod prep;
 mod simulate;
+mod species;
 mod torch;
 mod vae;
 mod worker;
@@ -63,4 +64,5 @@ extendr_module! {
     use distill;
     use harmony;
     use multimodal;
+    use species;
 }
