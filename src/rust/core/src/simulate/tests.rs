@@ -251,3 +251,24 @@ fn a_second_species_shares_cell_types_through_homologs() {
     let again = simulate(&SimParams { species: Some(sp), ..base }).unwrap();
     assert_eq!(again.species.unwrap().sim.counts.csr, two.sim.counts.csr);
 }
+
+/// FNV-1a over a CSR's structure and values: a fingerprint of exact counts.
+fn csr_digest(c: &Csr) -> u64 {
+    let words = c.indptr.iter().map(|&v| v as u64).chain(c.indices.iter().map(|&v| v as u64));
+    words.chain(c.values.iter().map(|v| v.to_bits() as u64)).fold(0xcbf2_9ce4_8422_2325, |h, w| {
+        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The first species' counts as the simulator drew them before cell types
+/// could be missing from a species (today's draws): any change to the draws shows here.
+#[test]
+fn first_species_counts_are_pinned() {
+    let base = SimParams { n_cells: 400, n_genes: 300, ..Default::default() };
+    assert_eq!(csr_digest(&simulate(&base).unwrap().counts.csr), 0xc972_0e23_1963_6c5d);
+    let cond = with_condition(300, vec![0.6, 0.4]);
+    assert_eq!(csr_digest(&simulate(&cond).unwrap().counts.csr), 0x7e38_d777_663e_5e41);
+    // A second species leaves the first as it was.
+    let s = simulate(&SimParams { species: Some(SpeciesParams::default()), ..base }).unwrap();
+    assert_eq!(csr_digest(&s.counts.csr), 0xc972_0e23_1963_6c5d);
+}
