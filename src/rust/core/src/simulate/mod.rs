@@ -13,7 +13,7 @@ mod atac;
 mod params;
 
 pub use atac::{AtacParams, AtacSimulation};
-pub use params::{ConditionParams, SimParams, SpeciesParams};
+pub use params::{ConditionParams, SimParams, Species, SpeciesParams};
 
 use crate::data::{Categorical, CountMatrix, Csr};
 use crate::error::Result;
@@ -78,7 +78,8 @@ struct Inherited {
 /// Simulates counts with the given parameters.
 pub fn simulate(p: &SimParams) -> Result<Simulation> {
     p.validate()?;
-    let mut first = simulate_one(p, None, "")?;
+    let p1 = SimParams { group_prob: p.species_group_prob(Species::First), ..p.clone() };
+    let mut first = simulate_one(&p1, None, "")?;
     if let Some(sp) = &p.species {
         first.species = Some(Box::new(second_species(p, sp, &first)?));
     }
@@ -92,6 +93,7 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
         n_cells: sp.n_cells,
         n_genes: sp.n_genes,
         seed: p.seed ^ 0x05be_c1e5,
+        group_prob: p.species_group_prob(Species::Second),
         condition: None,
         atac: None,
         species: None,
@@ -394,10 +396,12 @@ fn assign_cells(p: &SimParams, rng: &mut ChaCha8Rng) -> CellAssignment {
     let sizes = exact_sizes(&p.batch_prob, n);
     let batch: Vec<u32> = sizes.iter().enumerate().flat_map(|(b, &s)| std::iter::repeat_n(b as u32, s)).collect();
     let group_cum = cumulative(&p.group_prob);
+    // A uniform above the rounded total falls to the last type with cells.
+    let last = p.group_prob.iter().rposition(|&v| v > 0.0).expect("validated");
     let group: Vec<u32> = (0..n)
         .map(|_| {
             let u = rng.random::<f64>();
-            group_cum.iter().position(|&c| u < c).unwrap_or(group_cum.len() - 1) as u32
+            group_cum.iter().position(|&c| u < c).unwrap_or(last) as u32
         })
         .collect();
     let mut condition = vec![0u32; n];

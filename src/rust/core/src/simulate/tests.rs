@@ -217,6 +217,7 @@ fn a_second_species_shares_cell_types_through_homologs() {
         homolog_fraction: 0.8,
         mean_divergence: 0.2,
         de_conservation: 0.75,
+        ..Default::default()
     };
     let s = simulate(&SimParams { species: Some(sp.clone()), ..base.clone() }).unwrap();
     // Adding a species leaves the first one's counts as they were.
@@ -261,14 +262,42 @@ fn csr_digest(c: &Csr) -> u64 {
 }
 
 /// The first species' counts as the simulator drew them before cell types
-/// could be missing from a species (today's draws): any change to the draws shows here.
+/// could be missing from a species: any change to the draws shows here.
 #[test]
 fn first_species_counts_are_pinned() {
     let base = SimParams { n_cells: 400, n_genes: 300, ..Default::default() };
     assert_eq!(csr_digest(&simulate(&base).unwrap().counts.csr), 0xc972_0e23_1963_6c5d);
     let cond = with_condition(300, vec![0.6, 0.4]);
     assert_eq!(csr_digest(&simulate(&cond).unwrap().counts.csr), 0x7e38_d777_663e_5e41);
-    // A second species leaves the first as it was.
-    let s = simulate(&SimParams { species: Some(SpeciesParams::default()), ..base }).unwrap();
+    // A second species, even one lacking a type, leaves the first as it was.
+    let sp = SpeciesParams { only_first: 1, ..Default::default() };
+    let s = simulate(&SimParams { species: Some(sp), ..base }).unwrap();
     assert_eq!(csr_digest(&s.counts.csr), 0xc972_0e23_1963_6c5d);
+}
+
+#[test]
+fn cell_types_can_be_missing_from_one_species() {
+    let base = SimParams { n_cells: 1000, n_genes: 200, ..Default::default() };
+    let sp = SpeciesParams { n_cells: 1000, n_genes: 150, only_first: 1, only_second: 2, ..Default::default() };
+    let s = simulate(&SimParams { species: Some(sp.clone()), ..base.clone() }).unwrap();
+    let two = &s.species.as_ref().unwrap().sim;
+    // Both species name the same types alike, including the ones they lack.
+    assert_eq!(s.group.levels, two.group.levels);
+    assert_eq!(s.group.levels, numbered("Group", 5));
+    // Group5 is the first's only, Group3 and Group4 the second's; Group1 and
+    // Group2, shared, take their cells (1000 cells, 5 types: every present
+    // type gets cells).
+    let (n1, n2) = (s.group.level_sizes(), two.group.level_sizes());
+    assert!(n1[2] == 0 && n1[3] == 0 && n1[4] > 0, "{n1:?}");
+    assert!(n2[4] == 0 && n2[2] > 0 && n2[3] > 0, "{n2:?}");
+    assert!(n1[..2].iter().chain(&n2[..2]).all(|&n| n > 150), "{n1:?} {n2:?}");
+    // The first species' three types share its cells evenly (renormalised).
+    assert!(n1.iter().all(|&n| n == 0 || (250..420).contains(&n)), "{n1:?}");
+    // The first species draws from `group_prob` with its missing types at 0.
+    let p1 = SimParams { species: Some(sp.clone()), ..base.clone() }.species_group_prob(Species::First);
+    assert_eq!(p1, vec![0.2, 0.2, 0.0, 0.0, 0.2]);
+    // At least two types must be shared.
+    let bad = SpeciesParams { only_first: 2, only_second: 2, ..sp };
+    let e = simulate(&SimParams { species: Some(bad), ..base }).unwrap_err().to_string();
+    assert!(e.contains("only_first") && e.contains("at least 2 must be shared"), "{e}");
 }
