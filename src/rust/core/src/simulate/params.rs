@@ -66,6 +66,13 @@ pub struct SpeciesParams {
     /// Number of cell types, the ones before the `only_first`, absent from
     /// the first species.
     pub only_second: usize,
+    /// Probability that a homolog gets a species-specific factor in a cell
+    /// type (on top of its inherited or redrawn one), per cell type.
+    pub species_de_prob: f64,
+    /// Log-normal location and scale of that factor, up or down with equal
+    /// odds.
+    pub species_de_fac_loc: f64,
+    pub species_de_fac_scale: f64,
 }
 
 impl Default for SpeciesParams {
@@ -78,6 +85,9 @@ impl Default for SpeciesParams {
             de_conservation: 0.8,
             only_first: 0,
             only_second: 0,
+            species_de_prob: 0.05,
+            species_de_fac_loc: 1.0,
+            species_de_fac_scale: 0.4,
         }
     }
 }
@@ -249,6 +259,13 @@ impl SimParams {
             check_param(
                 sp.mean_divergence.is_finite() && sp.mean_divergence >= 0.0,
                 "mean_divergence",
+                "must be >= 0",
+            )?;
+            check_param((0.0..=1.0).contains(&sp.species_de_prob), "species_de_prob", "must be in [0, 1]")?;
+            check_param(sp.species_de_fac_loc.is_finite(), "species_de_fac_loc", "must be finite")?;
+            check_param(
+                sp.species_de_fac_scale.is_finite() && sp.species_de_fac_scale >= 0.0,
+                "species_de_fac_scale",
                 "must be >= 0",
             )?;
             check_param(
