@@ -122,6 +122,7 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
         ..p.clone()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(p2.seed);
+    rng.set_stream(HOMOLOG_STREAM);
     let pairs = pair_homologs(p.n_genes, sp, &mut rng);
     let inherited = inherit(sp, first, &pairs, &mut rng);
     let mut homolog = vec![None; sp.n_genes];
@@ -133,6 +134,11 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
     let homolog_lfc = homolog_truth(first, &sim, &homolog, &shared_groups);
     Ok(SpeciesSimulation { sim, homolog, homolog_lfc, shared_groups })
 }
+
+/// The random stream of the homolog draws: the second species' own programs
+/// use stream 0 of the same seed, its cells streams 1 to n_cells, so the
+/// homolog map and the inherited programs are independent of both.
+const HOMOLOG_STREAM: u64 = u64::MAX;
 
 /// One-to-one homolog pairs (first-species gene, second-species gene), in
 /// random positions of both species.
