@@ -58,15 +58,26 @@
 #' @param atac_binary Report peaks as 0/1 rather than counts.
 #' @param species `NULL`, `TRUE`, or a list with any of `n_cells` (2000),
 #'   `n_genes` (2000), `homolog_fraction` (0.8), `mean_divergence` (0.3),
-#'   `de_conservation` (0.8): also simulate a second species with the same
-#'   cell types, for cross-species alignment. That fraction of its genes are
-#'   one-to-one homologs of the first species' genes: their base means differ
-#'   by a log-normal factor (sd `mean_divergence` on the log scale) and each
-#'   keeps its cell-type factor with probability `de_conservation`. It has its
-#'   own cells, batches and library sizes, no condition, and is returned as
-#'   `metadata(x)$species2` (a `SingleCellExperiment` whose `rowData` column
-#'   `homolog` names the first species' gene, `NA` for none). The first
-#'   species' counts are the same with or without it.
+#'   `de_conservation` (0.8), `species_de_prob` (0.05), `species_de_fac_loc`
+#'   (1), `species_de_fac_scale` (0.4), `only_first` (0), `only_second` (0):
+#'   also simulate a second species with the same cell types, for
+#'   cross-species alignment. That fraction of its genes are one-to-one
+#'   homologs of the first species' genes: their base means differ by a
+#'   log-normal factor (sd `mean_divergence` on the log scale), each keeps its
+#'   cell-type factor with probability `de_conservation` (redrawn otherwise),
+#'   and, with probability `species_de_prob` per cell type, gets a
+#'   species-specific factor LogNormal(`species_de_fac_loc`,
+#'   `species_de_fac_scale`) (median 2.7-fold), up or down with equal odds.
+#'   The last `only_first` cell types exist in the first species only, the
+#'   `only_second` before them in the second species only (proportion 0 in
+#'   the other species, the other types' proportions renormalised); at least
+#'   two types must be in both. Both species label a cell type alike in
+#'   `cell_type`. The second species has its own cells, batches and library
+#'   sizes, no condition, and is returned as `metadata(x)$species2` (a
+#'   `SingleCellExperiment` whose `rowData` column `homolog` names the first
+#'   species' gene, `NA` for none), with the truth for homologs' expression
+#'   differences in `metadata(species2)$homolog_lfc` (see Value). The first
+#'   species' counts are the same with or without it when `only_second` is 0.
 #' @param seed Random seed; the same seed gives the same counts.
 #' @param format `"sce"` (a `SingleCellExperiment`) or `"list"`.
 #' @param threads Number of threads (see [torch_config()]).
@@ -85,6 +96,24 @@
 #'   `linked_gene` (`NA` for unlinked peaks) and `atac_factor_<type>`. With
 #'   `format = "list"`: `counts`, `cell_data`, `gene_data`, `params` (and
 #'   `atac`, `peak_data`).
+#'
+#'   With `species`, `metadata(x)$species2` is the second species (with
+#'   `format = "list"`: `x$species2`, a list as above whose `gene_data` has
+#'   `homolog`). Its `metadata(species2)$homolog_lfc` (list: its
+#'   `homolog_lfc`) is a matrix with one row per second-species gene that has
+#'   a homolog (in `rowData` order, named by gene) and one column per cell
+#'   type present in both species (named as the `cell_type` labels): the true
+#'   log2 fold change, second species over first, of the homologs' batch-free
+#'   normalized expression restricted to the homologous genes. With
+#'   \eqn{m_s(t, g)} a gene's base mean times its cell-type factor in species
+#'   \eqn{s} (before batch factors, condition at control, library size) and
+#'   \eqn{p_s(t, g) = m_s(t, g) / \sum_{g'} m_s(t, g')}{p_s(t, g) = m_s(t, g)
+#'   / sum_g' m_s(t, g')} over that species' homologous genes, the entry for
+#'   gene \eqn{g_2} with homolog \eqn{g_1} is
+#'   \eqn{\log_2(p_2(t, g_2) / p_1(t, g_1))}{log2(p_2(t, g_2) / p_1(t, g_1))}:
+#'   about 0 for conserved genes (up to `mean_divergence`), beyond +-1 for
+#'   some 8% of homologs per type with the defaults (non-conserved and
+#'   species-specific factors).
 #' @seealso [simulation_scenario()] for the six benchmark designs.
 #' @examples
 #' sim <- simulate_counts(n_cells = 2000, n_genes = 500, n_batches = 3,
@@ -135,16 +164,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                              atac_binary = as.numeric(isTRUE(atac_binary))))
   }
   if (!is.null(species) && !isFALSE(species)) {
-    sp <- if (isTRUE(species)) list() else species
-    if (!is.list(sp) || (length(sp) && (is.null(names(sp)) || !all(names(sp) %in%
-        c("n_cells", "n_genes", "homolog_fraction", "mean_divergence", "de_conservation"))))) {
-      stop("`species` must be TRUE or a list with n_cells, n_genes, homolog_fraction, mean_divergence, ",
-           "de_conservation", call. = FALSE)
-    }
-    params <- c(params, list(species_n_cells = sp$n_cells %||% 2000, species_n_genes = sp$n_genes %||% 2000,
-                             homolog_fraction = sp$homolog_fraction %||% 0.8,
-                             mean_divergence = sp$mean_divergence %||% 0.3,
-                             de_conservation = sp$de_conservation %||% 0.8))
+    params <- c(params, species_params(species))
   }
   extra <- list(...)
   if (length(extra) && (is.null(names(extra)) || any(names(extra) == ""))) {
@@ -156,7 +176,37 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
   simulation_result(res, params, format)
 }
 
-simulation_result <- function(res, params, format) {
+# The second species' parameters, as the core names them, from
+# `simulate_counts(species = TRUE or list(...))`.
+species_params <- function(species) {
+  sp <- if (isTRUE(species)) list() else species
+  known <- c("n_cells", "n_genes", "homolog_fraction", "mean_divergence", "de_conservation", "only_first",
+             "only_second", "species_de_prob", "species_de_fac_loc", "species_de_fac_scale")
+  if (!is.list(sp) || (length(sp) && (is.null(names(sp)) || !all(names(sp) %in% known)))) {
+    stop("`species` must be TRUE or a list with any of ", paste(known, collapse = ", "), call. = FALSE)
+  }
+  list(species_n_cells = sp$n_cells %||% 2000, species_n_genes = sp$n_genes %||% 2000,
+       homolog_fraction = sp$homolog_fraction %||% 0.8,
+       mean_divergence = sp$mean_divergence %||% 0.3,
+       de_conservation = sp$de_conservation %||% 0.8,
+       species_only_first = check_count(sp$only_first %||% 0, "only_first", min = 0),
+       species_only_second = check_count(sp$only_second %||% 0, "only_second", min = 0),
+       species_de_prob = sp$species_de_prob %||% 0.05,
+       species_de_fac_loc = sp$species_de_fac_loc %||% 1,
+       species_de_fac_scale = sp$species_de_fac_scale %||% 0.4)
+}
+
+# The homolog truth of a second species (`res`, with the core's attributes)
+# as a matrix: its genes with a homolog x the cell types of both species.
+homolog_lfc_matrix <- function(res) {
+  homolog <- attr(res, "homolog")
+  shared <- attr(res, "shared_groups")
+  lfc <- matrix(attr(res, "homolog_lfc"), nrow = length(homolog))
+  keep <- homolog > 0
+  matrix(lfc[keep, shared], nrow = sum(keep), dimnames = list(res$genes[keep], res$group$levels[shared]))
+}
+
+simulation_result <- function(res, params, format, metadata = list()) {
   counts <- csr_to_dgc(res$counts, res$genes, res$cells)
   as_factor <- function(f) if (is.null(f)) NULL else droplevels(factor(f$levels[f$codes], levels = f$levels))
   cell_data <- data.frame(cell_type = as_factor(res$group), batch = as_factor(res$batch),
@@ -191,7 +241,8 @@ simulation_result <- function(res, params, format) {
   species2 <- NULL
   if (!is.null(res$species)) {
     homolog <- attr(res$species, "homolog")
-    species2 <- simulation_result(res$species, params, format)
+    species2 <- simulation_result(res$species, params, format,
+                                  metadata = list(homolog_lfc = homolog_lfc_matrix(res$species)))
     first_gene <- ifelse(homolog > 0, res$genes[pmax(homolog, 1)], NA_character_)
     if (format == "list") {
       species2$gene_data$homolog <- first_gene
@@ -201,7 +252,7 @@ simulation_result <- function(res, params, format) {
     }
   }
   if (format == "list") {
-    out <- list(counts = counts, cell_data = cell_data, gene_data = gene_data, params = params)
+    out <- c(list(counts = counts, cell_data = cell_data, gene_data = gene_data, params = params), metadata)
     if (!is.null(atac)) out <- c(out, list(atac = atac, peak_data = peak_data))
     if (!is.null(species2)) out$species2 <- species2
     return(out)
@@ -210,7 +261,7 @@ simulation_result <- function(res, params, format) {
   sce <- SingleCellExperiment::SingleCellExperiment(
     assays = list(counts = counts), colData = S4Vectors_DataFrame(cell_data),
     rowData = S4Vectors_DataFrame(gene_data),
-    metadata = c(list(simulation = params), if (!is.null(species2)) list(species2 = species2)))
+    metadata = c(list(simulation = params), metadata, if (!is.null(species2)) list(species2 = species2)))
   if (!is.null(atac)) {
     SingleCellExperiment::altExp(sce, "ATAC") <- SingleCellExperiment::SingleCellExperiment(
       assays = list(counts = atac), rowData = S4Vectors_DataFrame(peak_data))

@@ -131,3 +131,43 @@ test_that("a second species comes with a one-to-one homolog map and the same cel
   expect_true("homolog" %in% names(lst$species2$gene_data))
   expect_error(simulate_counts(n_cells = 50, n_genes = 20, species = list(n_cell = 5)), "`species` must be")
 })
+
+test_that("cell types can be missing from a species, and the homolog truth has its documented shape", {
+  skip_if_not_installed("SingleCellExperiment")
+  sim <- simulate_counts(n_cells = 600, n_genes = 200, seed = 6, threads = 2,
+                         species = list(n_cells = 600, n_genes = 150, homolog_fraction = 0.6, only_first = 1))
+  sp <- sim@metadata$species2
+  # only_first = 1: the last type, Group5, is the first species' only.
+  expect_true("Group5" %in% sim$cell_type)
+  expect_false("Group5" %in% sp$cell_type)
+  expect_identical(levels(sp$cell_type), paste0("Group", 1:4))
+  expect_identical(levels(sim$cell_type), paste0("Group", 1:5))
+  # One row per second-species gene with a homolog, one column per shared type.
+  lfc <- sp@metadata$homolog_lfc
+  hom <- SummarizedExperiment::rowData(sp)$homolog
+  expect_true(is.matrix(lfc))
+  expect_identical(dim(lfc), c(90L, 4L))
+  expect_identical(rownames(lfc), rownames(sp)[!is.na(hom)])
+  expect_identical(colnames(lfc), levels(sp$cell_type))
+  expect_true(all(is.finite(lfc)))
+  # It is the log2 ratio of homologs' shares of base mean x cell-type factor.
+  rd1 <- SummarizedExperiment::rowData(sim)
+  rd2 <- SummarizedExperiment::rowData(sp)[!is.na(hom), ]
+  m1 <- rd1[hom[!is.na(hom)], "base_mean"] * rd1[hom[!is.na(hom)], "de_factor_Group2"]
+  m2 <- rd2$base_mean * rd2$de_factor_Group2
+  expect_equal(unname(lfc[, "Group2"]), log2((m2 / sum(m2)) / (m1 / sum(m1))))
+  # Most homologs differ little; some by more than 2-fold.
+  expect_lt(median(abs(lfc)), 0.5)
+  expect_gt(sum(abs(lfc) > 1), 4)
+  # only_second = 1 as well: Group4 is the second species' only, the truth
+  # keeps the three shared types.
+  both <- simulate_counts(n_cells = 300, n_genes = 100, seed = 6, format = "list",
+                          species = list(n_cells = 300, n_genes = 100, only_first = 1, only_second = 1))
+  expect_false("Group4" %in% both$cell_data$cell_type)
+  expect_true("Group4" %in% both$species2$cell_data$cell_type)
+  expect_identical(colnames(both$species2$homolog_lfc), paste0("Group", 1:3))
+  expect_identical(nrow(both$species2$homolog_lfc), sum(!is.na(both$species2$gene_data$homolog)))
+  expect_error(simulate_counts(n_cells = 100, n_genes = 50, n_groups = 3,
+                               species = list(only_first = 1, only_second = 1)), "at least 2 must be shared")
+  expect_error(simulate_counts(n_cells = 100, species = list(only_first = 0.5)), "`only_first` must be a whole number")
+})

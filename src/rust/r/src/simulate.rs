@@ -67,6 +67,11 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
             "homolog_fraction" => species.get_or_insert_with(SpeciesParams::default).homolog_fraction = one()?,
             "mean_divergence" => species.get_or_insert_with(SpeciesParams::default).mean_divergence = one()?,
             "de_conservation" => species.get_or_insert_with(SpeciesParams::default).de_conservation = one()?,
+            "species_only_first" => species.get_or_insert_with(SpeciesParams::default).only_first = count()?,
+            "species_only_second" => species.get_or_insert_with(SpeciesParams::default).only_second = count()?,
+            "species_de_prob" => species.get_or_insert_with(SpeciesParams::default).species_de_prob = one()?,
+            "species_de_fac_loc" => species.get_or_insert_with(SpeciesParams::default).species_de_fac_loc = one()?,
+            "species_de_fac_scale" => species.get_or_insert_with(SpeciesParams::default).species_de_fac_scale = one()?,
             other => return Err(fail(format!("unknown simulation parameter `{other}`"))),
         }
     }
@@ -105,15 +110,12 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
 }
 
 /// A simulation and its truth as an R list (the second species, if any, as
-/// `species`, with `homolog`: the 1-based first-species gene of each gene or 0).
+/// `species`, with attributes `homolog`: the 1-based first-species gene of
+/// each gene or 0, `homolog_lfc`: the homolog truth, [group][gene] flattened,
+/// and `shared_groups`: the 1-based cell types in both species).
 fn simulation_to_r(mut s: simulate::Simulation) -> List {
     let species: Robj = match s.species.take() {
-        Some(sp) => {
-            let homolog: Vec<i32> = sp.homolog.iter().map(|h| h.map_or(0, |g| g as i32 + 1)).collect();
-            let mut l = simulation_to_r(sp.sim);
-            l.set_attrib("homolog", homolog).ok();
-            l.into()
-        }
+        Some(sp) => species_to_r(*sp),
         None => ().into(),
     };
     let counts = csr_to_r(std::mem::take(&mut s.counts.csr));
@@ -147,6 +149,19 @@ fn simulation_to_r(mut s: simulate::Simulation) -> List {
         true_lfc = flatten(&s.true_lfc),
         true_lfc_population = s.true_lfc_population.clone()
     )
+}
+
+/// The second species as [`simulation_to_r`] returns it, with its homolog
+/// map and truth as attributes.
+fn species_to_r(sp: simulate::SpeciesSimulation) -> Robj {
+    let homolog: Vec<i32> = sp.homolog.iter().map(|h| h.map_or(0, |g| g as i32 + 1)).collect();
+    let shared: Vec<i32> = (1..).zip(&sp.shared_groups).filter(|(_, &both)| both).map(|(t, _)| t).collect();
+    let lfc = flatten(&sp.homolog_lfc);
+    let mut l = simulation_to_r(sp.sim);
+    l.set_attrib("homolog", homolog).ok();
+    l.set_attrib("homolog_lfc", lfc).ok();
+    l.set_attrib("shared_groups", shared).ok();
+    l.into()
 }
 
 extendr_module! {

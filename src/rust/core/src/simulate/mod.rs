@@ -13,7 +13,7 @@ mod atac;
 mod params;
 
 pub use atac::{AtacParams, AtacSimulation};
-pub use params::{ConditionParams, SimParams, SpeciesParams};
+pub use params::{ConditionParams, SimParams, Species, SpeciesParams};
 
 use crate::data::{Categorical, CountMatrix, Csr};
 use crate::error::Result;
@@ -61,24 +61,46 @@ pub struct Simulation {
 }
 
 /// A second species: its simulation (same cell types, its own genes and
-/// cells) and, for each of its genes, the first species' homolog.
+/// cells), for each of its genes the first species' homolog, and the truth
+/// for homologs' expression differences.
 #[derive(Debug, Clone)]
 pub struct SpeciesSimulation {
     pub sim: Simulation,
     pub homolog: Vec<Option<u32>>,
+    /// True log2 fold change, second species over first, of each homolog's
+    /// share of batch-free expression among the homologous genes,
+    /// [group][second-species gene]: log2(p2 / p1), where p is
+    /// [`Simulation::batch_free_expression`] over its sum across the
+    /// species' homologous genes. NaN for genes without a homolog and for
+    /// cell types missing from either species.
+    pub homolog_lfc: Vec<Vec<f64>>,
+    /// Whether each cell type has cells in both species (where
+    /// `homolog_lfc` is finite).
+    pub shared_groups: Vec<bool>,
+}
+
+impl Simulation {
+    /// Expression of gene `g` in cell type `t` before batch, condition
+    /// (control), age (young) and library size: base mean × cell-type factor.
+    pub fn batch_free_expression(&self, t: usize, g: usize) -> f64 {
+        self.gene_mean[g] * self.group_factor[t][g]
+    }
 }
 
 /// Programs a second species inherits: base mean and cell-type factor per
-/// gene, where set.
+/// gene, where set, and species-specific factors multiplying its cell-type
+/// factors ([group][gene], 1 for none).
 struct Inherited {
     gene_mean: Vec<Option<f64>>,
     group_factor: Vec<Vec<Option<f64>>>,
+    species_factor: Vec<Vec<f64>>,
 }
 
 /// Simulates counts with the given parameters.
 pub fn simulate(p: &SimParams) -> Result<Simulation> {
     p.validate()?;
-    let mut first = simulate_one(p, None, "")?;
+    let p1 = SimParams { group_prob: p.species_group_prob(Species::First), ..p.clone() };
+    let mut first = simulate_one(&p1, None, "")?;
     if let Some(sp) = &p.species {
         first.species = Some(Box::new(second_species(p, sp, &first)?));
     }
@@ -92,6 +114,7 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
         n_cells: sp.n_cells,
         n_genes: sp.n_genes,
         seed: p.seed ^ 0x05be_c1e5,
+        group_prob: p.species_group_prob(Species::Second),
         condition: None,
         atac: None,
         species: None,
@@ -99,27 +122,87 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
         ..p.clone()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(p2.seed);
-    let n_hom = ((sp.homolog_fraction * sp.n_genes as f64).round() as usize).min(p.n_genes);
-    // Which genes of each species are homologs, in random positions.
-    let mut from: Vec<u32> = (0..p.n_genes as u32).collect();
-    from.shuffle(&mut rng);
-    let mut to: Vec<usize> = (0..sp.n_genes).collect();
-    to.shuffle(&mut rng);
+    rng.set_stream(HOMOLOG_STREAM);
+    let pairs = pair_homologs(p.n_genes, sp, &mut rng);
+    let inherited = inherit(sp, first, &pairs, &mut rng);
     let mut homolog = vec![None; sp.n_genes];
-    let mut inherited =
-        Inherited { gene_mean: vec![None; sp.n_genes], group_factor: vec![vec![None; sp.n_genes]; p.n_groups()] };
-    let divergence = LogNormal::new(0.0, sp.mean_divergence).expect("validated");
-    for (&g1, &g2) in from.iter().zip(&to).take(n_hom) {
+    for &(g1, g2) in &pairs {
         homolog[g2] = Some(g1);
-        inherited.gene_mean[g2] = Some(first.gene_mean[g1 as usize] * divergence.sample(&mut rng));
-        for t in 0..p.n_groups() {
+    }
+    let sim = simulate_one(&p2, Some(&inherited), "Sp2")?;
+    let shared_groups = p.shared_groups();
+    let homolog_lfc = homolog_truth(first, &sim, &homolog, &shared_groups);
+    Ok(SpeciesSimulation { sim, homolog, homolog_lfc, shared_groups })
+}
+
+/// The random stream of the homolog draws: the second species' own programs
+/// use stream 0 of the same seed, its cells streams 1 to n_cells, so the
+/// homolog map and the inherited programs are independent of both.
+const HOMOLOG_STREAM: u64 = u64::MAX;
+
+/// One-to-one homolog pairs (first-species gene, second-species gene), in
+/// random positions of both species.
+fn pair_homologs(n_genes1: usize, sp: &SpeciesParams, rng: &mut ChaCha8Rng) -> Vec<(u32, usize)> {
+    let n_hom = ((sp.homolog_fraction * sp.n_genes as f64).round() as usize).min(n_genes1);
+    let mut from: Vec<u32> = (0..n_genes1 as u32).collect();
+    from.shuffle(rng);
+    let mut to: Vec<usize> = (0..sp.n_genes).collect();
+    to.shuffle(rng);
+    from.into_iter().zip(to).take(n_hom).collect()
+}
+
+/// What the homologs inherit: diverged base means, cell-type factors kept
+/// with probability `de_conservation`, and (drawn after those, so that
+/// they move no other draw) species-specific factors.
+fn inherit(sp: &SpeciesParams, first: &Simulation, pairs: &[(u32, usize)], rng: &mut ChaCha8Rng) -> Inherited {
+    let n_groups = first.group_factor.len();
+    let mut inherited = Inherited {
+        gene_mean: vec![None; sp.n_genes],
+        group_factor: vec![vec![None; sp.n_genes]; n_groups],
+        species_factor: vec![vec![1.0; sp.n_genes]; n_groups],
+    };
+    let divergence = LogNormal::new(0.0, sp.mean_divergence).expect("validated");
+    for &(g1, g2) in pairs {
+        inherited.gene_mean[g2] = Some(first.gene_mean[g1 as usize] * divergence.sample(rng));
+        for t in 0..n_groups {
             if rng.random::<f64>() < sp.de_conservation {
                 inherited.group_factor[t][g2] = Some(first.group_factor[t][g1 as usize]);
             }
         }
     }
-    let sim = simulate_one(&p2, Some(&inherited), "Sp2")?;
-    Ok(SpeciesSimulation { sim, homolog })
+    let species_de = lnorm(sp.species_de_fac_loc, sp.species_de_fac_scale);
+    for &(_, g2) in pairs {
+        for factors in inherited.species_factor.iter_mut() {
+            if rng.random::<f64>() < sp.species_de_prob {
+                factors[g2] = lognormal_factor(rng, &species_de, 0.5);
+            }
+        }
+    }
+    inherited
+}
+
+/// The truth of [`SpeciesSimulation::homolog_lfc`]: per cell type in both
+/// species, log2 of each homolog's share of batch-free expression among the
+/// homologous genes, second species over first (NaN elsewhere).
+fn homolog_truth(first: &Simulation, second: &Simulation, homolog: &[Option<u32>], shared: &[bool]) -> Vec<Vec<f64>> {
+    shared
+        .iter()
+        .enumerate()
+        .map(|(t, &both)| {
+            let m1 = |g1: u32| first.batch_free_expression(t, g1 as usize);
+            let m2 = |g2: usize| second.batch_free_expression(t, g2);
+            let pairs = || homolog.iter().enumerate().filter_map(|(g2, h)| h.map(|g1| (g1, g2)));
+            let (s1, s2) = pairs().fold((0.0, 0.0), |(a, b), (g1, g2)| (a + m1(g1), b + m2(g2)));
+            homolog
+                .iter()
+                .enumerate()
+                .map(|(g2, h)| match h {
+                    Some(g1) if both => ((m2(g2) / s2) / (m1(*g1) / s1)).log2(),
+                    _ => f64::NAN,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// One species; `inherited` overrides the base means and cell-type factors it sets.
@@ -245,9 +328,10 @@ fn draw_programs(p: &SimParams, inherited: Option<&Inherited>, rng: &mut ChaCha8
         for (m, i) in gene_mean.iter_mut().zip(&inh.gene_mean) {
             *m = i.unwrap_or(*m);
         }
-        for (factors, inh_factors) in group_factor.iter_mut().zip(&inh.group_factor) {
-            for (f, i) in factors.iter_mut().zip(inh_factors) {
-                *f = i.unwrap_or(*f);
+        for ((factors, inh_factors), species) in group_factor.iter_mut().zip(&inh.group_factor).zip(&inh.species_factor)
+        {
+            for ((f, i), s) in factors.iter_mut().zip(inh_factors).zip(species) {
+                *f = i.unwrap_or(*f) * s;
             }
         }
     }
@@ -394,10 +478,12 @@ fn assign_cells(p: &SimParams, rng: &mut ChaCha8Rng) -> CellAssignment {
     let sizes = exact_sizes(&p.batch_prob, n);
     let batch: Vec<u32> = sizes.iter().enumerate().flat_map(|(b, &s)| std::iter::repeat_n(b as u32, s)).collect();
     let group_cum = cumulative(&p.group_prob);
+    // A uniform above the rounded total falls to the last type with cells.
+    let last = p.group_prob.iter().rposition(|&v| v > 0.0).expect("validated");
     let group: Vec<u32> = (0..n)
         .map(|_| {
             let u = rng.random::<f64>();
-            group_cum.iter().position(|&c| u < c).unwrap_or(group_cum.len() - 1) as u32
+            group_cum.iter().position(|&c| u < c).unwrap_or(last) as u32
         })
         .collect();
     let mut condition = vec![0u32; n];

@@ -48,6 +48,8 @@ impl Default for ConditionParams {
 /// species' genes, whose base means diverge by a log-normal factor and whose
 /// cell-type factors are kept with probability `de_conservation` (redrawn
 /// otherwise). Its other genes, cells, batches and counts are drawn afresh.
+/// The last `only_first` cell types exist in the first species only, the
+/// `only_second` before them in the second species only.
 #[derive(Debug, Clone)]
 pub struct SpeciesParams {
     pub n_cells: usize,
@@ -59,6 +61,18 @@ pub struct SpeciesParams {
     pub mean_divergence: f64,
     /// Probability that a homolog keeps its cell-type factor, per cell type.
     pub de_conservation: f64,
+    /// Number of cell types, the last ones, absent from the second species.
+    pub only_first: usize,
+    /// Number of cell types, the ones before the `only_first`, absent from
+    /// the first species.
+    pub only_second: usize,
+    /// Probability that a homolog gets a species-specific factor in a cell
+    /// type (on top of its inherited or redrawn one), per cell type.
+    pub species_de_prob: f64,
+    /// Log-normal location and scale of that factor, up or down with equal
+    /// odds.
+    pub species_de_fac_loc: f64,
+    pub species_de_fac_scale: f64,
 }
 
 impl Default for SpeciesParams {
@@ -69,8 +83,32 @@ impl Default for SpeciesParams {
             homolog_fraction: 0.8,
             mean_divergence: 0.3,
             de_conservation: 0.8,
+            only_first: 0,
+            only_second: 0,
+            species_de_prob: 0.05,
+            species_de_fac_loc: 1.0,
+            species_de_fac_scale: 0.4,
         }
     }
+}
+
+impl SpeciesParams {
+    /// Whether cell type `t` of `n_groups` is absent from the second species.
+    pub fn only_in_first(&self, t: usize, n_groups: usize) -> bool {
+        t + self.only_first >= n_groups
+    }
+
+    /// Whether cell type `t` of `n_groups` is absent from the first species.
+    pub fn only_in_second(&self, t: usize, n_groups: usize) -> bool {
+        !self.only_in_first(t, n_groups) && t + self.only_first + self.only_second >= n_groups
+    }
+}
+
+/// Which of the two species a setting is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Species {
+    First,
+    Second,
 }
 
 /// Parameters of [`super::simulate`].
@@ -162,6 +200,25 @@ impl SimParams {
         self.batch_prob.len()
     }
 
+    /// Cell-type proportions in one species: `group_prob` with the types
+    /// that species lacks set to 0 (the others renormalise when drawn).
+    pub fn species_group_prob(&self, species: Species) -> Vec<f64> {
+        let n = self.n_groups();
+        let absent = |t: usize| match (&self.species, species) {
+            (None, _) => false,
+            (Some(sp), Species::First) => sp.only_in_second(t, n),
+            (Some(sp), Species::Second) => sp.only_in_first(t, n),
+        };
+        self.group_prob.iter().enumerate().map(|(t, &v)| if absent(t) { 0.0 } else { v }).collect()
+    }
+
+    /// Whether each cell type has cells in both species (a positive
+    /// proportion in each).
+    pub fn shared_groups(&self) -> Vec<bool> {
+        let (a, b) = (self.species_group_prob(Species::First), self.species_group_prob(Species::Second));
+        a.iter().zip(&b).map(|(&x, &y)| x > 0.0 && y > 0.0).collect()
+    }
+
     /// Rejects impossible parameters before any work starts.
     pub fn validate(&self) -> Result<()> {
         check_param(self.n_cells >= 2, "n_cells", "must be at least 2")?;
@@ -203,6 +260,30 @@ impl SimParams {
                 sp.mean_divergence.is_finite() && sp.mean_divergence >= 0.0,
                 "mean_divergence",
                 "must be >= 0",
+            )?;
+            check_param((0.0..=1.0).contains(&sp.species_de_prob), "species_de_prob", "must be in [0, 1]")?;
+            check_param(sp.species_de_fac_loc.is_finite(), "species_de_fac_loc", "must be finite")?;
+            check_param(
+                sp.species_de_fac_scale.is_finite() && sp.species_de_fac_scale >= 0.0,
+                "species_de_fac_scale",
+                "must be >= 0",
+            )?;
+            check_param(
+                sp.only_first + sp.only_second <= self.n_groups(),
+                "only_first",
+                format!("and `only_second` together exceed the {} cell types", self.n_groups()),
+            )?;
+            let shared = self.shared_groups().iter().filter(|&&s| s).count();
+            check_param(
+                shared >= 2,
+                "only_first",
+                format!(
+                    "and `only_second` ({} and {}) leave {shared} of the {} cell types (with a positive \
+                     `group_prob`) in both species; at least 2 must be shared",
+                    sp.only_first,
+                    sp.only_second,
+                    self.n_groups()
+                ),
             )?;
         }
         if let Some(c) = &self.condition {

@@ -217,6 +217,8 @@ fn a_second_species_shares_cell_types_through_homologs() {
         homolog_fraction: 0.8,
         mean_divergence: 0.2,
         de_conservation: 0.75,
+        species_de_prob: 0.0,
+        ..Default::default()
     };
     let s = simulate(&SimParams { species: Some(sp.clone()), ..base.clone() }).unwrap();
     // Adding a species leaves the first one's counts as they were.
@@ -250,4 +252,164 @@ fn a_second_species_shares_cell_types_through_homologs() {
     // Same seed, same second species.
     let again = simulate(&SimParams { species: Some(sp), ..base }).unwrap();
     assert_eq!(again.species.unwrap().sim.counts.csr, two.sim.counts.csr);
+}
+
+/// FNV-1a over a CSR's structure and values: a fingerprint of exact counts.
+fn csr_digest(c: &Csr) -> u64 {
+    let words = c.indptr.iter().map(|&v| v as u64).chain(c.indices.iter().map(|&v| v as u64));
+    words
+        .chain(c.values.iter().map(|v| v.to_bits() as u64))
+        .fold(0xcbf2_9ce4_8422_2325, |h, w| (h ^ w).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The first species' counts as the simulator drew them before cell types
+/// could be missing from a species: any change to the draws shows here.
+#[test]
+fn first_species_counts_are_pinned() {
+    let base = SimParams { n_cells: 400, n_genes: 300, ..Default::default() };
+    assert_eq!(csr_digest(&simulate(&base).unwrap().counts.csr), 0xc972_0e23_1963_6c5d);
+    let cond = with_condition(300, vec![0.6, 0.4]);
+    assert_eq!(csr_digest(&simulate(&cond).unwrap().counts.csr), 0x7e38_d777_663e_5e41);
+    // A second species, even one lacking a type, leaves the first as it was.
+    let sp = SpeciesParams { only_first: 1, ..Default::default() };
+    let s = simulate(&SimParams { species: Some(sp), ..base }).unwrap();
+    assert_eq!(csr_digest(&s.counts.csr), 0xc972_0e23_1963_6c5d);
+}
+
+#[test]
+fn cell_types_can_be_missing_from_one_species() {
+    let base = SimParams { n_cells: 1000, n_genes: 200, ..Default::default() };
+    let sp = SpeciesParams { n_cells: 1000, n_genes: 150, only_first: 1, only_second: 2, ..Default::default() };
+    let s = simulate(&SimParams { species: Some(sp.clone()), ..base.clone() }).unwrap();
+    let two = &s.species.as_ref().unwrap().sim;
+    // Both species name the same types alike, including the ones they lack.
+    assert_eq!(s.group.levels, two.group.levels);
+    assert_eq!(s.group.levels, numbered("Group", 5));
+    // Group5 is the first's only, Group3 and Group4 the second's; Group1 and
+    // Group2, shared, take their cells (1000 cells, 5 types: every present
+    // type gets cells).
+    let (n1, n2) = (s.group.level_sizes(), two.group.level_sizes());
+    assert!(n1[2] == 0 && n1[3] == 0 && n1[4] > 0, "{n1:?}");
+    assert!(n2[4] == 0 && n2[2] > 0 && n2[3] > 0, "{n2:?}");
+    assert!(n1[..2].iter().chain(&n2[..2]).all(|&n| n > 150), "{n1:?} {n2:?}");
+    // The first species' three types share its cells evenly (renormalised).
+    assert!(n1.iter().all(|&n| n == 0 || (250..420).contains(&n)), "{n1:?}");
+    // The first species draws from `group_prob` with its missing types at 0.
+    let p1 = SimParams { species: Some(sp.clone()), ..base.clone() }.species_group_prob(Species::First);
+    assert_eq!(p1, vec![0.2, 0.2, 0.0, 0.0, 0.2]);
+    // At least two types must be shared.
+    let bad = SpeciesParams { only_first: 2, only_second: 2, ..sp };
+    let e = simulate(&SimParams { species: Some(bad), ..base }).unwrap_err().to_string();
+    assert!(e.contains("only_first") && e.contains("at least 2 must be shared"), "{e}");
+}
+
+/// Per gene, the mean over cell type `t`'s cells of counts over library size,
+/// and the type's total counts.
+fn type_means(s: &Simulation, t: usize) -> (Vec<f64>, Vec<f64>) {
+    let libs = s.counts.library_sizes();
+    let n_genes = s.gene_mean.len();
+    let (mut mean, mut total, mut n) = (vec![0.0; n_genes], vec![0.0; n_genes], 0.0);
+    for i in (0..libs.len()).filter(|&i| s.group.codes[i] as usize == t) {
+        n += 1.0;
+        let (idx, val) = s.counts.csr.row(i);
+        for (&g, &v) in idx.iter().zip(val) {
+            mean[g as usize] += v as f64 / libs[i];
+            total[g as usize] += v as f64;
+        }
+    }
+    (mean.into_iter().map(|m| m / n).collect(), total)
+}
+
+/// Homolog pairs (first-species gene, second-species gene).
+fn homolog_pairs(two: &SpeciesSimulation) -> Vec<(usize, usize)> {
+    two.homolog.iter().enumerate().filter_map(|(g2, h)| h.map(|g1| (g1 as usize, g2))).collect()
+}
+
+#[test]
+fn the_homolog_truth_is_set_for_homologs_of_shared_types() {
+    let sp = SpeciesParams { n_cells: 200, only_first: 1, only_second: 1, ..Default::default() };
+    let p = SimParams { n_cells: 200, species: Some(sp.clone()), ..Default::default() };
+    let s = simulate(&p).unwrap();
+    let two = s.species.as_ref().unwrap();
+    // Group5 is the first species' only, Group4 the second's.
+    assert_eq!(two.shared_groups, vec![true, true, true, false, false]);
+    assert_eq!(two.homolog_lfc.len(), 5);
+    for (t, lfc) in two.homolog_lfc.iter().enumerate() {
+        assert_eq!(lfc.len(), 2000);
+        for (g2, v) in lfc.iter().enumerate() {
+            assert_eq!(v.is_finite(), t < 3 && two.homolog[g2].is_some(), "type {t}, gene {g2}: {v}");
+        }
+    }
+    // It is the log2 ratio of homologs' shares of batch-free expression.
+    let pairs = homolog_pairs(two);
+    let share = |sim: &Simulation, g: usize, genes: &mut dyn Iterator<Item = usize>| {
+        sim.gene_mean[g] * sim.group_factor[1][g]
+            / genes.map(|h| sim.gene_mean[h] * sim.group_factor[1][h]).sum::<f64>()
+    };
+    for &(g1, g2) in pairs.iter().take(50) {
+        let p1 = share(&s, g1, &mut pairs.iter().map(|q| q.0));
+        let p2 = share(&two.sim, g2, &mut pairs.iter().map(|q| q.1));
+        assert!((two.homolog_lfc[1][g2] - (p2 / p1).log2()).abs() < 1e-9);
+    }
+    // A realistic mixture in every shared type: most homologs (driven by
+    // `mean_divergence`, sd 0.3 natural log, 0.43 log2) differ little, a
+    // clear set (about 8% expected: non-conserved type factors and
+    // species-specific factors) by more than 2-fold.
+    let big_in = |sim: &SpeciesSimulation, t: usize| sim.homolog_lfc[t].iter().filter(|v| v.abs() > 1.0).count();
+    for t in 0..3 {
+        let mut abs: Vec<f64> = two.homolog_lfc[t].iter().filter(|v| v.is_finite()).map(|v| v.abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        assert!(abs[abs.len() / 2] < 0.5, "median |lfc| {}", abs[abs.len() / 2]);
+        assert!(big_in(two, t) > 60, "type {t}: {} of 1600 homologs beyond 2-fold", big_in(two, t));
+    }
+    // Species-specific factors add to them (about 5% of homologs per type).
+    let plain = simulate(&SimParams { species: Some(SpeciesParams { species_de_prob: 0.0, ..sp }), ..p }).unwrap();
+    let plain = plain.species.unwrap();
+    for t in 0..3 {
+        assert!(big_in(two, t) > big_in(&plain, t) + 30, "{} vs {}", big_in(two, t), big_in(&plain, t));
+    }
+}
+
+#[test]
+fn the_homolog_truth_matches_observed_ratios() {
+    // Batch-free data (no batch factors), as the truth is batch-free; three
+    // types of about 3,000 cells per species, so sampling noise is small.
+    let p = SimParams {
+        n_cells: 9000,
+        n_genes: 1000,
+        group_prob: vec![1.0; 3],
+        batch_fac_loc: 0.0,
+        batch_fac_scale: 0.0,
+        species: Some(SpeciesParams { n_cells: 9000, n_genes: 1000, ..Default::default() }),
+        ..Default::default()
+    };
+    let s = simulate(&p).unwrap();
+    let two = s.species.as_ref().unwrap();
+    let pairs = homolog_pairs(two);
+    for t in 0..3 {
+        let (m1, c1) = type_means(&s, t);
+        let (m2, c2) = type_means(&two.sim, t);
+        let (s1, s2) = pairs.iter().fold((0.0, 0.0), |(a, b), &(g1, g2)| (a + m1[g1], b + m2[g2]));
+        // Genes with at least 100 counts in the type in each species: the
+        // Poisson part of the noise is then below 0.15 log2 per species.
+        let counted = pairs.iter().filter(|&&(g1, g2)| c1[g1] >= 100.0 && c2[g2] >= 100.0);
+        let (obs, (truth, other)): (Vec<f64>, (Vec<f64>, Vec<f64>)) = counted
+            .map(|&(g1, g2)| {
+                let o = ((m2[g2] / s2) / (m1[g1] / s1)).log2();
+                (o, (two.homolog_lfc[t][g2], two.homolog_lfc[(t + 1) % 3][g2]))
+            })
+            .unzip();
+        assert!(obs.len() > 500, "{} counted homologs", obs.len());
+        // Measured r ≈ 0.98 (seed 1); 0.9 leaves room for sampling noise
+        // yet fails for a truth off by a type (r ≈ 0.5, the shared
+        // base-mean divergence) or by batch or library factors.
+        let (r, r_other) = (pearson(&obs, &truth), pearson(&obs, &other));
+        assert!(r > 0.9, "type {t}: r = {r}");
+        assert!(r_other < r - 0.2, "type {t}: r = {r} against another type's truth {r_other}");
+        // The true differences beyond 2-fold are seen (> 1.41-fold, same way).
+        let big: Vec<(f64, f64)> =
+            obs.iter().zip(&truth).filter(|(_, v)| v.abs() > 1.0).map(|(&o, &v)| (o, v)).collect();
+        let seen = big.iter().filter(|(o, v)| o.signum() == v.signum() && o.abs() > 0.5).count();
+        assert!(big.len() > 30 && seen as f64 >= 0.9 * big.len() as f64, "type {t}: {seen} of {} seen", big.len());
+    }
 }
