@@ -98,6 +98,7 @@ impl Adam {
         }
         let threads = (tch::get_num_threads().max(1) as usize).min(blocks.len().max(1));
         super::omp::run(threads, &|member, members| {
+            let _ftz = super::flush::Subnormals::flushed();
             for b in blocks.iter().skip(member).step_by(members) {
                 let Some(b) = b.lock().unwrap_or_else(|e| e.into_inner()).take() else { continue };
                 // SAFETY: see `Block`.

@@ -5,6 +5,7 @@
 //! tensors: `likelihood` (fused), `nn` (sparse), `train` (adam).
 
 pub mod adam;
+pub mod flush;
 pub mod fused;
 pub mod omp;
 pub(crate) mod simd;
