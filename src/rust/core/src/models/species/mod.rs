@@ -22,7 +22,7 @@
 
 pub mod align;
 pub mod analysis;
-mod fitted;
+pub mod fitted;
 #[cfg(test)]
 mod tests;
 
@@ -333,6 +333,11 @@ pub struct SpeciesMeta {
     pub homologs: Vec<(u32, u32)>,
     pub context_batch_levels: Vec<String>,
     pub target_batch_levels: Vec<String>,
+    /// Where each species' batch was found (a cell-metadata column), "" if not.
+    #[serde(default)]
+    pub context_batch_name: String,
+    #[serde(default)]
+    pub target_batch_name: String,
     pub label_levels: Vec<String>,
     /// The context cells' labels and batches (codes), kept for the analyses.
     pub context_labels: Vec<u32>,
@@ -392,6 +397,8 @@ impl SpeciesModel {
                 homologs: vec![],
                 context_batch_levels: vec![],
                 target_batch_levels: vec![],
+                context_batch_name: String::new(),
+                target_batch_name: String::new(),
                 label_levels: vec![],
                 context_labels: vec![],
                 context_batches: vec![],
@@ -505,6 +512,8 @@ impl SpeciesModel {
             homologs: pairs,
             context_batch_levels: context.batch.levels.clone(),
             target_batch_levels: target.batch.levels.clone(),
+            context_batch_name: context.batch.name.clone(),
+            target_batch_name: target.batch.name.clone(),
             label_levels: labels.levels.clone(),
             context_labels: labels.codes.clone(),
             context_batches: context.batch.codes.clone(),

@@ -15,7 +15,7 @@ fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, Str
         n_cells: n,
         n_genes: 300,
         group_prob: vec![0.4, 0.3, 0.2, 0.1],
-        de_fac_loc: 1.0,
+        de_fac_loc: std::env::var("DEFAC").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0),
         batch_prob: vec![0.5, 0.5],
         seed,
         species: Some(SpeciesParams { n_cells: n, n_genes: 280, ..Default::default() }),
@@ -259,6 +259,8 @@ fn diagnose() {
     let tr = transfer(&m, &t);
     eprintln!("transfer {:?}", t0.elapsed());
     let sec = |h: &[crate::train::EpochRecord]| h.iter().map(|r| r.seconds).sum::<f64>() / h.len() as f64;
+    eprintln!("context epochs: {:?}", m.meta.context_training.history.iter().map(|r| (r.seconds * 1000.0) as i64).collect::<Vec<_>>());
+    eprintln!("target epochs: {:?}", m.meta.target_training.history.iter().map(|r| (r.seconds * 1000.0) as i64).collect::<Vec<_>>());
     eprintln!("s/epoch context {} target {}", sec(&m.meta.context_training.history), sec(&m.meta.target_training.history));
     let acc = (0..1200).filter(|&i| m.meta.label_levels[tr.label[i] as usize] == truth[i]).count();
     let h = &m.meta.target_training.history;
