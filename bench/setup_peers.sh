@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Creates the Python environment of the reference tools the benchmarks compare
-# against: scvi-tools 1.4.2, harmonypy 2.1.0, scDistill 0.3.1, scib-metrics
-# and scanpy, from PyPI. It lives in $SCDISTILL_HOME/peers, outside the
-# package, and is never a dependency of it. PyTorch is not downloaded again:
-# the venv sees the torch 2.11.0 of tools/setup_torch.sh through a .pth file.
+# against: scvi-tools 1.4.2, harmonypy 2.1.0, scDistill 0.3.1, scSpecies
+# 0.1.4 (with muon and mudata), scib-metrics and scanpy, from PyPI. It lives
+# in $SCDISTILL_HOME/peers, outside the package, and is never a dependency of
+# it. PyTorch is not downloaded again: the venv sees the torch 2.11.0 of
+# tools/setup_torch.sh through a .pth file. On Python 3.11 pip resolves
+# scSpecies' muon to 0.1.9 and mudata to 0.3.10 (mudata 0.4 needs Python >= 3.12).
 # Idempotent. Prints the venv's python on its last line.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,10 +21,12 @@ fi
 PEERS_SITE=$("$PEERS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$TORCH_SITE" > "$PEERS_SITE/scdistill-torch.pth"
 "$PEERS/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "scvi-tools==1.4.2" "harmonypy==2.1.0" "scdistill==0.3.1" "scib-metrics" "scanpy" "igraph" "leidenalg" >&2
+  "scvi-tools==1.4.2" "harmonypy==2.1.0" "scdistill==0.3.1" "scib-metrics" "scanpy" "igraph" "leidenalg" \
+  "scspecies==0.1.4" "muon" "mudata" >&2
 "$PEERS/bin/python" - >&2 <<'PYEOF'
 import importlib.metadata as m
-for p in ["torch", "scvi-tools", "harmonypy", "scdistill", "scib-metrics", "scanpy", "jax"]:
+for p in ["torch", "scvi-tools", "harmonypy", "scdistill", "scspecies", "muon", "mudata", "anndata",
+          "numpy", "scib-metrics", "scanpy", "jax"]:
     print(f"{p:14s} {m.version(p)}")
 PYEOF
 echo "$PEERS/bin/python"

@@ -15,7 +15,9 @@ fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, Str
         n_cells: n,
         n_genes: 300,
         group_prob: vec![0.4, 0.3, 0.2, 0.1],
-        de_fac_loc: std::env::var("DEFAC").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0),
+        // Types clearly apart: the test is of the alignment, not of a latent
+        // space that a few hundred steps leave nearly unused.
+        de_fac_loc: 1.0,
         batch_prob: vec![0.5, 0.5],
         seed,
         species: Some(SpeciesParams { n_cells: n, n_genes: 280, ..Default::default() }),
@@ -238,33 +240,4 @@ fn a_context_of_one_cell_type_is_refused() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("single cell type"), "{e}");
-}
-
-#[test]
-#[ignore]
-fn diagnose() {
-    let (c, t, pairs) = two_species(1200, 3);
-    let ep: usize = std::env::var("EP").ok().and_then(|v| v.parse().ok()).unwrap_or(25);
-    let m = fit_on(&c, &t, &pairs, ep, 0);
-    let truth: Vec<&str> = t.group.codes.iter().map(|&c| t.group.levels[c as usize].as_str()).collect();
-    let cname = |i: usize| c.group.levels[c.group.codes[i] as usize].as_str();
-    let nns = align::data_neighbours(&c.counts.csr, &t.counts.csr, &m.meta.homologs, 25, Device::Cpu);
-    let nn_acc = (0..1200).filter(|&i| cname(nns[i * 25] as usize) == truth[i]).count();
-    let (zc, zt) = (latent(&m, &c, "context"), latent(&m, &t, "target"));
-    let zc_t = Tensor::from_slice(&zc).view([1200, 10]);
-    let zt_t = Tensor::from_slice(&zt).view([1200, 10]);
-    let nb = analysis::latent_neighbours(&zt_t, &zc_t, 1);
-    let lat = (0..1200).filter(|&i| cname(nb[i] as usize) == truth[i]).count();
-    let t0 = std::time::Instant::now();
-    let tr = transfer(&m, &t);
-    eprintln!("transfer {:?}", t0.elapsed());
-    let sec = |h: &[crate::train::EpochRecord]| h.iter().map(|r| r.seconds).sum::<f64>() / h.len() as f64;
-    eprintln!("context epochs: {:?}", m.meta.context_training.history.iter().map(|r| (r.seconds * 1000.0) as i64).collect::<Vec<_>>());
-    eprintln!("target epochs: {:?}", m.meta.target_training.history.iter().map(|r| (r.seconds * 1000.0) as i64).collect::<Vec<_>>());
-    eprintln!("s/epoch context {} target {}", sec(&m.meta.context_training.history), sec(&m.meta.target_training.history));
-    let acc = (0..1200).filter(|&i| m.meta.label_levels[tr.label[i] as usize] == truth[i]).count();
-    let h = &m.meta.target_training.history;
-    eprintln!("epochs {ep}: data-NN {nn_acc}, latent-NN {lat}, transfer {acc}, aligned {}; target elbo {} -> {}; ctx elbo {}",
-        m.meta.n_aligned, h[0].train_elbo, h[h.len()-1].train_elbo, m.meta.context_training.history.last().unwrap().train_elbo);
-    eprintln!("ctx mean |z| {}, tgt mean |z| {}", zc_t.abs().mean(Kind::Float).double_value(&[]), zt_t.abs().mean(Kind::Float).double_value(&[]));
 }
