@@ -247,22 +247,27 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   list(z = emb, hvg = rownames(h)[h$highly_variable], name = label)
 }
 
-distill_bar <- function(e1, e2) {
+distill_bar <- function(e1, e2) two_phase_bar("Student", "encoder", e1, e2)
+
+# A progress bar over two training phases of e1 and e2 epochs (the first
+# named `first`), with the training loss and, where there is one, the
+# validation loss.
+two_phase_bar <- function(title, first, e1, e2, validation = TRUE) {
   state <- new.env()
-  state$phase <- "encoder"
+  state$phase <- first
   state$loss <- NA_real_
   state$val <- NA_real_
+  state$epoch <- 0
   id <- cli::cli_progress_bar(
     total = e1 + e2, clear = FALSE, .envir = state,
-    format = paste("Student {cli::pb_bar} {phase} epoch {epoch} | loss {format(loss, digits = 5)}",
-                   "| validation {format(val, digits = 5)} | {cli::pb_elapsed}"))
-  state$epoch <- 0
+    format = paste(title, "{cli::pb_bar} {phase} epoch {epoch} | loss {format(loss, digits = 5)}",
+                   if (validation) "| validation {format(val, digits = 5)}", "| {cli::pb_elapsed}"))
   list(update = function(phase, epoch, loss, val) {
          state$phase <- phase
          state$epoch <- epoch
          state$loss <- loss
          state$val <- val
-         cli::cli_progress_update(id = id, set = if (phase == "encoder") epoch else e1 + epoch, .envir = state)
+         cli::cli_progress_update(id = id, set = if (phase == first) epoch else e1 + epoch, .envir = state)
        },
        done = function() cli::cli_progress_done(id = id, .envir = state))
 }

@@ -221,23 +221,7 @@ batch_name <- function(batch, cnt) {
   if (is.character(batch) && length(batch) == 1 && ncol(cnt$counts) != 1) batch
 }
 
-species_bar <- function(e1, e2) {
-  state <- new.env()
-  state$phase <- "context"
-  state$loss <- NA_real_
-  state$epoch <- 0
-  id <- cli::cli_progress_bar(
-    total = e1 + e2, clear = FALSE, .envir = state,
-    format = paste("Species {cli::pb_bar} {phase} epoch {epoch} | loss {format(loss, digits = 5)}",
-                   "| {cli::pb_elapsed}"))
-  list(update = function(phase, epoch, loss, val) {
-         state$phase <- phase
-         state$epoch <- epoch
-         state$loss <- loss
-         cli::cli_progress_update(id = id, set = if (phase == "context") epoch else e1 + epoch, .envir = state)
-       },
-       done = function() cli::cli_progress_done(id = id, .envir = state))
-}
+species_bar <- function(e1, e2) two_phase_bar("Species", "context", e1, e2, validation = FALSE)
 
 # The fields of a cross-species model new_model() cannot know: the history
 # of both phases and where each species' batch is found.

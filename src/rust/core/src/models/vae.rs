@@ -167,18 +167,7 @@ impl Vae {
     /// Sets the per-batch prior of the learned library size from the data:
     /// mean and variance of log total counts within each batch.
     pub fn set_library_prior(&mut self, data: &VaeData) {
-        let n = self.cfg.n_batch;
-        let (mut s, mut ss, mut k) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
-        for (c, &l) in data.log_library.iter().enumerate() {
-            let b = data.covariates.batch.codes[c] as usize;
-            s[b] += l as f64;
-            ss[b] += (l as f64).powi(2);
-            k[b] += 1.0;
-        }
-        let means: Vec<f32> = (0..n).map(|b| (s[b] / k[b].max(1.0)) as f32).collect();
-        // Population variance (numpy's default, as scvi-tools computes it).
-        let vars: Vec<f32> =
-            (0..n).map(|b| ((ss[b] / k[b].max(1.0) - (s[b] / k[b].max(1.0)).powi(2)).max(1e-4)) as f32).collect();
+        let (means, vars) = data.library_prior(self.cfg.n_batch);
         tch::no_grad(|| {
             self.library_log_means.copy_(&Tensor::from_slice(&means).to_device(self.device()));
             self.library_log_vars.copy_(&Tensor::from_slice(&vars).to_device(self.device()));
@@ -259,6 +248,24 @@ impl<'a> VaeData<'a> {
         let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
         let log_factorial = super::log_factorial(counts);
         VaeData { counts, covariates, log_library, log_factorial, resident: None }
+    }
+
+    /// Mean and variance of the log library size within each of `n_batch`
+    /// batches: the prior of a learned library (scVI, scSpecies). The
+    /// variance is the population one (numpy's default, as scvi-tools
+    /// computes it), at least 1e-4.
+    pub fn library_prior(&self, n_batch: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut s, mut ss, mut k) = (vec![0f64; n_batch], vec![0f64; n_batch], vec![0f64; n_batch]);
+        for (c, &l) in self.log_library.iter().enumerate() {
+            let b = self.covariates.batch.codes[c] as usize;
+            s[b] += l as f64;
+            ss[b] += (l as f64).powi(2);
+            k[b] += 1.0;
+        }
+        let mean = |b: usize| s[b] / k[b].max(1.0);
+        let means = (0..n_batch).map(|b| mean(b) as f32).collect();
+        let vars = (0..n_batch).map(|b| ((ss[b] / k[b].max(1.0) - mean(b).powi(2)).max(1e-4)) as f32).collect();
+        (means, vars)
     }
 
     /// Keeps the counts on `device` and gathers minibatches there.

@@ -624,4 +624,4 @@ fn nb_inversion(mean: f64, shape: f64, mut u: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -156,7 +156,8 @@ fn invalid_parameters_are_named() {
     assert!(e.to_string().contains("group_prob"), "{e}");
 }
 
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
+/// Pearson correlation (shared with other modules' tests).
+pub(crate) fn pearson(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
     let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();

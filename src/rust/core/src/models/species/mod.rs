@@ -212,17 +212,7 @@ impl Side {
     /// The per-batch log-normal prior of the library from the data (as scVI
     /// and scSpecies), and the library encoder's mean started at its mean.
     fn set_library_prior(&mut self, data: &VaeData) {
-        let n = self.shape.n_batch;
-        let (mut s, mut ss, mut k) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
-        for (c, &l) in data.log_library.iter().enumerate() {
-            let b = data.covariates.batch.codes[c] as usize;
-            s[b] += l as f64;
-            ss[b] += (l as f64).powi(2);
-            k[b] += 1.0;
-        }
-        let means: Vec<f32> = (0..n).map(|b| (s[b] / k[b].max(1.0)) as f32).collect();
-        let vars: Vec<f32> =
-            (0..n).map(|b| ((ss[b] / k[b].max(1.0) - (s[b] / k[b].max(1.0)).powi(2)).max(1e-4)) as f32).collect();
+        let (means, vars) = data.library_prior(self.shape.n_batch);
         let device = self.library_log_means.device();
         tch::no_grad(|| {
             self.library_log_means.copy_(&Tensor::from_slice(&means).to_device(device));

@@ -3,6 +3,7 @@ use super::fitted::Species;
 use super::*;
 use crate::models::fitted::{Cells, FittedModel, LatentOptions};
 use crate::models::TORCH;
+use crate::simulate::tests::pearson;
 use crate::simulate::{simulate, SimParams, SpeciesParams, Simulation};
 
 fn never() -> bool {
@@ -34,8 +35,9 @@ fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, Str
     (s, two.sim, pairs)
 }
 
+/// Trains on the two species; the caller holds libtorch's turn (`turn()`)
+/// for the whole test, since the analyses draw from its generator too.
 fn fit_on(c: &Simulation, t: &Simulation, pairs: &[(String, String)], epochs: usize, seed: u64) -> SpeciesModel {
-    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let tc = TrainConfig { max_epochs: epochs, seed, ..SpeciesConfig::default_training() };
     crate::device::with_threads(2, || {
         SpeciesModel::fit(
@@ -55,6 +57,10 @@ fn fit_on(c: &Simulation, t: &Simulation, pairs: &[(String, String)], epochs: us
     .unwrap()
 }
 
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TORCH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn cells(s: &Simulation) -> Cells {
     let labels = s.batch.codes.iter().map(|&c| s.batch.levels[c as usize].clone()).collect();
     Cells { counts: vec![s.counts.clone()], batch: Some(labels), ..Default::default() }
@@ -69,15 +75,6 @@ fn transfer(m: &SpeciesModel, t: &Simulation) -> Transfer {
     let (csr, cov) = m.prepare(Species::Target, cells(t)).unwrap();
     let tc = m.target_cells(&csr, &cov);
     m.transfer_labels(&tc, 250, 25, &never).unwrap()
-}
-
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
 }
 
 #[test]
@@ -131,6 +128,7 @@ fn the_histogram_mode_finds_the_peak() {
 
 #[test]
 fn aligned_species_share_a_latent_space_labels_transfer_and_files_round_trip() {
+    let _turn = turn();
     let (c, t, pairs) = two_species(1200, 3);
     let m = fit_on(&c, &t, &pairs, 40, 0);
     assert_eq!(m.meta.homologs.len(), pairs.len());
@@ -211,6 +209,7 @@ fn aligned_species_share_a_latent_space_labels_transfer_and_files_round_trip() {
 
 #[test]
 fn the_same_seed_gives_the_same_model() {
+    let _turn = turn();
     let (c, t, pairs) = two_species(400, 5);
     let a = fit_on(&c, &t, &pairs, 3, 7);
     let b = fit_on(&c, &t, &pairs, 3, 7);
