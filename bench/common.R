@@ -38,7 +38,9 @@ timed <- function(cmd, args, quiet = TRUE) {
   } else {
     system2("/usr/bin/time", c("-f", "'%e %M'", "-o", log, cmd, args))
   }
-  v <- scan(log, quiet = TRUE)
+  # A failing command adds a "Command exited with non-zero status" line first.
+  lines <- readLines(log)
+  v <- scan(text = lines[length(lines)], quiet = TRUE)
   list(ok = status == 0, wall = v[1], rss_mb = v[2] / 1024)
 }
 

@@ -13,9 +13,8 @@
 //! - **Analyses** (`analysis`): likelihood-based label transfer, cell-type
 //!   similarity, homologous-gene fold changes.
 //!
-//! Differences from scSpecies 0.1.4, each deliberate: the encoders read
-//! log(1 + counts) like the package's other models (scSpecies reads raw
-//! counts); the decoder has one softmax over all genes (scSpecies splits
+//! Differences from scSpecies 0.1.4, each deliberate: the decoder has one
+//! softmax over all genes (scSpecies splits
 //! homologous and other genes; fold changes renormalise over the homologous
 //! genes either way); a target cell without a pulled cell in its minibatch
 //! adds no alignment term (scSpecies then pulls one random cell).
@@ -82,6 +81,11 @@ pub struct SpeciesConfig {
     pub likelihood: Likelihood,
     pub dispersion: Dispersion,
     pub alignment: Alignment,
+    /// The encoders read log(1 + counts) (`true`) or the raw counts (as
+    /// scSpecies does, the default: on 2,000 + 2,000 simulated cells at 40
+    /// epochs, label transfer reached balanced accuracy 0.90 from raw
+    /// counts and 0.68 from log counts).
+    pub log_input: bool,
     /// Data-level neighbours scored per target cell.
     pub k_neigh: usize,
     /// Share (percent) of target cells pulled, by neighbour-label agreement.
@@ -106,6 +110,7 @@ impl Default for SpeciesConfig {
             likelihood: Likelihood::Zinb,
             dispersion: Dispersion::GeneBatch,
             alignment: Alignment::Inter,
+            log_input: false,
             k_neigh: 25,
             top_percent: 20.0,
             eta_start: 10.0,
@@ -159,6 +164,7 @@ pub struct Side {
     pub(crate) decoder: CountDecoder,
     library_log_means: Tensor,
     library_log_vars: Tensor,
+    log_input: bool,
     pub shape: SideShape,
 }
 
@@ -205,6 +211,7 @@ impl Side {
             decoder,
             library_log_means: root.zeros_no_train("library_log_means", &[shape.n_batch as i64]),
             library_log_vars: root.ones_no_train("library_log_vars", &[shape.n_batch as i64]),
+            log_input: cfg.log_input,
             shape,
         }
     }
@@ -224,9 +231,16 @@ impl Side {
 
     /// Encoders on a minibatch; `inner`: the inner encoder to use.
     pub fn encode(&self, inner: &GaussianEncoder, inp: &Inputs, pass: Pass) -> Encoded {
-        let inter = self.outer.forward(&inp.log1p_x, Some(&inp.design), pass);
+        let raw;
+        let x = if self.log_input {
+            &inp.log1p_x
+        } else {
+            raw = inp.log1p_x.expm1();
+            &raw
+        };
+        let inter = self.outer.forward(x, Some(&inp.design), pass);
         let qz = inner.forward(&inter, None, pass);
-        let ql = self.library.forward(&inp.log1p_x, Some(&inp.design), pass);
+        let ql = self.library.forward(x, Some(&inp.design), pass);
         Encoded { inter, qz, ql }
     }
 
