@@ -122,13 +122,12 @@ align_species <- function(context, target, homologs, context_labels = "cell_type
          validation_fraction = 0, seed = s)
   }
   seed <- check_seed(seed)
-  cat_arg <- function(f, name) list(name = name, codes = as.integer(f), levels = levels(f))
   one <- function(cnt) cnt$batch %||% factor(rep("all", ncol(cnt$counts)))
   bar <- if (check_flag(progress, "progress")) species_bar(epochs[1], epochs[2]) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_species(slots(cc), cat_arg(one(cc), batch_name(batch_context, cc) %||% ""),
-                             cat_arg(labels, "cell_type"), slots(ct),
-                             cat_arg(one(ct), batch_name(batch_target, ct) %||% ""), pairs, config,
+  fit <- rust(rs_fit_species(slots(cc), factor_arg(one(cc), batch_name(batch_context, cc) %||% ""),
+                             factor_arg(labels, "cell_type"), slots(ct),
+                             factor_arg(one(ct), batch_name(batch_target, ct) %||% ""), pairs, config,
                              phase(epochs[1], seed, warm[1]),
                              phase(epochs[2], seed, warm[2]),
                              check_device(device), resolve_threads(threads), bar$update))
@@ -483,7 +482,7 @@ species_similarity <- function(model, target, labels = NULL, batch = NULL, max_t
   cells <- model_cells(model, target, batch, species = "target")
   f <- target_types(model, cells, labels, batch, threads)
   v <- rust(rs_species_similarity(model_ptr(model), cells[c("counts", "batch")],
-                                  list(name = "labels", codes = as.integer(f), levels = levels(f)),
+                                  factor_arg(f, "labels"),
                                   check_count(max_target, "max_target"), check_count(max_context, "max_context"),
                                   check_seed(seed), resolve_threads(threads)))
   lv <- unlist(model$info$label_levels)
@@ -567,7 +566,7 @@ homolog_fold_changes <- function(model, target, labels = NULL, batch = NULL, del
   cells <- model_cells(model, target, batch, species = "target")
   f <- target_types(model, cells, labels, batch, threads)
   res <- rust(rs_species_fold_changes(model_ptr(model), cells[c("counts", "batch")],
-                                      list(name = "labels", codes = as.integer(f), levels = levels(f)),
+                                      factor_arg(f, "labels"),
                                       check_count(n_samples, "n_samples"), delta, check_seed(seed),
                                       resolve_threads(threads)))
   if (!length(res)) {

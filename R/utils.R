@@ -42,6 +42,9 @@ batch_args <- function(batch) {
   list(codes = as.integer(batch), levels = levels(batch))
 }
 
+# A factor as the glue's categorical covariate: list(name, codes (1-based), levels).
+factor_arg <- function(f, name) list(name = name, codes = as.integer(f), levels = levels(f))
+
 check_count <- function(x, arg, min = 1) {
   if (!is.numeric(x) || length(x) != 1 || is.na(x) || x != round(x) || x < min) {
     stop("`", arg, "` must be a whole number >= ", min, call. = FALSE)

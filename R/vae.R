@@ -130,7 +130,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   batch_f <- cnt$batch %||% factor(rep("all", n_cells))
   # The batch's name: its metadata column, "batch" for a vector, "" for none.
   batch_name <- if (is.null(cnt$batch)) "" else if (is.character(batch) && length(batch) == 1 && n_cells != 1) batch else "batch"
-  batch_arg <- list(name = batch_name, codes = as.integer(batch_f), levels = levels(batch_f))
+  batch_arg <- factor_arg(batch_f, batch_name)
 
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)

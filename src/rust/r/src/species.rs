@@ -7,9 +7,10 @@ use crate::{counts_from_r, fail, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::device::parse_device;
+use scdistill_core::models::species::analysis::TargetCells;
 use scdistill_core::models::species::fitted::Species;
+use scdistill_core::models::Cells;
 use scdistill_core::models::species::{SpeciesConfig, SpeciesData, SpeciesModel};
-use scdistill_core::models::{Cells, FittedModel, LatentOptions};
 use scdistill_core::train::TrainConfig;
 
 /// Trains a cross-species model. `context`/`target`: count lists;
@@ -60,17 +61,28 @@ fn rs_fit_species(
             interrupted,
             &|phase, r| report(if phase == 0 { "context" } else { "target" }, r),
         )?;
-        let opts = |s: &str| LatentOptions { species: s.into(), ..Default::default() };
-        let cells = |m: &scdistill_core::data::CountMatrix, b: &scdistill_core::data::Categorical| Cells {
-            counts: vec![m.clone()],
-            batch: Some(b.codes.iter().map(|&k| b.levels[k as usize].clone()).collect()),
-            ..Default::default()
-        };
-        let zc = model.latent(cells(&c, &cb), &opts("context"))?.joint;
-        let zt = model.latent(cells(&t, &tb), &opts("target"))?.joint;
+        let zc = model.training_latent(Species::Context, &c.csr, &cb)?;
+        let zt = model.training_latent(Species::Target, &t.csr, &tb)?;
         Ok((model, zc, zt))
     })?;
     Ok(fitted_to_r(Box::new(model), list!(context = matrix_to_r(&zc), target = matrix_to_r(&zt)).into()))
+}
+
+/// Runs `f` on a worker with the model behind `ptr` and the target `cells`
+/// encoded (`what` names the caller in the error for another kind of model).
+fn on_target<T: Send>(
+    ptr: &Robj,
+    cells: Cells,
+    threads: i32,
+    what: &str,
+    f: impl FnOnce(&SpeciesModel, &TargetCells, &dyn Fn() -> bool) -> scdistill_core::Result<T> + Send,
+) -> Result<T> {
+    let model = crate::worker::Lent(model_as::<SpeciesModel>(ptr, what)?);
+    crate::run(threads, |interrupted| {
+        let m = model.get();
+        let (csr, cov) = m.prepare(Species::Target, cells)?;
+        f(m, &m.target_cells(&csr, &cov), interrupted)
+    })
 }
 
 /// Labels transferred to target `cells`: list(label (0-based codes into the
@@ -78,13 +90,9 @@ fn rs_fit_species(
 /// @noRd
 #[extendr]
 fn rs_species_transfer(ptr: Robj, cells: List, n_candidates: i32, top_neigh: i32, threads: i32) -> Result<List> {
-    let model = crate::worker::Lent(model_as::<SpeciesModel>(&ptr, "transfer_labels()")?);
-    let cells = cells_from_r(&cells)?;
-    let tr = crate::run(threads, |interrupted| {
-        let m = model.get();
-        let (csr, cov) = m.prepare(Species::Target, cells)?;
-        let t = m.target_cells(&csr, &cov);
-        m.transfer_labels(&t, n_candidates.max(1) as usize, top_neigh.max(1) as usize, interrupted)
+    let (k, top) = (n_candidates.max(1) as usize, top_neigh.max(1) as usize);
+    let tr = on_target(&ptr, cells_from_r(&cells)?, threads, "transfer_labels()", |m, t, stop| {
+        m.transfer_labels(t, k, top, stop)
     })?;
     Ok(list!(
         label = tr.label.iter().map(|&l| l as i32).collect::<Vec<_>>(),
@@ -97,32 +105,39 @@ fn rs_species_transfer(ptr: Robj, cells: List, n_candidates: i32, top_neigh: i32
 /// levels)) to the context types: a row-major flat vector.
 /// @noRd
 #[extendr]
-fn rs_species_similarity(ptr: Robj, cells: List, labels: List, max_target: i32, max_context: i32, seed: f64, threads: i32) -> Result<Vec<f64>> {
-    let model = crate::worker::Lent(model_as::<SpeciesModel>(&ptr, "species_similarity()")?);
+fn rs_species_similarity(
+    ptr: Robj,
+    cells: List,
+    labels: List,
+    max_target: i32,
+    max_context: i32,
+    seed: f64,
+    threads: i32,
+) -> Result<Vec<f64>> {
     let cells = cells_from_r(&cells)?;
-    let n = cells.n_cells();
-    let labels = categorical_list(&labels, n)?;
-    crate::run(threads, |_| {
-        let m = model.get();
-        let (csr, cov) = m.prepare(Species::Target, cells)?;
-        let t = m.target_cells(&csr, &cov);
-        m.similarity_table(&t, &labels.codes, labels.n_levels(), max_target.max(1) as usize, max_context.max(1) as usize, seed as u64)
+    let labels = categorical_list(&labels, cells.n_cells())?;
+    let (nt, nc) = (max_target.max(1) as usize, max_context.max(1) as usize);
+    on_target(&ptr, cells, threads, "species_similarity()", |m, t, _| {
+        m.similarity_table(t, &labels.codes, labels.n_levels(), nt, nc, seed as u64)
     })
 }
 
 /// Homologous-gene fold changes per shared type: a list of lists of columns.
 /// @noRd
 #[extendr]
-fn rs_species_fold_changes(ptr: Robj, cells: List, labels: List, n_samples: i32, delta: f64, seed: f64, threads: i32) -> Result<List> {
-    let model = crate::worker::Lent(model_as::<SpeciesModel>(&ptr, "homolog_fold_changes()")?);
+fn rs_species_fold_changes(
+    ptr: Robj,
+    cells: List,
+    labels: List,
+    n_samples: i32,
+    delta: f64,
+    seed: f64,
+    threads: i32,
+) -> Result<List> {
     let cells = cells_from_r(&cells)?;
-    let n = cells.n_cells();
-    let labels = categorical_list(&labels, n)?;
-    let fc = crate::run(threads, |_| {
-        let m = model.get();
-        let (csr, cov) = m.prepare(Species::Target, cells)?;
-        let t = m.target_cells(&csr, &cov);
-        m.fold_changes(&t, &labels.codes, &labels.levels, n_samples.max(1) as usize, delta, seed as u64)
+    let labels = categorical_list(&labels, cells.n_cells())?;
+    let fc = on_target(&ptr, cells, threads, "homolog_fold_changes()", |m, t, _| {
+        m.fold_changes(t, &labels.codes, &labels.levels, n_samples.max(1) as usize, delta, seed as u64)
     })?;
     let items: Vec<(String, Robj)> = fc
         .into_iter()

@@ -18,6 +18,8 @@ use crate::models::count_decoder::{CountDecoder, DecoderHeads};
 use crate::models::vae::VaeData;
 use crate::nn::Pass;
 use crate::data::SparseBatch;
+use crate::de::stats::quantile;
+use crate::numeric::nan_median;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -87,7 +89,7 @@ fn heads_under(decoder: &CountDecoder, z: &Tensor, b: usize, n_batch: usize) -> 
                 pis.push(p);
             }
             if theta.is_none() {
-                theta = h.log_theta.map(|t| if t.dim() == 2 && batch_constant(decoder) { t.get(0) } else { t });
+                theta = h.log_theta.map(|t| if t.dim() == 2 && !decoder.cell_dispersion() { t.get(0) } else { t });
             }
         }
     });
@@ -96,11 +98,6 @@ fn heads_under(decoder: &CountDecoder, z: &Tensor, b: usize, n_batch: usize) -> 
         log_theta: theta,
         pi_logits: (!pis.is_empty()).then(|| Tensor::cat(&pis, 0)),
     }
-}
-
-/// Whether θ is the same for every cell of a batch (per gene, or per gene and batch).
-fn batch_constant(decoder: &CountDecoder) -> bool {
-    !decoder.cell_dispersion()
 }
 
 /// Target cells as the analyses read them.
@@ -146,11 +143,6 @@ impl SpeciesModel {
         v.iter().enumerate().map(|(x, &nll)| (nll - own[rows[x / k]]) as f64).collect()
     }
 
-    /// Target cells of each target batch.
-    fn cells_by_batch(t: &TargetCells) -> Vec<Vec<usize>> {
-        t.data.covariates.batch.cells_by_level()
-    }
-
     /// scSpecies' label transfer: each target cell's `n_candidates` nearest
     /// context cells in the latent space, ranked by sim; the majority label
     /// of the `top_neigh` most similar (ties: the first label in level
@@ -165,7 +157,7 @@ impl SpeciesModel {
         let neighbours = latent_neighbours(&t.reps.mean, &self.context_latent, k);
         let n_levels = self.meta.label_levels.len();
         let mut out = Transfer { label: vec![0; n], confidence: vec![0.0; n], similarity: vec![0.0; n] };
-        for (b, cells) in Self::cells_by_batch(t).iter().enumerate() {
+        for (b, cells) in t.data.covariates.batch.cells_by_level().iter().enumerate() {
             if cells.is_empty() {
                 continue;
             }
@@ -188,7 +180,7 @@ impl SpeciesModel {
                     let best = votes.iter().position(|&v| v == most).unwrap_or(0);
                     out.label[r] = best as u32;
                     out.confidence[r] = most as f64 / top as f64;
-                    out.similarity[r] = median(order[..top].iter().map(|&o| s[o]).collect());
+                    out.similarity[r] = nan_median(&order[..top].iter().map(|&o| s[o]).collect::<Vec<_>>());
                 }
             }
         }
@@ -219,7 +211,7 @@ impl SpeciesModel {
         }
         let own: Vec<f32> = Vec::try_from(self.own_nll(t).to_device(Device::Cpu)).expect("floats");
         let mut values: Vec<Vec<f64>> = vec![Vec::new(); n_levels * nl];
-        let batches = Self::cells_by_batch(t);
+        let batches = t.data.covariates.batch.cells_by_level();
         for (b, cells) in batches.iter().enumerate() {
             if cells.is_empty() {
                 continue;
@@ -466,18 +458,6 @@ pub fn latent_neighbours(q: &Tensor, r: &Tensor, k: usize) -> Vec<u32> {
     out
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// The mode of `v` as the midpoint of the fullest bin of a histogram with
 /// Freedman–Diaconis bins (width 2 · IQR · n^(−1/3); numpy's `bins='fd'`).
 pub fn histogram_mode(v: &[f64]) -> f64 {
@@ -485,16 +465,12 @@ pub fn histogram_mode(v: &[f64]) -> f64 {
     if s.is_empty() {
         return f64::NAN;
     }
-    s.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        let pos = p * (s.len() - 1) as f64;
-        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-        s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
-    };
-    let (lo, hi) = (s[0], s[s.len() - 1]);
-    let width = 2.0 * (q(0.75) - q(0.25)) / (s.len() as f64).cbrt();
+    let lo = s.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let iqr = quantile(&mut s, 0.75) - quantile(&mut s, 0.25);
+    let width = 2.0 * iqr / (s.len() as f64).cbrt();
     if !(width > 0.0) || hi <= lo {
-        return median(s);
+        return nan_median(&s);
     }
     let bins = (((hi - lo) / width).ceil() as usize).clamp(1, 100_000);
     let w = (hi - lo) / bins as f64;

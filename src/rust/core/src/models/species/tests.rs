@@ -39,22 +39,29 @@ fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, Str
 /// for the whole test, since the analyses draw from its generator too.
 fn fit_on(c: &Simulation, t: &Simulation, pairs: &[(String, String)], epochs: usize, seed: u64) -> SpeciesModel {
     let tc = TrainConfig { max_epochs: epochs, seed, ..SpeciesConfig::default_training() };
-    crate::device::with_threads(2, || {
-        SpeciesModel::fit(
-            SpeciesData { counts: &c.counts, batch: c.batch.clone() },
-            &c.group,
-            SpeciesData { counts: &t.counts, batch: t.batch.clone() },
-            pairs,
-            SpeciesConfig::default(),
-            tc.clone(),
-            tc,
-            Device::Cpu,
-            &never,
-            &|_, _| {},
-        )
-    })
-    .unwrap()
-    .unwrap()
+    crate::device::with_threads(2, || fit_labelled(c, &c.group, t, pairs, tc)).unwrap().unwrap()
+}
+
+/// `SpeciesModel::fit` with the simulations' batches, labels `labels`.
+fn fit_labelled(
+    c: &Simulation,
+    labels: &Categorical,
+    t: &Simulation,
+    pairs: &[(String, String)],
+    tc: TrainConfig,
+) -> crate::Result<SpeciesModel> {
+    SpeciesModel::fit(
+        SpeciesData { counts: &c.counts, batch: c.batch.clone() },
+        labels,
+        SpeciesData { counts: &t.counts, batch: t.batch.clone() },
+        pairs,
+        SpeciesConfig::default(),
+        tc.clone(),
+        tc,
+        Device::Cpu,
+        &never,
+        &|_, _| {},
+    )
 }
 
 fn turn() -> std::sync::MutexGuard<'static, ()> {
@@ -225,18 +232,6 @@ fn a_context_of_one_cell_type_is_refused() {
     let (c, t, pairs) = two_species(200, 2);
     let one = Categorical::constant("cell_type", 200);
     let tc = TrainConfig { max_epochs: 1, ..SpeciesConfig::default_training() };
-    let e = SpeciesModel::fit(
-        SpeciesData { counts: &c.counts, batch: c.batch.clone() },
-        &one,
-        SpeciesData { counts: &t.counts, batch: t.batch.clone() },
-        &pairs,
-        SpeciesConfig::default(),
-        tc.clone(),
-        tc,
-        Device::Cpu,
-        &never,
-        &|_, _| {},
-    )
-    .unwrap_err();
+    let e = fit_labelled(&c, &one, &t, &pairs, tc).unwrap_err();
     assert!(e.to_string().contains("single cell type"), "{e}");
 }
