@@ -138,7 +138,8 @@ print.scdistill_teacher <- function(x, ...) {
 #'                  max_epochs_decoder = 30, threads = 2)
 #' model
 #' sce <- add_latent(sce, model)
-#' integration_metrics(sce, batch = "batch", label = "cell_line", reduction = "scDistill")[, c("ilisi", "clisi")]
+#' integration_metrics(sce, batch = "batch", label = "cell_line",
+#'                     reduction = "scDistill")[, c("ilisi", "clisi")]
 #' corrected <- corrected_expression(model, sce, reference_batch = "p1")
 #' dim(corrected)
 #' @export

@@ -72,7 +72,8 @@
 #' @seealso `vignette("cross-species", package = "scdistill")`
 #' @examples
 #' \donttest{
-#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3, species = list(n_cells = 600, n_genes = 280),
+#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3,
+#'                        species = list(n_cells = 600, n_genes = 280),
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
@@ -360,7 +361,8 @@ add_latent.scdistill_species <- function(x, model, name = NULL, ...) {
 #'   `confidence` and `similarity`, one row per cell.
 #' @examples
 #' \donttest{
-#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3, species = list(n_cells = 600, n_genes = 280),
+#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3,
+#'                        species = list(n_cells = 600, n_genes = 280),
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
@@ -466,7 +468,8 @@ print.scdistill_label_accuracy <- function(x, ...) {
 #'   `scdistill_species_similarity`; `plot()` draws it as a heatmap.
 #' @examples
 #' \donttest{
-#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3, species = list(n_cells = 600, n_genes = 280),
+#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3,
+#'                        species = list(n_cells = 600, n_genes = 280),
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
@@ -549,7 +552,8 @@ plot.scdistill_species_similarity <- function(x, ...) {
 #'   target cells used per type.
 #' @examples
 #' \donttest{
-#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3, species = list(n_cells = 600, n_genes = 280),
+#' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 3,
+#'                        species = list(n_cells = 600, n_genes = 280),
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)

@@ -1,8 +1,9 @@
 #' libtorch, device and threads
 #'
-#' Reports the libtorch the package was built against, whether CUDA is
-#' usable, which device `device` resolves to, and the number of threads
-#' computations will use.
+#' Reports the libtorch the package runs on and where it was loaded from,
+#' whether CUDA is usable, which device `device` resolves to, and the number
+#' of threads computations will use. See [install_libtorch()] for how the
+#' libtorch folder is chosen.
 #'
 #' Thread policy (as `data.table` does): the `threads` argument of a function
 #' wins; otherwise `getOption("scdistill.threads")`; otherwise every core this
@@ -12,7 +13,9 @@
 #'   `"cuda"` or `"cuda:N"`.
 #' @param threads Number of threads, or `NULL` for the policy above.
 #' @return A list of class `scdistill_torch_config` with `libtorch_version`,
-#'   `cuda_available`, `cuda_device_count`, `cudnn_available`, `device`,
+#'   `libtorch_path` (the folder libtorch was loaded from),
+#'   `libtorch_source` (why that folder: `"option"`, `"install_libtorch()"`
+#'   or `"build"`), `cuda_available`, `cuda_device_count`, `cudnn_available`, `device`,
 #'   `threads` and `blas` (the library libtorch's matrix products run in:
 #'   libtorch's own, whatever BLAS R uses).
 #' @examples
@@ -23,6 +26,8 @@ torch_config <- function(device = "auto", threads = NULL) {
   check_device(device)
   cfg <- rust(rs_torch_config(device, resolve_threads(threads)))
   cfg$blas <- rs_blas_library()
+  cfg$libtorch_path <- native_env$libtorch$dir
+  cfg$libtorch_source <- native_env$libtorch$source
   structure(cfg, class = "scdistill_torch_config")
 }
 
@@ -30,6 +35,7 @@ torch_config <- function(device = "auto", threads = NULL) {
 #' @export
 print.scdistill_torch_config <- function(x, ...) {
   cat("libtorch ", x$libtorch_version, "\n", sep = "")
+  cat("  from   ", x$libtorch_path %||% "?", " (", x$libtorch_source %||% "?", ")\n", sep = "")
   cat("CUDA:    ", if (x$cuda_available) sprintf("yes, %d device(s)%s", x$cuda_device_count,
                                                if (x$cudnn_available) ", cuDNN" else "") else "no", "\n", sep = "")
   cat("device:  ", x$device, "\n", sep = "")

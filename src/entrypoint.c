@@ -5,6 +5,13 @@
 // matrix products would bind to R's BLAS (on Debian the slow reference BLAS:
 // training ten times slower). The routines are then registered for this
 // package by the core's init function.
+//
+// Before that, the libtorch libraries named in SCDISTILL_LIBTORCH_LIB
+// (colon-separated absolute paths, dependencies first; set by load_core() in
+// R/libtorch.R) are opened, with the same flags. The core's references to
+// libtorch (by soname: libtorch_cpu.so, libc10.so, ...) then bind to those
+// already-loaded copies, whatever rpath the build recorded: a binary built on
+// one machine runs against the libtorch install_libtorch() put on another.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdio.h>
@@ -17,7 +24,26 @@
 #define RTLD_DEEPBIND 0
 #endif
 
+static void preload_libtorch(void) {
+    const char *list = getenv("SCDISTILL_LIBTORCH_LIB");
+    if (!list || !*list) return;
+    char path[4096];
+    while (*list) {
+        const char *end = strchr(list, ':');
+        size_t len = end ? (size_t)(end - list) : strlen(list);
+        if (len >= sizeof(path)) Rf_error("scdistill: libtorch path too long");
+        memcpy(path, list, len);
+        path[len] = '\0';
+        if (len && !dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)) {
+            Rf_error("scdistill: cannot load libtorch library %s: %s", path, dlerror());
+        }
+        list += len;
+        if (*list == ':') list++;
+    }
+}
+
 void R_init_scdistill(DllInfo *dll) {
+    preload_libtorch();
     Dl_info self;
     if (!dladdr((void *)R_init_scdistill, &self) || !self.dli_fname) {
         Rf_error("scdistill: cannot locate its own shared object");
@@ -32,5 +58,9 @@ void R_init_scdistill(DllInfo *dll) {
     if (!core) Rf_error("scdistill: cannot load its libtorch core (%s): %s", path, dlerror());
     void (*init)(DllInfo *) = (void (*)(DllInfo *))dlsym(core, "scdistill_torch_init");
     if (!init) Rf_error("scdistill: %s has no init function", path);
+    // The loader registers nothing itself (the core's init registers every
+    // routine on this DllInfo); symbols are found by registration only.
+    R_registerRoutines(dll, NULL, NULL, NULL, NULL);
     init(dll);
+    R_useDynamicSymbols(dll, FALSE);
 }
