@@ -308,6 +308,9 @@ mod tests {
 
     #[test]
     fn covariates_are_injected_where_asked() {
+        // Layers draw their weights from libtorch's global generator: take the
+        // turn, or a model test running beside this one trains on other draws.
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         let vs = nn::VarStore::new(Device::Cpu);
         let spec = FcSpec {
             n_in: 5,

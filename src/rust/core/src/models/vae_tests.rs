@@ -180,8 +180,10 @@ fn counts_kept_on_the_device_train_the_same_model() {
     let s = sim(300, 8);
     let cov = covariates(&s);
     let tc = quick(3);
+    // One turn for both runs: no other test may touch libtorch's global
+    // state (generator, threads) between or during them.
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let run = |resident: bool| {
-        let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
         // The same thread count for both runs: sums split differently otherwise.
         crate::device::set_threads(2).unwrap();
         seed_torch(tc.seed);
