@@ -366,7 +366,8 @@ add_latent.scdistill_species <- function(x, model, name = NULL, ...) {
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
-#' fit <- align_species(sim, human, hom[!is.na(hom$context), ], batch_context = "batch", batch_target = "batch",
+#' fit <- align_species(sim, human, hom[!is.na(hom$context), ],
+#'                      batch_context = "batch", batch_target = "batch",
 #'                      max_epochs = 100, threads = 2, verbose = FALSE)
 #' pred <- transfer_labels(fit, human)
 #' label_transfer_accuracy(pred$scSpecies_label, pred$cell_type)
@@ -473,7 +474,8 @@ print.scdistill_label_accuracy <- function(x, ...) {
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
-#' fit <- align_species(sim, human, hom[!is.na(hom$context), ], batch_context = "batch", batch_target = "batch",
+#' fit <- align_species(sim, human, hom[!is.na(hom$context), ],
+#'                      batch_context = "batch", batch_target = "batch",
 #'                      max_epochs = 100, threads = 2, verbose = FALSE)
 #' s <- species_similarity(fit, human, labels = "cell_type", max_target = 50, max_context = 20)
 #' plot(s)
@@ -557,7 +559,8 @@ plot.scdistill_species_similarity <- function(x, ...) {
 #'                        seed = 2)
 #' human <- S4Vectors::metadata(sim)$species2
 #' hom <- data.frame(target = rownames(human), context = SummarizedExperiment::rowData(human)$homolog)
-#' fit <- align_species(sim, human, hom[!is.na(hom$context), ], batch_context = "batch", batch_target = "batch",
+#' fit <- align_species(sim, human, hom[!is.na(hom$context), ],
+#'                      batch_context = "batch", batch_target = "batch",
 #'                      max_epochs = 100, threads = 2, verbose = FALSE)
 #' fc <- homolog_fold_changes(fit, human, labels = "cell_type", n_samples = 2000)
 #' head(fc[[1]])

@@ -28,7 +28,7 @@ PKGS=(r-base-dev r-cran-matrix r-cran-cli r-cran-testthat r-cran-roxygen2 r-cran
       r-bioc-deseq2 r-bioc-edger r-cran-uwot r-cran-ggplot2 r-cran-irlba
       r-bioc-multiassayexperiment
       pandoc python3 python3-venv build-essential ca-certificates zip unzip xz-utils
-      devscripts)  # devscripts: checkbashisms, for R CMD check --as-cran
+      devscripts qpdf)  # checkbashisms and qpdf, for R CMD check --as-cran
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed || missing+=("$p")
