@@ -38,7 +38,7 @@ tarball=$(ls "$WORK"/scdistill_*.tar.gz 2>/dev/null | head -n 1)
 
 step "R package: R CMD check --as-cran --no-manual (testthat, examples, vignettes; no network checks)"
 check_status="ERROR (R CMD build failed)"
-r_pass=0; r_fail=0; r_skip=0
+r_pass=0; r_fail=0; r_skip=0; r_warn=0
 if [ -n "$tarball" ]; then
   (cd "$WORK" && _R_CHECK_CRAN_INCOMING_REMOTE_=false _R_CHECK_FUTURE_FILE_TIMESTAMPS_=false \
     R CMD check --as-cran --no-manual "$tarball" 2>&1) | tee "$WORK/check.log" | grep -vE '^\s+Compiling '
@@ -48,6 +48,7 @@ if [ -n "$tarball" ]; then
   if [ -n "$rout" ]; then
     line=$(grep -E '\[ FAIL [0-9]+ \| WARN [0-9]+ \| SKIP [0-9]+ \| PASS [0-9]+ \]' "$rout" | tail -n 1)
     r_fail=$(echo "$line" | sed -E 's/.*FAIL ([0-9]+).*/\1/'); r_skip=$(echo "$line" | sed -E 's/.*SKIP ([0-9]+).*/\1/')
+    r_warn=$(echo "$line" | sed -E 's/.*WARN ([0-9]+).*/\1/')
     r_pass=$(echo "$line" | sed -E 's/.*PASS ([0-9]+).*/\1/')
     [ -n "$line" ] || r_fail=1
     case "$rout" in *.fail) echo; echo "--- end of $rout ---"; tail -n 60 "$rout" ;; esac
@@ -67,7 +68,7 @@ fi
 echo
 echo "cargo test (core):  $rust_pass passed, $rust_fail failed"
 echo "install path:       $install_pass passed, $install_fail failed"
-echo "testthat (R API):   $r_pass passed, $r_fail failed, $r_skip skipped"
+echo "testthat (R API):   $r_pass passed, $r_fail failed, $r_skip skipped, ${r_warn:-0} warning(s)"
 echo "R CMD check:        $check_status   (log: $WORK/check.log)"
 failed=$((rust_fail + r_fail + install_fail + (wrappers_rc != 0)))
 case "$check_status" in *ERROR*|*WARNING*) failed=$((failed + 1)) ;; esac

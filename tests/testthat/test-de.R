@@ -132,9 +132,9 @@ test_that("change mode finds the simulator's DE genes with a VAE, reproducibly",
   grDevices::png(f)
   expect_identical(plot(de), de)
   grDevices::dev.off()
-  expect_error(differential_expression(model, sim, "condition", "treated", batch_correction = "BatchZ"),
+  expect_error(de_cells(model, sim, "condition", "treated", batch_correction = "BatchZ"),
                "batches of the model")
-  expect_error(differential_expression(model, sim[1:50, ], "condition", "treated"), "genes")
+  expect_error(de_cells(model, sim[1:50, ], "condition", "treated"), "genes")
 })
 
 test_that("a distilled model gives Bayesian DE too", {
