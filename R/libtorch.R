@@ -86,6 +86,12 @@ file_sha256 <- function(path) {
   stop("cannot compute a SHA-256 checksum: none of sha256sum, shasum or openssl was found", call. = FALSE)
 }
 
+# The value of environment variable `name`, or NULL when it is unset or empty.
+env_value <- function(name) {
+  v <- Sys.getenv(name)
+  if (nzchar(v)) v
+}
+
 # --- download and unpack --------------------------------------------------------
 
 # Downloads (or copies, for file:// addresses and local paths) `url` to `dest`.
@@ -234,10 +240,7 @@ fetch_libtorch <- function(path, type = c("cpu", "cuda"), url = NULL, sha256 = N
 
 # Where downloaded libtorch goes by default, and where install_libtorch()
 # records its choice.
-libtorch_cache_dir <- function() {
-  env <- Sys.getenv("SCDISTILL_LIBTORCH_CACHE")
-  if (nzchar(env)) env else tools::R_user_dir("scdistill", "cache")
-}
+libtorch_cache_dir <- function() env_value("SCDISTILL_LIBTORCH_CACHE") %||% tools::R_user_dir("scdistill", "cache")
 
 libtorch_record_file <- function() file.path(tools::R_user_dir("scdistill", "config"), "libtorch")
 
@@ -291,8 +294,8 @@ libtorch_recorded <- function() {
 install_libtorch <- function(type = c("cpu", "cuda"), url = NULL, sha256 = NULL, path = NULL,
                              quiet = FALSE) {
   type <- match.arg(type)
-  url <- url %||% (if (nzchar(Sys.getenv("SCDISTILL_LIBTORCH_URL"))) Sys.getenv("SCDISTILL_LIBTORCH_URL"))
-  sha256 <- sha256 %||% (if (nzchar(Sys.getenv("SCDISTILL_LIBTORCH_SHA256"))) Sys.getenv("SCDISTILL_LIBTORCH_SHA256"))
+  url <- url %||% env_value("SCDISTILL_LIBTORCH_URL")
+  sha256 <- sha256 %||% env_value("SCDISTILL_LIBTORCH_SHA256")
   if (!is.null(url) && (!is.character(url) || length(url) != 1 || is.na(url))) {
     stop("`url` must be one address", call. = FALSE)
   }
@@ -324,7 +327,7 @@ libtorch_location <- function() {
   fix <- paste0("Run scdistill::install_libtorch(", if (build$cuda) "type = \"cuda\"", ") to download libtorch ",
                 libtorch_version, " (once), or point the option `scdistill.libtorch` at a libtorch ",
                 libtorch_version, " folder.")
-  given <- getOption("scdistill.libtorch") %||% (if (nzchar(Sys.getenv("SCDISTILL_LIBTORCH"))) Sys.getenv("SCDISTILL_LIBTORCH"))
+  given <- getOption("scdistill.libtorch") %||% env_value("SCDISTILL_LIBTORCH")
   if (!is.null(given)) {
     problem <- libtorch_dir_problem(given, need_cuda = build$cuda)
     if (!is.null(problem)) stop("libtorch from option `scdistill.libtorch`/SCDISTILL_LIBTORCH: ", problem, ". ", fix, call. = FALSE)

@@ -88,9 +88,7 @@ align_species <- function(context, target, homologs, context_labels = "cell_type
                           batch_target = NULL, n_latent = 10, likelihood = c("zinb", "nb"),
                           dispersion = c("gene-batch", "gene", "gene-cell"), alignment = c("inter", "latent"),
                           input = c("counts", "log1p"), k_neigh = 25, top_percent = 20, eta = c(10, 25),
-                          max_epochs = NULL, kl_warmup = NULL,
-                          batch_size = 128,
-                          lr = 1e-3, seed = 0, device = "auto", threads = NULL, progress = interactive(),
+                          max_epochs = NULL, kl_warmup = NULL, batch_size = 128, lr = 1e-3, seed = 0, device = "auto", threads = NULL, progress = interactive(),
                           verbose = TRUE) {
   likelihood <- choose_arg(likelihood, "likelihood")
   dispersion <- choose_arg(dispersion, "dispersion")
@@ -118,7 +116,7 @@ align_species <- function(context, target, homologs, context_labels = "cell_type
   warm <- species_warmup(kl_warmup, epochs, c(ncol(cc$counts), ncol(ct$counts)), batch_size)
   config$eta_epochs <- warm[2]
   phase <- function(n, s, warm) {
-    list(max_epochs = n, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr, weight_decay = 0,
+    list(max_epochs = n, batch_size = batch_size, lr = lr, weight_decay = 0,
          adam_eps = 1e-8, kl_warmup = 0, kl_warmup_epochs = warm, kl_start = 0.1, early_stopping = FALSE,
          validation_fraction = 0, seed = s)
   }

@@ -12,8 +12,6 @@ if (nzchar(cuda) && !cuda %in% c("13.0", "13")) {
   quit(status = 1)
 }
 type <- if (nzchar(cuda)) "cuda" else "cpu"
-url <- Sys.getenv("SCDISTILL_LIBTORCH_URL")
-sha <- Sys.getenv("SCDISTILL_LIBTORCH_SHA256")
 # A libtorch install_libtorch() recorded earlier is used as it is.
 rec <- libtorch_recorded()
 if (!is.na(rec) && is.null(libtorch_dir_problem(rec, need_cuda = type == "cuda"))) {
@@ -21,8 +19,8 @@ if (!is.na(rec) && is.null(libtorch_dir_problem(rec, need_cuda = type == "cuda")
   quit(status = 0)
 }
 dir <- tryCatch(
-  fetch_libtorch(libtorch_cache_dir(), type = type, url = if (nzchar(url)) url,
-                 sha256 = if (nzchar(sha)) sha),
+  fetch_libtorch(libtorch_cache_dir(), type = type, url = env_value("SCDISTILL_LIBTORCH_URL"),
+                 sha256 = env_value("SCDISTILL_LIBTORCH_SHA256")),
   error = function(e) {
     message("configure: error: could not get libtorch ", libtorch_version, ": ", conditionMessage(e))
     quit(status = 1)
