@@ -10,6 +10,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod likelihood;
+pub mod mapping;
 pub mod metrics;
 pub mod models;
 pub mod nn;

@@ -280,6 +280,9 @@ pub struct DistillMeta {
     pub validation_cells: Vec<usize>,
     /// Description of the teacher (free text from the caller).
     pub teacher: String,
+    /// Batches added by `map_query()` (the last levels of `batch_levels`).
+    #[serde(default)]
+    pub query_batches: Vec<String>,
 }
 
 /// A trained student and its description.
@@ -413,6 +416,7 @@ impl DistillModel {
             n_cells: n,
             validation_cells: h1.validation_cells,
             teacher: data.teacher_name.clone(),
+            query_batches: vec![],
         };
         Ok(DistillModel { meta, student })
     }

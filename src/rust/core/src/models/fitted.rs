@@ -5,6 +5,8 @@
 use crate::data::{CountMatrix, Csr};
 use crate::de::{DeSettings, DeTable};
 use crate::error::{invalid, Error, Result};
+use crate::mapping::MapOptions;
+use crate::train::{EpochRecord, TrainConfig};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::any::Any;
@@ -167,6 +169,18 @@ pub trait FittedModel: Send {
         _interrupted: &dyn Fn() -> bool,
     ) -> Result<DeTable> {
         unavailable(self.kind(), "Bayesian differential_expression()")
+    }
+    /// The model mapped onto the query `cells` (scArches surgery): their new
+    /// batch levels added, trained on them with everything else frozen.
+    fn map_query(
+        &self,
+        _cells: Cells,
+        _opts: &MapOptions,
+        _train: TrainConfig,
+        _interrupted: &dyn Fn() -> bool,
+        _on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<Box<dyn FittedModel>> {
+        unavailable(self.kind(), "map_query()")
     }
     /// For operations of one kind only (downcast by the caller).
     fn as_any(&self) -> &dyn Any;

@@ -18,6 +18,8 @@ use crate::error::{check_param, invalid, Result};
 use crate::io;
 use super::count_decoder::{CountDecoder, CountDecoderSpec};
 use crate::likelihood::SparseBatch;
+use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
+use crate::models::Cells;
 use crate::nn::{kl_normal, FcSpec, GaussianEncoder, Norm, Pass};
 use crate::train::{default_max_epochs, train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
@@ -328,6 +330,9 @@ pub struct VaeMeta {
     pub batch_levels: Vec<String>,
     pub categorical: Vec<(String, Vec<String>)>,
     pub continuous: Vec<String>,
+    /// Batches added by `map_query()` (the last levels of `batch_levels`).
+    #[serde(default)]
+    pub query_batches: Vec<String>,
     #[serde(flatten)]
     pub training: TrainingRecord,
 }
@@ -388,6 +393,7 @@ impl VaeModel {
             batch_levels: cov.batch.levels.clone(),
             categorical: cov.categorical.iter().map(|c| (c.name.clone(), c.levels.clone())).collect(),
             continuous: cov.continuous.iter().map(|c| c.0.clone()).collect(),
+            query_batches: vec![],
             training: TrainingRecord::new(train_cfg, history, counts.n_cells()),
         };
         Ok(VaeModel { meta, vae })
@@ -405,6 +411,85 @@ impl VaeModel {
         io::check_meta("batches", meta.batch_levels.len(), meta.config.n_batch)?;
         let vae = Vae::new(meta.config.clone(), device)?;
         io::load_into(&vae.vs, &tensors)?;
+        Ok(VaeModel { meta, vae })
+    }
+
+    /// The model mapped onto query cells whose batches are all new (see
+    /// `crate::mapping`): the design vector gains one column per new batch
+    /// in every layer that reads it, per-batch parameters gain entries, and
+    /// training on the query changes only those (and, as an option, the
+    /// decoder's first layer). The encoder of a model that does not encode
+    /// covariates is left as it was, so every cell's latent space is too.
+    pub fn map_query_cells(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        mut train_cfg: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<VaeModel> {
+        let n = cells.n_cells();
+        let Cells { mut counts, batch, categorical, continuous } = cells;
+        if counts.len() != 1 {
+            return invalid!("a VAE reads one count matrix; got {}", counts.len());
+        }
+        let csr = self.align_genes(counts.remove(0))?;
+        let Some(batch) = batch else {
+            return invalid!("give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model");
+        };
+        let new = new_levels(&self.meta.batch_levels, &batch, &self.meta.batch_name)?;
+        let cats = categorical
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| {
+                    let name = self.meta.categorical.get(i).map_or("?", |c| c.0.as_str());
+                    crate::Error::InvalidInput(format!("the model uses covariate `{name}`: give it for the query cells"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut meta = self.meta.clone();
+        meta.batch_levels.extend(new.iter().cloned());
+        meta.query_batches.extend(new.iter().cloned());
+        meta.config.n_batch += new.len();
+        meta.config.n_design += new.len();
+        let cov = meta.covariates_for(n, Some(&batch), &cats, continuous, true)?;
+        if train_cfg.max_epochs == 0 {
+            train_cfg.max_epochs = default_max_epochs(n);
+        }
+        train_cfg.check()?;
+        let device = self.vae.device();
+        seed_torch(train_cfg.seed);
+        let mut vae = Vae::new(meta.config.clone(), device)?;
+        // The design vector is [batch one-hot, further categories, continuous]
+        // at the end of a layer's input: new batch columns go after the old ones.
+        let n_batch = self.meta.config.n_batch as i64;
+        let rest = self.meta.config.n_design as i64 - n_batch;
+        let first_layer = opts.train_decoder_first_layer;
+        let frozen = transplant(
+            &self.vae.vs,
+            &vae.vs,
+            &|name, old| {
+                if name.ends_with(".weight") || name.ends_with(".weight_t") {
+                    (old - rest, old - rest - n_batch)
+                } else {
+                    (old, 0)
+                }
+            },
+            &|name| first_layer && name.starts_with("decoder.layer0.linear."),
+        )?;
+        let mut data = VaeData::new(&csr, &cov);
+        if device != Device::Cpu && DeviceCsr::bytes(csr.nnz(), n) <= RESIDENT_MAX_BYTES {
+            data = data.keep_on(device)?;
+        }
+        if meta.config.learn_library {
+            // The new batches' library prior from the query; the others' stay.
+            vae.set_library_prior(&data);
+            frozen.restore();
+        }
+        let task = VaeTask { model: &vae, data: &data };
+        let history = train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?;
+        meta.training = TrainingRecord::new(train_cfg, history, n);
         Ok(VaeModel { meta, vae })
     }
 
@@ -431,6 +516,20 @@ impl VaeModel {
         }
     }
 
+    /// Covariates of new cells from their labels (see `VaeMeta::covariates_for`).
+    pub fn covariates_for(
+        &self,
+        n_cells: usize,
+        batch: Option<&[String]>,
+        categorical: &[Vec<String>],
+        continuous: Vec<Vec<f32>>,
+        batch_needed: bool,
+    ) -> Result<Covariates> {
+        self.meta.covariates_for(n_cells, batch, categorical, continuous, batch_needed)
+    }
+}
+
+impl VaeMeta {
     /// Covariates of new cells from their labels: each label must be a level
     /// the model was trained with. `batch = None` is allowed only for a model
     /// with a single batch (or where the batch is irrelevant, `batch_needed` false).
@@ -458,7 +557,7 @@ impl VaeModel {
             }
             Categorical::new(name, codes, levels.to_vec(), n_cells, 0)
         };
-        let m = &self.meta;
+        let m = self;
         let batch = match batch {
             Some(labels) => from_labels(&m.batch_name, labels, &m.batch_levels)?,
             None if m.batch_levels.len() == 1 || !batch_needed => {

@@ -75,6 +75,9 @@ pub trait Trainable {
     /// Called before each training epoch (0-based), for schedules of the
     /// model's own (the cross-species alignment weight).
     fn start_epoch(&self, _epoch: usize) {}
+    /// Called after every optimiser step (a mapped model puts its frozen
+    /// reference values back here).
+    fn after_step(&self) {}
 }
 
 /// Optimisation settings; defaults are scvi-tools 1.4's except the KL
@@ -323,6 +326,7 @@ pub fn train(
             loss.backward();
             let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
             opt.step(&extra);
+            task.after_step();
             tch::no_grad(|| {
                 sum_loss += per_cell.detach().sum(Kind::Double);
                 sum_rec += t.reconstruction.detach().sum(Kind::Double);

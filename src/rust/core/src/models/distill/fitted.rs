@@ -2,7 +2,9 @@
 //! deterministic (no posterior to draw from) and its decoder has no KL
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
-use super::DistillModel;
+use super::{latent_of, DecoderTask, DistillModel, Student};
+use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
+use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig};
 use crate::data::CountMatrix;
 use crate::de::{self, DeSettings, DeTable, StudentScales};
 use crate::device::seed_torch;
@@ -35,6 +37,67 @@ impl DistillModel {
                 levels.len()
             ),
         }
+    }
+}
+
+impl DistillModel {
+    /// The model mapped onto query cells whose batches are all new (see
+    /// `crate::mapping`): the encoder is batch-free, so mapping adds rows to
+    /// the decoder's batch embedding and trains only those (and, as an
+    /// option, the decoder's first layer) on the query.
+    pub fn map_query_cells(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        mut train_cfg: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<DistillModel> {
+        let counts = Self::counts_of(&cells)?;
+        let Some(batch) = &cells.batch else {
+            return invalid!("give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model");
+        };
+        let new = new_levels(&self.meta.batch_levels, batch, &self.meta.batch_name)?;
+        let mut meta = self.meta.clone();
+        meta.batch_levels.extend(new.iter().cloned());
+        meta.query_batches.extend(new.iter().cloned());
+        meta.config.n_batch += new.len();
+        let codes = codes_of(batch, &meta.batch_levels, "`batch` value")?;
+        let n = counts.n_cells();
+        if train_cfg.max_epochs == 0 {
+            train_cfg.max_epochs = default_max_epochs(n);
+        }
+        train_cfg.check()?;
+        let input = self.input_for(counts)?;
+        let keep = counts.columns_of(&self.meta.genes, "output ")?;
+        seed_torch(train_cfg.seed);
+        let student = Student::new(meta.config.clone(), self.device())?;
+        let first_layer = opts.train_decoder_first_layer;
+        let frozen = transplant(&self.student.vs, &student.vs, &|_, old| (old, 0), &|name| {
+            first_layer && name.starts_with("decoder.fc.layer0.linear.")
+        })?;
+        let z = latent_of(&student, &input);
+        let out = counts.csr.select_columns(&keep);
+        let log_library: Vec<f32> = out.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
+        let log_factorial = crate::models::log_factorial(&out);
+        let task = DecoderTask {
+            student: &student,
+            z: &z,
+            counts: &out,
+            batch: &codes,
+            log_library: &log_library,
+            log_factorial: &log_factorial,
+        };
+        let h = train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?;
+        meta.train_decoder = train_cfg;
+        meta.history_decoder = h.epochs;
+        meta.best_epoch_decoder = h.best_epoch;
+        meta.stopped_early[1] = h.stopped_early;
+        meta.interrupted = h.interrupted;
+        meta.diverged_at = h.diverged_at.map(|e| ("decoder".to_string(), e));
+        meta.n_cells = n;
+        meta.validation_cells = h.validation_cells;
+        Ok(DistillModel { meta, student })
     }
 }
 
@@ -103,6 +166,17 @@ impl FittedModel for DistillModel {
         let out = counts.csr.select_columns(&keep);
         let scales = StudentScales { student: &self.student, input: &input, batch: &own };
         de::differential_expression(&scales, &out, group1, group2, &settings, interrupted)
+    }
+
+    fn map_query(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        train: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<Box<dyn FittedModel>> {
+        Ok(Box::new(self.map_query_cells(cells, opts, train, interrupted, on_epoch)?))
     }
 
     fn as_any(&self) -> &dyn Any {

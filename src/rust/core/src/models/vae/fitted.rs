@@ -8,6 +8,8 @@ use crate::error::Result;
 use crate::models::fitted::{
     codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
 };
+use crate::mapping::MapOptions;
+use crate::train::{EpochRecord, TrainConfig};
 use serde_json::Value;
 use std::any::Any;
 use tch::Device;
@@ -112,6 +114,17 @@ impl FittedModel for VaeModel {
         seed_torch(settings.seed);
         let data = VaeData::new(&csr, &cov);
         de::differential_expression(&VaeScales { model: &self.vae, data: &data }, &csr, group1, group2, &settings, interrupted)
+    }
+
+    fn map_query(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        train: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<Box<dyn FittedModel>> {
+        Ok(Box::new(self.map_query_cells(cells, opts, train, interrupted, on_epoch)?))
     }
 
     fn as_any(&self) -> &dyn Any {
