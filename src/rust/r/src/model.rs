@@ -8,7 +8,8 @@ use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::device::parse_device;
 use scdistill_core::models::{Cells, ExpressionOptions, FittedModel, LatentOptions, Matrix};
-use scdistill_core::train::EpochRecord;
+use scdistill_core::mapping::MapOptions;
+use scdistill_core::train::{EpochRecord, TrainConfig};
 use std::sync::Mutex;
 
 /// Every fitted model behind one external pointer.
@@ -181,6 +182,30 @@ fn rs_model_de(ptr: Robj, cells: List, group1: Robj, group2: Robj, settings: Rob
     Ok(to_r(&serde_json::to_value(&t).map_err(|e| fail(e.to_string()))?))
 }
 
+/// The model mapped onto the query `cells` (their batches new to it), and
+/// the query's latent space: list(ptr, latent). `options` holds the core's
+/// `MapOptions`, `train` its `TrainConfig`; `progress` as for training.
+/// @noRd
+#[extendr]
+fn rs_model_map_query(ptr: Robj, cells: List, options: Robj, train: Robj, threads: i32, progress: Robj) -> Result<Robj> {
+    let opts: MapOptions = from_r(&options, "mapping options")?;
+    let train: TrainConfig = from_r(&train, "training settings")?;
+    let cells = cells_from_r(&cells)?;
+    let again = Cells {
+        counts: cells.counts.clone(),
+        batch: cells.batch.clone(),
+        categorical: cells.categorical.clone(),
+        continuous: cells.continuous.clone(),
+    };
+    let lent = Lent(model_ref(&ptr)?);
+    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
+        let m = lent.get().map_query(cells, &opts, train, interrupted, &|r| report("train", r))?;
+        let z = m.latent(again, &LatentOptions::default())?;
+        Ok((m, z))
+    })?;
+    Ok(fitted_to_r(model, matrix_to_r(&z.joint)))
+}
+
 /// Runs `work(interrupted, report)` on a worker; each epoch it reports is
 /// handed to `progress` (an R function of the phase, epoch, training loss
 /// and validation loss, or NULL) on the R thread.
@@ -223,4 +248,5 @@ extendr_module! {
     fn rs_model_elbo;
     fn rs_model_sample;
     fn rs_model_de;
+    fn rs_model_map_query;
 }

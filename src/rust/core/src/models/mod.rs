@@ -6,6 +6,7 @@
 pub mod count_decoder;
 pub mod distill;
 mod fitted;
+pub mod labels;
 pub mod multimodal;
 pub mod species;
 pub mod vae;
