@@ -344,6 +344,7 @@ print.scdistill_distill <- function(x, ...) {
               fmt_int(length(i$input_genes)), c$n_latent, fmt_int(length(i$genes)), c$n_layers, c$n_hidden))
   cat(sprintf("  teacher: %s\n", i$teacher))
   cat(sprintf("  trained on %s cells, %d batches\n", fmt_int(i$n_cells), length(i$batch_levels)))
+  print_query_batches(i)
   for (p in c("encoder", "decoder")) {
     h <- i[[paste0("history_", p)]]
     best <- i[[paste0("best_epoch_", p)]]

@@ -34,6 +34,12 @@ rs_run_harmony <- function(x, n, d, covariates, params, threads, progress) {
   .Call(native("wrap__rs_run_harmony"), x, n, d, covariates, params, threads, progress)
 }
 
+rs_fit_labels <- function(z, d, codes, levels, config, train, threads, progress) {
+  .Call(native("wrap__rs_fit_labels"), z, d, codes, levels, config, train, threads, progress)
+}
+
+rs_predict_labels <- function(bytes, z, d, threads) .Call(native("wrap__rs_predict_labels"), bytes, z, d, threads)
+
 rs_integration_metrics <- function(x, n, d, batch, label, pre, pre_d, seed, threads) {
   .Call(native("wrap__rs_integration_metrics"), x, n, d, batch, label, pre, pre_d, seed, threads)
 }
@@ -62,6 +68,10 @@ rs_model_sample <- function(ptr, cells, n_samples, seed, threads) {
 
 rs_model_de <- function(ptr, cells, group1, group2, settings, threads) {
   .Call(native("wrap__rs_model_de"), ptr, cells, group1, group2, settings, threads)
+}
+
+rs_model_map_query <- function(ptr, cells, options, train, threads, progress) {
+  .Call(native("wrap__rs_model_map_query"), ptr, cells, options, train, threads, progress)
 }
 
 rs_fit_multimodal <- function(counts, covariates, config, train, device, threads, progress) {

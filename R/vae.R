@@ -226,6 +226,7 @@ print.scdistill_vae <- function(x, ...) {
   cat(sprintf("  trained on %s cells, %d batch(es)%s; library size %s\n", fmt_int(i$n_cells),
               length(i$batch_levels), if (length(i$categorical) + length(i$continuous)) " + covariates" else "",
               if (isTRUE(c$learn_library)) "learned" else "observed"))
+  print_query_batches(i)
   if (nrow(h)) {
     state <- if (isTRUE(i$interrupted)) "interrupted" else if (isTRUE(i$stopped_early)) "stopped early" else "done"
     cat(sprintf("  %d epochs (%s), weights of epoch %d; validation -ELBO %.2f per cell; %.1f s\n",

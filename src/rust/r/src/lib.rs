@@ -7,6 +7,7 @@ use extendr_api::Result;
 mod convert;
 mod distill;
 mod harmony;
+mod labels;
 mod metrics;
 mod model;
 mod multimodal;
@@ -65,4 +66,5 @@ extendr_module! {
     use harmony;
     use multimodal;
     use species;
+    use labels;
 }

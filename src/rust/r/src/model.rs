@@ -7,8 +7,8 @@ use crate::{counts_from_r, csr_to_r, fail, strings, threads_from_r};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::device::parse_device;
-use scdistill_core::models::{Cells, ExpressionOptions, FittedModel, LatentOptions, Matrix};
 use scdistill_core::mapping::MapOptions;
+use scdistill_core::models::{Cells, ExpressionOptions, FittedModel, LatentOptions, Matrix};
 use scdistill_core::train::{EpochRecord, TrainConfig};
 use std::sync::Mutex;
 
@@ -187,7 +187,14 @@ fn rs_model_de(ptr: Robj, cells: List, group1: Robj, group2: Robj, settings: Rob
 /// `MapOptions`, `train` its `TrainConfig`; `progress` as for training.
 /// @noRd
 #[extendr]
-fn rs_model_map_query(ptr: Robj, cells: List, options: Robj, train: Robj, threads: i32, progress: Robj) -> Result<Robj> {
+fn rs_model_map_query(
+    ptr: Robj,
+    cells: List,
+    options: Robj,
+    train: Robj,
+    threads: i32,
+    progress: Robj,
+) -> Result<Robj> {
     let opts: MapOptions = from_r(&options, "mapping options")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let cells = cells_from_r(&cells)?;
