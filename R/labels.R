@@ -33,7 +33,7 @@
 #' lab <- fit_labels(model, ref, labels = "cell_type", max_epochs = 20, threads = 2)
 #' mapped <- map_query(model, query, batch = "batch", max_epochs = 20, threads = 2)
 #' pred <- predict_labels(lab, query, model = mapped)
-#' confusion_matrix(pred$predicted, query$cell_type)
+#' confusion_matrix(pred$predicted_label, query$cell_type)
 #' @export
 fit_labels <- function(model, x, labels, unlabeled = NA, n_hidden = 128, n_layers = 1, dropout = 0.1,
                        classification_ratio = 50, max_epochs = NULL, batch_size = 128, lr = 1e-3,

@@ -48,9 +48,6 @@ test_that("map_query() refuses a known batch, a query without its batch, too man
                                 progress = FALSE),
                  "lacks 10 of the model's 300 genes .* read as zeros")
   expect_equal(nrow(latent(m)), ncol(d$query))
-  mm <- fit_vae(d$ref, batch = "batch", regularized = TRUE, max_epochs = 2, threads = 2, progress = FALSE)
-  expect_error(map_query(mm, d$query, batch = "batch", max_epochs = 2, threads = 2, progress = FALSE),
-               "map_query\\(\\) is not available for scdistill_multimodal models yet")
   expect_error(map_query(list(), d$query), "must be a scdistill model")
 })
 
@@ -62,6 +59,22 @@ test_that("a distilled model maps by its batch embedding; its latent space does 
   expect_s3_class(mapped, "scdistill_distill")
   expect_identical(latent(mapped, d$ref), latent(dm, d$ref))
   expect_identical(normalized_expression(mapped, d$ref), normalized_expression(dm, d$ref))
+})
+
+test_that("a multimodal model maps every key made from the batch; its reference latent space does not move", {
+  d <- mapping_data()
+  mm <- fit_vae(d$ref, batch = "batch", regularized = TRUE, max_epochs = 10, threads = 2, progress = FALSE)
+  mapped <- map_query(mm, d$query, batch = "batch", max_epochs = 10, threads = 2, progress = FALSE)
+  expect_s3_class(mapped, "scdistill_multimodal")
+  for (key in c("ambient", "dispersion", "library")) {
+    expect_equal(unlist(mapped$info[[key]]$levels), c("Batch1", "Batch2", "Batch3"))
+  }
+  expect_identical(latent(mapped, d$ref), latent(mm, d$ref))
+  expect_equal(dim(latent(mapped)), c(ncol(d$query), ncol(latent(mm))))
+  own <- normalized_expression(mapped, d$query, transform_batch = "Batch3")
+  expect_equal(dim(own), c(300L, ncol(d$query)))
+  expect_error(map_query(mm, d$ref, batch = "batch", max_epochs = 2, threads = 2, progress = FALSE),
+               "query batch 'Batch1' is also a batch of the reference")
 })
 
 test_that("labels fitted on the reference carry to the mapped query; an unseen type lies farther away", {
@@ -87,6 +100,14 @@ test_that("labels fitted on the reference carry to the mapped query; an unseen t
   expect_error(fit_labels(d$model, d$ref, labels = rep(NA, ncol(d$ref))), "every cell is unlabelled")
   expect_error(fit_labels(d$model, d$ref, labels = "nope"), "'nope' is not a column")
   expect_error(predict_labels(list(), d$query), "must come from fit_labels")
+  # The mapping drawn: reference cells first, then the query's.
+  grDevices::pdf(NULL)
+  on.exit(grDevices::dev.off(), add = TRUE)
+  u <- plot_mapping(mapped, out, reference_labels = d$ref$cell_type)
+  expect_equal(dim(u), c(ncol(d$ref) + ncol(d$query), 2L))
+  expect_error(plot_mapping(d$model), "not a mapped model")
+  expect_error(plot_mapping(mapped, df[1:5, ]), "has 5 cells where the query has")
+  expect_error(plot_mapping(mapped, out, reference_labels = 1:3), "`reference_labels` has 3 values")
 })
 
 test_that("confusion_matrix() counts and gives the balanced accuracy", {

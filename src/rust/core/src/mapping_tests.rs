@@ -46,7 +46,12 @@ fn split(s: &Simulation) -> Split {
     let lv = &s.batch.levels;
     let (q, r): (Vec<usize>, Vec<usize>) = (0..s.counts.n_cells()).partition(|&c| s.batch.codes[c] == 2);
     let label = |rows: &[usize]| rows.iter().map(|&c| lv[s.batch.codes[c] as usize].clone()).collect::<Vec<_>>();
-    Split { reference: rows_of(&s.counts, &r), ref_batch: label(&r), query: rows_of(&s.counts, &q), query_batch: label(&q) }
+    Split {
+        reference: rows_of(&s.counts, &r),
+        ref_batch: label(&r),
+        query: rows_of(&s.counts, &q),
+        query_batch: label(&q),
+    }
 }
 
 fn cells(m: &CountMatrix, batch: &[String]) -> Cells {
@@ -54,7 +59,7 @@ fn cells(m: &CountMatrix, batch: &[String]) -> Cells {
 }
 
 fn quick(max_epochs: usize, seed: u64) -> TrainConfig {
-    TrainConfig { max_epochs, early_stopping: false, seed, ..Default::default() }
+    TrainConfig { max_epochs, early_stopping: false, seed, kl_warmup: 0.0, ..Default::default() }
 }
 
 fn fit_vae(sp: &Split, config: VaeConfig) -> VaeModel {
@@ -90,7 +95,8 @@ fn a_mapped_vae_keeps_the_reference_and_learns_the_query_batch() {
     let sp = split(&s);
     crate::device::with_threads(2, || {
         // The default VAE: the encoder reads no covariates.
-        let cfg = VaeConfig { dispersion: Dispersion::GeneBatch, learn_library: true, n_layers: 2, ..Default::default() };
+        let cfg =
+            VaeConfig { dispersion: Dispersion::GeneBatch, learn_library: true, n_layers: 2, ..Default::default() };
         let r = fit_vae(&sp, cfg);
         let m = r
             .map_query_cells(cells(&sp.query, &sp.query_batch), &MapOptions::default(), quick(150, 0), &never, &|_| {})
@@ -101,7 +107,10 @@ fn a_mapped_vae_keeps_the_reference_and_learns_the_query_batch() {
         assert!(latent(&r, &sp.reference, &sp.ref_batch) == latent(&m, &sp.reference, &sp.ref_batch));
         assert!(latent(&r, &sp.query, &sp.ref_batch[..sp.query.n_cells()]) == latent(&m, &sp.query, &sp.query_batch));
         // Reference cells decode exactly as before under their own batches.
-        let d = max_diff(&own_expression(&r, &sp.reference, &sp.ref_batch), &own_expression(&m, &sp.reference, &sp.ref_batch));
+        let d = max_diff(
+            &own_expression(&r, &sp.reference, &sp.ref_batch),
+            &own_expression(&m, &sp.reference, &sp.ref_batch),
+        );
         assert!(d < 1e-6, "reference expression moved by {d}");
         // The query's ELBO is better under its own (learned) batch than the
         // reference model's best guess, any reference batch.
@@ -141,7 +150,10 @@ fn a_vae_that_encodes_its_batch_maps_the_query_through_new_encoder_columns() {
         let d = max_diff(&latent(&r, &sp.reference, &sp.ref_batch), &latent(&m, &sp.reference, &sp.ref_batch));
         assert!(d < 1e-5, "reference latent moved by {d}");
         // The first decoder layer trained: reference expression changes.
-        let d = max_diff(&own_expression(&r, &sp.reference, &sp.ref_batch), &own_expression(&m, &sp.reference, &sp.ref_batch));
+        let d = max_diff(
+            &own_expression(&r, &sp.reference, &sp.ref_batch),
+            &own_expression(&m, &sp.reference, &sp.ref_batch),
+        );
         assert!(d > 1e-6, "the decoder's first layer did not train");
         // The query's cells land among reference cells of their own type:
         // nearest reference neighbour's type agrees for most query cells.
@@ -194,16 +206,96 @@ fn a_mapped_distilled_model_adds_an_embedding_row_and_keeps_the_reference() {
             teacher_dim: 3,
             teacher_name: "groups".into(),
         };
-        let r = DistillModel::fit(&data, DistillConfig::default(), quick(20, 0), quick(20, 0), Device::Cpu, &never, &|_, _| {})
-            .unwrap();
+        let r = DistillModel::fit(
+            &data,
+            DistillConfig::default(),
+            quick(20, 0),
+            quick(20, 0),
+            Device::Cpu,
+            &never,
+            &|_, _| {},
+        )
+        .unwrap();
         let m = r
             .map_query_cells(cells(&sp.query, &sp.query_batch), &MapOptions::default(), quick(20, 0), &never, &|_| {})
             .unwrap();
         assert_eq!(m.meta.batch_levels.len(), 3);
         assert!(latent(&r, &sp.reference, &sp.ref_batch) == latent(&m, &sp.reference, &sp.ref_batch));
-        let d = max_diff(&own_expression(&r, &sp.reference, &sp.ref_batch), &own_expression(&m, &sp.reference, &sp.ref_batch));
+        let d = max_diff(
+            &own_expression(&r, &sp.reference, &sp.ref_batch),
+            &own_expression(&m, &sp.reference, &sp.ref_batch),
+        );
         assert_eq!(d, 0.0, "reference expression moved by {d}");
         assert!(m.meta.history_decoder.last().unwrap().train_loss < m.meta.history_decoder[0].train_loss);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_mapped_multimodal_model_grows_every_batch_key_and_keeps_the_reference() {
+    use crate::models::multimodal::{ModalitySpec, MultimodalConfig, MultimodalCovariates, MultimodalModel};
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let s = sim();
+    let sp = split(&s);
+    crate::device::with_threads(2, || {
+        let levels = vec!["Batch1".to_string(), "Batch2".to_string()];
+        let codes: Vec<u32> = sp.ref_batch.iter().map(|b| levels.iter().position(|l| l == b).unwrap() as u32).collect();
+        let b = Categorical::new("batch", codes, levels, sp.reference.n_cells(), 1).unwrap();
+        // The batch also enters the decoder (nn_conditioning_covariates).
+        let cov = MultimodalCovariates {
+            ambient: b.clone(),
+            scaling: Categorical::constant("", b.codes.len()),
+            dispersion: b.clone(),
+            library: b.clone(),
+            decoder: vec![b],
+            encoder: vec![],
+        };
+        let spec = ModalitySpec {
+            name: "RNA".into(),
+            n_features: 0,
+            n_latent: 8,
+            n_hidden: 64,
+            ambient: true,
+            feature_scaling: false,
+            weight: 1.0,
+        };
+        let cfg = MultimodalConfig { modalities: vec![spec], ..Default::default() };
+        let r = MultimodalModel::fit(&[&sp.reference], &cov, cfg, quick(30, 0), Device::Cpu, &never, &|_| {}).unwrap();
+        // One label vector per key: ambient, scaling, dispersion, library, decoder.
+        let labels = |b: &[String]| {
+            let v = Some(b.to_vec());
+            vec![v.clone(), None, v.clone(), v.clone(), v]
+        };
+        let mm_cells = |c: &CountMatrix, b: &[String]| Cells {
+            counts: vec![c.clone()],
+            categorical: labels(b),
+            ..Default::default()
+        };
+        let m = r
+            .map_query_cells(
+                mm_cells(&sp.query, &sp.query_batch),
+                &MapOptions::default(),
+                quick(60, 0),
+                &never,
+                &|_| {},
+            )
+            .unwrap();
+        for key in [&m.meta.ambient, &m.meta.dispersion, &m.meta.library, &m.meta.decoder[0]] {
+            assert_eq!(key.levels, vec!["Batch1", "Batch2", "Batch3"]);
+        }
+        assert_eq!(m.meta.config.n_decoder_cov, 3);
+        let lat = |m: &dyn FittedModel, c: &CountMatrix, b: &[String]| {
+            m.latent(mm_cells(c, b), &LatentOptions::default()).unwrap().joint.values
+        };
+        assert!(lat(&r, &sp.reference, &sp.ref_batch) == lat(&m, &sp.reference, &sp.ref_batch));
+        let expr = |m: &dyn FittedModel, c: &CountMatrix, b: &[String]| {
+            m.expression(mm_cells(c, b), &ExpressionOptions::default()).unwrap().values
+        };
+        let d = max_diff(&expr(&r, &sp.reference, &sp.ref_batch), &expr(&m, &sp.reference, &sp.ref_batch));
+        assert!(d < 1e-6, "reference expression moved by {d}");
+        let h = &m.meta.training.history;
+        let (first, last) = (h[0].train_loss, h.last().unwrap().train_loss);
+        assert!(last < first, "query training did not lower its loss: {first} -> {last}");
     })
     .unwrap();
 }

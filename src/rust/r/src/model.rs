@@ -183,7 +183,8 @@ fn rs_model_de(ptr: Robj, cells: List, group1: Robj, group2: Robj, settings: Rob
 }
 
 /// The model mapped onto the query `cells` (their batches new to it), and
-/// the query's latent space: list(ptr, latent). `options` holds the core's
+/// the query's latent space: list(ptr, latent) (latent as for `rs_model_latent`
+/// where the model has several modalities). `options` holds the core's
 /// `MapOptions`, `train` its `TrainConfig`; `progress` as for training.
 /// @noRd
 #[extendr]
@@ -210,7 +211,13 @@ fn rs_model_map_query(
         let z = m.latent(again, &LatentOptions::default())?;
         Ok((m, z))
     })?;
-    Ok(fitted_to_r(model, matrix_to_r(&z.joint)))
+    let latent = if z.parts.is_empty() {
+        matrix_to_r(&z.joint)
+    } else {
+        let parts = List::from_pairs(z.parts.iter().map(|(n, m)| (n.as_str(), matrix_to_r(m))));
+        list!(joint = matrix_to_r(&z.joint), parts = parts).into()
+    };
+    Ok(fitted_to_r(model, latent))
 }
 
 /// Runs `work(interrupted, report)` on a worker; each epoch it reports is

@@ -146,7 +146,8 @@ impl LabelModel {
         let mut model = LabelModel::new(meta, Device::Cpu);
         let d = config.n_latent as i64;
         let zt = Tensor::from_slice(z).view([n as i64, d]);
-        let ct = Tensor::from_slice(&codes.iter().map(|&c| if c == UNLABELED { -1 } else { c as i64 }).collect::<Vec<_>>());
+        let ct =
+            Tensor::from_slice(&codes.iter().map(|&c| if c == UNLABELED { -1 } else { c as i64 }).collect::<Vec<_>>());
         model.init_classes(&zt, &ct);
         let task = LabelTask { model: &model, z: &zt, codes: &ct };
         let history = train(&task, &train_cfg, interrupted, on_epoch)?;
@@ -253,7 +254,13 @@ impl Trainable for LabelTask<'_> {
         let idx = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
         let loss = self.model.loss(&self.z.index_select(0, &idx), &self.codes.index_select(0, &idx), train);
         let zero = loss.zeros_like();
-        LossTerms { reconstruction: loss, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![], penalty: None }
+        LossTerms {
+            reconstruction: loss,
+            kl_warmup: zero.shallow_clone(),
+            kl_fixed: zero,
+            deferred: vec![],
+            penalty: None,
+        }
     }
 }
 

@@ -3,15 +3,15 @@
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
 use super::{latent_of, DecoderTask, DistillModel, Student};
-use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
-use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig};
 use crate::data::CountMatrix;
 use crate::de::{self, DeSettings, DeTable, StudentScales};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
+use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::fitted::{
     codes_of, describe_meta, refuse, Cells, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
 };
+use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig};
 use serde_json::Value;
 use std::any::Any;
 use tch::Device;
@@ -55,7 +55,9 @@ impl DistillModel {
     ) -> Result<DistillModel> {
         let counts = Self::counts_of(&cells)?;
         let Some(batch) = &cells.batch else {
-            return invalid!("give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model");
+            return invalid!(
+                "give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model"
+            );
         };
         let new = new_levels(&self.meta.batch_levels, batch, &self.meta.batch_name)?;
         let mut meta = self.meta.clone();

@@ -6,13 +6,14 @@ use crate::data::{train_validation_split, Categorical, CountMatrix, Csr};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::io;
+use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::fitted::{
     codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
 };
-use serde_json::Value;
-use std::any::Any;
 use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, TrainingRecord};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::any::Any;
 use std::collections::HashMap;
 use tch::Device;
 
@@ -43,6 +44,9 @@ pub struct MultimodalMeta {
     pub encoder: Vec<Key>,
     /// Training cells the global prior terms are divided by.
     pub n_obs: usize,
+    /// Batches added by `map_query()` (the last levels of the batch's keys).
+    #[serde(default)]
+    pub query_batches: Vec<String>,
     #[serde(flatten)]
     pub training: TrainingRecord,
 }
@@ -115,6 +119,7 @@ impl MultimodalModel {
             decoder: cov.decoder.iter().map(Key::of).collect(),
             encoder: cov.encoder.iter().map(Key::of).collect(),
             n_obs,
+            query_batches: vec![],
             training: TrainingRecord::new(train_cfg, history, n),
         };
         Ok(MultimodalModel { meta, model })
@@ -158,6 +163,18 @@ impl MultimodalModel {
             .collect()
     }
 
+    /// Covariates of new cells from their labels (see `MultimodalMeta::covariates_for`).
+    pub fn covariates_for(
+        &self,
+        n_cells: usize,
+        labels: &[Option<Vec<String>>],
+        strict: bool,
+    ) -> Result<MultimodalCovariates> {
+        self.meta.covariates_for(n_cells, labels, strict)
+    }
+}
+
+impl MultimodalMeta {
     /// Covariates of new cells from their labels, one vector per key in the
     /// order ambient, scaling, dispersion, library, decoder keys, encoder
     /// keys. `None` for a key means its first level (allowed only for a key
@@ -168,7 +185,7 @@ impl MultimodalModel {
         labels: &[Option<Vec<String>>],
         strict: bool,
     ) -> Result<MultimodalCovariates> {
-        let m = &self.meta;
+        let m = self;
         let keys: Vec<&Key> = [&m.ambient, &m.scaling, &m.dispersion, &m.library]
             .into_iter()
             .chain(&m.decoder)
@@ -267,6 +284,123 @@ impl MultimodalModel {
     }
 }
 
+impl MultimodalModel {
+    /// The model mapped onto query cells whose batches are all new (see
+    /// `crate::mapping`). Every key made from the batch (named as the
+    /// ambient key: by default ambient, dispersion and library; decoder or
+    /// encoder keys too when the batch was given there) gains the query's
+    /// levels: new rows of per-level parameters, started from the query's
+    /// own data where the model starts them from data (ambient profile,
+    /// library prior) and elsewhere at the reference levels' average, and
+    /// new one-hot columns in the layers that read the key. Only those are
+    /// trained on the query.
+    pub fn map_query_cells(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        mut train_cfg: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<MultimodalModel> {
+        let n = cells.n_cells();
+        let batch_name = self.meta.ambient.name.clone();
+        let m = &self.meta;
+        let keys: Vec<&Key> = [&m.ambient, &m.scaling, &m.dispersion, &m.library]
+            .into_iter()
+            .chain(&m.decoder)
+            .chain(&m.encoder)
+            .collect();
+        if batch_name.is_empty() {
+            return invalid!("the model was trained without a batch: there is no batch to add the query's to");
+        }
+        let Some(Some(batch)) =
+            keys.iter().zip(&cells.categorical).find(|(k, _)| k.name == batch_name).map(|(_, l)| l.clone())
+        else {
+            return invalid!(
+                "give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model"
+            );
+        };
+        let new = new_levels(&m.ambient.levels, &batch, &batch_name)?;
+        let k = new.len();
+        let mut meta = self.meta.clone();
+        meta.query_batches.extend(new.iter().cloned());
+        let grow = |key: &mut Key| {
+            if key.name == batch_name {
+                key.levels.extend(new.iter().cloned());
+            }
+        };
+        for key in [&mut meta.ambient, &mut meta.scaling, &mut meta.dispersion, &mut meta.library]
+            .into_iter()
+            .chain(meta.decoder.iter_mut())
+            .chain(meta.encoder.iter_mut())
+        {
+            grow(key);
+        }
+        let widen = |key: &Key| if key.name == batch_name { k } else { 0 };
+        let (wa, ws, wd, wl) =
+            (widen(&meta.ambient), widen(&meta.scaling), widen(&meta.dispersion), widen(&meta.library));
+        let wdec = meta.decoder.iter().map(widen).sum::<usize>();
+        let wenc = meta.encoder.iter().map(widen).sum::<usize>();
+        let c = &mut meta.config;
+        c.n_ambient += wa;
+        c.n_scaling += ws;
+        c.n_dispersion += wd;
+        c.n_library += wl;
+        c.n_decoder_cov += wdec;
+        c.n_encoder_cov += wenc;
+        // Where the batch's one-hot block ends in the decoder's and the
+        // encoders' covariate vectors (keys in order), counted from the end.
+        let block = |keys: &[Key]| -> Result<Option<(i64, i64)>> {
+            let at: Vec<usize> =
+                keys.iter().enumerate().filter(|(_, key)| key.name == batch_name).map(|(i, _)| i).collect();
+            match at.as_slice() {
+                [] => Ok(None),
+                [i] => {
+                    let after: usize = keys[i + 1..].iter().map(|key| key.levels.len()).sum();
+                    Ok(Some((after as i64, keys[*i].levels.len() as i64)))
+                }
+                _ => invalid!("the batch `{batch_name}` enters the network twice; such a model cannot be mapped"),
+            }
+        };
+        let (dec_block, enc_block) = (block(&self.meta.decoder)?, block(&self.meta.encoder)?);
+        let cov = meta.covariates_for(n, &cells.categorical, true)?;
+        let aligned = self.align(cells.counts)?;
+        if train_cfg.max_epochs == 0 {
+            train_cfg.max_epochs = default_max_epochs(n);
+        }
+        train_cfg.check()?;
+        let data = MultimodalData::new(aligned.iter().collect(), &cov)?;
+        let device = self.model.device();
+        seed_torch(train_cfg.seed);
+        let mut model = Multimodal::new(meta.config.clone(), device)?;
+        let first_layer = opts.train_decoder_first_layer;
+        let frozen = transplant(
+            &self.model.vs,
+            &model.vs,
+            &|name, old| {
+                let is_weight = name.ends_with(".weight") || name.ends_with(".weight_t");
+                let blk = if name.contains(".decoder.") { dec_block } else { enc_block };
+                match (is_weight, blk) {
+                    (true, Some((after, levels))) => (old - after, old - after - levels),
+                    _ => (old, 0),
+                }
+            },
+            &|name| first_layer && name.contains(".decoder.layer0.linear."),
+        )?;
+        // The query's own starting values where the model takes them from
+        // data (ambient profile, library prior); the reference's stay.
+        model.init_from_data(&data);
+        frozen.restore();
+        let n_obs = train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
+        model.n_obs = n_obs.max(1) as f64;
+        let task = MultimodalTask { model: &model, data: &data };
+        let history = train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?;
+        meta.n_obs = n_obs;
+        meta.training = TrainingRecord::new(train_cfg, history, n);
+        Ok(MultimodalModel { meta, model })
+    }
+}
+
 impl FittedModel for MultimodalModel {
     fn kind(&self) -> &'static str {
         "multimodal"
@@ -331,6 +465,17 @@ impl FittedModel for MultimodalModel {
         let (elbo, reconstruction, kl) =
             crate::train::evaluate(&MultimodalTask { model: &self.model, data: &data }, &rows, 1024);
         Ok(Elbo { elbo, reconstruction, kl })
+    }
+
+    fn map_query(
+        &self,
+        cells: Cells,
+        opts: &MapOptions,
+        train: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<Box<dyn FittedModel>> {
+        Ok(Box::new(self.map_query_cells(cells, opts, train, interrupted, on_epoch)?))
     }
 
     fn as_any(&self) -> &dyn Any {
