@@ -69,6 +69,7 @@ scvi.model.SCANVI.prepare_query_anndata(query, lvae)
 qm = scvi.model.SCANVI.load_query_data(query, lvae)
 qm.train(max_epochs=a.query_epochs, plan_kwargs=dict(weight_decay=0.0), **kw)
 out["seconds_mapping"] = time.perf_counter() - t0
+out["query_epochs_run"] = len(qm.history["elbo_train"])
 
 t0 = time.perf_counter()
 pred = qm.predict(query)

@@ -6,6 +6,11 @@
 #   Rscript bench/mapping_vs_scarches.R [sim|cellbench|both] [--epochs N] [--query-epochs N]
 #                                       [--label-epochs N] [--threads N] [--cells N]
 #
+# --query-epochs N trains both query models for exactly N epochs (per-epoch
+# speed); --query-epochs 0 leaves each at its defaults (scvi-tools: its
+# epoch rule, no early stopping; ours: the same rule, early stopping on):
+# the time a user waits for the mapping.
+#
 # cellbench: ../shared/data/cellbench_5cl_3plates singlets on 2,000 HVGs;
 #   reference = plates 1 and 2, query = plate 3 (every cell line in both).
 # sim: simulate_counts(--cells, 2000 genes, 8 types, 6 batches of unequal
@@ -36,13 +41,10 @@ python <- peers_python(root)
 
 load_data <- function(name) {
   if (name == "cellbench") {
-    d <- load_cellbench(root)
-    hvg <- highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
-    counts <- d$counts[hvg$highly_variable, ]
-    keep <- Matrix::colSums(counts) > 0
+    d <- load_cellbench_hvg(root, threads)
     plates <- sort(unique(d$batch))
-    role <- ifelse(d$batch[keep] == plates[length(plates)], "query", "reference")
-    return(list(counts = counts[, keep], batch = d$batch[keep], label = d$label[keep], role = role))
+    d$role <- ifelse(d$batch == plates[length(plates)], "query", "reference")
+    return(d)
   }
   s <- simulate_counts(n_cells = n_sim, n_genes = 2000, n_groups = 8, n_batches = 6,
                        group_prob = c(0.25, 0.2, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04),
@@ -84,18 +86,25 @@ run_one <- function(name) {
     sprintf(paste("lab <- el(fit_labels(m[[1]], d$counts[, r], labels = d$obs$label[r], unlabeled = 'Unknown',",
                   "max_epochs = %d, threads = %d, progress = FALSE))"), label_epochs, threads),
     "z_before <- latent(m[[1]], d$counts[, r], batch = d$obs$batch[r])",
-    sprintf(paste("mq <- el(map_query(m[[1]], d$counts[, q], batch = d$obs$batch[q], max_epochs = %d,",
-                  "early_stopping = FALSE, threads = %d, progress = FALSE))"), query_epochs, threads),
+    if (query_epochs > 0) {
+      sprintf(paste("mq <- el(map_query(m[[1]], d$counts[, q], batch = d$obs$batch[q], max_epochs = %d,",
+                    "early_stopping = FALSE, threads = %d, progress = FALSE))"), query_epochs, threads)
+    } else {
+      sprintf("mq <- el(map_query(m[[1]], d$counts[, q], batch = d$obs$batch[q], threads = %d, progress = FALSE))",
+              threads)
+    },
+    "query_epochs_run <- nrow(mq[[1]]$history)",
     "pr <- el(predict_labels(lab[[1]], d$counts[, q], model = mq[[1]], batch = d$obs$batch[q]))",
     "z_after <- latent(mq[[1]], d$counts[, r], batch = d$obs$batch[r])",
     sprintf("write.csv(rbind(z_after, latent(mq[[1]])), '%s')", file.path(work, "ours_latent.csv")),
     sprintf("write.csv(pr[[1]][c('label', 'best')], '%s')", file.path(work, "ours_pred.csv")),
-    sprintf("writeLines(sprintf('%%.4f %%.4f %%.4f %%.4f %%.6g', m[[2]], lab[[2]], mq[[2]], pr[[2]], max(abs(z_after - z_before))), '%s')",
+    sprintf("writeLines(sprintf('%%.4f %%.4f %%.4f %%.4f %%.6g %%d', m[[2]], lab[[2]], mq[[2]], pr[[2]], max(abs(z_after - z_before)), query_epochs_run), '%s')",
             file.path(work, "ours.txt"))), ours)
   r_ours <- timed(file.path(R.home("bin"), "Rscript"), ours, quiet = FALSE)
   v <- scan(file.path(work, "ours.txt"), quiet = TRUE)
-  peer_args <- c(file.path(root, "bench", "mapping_peer.py"), work, "--epochs", epochs, "--query-epochs",
-                 query_epochs, "--label-epochs", label_epochs, "--threads", threads)
+  peer_args <- c(file.path(root, "bench", "mapping_peer.py"), work, "--epochs", epochs,
+                 if (query_epochs > 0) c("--query-epochs", query_epochs), "--label-epochs", label_epochs,
+                 "--threads", threads)
   r_scvi <- timed(python, peer_args, quiet = FALSE)
   js <- paste(readLines(file.path(work, "scvi_mapping.json"), warn = FALSE), collapse = " ")
   num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", js))
@@ -116,7 +125,8 @@ run_one <- function(name) {
   tab <- data.frame(
     data = name, method = c("scdistill map_query + fit_labels", version),
     reference_s = c(v[1], num("seconds_reference")), labels_s = c(v[2], num("seconds_labels")),
-    mapping_s = c(v[3], num("seconds_mapping")), predict_s = c(v[4], num("seconds_predict")),
+    mapping_s = c(v[3], num("seconds_mapping")), mapping_epochs = c(v[6], num("query_epochs_run")),
+    predict_s = c(v[4], num("seconds_predict")),
     process_s = c(r_ours$wall, r_scvi$wall), peak_rss_mb = c(r_ours$rss_mb, r_scvi$rss_mb),
     balanced_accuracy = c(bal(p_ours$best), bal(p_scvi)),
     balanced_accuracy_with_unknown = c(bal(p_ours$label), NA),

@@ -31,13 +31,7 @@ root <- bench_root()
 python <- peers_python(root)
 
 load_data <- function(name) {
-  if (name == "cellbench") {
-    d <- load_cellbench(root)
-    hvg <- highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
-    counts <- d$counts[hvg$highly_variable, ]
-    keep <- Matrix::colSums(counts) > 0
-    return(list(counts = counts[, keep], batch = d$batch[keep], label = d$label[keep]))
-  }
+  if (name == "cellbench") return(load_cellbench_hvg(root, threads))
   s <- simulate_counts(n_cells = n_sim, n_genes = 2000, n_groups = 5, n_batches = 4, format = "list",
                        threads = threads)
   list(counts = s$counts, batch = s$cell_data$batch, label = s$cell_data$cell_type)

@@ -51,6 +51,17 @@ test_that("map_query() refuses a known batch, a query without its batch, too man
   expect_error(map_query(list(), d$query), "must be a scdistill model")
 })
 
+test_that("map_query() reads a Seurat query, its batch from meta.data", {
+  skip_if_not_installed("SeuratObject")
+  d <- mapping_data()
+  seu <- suppressWarnings(SeuratObject::CreateSeuratObject(SingleCellExperiment::counts(d$query)))
+  seu$batch <- as.character(d$query$batch)
+  mapped <- map_query(d$model, seu, max_epochs = 2, threads = 2, progress = FALSE)
+  expect_equal(unlist(mapped$info$query_batches), "Batch3")
+  seu <- add_latent(seu, mapped)
+  expect_equal(dim(SeuratObject::Embeddings(seu, "scVI")), c(ncol(d$query), 10L))
+})
+
 test_that("a distilled model maps by its batch embedding; its latent space does not move", {
   d <- mapping_data()
   dm <- distill(d$ref, batch = "batch", max_epochs_encoder = 10, max_epochs_decoder = 10, threads = 2,
@@ -108,6 +119,12 @@ test_that("labels fitted on the reference carry to the mapped query; an unseen t
   expect_error(plot_mapping(d$model), "not a mapped model")
   expect_error(plot_mapping(mapped, df[1:5, ]), "has 5 cells where the query has")
   expect_error(plot_mapping(mapped, out, reference_labels = 1:3), "`reference_labels` has 3 values")
+  # Seurat in, Seurat out: the predictions in meta.data.
+  skip_if_not_installed("SeuratObject")
+  seu <- suppressWarnings(SeuratObject::CreateSeuratObject(SingleCellExperiment::counts(d$query)))
+  seu <- predict_labels(lab, seu, model = mapped)
+  expect_s4_class(seu, "Seurat")
+  expect_equal(unname(seu$predicted_best), out$predicted_best)
 })
 
 test_that("confusion_matrix() counts and gives the balanced accuracy", {

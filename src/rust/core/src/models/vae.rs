@@ -217,7 +217,19 @@ impl Vae {
     /// Negative ELBO terms per cell: reconstruction −log p(x | z, l), KL of
     /// z (warmed up) and KL of the library (not warmed up, as scVI).
     pub fn loss_terms(&self, inp: &Inputs, train: bool) -> LossTerms {
-        let ((qm, qv), ql) = self.encode(inp, train);
+        let (qz, ql) = self.encode(inp, train);
+        self.loss_from_posterior(inp, qz, ql, train)
+    }
+
+    /// As `loss_terms`, from the posteriors q(z | x) and q(l | x) of the cells.
+    #[allow(clippy::type_complexity)]
+    fn loss_from_posterior(
+        &self,
+        inp: &Inputs,
+        (qm, qv): (Tensor, Tensor),
+        ql: Option<(Tensor, Tensor)>,
+        train: bool,
+    ) -> LossTerms {
         let z = &qm + qv.sqrt() * qm.randn_like();
         let (log_library, kl_l) = match &ql {
             Some((lm, lv)) => {
@@ -320,6 +332,57 @@ impl Trainable for VaeTask<'_> {
     }
 }
 
+/// Query training of a mapped VAE whose encoders read no covariates: they
+/// are frozen, so q(z | x) and q(l | x) of every query cell are computed
+/// once (no dropout, batch-norm statistics as trained: the posteriors
+/// `latent()` reads; scvi-tools' `freeze_dropout = True`) and each step
+/// runs the decoder only.
+struct FrozenEncoderTask<'a> {
+    model: &'a Vae,
+    data: &'a VaeData<'a>,
+    qz: (Tensor, Tensor),
+    ql: Option<(Tensor, Tensor)>,
+}
+
+impl<'a> FrozenEncoderTask<'a> {
+    fn new(model: &'a Vae, data: &'a VaeData<'a>) -> FrozenEncoderTask<'a> {
+        let n = data.counts.n_rows;
+        let (mut zm, mut zv, mut lm, mut lv) = (vec![], vec![], vec![], vec![]);
+        tch::no_grad(|| {
+            for start in (0..n).step_by(1024) {
+                let rows: Vec<usize> = (start..(start + 1024).min(n)).collect();
+                let ((m, v), l) = model.encode(&data.inputs(&rows, None, model.device()), Pass::Eval);
+                zm.push(m);
+                zv.push(v);
+                if let Some((m, v)) = l {
+                    lm.push(m);
+                    lv.push(v);
+                }
+            }
+        });
+        let ql = (!lm.is_empty()).then(|| (Tensor::cat(&lm, 0), Tensor::cat(&lv, 0)));
+        FrozenEncoderTask { model, data, qz: (Tensor::cat(&zm, 0), Tensor::cat(&zv, 0)), ql }
+    }
+}
+
+impl Trainable for FrozenEncoderTask<'_> {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.model.vs
+    }
+
+    fn n_cells(&self) -> usize {
+        self.data.counts.n_rows
+    }
+
+    fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
+        let dev = self.model.device();
+        let idx = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(dev);
+        let pick = |(m, v): &(Tensor, Tensor)| (m.index_select(0, &idx), v.index_select(0, &idx));
+        let inp = self.data.inputs(rows, None, dev);
+        self.model.loss_from_posterior(&inp, pick(&self.qz), self.ql.as_ref().map(pick), train)
+    }
+}
+
 /// Everything a trained VAE needs to be used again: the architecture, the
 /// genes and covariate levels it was trained on, how it was trained.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -419,7 +482,8 @@ impl VaeModel {
     /// in every layer that reads it, per-batch parameters gain entries, and
     /// training on the query changes only those (and, as an option, the
     /// decoder's first layer). The encoder of a model that does not encode
-    /// covariates is left as it was, so every cell's latent space is too.
+    /// covariates is left as it was, so every cell's latent space is too,
+    /// and is evaluated once per query cell rather than at every step.
     pub fn map_query_cells(
         &self,
         cells: Cells,
@@ -438,16 +502,7 @@ impl VaeModel {
             return invalid!("give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model");
         };
         let new = new_levels(&self.meta.batch_levels, &batch, &self.meta.batch_name)?;
-        let cats = categorical
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                c.ok_or_else(|| {
-                    let name = self.meta.categorical.get(i).map_or("?", |c| c.0.as_str());
-                    crate::Error::InvalidInput(format!("the model uses covariate `{name}`: give it for the query cells"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cats = self.given_categorical(categorical)?;
         let mut meta = self.meta.clone();
         meta.batch_levels.extend(new.iter().cloned());
         meta.query_batches.extend(new.iter().cloned());
@@ -487,10 +542,30 @@ impl VaeModel {
             vae.set_library_prior(&data);
             frozen.restore();
         }
-        let task = VaeTask { model: &vae, data: &data };
-        let history = train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?;
+        let history = if meta.config.encode_covariates {
+            let task = VaeTask { model: &vae, data: &data };
+            train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?
+        } else {
+            let task = FrozenEncoderTask::new(&vae, &data);
+            train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?
+        };
         meta.training = TrainingRecord::new(train_cfg, history, n);
         Ok(VaeModel { meta, vae })
+    }
+
+    /// The labels of every further categorical covariate of the model: each
+    /// must be given.
+    pub fn given_categorical(&self, categorical: Vec<Option<Vec<String>>>) -> Result<Vec<Vec<String>>> {
+        categorical
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| {
+                    let name = self.meta.categorical.get(i).map_or("?", |c| c.0.as_str());
+                    crate::Error::InvalidInput(format!("the model uses covariate `{name}`: give it for the cells"))
+                })
+            })
+            .collect()
     }
 
     /// The columns of `counts` in the model's gene order. Genes the model

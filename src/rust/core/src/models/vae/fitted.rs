@@ -33,16 +33,7 @@ impl VaeModel {
         let cov = if encoder_only && !self.meta.config.encode_covariates {
             self.neutral_covariates(n)
         } else {
-            let cats = categorical
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    c.ok_or_else(|| {
-                        let name = self.meta.categorical.get(i).map_or("?", |c| c.0.as_str());
-                        crate::Error::InvalidInput(format!("the model uses covariate `{name}`: give it for the cells"))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let cats = self.given_categorical(categorical)?;
             self.covariates_for(n, batch.as_deref(), &cats, continuous, true)?
         };
         Ok((csr, cov))
