@@ -40,13 +40,13 @@ fit_labels <- function(model, x, labels, unlabeled = NA, n_hidden = 128, n_layer
                        early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 0, threads = NULL,
                        progress = interactive(), ...) {
   check_model(model)
-  cnt <- as_counts(x)
-  cells <- colnames(cnt$counts)
+  lc <- label_cells(model, x)
+  cells <- lc$cells
   y <- if (is.character(labels) && length(labels) == 1 && length(cells) != 1) {
-    if (!labels %in% colnames(cnt$cell_data)) {
+    if (!labels %in% colnames(lc$cell_data)) {
       stop("`labels`: '", labels, "' is not a column of the cell metadata of `x`", call. = FALSE)
     }
-    cnt$cell_data[[labels]]
+    lc$cell_data[[labels]]
   } else labels
   if (length(y) != length(cells)) {
     stop("`labels` has ", length(y), " values but `x` has ", length(cells), " cells", call. = FALSE)
@@ -58,7 +58,7 @@ fit_labels <- function(model, x, labels, unlabeled = NA, n_hidden = 128, n_layer
   if (length(levels) < 2) {
     stop("the labels have one class only ('", levels, "'): a classifier needs at least two", call. = FALSE)
   }
-  z <- cached_latent(model, cnt$counts) %||% latent(model, cnt, threads = threads, ...)
+  z <- cached_latent(model, lc$counts) %||% latent(model, x, threads = threads, ...)
   check_fraction(dropout, "dropout")
   check_positive(classification_ratio, "classification_ratio", zero_ok = TRUE)
   tc <- train_settings(length(cells), max_epochs %||% min(round(20000 / length(cells) * 400), 100), batch_size, lr,
@@ -126,8 +126,7 @@ predict_labels <- function(object, x, model = object$model, threshold = 0.5, dis
   check_model(model)
   check_fraction(threshold, "threshold", upper_open = FALSE)
   check_fraction(distance_quantile, "distance_quantile", upper_open = FALSE)
-  cnt <- as_counts(x)
-  z <- cached_latent(model, cnt$counts) %||% latent(model, cnt, threads = threads, ...)
+  z <- cached_latent(model, label_cells(model, x)$counts) %||% latent(model, x, threads = threads, ...)
   if (ncol(z) != object$info$config$n_latent) {
     stop("the model's latent space has ", ncol(z), " dimensions where the label model's has ",
          object$info$config$n_latent, ": predict with the model the labels were fitted on, or one mapped from it",
@@ -149,6 +148,17 @@ predict_labels <- function(object, x, model = object$model, threshold = 0.5, dis
   }
   attr(out, "probabilities") <- probs
   out
+}
+
+# The counts of `x` as the model reads them (one matrix, or one per
+# modality: what identifies its training data), its cells and cell metadata.
+label_cells <- function(model, x) {
+  if (inherits(model, "scdistill_multimodal")) {
+    mo <- multimodal_counts(x, modality_names(model))
+    return(list(counts = mo$counts, cells = colnames(mo$counts[[1]]), cell_data = mo$cell_data))
+  }
+  cnt <- as_counts(x)
+  list(counts = cnt$counts, cells = colnames(cnt$counts), cell_data = cnt$cell_data)
 }
 
 # `x` with the columns of `df` (one row per cell, in order) added to its cell metadata.

@@ -85,7 +85,11 @@ test_that("a multimodal model maps every key made from the batch; its reference 
   own <- normalized_expression(mapped, d$query, transform_batch = "Batch3")
   expect_equal(dim(own), c(300L, ncol(d$query)))
   expect_error(map_query(mm, d$ref, batch = "batch", max_epochs = 2, threads = 2, progress = FALSE),
-               "query batch 'Batch1' is also a batch of the reference")
+               "query batch 'Batch1' is also a batch of the reference")  # Labels on a multimodal model's latent space, carried to its mapped query.
+  lab <- fit_labels(mm, d$ref, labels = "cell_type", max_epochs = 30, threads = 2, progress = FALSE)
+  pred <- predict_labels(lab, d$query, model = mapped)
+  known <- d$query$cell_type != d$novel
+  expect_gt(mean(pred$predicted_best[known] == d$query$cell_type[known]), 0.8)
 })
 
 test_that("labels fitted on the reference carry to the mapped query; an unseen type lies farther away", {

@@ -77,23 +77,15 @@ impl Frozen {
             }
         });
     }
-
-    /// Number of entries training may change.
-    pub fn n_trainable(&self) -> i64 {
-        self.vars
-            .iter()
-            .filter_map(|(_, _, m)| m.as_ref())
-            .map(|m| m.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]))
-            .sum()
-    }
 }
 
 /// Copies every tensor of `old` into the same-named variable of `new`,
 /// growing the one dimension where their shapes differ: the old values
 /// split at `insert_at(name, old size)` around the new slots, which start
-/// at the reference batches' average. Variables named by `whole(name)` are trainable in full;
-/// otherwise only the new slots are. Variables with nothing trainable stop
-/// requiring a gradient (no backward pass through a frozen encoder).
+/// at the reference batches' average. Variables named by `whole(name)` are
+/// trainable in full; otherwise only the new slots are. Variables with
+/// nothing trainable stop requiring a gradient (no backward pass through a
+/// frozen encoder).
 pub fn transplant(
     old: &nn::VarStore,
     new: &nn::VarStore,
