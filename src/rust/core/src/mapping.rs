@@ -67,11 +67,11 @@ impl Frozen {
                 let mut v = v.shallow_clone();
                 match mask {
                     None => {
-                        let _ = v.copy_(saved);
+                        v.copy_(saved);
                     }
                     Some(m) => {
                         let kept = v.where_self(m, saved);
-                        let _ = v.copy_(&kept);
+                        v.copy_(&kept);
                     }
                 }
             }
@@ -125,7 +125,7 @@ pub fn transplant(
                 (values, Some(mask))
             }
         };
-        let _ = var.copy_(&values);
+        var.copy_(&values);
         if mask.is_none() && var.requires_grad() {
             let _ = var.set_requires_grad(false);
         }
