@@ -181,7 +181,7 @@ resolve_batch <- function(batch, cell_data, cells, arg = "batch") {
 
 # A per-cell factor given as a column name of `cell_data` or as one value per
 # cell, without NA and without unused levels.
-resolve_cell_factor <- function(values, cell_data, cells, arg) {
+resolve_cell_factor <- function(values, cell_data, cells, arg, allow_na = FALSE) {
   n <- length(cells)
   if (is.character(values) && length(values) == 1 && n != 1) {
     if (is.null(cell_data) || ncol(cell_data) == 0) {
@@ -197,7 +197,7 @@ resolve_cell_factor <- function(values, cell_data, cells, arg) {
   if (length(values) != n) {
     stop("`", arg, "` has ", length(values), " values but `x` has ", n, " cells", call. = FALSE)
   }
-  if (anyNA(values)) {
+  if (anyNA(values) && !allow_na) {
     stop("`", arg, "` has ", sum(is.na(values)), " missing value(s) (first in cell '",
          cells[which(is.na(values))[1]], "'); give them a level or drop those cells",
          call. = FALSE)

@@ -229,7 +229,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
            "pass the matrix itself", call. = FALSE)
     }
     label <- paste0("given embedding '", emb, "'")
-    emb <- harmony_input(x, emb)$embedding
+    emb <- reduction_input(x, emb)$embedding
   }
   emb <- as.matrix(emb)
   if (nrow(emb) != length(cells)) {

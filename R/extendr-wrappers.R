@@ -22,12 +22,26 @@ native <- function(name) {
   if (!is.null(native_env$dll)) library.dynam.unload("scdistill", libpath)
 }
 
+rs_fit_clusters <- function(z, d, codes, levels, config, train, threads, progress) {
+  .Call(native("wrap__rs_fit_clusters"), z, d, codes, levels, config, train, threads, progress)
+}
+
+rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assign_clusters"), bytes, z, d, threads)
+
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
                             config, train_encoder, train_decoder, device, threads, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
         teacher_name, config, train_encoder, train_decoder, device, threads, progress)
+}
+
+rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {
+  .Call(native("wrap__rs_simulate_doublets"), counts, batch, n_batches, ratio, seed)
+}
+
+rs_neighbor_doublet_fraction <- function(z, d, n_observed, k, seed, threads) {
+  .Call(native("wrap__rs_neighbor_doublet_fraction"), z, d, n_observed, k, seed, threads)
 }
 
 rs_run_harmony <- function(x, n, d, covariates, params, threads, progress) {
@@ -42,6 +56,10 @@ rs_predict_labels <- function(bytes, z, d, threads) .Call(native("wrap__rs_predi
 
 rs_integration_metrics <- function(x, n, d, batch, label, pre, pre_d, seed, threads) {
   .Call(native("wrap__rs_integration_metrics"), x, n, d, batch, label, pre, pre_d, seed, threads)
+}
+
+rs_neighbor_preservation <- function(x, dx, y, dy, n, k, seed, threads) {
+  .Call(native("wrap__rs_neighbor_preservation"), x, dx, y, dy, n, k, seed, threads)
 }
 
 rs_dense_cells <- function(counts, rows) .Call(native("wrap__rs_dense_cells"), counts, rows)
@@ -125,6 +143,12 @@ rs_available_threads <- function() .Call(native("wrap__rs_available_threads"))
 rs_panic_for_test <- function(on_worker) .Call(native("wrap__rs_panic_for_test"), on_worker)
 
 rs_wait_for_interrupt <- function(seconds) .Call(native("wrap__rs_wait_for_interrupt"), seconds)
+
+rs_fit_umap <- function(z, d, config, train, threads, progress) {
+  .Call(native("wrap__rs_fit_umap"), z, d, config, train, threads, progress)
+}
+
+rs_project_umap <- function(bytes, z, d, threads) .Call(native("wrap__rs_project_umap"), bytes, z, d, threads)
 
 rs_fit_vae <- function(counts, batch, categorical, continuous, config, train, device, threads, progress) {
   .Call(native("wrap__rs_fit_vae"), counts, batch, categorical, continuous, config, train, device, threads,

@@ -65,7 +65,7 @@ run_harmony <- function(x, batch, theta = 2, lambda = NULL, sigma = 0.1, n_clust
                         max_iter_cluster = 4, epsilon_cluster = 1e-3, epsilon_harmony = 1e-2, block_size = 0.05,
                         alpha = 0.2, tau = 0, protect = NULL, protect_theta = 0, reduction = "PCA", name = NULL,
                         seed = 1, threads = NULL, progress = interactive(), memberships = FALSE) {
-  input <- harmony_input(x, reduction)
+  input <- reduction_input(x, reduction)
   emb <- input$embedding
   z <- harmony_fit(emb, input$cell_data, batch, protect, theta = theta, lambda = lambda, sigma = sigma,
                    n_clusters = n_clusters, max_iter = max_iter, max_iter_cluster = max_iter_cluster,
@@ -78,7 +78,7 @@ run_harmony <- function(x, batch, theta = 2, lambda = NULL, sigma = 0.1, n_clust
 }
 
 # The embedding to correct and the cell metadata of `x`.
-harmony_input <- function(x, reduction) {
+reduction_input <- function(x, reduction) {
   if (is.matrix(x) || is.data.frame(x)) {
     emb <- as.matrix(x)
     if (!is.numeric(emb)) stop("`x` must be a numeric matrix of cells x dimensions", call. = FALSE)

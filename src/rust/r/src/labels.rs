@@ -9,7 +9,7 @@ use scdistill_core::models::labels::{LabelConfig, LabelModel, UNLABELED};
 use scdistill_core::train::TrainConfig;
 
 /// The latent space (an R cells × `d` double matrix) as row-major f32.
-fn latent_rows(z: &Robj, d: i32) -> Result<Vec<f32>> {
+pub(crate) fn latent_rows(z: &Robj, d: i32) -> Result<Vec<f32>> {
     let v = z.as_real_slice().ok_or_else(|| fail("internal: the latent space must be a double matrix"))?;
     let d = d.max(1) as usize;
     if v.len() % d != 0 {

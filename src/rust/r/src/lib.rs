@@ -4,8 +4,10 @@
 use extendr_api::prelude::*;
 use extendr_api::Result;
 
+mod clusters;
 mod convert;
 mod distill;
+mod doublets;
 mod harmony;
 mod labels;
 mod metrics;
@@ -15,6 +17,7 @@ mod prep;
 mod simulate;
 mod species;
 mod torch;
+mod umap;
 mod vae;
 mod worker;
 
@@ -67,4 +70,7 @@ extendr_module! {
     use multimodal;
     use species;
     use labels;
+    use clusters;
+    use umap;
+    use doublets;
 }

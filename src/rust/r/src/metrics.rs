@@ -67,6 +67,23 @@ fn rs_integration_metrics(
     ))
 }
 
+/// Fraction of each cell's `k` nearest neighbours in `x` kept in `y`, averaged.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_neighbor_preservation(x: Robj, dx: i32, y: Robj, dy: i32, n: i32, k: i32, seed: f64, threads: i32) -> Result<f64> {
+    let n = n as usize;
+    let (xv, yv) = (row_major(&x, n, dx as usize, "x")?, row_major(&y, n, dy as usize, "y")?);
+    run(threads, |_| {
+        metrics::neighbor_preservation(
+            &metrics::Embedding::row_major(&xv, n, dx as usize),
+            &metrics::Embedding::row_major(&yv, n, dy as usize),
+            k as usize,
+            seed as u64,
+        )
+    })
+}
+
 /// Cells `rows` (1-based) densified through a libtorch tensor, genes × cells, column-major.
 /// @noRd
 #[extendr]
@@ -94,4 +111,5 @@ extendr_module! {
     mod metrics;
     fn rs_integration_metrics;
     fn rs_dense_cells;
+    fn rs_neighbor_preservation;
 }

@@ -130,6 +130,22 @@ pub fn knn_auto(x: &Embedding, k: usize, seed: u64) -> Result<Knn> {
     }
 }
 
+/// How well `y` (e.g. a 2-D map) keeps the neighbourhoods of `x`: the mean
+/// over cells of the fraction of a cell's `k` nearest neighbours in `x` that
+/// are among its `k` nearest in `y` (both searched by `knn_auto`).
+pub fn neighbor_preservation(x: &Embedding, y: &Embedding, k: usize, seed: u64) -> Result<f64> {
+    check_param(x.n == y.n, "embedding", "must have the same cells in both spaces")?;
+    let (a, b) = (knn_auto(x, k, seed)?, knn_auto(y, k, seed)?);
+    let kept: usize = (0..x.n)
+        .into_par_iter()
+        .map(|i| {
+            let theirs = b.neighbors(i);
+            a.neighbors(i).iter().filter(|j| theirs.contains(j)).count()
+        })
+        .sum();
+    Ok(kept as f64 / (x.n * k) as f64)
+}
+
 /// The exact `k` nearest neighbours of every cell.
 pub fn knn(x: &Embedding, k: usize) -> Result<Knn> {
     validate(x, k)?;

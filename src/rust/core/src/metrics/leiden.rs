@@ -26,6 +26,11 @@ impl Graph {
         self.adj.len()
     }
 
+    /// Each node's neighbours and edge weights (each edge at both ends).
+    pub fn adjacency(&self) -> &[Vec<(u32, f64)>] {
+        &self.adj
+    }
+
     fn degree(&self, v: usize) -> f64 {
         self.adj[v].iter().map(|&(_, w)| w).sum()
     }

@@ -21,7 +21,7 @@ mod lisi;
 pub use cluster::{ari, kmeans, nmi, silhouette_samples};
 pub use graph::graph_connectivity;
 pub use kbet::kbet_per_label;
-pub use knn::{knn, knn_approx, knn_auto, Embedding, Knn, EXACT_MAX_CELLS};
+pub use knn::{knn, knn_approx, knn_auto, neighbor_preservation, Embedding, Knn, EXACT_MAX_CELLS};
 pub use leiden::{leiden, leiden_nmi_ari, umap_connectivities, Graph};
 pub use lisi::lisi;
 

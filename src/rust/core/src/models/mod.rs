@@ -3,12 +3,15 @@
 //! and every fitted model implements [`FittedModel`], the one shape the
 //! glue and R see.
 
+pub mod clusters;
 pub mod count_decoder;
 pub mod distill;
+pub mod doublets;
 mod fitted;
 pub mod labels;
 pub mod multimodal;
 pub mod species;
+pub mod umap;
 pub mod vae;
 
 pub use fitted::{

@@ -1,0 +1,182 @@
+# Soft k-means clustering of a latent space (DiffBio's clustering stage).
+
+#' Soft k-means clustering
+#'
+#' Clusters cells in a latent space (a PCA, Harmony or model latent space)
+#' with learnable centroids and soft assignments, as DiffBio's soft k-means
+#' stage: cell i belongs to cluster k with probability
+#' softmax(-||z_i - mu_k||^2 / T), and the centroids mu_k are trained (Adam)
+#' to minimise the expected squared distance of each cell to its clusters
+#' (the compactness loss). The centroids start from k-means (`n_clusters`
+#' given) or from Leiden clusters of the 15-nearest-neighbour graph
+#' (`n_clusters = NULL`, as Seurat's `FindClusters()` and `bluster` do,
+#' so the number of clusters comes from the data).
+#'
+#' With `labels`, the clustering is supervised: one centroid per label,
+#' started at the labelled cells' mean, trained so that each labelled cell's
+#' own label is its most probable cluster (cross-entropy); unlabelled cells
+#' still pull the centroids through the compactness loss. The result is a
+#' nearest-centroid cell-type classifier, and [predict()] labels new cells.
+#'
+#' @param x A `SingleCellExperiment`, a `Seurat` object, or a numeric cells x
+#'   dimensions matrix.
+#' @param reduction For containers: the embedding to cluster (e.g. `"PCA"`,
+#'   `"HARMONY"`, or the latent space written by [add_latent()]).
+#' @param n_clusters Number of clusters; `NULL`: as many as Leiden finds at
+#'   `resolution`.
+#' @param temperature T, the softness of the assignments; `NULL`: the mean
+#'   squared distance of the cells to their initial centroid.
+#' @param labels Known labels (a column of the cell metadata or one value per
+#'   cell) for a supervised clustering; `NA` (and `unlabeled` values) mark
+#'   cells without a label.
+#' @param unlabeled Values of `labels` that mean "no label".
+#' @param resolution Leiden resolution when `n_clusters` is `NULL`.
+#' @param name Name of the cluster column written back, and prefix of its
+#'   companions (see Value).
+#' @param max_epochs,batch_size,lr,early_stopping,patience,validation_fraction
+#'   Training of the centroids.
+#' @param seed Seed of k-means, Leiden and training; the same seed gives the
+#'   same clusters.
+#' @param threads Threads.
+#' @param progress Show a progress bar.
+#' @return A `SingleCellExperiment` or `Seurat` object gets cell metadata
+#'   columns `name` (a factor of clusters) and `<name>_confidence` (the
+#'   probability of that cluster), the assignment matrix (cells x clusters)
+#'   as the reduction `name`, and the fitted clustering, for [predict()], in
+#'   `metadata(x)[[name]]` (SingleCellExperiment) or `Misc(x, name)`
+#'   (Seurat). A matrix gets that fitted clustering (a `scdistill_clusters`
+#'   object) itself, with `$clusters` and `$probabilities` of its cells.
+#' @examples
+#' sce <- example_cellbench()
+#' sce <- run_pca(sce, n_pcs = 10, n_hvg = 1000)
+#' sce <- soft_clusters(sce, n_clusters = 5, threads = 2)
+#' table(sce$soft_cluster, sce$cell_line)
+#' summary(sce$soft_cluster_confidence)
+#' @export
+soft_clusters <- function(x, reduction = "PCA", n_clusters = NULL, temperature = NULL, labels = NULL,
+                          unlabeled = NA, resolution = 1, name = "soft_cluster", max_epochs = 50, batch_size = 256,
+                          lr = 1e-2, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
+                          threads = NULL, progress = interactive()) {
+  input <- reduction_input(x, reduction)
+  z <- input$embedding
+  if (nrow(z) < 2) stop("`x` has ", nrow(z), " cell(s): clustering needs at least 2", call. = FALSE)
+  if (anyNA(z) || any(!is.finite(z))) stop("the embedding '", reduction, "' has missing or infinite values", call. = FALSE)
+  cells <- rownames(z) %||% as.character(seq_len(nrow(z)))
+  if (!is.null(n_clusters)) {
+    n_clusters <- check_count(n_clusters, "n_clusters")
+    if (n_clusters > nrow(z)) {
+      stop("`n_clusters` = ", n_clusters, " is more than the ", nrow(z), " cells", call. = FALSE)
+    }
+  }
+  sup <- NULL
+  if (!is.null(labels)) {
+    y <- as.character(resolve_cell_factor(labels, input$cell_data, cells, arg = "labels", allow_na = TRUE))
+    y[y %in% as.character(unlabeled[!is.na(unlabeled)])] <- NA
+    lv <- sort(unique(y[!is.na(y)]))
+    if (length(lv) < 2) stop("`labels` must have at least two classes for a supervised clustering", call. = FALSE)
+    if (!is.null(n_clusters) && n_clusters != length(lv)) {
+      stop("`n_clusters` = ", n_clusters, " but `labels` has ", length(lv), " classes: give one or the other",
+           call. = FALSE)
+    }
+    sup <- list(codes = match(y, lv), levels = lv)
+  }
+  config <- list(n_clusters = n_clusters %||% 0L, resolution = check_positive(resolution, "resolution"),
+                 temperature = if (is.null(temperature)) 0 else check_positive(temperature, "temperature"))
+  tc <- train_settings(nrow(z), max_epochs, batch_size, lr, 0, 0, early_stopping, patience, 0, validation_fraction,
+                       seed)
+  bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
+  if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
+  fit <- rust(rs_fit_clusters(unclass_matrix(z), ncol(z), sup$codes, sup$levels, config, tc, resolve_threads(threads),
+                              bar$update))
+  levels <- unlist(fit$info$levels)
+  dimnames(fit$probabilities) <- list(cells, levels)
+  dimnames(fit$centroids) <- list(levels, colnames(z))
+  out <- structure(list(bytes = fit$bytes, info = fit$info, levels = levels, centroids = fit$centroids,
+                        temperature = fit$info$temperature, reduction = if (is.matrix(x)) NULL else reduction,
+                        supervised = !is.null(sup), history = as.data.frame(fit$info$history %||% list())),
+                   class = "scdistill_clusters")
+  if (is.matrix(x) || is.data.frame(x)) {
+    out$probabilities <- fit$probabilities
+    out$clusters <- hard_clusters(fit$probabilities, levels)
+    return(out)
+  }
+  x <- write_clusters(x, fit$probabilities, levels, name)
+  store_fit(x, name, out)
+}
+
+# The most probable cluster of each cell, as a factor of `levels`.
+hard_clusters <- function(p, levels) {
+  factor(levels[max.col(p, ties.method = "first")], levels = levels)
+}
+
+# Cluster, confidence and assignment matrix of cells, written into `x`.
+write_clusters <- function(x, p, levels, name) {
+  best <- max.col(p, ties.method = "first")
+  df <- data.frame(factor(levels[best], levels = levels), p[cbind(seq_len(nrow(p)), best)])
+  names(df) <- c(name, paste0(name, "_confidence"))
+  write_back(add_cell_columns(x, df), p, name)
+}
+
+# A fitted stage kept with the data: metadata(x) or Misc(x).
+store_fit <- function(x, name, fit) {
+  if (is(x, "Seurat")) {
+    x@misc[[name]] <- fit
+  } else {
+    S4Vectors::metadata(x)[[name]] <- fit
+  }
+  x
+}
+
+#' @method print scdistill_clusters
+#' @export
+print.scdistill_clusters <- function(x, ...) {
+  cat(sprintf("scdistill soft clustering: %d %s on a %d-dimensional space%s, temperature %s\n",
+              length(x$levels), if (x$supervised) "labelled centroids" else "clusters", ncol(x$centroids),
+              if (is.null(x$reduction)) "" else paste0(" ('", x$reduction, "')"), format(x$temperature, digits = 3)))
+  cat(sprintf("  trained on %s cells; %d epochs\n", fmt_int(x$info$n_cells), nrow(x$history)))
+  if (!is.null(x$clusters)) print(table(cluster = x$clusters))
+  invisible(x)
+}
+
+#' Assign new cells to fitted soft clusters
+#'
+#' @param object A `scdistill_clusters` object from [soft_clusters()] (for
+#'   containers: `metadata(sce)$soft_cluster` or `Misc(seurat, "soft_cluster")`).
+#' @param newdata New cells in the same space: a container with the same
+#'   reduction, or a cells x dimensions matrix.
+#' @param reduction For containers: the embedding of the new cells.
+#' @param name As in [soft_clusters()].
+#' @param threads Threads.
+#' @param ... Unused.
+#' @return For a container, `newdata` with the columns and reduction that
+#'   [soft_clusters()] writes; for a matrix, a data.frame with `cluster` and
+#'   `confidence`, the assignment matrix in its `"probabilities"` attribute.
+#' @examples
+#' sce <- example_cellbench()
+#' sce <- run_pca(sce, n_pcs = 10, n_hvg = 1000)
+#' pcs <- SingleCellExperiment::reducedDim(sce, "PCA")
+#' fit <- soft_clusters(pcs[sce$batch != "p3", ], n_clusters = 5, threads = 2)
+#' new <- predict(fit, pcs[sce$batch == "p3", ])
+#' table(new$cluster, sce$cell_line[sce$batch == "p3"])
+#' @export
+predict.scdistill_clusters <- function(object, newdata, reduction = object$reduction %||% "PCA",
+                                       name = "soft_cluster", threads = NULL, ...) {
+  z <- reduction_input(newdata, reduction)$embedding
+  if (nrow(z) == 0) stop("`newdata` has no cells", call. = FALSE)
+  if (ncol(z) != ncol(object$centroids)) {
+    stop("the new cells have ", ncol(z), " dimensions where the clustering was fitted on ", ncol(object$centroids),
+         ": give them in the same space (the same reduction)", call. = FALSE)
+  }
+  if (!is.null(colnames(z)) && !is.null(colnames(object$centroids)) &&
+      !identical(colnames(z), colnames(object$centroids))) {
+    stop("the new cells' dimensions (", paste(utils_head(colnames(z), 3), collapse = ", "),
+         ") are not those the clustering was fitted on (",
+         paste(utils_head(colnames(object$centroids), 3), collapse = ", "), ")", call. = FALSE)
+  }
+  p <- rust(rs_assign_clusters(object$bytes, unclass_matrix(z), ncol(z), resolve_threads(threads)))
+  dimnames(p) <- list(rownames(z), object$levels)
+  if (!(is.matrix(newdata) || is.data.frame(newdata))) return(write_clusters(newdata, p, object$levels, name))
+  cl <- hard_clusters(p, object$levels)
+  structure(data.frame(cluster = cl, confidence = p[cbind(seq_len(nrow(p)), as.integer(cl))],
+                       row.names = rownames(z)), probabilities = p)
+}

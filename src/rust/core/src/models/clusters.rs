@@ -1,0 +1,283 @@
+//! Soft k-means clustering of a latent space (DiffBio's soft k-means
+//! module): K learnable centroids μ_k, soft assignments
+//! p_ik = softmax_k(−‖z_i − μ_k‖² / T) at a fixed temperature T, and the
+//! compactness loss Σ_k p_ik ‖z_i − μ_k‖² / T per cell, trained by the
+//! package's loop (Adam on the centroids only).
+//!
+//! * Unsupervised, the centroids start from a hard partition: k-means
+//!   (k-means++ seeds, best of 10 runs) when K is given, else Leiden
+//!   (modularity, resolution γ) on the UMAP connectivities of the 15-NN
+//!   graph, K its number of communities. Training then moves them to a
+//!   stationary point of the soft objective.
+//! * Supervised (labels given, `UNLABELED` where unknown), K is the number of
+//!   labels, centroids start at the labelled cells' class means, and
+//!   labelled cells contribute the cross-entropy of their label under p
+//!   instead: the model becomes a nearest-centroid classifier (a prototype
+//!   network) whose assignments of new cells are label predictions.
+//!
+//! T defaults to the mean squared distance of the cells to their initial
+//! centroid: a cell as far from two centroids as a typical cell is from
+//! its own is split between them.
+
+use crate::data::Embedding;
+use crate::device::seed_torch;
+use crate::error::{check_param, invalid, Result};
+use crate::io;
+use crate::metrics::{kmeans, knn_auto, leiden, umap_connectivities};
+use crate::models::labels::UNLABELED;
+use crate::train::{train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+/// How the clusters are found; saved with the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// K (unsupervised); 0: as many as Leiden finds at `resolution`.
+    pub n_clusters: usize,
+    pub resolution: f64,
+    /// T; 0: the mean squared distance of the cells to their initial centroid.
+    pub temperature: f64,
+    /// Filled in by `fit`: the dimension of the latent space.
+    pub n_latent: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { n_clusters: 0, resolution: 1.0, temperature: 0.0, n_latent: 0 }
+    }
+}
+
+/// A fitted soft clustering and what it was trained on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub config: ClusterConfig,
+    /// Cluster names ("1", "2", ...) or, supervised, the labels.
+    pub levels: Vec<String>,
+    pub supervised: bool,
+    /// The temperature used (the config's, or the one chosen).
+    pub temperature: f64,
+    #[serde(flatten)]
+    pub training: TrainingRecord,
+}
+
+pub struct ClusterModel {
+    pub meta: ClusterMeta,
+    vs: nn::VarStore,
+    centroids: Tensor,
+}
+
+impl ClusterModel {
+    fn new(meta: ClusterMeta) -> ClusterModel {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let shape = [meta.levels.len() as i64, meta.config.n_latent as i64];
+        let centroids = vs.root().var("centroids", &shape, nn::Init::Const(0.0));
+        ClusterModel { meta, vs, centroids }
+    }
+
+    /// Clusters cells at latent coordinates `z` (cells × d, row-major).
+    /// With `labels` (codes into `levels`, `UNLABELED` where unknown) the
+    /// clustering is supervised.
+    pub fn fit(
+        z: &[f32],
+        n: usize,
+        labels: Option<(&[u32], Vec<String>)>,
+        mut config: ClusterConfig,
+        train_cfg: TrainConfig,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<ClusterModel> {
+        check_param(n >= 2 && z.len() % n == 0 && !z.is_empty(), "latent", "must have one row per cell")?;
+        if z.iter().any(|v| !v.is_finite()) {
+            return invalid!("the latent space has missing or infinite values");
+        }
+        let d = z.len() / n;
+        check_param(config.temperature >= 0.0 && config.temperature.is_finite(), "temperature", "must be positive")?;
+        check_param(config.resolution > 0.0 && config.resolution.is_finite(), "resolution", "must be positive")?;
+        train_cfg.check()?;
+        config.n_latent = d;
+        let zf: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+        let emb = Embedding::row_major(&zf, n, d);
+        let supervised = labels.is_some();
+        let (initial, levels): (Vec<u32>, Vec<String>) = match labels {
+            Some((codes, levels)) => {
+                check_param(codes.len() == n, "labels", "must have one value per cell")?;
+                let k = levels.len();
+                if codes.iter().any(|&c| c != UNLABELED && c as usize >= k) {
+                    return invalid!("internal: a label code is out of range");
+                }
+                let mut seen = vec![0usize; k];
+                codes.iter().filter(|&&c| c != UNLABELED).for_each(|&c| seen[c as usize] += 1);
+                if let Some(l) = seen.iter().position(|&s| s == 0) {
+                    return invalid!("label '{}' has no cells", levels[l]);
+                }
+                if k < 2 {
+                    return invalid!("the labels have one class only: clustering by labels needs at least two");
+                }
+                (codes.to_vec(), levels)
+            }
+            None => {
+                check_param(
+                    config.n_clusters <= n,
+                    "n_clusters",
+                    format!("must be at most the number of cells ({n}), not {}", config.n_clusters),
+                )?;
+                let codes = if config.n_clusters == 0 {
+                    check_param(
+                        n > 15,
+                        "n_clusters",
+                        "must be given for 15 cells or fewer (Leiden needs a 15-NN graph)",
+                    )?;
+                    let g = knn_auto(&emb, 14, train_cfg.seed)?;
+                    leiden(&umap_connectivities(&g, 15), config.resolution, train_cfg.seed)
+                } else {
+                    kmeans(&emb, config.n_clusters, 10, 300, train_cfg.seed)
+                };
+                let k = codes.iter().max().map_or(1, |&m| m as usize + 1);
+                (codes, (1..=k).map(|c| c.to_string()).collect())
+            }
+        };
+        let k = levels.len();
+        check_param(k >= 1, "n_clusters", "must be at least 1")?;
+        // Initial centroids: the means of the initial partition.
+        let mut sums = vec![0.0f64; k * d];
+        let mut counts = vec![0usize; k];
+        for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
+            counts[c as usize] += 1;
+            for j in 0..d {
+                sums[c as usize * d + j] += zf[i * d + j];
+            }
+        }
+        for c in 0..k {
+            for j in 0..d {
+                sums[c * d + j] /= counts[c].max(1) as f64;
+            }
+        }
+        let temperature = if config.temperature > 0.0 {
+            config.temperature
+        } else {
+            let (mut total, mut m) = (0.0, 0usize);
+            for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
+                total += (0..d).map(|j| (zf[i * d + j] - sums[c as usize * d + j]).powi(2)).sum::<f64>();
+                m += 1;
+            }
+            let t = total / m.max(1) as f64;
+            if t > 0.0 {
+                t
+            } else {
+                1.0
+            }
+        };
+        seed_torch(train_cfg.seed);
+        let meta = ClusterMeta {
+            config,
+            levels,
+            supervised,
+            temperature,
+            training: TrainingRecord::new(train_cfg.clone(), Default::default(), n),
+        };
+        let mut model = ClusterModel::new(meta);
+        tch::no_grad(|| {
+            let c = Tensor::from_slice(&sums.iter().map(|&v| v as f32).collect::<Vec<_>>()).view([k as i64, d as i64]);
+            model.centroids.copy_(&c)
+        });
+        let zt = Tensor::from_slice(z).view([n as i64, d as i64]);
+        let codes: Vec<i64> = match supervised {
+            true => initial.iter().map(|&c| if c == UNLABELED { -1 } else { c as i64 }).collect(),
+            false => vec![-1; n],
+        };
+        let ct = Tensor::from_slice(&codes);
+        let task = ClusterTask { model: &model, z: &zt, codes: &ct };
+        let history = train(&task, &train_cfg, interrupted, on_epoch)?;
+        model.meta.training = TrainingRecord::new(train_cfg, history, n);
+        Ok(model)
+    }
+
+    /// −‖z − μ_k‖² / T for every cell and centroid: [cells, K].
+    fn logits(&self, z: &Tensor) -> Tensor {
+        let d2 = (z.unsqueeze(1) - self.centroids.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Float);
+        d2 / -self.meta.temperature
+    }
+
+    fn loss(&self, z: &Tensor, codes: &Tensor) -> Tensor {
+        let logits = self.logits(z);
+        let logp = logits.log_softmax(-1, Kind::Float);
+        // Compactness Σ_k p_k d²_k / T = −Σ_k p_k logit_k.
+        let compact = -(logp.exp() * &logits).sum_dim_intlist(-1, false, Kind::Float);
+        let y = codes.clamp_min(0).unsqueeze(1);
+        let ce = -logp.gather(1, &y, false).squeeze_dim(1);
+        ce.where_self(&codes.ge(0), &compact)
+    }
+
+    /// Soft assignments (cells × K, row-major) of cells at `z`.
+    pub fn assign(&self, z: &[f32]) -> Result<Vec<f32>> {
+        let d = self.meta.config.n_latent;
+        if z.len() % d != 0 {
+            return invalid!(
+                "the cells have {} values where the clustering's latent space has {d} dimensions per cell",
+                z.len()
+            );
+        }
+        if z.iter().any(|v| !v.is_finite()) {
+            return invalid!("the latent space has missing or infinite values");
+        }
+        let n = z.len() / d;
+        let mut out = Vec::with_capacity(n * self.meta.levels.len());
+        tch::no_grad(|| -> Result<()> {
+            for start in (0..n).step_by(8192) {
+                let end = (start + 8192).min(n);
+                let zt = Tensor::from_slice(&z[start * d..end * d]).view([(end - start) as i64, d as i64]);
+                out.extend(Vec::<f32>::try_from(self.logits(&zt).softmax(-1, Kind::Float).flatten(0, -1))?);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The centroids (K × d, row-major).
+    pub fn centroids(&self) -> Result<Vec<f32>> {
+        Ok(Vec::<f32>::try_from(self.centroids.detach().flatten(0, -1))?)
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        io::model_to_bytes(&self.vs, "clusters", &self.meta)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<ClusterModel> {
+        let (meta, tensors): (ClusterMeta, _) = io::model_from_bytes(bytes, "clusters", "a soft clustering")?;
+        let model = ClusterModel::new(meta);
+        io::load_into(&model.vs, &tensors)?;
+        Ok(model)
+    }
+}
+
+struct ClusterTask<'a> {
+    model: &'a ClusterModel,
+    z: &'a Tensor,
+    codes: &'a Tensor,
+}
+
+impl Trainable for ClusterTask<'_> {
+    fn var_store(&self) -> &nn::VarStore {
+        &self.model.vs
+    }
+    fn n_cells(&self) -> usize {
+        self.codes.size()[0] as usize
+    }
+    fn loss(&self, rows: &[usize], _train: bool) -> LossTerms {
+        let idx = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
+        let loss = self.model.loss(&self.z.index_select(0, &idx), &self.codes.index_select(0, &idx));
+        let zero = loss.zeros_like();
+        LossTerms {
+            reconstruction: loss,
+            kl_warmup: zero.shallow_clone(),
+            kl_fixed: zero,
+            deferred: vec![],
+            penalty: None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "clusters_tests.rs"]
+mod tests;

@@ -1,0 +1,118 @@
+use super::*;
+use crate::metrics::ari;
+use crate::models::TORCH;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+/// `per` cells around each centre in 4 dimensions (sd 0.6), the last
+/// cluster `rare` times smaller; returns z and the true clusters.
+fn blobs(centres: &[[f32; 4]], per: usize, rare: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise = Normal::new(0.0f32, 0.6).unwrap();
+    let (mut z, mut y) = (vec![], vec![]);
+    for (c, centre) in centres.iter().enumerate() {
+        let m = if c + 1 == centres.len() { per / rare } else { per };
+        for _ in 0..m {
+            z.extend(centre.iter().map(|v| v + noise.sample(&mut rng)));
+            y.push(c as u32);
+        }
+    }
+    (z, y)
+}
+
+const CENTRES: [[f32; 4]; 4] = [[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 4.0]];
+
+fn quick() -> TrainConfig {
+    TrainConfig { max_epochs: 20, early_stopping: false, validation_fraction: 0.0, ..Default::default() }
+}
+
+fn hard(p: &[f32], k: usize) -> Vec<u32> {
+    p.chunks(k).map(|r| (0..k).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32).collect()
+}
+
+#[test]
+fn soft_kmeans_recovers_clusters_with_leiden_or_a_given_k_and_assigns_new_cells() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let (z, y) = blobs(&CENTRES, 300, 5, 1);
+    let n = y.len();
+    for k in [4, 0] {
+        // Leiden splits Gaussian blobs at resolution 1: a coarse one finds the four.
+        let cfg = ClusterConfig { n_clusters: k, resolution: 0.1, ..Default::default() };
+        let m = ClusterModel::fit(&z, n, None, cfg, quick(), &|| false, &|_| {}).unwrap();
+        assert_eq!(m.meta.levels.len(), 4, "K = {k}: found {:?}", m.meta.levels);
+        assert!(m.meta.temperature > 0.5 && m.meta.temperature < 3.0, "T = {}", m.meta.temperature);
+        let p = m.assign(&z).unwrap();
+        for row in p.chunks(4) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        }
+        assert!(ari(&y, &hard(&p, 4)) > 0.98, "K = {k}: ARI {}", ari(&y, &hard(&p, 4)));
+        // New cells go to the clusters of their kind.
+        let (zn, yn) = blobs(&CENTRES, 50, 1, 2);
+        assert!(ari(&yn, &hard(&m.assign(&zn).unwrap(), 4)) > 0.98);
+        // Round trip through bytes.
+        let back = ClusterModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.assign(&zn).unwrap(), m.assign(&zn).unwrap());
+        assert!(m.assign(&zn[..7]).unwrap_err().to_string().contains("4 dimensions"));
+    }
+}
+
+#[test]
+fn training_moves_centroids_to_a_stationary_point_of_the_soft_objective() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    // Two overlapping clusters: the soft objective's centroids are pulled
+    // toward each other relative to the hard k-means means.
+    let (z, _) = blobs(&[[0.0, 0.0, 0.0, 0.0], [1.5, 0.0, 0.0, 0.0]], 400, 1, 3);
+    let n = z.len() / 4;
+    let cfg = ClusterConfig { n_clusters: 2, temperature: 1.0, ..Default::default() };
+    let untrained =
+        ClusterModel::fit(&z, n, None, cfg.clone(), TrainConfig { max_epochs: 0, ..quick() }, &|| false, &|_| {});
+    // Zero epochs is refused by the loop's checks: compare with one epoch instead.
+    assert!(untrained.is_err());
+    let one = ClusterModel::fit(
+        &z,
+        n,
+        None,
+        cfg.clone(),
+        TrainConfig { max_epochs: 1, lr: 1e-6, ..quick() },
+        &|| false,
+        &|_| {},
+    )
+    .unwrap();
+    let many =
+        ClusterModel::fit(&z, n, None, cfg, TrainConfig { max_epochs: 60, lr: 1e-2, ..quick() }, &|| false, &|_| {})
+            .unwrap();
+    let loss = |m: &ClusterModel| {
+        let zt = Tensor::from_slice(&z).view([n as i64, 4]);
+        f64::try_from(m.loss(&zt, &Tensor::from_slice(&vec![-1i64; n])).mean(Kind::Float)).unwrap()
+    };
+    assert!(loss(&many) < loss(&one) - 1e-3, "trained {} vs start {}", loss(&many), loss(&one));
+    let h = &many.meta.training.history;
+    assert!(h.last().unwrap().train_loss < h[0].train_loss);
+}
+
+#[test]
+fn supervised_clusters_are_a_classifier_that_uses_unlabelled_cells_too() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let (z, y) = blobs(&CENTRES, 200, 4, 4);
+    let n = y.len();
+    let codes: Vec<u32> = y.iter().enumerate().map(|(i, &c)| if i % 3 == 0 { c } else { UNLABELED }).collect();
+    let levels: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+    let m =
+        ClusterModel::fit(&z, n, Some((&codes, levels.clone())), ClusterConfig::default(), quick(), &|| false, &|_| {})
+            .unwrap();
+    assert!(m.meta.supervised);
+    assert_eq!(m.meta.levels, levels);
+    let (zn, yn) = blobs(&CENTRES, 60, 4, 5);
+    let pred = hard(&m.assign(&zn).unwrap(), 4);
+    let right = pred.iter().zip(&yn).filter(|(a, b)| a == b).count();
+    assert!(right as f64 / yn.len() as f64 > 0.97, "{right}/{}", yn.len());
+    // A label without cells, and too many clusters, are refused by name.
+    let mut missing = codes.clone();
+    missing.iter_mut().filter(|c| **c == 3).for_each(|c| *c = UNLABELED);
+    let e = ClusterModel::fit(&z, n, Some((&missing, levels)), ClusterConfig::default(), quick(), &|| false, &|_| {});
+    assert!(e.err().unwrap().to_string().contains("label 'd' has no cells"));
+    let cfg = ClusterConfig { n_clusters: n + 1, ..Default::default() };
+    let e = ClusterModel::fit(&z, n, None, cfg, quick(), &|| false, &|_| {});
+    assert!(e.err().unwrap().to_string().contains("n_clusters"));
+}

@@ -1,0 +1,91 @@
+# Soft k-means clustering: known cell lines, held-out cells, supervised mode.
+
+# Adjusted Rand index of two labelings (Hubert & Arabie).
+ari <- function(a, b) {
+  t <- table(a, b)
+  comb <- function(n) sum(n * (n - 1) / 2)
+  idx <- comb(t)
+  expected <- comb(rowSums(t)) * comb(colSums(t)) / comb(sum(t))
+  (idx - expected) / ((comb(rowSums(t)) + comb(colSums(t))) / 2 - expected)
+}
+
+cellbench_pca <- function() {
+  sce <- example_cellbench()
+  run_pca(sce, n_pcs = 10, n_hvg = 1000, threads = 2)
+}
+
+test_that("soft_clusters() finds the five cell lines and writes clusters, confidence and assignments back", {
+  sce <- soft_clusters(cellbench_pca(), n_clusters = 5, threads = 2)
+  expect_s3_class(sce$soft_cluster, "factor")
+  expect_equal(nlevels(sce$soft_cluster), 5)
+  expect_gt(ari(sce$soft_cluster, sce$cell_line), 0.95)
+  p <- SingleCellExperiment::reducedDim(sce, "soft_cluster")
+  expect_equal(dim(p), c(ncol(sce), 5))
+  expect_equal(unname(rowSums(p)), rep(1, ncol(sce)), tolerance = 1e-5)
+  expect_equal(sce$soft_cluster_confidence, unname(apply(p, 1, max)), tolerance = 1e-6)
+  expect_true(all(sce$soft_cluster_confidence > 0.2 & sce$soft_cluster_confidence <= 1))
+  fit <- S4Vectors::metadata(sce)$soft_cluster
+  expect_s3_class(fit, "scdistill_clusters")
+  expect_equal(dim(fit$centroids), c(5, 10))
+  expect_output(print(fit), "5 clusters on a 10-dimensional space \\('PCA'\\)")
+  # The same seed gives the same clusters; the fit survives saveRDS().
+  again <- soft_clusters(cellbench_pca(), n_clusters = 5, threads = 2)
+  expect_identical(again$soft_cluster, sce$soft_cluster)
+  path <- tempfile(fileext = ".rds")
+  saveRDS(fit, path)
+  back <- predict(readRDS(path), sce, name = "again")
+  expect_identical(back$again, sce$soft_cluster)
+})
+
+test_that("without n_clusters, Leiden sets the clusters; new cells are assigned by the fitted centroids", {
+  sce <- cellbench_pca()
+  leid <- soft_clusters(sce, threads = 2)
+  expect_gte(nlevels(leid$soft_cluster), 5)
+  # Every Leiden cluster is (almost) one cell line.
+  purity <- apply(table(leid$soft_cluster, leid$cell_line), 1, function(r) max(r) / sum(r))
+  expect_gt(min(purity), 0.9)
+  coarse <- soft_clusters(sce, resolution = 0.05, threads = 2)
+  expect_lt(nlevels(coarse$soft_cluster), nlevels(leid$soft_cluster))
+
+  pcs <- SingleCellExperiment::reducedDim(sce, "PCA")
+  ref <- sce$batch != "p3"
+  fit <- soft_clusters(pcs[ref, ], n_clusters = 5, threads = 2)
+  expect_s3_class(fit$clusters, "factor")
+  new <- predict(fit, pcs[!ref, ])
+  expect_named(new, c("cluster", "confidence"))
+  expect_equal(dim(attr(new, "probabilities")), c(sum(!ref), 5))
+  expect_gt(ari(new$cluster, sce$cell_line[!ref]), 0.95)
+  expect_error(predict(fit, pcs[!ref, 1:4]), "4 dimensions where the clustering was fitted on 10")
+  expect_error(predict(fit, pcs[0, ]), "no cells")
+  shuffled <- pcs[!ref, c(2, 1, 3:10)]
+  expect_error(predict(fit, shuffled), "are not those the clustering was fitted on")
+})
+
+test_that("with labels, soft_clusters() is a nearest-centroid classifier of unlabelled cells", {
+  sce <- cellbench_pca()
+  held <- sce$batch == "p3"
+  labels <- ifelse(held, NA, as.character(sce$cell_line))
+  sup <- soft_clusters(sce, labels = labels, name = "type", threads = 2)
+  expect_equal(levels(sup$type), sort(unique(as.character(sce$cell_line))))
+  expect_gt(mean(as.character(sup$type[held]) == as.character(sce$cell_line[held])), 0.97)
+  expect_true(S4Vectors::metadata(sup)$type$supervised)
+  # Seurat: metadata columns and the fit in Misc().
+  seu <- suppressWarnings(SeuratObject::CreateSeuratObject(SingleCellExperiment::counts(sce)))
+  seu <- write_back(seu, SingleCellExperiment::reducedDim(sce, "PCA"), "pca")
+  seu <- soft_clusters(seu, reduction = "pca", n_clusters = 5, threads = 2)
+  expect_gt(ari(seu$soft_cluster, sce$cell_line), 0.95)
+  expect_s3_class(SeuratObject::Misc(seu, "soft_cluster"), "scdistill_clusters")
+})
+
+test_that("soft_clusters() refuses bad input by name", {
+  sce <- cellbench_pca()
+  expect_error(soft_clusters(sce, n_clusters = 10000), "`n_clusters` = 10000 is more than the 571 cells")
+  expect_error(soft_clusters(sce, reduction = "UMAP"), "`x` has no reduction 'UMAP'")
+  expect_error(soft_clusters(sce, labels = rep("a", ncol(sce))), "at least two classes")
+  expect_error(soft_clusters(sce, labels = "cell_line", n_clusters = 3), "`labels` has 5 classes")
+  expect_error(soft_clusters(sce, labels = "nope"), "'nope' is not a column")
+  expect_error(soft_clusters(sce, temperature = -1), "`temperature` must be a positive number")
+  z <- SingleCellExperiment::reducedDim(sce, "PCA")
+  z[3, 2] <- NA
+  expect_error(soft_clusters(z, n_clusters = 2), "missing or infinite")
+})
