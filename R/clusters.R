@@ -5,12 +5,15 @@
 #' Clusters cells in a latent space (a PCA, Harmony or model latent space)
 #' with learnable centroids and soft assignments, as DiffBio's soft k-means
 #' stage: cell i belongs to cluster k with probability
-#' softmax(-||z_i - mu_k||^2 / T), and the centroids mu_k are trained (Adam)
-#' to minimise the expected squared distance of each cell to its clusters
-#' (the compactness loss). The centroids start from k-means (`n_clusters`
-#' given) or from Leiden clusters of the 15-nearest-neighbour graph
-#' (`n_clusters = NULL`, as Seurat's `FindClusters()` and `bluster` do,
-#' so the number of clusters comes from the data).
+#' softmax_k(log pi_k - ||z_i - mu_k||^2 / T), and the centroids mu_k and
+#' weights pi_k are trained (Adam) on soft k-means' compactness objective,
+#' -log sum_k pi_k exp(-||z_i - mu_k||^2 / T) per cell. The centroids start at the means of Leiden
+#' clusters of the 15-nearest-neighbour graph: at `resolution` when
+#' `n_clusters` is `NULL` (as Seurat's `FindClusters()` and `bluster` do,
+#' so the number of clusters comes from the data), else at the resolution
+#' that gives `n_clusters` clusters (k-means when none does). A graph start
+#' keeps cell types of unequal size apart, where k-means splits large ones
+#' and merges small ones.
 #'
 #' With `labels`, the clustering is supervised: one centroid per label,
 #' started at the labelled cells' mean, trained so that each labelled cell's
@@ -24,8 +27,9 @@
 #'   `"HARMONY"`, or the latent space written by [add_latent()]).
 #' @param n_clusters Number of clusters; `NULL`: as many as Leiden finds at
 #'   `resolution`.
-#' @param temperature T, the softness of the assignments; `NULL`: the mean
-#'   squared distance of the cells to their initial centroid.
+#' @param temperature T, the softness of the assignments; `NULL`: twice the
+#'   pooled within-cluster variance per dimension of the initial clusters
+#'   (the assignments are then a Gaussian mixture's posteriors).
 #' @param labels Known labels (a column of the cell metadata or one value per
 #'   cell) for a supervised clustering; `NA` (and `unlabeled` values) mark
 #'   cells without a label.
