@@ -22,6 +22,18 @@ native <- function(name) {
   if (!is.null(native_env$dll)) library.dynam.unload("scdistill", libpath)
 }
 
+rs_contaminate <- function(counts, mean_fraction, n_empty, seed, threads) {
+  .Call(native("wrap__rs_contaminate"), counts, mean_fraction, n_empty, seed, threads)
+}
+
+rs_fit_ambient <- function(counts, batch, batch_levels, profile, config, train, threads, progress) {
+  .Call(native("wrap__rs_fit_ambient"), counts, batch, batch_levels, profile, config, train, threads, progress)
+}
+
+rs_apply_ambient <- function(bytes, counts, batch, batch_levels, threads) {
+  .Call(native("wrap__rs_apply_ambient"), bytes, counts, batch, batch_levels, threads)
+}
+
 rs_fit_clusters <- function(z, d, codes, levels, config, train, threads, progress) {
   .Call(native("wrap__rs_fit_clusters"), z, d, codes, levels, config, train, threads, progress)
 }

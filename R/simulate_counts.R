@@ -78,6 +78,18 @@
 #'   species' gene, `NA` for none), with the truth for homologs' expression
 #'   differences in `metadata(species2)$homolog_lfc` (see Value). The first
 #'   species' counts are the same with or without it when `only_second` is 0.
+#' @param ambient `NULL`, `TRUE`, or a list with any of `fraction` (0.1) and
+#'   `n_empty` (2000): contaminate the counts with ambient RNA, as
+#'   CellBender's model pictures it. The soup's profile is the cells' pooled
+#'   expression; every droplet captures LogNormal(log m, 0.4) ambient
+#'   molecules (Poisson, genes by the profile), independently of its cell,
+#'   with m such that a cell of median size is `fraction` ambient; `n_empty`
+#'   empty droplets hold ambient molecules only. `counts` are then the
+#'   contaminated counts, the assay `true_counts` the clean ones, `colData`
+#'   gains `ambient_umis` and `ambient_fraction` (the truth per cell), and
+#'   `metadata(x)$ambient` holds `profile` (per gene) and `empty_droplets`
+#'   (genes x droplets). Added after the rest, so the clean counts do not
+#'   change.
 #' @param seed Random seed; the same seed gives the same counts.
 #' @param format `"sce"` (a `SingleCellExperiment`) or `"list"`.
 #' @param threads Number of threads (see [torch_config()]).
@@ -128,7 +140,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             condition_de_prob = 0.1, condition_shared = FALSE, condition_lfc = 0.5,
                             samples_per_batch = 2,
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
-                            atac_only_groups = 0, atac_binary = FALSE, species = NULL, seed = 1,
+                            atac_only_groups = 0, atac_binary = FALSE, species = NULL, ambient = NULL, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
   batch_effect <- choose_arg(batch_effect, "batch_effect")
   format <- choose_arg(format, "format")
@@ -172,8 +184,48 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
   }
   params[names(extra)] <- lapply(extra, as.numeric)
   params <- lapply(params, as.numeric)
+  amb <- ambient_params(ambient)
   res <- rust(rs_simulate(params, resolve_threads(threads)))
-  simulation_result(res, params, format)
+  out <- simulation_result(res, params, format)
+  if (is.null(amb)) return(out)
+  add_ambient(out, amb, params$seed, format, threads)
+}
+
+ambient_params <- function(ambient) {
+  if (is.null(ambient) || isFALSE(ambient)) return(NULL)
+  a <- if (isTRUE(ambient)) list() else ambient
+  if (!is.list(a) || (length(a) && (is.null(names(a)) || !all(names(a) %in% c("fraction", "n_empty"))))) {
+    stop("`ambient` must be TRUE or a list with any of fraction, n_empty", call. = FALSE)
+  }
+  fraction <- a$fraction %||% 0.1
+  if (!is.numeric(fraction) || length(fraction) != 1 || !(fraction > 0 && fraction < 1)) {
+    stop("`ambient$fraction` must be a number in (0, 1)", call. = FALSE)
+  }
+  list(fraction = fraction, n_empty = check_count(a$n_empty %||% 2000, "ambient$n_empty", min = 0))
+}
+
+# Contaminates a simulation's counts with ambient RNA (the truth kept beside them).
+add_ambient <- function(out, amb, seed, format, threads) {
+  clean <- if (format == "list") out$counts else SingleCellExperiment::counts(out)
+  s <- slots(list(counts = clean))
+  res <- rust(rs_contaminate(s, amb$fraction, amb$n_empty, seed, resolve_threads(threads)))
+  observed <- csr_to_dgc(res$observed, rownames(clean), colnames(clean))
+  empty <- csr_to_dgc(res$empty, rownames(clean), paste0("empty_", seq_len(amb$n_empty)))
+  truth <- list(profile = stats::setNames(res$profile, rownames(clean)), empty_droplets = empty)
+  if (format == "list") {
+    out$true_counts <- clean
+    out$counts <- observed
+    out$cell_data$ambient_umis <- res$ambient_counts
+    out$cell_data$ambient_fraction <- res$fraction
+    out$ambient <- truth
+    return(out)
+  }
+  SummarizedExperiment::assay(out, "true_counts") <- clean
+  SingleCellExperiment::counts(out) <- observed
+  out$ambient_umis <- res$ambient_counts
+  out$ambient_fraction <- res$fraction
+  S4Vectors::metadata(out)$ambient <- truth
+  out
 }
 
 # The second species' parameters, as the core names them, from

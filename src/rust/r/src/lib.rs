@@ -4,6 +4,7 @@
 use extendr_api::prelude::*;
 use extendr_api::Result;
 
+mod ambient;
 mod clusters;
 mod convert;
 mod distill;
@@ -71,6 +72,7 @@ extendr_module! {
     use species;
     use labels;
     use clusters;
+    use ambient;
     use umap;
     use doublets;
 }

@@ -105,6 +105,30 @@ impl Csr {
         Csr::from_rows(rows, keep.len())
     }
 
+    /// The sum of two sparse rows (column indices ascending in both).
+    pub fn add_rows(a: (&[u32], &[f32]), b: (&[u32], &[f32])) -> (Vec<u32>, Vec<f32>) {
+        let ((ia, va), (ib, vb)) = (a, b);
+        let (mut idx, mut val) = (Vec::with_capacity(ia.len() + ib.len()), Vec::with_capacity(ia.len() + ib.len()));
+        let (mut p, mut q) = (0, 0);
+        while p < ia.len() || q < ib.len() {
+            if q == ib.len() || (p < ia.len() && ia[p] < ib[q]) {
+                idx.push(ia[p]);
+                val.push(va[p]);
+                p += 1;
+            } else if p == ia.len() || ib[q] < ia[p] {
+                idx.push(ib[q]);
+                val.push(vb[q]);
+                q += 1;
+            } else {
+                idx.push(ia[p]);
+                val.push(va[p] + vb[q]);
+                p += 1;
+                q += 1;
+            }
+        }
+        (idx, val)
+    }
+
     /// Assembles a CSR from per-row (indices, values) pairs.
     pub fn from_rows(rows: Vec<(Vec<u32>, Vec<f32>)>, n_cols: usize) -> Csr {
         let nnz = rows.iter().map(|r| r.0.len()).sum();

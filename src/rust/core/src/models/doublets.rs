@@ -52,31 +52,7 @@ pub fn simulate_doublets(counts: &Csr, batch: &[u32], n_batches: usize, ratio: f
             out_batch.push(b as u32);
         }
     }
-    let rows = parents
-        .iter()
-        .map(|&(a, b)| {
-            let ((ia, va), (ib, vb)) = (counts.row(a as usize), counts.row(b as usize));
-            let (mut idx, mut val) = (Vec::with_capacity(ia.len() + ib.len()), Vec::with_capacity(ia.len() + ib.len()));
-            let (mut p, mut q) = (0, 0);
-            while p < ia.len() || q < ib.len() {
-                if q == ib.len() || (p < ia.len() && ia[p] < ib[q]) {
-                    idx.push(ia[p]);
-                    val.push(va[p]);
-                    p += 1;
-                } else if p == ia.len() || ib[q] < ia[p] {
-                    idx.push(ib[q]);
-                    val.push(vb[q]);
-                    q += 1;
-                } else {
-                    idx.push(ia[p]);
-                    val.push(va[p] + vb[q]);
-                    p += 1;
-                    q += 1;
-                }
-            }
-            (idx, val)
-        })
-        .collect();
+    let rows = parents.iter().map(|&(a, b)| Csr::add_rows(counts.row(a as usize), counts.row(b as usize))).collect();
     Ok(Doublets { counts: Csr::from_rows(rows, counts.n_cols), parents, batch: out_batch })
 }
 

@@ -3,6 +3,7 @@
 //! and every fitted model implements [`FittedModel`], the one shape the
 //! glue and R see.
 
+pub mod ambient;
 pub mod clusters;
 pub mod count_decoder;
 pub mod distill;

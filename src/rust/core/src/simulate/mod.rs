@@ -9,9 +9,11 @@
 //! its own random stream, so the result depends on the seed only, not on the
 //! number of threads.
 
+mod ambient;
 mod atac;
 mod params;
 
+pub use ambient::{contaminate, AmbientParams, Contamination};
 pub use atac::{AtacParams, AtacSimulation};
 pub use params::{ConditionParams, SimParams, Species, SpeciesParams};
 
