@@ -55,7 +55,9 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   if (!is.character(steps) || !length(steps) || !all(steps %in% all_steps)) {
     stop("`steps` must be some of ", paste0("\"", all_steps, "\"", collapse = ", "), call. = FALSE)
   }
-  steps <- all_steps[all_steps %in% steps]
+  # Run order: the doublet stage reuses the VAE.
+  run_order <- c("ambient", "vae", "doublets", "harmony", "umap", "clusters")
+  steps <- run_order[run_order %in% steps]
   known <- setdiff(names(args), all_steps)
   if (!is.list(args) || (length(args) && is.null(names(args))) || length(known)) {
     stop("`args` must be a list named by stage (", paste(all_steps, collapse = ", "), ")", call. = FALSE)
@@ -193,14 +195,15 @@ print.scdistill_pipeline <- function(x, ...) {
 #' the UMAP (each panel when its stage ran).
 #'
 #' @param x A `scdistill_pipeline` (`metadata(sce)$pipeline`).
-#' @param data The object [run_pipeline()] returned (the cells' values).
+#' @param y The object [run_pipeline()] returned (the cells' values).
 #' @param ... Unused.
 #' @return `x`, invisibly.
 #' @method plot scdistill_pipeline
 #' @export
-plot.scdistill_pipeline <- function(x, data, ...) {
-  cd <- if (inherits(data, "Seurat")) data[[]] else as.data.frame(SummarizedExperiment::colData(data))
-  um <- if (inherits(data, "Seurat")) SeuratObject::Embeddings(data, "umap") else SingleCellExperiment::reducedDim(data, "UMAP")
+plot.scdistill_pipeline <- function(x, y, ...) {
+  if (missing(y)) stop("give the object run_pipeline() returned: plot(pipeline, sce)", call. = FALSE)
+  cd <- if (inherits(y, "Seurat")) y[[]] else as.data.frame(SummarizedExperiment::colData(y))
+  um <- if (inherits(y, "Seurat")) SeuratObject::Embeddings(y, "umap") else SingleCellExperiment::reducedDim(y, "UMAP")
   panels <- c(!is.null(cd$ambient_fraction), !is.null(cd$doublet_score), !is.null(um) && !is.null(cd$soft_cluster))
   old <- graphics::par(mfrow = c(1, max(sum(panels), 1)), mar = c(4, 4, 2.5, 1))
   on.exit(graphics::par(old))

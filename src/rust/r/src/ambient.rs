@@ -54,9 +54,10 @@ fn rs_fit_ambient(
     let config: AmbientConfig = from_r(&config, "ambient model settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let (model, d) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        let model = AmbientModel::fit(&m.csr, m.genes.clone(), batch.as_ref(), &profile, config, train, interrupted, &|r| {
-            report("train", r)
-        })?;
+        let model =
+            AmbientModel::fit(&m.csr, m.genes.clone(), batch.as_ref(), &profile, config, train, interrupted, &|r| {
+                report("train", r)
+            })?;
         let d = model.decontaminate(&m.csr, batch.as_ref().map(|b| b.codes.as_slice()))?;
         Ok((model, d))
     })?;

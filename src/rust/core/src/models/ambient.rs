@@ -146,7 +146,11 @@ impl AmbientModel {
             return invalid!("internal: the ambient prior's mean is not set");
         }
         check_param(config.prior_log_sd > 0.0, "prior_log_sd", "must be positive")?;
-        check_param(config.n_latent >= 1 && config.n_hidden >= 1 && config.n_layers >= 1, "n_latent", "must be at least 1")?;
+        check_param(
+            config.n_latent >= 1 && config.n_hidden >= 1 && config.n_layers >= 1,
+            "n_latent",
+            "must be at least 1",
+        )?;
         train_cfg.check()?;
         config.n_genes = g;
         config.n_batch = batch.map_or(1, |b| b.levels.len());
@@ -229,7 +233,8 @@ impl AmbientModel {
             return invalid!("the cells have {} genes where the model has {}", counts.n_cols, self.meta.config.n_genes);
         }
         let n = counts.n_rows;
-        let (mut rows_out, mut share, mut removed) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut rows_out, mut share, mut removed) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         tch::no_grad(|| -> Result<()> {
             for start in (0..n).step_by(1024) {
                 let rows: Vec<usize> = (start..(start + 1024).min(n)).collect();

@@ -1,5 +1,6 @@
 use super::*;
 use crate::models::TORCH;
+use crate::simulate::tests::pearson;
 use crate::simulate::{contaminate, simulate, AmbientParams, SimParams};
 
 /// Sum over cells and genes of |estimate − clean|, over the clean total.
@@ -17,19 +18,17 @@ fn error(est: &Csr, clean: &Csr) -> f64 {
     diff / total
 }
 
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
-}
-
 #[test]
 fn removal_brings_counts_closer_to_the_clean_ones_and_finds_each_cells_contamination() {
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
-    let p = SimParams { n_cells: 1500, n_genes: 300, group_prob: vec![0.5, 0.3, 0.2], batch_prob: vec![1.0], seed: 2, ..Default::default() };
+    let p = SimParams {
+        n_cells: 1500,
+        n_genes: 300,
+        group_prob: vec![0.5, 0.3, 0.2],
+        batch_prob: vec![1.0],
+        seed: 2,
+        ..Default::default()
+    };
     let sim = simulate(&p).unwrap();
     let clean = &sim.counts.csr;
     let c = contaminate(clean, &AmbientParams { mean_fraction: 0.15, n_empty: 2000, seed: 3 }).unwrap();

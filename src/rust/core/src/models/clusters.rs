@@ -307,14 +307,7 @@ impl Trainable for ClusterTask<'_> {
     fn loss(&self, rows: &[usize], _train: bool) -> LossTerms {
         let idx = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
         let loss = self.model.loss(&self.z.index_select(0, &idx), &self.codes.index_select(0, &idx));
-        let zero = loss.zeros_like();
-        LossTerms {
-            reconstruction: loss,
-            kl_warmup: zero.shallow_clone(),
-            kl_fixed: zero,
-            deferred: vec![],
-            penalty: None,
-        }
+        LossTerms::plain(loss)
     }
 }
 

@@ -375,14 +375,7 @@ impl Trainable for UmapTask<'_> {
         let idx = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
         let drawn = self.drawn.borrow();
         let loss = self.model.loss(self.x, &drawn.0.index_select(0, &idx), &drawn.1.index_select(0, &idx));
-        let zero = loss.zeros_like();
-        LossTerms {
-            reconstruction: loss,
-            kl_warmup: zero.shallow_clone(),
-            kl_fixed: zero,
-            deferred: vec![],
-            penalty: None,
-        }
+        LossTerms::plain(loss)
     }
 }
 

@@ -112,8 +112,9 @@ mod tests {
     #[test]
     fn contamination_adds_ambient_molecules_of_the_pooled_profile() {
         // Two kinds of cells: genes 0-4 or genes 5-9, 400 counts each.
-        let rows: Vec<(Vec<u32>, Vec<f32>)> =
-            (0..200u32).map(|i| if i % 2 == 0 { ((0..5).collect(), vec![80.0; 5]) } else { ((5..10).collect(), vec![80.0; 5]) }).collect();
+        let rows: Vec<(Vec<u32>, Vec<f32>)> = (0..200u32)
+            .map(|i| if i % 2 == 0 { ((0..5).collect(), vec![80.0; 5]) } else { ((5..10).collect(), vec![80.0; 5]) })
+            .collect();
         let clean = Csr::from_rows(rows, 10);
         let c = contaminate(&clean, &AmbientParams { mean_fraction: 0.2, n_empty: 300, seed: 1 }).unwrap();
         assert!(c.profile.iter().all(|&v| (v - 0.1).abs() < 1e-12));
@@ -126,7 +127,8 @@ mod tests {
         let mean_fraction = c.fraction.iter().sum::<f64>() / 200.0;
         assert!((mean_fraction - 0.2).abs() < 0.03, "mean fraction {mean_fraction}");
         // A cell of genes 0-4 now has molecules of genes 5-9: the ambient ones.
-        let foreign: f32 = c.observed.row(0).0.iter().zip(c.observed.row(0).1).filter(|(&g, _)| g >= 5).map(|(_, &v)| v).sum();
+        let foreign: f32 =
+            c.observed.row(0).0.iter().zip(c.observed.row(0).1).filter(|(&g, _)| g >= 5).map(|(_, &v)| v).sum();
         assert!(foreign > 0.0);
         // Empty droplets hold as many molecules as cells' ambient on average.
         assert_eq!(c.empty.n_rows, 300);

@@ -66,6 +66,14 @@ pub struct LossTerms {
     pub penalty: Option<Tensor>,
 }
 
+impl LossTerms {
+    /// A loss without KL terms (the models trained on a fixed latent space).
+    pub fn plain(loss: Tensor) -> LossTerms {
+        let zero = loss.zeros_like();
+        LossTerms { reconstruction: loss, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![], penalty: None }
+    }
+}
+
 /// What the loop needs from a model bound to its data.
 pub trait Trainable {
     fn var_store(&self) -> &nn::VarStore;
