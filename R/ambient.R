@@ -54,8 +54,9 @@
 #' sim <- simulate_counts(n_cells = 800, n_genes = 300, n_groups = 3, n_batches = 1,
 #'                        ambient = list(fraction = 0.15, n_empty = 1000), seed = 1)
 #' empty <- S4Vectors::metadata(sim)$ambient$empty_droplets
+#' truth <- sim$ambient_fraction   # the simulator's; remove_ambient() writes its estimate there
 #' sim <- remove_ambient(sim, empty_droplets = empty, threads = 2)
-#' plot(sim$ambient_fraction, sim$ambient_removed, xlab = "true ambient share", ylab = "removed")
+#' c(true = mean(truth), estimated = mean(sim$ambient_fraction), removed = mean(sim$ambient_removed))
 #' plot(S4Vectors::metadata(sim)$ambient)
 #' @export
 remove_ambient <- function(x, empty_droplets = NULL, ambient = NULL, raw = NULL, batch = NULL, empty_max_umi = 100,

@@ -1,9 +1,10 @@
 # The package's pipeline stages against their reference tools, on the same
-# data in one run (one R process; the doublet peers in their own process).
+# data in one run (one R process; the doublet and ambient peers in their own process).
 #
-#   Rscript bench/pipeline.R [--stages clusters,umap,doublets] [--sim-cells 20000]
+#   Rscript bench/pipeline.R [--stages clusters,umap,doublets,ambient] [--sim-cells 20000]
 #                            [--umap-cells 10000,100000] [--threads 2] [--seed 1]
 #                            [--doublet-epochs N] [--peer-methods scrublet,solo] [--no-peers]
+#                            [--ambient-cells 5000] [--ambient-genes 2000] [--ambient-epochs 150]
 #
 # clusters: CellBench (the singlets of the 3 plates, all genes; truth =
 #   cell_line; embedding run_pca(n_pcs = 30, n_hvg = 2000), "PCA") and the
@@ -51,6 +52,31 @@
 #   them. AUROC (Mann-Whitney) and AUPRC (average precision, as
 #   scikit-learn's average_precision_score) overall and per plate, and seconds.
 #
+# ambient: simulate_counts(--ambient-cells, --ambient-genes, 8 types in unequal
+#   proportions (30% down to 3%), 1 batch, ambient = list(fraction = 0.1,
+#   n_empty = 5000), seed 1), with the truth: the clean counts (assay
+#   "true_counts"), each cell's ambient share (colData ambient_fraction, saved
+#   before remove_ambient() overwrites that column with its estimate) and the
+#   5,000 empty droplets. Methods: remove_ambient(empty_droplets = the empty
+#   droplets) (defaults; its estimated share is colData ambient_fraction);
+#   DropletUtils::removeAmbience(counts, ambient = rowSums(empty droplets),
+#   groups) with groups = soft_clusters() (Leiden start, resolution 1) on
+#   run_pca(n_pcs = 30) of the observed counts (the clustering's seconds are
+#   printed, not counted), and with the true cell types (an oracle); CellBender
+#   0.4.0 remove-background on the CPU (bench/ambient_peer.py, in the peers'
+#   venv; --expected-cells = the cells, --total-droplets-included = the cells +
+#   half the empty droplets, since CellBender needs "surely empty" droplets
+#   ranked past it; --epochs = --ambient-epochs, default CellBender's 150; its
+#   seconds exclude Python's start-up and its HTML report) unless --no-peers.
+#   Per method: count error sum |estimate - clean| / sum clean (and of the
+#   observed counts, the baseline), the share of all counts removed, the
+#   per-cell share's mean absolute error and Pearson r against the truth (the
+#   method's own estimate where it has one, remove_ambient() and CellBender;
+#   else 1 - colSums(estimate) / colSums(observed); that removed share is also
+#   scored for every method), seconds and seconds / remove_ambient()'s.
+#   DropletUtils is skipped, with a message, where not installed (setup_peers.sh
+#   installs r-bioc-dropletutils), CellBender where the venv cannot import it.
+#
 # Every stage prints Markdown tables and appends to
 # bench/results/pipeline_<stage>.csv. --seed seeds the methods (soft
 # clusters, UMAPs, splits, the peers); the simulations keep seed 1.
@@ -58,7 +84,7 @@ suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 as_list <- function(as) function(x) as(strsplit(x, ",", fixed = TRUE)[[1]])
-stages <- bench_option(args, "--stages", c("clusters", "umap", "doublets"), as_list(trimws))
+stages <- bench_option(args, "--stages", c("clusters", "umap", "doublets", "ambient"), as_list(trimws))
 sim_cells <- bench_option(args, "--sim-cells", 20000L)
 umap_cells <- bench_option(args, "--umap-cells", c(10000L, 100000L), as_list(as.integer))
 threads <- bench_option(args, "--threads", 2L)
@@ -66,8 +92,11 @@ seed <- bench_option(args, "--seed", 1L)
 peer_methods <- bench_option(args, "--peer-methods", "scrublet,solo", as.character)
 no_peers <- "--no-peers" %in% args
 doublet_epochs <- bench_option(args, "--doublet-epochs", NULL)
-bad <- setdiff(stages, c("clusters", "umap", "doublets"))
-if (length(bad)) stop("--stages: unknown ", paste(bad, collapse = ", "), "; choose from clusters,umap,doublets")
+ambient_cells <- bench_option(args, "--ambient-cells", 5000L)
+ambient_genes <- bench_option(args, "--ambient-genes", 2000L)
+ambient_epochs <- bench_option(args, "--ambient-epochs", 150L)
+bad <- setdiff(stages, c("clusters", "umap", "doublets", "ambient"))
+if (length(bad)) stop("--stages: unknown ", paste(bad, collapse = ", "), "; choose from clusters,umap,doublets,ambient")
 root <- bench_root()
 stamp <- format(Sys.time(), "%Y-%m-%d %H:%M")
 
@@ -390,8 +419,150 @@ bench_doublets <- function() {
 }
 `%||%` <- function(a, b) if (is.null(a)) b else a
 
+# ---- ambient -------------------------------------------------------------------
+
+# Errors of a decontaminated count matrix `est` against the clean counts, and of a
+# per-cell ambient share: `share` is the method's own estimate where it gives one, else
+# NULL and the share of each cell's counts the method removed is used.
+ambient_row <- function(method, groups, est, clean, observed, truth, seconds, share = NULL) {
+  est <- methods::as(est, "CsparseMatrix")
+  removed <- 1 - Matrix::colSums(est) / Matrix::colSums(observed)
+  own <- !is.null(share)
+  if (!own) share <- removed
+  r <- function(a, b) if (stats::sd(a) > 0) stats::cor(a, b) else NA_real_
+  data.frame(method = method, groups = groups,
+             count_error = sum(abs(est - clean)) / sum(clean),
+             removed_total = 1 - sum(est) / sum(observed),
+             frac_mae = mean(abs(share - truth)), frac_r = r(share, truth),
+             frac_from = if (own) "estimate" else "removed counts",
+             removed_mae = mean(abs(removed - truth)), removed_r = r(removed, truth),
+             seconds = seconds)
+}
+
+# CellBender 0.4.0 (bench/ambient_peer.py) on the raw droplets (cells + empty droplets):
+# list(counts = genes x cells, share, seconds, times), or NULL after a message.
+ambient_cellbender <- function(observed, empty) {
+  python <- peers_python(root)
+  if (system2(python, c("-c", shQuote("import cellbender")), stdout = FALSE, stderr = FALSE) != 0) {
+    message("  CellBender skipped: `import cellbender` fails in the peers' venv (", python,
+            "); bench/setup_peers.sh installs cellbender==0.4.0")
+    return(NULL)
+  }
+  work <- file.path(tempdir(), "pipeline_ambient")
+  raw <- file.path(work, "raw")
+  out <- file.path(work, "cellbender")
+  dir.create(raw, showWarnings = FALSE, recursive = TRUE)
+  dir.create(out, showWarnings = FALSE, recursive = TRUE)
+  droplets <- cbind(observed, empty)
+  invisible(writeMM(droplets, file.path(raw, "matrix.mtx")))
+  writeLines(paste(rownames(droplets), rownames(droplets), sep = "\t"), file.path(raw, "genes.tsv"))
+  writeLines(colnames(droplets), file.path(raw, "barcodes.tsv"))
+  writeLines(colnames(observed), file.path(raw, "cells.txt"))
+  run <- timed(python, c(file.path(root, "bench", "ambient_peer.py"), "--raw", raw, "--out", out,
+                         "--epochs", ambient_epochs, "--threads", threads), quiet = FALSE)
+  if (!run$ok) {
+    message("  CellBender skipped: bench/ambient_peer.py failed (log: ", file.path(out, "cellbender.log"), ")")
+    return(NULL)
+  }
+  times <- jsonlite::fromJSON(file.path(out, "ambient_times.json"))
+  counts <- methods::as(Matrix::readMM(file.path(out, "cellbender_counts.mtx")), "CsparseMatrix")
+  cells <- utils::read.csv(file.path(out, "cellbender_cells.csv"), colClasses = c(cell = "character"))
+  stopifnot(identical(cells$cell, colnames(observed)), nrow(counts) == nrow(observed))
+  dimnames(counts) <- dimnames(observed)
+  list(counts = counts, share = cells$background_fraction, seconds = times$seconds, times = times,
+       process = run)
+}
+
+bench_ambient <- function() {
+  sim <- simulate_counts(n_cells = ambient_cells, n_genes = ambient_genes, n_groups = 8, n_batches = 1,
+                         group_prob = c(0.3, 0.2, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03),
+                         ambient = list(fraction = 0.1, n_empty = 5000), seed = 1, threads = threads)
+  observed <- methods::as(SummarizedExperiment::assay(sim, "counts"), "CsparseMatrix")
+  clean <- methods::as(SummarizedExperiment::assay(sim, "true_counts"), "CsparseMatrix")
+  # remove_ambient() writes its estimate to colData ambient_fraction: the truth is kept here first.
+  truth <- sim$ambient_fraction
+  cell_type <- as.character(sim$cell_type)
+  empty <- S4Vectors::metadata(sim)$ambient$empty_droplets
+  profile <- S4Vectors::metadata(sim)$ambient$profile
+  cat(sprintf(paste("\n== ambient, simulated: %s cells x %s genes, 8 types, %s empty droplets (median %.0f counts;",
+                    "cells %.0f); true ambient share %.3f mean (%.3f-%.3f), %.3f of all counts; %d threads\n"),
+              fmt(ncol(observed)), fmt(nrow(observed)), fmt(ncol(empty)), stats::median(Matrix::colSums(empty)),
+              stats::median(Matrix::colSums(observed)), mean(truth), min(truth), max(truth),
+              1 - sum(clean) / sum(observed), threads))
+  rows <- list()
+  rows$observed <- ambient_row("observed counts (nothing removed)", "", observed, clean, observed, truth, NA)
+
+  ours <- el(remove_ambient(sim, empty_droplets = empty, seed = seed, threads = threads, progress = FALSE))
+  fit <- S4Vectors::metadata(ours$value)$ambient
+  rows$ours <- ambient_row("scdistill remove_ambient(empty_droplets)", "",
+                           SummarizedExperiment::assay(ours$value, "decontaminated"), clean, observed, truth,
+                           ours$s, share = ours$value$ambient_fraction)
+  epochs <- tryCatch(nrow(fit$history), error = function(e) NULL)
+
+  cluster_s <- NA
+  if (has("DropletUtils")) {
+    ambient <- Matrix::rowSums(empty)
+    # Groups as a user would have them: soft_clusters() (Leiden start, resolution 1) on
+    # run_pca() of the observed counts. And the true types, an oracle.
+    cl <- el({
+      pcs <- run_pca(sim, n_pcs = 30, n_hvg = min(2000L, nrow(sim)), seed = seed, threads = threads)
+      soft_clusters(pcs, reduction = "PCA", seed = seed, threads = threads, progress = FALSE)$soft_cluster
+    })
+    cluster_s <- cl$s
+    groups <- as.character(cl$value)
+    du_label <- paste("DropletUtils", as.character(utils::packageVersion("DropletUtils")), "removeAmbience()")
+    for (g in list(list(groups, sprintf("soft_clusters(): %d (ARI %.2f)", length(unique(groups)),
+                                        ari(groups, cell_type))),
+                   list(cell_type, sprintf("true cell types: %d (oracle)", length(unique(cell_type)))))) {
+      r <- try_method(du_label, el(DropletUtils::removeAmbience(observed, ambient = ambient, groups = g[[1]])))
+      if (!is.null(r)) {
+        rows[[g[[2]]]] <- ambient_row(du_label, g[[2]], r$value, clean, observed, truth, r$s)
+      }
+    }
+  } else {
+    message("  DropletUtils not installed: removeAmbience() skipped (bench/setup_peers.sh installs ",
+            "r-bioc-dropletutils)")
+  }
+
+  cb <- NULL
+  if (!no_peers) {
+    cb <- ambient_cellbender(observed, empty)
+    if (!is.null(cb)) {
+      rows$cellbender <- ambient_row(sprintf("CellBender %s remove-background (CPU, %d epochs)",
+                                             cb$times$versions$cellbender, cb$times$epochs), "",
+                                     cb$counts, clean, observed, truth, cb$seconds, share = cb$share)
+    }
+  }
+
+  tab <- do.call(rbind, rows)
+  rownames(tab) <- NULL
+  tab$seconds_vs_ours <- tab$seconds / ours$s
+  tab <- cbind(data = "sim", cells = ncol(observed), genes = nrow(observed), empty = ncol(empty), tab)
+  cat("count_error = sum |estimate - clean| / sum clean; removed_total = share of all counts removed;",
+      "frac_* = the method's per-cell ambient share (its estimate, or 1 - its counts / observed where",
+      "frac_from says so) against the truth: mean absolute error, Pearson r; removed_* the same for",
+      "1 - counts / observed of every method; seconds_vs_ours = seconds / remove_ambient()'s\n")
+  show_table(tab)
+  cat(sprintf("remove_ambient(): %.1f s%s. ", ours$s,
+              if (!is.null(epochs)) sprintf(" (%d epochs)", epochs) else ""))
+  if (!is.na(cluster_s)) cat(sprintf("DropletUtils' groups: run_pca() + soft_clusters() %.1f s, not in its seconds. ",
+                                     cluster_s))
+  if (!is.null(cb)) {
+    cat(sprintf(paste("CellBender: %.1f s (%d epochs; --expected-cells %d, --total-droplets-included %d of %d",
+                      "droplets; %d of the cells called cells), %.1fx remove_ambient()'s seconds; its process",
+                      "%.1f s wall, peak RSS %.0f MB."),
+                cb$seconds, cb$times$epochs, cb$times$n_cells, cb$times$total_droplets_included,
+                cb$times$n_droplets, cb$times$cells_called, cb$seconds / ours$s, cb$process$wall,
+                cb$process$rss_mb))
+  }
+  cat("\n")
+  save_table(tab, "ambient")
+  invisible(tab)
+}
+
 # ---- run -----------------------------------------------------------------------
 
 if ("clusters" %in% stages) bench_clusters()
 if ("umap" %in% stages) bench_umap()
 if ("doublets" %in% stages) bench_doublets()
+if ("ambient" %in% stages) bench_ambient()
