@@ -46,7 +46,8 @@
 #' @return A `SingleCellExperiment` or `Seurat` object gets cell metadata
 #'   columns `name` (a factor of clusters) and `<name>_confidence` (the
 #'   probability of that cluster), the assignment matrix (cells x clusters)
-#'   as the reduction `name`, and the fitted clustering, for [predict()], in
+#'   as the reduction `name` (Seurat: `<name>_probabilities`, as a reduction
+#'   may not share a metadata column's name), and the fitted clustering, for [predict()], in
 #'   `metadata(x)[[name]]` (SingleCellExperiment) or `Misc(x, name)`
 #'   (Seurat). A matrix gets that fitted clustering (a `scdistill_clusters`
 #'   object) itself, with `$clusters` and `$probabilities` of its cells.
@@ -118,8 +119,12 @@ write_clusters <- function(x, p, levels, name) {
   best <- max.col(p, ties.method = "first")
   df <- data.frame(factor(levels[best], levels = levels), p[cbind(seq_len(nrow(p)), best)])
   names(df) <- c(name, paste0(name, "_confidence"))
-  write_back(add_cell_columns(x, df), p, name)
+  write_back(add_cell_columns(x, df), p, cluster_reduction_name(x, name))
 }
+
+# Where the assignment matrix goes: a Seurat reduction may not share the
+# name of a metadata column (the cluster column would replace it).
+cluster_reduction_name <- function(x, name) if (inherits(x, "Seurat")) paste0(name, "_probabilities") else name
 
 # A fitted stage kept with the data: metadata(x) or Misc(x).
 store_fit <- function(x, name, fit) {

@@ -172,7 +172,8 @@ pipeline_to_seurat <- function(x, sce, fit) {
                       "soft_cluster_confidence"), colnames(SummarizedExperiment::colData(sce)))
   x <- add_cell_columns(x, as.data.frame(SummarizedExperiment::colData(sce))[, cols, drop = FALSE])
   for (nm in SingleCellExperiment::reducedDimNames(sce)) {
-    x <- write_back(x, SingleCellExperiment::reducedDim(sce, nm), tolower(nm))
+    to <- if (nm == "soft_cluster") cluster_reduction_name(x, nm) else tolower(nm)
+    x <- write_back(x, SingleCellExperiment::reducedDim(sce, nm), to)
   }
   store_fit(x, "pipeline", fit)
 }

@@ -75,6 +75,7 @@ test_that("with labels, soft_clusters() is a nearest-centroid classifier of unla
   seu <- soft_clusters(seu, reduction = "pca", n_clusters = 5, threads = 2)
   expect_gt(ari(seu$soft_cluster, sce$cell_line), 0.95)
   expect_s3_class(SeuratObject::Misc(seu, "soft_cluster"), "scdistill_clusters")
+  expect_equal(dim(SeuratObject::Embeddings(seu, "soft_cluster_probabilities")), c(ncol(seu), 5))
 })
 
 test_that("soft_clusters() refuses bad input by name", {

@@ -59,6 +59,14 @@ test_that("run_pipeline() runs a subset of stages and can leave doublets out", {
   expect_true(all(is.na(out$soft_cluster[out$doublet_call])))
   expect_false(anyNA(out$soft_cluster[!out$doublet_call]))
   expect_false("UMAP" %in% SingleCellExperiment::reducedDimNames(out))
+  # A Seurat object gets its results as reductions, metadata columns and Misc().
+  seu <- suppressWarnings(SeuratObject::CreateSeuratObject(SingleCellExperiment::counts(sim),
+                                                           meta.data = as.data.frame(SummarizedExperiment::colData(sim))))
+  seu <- run_pipeline(seu, batch = "batch", steps = c("vae", "umap", "clusters"), n_clusters = 3, args = quick,
+                      threads = 2)
+  expect_true(all(c("vae", "umap", "soft_cluster_probabilities") %in% SeuratObject::Reductions(seu)))
+  expect_gt(ari(seu$soft_cluster, sim$cell_type), 0.8)
+  expect_s3_class(SeuratObject::Misc(seu, "pipeline"), "scdistill_pipeline")
 })
 
 test_that("run_pipeline() refuses bad input by name", {
