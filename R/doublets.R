@@ -15,7 +15,7 @@
 #'   batch, relative to their share overall (1: as many as by chance).
 #'
 #' `method = "both"` averages the two scores' ranks (as fractions in
-#' [0, 1]). On CellBench's three plates (demuxlet's calls as truth) the
+#' 0 to 1). On CellBench's three plates (demuxlet's calls as truth) the
 #' neighbour score ranked doublets best (AUPRC 0.57; classifier 0.51, both
 #' 0.56; Scrublet 0.58, scvi-tools' SOLO 0.36), so it is the default.
 #'

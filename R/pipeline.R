@@ -247,8 +247,9 @@ plot.scdistill_pipeline <- function(x, y, ...) {
 #' @examples
 #' sim <- simulate_counts(n_cells = 800, n_genes = 300, n_groups = 4, seed = 2)
 #' fit_on <- sim[, 1:600]
-#' fit_on <- run_pipeline(fit_on, batch = "batch", steps = c("vae", "umap", "clusters"), n_clusters = 4,
-#'                        threads = 2, args = list(vae = list(max_epochs = 50), umap = list(max_epochs = 20)))
+#' quick <- list(vae = list(max_epochs = 50), umap = list(max_epochs = 20))
+#' fit_on <- run_pipeline(fit_on, batch = "batch", steps = c("vae", "umap", "clusters"),
+#'                        n_clusters = 4, threads = 2, args = quick)
 #' new <- project(S4Vectors::metadata(fit_on)$pipeline, sim[, 601:800], batch = "batch")
 #' table(new$soft_cluster, new$cell_type)
 #' @export
@@ -297,7 +298,7 @@ project.scdistill_pipeline <- function(object, x, batch = NULL, threads = NULL, 
   }
   if (!is.null(object$umap)) SingleCellExperiment::reducedDim(out, "UMAP") <- project_umap(object$umap, z, threads = threads)
   if (!is.null(object$clusters)) {
-    p <- attr(predict(object$clusters, z, threads = threads), "probabilities")
+    p <- attr(stats::predict(object$clusters, z, threads = threads), "probabilities")
     out <- write_clusters(out, p, object$clusters$levels, "soft_cluster")
   }
   out

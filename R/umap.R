@@ -182,7 +182,7 @@ project_umap <- function(fit, x, reduction = fit$reduction %||% "PCA", name = NU
 #' @param k Neighbours.
 #' @param seed Seed of the approximate neighbour search used above 50,000 cells.
 #' @param threads Threads.
-#' @return A number in [0, 1].
+#' @return A number between 0 and 1.
 #' @examples
 #' z <- matrix(rnorm(2000), 200)
 #' neighbor_preservation(z, z[, 1:2])
