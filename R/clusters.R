@@ -136,6 +136,97 @@ store_fit <- function(x, name, fit) {
   x
 }
 
+#' Fine-tune a VAE and its soft clusters jointly
+#'
+#' Trains a [fit_vae()] model further on its negative ELBO plus `weight`
+#' times a clustering loss of its latent space, with a clustering of it
+#' (from [soft_clusters()]), so that the two stages are trained end to end as
+#' in DiffBio's pipeline. The loss is DEC's self-training (Xie et al. 2016):
+#' the Kullback-Leibler divergence from each cell's soft assignments
+#' softmax_k(log pi_k - ||z_i - mu_k||^2 / T), at its posterior mean z_i, to
+#' sharpened targets (the squared assignments, renormalised), which draws
+#' cells toward the cluster they already lean to. Targets, centroids and
+#' weights are fixed within an epoch and updated at its start (the centroids
+#' and weights as one EM step: the weighted means of the cells and the mean
+#' assignments); T stays the clustering's. The validation ELBO, and early
+#' stopping on it, are the VAE's own. The model and clustering given are
+#' left as they were.
+#'
+#' On labelled data it has not helped so far (see `bench/RESULTS.md`): it
+#' keeps the clusters a well-trained VAE gives and moves few cells; a
+#' clustering that is wrong at the start is reinforced, not corrected.
+#'
+#' @param model A VAE from [fit_vae()].
+#' @param clusters An unsupervised [soft_clusters()] fit of `model`'s latent
+#'   space (for containers: `metadata(sce)$soft_cluster`).
+#' @param x The counts the model was trained on (or other cells of the same
+#'   genes), as for [latent()].
+#' @param weight The weight of the clustering loss per cell, against the
+#'   negative ELBO (summed over genes); 0 trains the VAE alone.
+#' @param batch As for [latent()].
+#' @param max_epochs,batch_size,lr,early_stopping,patience,validation_fraction
+#'   Training (a few epochs from the fitted weights, at the VAE's learning rate).
+#' @param seed Seed; the same seed gives the same models.
+#' @param threads Threads.
+#' @param progress Show a progress bar.
+#' @param ... Passed to [as_counts()].
+#' @return A list of class `scdistill_joint`: `model`, the fine-tuned VAE
+#'   (its `latent()` is the new latent space of `x`'s cells); `clusters`, the
+#'   clustering with the moved centroids and, as for a matrix given to
+#'   [soft_clusters()], `$clusters` and `$probabilities` of `x`'s cells.
+#' @examples
+#' sim <- simulate_counts(n_cells = 600, n_genes = 200, n_groups = 3, seed = 1)
+#' model <- fit_vae(sim, batch = "batch", max_epochs = 40, threads = 2)
+#' cl <- soft_clusters(latent(model), n_clusters = 3, threads = 2)
+#' joint <- fine_tune_clusters(model, cl, sim, weight = 20, max_epochs = 10, threads = 2)
+#' table(joint$clusters$clusters, sim$cell_type)
+#' @export
+fine_tune_clusters <- function(model, clusters, x, weight = 10, batch = NULL, max_epochs = 20, batch_size = 128,
+                               lr = 1e-3, early_stopping = FALSE, patience = 10, validation_fraction = 0.1, seed = 0,
+                               threads = NULL, progress = interactive(), ...) {
+  check_model(model)
+  if (!inherits(model, "scdistill_vae")) {
+    stop("fine_tune_clusters() needs a VAE from fit_vae(), not ", class(model)[1], call. = FALSE)
+  }
+  if (!inherits(clusters, "scdistill_clusters")) {
+    stop("`clusters` must be a soft_clusters() fit, not ", class(clusters)[1], call. = FALSE)
+  }
+  if (isTRUE(clusters$supervised)) {
+    stop("`clusters` was fitted on labels (a classifier): joint fine-tuning needs an unsupervised clustering",
+         call. = FALSE)
+  }
+  weight <- check_positive(weight, "weight", zero_ok = TRUE)
+  cnt <- as_counts(x, ...)
+  cells <- model_cells(model, cnt, batch)
+  tc <- train_settings(length(cells$cells), max_epochs, batch_size, lr, 0, 0, early_stopping, patience, 0,
+                       validation_fraction, seed)
+  bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
+  if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
+  fit <- rust(rs_fine_tune_clusters(model_ptr(model), clusters$bytes, cells, weight, tc, resolve_threads(threads),
+                                    bar$update))
+  tuned <- new_model(fit$ptr, cnt$counts)
+  tuned$covariates <- model$covariates
+  tuned <- finish_fit(tuned, fit$latent, cells$cells)
+  cl <- clusters
+  cl$bytes <- fit$clusters$bytes
+  cl$info <- fit$clusters$info
+  cl$centroids[] <- fit$clusters$centroids
+  dimnames(fit$clusters$probabilities) <- list(cells$cells, cl$levels)
+  cl$probabilities <- fit$clusters$probabilities
+  cl$clusters <- hard_clusters(cl$probabilities, cl$levels)
+  structure(list(model = tuned, clusters = cl), class = "scdistill_joint")
+}
+
+#' @method print scdistill_joint
+#' @export
+print.scdistill_joint <- function(x, ...) {
+  ft <- x$model$info$fine_tuned
+  cat(sprintf("scdistill VAE and %d soft clusters fine-tuned jointly (weight %s, %d epochs)\n",
+              length(x$clusters$levels), format(ft$weight), length(ft$training$history$epoch)))
+  print(table(cluster = x$clusters$clusters))
+  invisible(x)
+}
+
 #' @method print scdistill_clusters
 #' @export
 print.scdistill_clusters <- function(x, ...) {
@@ -172,16 +263,7 @@ predict.scdistill_clusters <- function(object, newdata, reduction = object$reduc
                                        name = "soft_cluster", threads = NULL, ...) {
   z <- reduction_input(newdata, reduction)$embedding
   if (nrow(z) == 0) stop("`newdata` has no cells", call. = FALSE)
-  if (ncol(z) != ncol(object$centroids)) {
-    stop("the new cells have ", ncol(z), " dimensions where the clustering was fitted on ", ncol(object$centroids),
-         ": give them in the same space (the same reduction)", call. = FALSE)
-  }
-  if (!is.null(colnames(z)) && !is.null(colnames(object$centroids)) &&
-      !identical(colnames(z), colnames(object$centroids))) {
-    stop("the new cells' dimensions (", paste(utils_head(colnames(z), 3), collapse = ", "),
-         ") are not those the clustering was fitted on (",
-         paste(utils_head(colnames(object$centroids), 3), collapse = ", "), ")", call. = FALSE)
-  }
+  check_same_space(z, ncol(object$centroids), colnames(object$centroids), "the clustering")
   p <- rust(rs_assign_clusters(object$bytes, unclass_matrix(z), ncol(z), resolve_threads(threads)))
   dimnames(p) <- list(rownames(z), object$levels)
   if (!(is.matrix(newdata) || is.data.frame(newdata))) return(write_clusters(newdata, p, object$levels, name))

@@ -38,6 +38,10 @@ rs_fit_clusters <- function(z, d, codes, levels, config, train, threads, progres
   .Call(native("wrap__rs_fit_clusters"), z, d, codes, levels, config, train, threads, progress)
 }
 
+rs_fine_tune_clusters <- function(ptr, bytes, cells, weight, train, threads, progress) {
+  .Call(native("wrap__rs_fine_tune_clusters"), ptr, bytes, cells, weight, train, threads, progress)
+}
+
 rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assign_clusters"), bytes, z, d, threads)
 
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)

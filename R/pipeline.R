@@ -21,6 +21,12 @@
 #' 5. `"umap"`: a parametric UMAP ([run_umap()]) of the last latent space.
 #' 6. `"clusters"`: soft k-means ([soft_clusters()]) of the last latent space.
 #'
+#' With `joint = TRUE` the VAE and the clusters of its latent space are then
+#' fine-tuned together ([fine_tune_clusters()], arguments in `args$joint`),
+#' and the UMAP is drawn from the tuned latent space; this needs the `"vae"`
+#' and `"clusters"` stages and no `"harmony"` stage (the clusters must be of
+#' the VAE's latent space).
+#'
 #' @param x A `SingleCellExperiment`, `Seurat` object or counts matrix.
 #' @param batch Batch (sample, channel): a column of the cell metadata or one
 #'   value per cell.
@@ -29,9 +35,11 @@
 #' @param n_hvg Highly variable genes the VAE and Harmony stages use.
 #' @param n_clusters Clusters (`NULL`: Leiden's number; see [soft_clusters()]).
 #' @param remove_doublets Leave called doublets out of the later stages.
+#' @param joint Fine-tune the VAE and the clusters jointly (see above).
 #' @param args Extra arguments per stage: a list with any of `ambient`,
 #'   `vae`, `doublets`, `harmony` (for [distill()]), `umap`, `clusters`,
-#'   each a list of arguments of that stage's function.
+#'   `joint` (for [fine_tune_clusters()]), each a list of arguments of that
+#'   stage's function.
 #' @param seed,threads,progress As in the stages.
 #' @return `x` with every stage's results: assay `decontaminated`; cell
 #'   metadata `ambient_fraction`, `ambient_removed`, `doublet_score`,
@@ -49,7 +57,7 @@
 #' @export
 run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae", "harmony", "umap", "clusters"),
                          empty_droplets = NULL, ambient = NULL, raw = NULL, n_hvg = 2000, n_clusters = NULL,
-                         remove_doublets = FALSE, args = list(), seed = 0, threads = NULL,
+                         remove_doublets = FALSE, joint = FALSE, args = list(), seed = 0, threads = NULL,
                          progress = interactive()) {
   all_steps <- c("ambient", "doublets", "vae", "harmony", "umap", "clusters")
   if (!is.character(steps) || !length(steps) || !all(steps %in% all_steps)) {
@@ -58,11 +66,15 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   # Run order: the doublet stage reuses the VAE.
   run_order <- c("ambient", "vae", "doublets", "harmony", "umap", "clusters")
   steps <- run_order[run_order %in% steps]
-  known <- setdiff(names(args), all_steps)
+  known <- setdiff(names(args), c(all_steps, "joint"))
   if (!is.list(args) || (length(args) && is.null(names(args))) || length(known)) {
-    stop("`args` must be a list named by stage (", paste(all_steps, collapse = ", "), ")", call. = FALSE)
+    stop("`args` must be a list named by stage (", paste(c(all_steps, "joint"), collapse = ", "), ")", call. = FALSE)
   }
   check_flag(remove_doublets, "remove_doublets")
+  if (check_flag(joint, "joint") && (!all(c("vae", "clusters") %in% steps) || "harmony" %in% steps)) {
+    stop("`joint = TRUE` fine-tunes the VAE with the clusters of its latent space: it needs the \"vae\" and ",
+         "\"clusters\" steps and no \"harmony\" step", call. = FALSE)
+  }
   if ("ambient" %in% steps && is.null(empty_droplets) && is.null(ambient) && is.null(raw)) {
     stop("the \"ambient\" stage needs `empty_droplets`, `raw` or `ambient` (no empty droplets given and no ",
          "profile); leave it out of `steps` otherwise", call. = FALSE)
@@ -129,13 +141,26 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
     put("HARMONY", z)
     fit$embedding <- "HARMONY"
   }
+  clusters_stage <- function(z) {
+    fit$clusters <<- stage("clusters", soft_clusters, z, n_clusters = n_clusters, seed = max(seed, 1),
+                           threads = threads, progress = progress)
+  }
+  if (joint) {
+    clusters_stage(z)
+    tuned <- stage("joint", fine_tune_clusters, fit$vae, fit$clusters, work[, keep], batch = bname, seed = seed,
+                   threads = threads, progress = progress)
+    fit$vae <- tuned$model
+    fit$clusters <- tuned$clusters
+    z <- latent_of_object(fit$vae, work)
+    put("VAE", z)
+    z <- z[keep, , drop = FALSE]
+  }
   if ("umap" %in% steps) {
     fit$umap <- stage("umap", run_umap, z, seed = max(seed, 1), threads = threads, progress = progress)
     put("UMAP", fit$umap$embedding)
   }
   if ("clusters" %in% steps) {
-    fit$clusters <- stage("clusters", soft_clusters, z, n_clusters = n_clusters, seed = max(seed, 1),
-                          threads = threads, progress = progress)
+    if (!joint) clusters_stage(z)
     cl <- factor(rep(NA, ncol(sce)), levels = fit$clusters$levels)
     cl[keep] <- fit$clusters$clusters
     sce$soft_cluster <- cl

@@ -151,15 +151,7 @@ project_umap <- function(fit, x, reduction = fit$reduction %||% "PCA", name = NU
   }
   z <- reduction_input(x, reduction)$embedding
   if (nrow(z) == 0) stop("`x` has no cells", call. = FALSE)
-  if (ncol(z) != fit$n_in) {
-    stop("the new cells have ", ncol(z), " dimensions where the UMAP was fitted on ", fit$n_in,
-         ": give them in the same space (the same reduction)", call. = FALSE)
-  }
-  if (!is.null(colnames(z)) && !is.null(fit$dims) && !identical(colnames(z), fit$dims)) {
-    stop("the new cells' dimensions (", paste(utils_head(colnames(z), 3), collapse = ", "),
-         ") are not those the UMAP was fitted on (", paste(utils_head(fit$dims, 3), collapse = ", "), ")",
-         call. = FALSE)
-  }
+  check_same_space(z, fit$n_in, fit$dims, "the UMAP")
   y <- if (!is.null(fit$uwot)) {
     need("uwot")
     uwot::umap_transform(unclass_matrix(z), fit$uwot, n_threads = resolve_threads(threads))

@@ -4,6 +4,21 @@
 
 utils_head <- function(x, n) if (length(x) > n) c(x[seq_len(n)], "...") else x
 
+# New cells `z` must lie in the space a fit was made on: `n_in` dimensions
+# named `dims` (when both have names). `what` names the fit in the message.
+check_same_space <- function(z, n_in, dims, what) {
+  if (ncol(z) != n_in) {
+    stop("the new cells have ", ncol(z), " dimensions where ", what, " was fitted on ", n_in,
+         ": give them in the same space (the same reduction)", call. = FALSE)
+  }
+  if (!is.null(colnames(z)) && !is.null(dims) && !identical(colnames(z), dims)) {
+    stop("the new cells' dimensions (", paste(utils_head(colnames(z), 3), collapse = ", "),
+         ") are not those ", what, " was fitted on (", paste(utils_head(dims, 3), collapse = ", "), ")",
+         call. = FALSE)
+  }
+  invisible(z)
+}
+
 fmt_int <- function(n) format(n, big.mark = ",", scientific = FALSE, trim = TRUE)
 
 # Stops with a helpful message when a suggested package is missing.

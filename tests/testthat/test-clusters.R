@@ -90,3 +90,49 @@ test_that("soft_clusters() refuses bad input by name", {
   z[3, 2] <- NA
   expect_error(soft_clusters(z, n_clusters = 2), "missing or infinite")
 })
+
+test_that("fine_tune_clusters() tunes a VAE with its clusters, keeping the types and leaving the inputs", {
+  sim <- simulate_counts(n_cells = 600, n_genes = 200, n_groups = 3, group_prob = c(0.4, 0.35, 0.25), seed = 11)
+  model <- fit_vae(sim, batch = "batch", max_epochs = 40, threads = 2, progress = FALSE)
+  z0 <- latent(model)
+  cl <- soft_clusters(z0, n_clusters = 3, threads = 2, progress = FALSE)
+  within <- function(z) {
+    sum(vapply(split(seq_len(nrow(z)), sim$cell_type), function(i) sum(scale(z[i, ], scale = FALSE)^2), 0)) /
+      sum(scale(z, scale = FALSE)^2)
+  }
+  joint <- fine_tune_clusters(model, cl, sim, weight = 20, max_epochs = 15, threads = 2, progress = FALSE)
+  expect_s3_class(joint, "scdistill_joint")
+  expect_s3_class(joint$model, "scdistill_vae")
+  z1 <- latent(joint$model)
+  expect_equal(dim(z1), dim(z0))
+  expect_identical(rownames(z1), colnames(sim))
+  # The types stay apart and in their clusters (with dropout in the loss,
+  # cells crossed between clusters).
+  expect_lte(within(z1), within(z0) + 0.02)
+  expect_gte(ari(joint$clusters$clusters, sim$cell_type), ari(cl$clusters, sim$cell_type) - 0.02)
+  expect_equal(joint$model$info$fine_tuned$weight, 20)
+  expect_equal(nrow(as.data.frame(joint$model$info$fine_tuned$training$history)), 15)
+  expect_output(print(joint), "3 soft clusters fine-tuned jointly \\(weight 20, 15 epochs\\)")
+  # The tuned clustering assigns the tuned latent space as it was fitted.
+  again <- predict(joint$clusters, z1)
+  expect_identical(again$cluster, joint$clusters$clusters)
+  # The given model and clustering are unchanged; the seed repeats the result.
+  expect_equal(latent(model, sim), z0, tolerance = 1e-6)
+  expect_identical(predict(cl, z0)$cluster, cl$clusters)
+  path <- tempfile(fileext = ".scdistill")
+  save_model(joint$model, path)
+  expect_equal(latent(load_model(path), sim), z1, tolerance = 1e-6)
+  expect_identical(latent(fine_tune_clusters(model, cl, sim, weight = 20, max_epochs = 15, threads = 2,
+                                             progress = FALSE)$model), z1)
+  # Refused: a classifier, another space, a model other than a VAE, a negative weight.
+  sup <- soft_clusters(z0, labels = sim$cell_type, threads = 2, progress = FALSE)
+  expect_error(fine_tune_clusters(model, sup, sim), "fitted on labels")
+  other <- soft_clusters(z0[, 1:4], n_clusters = 3, threads = 2, progress = FALSE)
+  expect_error(fine_tune_clusters(model, other, sim, threads = 2), "4-dimensional space")
+  expect_error(fine_tune_clusters(model, cl, sim, weight = -1), "`weight` must be a non-negative number")
+  expect_error(fine_tune_clusters(cl, cl, sim), "must be a scdistill model")
+  student <- distill(sim, batch = "batch", max_epochs_encoder = 2, max_epochs_decoder = 2, threads = 2,
+                     progress = FALSE)
+  expect_error(fine_tune_clusters(student, cl, sim), "needs a VAE from fit_vae\\(\\)")
+  expect_error(fine_tune_clusters(model, z0, sim), "must be a soft_clusters\\(\\) fit")
+})

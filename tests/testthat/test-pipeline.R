@@ -76,4 +76,22 @@ test_that("run_pipeline() refuses bad input by name", {
   expect_error(run_pipeline(sim, steps = "vae", args = list(vea = list())), "`args` must be a list named by stage")
   expect_error(run_pipeline(sim, steps = "harmony"), "the \"harmony\" stage needs `batch`")
   expect_error(run_pipeline(sim, steps = "clusters", n_clusters = 500), "`n_clusters` = 500 is more than the 200 cells")
+  expect_error(run_pipeline(sim, steps = c("vae", "umap"), joint = TRUE), "needs the \"vae\" and \"clusters\" steps")
+  expect_error(run_pipeline(sim, batch = "batch", steps = c("vae", "harmony", "clusters"), joint = TRUE),
+               "no \"harmony\" step")
+})
+
+test_that("run_pipeline(joint = TRUE) fine-tunes the VAE with its clusters and maps from the tuned latent space", {
+  sim <- simulate_counts(n_cells = 600, n_genes = 200, n_groups = 3, seed = 6)
+  out <- run_pipeline(sim, batch = "batch", steps = c("vae", "umap", "clusters"), n_clusters = 3, joint = TRUE,
+                      args = c(quick, list(joint = list(weight = 20, max_epochs = 10))), threads = 2)
+  fit <- S4Vectors::metadata(out)$pipeline
+  expect_equal(fit$vae$info$fine_tuned$weight, 20)
+  expect_equal(fit$clusters$info$fine_tuned$weight, 20)
+  z <- SingleCellExperiment::reducedDim(out, "VAE")
+  expect_equal(unname(z), unname(latent(fit$vae, out)), tolerance = 1e-5)
+  expect_gt(ari(out$soft_cluster, sim$cell_type), 0.9)
+  # New cells go through the tuned VAE and clusters.
+  new <- project(fit, sim[, 1:100], batch = "batch", threads = 2)
+  expect_identical(new$soft_cluster, out$soft_cluster[1:100])
 })

@@ -1,12 +1,11 @@
 //! extendr glue of remove_ambient() and the simulator's contamination
 //! (mirrors R/ambient.R).
 
-use crate::convert::{categorical_from_r, counts_from_r, csr_to_r, from_r, to_r};
+use crate::convert::{categorical_from_r, categorical_from_r_min, counts_from_r, csr_to_r, from_r, to_r};
 use crate::model::with_epoch_progress;
 use crate::{fail, run};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::Categorical;
 use scdistill_core::models::ambient::{AmbientConfig, AmbientModel, Decontaminated};
 use scdistill_core::simulate::{contaminate, AmbientParams};
 use scdistill_core::train::TrainConfig;
@@ -74,14 +73,7 @@ fn rs_fit_ambient(
 fn rs_apply_ambient(bytes: Raw, counts: List, batch: Robj, batch_levels: Robj, threads: i32) -> Result<List> {
     let model = AmbientModel::from_bytes(bytes.as_slice()).map_err(fail)?;
     let m = counts_from_r(&counts)?;
-    // New cells may come from some of the model's batches only.
-    let batch = if batch.is_null() {
-        None
-    } else {
-        let codes: Vec<u32> = crate::int_slice(&batch, "batch")?.iter().map(|&c| (c - 1).max(0) as u32).collect();
-        let levels = crate::strings(&batch_levels, "levels")?;
-        Some(Categorical::new("batch", codes, levels, m.csr.n_rows, 0).map_err(fail)?)
-    };
+    let batch = categorical_from_r_min("batch", &batch, &batch_levels, m.csr.n_rows, 0)?;
     let lent = crate::worker::Lent(&model);
     let d = run(threads, |_| lent.get().decontaminate(&m.csr, batch.as_ref().map(|b| b.codes.as_slice())))?;
     Ok(decontaminated_to_r(d))

@@ -180,11 +180,23 @@ pub(crate) fn counts_from_r(counts: &List) -> Result<CountMatrix> {
 
 /// A categorical covariate from 1-based R factor codes, or None for NULL.
 pub(crate) fn categorical_from_r(name: &str, codes: &Robj, levels: &Robj, n_cells: usize) -> Result<Option<Categorical>> {
+    categorical_from_r_min(name, codes, levels, n_cells, 2)
+}
+
+/// As [`categorical_from_r`], with the fewest cells a level must hold:
+/// 0 for new cells, which may come from some of a model's levels only.
+pub(crate) fn categorical_from_r_min(
+    name: &str,
+    codes: &Robj,
+    levels: &Robj,
+    n_cells: usize,
+    min_cells: usize,
+) -> Result<Option<Categorical>> {
     if codes.is_null() {
         return Ok(None);
     }
     let codes: Vec<u32> = int_slice(codes, name)?.iter().map(|&c| (c - 1).max(0) as u32).collect();
-    Categorical::new(name, codes, strings(levels, "levels")?, n_cells, 2).map(Some).map_err(fail)
+    Categorical::new(name, codes, strings(levels, "levels")?, n_cells, min_cells).map(Some).map_err(fail)
 }
 
 /// Visits every (cell i, column j) of an n × d matrix in tiles of cells:

@@ -22,6 +22,14 @@ pub(crate) fn latent_rows(z: &Robj, d: i32) -> Result<Vec<f32>> {
 /// Trains a label model on `z` (cells × d) with 1-based label codes (NA:
 /// unlabelled) of `levels`. Returns list(bytes, info).
 /// @noRd
+/// R's 1-based label codes as the core's: NA or < 1 is unlabelled.
+pub(crate) fn label_codes(codes: &Robj) -> Result<Vec<u32>> {
+    Ok(int_slice(codes, "labels")?
+        .iter()
+        .map(|&c| if c == i32::MIN || c < 1 { UNLABELED } else { c as u32 - 1 })
+        .collect())
+}
+
 #[extendr]
 #[allow(clippy::too_many_arguments)]
 fn rs_fit_labels(
@@ -35,10 +43,7 @@ fn rs_fit_labels(
     progress: Robj,
 ) -> Result<Robj> {
     let z = latent_rows(&z, d)?;
-    let codes: Vec<u32> = int_slice(&codes, "labels")?
-        .iter()
-        .map(|&c| if c == i32::MIN || c < 1 { UNLABELED } else { c as u32 - 1 })
-        .collect();
+    let codes = label_codes(&codes)?;
     let levels = strings(&levels, "levels")?;
     let config: LabelConfig = from_r(&config, "label model settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;

@@ -68,6 +68,9 @@ pub struct ClusterMeta {
     pub temperature: f64,
     #[serde(flatten)]
     pub training: TrainingRecord,
+    /// Joint fine-tuning with the VAE whose latent space this clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tuned: Option<crate::models::joint::JointRecord>,
 }
 
 pub struct ClusterModel {
@@ -194,6 +197,7 @@ impl ClusterModel {
             supervised,
             temperature,
             training: TrainingRecord::new(train_cfg.clone(), Default::default(), n),
+            fine_tuned: None,
         };
         let mut model = ClusterModel::new(meta);
         tch::no_grad(|| {
@@ -254,6 +258,19 @@ impl ClusterModel {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Copies of the centroids [K, d] and log weights [K].
+    pub(crate) fn centers(&self) -> (Tensor, Tensor) {
+        (self.centroids.detach().copy(), self.log_weights.detach().copy())
+    }
+
+    /// Sets the centroids [K, d] and log weights [K].
+    pub(crate) fn set_centers(&mut self, centroids: &Tensor, log_weights: &Tensor) {
+        tch::no_grad(|| {
+            self.centroids.copy_(centroids);
+            self.log_weights.copy_(log_weights);
+        });
     }
 
     /// The centroids (K × d, row-major).

@@ -9,6 +9,7 @@ pub mod count_decoder;
 pub mod distill;
 pub mod doublets;
 mod fitted;
+pub mod joint;
 pub mod labels;
 pub mod multimodal;
 pub mod species;

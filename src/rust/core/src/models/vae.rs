@@ -223,7 +223,7 @@ impl Vae {
 
     /// As `loss_terms`, from the posteriors q(z | x) and q(l | x) of the cells.
     #[allow(clippy::type_complexity)]
-    fn loss_from_posterior(
+    pub(crate) fn loss_from_posterior(
         &self,
         inp: &Inputs,
         (qm, qv): (Tensor, Tensor),
@@ -398,6 +398,9 @@ pub struct VaeMeta {
     pub query_batches: Vec<String>,
     #[serde(flatten)]
     pub training: TrainingRecord,
+    /// Joint fine-tuning with a clustering (`models::joint`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tuned: Option<crate::models::joint::JointRecord>,
 }
 
 /// A trained VAE and its description.
@@ -458,6 +461,7 @@ impl VaeModel {
             continuous: cov.continuous.iter().map(|c| c.0.clone()).collect(),
             query_batches: vec![],
             training: TrainingRecord::new(train_cfg, history, counts.n_cells()),
+            fine_tuned: None,
         };
         Ok(VaeModel { meta, vae })
     }

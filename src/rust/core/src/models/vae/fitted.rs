@@ -23,7 +23,7 @@ impl VaeModel {
     /// The counts of `cells` in the model's gene order, with their
     /// covariates. Covariates the computation does not read (the encoder of
     /// a model that does not encode them) may be left out.
-    fn prepare(&self, cells: Cells, encoder_only: bool) -> Result<(Csr, Covariates)> {
+    pub(crate) fn prepare(&self, cells: Cells, encoder_only: bool) -> Result<(Csr, Covariates)> {
         let n = cells.n_cells();
         let Cells { mut counts, batch, categorical, continuous } = cells;
         if counts.len() != 1 {
