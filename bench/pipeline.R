@@ -619,7 +619,7 @@ bench_joint_one <- function(name) {
   for (w in joint_weights) {
     j <- el(fine_tune_clusters(m$value, cl$value, sce, weight = w, seed = seed, threads = threads, progress = FALSE))
     zj <- latent(j$value$model)
-    h <- as.data.frame(j$value$model$info$fine_tuned$history)
+    h <- as.data.frame(j$value$model$info$fine_tuned$training$history)
     rows[[length(rows) + 1]] <- data.frame(
       method = if (w == 0) "+ 20 epochs without the clustering term (control)" else "+ fine_tune_clusters()",
       weight = w, nmi = nmi(j$value$clusters$clusters, truth), ari = ari(j$value$clusters$clusters, truth),
