@@ -169,7 +169,10 @@ impl AmbientModel {
         };
         let mut model = AmbientModel::new(meta);
         let codes = batch.map(|b| b.codes.clone());
-        let task = AmbientTask { model: &model, counts, codes: codes.as_deref() };
+        // Σ_g log Γ(x + 1) per cell: constant, so computed once rather than
+        // over the dense minibatch at every step.
+        let log_factorial = crate::models::log_factorial(counts);
+        let task = AmbientTask { model: &model, counts, codes: codes.as_deref(), log_factorial: &log_factorial };
         let history = train(&task, &train_cfg, interrupted, on_epoch)?;
         model.meta.training = TrainingRecord::new(train_cfg, history, n);
         Ok(model)
@@ -209,7 +212,16 @@ impl AmbientModel {
         (x, xl)
     }
 
-    fn loss(&self, counts: &Csr, codes: Option<&[u32]>, rows: &[usize], train: bool) -> LossTerms {
+    /// Negative ELBO terms of cells `rows`; `log_factorial`: Σ_g log Γ(x + 1)
+    /// of every cell of `counts`.
+    fn loss(
+        &self,
+        counts: &Csr,
+        codes: Option<&[u32]>,
+        log_factorial: &[f32],
+        rows: &[usize],
+        train: bool,
+    ) -> LossTerms {
         let (x, xl) = Self::dense(counts, rows);
         let cov = self.batch_onehot(codes, rows);
         let (qm, qv) = self.encoder.forward(&xl, None, train);
@@ -218,8 +230,9 @@ impl AmbientModel {
         let lib = x.sum_dim_intlist(-1, true, Kind::Float);
         let mu = (cell + amb) * &lib;
         let theta = self.log_theta.exp();
-        let rec = -nb_log_kernel(&x, &mu, &theta, 1e-8).sum_dim_intlist(-1, false, Kind::Float)
-            + (&x + 1.0).lgamma().sum_dim_intlist(-1, false, Kind::Float);
+        let lf: Vec<f32> = rows.iter().map(|&r| log_factorial[r]).collect();
+        let rec =
+            -nb_log_kernel(&x, &mu, &theta, 1e-8).sum_dim_intlist(-1, false, Kind::Float) + Tensor::from_slice(&lf);
         let prior = u.square() * 0.5;
         let kl = kl_normal(&qm, &qv, &qm.zeros_like(), &qv.ones_like()).sum_dim_intlist(-1, false, Kind::Float);
         let zero = kl.zeros_like();
@@ -286,6 +299,7 @@ struct AmbientTask<'a> {
     model: &'a AmbientModel,
     counts: &'a Csr,
     codes: Option<&'a [u32]>,
+    log_factorial: &'a [f32],
 }
 
 impl Trainable for AmbientTask<'_> {
@@ -296,7 +310,7 @@ impl Trainable for AmbientTask<'_> {
         self.counts.n_rows
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
-        self.model.loss(self.counts, self.codes, rows, train)
+        self.model.loss(self.counts, self.codes, self.log_factorial, rows, train)
     }
 }
 
