@@ -56,6 +56,8 @@ rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {
   .Call(native("wrap__rs_simulate_doublets"), counts, batch, n_batches, ratio, seed)
 }
 
+rs_thin_counts <- function(counts, p, seed) .Call(native("wrap__rs_thin_counts"), counts, p, seed)
+
 rs_neighbor_doublet_fraction <- function(z, d, n_observed, k, seed, threads) {
   .Call(native("wrap__rs_neighbor_doublet_fraction"), z, d, n_observed, k, seed, threads)
 }

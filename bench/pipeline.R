@@ -2,7 +2,8 @@
 # data in one run (one R process; the doublet and ambient peers in their own process).
 #
 #   Rscript bench/pipeline.R [--stages clusters,umap,doublets,ambient,joint] [--sim-cells 20000]
-#                            [--umap-cells 10000,100000] [--threads 2] [--seed 1]
+#                            [--umap-cells 10000,100000] [--umap-genes 2000] [--umap-project-max 200000]
+#                            [--threads 2] [--seed 1]
 #                            [--doublet-epochs N] [--peer-methods scrublet,solo] [--no-peers]
 #                            [--ambient-cells 5000] [--ambient-genes 2000] [--ambient-epochs 150]
 #                            [--joint-cells 6000] [--joint-weights 0,1,10,50]
@@ -30,7 +31,7 @@
 #   bluster and Seurat are skipped, with a message, where not installed.
 #   seconds_vs_soft = the method's seconds / soft_clusters(n_clusters)'s.
 #
-# umap: simulate_counts(N, 2000 genes, 10 types, seed 1) for each N in
+# umap: simulate_counts(N, --umap-genes genes, 10 types, seed 1) for each N in
 #   --umap-cells, run_pca(n_pcs = 30, n_hvg = 1000); and 2,000 real PBMCs
 #   (../shared/data/pbmc_stim/pbmc_stim.RData: pbmc.ctrl + pbmc.stim),
 #   run_pca(n_pcs = 20). On all cells: run_umap(z) (parametric, defaults)
@@ -40,13 +41,15 @@
 #   speed-up (uwot s / ours). Projection: both refitted on a random 90% of the
 #   cells (uwot with ret_model = TRUE), then the other 10% placed by
 #   project_umap() and uwot::umap_transform(), timing the placement only;
-#   also the held-out cells' neighbour preservation among themselves.
+#   also the held-out cells' neighbour preservation among themselves. The
+#   projection part (two more fits) runs up to --umap-project-max cells.
 #
 # doublets: CellBench, every cell (singlets and doublets, plate = batch, all
 #   genes), truth demuxlet_cls == "DBL". find_doublets() with method "both",
 #   "classifier" (SOLO-like) and "neighbors" (Scrublet-like) on one VAE
-#   (fit_vae() as find_doublets() fits it; --doublet-epochs N caps its epochs,
-#   default the package's rule), where the package exports find_doublets()
+#   (fit_vae() as find_doublets() fits it: on the 2,000 most variable genes,
+#   batch-aware; --doublet-epochs N caps its epochs, default the package's
+#   rule), where the package exports find_doublets()
 #   (see bench_doublets()); and the peers (bench/doublets_peer.py: scrublet
 #   0.2.3 and scvi-tools 1.4.2 SOLO, each at its defaults per plate, in their
 #   own process under /usr/bin/time) unless --no-peers; --peer-methods picks
@@ -101,6 +104,8 @@ all_stages <- c("clusters", "umap", "doublets", "ambient", "joint")
 stages <- bench_option(args, "--stages", c("clusters", "umap", "doublets", "ambient"), as_list(trimws))
 sim_cells <- bench_option(args, "--sim-cells", 20000L)
 umap_cells <- bench_option(args, "--umap-cells", c(10000L, 100000L), as_list(as.integer))
+umap_genes <- bench_option(args, "--umap-genes", 2000L)
+umap_project_max <- bench_option(args, "--umap-project-max", 200000L)
 threads <- bench_option(args, "--threads", 2L)
 seed <- bench_option(args, "--seed", 1L)
 peer_methods <- bench_option(args, "--peer-methods", "scrublet,solo", as.character)
@@ -301,8 +306,11 @@ umap_data <- function(name, n) {
     counts <- cbind(e$pbmc.ctrl, e$pbmc.stim)
     return(run_pca(counts, n_pcs = 20, seed = seed, threads = threads))
   }
-  s <- simulate_counts(n_cells = n, n_genes = 2000, n_groups = 10, seed = 1, format = "list", threads = threads)
-  run_pca(s$counts, n_pcs = 30, n_hvg = 1000, seed = seed, threads = threads)
+  s <- simulate_counts(n_cells = n, n_genes = umap_genes, n_groups = 10, seed = 1, format = "list", threads = threads)
+  counts <- s$counts
+  rm(s)
+  gc()
+  run_pca(counts, n_pcs = 30, n_hvg = min(1000L, umap_genes), seed = seed, threads = threads)
 }
 
 bench_umap_one <- function(name, n = NA) {
@@ -316,6 +324,13 @@ bench_umap_one <- function(name, n = NA) {
   np_ours <- np(z, ours$value$embedding)
   np_uwot <- np(z, theirs$value)
 
+  tab <- data.frame(
+    data = name, cells = nrow(z), dims = ncol(z), epochs_ours = nrow(ours$value$history),
+    ours_s = ours$s, uwot_s = theirs$s, speedup = theirs$s / ours$s,
+    np_ours = np_ours, np_uwot = np_uwot, np_diff = np_ours - np_uwot,
+    projected_cells = NA, project_ours_s = NA, transform_uwot_s = NA, project_speedup = NA,
+    projected_np_ours = NA, projected_np_uwot = NA)
+  if (nrow(z) > umap_project_max) return(tab)
   # Projection: both refitted on 90% of the cells; the other 10% placed.
   held <- withr::with_seed(seed, sample.int(nrow(z), round(0.1 * nrow(z))))
   train <- z[-held, , drop = FALSE]
@@ -325,14 +340,12 @@ bench_umap_one <- function(name, n = NA) {
   p_ours <- el(project_umap(fit_ours, new, threads = threads))
   p_uwot <- el(withr::with_seed(seed, uwot::umap_transform(new, fit_uwot, n_threads = threads)))
   k_new <- min(15L, nrow(new) - 1L)
-  tab <- data.frame(
-    data = name, cells = nrow(z), dims = ncol(z), epochs_ours = nrow(ours$value$history),
-    ours_s = ours$s, uwot_s = theirs$s, speedup = theirs$s / ours$s,
-    np_ours = np_ours, np_uwot = np_uwot, np_diff = np_ours - np_uwot,
-    projected_cells = nrow(new), project_ours_s = p_ours$s, transform_uwot_s = p_uwot$s,
-    project_speedup = p_uwot$s / p_ours$s,
-    projected_np_ours = neighbor_preservation(new, p_ours$value, k = k_new, seed = seed, threads = threads),
-    projected_np_uwot = neighbor_preservation(new, p_uwot$value, k = k_new, seed = seed, threads = threads))
+  tab$projected_cells <- nrow(new)
+  tab$project_ours_s <- p_ours$s
+  tab$transform_uwot_s <- p_uwot$s
+  tab$project_speedup <- p_uwot$s / p_ours$s
+  tab$projected_np_ours <- neighbor_preservation(new, p_ours$value, k = k_new, seed = seed, threads = threads)
+  tab$projected_np_uwot <- neighbor_preservation(new, p_uwot$value, k = k_new, seed = seed, threads = threads)
   tab
 }
 
@@ -383,10 +396,14 @@ bench_doublets <- function() {
               fmt(ncol(d$counts)), fmt(sum(d$doublet)), fmt(nrow(d$counts)), length(unique(d$batch)), threads))
   rows <- list()
   if ("find_doublets" %in% getNamespaceExports("scdistill")) {
-    vae <- el(fit_vae(d$counts, batch = d$batch, max_epochs = doublet_epochs, seed = seed, threads = threads,
+    # The VAE find_doublets() fits without `model`: on the 2,000 most variable
+    # genes (batch-aware); fitted once here for the three methods.
+    hvg <- highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
+    sub <- d$counts[hvg$highly_variable, ]
+    vae <- el(fit_vae(sub, batch = d$batch, max_epochs = doublet_epochs, seed = seed, threads = threads,
                       progress = FALSE))
     for (m in c("both", "classifier", "neighbors")) {
-      r <- el(find_doublets(d$counts, batch = d$batch, model = vae$value, method = m, seed = seed, threads = threads,
+      r <- el(find_doublets(sub, batch = d$batch, model = vae$value, method = m, seed = seed, threads = threads,
                             progress = FALSE))
       rows[[m]] <- doublet_rows(sprintf("scdistill find_doublets(method = \"%s\")", m), r$value$score, d$doublet,
                                 d$batch, vae$s + r$s)

@@ -49,6 +49,23 @@ test_that("find_doublets() ranks planted doublets above singlets with each score
   expect_identical(again$doublet_score, out$doublet_score)
 })
 
+test_that("find_doublets() also finds doublets that hold one cell's molecules (plate data)", {
+  p <- planted()
+  m <- SingleCellExperiment::counts(p$sce)
+  dbl <- which(p$truth)
+  set.seed(2)
+  thin <- m[, dbl]
+  thin@x <- as.numeric(stats::rbinom(length(thin@x), thin@x, 0.5))
+  m[, dbl] <- thin
+  m <- Matrix::drop0(m)
+  expect_equal(mean(Matrix::colSums(m)[dbl]) / mean(Matrix::colSums(m)[-dbl]), 1, tolerance = 0.15)
+  sce <- SingleCellExperiment::SingleCellExperiment(list(counts = m))
+  sce$batch <- p$sce$batch
+  model <- fit_vae(sce, batch = "batch", max_epochs = 60, threads = 2, seed = 1)
+  nb <- find_doublets(sce, batch = "batch", model = model, method = "neighbors", threads = 2)
+  expect_gt(auroc(nb$doublet_score, p$truth), 0.85)
+})
+
 test_that("find_doublets() refuses bad input by name", {
   p <- planted()
   expect_error(find_doublets(p$sce[, 1:5], batch = "batch"), "5 cells: doublet detection needs at least 10")

@@ -5,7 +5,7 @@ use crate::{fail, from_column_major, int_slice, run};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::metrics::Embedding;
-use scdistill_core::models::doublets::{neighbor_doublet_fraction, simulate_doublets};
+use scdistill_core::models::doublets::{neighbor_doublet_fraction, simulate_doublets, thin_counts};
 
 /// `ratio` × n_b doublets per batch (1-based codes `batch` of `n_batches`):
 /// list(p, i, x) of their counts (cells as rows), parents (1-based) and batch.
@@ -19,6 +19,14 @@ fn rs_simulate_doublets(counts: List, batch: Robj, n_batches: i32, ratio: f64, s
     let second: Vec<i32> = d.parents.iter().map(|p| p.1 as i32 + 1).collect();
     let batch: Vec<i32> = d.batch.iter().map(|&c| c as i32 + 1).collect();
     Ok(list!(counts = csr_to_r(d.counts), first = first, second = second, batch = batch))
+}
+
+/// Binomial thinning of counts (cells as rows) at `p` (see `thin_counts`).
+/// @noRd
+#[extendr]
+fn rs_thin_counts(counts: List, p: f64, seed: f64) -> Result<List> {
+    let m = counts_from_r(&counts)?;
+    Ok(csr_to_r(thin_counts(&m.csr, p, seed as u64).map_err(fail)?))
 }
 
 /// Scrublet's score of the first `n_observed` rows of `z` (cells × `d`).
@@ -37,5 +45,6 @@ fn rs_neighbor_doublet_fraction(z: Robj, d: i32, n_observed: i32, k: i32, seed: 
 extendr_module! {
     mod doublets;
     fn rs_simulate_doublets;
+    fn rs_thin_counts;
     fn rs_neighbor_doublet_fraction;
 }

@@ -56,6 +56,41 @@ pub fn simulate_doublets(counts: &Csr, batch: &[u32], n_batches: usize, ratio: f
     Ok(Doublets { counts: Csr::from_rows(rows, counts.n_cols), parents, batch: out_batch })
 }
 
+/// Binomial thinning: each count x of `counts` becomes a Binomial(x, `p`)
+/// draw, so a row keeps about `p` of its molecules with the same expected
+/// profile. Artificial doublets thinned at 1/2 have one cell's depth: a
+/// latent space read from raw counts (the VAE's encoder sees log(1 + x))
+/// otherwise sets summed doublets apart from real ones by depth alone,
+/// where Scrublet normalises depth away before its PCA. A row left without
+/// counts keeps its original ones (a cell needs counts to be encoded).
+pub fn thin_counts(counts: &Csr, p: f64, seed: u64) -> Result<Csr> {
+    check_param(p > 0.0 && p <= 1.0, "p", "must be in (0, 1]")?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let rows = (0..counts.n_rows)
+        .map(|r| {
+            let (idx, val) = counts.row(r);
+            let (mut i, mut v) = (Vec::with_capacity(idx.len()), Vec::with_capacity(idx.len()));
+            for (&g, &x) in idx.iter().zip(val) {
+                // x is a whole count (< 2^24): one Bernoulli per molecule
+                // would be slow for large ones, so draw the binomial.
+                let kept = rand_distr::Binomial::new(x.round().max(0.0) as u64, p)
+                    .map(|b| rand_distr::Distribution::sample(&b, &mut rng))
+                    .unwrap_or(0);
+                if kept > 0 {
+                    i.push(g);
+                    v.push(kept as f32);
+                }
+            }
+            if i.is_empty() {
+                (idx.to_vec(), val.to_vec())
+            } else {
+                (i, v)
+            }
+        })
+        .collect();
+    Ok(Csr::from_rows(rows, counts.n_cols))
+}
+
 /// Scrublet's neighbourhood score: for each observed cell (the first
 /// `n_observed` rows of `z`, then the simulated doublets), the fraction of
 /// simulated doublets among its `k` nearest neighbours, scaled to the
@@ -123,5 +158,22 @@ mod tests {
         let s = neighbor_doublet_fraction(&Embedding::row_major(&z, 100, 1), 50, 10, 1).unwrap();
         assert!(s[..40].iter().all(|&v| v == 0.0));
         assert!(s[40..].iter().all(|&v| v > 1.5));
+    }
+
+    #[test]
+    fn thinning_keeps_half_the_molecules_of_each_gene_and_never_empties_a_row() {
+        // Row 0: 10,000 molecules of gene 0 and 2,000 of gene 1; row 1: one molecule.
+        let counts = Csr::from_rows(vec![(vec![0, 1], vec![10_000.0, 2_000.0]), (vec![2], vec![1.0])], 3);
+        let half = thin_counts(&counts, 0.5, 7).unwrap();
+        let (idx, val) = half.row(0);
+        assert_eq!(idx, &[0, 1]);
+        // Binomial(10^4, 1/2) has sd 50; Binomial(2000, 1/2) sd 22.
+        assert!((val[0] - 5_000.0).abs() < 250.0 && (val[1] - 1_000.0).abs() < 110.0, "{val:?}");
+        assert!(val.iter().all(|v| v.fract() == 0.0));
+        // The one molecule is either kept or, when dropped, the row keeps its original count.
+        assert_eq!(half.row(1), (&[2u32][..], &[1.0f32][..]));
+        assert_eq!(thin_counts(&counts, 0.5, 7).unwrap().row(0), half.row(0));
+        assert_eq!(thin_counts(&counts, 1.0, 7).unwrap().row(0), counts.row(0));
+        assert!(thin_counts(&counts, 0.0, 7).is_err());
     }
 }
