@@ -44,7 +44,9 @@ test_that("labels carry across species, the latent spaces are shared, and one fi
   expect_true("scSpecies" %in% SingleCellExperiment::reducedDimNames(sce))
 
   # Similarity: each target type is closest to its own context type.
-  s <- species_similarity(fit, d$target, labels = "cell_type", max_target = 60, max_context = 20)
+  # (60 target x 20 context cells left Group3 within 0.6 of Group4 on one
+  # machine: the modal difference of a small sample is noisy.)
+  s <- species_similarity(fit, d$target, labels = "cell_type", max_target = 200, max_context = 100)
   expect_s3_class(s, "scdistill_species_similarity")
   expect_equal(colnames(s)[apply(unclass(s), 1, which.max)], rownames(s))
 
