@@ -7,7 +7,8 @@
 #' stage: cell i belongs to cluster k with probability
 #' softmax_k(log pi_k - ||z_i - mu_k||^2 / T), and the centroids mu_k and
 #' weights pi_k are trained (Adam) on soft k-means' compactness objective,
-#' -log sum_k pi_k exp(-||z_i - mu_k||^2 / T) per cell. The centroids start at the means of Leiden
+#' -log sum_k pi_k exp(-||z_i - mu_k||^2 / T) per cell; by default each
+#' cluster has its own `T` (`per_cluster`). The centroids start at the means of Leiden
 #' clusters of the 15-nearest-neighbour graph: at `resolution` when
 #' `n_clusters` is `NULL` (as Seurat's `FindClusters()` and `bluster` do,
 #' so the number of clusters comes from the data), else at the resolution
@@ -30,6 +31,13 @@
 #' @param temperature T, the softness of the assignments; `NULL`: twice the
 #'   pooled within-cluster variance per dimension of the initial clusters
 #'   (the assignments are then a Gaussian mixture's posteriors).
+#' @param per_cluster With `temperature = NULL`, give each cluster its own
+#'   temperature, twice its initial cells' variance per dimension (shrunk
+#'   toward the pooled one, within a factor 4 of it): a Gaussian mixture
+#'   with one spherical variance per cluster, where cell types of different
+#'   spread keep their own boundaries (the logits become
+#'   `log pi_k - ||z_i - mu_k||^2 / T_k - (d / 2) log(T_k / T)` in `d`
+#'   dimensions). `FALSE`: one shared `T`, soft k-means proper.
 #' @param labels Known labels (a column of the cell metadata or one value per
 #'   cell) for a supervised clustering; `NA` (and `unlabeled` values) mark
 #'   cells without a label.
@@ -58,8 +66,8 @@
 #' table(sce$soft_cluster, sce$cell_line)
 #' summary(sce$soft_cluster_confidence)
 #' @export
-soft_clusters <- function(x, reduction = "PCA", n_clusters = NULL, temperature = NULL, labels = NULL,
-                          unlabeled = NA, resolution = 1, name = "soft_cluster", max_epochs = 50, batch_size = 256,
+soft_clusters <- function(x, reduction = "PCA", n_clusters = NULL, temperature = NULL, per_cluster = TRUE,
+                          labels = NULL, unlabeled = NA, resolution = 1, name = "soft_cluster", max_epochs = 50, batch_size = 256,
                           lr = 1e-2, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
                           threads = NULL, progress = interactive()) {
   input <- reduction_input(x, reduction)
@@ -86,7 +94,8 @@ soft_clusters <- function(x, reduction = "PCA", n_clusters = NULL, temperature =
     sup <- list(codes = match(y, lv), levels = lv)
   }
   config <- list(n_clusters = n_clusters %||% 0L, resolution = check_positive(resolution, "resolution"),
-                 temperature = if (is.null(temperature)) 0 else check_positive(temperature, "temperature"))
+                 temperature = if (is.null(temperature)) 0 else check_positive(temperature, "temperature"),
+                 per_cluster = check_flag(per_cluster, "per_cluster"))
   tc <- train_settings(nrow(z), max_epochs, batch_size, lr, 0, 0, early_stopping, patience, 0, validation_fraction,
                        seed)
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
@@ -97,7 +106,8 @@ soft_clusters <- function(x, reduction = "PCA", n_clusters = NULL, temperature =
   dimnames(fit$probabilities) <- list(cells, levels)
   dimnames(fit$centroids) <- list(levels, colnames(z))
   out <- structure(list(bytes = fit$bytes, info = fit$info, levels = levels, centroids = fit$centroids,
-                        temperature = fit$info$temperature, reduction = if (is.matrix(x)) NULL else reduction,
+                        temperature = fit$info$temperature, temperatures = unlist(fit$info$temperatures),
+                        reduction = if (is.matrix(x)) NULL else reduction,
                         supervised = !is.null(sup), history = as.data.frame(fit$info$history %||% list())),
                    class = "scdistill_clusters")
   if (is.matrix(x) || is.data.frame(x)) {
@@ -230,9 +240,13 @@ print.scdistill_joint <- function(x, ...) {
 #' @method print scdistill_clusters
 #' @export
 print.scdistill_clusters <- function(x, ...) {
-  cat(sprintf("scdistill soft clustering: %d %s on a %d-dimensional space%s, temperature %s\n",
+  temp <- if (length(x$temperatures)) {
+    sprintf("temperatures %s to %s (per cluster; pooled %s)", format(min(x$temperatures), digits = 3),
+            format(max(x$temperatures), digits = 3), format(x$temperature, digits = 3))
+  } else paste("temperature", format(x$temperature, digits = 3))
+  cat(sprintf("scdistill soft clustering: %d %s on a %d-dimensional space%s, %s\n",
               length(x$levels), if (x$supervised) "labelled centroids" else "clusters", ncol(x$centroids),
-              if (is.null(x$reduction)) "" else paste0(" ('", x$reduction, "')"), format(x$temperature, digits = 3)))
+              if (is.null(x$reduction)) "" else paste0(" ('", x$reduction, "')"), temp))
   cat(sprintf("  trained on %s cells; %d epochs\n", fmt_int(x$info$n_cells), nrow(x$history)))
   if (!is.null(x$clusters)) print(table(cluster = x$clusters))
   invisible(x)

@@ -28,6 +28,18 @@ test_that("soft_clusters() finds the five cell lines and writes clusters, confid
   expect_s3_class(fit, "scdistill_clusters")
   expect_equal(dim(fit$centroids), c(5, 10))
   expect_output(print(fit), "5 clusters on a 10-dimensional space \\('PCA'\\)")
+  # One temperature per cluster by default, within a factor 4 of the pooled T.
+  expect_length(fit$temperatures, 5)
+  expect_true(all(fit$temperatures >= fit$temperature / 4 - 1e-9 & fit$temperatures <= 4 * fit$temperature + 1e-9))
+  expect_gt(max(fit$temperatures) / min(fit$temperatures), 1.2)
+  expect_output(print(fit), "temperatures .* \\(per cluster; pooled")
+  shared <- soft_clusters(cellbench_pca(), n_clusters = 5, per_cluster = FALSE, threads = 2)
+  fit_shared <- S4Vectors::metadata(shared)$soft_cluster
+  expect_null(fit_shared$temperatures)
+  expect_equal(fit_shared$temperature, fit$temperature)
+  expect_output(print(fit_shared), "clusters on a 10-dimensional space \\('PCA'\\), temperature [0-9]")
+  expect_null(S4Vectors::metadata(soft_clusters(cellbench_pca(), n_clusters = 5, temperature = 3,
+                                                threads = 2))$soft_cluster$temperatures)
   # The same seed gives the same clusters; the fit survives saveRDS().
   again <- soft_clusters(cellbench_pca(), n_clusters = 5, threads = 2)
   expect_identical(again$soft_cluster, sce$soft_cluster)
@@ -86,6 +98,7 @@ test_that("soft_clusters() refuses bad input by name", {
   expect_error(soft_clusters(sce, labels = "cell_line", n_clusters = 3), "`labels` has 5 classes")
   expect_error(soft_clusters(sce, labels = "nope"), "'nope' is not a column")
   expect_error(soft_clusters(sce, temperature = -1), "`temperature` must be a positive number")
+  expect_error(soft_clusters(sce, per_cluster = "yes"), "`per_cluster` must be TRUE or FALSE")
   z <- SingleCellExperiment::reducedDim(sce, "PCA")
   z[3, 2] <- NA
   expect_error(soft_clusters(z, n_clusters = 2), "missing or infinite")

@@ -27,6 +27,16 @@
 //! of the initial partition: p is then the posterior of a Gaussian mixture
 //! with that shared isotropic variance, and the loss its negative
 //! log-likelihood (up to a constant).
+//!
+//! By default (`per_cluster`) each cluster keeps its own temperature
+//! T_k = 2σ_k², σ_k² its initial cells' variance per dimension shrunk
+//! toward the pooled one by `PRIOR_CELLS` pseudo-cells and held within
+//! [T/4, 4T]: the mixture then has one isotropic variance per component
+//! (mclust's "VII"), and the logits gain −(d/2)·log(T_k / T). Types differ
+//! in spread: on CellBench's 30 PCs one cell line's cells lie twice as far
+//! from their mean as another's, and with one T a cell of the wide line
+//! that was equally far from both centroids went to the narrow, larger one.
+//! The temperatures stay fixed during training, as T does.
 
 use crate::data::Embedding;
 use crate::device::seed_torch;
@@ -47,13 +57,17 @@ pub struct ClusterConfig {
     pub resolution: f64,
     /// T; 0: the mean squared distance of the cells to their initial centroid.
     pub temperature: f64,
+    /// One temperature per cluster (when `temperature` is 0). Absent from
+    /// files written before it: one shared T, as they were fitted.
+    #[serde(default)]
+    pub per_cluster: bool,
     /// Filled in by `fit`: the dimension of the latent space.
     pub n_latent: usize,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { n_clusters: 0, resolution: 1.0, temperature: 0.0, n_latent: 0 }
+        ClusterConfig { n_clusters: 0, resolution: 1.0, temperature: 0.0, per_cluster: true, n_latent: 0 }
     }
 }
 
@@ -66,11 +80,53 @@ pub struct ClusterMeta {
     pub supervised: bool,
     /// The temperature used (the config's, or the one chosen).
     pub temperature: f64,
+    /// Per cluster (`per_cluster`): T_k; empty: `temperature` for all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub temperatures: Vec<f64>,
     #[serde(flatten)]
     pub training: TrainingRecord,
     /// Joint fine-tuning with the VAE whose latent space this clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fine_tuned: Option<crate::models::joint::JointRecord>,
+}
+
+/// Pseudo-cells at the pooled variance added to each cluster's own when its
+/// temperature is estimated (a small type's estimate is noisy).
+const PRIOR_CELLS: f64 = 5.0;
+
+/// A clustering's temperatures: one T, or T_k per cluster with the
+/// logits' offsets −(d/2)·log(T_k / T).
+pub(crate) enum Temperature {
+    Shared(f64),
+    PerCluster { t: Tensor, offset: Tensor },
+}
+
+impl Temperature {
+    pub(crate) fn of(meta: &ClusterMeta, device: Device) -> Temperature {
+        if meta.temperatures.is_empty() {
+            return Temperature::Shared(meta.temperature);
+        }
+        let half_d = meta.config.n_latent as f64 / 2.0;
+        let t: Vec<f32> = meta.temperatures.iter().map(|&t| t as f32).collect();
+        let offset: Vec<f32> =
+            meta.temperatures.iter().map(|&t| (-half_d * (t / meta.temperature).ln()) as f32).collect();
+        Temperature::PerCluster {
+            t: Tensor::from_slice(&t).to_device(device),
+            offset: Tensor::from_slice(&offset).to_device(device),
+        }
+    }
+}
+
+/// Soft k-means' assignment logits log π_k − ‖z_i − μ_k‖² / T (cells × K),
+/// per cluster log π_k − ‖z_i − μ_k‖² / T_k − (d/2)·log(T_k / T);
+/// `log_weights` are unnormalised. Shared with the joint fine-tuning.
+pub(crate) fn soft_logits(z: &Tensor, centroids: &Tensor, log_weights: &Tensor, temperature: &Temperature) -> Tensor {
+    let d2 = (z.unsqueeze(1) - centroids.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Float);
+    let prior = log_weights.log_softmax(0, Kind::Float).unsqueeze(0);
+    match temperature {
+        Temperature::Shared(t) => d2 / -*t + prior,
+        Temperature::PerCluster { t, offset } => -(d2 / t.unsqueeze(0)) + prior + offset.unsqueeze(0),
+    }
 }
 
 pub struct ClusterModel {
@@ -79,6 +135,7 @@ pub struct ClusterModel {
     centroids: Tensor,
     /// log π_k, the clusters' weights (normalised in `logits`).
     log_weights: Tensor,
+    temperature: Temperature,
 }
 
 impl ClusterModel {
@@ -87,7 +144,8 @@ impl ClusterModel {
         let shape = [meta.levels.len() as i64, meta.config.n_latent as i64];
         let centroids = vs.root().var("centroids", &shape, nn::Init::Const(0.0));
         let log_weights = vs.root().var("log_weights", &[shape[0]], nn::Init::Const(0.0));
-        ClusterModel { meta, vs, centroids, log_weights }
+        let temperature = Temperature::of(&meta, Device::Cpu);
+        ClusterModel { meta, vs, centroids, log_weights, temperature }
     }
 
     /// Clusters cells at latent coordinates `z` (cells × d, row-major).
@@ -190,12 +248,31 @@ impl ClusterModel {
                 1.0
             }
         };
+        let temperatures = if config.temperature == 0.0 && config.per_cluster && k > 1 {
+            // T_k = 2 · (S_k + PRIOR_CELLS · d · T / 2) / ((n_k + PRIOR_CELLS) · d),
+            // S_k the cluster's sum of squared distances; within [T/4, 4T].
+            let mut sq = vec![0.0f64; k];
+            for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
+                sq[c as usize] += (0..d).map(|j| (zf[i * d + j] - sums[c as usize * d + j]).powi(2)).sum::<f64>();
+            }
+            (0..k)
+                .map(|c| {
+                    let t_c = (2.0 * sq[c] + PRIOR_CELLS * d as f64 * temperature)
+                        / ((counts[c] as f64 + PRIOR_CELLS) * d as f64);
+                    t_c.clamp(temperature / 4.0, temperature * 4.0)
+                })
+                .collect()
+        } else {
+            config.per_cluster = false;
+            Vec::new()
+        };
         seed_torch(train_cfg.seed);
         let meta = ClusterMeta {
             config,
             levels,
             supervised,
             temperature,
+            temperatures,
             training: TrainingRecord::new(train_cfg.clone(), Default::default(), n),
             fine_tuned: None,
         };
@@ -218,17 +295,17 @@ impl ClusterModel {
         Ok(model)
     }
 
-    /// −‖z − μ_k‖² / T for every cell and centroid: [cells, K].
+    /// The assignment logits of every cell and centroid: [cells, K].
     fn logits(&self, z: &Tensor) -> Tensor {
-        let d2 = (z.unsqueeze(1) - self.centroids.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Float);
-        d2 / -self.meta.temperature + self.log_weights.log_softmax(0, Kind::Float).unsqueeze(0)
+        soft_logits(z, &self.centroids, &self.log_weights, &self.temperature)
     }
 
     fn loss(&self, z: &Tensor, codes: &Tensor) -> Tensor {
         let logits = self.logits(z);
         let logp = logits.log_softmax(-1, Kind::Float);
-        // Compactness: soft k-means' free energy −log Σ_k π_k exp(−d²_k / T),
-        // whose stationary centroids are the p-weighted means of the cells.
+        // Compactness: soft k-means' free energy −log Σ_k π_k exp(−d²_k / T)
+        // (per cluster: the mixture's negative log-likelihood up to a
+        // constant), whose stationary centroids are the p-weighted means.
         let compact = -logits.logsumexp([-1i64].as_slice(), false);
         let y = codes.clamp_min(0).unsqueeze(1);
         let ce = -logp.gather(1, &y, false).squeeze_dim(1);

@@ -116,3 +116,49 @@ fn supervised_clusters_are_a_classifier_that_uses_unlabelled_cells_too() {
     let e = ClusterModel::fit(&z, n, None, cfg, quick(), &|| false, &|_| {});
     assert!(e.err().unwrap().to_string().contains("n_clusters"));
 }
+
+#[test]
+fn per_cluster_temperatures_give_a_wide_type_its_own_boundary() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    // A large narrow type (sd 0.4) and a smaller wide one (sd 1.2), 4 apart.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let draw = |rng: &mut ChaCha8Rng, m: usize, centre: f32, sd: f32, z: &mut Vec<f32>, y: &mut Vec<u32>, c: u32| {
+        let noise = Normal::new(0.0f32, sd).unwrap();
+        for _ in 0..m {
+            z.push(centre + noise.sample(rng));
+            z.extend((0..3).map(|_| noise.sample(rng)));
+            y.push(c);
+        }
+    };
+    let (mut z, mut y) = (vec![], vec![]);
+    draw(&mut rng, 400, 0.0, 0.4, &mut z, &mut y, 0);
+    draw(&mut rng, 150, 4.0, 1.2, &mut z, &mut y, 1);
+    let (mut zn, mut yn) = (vec![], vec![]);
+    draw(&mut rng, 400, 0.0, 0.4, &mut zn, &mut yn, 0);
+    draw(&mut rng, 400, 4.0, 1.2, &mut zn, &mut yn, 1);
+    let n = y.len();
+    let fit = |per_cluster: bool| {
+        let cfg = ClusterConfig { n_clusters: 2, per_cluster, ..Default::default() };
+        ClusterModel::fit(&z, n, None, cfg, quick(), &|| false, &|_| {}).unwrap()
+    };
+    let (own, shared) = (fit(true), fit(false));
+    assert!(shared.meta.temperatures.is_empty() && !shared.meta.config.per_cluster);
+    let t = &own.meta.temperatures;
+    let wide = hard(&own.assign(&[4.0, 0.0, 0.0, 0.0]).unwrap(), 2)[0] as usize;
+    assert!(t[wide] > 3.0 * t[1 - wide], "T_k = {t:?}");
+    // A point 1.8 from the narrow type and 2.2 from the wide one: nearer
+    // the narrow centroid, but far out for its spread.
+    let boundary = [1.8, 0.0, 0.0, 0.0];
+    assert_eq!(hard(&own.assign(&boundary).unwrap(), 2)[0] as usize, wide);
+    assert_ne!(hard(&shared.assign(&boundary).unwrap(), 2)[0] as usize, wide);
+    // New cells: the wide type's outskirts are assigned to it.
+    let a_own = ari(&yn, &hard(&own.assign(&zn).unwrap(), 2));
+    let a_shared = ari(&yn, &hard(&shared.assign(&zn).unwrap(), 2));
+    assert!(a_own > a_shared + 0.02 && a_own > 0.95, "ARI per cluster {a_own}, shared {a_shared}");
+    // The temperatures travel with the model, and a model with one T (as
+    // every file written before them) keeps it.
+    let back = ClusterModel::from_bytes(&own.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.assign(&zn).unwrap(), own.assign(&zn).unwrap());
+    let old = ClusterModel::from_bytes(&shared.to_bytes().unwrap()).unwrap();
+    assert_eq!(old.assign(&zn).unwrap(), shared.assign(&zn).unwrap());
+}
