@@ -95,6 +95,7 @@ find_doublets <- function(x, batch = NULL, model = NULL, method = c("both", "nei
   dbl_batch <- factor(levels(b)[sim$batch], levels = levels(b))
   z_obs <- cached_latent(model, cnt$counts) %||% latent(model, x, batch = batch, threads = threads)
   scores <- list()
+  z_sim <- NULL
   if (method %in% c("classifier", "both")) {
     # SOLO's classifier reads the summed doublets and their library size.
     z_sim <- latent(model, dbl, batch = if (is.null(cnt$batch)) NULL else dbl_batch, threads = threads)
@@ -110,9 +111,12 @@ find_doublets <- function(x, batch = NULL, model = NULL, method = c("both", "nei
     half <- seq(1, ncol(dbl), by = 2)
     thinned <- csr_to_dgc(rust(rs_thin_counts(slots(list(counts = dbl[, half, drop = FALSE])), 0.5,
                                               check_seed(seed))), rownames(dbl), colnames(dbl)[half])
-    mixed <- cbind(thinned, dbl[, -half, drop = FALSE])
     mixed_batch <- dbl_batch[c(half, seq_len(ncol(dbl))[-half])]
-    z_mixed <- latent(model, mixed, batch = if (is.null(cnt$batch)) NULL else mixed_batch, threads = threads)
+    dbl_latent <- function(m, bt) latent(model, m, batch = if (is.null(cnt$batch)) NULL else bt, threads = threads)
+    # The unthinned half is encoded once: the classifier's z_sim has it.
+    z_mixed <- rbind(dbl_latent(thinned, dbl_batch[half]),
+                     if (is.null(z_sim)) dbl_latent(dbl[, -half, drop = FALSE], dbl_batch[-half])
+                     else z_sim[-half, , drop = FALSE])
     scores$neighbors <- numeric(n)
     for (lv in levels(b)) {
       obs <- which(b == lv)

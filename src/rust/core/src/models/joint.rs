@@ -21,7 +21,7 @@
 //! stopping on it, are the VAE's own.
 
 use crate::error::{check_param, invalid, Result};
-use crate::models::clusters::ClusterModel;
+use crate::models::clusters::{soft_logits, ClusterModel, Temperature};
 use crate::models::fitted::{Cells, Matrix};
 use crate::models::vae::{infer, Vae, VaeData, VaeModel};
 use crate::train::{train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
@@ -82,13 +82,13 @@ pub fn fine_tune(
         centroids: centroids.to_device(device),
         log_weights: log_weights.to_device(device),
         targets: Tensor::zeros([csr.n_rows as i64, clusters.meta.levels.len() as i64], (Kind::Float, device)),
-        temperature: clusters.meta.temperature,
+        temperature: Temperature::of(&clusters.meta, device),
         weight,
     };
     let history = train(&task, &train_cfg, interrupted, on_epoch)?;
     // The centroids of the weights training kept (early stopping may have
-    // restored an earlier epoch's).
-    task.update_centers();
+    // restored an earlier epoch's), from the cells' final latent space.
+    let latent = Matrix::new(csr.n_rows, d, task.update_centers());
     let record = JointRecord {
         weight,
         n_clusters: clusters.meta.levels.len(),
@@ -97,7 +97,6 @@ pub fn fine_tune(
     clusters.set_centers(&task.centroids.to_device(tch::Device::Cpu), &task.log_weights.to_device(tch::Device::Cpu));
     clusters.meta.fine_tuned = Some(record.clone());
     tuned.meta.fine_tuned = Some(record);
-    let latent = tuned.training_latent(&csr, &cov);
     Ok(JointFit { vae: tuned, clusters, latent })
 }
 
@@ -109,20 +108,20 @@ struct JointTask<'a> {
     log_weights: Tensor,
     /// p, the sharpened assignments of every cell [cells, K].
     targets: Tensor,
-    temperature: f64,
+    temperature: Temperature,
     weight: f64,
 }
 
 impl JointTask<'_> {
     /// log π_k − ‖z_i − c_k‖² / T: [cells, K].
     fn logits(&self, z: &Tensor) -> Tensor {
-        let d2 = (z.unsqueeze(1) - self.centroids.unsqueeze(0)).square().sum_dim_intlist(-1, false, Kind::Float);
-        d2 / -self.temperature + self.log_weights.log_softmax(0, Kind::Float).unsqueeze(0)
+        soft_logits(z, &self.centroids, &self.log_weights, &self.temperature)
     }
 
     /// One EM step on every cell's posterior mean: c_k = Σ_i q_ik z_i / Σ_i q_ik,
     /// log π_k = log mean_i q_ik; then the targets p_ik ∝ q_ik² / Σ_j q_jk.
-    fn update_centers(&self) {
+    /// Returns the posterior means it used (cells × d, row-major).
+    fn update_centers(&self) -> Vec<f32> {
         let n = self.data.counts.n_rows;
         let d = self.model.cfg.n_latent as i64;
         let z = infer::latent(self.model, self.data, true);
@@ -142,6 +141,7 @@ impl JointTask<'_> {
             let p = &sharp / sharp.sum_dim_intlist(-1, true, Kind::Float);
             self.targets.shallow_clone().copy_(&p);
         });
+        z
     }
 }
 
@@ -155,7 +155,7 @@ impl Trainable for JointTask<'_> {
     }
 
     fn start_epoch(&self, _epoch: usize) {
-        self.update_centers();
+        let _ = self.update_centers();
     }
 
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
