@@ -45,7 +45,8 @@
 #'   metadata `ambient_fraction`, `ambient_removed`, `doublet_score`,
 #'   `doublet_call`, `soft_cluster`, `soft_cluster_confidence`; reductions
 #'   `VAE`, `HARMONY`, `UMAP`, `soft_cluster`; and the pipeline (a
-#'   `scdistill_pipeline` object). A matrix becomes a `SingleCellExperiment`.
+#'   `scdistill_pipeline` object, whose `$seconds` are each stage's wall
+#'   seconds, printed with it). A matrix becomes a `SingleCellExperiment`.
 #' @examples
 #' sim <- simulate_counts(n_cells = 600, n_genes = 300, n_groups = 4, ambient = TRUE, seed = 1)
 #' empty <- S4Vectors::metadata(sim)$ambient$empty_droplets
@@ -86,9 +87,17 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   b <- cnt$batch
   if (!is.null(b)) sce$.batch <- b
   bname <- if (is.null(b)) NULL else ".batch"
+  # Wall seconds per stage, kept in the fit (`$seconds`) and printed with it.
+  seconds <- numeric()
+  timed <- function(name, expr) {
+    t0 <- proc.time()[["elapsed"]]
+    value <- expr
+    seconds[name] <<- sum(seconds[name], proc.time()[["elapsed"]] - t0, na.rm = TRUE)
+    value
+  }
   stage <- function(name, f, ...) {
     if (isTRUE(progress)) cli::cli_inform("Pipeline: {name}")
-    do.call(f, c(list(...), args[[name]] %||% list()))
+    timed(name, do.call(f, c(list(...), args[[name]] %||% list())))
   }
   fit <- list(steps = steps, genes = rownames(sce), batch_levels = levels(b), seed = seed)
   if ("ambient" %in% steps) {
@@ -99,7 +108,7 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   counts_now <- if ("ambient" %in% steps) "decontaminated" else "counts"
   work <- SingleCellExperiment::SingleCellExperiment(list(counts = SummarizedExperiment::assay(sce, counts_now)),
                                                      colData = SummarizedExperiment::colData(sce))
-  hvg <- highly_variable_genes(work, n_hvg = min(n_hvg, nrow(work)), batch = bname, threads = threads)
+  hvg <- timed("hvg", highly_variable_genes(work, n_hvg = min(n_hvg, nrow(work)), batch = bname, threads = threads))
   fit$hvg <- rownames(work)[hvg$highly_variable]
   work <- work[fit$hvg, ]
   empty_cells <- Matrix::colSums(SingleCellExperiment::counts(work)) == 0
@@ -118,10 +127,10 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   }
   keep <- if (remove_doublets && "doublets" %in% steps) !sce$doublet_call else rep(TRUE, ncol(sce))
   z <- if ("vae" %in% steps) {
-    latent_of_object(fit$vae, work)
+    timed("vae", latent_of_object(fit$vae, work))
   } else {
-    SingleCellExperiment::reducedDim(run_pca(work, n_pcs = 30, n_hvg = nrow(work), batch = bname, seed = seed,
-                                             threads = threads), "PCA")
+    timed("pca", SingleCellExperiment::reducedDim(run_pca(work, n_pcs = 30, n_hvg = nrow(work), batch = bname,
+                                                          seed = seed, threads = threads), "PCA"))
   }
   put <- function(name, m) {
     full <- matrix(NA_real_, ncol(sce), ncol(m), dimnames = list(colnames(sce), colnames(m)))
@@ -133,11 +142,11 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
   z <- z[keep, , drop = FALSE]
   if ("harmony" %in% steps) {
     if (is.null(b)) stop("the \"harmony\" stage needs `batch`", call. = FALSE)
-    h <- run_harmony(z, batch = b[keep], seed = max(seed, 1), threads = threads, progress = FALSE)
+    h <- timed("harmony", run_harmony(z, batch = b[keep], seed = max(seed, 1), threads = threads, progress = FALSE))
     attr(h, "harmony") <- NULL
     fit$harmony <- stage("harmony", distill, work[, keep], batch = bname, teacher = given_teacher(h),
                          seed = max(seed, 1), threads = threads, progress = progress)
-    z <- latent_of_object(fit$harmony, work[, keep])
+    z <- timed("harmony", latent_of_object(fit$harmony, work[, keep]))
     put("HARMONY", z)
     fit$embedding <- "HARMONY"
   }
@@ -151,7 +160,7 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
                    threads = threads, progress = progress)
     fit$vae <- tuned$model
     fit$clusters <- tuned$clusters
-    z <- latent_of_object(fit$vae, work)
+    z <- timed("joint", latent_of_object(fit$vae, work))
     put("VAE", z)
     z <- z[keep, , drop = FALSE]
   }
@@ -170,6 +179,7 @@ run_pipeline <- function(x, batch = NULL, steps = c("ambient", "doublets", "vae"
     put("soft_cluster", fit$clusters$probabilities)
   }
   sce$.batch <- NULL
+  fit$seconds <- seconds
   fit <- structure(fit, class = "scdistill_pipeline")
   if (seurat) return(pipeline_to_seurat(x, sce, fit))
   if (inherits(x, "SummarizedExperiment")) {
@@ -211,6 +221,10 @@ print.scdistill_pipeline <- function(x, ...) {
               fmt_int(length(x$hvg)), if (length(x$batch_levels)) paste0(", ", length(x$batch_levels), " batches") else "",
               x$embedding))
   if (!is.null(x$clusters)) cat(sprintf("  %d clusters\n", length(x$clusters$levels)))
+  if (length(x$seconds)) {
+    cat(sprintf("  seconds: %s (%.1f in all)\n", paste(sprintf("%s %.1f", names(x$seconds), x$seconds), collapse = ", "),
+                sum(x$seconds)))
+  }
   invisible(x)
 }
 

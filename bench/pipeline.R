@@ -1,12 +1,14 @@
 # The package's pipeline stages against their reference tools, on the same
 # data in one run (one R process; the doublet and ambient peers in their own process).
 #
-#   Rscript bench/pipeline.R [--stages clusters,umap,doublets,ambient,joint] [--sim-cells 20000]
+#   Rscript bench/pipeline.R [--stages clusters,umap,doublets,ambient,joint,whole] [--sim-cells 20000]
 #                            [--umap-cells 10000,100000] [--umap-genes 2000] [--umap-project-max 200000]
+#                            [--umap-methods ours,uwot]
 #                            [--threads 2] [--seed 1]
 #                            [--doublet-epochs N] [--peer-methods scrublet,solo] [--no-peers]
 #                            [--ambient-cells 5000] [--ambient-genes 2000] [--ambient-epochs 150]
 #                            [--joint-cells 6000] [--joint-weights 0,1,10,50]
+#                            [--whole-cells 100000] [--no-seurat]
 #
 # clusters: CellBench (the singlets of the 3 plates, all genes; truth =
 #   cell_line; embedding run_pca(n_pcs = 30, n_hvg = 2000), "PCA") and the
@@ -15,7 +17,8 @@
 #   run_harmony(batch = "batch"), "HARMONY"). On that embedding, NMI
 #   (arithmetic normalisation) and ARI against the truth, clusters found and
 #   seconds of:
-#     soft_clusters(n_clusters = number of true types) and soft_clusters()
+#     soft_clusters(n_clusters = number of true types), the same with one
+#     shared temperature (per_cluster = FALSE), and soft_clusters()
 #     (Leiden-initialised, resolution 1);
 #     the package's Leiden (no exported function: integration_metrics()'
 #     nmi_leiden / ari_leiden, the best NMI over resolutions 0.2..2) and its
@@ -43,6 +46,9 @@
 #   project_umap() and uwot::umap_transform(), timing the placement only;
 #   also the held-out cells' neighbour preservation among themselves. The
 #   projection part (two more fits) runs up to --umap-project-max cells.
+#   --umap-methods ours or uwot times one of the two (the other's columns are
+#   NA): at 10^6 cells, run each alone so a stopped run still reports one.
+#   Each method's seconds are printed as soon as it finishes.
 #
 # doublets: CellBench, every cell (singlets and doublets, plate = batch, all
 #   genes), truth demuxlet_cls == "DBL". find_doublets() with method "both",
@@ -93,6 +99,19 @@
 #   the latent variance (lower: more compact types), the last validation
 #   -ELBO per cell (the VAE's own, or the fine-tuning's), seconds.
 #
+# whole: the whole pipeline's time. simulate_counts(--whole-cells, 2000 genes,
+#   3 batches, 10 types in unequal proportions (25% down to 2%), ambient =
+#   list(fraction = 0.1, n_empty = 10000), seed 1); run_pipeline() with all six
+#   stages at their defaults (empty_droplets = the simulated ones, batch),
+#   each stage's wall seconds (the fit's $seconds) and the total; the ARI / NMI
+#   of the clusters against the true types, the count error of the
+#   decontaminated counts (as the ambient stage). For scale, not as a peer
+#   (it has no ambient, doublet or batch stage): Seurat's standard workflow on
+#   the same observed counts (NormalizeData, FindVariableFeatures,
+#   ScaleData, RunPCA, FindNeighbors, FindClusters, RunUMAP at their
+#   defaults; uwot under RunUMAP), its seconds per step, unless --no-seurat or
+#   Seurat is not installed.
+#
 # Every stage prints Markdown tables and appends to
 # bench/results/pipeline_<stage>.csv. --seed seeds the methods (soft
 # clusters, UMAPs, splits, the peers); the simulations keep seed 1.
@@ -100,12 +119,15 @@ suppressPackageStartupMessages({ library(scdistill); library(Matrix) })
 args <- commandArgs(trailingOnly = TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 as_list <- function(as) function(x) as(strsplit(x, ",", fixed = TRUE)[[1]])
-all_stages <- c("clusters", "umap", "doublets", "ambient", "joint")
+all_stages <- c("clusters", "umap", "doublets", "ambient", "joint", "whole")
 stages <- bench_option(args, "--stages", c("clusters", "umap", "doublets", "ambient"), as_list(trimws))
 sim_cells <- bench_option(args, "--sim-cells", 20000L)
 umap_cells <- bench_option(args, "--umap-cells", c(10000L, 100000L), as_list(as.integer))
 umap_genes <- bench_option(args, "--umap-genes", 2000L)
 umap_project_max <- bench_option(args, "--umap-project-max", 200000L)
+umap_methods <- bench_option(args, "--umap-methods", c("ours", "uwot"), as_list(trimws))
+if (!length(umap_methods) || length(setdiff(umap_methods, c("ours", "uwot"))))
+  stop("--umap-methods: choose from ours,uwot")
 threads <- bench_option(args, "--threads", 2L)
 seed <- bench_option(args, "--seed", 1L)
 peer_methods <- bench_option(args, "--peer-methods", "scrublet,solo", as.character)
@@ -116,6 +138,8 @@ ambient_genes <- bench_option(args, "--ambient-genes", 2000L)
 ambient_epochs <- bench_option(args, "--ambient-epochs", 150L)
 joint_cells <- bench_option(args, "--joint-cells", 6000L)
 joint_weights <- bench_option(args, "--joint-weights", c(0, 1, 10, 50), as_list(as.numeric))
+whole_cells <- bench_option(args, "--whole-cells", 100000L)
+no_seurat <- "--no-seurat" %in% args
 bad <- setdiff(stages, all_stages)
 if (length(bad)) stop("--stages: unknown ", paste(bad, collapse = ", "), "; choose from ", paste(all_stages, collapse = ","))
 root <- bench_root()
@@ -250,6 +274,9 @@ bench_clusters_one <- function(name) {
 
   r <- el(soft_clusters(sce, reduction = red, n_clusters = k, seed = seed, threads = threads, progress = FALSE))
   add(sprintf("scdistill soft_clusters(n_clusters = %d)", k), r$value$soft_cluster, r$s)
+  r <- el(soft_clusters(sce, reduction = red, n_clusters = k, per_cluster = FALSE, seed = seed, threads = threads,
+                        progress = FALSE))
+  add(sprintf("scdistill soft_clusters(n_clusters = %d, per_cluster = FALSE) (one T)", k), r$value$soft_cluster, r$s)
   r <- el(soft_clusters(sce, reduction = red, seed = seed, threads = threads, progress = FALSE))
   add("scdistill soft_clusters() (Leiden start, resolution 1)", r$value$soft_cluster, r$s)
 
@@ -319,18 +346,28 @@ bench_umap_one <- function(name, n = NA) {
   cat(sprintf("\n== umap, %s: %s cells x %d dims; %d threads\n", name, fmt(nrow(z)), ncol(z), threads))
   np <- function(x, y) neighbor_preservation(x, y, k = 15, seed = seed, threads = threads)
 
-  ours <- el(run_umap(z, seed = seed, threads = threads, progress = FALSE))
-  theirs <- el(withr::with_seed(seed, uwot::umap(z, n_neighbors = 15, n_threads = threads)))
-  np_ours <- np(z, ours$value$embedding)
-  np_uwot <- np(z, theirs$value)
+  skipped <- list(value = NULL, s = NA_real_)
+  said <- function(what, r) {
+    cat(sprintf("  %s: %.1f s\n", what, r$s))
+    r
+  }
+  ours <- if ("ours" %in% umap_methods) {
+    said("run_umap()", el(run_umap(z, seed = seed, threads = threads, progress = FALSE)))
+  } else skipped
+  theirs <- if ("uwot" %in% umap_methods) {
+    said("uwot::umap()", el(withr::with_seed(seed, uwot::umap(z, n_neighbors = 15, n_threads = threads))))
+  } else skipped
+  np_ours <- if (is.null(ours$value)) NA_real_ else np(z, ours$value$embedding)
+  np_uwot <- if (is.null(theirs$value)) NA_real_ else np(z, theirs$value)
 
   tab <- data.frame(
-    data = name, cells = nrow(z), dims = ncol(z), epochs_ours = nrow(ours$value$history),
+    data = name, cells = nrow(z), dims = ncol(z),
+    epochs_ours = if (is.null(ours$value)) NA_integer_ else nrow(ours$value$history),
     ours_s = ours$s, uwot_s = theirs$s, speedup = theirs$s / ours$s,
     np_ours = np_ours, np_uwot = np_uwot, np_diff = np_ours - np_uwot,
     projected_cells = NA, project_ours_s = NA, transform_uwot_s = NA, project_speedup = NA,
     projected_np_ours = NA, projected_np_uwot = NA)
-  if (nrow(z) > umap_project_max) return(tab)
+  if (nrow(z) > umap_project_max || length(umap_methods) < 2) return(tab)
   # Projection: both refitted on 90% of the cells; the other 10% placed.
   held <- withr::with_seed(seed, sample.int(nrow(z), round(0.1 * nrow(z))))
   train <- z[-held, , drop = FALSE]
@@ -652,8 +689,66 @@ bench_joint <- function() {
   for (name in c("cellbench", "sim")) bench_joint_one(name)
 }
 
+# ---- the whole pipeline ---------------------------------------------------------
+
+bench_whole <- function() {
+  sim <- simulate_counts(n_cells = whole_cells, n_genes = 2000, n_groups = 10, n_batches = 3,
+                         group_prob = c(0.25, 0.18, 0.14, 0.11, 0.09, 0.07, 0.06, 0.05, 0.03, 0.02),
+                         ambient = list(fraction = 0.1, n_empty = 10000), seed = 1, threads = threads)
+  empty <- S4Vectors::metadata(sim)$ambient$empty_droplets
+  S4Vectors::metadata(sim)$ambient <- NULL
+  clean <- SummarizedExperiment::assay(sim, "true_counts")
+  SummarizedExperiment::assay(sim, "true_counts") <- NULL
+  truth <- as.character(sim$cell_type)
+  cat(sprintf("\n== whole pipeline: %s cells x %s genes, 3 batches, 10 types, %s empty droplets; %d threads\n",
+              fmt(ncol(sim)), fmt(nrow(sim)), fmt(ncol(empty)), threads))
+  out <- el(run_pipeline(sim, batch = "batch", empty_droplets = empty, seed = seed, threads = threads,
+                         progress = FALSE))
+  p <- S4Vectors::metadata(out$value)$pipeline
+  print(p)
+  observed <- SingleCellExperiment::counts(sim)
+  dec <- SummarizedExperiment::assay(out$value, "decontaminated")
+  tab <- data.frame(method = "run_pipeline() (all six stages, defaults)", cells = ncol(sim),
+                    t(as.data.frame(p$seconds)), total_s = out$s,
+                    clusters = length(unique(out$value$soft_cluster)), ari = ari(out$value$soft_cluster, truth),
+                    nmi = nmi(out$value$soft_cluster, truth),
+                    count_error = sum(abs(dec - clean)) / sum(clean),
+                    observed_error = sum(abs(observed - clean)) / sum(clean), check.names = FALSE)
+  rownames(tab) <- NULL
+  show_table(tab)
+  save_table(tab, "whole")
+  if (!no_seurat && has("Seurat")) {
+    suppressPackageStartupMessages(library(Seurat))
+    obj <- suppressWarnings(CreateSeuratObject(observed))
+    steps <- list(
+      NormalizeData = function(o) NormalizeData(o, verbose = FALSE),
+      FindVariableFeatures = function(o) FindVariableFeatures(o, verbose = FALSE),
+      ScaleData = function(o) ScaleData(o, verbose = FALSE),
+      RunPCA = function(o) RunPCA(o, verbose = FALSE),
+      FindNeighbors = function(o) FindNeighbors(o, dims = 1:30, verbose = FALSE),
+      FindClusters = function(o) FindClusters(o, verbose = FALSE),
+      RunUMAP = function(o) RunUMAP(o, dims = 1:30, verbose = FALSE))
+    secs <- numeric()
+    for (nm in names(steps)) {
+      r <- el(steps[[nm]](obj))
+      obj <- r$value
+      secs[nm] <- r$s
+      cat(sprintf("  Seurat %s: %.1f s\n", nm, r$s))
+    }
+    seu <- data.frame(method = "Seurat standard workflow (no ambient, doublet or batch stage)", cells = ncol(sim),
+                      t(as.data.frame(secs)), total_s = sum(secs), clusters = length(unique(obj$seurat_clusters)),
+                      ari = ari(obj$seurat_clusters, truth), nmi = nmi(obj$seurat_clusters, truth),
+                      check.names = FALSE)
+    rownames(seu) <- NULL
+    show_table(seu)
+    save_table(seu, "whole_seurat")
+  }
+  invisible(tab)
+}
+
 if ("clusters" %in% stages) bench_clusters()
 if ("umap" %in% stages) bench_umap()
 if ("doublets" %in% stages) bench_doublets()
 if ("ambient" %in% stages) bench_ambient()
 if ("joint" %in% stages) bench_joint()
+if ("whole" %in% stages) bench_whole()

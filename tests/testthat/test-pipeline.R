@@ -31,6 +31,10 @@ test_that("run_pipeline() runs every stage, writes each result back and keeps th
   expect_s3_class(p, "scdistill_pipeline")
   expect_identical(p$steps, c("ambient", "vae", "doublets", "harmony", "umap", "clusters"))
   expect_output(print(p), "ambient -> vae -> doublets -> harmony -> umap -> clusters")
+  # Each stage's wall seconds are kept (and printed), in run order.
+  expect_identical(names(p$seconds), c("ambient", "hvg", "vae", "doublets", "harmony", "umap", "clusters"))
+  expect_true(all(p$seconds >= 0) && p$seconds[["vae"]] > 0)
+  expect_output(print(p), "seconds: ambient [0-9.]+, hvg")
   # New cells of the same batches through every fitted stage.
   new <- sim[, !colnames(sim) %in% colnames(fit_on)]
   proj <- project(p, new, batch = "batch")
