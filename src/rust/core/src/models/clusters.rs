@@ -231,17 +231,18 @@ impl ClusterModel {
                 sums[c * d + j] /= counts[c].max(1) as f64;
             }
         }
+        // Each initial cluster's sum of squared distances to its mean, S_k.
+        let mut sq = vec![0.0f64; k];
+        for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
+            sq[c as usize] += (0..d).map(|j| (zf[i * d + j] - sums[c as usize * d + j]).powi(2)).sum::<f64>();
+        }
         let temperature = if config.temperature > 0.0 {
             config.temperature
         } else {
-            let (mut total, mut m) = (0.0, 0usize);
-            for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
-                total += (0..d).map(|j| (zf[i * d + j] - sums[c as usize * d + j]).powi(2)).sum::<f64>();
-                m += 1;
-            }
+            let m: usize = counts.iter().sum();
             // 2σ², σ² the pooled within-cluster variance per dimension: the
             // assignments are then a Gaussian mixture's posteriors.
-            let t = 2.0 * total / (m.max(1) * d) as f64;
+            let t = 2.0 * sq.iter().sum::<f64>() / (m.max(1) * d) as f64;
             if t > 0.0 {
                 t
             } else {
@@ -250,11 +251,7 @@ impl ClusterModel {
         };
         let temperatures = if config.temperature == 0.0 && config.per_cluster && k > 1 {
             // T_k = 2 · (S_k + PRIOR_CELLS · d · T / 2) / ((n_k + PRIOR_CELLS) · d),
-            // S_k the cluster's sum of squared distances; within [T/4, 4T].
-            let mut sq = vec![0.0f64; k];
-            for (i, &c) in initial.iter().enumerate().filter(|(_, &c)| c != UNLABELED) {
-                sq[c as usize] += (0..d).map(|j| (zf[i * d + j] - sums[c as usize * d + j]).powi(2)).sum::<f64>();
-            }
+            // within [T/4, 4T].
             (0..k)
                 .map(|c| {
                     let t_c = (2.0 * sq[c] + PRIOR_CELLS * d as f64 * temperature)
