@@ -54,6 +54,13 @@ pub struct DecoderHeads {
     pub pi_logits: Option<Tensor>,
 }
 
+/// A count decoder's scale and dropout heads (weight, bias) cut to a set of
+/// genes; see [`CountDecoder::gene_heads`].
+pub struct GeneHeads {
+    scale: (Tensor, Option<Tensor>),
+    dropout: Option<(Tensor, Option<Tensor>)>,
+}
+
 /// Shape of a count decoder: `stack` reads z (`n_in`) and the design vector
 /// (`n_cov`); its hidden widths are `widths`.
 pub struct CountDecoderSpec<'a> {
@@ -127,6 +134,25 @@ impl CountDecoder {
         };
         let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
         DecoderHeads { logits, log_theta, pi_logits }
+    }
+
+    /// The scale and ZINB dropout heads cut to the rows of `genes` (indices
+    /// into the decoder's genes), to decode those genes alone.
+    pub fn gene_heads(&self, genes: &Tensor) -> GeneHeads {
+        let cut = |l: &nn::Linear| (l.ws.index_select(0, genes), l.bs.as_ref().map(|b| b.index_select(0, genes)));
+        GeneHeads { scale: cut(&self.scale_head), dropout: self.pi_head.as_ref().map(cut) }
+    }
+
+    /// ρ of `heads`' genes, the softmax taken over them alone, times 1 − π
+    /// under ZINB: the same numbers as the full heads' logits cut to those
+    /// genes, without computing the other genes' columns.
+    pub fn gene_scale(&self, heads: &GeneHeads, z: &Tensor, design: &Tensor, train: impl Into<Pass>) -> Tensor {
+        let h = self.fc.forward(z, Some(design), train);
+        let rho = h.linear(&heads.scale.0, heads.scale.1.as_ref()).softmax(-1, Kind::Float);
+        match &heads.dropout {
+            Some((w, b)) => rho * h.linear(w, b.as_ref()).neg().sigmoid(),
+            None => rho,
+        }
     }
 
     /// The decoded distribution from the heads and the log library ([B, 1]).

@@ -12,13 +12,13 @@
 
 use super::align::{encode_all, Representations};
 use super::{Side, SpeciesModel};
+use crate::data::SparseBatch;
 use crate::data::{Covariates, Csr};
+use crate::de::stats::quantile;
 use crate::error::{invalid, Result};
-use crate::models::count_decoder::{CountDecoder, DecoderHeads};
+use crate::models::count_decoder::{CountDecoder, DecoderHeads, GeneHeads};
 use crate::models::vae::VaeData;
 use crate::nn::Pass;
-use crate::data::SparseBatch;
-use crate::de::stats::quantile;
 use crate::numeric::nan_median;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::SeedableRng;
@@ -45,7 +45,10 @@ pub fn candidate_nll(
     let lf = Tensor::from_slice(&lf).to_device(device);
     let heads = DecoderHeads {
         logits: pool.logits.index_select(0, pick),
-        log_theta: pool.log_theta.as_ref().map(|t| if t.dim() == 2 { t.index_select(0, pick) } else { t.shallow_clone() }),
+        log_theta: pool
+            .log_theta
+            .as_ref()
+            .map(|t| if t.dim() == 2 { t.index_select(0, pick) } else { t.shallow_clone() }),
         pi_logits: pool.pi_logits.as_ref().map(|t| t.index_select(0, pick)),
     };
     let lib = log_library.repeat_interleave_self_int(k as i64, Some(0), None);
@@ -121,7 +124,8 @@ impl SpeciesModel {
         let mut out = Vec::new();
         tch::no_grad(|| {
             for chunk in rows.chunks(1024) {
-                let at = Tensor::from_slice(&chunk.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(self.device());
+                let at =
+                    Tensor::from_slice(&chunk.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(self.device());
                 let z = t.reps.mean.index_select(0, &at);
                 let lib = t.reps.log_library.index_select(0, &at);
                 out.push(decode_candidates_nll(&self.target.decoder, &t.data, chunk, &z, 1, &lib, Pass::Eval));
@@ -133,7 +137,15 @@ impl SpeciesModel {
     /// sim(i, j) for target cells `rows` (all of batch `b`) and context
     /// cells `cand` (flat, `k` per row), with `pool` the context latents
     /// decoded under `b`. Returns [rows, k] (f64, row-major).
-    fn similarities(&self, t: &TargetCells, own: &[f32], rows: &[usize], pool: &DecoderHeads, cand: &[i64], k: usize) -> Vec<f64> {
+    fn similarities(
+        &self,
+        t: &TargetCells,
+        own: &[f32],
+        rows: &[usize],
+        pool: &DecoderHeads,
+        cand: &[i64],
+        k: usize,
+    ) -> Vec<f64> {
         let device = self.device();
         let at = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(device);
         let lib = t.reps.log_library.index_select(0, &at);
@@ -148,7 +160,13 @@ impl SpeciesModel {
     /// of the `top_neigh` most similar (ties: the first label in level
     /// order), with its vote share as confidence, and the median sim of
     /// those `top_neigh` cells.
-    pub fn transfer_labels(&self, t: &TargetCells, n_candidates: usize, top_neigh: usize, interrupted: &dyn Fn() -> bool) -> Result<Transfer> {
+    pub fn transfer_labels(
+        &self,
+        t: &TargetCells,
+        n_candidates: usize,
+        top_neigh: usize,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Transfer> {
         let nc = self.meta.context_cells.len();
         let k = n_candidates.min(nc).max(1);
         let top = top_neigh.min(k).max(1);
@@ -166,7 +184,8 @@ impl SpeciesModel {
                 if interrupted() {
                     return invalid!("interrupted");
                 }
-                let cand: Vec<i64> = chunk.iter().flat_map(|&r| neighbours[r * k..(r + 1) * k].iter().map(|&c| c as i64)).collect();
+                let cand: Vec<i64> =
+                    chunk.iter().flat_map(|&r| neighbours[r * k..(r + 1) * k].iter().map(|&c| c as i64)).collect();
                 let sims = self.similarities(t, &own, chunk, &pool, &cand, k);
                 for (x, &r) in chunk.iter().enumerate() {
                     let mut order: Vec<usize> = (0..k).collect();
@@ -270,9 +289,9 @@ impl SpeciesModel {
         let h_ctx_t = Tensor::from_slice(&h_ctx).to_device(device);
         let h_tgt_t = Tensor::from_slice(&h_tgt).to_device(device);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut perm: Vec<i64> = (0..h_ctx.len() as i64).collect();
+        let mut perm: Vec<usize> = (0..h_ctx.len()).collect();
         perm.shuffle(&mut rng);
-        let perm = Tensor::from_slice(&perm).to_device(device);
+        let (t_heads, c_heads) = (self.target.decoder.gene_heads(&h_tgt_t), self.context.decoder.gene_heads(&h_ctx_t));
         tch::manual_seed(seed as i64);
         let chi = ChiSquared::new(d as f64).expect("positive df").inverse_cdf(0.9).sqrt();
         let mut out = Vec::new();
@@ -300,47 +319,53 @@ impl SpeciesModel {
             let kn = 25.min(ctx_cells.len());
             let nb = latent_neighbours(&mean, &ctx_z, kn);
             let nb = Tensor::from_slice(&nb.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
-            let ctx_lib = self.context_log_library.index_select(0, &ctx_at).exp().index_select(0, &nb).view([-1, kn as i64]).mean_dim(-1, true, Kind::Float);
-            let t_batches = present_batches(cells.iter().map(|&c| t.data.covariates.batch.codes[c]), self.target.shape.n_batch);
-            let c_batches = present_batches(ctx_cells.iter().map(|&c| self.meta.context_batches[c]), self.context.shape.n_batch);
+            let ctx_lib = self
+                .context_log_library
+                .index_select(0, &ctx_at)
+                .exp()
+                .index_select(0, &nb)
+                .view([-1, kn as i64])
+                .mean_dim(-1, true, Kind::Float);
+            let t_batches =
+                present_batches(cells.iter().map(|&c| t.data.covariates.batch.codes[c]), self.target.shape.n_batch);
+            let c_batches =
+                present_batches(ctx_cells.iter().map(|&c| self.meta.context_batches[c]), self.context.shape.n_batch);
             let draws = (n_samples / kept.len().max(1)).max(1);
-            let (mut rt, mut rc, mut mt, mut mc) = (vec![], vec![], vec![], vec![]);
+            // Each draw's ρ gene-major ([genes, cells]) so that a gene's
+            // values over all draws are one contiguous run.
+            let (mut rt, mut rc, mut lib_t) = (vec![], vec![], vec![]);
             tch::no_grad(|| {
                 for _ in 0..draws {
                     let z = &mean + var.sqrt() * mean.randn_like();
-                    let lib_t = (&lm + lv.sqrt() * lm.randn_like()).exp();
-                    let rho_t = homologous_scale(&self.target, &z, &t_batches, &h_tgt_t);
-                    let rho_c = homologous_scale(&self.context, &z, &c_batches, &h_ctx_t);
-                    mt.push(&rho_t * &lib_t);
-                    mc.push(&rho_c * &ctx_lib);
-                    rt.push(rho_t);
-                    rc.push(rho_c);
+                    lib_t.push((&lm + lv.sqrt() * lm.randn_like()).exp());
+                    rt.push(homologous_scale(&self.target, &t_heads, &z, &t_batches).tr());
+                    rc.push(homologous_scale(&self.context, &c_heads, &z, &c_batches).tr());
                 }
             });
-            let (rt, rc, mt, mc) = (Tensor::cat(&rt, 0), Tensor::cat(&rc, 0), Tensor::cat(&mt, 0), Tensor::cat(&mc, 0));
-            const EPS: f64 = 1e-6;
-            let log2 = |x: &Tensor| (x + EPS).log2();
-            let lfc = log2(&rt) - log2(&rc);
-            let lfc_rand = log2(&rt) - log2(&rc.index_select(1, &perm));
-            let col = |x: &Tensor| -> Vec<f64> {
-                Vec::<f32>::try_from(x.median_dim(0, false).0.to_device(Device::Cpu)).expect("floats").into_iter().map(f64::from).collect()
+            let floats = |x: Tensor| -> Vec<f32> {
+                Vec::try_from(x.to_device(Device::Cpu).contiguous().flatten(0, -1)).expect("floats")
             };
-            let share = |x: &Tensor| -> Vec<f64> {
-                Vec::<f64>::try_from(x.abs().gt(delta).to_kind(Kind::Double).mean_dim(0, false, Kind::Double).to_device(Device::Cpu))
-                    .expect("doubles")
-            };
+            let lib_c = floats(ctx_lib).repeat(draws);
+            let s = summarise_draws(
+                &floats(Tensor::cat(&rt, 1)),
+                &floats(Tensor::cat(&rc, 1)),
+                &floats(Tensor::cat(&lib_t, 0)),
+                &lib_c,
+                &perm,
+                delta,
+            );
             out.push(FoldChanges {
                 cell_type: name.clone(),
                 n_target_cells: cells.len(),
                 n_used: kept.len(),
-                rho_median_context: col(&rc),
-                mu_median_context: col(&mc),
-                rho_median_target: col(&rt),
-                mu_median_target: col(&mt),
-                lfc: col(&lfc),
-                p: share(&lfc),
-                lfc_rand: col(&lfc_rand),
-                p_rand: share(&lfc_rand),
+                rho_median_context: s.iter().map(|g| g.rho_context).collect(),
+                mu_median_context: s.iter().map(|g| g.mu_context).collect(),
+                rho_median_target: s.iter().map(|g| g.rho_target).collect(),
+                mu_median_target: s.iter().map(|g| g.mu_target).collect(),
+                lfc: s.iter().map(|g| g.lfc).collect(),
+                p: s.iter().map(|g| g.p).collect(),
+                lfc_rand: s.iter().map(|g| g.lfc_rand).collect(),
+                p_rand: s.iter().map(|g| g.p_rand).collect(),
             });
         }
         Ok(out)
@@ -396,23 +421,84 @@ fn present_batches(codes: impl Iterator<Item = u32>, n_batch: usize) -> Vec<usiz
     }
 }
 
-/// Expected proportions over the homologous genes `h` of latents `z`,
-/// averaged over `batches`: softmax of the logits restricted to `h`, times
-/// 1 − π under ZINB.
-fn homologous_scale(side: &Side, z: &Tensor, batches: &[usize], h: &Tensor) -> Tensor {
+/// Expected proportions over the homologous genes (`heads`) of latents `z`,
+/// averaged over `batches`: the softmax over those genes alone, times 1 − π
+/// under ZINB.
+fn homologous_scale(side: &Side, heads: &GeneHeads, z: &Tensor, batches: &[usize]) -> Tensor {
+    let n = z.size()[0];
     let mut acc: Option<Tensor> = None;
     for &b in batches {
-        let heads = heads_under(&side.decoder, z, b, side.shape.n_batch);
-        let mut rho = heads.logits.index_select(1, h).softmax(-1, Kind::Float);
-        if let Some(pi) = &heads.pi_logits {
-            rho = rho * (-pi.index_select(1, h)).sigmoid();
-        }
+        let design = Tensor::full([n], b as i64, (Kind::Int64, z.device()))
+            .one_hot(side.shape.n_batch as i64)
+            .to_kind(Kind::Float);
+        let rho = side.decoder.gene_scale(heads, z, &design, Pass::Eval);
         acc = Some(match acc {
             Some(a) => a + rho,
             None => rho,
         });
     }
     acc.expect("at least one batch") / batches.len().max(1) as f64
+}
+
+/// One gene's summaries over the posterior draws of a cell type.
+pub(super) struct GeneDraws {
+    pub rho_context: f64,
+    pub mu_context: f64,
+    pub rho_target: f64,
+    pub mu_target: f64,
+    pub lfc: f64,
+    pub p: f64,
+    pub lfc_rand: f64,
+    pub p_rand: f64,
+}
+
+/// Per-gene summaries of the draws: `rt`, `rc` the target's and context's
+/// ρ gene-major (one run of `lib_t.len()` draws per gene), `lib_t`, `lib_c`
+/// the libraries of the draws (μ = ρ · library); LFC = log2(ρ_t + ε) −
+/// log2(ρ_c + ε) with ε = 1e-6 (scSpecies), its `_rand` twin against the
+/// context gene `perm[g]`. Medians are the lower middle value (as torch's
+/// `median`), shares those with |LFC| > `delta`. One pass per gene, in
+/// parallel, instead of a [draws, genes] tensor per quantity.
+pub(super) fn summarise_draws(
+    rt: &[f32],
+    rc: &[f32],
+    lib_t: &[f32],
+    lib_c: &[f32],
+    perm: &[usize],
+    delta: f64,
+) -> Vec<GeneDraws> {
+    use rayon::prelude::*;
+    const EPS: f32 = 1e-6;
+    let n = lib_t.len();
+    let log2 = |x: &[f32]| -> Vec<f32> { x.par_iter().map(|v| (v + EPS).log2()).collect() };
+    let (lt, lc) = (log2(rt), log2(rc));
+    let median = |v: &mut [f32]| -> f64 { f64::from(*v.select_nth_unstable_by((v.len() - 1) / 2, f32::total_cmp).1) };
+    let at = |g: usize| g * n..(g + 1) * n;
+    (0..perm.len())
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; n],
+            |buf, g| {
+                let (t, c) = (&rt[at(g)], &rc[at(g)]);
+                let mut med = |f: &dyn Fn(usize) -> f32| -> (f64, f64) {
+                    let mut big = 0usize;
+                    for (i, v) in buf.iter_mut().enumerate() {
+                        *v = f(i);
+                        big += usize::from(f64::from(v.abs()) > delta);
+                    }
+                    (median(buf), big as f64 / n as f64)
+                };
+                let (rho_target, _) = med(&|i| t[i]);
+                let (rho_context, _) = med(&|i| c[i]);
+                let (mu_target, _) = med(&|i| t[i] * lib_t[i]);
+                let (mu_context, _) = med(&|i| c[i] * lib_c[i]);
+                let (log_t, log_c, log_r) = (&lt[at(g)], &lc[at(g)], &lc[at(perm[g])]);
+                let (lfc, p) = med(&|i| log_t[i] - log_c[i]);
+                let (lfc_rand, p_rand) = med(&|i| log_t[i] - log_r[i]);
+                GeneDraws { rho_context, mu_context, rho_target, mu_target, lfc, p, lfc_rand, p_rand }
+            },
+        )
+        .collect()
 }
 
 /// Rows of `x` within Mahalanobis distance `limit` of their mean (all rows

@@ -4,7 +4,7 @@ use super::*;
 use crate::models::fitted::{Cells, FittedModel, LatentOptions};
 use crate::models::TORCH;
 use crate::simulate::tests::pearson;
-use crate::simulate::{simulate, SimParams, SpeciesParams, Simulation};
+use crate::simulate::{simulate, SimParams, Simulation, SpeciesParams};
 
 fn never() -> bool {
     false
@@ -96,7 +96,10 @@ fn homolog_pairs_are_one_to_one_and_unknown_genes_are_counted() {
     assert_eq!(align::homolog_pairs(&pairs, &ctx, &tgt).unwrap(), vec![(0, 0), (1, 1), (2, 2)]);
     let none: Vec<(String, String)> = vec![("X".into(), "a".into()), ("A".into(), "y".into())];
     let e = align::homolog_pairs(&none, &ctx, &tgt).unwrap_err().to_string();
-    assert!(e.contains("no homologous genes in common: of 2 homolog pairs, 1 name a gene of the target data and 1"), "{e}");
+    assert!(
+        e.contains("no homologous genes in common: of 2 homolog pairs, 1 name a gene of the target data and 1"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -195,7 +198,11 @@ fn aligned_species_share_a_latent_space_labels_transfer_and_files_round_trip() {
     }
     let r = pearson(&est, &truth_lfc);
     let null: Vec<f64> = fc.iter().flat_map(|f| f.lfc_rand.clone()).collect();
-    eprintln!("fold-change r {r} over {} genes; null sd {}", est.len(), (null.iter().map(|v| v * v).sum::<f64>() / null.len() as f64).sqrt());
+    eprintln!(
+        "fold-change r {r} over {} genes; null sd {}",
+        est.len(),
+        (null.iter().map(|v| v * v).sum::<f64>() / null.len() as f64).sqrt()
+    );
     assert!(r > 0.8, "fold-change r {r}");
 
     // One file holds both species; reading it back gives the same latents.
@@ -234,4 +241,63 @@ fn a_context_of_one_cell_type_is_refused() {
     let tc = TrainConfig { max_epochs: 1, ..SpeciesConfig::default_training() };
     let e = fit_labelled(&c, &one, &t, &pairs, tc).unwrap_err();
     assert!(e.to_string().contains("single cell type"), "{e}");
+}
+
+#[test]
+fn draw_summaries_are_per_gene_lower_medians_and_shares() {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    // 3 genes x 7 draws, gene-major; the permutation pairs gene g with 2 - g.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (n, g) = (7usize, 3usize);
+    let rt: Vec<f32> = (0..n * g).map(|_| rng.random::<f32>() * 1e-2).collect();
+    let rc: Vec<f32> = (0..n * g).map(|_| rng.random::<f32>() * 1e-2).collect();
+    let lib_t: Vec<f32> = (0..n).map(|i| 1000.0 + 100.0 * i as f32).collect();
+    let lib_c: Vec<f32> = (0..n).map(|i| 3000.0 - 50.0 * i as f32).collect();
+    let perm = [2usize, 1, 0];
+    let s = analysis::summarise_draws(&rt, &rc, &lib_t, &lib_c, &perm, 1.0);
+    assert_eq!(s.len(), g);
+    // Reference: sort and take element (n - 1) / 2, as torch's median.
+    let lower_median = |mut v: Vec<f32>| -> f64 {
+        v.sort_by(f32::total_cmp);
+        f64::from(v[(v.len() - 1) / 2])
+    };
+    let log2 = |x: f32| (x + 1e-6f32).log2();
+    for k in 0..g {
+        let col = |x: &[f32], j: usize| x[j * n..(j + 1) * n].to_vec();
+        let lfc: Vec<f32> = (0..n).map(|i| log2(rt[k * n + i]) - log2(rc[k * n + i])).collect();
+        let rand: Vec<f32> = (0..n).map(|i| log2(rt[k * n + i]) - log2(rc[perm[k] * n + i])).collect();
+        let share = |v: &[f32]| v.iter().filter(|x| x.abs() > 1.0).count() as f64 / n as f64;
+        assert_eq!(s[k].rho_target, lower_median(col(&rt, k)));
+        assert_eq!(s[k].rho_context, lower_median(col(&rc, k)));
+        assert_eq!(s[k].mu_target, lower_median((0..n).map(|i| rt[k * n + i] * lib_t[i]).collect()));
+        assert_eq!(s[k].mu_context, lower_median((0..n).map(|i| rc[k * n + i] * lib_c[i]).collect()));
+        assert_eq!(s[k].lfc, lower_median(lfc.clone()));
+        assert_eq!(s[k].p, share(&lfc));
+        assert_eq!(s[k].lfc_rand, lower_median(rand.clone()));
+        assert_eq!(s[k].p_rand, share(&rand));
+    }
+    // Gene 1 is its own permutation partner: the null equals the estimate there.
+    assert_eq!(s[1].lfc, s[1].lfc_rand);
+}
+
+#[test]
+fn decoding_a_gene_subset_equals_cutting_the_full_softmax() {
+    let _turn = turn();
+    let (c, t, pairs) = two_species(200, 4);
+    let m = fit_on(&c, &t, &pairs, 1, 1);
+    let genes = Tensor::from_slice(&[5i64, 0, 17, 42, 99]);
+    let z = Tensor::randn([6, m.meta.config.n_latent as i64], (Kind::Float, Device::Cpu));
+    let batch = Tensor::from_slice(&[1i64, 0, 1, 1, 0, 0]);
+    let design = batch.one_hot(m.target.shape.n_batch as i64).to_kind(Kind::Float);
+    let dec = &m.target.decoder;
+    let full = dec.heads(&z, &design, &batch, Pass::Eval);
+    let mut want = full.logits.index_select(1, &genes).softmax(-1, Kind::Float);
+    if let Some(pi) = &full.pi_logits {
+        want = want * pi.index_select(1, &genes).neg().sigmoid();
+    }
+    let got = dec.gene_scale(&dec.gene_heads(&genes), &z, &design, Pass::Eval);
+    assert_eq!(got.size(), vec![6, 5]);
+    let gap = (got - &want).abs().max().double_value(&[]);
+    assert!(gap < 1e-6, "subset decoding differs by {gap}");
 }
