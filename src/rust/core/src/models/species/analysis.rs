@@ -38,11 +38,6 @@ pub fn candidate_nll(
     log_library: &Tensor,
     k: usize,
 ) -> Tensor {
-    let device = pick.device();
-    let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
-    let x = SparseBatch::from_csr(data.counts, &rep, device);
-    let lf: Vec<f32> = rep.iter().map(|&r| data.log_factorial[r]).collect();
-    let lf = Tensor::from_slice(&lf).to_device(device);
     let heads = DecoderHeads {
         logits: pool.logits.index_select(0, pick),
         log_theta: pool
@@ -51,6 +46,23 @@ pub fn candidate_nll(
             .map(|t| if t.dim() == 2 { t.index_select(0, pick) } else { t.shallow_clone() }),
         pi_logits: pool.pi_logits.as_ref().map(|t| t.index_select(0, pick)),
     };
+    nll_of_heads(decoder, data, rows, heads, log_library, k)
+}
+
+/// `candidate_nll` with the heads already one row per (cell, candidate).
+fn nll_of_heads(
+    decoder: &CountDecoder,
+    data: &VaeData,
+    rows: &[usize],
+    heads: DecoderHeads,
+    log_library: &Tensor,
+    k: usize,
+) -> Tensor {
+    let device = heads.logits.device();
+    let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
+    let x = SparseBatch::from_csr(data.counts, &rep, device);
+    let lf: Vec<f32> = rep.iter().map(|&r| data.log_factorial[r]).collect();
+    let lf = Tensor::from_slice(&lf).to_device(device);
     let lib = log_library.repeat_interleave_self_int(k as i64, Some(0), None);
     (-decoder.log_likelihood_heads(&x, &lf, heads, &lib)).view([rows.len() as i64, k as i64])
 }
@@ -70,9 +82,8 @@ pub fn decode_candidates_nll(
     let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
     let design = data.covariates.design(&rep, None, device);
     let batch = data.covariates.batch_codes(&rep, None, device);
-    let pool = decoder.heads(z, &design, &batch, pass);
-    let pick = Tensor::arange((rows.len() * k) as i64, (Kind::Int64, device));
-    candidate_nll(decoder, data, rows, &pool, &pick, log_library, k)
+    let heads = decoder.heads(z, &design, &batch, pass);
+    nll_of_heads(decoder, data, rows, heads, log_library, k)
 }
 
 /// The decoder heads of every row of `z` under batch `b` (one-hot of
