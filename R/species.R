@@ -543,7 +543,10 @@ plot.scdistill_species_similarity <- function(x, ...) {
 #' @inheritParams species_similarity
 #' @param labels The target cells' types (default: transferred ones).
 #' @param delta Fold-change threshold (log2).
-#' @param n_samples Posterior draws per cell type (spread over its cells).
+#' @param n_samples Posterior draws per cell type (spread over its cells,
+#'   at least one per cell). scSpecies draws 50,000; at 10,000 two seeds'
+#'   fold changes differ by 0.008 (99th percentile of |difference|, 2,000
+#'   cells) in a fifth of the time.
 #' @return A named list, one data.frame per shared cell type, one row per
 #'   homologous pair (row names: target genes): `target_gene`,
 #'   `context_gene`, `rho_median_context`, `mu_median_context`,

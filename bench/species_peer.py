@@ -1,6 +1,6 @@
 """Runs scSpecies 0.1.4 (PyPI) on two species written by bench/species_vs_scspecies.R.
 
-    python bench/species_peer.py DIR [--epochs N] [--threads 2] [--device cpu]
+    python bench/species_peer.py DIR [--epochs N] [--threads 2] [--device cpu] [--seed 369963]
 
 DIR holds, for each of `context` and `target`: <side>.mtx (genes x cells, raw
 integer counts), <side>_genes.txt (one gene name a line) and <side>_obs.csv
@@ -8,7 +8,8 @@ integer counts), <side>_genes.txt (one gene name a line) and <side>_obs.csv
 `target`, `context`: gene names; many-to-many allowed).
 
 scSpecies runs at its defaults (context model, then the target model aligned
-to it; 40 + 40 epochs unless --epochs, which sets both; random_seed 369963;
+to it; 40 + 40 epochs unless --epochs, which sets both; random_seed 369963
+unless --seed;
 no HVG selection, so every gene given is used). scSpecies takes no homolog
 table: it translates target gene names itself (HCOP/MGI download or mygene).
 Here the target genes are renamed to their context homolog, so its identity
@@ -48,6 +49,7 @@ p.add_argument("dir")
 p.add_argument("--epochs", type=int, default=None)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--device", default="cpu")
+p.add_argument("--seed", type=int, default=369963)
 a = p.parse_args()
 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(a.threads)
@@ -146,7 +148,8 @@ t0 = time.perf_counter()
 prep = scp.create_mdata(ad_ctx, batch_key="batch", cell_key=KEY, dataset_name=CTX, NCBI_Taxon_ID=TAXON)
 prep.setup_target_adata(ad_tgt, batch_key="batch", cell_key=KEY, dataset_name=TGT, NCBI_Taxon_ID=TAXON)
 mdata = mudata.MuData(prep.dataset_collection)  # return_mdata(save=False) raises in 0.1.4
-model = scm.scSpecies(a.device, mdata, os.path.join(work, "out"), context_key=CTX, target_key=TGT)
+model = scm.scSpecies(a.device, mdata, os.path.join(work, "out"), context_key=CTX, target_key=TGT,
+                      random_seed=a.seed)
 seconds["prepare"] = time.perf_counter() - t0
 
 t0 = time.perf_counter()
@@ -209,6 +212,7 @@ out = {
     "balanced_accuracy_nns": float(bas_nns),
     "epochs": a.epochs if a.epochs is not None else 40,
     "threads": a.threads,
+    "seed": a.seed,
     "device": a.device,
     "n_context_in": int(ad_ctx.n_obs),
     "n_context_kept": int(model.mdata.mod[CTX].n_obs),

@@ -2,7 +2,20 @@
 # species, each at its defaults, on CPU with the same threads and epochs.
 #
 #   Rscript bench/species_vs_scspecies.R [--cells 5000] [--genes 2000] [--epochs 40] [--threads 2]
-#       [--seed 1] [--no-peer] [--no-ours] [--work DIR]
+#       [--seed 1] [--no-peer] [--no-ours] [--work DIR] [--ours-epochs N|default] [--fc-samples N]
+#       [--model-seeds 0,1,2]
+#
+# --seed draws the data; --model-seeds trains each side once per seed on
+# that data (ours: seed = s; scSpecies: random_seed = 369963 + s, its default
+# for s = 0): label transfer swings with the seed at a few thousand cells,
+# so compare means over seeds. One row per side and seed, then the means.
+#
+# --epochs sets both sides' epochs (scSpecies' default is 40 + 40; equal
+# epochs is how the speed is compared). --ours-epochs gives ours other
+# epochs; "default" leaves align_species() its own rule (40 epochs per
+# 20,000 cells, 40 to 400). --fc-samples: our homolog_fold_changes()
+# n_samples (default its own, 10,000; scSpecies' compute_logfold_change()
+# draws 50,000 per type).
 #
 # --work keeps the exchanged files, both sides' outputs and our child script
 # (ours.R) in DIR (default: a temporary folder, removed at exit).
@@ -45,8 +58,13 @@ opt <- function(name, default) bench_option(args, name, default)
 n_cells <- opt("--cells", 5000L)
 n_genes <- opt("--genes", 2000L)
 epochs <- opt("--epochs", 40L)
+ours_epochs <- bench_option(args, "--ours-epochs", as.character(epochs), as = as.character)
+ours_epochs_arg <- if (identical(ours_epochs, "default")) "NULL" else as.character(as.integer(ours_epochs))
+fc_samples <- opt("--fc-samples", 10000L)
 threads <- opt("--threads", 2L)
 seed <- opt("--seed", 1L)
+model_seeds <- as.integer(strsplit(bench_option(args, "--model-seeds", "0", as = as.character), ",")[[1]])
+if (!length(model_seeds) || anyNA(model_seeds)) stop("--model-seeds takes integers separated by commas, e.g. 0,1,2")
 run_ours <- !"--no-ours" %in% args
 run_peer <- !"--no-peer" %in% args
 root <- bench_root()
@@ -64,7 +82,7 @@ ours_template <- c(
   "tick <- function(name, t0) secs[name] <<- proc.time()[['elapsed']] - t0",
   "t0 <- proc.time()[['elapsed']]",
   paste("fit <- align_species(d$context, d$target, d$homologs, context_labels = 'cell_type',",
-        "batch_context = 'batch', batch_target = 'batch', max_epochs = {{EPOCHS}}, seed = 0,",
+        "batch_context = 'batch', batch_target = 'batch', max_epochs = {{OURS_EPOCHS}}, seed = {{SEED}},",
         "threads = {{THREADS}}, verbose = FALSE)"),
   "tick('fit', t0)",
   "t0 <- proc.time()[['elapsed']]",
@@ -76,7 +94,7 @@ ours_template <- c(
   "tick('transfer', t0)",
   "acc <- label_transfer_accuracy(tl$scSpecies_label, tl$cell_type)",
   "t0 <- proc.time()[['elapsed']]",
-  "fc <- homolog_fold_changes(fit, d$target, labels = 'cell_type')",
+  "fc <- homolog_fold_changes(fit, d$target, labels = 'cell_type', n_samples = {{FC_SAMPLES}})",
   "tick('fold_changes', t0)",
   "rownames(z_ctx) <- colnames(d$context); rownames(z_tgt) <- colnames(d$target)",
   "write.csv(z_ctx, file.path('{{OUT}}', 'ours_z_context.csv'))",
@@ -86,6 +104,7 @@ ours_template <- c(
   "fc_long <- do.call(rbind, lapply(names(fc), function(t) data.frame(cell_type = t, target_gene = rownames(fc[[t]]),",
   "                                  lfc = fc[[t]]$lfc, p = fc[[t]]$p)))",
   "write.csv(fc_long, file.path('{{OUT}}', 'ours_lfc.csv'), row.names = FALSE)",
+  "secs['epochs_context'] <- sum(fit$history$phase == 'context'); secs['epochs_target'] <- sum(fit$history$phase == 'target')",
   "inner <- tapply(fit$history$seconds, fit$history$phase, sum)",
   "inner <- stats::setNames(as.numeric(inner), names(inner))",
   "if (length(inner)) names(inner) <- paste0('fit_', names(inner))",
@@ -184,53 +203,60 @@ for (side in c("context", "target")) {
 }
 utils::write.csv(homologs, file.path(work, "homologs.csv"), row.names = FALSE)
 
-# ---- run
+# ---- run: each side once per model seed, on the same data
 res <- list()
-if (run_ours) {
-  script <- file.path(work, "ours.R")
-  fill <- function(s) {
-    for (k in c("DATA", "EPOCHS", "THREADS", "OUT")) {
-      s <- gsub(sprintf("{{%s}}", k), switch(k, DATA = file.path(work, "data.rds"), EPOCHS = epochs,
-                                              THREADS = threads, OUT = work), s, fixed = TRUE)
+for (ms in model_seeds) {
+  if (run_ours) {
+    script <- file.path(work, "ours.R")
+    fill <- function(s) {
+      for (k in c("DATA", "OURS_EPOCHS", "FC_SAMPLES", "SEED", "THREADS", "OUT")) {
+        s <- gsub(sprintf("{{%s}}", k), switch(k, DATA = file.path(work, "data.rds"), OURS_EPOCHS = ours_epochs_arg,
+                                                FC_SAMPLES = fc_samples, SEED = ms, THREADS = threads, OUT = work),
+                  s, fixed = TRUE)
+      }
+      s
     }
-    s
+    writeLines(fill(ours_template), script)
+    r <- timed(file.path(R.home("bin"), "Rscript"), script, quiet = FALSE)
+    if (!r$ok) stop("our side failed; run ", script, " to see why")
+    s <- utils::read.csv(file.path(work, "ours_seconds.csv"))
+    sec <- stats::setNames(s$value, s$key)
+    lab <- utils::read.csv(file.path(work, "ours_labels.csv"), row.names = 1)
+    ph <- function(k) if (k %in% names(sec)) unname(sec[[k]]) else NA_real_
+    res[[paste0("ours_s", ms)]] <- list(
+      method = "scdistill align_species", seed = ms, process = r,
+      z = rbind(as.matrix(utils::read.csv(file.path(work, "ours_z_context.csv"), row.names = 1)),
+                as.matrix(utils::read.csv(file.path(work, "ours_z_target.csv"), row.names = 1))),
+      pred = stats::setNames(as.character(lab$label), rownames(lab)),
+      lfc = utils::read.csv(file.path(work, "ours_lfc.csv")),
+      seconds = c(prepare = ph("fit_prepare"), context = ph("fit_context"), target = ph("fit_target"),
+                  fit = ph("fit"), transfer = ph("transfer"), fold_changes = ph("fold_changes"),
+                  total = sum(sec[c("fit", "latent", "transfer", "fold_changes")])),
+      own_bal_acc = ph("own_balanced_accuracy"),
+      epochs = sprintf("%d + %d", as.integer(ph("epochs_context")), as.integer(ph("epochs_target"))),
+      fc_samples = fc_samples)
   }
-  writeLines(fill(ours_template), script)
-  r <- timed(file.path(R.home("bin"), "Rscript"), script, quiet = FALSE)
-  if (!r$ok) stop("our side failed; run ", script, " to see why")
-  s <- utils::read.csv(file.path(work, "ours_seconds.csv"))
-  sec <- stats::setNames(s$value, s$key)
-  lab <- utils::read.csv(file.path(work, "ours_labels.csv"), row.names = 1)
-  ph <- function(k) if (k %in% names(sec)) unname(sec[[k]]) else NA_real_
-  res$ours <- list(
-    method = "scdistill align_species", process = r,
-    z = rbind(as.matrix(utils::read.csv(file.path(work, "ours_z_context.csv"), row.names = 1)),
-              as.matrix(utils::read.csv(file.path(work, "ours_z_target.csv"), row.names = 1))),
-    pred = stats::setNames(as.character(lab$label), rownames(lab)),
-    lfc = utils::read.csv(file.path(work, "ours_lfc.csv")),
-    seconds = c(prepare = ph("fit_prepare"), context = ph("fit_context"), target = ph("fit_target"),
-                fit = ph("fit"), transfer = ph("transfer"), fold_changes = ph("fold_changes"),
-                total = sum(sec[c("fit", "latent", "transfer", "fold_changes")])),
-    own_bal_acc = ph("own_balanced_accuracy"))
-}
-if (run_peer) {
-  python <- peers_python(root)
-  r <- timed(python, c(file.path(root, "bench", "species_peer.py"), work, "--epochs", epochs, "--threads", threads),
-             quiet = FALSE)
-  if (!r$ok) stop("scSpecies failed; run ", python, " bench/species_peer.py ", work, " to see why")
-  js <- paste(readLines(file.path(work, "scspecies.json"), warn = FALSE), collapse = " ")
-  num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", js))
-  lab <- utils::read.csv(file.path(work, "scspecies_labels.csv"), row.names = 1, colClasses = "character")
-  sec <- c(prepare = num("prepare"), context = num("context"), target = num("target"))
-  res$peer <- list(
-    method = sub('.*"method": *"([^"]+)".*', "\\1", js), process = r,
-    z = rbind(as.matrix(utils::read.csv(file.path(work, "scspecies_z_context.csv"), row.names = 1)),
-              as.matrix(utils::read.csv(file.path(work, "scspecies_z_target.csv"), row.names = 1))),
-    pred = stats::setNames(lab$pred_sim_cell_type, rownames(lab)),
-    lfc = utils::read.csv(file.path(work, "scspecies_lfc.csv")),
-    seconds = c(sec, fit = sum(sec), transfer = num("transfer"), fold_changes = num("fold_changes"),
-                total = num("total")),
-    own_bal_acc = num("balanced_accuracy_sim"), nns_bal_acc = num("balanced_accuracy_nns"))
+  if (run_peer) {
+    python <- peers_python(root)
+    r <- timed(python, c(file.path(root, "bench", "species_peer.py"), work, "--epochs", epochs, "--threads", threads,
+                           "--seed", 369963L + ms),
+               quiet = FALSE)
+    if (!r$ok) stop("scSpecies failed; run ", python, " bench/species_peer.py ", work, " to see why")
+    js <- paste(readLines(file.path(work, "scspecies.json"), warn = FALSE), collapse = " ")
+    num <- function(key) as.numeric(sub(sprintf('.*"%s": *([0-9.eE+-]+).*', key), "\\1", js))
+    lab <- utils::read.csv(file.path(work, "scspecies_labels.csv"), row.names = 1, colClasses = "character")
+    sec <- c(prepare = num("prepare"), context = num("context"), target = num("target"))
+    res[[paste0("peer_s", ms)]] <- list(
+      method = sub('.*"method": *"([^"]+)".*', "\\1", js), seed = 369963L + ms, process = r,
+      z = rbind(as.matrix(utils::read.csv(file.path(work, "scspecies_z_context.csv"), row.names = 1)),
+                as.matrix(utils::read.csv(file.path(work, "scspecies_z_target.csv"), row.names = 1))),
+      pred = stats::setNames(lab$pred_sim_cell_type, rownames(lab)),
+      lfc = utils::read.csv(file.path(work, "scspecies_lfc.csv")),
+      seconds = c(sec, fit = sum(sec), transfer = num("transfer"), fold_changes = num("fold_changes"),
+                  total = num("total")),
+      own_bal_acc = num("balanced_accuracy_sim"), nns_bal_acc = num("balanced_accuracy_nns"),
+      epochs = sprintf("%d + %d", as.integer(num("epochs")), as.integer(num("epochs"))), fc_samples = 50000L)
+  }
 }
 if (!length(res)) stop("nothing to run (--no-ours and --no-peer)")
 
@@ -255,6 +281,22 @@ fc_r <- function(lfc) {
   c(all = stats::cor(e[ok], tr[ok]), lfc1 = if (sum(big) > 2) stats::cor(e[big], tr[big]) else NA_real_,
     coverage = mean(ok))
 }
+# A reference without a model: the same r for pseudobulk log2 fold changes
+# of the true labels (each species' summed counts of the type over its
+# homologous genes, as proportions; +1e-6 as the models' ε). Its error is
+# the counting noise of weakly expressed genes, which a model's shrinkage
+# can beat.
+pseudobulk_lfc <- function() {
+  prop <- function(x, genes, t) {
+    s <- Matrix::rowSums(counts(x)[genes, x$cell_type == t, drop = FALSE])
+    s / sum(s)
+  }
+  do.call(rbind, lapply(shared, function(t) {
+    data.frame(cell_type = t, target_gene = homologs$target,
+               lfc = log2(prop(tgt, homologs$target, t) + 1e-6) - log2(prop(ctx, homologs$context, t) + 1e-6))
+  }))
+}
+pseudobulk_r <- fc_r(pseudobulk_lfc())
 cells_ctx <- colnames(ctx)[ctx$cell_type %in% shared]
 cells_tgt <- colnames(tgt)[tgt$cell_type %in% shared]
 cells <- Reduce(intersect, lapply(res, function(r) rownames(r$z)), c(cells_ctx, cells_tgt))
@@ -267,7 +309,8 @@ truth_tgt <- stats::setNames(as.character(tgt$cell_type), colnames(tgt))
 tab <- do.call(rbind, lapply(names(res), function(k) {
   r <- res[[k]]
   f <- fc_r(r$lfc)
-  data.frame(method = r$method, bal_acc = balanced_accuracy(r$pred[names(truth_tgt)], truth_tgt),
+  data.frame(method = r$method, seed = r$seed, epochs = r$epochs, fc_samples = r$fc_samples,
+             bal_acc = balanced_accuracy(r$pred[names(truth_tgt)], truth_tgt),
              own_bal_acc = r$own_bal_acc, ilisi = m[k, "ilisi"], clisi = m[k, "clisi"], ari = m[k, "ari_kmeans"],
              fc_r = f[["all"]], fc_r_lfc1 = f[["lfc1"]], fc_coverage = f[["coverage"]],
              prepare_s = r$seconds[["prepare"]], context_s = r$seconds[["context"]], target_s = r$seconds[["target"]],
@@ -286,20 +329,37 @@ markdown <- function(d) {
 cat("\n", markdown(tab), sep = "\n")
 cat(sprintf("fold-change truth: %s; %d homologous genes x %d shared types\n", truth$source, nrow(truth$lfc),
             ncol(truth$lfc)))
-if (!is.null(res$peer)) cat(sprintf("scSpecies data-level neighbour vote (pred_nns): balanced accuracy %.3f\n",
-                                    res$peer$nns_bal_acc))
-if (length(res) == 2) {
-  cat(sprintf("speed-up (scSpecies / ours): %.2fx total, %.2fx process, %.2fx training\n",
-              tab$total_s[2] / tab$total_s[1], tab$process_s[2] / tab$process_s[1], tab$fit_s[2] / tab$fit_s[1]))
+cat(sprintf("fold-change reference (pseudobulk of the true labels, no model): r %.3f, r (|LFC|>1) %.3f\n",
+            pseudobulk_r[["all"]], pseudobulk_r[["lfc1"]]))
+peers <- Filter(function(r) !is.null(r$nns_bal_acc), res)
+if (length(peers)) cat(sprintf("scSpecies data-level neighbour vote (pred_nns): balanced accuracy %s\n",
+                               paste(sprintf("%.3f", vapply(peers, function(r) r$nns_bal_acc, 1)), collapse = ", ")))
+# Means over the model seeds, one row per side.
+cols <- c("bal_acc", "ari", "ilisi", "fc_r", "fc_r_lfc1", "fit_s", "transfer_s", "fold_changes_s", "total_s",
+          "process_s", "peak_rss_mb")
+means <- do.call(rbind, lapply(split(tab, tab$method), function(d) {
+  data.frame(method = d$method[1], seeds = nrow(d), epochs = d$epochs[1], bal_acc_min = min(d$bal_acc),
+             bal_acc_max = max(d$bal_acc), as.list(colMeans(d[cols])))
+}))
+if (length(model_seeds) > 1) cat("\nmeans over the model seeds:\n", markdown(means), sep = "\n")
+ours_row <- grepl("^scdistill", means$method)
+if (any(ours_row) && any(!ours_row)) {
+  o <- means[ours_row, ][1, ]
+  p <- means[!ours_row, ][1, ]
+  cat(sprintf("speed-up (scSpecies / ours): %.2fx total, %.2fx process, %.2fx training%s\n",
+              p$total_s / o$total_s, p$process_s / o$process_s, p$fit_s / o$fit_s,
+              if (identical(o$epochs, p$epochs)) " (equal epochs)" else
+                sprintf(" (NOT at equal epochs: %s against %s)", o$epochs, p$epochs)))
 }
 tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
 tab$context_cells <- ncol(ctx)
 tab$target_cells <- ncol(tgt)
 tab$genes <- n_genes
 tab$shared_types <- length(shared)
-tab$epochs <- epochs
+tab$fc_pseudobulk_r <- pseudobulk_r[["all"]]
+tab$fc_pseudobulk_r_lfc1 <- pseudobulk_r[["lfc1"]]
 tab$threads <- threads
-tab$seed <- seed
+tab$data_seed <- seed
 tab$only_types <- if (native_only) "simulator" else "dropped"
 tab$truth <- truth$source
 append_csv(tab, file.path(root, "bench", "results", "species_vs_scspecies.csv"))
