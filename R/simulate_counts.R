@@ -42,6 +42,11 @@
 #' @param condition_lfc Log-normal location of the condition effect factor
 #'   (natural log; 0.5 is a median fold change of 1.65).
 #' @param samples_per_batch Samples per batch and condition.
+#' @param sample_sd Biological variation between samples (donors): every
+#'   sample's gene means are multiplied by its own LogNormal(0, `sample_sd`)
+#'   factors (natural log; 0.25 is a typical donor-to-donor spread). The
+#'   truth (`true_lfc`, `is_de`) is the population's, so a method that
+#'   treats cells as replicates calls these differences; 0 for none.
 #' @param age_de_prob Fraction of genes affected by an age group
 #'   (young/old, alternating over samples); 0 for none.
 #' @param zero_inflation Add logistic dropout (Splatter's, midpoint 0, shape
@@ -138,7 +143,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             batch_effect = c("medium", "none", "mild", "strong"),
                             group_prob = NULL, batch_prob = NULL, treated_fraction = NULL,
                             condition_de_prob = 0.1, condition_shared = FALSE, condition_lfc = 0.5,
-                            samples_per_batch = 2,
+                            samples_per_batch = 2, sample_sd = 0,
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
                             atac_only_groups = 0, atac_binary = FALSE, species = NULL, ambient = NULL, seed = 1,
                             format = c("sce", "list"), threads = NULL, ...) {
@@ -165,9 +170,12 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                              condition_shared = as.numeric(check_flag(condition_shared, "condition_shared")),
                              condition_fac_loc = condition_lfc,
                              samples_per_batch = check_count(samples_per_batch, "samples_per_batch"),
-                             age_de_prob = age_de_prob))
+                             age_de_prob = age_de_prob,
+                             sample_sd = check_positive(sample_sd, "sample_sd", zero_ok = TRUE)))
   } else if (age_de_prob > 0) {
     stop("`age_de_prob` needs a condition (`treated_fraction`): ages belong to samples", call. = FALSE)
+  } else if (sample_sd > 0) {
+    stop("`sample_sd` needs a condition (`treated_fraction`): it is variation between samples", call. = FALSE)
   }
   if (isTRUE(zero_inflation)) params$dropout <- c(0, -1)
   if (isTRUE(atac)) {

@@ -1,7 +1,8 @@
 # Differential expression against the simulator's truth, side by side with
 # scvi-tools 1.4.2 (change mode) and scDistill 0.3.1 (pseudobulk, MC dropout).
 #
-#   Rscript bench/de.R [s1 s2 ... s6] [--cells N] [--threads N] [--epochs N] [--per-type] [--no-peers]
+#   Rscript bench/de.R [s1 s2 ... s6] [--cells N] [--threads N] [--epochs N] [--sample-sd X] [--per-type]
+#       [--no-peers]
 #
 # For each scenario (default all six, at their own sizes unless --cells):
 # treated against control cells of every cell type together, as scDistill's
@@ -11,7 +12,10 @@
 # the types. Per method: F1 of the calls, false discovery proportion among
 # calls, Pearson r of the estimated against the true LFC on the true DE
 # genes, seconds of the DE calls (model training separately). Tables go to
-# bench/results/de_<scenario>[_per_type].csv and are printed.
+# bench/results/de_<scenario>[_per_type].csv and are printed. --sample-sd adds
+# biological variation between samples (simulate_counts(sample_sd = X);
+# 0.25 is a typical donor spread): the case where treating cells as
+# replicates calls donor differences and the samples method should not.
 suppressMessages(library(scdistill))
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -20,9 +24,10 @@ opt <- function(name, default) bench_option(args, name, default, as = as.numeric
 threads <- opt("--threads", 2)
 cells <- opt("--cells", NA)
 epochs <- opt("--epochs", NA)
+sample_sd <- opt("--sample-sd", 0)
 peers <- !"--no-peers" %in% args
 per_type <- "--per-type" %in% args
-tag <- if (per_type) "_per_type" else ""
+tag <- paste0(if (per_type) "_per_type" else "", if (sample_sd > 0) sprintf("_sd%g", sample_sd) else "")
 scenarios <- grep("^s[1-6]$", args, value = TRUE)
 if (!length(scenarios)) scenarios <- paste0("s", 1:6)
 python <- file.path(Sys.getenv("HOME"), ".local", "share", "scdistill", "peers", "bin", "python")
@@ -38,7 +43,8 @@ score <- function(calls, lfc, truth, true_lfc) {
 }
 
 run_scenario <- function(sc) {
-  sim <- simulation_scenario(sc, n_cells = if (is.na(cells)) NULL else cells, seed = 1, threads = threads)
+  sim <- simulation_scenario(sc, n_cells = if (is.na(cells)) NULL else cells, sample_sd = sample_sd, seed = 1,
+                             threads = threads)
   rd <- SummarizedExperiment::rowData(sim)
   types <- sort(unique(as.character(sim$cell_type)))
   cat(sprintf("\n== %s: %d cells x %d genes, %d cell types, %s ==\n", sc, ncol(sim), nrow(sim), length(types),
@@ -58,6 +64,11 @@ run_scenario <- function(sc) {
                                                         batch_correction = TRUE, threads = threads),
     vae_mc_dropout = function(x) differential_expression(vae, x, "condition", "treated", "control",
                                                          method = "mc_dropout", threads = threads),
+    vae_samples = function(x) differential_expression(vae, x, "condition", "treated", "control",
+                                                      method = "samples", sample_key = "sample", threads = threads),
+    distill_samples = function(x) differential_expression(dst, x, "condition", "treated", "control",
+                                                          method = "samples", sample_key = "sample",
+                                                          threads = threads),
     distill_change_bc = function(x) differential_expression(dst, x, "condition", "treated", "control",
                                                             batch_correction = TRUE, threads = threads),
     distill_mc_dropout = function(x) differential_expression(dst, x, "condition", "treated", "control",

@@ -187,3 +187,42 @@ test_that("a Bayesian cell-level method warns when the groups are a property of 
   sim$half <- rep(c("a", "b"), length.out = ncol(sim))
   expect_no_warning(differential_expression(m, sim, "half", "a", "b", n_samples = 200, n_pairs = 200, threads = 2))
 })
+
+test_that("the samples method treats samples as replicates: calibrated calls, known truth, clear errors", {
+  # Donor-to-donor variation (sample_sd) on every gene: cell-level methods
+  # call it; the samples method must not. 6 samples per condition.
+  sim <- simulate_counts(n_cells = 2400, n_genes = 400, n_groups = 2, n_batches = 2, treated_fraction = 0.5,
+                         condition_de_prob = 0.1, condition_shared = TRUE, condition_lfc = 1.2,
+                         samples_per_batch = 3, sample_sd = 0.25, seed = 4)
+  truth <- SummarizedExperiment::rowData(sim)$is_de
+  model <- fit_vae(sim, batch = "batch", max_epochs = 40, threads = 2)
+  de <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
+                                sample_key = "sample", threads = 2)
+  p <- attr(de, "params")
+  expect_identical(c(p$samples1, p$samples2), c(6L, 6L))
+  expect_identical(p$residual_df, 10)
+  expect_identical(p$batch_correction, levels(factor(sim$batch)))
+  called <- de$is_de
+  expect_gte(sum(called & truth) / sum(truth), 0.6)
+  expect_lte(sum(called & !truth) / max(sum(called), 1), 0.1)
+  # The called genes move the way the truth does.
+  true_lfc <- SummarizedExperiment::rowData(sim)$true_lfc
+  expect_true(all(sign(de$lfc_mean[called & truth]) == sign(true_lfc[called & truth])))
+  expect_false(anyNA(de$pvalue))
+  expect_true(all(de$padj >= de$pvalue))
+  # Reproducible for a seed.
+  again <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
+                                   sample_key = "sample", threads = 2)
+  expect_identical(again$lfc_mean, de$lfc_mean)
+  # Errors that name the problem.
+  no_key <- sim
+  no_key$sample <- NULL
+  expect_error(differential_expression(model, no_key, "condition", "treated", method = "samples"),
+               "needs `sample_key`")
+  sim$half <- rep(c("a", "b"), length.out = ncol(sim))
+  expect_error(differential_expression(model, sim, "half", "a", "b", method = "samples", sample_key = "sample"),
+               "have cells in both groups")
+  expect_error(differential_expression(model, sim, "condition", "treated", method = "samples",
+                                       sample_key = "sample", min_cells = 1000),
+               "at least 2 samples per group")
+})

@@ -55,6 +55,7 @@ fn sim_params_from_r(params: &List) -> Result<SimParams> {
             "condition_fac_scale" => condition(&mut cond).de_fac_scale = one()?,
             "samples_per_batch" => condition(&mut cond).samples_per_batch = count()?,
             "age_de_prob" => condition(&mut cond).age_de_prob = one()?,
+            "sample_sd" => condition(&mut cond).sample_sd = one()?,
             "n_peaks" => atac.get_or_insert_with(AtacParams::default).n_peaks = count()?,
             "atac_link_prob" => atac.get_or_insert_with(AtacParams::default).link_prob = one()?,
             "atac_de_prob" => atac.get_or_insert_with(AtacParams::default).private_de_prob = one()?,

@@ -14,8 +14,14 @@
 //!   (across passes) plus data variance (across cells, divided by their
 //!   number), carried to the log scale by the delta method.
 //!
+//! - `Method::Samples` (replicate-aware): each sample's counts, corrected
+//!   for batch by the model, summed; a linear model of the samples' log2
+//!   levels with an empirical-Bayes between-sample variance and adaptive
+//!   shrinkage of the fold changes (`samples`).
+//!
 //! Genes are called DE by the posterior expected FDR rule (`stats::fdr_calls`).
 
+pub mod samples;
 pub mod stats;
 
 use crate::data::{rows_to_tensor, Csr};
@@ -30,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 /// Cells per forward pass.
-const CHUNK: usize = 1024;
+pub(crate) const CHUNK: usize = 1024;
 
 /// A trained model seen as a source of expression scales.
 pub trait ScaleModel {
@@ -40,6 +46,11 @@ pub trait ScaleModel {
     /// one posterior draw per row (`Pass::Eval`), or one dropout draw of the
     /// network with the posterior mean (`Pass::McDropout`).
     fn scales(&self, rows: &[usize], under: Option<u32>, pass: Pass) -> Tensor;
+    /// ρ of cells `rows` from one posterior draw of z per cell, decoded
+    /// under each of `unders` (None: the cell's own batch).
+    fn scales_under(&self, rows: &[usize], unders: &[Option<u32>]) -> Vec<Tensor> {
+        unders.iter().map(|&u| self.scales(rows, u, Pass::Eval)).collect()
+    }
 }
 
 /// A VAE on its cells.
@@ -61,6 +72,21 @@ impl ScaleModel for VaeScales<'_> {
         let design = self.data.covariates.design(rows, under, dev);
         let batch = self.data.covariates.batch_codes(rows, under, dev);
         self.model.decode(&z, &own.log_library, &design, &batch, pass).scale
+    }
+
+    fn scales_under(&self, rows: &[usize], unders: &[Option<u32>]) -> Vec<Tensor> {
+        let dev = self.model.device();
+        let own = self.data.inputs(rows, None, dev);
+        let ((qm, qv), _) = self.model.encode(&own, Pass::Eval);
+        let z = &qm + qv.sqrt() * qm.randn_like();
+        unders
+            .iter()
+            .map(|&under| {
+                let design = self.data.covariates.design(rows, under, dev);
+                let batch = self.data.covariates.batch_codes(rows, under, dev);
+                self.model.decode(&z, &own.log_library, &design, &batch, Pass::Eval).scale
+            })
+            .collect()
     }
 }
 
@@ -91,6 +117,7 @@ pub enum Method {
     Change,
     Vanilla,
     McDropout,
+    Samples,
 }
 
 impl Method {
@@ -99,6 +126,7 @@ impl Method {
             "change" => Some(Method::Change),
             "vanilla" => Some(Method::Vanilla),
             "mc_dropout" => Some(Method::McDropout),
+            "samples" => Some(Method::Samples),
             _ => None,
         }
     }
@@ -130,6 +158,13 @@ pub struct DeSettings {
     pub low_count: f64,
     pub fdr_target: f64,
     pub seed: u64,
+    /// Samples method: the sample (0-based code) of each cell of group1,
+    /// then of group2.
+    pub sample_of: Vec<u32>,
+    /// Samples method: the sample-level design, samples × `design_columns`,
+    /// column-major, the group indicator last; empty for intercept + group.
+    pub design: Vec<f64>,
+    pub design_columns: usize,
 }
 
 impl Default for DeSettings {
@@ -145,6 +180,9 @@ impl Default for DeSettings {
             low_count: 0.01,
             fdr_target: 0.05,
             seed: 0,
+            sample_of: vec![],
+            design: vec![],
+            design_columns: 0,
         }
     }
 }
@@ -168,6 +206,15 @@ pub struct DeTable {
     pub scale2: Vec<f64>,
     pub delta: f64,
     pub pseudocount: f64,
+    /// Samples method: moderated t p-value of LFC = 0, and its BH adjustment.
+    pub pvalue: Vec<f64>,
+    pub padj: Vec<f64>,
+    /// Samples method: the empirical-Bayes prior degrees of freedom (∞ as
+    /// null) and the residual degrees of freedom of the sample-level model.
+    pub prior_df: f64,
+    pub residual_df: f64,
+    /// Samples method: the prior weight of LFC = 0 (adaptive shrinkage).
+    pub null_weight: f64,
 }
 
 impl DeTable {
@@ -216,6 +263,7 @@ pub fn differential_expression(
     let low2 = low_count_genes(counts, group2, s.low_count);
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let table = match s.method {
+        Method::Samples => samples_de(model, counts, group1, group2, &low1, &low2, s, interrupted)?,
         Method::McDropout => {
             let a = mc_moments(model, group1, s, interrupted)?;
             let b = mc_moments(model, group2, s, interrupted)?;
@@ -234,6 +282,53 @@ pub fn differential_expression(
     Ok(table)
 }
 
+/// The samples method: levels per sample, then the sample-level model.
+#[allow(clippy::too_many_arguments)]
+fn samples_de(
+    model: &dyn ScaleModel,
+    counts: &Csr,
+    group1: &[usize],
+    group2: &[usize],
+    low1: &[bool],
+    low2: &[bool],
+    s: &DeSettings,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<DeTable> {
+    let cells: Vec<usize> = group1.iter().chain(group2).copied().collect();
+    if s.sample_of.len() != cells.len() {
+        return invalid!("internal: {} sample codes for {} cells", s.sample_of.len(), cells.len());
+    }
+    let n = s.sample_of.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
+    // Each sample wholly in one group.
+    let mut side = vec![0u8; n];
+    for (i, &c) in s.sample_of.iter().enumerate() {
+        side[c as usize] |= if i < group1.len() { 1 } else { 2 };
+    }
+    if let Some(k) = side.iter().position(|&v| v == 3) {
+        return invalid!("sample {} has cells in both groups: the samples method needs groups of whole samples", k + 1);
+    }
+    if side.contains(&0) {
+        return invalid!("internal: a sample code without cells");
+    }
+    let group_of: Vec<bool> = side.iter().map(|&v| v == 1).collect();
+    let (n1, n2) = (group_of.iter().filter(|&&v| v).count(), group_of.iter().filter(|&&v| !v).count());
+    if n1 < 2 || n2 < 2 {
+        return invalid!("the samples method needs at least 2 samples per group; found {n1} and {n2}");
+    }
+    let (design, p) = if s.design.is_empty() {
+        let mut d = vec![1.0; n];
+        d.extend(group_of.iter().map(|&v| v as u8 as f64));
+        (d, 2)
+    } else {
+        if s.design_columns == 0 || s.design.len() != n * s.design_columns {
+            return invalid!("internal: the design has {} values for {n} samples", s.design.len());
+        }
+        (s.design.clone(), s.design_columns)
+    };
+    let lv = samples::sample_levels(model, counts, &cells, &s.sample_of, s.n_samples, s, interrupted)?;
+    samples::samples_table(&lv, &design, p, &group_of, low1, low2, s)
+}
+
 /// Scale draws of one group, gene-major (`values[g * n + i]`), with the
 /// range of draws decoded under each batch.
 struct Draws {
@@ -243,7 +338,7 @@ struct Draws {
     units: Vec<(usize, usize)>,
 }
 
-fn decoding_units(s: &DeSettings) -> Vec<Option<u32>> {
+pub(crate) fn decoding_units(s: &DeSettings) -> Vec<Option<u32>> {
     if s.batches.is_empty() {
         vec![None]
     } else {

@@ -229,6 +229,36 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
     let profiles: Vec<Vec<f64>> = combos.par_iter().map(|&(t, b, c, a)| programs.profile(t, Some(b), c, a)).collect();
     let profile_of = |t: usize, b: usize, c: usize, a: usize| &profiles[((t * n_batches + b) * n_cond + c) * n_age + a];
     let (true_lfc, true_lfc_population) = de_truth(p, &programs, n_cond);
+    // Biological variation between samples: after every other draw, so
+    // that data without it are unchanged. Profiles per (sample, cell type).
+    let sample_sd = p.condition.as_ref().map_or(0.0, |c| c.sample_sd);
+    let per_sample: Option<Vec<Vec<f64>>> = (sample_sd > 0.0).then(|| {
+        let n_samples = cells.sample.iter().map(|&s| s as usize + 1).max().unwrap_or(0);
+        let dev = lnorm(0.0, sample_sd);
+        let factors: Vec<Vec<f64>> =
+            (0..n_samples).map(|_| (0..n_genes).map(|_| dev.sample(&mut rng)).collect()).collect();
+        let mut first_cell = vec![usize::MAX; n_samples];
+        for (i, &s) in cells.sample.iter().enumerate() {
+            if first_cell[s as usize] == usize::MAX {
+                first_cell[s as usize] = i;
+            }
+        }
+        (0..n_samples * n_groups)
+            .into_par_iter()
+            .map(|k| {
+                let (s, t) = (k / n_groups, k % n_groups);
+                let i = first_cell[s];
+                if i == usize::MAX {
+                    return vec![];
+                }
+                let age = if n_age == 2 { s % 2 } else { 0 };
+                let base = profile_of(t, cells.batch[i] as usize, cells.condition[i] as usize, age);
+                let raw: Vec<f64> = base.iter().zip(&factors[s]).map(|(a, f)| a * f).collect();
+                let total: f64 = raw.iter().sum();
+                raw.into_iter().map(|v| v / total).collect()
+            })
+            .collect()
+    });
 
     let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
         let mut r = ChaCha8Rng::seed_from_u64(p.seed);
@@ -237,7 +267,10 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         let shift = p.batch_lib_shift.get(b).copied().unwrap_or(0.0);
         let lib = lnorm(p.lib_loc + shift, p.lib_scale).sample(&mut r);
         let age = if n_age == 2 { cells.sample[i] as usize % 2 } else { 0 };
-        let prof = profile_of(cells.group[i] as usize, b, cells.condition[i] as usize, age);
+        let prof = match &per_sample {
+            Some(ps) => &ps[cells.sample[i] as usize * n_groups + cells.group[i] as usize],
+            None => profile_of(cells.group[i] as usize, b, cells.condition[i] as usize, age),
+        };
         cell_counts(p, prof, &bcv_scale, lib, &mut r, idx, val);
         lib
     });

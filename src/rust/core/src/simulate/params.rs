@@ -26,6 +26,10 @@ pub struct ConditionParams {
     /// Fraction of genes affected by an age group (young/old, alternating
     /// over each batch × condition's samples); 0 means no age group.
     pub age_de_prob: f64,
+    /// Biological variation between samples (donors): each sample's gene
+    /// means are multiplied by LogNormal(0, sample_sd) factors, one per
+    /// sample and gene; 0 for none.
+    pub sample_sd: f64,
 }
 
 impl Default for ConditionParams {
@@ -39,6 +43,7 @@ impl Default for ConditionParams {
             de_fac_scale: 0.4,
             samples_per_batch: 2,
             age_de_prob: 0.0,
+            sample_sd: 0.0,
         }
     }
 }
@@ -300,6 +305,7 @@ impl SimParams {
             check_param((0.0..=1.0).contains(&c.de_prob), "condition_de_prob", "must be in [0, 1]")?;
             check_param(c.samples_per_batch >= 1, "samples_per_batch", "must be at least 1")?;
             check_param((0.0..=1.0).contains(&c.age_de_prob), "age_de_prob", "must be in [0, 1]")?;
+            check_param((0.0..=3.0).contains(&c.sample_sd), "sample_sd", "must be in [0, 3]")?;
             check_param(
                 c.age_de_prob == 0.0 || c.samples_per_batch >= 2,
                 "samples_per_batch",

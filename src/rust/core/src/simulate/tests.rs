@@ -145,6 +145,53 @@ fn age_groups_alternate_over_samples() {
     assert!(simulate(&p).unwrap_err().to_string().contains("samples_per_batch"));
 }
 
+/// log2 of the summed counts of each gene over the cells of one sample and
+/// cell type 0, as shares of the sample's total.
+fn sample_shares(s: &Simulation, sample: u32) -> Vec<f64> {
+    let codes = &s.sample.as_ref().unwrap().codes;
+    let mut sum = vec![0f64; s.counts.csr.n_cols];
+    for i in (0..s.counts.csr.n_rows).filter(|&i| codes[i] == sample && s.group.codes[i] == 0) {
+        let (idx, val) = s.counts.csr.row(i);
+        for (&j, &v) in idx.iter().zip(val) {
+            sum[j as usize] += v as f64;
+        }
+    }
+    let total: f64 = sum.iter().sum();
+    sum.iter().map(|v| (v / total).log2()).collect()
+}
+
+#[test]
+fn samples_differ_by_their_biological_variation() {
+    // Samples 0 and 1 share batch, condition and cell type: without
+    // sample_sd their pseudobulks differ by counting noise only; with
+    // sample_sd = 0.5 the well-expressed genes' log2 ratios spread by about
+    // 0.5 √2 / ln 2 ≈ 1.0 more. Nothing else moves: the same seed without
+    // the variation gives the same counts as before it existed.
+    let mut p = with_condition(4000, vec![0.5, 0.5]);
+    p.n_genes = 400;
+    let plain = simulate(&p).unwrap();
+    p.condition.as_mut().unwrap().sample_sd = 0.5;
+    let varied = simulate(&p).unwrap();
+    assert_eq!(plain.sample.as_ref().unwrap().codes, varied.sample.as_ref().unwrap().codes);
+    let spread = |s: &Simulation| {
+        let (a, b) = (sample_shares(s, 0), sample_shares(s, 1));
+        let d: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && **x > -9.0)
+            .map(|(x, y)| x - y)
+            .collect();
+        let m = d.iter().sum::<f64>() / d.len() as f64;
+        (d.iter().map(|v| (v - m).powi(2)).sum::<f64>() / d.len() as f64).sqrt()
+    };
+    let (sd0, sd1) = (spread(&plain), spread(&varied));
+    assert!(sd0 < 0.4, "no variation: {sd0}");
+    let extra = (sd1 * sd1 - sd0 * sd0).max(0.0).sqrt();
+    assert!((extra - 0.5 * 2f64.sqrt() / std::f64::consts::LN_2).abs() < 0.2, "sd {sd0} -> {sd1}");
+    p.condition.as_mut().unwrap().sample_sd = -1.0;
+    assert!(simulate(&p).unwrap_err().to_string().contains("sample_sd"));
+}
+
 #[test]
 fn invalid_parameters_are_named() {
     let e = simulate(&SimParams { n_cells: 1, ..Default::default() }).unwrap_err();
