@@ -162,6 +162,8 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
         seed: 1,
         ..Default::default()
     };
+    // torch's random stream is global: hold it while this test draws.
+    let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     crate::device::seed_torch(1);
     let t = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
     let null_p: Vec<f64> = t.pvalue[n_de..].to_vec();
