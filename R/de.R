@@ -48,7 +48,10 @@
 #'   (as DESeq2's median of ratios). Per gene, a linear model of the levels
 #'   over samples (`~ covariates + group`) gives the LFC and the
 #'   between-sample variance, moderated by an empirical-Bayes prior that
-#'   follows the mean level (limma-trend; Smyth 2004). Adaptive shrinkage
+#'   follows the mean level (limma-trend; Smyth 2004). The model learnt the
+#'   batch effects from the same samples, so its correction costs the
+#'   residuals one degree of freedom per batch beyond the first, as a batch
+#'   term in the design would. Adaptive shrinkage
 #'   (Stephens 2017) then learns the distribution of true LFCs over genes (a
 #'   point mass at 0 and centred normals) and gives each gene its
 #'   posterior: `lfc_mean`, `lfc_median`, `lfc_sd` and the 95% interval
@@ -226,8 +229,11 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
     reps <- de_replicates(cnt, groups, sample_key, covariates, check_count(min_cells, "min_cells"))
     groups$idx1 <- reps$idx1
     groups$idx2 <- reps$idx2
+    # The model's batch effects were learnt from these samples: their
+    # degrees of freedom are not the residuals' (see ?differential_expression).
+    n_batches <- if (length(batches)) length(unique(as.character(cells$batch)[c(reps$idx1, reps$idx2)])) else 1L
     settings <- c(settings, list(sample_of = reps$codes, design = as.vector(reps$design),
-                                 design_columns = ncol(reps$design)))
+                                 design_columns = ncol(reps$design), batch_df = n_batches - 1L))
   } else {
     warn_cell_level(method, cnt, groups, sample_key)
   }

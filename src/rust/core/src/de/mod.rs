@@ -165,6 +165,9 @@ pub struct DeSettings {
     /// column-major, the group indicator last; empty for intercept + group.
     pub design: Vec<f64>,
     pub design_columns: usize,
+    /// Samples method: degrees of freedom the model's batch correction took
+    /// from the samples (batches among them − 1; 0 without correction).
+    pub batch_df: usize,
 }
 
 impl Default for DeSettings {
@@ -183,6 +186,7 @@ impl Default for DeSettings {
             sample_of: vec![],
             design: vec![],
             design_columns: 0,
+            batch_df: 0,
         }
     }
 }

@@ -16,8 +16,10 @@
 //!    cells across samples and understates how much samples differ.
 //! 3. A linear model over samples, y = Xβ + e (intercept, covariates, the
 //!    group indicator last), per gene by least squares: the LFC is the group
-//!    coefficient, the residual variance s² (d = samples − columns degrees
-//!    of freedom) the between-sample variance, count noise included.
+//!    coefficient, the residual variance s² the between-sample variance,
+//!    count noise included; its degrees of freedom d are samples − columns −
+//!    (batches − 1) with batch correction, as the model learnt the batch
+//!    effects from the same samples.
 //! 4. Empirical Bayes over genes (Smyth 2004; limma-trend): s² divided by a
 //!    running mean of s² over genes ordered by mean level (count noise grows
 //!    as expression falls), a scaled inverse-χ² prior (d0, s0²) fitted to
@@ -273,11 +275,17 @@ pub fn samples_table(
     s: &DeSettings,
 ) -> Result<DeTable> {
     let (n, g, nt) = (lv.n_samples, lv.n_genes, lv.n_draws);
-    let df = n as f64 - p as f64;
+    // The model learnt each gene's batch effects from these same samples:
+    // its correction regresses out batches − 1 contrasts, as a batch term in
+    // the design would, and takes their degrees of freedom (without this
+    // the null p-values were twice too small on the simulator).
+    let df = n as f64 - p as f64 - s.batch_df as f64;
     if df < 1.0 {
         return invalid!(
-            "the sample-level model needs more samples than design columns: {n} samples, {p} columns (intercept, \
-             covariates, group); give fewer covariates or more samples"
+            "the sample-level model needs more samples than design columns and corrected batches: {n} samples, {p} \
+             columns (intercept, covariates, group), {} batch degrees of freedom; give fewer covariates or more \
+             samples",
+            s.batch_df
         );
     }
     let Some((rows, kk)) = least_squares(design, n, p) else {
@@ -496,14 +504,34 @@ impl AshPosterior {
             .sum()
     }
 
-    /// P(LFC ≥ x) (x > 0; the point mass at 0 is below).
+    /// P(LFC > x); a point mass counts only when strictly above x.
     pub fn tail_above(&self, x: f64) -> f64 {
-        (1.0 - self.cdf(x)).max(0.0)
+        self.parts
+            .iter()
+            .map(|&(r, m, v)| {
+                r * if v > 0.0 {
+                    Normal::new(m, v.sqrt()).map(|d| d.sf(x)).unwrap_or((m > x) as u8 as f64)
+                } else {
+                    (m > x) as u8 as f64
+                }
+            })
+            .sum::<f64>()
+            .clamp(0.0, 1.0)
     }
 
-    /// P(LFC ≤ x) (x < 0).
+    /// P(LFC < x); a point mass counts only when strictly below x.
     pub fn tail_below(&self, x: f64) -> f64 {
-        self.cdf(x).min(1.0)
+        self.parts
+            .iter()
+            .map(|&(r, m, v)| {
+                r * if v > 0.0 {
+                    Normal::new(m, v.sqrt()).map(|d| d.cdf(x)).unwrap_or((m < x) as u8 as f64)
+                } else {
+                    (m < x) as u8 as f64
+                }
+            })
+            .sum::<f64>()
+            .clamp(0.0, 1.0)
     }
 
     pub fn mean(&self) -> f64 {

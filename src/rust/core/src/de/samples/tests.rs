@@ -201,6 +201,31 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
 }
 
 #[test]
+fn the_shrinkage_posterior_keeps_its_point_mass_at_zero() {
+    // Mostly nulls (β̂ ~ N(0, 1)) and a few large effects: the prior's null
+    // weight is high; a null-looking gene's posterior sits mostly on 0, so
+    // P(LFC > 0) and P(LFC < 0) are both small even at δ = 0, and a clear
+    // effect's is near 1 with its mean shrunk a little toward 0.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let z = Normal::new(0.0, 1.0).unwrap();
+    let mut beta: Vec<f64> = (0..2000).map(|_| z.sample(&mut rng)).collect();
+    for b in beta.iter_mut().take(100) {
+        *b += 6.0;
+    }
+    let se = vec![1.0; beta.len()];
+    let prior = AshPrior::fit(&beta, &se);
+    assert!(prior.weights[0] > 0.85, "{:?}", prior.weights);
+    let null = prior.posterior(0.3, 1.0);
+    assert!(null.tail_above(0.0) < 0.2 && null.tail_below(0.0) < 0.2);
+    assert!((null.tail_above(0.0) + null.tail_below(0.0)) < 0.3);
+    assert_eq!(null.quantile(0.5), 0.0);
+    let clear = prior.posterior(7.0, 1.0);
+    assert!(clear.tail_above(1.0) > 0.99);
+    assert!(clear.mean() < 7.0 && clear.mean() > 5.5, "{}", clear.mean());
+    assert!(clear.quantile(0.025) < clear.mean() && clear.quantile(0.975) > clear.mean());
+}
+
+#[test]
 fn samples_mode_errors_name_the_problem() {
     let (m, counts, g1, g2, codes, _) = replicates(2, 0.3, 1);
     let base = DeSettings { method: Method::Samples, n_samples: 2, ..Default::default() };
