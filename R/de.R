@@ -129,7 +129,7 @@
 #' @param n_samples Scale draws per group (change, vanilla; default 5000,
 #'   split across the decoding batches), dropout passes (MC dropout;
 #'   default 100) or posterior draws per cell for the batch correction (samples; default
-#'   10).
+#'   10; one for a distilled model, whose encoder is deterministic).
 #' @param n_pairs Pairs of draws compared (change, vanilla).
 #' @param delta δ, the smallest |LFC| that counts as a change; `NULL` to
 #'   estimate it.
@@ -600,4 +600,48 @@ plot.scdistill_de <- function(x, n_labels = 10, ...) {
   graphics::legend("topleft", c("up", "down", "not called"), col = c("#d1495b", "#1b6ca8", "grey70"), pch = 19,
                    bty = "n", cex = 0.8)
   invisible(x)
+}
+
+#' Summarise a differential expression table
+#'
+#' How many genes each direction has called, and the settings behind the
+#' calls: the method and groups, δ and the FDR target (Bayesian methods),
+#' the samples and degrees of freedom (samples, pseudobulk).
+#'
+#' @param object A table from [differential_expression()].
+#' @param ... Unused.
+#' @return `object`, invisibly; the summary is printed.
+#' @method summary scdistill_de
+#' @examples
+#' sim <- simulate_counts(n_cells = 1200, n_genes = 300, n_groups = 1, treated_fraction = 0.5,
+#'                        condition_lfc = 1.5, seed = 3)
+#' pb <- differential_expression(NULL, sim, "condition", "treated", "control", method = "pseudobulk",
+#'                               sample_key = "sample")
+#' summary(pb)
+#' @export
+summary.scdistill_de <- function(object, ...) {
+  p <- attr(object, "params")
+  called <- object$is_de %in% TRUE
+  up <- sum(called & object$lfc_mean > 0, na.rm = TRUE)
+  down <- sum(called & object$lfc_mean < 0, na.rm = TRUE)
+  cat(sprintf("differential expression, method \"%s\"%s: %s vs %s (%s and %s cells)\n", p$method,
+              if (!is.null(p$model)) sprintf(" (%s model)", p$model) else "", p$group1, p$group2,
+              format(p$n_cells1, big.mark = ","), format(p$n_cells2, big.mark = ",")))
+  cat(sprintf("  %d of %d genes called at FDR %g: %d up, %d down\n", sum(called), nrow(object),
+              p$fdr_target, up, down))
+  if (is.numeric(p$delta)) {
+    cat(sprintf("  delta %.3g (%s)\n", p$delta, if (isTRUE(p$delta_estimated)) "estimated" else "given"))
+  }
+  if (!is.null(p$samples1)) {
+    cat(sprintf("  samples: %d vs %d", p$samples1, p$samples2))
+    if (!is.null(p$design)) cat(sprintf(", design %s", p$design))
+    if (!is.null(p$residual_df)) {
+      cat(sprintf(", residual df %g, prior df %s, prior weight at LFC 0 %.2f", p$residual_df,
+                  if (is.finite(p$prior_df)) format(signif(p$prior_df, 3)) else "Inf", p$null_weight))
+    }
+    cat("\n")
+    if (length(p$dropped_samples)) cat("  left out (too few cells):", paste(p$dropped_samples, collapse = ", "), "\n")
+  }
+  if (!is.null(p$on)) cat("  on", p$on, "\n")
+  invisible(object)
 }

@@ -148,6 +148,12 @@ test_that("a distilled model gives Bayesian DE too", {
   expect_gt(cor(de$lfc_mean[truth], true_lfc[truth]), 0.7)
   expect_gt(sum(de$is_de & truth), 5)
   expect_identical(attr(de, "params")$model, "distill")
+  # The samples method with the student's (deterministic) batch correction.
+  reps <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
+                                  sample_key = "sample", threads = 2)
+  expect_gte(sum(reps$is_de & truth) / sum(truth), 0.5)
+  expect_lte(sum(reps$is_de & !truth) / max(sum(reps$is_de), 1), 0.1)
+  expect_gt(cor(reps$lfc_mean[truth], true_lfc[truth]), 0.7)
 })
 
 test_that("pseudobulk puts the batch in the design by default and refuses a collinear one", {
@@ -226,4 +232,17 @@ test_that("the samples method treats samples as replicates: calibrated calls, kn
   expect_error(differential_expression(model, sim, "condition", "treated", method = "samples",
                                        sample_key = "sample", min_cells = 1000),
                "at least 2 samples per group")
+})
+
+test_that("summary() of a DE table counts the calls by direction and shows the design", {
+  sim <- de_sim()
+  pb <- differential_expression(NULL, sim, "condition", "treated", "control", method = "pseudobulk",
+                                sample_key = "sample")
+  out <- capture.output(res <- summary(pb))
+  expect_identical(res, pb)
+  n_up <- sum(pb$is_de & pb$lfc_mean > 0)
+  n_down <- sum(pb$is_de & pb$lfc_mean < 0)
+  expect_true(any(grepl(sprintf("%d of %d genes called at FDR 0.05: %d up, %d down", n_up + n_down, nrow(pb),
+                                n_up, n_down), out, fixed = TRUE)))
+  expect_true(any(grepl("samples: 4 vs 4, design ~batch + group", out, fixed = TRUE)))
 })

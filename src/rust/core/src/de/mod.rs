@@ -51,6 +51,11 @@ pub trait ScaleModel {
     fn scales_under(&self, rows: &[usize], unders: &[Option<u32>]) -> Vec<Tensor> {
         unders.iter().map(|&u| self.scales(rows, u, Pass::Eval)).collect()
     }
+    /// Whether two `Pass::Eval` draws of the same cells differ (false for a
+    /// deterministic encoder: one draw is then all there is).
+    fn draws_vary(&self) -> bool {
+        true
+    }
 }
 
 /// A VAE on its cells.
@@ -108,6 +113,10 @@ impl ScaleModel for StudentScales<'_> {
         let z = self.student.encode(&rows_to_tensor(self.input, rows, dev), pass);
         let codes: Vec<i64> = rows.iter().map(|&r| under.unwrap_or(self.batch[r]) as i64).collect();
         self.student.decode_scale(&z, &Tensor::from_slice(&codes).to_device(dev), pass)
+    }
+
+    fn draws_vary(&self) -> bool {
+        false
     }
 }
 

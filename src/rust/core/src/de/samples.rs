@@ -63,7 +63,7 @@ impl SampleLevels {
 
 /// Summed corrected counts of each sample's cells (`cells[i]`, rows of
 /// `counts`, in sample `codes[i]`), per draw (one draw when the cells keep
-/// their own batch: the ratio is then 1).
+/// their own batch, where the ratio is 1, or when draws do not vary).
 pub fn sample_levels(
     model: &dyn ScaleModel,
     counts: &Csr,
@@ -76,7 +76,7 @@ pub fn sample_levels(
     let g = model.n_genes();
     let n_samples = codes.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
     let correct = !s.batches.is_empty();
-    let n_draws = if correct { n_draws.max(1) } else { 1 };
+    let n_draws = if correct && model.draws_vary() { n_draws.max(1) } else { 1 };
     let mut unders: Vec<Option<u32>> = vec![None];
     unders.extend(decoding_units(s));
     let mut values = Vec::with_capacity(n_draws * n_samples * g);
