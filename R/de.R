@@ -296,19 +296,9 @@ de_replicates <- function(cnt, groups, sample_key, covariates, min_cells) {
   codes <- match(s[c(idx1, idx2)], levels) - 1L
   design_data <- data.frame(group = factor(rep(c("group1", "group2"), c(length(keep1), length(keep2))),
                                            levels = c("group2", "group1")), row.names = levels)
-  for (cv in names(covariates) %||% covariates) {
-    v <- if (is.list(covariates)) covariates[[cv]] else resolve_cell_factor(cv, cnt$cell_data, cells, "covariates")
-    v <- as.character(v)[c(idx1, idx2)]
-    per <- tapply(v, factor(codes, levels = seq_along(levels) - 1L), function(z) unique(z))
-    if (any(lengths(per) > 1)) {
-      stop("covariate '", cv, "' varies within a sample; sample-level covariates must be constant per sample",
-           call. = FALSE)
-    }
-    design_data[[cv]] <- factor(unlist(per))
-  }
-  check_design(design_data)
-  terms <- c(setdiff(names(design_data), "group"), "group")
-  formula <- stats::as.formula(paste("~", paste(terms, collapse = " + ")))
+  design_data <- with_covariates(design_data, covariates, cnt, c(idx1, idx2),
+                                 factor(codes, levels = seq_along(levels) - 1L), "sample-level")
+  formula <- design_formula(design_data)
   design <- stats::model.matrix(formula, design_data)
   list(idx1 = idx1, idx2 = idx2, codes = as.integer(codes), design = unname(design), formula = paste(deparse(formula), collapse = ""),
        key = if (is.character(key) && length(key) == 1) key else "(given)", n1 = length(keep1), n2 = length(keep2),
@@ -451,18 +441,8 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
   if (on == "corrected") pb <- round(pb)
   storage.mode(pb) <- "integer"
   design_data <- data.frame(group = factor(col_group, levels = c("group2", "group1")), row.names = colnames(pb))
-  for (cv in names(covariates) %||% covariates) {
-    v <- if (is.list(covariates)) covariates[[cv]] else resolve_cell_factor(cv, cnt$cell_data, cells, "covariates")
-    per_col <- tapply(as.character(v)[sel], member[sel], function(z) unique(z))
-    if (any(lengths(per_col) > 1)) {
-      stop("covariate '", cv, "' varies within a sample; pseudobulk covariates must be constant per sample",
-           call. = FALSE)
-    }
-    design_data[[cv]] <- factor(unlist(per_col))
-  }
-  check_design(design_data)
-  terms <- c(setdiff(names(design_data), "group"), "group")
-  design <- stats::as.formula(paste("~", paste(terms, collapse = " + ")))
+  design_data <- with_covariates(design_data, covariates, cnt, sel, member[sel], "pseudobulk")
+  design <- design_formula(design_data)
   res <- if (test == "DESeq2") pseudobulk_deseq2(pb, design_data, design) else pseudobulk_edger(pb, design_data, design)
   props <- sweep(pb, 2, pmax(colSums(pb), 1), `/`)
   na <- rep(NA_real_, length(genes))
@@ -479,6 +459,30 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
               list(n_cells1 = length(groups$idx1), n_cells2 = length(groups$idx2), samples1 = n1, samples2 = n2,
                    design = paste(deparse(design), collapse = ""), min_cells = min_cells, fdr_target = fdr_target))
   structure(out, params = params, pseudobulk = pb, class = c("scdistill_de", "data.frame"))
+}
+
+# `design_data` (one row per sample) with each covariate added: its value
+# for the cells `at` (indices into the cells of `cnt`), which `column` maps
+# to the rows; a covariate that varies within a row is an error. Checked by
+# check_design().
+with_covariates <- function(design_data, covariates, cnt, at, column, kind) {
+  cells <- colnames(cnt$counts)
+  for (cv in names(covariates) %||% covariates) {
+    v <- if (is.list(covariates)) covariates[[cv]] else resolve_cell_factor(cv, cnt$cell_data, cells, "covariates")
+    per <- tapply(as.character(v)[at], column, function(z) unique(z))
+    if (any(lengths(per) > 1)) {
+      stop("covariate '", cv, "' varies within a sample; ", kind, " covariates must be constant per sample",
+           call. = FALSE)
+    }
+    design_data[[cv]] <- factor(unlist(per))
+  }
+  check_design(design_data)
+  design_data
+}
+
+# ~ covariates + group, the group last.
+design_formula <- function(design_data) {
+  stats::as.formula(paste("~", paste(c(setdiff(names(design_data), "group"), "group"), collapse = " + ")))
 }
 
 # The batch of the cells as a pseudobulk covariate (list(batch = factor)),
