@@ -262,8 +262,8 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
 # covariates, group indicator last).
 de_replicates <- function(cnt, groups, sample_key, covariates, min_cells) {
   cells <- colnames(cnt$counts)
-  key <- sample_key %||% intersect(c("sample", "sample_id", "donor", "replicate"), colnames(cnt$cell_data))[1]
-  if (is.null(key) || (is.character(key) && length(key) == 1 && is.na(key))) {
+  key <- sample_column(sample_key, cnt)
+  if (is.null(key)) {
     stop("method = \"samples\" needs `sample_key`: the column of the cell metadata naming each cell's sample ",
          "(donor, replicate); none was given and no column is named sample, sample_id, donor or replicate",
          call. = FALSE)
@@ -534,12 +534,20 @@ check_design <- function(design_data) {
   invisible()
 }
 
+# The cells' sample: `sample_key` when given, else the first column named
+# sample, sample_id, donor or replicate; NULL when there is none.
+sample_column <- function(sample_key, cnt) {
+  if (!is.null(sample_key)) return(sample_key)
+  found <- intersect(c("sample", "sample_id", "donor", "replicate"), colnames(cnt$cell_data))
+  if (length(found)) found[1] else NULL
+}
+
 # A Bayesian (cell-level) method on groups that are a property of samples:
 # warns that pseudobulk answers the population-level question.
 warn_cell_level <- function(method, cnt, groups, sample_key) {
   cells <- colnames(cnt$counts)
-  key <- sample_key %||% intersect(c("sample", "sample_id", "donor", "replicate"), colnames(cnt$cell_data))[1]
-  if (is.null(key) || is.na(key)) return(invisible())
+  key <- sample_column(sample_key, cnt)
+  if (is.null(key)) return(invisible())
   s <- tryCatch(as.character(resolve_cell_factor(key, cnt$cell_data, cells, "sample_key")), error = function(e) NULL)
   if (is.null(s)) return(invisible())
   g <- rep(NA_character_, length(cells))
