@@ -85,8 +85,8 @@ print.scdistill_teacher <- function(x, ...) {
 #' batch-free embedding Z*; a student network then learns it in two phases:
 #'
 #' 1. an encoder from log2(CPM + 1) of the highly variable genes to Z (loss:
-#'    mean squared error to Z* standardized per cell; architecture
-#'    `n_layers` × (Linear → norm → ReLU → Dropout) → Linear → LayerNorm);
+#'    mean squared error to Z* standardized as `standardize` says; architecture
+#'    `n_layers` × (Linear → norm → ReLU → Dropout) → Linear);
 #' 2. with the encoder frozen, a decoder from Z and a learned batch embedding
 #'    (10 dimensions) to a negative binomial model of the counts, μ =
 #'    library size × softmax, θ per gene.
@@ -110,6 +110,16 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param n_hidden,n_layers Width and depth of the encoder and decoder.
 #' @param dropout Dropout rate in both.
 #' @param norm Normalization in the encoder's hidden layers.
+#' @param standardize How Z* is scaled for the encoder to learn it.
+#'   `"global"` (default): each dimension centred, all divided by one number
+#'   (Z*'s overall root mean square); the student's Z is reported in the
+#'   teacher's units, so it keeps the teacher's geometry: its distances, its
+#'   clusters, the weight of its leading dimensions. `"cell"`: each cell's
+#'   row standardized to mean 0 and standard deviation 1, as scDistill 0.3.1
+#'   does (the encoder then ends in a LayerNorm). That map drops each cell's
+#'   distance from the centre, so cell types that differ mainly by it (as
+#'   Harmony's first components often separate them) merge in the student;
+#'   models saved before this setting existed learned it this way.
 #' @param decoder_genes `"all"` genes (default) or only the `"hvg"` the
 #'   encoder reads.
 #' @param max_epochs_encoder,max_epochs_decoder Epochs of each phase at most.
@@ -117,7 +127,8 @@ print.scdistill_teacher <- function(x, ...) {
 #'   weight decay. The minibatch is 128 cells (scDistill uses 512): on small
 #'   data sets 512 leaves a step or two per epoch, and on the 571-cell
 #'   CellBench example the student then learned the teacher poorly
-#'   (validation MSE 0.90 after 100 epochs, against 0.31 with 128).
+#'   (validation MSE 0.90 after 100 epochs, against 0.31 with 128; measured
+#'   with the per-cell target, `standardize = "cell"`).
 #' @param early_stopping,patience,validation_fraction Early stopping on the
 #'   held-out cells.
 #' @param seed Seed: the same seed gives the same model on CPU.
@@ -130,7 +141,7 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_distill` model (also a `scdistill_model`), with
 #'   `$latent` (the student's embedding of the training cells) and
-#'   `$teacher_latent` (Z* before standardization).
+#'   `$teacher_latent` (Z* as the teacher gave it).
 #' @references Based on the scDistill approach (PyPI `scdistill` 0.3.1).
 #' @examples
 #' sce <- example_cellbench()
@@ -144,7 +155,8 @@ print.scdistill_teacher <- function(x, ...) {
 #' dim(corrected)
 #' @export
 distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hidden = 128, n_layers = 2,
-                    dropout = 0.1, norm = c("batch", "layer", "none"), decoder_genes = c("all", "hvg"),
+                    dropout = 0.1, norm = c("batch", "layer", "none"), standardize = c("global", "cell"),
+                    decoder_genes = c("all", "hvg"),
                     max_epochs_encoder = 100, max_epochs_decoder = 100, batch_size = 128, lr = 1e-3,
                     weight_decay = 0, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
                     device = "auto", threads = NULL, progress = interactive(), train = NULL, ...) {
@@ -155,6 +167,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
     stop("`teacher` must be harmony_teacher() or given_teacher()", call. = FALSE)
   }
   norm <- choose_arg(norm, "norm")
+  standardize <- choose_arg(standardize, "standardize")
   decoder_genes <- choose_arg(decoder_genes, "decoder_genes")
   check_fraction(dropout, "dropout")
   check_fraction(validation_fraction, "validation_fraction")
@@ -171,7 +184,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   t1 <- phase(max_epochs_encoder, "max_epochs_encoder")
   t2 <- phase(max_epochs_decoder, "max_epochs_decoder")
   config <- list(n_hidden = check_count(n_hidden, "n_hidden"), n_layers = check_count(n_layers, "n_layers"),
-                 dropout = dropout, norm = norm)
+                 dropout = dropout, norm = norm, target = standardize)
   if (!is.null(n_latent)) n_latent <- check_count(n_latent, "n_latent", min = 2)
 
   cnt <- as_counts(x, batch = batch, ...)
@@ -195,6 +208,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   # The batch's metadata column, where normalized_expression() finds each cell's own batch.
   model$covariates$batch <- if (is.character(batch) && length(batch) == 1 && length(cells) != 1) batch
   model$teacher_latent <- z
+  model$teacher_batch <- cnt$batch
   model$teacher <- teacher
   finish_fit(model, fit$latent, cells)
 }
@@ -275,8 +289,9 @@ two_phase_bar <- function(title, first, e1, e2, validation = TRUE) {
 
 #' The teacher's embedding of a distilled model
 #'
-#' Z* as the teacher gave it (before the per-cell standardization the
-#' student is trained on), for the training cells.
+#' Z* as the teacher gave it (before the standardization the student is
+#' trained on), for the training cells: compare it with the student's
+#' [latent()], in the same units unless `distill(standardize = "cell")`.
 #'
 #' @param model A model from [distill()].
 #' @return A cells × dimensions matrix.
@@ -356,13 +371,90 @@ print.scdistill_distill <- function(x, ...) {
   invisible(x)
 }
 
+#' How well a distilled student reproduces its teacher
+#'
+#' The architecture and training of a [distill()] model, and how close the
+#' student's embedding is to its teacher's on the training cells: R² of the
+#' student's Z on the teacher's Z* (over all cells and over the held-out
+#' validation cells), and, given the cells' types, [integration_metrics()]
+#' of both embeddings side by side with their differences. A student whose
+#' scores fall clearly below its teacher's has not learned it: more epochs,
+#' a wider network (`n_hidden`) or less `dropout` may help.
+#'
+#' @param object A model from [distill()].
+#' @param label Optional: the cell type of each training cell (a vector in
+#'   the training cells' order, or the name of a column of the cell metadata
+#'   of `x`); adds the integration metrics, which take seconds to minutes on
+#'   large data.
+#' @param x The training data, when `label` is a column name.
+#' @param threads CPU threads for the metrics.
+#' @param ... Unused.
+#' @return A `summary.scdistill_distill` (printed): `r2` (all and validation
+#'   cells), `metrics` (student, teacher and student − teacher, or `NULL`)
+#'   and the model's description.
+#' @examples
+#' sce <- example_cellbench()
+#' model <- distill(sce, batch = "batch", n_latent = 10, max_epochs_encoder = 30,
+#'                  max_epochs_decoder = 5, threads = 2)
+#' summary(model, label = sce$cell_line)
 #' @method summary scdistill_distill
 #' @export
-summary.scdistill_distill <- function(object, ...) {
-  print(object)
+summary.scdistill_distill <- function(object, label = NULL, x = NULL, threads = NULL, ...) {
+  z_star <- object$teacher_latent
+  if (is.null(z_star)) {
+    stop("this model carries no teacher embedding (models read with load_model() keep only the student), ",
+         "so the student cannot be compared with it", call. = FALSE)
+  }
+  z <- object$latent
+  if (identical(object$info$config$target, "cell")) {
+    z_star <- t(apply(z_star, 1, function(r) (r - mean(r)) / (sqrt(mean((r - mean(r))^2)) + 1e-5)))
+  }
+  r2 <- function(rows) {
+    zs <- z_star[rows, , drop = FALSE]
+    1 - sum((z[rows, , drop = FALSE] - zs)^2) / sum(sweep(zs, 2, colMeans(zs))^2)
+  }
+  val <- object$validation_cells
+  out <- list(model = object, r2 = c(all = r2(seq_len(nrow(z))), validation = if (length(val) > 1) r2(val) else NA),
+              metrics = NULL)
+  if (!is.null(label)) {
+    if (is.character(label) && length(label) == 1 && nrow(z) != 1) {
+      if (is.null(x)) stop("`label` names a column; pass the training data as `x` too", call. = FALSE)
+      cnt <- as_counts(x)
+      label <- as.character(resolve_cell_factor(label, cnt$cell_data, colnames(cnt$counts), "label"))
+    }
+    if (length(label) != nrow(z)) {
+      stop("`label` has ", length(label), " values for the model's ", nrow(z), " training cells", call. = FALSE)
+    }
+    if (is.null(object$teacher_batch)) {
+      stop("this model does not carry its training cells' batches (fitted by an older version); ",
+           "call integration_metrics() on latent(model) and teacher_latent(model)", call. = FALSE)
+    }
+    m <- integration_metrics(list(student = z, teacher = object$teacher_latent), batch = object$teacher_batch,
+                             label = label, threads = threads)
+    m <- as.data.frame(m)
+    out$metrics <- rbind(m, `student - teacher` = m["student", ] - m["teacher", ])
+  }
+  class(out) <- "summary.scdistill_distill"
+  out
+}
+
+#' @method print summary.scdistill_distill
+#' @export
+print.summary.scdistill_distill <- function(x, ...) {
+  print(x$model)
   cat("\nArchitecture:\n")
-  print(unlist(object$info$config), quote = FALSE)
-  invisible(object)
+  print(unlist(x$model$info$config), quote = FALSE)
+  cat(sprintf("\nStudent against teacher: R\u00b2 %.3f on all cells, %.3f on the validation cells\n",
+              x$r2[["all"]], x$r2[["validation"]]))
+  if (!is.null(x$metrics)) {
+    keep <- intersect(c("total", "bio_conservation", "batch_correction", "ari_kmeans", "nmi_kmeans", "ari_leiden",
+                        "nmi_leiden", "isolated_labels", "silhouette_label", "clisi", "ilisi", "kbet",
+                        "graph_connectivity"), colnames(x$metrics))
+    print(round(t(x$metrics[, keep]), 3))
+  } else {
+    cat("(give `label` for the integration metrics of both)\n")
+  }
+  invisible(x)
 }
 
 #' @method plot scdistill_distill

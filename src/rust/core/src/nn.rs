@@ -229,6 +229,69 @@ impl FcLayers {
     }
 }
 
+impl FcLayers {
+    /// Sets each batch norm's running mean and variance to those of its
+    /// input over every cell, with dropout off and the layers before it
+    /// already recalibrated: the statistics inference will see.
+    ///
+    /// Training leaves running statistics that do not match inference:
+    /// they are a moving average over minibatches whose earlier layers had
+    /// dropout on (Li et al. 2019, "Understanding the disharmony between
+    /// dropout and batch normalization") and older weights. `chunks(i)` is
+    /// the i-th block of input rows with its covariates, `None` past the
+    /// last. Without batch norm this does nothing.
+    pub fn recalibrate_batch_norm(&self, chunks: &dyn Fn(usize) -> Option<(Tensor, Option<Tensor>)>) {
+        let _guard = tch::no_grad_guard();
+        for (l, (_, norm, _)) in self.layers.iter().enumerate() {
+            let NormLayer::Batch(bn) = norm else { continue };
+            let (mut n, mut sum, mut sumsq) = (0i64, None::<Tensor>, None::<Tensor>);
+            for c in 0.. {
+                let Some((x, cov)) = chunks(c) else { break };
+                let h = self.pre_norm(&x, cov.as_ref(), l).to_kind(Kind::Double);
+                n += h.size()[0];
+                let (s, q) =
+                    (h.sum_dim_intlist(0, false, Kind::Double), h.square().sum_dim_intlist(0, false, Kind::Double));
+                sum = Some(sum.map_or(s.shallow_clone(), |a| a + &s));
+                sumsq = Some(sumsq.map_or(q.shallow_clone(), |a| a + &q));
+            }
+            let (Some(sum), Some(sumsq)) = (sum, sumsq) else { return };
+            if n < 2 {
+                return;
+            }
+            let mean = &sum / n as f64;
+            // Unbiased, as batch norm's running variance is.
+            let var = ((sumsq - &mean * &sum) / (n - 1) as f64).clamp_min(0.0);
+            let (mut rm, mut rv) = (bn.running_mean.shallow_clone(), bn.running_var.shallow_clone());
+            rm.copy_(&mean.to_kind(rm.kind()));
+            rv.copy_(&var.to_kind(rv.kind()));
+        }
+    }
+
+    /// Input of layer `upto`'s normalization (its linear output), in
+    /// inference mode, for a dense input.
+    fn pre_norm(&self, x: &Tensor, cov: Option<&Tensor>, upto: usize) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, (lin, norm, inject)) in self.layers.iter().enumerate() {
+            if *inject {
+                if let Some(c) = cov {
+                    h = Tensor::cat(&[&h, c], 1);
+                }
+            }
+            h = lin.forward(&h);
+            if i == upto {
+                return h;
+            }
+            h = match norm {
+                NormLayer::Batch(b) => b.forward_t(&h, false),
+                NormLayer::Layer(l) => l.forward(&h),
+                NormLayer::None => h,
+            };
+            h = h.relu();
+        }
+        h
+    }
+}
+
 /// Inverted dropout: each entry kept with probability 1 − p and scaled by
 /// 1 / (1 − p). On the CPU the mask comes from a ChaCha8 stream seeded from
 /// libtorch's generator, so `manual_seed` still fixes it; libtorch's own CPU

@@ -3,6 +3,9 @@ use crate::models::TORCH;
 use crate::prep::{pca, PcaParams};
 use crate::simulate::{simulate, SimParams, Simulation};
 use crate::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
 fn sim(n_cells: usize, seed: u64) -> Simulation {
     let p = SimParams {
@@ -34,6 +37,10 @@ fn teacher(s: &Simulation) -> Vec<f64> {
 }
 
 fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {
+    fit_with(s, z, 10, epochs, seed, Target::Global)
+}
+
+fn fit_with(s: &Simulation, z: &[f64], d: usize, epochs: usize, seed: u64, target: Target) -> DistillModel {
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let all: Vec<usize> = (0..s.counts.n_genes()).collect();
     let data = DistillData {
@@ -42,12 +49,21 @@ fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {
         decoder_genes: &all,
         batch: &s.batch,
         teacher: z,
-        teacher_dim: 10,
+        teacher_dim: d,
         teacher_name: "harmony".into(),
     };
-    let tc = TrainConfig { max_epochs: epochs, batch_size: 128, adam_eps: 1e-8, weight_decay: 0.0, kl_warmup: 0.0, seed, ..Default::default() };
+    let tc = TrainConfig {
+        max_epochs: epochs,
+        batch_size: 128,
+        adam_eps: 1e-8,
+        weight_decay: 0.0,
+        kl_warmup: 0.0,
+        seed,
+        ..Default::default()
+    };
+    let config = DistillConfig { target, ..Default::default() };
     crate::device::with_threads(2, || {
-        DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc, Device::Cpu, &|| false, &|_, _| {})
+        DistillModel::fit(&data, config, tc.clone(), tc, Device::Cpu, &|| false, &|_, _| {})
     })
     .unwrap()
     .unwrap()
@@ -61,7 +77,7 @@ fn student_learns_the_teacher_and_decodes_without_the_batch() {
     // Phase 1: the student's Z keeps what the teacher has: cell types apart,
     // batches mixed (the teacher's trailing dimensions are noise that no
     // student can predict cell by cell, so compare scores, not coordinates).
-    let target = standardize_rows(&z, 10);
+    let target: Vec<f32> = z.iter().map(|&v| v as f32).collect();
     let ours = m.latent(&s.counts).unwrap();
     let score = |v: &[f32]| {
         let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
@@ -69,7 +85,10 @@ fn student_learns_the_teacher_and_decodes_without_the_batch() {
         crate::metrics::integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap()
     };
     let (st, te) = (score(&ours), score(&target));
-    let msg = format!("student iLISI {:.3} cLISI {:.3} ARI {:.3}; teacher {:.3} {:.3} {:.3}", st.ilisi, st.clisi, st.ari_kmeans, te.ilisi, te.clisi, te.ari_kmeans);
+    let msg = format!(
+        "student iLISI {:.3} cLISI {:.3} ARI {:.3}; teacher {:.3} {:.3} {:.3}",
+        st.ilisi, st.clisi, st.ari_kmeans, te.ilisi, te.clisi, te.ari_kmeans
+    );
     assert!(te.ilisi > 0.5 && te.ari_kmeans > 0.9, "{msg}");
     assert!(st.ilisi > te.ilisi - 0.05 && st.clisi > te.clisi - 0.02 && st.ari_kmeans > te.ari_kmeans - 0.02, "{msg}");
     // Phase 2 lowered the validation NLL.
@@ -101,6 +120,51 @@ fn student_learns_the_teacher_and_decodes_without_the_batch() {
         }
     }
     assert!(cor_gap < 0.3 * raw_gap, "batch gap in expression: raw {raw_gap}, corrected {cor_gap}");
+}
+
+#[test]
+fn the_student_keeps_clusters_that_lie_along_one_direction() {
+    // A teacher whose three types sit at 1, 3 and 6 along one direction u:
+    // standardizing each cell's row maps all three onto (nearly) the same
+    // point, the global standardization keeps them apart.
+    let s = sim(800, 4);
+    let d = 8;
+    let u = [0.9, -0.4, 0.3, 0.1, -0.2, 0.5, -0.1, 0.2];
+    let radius = [1.0, 3.0, 6.0];
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let z: Vec<f64> = (0..800)
+        .flat_map(|i| {
+            let r = radius[s.group.codes[i] as usize];
+            u.iter().map(|&v| r * v).collect::<Vec<_>>()
+        })
+        .map(|v| v + 0.05 * rng.sample::<f64, _>(StandardNormal))
+        .collect();
+    let ari = |m: &DistillModel| {
+        let v: Vec<f64> = m.latent(&s.counts).unwrap().iter().map(|&x| x as f64).collect();
+        let e = crate::metrics::Embedding::row_major(&v, 800, d);
+        (crate::metrics::integration_metrics(&e, &s.batch.codes, &s.group.codes, None, 0).unwrap().ari_kmeans, v)
+    };
+    let (global, v) = ari(&fit_with(&s, &z, d, 60, 1, Target::Global));
+    let (cell, _) = ari(&fit_with(&s, &z, d, 60, 1, Target::Cell));
+    assert!(global > 0.95 && cell < 0.6, "k-means ARI: global target {global:.3}, per-cell target {cell:.3}");
+    // The global student's Z is in the teacher's units: per-type means along
+    // u (a little shrunk towards the centre, as a regression is).
+    for (g, &r) in radius.iter().enumerate() {
+        let cells: Vec<usize> = (0..800).filter(|&i| s.group.codes[i] == g as u32).collect();
+        let along = cells.iter().map(|&i| (0..d).map(|j| v[i * d + j] * u[j]).sum::<f64>()).sum::<f64>()
+            / cells.len() as f64
+            / u.iter().map(|x| x * x).sum::<f64>();
+        assert!((along - r).abs() < 0.15 * radius[2], "type {g}: {along:.3} along u, teacher {r}");
+    }
+}
+
+#[test]
+fn models_saved_before_the_target_setting_learned_per_cell_targets() {
+    let mut v = serde_json::to_value(DistillConfig::default()).unwrap();
+    assert_eq!(v["target"], "global");
+    v.as_object_mut().unwrap().remove("target");
+    let old: DistillConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(old.target, Target::Cell);
 }
 
 #[test]
