@@ -73,6 +73,12 @@ test_that("the student's Z is in the teacher's units; summary() compares the two
   expect_identical(c1$info$config$target, "cell")
   expect_gt(summary(c1)$r2[["all"]], 0.5)
   expect_error(distill_small(standardize = "rows"), "`standardize` must be one of")
+  # Widths: c(encoder, decoder) by default, one number for both.
+  expect_identical(unlist(m$info$config[c("n_hidden", "n_hidden_decoder")]), c(n_hidden = 256L, n_hidden_decoder = 128L))
+  expect_identical(c1$info$config$n_hidden, 256L)
+  expect_match(capture.output(print(m))[1], "\\(2 x 256/128 hidden\\)")
+  expect_error(distill_small(n_hidden = c(64, 64, 64)), "one width or c\\(encoder, decoder\\)")
+  expect_error(distill_small(n_hidden = c(64, 0)), "`n_hidden` must be a whole number >= 1")
 })
 
 test_that("corrected expression removes the plate effect within cell lines", {

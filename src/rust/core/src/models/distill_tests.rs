@@ -159,12 +159,16 @@ fn the_student_keeps_clusters_that_lie_along_one_direction() {
 }
 
 #[test]
-fn models_saved_before_the_target_setting_learned_per_cell_targets() {
+fn models_saved_before_the_target_setting_learned_per_cell_targets_with_one_width() {
     let mut v = serde_json::to_value(DistillConfig::default()).unwrap();
     assert_eq!(v["target"], "global");
+    assert_eq!(v["n_hidden_decoder"], 128);
     v.as_object_mut().unwrap().remove("target");
+    v.as_object_mut().unwrap().remove("n_hidden_decoder");
     let old: DistillConfig = serde_json::from_value(v).unwrap();
     assert_eq!(old.target, Target::Cell);
+    // One width for both networks, as before the two could differ.
+    assert_eq!(old.decoder_width(), old.n_hidden);
 }
 
 #[test]

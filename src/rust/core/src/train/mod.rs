@@ -70,7 +70,13 @@ impl LossTerms {
     /// A loss without KL terms (the models trained on a fixed latent space).
     pub fn plain(loss: Tensor) -> LossTerms {
         let zero = loss.zeros_like();
-        LossTerms { reconstruction: loss, kl_warmup: zero.shallow_clone(), kl_fixed: zero, deferred: vec![], penalty: None }
+        LossTerms {
+            reconstruction: loss,
+            kl_warmup: zero.shallow_clone(),
+            kl_fixed: zero,
+            deferred: vec![],
+            penalty: None,
+        }
     }
 }
 
@@ -86,6 +92,10 @@ pub trait Trainable {
     /// Called after every optimiser step (a mapped model puts its frozen
     /// reference values back here).
     fn after_step(&self) {}
+    /// Called after each epoch's training steps, before the validation
+    /// loss, with the training rows (a distilled encoder sets its batch
+    /// norms' statistics here).
+    fn before_validation(&self, _train_rows: &[usize]) {}
 }
 
 /// Optimisation settings; defaults are scvi-tools 1.4's except the KL
@@ -351,6 +361,7 @@ pub fn train(
             break;
         }
         let seen_f = seen.max(1) as f64;
+        task.before_validation(&train_rows);
         let (val_elbo, val_rec, val_kl) = evaluate(task, &validation_rows, 1024);
         let train_rec = sum_rec.double_value(&[]) / seen_f;
         let train_kl = sum_kl.double_value(&[]) / seen_f;
