@@ -391,7 +391,9 @@ print.scdistill_distill <- function(x, ...) {
 #' validation cells), and, given the cells' types, [integration_metrics()]
 #' of both embeddings side by side with their differences. A student whose
 #' scores fall clearly below its teacher's has not learned it: more epochs,
-#' a wider network (`n_hidden`) or less `dropout` may help.
+#' a wider network (`n_hidden`) or less `dropout` may help. The k-means
+#' ARI/NMI move with k-means' random starts (two nearly identical embeddings
+#' can differ by 0.1); compare the Leiden and neighbourhood scores first.
 #'
 #' @param object A model from [distill()].
 #' @param label Optional: the cell type of each training cell (a vector in
