@@ -30,15 +30,18 @@ load_cellbench <- function(root) {
   list(counts = counts[, keep], batch = cells$batch[keep], label = cells$cell_line[keep])
 }
 
-# CellBench singlets on their 2,000 most variable genes (batch-aware), cells
-# with no counts there dropped: list(counts, batch, label).
-load_cellbench_hvg <- function(root, threads) {
-  d <- load_cellbench(root)
+# The 2,000 most variable genes (seurat_v3, batch-aware) of d = list(counts,
+# batch, label), cells with no counts there dropped; batch and label as
+# character.
+hvg_subset <- function(d, threads) {
   hvg <- scdistill::highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
   counts <- d$counts[hvg$highly_variable, ]
   keep <- Matrix::colSums(counts) > 0
-  list(counts = counts[, keep], batch = d$batch[keep], label = d$label[keep])
+  list(counts = counts[, keep], batch = as.character(d$batch[keep]), label = as.character(d$label[keep]))
 }
+
+# CellBench singlets on their 2,000 most variable genes: list(counts, batch, label).
+load_cellbench_hvg <- function(root, threads) hvg_subset(load_cellbench(root), threads)
 
 # Runs a command under /usr/bin/time: success, wall seconds, peak RSS (MB).
 timed <- function(cmd, args, quiet = TRUE) {

@@ -29,10 +29,7 @@ load_data <- function(name) {
                          format = "list", threads = threads, seed = 2)
     list(counts = s$counts, batch = s$cell_data$batch, label = s$cell_data$cell_type)
   }
-  hvg <- highly_variable_genes(d$counts, n_hvg = 2000, batch = d$batch, threads = threads)
-  counts <- d$counts[hvg$highly_variable, ]
-  keep <- Matrix::colSums(counts) > 0
-  list(counts = counts[, keep], batch = as.character(d$batch[keep]), label = as.character(d$label[keep]))
+  hvg_subset(d, threads)
 }
 
 run_one <- function(name) {

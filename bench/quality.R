@@ -66,14 +66,6 @@ scib_version <- system2(python, c("-c", shQuote("import importlib.metadata as m;
 show <- c("total", "bio_conservation", "batch_correction", "ari_kmeans", "nmi_kmeans", "isolated_labels",
           "pcr_comparison", "ilisi", "kbet", "clisi", "silhouette_label")
 
-# 2,000 batch-aware HVGs of `counts`, cells with no counts there dropped.
-hvg_subset <- function(counts, batch, label) {
-  hvg <- highly_variable_genes(counts, n_hvg = 2000, batch = batch, threads = threads)
-  counts <- counts[hvg$highly_variable, ]
-  keep <- Matrix::colSums(counts) > 0
-  list(counts = counts[, keep], batch = as.character(batch[keep]), label = as.character(label[keep]))
-}
-
 # Simulated counts, subsampled per batch to batch-specific type proportions:
 # `low(n_types, b)` gives the types of batch b whose weight is `low_w`.
 simulate_subsampled <- function(group_prob, n_batches, low, low_w) {
@@ -94,13 +86,12 @@ simulate_subsampled <- function(group_prob, n_batches, low, low_w) {
     }
   }
   keep <- sort(keep)
-  hvg_subset(s$counts[, keep], batch[keep], type[keep])
+  hvg_subset(list(counts = s$counts[, keep], batch = batch[keep], label = type[keep]), threads)
 }
 
 load_data <- function(name) {
   if (name == "cellbench") {
-    d <- load_cellbench_hvg(root, threads)
-    return(list(counts = d$counts, batch = as.character(d$batch), label = as.character(d$label)))
+    return(load_cellbench_hvg(root, threads))
   }
   if (name == "sim_rare") {
     return(simulate_subsampled(c(0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04, 0.03, 0.03, 0.02, 0.015, 0.01),
