@@ -46,6 +46,28 @@ rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assi
 
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
+rs_fit_vae_disk <- function(spec, genes, batch, categorical, continuous, config, train, device, threads, progress) {
+  .Call(native("wrap__rs_fit_vae_disk"), spec, genes, batch, categorical, continuous, config, train, device,
+        threads, progress)
+}
+
+rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous, give_mean, seed, threads) {
+  .Call(native("wrap__rs_vae_latent_disk"), ptr, spec, genes, batch, categorical, continuous, give_mean, seed,
+        threads)
+}
+
+rs_write_h5ad <- function(path, counts, columns) .Call(native("wrap__rs_write_h5ad"), path, counts, columns)
+
+rs_h5_exists <- function(path, names) .Call(native("wrap__rs_h5_exists"), path, names)
+
+rs_h5_strings <- function(path, name) .Call(native("wrap__rs_h5_strings"), path, name)
+
+rs_h5_attr <- function(path, obj, attr) .Call(native("wrap__rs_h5_attr"), path, obj, attr)
+
+rs_h5_shape <- function(path, name) .Call(native("wrap__rs_h5_shape"), path, name)
+
+rs_h5_numbers <- function(path, name) .Call(native("wrap__rs_h5_numbers"), path, name)
+
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
                             config, train_encoder, train_decoder, device, threads, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
@@ -131,6 +153,8 @@ rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples
 }
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
+
+rs_simulate_file <- function(params, path, threads) .Call(native("wrap__rs_simulate_file"), params, path, threads)
 
 rs_fit_species <- function(context, context_batch, labels, target, target_batch, homologs, config, train_context,
                             train_target, device, threads, progress) {

@@ -145,7 +145,8 @@ model_features.scdistill_model <- function(model, modality = NULL) model$info$ge
 #' ignored, missing ones are an error).
 #'
 #' @param model A `scdistill_model`.
-#' @param x `NULL` or counts of cells to place (see [as_counts()]).
+#' @param x `NULL` or counts of cells to place (see [as_counts()]); for
+#'   a VAE also counts on disk, read in blocks (see [h5_counts()]).
 #' @param batch Batch of the cells of `x` (a column of the cell metadata or
 #'   one value per cell), needed only by models that encode covariates; by
 #'   default the column the model was trained with.
@@ -176,6 +177,8 @@ latent.scdistill_model <- function(model, x = NULL, batch = NULL, give_mean = TR
     stop("pass `x`, the counts of the cells (the model keeps the latent space of its training cells only ",
          "in the session it was trained in, and draws always need the counts)", call. = FALSE)
   }
+  d <- as_disk(x, ...)
+  if (!is.null(d)) return(latent_disk(model, d, batch, give_mean, seed, threads))
   cells <- model_cells(model, x, batch, ...)
   z <- rust(rs_model_latent(model_ptr(model), cells, list(give_mean = give_mean, seed = check_seed(seed)),
                             resolve_threads(threads)))
@@ -363,6 +366,11 @@ add_latent.scdistill_distill <- function(x, model, name = NULL, ...) {
 
 # The latent space of the cells of `x`: the training one when `x` is the training data.
 latent_of_object <- function(model, x, ...) {
+  d <- as_disk(x)
+  if (!is.null(d)) {
+    if (!is.null(model$latent) && identical(disk_fingerprint(d), model$fingerprint)) return(model$latent)
+    return(latent(model, d, ...))
+  }
   cnt <- as_counts(x)
   cached_latent(model, cnt$counts) %||% latent(model, cnt, ...)
 }

@@ -97,6 +97,13 @@
 #'   change.
 #' @param seed Random seed; the same seed gives the same counts.
 #' @param format `"sce"` (a `SingleCellExperiment`) or `"list"`.
+#' @param file `NULL`, or an `.h5ad` file to write the counts to, block of
+#'   cells by block (16,384 at a time), so that simulations larger than
+#'   memory can be made. The cells are the same as without `file`. The
+#'   result is then the `"list"` format with `counts` an [h5_counts()]
+#'   object pointing at the file; the file's cell columns are `cell_type`,
+#'   `batch` (and `condition`, `sample` when simulated). Readable by
+#'   AnnData/scanpy. Not with `atac`, `species` or `ambient`.
 #' @param threads Number of threads (see [torch_config()]).
 #' @param ... Splatter-level parameters by name: `mean_shape` (0.6),
 #'   `mean_rate` (0.3), `lib_loc` (7.6, about 2,000 counts per cell; Splatter
@@ -146,7 +153,7 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
                             samples_per_batch = 2, sample_sd = 0,
                             age_de_prob = 0, zero_inflation = FALSE, atac = FALSE, n_peaks = 5000,
                             atac_only_groups = 0, atac_binary = FALSE, species = NULL, ambient = NULL, seed = 1,
-                            format = c("sce", "list"), threads = NULL, ...) {
+                            format = c("sce", "list"), file = NULL, threads = NULL, ...) {
   batch_effect <- choose_arg(batch_effect, "batch_effect")
   format <- choose_arg(format, "format")
   group_prob <- group_prob %||% rep(1, check_count(n_groups, "n_groups"))
@@ -193,10 +200,27 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
   params[names(extra)] <- lapply(extra, as.numeric)
   params <- lapply(params, as.numeric)
   amb <- ambient_params(ambient)
+  if (!is.null(file)) return(simulate_to_file(params, file, atac, species, amb, threads))
   res <- rust(rs_simulate(params, resolve_threads(threads)))
   out <- simulation_result(res, params, format)
   if (is.null(amb)) return(out)
   add_ambient(out, amb, params$seed, format, threads)
+}
+
+# simulate_counts(file = ): the counts written to an .h5ad file in blocks,
+# never held; the truth returned as format "list" with `counts` the file.
+simulate_to_file <- function(params, file, atac, species, amb, threads) {
+  if (!is.character(file) || length(file) != 1 || is.na(file)) stop("`file` must be one file name", call. = FALSE)
+  if (isTRUE(atac) || (!is.null(species) && !isFALSE(species)) || !is.null(amb)) {
+    stop("`file` writes one species' RNA counts: it cannot be combined with `atac`, `species` or `ambient`",
+         call. = FALSE)
+  }
+  if (!dir.exists(dirname(file))) stop("the folder of `file` ('", dirname(file), "') does not exist", call. = FALSE)
+  res <- rust(rs_simulate_file(params, path.expand(file), resolve_threads(threads)))
+  res$counts <- list(p = integer(length(res$cells) + 1), i = integer(), x = numeric())
+  out <- simulation_result(res, params, "list")
+  out$counts <- h5_counts(file)
+  out
 }
 
 ambient_params <- function(ambient) {

@@ -33,7 +33,13 @@
 #' [highly_variable_genes()]): the model uses every gene of `x`.
 #'
 #' @param x Raw counts: a `SingleCellExperiment`, `Seurat` object,
-#'   `dgCMatrix`, `matrix` or `DelayedMatrix` (see [as_counts()]).
+#'   `dgCMatrix`, `matrix` or `DelayedMatrix` (see [as_counts()]); or
+#'   counts on disk, which are streamed from the file in blocks rather than
+#'   loaded: the path of an `.h5ad` or 10x `.h5` file, an [h5_counts()]
+#'   object, or a `SingleCellExperiment` whose counts are an HDF5-backed
+#'   `DelayedMatrix` (see [h5_counts()] for how training reads them; then
+#'   `batch` and the covariates name cell columns of the experiment or of
+#'   the file's `obs`).
 #' @param batch `NULL`, a column of the cell metadata, or one value per cell.
 #' @param n_latent,n_hidden,n_layers Latent dimensions, units per hidden
 #'   layer, hidden layers of the encoder and of the decoder.
@@ -122,6 +128,12 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                  likelihood = likelihood, dispersion = dispersion,
                  learn_library = library_size == "learned",
                  encode_covariates = check_flag(encode_covariates, "encode_covariates"))
+  d <- as_disk(x, ...)
+  if (!is.null(d)) {
+    return(fit_vae_disk(d, batch, categorical_covariates, continuous_covariates, config, max_epochs, batch_size, lr,
+                        weight_decay, kl_warmup, early_stopping, patience, min_delta, validation_fraction, seed,
+                        device, threads, progress))
+  }
   cnt <- as_counts(x, batch = batch, ...)
   n_cells <- ncol(cnt$counts)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
@@ -179,7 +191,7 @@ train_settings <- function(n_cells, max_epochs, batch_size, lr, weight_decay, kl
 # Categorical and continuous covariates of the cells: column names of the
 # cell metadata or a data.frame with one row per cell.
 cell_covariates <- function(cnt, categorical, continuous) {
-  cells <- colnames(cnt$counts)
+  cells <- cnt$cells %||% colnames(cnt$counts)
   take <- function(spec, arg) {
     if (is.null(spec)) return(list())
     if (is.data.frame(spec)) {

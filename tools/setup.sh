@@ -26,7 +26,7 @@ PKGS=(r-base-dev r-cran-matrix r-cran-cli r-cran-testthat r-cran-roxygen2 r-cran
       r-cran-rmarkdown r-bioc-singlecellexperiment r-bioc-summarizedexperiment
       r-cran-seurat r-cran-seuratobject r-bioc-delayedarray r-bioc-hdf5array
       r-bioc-deseq2 r-bioc-edger r-cran-uwot r-cran-ggplot2 r-cran-irlba
-      r-bioc-multiassayexperiment
+      r-bioc-multiassayexperiment r-bioc-rhdf5 libhdf5-dev pkg-config
       pandoc python3 python3-venv build-essential ca-certificates zip unzip xz-utils
       devscripts qpdf)  # checkbashisms and qpdf, for R CMD check --as-cran
 missing=()

@@ -1,5 +1,5 @@
 //! Records the libtorch version the crate is built against, for `torch_config()`,
-//! and makes this crate's own binaries find libtorch.
+//! makes this crate's own binaries find libtorch, and finds libhdf5.
 use std::{env, fs, path::Path};
 
 fn main() {
@@ -24,5 +24,26 @@ fn main() {
     // (The R package's shared object gets its own rpath from src/Makevars.)
     if let Ok(dir) = env::var("LIBTORCH") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}/lib");
+    }
+    // libhdf5 (on-disk data): Debian's serial build lies outside the linker's
+    // default path; pkg-config names its folder (`configure` does the same
+    // for the R package's link line).
+    println!("cargo:rerun-if-env-changed=HDF5_LIB_DIR");
+    let dirs = env::var("HDF5_LIB_DIR").map(|d| vec![d]).unwrap_or_else(|_| {
+        std::process::Command::new("pkg-config")
+            .args(["--libs-only-L", "hdf5"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|f| f.strip_prefix("-L").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    for d in dirs {
+        println!("cargo:rustc-link-search=native={d}");
     }
 }

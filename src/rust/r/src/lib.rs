@@ -7,6 +7,7 @@ use extendr_api::Result;
 mod ambient;
 mod clusters;
 mod convert;
+mod disk;
 mod distill;
 mod doublets;
 mod harmony;
@@ -66,6 +67,7 @@ extendr_module! {
     use torch;
     use model;
     use vae;
+    use disk;
     use distill;
     use harmony;
     use multimodal;

@@ -110,6 +110,16 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
     Ok(simulation_to_r(s))
 }
 
+/// `rs_simulate` writing the counts to an .h5ad file at `path` in blocks
+/// (the list's counts are empty).
+/// @noRd
+#[extendr]
+fn rs_simulate_file(params: List, path: &str, threads: i32) -> Result<List> {
+    let p = sim_params_from_r(&params)?;
+    let s = run(threads, |_| simulate::simulate_to_h5ad(&p, path))?;
+    Ok(simulation_to_r(s))
+}
+
 /// A simulation and its truth as an R list (the second species, if any, as
 /// `species`, with attributes `homolog`: the 1-based first-species gene of
 /// each gene or 0, `homolog_lfc`: the homolog truth, [group][gene] flattened,
@@ -168,4 +178,5 @@ fn species_to_r(sp: simulate::SpeciesSimulation) -> Robj {
 extendr_module! {
     mod simulate;
     fn rs_simulate;
+    fn rs_simulate_file;
 }

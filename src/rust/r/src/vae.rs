@@ -22,7 +22,7 @@ pub(crate) fn categorical_list(l: &List, n: usize) -> Result<Categorical> {
 
 /// Covariates of training cells: `batch` = list(name, codes (1-based), levels);
 /// `categorical` = list of such lists; `continuous` = named list of doubles.
-fn covariates_from_r(batch: &List, categorical: &List, continuous: &List, n: usize) -> Result<Covariates> {
+pub(crate) fn covariates_from_r(batch: &List, categorical: &List, continuous: &List, n: usize) -> Result<Covariates> {
     let cat = |l: &List| categorical_list(l, n);
     let batch = cat(batch)?;
     let cats = categorical

@@ -97,19 +97,7 @@ impl CountMatrix {
     /// data. Extra genes are ignored; missing ones are an error naming how
     /// many of the model's `what` genes are missing and the first few.
     pub fn columns_of(&self, genes: &[String], what: &str) -> crate::Result<Vec<usize>> {
-        let at: std::collections::HashMap<&str, usize> =
-            self.genes.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
-        let missing: Vec<&String> = genes.iter().filter(|g| !at.contains_key(g.as_str())).collect();
-        if !missing.is_empty() {
-            return crate::error::invalid!(
-                "{} of the model's {} {what}genes are missing from the new data (first: {}); \
-                 the new cells must be measured on the genes the model was trained on",
-                missing.len(),
-                genes.len(),
-                missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
-            );
-        }
-        Ok(genes.iter().map(|g| at[g.as_str()]).collect())
+        columns_of(&self.genes, genes, what)
     }
 
     /// This matrix's CSR with only the columns `keep` (in that order); no
@@ -202,6 +190,24 @@ fn check_values(p: &[i32], i: &[i32], x: &[f64], genes: &[String], cells: &[Stri
         return invalid!("count {} at {} exceeds the supported maximum of 16,777,216", x[k], locate(k));
     }
     Ok(())
+}
+
+/// Columns of `have` holding `want` (by name, in that order); missing
+/// ones are an error naming how many of the model's `what` genes are
+/// missing and the first few.
+pub fn columns_of(have: &[String], want: &[String], what: &str) -> crate::Result<Vec<usize>> {
+    let at: HashMap<&str, usize> = have.iter().enumerate().map(|(i, g)| (g.as_str(), i)).collect();
+    let missing: Vec<&String> = want.iter().filter(|g| !at.contains_key(g.as_str())).collect();
+    if !missing.is_empty() {
+        return invalid!(
+            "{} of the model's {} {what}genes are missing from the new data (first: {}); \
+             the new cells must be measured on the genes the model was trained on",
+            missing.len(),
+            want.len(),
+            missing.iter().take(3).map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(want.iter().map(|g| at[g.as_str()]).collect())
 }
 
 /// Up to three quoted names, for error messages.

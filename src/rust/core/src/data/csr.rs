@@ -105,6 +105,20 @@ impl Csr {
         Csr::from_rows(rows, keep.len())
     }
 
+    /// The rows `rows` (in that order) as a matrix of their own.
+    pub fn select_rows(&self, rows: &[usize]) -> Csr {
+        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        indptr.push(0);
+        let (mut indices, mut values) = (vec![], vec![]);
+        for &r in rows {
+            let (i, v) = self.row(r);
+            indices.extend_from_slice(i);
+            values.extend_from_slice(v);
+            indptr.push(indices.len());
+        }
+        Csr { n_rows: rows.len(), n_cols: self.n_cols, indptr, indices, values }
+    }
+
     /// The sum of two sparse rows (column indices ascending in both).
     pub fn add_rows(a: (&[u32], &[f32]), b: (&[u32], &[f32])) -> (Vec<u32>, Vec<f32>) {
         let ((ia, va), (ib, vb)) = (a, b);

@@ -122,7 +122,7 @@ impl JointTask<'_> {
     /// log π_k = log mean_i q_ik; then the targets p_ik ∝ q_ik² / Σ_j q_jk.
     /// Returns the posterior means it used (cells × d, row-major).
     fn update_centers(&self) -> Vec<f32> {
-        let n = self.data.counts.n_rows;
+        let n = self.data.n_cells();
         let d = self.model.cfg.n_latent as i64;
         let z = infer::latent(self.model, self.data, true);
         let dev = self.centroids.device();
@@ -151,7 +151,7 @@ impl Trainable for JointTask<'_> {
     }
 
     fn n_cells(&self) -> usize {
-        self.data.counts.n_rows
+        self.data.n_cells()
     }
 
     fn start_epoch(&self, _epoch: usize) {

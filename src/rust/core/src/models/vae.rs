@@ -9,14 +9,17 @@
 //! log-normal prior whose mean and variance are those of the batch's log
 //! library sizes (as scVI).
 
-use crate::data::{Categorical, CountMatrix, Covariates, Csr, DeviceCsr};
+use crate::data::{Categorical, CountMatrix, Covariates, Csr, DeviceCsr, DiskCsr, Rows, Scan};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 /// Largest count matrix kept on a GPU for training (bytes).
 const RESIDENT_MAX_BYTES: usize = 8 << 30;
+use super::count_decoder::{CountDecoder, CountDecoderSpec};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
-use super::count_decoder::{CountDecoder, CountDecoderSpec};
 use crate::likelihood::SparseBatch;
 use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::Cells;
@@ -28,8 +31,8 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 // The observation model is shared with the fused kernel; its old path stays.
-pub use crate::likelihood::Likelihood;
 pub use super::count_decoder::{Decoded, DecoderHeads, Dispersion};
+pub use crate::likelihood::Likelihood;
 
 /// Architecture of a VAE; saved with the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,15 +154,7 @@ impl Vae {
         );
         let library_log_means = root.zeros_no_train("library_log_means", &[cfg.n_batch as i64]);
         let library_log_vars = root.ones_no_train("library_log_vars", &[cfg.n_batch as i64]);
-        Ok(Vae {
-            cfg,
-            vs,
-            encoder,
-            library_encoder,
-            decoder,
-            library_log_means,
-            library_log_vars,
-        })
+        Ok(Vae { cfg, vs, encoder, library_encoder, decoder, library_log_means, library_log_vars })
     }
 
     pub fn device(&self) -> Device {
@@ -249,7 +244,7 @@ impl Vae {
 
 /// The counts and covariates a VAE trains on, with per-cell constants.
 pub struct VaeData<'a> {
-    pub counts: &'a Csr,
+    pub counts: Rows<'a>,
     pub covariates: &'a Covariates,
     pub log_library: Vec<f32>,
     pub log_factorial: Vec<f32>,
@@ -261,7 +256,22 @@ impl<'a> VaeData<'a> {
     pub fn new(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
         let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
         let log_factorial = super::log_factorial(counts);
-        VaeData { counts, covariates, log_library, log_factorial, resident: None }
+        VaeData { counts: Rows::Memory(counts), covariates, log_library, log_factorial, resident: None }
+    }
+
+    /// Data on disk, with the per-cell totals of a pass over it.
+    pub fn on_disk(counts: &'a DiskCsr, scan: &Scan, covariates: &'a Covariates) -> VaeData<'a> {
+        VaeData {
+            counts: Rows::Disk(counts),
+            covariates,
+            log_library: crate::data::log_libraries(scan),
+            log_factorial: scan.log_factorial.clone(),
+            resident: None,
+        }
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.counts.n_rows()
     }
 
     /// Mean and variance of the log library size within each of `n_batch`
@@ -284,22 +294,28 @@ impl<'a> VaeData<'a> {
 
     /// Keeps the counts on `device` and gathers minibatches there.
     pub fn keep_on(mut self, device: Device) -> Result<Self> {
-        self.resident = Some(DeviceCsr::new(self.counts, device)?);
+        if let Some(m) = self.counts.memory() {
+            self.resident = Some(DeviceCsr::new(m, device)?);
+        }
         Ok(self)
     }
 
     /// Inputs of `rows`, with every cell's batch set to `batch_as` if given.
     pub fn inputs(&self, rows: &[usize], batch_as: Option<u32>, device: Device) -> Inputs {
+        self.inputs_from(rows, batch_as, device, false)
+    }
+
+    /// `inputs`, reading on-disk cells from the epoch's stream when `streamed`.
+    pub fn inputs_from(&self, rows: &[usize], batch_as: Option<u32>, device: Device, streamed: bool) -> Inputs {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
         let (log1p_x, nonzero) = match &self.resident {
             Some(d) if d.device() == device => {
                 let (x, nonzero) = d.rows(rows);
                 (x.log1p(), nonzero)
             }
-            _ => (
-                crate::data::log1p_rows_to_tensor(self.counts, rows, device),
-                SparseBatch::from_csr(self.counts, rows, device),
-            ),
+            _ => self.counts.with_rows(rows, streamed, |m, local| {
+                (crate::data::log1p_rows_to_tensor(m, local, device), SparseBatch::from_csr(m, local, device))
+            }),
         };
         Inputs {
             log1p_x,
@@ -324,11 +340,31 @@ impl Trainable for VaeTask<'_> {
     }
 
     fn n_cells(&self) -> usize {
-        self.data.counts.n_rows
+        self.data.n_cells()
     }
 
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
-        self.model.loss_terms(&self.data.inputs(rows, None, self.model.device()), train)
+        self.model.loss_terms(&self.data.inputs_from(rows, None, self.model.device(), train), train)
+    }
+
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        match self.data.counts {
+            Rows::Disk(d) => d.split(validation_fraction, seed),
+            Rows::Memory(_) => crate::data::train_validation_split(self.n_cells(), validation_fraction, seed),
+        }
+    }
+
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        match self.data.counts {
+            Rows::Disk(d) => *rows = d.epoch_order(rows, seed),
+            Rows::Memory(_) => rows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
+        }
+    }
+
+    fn end_epoch(&self) {
+        if let Rows::Disk(d) = self.data.counts {
+            d.end_stream();
+        }
     }
 }
 
@@ -346,7 +382,7 @@ struct FrozenEncoderTask<'a> {
 
 impl<'a> FrozenEncoderTask<'a> {
     fn new(model: &'a Vae, data: &'a VaeData<'a>) -> FrozenEncoderTask<'a> {
-        let n = data.counts.n_rows;
+        let n = data.n_cells();
         let (mut zm, mut zv, mut lm, mut lv) = (vec![], vec![], vec![], vec![]);
         tch::no_grad(|| {
             for start in (0..n).step_by(1024) {
@@ -371,7 +407,7 @@ impl Trainable for FrozenEncoderTask<'_> {
     }
 
     fn n_cells(&self) -> usize {
-        self.data.counts.n_rows
+        self.data.n_cells()
     }
 
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
@@ -422,20 +458,82 @@ impl VaeModel {
     pub fn fit(
         counts: &CountMatrix,
         cov: &Covariates,
+        config: VaeConfig,
+        train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<VaeModel> {
+        Self::fit_data(
+            || Ok(VaeData::new(&counts.csr, cov)),
+            Rows::Memory(&counts.csr),
+            &counts.genes,
+            cov,
+            config,
+            train_cfg,
+            device,
+            interrupted,
+            on_epoch,
+        )
+    }
+
+    /// `fit` on counts that stay on disk: minibatches are streamed from the
+    /// file (see `data::DiskCsr`); `scan` is the file's pass of per-cell totals.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_on_disk(
+        counts: &DiskCsr,
+        scan: &Scan,
+        genes: &[String],
+        cov: &Covariates,
+        config: VaeConfig,
+        train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<VaeModel> {
+        if genes.len() != counts.n_cols() || scan.row_sums.len() != counts.n_rows() {
+            return invalid!(
+                "{} gene names and {} scanned cells for a {} x {} matrix",
+                genes.len(),
+                scan.row_sums.len(),
+                counts.n_rows(),
+                counts.n_cols()
+            );
+        }
+        Self::fit_data(
+            || Ok(VaeData::on_disk(counts, scan, cov)),
+            Rows::Disk(counts),
+            genes,
+            cov,
+            config,
+            train_cfg,
+            device,
+            interrupted,
+            on_epoch,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fit_data<'a>(
+        make_data: impl FnOnce() -> Result<VaeData<'a>>,
+        counts: Rows<'a>,
+        genes: &[String],
+        cov: &'a Covariates,
         mut config: VaeConfig,
         mut train_cfg: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(&EpochRecord),
     ) -> Result<VaeModel> {
-        if cov.n_cells() != counts.n_cells() {
-            return invalid!("{} covariate values for {} cells", cov.n_cells(), counts.n_cells());
+        let n_cells = counts.n_rows();
+        if cov.n_cells() != n_cells {
+            return invalid!("{} covariate values for {} cells", cov.n_cells(), n_cells);
         }
-        config.n_genes = counts.n_genes();
+        config.n_genes = counts.n_cols();
         config.n_batch = cov.batch.n_levels();
         config.n_design = cov.n_design();
         if train_cfg.max_epochs == 0 {
-            train_cfg.max_epochs = default_max_epochs(counts.n_cells());
+            train_cfg.max_epochs = default_max_epochs(n_cells);
         }
         // Every check before the global generator is seeded: a refused call
         // leaves libtorch's random state as it was.
@@ -443,10 +541,12 @@ impl VaeModel {
         train_cfg.check()?;
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(config.clone(), device)?;
-        let mut data = VaeData::new(&counts.csr, cov);
+        let mut data = make_data()?;
         // On a GPU, keep the counts there when they take at most 8 GiB.
-        if device != Device::Cpu && DeviceCsr::bytes(counts.csr.nnz(), counts.n_cells()) <= RESIDENT_MAX_BYTES {
-            data = data.keep_on(device)?;
+        if let Some(m) = counts.memory() {
+            if device != Device::Cpu && DeviceCsr::bytes(m.nnz(), n_cells) <= RESIDENT_MAX_BYTES {
+                data = data.keep_on(device)?;
+            }
         }
         if config.learn_library {
             vae.set_library_prior(&data);
@@ -454,13 +554,13 @@ impl VaeModel {
         let history = train(&VaeTask { model: &vae, data: &data }, &train_cfg, interrupted, on_epoch)?;
         let meta = VaeMeta {
             config,
-            genes: counts.genes.clone(),
+            genes: genes.to_vec(),
             batch_name: cov.batch.name.clone(),
             batch_levels: cov.batch.levels.clone(),
             categorical: cov.categorical.iter().map(|c| (c.name.clone(), c.levels.clone())).collect(),
             continuous: cov.continuous.iter().map(|c| c.0.clone()).collect(),
             query_batches: vec![],
-            training: TrainingRecord::new(train_cfg, history, counts.n_cells()),
+            training: TrainingRecord::new(train_cfg, history, n_cells),
             fine_tuned: None,
         };
         Ok(VaeModel { meta, vae })
@@ -503,7 +603,9 @@ impl VaeModel {
         }
         let csr = self.align_genes(counts.remove(0))?;
         let Some(batch) = batch else {
-            return invalid!("give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model");
+            return invalid!(
+                "give the batch of the query cells (`batch =`): each of their batches becomes a new batch of the model"
+            );
         };
         let new = new_levels(&self.meta.batch_levels, &batch, &self.meta.batch_name)?;
         let cats = self.given_categorical(categorical)?;

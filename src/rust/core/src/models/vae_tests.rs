@@ -1,5 +1,5 @@
-use super::*;
 use super::infer;
+use super::*;
 use crate::metrics::{integration_metrics, Embedding};
 use crate::simulate::{simulate, SimParams};
 use crate::train::evaluate;

@@ -18,7 +18,7 @@ pub use atac::{AtacParams, AtacSimulation};
 pub use params::{ConditionParams, SimParams, Species, SpeciesParams};
 
 use crate::data::{Categorical, CountMatrix, Csr};
-use crate::error::Result;
+use crate::error::{invalid, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -102,7 +102,7 @@ struct Inherited {
 pub fn simulate(p: &SimParams) -> Result<Simulation> {
     p.validate()?;
     let p1 = SimParams { group_prob: p.species_group_prob(Species::First), ..p.clone() };
-    let mut first = simulate_one(&p1, None, "")?;
+    let mut first = simulate_one(&p1, None, "", None)?;
     if let Some(sp) = &p.species {
         first.species = Some(Box::new(second_species(p, sp, &first)?));
     }
@@ -131,7 +131,7 @@ fn second_species(p: &SimParams, sp: &SpeciesParams, first: &Simulation) -> Resu
     for &(g1, g2) in &pairs {
         homolog[g2] = Some(g1);
     }
-    let sim = simulate_one(&p2, Some(&inherited), "Sp2")?;
+    let sim = simulate_one(&p2, Some(&inherited), "Sp2", None)?;
     let shared_groups = p.shared_groups();
     let homolog_lfc = homolog_truth(first, &sim, &homolog, &shared_groups);
     Ok(SpeciesSimulation { sim, homolog, homolog_lfc, shared_groups })
@@ -208,7 +208,38 @@ fn homolog_truth(first: &Simulation, second: &Simulation, homolog: &[Option<u32>
 }
 
 /// One species; `inherited` overrides the base means and cell-type factors it sets.
-fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> Result<Simulation> {
+/// `simulate`, writing the counts to an AnnData file at `path` in blocks of
+/// cells instead of holding them: the same cells as `simulate` draws (each
+/// cell has its own random stream), with the cell types, batches and (when
+/// simulated) conditions and samples as categorical cell columns. The
+/// returned simulation has the truth and names but no counts (0 rows).
+/// Without a second species or ATAC modality.
+pub fn simulate_to_h5ad(p: &SimParams, path: &str) -> Result<Simulation> {
+    p.validate()?;
+    if p.species.is_some() || p.atac.is_some() {
+        return invalid!("a simulation written to a file has one species and RNA only");
+    }
+    let mut w = crate::data::H5adWriter::create(path, p.n_genes)?;
+    let s = simulate_one(p, None, "", Some(&mut w))?;
+    let mut cols: Vec<(String, Vec<u32>, Vec<String>)> = vec![];
+    // The column names simulate_counts() gives its cell metadata.
+    for c in [Some(&s.group), Some(&s.batch), s.condition.as_ref(), s.sample.as_ref()].into_iter().flatten() {
+        let name = if c.name == "group" { "cell_type".to_string() } else { c.name.clone() };
+        cols.push((name, c.codes.clone(), c.levels.clone()));
+    }
+    w.finish(&s.counts.cells, &s.counts.genes, &cols)?;
+    Ok(s)
+}
+
+/// Cells drawn at once when a simulation is written to a file.
+const FILE_BLOCK: usize = 16_384;
+
+fn simulate_one(
+    p: &SimParams,
+    inherited: Option<&Inherited>,
+    prefix: &str,
+    file: Option<&mut crate::data::H5adWriter>,
+) -> Result<Simulation> {
     let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
     // The draws below come from one stream in this order: moving one moves the rest.
@@ -260,7 +291,7 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
             .collect()
     });
 
-    let (csr, library_size) = Csr::build_rows(p.n_cells, n_genes, |i, idx, val| {
+    let cell = |i: usize, idx: &mut Vec<u32>, val: &mut Vec<f32>| {
         let mut r = ChaCha8Rng::seed_from_u64(p.seed);
         r.set_stream(i as u64 + 1);
         let b = cells.batch[i] as usize;
@@ -273,7 +304,20 @@ fn simulate_one(p: &SimParams, inherited: Option<&Inherited>, prefix: &str) -> R
         };
         cell_counts(p, prof, &bcv_scale, lib, &mut r, idx, val);
         lib
-    });
+    };
+    let (csr, library_size) = match file {
+        None => Csr::build_rows(p.n_cells, n_genes, cell),
+        Some(w) => {
+            let mut libs = Vec::with_capacity(p.n_cells);
+            for start in (0..p.n_cells).step_by(FILE_BLOCK) {
+                let len = FILE_BLOCK.min(p.n_cells - start);
+                let (part, l) = Csr::build_rows(len, n_genes, |k, idx, val| cell(start + k, idx, val));
+                w.append(&part)?;
+                libs.extend(l);
+            }
+            (Csr { n_rows: 0, n_cols: n_genes, indptr: vec![0], ..Default::default() }, libs)
+        }
+    };
     let atac = p.atac.as_ref().map(|a| {
         atac::simulate_atac(
             p,

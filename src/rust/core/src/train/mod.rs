@@ -96,6 +96,20 @@ pub trait Trainable {
     /// loss, with the training rows (a distilled encoder sets its batch
     /// norms' statistics here).
     fn before_validation(&self, _train_rows: &[usize]) {}
+    /// The (training, validation) cells, each sorted; by default a seeded
+    /// random `validation_fraction` of the cells is held out (data on disk
+    /// holds out whole blocks of cells).
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        train_validation_split(self.n_cells(), validation_fraction, seed)
+    }
+    /// Puts the training cells in an epoch's order: by default a seeded
+    /// shuffle (data on disk shuffles blocks and windows of them, and
+    /// starts reading ahead).
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        rows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    }
+    /// Called after each epoch's training steps (data on disk stops reading ahead).
+    fn end_epoch(&self) {}
 }
 
 /// Optimisation settings; defaults are scvi-tools 1.4's except the KL
@@ -288,8 +302,7 @@ pub fn train(
     on_epoch: &dyn Fn(&EpochRecord),
 ) -> Result<History> {
     cfg.check()?;
-    let n = task.n_cells();
-    let (mut train_rows, validation_rows) = train_validation_split(n, cfg.validation_fraction, cfg.seed);
+    let (mut train_rows, validation_rows) = task.split(cfg.validation_fraction, cfg.seed);
     check_param(train_rows.len() >= 2, "validation_fraction", "leaves fewer than 2 cells to train on")?;
     let vs = task.var_store();
     let mut opt = Optimizer::new(vs, cfg)?;
@@ -322,7 +335,7 @@ pub fn train(
     let mut last_finite = snapshot(vs);
     for epoch in 0..cfg.max_epochs {
         let t0 = Instant::now();
-        train_rows.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1 + epoch as u64)));
+        task.epoch_order(&mut train_rows, cfg.seed.wrapping_add(1 + epoch as u64));
         let zero = || Tensor::zeros([], (Kind::Double, device));
         let (mut sum_loss, mut sum_rec, mut sum_kl) = (zero(), zero(), zero());
         let mut seen = 0usize;
@@ -357,6 +370,7 @@ pub fn train(
                 break;
             }
         }
+        task.end_epoch();
         if history.interrupted && seen == 0 {
             break;
         }

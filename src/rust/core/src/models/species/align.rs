@@ -58,7 +58,7 @@ pub struct Representations {
 
 /// Runs every cell of `data` through `side`'s encoders (with `inner`).
 pub fn encode_all(side: &Side, inner: &GaussianEncoder, data: &VaeData, device: Device, keep_inter: bool) -> Representations {
-    let n = data.counts.n_rows;
+    let n = data.n_cells();
     let rows: Vec<usize> = (0..n).collect();
     let (mut inter, mut mean, mut var, mut lm, mut lv) = (vec![], vec![], vec![], vec![], vec![]);
     tch::no_grad(|| {

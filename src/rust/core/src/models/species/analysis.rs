@@ -60,7 +60,7 @@ fn nll_of_heads(
 ) -> Tensor {
     let device = heads.logits.device();
     let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
-    let x = SparseBatch::from_csr(data.counts, &rep, device);
+    let x = data.counts.with_rows(&rep, false, |m, local| SparseBatch::from_csr(m, local, device));
     let lf: Vec<f32> = rep.iter().map(|&r| data.log_factorial[r]).collect();
     let lf = Tensor::from_slice(&lf).to_device(device);
     let lib = log_library.repeat_interleave_self_int(k as i64, Some(0), None);
@@ -130,7 +130,7 @@ impl SpeciesModel {
 
     /// NLL of each target cell under its own posterior mean: the zero of sim.
     fn own_nll(&self, t: &TargetCells) -> Tensor {
-        let n = t.data.counts.n_rows;
+        let n = t.data.n_cells();
         let rows: Vec<usize> = (0..n).collect();
         let mut out = Vec::new();
         tch::no_grad(|| {
@@ -181,7 +181,7 @@ impl SpeciesModel {
         let nc = self.meta.context_cells.len();
         let k = n_candidates.min(nc).max(1);
         let top = top_neigh.min(k).max(1);
-        let n = t.data.counts.n_rows;
+        let n = t.data.n_cells();
         let own: Vec<f32> = Vec::try_from(self.own_nll(t).to_device(Device::Cpu)).expect("floats");
         let neighbours = latent_neighbours(&t.reps.mean, &self.context_latent, k);
         let n_levels = self.meta.label_levels.len();

@@ -282,7 +282,7 @@ impl Trainable for ContextTask<'_> {
         self.vs
     }
     fn n_cells(&self) -> usize {
-        self.data.counts.n_rows
+        self.data.n_cells()
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
         let inp = self.data.inputs(rows, None, self.vs.device());
@@ -308,7 +308,7 @@ impl Trainable for TargetTask<'_> {
         self.vs
     }
     fn n_cells(&self) -> usize {
-        self.data.counts.n_rows
+        self.data.n_cells()
     }
     fn start_epoch(&self, epoch: usize) {
         let c = self.cfg;

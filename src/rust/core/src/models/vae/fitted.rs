@@ -1,14 +1,14 @@
 //! The VAE as a [`FittedModel`].
 
 use super::{infer, VaeData, VaeModel, VaeTask};
-use crate::data::{Covariates, Csr};
+use crate::data::{columns_of, Covariates, Csr, DiskCsr, Scan};
 use crate::de::{self, DeSettings, DeTable, VaeScales};
 use crate::device::seed_torch;
 use crate::error::Result;
+use crate::mapping::MapOptions;
 use crate::models::fitted::{
     codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
 };
-use crate::mapping::MapOptions;
 use crate::train::{EpochRecord, TrainConfig};
 use serde_json::Value;
 use std::any::Any;
@@ -17,7 +17,48 @@ use tch::Device;
 impl VaeModel {
     /// Posterior means of the training cells (`counts` and `cov` as fitted).
     pub fn training_latent(&self, counts: &Csr, cov: &Covariates) -> Matrix {
-        Matrix::new(counts.n_rows, self.meta.config.n_latent, infer::latent(&self.vae, &VaeData::new(counts, cov), true))
+        Matrix::new(
+            counts.n_rows,
+            self.meta.config.n_latent,
+            infer::latent(&self.vae, &VaeData::new(counts, cov), true),
+        )
+    }
+
+    /// `training_latent` of training cells on disk (`scan` of the same file).
+    pub fn training_latent_on_disk(&self, disk: &DiskCsr, scan: &Scan, cov: &Covariates) -> Matrix {
+        Matrix::new(
+            disk.n_rows(),
+            self.meta.config.n_latent,
+            infer::latent(&self.vae, &VaeData::on_disk(disk, scan, cov), true),
+        )
+    }
+
+    /// Latent coordinates of cells on disk (`genes`: the file's gene names),
+    /// read in blocks; the covariates as in `Cells`.
+    pub fn latent_on_disk(
+        &self,
+        disk: DiskCsr,
+        genes: &[String],
+        batch: Option<Vec<String>>,
+        categorical: Vec<Option<Vec<String>>>,
+        continuous: Vec<Vec<f32>>,
+        give_mean: bool,
+        seed: u64,
+    ) -> Result<Matrix> {
+        let disk = disk.select_columns(columns_of(genes, &self.meta.genes, "")?)?;
+        let n = disk.n_rows();
+        let cov = if !self.meta.config.encode_covariates {
+            self.neutral_covariates(n)
+        } else {
+            let cats = self.given_categorical(categorical)?;
+            self.covariates_for(n, batch.as_deref(), &cats, continuous, true)?
+        };
+        // The encoder reads log(1 + x) and the covariates only: the per-cell
+        // totals (a pass of their own over the file) are not needed.
+        let scan = Scan { row_sums: vec![1.0; n], log_factorial: vec![0.0; n], ..Default::default() };
+        let data = VaeData::on_disk(&disk, &scan, &cov);
+        seed_torch(seed);
+        Ok(Matrix::new(n, self.meta.config.n_latent, infer::latent(&self.vae, &data, give_mean)))
     }
 
     /// The counts of `cells` in the model's gene order, with their
@@ -80,7 +121,8 @@ impl FittedModel for VaeModel {
         seed_torch(seed);
         let data = VaeData::new(&csr, &cov);
         let rows: Vec<usize> = (0..csr.n_rows).collect();
-        let (elbo, reconstruction, kl) = crate::train::evaluate(&VaeTask { model: &self.vae, data: &data }, &rows, 1024);
+        let (elbo, reconstruction, kl) =
+            crate::train::evaluate(&VaeTask { model: &self.vae, data: &data }, &rows, 1024);
         Ok(Elbo { elbo, reconstruction, kl })
     }
 
@@ -104,7 +146,14 @@ impl FittedModel for VaeModel {
         let (csr, cov) = self.prepare(cells, false)?;
         seed_torch(settings.seed);
         let data = VaeData::new(&csr, &cov);
-        de::differential_expression(&VaeScales { model: &self.vae, data: &data }, &csr, group1, group2, &settings, interrupted)
+        de::differential_expression(
+            &VaeScales { model: &self.vae, data: &data },
+            &csr,
+            group1,
+            group2,
+            &settings,
+            interrupted,
+        )
     }
 
     fn map_query(

@@ -1,8 +1,8 @@
 //! Batched inference without gradients: latent representation, normalized
 //! and counterfactual expression, posterior predictive counts.
 
-use crate::data::Csr;
 use super::{Likelihood, Vae, VaeData};
+use crate::data::Csr;
 use tch::{Kind, Tensor};
 
 /// Cells per inference minibatch.
@@ -15,7 +15,7 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 /// Latent coordinates of every cell of `data`, row-major `[n_cells, n_latent]`:
 /// the posterior mean, or one draw from q(z | x).
 pub fn latent(model: &Vae, data: &VaeData, give_mean: bool) -> Vec<f32> {
-    let n = data.counts.n_rows;
+    let n = data.n_cells();
     let mut out = Vec::with_capacity(n * model.cfg.n_latent);
     tch::no_grad(|| {
         for start in (0..n).step_by(CHUNK) {
@@ -39,7 +39,7 @@ pub fn expression(
     library_size: f64,
     n_samples: usize,
 ) -> Vec<f32> {
-    let n = data.counts.n_rows;
+    let n = data.n_cells();
     let g = model.cfg.n_genes;
     let batches: Vec<Option<u32>> =
         if transform_batch.is_empty() { vec![None] } else { transform_batch.iter().map(|&b| Some(b)).collect() };
@@ -71,7 +71,7 @@ pub fn expression(
 /// library observed (or drawn from q(l | x)), then the observation model
 /// (NB as a Gamma–Poisson mixture). Returned as CSR, cells × genes.
 pub fn sample_counts(model: &Vae, data: &VaeData) -> Csr {
-    let n = data.counts.n_rows;
+    let n = data.n_cells();
     let mut rows_out: Vec<(Vec<u32>, Vec<f32>)> = Vec::with_capacity(n);
     tch::no_grad(|| {
         for start in (0..n).step_by(CHUNK) {

@@ -1,0 +1,324 @@
+#' Counts that stay on disk
+#'
+#' Describes a count matrix in an HDF5 file so that [fit_vae()] and
+#' [latent()] (and [add_latent()]) read it in blocks of cells instead of
+#' loading it: training streams minibatches from the file with bounded
+#' memory, whatever the number of cells. You rarely need to call this
+#' yourself: those functions accept the file's path, or a
+#' `SingleCellExperiment` whose counts are an HDF5-backed `DelayedMatrix`
+#' (`HDF5Array::TENxMatrix()`, `HDF5Array::HDF5Array()`,
+#' `HDF5Array::H5ADMatrix()`), and call it for you.
+#'
+#' Files read:
+#' * **AnnData** (`.h5ad`): `X` (or `layers/<layer>`, or `raw/X` with
+#'   `layer = "raw"`) stored as a CSR matrix (cells as rows, AnnData's
+#'   default) or dense; genes from `var`, cells and cell columns from `obs`.
+#'   A CSC-stored `X` is refused: its cells are not contiguous on disk.
+#' * **10x Genomics** HDF5 (`filtered_feature_bc_matrix.h5`, or a TENx group
+#'   written by `HDF5Array::writeTENxMatrix()`): the `matrix` group (or
+#'   `group`); genes are the feature IDs.
+#' * A dense genes × cells dataset written by `HDF5Array::writeHDF5Array()`
+#'   (give `group`, the dataset's name).
+#'
+#' How training reads the file: the cells are cut into about 1,000 blocks
+#' of consecutive cells (16 to 1,024 cells each). The validation cells are
+#' whole blocks (a seeded `validation_fraction` of them). Each epoch visits
+#' the training blocks in a random order, in windows of about 32,768 cells
+#' whose cells are shuffled together, while a second thread reads the next
+#' window: at most four windows are in memory at once. Before training,
+#' one pass over the file computes each cell's library size and checks the
+#' counts (finite, whole, non-negative; no empty cells).
+#'
+#' @param path An HDF5 file.
+#' @param layer For an `.h5ad` file: `NULL` for `X`, `"raw"` for `raw/X`,
+#'   or the name of a layer (`layers/<layer>`).
+#' @param group For other HDF5 files: the group of a 10x/TENx sparse matrix
+#'   (default `"matrix"`) or the name of a dense dataset.
+#' @return A `scdistill_h5` object: the file, its layout, gene and cell
+#'   names. `print()` shows its size.
+#' @examples
+#' f <- tempfile(fileext = ".h5ad")
+#' sim <- simulate_counts(n_cells = 2000, n_genes = 300, file = f)
+#' h5 <- h5_counts(f)
+#' h5
+#' model <- fit_vae(f, batch = "batch", max_epochs = 5, threads = 2)
+#' dim(latent(model))
+#' @export
+h5_counts <- function(path, layer = NULL, group = NULL) {
+  if (!is.character(path) || length(path) != 1 || is.na(path)) {
+    stop("`path` must be one file name", call. = FALSE)
+  }
+  if (!file.exists(path)) stop("'", path, "' does not exist", call. = FALSE)
+  path <- normalizePath(path)
+  has <- function(name) rust(rs_h5_exists(path, name))
+  out <- if (any(has(c("X", "obs")))) h5ad_spec(path, layer, has) else tenx_spec(path, group %||% "matrix", has)
+  out$path <- path
+  structure(out, class = "scdistill_h5")
+}
+
+# HDF5 metadata are read by the package's own reader (not rhdf5: see
+# rs_h5_exists()).
+h5_attr <- function(path, obj, attr) rust(rs_h5_attr(path, obj, attr))
+h5_strings <- function(path, name) rust(rs_h5_strings(path, name))
+
+# AnnData's layout (on-disk format 0.1/0.2).
+h5ad_spec <- function(path, layer, has) {
+  where <- if (is.null(layer)) "X" else if (identical(layer, "raw")) "raw/X" else paste0("layers/", layer)
+  if (!has(where)) {
+    stop("'", path, "' has no '", where, "'", if (!is.null(layer)) " (check `layer`)", call. = FALSE)
+  }
+  var_group <- if (identical(layer, "raw")) "raw/var" else "var"
+  index_of <- function(g) paste0(g, "/", h5_attr(path, g, "_index") %||% "_index")
+  genes <- h5_strings(path, index_of(var_group))
+  cells <- h5_strings(path, index_of("obs"))
+  kind <- h5_attr(path, where, "encoding-type")
+  if (identical(kind, "csc_matrix") || identical(h5_attr(path, where, "h5sparse_format"), "csc")) {
+    stop("'", path, "': '", where, "' is stored column-compressed (CSC), so each cell's counts are spread over ",
+         "the whole file. Streaming needs cells as rows (CSR, AnnData's default): in Python, ",
+         "adata.X = adata.X.tocsr(); adata.write_h5ad(...)", call. = FALSE)
+  }
+  spec <- if (has(paste0(where, "/indptr"))) {
+    list(layout = "sparse", data = paste0(where, "/data"), indices = paste0(where, "/indices"),
+         indptr = paste0(where, "/indptr"))
+  } else {
+    list(layout = "dense", dataset = where)
+  }
+  c(spec, list(n_cells = length(cells), n_genes = length(genes), genes = genes, cells = cells, format = "h5ad",
+               cell_columns = as.character(h5_attr(path, "obs", "column-order"))))
+}
+
+# One obs column of an .h5ad file: a factor for categorical columns
+# (codes + categories; code -1 is NA), else the values.
+h5ad_column <- function(path, name) {
+  g <- paste0("obs/", name)
+  if (identical(h5_attr(path, g, "encoding-type"), "categorical")) {
+    codes <- as.integer(rust(rs_h5_numbers(path, paste0(g, "/codes"))))
+    levels <- h5_strings(path, paste0(g, "/categories"))
+    codes[codes < 0] <- NA
+    return(factor(levels[codes + 1L], levels = levels))
+  }
+  if (rust(rs_h5_shape(path, g))$numeric) rust(rs_h5_numbers(path, g)) else h5_strings(path, g)
+}
+
+# A 10x Genomics / TENx group (column-compressed genes x cells), or a dense
+# dataset (genes x cells in R, cells x genes in the file).
+tenx_spec <- function(path, group, has) {
+  if (has(paste0(group, "/indptr"))) {
+    shape <- rust(rs_h5_numbers(path, paste0(group, "/shape")))
+    genes <- if (has(paste0(group, "/features/id"))) {
+      h5_strings(path, paste0(group, "/features/id"))
+    } else if (has(paste0(group, "/genes"))) {
+      h5_strings(path, paste0(group, "/genes"))
+    } else {
+      paste0("gene_", seq_len(shape[1]))
+    }
+    cells <- if (has(paste0(group, "/barcodes"))) h5_strings(path, paste0(group, "/barcodes")) else
+      paste0("cell_", seq_len(shape[2]))
+    return(list(layout = "sparse", data = paste0(group, "/data"), indices = paste0(group, "/indices"),
+                indptr = paste0(group, "/indptr"), n_cells = shape[2], n_genes = shape[1], genes = genes,
+                cells = cells, format = "10x", cell_columns = character()))
+  }
+  if (has(group)) {
+    dims <- rust(rs_h5_shape(path, group))$dims
+    if (length(dims) != 2) stop("'", path, "': '", group, "' is not a 2-D dataset", call. = FALSE)
+    # The file's cells x genes is R's genes x cells.
+    return(list(layout = "dense", dataset = group, n_cells = dims[1], n_genes = dims[2],
+                genes = paste0("gene_", seq_len(dims[2])), cells = paste0("cell_", seq_len(dims[1])),
+                format = "hdf5", cell_columns = character()))
+  }
+  stop("'", path, "' is neither an .h5ad file nor holds a 10x matrix group '", group, "' (give `group`)",
+       call. = FALSE)
+}
+
+#' @method print scdistill_h5
+#' @export
+print.scdistill_h5 <- function(x, ...) {
+  cat(sprintf("<scdistill_h5> %s genes x %s cells on disk (%s, %s): %s\n", fmt_int(x$n_genes), fmt_int(x$n_cells),
+              x$format, x$layout, x$path))
+  if (length(x$cell_columns)) cat("cell columns:", paste(utils_head(x$cell_columns, 8), collapse = ", "), "\n")
+  invisible(x)
+}
+
+#' @method dim scdistill_h5
+#' @export
+dim.scdistill_h5 <- function(x) c(x$n_genes, x$n_cells)
+
+# `x` as on-disk counts when it is (a path, an scdistill_h5, an HDF5-backed
+# DelayedMatrix or an experiment with one as its counts), else NULL.
+# Cell metadata come from the experiment's colData, or from the file.
+as_disk <- function(x, assay.type = "counts", ...) {
+  if (inherits(x, "scdistill_h5")) return(x)
+  if (is.character(x) && length(x) == 1 && !is.na(x)) return(h5_counts(x))
+  if (methods::is(x, "SummarizedExperiment")) {
+    if (!assay.type %in% SummarizedExperiment::assayNames(x)) return(NULL)
+    d <- delayed_disk(SummarizedExperiment::assay(x, assay.type, withDimnames = TRUE))
+    if (is.null(d)) return(NULL)
+    d$cell_data <- as.data.frame(SummarizedExperiment::colData(x))
+    return(d)
+  }
+  delayed_disk(x)
+}
+
+# An HDF5-backed DelayedMatrix without delayed operations on it, whose
+# cells lie contiguously on disk.
+delayed_disk <- function(x) {
+  if (!methods::is(x, "DelayedMatrix") || !requireNamespace("DelayedArray", quietly = TRUE)) return(NULL)
+  s <- tryCatch(DelayedArray::seed(x), error = function(e) NULL)
+  if (is.null(s)) return(NULL)
+  slot_of <- function(nm) if (nm %in% methods::slotNames(s)) methods::slot(s, nm)
+  path <- slot_of("filepath")
+  if (is.null(path)) return(NULL)
+  dn <- dimnames(x)
+  named <- function(d) {
+    if (!is.null(dn[[1]])) d$genes <- dn[[1]]
+    if (!is.null(dn[[2]])) d$cells <- dn[[2]]
+    d
+  }
+  cls <- class(s)[1]
+  if (methods::is(s, "CSC_H5SparseMatrixSeed") || cls %in% c("TENxMatrixSeed", "CSC_H5ADMatrixSeed")) {
+    group <- slot_of("group")
+    d <- tenx_like(path, group, dim(x))
+    return(structure(named(d), class = "scdistill_h5"))
+  }
+  if (methods::is(s, "HDF5ArraySeed")) {
+    return(structure(named(list(layout = "dense", dataset = slot_of("name"), n_cells = ncol(x), n_genes = nrow(x),
+                                genes = paste0("gene_", seq_len(nrow(x))), cells = paste0("cell_", seq_len(ncol(x))),
+                                format = "hdf5", cell_columns = character(), path = normalizePath(path))),
+                     class = "scdistill_h5"))
+  }
+  NULL
+}
+
+tenx_like <- function(path, group, dims) {
+  list(layout = "sparse", data = paste0(group, "/data"), indices = paste0(group, "/indices"),
+       indptr = paste0(group, "/indptr"), n_cells = dims[2], n_genes = dims[1],
+       genes = paste0("gene_", seq_len(dims[1])), cells = paste0("cell_", seq_len(dims[2])), format = "10x",
+       cell_columns = character(), path = normalizePath(path))
+}
+
+# What the glue's open_disk() reads.
+disk_spec <- function(d, keep = NULL) {
+  s <- d[c("path", "layout", intersect(c("data", "indices", "indptr", "dataset"), names(d)))]
+  s$n_cells <- as.double(d$n_cells)
+  s$n_genes <- as.double(d$n_genes)
+  if (!is.null(keep)) s$keep <- as.integer(keep)
+  s
+}
+
+# A cell column of on-disk counts: from the experiment's colData, or the
+# .h5ad file's obs; a vector of one value per cell is itself.
+disk_cell_values <- function(d, spec, arg) {
+  if (is.null(spec)) return(NULL)
+  if (is.character(spec) && length(spec) == 1 && d$n_cells != 1) {
+    if (!is.null(d$cell_data) && spec %in% colnames(d$cell_data)) return(d$cell_data[[spec]])
+    if (spec %in% d$cell_columns) return(h5ad_column(d$path, spec))
+    known <- c(colnames(d$cell_data), d$cell_columns)
+    stop("`", arg, "` = \"", spec, "\" is not a cell column of '", d$path, "'",
+         if (length(known)) paste0(" (columns: ", paste(utils_head(known, 10), collapse = ", "), ")") else
+           " (it has no cell columns: pass one value per cell)", call. = FALSE)
+  }
+  if (length(spec) != d$n_cells) {
+    stop("`", arg, "` has ", length(spec), " values but the file has ", fmt_int(d$n_cells), " cells", call. = FALSE)
+  }
+  spec
+}
+
+# fit_vae() on counts on disk: the covariates resolved against the file's
+# cell columns; the genes all the file's.
+fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates, config, max_epochs, batch_size, lr,
+                         weight_decay, kl_warmup, early_stopping, patience, min_delta, validation_fraction, seed,
+                         device, threads, progress) {
+  n_cells <- d$n_cells
+  if (anyDuplicated(d$genes)) {
+    stop("'", d$path, "' names ", sum(duplicated(d$genes)), " gene(s) twice (first: '",
+         d$genes[duplicated(d$genes)][1], "'); genes must be unique", call. = FALSE)
+  }
+  tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
+                       min_delta %||% 0, validation_fraction, seed)
+  b <- disk_cell_values(d, batch, "batch")
+  batch_f <- if (is.null(b)) factor(rep("all", n_cells)) else resolve_batch(b, NULL, d$cells)
+  batch_name <- if (is.null(b)) "" else if (is.character(batch) && length(batch) == 1) batch else "batch"
+  cell_data <- d$cell_data %||% data.frame(row.names = seq_len(0))
+  pick <- function(spec, arg) {
+    if (is.null(spec)) return(NULL)
+    if (is.data.frame(spec)) return(spec)
+    stats::setNames(as.data.frame(lapply(spec, function(nm) disk_cell_values(d, nm, arg)),
+                                  stringsAsFactors = FALSE, optional = TRUE), spec)
+  }
+  covs <- cell_covariates(list(counts = NULL, cells = d$cells, cell_data = cell_data),
+                          pick(categorical_covariates, "categorical_covariates"),
+                          pick(continuous_covariates, "continuous_covariates"))
+  bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
+  if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
+  fit <- rust(rs_fit_vae_disk(disk_spec(d), d$genes, factor_arg(batch_f, batch_name), covs$categorical_r,
+                              covs$continuous, config, tc, check_device(device), resolve_threads(threads),
+                              bar$update))
+  model <- new_model(fit$ptr, NULL)
+  model$fingerprint <- disk_fingerprint(d)
+  finish_fit(model, fit$latent, d$cells)
+}
+
+# The identity of on-disk counts: the file, its size and time, the layout.
+disk_fingerprint <- function(d) {
+  info <- file.info(d$path)
+  list(path = d$path, size = info$size, mtime = as.numeric(info$mtime), spec = disk_spec(d))
+}
+
+# latent() of on-disk cells under a VAE.
+latent_disk <- function(model, d, batch, give_mean, seed, threads) {
+  if (!inherits(model, "scdistill_vae")) {
+    stop("latent() of counts on disk is available for VAEs (fit_vae()); read the cells into memory for a ",
+         class(model)[1], " model", call. = FALSE)
+  }
+  cov <- model$covariates
+  if (is.null(batch) && isTRUE(cov$batch_given) && !is.null(cov$batch) &&
+      cov$batch %in% c(colnames(d$cell_data), d$cell_columns)) {
+    batch <- cov$batch
+  }
+  b <- disk_cell_values(d, batch, "batch")
+  column <- function(nm) disk_cell_values(d, nm, nm)
+  z <- rust(rs_vae_latent_disk(model_ptr(model), disk_spec(d), d$genes, if (!is.null(b)) as.character(b),
+                               lapply(cov$categorical, function(nm) as.character(column(nm))),
+                               lapply(cov$continuous, function(nm) as.double(column(nm))),
+                               give_mean, check_seed(seed), resolve_threads(threads)))
+  latent_matrix(z, d$cells, ncol(z))
+}
+
+#' Write counts to an AnnData file
+#'
+#' Writes the counts of `x` to an `.h5ad` file (AnnData's on-disk format,
+#' readable by scanpy and anndata, and streamed by [fit_vae()] and
+#' [latent()]): `X` as a CSR matrix of cells × genes (float32), the gene and
+#' cell names, and categorical cell columns. The matrix is written in
+#' blocks of 65,536 cells.
+#'
+#' @param x Raw counts (see [as_counts()]).
+#' @param file The file to write (replaced if it exists).
+#' @param columns Cell metadata columns to write (as categorical columns);
+#'   by default every factor and character column.
+#' @param ... Passed to [as_counts()].
+#' @return `file`, invisibly.
+#' @examples
+#' sce <- simulate_counts(n_cells = 500, n_genes = 100)
+#' f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
+#' h5_counts(f)
+#' @export
+write_h5ad <- function(x, file, columns = NULL, ...) {
+  if (!is.character(file) || length(file) != 1 || is.na(file)) stop("`file` must be one file name", call. = FALSE)
+  if (!dir.exists(dirname(file))) stop("the folder of `file` ('", dirname(file), "') does not exist", call. = FALSE)
+  cnt <- as_counts(x, ...)
+  cd <- cnt$cell_data
+  columns <- columns %||% names(cd)[vapply(cd, function(v) is.factor(v) || is.character(v), TRUE)]
+  missing <- setdiff(columns, names(cd))
+  if (length(missing)) {
+    stop("`columns`: '", missing[1], "' is not a cell metadata column of `x`", call. = FALSE)
+  }
+  cols <- lapply(columns, function(nm) {
+    f <- factor(cd[[nm]])
+    if (anyNA(f)) stop("cell column '", nm, "' has missing values; .h5ad categoricals here need none", call. = FALSE)
+    list(codes = as.integer(f), levels = levels(f))
+  })
+  names(cols) <- columns
+  rust(rs_write_h5ad(path.expand(file), slots(cnt), cols))
+  invisible(file)
+}

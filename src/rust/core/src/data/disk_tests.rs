@@ -1,0 +1,254 @@
+use super::*;
+use crate::data::H5adWriter;
+use tch::Device;
+
+fn random_counts(n: usize, g: usize, seed: u64) -> Csr {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let rows = (0..n)
+        .map(|_| {
+            let mut idx = vec![];
+            let mut val = vec![];
+            for j in 0..g {
+                if rng.random::<f64>() < 0.3 {
+                    idx.push(j as u32);
+                    val.push(rng.random_range(1..20) as f32);
+                }
+            }
+            if idx.is_empty() {
+                idx.push(0);
+                val.push(1.0);
+            }
+            (idx, val)
+        })
+        .collect();
+    Csr::from_rows(rows, g)
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|k| format!("{prefix}{k}")).collect()
+}
+
+/// Writes `m` as an .h5ad file in blocks of `block` cells.
+pub(crate) fn write_h5ad(path: &str, m: &Csr, block: usize, batch: &[u32]) {
+    let mut w = H5adWriter::create(path, m.n_cols).unwrap();
+    for s in (0..m.n_rows).step_by(block) {
+        let rows: Vec<usize> = (s..(s + block).min(m.n_rows)).collect();
+        let part = Csr::from_rows(rows.iter().map(|&r| (m.row(r).0.to_vec(), m.row(r).1.to_vec())).collect(), m.n_cols);
+        w.append(&part).unwrap();
+    }
+    let cols = vec![("batch".to_string(), batch.to_vec(), vec!["a".to_string(), "b".to_string()])];
+    w.finish(&names("c", m.n_rows), &names("g", m.n_cols), &cols).unwrap();
+}
+
+fn sparse() -> Layout {
+    Layout::Sparse { data: "X/data".into(), indices: "X/indices".into(), indptr: "X/indptr".into() }
+}
+
+fn tmp(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("scdistill-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn an_h5ad_file_written_in_blocks_reads_back_the_same_cells() {
+    let m = random_counts(300, 40, 1);
+    let path = tmp("roundtrip.h5ad");
+    write_h5ad(&path, &m, 70, &vec![0; 300]);
+    let d = DiskCsr::open(&path, sparse(), 300, 40).unwrap();
+    assert_eq!(d.read_range(0, 300).unwrap(), m);
+    assert_eq!(d.read_range(123, 124).unwrap().row(0), m.row(123));
+    // Any order, repeats, far-apart runs.
+    let rows = [299, 0, 5, 5, 200, 17, 250, 1];
+    let got = d.read_rows(&rows).unwrap();
+    for (k, &r) in rows.iter().enumerate() {
+        assert_eq!(got.row(k), m.row(r), "cell {r}");
+    }
+    let scan = d.scan(&|_, _| {}, &|| false).unwrap();
+    assert_eq!(scan.row_sums, m.row_sums());
+    assert_eq!(scan.log_factorial, crate::models::log_factorial(&m));
+    assert_eq!(scan.nnz, m.nnz() as u64);
+    let mut per_gene = vec![0u64; 40];
+    m.indices.iter().for_each(|&j| per_gene[j as usize] += 1);
+    assert_eq!(scan.gene_cells, per_gene);
+    // Names and attributes as AnnData writes them.
+    let r = crate::data::H5Reader::open(&path).unwrap();
+    assert_eq!(r.strings("var/_index").unwrap(), names("g", 40));
+    assert_eq!(r.strings("obs/batch/categories").unwrap(), vec!["a", "b"]);
+    assert_eq!(r.attr_strings("X", "encoding-type").unwrap().unwrap(), vec!["csr_matrix"]);
+    assert_eq!(r.attr_strings("obs", "column-order").unwrap().unwrap(), vec!["batch"]);
+    assert_eq!(r.attr_strings("obs", "nothing").unwrap(), None);
+    assert_eq!(r.attr_strings("nothing", "x").unwrap(), None);
+    assert_eq!(r.read_1d::<i32>("obs/batch/codes", 0, 300).unwrap(), vec![0; 300]);
+    // A gene subset, reordered.
+    let keep = vec![39, 0, 7];
+    let d = DiskCsr::open(&path, sparse(), 300, 40).unwrap().select_columns(keep.clone()).unwrap();
+    assert_eq!(d.read_range(0, 300).unwrap(), m.select_columns(&keep));
+}
+
+#[test]
+fn an_epoch_streams_every_training_cell_once_in_block_shuffled_windows() {
+    let m = random_counts(2_000, 12, 2);
+    let path = tmp("stream.h5ad");
+    write_h5ad(&path, &m, 512, &vec![0; 2000]);
+    let mut d = DiskCsr::open(&path, sparse(), 2_000, 12).unwrap();
+    d.window_blocks = 4; // several windows per epoch
+    let (train, val) = d.split(0.1, 3);
+    assert_eq!(train.len() + val.len(), 2_000);
+    // Whole blocks are held out, and the split is seeded.
+    assert!(val.iter().all(|&r| val.contains(&(r / d.block * d.block))));
+    assert_eq!(d.split(0.1, 3), (train.clone(), val.clone()));
+    assert_ne!(d.split(0.1, 4).1, val);
+    let order = d.epoch_order(&train, 9);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, train);
+    assert_ne!(order, train, "shuffled");
+    // Minibatches of the order come from the stream and equal direct reads,
+    // also across window boundaries (batch size 37 does not divide them).
+    for chunk in order.chunks(37) {
+        assert_eq!(d.fetch(chunk).unwrap(), d.read_rows(chunk).unwrap());
+    }
+    d.end_stream();
+    // Another seed, another order; the same seed, the same order.
+    let again = d.epoch_order(&train, 9);
+    d.end_stream();
+    assert_eq!(again, order);
+    assert_ne!(d.epoch_order(&train, 10), order);
+    d.end_stream();
+}
+
+#[test]
+fn bad_files_and_bad_values_are_errors_that_name_the_file_and_the_cell() {
+    let err = |r: Result<DiskCsr>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(DiskCsr::open("/nonexistent/x.h5ad", sparse(), 1, 1)).contains("does not exist"));
+    let text = tmp("text.h5ad");
+    std::fs::write(&text, "not hdf5").unwrap();
+    assert!(err(DiskCsr::open(&text, sparse(), 1, 1)).contains("not an HDF5 file"));
+
+    let mut m = random_counts(50, 6, 3);
+    let path = tmp("shape.h5ad");
+    write_h5ad(&path, &m, 50, &vec![0; 50]);
+    assert!(err(DiskCsr::open(&path, sparse(), 49, 6)).contains("entries for 49 cells"));
+    let dense = Layout::Dense { dataset: "X/data".into() };
+    assert!(err(DiskCsr::open(&path, dense, 50, 6)).contains("expected cells x genes"));
+    let missing = Layout::Sparse { data: "X/counts".into(), indices: "X/indices".into(), indptr: "X/indptr".into() };
+    assert!(err(DiskCsr::open(&path, missing, 50, 6)).contains("no dataset 'X/counts'"));
+
+    let at = m.indptr[30];
+    m.values[at] = 2.5;
+    let path = tmp("fraction.h5ad");
+    write_h5ad(&path, &m, 50, &vec![0; 50]);
+    let d = DiskCsr::open(&path, sparse(), 50, 6).unwrap();
+    let e = d.scan(&|_, _| {}, &|| false).unwrap_err().to_string();
+    assert!(e.contains("cell 31") && e.contains("non-integer") && e.contains("fraction.h5ad"), "{e}");
+    m.values[at] = -1.0;
+    let path = tmp("negative.h5ad");
+    write_h5ad(&path, &m, 50, &vec![0; 50]);
+    let d = DiskCsr::open(&path, sparse(), 50, 6).unwrap();
+    assert!(d.read_range(0, 50).unwrap_err().to_string().contains("negative"));
+}
+
+#[test]
+fn a_vae_trained_from_disk_matches_one_trained_in_memory() {
+    use crate::data::Covariates;
+    use crate::models::vae::{VaeConfig, VaeData, VaeModel};
+    use crate::simulate::{simulate, SimParams};
+    use crate::train::TrainConfig;
+    let s = simulate(&SimParams {
+        n_cells: 1_500,
+        n_genes: 150,
+        group_prob: vec![0.5, 0.3, 0.2],
+        batch_prob: vec![0.5, 0.5],
+        seed: 5,
+        ..Default::default()
+    })
+    .unwrap();
+    let path = tmp("vae.h5ad");
+    write_h5ad(&path, &s.counts.csr, 400, &s.batch.codes);
+    let cov = Covariates::new(s.batch.clone(), vec![], vec![]).unwrap();
+    let tc = TrainConfig { max_epochs: 30, early_stopping: false, ..Default::default() };
+    let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let all: Vec<usize> = (0..1_500).collect();
+    let score = |m: &VaeModel| {
+        let data = VaeData::new(&s.counts.csr, &cov);
+        crate::device::seed_torch(0); // the ELBO draws z
+        crate::train::evaluate(&crate::models::vae::VaeTask { model: &m.vae, data: &data }, &all, 1024).0
+    };
+    let fit_disk = || {
+        let d = DiskCsr::open(&path, sparse(), 1_500, 150).unwrap();
+        let scan = d.scan(&|_, _| {}, &|| false).unwrap();
+        let m = crate::device::with_threads(2, || {
+            VaeModel::fit_on_disk(
+                &d,
+                &scan,
+                &s.counts.genes,
+                &cov,
+                VaeConfig::default(),
+                tc.clone(),
+                Device::Cpu,
+                &|| false,
+                &|_| {},
+            )
+        })
+        .unwrap()
+        .unwrap();
+        (m, d)
+    };
+    let (disk, d) = fit_disk();
+    let memory = crate::device::with_threads(2, || {
+        VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc.clone(), Device::Cpu, &|| false, &|_| {})
+    })
+    .unwrap()
+    .unwrap();
+    // Both scored on every cell, in memory: the streamed order (blocks and
+    // windows) trains as well as the full shuffle.
+    let (e_disk, e_mem) = (score(&disk), score(&memory));
+    assert!((e_disk - e_mem).abs() < 0.01 * e_mem.abs(), "-ELBO disk {e_disk} vs memory {e_mem}");
+    // The held-out cells are whole blocks of the file.
+    let v = &disk.meta.training.validation_cells;
+    assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / d.block * d.block))));
+    // Reproducible from the same seed, and the latent space read from disk
+    // equals the one computed in memory.
+    let (again, _) = fit_disk();
+    assert_eq!(score(&again), e_disk);
+    let z_disk = disk
+        .latent_on_disk(
+            DiskCsr::open(&path, sparse(), 1_500, 150).unwrap(),
+            &s.counts.genes,
+            None,
+            vec![],
+            vec![],
+            true,
+            0,
+        )
+        .unwrap();
+    let z_mem = disk.training_latent(&s.counts.csr, &cov);
+    let diff = z_disk.values.iter().zip(&z_mem.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "latent differs by {diff}");
+}
+
+#[test]
+fn a_simulation_written_to_a_file_holds_the_cells_simulate_draws() {
+    use crate::simulate::{simulate, simulate_to_h5ad, SimParams};
+    // Past one block of cells drawn at once (16,384).
+    let p = SimParams {
+        n_cells: 20_000,
+        n_genes: 30,
+        group_prob: vec![0.7, 0.3],
+        batch_prob: vec![0.5, 0.5],
+        seed: 4,
+        ..Default::default()
+    };
+    let path = tmp("sim.h5ad");
+    let s = simulate_to_h5ad(&p, &path).unwrap();
+    assert_eq!(s.counts.csr.n_rows, 0);
+    let want = simulate(&p).unwrap();
+    assert_eq!(s.library_size, want.library_size);
+    assert_eq!(s.batch.codes, want.batch.codes);
+    let d = DiskCsr::open(&path, sparse(), 20_000, 30).unwrap();
+    assert_eq!(d.read_range(0, 20_000).unwrap(), want.counts.csr);
+    let species = SimParams { species: Some(Default::default()), ..p };
+    assert!(simulate_to_h5ad(&species, &tmp("sp.h5ad")).unwrap_err().to_string().contains("one species"));
+}

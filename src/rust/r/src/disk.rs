@@ -1,0 +1,223 @@
+//! extendr glue of on-disk counts (mirrors R/disk.R): training and latent
+//! spaces from HDF5 files, and writing `.h5ad` files.
+
+use crate::convert::from_r;
+use crate::model::{fitted_to_r, matrix_to_r, model_as, with_epoch_progress};
+use crate::worker::Lent;
+use crate::{fail, int_slice, strings};
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use scdistill_core::data::{CountMatrix, DiskCsr, H5Reader, H5adWriter, Layout};
+use scdistill_core::device::parse_device;
+use scdistill_core::models::vae::{VaeConfig, VaeModel};
+use scdistill_core::models::Matrix;
+use scdistill_core::train::TrainConfig;
+
+/// The matrix an R description points at: list(path, layout = "sparse" |
+/// "dense", data, indices, indptr (sparse) or dataset (dense), n_cells,
+/// n_genes). `keep` (1-based gene columns) subsets the genes.
+fn open_disk(spec: &List) -> Result<DiskCsr> {
+    let get = |k: &str| spec.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
+    let text = |k: &str| -> Result<String> {
+        get(k)
+            .and_then(|v| v.as_str().map(String::from))
+            .ok_or_else(|| fail(format!("internal: on-disk `{k}` missing")))
+    };
+    let number = |k: &str| -> Result<usize> {
+        get(k)
+            .and_then(|v| v.as_real().or_else(|| v.as_integer().map(f64::from)))
+            .map(|v| v as usize)
+            .ok_or_else(|| fail(format!("internal: on-disk `{k}` missing")))
+    };
+    let layout = match text("layout")?.as_str() {
+        "sparse" => Layout::Sparse { data: text("data")?, indices: text("indices")?, indptr: text("indptr")? },
+        "dense" => Layout::Dense { dataset: text("dataset")? },
+        other => return Err(fail(format!("internal: unknown on-disk layout '{other}'"))),
+    };
+    let d = DiskCsr::open(&text("path")?, layout, number("n_cells")?, number("n_genes")?).map_err(fail)?;
+    match get("keep").filter(|v| !v.is_null()) {
+        Some(k) => d.select_columns(int_slice(&k, "keep")?.iter().map(|&j| (j - 1) as usize).collect()).map_err(fail),
+        None => Ok(d),
+    }
+}
+
+/// Trains a VAE on counts on disk (`spec` as `open_disk`; `genes` the kept
+/// genes' names); the rest as `rs_fit_vae`. Returns list(ptr, latent).
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_fit_vae_disk(
+    spec: List,
+    genes: Robj,
+    batch: List,
+    categorical: List,
+    continuous: List,
+    config: Robj,
+    train: Robj,
+    device: &str,
+    threads: i32,
+    progress: Robj,
+) -> Result<Robj> {
+    let disk = open_disk(&spec)?;
+    let genes = strings(&genes, "genes")?;
+    let cov = crate::vae::covariates_from_r(&batch, &categorical, &continuous, disk.n_rows())?;
+    let config: VaeConfig = from_r(&config, "VAE settings")?;
+    let train: TrainConfig = from_r(&train, "training settings")?;
+    let device = parse_device(device).map_err(fail)?;
+    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
+        let scan = disk.scan(&|_, _| {}, interrupted)?;
+        check_scan(&disk, &scan, &genes)?;
+        let model = VaeModel::fit_on_disk(&disk, &scan, &genes, &cov, config, train, device, interrupted, &|r| {
+            report("train", r)
+        })?;
+        let z = model.training_latent_on_disk(&disk, &scan, &cov);
+        Ok((model, z))
+    })?;
+    Ok(fitted_to_r(Box::new(model), matrix_to_r(&z)))
+}
+
+/// Cells without counts and genes never detected, as the in-memory checks
+/// refuse or warn about them.
+fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan, genes: &[String]) -> scdistill_core::Result<()> {
+    let empty: Vec<usize> = (0..scan.row_sums.len()).filter(|&c| scan.row_sums[c] == 0.0).collect();
+    if !empty.is_empty() {
+        return Err(scdistill_core::Error::InvalidInput(format!(
+            "'{}': {} cell(s) have zero total counts (first: cell {}); remove them before fitting",
+            disk.path(),
+            empty.len(),
+            empty.iter().take(3).map(|c| (c + 1).to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let _ = genes;
+    Ok(())
+}
+
+/// Latent coordinates of cells on disk under a fitted VAE: `genes` are the
+/// file's gene names; `batch` NULL or labels; `categorical` a list of NULL
+/// or labels; `continuous` a list of doubles.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_latent_disk(
+    ptr: Robj,
+    spec: List,
+    genes: Robj,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    give_mean: bool,
+    seed: Robj,
+    threads: i32,
+) -> Result<Robj> {
+    let model: &VaeModel = model_as(&ptr, "latent() of on-disk cells")?;
+    let disk = open_disk(&spec)?;
+    let genes = strings(&genes, "genes")?;
+    let seed: u64 = from_r(&seed, "`seed`")?;
+    let labels = |v: Robj, what: &str| if v.is_null() { Ok(None) } else { strings(&v, what).map(Some) };
+    let batch = labels(batch, "batch")?;
+    let categorical = categorical.values().map(|v| labels(v, "covariate")).collect::<Result<Vec<_>>>()?;
+    let continuous = continuous
+        .values()
+        .map(|v| {
+            v.as_real_vector()
+                .map(|x| x.into_iter().map(|x| x as f32).collect())
+                .ok_or_else(|| fail("continuous covariates must be numeric"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lent = Lent(model);
+    let z: Matrix = crate::run(threads, |_| {
+        lent.get().latent_on_disk(disk, &genes, batch, categorical, continuous, give_mean, seed)
+    })?;
+    Ok(matrix_to_r(&z))
+}
+
+/// Writes a genes × cells dgCMatrix (`counts` = list(p, i, x, genes, cells),
+/// checked as counts) to an `.h5ad` file at `path`, with categorical cell
+/// columns `columns` = named list of list(codes (1-based), levels).
+/// @noRd
+#[extendr]
+fn rs_write_h5ad(path: &str, counts: List, columns: List) -> Result<()> {
+    let m: CountMatrix = crate::counts_from_r(&counts)?;
+    let cols = columns
+        .iter()
+        .map(|(name, v)| {
+            let l = List::try_from(v).map_err(|_| fail("internal: a column must be a list"))?;
+            let get = |k: &str| l.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
+            let codes = int_slice(&get("codes").ok_or_else(|| fail("internal: codes"))?, "codes")?
+                .iter()
+                .map(|&c| (c - 1) as u32)
+                .collect();
+            Ok((name.to_string(), codes, strings(&get("levels").ok_or_else(|| fail("internal: levels"))?, "levels")?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::run(1, |_| {
+        let mut w = H5adWriter::create(path, m.n_genes())?;
+        let block = 65_536;
+        for s in (0..m.n_cells()).step_by(block) {
+            let rows: Vec<usize> = (s..(s + block).min(m.n_cells())).collect();
+            let part = m.csr.select_rows(&rows);
+            w.append(&part)?;
+        }
+        w.finish(&m.cells, &m.genes, &cols)
+    })
+}
+
+/// Which of `names` exist in the HDF5 file `path` (an error when it is
+/// not an HDF5 file). The package reads HDF5 metadata here rather than with
+/// rhdf5: an rhdf5 call that ends in an R error (a file that is not HDF5,
+/// say) can leave HDF5's library lock held by R's thread, which would block
+/// the readers' threads forever.
+/// @noRd
+#[extendr]
+fn rs_h5_exists(path: &str, names: Vec<String>) -> Result<Vec<bool>> {
+    let r = H5Reader::open(path).map_err(fail)?;
+    names.iter().map(|n| r.exists(n).map_err(fail)).collect()
+}
+
+/// The strings of a dataset.
+/// @noRd
+#[extendr]
+fn rs_h5_strings(path: &str, name: &str) -> Result<Vec<String>> {
+    H5Reader::open(path).and_then(|r| r.strings(name)).map_err(fail)
+}
+
+/// A string attribute's value(s), or NULL.
+/// @noRd
+#[extendr]
+fn rs_h5_attr(path: &str, obj: &str, attr: &str) -> Result<Robj> {
+    let v = H5Reader::open(path).and_then(|r| r.attr_strings(obj, attr)).map_err(fail)?;
+    Ok(v.map_or_else(|| ().into(), |v| v.into()))
+}
+
+/// A dataset's dimensions (HDF5's order) and whether it holds numbers:
+/// list(dims, numeric).
+/// @noRd
+#[extendr]
+fn rs_h5_shape(path: &str, name: &str) -> Result<List> {
+    let (dims, numeric) = H5Reader::open(path).and_then(|r| r.shape(name)).map_err(fail)?;
+    Ok(list!(dims = dims.iter().map(|&d| d as f64).collect::<Vec<_>>(), numeric = numeric))
+}
+
+/// A 1-D numeric dataset as doubles.
+/// @noRd
+#[extendr]
+fn rs_h5_numbers(path: &str, name: &str) -> Result<Vec<f64>> {
+    let r = H5Reader::open(path).map_err(fail)?;
+    let (dims, numeric) = r.shape(name).map_err(fail)?;
+    if !numeric || dims.len() != 1 {
+        return Err(fail(format!("'{path}': '{name}' is not a 1-D numeric dataset")));
+    }
+    r.read_1d::<f64>(name, 0, dims[0]).map_err(fail)
+}
+
+extendr_module! {
+    mod disk;
+    fn rs_h5_exists;
+    fn rs_h5_strings;
+    fn rs_h5_attr;
+    fn rs_h5_shape;
+    fn rs_h5_numbers;
+    fn rs_fit_vae_disk;
+    fn rs_vae_latent_disk;
+    fn rs_write_h5ad;
+}

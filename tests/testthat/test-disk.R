@@ -1,0 +1,102 @@
+# Counts on disk: h5_counts(), simulate_counts(file =), fit_vae() and
+# latent() streaming from HDF5 files.
+
+skip_if_not_installed("rhdf5")
+
+sim_file <- function(n_cells = 1500, n_genes = 120, seed = 2, ...) {
+  f <- tempfile(fileext = ".h5ad")
+  list(file = f, sim = simulate_counts(n_cells = n_cells, n_genes = n_genes, seed = seed, file = f, ...))
+}
+
+test_that("simulate_counts(file =) writes the cells simulate_counts() draws, as an .h5ad file", {
+  s <- sim_file(n_cells = 400, n_genes = 50, treated_fraction = 0.5)
+  mem <- simulate_counts(n_cells = 400, n_genes = 50, seed = 2, treated_fraction = 0.5, format = "list")
+  h <- s$sim$counts
+  expect_s3_class(h, "scdistill_h5")
+  expect_equal(dim(h), c(50, 400))
+  expect_equal(h$genes, rownames(mem$counts))
+  expect_equal(h$cells, colnames(mem$counts))
+  expect_setequal(h$cell_columns, c("cell_type", "batch", "condition", "sample"))
+  # X as AnnData stores it: CSR of cells x genes.
+  csr <- mem$counts  # genes x cells CSC = cells x genes CSR
+  expect_equal(as.numeric(rhdf5::h5read(s$file, "X/indptr")), as.numeric(csr@p))
+  expect_equal(as.integer(rhdf5::h5read(s$file, "X/indices")), csr@i)
+  expect_equal(as.numeric(rhdf5::h5read(s$file, "X/data")), csr@x)
+  expect_equal(scdistill:::h5ad_column(s$file, "batch"), mem$cell_data$batch)
+  expect_equal(s$sim$cell_data$cell_type, mem$cell_data$cell_type)
+  expect_output(print(h), "50 genes x 400 cells on disk")
+  expect_error(simulate_counts(n_cells = 100, file = tempfile(fileext = ".h5ad"), atac = TRUE), "cannot be combined")
+})
+
+test_that("fit_vae() trains from a file as from memory, reproducibly, and latent() reads new cells from disk", {
+  s <- sim_file()
+  fit <- function(x) fit_vae(x, batch = "batch", max_epochs = 15, threads = 2, seed = 3)
+  disk <- fit(s$file)
+  expect_s3_class(disk, "scdistill_vae")
+  expect_equal(disk$info$n_cells, 1500)
+  z <- latent(disk)
+  expect_equal(dim(z), c(1500, 10))
+  expect_equal(rownames(z), s$sim$counts$cells)
+  # The latent space read again from the file, and from the same counts in memory.
+  expect_equal(latent(disk, s$file), z)
+  mem <- simulate_counts(n_cells = 1500, n_genes = 120, seed = 2)
+  expect_equal(latent(disk, mem), z, tolerance = 1e-5)
+  # Validation cells are whole blocks of consecutive cells (16 at this size).
+  v <- disk$validation_cells
+  expect_true(length(v) >= 150 && all(((v - 1) %/% 16 * 16 + 1) %in% v))
+  # Same seed, same model.
+  expect_equal(latent(fit(s$file)), z)
+  # As good as training in memory: the -ELBO of all cells within 2%.
+  in_memory <- fit(mem)
+  e_disk <- elbo(disk, mem, seed = 1)
+  e_mem <- elbo(in_memory, mem, seed = 1)
+  expect_lt(abs(e_disk - e_mem) / e_mem, 0.02)
+  # Cell types separate as well in the streamed model's latent space.
+  score <- function(z) integration_metrics(z, batch = mem$batch, label = mem$cell_type, threads = 2)$nmi_leiden
+  expect_gt(score(z), score(latent(in_memory)) - 0.05)
+  # add_latent() on an experiment whose counts are an HDF5-backed DelayedMatrix.
+  skip_if_not_installed("HDF5Array")
+  h5 <- tempfile(fileext = ".h5")
+  counts <- HDF5Array::writeHDF5Array(as.matrix(SingleCellExperiment::counts(mem)), h5, "counts", with.dimnames = TRUE)
+  sce <- SingleCellExperiment::SingleCellExperiment(list(counts = counts), colData = SummarizedExperiment::colData(mem))
+  expect_equal(SingleCellExperiment::reducedDim(add_latent(sce, disk), "scVI"), z, tolerance = 1e-5,
+               ignore_attr = TRUE)
+  from_delayed <- fit_vae(sce, batch = "batch", max_epochs = 3, threads = 2)
+  expect_equal(from_delayed$info$n_cells, 1500)
+})
+
+test_that("bad files and bad cell columns are errors that name them", {
+  s <- sim_file(n_cells = 200, n_genes = 30)
+  expect_error(h5_counts(file.path(tempdir(), "none.h5ad")), "does not exist")
+  txt <- tempfile(fileext = ".h5ad")
+  writeLines("not hdf5", txt)
+  expect_error(h5_counts(txt), "not an HDF5 file")
+  expect_error(fit_vae(s$file, batch = "donor", max_epochs = 2), "\"donor\" is not a cell column.*cell_type, batch")
+  expect_error(fit_vae(s$file, batch = rep("a", 3), max_epochs = 2), "has 3 values but the file has 200 cells")
+  expect_error(h5_counts(s$file, layer = "counts"), "has no 'layers/counts'")
+  bad <- tempfile(fileext = ".h5ad")
+  file.copy(s$file, bad)
+  # In another R process: rhdf5::h5write() can leave HDF5's library lock
+  # held by the calling thread (seen under testthat's condition handlers),
+  # which would block this process's own reads on other threads.
+  edit <- sprintf('x <- rhdf5::h5read("%s", "X/data"); x[7] <- 2.5; rhdf5::h5write(x, "%s", "X/data")', bad, bad)
+  expect_equal(system2(file.path(R.home("bin"), "Rscript"), c("-e", shQuote(edit))), 0)
+  expect_error(fit_vae(bad, max_epochs = 2), "non-integer value")
+  model <- fit_vae(s$file, max_epochs = 2, threads = 2)
+  other <- sim_file(n_cells = 50, n_genes = 20, seed = 5)
+  expect_error(latent(model, other$file), "missing from the new data")
+})
+
+test_that("write_h5ad() writes counts that stream back to the same latent space", {
+  sce <- simulate_counts(n_cells = 600, n_genes = 80, seed = 4)
+  f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
+  h <- h5_counts(f)
+  expect_equal(h$genes, rownames(sce))
+  expect_equal(h$cells, colnames(sce))
+  expect_setequal(h$cell_columns, c("cell_type", "batch"))
+  expect_equal(scdistill:::h5ad_column(f, "cell_type"), sce$cell_type)
+  model <- fit_vae(sce, batch = "batch", max_epochs = 3, threads = 2)
+  expect_equal(latent(model, f), latent(model, sce), tolerance = 1e-6)
+  expect_error(write_h5ad(sce, tempfile(fileext = ".h5ad"), columns = "donor"), "'donor' is not a cell metadata")
+  expect_error(write_h5ad(sce, file.path(tempdir(), "no", "such", "x.h5ad")), "does not exist")
+})
