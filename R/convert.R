@@ -43,7 +43,7 @@ as_counts <- function(x, ...) UseMethod("as_counts")
 #' @export
 as_counts.default <- function(x, ...) {
   stop("as_counts() does not know objects of class '", class(x)[1], "'; pass a ",
-       "dgCMatrix, matrix, SingleCellExperiment, Seurat object or DelayedMatrix",
+       "dgCMatrix, matrix, SingleCellExperiment, Seurat object, DelayedMatrix, or an .h5ad or 10x .h5 file",
        call. = FALSE)
 }
 

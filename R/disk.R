@@ -159,49 +159,56 @@ as_disk <- function(x, assay.type = "counts", ...) {
   delayed_disk(x)
 }
 
-# An HDF5-backed DelayedMatrix without delayed operations on it, whose
-# cells lie contiguously on disk.
+# An HDF5-backed DelayedMatrix, possibly with its genes subset (other
+# delayed operations, or a subset of cells, are read into memory instead),
+# whose cells lie contiguously on disk.
 delayed_disk <- function(x) {
   if (!methods::is(x, "DelayedMatrix") || !requireNamespace("DelayedArray", quietly = TRUE)) return(NULL)
-  s <- tryCatch(DelayedArray::seed(x), error = function(e) NULL)
-  if (is.null(s)) return(NULL)
-  slot_of <- function(nm) if (nm %in% methods::slotNames(s)) methods::slot(s, nm)
-  path <- slot_of("filepath")
-  if (is.null(path)) return(NULL)
-  dn <- dimnames(x)
-  named <- function(d) {
-    if (!is.null(dn[[1]])) d$genes <- dn[[1]]
-    if (!is.null(dn[[2]])) d$cells <- dn[[2]]
-    d
+  node <- tryCatch(DelayedArray::simplify(x)@seed, error = function(e) NULL)
+  rows <- NULL
+  repeat {
+    if (methods::is(node, "DelayedSetDimnames")) {
+      node <- node@seed
+    } else if (methods::is(node, "DelayedSubset") && is.null(rows)) {
+      if (!is.null(node@index[[2]])) return(NULL)
+      rows <- node@index[[1]]
+      node <- node@seed
+    } else {
+      break
+    }
   }
-  cls <- class(s)[1]
-  if (methods::is(s, "CSC_H5SparseMatrixSeed") || cls %in% c("TENxMatrixSeed", "CSC_H5ADMatrixSeed")) {
-    group <- slot_of("group")
-    d <- tenx_like(path, group, dim(x))
-    return(structure(named(d), class = "scdistill_h5"))
+  if (is.null(node) || !"filepath" %in% methods::slotNames(node)) return(NULL)
+  slot_of <- function(nm) if (nm %in% methods::slotNames(node)) methods::slot(node, nm)
+  path <- normalizePath(slot_of("filepath"))
+  dims <- dim(node)
+  d <- if (methods::is(node, "CSC_H5SparseMatrixSeed") || class(node)[1] %in% c("TENxMatrixSeed", "CSC_H5ADMatrixSeed")) {
+    tenx_like(path, slot_of("group"), dims)
+  } else if (methods::is(node, "HDF5ArraySeed")) {
+    list(layout = "dense", dataset = slot_of("name"), n_cells = dims[2], n_genes = dims[1], format = "hdf5",
+         cell_columns = character(), path = path)
+  } else {
+    return(NULL)
   }
-  if (methods::is(s, "HDF5ArraySeed")) {
-    return(structure(named(list(layout = "dense", dataset = slot_of("name"), n_cells = ncol(x), n_genes = nrow(x),
-                                genes = paste0("gene_", seq_len(nrow(x))), cells = paste0("cell_", seq_len(ncol(x))),
-                                format = "hdf5", cell_columns = character(), path = normalizePath(path))),
-                     class = "scdistill_h5"))
-  }
-  NULL
+  # The names are the DelayedMatrix's (the seed's genes, subset); `keep` the
+  # file's genes it holds.
+  d$genes <- rownames(x) %||% paste0("gene_", if (is.null(rows)) seq_len(dims[1]) else rows)
+  d$cells <- colnames(x) %||% paste0("cell_", seq_len(dims[2]))
+  d$keep <- rows
+  structure(d, class = "scdistill_h5")
 }
 
 tenx_like <- function(path, group, dims) {
   list(layout = "sparse", data = paste0(group, "/data"), indices = paste0(group, "/indices"),
-       indptr = paste0(group, "/indptr"), n_cells = dims[2], n_genes = dims[1],
-       genes = paste0("gene_", seq_len(dims[1])), cells = paste0("cell_", seq_len(dims[2])), format = "10x",
-       cell_columns = character(), path = normalizePath(path))
+       indptr = paste0(group, "/indptr"), n_cells = dims[2], n_genes = dims[1], format = "10x",
+       cell_columns = character(), path = path)
 }
 
-# What the glue's open_disk() reads.
-disk_spec <- function(d, keep = NULL) {
+# What the glue's open_disk() reads (`keep`: the file's genes used, 1-based).
+disk_spec <- function(d) {
   s <- d[c("path", "layout", intersect(c("data", "indices", "indptr", "dataset"), names(d)))]
   s$n_cells <- as.double(d$n_cells)
   s$n_genes <- as.double(d$n_genes)
-  if (!is.null(keep)) s$keep <- as.integer(keep)
+  if (!is.null(d$keep)) s$keep <- as.integer(d$keep)
   s
 }
 
@@ -321,4 +328,37 @@ write_h5ad <- function(x, file, columns = NULL, ...) {
   names(cols) <- columns
   rust(rs_write_h5ad(path.expand(file), slots(cnt), cols))
   invisible(file)
+}
+
+#' @rdname as_counts
+#' @param cells For counts on disk: the cells to read (names or indices);
+#'   `NULL` reads every cell into memory.
+#' @export
+as_counts.scdistill_h5 <- function(x, batch = NULL, cells = NULL, ...) {
+  idx <- NULL
+  if (!is.null(cells)) {
+    idx <- if (is.character(cells)) match(cells, x$cells) else as.integer(cells)
+    if (anyNA(idx) || any(idx < 1 | idx > x$n_cells)) {
+      stop("`cells` names or indexes cells that are not in '", x$path, "'", call. = FALSE)
+    }
+  }
+  csr <- rust(rs_read_h5_cells(disk_spec(x), idx, resolve_threads(NULL)))
+  names <- if (is.null(idx)) x$cells else x$cells[idx]
+  m <- csr_to_dgc(csr, x$genes, names)
+  cd <- x$cell_data
+  if (is.null(cd) && length(x$cell_columns)) {
+    cd <- as.data.frame(lapply(stats::setNames(x$cell_columns, x$cell_columns), function(nm) h5ad_column(x$path, nm)),
+                        optional = TRUE)
+  }
+  if (!is.null(cd)) {
+    cd <- cd[if (is.null(idx)) seq_len(x$n_cells) else idx, , drop = FALSE]
+    rownames(cd) <- names
+  }
+  new_counts(m, batch, cell_data = cd, checked = FALSE)
+}
+
+#' @rdname as_counts
+#' @export
+as_counts.character <- function(x, batch = NULL, ...) {
+  as_counts(h5_counts(x), batch = batch, ...)
 }

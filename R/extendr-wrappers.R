@@ -68,6 +68,8 @@ rs_h5_shape <- function(path, name) .Call(native("wrap__rs_h5_shape"), path, nam
 
 rs_h5_numbers <- function(path, name) .Call(native("wrap__rs_h5_numbers"), path, name)
 
+rs_read_h5_cells <- function(spec, rows, threads) .Call(native("wrap__rs_read_h5_cells"), spec, rows, threads)
+
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
                             config, train_encoder, train_decoder, device, threads, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,

@@ -63,6 +63,11 @@ test_that("fit_vae() trains from a file as from memory, reproducibly, and latent
                ignore_attr = TRUE)
   from_delayed <- fit_vae(sce, batch = "batch", max_epochs = 3, threads = 2)
   expect_equal(from_delayed$info$n_cells, 1500)
+  # Genes subset from the experiment: streamed on those genes only.
+  genes <- rownames(mem)[c(40, 3, 77, 10:30)]
+  sub <- fit_vae(sce[genes, ], batch = "batch", max_epochs = 3, threads = 2)
+  expect_equal(sub$info$genes, genes)
+  expect_equal(latent(sub, sce[genes, ]), latent(sub, mem[genes, ]), tolerance = 1e-5)
 })
 
 test_that("bad files and bad cell columns are errors that name them", {
@@ -99,4 +104,17 @@ test_that("write_h5ad() writes counts that stream back to the same latent space"
   expect_equal(latent(model, f), latent(model, sce), tolerance = 1e-6)
   expect_error(write_h5ad(sce, tempfile(fileext = ".h5ad"), columns = "donor"), "'donor' is not a cell metadata")
   expect_error(write_h5ad(sce, file.path(tempdir(), "no", "such", "x.h5ad")), "does not exist")
+})
+
+test_that("as_counts() reads a file, or some of its cells, into memory", {
+  sce <- simulate_counts(n_cells = 300, n_genes = 40, seed = 6)
+  f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
+  all <- as_counts(f, batch = "batch")
+  expect_equal(all$counts, SingleCellExperiment::counts(sce), ignore_attr = TRUE)
+  expect_equal(dimnames(all$counts), dimnames(sce))
+  expect_equal(all$batch, sce$batch)
+  some <- as_counts(h5_counts(f), cells = c(5, 1, 300))
+  expect_equal(as.matrix(some$counts), as.matrix(SingleCellExperiment::counts(sce)[, c(5, 1, 300)]))
+  expect_equal(as_counts(h5_counts(f), cells = colnames(sce)[c(5, 1)])$cell_data$cell_type, sce$cell_type[c(5, 1)])
+  expect_error(as_counts(h5_counts(f), cells = 301), "not in")
 })

@@ -210,8 +210,26 @@ fn rs_h5_numbers(path: &str, name: &str) -> Result<Vec<f64>> {
     r.read_1d::<f64>(name, 0, dims[0]).map_err(fail)
 }
 
+/// Cells `rows` (1-based; NULL: all) of a matrix on disk as a CSR slot list.
+/// @noRd
+#[extendr]
+fn rs_read_h5_cells(spec: List, rows: Robj, threads: i32) -> Result<Robj> {
+    let disk = open_disk(&spec)?;
+    let rows: Option<Vec<usize>> = if rows.is_null() {
+        None
+    } else {
+        Some(int_slice(&rows, "cells")?.iter().map(|&r| (r - 1) as usize).collect())
+    };
+    let m = crate::run(threads, |_| match &rows {
+        Some(r) => disk.read_rows(r),
+        None => disk.read_range(0, disk.n_rows()),
+    })?;
+    Ok(crate::csr_to_r(m).into())
+}
+
 extendr_module! {
     mod disk;
+    fn rs_read_h5_cells;
     fn rs_h5_exists;
     fn rs_h5_strings;
     fn rs_h5_attr;

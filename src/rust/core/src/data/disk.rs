@@ -223,12 +223,17 @@ impl DiskCsr {
         Ok(DiskCsr { inner: Arc::new(inner), block, window_blocks, stream: Mutex::new(None) })
     }
 
-    /// Keeps only the file columns `keep` (in that order).
+    /// Keeps only the columns `keep` (in that order) of the genes it has
+    /// now (a second selection applies to the first's result).
     pub fn select_columns(mut self, keep: Vec<usize>) -> Result<DiskCsr> {
         let inner = Arc::get_mut(&mut self.inner).expect("no reader is running");
-        if let Some(&bad) = keep.iter().find(|&&j| j >= inner.n_file_cols) {
-            return invalid!("gene column {bad} is outside the file's {} genes", inner.n_file_cols);
+        if let Some(&bad) = keep.iter().find(|&&j| j >= inner.n_cols) {
+            return invalid!("gene column {bad} is outside the {} genes", inner.n_cols);
         }
+        let keep = match &inner.keep {
+            Some(old) => keep.iter().map(|&j| old[j]).collect(),
+            None => keep,
+        };
         inner.n_cols = keep.len();
         inner.keep = Some(keep);
         Ok(self)

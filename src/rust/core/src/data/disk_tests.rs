@@ -85,6 +85,9 @@ fn an_h5ad_file_written_in_blocks_reads_back_the_same_cells() {
     let keep = vec![39, 0, 7];
     let d = DiskCsr::open(&path, sparse(), 300, 40).unwrap().select_columns(keep.clone()).unwrap();
     assert_eq!(d.read_range(0, 300).unwrap(), m.select_columns(&keep));
+    // A selection of a selection.
+    let d = d.select_columns(vec![2, 0]).unwrap();
+    assert_eq!(d.read_range(0, 300).unwrap(), m.select_columns(&[7, 39]));
 }
 
 #[test]

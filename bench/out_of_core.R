@@ -1,0 +1,88 @@
+# Training from disk against training in memory (issue 27, part 2).
+#
+#   Rscript bench/out_of_core.R [--cells 100000] [--genes 2000] [--epochs 3] [--threads 2] [--seed 1]
+#                               [--modes disk,memory] [--keep]
+#
+# One simulation (10 types in unequal proportions, 3 batches) is written
+# straight to an .h5ad file with simulate_counts(file =) (never held in
+# memory). Then, each in its own R process under /usr/bin/time:
+#   disk   fit_vae(<file>) streaming minibatches from the file;
+#   memory the file read into memory (as_counts()), then fit_vae() on it.
+# Both at the package's defaults with `--epochs` epochs and no early
+# stopping. Reported: seconds per epoch (mean of the epochs after the first
+# and the first), wall seconds, peak RSS, validation -ELBO (each on its own
+# held-out 10%), and the -ELBO of both models on the same 10,000 cells from
+# the disk model's held-out blocks (held out for the disk model; about 90%
+# of them were training cells of the memory model, so this comparison
+# favours the memory model). Appends to bench/results/out_of_core.csv.
+args <- commandArgs(TRUE)
+source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
+root <- bench_root()
+n_cells <- bench_option(args, "--cells", 100000)
+n_genes <- bench_option(args, "--genes", 2000)
+epochs <- bench_option(args, "--epochs", 3)
+threads <- bench_option(args, "--threads", 2)
+seed <- bench_option(args, "--seed", 1)
+modes <- strsplit(bench_option(args, "--modes", "disk,memory", as = as.character), ",")[[1]]
+work <- file.path(tempdir(), "out_of_core")
+dir.create(work, showWarnings = FALSE)
+h5ad <- file.path(work, sprintf("sim_%d_%d.h5ad", n_cells, n_genes))
+
+cat(sprintf("simulating %s cells x %d genes to %s\n", format(n_cells, big.mark = ","), n_genes, h5ad))
+sim_script <- file.path(work, "simulate.R")
+writeLines(c(
+  "suppressMessages(library(scdistill))",
+  sprintf(paste0("s <- simulate_counts(n_cells = %d, n_genes = %d, n_groups = 10, n_batches = 3, ",
+                 "group_prob = c(20, 15, 12, 10, 10, 8, 8, 7, 6, 4), seed = %d, threads = %d, file = '%s')"),
+          n_cells, n_genes, seed, threads, h5ad)
+), sim_script)
+sim <- timed("Rscript", sim_script, quiet = FALSE)
+cat(sprintf("  %.1f s, peak RSS %.0f MB, file %.0f MB\n", sim$wall, sim$rss_mb, file.info(h5ad)$size / 2^20))
+
+run_mode <- function(mode) {
+  out <- file.path(work, paste0(mode, ".rds"))
+  script <- file.path(work, paste0(mode, ".R"))
+  load <- if (mode == "disk") sprintf("x <- '%s'", h5ad) else sprintf("x <- as_counts('%s', batch = 'batch')", h5ad)
+  writeLines(c(
+    "suppressMessages(library(scdistill))",
+    load,
+    sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
+                   "threads = %d, progress = FALSE)"), epochs, threads),
+    sprintf("saveRDS(list(history = m$history, validation = m$validation_cells, model = m), '%s')", out)
+  ), script)
+  t <- timed("Rscript", script, quiet = FALSE)
+  r <- readRDS(out)
+  s <- r$history$seconds
+  list(mode = mode, ok = t$ok, wall = t$wall, rss_mb = t$rss_mb, first_epoch_s = s[1],
+       epoch_s = if (length(s) > 1) mean(s[-1]) else s[1], validation_elbo = utils::tail(r$history$validation_elbo, 1),
+       validation = r$validation, model = r$model)
+}
+
+res <- lapply(modes, run_mode)
+names(res) <- modes
+
+# Both models on the same cells: 10,000 of the disk model's held-out cells.
+held <- res[[1]]$validation
+set.seed(seed)
+cells <- sort(sample(held, min(10000, length(held))))
+suppressMessages(library(scdistill))
+same <- as_counts(h5_counts(h5ad), cells = cells, batch = "batch")
+for (m in modes) {
+  res[[m]]$heldout_elbo <- elbo(res[[m]]$model, same, seed = 1, threads = threads)
+}
+
+tab <- do.call(rbind, lapply(res, function(r) {
+  data.frame(mode = r$mode, cells = n_cells, genes = n_genes, epochs = epochs, threads = threads,
+             first_epoch_s = round(r$first_epoch_s, 1), epoch_s = round(r$epoch_s, 1), wall_s = round(r$wall, 1),
+             peak_rss_mb = round(r$rss_mb), validation_elbo = round(r$validation_elbo, 2),
+             same_cells_elbo = round(r$heldout_elbo, 2))
+}))
+tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
+print(tab, row.names = FALSE)
+if (all(c("disk", "memory") %in% modes)) {
+  cat(sprintf("\ndisk / memory: epoch %.2fx, peak RSS %.2fx, same-cells -ELBO %+.2f%%\n",
+              res$disk$epoch_s / res$memory$epoch_s, res$disk$rss_mb / res$memory$rss_mb,
+              100 * (res$disk$heldout_elbo / res$memory$heldout_elbo - 1)))
+}
+append_csv(tab, file.path(root, "bench", "results", "out_of_core.csv"))
+if (!"--keep" %in% args) unlink(h5ad)
