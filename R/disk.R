@@ -257,9 +257,9 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
                           pick(continuous_covariates, "continuous_covariates"))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_vae_disk(disk_spec(d), d$genes, factor_arg(batch_f, batch_name), covs$categorical_r,
-                              covs$continuous, config, tc, check_device(device), resolve_threads(threads),
-                              bar$update))
+  fit <- rust(rs_fit_vae(c(disk_spec(d), list(genes = d$genes)), factor_arg(batch_f, batch_name),
+                         covs$categorical_r, covs$continuous, config, tc, check_device(device),
+                         resolve_threads(threads), bar$update))
   model <- new_model(fit$ptr, NULL)
   model$fingerprint <- disk_fingerprint(d)
   finish_fit(model, fit$latent, d$cells)

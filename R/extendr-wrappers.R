@@ -46,11 +46,6 @@ rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assi
 
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
-rs_fit_vae_disk <- function(spec, genes, batch, categorical, continuous, config, train, device, threads, progress) {
-  .Call(native("wrap__rs_fit_vae_disk"), spec, genes, batch, categorical, continuous, config, train, device,
-        threads, progress)
-}
-
 rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous, give_mean, seed, threads) {
   .Call(native("wrap__rs_vae_latent_disk"), ptr, spec, genes, batch, categorical, continuous, give_mean, seed,
         threads)

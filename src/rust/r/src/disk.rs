@@ -2,15 +2,17 @@
 //! spaces from HDF5 files, and writing `.h5ad` files.
 
 use crate::convert::from_r;
-use crate::model::{fitted_to_r, matrix_to_r, model_as, with_epoch_progress};
+use crate::model::{matrix_to_r, model_as};
 use crate::worker::Lent;
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
+use scdistill_core::data::Covariates;
 use scdistill_core::data::{CountMatrix, DiskCsr, H5Reader, H5adWriter, Layout};
-use scdistill_core::device::parse_device;
+use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
 use scdistill_core::models::Matrix;
+use scdistill_core::train::EpochRecord;
 use scdistill_core::train::TrainConfig;
 
 /// The matrix an R description points at: list(path, layout = "sparse" |
@@ -41,44 +43,62 @@ fn open_disk(spec: &List) -> Result<DiskCsr> {
     }
 }
 
-/// Trains a VAE on counts on disk (`spec` as `open_disk`; `genes` the kept
-/// genes' names); the rest as `rs_fit_vae`. Returns list(ptr, latent).
-/// @noRd
-#[extendr]
-#[allow(clippy::too_many_arguments)]
-fn rs_fit_vae_disk(
-    spec: List,
-    genes: Robj,
-    batch: List,
-    categorical: List,
-    continuous: List,
-    config: Robj,
-    train: Robj,
-    device: &str,
-    threads: i32,
-    progress: Robj,
-) -> Result<Robj> {
-    let disk = open_disk(&spec)?;
-    let genes = strings(&genes, "genes")?;
-    let cov = crate::vae::covariates_from_r(&batch, &categorical, &continuous, disk.n_rows())?;
-    let config: VaeConfig = from_r(&config, "VAE settings")?;
-    let train: TrainConfig = from_r(&train, "training settings")?;
-    let device = parse_device(device).map_err(fail)?;
-    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        let scan = disk.scan(&|_, _| {}, interrupted)?;
-        check_scan(&disk, &scan, &genes)?;
-        let model = VaeModel::fit_on_disk(&disk, &scan, &genes, &cov, config, train, device, interrupted, &|r| {
-            report("train", r)
-        })?;
-        let z = model.training_latent_on_disk(&disk, &scan, &cov);
-        Ok((model, z))
-    })?;
-    Ok(fitted_to_r(Box::new(model), matrix_to_r(&z)))
+/// The counts a training glue function takes: count slots in memory, or a
+/// description of counts on disk (`open_disk`'s, with the kept genes' names
+/// as `genes`).
+pub(crate) enum Input {
+    Memory(CountMatrix),
+    Disk(DiskCsr, Vec<String>),
 }
 
-/// Cells without counts and genes never detected, as the in-memory checks
-/// refuse or warn about them.
-fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan, genes: &[String]) -> scdistill_core::Result<()> {
+impl Input {
+    pub(crate) fn from_r(counts: &List) -> Result<Input> {
+        let disk = counts.iter().any(|(n, _)| n == "layout");
+        match counts.iter().find(|(n, _)| disk && *n == "genes") {
+            Some((_, genes)) => Ok(Input::Disk(open_disk(counts)?, strings(&genes, "genes")?)),
+            None => Ok(Input::Memory(crate::counts_from_r(counts)?)),
+        }
+    }
+
+    pub(crate) fn n_cells(&self) -> usize {
+        match self {
+            Input::Memory(m) => m.n_cells(),
+            Input::Disk(d, _) => d.n_rows(),
+        }
+    }
+
+    /// Trains a VAE on these counts and computes the training cells'
+    /// latent space (with their own covariates); on disk, after one pass
+    /// over the file for the per-cell totals.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fit_vae(
+        &self,
+        cov: &Covariates,
+        config: VaeConfig,
+        train: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> scdistill_core::Result<(VaeModel, Matrix)> {
+        match self {
+            Input::Memory(m) => {
+                let model = VaeModel::fit(m, cov, config, train, device, interrupted, on_epoch)?;
+                let z = model.training_latent(&m.csr, cov);
+                Ok((model, z))
+            }
+            Input::Disk(d, genes) => {
+                let scan = d.scan(&|_, _| {}, interrupted)?;
+                check_scan(d, &scan)?;
+                let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, on_epoch)?;
+                let z = model.training_latent_on_disk(d, &scan, cov);
+                Ok((model, z))
+            }
+        }
+    }
+}
+
+/// Cells without counts, which the in-memory checks refuse too.
+fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_core::Result<()> {
     let empty: Vec<usize> = (0..scan.row_sums.len()).filter(|&c| scan.row_sums[c] == 0.0).collect();
     if !empty.is_empty() {
         return Err(scdistill_core::Error::InvalidInput(format!(
@@ -88,7 +108,6 @@ fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan, genes: &[String
             empty.iter().take(3).map(|c| (c + 1).to_string()).collect::<Vec<_>>().join(", ")
         )));
     }
-    let _ = genes;
     Ok(())
 }
 
@@ -235,7 +254,6 @@ extendr_module! {
     fn rs_h5_attr;
     fn rs_h5_shape;
     fn rs_h5_numbers;
-    fn rs_fit_vae_disk;
     fn rs_vae_latent_disk;
     fn rs_write_h5ad;
 }

@@ -2,12 +2,12 @@
 
 use crate::convert::from_r;
 use crate::model::{fitted_to_r, matrix_to_r, with_epoch_progress};
-use crate::{counts_from_r, fail, int_slice, strings};
+use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{Categorical, Covariates};
 use scdistill_core::device::parse_device;
-use scdistill_core::models::vae::{VaeConfig, VaeModel};
+use scdistill_core::models::vae::VaeConfig;
 use scdistill_core::train::TrainConfig;
 
 /// A categorical covariate of `n` cells from list(name, codes (1-based), levels).
@@ -39,7 +39,8 @@ pub(crate) fn covariates_from_r(batch: &List, categorical: &List, continuous: &L
     Covariates::new(batch, cats, conts).map_err(fail)
 }
 
-/// Trains a VAE; `config` and `train` are named lists of the core's
+/// Trains a VAE on `counts` (count slots, or a description of counts on
+/// disk: see `disk::Input`); `config` and `train` are named lists of the core's
 /// `VaeConfig` and `TrainConfig` fields. `progress` (an R function of the
 /// phase, epoch, training loss and validation -ELBO, or NULL) is called on
 /// the R thread as epochs finish. Returns list(ptr, latent).
@@ -57,16 +58,13 @@ fn rs_fit_vae(
     threads: i32,
     progress: Robj,
 ) -> Result<Robj> {
-    let m = counts_from_r(&counts)?;
-    let cov = covariates_from_r(&batch, &categorical, &continuous, m.n_cells())?;
+    let input = crate::disk::Input::from_r(&counts)?;
+    let cov = covariates_from_r(&batch, &categorical, &continuous, input.n_cells())?;
     let config: VaeConfig = from_r(&config, "VAE settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
     let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        let model = VaeModel::fit(&m, &cov, config, train, device, interrupted, &|r| report("train", r))?;
-        // The training cells' latent space, with their own covariates.
-        let z = model.training_latent(&m.csr, &cov);
-        Ok((model, z))
+        input.fit_vae(&cov, config, train, device, interrupted, &|r| report("train", r))
     })?;
     Ok(fitted_to_r(Box::new(model), matrix_to_r(&z)))
 }

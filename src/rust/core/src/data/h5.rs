@@ -192,42 +192,18 @@ fn check(status: herr_t, what: impl FnOnce() -> String) -> Result<()> {
 pub trait H5Native: Copy + Default {
     fn native() -> hid_t;
 }
-impl H5Native for f32 {
-    fn native() -> hid_t {
-        // SAFETY: set by H5open(), which `locked` calls first.
-        unsafe { H5T_NATIVE_FLOAT_g }
-    }
+macro_rules! native {
+    ($($t:ty => $g:ident),*) => {$(
+        impl H5Native for $t {
+            fn native() -> hid_t {
+                // SAFETY: set by H5open(), which `locked` calls first.
+                unsafe { $g }
+            }
+        }
+    )*};
 }
-impl H5Native for f64 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_DOUBLE_g }
-    }
-}
-impl H5Native for u32 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_UINT32_g }
-    }
-}
-impl H5Native for i32 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_INT32_g }
-    }
-}
-impl H5Native for u64 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_UINT64_g }
-    }
-}
-impl H5Native for i64 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_INT64_g }
-    }
-}
-impl H5Native for i8 {
-    fn native() -> hid_t {
-        unsafe { H5T_NATIVE_INT8_g }
-    }
-}
+native!(f32 => H5T_NATIVE_FLOAT_g, f64 => H5T_NATIVE_DOUBLE_g, u32 => H5T_NATIVE_UINT32_g, i32 => H5T_NATIVE_INT32_g,
+        u64 => H5T_NATIVE_UINT64_g, i64 => H5T_NATIVE_INT64_g, i8 => H5T_NATIVE_INT8_g);
 
 /// A file open for reading. Datasets are opened by path for each read, so
 /// the handle holds nothing else.

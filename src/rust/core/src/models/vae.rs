@@ -464,17 +464,8 @@ impl VaeModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(&EpochRecord),
     ) -> Result<VaeModel> {
-        Self::fit_data(
-            || Ok(VaeData::new(&counts.csr, cov)),
-            Rows::Memory(&counts.csr),
-            &counts.genes,
-            cov,
-            config,
-            train_cfg,
-            device,
-            interrupted,
-            on_epoch,
-        )
+        let data = VaeData::new(&counts.csr, cov);
+        Self::fit_data(data, &counts.genes, config, train_cfg, device, interrupted, on_epoch)
     }
 
     /// `fit` on counts that stay on disk: minibatches are streamed from the
@@ -500,31 +491,19 @@ impl VaeModel {
                 counts.n_cols()
             );
         }
-        Self::fit_data(
-            || Ok(VaeData::on_disk(counts, scan, cov)),
-            Rows::Disk(counts),
-            genes,
-            cov,
-            config,
-            train_cfg,
-            device,
-            interrupted,
-            on_epoch,
-        )
+        Self::fit_data(VaeData::on_disk(counts, scan, cov), genes, config, train_cfg, device, interrupted, on_epoch)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fit_data<'a>(
-        make_data: impl FnOnce() -> Result<VaeData<'a>>,
-        counts: Rows<'a>,
+    fn fit_data(
+        mut data: VaeData,
         genes: &[String],
-        cov: &'a Covariates,
         mut config: VaeConfig,
         mut train_cfg: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(&EpochRecord),
     ) -> Result<VaeModel> {
+        let (counts, cov) = (data.counts, data.covariates);
         let n_cells = counts.n_rows();
         if cov.n_cells() != n_cells {
             return invalid!("{} covariate values for {} cells", cov.n_cells(), n_cells);
@@ -541,7 +520,6 @@ impl VaeModel {
         train_cfg.check()?;
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(config.clone(), device)?;
-        let mut data = make_data()?;
         // On a GPU, keep the counts there when they take at most 8 GiB.
         if let Some(m) = counts.memory() {
             if device != Device::Cpu && DeviceCsr::bytes(m.nnz(), n_cells) <= RESIDENT_MAX_BYTES {
