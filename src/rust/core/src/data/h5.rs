@@ -188,6 +188,26 @@ fn check(status: herr_t, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// Selects the block of `count` elements from `start` in `space` (one
+/// hyperslab; HDF5 refuses a rank mismatch or a block out of range).
+fn select(space: &Id, start: &[u64], count: &[u64], what: impl FnOnce() -> String) -> Result<()> {
+    // SAFETY: an open dataspace; `start` and `count` hold one value per
+    // dimension of the selection the caller reads or writes.
+    check(
+        unsafe {
+            H5Sselect_hyperslab(
+                space.0,
+                H5S_SELECT_SET,
+                start.as_ptr(),
+                std::ptr::null(),
+                count.as_ptr(),
+                std::ptr::null(),
+            )
+        },
+        what,
+    )
+}
+
 /// Element types a dataset is read into (HDF5 converts from the stored type).
 pub trait H5Native: Copy + Default {
     fn native() -> hid_t;
@@ -341,19 +361,7 @@ impl H5Reader {
             // selection call fails on a rank mismatch or out-of-range
             // block); `out` holds exactly the selected elements.
             let file_space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, what)?;
-            check(
-                unsafe {
-                    H5Sselect_hyperslab(
-                        file_space.0,
-                        H5S_SELECT_SET,
-                        start.as_ptr(),
-                        std::ptr::null(),
-                        count.as_ptr(),
-                        std::ptr::null(),
-                    )
-                },
-                what,
-            )?;
+            select(&file_space, start, count, what)?;
             let mem = id(unsafe { H5Screate_simple(rank, count.as_ptr(), std::ptr::null()) }, H5Sclose, what)?;
             check(
                 unsafe { H5Dread(d.0, T::native(), mem.0, file_space.0, H5P_DEFAULT, out.as_mut_ptr() as *mut c_void) },
@@ -525,20 +533,8 @@ fn append_1d<T: H5Native>(d: &Id, len: u64, values: &[T], name: &str) -> Result<
     // `n` elements from `values` there.
     check(unsafe { H5Dset_extent(d.0, new_len.as_ptr()) }, what)?;
     let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, what)?;
-    let (start, count) = ([len], [n]);
-    check(
-        unsafe {
-            H5Sselect_hyperslab(
-                space.0,
-                H5S_SELECT_SET,
-                start.as_ptr(),
-                std::ptr::null(),
-                count.as_ptr(),
-                std::ptr::null(),
-            )
-        },
-        what,
-    )?;
+    let count = [n];
+    select(&space, &[len], &count, what)?;
     let mem = id(unsafe { H5Screate_simple(1, count.as_ptr(), std::ptr::null()) }, H5Sclose, what)?;
     check(unsafe { H5Dwrite(d.0, T::native(), mem.0, space.0, H5P_DEFAULT, values.as_ptr() as *const c_void) }, what)
 }
