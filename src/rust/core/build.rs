@@ -1,5 +1,6 @@
 //! Records the libtorch version the crate is built against, for `torch_config()`,
-//! makes this crate's own binaries find libtorch, and finds libhdf5.
+//! makes this crate's own binaries find libtorch, finds libhdf5, and compiles
+//! the distributed backend's C++ shim (`csrc/c10d.cpp`) against libtorch's headers.
 use std::{env, fs, path::Path};
 
 fn main() {
@@ -46,4 +47,23 @@ fn main() {
     for d in dirs {
         println!("cargo:rustc-link-search=native={d}");
     }
+    // The c10d shim, compiled with libtorch's own headers and ABI (torch-sys'
+    // rule: LIBTORCH_CXX11_ABI, 1 unless set). USE_C10D_GLOO opens the Gloo
+    // process group's header; csrc/gloo declares the Gloo types it names.
+    println!("cargo:rerun-if-changed=csrc");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let torch = env::var("LIBTORCH").expect("LIBTORCH must name the libtorch folder (tools/find_libtorch.sh)");
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/c10d.cpp")
+        .include("csrc")
+        .include(format!("{torch}/include"))
+        .include(format!("{torch}/include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("USE_C10D_GLOO", None)
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .warnings(false)
+        .opt_level(2)
+        .compile("scdistill_c10d");
 }

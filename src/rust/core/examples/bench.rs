@@ -5,6 +5,7 @@
 //!     cargo run --release --example bench -- harmony [n] [d] [batches] [threads] [out]
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
 //!     cargo run --release --example bench -- sim [n_cells] [n_genes] [threads]
+//!     cargo run --release --example bench -- allreduce [world] [max_params] [reps]
 //!
 //! Arguments are positional; a missing or unreadable one takes its default.
 //! `device` is `cpu` (default), `cuda` or `auto`. One binary for all of them,
@@ -26,7 +27,8 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::time::Instant;
 
-const USAGE: &str = "usage: bench <vae|multimodal|harmony|knn|sim> [arguments]; see the top of examples/bench.rs";
+const USAGE: &str =
+    "usage: bench <vae|multimodal|harmony|knn|sim|allreduce> [arguments]; see the top of examples/bench.rs";
 
 fn main() {
     let mut a: Vec<String> = std::env::args().collect();
@@ -42,6 +44,7 @@ fn main() {
         "harmony" => harmony_job(&a),
         "knn" => knn_job(&a),
         "sim" => sim(&a),
+        "allreduce" => allreduce(&a),
         _ => {
             eprintln!("unknown job `{job}`; {USAGE}");
             std::process::exit(2);
@@ -280,4 +283,48 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
     s[s.len() / 2]
+}
+
+/// Milliseconds per all-reduce (sum) of a float buffer over `world` ranks of
+/// one Gloo group on this machine (threads of this process, loopback TCP),
+/// for buffers of 10^4 up to `max_params` floats: the gradient exchange of a
+/// data-parallel step for models of that many parameters.
+fn allreduce(a: &[String]) {
+    use scdistill_core::dist::{Group, Op};
+    let (world, max_params, reps, pieces) = (arg(a, 1, 2), arg(a, 2, 10_000_000), arg(a, 3, 20), arg(a, 4, 1));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sizes: Vec<usize> = [10_000, 100_000, 1_000_000, 10_000_000].into_iter().filter(|&p| p <= max_params).collect();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let sizes = sizes.clone();
+            std::thread::spawn(move || {
+                let g = Group::connect("127.0.0.1", port, rank, world, std::time::Duration::from_secs(60)).unwrap();
+                let mut out = Vec::new();
+                for &p in &sizes {
+                    let mut t = tch::Tensor::ones([p as i64], (tch::Kind::Float, tch::Device::Cpu));
+                    g.all_reduce(&mut t, Op::Sum).unwrap();
+                    let mut ms: Vec<f64> = (0..reps)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            g.all_reduce_pieces(&mut t, Op::Sum, pieces).unwrap();
+                            t0.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    ms.sort_by(|x, y| x.total_cmp(y));
+                    out.push((p, ms[ms.len() / 2]));
+                }
+                out
+            })
+        })
+        .collect();
+    let results: Vec<Vec<(usize, f64)>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    println!("world {world}, {reps} all-reduces per size, median over reps, slowest rank");
+    println!("params\tMB\tms\tbus GB/s");
+    for (i, &p) in sizes.iter().enumerate() {
+        let ms = results.iter().map(|r| r[i].1).fold(0.0, f64::max);
+        let mb = p as f64 * 4.0 / 1e6;
+        // A ring all-reduce moves 2 (W - 1) / W of the buffer through each link.
+        let bus = 2.0 * (world as f64 - 1.0) / world as f64 * mb / 1e3 / (ms / 1e3);
+        println!("{p}\t{mb:.2}\t{ms:.3}\t{bus:.2}");
+    }
 }

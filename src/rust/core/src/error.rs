@@ -16,6 +16,10 @@ pub enum Error {
     /// A dense linear-algebra routine did not converge.
     #[error("linear algebra failed: {0}")]
     Linalg(String),
+    /// A collective of data-parallel training failed: a rank died or timed
+    /// out, or the ranks disagree on the data or the model.
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

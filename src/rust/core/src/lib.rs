@@ -6,6 +6,7 @@
 pub mod data;
 pub mod de;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod kernels;

@@ -8,6 +8,7 @@ mod ambient;
 mod clusters;
 mod convert;
 mod disk;
+mod dist;
 mod distill;
 mod doublets;
 mod harmony;
@@ -68,6 +69,7 @@ extendr_module! {
     use model;
     use vae;
     use disk;
+    use dist;
     use distill;
     use harmony;
     use multimodal;

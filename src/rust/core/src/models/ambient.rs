@@ -225,7 +225,7 @@ impl AmbientModel {
         let (x, xl) = Self::dense(counts, rows);
         let cov = self.batch_onehot(codes, rows);
         let (qm, qv) = self.encoder.forward(&xl, None, train);
-        let z = if train { &qm + qv.sqrt() * qm.randn_like() } else { qm.shallow_clone() };
+        let z = if train { &qm + qv.sqrt() * crate::dist::randn_rows(&qm) } else { qm.shallow_clone() };
         let [cell, amb, _, u] = self.parts(&x, &xl, &z, cov.as_ref(), train);
         let lib = x.sum_dim_intlist(-1, true, Kind::Float);
         let mu = (cell + amb) * &lib;

@@ -225,10 +225,10 @@ impl Vae {
         ql: Option<(Tensor, Tensor)>,
         train: bool,
     ) -> LossTerms {
-        let z = &qm + qv.sqrt() * qm.randn_like();
+        let z = &qm + qv.sqrt() * crate::dist::randn_rows(&qm);
         let (log_library, kl_l) = match &ql {
             Some((lm, lv)) => {
-                let l = lm + lv.sqrt() * lm.randn_like();
+                let l = lm + lv.sqrt() * crate::dist::randn_rows(lm);
                 let pm = self.library_log_means.index_select(0, &inp.batch).unsqueeze(1);
                 let pv = self.library_log_vars.index_select(0, &inp.batch).unsqueeze(1);
                 (l, kl_normal(lm, lv, &pm, &pv).sum_dim_intlist(-1, false, Kind::Float))

@@ -13,6 +13,9 @@ use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
 use crate::kernels::adam;
 
+mod parallel;
+pub use parallel::agree;
+
 /// Adam: the fused CPU update where it applies, else libtorch's (same
 /// rule). libtorch's optimizer is kept in both cases for `zero_grad`, which
 /// drops the gradients (rather than zeroing them) so that a parameter left
@@ -305,13 +308,21 @@ pub fn train(
     let (mut train_rows, validation_rows) = task.split(cfg.validation_fraction, cfg.seed);
     check_param(train_rows.len() >= 2, "validation_fraction", "leaves fewer than 2 cells to train on")?;
     let vs = task.var_store();
+    // Data-parallel training when a process group is installed (`dist`).
+    let par = match crate::dist::current() {
+        Some(g) => Some(parallel::Parallel::start(g, task, cfg, train_rows.len(), validation_rows.len())?),
+        None => None,
+    };
+    let world = par.as_ref().map_or(1, |p| p.group.world());
     let mut opt = Optimizer::new(vs, cfg)?;
 
     // A trailing minibatch of 1 or 2 cells is skipped: batch normalization
-    // needs more than one cell, and so few cells only add noise.
+    // needs more than one cell, and so few cells only add noise. With
+    // several ranks every rank needs two cells of it.
     let bs = cfg.batch_size;
     let n_train = train_rows.len();
-    let used = |len: usize| len >= 3 || n_train < bs;
+    let min_len = if world > 1 { 2 * world } else { 0 };
+    let used = |len: usize| (len >= 3 || n_train < bs) && len >= min_len;
     let steps_per_epoch = n_train / bs + usize::from(n_train % bs != 0 && used(n_train % bs));
     let warm_steps = (cfg.kl_warmup * (cfg.max_epochs * steps_per_epoch) as f64).round() as usize;
     let warm_epochs = cfg.kl_warmup_epochs;
@@ -347,15 +358,31 @@ pub fn train(
             }
             let w = kl_weight(step);
             last_w = w;
-            let t = task.loss(chunk, true);
+            // With several ranks: this rank's cells of the minibatch, whose
+            // per-cell draws are cut from the whole minibatch's; the loss
+            // is their share of the minibatch mean (the ranks' gradients add up).
+            let (cells, _shard) = match &par {
+                Some(p) => {
+                    let r = p.group.slice(chunk.len());
+                    (p.cells(chunk), Some(crate::dist::shard(chunk.len(), r.start, r.len())))
+                }
+                None => (chunk, None),
+            };
+            let t = task.loss(cells, true);
             let per_cell = &t.reconstruction + &t.kl_warmup * w + &t.kl_fixed;
+            let mean =
+                if par.is_some() { per_cell.sum(Kind::Float) / chunk.len() as f64 } else { per_cell.mean(Kind::Float) };
             let loss = match &t.penalty {
-                Some(p) => per_cell.mean(Kind::Float) + p,
-                None => per_cell.mean(Kind::Float),
+                Some(p) => mean + p / world as f64,
+                None => mean,
             };
             opt.zero_grad();
             loss.backward();
             let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
+            let stop = match &par {
+                Some(p) => p.reduce_gradients(&extra, interrupted())?,
+                None => false,
+            };
             opt.step(&extra);
             task.after_step();
             tch::no_grad(|| {
@@ -365,7 +392,7 @@ pub fn train(
             });
             seen += chunk.len();
             step += 1;
-            if interrupted() {
+            if stop || (par.is_none() && interrupted()) {
                 history.interrupted = true;
                 break;
             }
@@ -375,14 +402,26 @@ pub fn train(
             break;
         }
         let seen_f = seen.max(1) as f64;
-        task.before_validation(&train_rows);
-        let (val_elbo, val_rec, val_kl) = evaluate(task, &validation_rows, 1024);
-        let train_rec = sum_rec.double_value(&[]) / seen_f;
-        let train_kl = sum_kl.double_value(&[]) / seen_f;
+        let mut sums = [sum_loss.double_value(&[]), sum_rec.double_value(&[]), sum_kl.double_value(&[])];
+        let (val_elbo, val_rec, val_kl) = match &par {
+            Some(p) => {
+                let total = p.sum(&sums)?;
+                sums.copy_from_slice(&total);
+                p.average_buffers()?;
+                task.before_validation(&train_rows);
+                p.evaluate(task, &validation_rows, 1024)?
+            }
+            None => {
+                task.before_validation(&train_rows);
+                evaluate(task, &validation_rows, 1024)
+            }
+        };
+        let train_rec = sums[1] / seen_f;
+        let train_kl = sums[2] / seen_f;
         let record = EpochRecord {
             epoch: epoch + 1,
             kl_weight: last_w,
-            train_loss: sum_loss.double_value(&[]) / seen_f,
+            train_loss: sums[0] / seen_f,
             train_elbo: train_rec + train_kl,
             train_reconstruction: train_rec,
             train_kl,

@@ -661,7 +661,7 @@ impl Multimodal {
         let mut deferred = Vec::new();
         let (qz, ql) = self.encode_recording(inp, pass, &mut deferred);
         let (qm, qv) = self.combine(&qz);
-        let z = &qm + qv.sqrt() * qm.randn_like();
+        let z = &qm + qv.sqrt() * crate::dist::randn_rows(&qm);
         let n = qm.size()[0];
         let dev = self.device();
         let mut reconstruction = Tensor::zeros([n], (Kind::Float, dev));
@@ -675,7 +675,7 @@ impl Multimodal {
                     let pv = net.library_vars.index_select(0, &inp.library).unsqueeze(1);
                     kl_fixed += kl_normal(lm, lv, &pm, &pv).sum_dim_intlist(-1, false, Kind::Float);
                     if train {
-                        lm + lv.sqrt() * lm.randn_like()
+                        lm + lv.sqrt() * crate::dist::randn_rows(lm)
                     } else {
                         lm.shallow_clone()
                     }
