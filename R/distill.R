@@ -144,6 +144,9 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param train Training settings from [train_params()], instead of (not as
 #'   well as) the arguments of the same names; its `max_epochs` sets both
 #'   phases, and `kl_warmup` and `min_delta` do not apply.
+#' @param workers Train on this many processes on this machine, `threads`
+#'   split between them (data-parallel, see [distributed]; every process
+#'   computes the teacher, and all train on the first's).
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_distill` model (also a `scdistill_model`), with
 #'   `$latent` (the student's embedding of the training cells) and
@@ -165,7 +168,10 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
                     decoder_genes = c("all", "hvg"),
                     max_epochs_encoder = 100, max_epochs_decoder = 100, batch_size = 128, lr = 1e-3,
                     weight_decay = 0, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
-                    device = "auto", threads = NULL, progress = interactive(), train = NULL, ...) {
+                    device = "auto", threads = NULL, progress = interactive(), train = NULL, workers = 1, ...) {
+  if (check_count(workers, "workers") > 1) {
+    return(run_workers("distill", called_with(match.call(), parent.frame()), workers, threads))
+  }
   apply_train_params(train, environment(), names(match.call())[-1], "distill",
                      map = list(max_epochs = c("max_epochs_encoder", "max_epochs_decoder")))
   if (missing(batch) || is.null(batch)) stop("`batch` is required: the batch of each cell", call. = FALSE)
@@ -200,8 +206,10 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   cnt <- as_counts(x, batch = batch, ...)
   cells <- colnames(cnt$counts)
   genes <- rownames(cnt$counts)
+  distributed <- join_group(cnt$counts)
   t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress)
-  z <- t$z
+  # Every rank computed the teacher; all train on rank 0's.
+  z <- if (distributed) rank0_values(t$z) else t$z
   if (!is.null(n_latent) && ncol(z) != n_latent) {
     stop("the teacher embedding has ", ncol(z), " dimensions but `n_latent` = ", n_latent,
          "; leave `n_latent = NULL` to use the teacher's", call. = FALSE)

@@ -65,6 +65,20 @@ rs_h5_numbers <- function(path, name) .Call(native("wrap__rs_h5_numbers"), path,
 
 rs_read_h5_cells <- function(spec, rows, threads) .Call(native("wrap__rs_read_h5_cells"), spec, rows, threads)
 
+rs_dist_join <- function(addr, port, rank, world, timeout) {
+  .Call(native("wrap__rs_dist_join"), addr, port, rank, world, timeout)
+}
+
+rs_dist_leave <- function() .Call(native("wrap__rs_dist_leave"))
+
+rs_dist_joined <- function() .Call(native("wrap__rs_dist_joined"))
+
+rs_dist_agree <- function(names, values) .Call(native("wrap__rs_dist_agree"), names, values)
+
+rs_dist_broadcast <- function(values) .Call(native("wrap__rs_dist_broadcast"), values)
+
+rs_free_port <- function() .Call(native("wrap__rs_free_port"))
+
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
                             config, train_encoder, train_decoder, device, threads, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,

@@ -99,7 +99,11 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                            library_prior_scale = 0.5, decoder_l2 = 0.1, norm = c("layer", "batch", "none"),
                            max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
                            early_stopping = TRUE, patience = 45, min_delta = NULL, validation_fraction = 0.1,
-                           seed = 0, device = "auto", threads = NULL, progress = interactive(), train = NULL) {
+                           seed = 0, device = "auto", threads = NULL, progress = interactive(), train = NULL,
+                           workers = 1) {
+  if (check_count(workers, "workers") > 1) {
+    return(run_workers("fit_multimodal", called_with(match.call(), parent.frame()), workers, threads))
+  }
   apply_train_params(train, environment(), names(match.call())[-1], "fit_multimodal")
   combine <- choose_arg(combine, "combine")
   library_size <- choose_arg(library_size, "library_size")
@@ -164,6 +168,7 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                        min_delta, validation_fraction, seed)
   config$modalities <- unname(Map(function(spec, m) c(list(name = m), spec), specs, mods))
 
+  join_group(mo$counts)
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_multimodal(unname(mo$slots), covariates, config, tc, check_device(device),

@@ -68,5 +68,11 @@ check_device <- function(device) {
   if (!is.character(device) || length(device) != 1 || is.na(device)) {
     stop("`device` must be one string: \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"", call. = FALSE)
   }
+  # In a distributed job each process of a node takes its own GPU (LOCAL_RANK).
+  g <- if (device %in% c("auto", "cuda")) process_group_env()
+  if (!is.null(g)) {
+    n <- rs_torch_config("cpu", 1L)$cuda_device_count
+    if (n > 0) device <- paste0("cuda:", g$local_rank %% n)
+  }
   device
 }

@@ -85,6 +85,8 @@
 #'   `method = "pseudobulk"`).
 #' @param train Training settings from [train_params()], instead of (not as
 #'   well as) the arguments of the same names.
+#' @param workers Train on this many processes on this machine, `threads`
+#'   split between them (data-parallel, see [distributed]); 1 trains here.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_vae` model (a `scdistill_model`): use [latent()], [normalized_expression()],
 #'   [sample_counts()], [elbo()], `plot()` (training history), `summary()`,
@@ -106,7 +108,10 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                     max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
                     early_stopping = TRUE, patience = 45, min_delta = NULL, validation_fraction = 0.1,
                     seed = 0, device = "auto", threads = NULL, progress = interactive(), regularized = FALSE,
-                    train = NULL, ...) {
+                    train = NULL, workers = 1, ...) {
+  if (check_count(workers, "workers") > 1) {
+    return(run_workers("fit_vae", called_with(match.call(), parent.frame()), workers, threads))
+  }
   apply_train_params(train, environment(), names(match.call())[-1], "fit_vae")
   if (check_flag(regularized, "regularized")) {
     given <- intersect(names(match.call())[-1], c("likelihood", "dispersion", "categorical_covariates",
@@ -144,6 +149,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   batch_name <- if (is.null(cnt$batch)) "" else if (is.character(batch) && length(batch) == 1 && n_cells != 1) batch else "batch"
   batch_arg <- factor_arg(batch_f, batch_name)
 
+  join_group(cnt$counts)
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, tc,

@@ -25,7 +25,7 @@ step "Debian packages"
 PKGS=(r-base-dev r-cran-matrix r-cran-cli r-cran-testthat r-cran-roxygen2 r-cran-knitr
       r-cran-rmarkdown r-bioc-singlecellexperiment r-bioc-summarizedexperiment
       r-cran-seurat r-cran-seuratobject r-bioc-delayedarray r-bioc-hdf5array
-      r-bioc-deseq2 r-bioc-edger r-cran-uwot r-cran-ggplot2 r-cran-irlba
+      r-bioc-deseq2 r-bioc-edger r-cran-uwot r-cran-ggplot2 r-cran-irlba r-cran-processx
       r-bioc-multiassayexperiment r-bioc-rhdf5 libhdf5-dev pkg-config
       pandoc python3 python3-venv build-essential ca-certificates zip unzip xz-utils
       devscripts qpdf)  # checkbashisms and qpdf, for R CMD check --as-cran

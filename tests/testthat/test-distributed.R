@@ -1,0 +1,121 @@
+# Data-parallel training (?distributed): `workers =` on this machine, and
+# processes launched the torchrun way (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK).
+
+rscript <- file.path(R.home("bin"), "Rscript")
+
+# Starts `Rscript -e code` as `rank` of `world`, its output in `log`.
+start_rank <- function(code, rank, world, port, log) {
+  processx::process$new(rscript, c("-e", code),
+                        env = c("current", MASTER_ADDR = "127.0.0.1", MASTER_PORT = as.character(port),
+                                WORLD_SIZE = as.character(world), RANK = as.character(rank),
+                                R_LIBS = paste(.libPaths(), collapse = .Platform$path.sep)),
+                        stdout = log, stderr = "2>&1", cleanup_tree = TRUE)
+}
+
+test_that("two workers train the single-process model (same seed and minibatches)", {
+  skip_if_not_installed("processx")
+  sim <- simulate_counts(n_cells = 500, n_genes = 150, n_groups = 3, n_batches = 2, seed = 4, threads = 2)
+  args <- list(sim, batch = "batch", norm = "layer", max_epochs = 6, batch_size = 64, seed = 3, progress = FALSE)
+  one <- do.call(fit_vae, c(args, threads = 1))
+  two <- do.call(fit_vae, c(args, threads = 2, workers = 2))
+  expect_s3_class(two, "scdistill_vae")
+  # Up to the order of floating-point sums: the gradient of each minibatch as two halves.
+  expect_lt(max(abs(latent(one, sim) - latent(two, sim))), 1e-4)
+  expect_equal(two$history$validation_elbo, one$history$validation_elbo, tolerance = 1e-6)
+  expect_equal(two$history$train_loss, one$history$train_loss, tolerance = 1e-6)
+  expect_equal(two$info$validation_cells, one$info$validation_cells)
+  # The model is whole: it saves and loads like any other.
+  f <- tempfile(fileext = ".scdistill")
+  save_model(two, f)
+  expect_equal(latent(load_model(f), sim), latent(two, sim))
+  # This session has left the group.
+  expect_false(scdistill:::rs_dist_joined())
+  expect_identical(dist_rank(), 0L)
+})
+
+test_that("distill() and fit_multimodal() train on two workers", {
+  skip_if_not_installed("processx")
+  sim <- simulate_counts(n_cells = 400, n_genes = 150, n_groups = 3, n_batches = 2, seed = 5, threads = 2)
+  args <- list(sim, batch = "batch", teacher = given_teacher(matrix(stats::rnorm(800), 400, 2,
+                                                                    dimnames = list(colnames(sim), NULL))),
+               norm = "layer", max_epochs_encoder = 4, max_epochs_decoder = 4, seed = 2, progress = FALSE)
+  one <- do.call(distill, c(args, threads = 1))
+  two <- do.call(distill, c(args, threads = 2, workers = 2))
+  expect_s3_class(two, "scdistill_distill")
+  expect_lt(max(abs(one$latent - two$latent)), 1e-4)
+  for (phase in c("history_encoder", "history_decoder")) {
+    expect_equal(two$info[[phase]]$validation_elbo, one$info[[phase]]$validation_elbo, tolerance = 1e-5)
+  }
+
+  mo <- simulate_counts(n_cells = 300, n_genes = 100, n_groups = 3, atac = TRUE, n_peaks = 200, seed = 6, threads = 2)
+  margs <- list(mo, norm = "layer", max_epochs = 3, seed = 1, progress = FALSE)
+  m1 <- do.call(fit_multimodal, c(margs, threads = 1))
+  m2 <- do.call(fit_multimodal, c(margs, threads = 2, workers = 2))
+  expect_equal(m2$history$validation_elbo, m1$history$validation_elbo, tolerance = 1e-5)
+})
+
+test_that("a worker that fails, or ranks that disagree, end the job with an error naming why", {
+  skip_if_not_installed("processx")
+  sim <- simulate_counts(n_cells = 200, n_genes = 80, seed = 1, threads = 2)
+  # A worker's own error reaches this session (the argument is checked on every rank).
+  expect_error(fit_vae(sim, batch = "nope", workers = 2, progress = FALSE),
+               "unknown batch column|no column 'nope'|nope")
+  expect_false(scdistill:::rs_dist_joined())
+
+  # Ranks launched by hand with different data: both stop at the start.
+  dir <- tempfile("dist-")
+  dir.create(dir)
+  on.exit(unlink(dir, recursive = TRUE), add = TRUE)
+  port <- scdistill:::rs_free_port()
+  code <- function(seed) {
+    sprintf(paste0("library(scdistill); options(scdistill.dist_timeout = 60); ",
+                   "s <- simulate_counts(n_cells = 200, n_genes = 80, seed = %d, threads = 1); ",
+                   "fit_vae(s, batch = 'batch', max_epochs = 2, threads = 1, progress = FALSE)"), seed)
+  }
+  logs <- file.path(dir, c("r0.log", "r1.log"))
+  ps <- list(start_rank(code(1), 0, 2, port, logs[1]), start_rank(code(2), 1, 2, port, logs[2]))
+  for (p in ps) p$wait(120000)
+  for (i in 1:2) {
+    expect_false(ps[[i]]$is_alive())
+    expect_equal(ps[[i]]$get_exit_status(), 1L)
+    expect_match(paste(readLines(logs[i]), collapse = "\n"),
+                 "distributed training: the ranks disagree on the total count")
+  }
+
+  # A rank killed during training: the other stops with an error, not a hang.
+  port <- scdistill:::rs_free_port()
+  long <- paste0("library(scdistill); options(scdistill.dist_timeout = 60); ",
+                 "s <- simulate_counts(n_cells = 400, n_genes = 80, seed = 1, threads = 1); ",
+                 "cat('training\\n'); ",
+                 "fit_vae(s, batch = 'batch', max_epochs = 100000, early_stopping = FALSE, threads = 1, progress = FALSE)")
+  logs <- file.path(dir, c("k0.log", "k1.log"))
+  ps <- list(start_rank(long, 0, 2, port, logs[1]), start_rank(long, 1, 2, port, logs[2]))
+  started <- function(f) file.exists(f) && any(grepl("training", readLines(f, warn = FALSE)))
+  deadline <- Sys.time() + 120
+  while (!(started(logs[1]) && started(logs[2])) && Sys.time() < deadline) Sys.sleep(0.1)
+  Sys.sleep(3)
+  expect_true(ps[[1]]$is_alive())
+  ps[[2]]$kill()
+  ps[[1]]$wait(90000)
+  expect_false(ps[[1]]$is_alive())
+  expect_equal(ps[[1]]$get_exit_status(), 1L)
+  expect_match(paste(readLines(logs[1]), collapse = "\n"), "distributed training: .*failed on rank 0 of 2")
+})
+
+test_that("the environment variables are checked and named", {
+  old <- Sys.getenv(c("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"), unset = NA)
+  on.exit(scdistill:::restore_env(old), add = TRUE)
+  Sys.setenv(WORLD_SIZE = "2", MASTER_ADDR = "127.0.0.1", MASTER_PORT = "29500")
+  Sys.unsetenv("RANK")
+  sim <- simulate_counts(n_cells = 50, n_genes = 30, seed = 1, threads = 1)
+  expect_error(fit_vae(sim, progress = FALSE), "WORLD_SIZE is set \\(2\\) but RANK is not")
+  Sys.setenv(RANK = "2")
+  expect_error(dist_rank(), "RANK is '2', not a whole number in \\[0, 1\\]")
+  Sys.setenv(RANK = "1")
+  expect_identical(dist_rank(), 1L)
+  expect_error(fit_vae(sim, workers = 2, progress = FALSE), "cannot be used inside a distributed job")
+  withr_opt <- options(scdistill.distributed = FALSE)
+  on.exit(options(withr_opt), add = TRUE)
+  expect_identical(dist_rank(), 0L)
+  expect_error(fit_vae(sim, workers = 0), "`workers` must be a whole number >= 1")
+})
