@@ -5,18 +5,21 @@
 #' processes): every process holds the same model, computes its share of each
 #' minibatch, and the gradients are summed over the processes before every
 #' optimiser step. The validation ELBO, early stopping and the returned model
-#' are the same on every process. With the same seed and settings, the
-#' trained model is the one a single process trains, up to the order of
-#' floating-point sums (batch normalisation aside: as in PyTorch's
-#' `DistributedDataParallel`, each process normalises with its own cells'
-#' statistics; `norm = "layer"` or `"none"` gives the single-process model).
+#' are the same on every process. With counts in memory and the same seed
+#' and settings, the trained model is the one a single process trains, up to
+#' the order of floating-point sums (batch normalisation aside: as in
+#' PyTorch's `DistributedDataParallel`, each process normalises with its own
+#' cells' statistics; `norm = "layer"` or `"none"` gives the single-process
+#' model).
 #'
 #' **On one machine**, give `workers = N` to the fitting function: it starts
 #' `N - 1` background R processes (`Rscript`) and takes part itself as the
 #' first, splitting `threads` between them. Each process holds the data it is
 #' given; for data larger than memory pass on-disk counts (see [h5_counts()]):
-#' each process then streams the file with bounded memory (every process
-#' reads every block of cells, and computes on its share of each minibatch).
+#' each epoch deals the file's blocks of cells to the processes, and each
+#' streams only its own, with bounded memory (as PyTorch's
+#' `DistributedSampler`: the minibatches differ from a single process's, the
+#' model is as good).
 #'
 #' Each optimiser step exchanges the whole gradient (about 3 MB for the
 #' default VAE on 2,000 genes), so more processes pay off when a step's

@@ -3,11 +3,15 @@
 //! shim in `csrc/c10d.cpp`.
 //!
 //! Every rank holds the same model and computes the same split and the same
-//! epoch order; each global minibatch is cut into one contiguous slice per
-//! rank, and the gradients are summed over ranks before each optimiser step
-//! (`train::train`). Random draws that belong to cells (the reparameterised
-//! latents, dropout masks) are drawn for the whole minibatch on every rank and
-//! cut to the rank's slice, so the generator streams stay in step across ranks
+//! epoch order, whose cells are dealt to the ranks in turn (cell p of the
+//! order to rank p mod world, as PyTorch's `DistributedSampler`); each rank
+//! computes on its cells of every global minibatch, and the gradients are
+//! summed over ranks before each optimiser step
+//! (`train::train`). Data on disk deals whole windows of blocks to the ranks,
+//! so that each rank reads only its own cells (`DiskCsr::epoch_order`).
+//! Random draws that belong to cells (the reparameterised latents, dropout
+//! masks) are drawn for the whole minibatch on every rank and cut to the
+//! rank's rows, so the generator streams stay in step across ranks
 //! and with a single-process run: with the same seed and minibatches the
 //! trained weights are a single-process run's up to the order of floating-point
 //! sums (batch normalisation aside, whose statistics are per rank as in
@@ -18,7 +22,7 @@
 //! `train::train` picks it up.
 
 use crate::error::{Error, Result};
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -145,6 +149,14 @@ impl Group {
         n * self.rank / self.world..n * (self.rank + 1) / self.world
     }
 
+    /// This rank's positions in `len` items that start at position `start`
+    /// of a sequence dealt to the ranks in turn (item p to rank p mod world):
+    /// a minibatch of an epoch's order.
+    pub fn dealt(&self, start: usize, len: usize) -> Vec<usize> {
+        let first = (self.rank + self.world - start % self.world) % self.world;
+        (first..len).step_by(self.world).collect()
+    }
+
     fn call(&self, what: &str, f: impl FnOnce(*mut c_char) -> c_int) -> Result<()> {
         let mut err = vec![0u8; ERR_LEN];
         if f(err.as_mut_ptr() as *mut c_char) == 0 {
@@ -227,49 +239,55 @@ pub fn current() -> Option<Arc<Group>> {
     CURRENT.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Shard {
     global: usize,
-    offset: usize,
-    local: usize,
+    /// The positions of this rank's cells in the minibatch.
+    rows: Vec<i64>,
 }
 
 thread_local! {
-    static SHARD: Cell<Option<Shard>> = const { Cell::new(None) };
+    static SHARD: RefCell<Option<Shard>> = const { RefCell::new(None) };
 }
 
-/// While alive, the cells being computed on are rows `offset..offset +
-/// local` of a minibatch of `global` cells (see `rows_of_minibatch`).
+/// While alive, the cells being computed on are the rows `rows` of a
+/// minibatch of `global` cells (see `rows_of_minibatch`).
 pub struct ShardGuard(Option<Shard>);
 
-/// Marks the cells in flight as a slice of a larger minibatch.
-pub fn shard(global: usize, offset: usize, local: usize) -> ShardGuard {
-    ShardGuard(SHARD.with(|s| s.replace(Some(Shard { global, offset, local }))))
+/// Marks the cells in flight as the rows `rows` (positions) of a larger minibatch.
+pub fn shard(global: usize, rows: Vec<usize>) -> ShardGuard {
+    let rows = rows.into_iter().map(|r| r as i64).collect();
+    ShardGuard(SHARD.with(|s| s.replace(Some(Shard { global, rows }))))
 }
 
 impl Drop for ShardGuard {
     fn drop(&mut self) {
-        SHARD.with(|s| s.set(self.0));
+        SHARD.with(|s| *s.borrow_mut() = self.0.take());
     }
 }
 
 /// For a per-cell random draw of shape `size`: the shape to draw (the whole
-/// minibatch's) and the rows to keep, when the cells are a rank's slice.
-pub(crate) fn rows_of_minibatch(size: &[i64]) -> Option<(Vec<i64>, i64, i64)> {
-    let s = SHARD.with(|s| s.get())?;
-    if size.is_empty() || size[0] != s.local as i64 || s.local == s.global {
-        return None;
-    }
-    let mut whole = size.to_vec();
-    whole[0] = s.global as i64;
-    Some((whole, s.offset as i64, s.local as i64))
+/// minibatch's) and the rows to keep, when the cells are a rank's share.
+pub(crate) fn rows_of_minibatch(size: &[i64]) -> Option<(Vec<i64>, Tensor)> {
+    SHARD.with(|s| {
+        let s = s.borrow();
+        let s = s.as_ref()?;
+        if size.is_empty() || size[0] != s.rows.len() as i64 || s.rows.len() == s.global {
+            return None;
+        }
+        let mut whole = size.to_vec();
+        whole[0] = s.global as i64;
+        Some((whole, Tensor::from_slice(&s.rows)))
+    })
 }
 
 /// Standard normal noise shaped like `t`, whose rows are cells: the same
 /// values a single process would draw for these cells.
 pub fn randn_rows(t: &Tensor) -> Tensor {
     match rows_of_minibatch(&t.size()) {
-        Some((whole, offset, local)) => Tensor::randn(whole, (t.kind(), t.device())).narrow(0, offset, local),
+        Some((whole, rows)) => {
+            Tensor::randn(whole, (t.kind(), t.device())).index_select(0, &rows.to_device(t.device()))
+        }
         None => t.randn_like(),
     }
 }

@@ -103,17 +103,29 @@ fn per_cell_draws_of_a_slice_are_the_whole_minibatchs_rows() {
     let drop_whole = crate::nn::dropout(&h, 0.3);
     tch::manual_seed(5);
     let local = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu));
+    let rows = Tensor::from_slice(&[1i64, 4, 7, 8]);
     let (part, drop_part) = {
-        let _s = shard(10, 6, 4);
-        (randn_rows(&local), crate::nn::dropout(&h.narrow(0, 6, 4), 0.3))
+        let _s = shard(10, vec![1, 4, 7, 8]);
+        (randn_rows(&local), crate::nn::dropout(&h.index_select(0, &rows), 0.3))
     };
-    assert!(part.equal(&whole.narrow(0, 6, 4)));
-    assert!(drop_part.equal(&drop_whole.narrow(0, 6, 4)));
-    // Outside a shard, and for tensors whose rows are not the slice's cells,
+    assert!(part.equal(&whole.index_select(0, &rows)));
+    assert!(drop_part.equal(&drop_whole.index_select(0, &rows)));
+    // Outside a shard, and for tensors whose rows are not the shard's cells,
     // draws are plain.
     assert!(rows_of_minibatch(&[4, 4]).is_none());
-    let _s = shard(10, 6, 4);
+    let _s = shard(10, vec![1, 4, 7, 8]);
     assert!(rows_of_minibatch(&[5, 4]).is_none());
+}
+
+#[test]
+fn an_epochs_cells_are_dealt_to_the_ranks_in_turn() {
+    let out = on_ranks(3, |g| (g.dealt(0, 7), g.dealt(7, 7), g.dealt(14, 2)));
+    // Positions 0..16 of the order: rank r holds p ≡ r (mod 3).
+    for (rank, (a, b, c)) in out.into_iter().enumerate() {
+        let all: Vec<usize> =
+            a.iter().copied().chain(b.iter().map(|j| j + 7)).chain(c.iter().map(|j| j + 14)).collect();
+        assert_eq!(all, (rank..16).step_by(3).collect::<Vec<_>>());
+    }
 }
 
 // --- Training on two processes ------------------------------------------------

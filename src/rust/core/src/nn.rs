@@ -304,9 +304,9 @@ pub fn dropout(h: &Tensor, p: f64) -> Tensor {
     let rows = crate::dist::rows_of_minibatch(&h.size());
     if h.device() != Device::Cpu || h.kind() != Kind::Float {
         return match rows {
-            Some((whole, offset, local)) => {
+            Some((whole, rows)) => {
                 let keep = Tensor::empty(whole, (h.kind(), h.device())).bernoulli_float_(1.0 - p);
-                h * keep.narrow(0, offset, local) / (1.0 - p)
+                h * keep.index_select(0, &rows.to_device(h.device())) / (1.0 - p)
             }
             None => h.dropout(p, true),
         };
@@ -326,7 +326,7 @@ pub fn dropout(h: &Tensor, p: f64) -> Tensor {
         *b = if (*b as u64) < keep { scale.to_bits() } else { 0 };
     }
     match rows {
-        Some((_, offset, local)) => h * mask.narrow(0, offset, local),
+        Some((_, rows)) => h * mask.index_select(0, &rows),
         None => h * mask,
     }
 }

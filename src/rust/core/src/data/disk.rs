@@ -343,7 +343,15 @@ impl DiskCsr {
     /// An epoch's order of `rows`: their blocks in a seeded random order,
     /// in windows of `window_blocks` blocks whose cells are shuffled
     /// together. Starts the reader thread on those windows.
-    pub fn epoch_order(&self, rows: &[usize], seed: u64) -> Vec<usize> {
+    ///
+    /// With `ranks = Some((rank, world))` (data-parallel training) the
+    /// shuffled blocks are dealt to the ranks in turn, each rank's in its
+    /// own windows, and the order deals the ranks' cells in turn (cell p to
+    /// rank p mod world, as the training loop splits minibatches); a few
+    /// cells move between ranks so that their shares differ by at most one.
+    /// The order is the same on every rank; each reads only its own windows.
+    pub fn epoch_order(&self, rows: &[usize], seed: u64, ranks: Option<(usize, usize)>) -> Vec<usize> {
+        let (rank, world) = ranks.unwrap_or((0, 1));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut sorted = rows.to_vec();
         sorted.sort_unstable();
@@ -356,17 +364,43 @@ impl DiskCsr {
             }
         }
         blocks.shuffle(&mut rng);
-        let mut order = Vec::with_capacity(rows.len());
-        let mut windows = vec![];
-        for w in blocks.chunks(self.window_blocks) {
-            let mut cells: Vec<usize> = w.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            let start = order.len();
-            cells.shuffle(&mut rng);
-            order.extend_from_slice(&cells);
-            windows.push((start, order.len()));
+        let mut streams: Vec<Vec<usize>> = vec![Vec::new(); world];
+        let mut windows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); world];
+        for r in 0..world {
+            let mine: Vec<&(usize, Vec<usize>)> = blocks.iter().skip(r).step_by(world).collect();
+            for w in mine.chunks(self.window_blocks) {
+                let mut cells: Vec<usize> = w.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+                let start = streams[r].len();
+                cells.shuffle(&mut rng);
+                streams[r].extend_from_slice(&cells);
+                windows[r].push((start, streams[r].len()));
+            }
         }
-        self.start_stream(&order, windows);
-        order
+        if world == 1 {
+            let order = streams.pop().unwrap_or_default();
+            self.start_stream(&order, windows.pop().unwrap_or_default());
+            return order;
+        }
+        // Even shares: the ends of the longer streams go to the shorter
+        // (which read those cells directly, outside their windows).
+        let n = rows.len();
+        let share = |r: usize| n / world + usize::from(r < n % world);
+        let mut moved = vec![];
+        for (r, s) in streams.iter_mut().enumerate() {
+            while s.len() > share(r) {
+                moved.extend(s.pop());
+            }
+        }
+        for (r, s) in streams.iter_mut().enumerate() {
+            while s.len() < share(r) {
+                s.extend(moved.pop());
+            }
+        }
+        let mine = &streams[rank];
+        let kept: Vec<(usize, usize)> =
+            windows[rank].iter().map(|&(a, b)| (a, b.min(mine.len()))).filter(|&(a, b)| a < b).collect();
+        self.start_stream(mine, kept);
+        (0..n).map(|p| streams[p % world][p / world]).collect()
     }
 
     fn start_stream(&self, order: &[usize], windows: Vec<(usize, usize)>) {

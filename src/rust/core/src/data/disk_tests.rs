@@ -103,7 +103,7 @@ fn an_epoch_streams_every_training_cell_once_in_block_shuffled_windows() {
     assert!(val.iter().all(|&r| val.contains(&(r / d.block * d.block))));
     assert_eq!(d.split(0.1, 3), (train.clone(), val.clone()));
     assert_ne!(d.split(0.1, 4).1, val);
-    let order = d.epoch_order(&train, 9);
+    let order = d.epoch_order(&train, 9, None);
     let mut sorted = order.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, train);
@@ -115,10 +115,56 @@ fn an_epoch_streams_every_training_cell_once_in_block_shuffled_windows() {
     }
     d.end_stream();
     // Another seed, another order; the same seed, the same order.
-    let again = d.epoch_order(&train, 9);
+    let again = d.epoch_order(&train, 9, None);
     d.end_stream();
     assert_eq!(again, order);
-    assert_ne!(d.epoch_order(&train, 10), order);
+    assert_ne!(d.epoch_order(&train, 10, None), order);
+    d.end_stream();
+}
+
+#[test]
+fn with_several_ranks_each_reads_its_own_windows_and_the_order_deals_their_cells() {
+    let m = random_counts(3_000, 12, 5);
+    let path = tmp("ranks.h5ad");
+    write_h5ad(&path, &m, 512, &vec![0; 3000]);
+    let mut d = DiskCsr::open(&path, sparse(), 3_000, 12).unwrap();
+    d.window_blocks = 3;
+    let (train, _) = d.split(0.1, 3);
+    let world = 3;
+    let orders: Vec<Vec<usize>> = (0..world)
+        .map(|rank| {
+            let order = d.epoch_order(&train, 9, Some((rank, world)));
+            // This rank's cells: positions rank, rank + world, ... of the order.
+            let mine: Vec<usize> = order.iter().skip(rank).step_by(world).copied().collect();
+            for chunk in mine.chunks(29) {
+                assert_eq!(d.fetch(chunk).unwrap(), d.read_rows(chunk).unwrap());
+            }
+            d.end_stream();
+            order
+        })
+        .collect();
+    assert!(orders.iter().all(|o| *o == orders[0]), "every rank computes the same order");
+    let mut sorted = orders[0].clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, train, "every training cell once");
+    // Each rank's cells come from about a third of the blocks (whole blocks
+    // dealt to it, apart from the few cells moved to even the shares out).
+    let blocks_of = |rank: usize| {
+        let mut b: Vec<usize> = orders[0].iter().skip(rank).step_by(world).map(|&r| r / d.block).collect();
+        b.sort_unstable();
+        b.dedup();
+        b
+    };
+    let n_blocks = train.iter().map(|&r| r / d.block).collect::<std::collections::BTreeSet<_>>().len();
+    for rank in 0..world {
+        assert!(
+            blocks_of(rank).len() <= n_blocks / world + 5,
+            "rank {rank}: {} of {n_blocks} blocks",
+            blocks_of(rank).len()
+        );
+    }
+    // One rank is the plain order.
+    assert_eq!(d.epoch_order(&train, 9, Some((0, 1))), d.epoch_order(&train, 9, None));
     d.end_stream();
 }
 

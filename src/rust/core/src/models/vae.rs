@@ -356,7 +356,7 @@ impl Trainable for VaeTask<'_> {
 
     fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
         match self.data.counts {
-            Rows::Disk(d) => *rows = d.epoch_order(rows, seed),
+            Rows::Disk(d) => *rows = d.epoch_order(rows, seed, crate::dist::current().map(|g| (g.rank(), g.world()))),
             Rows::Memory(_) => rows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
         }
     }

@@ -352,22 +352,27 @@ pub fn train(
         let mut seen = 0usize;
         let mut last_w = kl_weight(step);
         task.start_epoch(epoch);
+        let mut chunk_start = 0;
         for chunk in train_rows.chunks(bs) {
             if !used(chunk.len()) {
                 continue;
             }
             let w = kl_weight(step);
             last_w = w;
-            // With several ranks: this rank's cells of the minibatch, whose
-            // per-cell draws are cut from the whole minibatch's; the loss
-            // is their share of the minibatch mean (the ranks' gradients add up).
+            // With several ranks: this rank's cells of the minibatch (the
+            // order is dealt to the ranks in turn), whose per-cell draws are
+            // cut from the whole minibatch's; the loss is their share of the
+            // minibatch mean (the ranks' gradients add up).
+            let dealt;
             let (cells, _shard) = match &par {
                 Some(p) => {
-                    let r = p.group.slice(chunk.len());
-                    (p.cells(chunk), Some(crate::dist::shard(chunk.len(), r.start, r.len())))
+                    let at = p.group.dealt(chunk_start, chunk.len());
+                    dealt = at.iter().map(|&j| chunk[j]).collect::<Vec<usize>>();
+                    (&dealt[..], Some(crate::dist::shard(chunk.len(), at)))
                 }
                 None => (chunk, None),
             };
+            chunk_start += chunk.len();
             let t = task.loss(cells, true);
             let per_cell = &t.reconstruction + &t.kl_warmup * w + &t.kl_fixed;
             let mean =

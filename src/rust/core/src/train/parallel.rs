@@ -106,11 +106,6 @@ impl Parallel {
         Ok(Parallel { group, trainable, buffers })
     }
 
-    /// This rank's cells of a global minibatch.
-    pub fn cells<'a>(&self, chunk: &'a [usize]) -> &'a [usize] {
-        &chunk[self.group.slice(chunk.len())]
-    }
-
     /// Sums the step's gradients (autograd's and the model's own `extra`)
     /// over the ranks, in place; returns whether any rank was interrupted.
     pub fn reduce_gradients(&self, extra: &[(Tensor, Tensor)], interrupted: bool) -> Result<bool> {
@@ -193,7 +188,7 @@ impl Parallel {
                 if range.is_empty() {
                     continue;
                 }
-                let _shard = dist::shard(chunk.len(), range.start, range.len());
+                let _shard = dist::shard(chunk.len(), range.clone().collect());
                 let t = task.loss(&chunk[range], false);
                 rec += t.reconstruction.sum(Kind::Double).double_value(&[]);
                 kl += (t.kl_warmup + t.kl_fixed).sum(Kind::Double).double_value(&[]);
