@@ -38,18 +38,7 @@ workers <- as.integer(strsplit(bench_option(args, "--workers", "1,2,4", as = as.
 cores <- parallel::detectCores()
 work <- file.path(tempdir(), "distributed")
 dir.create(work, showWarnings = FALSE)
-h5ad <- file.path(work, sprintf("sim_%d_%d.h5ad", n_cells, n_genes))
-
-cat(sprintf("simulating %s cells x %d genes to %s\n", format(n_cells, big.mark = ","), n_genes, h5ad))
-sim_script <- file.path(work, "simulate.R")
-writeLines(c(
-  "suppressMessages(library(scdistill))",
-  sprintf(paste0("s <- simulate_counts(n_cells = %d, n_genes = %d, n_groups = 10, n_batches = 3, ",
-                 "group_prob = c(20, 15, 12, 10, 10, 8, 8, 7, 6, 4), seed = %d, threads = %d, file = '%s')"),
-          n_cells, n_genes, seed, threads, h5ad)
-), sim_script)
-sim <- timed("Rscript", sim_script, quiet = FALSE)
-cat(sprintf("  %.1f s, file %.0f MB\n", sim$wall, file.info(h5ad)$size / 2^20))
+h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
 
 threads_of <- function(w) if (is.na(threads_each)) threads else w * threads_each
 run_workers <- function(w) {

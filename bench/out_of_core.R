@@ -26,18 +26,7 @@ seed <- bench_option(args, "--seed", 1)
 modes <- strsplit(bench_option(args, "--modes", "disk,memory", as = as.character), ",")[[1]]
 work <- file.path(tempdir(), "out_of_core")
 dir.create(work, showWarnings = FALSE)
-h5ad <- file.path(work, sprintf("sim_%d_%d.h5ad", n_cells, n_genes))
-
-cat(sprintf("simulating %s cells x %d genes to %s\n", format(n_cells, big.mark = ","), n_genes, h5ad))
-sim_script <- file.path(work, "simulate.R")
-writeLines(c(
-  "suppressMessages(library(scdistill))",
-  sprintf(paste0("s <- simulate_counts(n_cells = %d, n_genes = %d, n_groups = 10, n_batches = 3, ",
-                 "group_prob = c(20, 15, 12, 10, 10, 8, 8, 7, 6, 4), seed = %d, threads = %d, file = '%s')"),
-          n_cells, n_genes, seed, threads, h5ad)
-), sim_script)
-sim <- timed("Rscript", sim_script, quiet = FALSE)
-cat(sprintf("  %.1f s, peak RSS %.0f MB, file %.0f MB\n", sim$wall, sim$rss_mb, file.info(h5ad)$size / 2^20))
+h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
 
 run_mode <- function(mode) {
   out <- file.path(work, paste0(mode, ".rds"))
