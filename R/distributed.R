@@ -31,14 +31,20 @@
 #' launched (`torchrun`, Slurm's `srun`, `mpirun`-style launchers): each
 #' process finds the others through the environment variables `MASTER_ADDR`,
 #' `MASTER_PORT`, `WORLD_SIZE` and `RANK` (`LOCAL_RANK` picks the GPU of a
-#' multi-GPU node). Every process runs the same script; when `WORLD_SIZE` is
-#' set, each fitting call joins the group, and `dist_rank()` tells the
-#' processes apart, e.g. to save the model once:
+#' multi-GPU node). Under Slurm's `srun` or `mpirun`, only `MASTER_ADDR` and
+#' `MASTER_PORT` need setting: the launcher's own numbering
+#' (`SLURM_NTASKS`/`SLURM_PROCID`/`SLURM_LOCALID`, Open MPI's
+#' `OMPI_COMM_WORLD_*`, MPICH's `PMI_SIZE`/`PMI_RANK`) stands in for the
+#' others. Every process runs the same script; each fitting call joins the
+#' group, and `dist_rank()` tells the processes apart, e.g. to save the model
+#' once:
 #'
 #' ```
-#' # train.R, run as: srun --ntasks=4 Rscript train.R  (Slurm), with
+#' # train.R, run under Slurm as
 #' #   export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)
-#' #   export MASTER_PORT=29500 WORLD_SIZE=$SLURM_NTASKS RANK=$SLURM_PROCID
+#' #   export MASTER_PORT=29500
+#' #   srun --ntasks=4 Rscript train.R
+#' # (or mpirun -np 4 Rscript train.R; or torchrun-style: WORLD_SIZE and RANK set per process)
 #' library(scdistill)
 #' model <- fit_vae(h5_counts("atlas.h5ad"), batch = "donor")
 #' if (dist_rank() == 0) save_model(model, "atlas_vae.scdistill")
@@ -74,6 +80,23 @@ dist_rank <- function() {
 process_group_env <- function() {
   if (isFALSE(getOption("scdistill.distributed"))) return(NULL)
   world <- Sys.getenv("WORLD_SIZE")
+  rank_var <- "RANK"
+  local_var <- "LOCAL_RANK"
+  if (!nzchar(world) && nzchar(Sys.getenv("MASTER_ADDR"))) {
+    # Launchers that number their processes themselves (Slurm's srun,
+    # Open MPI's and MPICH's mpirun): their variables stand in for
+    # WORLD_SIZE / RANK / LOCAL_RANK once MASTER_ADDR says where to meet.
+    for (l in list(c("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+                   c("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                   c("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"))) {
+      if (nzchar(Sys.getenv(l[1])) && nzchar(Sys.getenv(l[2]))) {
+        world <- Sys.getenv(l[1])
+        rank_var <- l[2]
+        local_var <- l[3]
+        break
+      }
+    }
+  }
   if (!nzchar(world)) return(NULL)
   whole <- function(name, value, lo, hi = Inf) {
     v <- suppressWarnings(as.numeric(value))
@@ -88,13 +111,13 @@ process_group_env <- function() {
     as.integer(v)
   }
   world <- whole("WORLD_SIZE", world, 1)
-  rank <- whole("RANK", Sys.getenv("RANK"), 0, world - 1)
+  rank <- whole(rank_var, Sys.getenv(rank_var), 0, world - 1)
   port <- whole("MASTER_PORT", Sys.getenv("MASTER_PORT"), 1, 65535)
   addr <- Sys.getenv("MASTER_ADDR")
   if (!nzchar(addr)) whole("MASTER_ADDR", addr, 0)
-  local <- Sys.getenv("LOCAL_RANK")
+  local <- Sys.getenv(local_var)
   list(addr = addr, port = port, rank = rank, world = world,
-       local_rank = if (nzchar(local)) whole("LOCAL_RANK", local, 0) else rank)
+       local_rank = if (nzchar(local)) whole(local_var, local, 0) else rank)
 }
 
 dist_timeout <- function() {

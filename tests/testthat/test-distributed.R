@@ -120,7 +120,8 @@ test_that("a worker that fails, or ranks that disagree, end the job with an erro
 })
 
 test_that("the environment variables are checked and named", {
-  old <- Sys.getenv(c("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"), unset = NA)
+  old <- Sys.getenv(c("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
+                      "SLURM_LOCALID"), unset = NA)
   on.exit(scdistill:::restore_env(old), add = TRUE)
   Sys.setenv(WORLD_SIZE = "2", MASTER_ADDR = "127.0.0.1", MASTER_PORT = "29500")
   Sys.unsetenv("RANK")
@@ -131,6 +132,15 @@ test_that("the environment variables are checked and named", {
   Sys.setenv(RANK = "1")
   expect_identical(dist_rank(), 1L)
   expect_error(fit_vae(sim, workers = 2, progress = FALSE), "cannot be used inside a distributed job")
+  # Slurm's numbering stands in for WORLD_SIZE / RANK / LOCAL_RANK.
+  Sys.unsetenv(c("WORLD_SIZE", "RANK"))
+  Sys.setenv(SLURM_NTASKS = "4", SLURM_PROCID = "3", SLURM_LOCALID = "1")
+  g <- scdistill:::process_group_env()
+  expect_equal(g[c("world", "rank", "local_rank")], list(world = 4L, rank = 3L, local_rank = 1L))
+  Sys.setenv(SLURM_PROCID = "x")
+  expect_error(dist_rank(), "SLURM_PROCID is 'x'")
+  Sys.unsetenv(c("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"))
+  expect_null(scdistill:::process_group_env())
   withr_opt <- options(scdistill.distributed = FALSE)
   on.exit(options(withr_opt), add = TRUE)
   expect_identical(dist_rank(), 0L)
