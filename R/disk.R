@@ -255,7 +255,7 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
   covs <- cell_covariates(list(counts = NULL, cells = d$cells, cell_data = cell_data),
                           pick(categorical_covariates, "categorical_covariates"),
                           pick(continuous_covariates, "continuous_covariates"))
-  join_group(d)
+  join_group(d, list(config, tc))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_vae(c(disk_spec(d), list(genes = d$genes)), factor_arg(batch_f, batch_name),

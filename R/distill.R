@@ -206,7 +206,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   cnt <- as_counts(x, batch = batch, ...)
   cells <- colnames(cnt$counts)
   genes <- rownames(cnt$counts)
-  distributed <- join_group(cnt$counts)
+  distributed <- join_group(cnt$counts, list(config, t1, t2, as.integer(cnt$batch)))
   t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress)
   # Every rank computed the teacher; all train on rank 0's.
   z <- if (distributed) rank0_values(t$z) else t$z

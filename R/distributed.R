@@ -149,14 +149,22 @@ rank_fingerprint <- function(counts) {
 # Before a training call into the core: joins the process group the
 # environment describes, once per process (as torch.distributed's
 # init_process_group(); later fits reuse it), and checks that every rank holds
-# the same `counts`. FALSE outside a distributed job.
-join_group <- function(counts) {
+# the same `counts` and `settings` (the model's and training's, covariates).
+# FALSE outside a distributed job.
+join_group <- function(counts, settings) {
   g <- process_group_env()
   if (is.null(g)) return(FALSE)
   if (!rs_dist_joined()) rust(rs_dist_join(g$addr, g$port, g$rank, g$world, dist_timeout()))
-  v <- rank_fingerprint(counts)
+  v <- c(rank_fingerprint(counts), "the model and training settings" = settings_hash(settings))
   rust(rs_dist_agree(names(v), unname(as.double(v))))
   TRUE
+}
+
+# A number that differs when `x` (a list of settings) does: its serialised
+# bytes weighted by position, modulo 2^40 (exact in a double).
+settings_hash <- function(x) {
+  b <- as.numeric(serialize(x, NULL, xdr = TRUE, version = 2))
+  sum((b * (seq_along(b) %% 65521 + 1)) %% 2^40) %% 2^40
 }
 
 # Rank 0's numeric matrix on every rank of the joined group (outside one:

@@ -168,7 +168,7 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
                        min_delta, validation_fraction, seed)
   config$modalities <- unname(Map(function(spec, m) c(list(name = m), spec), specs, mods))
 
-  join_group(mo$counts)
+  join_group(mo$counts, list(config, tc, covariates))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_multimodal(unname(mo$slots), covariates, config, tc, check_device(device),

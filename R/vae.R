@@ -149,7 +149,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   batch_name <- if (is.null(cnt$batch)) "" else if (is.character(batch) && length(batch) == 1 && n_cells != 1) batch else "batch"
   batch_arg <- factor_arg(batch_f, batch_name)
 
-  join_group(cnt$counts)
+  join_group(cnt$counts, list(config, tc, covs$categorical_r, covs$continuous))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, tc,

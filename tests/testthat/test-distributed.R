@@ -98,6 +98,20 @@ test_that("a worker that fails, or ranks that disagree, end the job with an erro
     expect_match(paste(readLines(logs[i]), collapse = "\n"),
                  "distributed training: the ranks disagree on the total count")
   }
+  # The same data, another dropout rate on one rank.
+  port <- scdistill:::rs_free_port()
+  code2 <- function(dropout) {
+    sprintf(paste0("library(scdistill); options(scdistill.dist_timeout = 60); ",
+                   "s <- simulate_counts(n_cells = 200, n_genes = 80, seed = 1, threads = 1); ",
+                   "fit_vae(s, batch = 'batch', dropout = %g, max_epochs = 2, threads = 1, progress = FALSE)"), dropout)
+  }
+  logs <- file.path(dir, c("s0.log", "s1.log"))
+  ps <- list(start_rank(code2(0.1), 0, 2, port, logs[1]), start_rank(code2(0.2), 1, 2, port, logs[2]))
+  for (p in ps) p$wait(120000)
+  for (i in 1:2) {
+    expect_equal(ps[[i]]$get_exit_status(), 1L)
+    expect_match(paste(readLines(logs[i]), collapse = "\n"), "the ranks disagree on the model and training settings")
+  }
 
   # A rank killed during training: the other stops with an error, not a hang.
   port <- scdistill:::rs_free_port()
