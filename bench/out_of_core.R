@@ -1,7 +1,7 @@
 # Training from disk against training in memory (issue 27, part 2).
 #
 #   Rscript bench/out_of_core.R [--cells 100000] [--genes 2000] [--epochs 3] [--threads 2] [--seed 1]
-#                               [--modes disk,memory] [--keep]
+#                               [--modes disk,memory] [--peer] [--keep]
 #
 # One simulation (10 types in unequal proportions, 3 batches) is written
 # straight to an .h5ad file with simulate_counts(file =) (never held in
@@ -14,7 +14,11 @@
 # held-out 10%), and the -ELBO of both models on the same 10,000 cells from
 # the disk model's held-out blocks (held out for the disk model; about 90%
 # of them were training cells of the memory model, so this comparison
-# favours the memory model). Appends to bench/results/out_of_core.csv.
+# favours the memory model). With --peer, scvi-tools 1.4.2 SCVI trains on the
+# same file opened in AnnData's backed mode (bench/backed_peer.py, peers'
+# venv), same epochs and threads: its seconds per epoch, wall seconds, peak
+# RSS and validation -ELBO (scvi's own held-out 10%) beside ours, and the
+# end-to-end ratio. Appends to bench/results/out_of_core.csv.
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -60,6 +64,18 @@ for (m in modes) {
   res[[m]]$heldout_elbo <- elbo(res[[m]]$model, same, seed = 1, threads = threads)
 }
 
+if ("--peer" %in% args) {
+  py <- peers_python(root)
+  out <- file.path(work, "backed.json")
+  cat("scvi-tools SCVI on the backed file ...\n")
+  t <- timed(py, c(file.path(root, "bench", "backed_peer.py"), h5ad, out, "--epochs", epochs, "--threads", threads),
+             quiet = FALSE)
+  j <- jsonlite::fromJSON(out)
+  res$scvi_backed <- list(mode = "scvi-tools backed", ok = t$ok, wall = t$wall, rss_mb = t$rss_mb,
+                          first_epoch_s = NA, epoch_s = j$epoch_s, validation_elbo = j$validation_elbo,
+                          heldout_elbo = NA)
+}
+
 tab <- do.call(rbind, lapply(res, function(r) {
   data.frame(mode = r$mode, cells = n_cells, genes = n_genes, epochs = epochs, threads = threads,
              first_epoch_s = round(r$first_epoch_s, 1), epoch_s = round(r$epoch_s, 1), wall_s = round(r$wall, 1),
@@ -72,6 +88,11 @@ if (all(c("disk", "memory") %in% modes)) {
   cat(sprintf("\ndisk / memory: epoch %.2fx, peak RSS %.2fx, same-cells -ELBO %+.2f%%\n",
               res$disk$epoch_s / res$memory$epoch_s, res$disk$rss_mb / res$memory$rss_mb,
               100 * (res$disk$heldout_elbo / res$memory$heldout_elbo - 1)))
+}
+if (!is.null(res$scvi_backed) && !is.null(res$disk)) {
+  cat(sprintf("scvi-tools backed / ours from disk: epoch %.2fx, wall %.2fx, peak RSS %.2fx\n",
+              res$scvi_backed$epoch_s / res$disk$epoch_s, res$scvi_backed$wall / res$disk$wall,
+              res$scvi_backed$rss_mb / res$disk$rss_mb))
 }
 append_csv(tab, file.path(root, "bench", "results", "out_of_core.csv"))
 if (!"--keep" %in% args) unlink(h5ad)
