@@ -1,6 +1,7 @@
 //! Timings of the core without R, one subcommand per job:
 //!
 //!     cargo run --release --example bench -- vae [n_cells] [n_genes] [epochs] [threads] [device]
+//!         (one rank of a data-parallel group when WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT are set)
 //!     cargo run --release --example bench -- multimodal [n_cells] [n_genes] [n_peaks] [epochs] [threads] [device]
 //!     cargo run --release --example bench -- harmony [n] [d] [batches] [threads] [out]
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
@@ -57,10 +58,16 @@ fn arg(a: &[String], i: usize, default: usize) -> usize {
     a.get(i).and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-/// Seconds per epoch of the VAE on simulated counts.
+/// Seconds per epoch of the VAE on simulated counts. Under `WORLD_SIZE`,
+/// `RANK`, `MASTER_ADDR` and `MASTER_PORT` the run is one rank of a
+/// data-parallel group (world size 1 exercises the path on one device).
 fn vae(a: &[String]) {
     let (n_cells, n_genes, epochs, threads) = (arg(a, 1, 20_000), arg(a, 2, 2_000), arg(a, 3, 3), arg(a, 4, 2));
     let device = parse_device(a.get(5).map(String::as_str).unwrap_or("cpu")).unwrap();
+    if let Some(g) = scdistill_core::dist::Group::from_env(std::time::Duration::from_secs(120)).unwrap() {
+        eprintln!("rank {} of {}", g.rank(), g.world());
+        scdistill_core::dist::install(g);
+    }
     let pool = thread_pool(threads).unwrap();
     pool.install(|| {
         let p = SimParams { n_cells, n_genes, batch_prob: vec![1.0; 4], ..Default::default() };
