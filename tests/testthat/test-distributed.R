@@ -83,35 +83,27 @@ test_that("a worker that fails, or ranks that disagree, end the job with an erro
   dir <- tempfile("dist-")
   dir.create(dir)
   on.exit(unlink(dir, recursive = TRUE), add = TRUE)
-  port <- scdistill:::rs_free_port()
-  code <- function(seed) {
+  code <- function(seed, dropout) {
     sprintf(paste0("library(scdistill); options(scdistill.dist_timeout = 60); ",
                    "s <- simulate_counts(n_cells = 200, n_genes = 80, seed = %d, threads = 1); ",
-                   "fit_vae(s, batch = 'batch', max_epochs = 2, threads = 1, progress = FALSE)"), seed)
+                   "fit_vae(s, batch = 'batch', dropout = %g, max_epochs = 2, threads = 1, progress = FALSE)"),
+            seed, dropout)
   }
-  logs <- file.path(dir, c("r0.log", "r1.log"))
-  ps <- list(start_rank(code(1), 0, 2, port, logs[1]), start_rank(code(2), 1, 2, port, logs[2]))
-  for (p in ps) p$wait(120000)
-  for (i in 1:2) {
-    expect_false(ps[[i]]$is_alive())
-    expect_equal(ps[[i]]$get_exit_status(), 1L)
-    expect_match(paste(readLines(logs[i]), collapse = "\n"),
-                 "distributed training: the ranks disagree on the total count")
+  # Launches rank 0 and rank 1 with their own code; both must stop with `why`.
+  both_stop <- function(code0, code1, tag, why) {
+    port <- scdistill:::rs_free_port()
+    logs <- file.path(dir, paste0(tag, 0:1, ".log"))
+    ps <- list(start_rank(code0, 0, 2, port, logs[1]), start_rank(code1, 1, 2, port, logs[2]))
+    for (p in ps) p$wait(120000)
+    for (i in 1:2) {
+      expect_false(ps[[i]]$is_alive())
+      expect_equal(ps[[i]]$get_exit_status(), 1L)
+      expect_match(paste(readLines(logs[i]), collapse = "\n"), why)
+    }
   }
+  both_stop(code(1, 0.1), code(2, 0.1), "r", "distributed training: the ranks disagree on the total count")
   # The same data, another dropout rate on one rank.
-  port <- scdistill:::rs_free_port()
-  code2 <- function(dropout) {
-    sprintf(paste0("library(scdistill); options(scdistill.dist_timeout = 60); ",
-                   "s <- simulate_counts(n_cells = 200, n_genes = 80, seed = 1, threads = 1); ",
-                   "fit_vae(s, batch = 'batch', dropout = %g, max_epochs = 2, threads = 1, progress = FALSE)"), dropout)
-  }
-  logs <- file.path(dir, c("s0.log", "s1.log"))
-  ps <- list(start_rank(code2(0.1), 0, 2, port, logs[1]), start_rank(code2(0.2), 1, 2, port, logs[2]))
-  for (p in ps) p$wait(120000)
-  for (i in 1:2) {
-    expect_equal(ps[[i]]$get_exit_status(), 1L)
-    expect_match(paste(readLines(logs[i]), collapse = "\n"), "the ranks disagree on the model and training settings")
-  }
+  both_stop(code(1, 0.1), code(1, 0.2), "s", "the ranks disagree on the model and training settings")
 
   # A rank killed during training: the other stops with an error, not a hang.
   port <- scdistill:::rs_free_port()

@@ -78,29 +78,25 @@ void* scd_group_new(const char* addr, int port, int rank, int world, int64_t tim
 
 void scd_group_free(void* g) { delete static_cast<Group*>(g); }
 
-// In place over every rank: op 0 sum, 1 min, 2 max.
-int scd_all_reduce(void* g, void* tensor, int op, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
-    std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
-    c10d::AllreduceOptions o;
-    o.reduceOp = reduce_op(op);
-    static_cast<Group*>(g)->pg->allreduce(ts, o)->wait();
-  });
-}
-
-// As scd_all_reduce on a 1-D tensor, cut into `pieces` consecutive parts
-// reduced concurrently (the group's worker threads run them side by side).
-int scd_all_reduce_pieces(void* g, void* tensor, int op, int pieces, char* err, size_t err_len) {
+// In place over every rank: op 0 sum, 1 min, 2 max. With pieces > 1 the
+// (1-D) tensor is cut into that many consecutive parts reduced concurrently
+// (the group's worker threads run them side by side).
+int scd_all_reduce(void* g, void* tensor, int op, int pieces, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     at::Tensor& t = *static_cast<at::Tensor*>(tensor);
-    const int64_t n = t.numel();
+    if (pieces <= 1) pieces = 1;
+    const int64_t n = pieces == 1 ? 0 : t.numel();
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     std::vector<std::vector<at::Tensor>> parts;
     parts.reserve(pieces);
     for (int i = 0; i < pieces; ++i) {
-      const int64_t lo = n * i / pieces, hi = n * (i + 1) / pieces;
-      if (hi <= lo) continue;
-      parts.push_back({t.narrow(0, lo, hi - lo)});
+      if (pieces == 1) {
+        parts.push_back({t});
+      } else {
+        const int64_t lo = n * i / pieces, hi = n * (i + 1) / pieces;
+        if (hi <= lo) continue;
+        parts.push_back({t.narrow(0, lo, hi - lo)});
+      }
       c10d::AllreduceOptions o;
       o.reduceOp = reduce_op(op);
       works.push_back(static_cast<Group*>(g)->pg->allreduce(parts.back(), o));

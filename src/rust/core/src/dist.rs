@@ -40,8 +40,7 @@ extern "C" {
         err_len: usize,
     ) -> *mut c_void;
     fn scd_group_free(group: *mut c_void);
-    fn scd_all_reduce(group: *mut c_void, tensor: *mut c_void, op: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn scd_all_reduce_pieces(
+    fn scd_all_reduce(
         group: *mut c_void,
         tensor: *mut c_void,
         op: c_int,
@@ -172,6 +171,16 @@ impl Group {
 
     /// Combines `t` (contiguous) in place over every rank.
     pub fn all_reduce(&self, t: &mut Tensor, op: Op) -> Result<()> {
+        self.reduce(t, op, 1)
+    }
+
+    /// As `all_reduce` on a 1-D tensor, in `pieces` parts reduced concurrently.
+    pub fn all_reduce_pieces(&self, t: &mut Tensor, op: Op, pieces: usize) -> Result<()> {
+        assert!(t.dim() == 1, "all_reduce_pieces needs a 1-D tensor");
+        self.reduce(t, op, pieces)
+    }
+
+    fn reduce(&self, t: &mut Tensor, op: Op, pieces: usize) -> Result<()> {
         assert!(t.is_contiguous(), "all_reduce needs a contiguous tensor");
         let code = match op {
             Op::Sum => 0,
@@ -180,21 +189,7 @@ impl Group {
         };
         // SAFETY: a live group and tch's tensor handle (an at::Tensor*).
         self.call("all_reduce", |err| unsafe {
-            scd_all_reduce(self.raw, t.as_mut_ptr() as *mut c_void, code, err, ERR_LEN)
-        })
-    }
-
-    /// As `all_reduce` on a 1-D tensor, in `pieces` parts reduced concurrently.
-    pub fn all_reduce_pieces(&self, t: &mut Tensor, op: Op, pieces: usize) -> Result<()> {
-        assert!(t.is_contiguous() && t.dim() == 1, "all_reduce_pieces needs a contiguous 1-D tensor");
-        let code = match op {
-            Op::Sum => 0,
-            Op::Min => 1,
-            Op::Max => 2,
-        };
-        // SAFETY: as in `all_reduce`.
-        self.call("all_reduce", |err| unsafe {
-            scd_all_reduce_pieces(self.raw, t.as_mut_ptr() as *mut c_void, code, pieces.max(1) as c_int, err, ERR_LEN)
+            scd_all_reduce(self.raw, t.as_mut_ptr() as *mut c_void, code, pieces.max(1) as c_int, err, ERR_LEN)
         })
     }
 

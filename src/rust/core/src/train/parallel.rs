@@ -96,7 +96,9 @@ impl Parallel {
                 cfg.validation_fraction,
             ],
         )?;
-        let all: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        // The weights travel as floats; the model holds no other kind.
+        let all: Vec<Tensor> =
+            named.iter().filter(|(_, t)| t.is_floating_point()).map(|(_, t)| t.shallow_clone()).collect();
         let mut buf = flat(&all);
         group.broadcast(&mut buf, 0)?;
         scatter(&buf, &all);
