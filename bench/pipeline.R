@@ -14,11 +14,15 @@
 #   cell_line; embedding run_pca(n_pcs = 30, n_hvg = 2000), "PCA") and the
 #   simulator (simulate_counts(--sim-cells, 2000 genes, 3 batches, 10 types in
 #   unequal proportions, seed 1); truth = cell_type; the same PCA, then
-#   run_harmony(batch = "batch"), "HARMONY"). On that embedding, NMI
+#   run_harmony(batch = "batch"), "HARMONY"), and weakly separated types
+#   (simulate_counts(6,000 cells, 2000 genes, 3 batches, 12 types of which
+#   four are 2-3%, de_fac_loc 0.3, seed 1); run_pca(30, batch-aware HVGs),
+#   run_harmony(), "HARMONY"). On that embedding, NMI
 #   (arithmetic normalisation) and ARI against the truth, clusters found and
 #   seconds of:
 #     soft_clusters(n_clusters = number of true types), the same with one
-#     shared temperature (per_cluster = FALSE), and soft_clusters()
+#     shared temperature (per_cluster = FALSE), the same with Euclidean
+#     distances (covariance = "spherical"), and soft_clusters()
 #     (Leiden-initialised, resolution 1);
 #     the package's Leiden (no exported function: integration_metrics()'
 #     nmi_leiden / ari_leiden, the best NMI over resolutions 0.2..2) and its
@@ -243,6 +247,16 @@ cluster_data <- function(name) {
     sce <- run_pca(sce, n_pcs = 30, n_hvg = 2000, seed = seed, threads = threads)
     return(list(sce = sce, reduction = "PCA"))
   }
+  if (name == "weak") {
+    # Twelve weakly separated types (de_fac_loc 0.3), four of them 2-3%.
+    sce <- simulate_counts(n_cells = 6000, n_genes = 2000, n_batches = 3,
+                           group_prob = c(0.2, 0.15, 0.12, 0.11, 0.1, 0.08, 0.07, 0.06, 0.03, 0.03, 0.025, 0.025),
+                           de_fac_loc = 0.3, seed = 1, threads = threads)
+    sce$truth <- as.character(sce$cell_type)
+    sce <- run_pca(sce, n_pcs = 30, batch = "batch", seed = seed, threads = threads)
+    sce <- run_harmony(sce, batch = "batch", seed = seed, threads = threads, progress = FALSE)
+    return(list(sce = sce, reduction = "HARMONY"))
+  }
   # Ten types in unequal proportions, 25% down to 3.5%.
   sce <- simulate_counts(n_cells = sim_cells, n_genes = 2000, n_batches = 3, n_groups = 10,
                          group_prob = c(0.25, 0.18, 0.13, 0.1, 0.08, 0.07, 0.06, 0.05, 0.045, 0.035),
@@ -277,6 +291,10 @@ bench_clusters_one <- function(name) {
   r <- el(soft_clusters(sce, reduction = red, n_clusters = k, per_cluster = FALSE, seed = seed, threads = threads,
                         progress = FALSE))
   add(sprintf("scdistill soft_clusters(n_clusters = %d, per_cluster = FALSE) (one T)", k), r$value$soft_cluster, r$s)
+  r <- el(soft_clusters(sce, reduction = red, n_clusters = k, covariance = "spherical", seed = seed, threads = threads,
+                        progress = FALSE))
+  add(sprintf("scdistill soft_clusters(n_clusters = %d, covariance = \"spherical\") (Euclidean)", k),
+      r$value$soft_cluster, r$s)
   r <- el(soft_clusters(sce, reduction = red, seed = seed, threads = threads, progress = FALSE))
   add("scdistill soft_clusters() (Leiden start, resolution 1)", r$value$soft_cluster, r$s)
 
@@ -320,7 +338,7 @@ bench_clusters_one <- function(name) {
 }
 
 bench_clusters <- function() {
-  for (name in c("cellbench", "sim")) bench_clusters_one(name)
+  for (name in c("cellbench", "sim", "weak")) bench_clusters_one(name)
 }
 
 # ---- umap ----------------------------------------------------------------------

@@ -90,6 +90,25 @@ test_that("with labels, soft_clusters() is a nearest-centroid classifier of unla
   expect_equal(dim(SeuratObject::Embeddings(seu, "soft_cluster_probabilities")), c(ncol(seu), 5))
 })
 
+test_that("distances in the shared covariance keep types that share an elongated shape", {
+  # Four types 2.5 apart along the first axis, all stretched along the second
+  # (as sequencing depth stretches every type of a PCA alike).
+  set.seed(3)
+  type <- rep(1:4, c(300, 300, 200, 200))
+  z <- cbind(2.5 * type + rnorm(1000, sd = 0.5), rnorm(1000, sd = 3), matrix(rnorm(3000, sd = 0.5), 1000))
+  shared <- soft_clusters(z, n_clusters = 4, threads = 2)
+  euclid <- soft_clusters(z, n_clusters = 4, covariance = "spherical", threads = 2)
+  expect_gt(ari(shared$clusters, type), 0.9)
+  expect_gt(ari(shared$clusters, type), ari(euclid$clusters, type) + 0.2)
+  expect_output(print(shared), "distances in the clusters' shared covariance")
+  expect_no_match(capture.output(print(euclid)), "shared covariance")
+  # New cells of each type go to its cluster.
+  new_type <- rep(1:4, each = 100)
+  new <- cbind(2.5 * new_type + rnorm(400, sd = 0.5), rnorm(400, sd = 3), matrix(rnorm(1200, sd = 0.5), 400))
+  expect_gt(ari(predict(shared, new)$cluster, new_type), 0.9)
+  expect_error(soft_clusters(z, n_clusters = 4, covariance = "full"), "covariance")
+})
+
 test_that("soft_clusters() refuses bad input by name", {
   sce <- cellbench_pca()
   expect_error(soft_clusters(sce, n_clusters = 10000), "`n_clusters` = 10000 is more than the 571 cells")
@@ -120,9 +139,11 @@ test_that("fine_tune_clusters() tunes a VAE with its clusters, keeping the types
   expect_equal(dim(z1), dim(z0))
   expect_identical(rownames(z1), colnames(sim))
   # The types stay apart and in their clusters (with dropout in the loss,
-  # cells crossed between clusters).
+  # cells crossed between clusters: ARI 0.88 -> 0.55). From the shared
+  # covariance's start (0.92 here) a few cells move (0.90).
   expect_lte(within(z1), within(z0) + 0.02)
-  expect_gte(ari(joint$clusters$clusters, sim$cell_type), ari(cl$clusters, sim$cell_type) - 0.02)
+  expect_gt(ari(cl$clusters, sim$cell_type), 0.85)
+  expect_gte(ari(joint$clusters$clusters, sim$cell_type), ari(cl$clusters, sim$cell_type) - 0.035)
   expect_equal(joint$model$info$fine_tuned$weight, 20)
   expect_equal(nrow(as.data.frame(joint$model$info$fine_tuned$training$history)), 15)
   expect_output(print(joint), "3 soft clusters fine-tuned jointly \\(weight 20, 15 epochs\\)")

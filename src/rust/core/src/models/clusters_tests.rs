@@ -162,3 +162,50 @@ fn per_cluster_temperatures_give_a_wide_type_its_own_boundary() {
     let old = ClusterModel::from_bytes(&shared.to_bytes().unwrap()).unwrap();
     assert_eq!(old.assign(&zn).unwrap(), shared.assign(&zn).unwrap());
 }
+
+#[test]
+fn a_shared_covariance_keeps_types_that_share_an_elongated_shape() {
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    // Three types 2.5 apart along x, each stretched along y (sd 3, as
+    // sequencing depth stretches every type of a PCA alike), sd 0.5
+    // elsewhere. Euclidean soft k-means' optimum cuts across y.
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (wide, narrow) = (Normal::new(0.0f32, 3.0).unwrap(), Normal::new(0.0f32, 0.5).unwrap());
+    let mut draw = |m: usize| {
+        let (mut z, mut y) = (vec![], vec![]);
+        for c in 0..3u32 {
+            for _ in 0..m {
+                z.push(2.5 * c as f32 + narrow.sample(&mut rng));
+                z.push(wide.sample(&mut rng));
+                z.extend((0..2).map(|_| narrow.sample(&mut rng)));
+                y.push(c);
+            }
+        }
+        (z, y)
+    };
+    let ((z, y), (zn, yn)) = (draw(400), draw(200));
+    let n = y.len();
+    let fit = |shared_covariance: bool| {
+        let cfg = ClusterConfig { n_clusters: 3, shared_covariance, ..Default::default() };
+        let train = TrainConfig { max_epochs: 50, ..quick() };
+        ClusterModel::fit(&z, n, None, cfg, train, &|| false, &|_| {}).unwrap()
+    };
+    let (shared, euclid) = (fit(true), fit(false));
+    assert!(euclid.meta.metric.is_empty());
+    assert_eq!(shared.meta.metric.len(), 16);
+    let a_shared = ari(&yn, &hard(&shared.assign(&zn).unwrap(), 3));
+    let a_euclid = ari(&yn, &hard(&euclid.assign(&zn).unwrap(), 3));
+    assert!(a_shared > 0.9 && a_shared > a_euclid + 0.2, "ARI shared {a_shared}, Euclidean {a_euclid}");
+    // The metric travels with the model.
+    let back = ClusterModel::from_bytes(&shared.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.assign(&zn).unwrap(), shared.assign(&zn).unwrap());
+    // On round clusters the metric is the identity (T keeps its units).
+    let (zb, yb) = blobs(&CENTRES, 300, 1, 8);
+    let cfg = ClusterConfig { n_clusters: 4, ..Default::default() };
+    let round = ClusterModel::fit(&zb, yb.len(), None, cfg, quick(), &|| false, &|_| {}).unwrap();
+    // Eigenvectors come with any sign and, for equal eigenvalues, any
+    // rotation: check A Aᵀ ≈ I instead of A.
+    let a = Tensor::from_slice(&round.meta.metric).view([4, 4]);
+    let gap = f64::try_from((a.matmul(&a.tr()) - Tensor::eye(4, (Kind::Double, Device::Cpu))).abs().max()).unwrap();
+    assert!(gap < 0.15, "A Aᵀ − I up to {gap}");
+}
