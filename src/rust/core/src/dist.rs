@@ -24,7 +24,6 @@
 use crate::error::{Error, Result};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tch::Tensor;
@@ -141,11 +140,6 @@ impl Group {
 
     pub fn world(&self) -> usize {
         self.world
-    }
-
-    /// This rank's contiguous share of `n` items.
-    pub fn slice(&self, n: usize) -> Range<usize> {
-        n * self.rank / self.world..n * (self.rank + 1) / self.world
     }
 
     /// This rank's positions in `len` items that start at position `start`

@@ -37,20 +37,17 @@ fn collectives_combine_every_ranks_values() {
         g.all_reduce(&mut max, Op::Max).unwrap();
         let mut b = Tensor::from_slice(&[r * 7.0 + 1.0; 4]);
         g.broadcast(&mut b, 2).unwrap();
-        let slice = g.slice(10);
         (
             Vec::<f64>::try_from(&sum).unwrap(),
             min.double_value(&[0]),
             max.double_value(&[0]),
             Vec::<f64>::try_from(&b).unwrap(),
-            slice,
         )
     });
-    for (rank, (sum, min, max, b, slice)) in out.into_iter().enumerate() {
+    for (sum, min, max, b) in out {
         assert_eq!(sum, vec![3.0, 30.0]);
         assert_eq!((min, max), (1.0, 3.0));
         assert_eq!(b, vec![15.0; 4], "rank 2's values everywhere");
-        assert_eq!(slice, [0..3, 3..6, 6..10][rank]);
     }
 }
 

@@ -178,7 +178,8 @@ impl Parallel {
     }
 
     /// Mean negative ELBO, reconstruction and KL per cell over `rows`, each
-    /// rank evaluating its slice of every chunk (as `super::evaluate`).
+    /// rank evaluating its share of every chunk, dealt as training deals a
+    /// minibatch (as `super::evaluate`).
     pub fn evaluate(&self, task: &dyn Trainable, rows: &[usize], batch_size: usize) -> Result<(f64, f64, f64)> {
         if rows.is_empty() {
             return Ok((f64::NAN, f64::NAN, f64::NAN));
@@ -186,12 +187,13 @@ impl Parallel {
         let (mut rec, mut kl) = (0f64, 0f64);
         tch::no_grad(|| {
             for chunk in rows.chunks(batch_size.max(1)) {
-                let range = self.group.slice(chunk.len());
-                if range.is_empty() {
+                let at = self.group.dealt(0, chunk.len());
+                if at.is_empty() {
                     continue;
                 }
-                let _shard = dist::shard(chunk.len(), range.clone().collect());
-                let t = task.loss(&chunk[range], false);
+                let cells: Vec<usize> = at.iter().map(|&p| chunk[p]).collect();
+                let _shard = dist::shard(chunk.len(), at);
+                let t = task.loss(&cells, false);
                 rec += t.reconstruction.sum(Kind::Double).double_value(&[]);
                 kl += (t.kl_warmup + t.kl_fixed).sum(Kind::Double).double_value(&[]);
             }
