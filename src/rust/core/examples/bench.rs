@@ -7,6 +7,7 @@
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
 //!     cargo run --release --example bench -- sim [n_cells] [n_genes] [threads]
 //!     cargo run --release --example bench -- allreduce [world] [max_params] [reps]
+//!     cargo run --release --example bench -- species [n_cells] [n_genes] [epochs] [threads]
 //!
 //! Arguments are positional; a missing or unreadable one takes its default.
 //! `device` is `cpu` (default), `cuda` or `auto`. One binary for all of them,
@@ -29,7 +30,7 @@ use std::io::Write;
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: bench <vae|multimodal|harmony|knn|sim|allreduce> [arguments]; see the top of examples/bench.rs";
+    "usage: bench <vae|multimodal|harmony|knn|sim|allreduce|species> [arguments]; see the top of examples/bench.rs";
 
 fn main() {
     let mut a: Vec<String> = std::env::args().collect();
@@ -46,6 +47,7 @@ fn main() {
         "knn" => knn_job(&a),
         "sim" => sim(&a),
         "allreduce" => allreduce(&a),
+        "species" => species(&a),
         _ => {
             eprintln!("unknown job `{job}`; {USAGE}");
             std::process::exit(2);
@@ -85,6 +87,59 @@ fn vae(a: &[String]) {
             device,
             median(&secs),
             n_cells as f64 * 0.9 / median(&secs),
+            t0.elapsed().as_secs_f64()
+        );
+    });
+}
+
+/// Milliseconds per step of both phases of `align_species()`'s model on two
+/// simulated species (7 types, 3 batches each, as bench/species_vs_scspecies.R),
+/// at scSpecies' defaults.
+fn species(a: &[String]) {
+    use scdistill_core::models::species::{SpeciesConfig, SpeciesData, SpeciesModel};
+    use scdistill_core::simulate::SpeciesParams;
+    let (n_cells, n_genes, epochs, threads) = (arg(a, 1, 20_000), arg(a, 2, 2_000), arg(a, 3, 2), arg(a, 4, 2));
+    let pool = thread_pool(threads).unwrap();
+    pool.install(|| {
+        let p = SimParams {
+            n_cells,
+            n_genes,
+            group_prob: vec![0.25, 0.20, 0.15, 0.13, 0.12, 0.09, 0.06],
+            batch_prob: vec![1.0; 3],
+            species: Some(SpeciesParams { n_cells, n_genes, only_first: 1, only_second: 1, ..Default::default() }),
+            ..Default::default()
+        };
+        let mut s = simulate(&p).unwrap();
+        let two = *s.species.take().unwrap();
+        let pairs: Vec<(String, String)> = two
+            .homolog
+            .iter()
+            .enumerate()
+            .filter_map(|(g2, h)| h.map(|g1| (two.sim.counts.genes[g2].clone(), s.counts.genes[g1 as usize].clone())))
+            .collect();
+        let tc = TrainConfig { max_epochs: epochs, ..SpeciesConfig::default_training() };
+        let t0 = Instant::now();
+        let m = SpeciesModel::fit(
+            SpeciesData { counts: &s.counts, batch: s.batch.clone() },
+            &s.group,
+            SpeciesData { counts: &two.sim.counts, batch: two.sim.batch.clone() },
+            &pairs,
+            SpeciesConfig::default(),
+            tc.clone(),
+            tc,
+            scdistill_core::device::Device::Cpu,
+            &|| false,
+            &|phase, r| eprintln!("phase {phase} epoch {} {:.3} s  train {:.2}", r.epoch, r.seconds, r.train_elbo),
+        )
+        .unwrap();
+        let steps = (n_cells as f64 / 128.0).ceil();
+        for (name, rec) in [("context", &m.meta.context_training), ("target", &m.meta.target_training)] {
+            let secs: Vec<f64> = rec.history.iter().map(|r| r.seconds).collect();
+            println!("{name}: {:.3} s/epoch (median), {:.2} ms/step", median(&secs), 1e3 * median(&secs) / steps);
+        }
+        let nnz = s.counts.csr.indices.len() as f64 / (n_cells * n_genes) as f64;
+        println!(
+            "{n_cells} + {n_cells} cells x {n_genes} genes (density {nnz:.3}), {threads} threads: total {:.1} s",
             t0.elapsed().as_secs_f64()
         );
     });
