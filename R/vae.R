@@ -264,11 +264,34 @@ training_bar <- function(max_epochs) {
     format = paste("Training {cli::pb_bar} epoch {cli::pb_current}/{cli::pb_total}",
                    "| loss {format(loss, digits = 5)} | validation -ELBO {format(val, digits = 5)} | {cli::pb_eta}"))
   list(update = function(phase, epoch, loss, val) {
+         if (identical(phase, "scan")) return(scan_progress(state, epoch, loss))
          state$loss <- loss
          state$val <- val
          cli::cli_progress_update(id = id, set = epoch, .envir = state)
        },
-       done = function() cli::cli_progress_done(id = id, .envir = state))
+       done = function() {
+         if (!is.null(state$scan)) cli::cli_progress_done(id = state$scan$id, .envir = state$scan)
+         cli::cli_progress_done(id = id, .envir = state)
+       })
+}
+
+# The pass over counts on disk before training (library sizes, checks):
+# `done` of `total` cells read, in a bar of its own (in an environment of its
+# own: cli keeps one bar per environment).
+scan_progress <- function(state, done, total) {
+  if (is.null(state$scan)) {
+    scan <- new.env()
+    scan$id <- cli::cli_progress_bar(total = total, clear = TRUE, .envir = scan,
+                                     format = paste("Reading the counts {cli::pb_bar} {cli::pb_current}/{cli::pb_total}",
+                                                    "cells | {cli::pb_eta}"))
+    state$scan <- scan
+  }
+  cli::cli_progress_update(id = state$scan$id, set = done, .envir = state$scan)
+  if (done >= total) {
+    cli::cli_progress_done(id = state$scan$id, .envir = state$scan)
+    state$scan <- NULL
+  }
+  invisible(NULL)
 }
 
 latent_matrix <- function(values, cells, n_latent) {

@@ -92,6 +92,23 @@ test_that("bad files and bad cell columns are errors that name them", {
   expect_error(latent(model, other$file), "missing from the new data")
 })
 
+test_that("the pass over a file before training shows its own progress bar", {
+  s <- sim_file(n_cells = 40000, n_genes = 40, seed = 6)
+  old <- options(cli.progress_show_after = 0, cli.dynamic = FALSE, cli.progress_handlers_only = "logger")
+  on.exit(options(old), add = TRUE)
+  # cli's logger prints one line per event of each bar.
+  log <- capture.output(model <- fit_vae(s$file, max_epochs = 1, threads = 2, progress = TRUE))
+  # The reading bar counts cells to all 40,000 and ends; the epoch bar is
+  # created before it and ends after it.
+  bars <- sub("^\\S+ (cli-[0-9]+-[0-9]+) .*", "\\1", log)
+  reading <- bars[grepl("0/40000 created", log)]
+  expect_length(reading, 1)
+  expect_true(any(grepl(paste(reading, "40000/40000 terminated"), log, fixed = TRUE)))
+  epochs <- setdiff(unique(bars), reading)
+  expect_length(epochs, 1)
+  expect_match(log[length(log)], paste(epochs, "1/1 terminated"), fixed = TRUE)
+})
+
 test_that("write_h5ad() writes counts that stream back to the same latent space", {
   sce <- simulate_counts(n_cells = 600, n_genes = 80, seed = 4)
   f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))

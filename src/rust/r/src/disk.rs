@@ -69,7 +69,9 @@ impl Input {
 
     /// Trains a VAE on these counts and computes the training cells'
     /// latent space (with their own covariates); on disk, after one pass
-    /// over the file for the per-cell totals.
+    /// over the file for the per-cell totals. `report` gets the epochs as
+    /// phase "train" and, on disk, that pass's progress as phase "scan"
+    /// (`epoch`: cells read, `train_loss`: all cells).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fit_vae(
         &self,
@@ -78,18 +80,22 @@ impl Input {
         train: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
-        on_epoch: &dyn Fn(&EpochRecord),
+        report: &dyn Fn(&str, &EpochRecord),
     ) -> scdistill_core::Result<(VaeModel, Matrix)> {
+        let on_epoch = |r: &EpochRecord| report("train", r);
         match self {
             Input::Memory(m) => {
-                let model = VaeModel::fit(m, cov, config, train, device, interrupted, on_epoch)?;
+                let model = VaeModel::fit(m, cov, config, train, device, interrupted, &on_epoch)?;
                 let z = model.training_latent(&m.csr, cov);
                 Ok((model, z))
             }
             Input::Disk(d, genes) => {
-                let scan = d.scan(&|_, _| {}, interrupted)?;
+                let read = |done: usize, total: usize| {
+                    report("scan", &EpochRecord { epoch: done, train_loss: total as f64, ..Default::default() })
+                };
+                let scan = d.scan(&read, interrupted)?;
                 check_scan(d, &scan)?;
-                let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, on_epoch)?;
+                let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, &on_epoch)?;
                 let z = model.training_latent_on_disk(d, &scan, cov);
                 Ok((model, z))
             }

@@ -43,7 +43,8 @@ pub(crate) fn covariates_from_r(batch: &List, categorical: &List, continuous: &L
 /// disk: see `disk::Input`); `config` and `train` are named lists of the core's
 /// `VaeConfig` and `TrainConfig` fields. `progress` (an R function of the
 /// phase, epoch, training loss and validation -ELBO, or NULL) is called on
-/// the R thread as epochs finish. Returns list(ptr, latent).
+/// the R thread as epochs finish, and on disk as the pass before training
+/// reads the cells (phase "scan": cells read, all cells). Returns list(ptr, latent).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -64,7 +65,7 @@ fn rs_fit_vae(
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
     let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        input.fit_vae(&cov, config, train, device, interrupted, &|r| report("train", r))
+        input.fit_vae(&cov, config, train, device, interrupted, report)
     })?;
     Ok(fitted_to_r(Box::new(model), matrix_to_r(&z)))
 }
