@@ -366,9 +366,9 @@ pub fn train(
             let dealt;
             let (cells, _shard) = match &par {
                 Some(p) => {
-                    let at = p.group.dealt(chunk_start, chunk.len());
-                    dealt = at.iter().map(|&j| chunk[j]).collect::<Vec<usize>>();
-                    (&dealt[..], Some(crate::dist::shard(chunk.len(), at)))
+                    let (mine, guard) = p.share(chunk_start, chunk);
+                    dealt = mine;
+                    (&dealt[..], Some(guard))
                 }
                 None => (chunk, None),
             };

@@ -177,6 +177,15 @@ impl Parallel {
         Ok(())
     }
 
+    /// This rank's cells of `chunk`, the minibatch at position `start` of an
+    /// epoch's order, dealt to the ranks in turn; the guard makes per-cell
+    /// draws this rank's rows of the whole minibatch's.
+    pub fn share(&self, start: usize, chunk: &[usize]) -> (Vec<usize>, dist::ShardGuard) {
+        let at = self.group.dealt(start, chunk.len());
+        let cells = at.iter().map(|&j| chunk[j]).collect();
+        (cells, dist::shard(chunk.len(), at))
+    }
+
     /// Mean negative ELBO, reconstruction and KL per cell over `rows`, each
     /// rank evaluating its share of every chunk, dealt as training deals a
     /// minibatch (as `super::evaluate`).
@@ -187,12 +196,10 @@ impl Parallel {
         let (mut rec, mut kl) = (0f64, 0f64);
         tch::no_grad(|| {
             for chunk in rows.chunks(batch_size.max(1)) {
-                let at = self.group.dealt(0, chunk.len());
-                if at.is_empty() {
+                let (cells, _shard) = self.share(0, chunk);
+                if cells.is_empty() {
                     continue;
                 }
-                let cells: Vec<usize> = at.iter().map(|&p| chunk[p]).collect();
-                let _shard = dist::shard(chunk.len(), at);
                 let t = task.loss(&cells, false);
                 rec += t.reconstruction.sum(Kind::Double).double_value(&[]);
                 kl += (t.kl_warmup + t.kl_fixed).sum(Kind::Double).double_value(&[]);
