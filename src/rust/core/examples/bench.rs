@@ -111,12 +111,7 @@ fn species(a: &[String]) {
         };
         let mut s = simulate(&p).unwrap();
         let two = *s.species.take().unwrap();
-        let pairs: Vec<(String, String)> = two
-            .homolog
-            .iter()
-            .enumerate()
-            .filter_map(|(g2, h)| h.map(|g1| (two.sim.counts.genes[g2].clone(), s.counts.genes[g1 as usize].clone())))
-            .collect();
+        let pairs = two.homolog_names(&s);
         let tc = TrainConfig { max_epochs: epochs, ..SpeciesConfig::default_training() };
         let t0 = Instant::now();
         let m = SpeciesModel::fit(

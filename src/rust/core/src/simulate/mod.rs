@@ -81,6 +81,20 @@ pub struct SpeciesSimulation {
     pub shared_groups: Vec<bool>,
 }
 
+impl SpeciesSimulation {
+    /// The homologs as a homolog table of gene names: (this species' gene,
+    /// its homolog among `first`'s genes), as `align_species()` takes them
+    /// (target, context).
+    pub fn homolog_names(&self, first: &Simulation) -> Vec<(String, String)> {
+        let (mine, theirs) = (&self.sim.counts.genes, &first.counts.genes);
+        self.homolog
+            .iter()
+            .enumerate()
+            .filter_map(|(g2, h)| h.map(|g1| (mine[g2].clone(), theirs[g1 as usize].clone())))
+            .collect()
+    }
+}
+
 impl Simulation {
     /// Expression of gene `g` in cell type `t` before batch, condition
     /// (control), age (young) and library size: base mean × cell-type factor.

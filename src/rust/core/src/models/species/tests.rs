@@ -26,12 +26,7 @@ fn two_species(n: usize, seed: u64) -> (Simulation, Simulation, Vec<(String, Str
     };
     let mut s = simulate(&p).unwrap();
     let two = *s.species.take().unwrap();
-    let pairs = two
-        .homolog
-        .iter()
-        .enumerate()
-        .filter_map(|(g2, h)| h.map(|g1| (two.sim.counts.genes[g2].clone(), s.counts.genes[g1 as usize].clone())))
-        .collect();
+    let pairs = two.homolog_names(&s);
     (s, two.sim, pairs)
 }
 
