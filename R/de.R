@@ -110,7 +110,14 @@
 #' @param model A model from [fit_vae()] or [distill()]; may be `NULL` for
 #'   `method = "pseudobulk"` on raw counts.
 #' @param x The cells: a `SingleCellExperiment`, Seurat object or count
-#'   matrix (see [as_counts()]), on the model's genes (matched by name).
+#'   matrix (see [as_counts()]), on the model's genes (matched by name); or
+#'   counts on disk (an `.h5ad` or 10x `.h5` file, an [h5_counts()]
+#'   description, or an experiment whose counts are an HDF5-backed
+#'   `DelayedMatrix`), whose cells are read a chunk at a time, never all at
+#'   once: the Bayesian methods for a VAE give the same table as for the
+#'   same cells in memory, and pseudobulk sums blocks of 20,000 cells. The
+#'   groups, samples and covariates are then columns of the experiment's
+#'   `colData` or of the `.h5ad` file's `obs`.
 #' @param groupby A column of the cell metadata (or one label per cell)
 #'   whose values `group1` and `group2` name; `NULL` to give the groups as
 #'   cell indices, logical vectors or cell names.
@@ -194,7 +201,8 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
   if (!is.null(model) || method != "pseudobulk") check_model(model)
   check_fraction(fdr_target, "fdr_target")
   seed <- check_seed(seed)
-  cnt <- as_counts(x, ...)
+  disk <- as_disk(x, ...)
+  cnt <- if (is.null(disk)) as_counts(x, ...) else disk_cells_table(disk)
   groups <- de_groups(groupby, group1, group2, cnt)
   if (method == "pseudobulk") {
     if (is.null(covariates)) covariates <- default_batch_covariate(model, cnt, batch, sample_key)
@@ -214,7 +222,12 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
          "`method = \"pseudobulk\"`", call. = FALSE)
   }
   batches <- de_batches(batch_correction %||% (method == "samples"), levels)
-  cells <- model_cells(model, cnt, batch)
+  if (!is.null(disk) && !inherits(model, "scdistill_vae")) {
+    stop("Bayesian differential_expression() of counts on disk is available for VAEs (fit_vae()); for a ",
+         class(model)[1], " model read the two groups' cells into memory (as_counts(h5_counts(file), cells = ...)) ",
+         "or use method = \"pseudobulk\"", call. = FALSE)
+  }
+  cells <- if (is.null(disk)) model_cells(model, cnt, batch) else disk_model_cells(model, disk, batch)
   distilled <- inherits(model, "scdistill_distill")
   if (is.null(cells$batch)) {
     if (distilled && length(batches)) cells$batch <- rep(levels[1], length(cells$cells))
@@ -241,7 +254,12 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
   }
   i1 <- groups$idx1 - 1L
   i2 <- groups$idx2 - 1L
-  res <- rust(rs_model_de(model_ptr(model), cells, i1, i2, settings, resolve_threads(threads)))
+  res <- if (is.null(disk)) {
+    rust(rs_model_de(model_ptr(model), cells, i1, i2, settings, resolve_threads(threads)))
+  } else {
+    rust(rs_vae_de_disk(model_ptr(model), disk_spec(disk), disk$genes, cells$batch, cells$categorical,
+                        cells$continuous, i1, i2, settings, resolve_threads(threads)))
+  }
   change <- method %in% c("change", "vanilla")
   out <- de_table(model$info$genes, res, change = change)
   params <- c(list(method = method, model = if (distilled) "distill" else "vae"), groups$labels,
@@ -261,7 +279,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
 # samples too small to count, and the sample-level design (intercept,
 # covariates, group indicator last).
 de_replicates <- function(cnt, groups, sample_key, covariates, min_cells) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   key <- sample_column(sample_key, cnt)
   if (is.null(key)) {
     stop("method = \"samples\" needs `sample_key`: the column of the cell metadata naming each cell's sample ",
@@ -309,7 +327,7 @@ de_replicates <- function(cnt, groups, sample_key, covariates, min_cells) {
 
 # Cell indices (1-based) of the two groups and their labels.
 de_groups <- function(groupby, group1, group2, cnt) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   n <- length(cells)
   if (missing(group1) || is.null(group1) || !length(group1)) stop("`group1` is missing", call. = FALSE)
   if (!is.null(groupby)) {
@@ -404,20 +422,23 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
          "(donor, replicate)", call. = FALSE)
   }
   need(test)
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   sample <- as.character(resolve_cell_factor(sample_key, cnt$cell_data, cells, "sample_key"))
-  genes <- if (is.null(model)) rownames(cnt$counts) else model$info$genes
-  missing_genes <- setdiff(genes, rownames(cnt$counts))
+  x_genes <- cnt$genes %||% rownames(cnt$counts)
+  genes <- if (is.null(model)) x_genes else model$info$genes
+  missing_genes <- setdiff(genes, x_genes)
   if (length(missing_genes)) {
     stop("`x` lacks ", length(missing_genes), " of the model's genes (e.g. '", missing_genes[1], "')", call. = FALSE)
   }
   if (on == "corrected") {
     if (is.null(model)) stop("`on = \"corrected\"` needs a model", call. = FALSE)
     reference_batch <- as.character(reference_batch %||% model$info$batch_levels[1])
-    rho <- normalized_expression(model, cnt, transform_batch = reference_batch, threads = threads)
-    mat <- sweep(rho, 2, Matrix::colSums(cnt$counts), `*`)
-  } else {
-    mat <- cnt$counts[genes, , drop = FALSE]
+  }
+  # The (sample, group) sums of the cells `at`'s counts or corrected counts.
+  values_of <- function(part) {
+    if (on == "counts") return(part$counts[genes, , drop = FALSE])
+    rho <- normalized_expression(model, part, transform_batch = reference_batch, threads = threads)
+    sweep(rho, 2, Matrix::colSums(part$counts), `*`)
   }
   # Pseudobulk columns: (sample, group) with enough cells.
   grp <- rep(NA_character_, length(cells))
@@ -437,8 +458,7 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
   }
   member <- match(key, cols)
   sel <- which(!is.na(member))
-  agg <- Matrix::sparseMatrix(i = sel, j = member[sel], x = 1, dims = c(length(cells), length(cols)))
-  pb <- as.matrix(mat %*% agg)
+  pb <- pseudobulk_sums(cnt, sel, member, length(cols), values_of, genes)
   dimnames(pb) <- list(genes, sub("\r", ":", cols))
   if (on == "corrected") pb <- round(pb)
   storage.mode(pb) <- "integer"
@@ -463,12 +483,40 @@ pseudobulk_de <- function(model, cnt, groups, sample_key, test, covariates, on, 
   structure(out, params = params, pseudobulk = pb, class = c("scdistill_de", "data.frame"))
 }
 
+# Sums over the cells `sel` of `values_of(part)` (genes x cells of a part
+# of the cells, as `as_counts()` gives it) into the pseudobulk columns
+# `member[sel]`: in one go in memory; for counts on disk, blocks of 20,000
+# cells read in turn, so the cells are never all in memory.
+pseudobulk_sums <- function(cnt, sel, member, n_cols, values_of, genes) {
+  if (is.null(cnt$disk)) {
+    agg <- Matrix::sparseMatrix(i = sel, j = member[sel], x = 1, dims = c(length(cell_names(cnt)), n_cols))
+    return(as.matrix(values_of(cnt) %*% agg))
+  }
+  pb <- matrix(0, length(genes), n_cols)
+  block <- getOption("scdistill.pseudobulk_block", 20000L)  # an option for the tests
+  starts <- seq(1L, length(sel), by = block)
+  bar <- new.env()
+  if (length(starts) > 1) {
+    id <- cli::cli_progress_bar(total = length(sel), clear = TRUE, .envir = bar,
+                                format = "Pseudobulk {cli::pb_bar} {cli::pb_current}/{cli::pb_total} cells | {cli::pb_eta}")
+    on.exit(cli::cli_progress_done(id = id, .envir = bar), add = TRUE)
+  }
+  for (s in starts) {
+    at <- sel[s:min(s + block - 1L, length(sel))]
+    part <- as_counts(cnt$disk, cells = at)
+    agg <- Matrix::sparseMatrix(i = seq_along(at), j = member[at], x = 1, dims = c(length(at), n_cols))
+    pb <- pb + as.matrix(values_of(part) %*% agg)
+    if (length(starts) > 1) cli::cli_progress_update(id = id, set = s + length(at) - 1L, .envir = bar)
+  }
+  pb
+}
+
 # `design_data` (one row per sample) with each covariate added: its value
 # for the cells `at` (indices into the cells of `cnt`), which `column` maps
 # to the rows; a covariate that varies within a row is an error. Checked by
 # check_design().
 with_covariates <- function(design_data, covariates, cnt, at, column, kind) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   for (cv in names(covariates) %||% covariates) {
     v <- if (is.list(covariates)) covariates[[cv]] else resolve_cell_factor(cv, cnt$cell_data, cells, "covariates")
     per <- tapply(as.character(v)[at], column, function(z) unique(z))
@@ -490,7 +538,7 @@ design_formula <- function(design_data) {
 # The batch of the cells as a pseudobulk covariate (list(batch = factor)),
 # when they carry one that is constant within samples; else none.
 default_batch_covariate <- function(model, cnt, batch, sample_key) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   col <- batch %||% (if (!is.null(model)) model$covariates$batch) %||%
     (if ("batch" %in% colnames(cnt$cell_data)) "batch")
   if (is.character(col) && length(col) == 1 && !col %in% colnames(cnt$cell_data)) col <- NULL
@@ -545,7 +593,7 @@ sample_column <- function(sample_key, cnt) {
 # A Bayesian (cell-level) method on groups that are a property of samples:
 # warns that pseudobulk answers the population-level question.
 warn_cell_level <- function(method, cnt, groups, sample_key) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
   key <- sample_column(sample_key, cnt)
   if (is.null(key)) return(invisible())
   s <- tryCatch(as.character(resolve_cell_factor(key, cnt$cell_data, cells, "sample_key")), error = function(e) NULL)

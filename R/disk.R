@@ -1,9 +1,9 @@
 #' Counts that stay on disk
 #'
-#' Describes a count matrix in an HDF5 file so that [fit_vae()] and
-#' [latent()] (and [add_latent()]) read it in blocks of cells instead of
-#' loading it: training streams minibatches from the file with bounded
-#' memory, whatever the number of cells. You rarely need to call this
+#' Describes a count matrix in an HDF5 file so that [fit_vae()],
+#' [latent()] (and [add_latent()]) and [differential_expression()] read it
+#' in blocks of cells instead of loading it: training streams minibatches
+#' from the file with bounded memory, whatever the number of cells. You rarely need to call this
 #' yourself: those functions accept the file's path, or a
 #' `SingleCellExperiment` whose counts are an HDF5-backed `DelayedMatrix`
 #' (`HDF5Array::TENxMatrix()`, `HDF5Array::HDF5Array()`,
@@ -278,18 +278,47 @@ latent_disk <- function(model, d, batch, give_mean, seed, threads) {
     stop("latent() of counts on disk is available for VAEs (fit_vae()); read the cells into memory for a ",
          class(model)[1], " model", call. = FALSE)
   }
+  cells <- disk_model_cells(model, d, batch)
+  z <- rust(rs_vae_latent_disk(model_ptr(model), disk_spec(d), d$genes, cells$batch, cells$categorical,
+                               cells$continuous, give_mean, check_seed(seed), resolve_threads(threads)))
+  latent_matrix(z, d$cells, ncol(z))
+}
+
+# The cells of on-disk counts as the functions that read cell metadata take
+# them (as_counts()'s shape without the matrix): names, the genes, the cell
+# metadata (the experiment's colData, else the .h5ad file's obs columns),
+# and the description to read cells with (`disk`).
+disk_cells_table <- function(d) {
+  cd <- d$cell_data
+  if (is.null(cd)) {
+    cd <- if (length(d$cell_columns)) {
+      as.data.frame(lapply(stats::setNames(d$cell_columns, d$cell_columns), function(nm) h5ad_column(d$path, nm)),
+                    optional = TRUE)
+    } else {
+      data.frame(row.names = seq_len(d$n_cells))[, 0, drop = FALSE]
+    }
+  }
+  rownames(cd) <- d$cells
+  d$cell_data <- cd
+  list(counts = NULL, cells = d$cells, genes = d$genes, cell_data = cd, disk = d)
+}
+
+# The cells' names, of counts in memory or of disk_cells_table().
+cell_names <- function(cnt) cnt$cells %||% colnames(cnt$counts)
+
+# model_cells() for cells on disk: their covariates (the model's batch
+# column by default) resolved against the file's cell columns; no counts.
+disk_model_cells <- function(model, d, batch) {
   cov <- model$covariates
   if (is.null(batch) && isTRUE(cov$batch_given) && !is.null(cov$batch) &&
       cov$batch %in% c(colnames(d$cell_data), d$cell_columns)) {
     batch <- cov$batch
   }
   b <- disk_cell_values(d, batch, "batch")
+  b <- if (!is.null(b)) as.character(b) else if (!isTRUE(cov$batch_given)) rep("all", d$n_cells)
   column <- function(nm) disk_cell_values(d, nm, nm)
-  z <- rust(rs_vae_latent_disk(model_ptr(model), disk_spec(d), d$genes, if (!is.null(b)) as.character(b),
-                               lapply(cov$categorical, function(nm) as.character(column(nm))),
-                               lapply(cov$continuous, function(nm) as.double(column(nm))),
-                               give_mean, check_seed(seed), resolve_threads(threads)))
-  latent_matrix(z, d$cells, ncol(z))
+  list(batch = b, categorical = lapply(cov$categorical, function(nm) as.character(column(nm))),
+       continuous = lapply(cov$continuous, function(nm) as.double(column(nm))), cells = d$cells)
 }
 
 #' Write counts to an AnnData file

@@ -51,6 +51,11 @@ rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous,
         threads)
 }
 
+rs_vae_de_disk <- function(ptr, spec, genes, batch, categorical, continuous, group1, group2, settings, threads) {
+  .Call(native("wrap__rs_vae_de_disk"), ptr, spec, genes, batch, categorical, continuous, group1, group2, settings,
+        threads)
+}
+
 rs_write_h5ad <- function(path, counts, columns) .Call(native("wrap__rs_write_h5ad"), path, counts, columns)
 
 rs_h5_exists <- function(path, names) .Call(native("wrap__rs_h5_exists"), path, names)

@@ -1,7 +1,7 @@
 # Training from disk against training in memory (issue 27, part 2).
 #
 #   Rscript bench/out_of_core.R [--cells 100000] [--genes 2000] [--epochs 3] [--threads 2] [--seed 1]
-#                               [--modes disk,memory] [--peer] [--keep]
+#                               [--modes disk,memory] [--peer] [--de] [--keep]
 #
 # One simulation (10 types in unequal proportions, 3 batches) is written
 # straight to an .h5ad file with simulate_counts(file =) (never held in
@@ -19,6 +19,12 @@
 # venv), same epochs and threads: its seconds per epoch, wall seconds, peak
 # RSS and validation -ELBO (scvi's own held-out 10%) beside ours, and the
 # end-to-end ratio. Appends to bench/results/out_of_core.csv.
+# With --de, each mode's model (saved) is loaded in a further R process per
+# mode that runs differential_expression() of the two largest cell types
+# (Group1 vs Group2) on the file, or on the file read into memory: the
+# change mode at its defaults and MC dropout with 20 passes. Reported:
+# seconds of each, peak RSS of the process, and whether the tables from
+# disk and memory are the same (bench/results/out_of_core_de.csv).
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -41,7 +47,8 @@ run_mode <- function(mode) {
     load,
     sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
                    "threads = %d, progress = FALSE)"), epochs, threads),
-    sprintf("saveRDS(list(history = m$history, validation = m$validation_cells, model = m), '%s')", out)
+    sprintf("saveRDS(list(history = m$history, validation = m$validation_cells, model = m), '%s')", out),
+    sprintf("save_model(m, '%s', overwrite = TRUE)", file.path(work, paste0(mode, ".scdistill")))
   ), script)
   t <- timed("Rscript", script, quiet = FALSE)
   r <- readRDS(out)
@@ -95,4 +102,47 @@ if (!is.null(res$scvi_backed) && !is.null(res$disk)) {
               res$scvi_backed$rss_mb / res$disk$rss_mb))
 }
 append_csv(tab, file.path(root, "bench", "results", "out_of_core.csv"))
+
+if ("--de" %in% args) {
+  model_file <- file.path(work, paste0(modes[1], ".scdistill"))
+  de_mode <- function(mode) {
+    out <- file.path(work, paste0("de_", mode, ".rds"))
+    script <- file.path(work, paste0("de_", mode, ".R"))
+    load <- if (mode == "disk") sprintf("x <- '%s'", h5ad) else sprintf("x <- as_counts('%s', batch = 'batch')", h5ad)
+    writeLines(c(
+      "suppressMessages(library(scdistill))",
+      sprintf("m <- load_model('%s')", model_file),
+      load,
+      "t0 <- proc.time()[['elapsed']]",
+      sprintf("a <- differential_expression(m, x, 'cell_type', 'Group1', 'Group2', threads = %d)", threads),
+      "t1 <- proc.time()[['elapsed']]",
+      sprintf(paste0("b <- differential_expression(m, x, 'cell_type', 'Group1', 'Group2', method = 'mc_dropout', ",
+                     "n_samples = 20, threads = %d)"), threads),
+      "t2 <- proc.time()[['elapsed']]",
+      sprintf("saveRDS(list(change = a, mc = b, change_s = t1 - t0, mc_s = t2 - t1), '%s')", out)
+    ), script)
+    t <- timed("Rscript", script, quiet = FALSE)
+    c(readRDS(out), list(ok = t$ok, wall = t$wall, rss_mb = t$rss_mb))
+  }
+  de <- lapply(modes, de_mode)
+  names(de) <- modes
+  same <- if (all(c("disk", "memory") %in% modes)) {
+    isTRUE(all.equal(as.data.frame(de$disk$change), as.data.frame(de$memory$change))) &&
+      isTRUE(all.equal(as.data.frame(de$disk$mc), as.data.frame(de$memory$mc)))
+  } else {
+    NA
+  }
+  de_tab <- do.call(rbind, lapply(modes, function(m) {
+    r <- de[[m]]
+    data.frame(mode = m, cells = n_cells, genes = n_genes, threads = threads,
+               cells_group1 = attr(r$change, "params")$n_cells1, cells_group2 = attr(r$change, "params")$n_cells2,
+               change_s = round(r$change_s, 1), mc_dropout_20_s = round(r$mc_s, 1), wall_s = round(r$wall, 1),
+               peak_rss_mb = round(r$rss_mb), called_change = sum(r$change$is_de), called_mc = sum(r$mc$is_de),
+               same_tables = same)
+  }))
+  de_tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
+  cat("\ndifferential_expression(), Group1 vs Group2:\n")
+  print(de_tab, row.names = FALSE)
+  append_csv(de_tab, file.path(root, "bench", "results", "out_of_core_de.csv"))
+}
 if (!"--keep" %in% args) unlink(h5ad)

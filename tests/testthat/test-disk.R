@@ -135,3 +135,32 @@ test_that("as_counts() reads a file, or some of its cells, into memory", {
   expect_equal(as_counts(h5_counts(f), cells = colnames(sce)[c(5, 1)])$cell_data$cell_type, sce$cell_type[c(5, 1)])
   expect_error(as_counts(h5_counts(f), cells = 301), "not in")
 })
+
+test_that("differential_expression() of counts on disk gives the table of the same cells in memory", {
+  s <- sim_file(n_cells = 1600, n_genes = 100, seed = 4, treated_fraction = 0.5)
+  mem <- as_counts(s$file)
+  model <- fit_vae(mem, batch = "batch", max_epochs = 15, threads = 2, seed = 1, progress = FALSE)
+  de <- function(x, ...) {
+    suppressMessages(suppressWarnings(differential_expression(model, x, "condition", "treated", "control", threads = 2, ...)))
+  }
+  # The groups, samples and batches come from the file's obs columns; the
+  # cells are read a chunk at a time.
+  for (args in list(list(method = "change", n_samples = 2000), list(method = "mc_dropout", n_samples = 5),
+                    list(method = "samples", sample_key = "sample"))) {
+    on_disk <- do.call(de, c(list(s$file), args))
+    in_memory <- do.call(de, c(list(mem), args))
+    expect_equal(as.data.frame(on_disk), as.data.frame(in_memory), info = args$method)
+    expect_equal(attr(on_disk, "params")$n_cells1, sum(mem$cell_data$condition == "treated"))
+  }
+  expect_gt(sum(on_disk$is_de), 0)
+  # Pseudobulk sums blocks of cells read in turn (here of 300 cells).
+  old <- options(scdistill.pseudobulk_block = 300L)
+  on.exit(options(old), add = TRUE)
+  for (on in c("counts", "corrected")) {
+    on_disk <- de(h5_counts(s$file), method = "pseudobulk", sample_key = "sample", on = on)
+    in_memory <- de(mem, method = "pseudobulk", sample_key = "sample", on = on)
+    expect_equal(attr(on_disk, "pseudobulk"), attr(in_memory, "pseudobulk"), info = on)
+    expect_equal(as.data.frame(on_disk), as.data.frame(in_memory), info = on)
+  }
+  expect_error(de(s$file, method = "samples", sample_key = "donor"), "'donor' is not a column")
+})

@@ -8,7 +8,7 @@ use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Covariates;
-use scdistill_core::data::{CountMatrix, DiskCsr, H5Reader, H5adWriter, Layout};
+use scdistill_core::data::{CountMatrix, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout};
 use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
 use scdistill_core::models::Matrix;
@@ -117,9 +117,8 @@ fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_co
     Ok(())
 }
 
-/// Latent coordinates of cells on disk under a fitted VAE: `genes` are the
-/// file's gene names; `batch` NULL or labels; `categorical` a list of NULL
-/// or labels; `continuous` a list of doubles.
+/// Latent coordinates of cells on disk under a fitted VAE (the cells as
+/// `disk_cells` takes them).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -135,12 +134,49 @@ fn rs_vae_latent_disk(
     threads: i32,
 ) -> Result<Robj> {
     let model: &VaeModel = model_as(&ptr, "latent() of on-disk cells")?;
-    let disk = open_disk(&spec)?;
-    let genes = strings(&genes, "genes")?;
+    let cells = disk_cells(&spec, &genes, batch, categorical, continuous)?;
     let seed: u64 = from_r(&seed, "`seed`")?;
+    let lent = Lent(model);
+    let z: Matrix = crate::run(threads, |_| lent.get().latent_on_disk(cells, give_mean, seed))?;
+    Ok(matrix_to_r(&z))
+}
+
+/// Bayesian DE between the cells `group1` and `group2` (0-based) of a
+/// matrix on disk under a fitted VAE; the cells as for
+/// `rs_vae_latent_disk`, the rest as for `rs_model_de`.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_vae_de_disk(
+    ptr: Robj,
+    spec: List,
+    genes: Robj,
+    batch: Robj,
+    categorical: List,
+    continuous: List,
+    group1: Robj,
+    group2: Robj,
+    settings: Robj,
+    threads: i32,
+) -> Result<Robj> {
+    let model: &VaeModel = model_as(&ptr, "differential_expression() of on-disk cells")?;
+    let cells = disk_cells(&spec, &genes, batch, categorical, continuous)?;
+    let (settings, batches) = crate::model::de_settings(&settings)?;
+    let n = cells.disk.n_rows();
+    let g1 = crate::model::group_rows(&group1, n, "group1")?;
+    let g2 = crate::model::group_rows(&group2, n, "group2")?;
+    let lent = Lent(model);
+    let t = crate::run(threads, |stop| {
+        lent.get().differential_expression_on_disk(cells, &g1, &g2, settings, &batches, stop)
+    })?;
+    crate::model::de_table_to_r(&t)
+}
+
+/// Cells on disk as R gives them: the matrix's description (`open_disk`),
+/// the file's gene names, `batch` NULL or labels, `categorical` a list of
+/// NULL or labels, `continuous` a list of doubles.
+fn disk_cells(spec: &List, genes: &Robj, batch: Robj, categorical: List, continuous: List) -> Result<DiskCells> {
     let labels = |v: Robj, what: &str| if v.is_null() { Ok(None) } else { strings(&v, what).map(Some) };
-    let batch = labels(batch, "batch")?;
-    let categorical = categorical.values().map(|v| labels(v, "covariate")).collect::<Result<Vec<_>>>()?;
     let continuous = continuous
         .values()
         .map(|v| {
@@ -149,11 +185,13 @@ fn rs_vae_latent_disk(
                 .ok_or_else(|| fail("continuous covariates must be numeric"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let lent = Lent(model);
-    let z: Matrix = crate::run(threads, |_| {
-        lent.get().latent_on_disk(disk, &genes, batch, categorical, continuous, give_mean, seed)
-    })?;
-    Ok(matrix_to_r(&z))
+    Ok(DiskCells {
+        disk: open_disk(spec)?,
+        genes: strings(genes, "genes")?,
+        batch: labels(batch, "batch")?,
+        categorical: categorical.values().map(|v| labels(v, "covariate")).collect::<Result<Vec<_>>>()?,
+        continuous,
+    })
 }
 
 /// Writes a genes × cells dgCMatrix (`counts` = list(p, i, x, genes, cells),
@@ -261,5 +299,6 @@ extendr_module! {
     fn rs_h5_shape;
     fn rs_h5_numbers;
     fn rs_vae_latent_disk;
+    fn rs_vae_de_disk;
     fn rs_write_h5ad;
 }

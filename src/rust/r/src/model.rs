@@ -157,29 +157,41 @@ fn rs_model_sample(ptr: Robj, cells: List, n_samples: i32, seed: Robj, threads: 
 /// @noRd
 #[extendr]
 fn rs_model_de(ptr: Robj, cells: List, group1: Robj, group2: Robj, settings: Robj, threads: i32) -> Result<Robj> {
-    let mut json = to_json(&settings)?;
+    let (settings, batches) = de_settings(&settings)?;
+    let cells = cells_from_r(&cells)?;
+    let n = cells.n_cells();
+    let (g1, g2) = (group_rows(&group1, n, "group1")?, group_rows(&group2, n, "group2")?);
+    let t = with_model(&ptr, threads, |m, stop| m.differential_expression(cells, &g1, &g2, settings, &batches, stop))?;
+    de_table_to_r(&t)
+}
+
+/// The core's DE settings from R's list, and the batches every cell is
+/// decoded under (`batches`: labels, or NULL).
+pub(crate) fn de_settings(settings: &Robj) -> Result<(scdistill_core::de::DeSettings, Vec<String>)> {
+    let mut json = to_json(settings)?;
     let batches: Vec<String> = match json.as_object_mut().and_then(|o| o.remove("batches")) {
         None | Some(serde_json::Value::Null) => vec![],
         Some(serde_json::Value::String(s)) => vec![s],
         Some(v) => serde_json::from_value(v).map_err(|e| fail(format!("`batch_correction`: {e}")))?,
     };
-    let settings: scdistill_core::de::DeSettings =
-        serde_json::from_value(json).map_err(|e| fail(format!("DE settings: {e}")))?;
-    let cells = cells_from_r(&cells)?;
-    let n = cells.n_cells();
-    let pick = |g: &Robj, what: &str| -> Result<Vec<usize>> {
-        crate::int_slice(g, what)?
-            .iter()
-            .map(|&i| {
-                (i >= 0 && (i as usize) < n)
-                    .then_some(i as usize)
-                    .ok_or_else(|| fail(format!("internal: `{what}` out of range")))
-            })
-            .collect()
-    };
-    let (g1, g2) = (pick(&group1, "group1")?, pick(&group2, "group2")?);
-    let t = with_model(&ptr, threads, |m, stop| m.differential_expression(cells, &g1, &g2, settings, &batches, stop))?;
-    Ok(to_r(&serde_json::to_value(&t).map_err(|e| fail(e.to_string()))?))
+    let settings = serde_json::from_value(json).map_err(|e| fail(format!("DE settings: {e}")))?;
+    Ok((settings, batches))
+}
+
+/// A group's cells: 0-based indices below `n`.
+pub(crate) fn group_rows(g: &Robj, n: usize, what: &str) -> Result<Vec<usize>> {
+    crate::int_slice(g, what)?
+        .iter()
+        .map(|&i| {
+            (i >= 0 && (i as usize) < n)
+                .then_some(i as usize)
+                .ok_or_else(|| fail(format!("internal: `{what}` out of range")))
+        })
+        .collect()
+}
+
+pub(crate) fn de_table_to_r(t: &scdistill_core::de::DeTable) -> Result<Robj> {
+    Ok(to_r(&serde_json::to_value(t).map_err(|e| fail(e.to_string()))?))
 }
 
 /// The model mapped onto the query `cells` (their batches new to it), and

@@ -62,6 +62,17 @@ pub struct Scan {
     pub nnz: u64,
 }
 
+/// Cells on disk as a model reads them: the matrix, the file's gene names,
+/// and the cells' covariates as in `models::Cells` (batch labels, further
+/// categorical covariates in the model's order, continuous ones).
+pub struct DiskCells {
+    pub disk: DiskCsr,
+    pub genes: Vec<String>,
+    pub batch: Option<Vec<String>>,
+    pub categorical: Vec<Option<Vec<String>>>,
+    pub continuous: Vec<Vec<f32>>,
+}
+
 /// An on-disk count matrix, cells × genes.
 pub struct DiskCsr {
     inner: Arc<Inner>,
@@ -70,6 +81,8 @@ pub struct DiskCsr {
     /// Blocks per streamed window.
     pub window_blocks: usize,
     stream: Mutex<Option<Stream>>,
+    /// The last rows `read_rows_cached` read, with their matrix.
+    last: Mutex<Option<(Vec<usize>, Arc<Csr>)>>,
 }
 
 impl std::fmt::Debug for DiskCsr {
@@ -220,7 +233,7 @@ impl DiskCsr {
         // about 32,768 cells (at least 16 blocks) are shuffled together.
         let block = n_cells.div_ceil(1000).clamp(16, 1024);
         let window_blocks = (32_768 / block).max(16);
-        Ok(DiskCsr { inner: Arc::new(inner), block, window_blocks, stream: Mutex::new(None) })
+        Ok(DiskCsr { inner: Arc::new(inner), block, window_blocks, stream: Mutex::new(None), last: Mutex::new(None) })
     }
 
     /// Keeps only the columns `keep` (in that order) of the genes it has
@@ -236,6 +249,7 @@ impl DiskCsr {
         };
         inner.n_cols = keep.len();
         inner.keep = Some(keep);
+        *self.last.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(self)
     }
 
@@ -296,6 +310,21 @@ impl DiskCsr {
             })
             .collect();
         Ok(Csr::from_rows(out, self.inner.n_cols))
+    }
+
+    /// `read_rows`, remembering the last answer: passes that ask for one
+    /// chunk of cells several times in a row (a forward pass per decoding
+    /// batch or per dropout draw) read it once.
+    pub fn read_rows_cached(&self, rows: &[usize]) -> Result<Arc<Csr>> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((r, m)) = last.as_ref() {
+            if r == rows {
+                return Ok(m.clone());
+            }
+        }
+        let m = Arc::new(self.read_rows(rows)?);
+        *last = Some((rows.to_vec(), m.clone()));
+        Ok(m)
     }
 
     /// One pass over every cell: library sizes, Σ log x!, detections per
@@ -407,7 +436,13 @@ impl DiskCsr {
         let cells: Vec<Vec<usize>> = windows.iter().map(|&(s, e)| order[s..e].to_vec()).collect();
         let (tx, rx) = sync_channel::<Result<Window>>(1);
         let inner = Arc::clone(&self.inner);
-        let reader = DiskCsr { inner, block: self.block, window_blocks: self.window_blocks, stream: Mutex::new(None) };
+        let reader = DiskCsr {
+            inner,
+            block: self.block,
+            window_blocks: self.window_blocks,
+            stream: Mutex::new(None),
+            last: Mutex::new(None),
+        };
         std::thread::spawn(move || {
             for rows in cells {
                 let got = reader

@@ -264,11 +264,13 @@ fn a_vae_trained_from_disk_matches_one_trained_in_memory() {
     assert_eq!(score(&again), e_disk);
     let z_disk = disk
         .latent_on_disk(
-            DiskCsr::open(&path, sparse(), 1_500, 150).unwrap(),
-            &s.counts.genes,
-            None,
-            vec![],
-            vec![],
+            DiskCells {
+                disk: DiskCsr::open(&path, sparse(), 1_500, 150).unwrap(),
+                genes: s.counts.genes.clone(),
+                batch: None,
+                categorical: vec![],
+                continuous: vec![],
+            },
             true,
             0,
         )
@@ -300,4 +302,91 @@ fn a_simulation_written_to_a_file_holds_the_cells_simulate_draws() {
     assert_eq!(d.read_range(0, 20_000).unwrap(), want.counts.csr);
     let species = SimParams { species: Some(Default::default()), ..p };
     assert!(simulate_to_h5ad(&species, &tmp("sp.h5ad")).unwrap_err().to_string().contains("one species"));
+}
+
+#[test]
+fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
+    use crate::data::Covariates;
+    use crate::de::{DeSettings, Method};
+    use crate::models::vae::{VaeConfig, VaeModel};
+    use crate::models::{Cells, FittedModel};
+    use crate::simulate::{simulate, SimParams};
+    use crate::train::TrainConfig;
+    let s = simulate(&SimParams {
+        n_cells: 1_200,
+        n_genes: 80,
+        group_prob: vec![0.5, 0.5],
+        batch_prob: vec![0.5, 0.5],
+        de_prob: 0.3,
+        de_fac_loc: 1.0,
+        seed: 6,
+        ..Default::default()
+    })
+    .unwrap();
+    // Blocks smaller than the DE's chunks, so that a chunk spans blocks.
+    let path = tmp("de.h5ad");
+    write_h5ad(&path, &s.counts.csr, 300, &s.batch.codes);
+    let cov = Covariates::new(s.batch.clone(), vec![], vec![]).unwrap();
+    let tc = TrainConfig { max_epochs: 30, early_stopping: false, ..Default::default() };
+    let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let model = crate::device::with_threads(2, || {
+        VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, Device::Cpu, &|| false, &|_| {})
+    })
+    .unwrap()
+    .unwrap();
+    let labels: Vec<String> = s.batch.codes.iter().map(|&c| s.batch.levels[c as usize].clone()).collect();
+    let g1: Vec<usize> = (0..1_200).filter(|&c| s.group.codes[c] == 0).collect();
+    let g2: Vec<usize> = (0..1_200).filter(|&c| s.group.codes[c] == 1).collect();
+    // Three samples per group, by position.
+    let sample_of: Vec<u32> = g1
+        .iter()
+        .enumerate()
+        .map(|(i, _)| (i % 3) as u32)
+        .chain(g2.iter().enumerate().map(|(i, _)| 3 + (i % 3) as u32))
+        .collect();
+    let batches = s.batch.levels.clone();
+    let on_disk = |batch| DiskCells {
+        disk: DiskCsr::open(&path, sparse(), 1_200, 80).unwrap(),
+        genes: s.counts.genes.clone(),
+        batch,
+        categorical: vec![],
+        continuous: vec![],
+    };
+    for (method, n_samples, sample_of) in
+        [(Method::Change, 3_000, vec![]), (Method::McDropout, 7, vec![]), (Method::Samples, 3, sample_of)]
+    {
+        let settings = DeSettings { method, n_samples, n_pairs: 2_000, seed: 11, sample_of, ..Default::default() };
+        let memory = model
+            .differential_expression(
+                Cells {
+                    counts: vec![s.counts.clone()],
+                    batch: Some(labels.clone()),
+                    categorical: vec![],
+                    continuous: vec![],
+                },
+                &g1,
+                &g2,
+                settings.clone(),
+                &batches,
+                &|| false,
+            )
+            .unwrap();
+        let disk = model
+            .differential_expression_on_disk(on_disk(Some(labels.clone())), &g1, &g2, settings, &batches, &|| false)
+            .unwrap();
+        let json = |t: &crate::de::DeTable| serde_json::to_string(t).unwrap();
+        assert_eq!(json(&disk), json(&memory), "{method:?}");
+        // Not a comparison of empty tables: the groups differ.
+        assert!(memory.lfc_mean.iter().any(|v| v.abs() > 0.5), "{method:?}: {:?}", &memory.lfc_mean[..5]);
+    }
+    // A group cell past the file's end is refused.
+    let e = model.differential_expression_on_disk(
+        on_disk(Some(labels)),
+        &[0, 1_200],
+        &g2,
+        DeSettings::default(),
+        &batches,
+        &|| false,
+    );
+    assert!(e.unwrap_err().to_string().contains("outside the 1200 cells"));
 }

@@ -17,7 +17,7 @@ pub use counts::{columns_of, CountMatrix};
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub(crate) use csr::{log1p_count, log1p_table};
-pub use disk::{log_libraries, DiskCsr, Layout, Scan};
+pub use disk::{log_libraries, DiskCells, DiskCsr, Layout, Scan};
 pub use embedding::Embedding;
 pub use h5::{H5Reader, H5adWriter};
 pub use resident::DeviceCsr;
@@ -57,14 +57,15 @@ impl<'a> Rows<'a> {
 
     /// Calls `f` with a matrix and the row indices in it of `rows`: the
     /// matrix itself in memory; for one on disk, the rows read (from the
-    /// epoch's stream when `streamed`, else directly), at `0..rows.len()`.
+    /// epoch's stream when `streamed`, else directly, the last rows read
+    /// kept for the next call), at `0..rows.len()`.
     /// A read error is a panic that names the file (the loss functions
     /// that call this return no `Result`); R turns it into an error.
     pub fn with_rows<T>(&self, rows: &[usize], streamed: bool, f: impl FnOnce(&Csr, &[usize]) -> T) -> T {
         match self {
             Rows::Memory(m) => f(m, rows),
             Rows::Disk(d) => {
-                let got = if streamed { d.fetch(rows) } else { d.read_rows(rows) };
+                let got = if streamed { d.fetch(rows).map(std::sync::Arc::new) } else { d.read_rows_cached(rows) };
                 let m = got.unwrap_or_else(|e| panic!("{e}"));
                 let local: Vec<usize> = (0..rows.len()).collect();
                 f(&m, &local)

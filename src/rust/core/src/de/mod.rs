@@ -24,7 +24,7 @@
 pub mod samples;
 pub mod stats;
 
-use crate::data::{rows_to_tensor, Csr};
+use crate::data::{rows_to_tensor, Csr, Rows};
 use crate::error::{invalid, Result};
 use crate::models::distill::Student;
 use crate::models::vae::{Vae, VaeData};
@@ -37,6 +37,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Cells per forward pass.
 pub(crate) const CHUNK: usize = 1024;
+/// Cells read at once by passes over counts alone.
+const READ_CHUNK: usize = 16_384;
 
 /// A trained model seen as a source of expression scales.
 pub trait ScaleModel {
@@ -243,24 +245,31 @@ impl DeTable {
     }
 }
 
-/// Genes whose mean count over `cells` of `counts` is below `threshold`.
-pub fn low_count_genes(counts: &Csr, cells: &[usize], threshold: f64) -> Vec<bool> {
-    let mut sum = vec![0f64; counts.n_cols];
-    for &c in cells {
-        let (idx, val) = counts.row(c);
-        for (&j, &v) in idx.iter().zip(val) {
-            sum[j as usize] += v as f64;
-        }
+/// Genes whose mean count over `cells` of `counts` is below `threshold`
+/// (cells on disk are read a chunk at a time).
+pub fn low_count_genes(counts: Rows<'_>, cells: &[usize], threshold: f64) -> Vec<bool> {
+    let mut sum = vec![0f64; counts.n_cols()];
+    for chunk in cells.chunks(READ_CHUNK) {
+        counts.with_rows(chunk, false, |m, local| {
+            for &c in local {
+                let (idx, val) = m.row(c);
+                for (&j, &v) in idx.iter().zip(val) {
+                    sum[j as usize] += v as f64;
+                }
+            }
+        });
     }
     let n = cells.len().max(1) as f64;
     sum.iter().map(|s| s / n < threshold).collect()
 }
 
 /// Differential expression of `group1` against `group2` (row indices of
-/// the model's cells; `counts` holds the same cells on the model's genes).
+/// the model's cells; `counts` holds the same cells on the model's genes,
+/// in memory or on disk: every pass reads the groups' cells in order, a
+/// chunk at a time, so memory does not grow with their number).
 pub fn differential_expression(
     model: &dyn ScaleModel,
-    counts: &Csr,
+    counts: Rows<'_>,
     group1: &[usize],
     group2: &[usize],
     s: &DeSettings,
@@ -299,7 +308,7 @@ pub fn differential_expression(
 #[allow(clippy::too_many_arguments)]
 fn samples_de(
     model: &dyn ScaleModel,
-    counts: &Csr,
+    counts: Rows<'_>,
     group1: &[usize],
     group2: &[usize],
     low1: &[bool],
@@ -364,7 +373,9 @@ fn to_cpu(t: &Tensor) -> Vec<f32> {
 }
 
 /// `n_samples / batches` random cells (with replacement) of `cells` per
-/// decoding batch, one draw of ρ each (scvi-tools' `scale_sampler`).
+/// decoding batch, one draw of ρ each (scvi-tools' `scale_sampler`). The
+/// picks are decoded in the cells' order (the draws are exchangeable), so
+/// cells on disk are read front to back.
 fn draw_scales(
     model: &dyn ScaleModel,
     cells: &[usize],
@@ -380,7 +391,8 @@ fn draw_scales(
     let mut ranges = Vec::with_capacity(units.len());
     tch::no_grad(|| -> Result<()> {
         for (u, &under) in units.iter().enumerate() {
-            let picked: Vec<usize> = (0..per).map(|_| cells[rng.random_range(0..cells.len())]).collect();
+            let mut picked: Vec<usize> = (0..per).map(|_| cells[rng.random_range(0..cells.len())]).collect();
+            picked.sort_unstable();
             for chunk in picked.chunks(CHUNK) {
                 if interrupted() {
                     return Err(crate::error::Error::Interrupted);
@@ -481,12 +493,15 @@ fn mc_moments(
     let g = model.n_genes();
     let units = decoding_units(s);
     let n = cells.len() as f64;
-    let mut m = Moments { mean: vec![], var: vec![], max: vec![0.0; g], n_cells: cells.len() };
+    let passes = s.n_samples;
+    // Per pass and gene: sum and sum of squares of ρ over the cells; per
+    // gene its maximum. Chunks outside, passes inside: each chunk of cells
+    // is read once.
+    let (mut sum, mut sq) = (vec![vec![0f64; g]; passes], vec![vec![0f64; g]; passes]);
+    let mut max = vec![0f64; g];
     tch::no_grad(|| -> Result<()> {
-        for _ in 0..s.n_samples {
-            // Per gene: sum and sum of squares of ρ over the cells, and its maximum.
-            let (mut sum, mut sq) = (vec![0f64; g], vec![0f64; g]);
-            for chunk in cells.chunks(CHUNK) {
+        for chunk in cells.chunks(CHUNK) {
+            for p in 0..passes {
                 if interrupted() {
                     return Err(crate::error::Error::Interrupted);
                 }
@@ -498,23 +513,23 @@ fn mc_moments(
                     .expect("at least one decoding batch")
                     / units.len() as f64;
                 let cpu = |t: Tensor| Vec::<f64>::try_from(t.to_device(Device::Cpu)).unwrap_or_default();
-                for (acc, v) in sum.iter_mut().zip(cpu(rho.sum_dim_intlist(0, false, Kind::Double))) {
+                for (acc, v) in sum[p].iter_mut().zip(cpu(rho.sum_dim_intlist(0, false, Kind::Double))) {
                     *acc += v;
                 }
-                for (acc, v) in sq.iter_mut().zip(cpu(rho.square().sum_dim_intlist(0, false, Kind::Double))) {
+                for (acc, v) in sq[p].iter_mut().zip(cpu(rho.square().sum_dim_intlist(0, false, Kind::Double))) {
                     *acc += v;
                 }
-                for (acc, v) in m.max.iter_mut().zip(cpu(rho.amax(0, false))) {
+                for (acc, v) in max.iter_mut().zip(cpu(rho.amax(0, false))) {
                     *acc = acc.max(v);
                 }
             }
-            let mean: Vec<f64> = sum.iter().map(|v| v / n).collect();
-            m.var.push(mean.iter().zip(&sq).map(|(a, b)| (b / n - a * a).max(0.0)).collect());
-            m.mean.push(mean);
         }
         Ok(())
     })?;
-    Ok(m)
+    let mean: Vec<Vec<f64>> = sum.iter().map(|s| s.iter().map(|v| v / n).collect()).collect();
+    let var =
+        mean.iter().zip(&sq).map(|(m, q)| m.iter().zip(q).map(|(a, b)| (b / n - a * a).max(0.0)).collect()).collect();
+    Ok(Moments { mean, var, max, n_cells: cells.len() })
 }
 
 fn mc_table(a: &Moments, b: &Moments, low1: &[bool], low2: &[bool], s: &DeSettings) -> DeTable {

@@ -40,7 +40,7 @@
 //!    the posterior expected FDR rule calibrated (a flat prior does not).
 
 use super::{decoding_units, stats, DeSettings, DeTable, ScaleModel, CHUNK};
-use crate::data::{rows_to_tensor, Csr};
+use crate::data::{rows_to_tensor, Rows};
 use crate::error::{invalid, Result};
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
 use statrs::function::gamma::digamma;
@@ -63,10 +63,11 @@ impl SampleLevels {
 
 /// Summed corrected counts of each sample's cells (`cells[i]`, rows of
 /// `counts`, in sample `codes[i]`), per draw (one draw when the cells keep
-/// their own batch, where the ratio is 1, or when draws do not vary).
+/// their own batch, where the ratio is 1, or when draws do not vary). Each
+/// chunk of cells is read once and decoded for every draw.
 pub fn sample_levels(
     model: &dyn ScaleModel,
-    counts: &Csr,
+    counts: Rows<'_>,
     cells: &[usize],
     codes: &[u32],
     n_draws: usize,
@@ -79,16 +80,22 @@ pub fn sample_levels(
     let n_draws = if correct && model.draws_vary() { n_draws.max(1) } else { 1 };
     let mut unders: Vec<Option<u32>> = vec![None];
     unders.extend(decoding_units(s));
-    let mut values = Vec::with_capacity(n_draws * n_samples * g);
+    let sums: Vec<Tensor> =
+        (0..n_draws).map(|_| Tensor::zeros([n_samples as i64, g as i64], (Kind::Double, Device::Cpu))).collect();
     tch::no_grad(|| -> Result<()> {
-        for _ in 0..n_draws {
-            let mut sums: Option<Tensor> = None;
-            for (chunk, chunk_codes) in cells.chunks(CHUNK).zip(codes.chunks(CHUNK)) {
+        for (chunk, chunk_codes) in cells.chunks(CHUNK).zip(codes.chunks(CHUNK)) {
+            let x =
+                counts.with_rows(chunk, false, |m, local| rows_to_tensor(m, local, Device::Cpu).to_kind(Kind::Double));
+            let at = Tensor::from_slice(&chunk_codes.iter().map(|&c| c as i64).collect::<Vec<_>>());
+            for acc in &sums {
                 if interrupted() {
                     return Err(crate::error::Error::Interrupted);
                 }
-                let mut x = rows_to_tensor(counts, chunk, Device::Cpu).to_kind(Kind::Double);
-                if correct {
+                // The chunk's counts, corrected for this draw (a new tensor:
+                // `x` itself serves every draw).
+                let corrected = if !correct {
+                    x.shallow_clone()
+                } else {
                     let rho = model.scales_under(chunk, &unders);
                     let own = rho[0].to_device(Device::Cpu).to_kind(Kind::Double);
                     let reference = rho[1..]
@@ -98,18 +105,17 @@ pub fn sample_levels(
                         .expect("a reference batch")
                         / (rho.len() - 1) as f64;
                     let ratio = (reference / own.clamp_min(1e-30)).clamp(0.1, 10.0);
-                    x *= ratio;
-                }
-                let at = Tensor::from_slice(&chunk_codes.iter().map(|&c| c as i64).collect::<Vec<_>>());
-                let acc = sums
-                    .get_or_insert_with(|| Tensor::zeros([n_samples as i64, g as i64], (Kind::Double, Device::Cpu)));
-                let _ = acc.index_add_(0, &at, &x);
+                    &x * ratio
+                };
+                let _ = acc.shallow_clone().index_add_(0, &at, &corrected);
             }
-            let sums = sums.expect("cells");
-            values.extend(Vec::<f64>::try_from(sums.flatten(0, -1)).unwrap_or_default());
         }
         Ok(())
     })?;
+    let mut values = Vec::with_capacity(n_draws * n_samples * g);
+    for acc in sums {
+        values.extend(Vec::<f64>::try_from(acc.flatten(0, -1)).unwrap_or_default());
+    }
     Ok(SampleLevels { n_draws, n_samples, n_genes: g, values })
 }
 

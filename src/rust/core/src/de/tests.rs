@@ -191,10 +191,10 @@ fn change_mode_recovers_known_fold_changes_and_calls() {
     let (m, counts, g1, g2) = known();
     let truth = true_lfc(&m);
     for batches in [vec![], vec![0, 1]] {
-        let s = DeSettings { n_samples: 2000, n_pairs: 4000, batches, seed: 3, ..Default::default() };
+        let s = DeSettings { n_samples: 2000, n_pairs: 4000, batches: batches.clone(), seed: 3, ..Default::default() };
         let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
-        let t = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
+        let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
         for j in 0..20 {
             // Cell noise is symmetric on the log scale: the mean LFC is the truth.
             assert!(close(t.lfc_mean[j], truth[j], 0.05), "gene {j}: {} vs {}", t.lfc_mean[j], truth[j]);
@@ -203,7 +203,15 @@ fn change_mode_recovers_known_fold_changes_and_calls() {
         // Modes at −1 (down 4× → log2 −2 + 0.?) and +2: δ well above the floor.
         assert!(t.delta > 0.5, "delta {}", t.delta);
         let called: Vec<usize> = (0..20).filter(|&j| t.is_de[j]).collect();
-        assert_eq!(called, vec![0, 1, 2, 3, 4, 5]);
+        if batches.is_empty() {
+            // Gene 0 doubles in batch 1: a quarter of the pairs (A in batch
+            // 0, B in batch 1) fall below δ, so P(DE) ≈ 0.75, at the edge
+            // of the FDR rule: it may or may not be called.
+            assert!(called == [1, 2, 3, 4, 5] || called == [0, 1, 2, 3, 4, 5], "{called:?}");
+            assert!(t.proba_de[0] > 0.6 && t.proba_de[0] < 0.9, "{}", t.proba_de[0]);
+        } else {
+            assert_eq!(called, vec![0, 1, 2, 3, 4, 5]);
+        }
         assert!(t.bayes_factor[1] > 3.0 && t.bayes_factor[10] < 0.0);
     }
 }
@@ -215,7 +223,7 @@ fn change_mode_is_reproducible_for_a_seed() {
     let run = || {
         let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(4);
-        differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap()
+        differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap()
     };
     let (x, y) = (run(), run());
     assert_eq!(x.lfc_mean, y.lfc_mean);
@@ -228,7 +236,7 @@ fn vanilla_mode_gives_the_probability_of_higher_expression() {
     let s = DeSettings { method: Method::Vanilla, n_samples: 1000, n_pairs: 2000, seed: 1, ..Default::default() };
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(2);
-    let t = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
     assert!(t.proba_up[0] > 0.99 && t.proba_up[4] < 0.01);
     // Equal genes: ρ1 > ρ2 in about half the pairs (both slightly lower in A, whose up genes take mass).
     assert!(t.bayes_factor[0] > 3.0 && t.bayes_factor[4] < -3.0);
@@ -241,7 +249,7 @@ fn mc_dropout_recovers_fold_changes_with_small_uncertainty() {
     let s = DeSettings { method: Method::McDropout, n_samples: 30, seed: 1, ..Default::default() };
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
-    let t = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
     for j in 0..20 {
         // Means of 200 cells: lfc is log2 of means ratio, close to the truth.
         assert!(close(t.lfc_mean[j], truth[j], 0.05), "gene {j}");
@@ -255,7 +263,8 @@ fn mc_dropout_recovers_fold_changes_with_small_uncertainty() {
 #[test]
 fn empty_groups_are_an_error() {
     let (m, counts, g1, _) = known();
-    let e = differential_expression(&m, &counts, &g1, &[], &DeSettings::default(), &|| false).unwrap_err();
+    let e =
+        differential_expression(&m, Rows::Memory(&counts), &g1, &[], &DeSettings::default(), &|| false).unwrap_err();
     assert!(e.to_string().contains("at least one cell"));
 }
 
@@ -263,6 +272,6 @@ fn empty_groups_are_an_error() {
 fn low_count_genes_use_the_group_mean() {
     // 2 cells: gene 0 has 1 count in total (mean 0.5), gene 1 none.
     let c = Csr::from_rows(vec![(vec![0], vec![1.0]), (vec![], vec![])], 2);
-    assert_eq!(low_count_genes(&c, &[0, 1], 0.01), vec![false, true]);
-    assert_eq!(low_count_genes(&c, &[0, 1], 0.6), vec![true, true]);
+    assert_eq!(low_count_genes(Rows::Memory(&c), &[0, 1], 0.01), vec![false, true]);
+    assert_eq!(low_count_genes(Rows::Memory(&c), &[0, 1], 0.6), vec![true, true]);
 }

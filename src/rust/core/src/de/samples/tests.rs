@@ -1,5 +1,5 @@
 use super::*;
-use crate::data::Csr;
+use crate::data::{Csr, Rows};
 use crate::de::{differential_expression, Method};
 use crate::nn::Pass;
 use rand::SeedableRng;
@@ -165,7 +165,7 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
     // torch's random stream is global: hold it while this test draws.
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     crate::device::seed_torch(1);
-    let t = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
     let null_p: Vec<f64> = t.pvalue[n_de..].to_vec();
     let below = null_p.iter().filter(|&&p| p < 0.05).count() as f64 / null_p.len() as f64;
     assert!((0.02..=0.09).contains(&below), "null p < 0.05: {below}");
@@ -190,12 +190,19 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
     // Without the model's batch correction, genes 100..200 (tripled in
     // batch 1, which holds group 1) are called; with it, hardly any.
     let batch_calls = |t: &DeTable| t.is_de[100..200].iter().filter(|&&c| c).count();
-    let raw = differential_expression(&m, &counts, &g1, &g2, &DeSettings { batches: vec![], ..s.clone() }, &|| false)
-        .unwrap();
+    let raw = differential_expression(
+        &m,
+        Rows::Memory(&counts),
+        &g1,
+        &g2,
+        &DeSettings { batches: vec![], ..s.clone() },
+        &|| false,
+    )
+    .unwrap();
     assert!(batch_calls(&raw) >= 10 * batch_calls(&t).max(1), "{} vs {}", batch_calls(&raw), batch_calls(&t));
     // The same seed, the same table.
     crate::device::seed_torch(1);
-    let again = differential_expression(&m, &counts, &g1, &g2, &s, &|| false).unwrap();
+    let again = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
     assert_eq!(again.lfc_mean, t.lfc_mean);
     assert_eq!(again.is_de, t.is_de);
 }
@@ -232,17 +239,31 @@ fn samples_mode_errors_name_the_problem() {
     // A sample with cells in both groups.
     let mut mixed = codes.clone();
     mixed[0] = *codes.last().unwrap();
-    let e = differential_expression(&m, &counts, &g1, &g2, &DeSettings { sample_of: mixed, ..base.clone() }, &|| false);
+    let e = differential_expression(
+        &m,
+        Rows::Memory(&counts),
+        &g1,
+        &g2,
+        &DeSettings { sample_of: mixed, ..base.clone() },
+        &|| false,
+    );
     assert!(e.unwrap_err().to_string().contains("cells in both groups"));
     // One sample in group 1.
     let one: Vec<u32> = codes.iter().map(|&c| if c == 1 { 0 } else { c }).collect();
     let one: Vec<u32> = one.iter().map(|&c| if c == 0 { 0 } else { c - 1 }).collect();
-    let e = differential_expression(&m, &counts, &g1, &g2, &DeSettings { sample_of: one, ..base.clone() }, &|| false);
+    let e = differential_expression(
+        &m,
+        Rows::Memory(&counts),
+        &g1,
+        &g2,
+        &DeSettings { sample_of: one, ..base.clone() },
+        &|| false,
+    );
     assert!(e.unwrap_err().to_string().contains("at least 2 samples per group"), "one sample");
     // A design with as many columns as samples.
     let e = differential_expression(
         &m,
-        &counts,
+        Rows::Memory(&counts),
         &g1,
         &g2,
         &DeSettings { sample_of: codes, design: vec![1.0; 16], design_columns: 4, ..base },

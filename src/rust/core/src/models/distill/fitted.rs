@@ -3,7 +3,7 @@
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
 use super::{latent_of, DecoderTask, DistillModel, Student};
-use crate::data::CountMatrix;
+use crate::data::{CountMatrix, Rows};
 use crate::de::{self, DeSettings, DeTable, StudentScales};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
@@ -167,7 +167,7 @@ impl FittedModel for DistillModel {
         let keep = counts.columns_of(&self.meta.genes, "output ")?;
         let out = counts.csr.select_columns(&keep);
         let scales = StudentScales { student: &self.student, input: &input, batch: &own };
-        de::differential_expression(&scales, &out, group1, group2, &settings, interrupted)
+        de::differential_expression(&scales, Rows::Memory(&out), group1, group2, &settings, interrupted)
     }
 
     fn map_query(

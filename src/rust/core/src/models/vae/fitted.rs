@@ -1,7 +1,7 @@
 //! The VAE as a [`FittedModel`].
 
 use super::{infer, VaeData, VaeModel, VaeTask};
-use crate::data::{columns_of, Covariates, Csr, DiskCsr, Scan};
+use crate::data::{columns_of, Covariates, Csr, DiskCells, DiskCsr, Rows, Scan};
 use crate::de::{self, DeSettings, DeTable, VaeScales};
 use crate::device::seed_torch;
 use crate::error::Result;
@@ -33,32 +33,59 @@ impl VaeModel {
         )
     }
 
-    /// Latent coordinates of cells on disk (`genes`: the file's gene names),
-    /// read in blocks; the covariates as in `Cells`.
-    pub fn latent_on_disk(
-        &self,
-        disk: DiskCsr,
-        genes: &[String],
-        batch: Option<Vec<String>>,
-        categorical: Vec<Option<Vec<String>>>,
-        continuous: Vec<Vec<f32>>,
-        give_mean: bool,
-        seed: u64,
-    ) -> Result<Matrix> {
-        let disk = disk.select_columns(columns_of(genes, &self.meta.genes, "")?)?;
+    /// Latent coordinates of cells on disk, read in blocks.
+    pub fn latent_on_disk(&self, cells: DiskCells, give_mean: bool, seed: u64) -> Result<Matrix> {
+        let (disk, cov) = self.prepare_on_disk(cells, true)?;
         let n = disk.n_rows();
-        let cov = if !self.meta.config.encode_covariates {
+        let data = VaeData::on_disk(&disk, &unscanned(n), &cov);
+        seed_torch(seed);
+        Ok(Matrix::new(n, self.meta.config.n_latent, infer::latent(&self.vae, &data, give_mean)))
+    }
+
+    /// Bayesian DE between the cells `group1` and `group2` (0-based) of a
+    /// matrix on disk, as `differential_expression()` of cells in memory
+    /// (the same table for the same cells and seed): the groups' cells are
+    /// read a chunk at a time, never all at once.
+    pub fn differential_expression_on_disk(
+        &self,
+        cells: DiskCells,
+        group1: &[usize],
+        group2: &[usize],
+        mut settings: DeSettings,
+        batches: &[String],
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<DeTable> {
+        settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
+        let (disk, cov) = self.prepare_on_disk(cells, false)?;
+        let n = disk.n_rows();
+        if let Some(&bad) = group1.iter().chain(group2).find(|&&c| c >= n) {
+            return crate::error::invalid!("cell {} of a group is outside the {n} cells on disk", bad + 1);
+        }
+        seed_torch(settings.seed);
+        let data = VaeData::on_disk(&disk, &unscanned(n), &cov);
+        de::differential_expression(
+            &VaeScales { model: &self.vae, data: &data },
+            Rows::Disk(&disk),
+            group1,
+            group2,
+            &settings,
+            interrupted,
+        )
+    }
+
+    /// `prepare` of cells on disk: the matrix with the model's genes, in
+    /// its order, and the covariates.
+    fn prepare_on_disk(&self, cells: DiskCells, encoder_only: bool) -> Result<(DiskCsr, Covariates)> {
+        let DiskCells { disk, genes, batch, categorical, continuous } = cells;
+        let disk = disk.select_columns(columns_of(&genes, &self.meta.genes, "")?)?;
+        let n = disk.n_rows();
+        let cov = if encoder_only && !self.meta.config.encode_covariates {
             self.neutral_covariates(n)
         } else {
             let cats = self.given_categorical(categorical)?;
             self.covariates_for(n, batch.as_deref(), &cats, continuous, true)?
         };
-        // The encoder reads log(1 + x) and the covariates only: the per-cell
-        // totals (a pass of their own over the file) are not needed.
-        let scan = Scan { row_sums: vec![1.0; n], log_factorial: vec![0.0; n], ..Default::default() };
-        let data = VaeData::on_disk(&disk, &scan, &cov);
-        seed_torch(seed);
-        Ok(Matrix::new(n, self.meta.config.n_latent, infer::latent(&self.vae, &data, give_mean)))
+        Ok((disk, cov))
     }
 
     /// The counts of `cells` in the model's gene order, with their
@@ -79,6 +106,14 @@ impl VaeModel {
         };
         Ok((csr, cov))
     }
+}
+
+/// Per-cell totals left unread, for work that needs neither the library
+/// sizes nor the likelihood's constant: the encoder reads log(1 + x) and
+/// the covariates, and decoded proportions ρ do not depend on the library
+/// (a pass over the file to sum the cells would be wasted).
+fn unscanned(n: usize) -> Scan {
+    Scan { row_sums: vec![1.0; n], log_factorial: vec![0.0; n], ..Default::default() }
 }
 
 impl FittedModel for VaeModel {
@@ -148,7 +183,7 @@ impl FittedModel for VaeModel {
         let data = VaeData::new(&csr, &cov);
         de::differential_expression(
             &VaeScales { model: &self.vae, data: &data },
-            &csr,
+            Rows::Memory(&csr),
             group1,
             group2,
             &settings,
