@@ -614,7 +614,15 @@ warn_cell_level <- function(method, cnt, groups, sample_key) {
 
 pseudobulk_deseq2 <- function(pb, design_data, design) {
   dds <- suppressMessages(DESeq2::DESeqDataSetFromMatrix(pb, design_data, design))
-  dds <- suppressMessages(DESeq2::DESeq(dds, quiet = TRUE))
+  dds <- tryCatch(suppressMessages(DESeq2::DESeq(dds, quiet = TRUE)), error = function(e) {
+    if (!grepl("within 2 orders of magnitude", conditionMessage(e))) stop(e)
+    # DESeq2's own advice when the dispersion trend cannot be fitted.
+    message("pseudobulk: DESeq2 cannot fit its dispersion trend (the genes' dispersions are all alike); ",
+            "testing with the gene-wise dispersion estimates")
+    dds <- suppressMessages(DESeq2::estimateDispersionsGeneEst(DESeq2::estimateSizeFactors(dds)))
+    DESeq2::dispersions(dds) <- SummarizedExperiment::rowData(dds)$dispGeneEst
+    suppressMessages(DESeq2::nbinomWaldTest(dds, quiet = TRUE))
+  })
   r <- DESeq2::results(dds, contrast = c("group", "group1", "group2"))
   list(lfc = r$log2FoldChange, se = r$lfcSE, pvalue = r$pvalue, padj = r$padj)
 }

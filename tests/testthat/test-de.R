@@ -65,6 +65,27 @@ test_that("pseudobulk sums raw counts per sample and group, and checks its input
                "needs a model")
 })
 
+test_that("pseudobulk DESeq2 tests with gene-wise dispersions when their trend cannot be fitted", {
+  skip_if_not_installed("DESeq2")
+  # Samples without biological variation (as corrected expression can be):
+  # every gene's dispersion is ~0, so DESeq2 cannot fit its trend. Genes
+  # 1-5 are 3x higher in the treated samples.
+  n_genes <- 60
+  sample <- rep(paste0("s", 1:8), each = 40)
+  treated <- sample %in% paste0("s", 1:4)
+  x <- matrix(5, n_genes, length(sample), dimnames = list(paste0("g", 1:n_genes), paste0("c", seq_along(sample))))
+  x[1:5, treated] <- 15
+  x[, sample == "s2"] <- x[, sample == "s2"] + rep(c(1, 0), each = 30)
+  sce <- SingleCellExperiment::SingleCellExperiment(list(counts = x))
+  sce$sample <- sample
+  sce$condition <- ifelse(treated, "treated", "control")
+  expect_message(de <- differential_expression(NULL, sce, "condition", "treated", "control", method = "pseudobulk",
+                                               sample_key = "sample"), "gene-wise dispersion")
+  expect_true(all(de$is_de[1:5]))
+  expect_lte(sum(de$is_de[-(1:5)]), 2)
+  expect_equal(de$lfc_mean[1:5], rep(log2(3), 5), tolerance = 0.1)
+})
+
 test_that("group selection: values, the rest, indices, and clear errors", {
   sim <- de_sim()
   cnt <- as_counts(sim)
