@@ -254,11 +254,13 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
   }
   i1 <- groups$idx1 - 1L
   i2 <- groups$idx2 - 1L
+  bar <- pass_bar()
+  on.exit(bar$done(), add = TRUE)
   res <- if (is.null(disk)) {
-    rust(rs_model_de(model_ptr(model), cells, i1, i2, settings, resolve_threads(threads)))
+    rust(rs_model_de(model_ptr(model), cells, i1, i2, settings, resolve_threads(threads), bar$update))
   } else {
     rust(rs_vae_de_disk(model_ptr(model), disk_spec(disk), disk$genes, cells$batch, cells$categorical,
-                        cells$continuous, i1, i2, settings, resolve_threads(threads)))
+                        cells$continuous, i1, i2, settings, resolve_threads(threads), bar$update))
   }
   change <- method %in% c("change", "vanilla")
   out <- de_table(model$info$genes, res, change = change)

@@ -279,8 +279,10 @@ latent_disk <- function(model, d, batch, give_mean, seed, threads) {
          class(model)[1], " model", call. = FALSE)
   }
   cells <- disk_model_cells(model, d, batch)
+  bar <- pass_bar()
+  on.exit(bar$done(), add = TRUE)
   z <- rust(rs_vae_latent_disk(model_ptr(model), disk_spec(d), d$genes, cells$batch, cells$categorical,
-                               cells$continuous, give_mean, check_seed(seed), resolve_threads(threads)))
+                               cells$continuous, give_mean, check_seed(seed), resolve_threads(threads), bar$update))
   latent_matrix(z, d$cells, ncol(z))
 }
 

@@ -46,14 +46,16 @@ rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assi
 
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
-rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous, give_mean, seed, threads) {
+rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous, give_mean, seed, threads, progress)
+                                {
   .Call(native("wrap__rs_vae_latent_disk"), ptr, spec, genes, batch, categorical, continuous, give_mean, seed,
-        threads)
+        threads, progress)
 }
 
-rs_vae_de_disk <- function(ptr, spec, genes, batch, categorical, continuous, group1, group2, settings, threads) {
+rs_vae_de_disk <- function(ptr, spec, genes, batch, categorical, continuous, group1, group2, settings, threads,
+                            progress) {
   .Call(native("wrap__rs_vae_de_disk"), ptr, spec, genes, batch, categorical, continuous, group1, group2, settings,
-        threads)
+        threads, progress)
 }
 
 rs_write_h5ad <- function(path, counts, columns) .Call(native("wrap__rs_write_h5ad"), path, counts, columns)
@@ -140,8 +142,8 @@ rs_model_sample <- function(ptr, cells, n_samples, seed, threads) {
   .Call(native("wrap__rs_model_sample"), ptr, cells, n_samples, seed, threads)
 }
 
-rs_model_de <- function(ptr, cells, group1, group2, settings, threads) {
-  .Call(native("wrap__rs_model_de"), ptr, cells, group1, group2, settings, threads)
+rs_model_de <- function(ptr, cells, group1, group2, settings, threads, progress) {
+  .Call(native("wrap__rs_model_de"), ptr, cells, group1, group2, settings, threads, progress)
 }
 
 rs_model_map_query <- function(ptr, cells, options, train, threads, progress) {

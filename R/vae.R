@@ -264,32 +264,45 @@ training_bar <- function(max_epochs) {
     format = paste("Training {cli::pb_bar} epoch {cli::pb_current}/{cli::pb_total}",
                    "| loss {format(loss, digits = 5)} | validation -ELBO {format(val, digits = 5)} | {cli::pb_eta}"))
   list(update = function(phase, epoch, loss, val) {
-         if (identical(phase, "scan")) return(scan_progress(state, epoch, loss))
+         if (phase %in% names(pass_labels)) return(pass_progress(state, phase, epoch, loss))
          state$loss <- loss
          state$val <- val
          cli::cli_progress_update(id = id, set = epoch, .envir = state)
        },
        done = function() {
-         if (!is.null(state$scan)) cli::cli_progress_done(id = state$scan$id, .envir = state$scan)
+         if (!is.null(state$pass)) cli::cli_progress_done(id = state$pass$id, .envir = state$pass)
          cli::cli_progress_done(id = id, .envir = state)
        })
 }
 
-# The pass over counts on disk before training (library sizes, checks):
-# `done` of `total` cells read, in a bar of its own (in an environment of its
-# own: cli keeps one bar per environment).
-scan_progress <- function(state, done, total) {
-  if (is.null(state$scan)) {
-    scan <- new.env()
-    scan$id <- cli::cli_progress_bar(total = total, clear = TRUE, .envir = scan,
-                                     format = paste("Reading the counts {cli::pb_bar} {cli::pb_current}/{cli::pb_total}",
+# Passes over the cells of counts on disk, as the core reports them: before
+# training (library sizes, checks) and the latent space after it (or of
+# latent()).
+pass_labels <- c(scan = "Reading the counts", latent = "Encoding the cells", de = "Differential expression")
+
+# A progress callback for the core's passes over cells (`update`, handed to
+# Rust), and the end of its bar (`done`, for on.exit()).
+pass_bar <- function() {
+  state <- new.env()
+  list(update = function(phase, done, total, ...) pass_progress(state, phase, done, total),
+       done = function() if (!is.null(state$pass)) cli::cli_progress_done(id = state$pass$id, .envir = state$pass))
+}
+
+# A pass's progress: `done` of `total` cells, in a bar of its own (in an
+# environment of its own: cli keeps one bar per environment), ended when
+# the pass ends.
+pass_progress <- function(state, phase, done, total) {
+  if (is.null(state$pass)) {
+    pass <- new.env()
+    pass$id <- cli::cli_progress_bar(total = total, clear = TRUE, .envir = pass,
+                                     format = paste(pass_labels[[phase]], "{cli::pb_bar} {cli::pb_current}/{cli::pb_total}",
                                                     "cells | {cli::pb_eta}"))
-    state$scan <- scan
+    state$pass <- pass
   }
-  cli::cli_progress_update(id = state$scan$id, set = done, .envir = state$scan)
+  cli::cli_progress_update(id = state$pass$id, set = done, .envir = state$pass)
   if (done >= total) {
-    cli::cli_progress_done(id = state$scan$id, .envir = state$scan)
-    state$scan <- NULL
+    cli::cli_progress_done(id = state$pass$id, .envir = state$pass)
+    state$pass <- NULL
   }
   invisible(NULL)
 }

@@ -92,21 +92,29 @@ test_that("bad files and bad cell columns are errors that name them", {
   expect_error(latent(model, other$file), "missing from the new data")
 })
 
-test_that("the pass over a file before training shows its own progress bar", {
+test_that("the passes over a file before and after training show their own progress bars", {
   s <- sim_file(n_cells = 40000, n_genes = 40, seed = 6)
   old <- options(cli.progress_show_after = 0, cli.dynamic = FALSE, cli.progress_handlers_only = "logger")
   on.exit(options(old), add = TRUE)
   # cli's logger prints one line per event of each bar.
   log <- capture.output(model <- fit_vae(s$file, max_epochs = 1, threads = 2, progress = TRUE))
-  # The reading bar counts cells to all 40,000 and ends; the epoch bar is
-  # created before it and ends after it.
+  # Reading the counts, then encoding the cells: each bar counts cells to
+  # all 40,000 and ends, the second after the first; the epoch bar is
+  # created before both and ends before the second.
   bars <- sub("^\\S+ (cli-[0-9]+-[0-9]+) .*", "\\1", log)
-  reading <- bars[grepl("0/40000 created", log)]
-  expect_length(reading, 1)
-  expect_true(any(grepl(paste(reading, "40000/40000 terminated"), log, fixed = TRUE)))
-  epochs <- setdiff(unique(bars), reading)
+  passes <- bars[grepl("0/40000 created", log)]
+  expect_length(passes, 2)
+  ends <- vapply(passes, function(p) which(grepl(paste(p, "40000/40000 terminated"), log, fixed = TRUE))[1], 1L)
+  expect_false(anyNA(ends))
+  expect_lt(ends[1], which(grepl("0/40000 created", log))[2])
+  epochs <- setdiff(unique(bars), passes)
   expect_length(epochs, 1)
-  expect_match(log[length(log)], paste(epochs, "1/1 terminated"), fixed = TRUE)
+  expect_lt(which(grepl(paste(epochs, "1/1 terminated"), log, fixed = TRUE))[1], ends[2])
+  expect_match(log[length(log)], paste(passes[2], "40000/40000 terminated"), fixed = TRUE)
+  # latent() of the file shows the encoding pass too.
+  log <- capture.output(z <- latent(model, s$file))
+  expect_true(any(grepl("0/40000 created", log)) && any(grepl("40000/40000 terminated", log)))
+  expect_equal(z, latent(model), tolerance = 1e-6)
 })
 
 test_that("write_h5ad() writes counts that stream back to the same latent space", {
@@ -153,6 +161,11 @@ test_that("differential_expression() of counts on disk gives the table of the sa
     expect_equal(attr(on_disk, "params")$n_cells1, sum(mem$cell_data$condition == "treated"))
   }
   expect_gt(sum(on_disk$is_de), 0)
+  # A progress bar counts the cells through the model: 2 x 2,000 draws.
+  old <- options(cli.progress_show_after = 0, cli.dynamic = FALSE, cli.progress_handlers_only = "logger")
+  log <- capture.output(de(s$file, method = "change", n_samples = 2000))
+  options(old)
+  expect_true(any(grepl("0/4000 created", log)) && any(grepl("4000/4000 terminated", log)))
   # Pseudobulk sums blocks of cells read in turn (here of 300 cells).
   old <- options(scdistill.pseudobulk_block = 300L)
   on.exit(options(old), add = TRUE)

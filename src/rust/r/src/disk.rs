@@ -2,13 +2,14 @@
 //! spaces from HDF5 files, and writing `.h5ad` files.
 
 use crate::convert::from_r;
-use crate::model::{matrix_to_r, model_as};
+use crate::model::{matrix_to_r, model_as, pass_record};
 use crate::worker::Lent;
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Covariates;
 use scdistill_core::data::{CountMatrix, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout};
+use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
 use scdistill_core::models::Matrix;
@@ -71,7 +72,7 @@ impl Input {
     /// latent space (with their own covariates); on disk, after one pass
     /// over the file for the per-cell totals. `report` gets the epochs as
     /// phase "train" and, on disk, that pass's progress as phase "scan"
-    /// (`epoch`: cells read, `train_loss`: all cells).
+    /// and the latent pass's as phase "latent" (`pass_record`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fit_vae(
         &self,
@@ -90,13 +91,11 @@ impl Input {
                 Ok((model, z))
             }
             Input::Disk(d, genes) => {
-                let read = |done: usize, total: usize| {
-                    report("scan", &EpochRecord { epoch: done, train_loss: total as f64, ..Default::default() })
-                };
-                let scan = d.scan(&read, interrupted)?;
+                let scan = d.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
                 check_scan(d, &scan)?;
                 let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, &on_epoch)?;
-                let z = model.training_latent_on_disk(d, &scan, cov);
+                let encoded = |done, total| report("latent", &pass_record(done, total));
+                let z = model.training_latent_on_disk(d, &scan, cov, &encoded, interrupted)?;
                 Ok((model, z))
             }
         }
@@ -118,7 +117,7 @@ fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_co
 }
 
 /// Latent coordinates of cells on disk under a fitted VAE (the cells as
-/// `disk_cells` takes them).
+/// `disk_cells` takes them); `progress` as for training, phase "latent".
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -132,12 +131,16 @@ fn rs_vae_latent_disk(
     give_mean: bool,
     seed: Robj,
     threads: i32,
+    progress: Robj,
 ) -> Result<Robj> {
     let model: &VaeModel = model_as(&ptr, "latent() of on-disk cells")?;
     let cells = disk_cells(&spec, &genes, batch, categorical, continuous)?;
     let seed: u64 = from_r(&seed, "`seed`")?;
     let lent = Lent(model);
-    let z: Matrix = crate::run(threads, |_| lent.get().latent_on_disk(cells, give_mean, seed))?;
+    let z: Matrix = crate::model::with_epoch_progress(threads, &progress, |interrupted, report| {
+        let encoded = |done, total| report("latent", &pass_record(done, total));
+        lent.get().latent_on_disk(cells, give_mean, seed, &encoded, interrupted)
+    })?;
     Ok(matrix_to_r(&z))
 }
 
@@ -158,6 +161,7 @@ fn rs_vae_de_disk(
     group2: Robj,
     settings: Robj,
     threads: i32,
+    progress: Robj,
 ) -> Result<Robj> {
     let model: &VaeModel = model_as(&ptr, "differential_expression() of on-disk cells")?;
     let cells = disk_cells(&spec, &genes, batch, categorical, continuous)?;
@@ -166,8 +170,16 @@ fn rs_vae_de_disk(
     let g1 = crate::model::group_rows(&group1, n, "group1")?;
     let g2 = crate::model::group_rows(&group2, n, "group2")?;
     let lent = Lent(model);
-    let t = crate::run(threads, |stop| {
-        lent.get().differential_expression_on_disk(cells, &g1, &g2, settings, &batches, stop)
+    let t = crate::model::with_epoch_progress(threads, &progress, |interrupted, report| {
+        let progress = |done, total| report("de", &pass_record(done, total));
+        lent.get().differential_expression_on_disk(
+            cells,
+            &g1,
+            &g2,
+            settings,
+            &batches,
+            &Watch::new(interrupted, &progress),
+        )
     })?;
     crate::model::de_table_to_r(&t)
 }

@@ -6,6 +6,7 @@ use crate::worker::{self, Lent};
 use crate::{counts_from_r, csr_to_r, fail, strings, threads_from_r};
 use extendr_api::prelude::*;
 use extendr_api::Result;
+use scdistill_core::de::Watch;
 use scdistill_core::device::parse_device;
 use scdistill_core::mapping::MapOptions;
 use scdistill_core::models::{Cells, ExpressionOptions, FittedModel, LatentOptions, Matrix};
@@ -153,16 +154,35 @@ fn rs_model_sample(ptr: Robj, cells: List, n_samples: i32, seed: Robj, threads: 
 }
 
 /// Bayesian DE between two groups of `cells` (0-based indices); `settings`
-/// holds the core's DE settings and `batches` (labels, or NULL).
+/// holds the core's DE settings and `batches` (labels, or NULL);
+/// `progress` as for training, phase "de" (`pass_record`).
 /// @noRd
 #[extendr]
-fn rs_model_de(ptr: Robj, cells: List, group1: Robj, group2: Robj, settings: Robj, threads: i32) -> Result<Robj> {
+fn rs_model_de(
+    ptr: Robj,
+    cells: List,
+    group1: Robj,
+    group2: Robj,
+    settings: Robj,
+    threads: i32,
+    progress: Robj,
+) -> Result<Robj> {
     let (settings, batches) = de_settings(&settings)?;
     let cells = cells_from_r(&cells)?;
     let n = cells.n_cells();
     let (g1, g2) = (group_rows(&group1, n, "group1")?, group_rows(&group2, n, "group2")?);
-    let t = with_model(&ptr, threads, |m, stop| m.differential_expression(cells, &g1, &g2, settings, &batches, stop))?;
+    let lent = Lent(model_ref(&ptr)?);
+    let t = with_epoch_progress(threads, &progress, |interrupted, report| {
+        let progress = |done, total| report("de", &pass_record(done, total));
+        lent.get().differential_expression(cells, &g1, &g2, settings, &batches, &Watch::new(interrupted, &progress))
+    })?;
     de_table_to_r(&t)
+}
+
+/// The progress of a pass over cells as an epoch record, the shape progress
+/// reports take to R: `epoch` the cells done, `train_loss` all of them.
+pub(crate) fn pass_record(done: usize, total: usize) -> EpochRecord {
+    EpochRecord { epoch: done, train_loss: total as f64, ..Default::default() }
 }
 
 /// The core's DE settings from R's list, and the batches every cell is

@@ -273,6 +273,8 @@ fn a_vae_trained_from_disk_matches_one_trained_in_memory() {
             },
             true,
             0,
+            &|_, _| {},
+            &|| false,
         )
         .unwrap();
     let z_mem = disk.training_latent(&s.counts.csr, &cov);
@@ -368,12 +370,28 @@ fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
                 &g2,
                 settings.clone(),
                 &batches,
-                &|| false,
+                &crate::de::Watch::quiet(),
             )
             .unwrap();
+        // Progress counts the cells through the model, to the end.
+        let reports = std::cell::RefCell::new(vec![]);
+        let progress = |done: usize, total: usize| reports.borrow_mut().push((done, total));
         let disk = model
-            .differential_expression_on_disk(on_disk(Some(labels.clone())), &g1, &g2, settings, &batches, &|| false)
+            .differential_expression_on_disk(
+                on_disk(Some(labels.clone())),
+                &g1,
+                &g2,
+                settings,
+                &batches,
+                &crate::de::Watch::new(&|| false, &progress),
+            )
             .unwrap();
+        let (done, total) = *reports.borrow().last().unwrap();
+        let expected = match method {
+            Method::Change => 3_000 / 2 * 2 * 2, // per decoding batch, two batches, two groups
+            _ => 1_200 * n_samples,
+        };
+        assert_eq!((done, total), (expected, expected), "{method:?}");
         let json = |t: &crate::de::DeTable| serde_json::to_string(t).unwrap();
         assert_eq!(json(&disk), json(&memory), "{method:?}");
         // Not a comparison of empty tables: the groups differ.
@@ -386,7 +404,7 @@ fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
         &g2,
         DeSettings::default(),
         &batches,
-        &|| false,
+        &crate::de::Watch::quiet(),
     );
     assert!(e.unwrap_err().to_string().contains("outside the 1200 cells"));
 }

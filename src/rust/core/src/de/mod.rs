@@ -40,6 +40,51 @@ pub(crate) const CHUNK: usize = 1024;
 /// Cells read at once by passes over counts alone.
 const READ_CHUNK: usize = 16_384;
 
+/// How a DE computation is watched: `interrupted()` stops it with an error
+/// between chunks; `progress(done, total)` counts the cells passed through
+/// the model (draws, or cells × passes), about every 16,000 and at the end.
+pub struct Watch<'a> {
+    interrupted: &'a dyn Fn() -> bool,
+    progress: &'a dyn Fn(usize, usize),
+    done: std::cell::Cell<usize>,
+    total: std::cell::Cell<usize>,
+}
+
+impl<'a> Watch<'a> {
+    pub fn new(interrupted: &'a dyn Fn() -> bool, progress: &'a dyn Fn(usize, usize)) -> Watch<'a> {
+        Watch { interrupted, progress, done: Default::default(), total: Default::default() }
+    }
+
+    /// Neither interrupted nor reported.
+    pub fn quiet() -> Watch<'static> {
+        Watch::new(&|| false, &|_, _| {})
+    }
+
+    /// The work ahead: `total` cells through the model.
+    fn expect(&self, total: usize) {
+        self.total.set(total);
+        self.done.set(0);
+    }
+
+    /// Before a chunk: an error when the user interrupted.
+    fn check(&self) -> Result<()> {
+        if (self.interrupted)() {
+            return Err(crate::error::Error::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// After a chunk of `k` cells.
+    fn advance(&self, k: usize) {
+        let (before, total) = (self.done.get(), self.total.get());
+        let now = (before + k).min(total);
+        self.done.set(now);
+        if now / 16_384 > before / 16_384 || (now == total && before < total) {
+            (self.progress)(now, total);
+        }
+    }
+}
+
 /// A trained model seen as a source of expression scales.
 pub trait ScaleModel {
     fn n_genes(&self) -> usize;
@@ -273,7 +318,7 @@ pub fn differential_expression(
     group1: &[usize],
     group2: &[usize],
     s: &DeSettings,
-    interrupted: &dyn Fn() -> bool,
+    watch: &Watch,
 ) -> Result<DeTable> {
     if group1.is_empty() || group2.is_empty() {
         return invalid!("both groups need at least one cell");
@@ -284,23 +329,25 @@ pub fn differential_expression(
     let low1 = low_count_genes(counts, group1, s.low_count);
     let low2 = low_count_genes(counts, group2, s.low_count);
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let n = group1.len() + group2.len();
     let table = match s.method {
-        Method::Samples => samples_de(model, counts, group1, group2, &low1, &low2, s, interrupted)?,
+        Method::Samples => samples_de(model, counts, group1, group2, &low1, &low2, s, watch)?,
         Method::McDropout => {
-            let a = mc_moments(model, group1, s, interrupted)?;
-            let b = mc_moments(model, group2, s, interrupted)?;
+            watch.expect(n * s.n_samples);
+            let a = mc_moments(model, group1, s, watch)?;
+            let b = mc_moments(model, group2, s, watch)?;
             mc_table(&a, &b, &low1, &low2, s)
         }
         _ => {
-            let a = draw_scales(model, group1, s, &mut rng, interrupted)?;
-            let b = draw_scales(model, group2, s, &mut rng, interrupted)?;
+            let units = decoding_units(s).len();
+            watch.expect(2 * units * (s.n_samples / units).max(1));
+            let a = draw_scales(model, group1, s, &mut rng, watch)?;
+            let b = draw_scales(model, group2, s, &mut rng, watch)?;
             let pairs = pair_draws(&a, &b, s, &mut rng);
             pairs_table(&a, &b, &pairs, &low1, &low2, s)
         }
     };
-    if interrupted() {
-        return Err(crate::error::Error::Interrupted);
-    }
+    watch.check()?;
     Ok(table)
 }
 
@@ -314,7 +361,7 @@ fn samples_de(
     low1: &[bool],
     low2: &[bool],
     s: &DeSettings,
-    interrupted: &dyn Fn() -> bool,
+    watch: &Watch,
 ) -> Result<DeTable> {
     let cells: Vec<usize> = group1.iter().chain(group2).copied().collect();
     if s.sample_of.len() != cells.len() {
@@ -347,7 +394,7 @@ fn samples_de(
         }
         (s.design.clone(), s.design_columns)
     };
-    let lv = samples::sample_levels(model, counts, &cells, &s.sample_of, s.n_samples, s, interrupted)?;
+    let lv = samples::sample_levels(model, counts, &cells, &s.sample_of, s.n_samples, s, watch)?;
     samples::samples_table(&lv, &design, p, &group_of, low1, low2, s)
 }
 
@@ -381,7 +428,7 @@ fn draw_scales(
     cells: &[usize],
     s: &DeSettings,
     rng: &mut ChaCha8Rng,
-    interrupted: &dyn Fn() -> bool,
+    watch: &Watch,
 ) -> Result<Draws> {
     let g = model.n_genes();
     let units = decoding_units(s);
@@ -394,10 +441,9 @@ fn draw_scales(
             let mut picked: Vec<usize> = (0..per).map(|_| cells[rng.random_range(0..cells.len())]).collect();
             picked.sort_unstable();
             for chunk in picked.chunks(CHUNK) {
-                if interrupted() {
-                    return Err(crate::error::Error::Interrupted);
-                }
+                watch.check()?;
                 rows_major.extend(to_cpu(&model.scales(chunk, under, Pass::Eval)));
+                watch.advance(chunk.len());
             }
             ranges.push((u * per, (u + 1) * per));
         }
@@ -484,12 +530,7 @@ struct Moments {
     n_cells: usize,
 }
 
-fn mc_moments(
-    model: &dyn ScaleModel,
-    cells: &[usize],
-    s: &DeSettings,
-    interrupted: &dyn Fn() -> bool,
-) -> Result<Moments> {
+fn mc_moments(model: &dyn ScaleModel, cells: &[usize], s: &DeSettings, watch: &Watch) -> Result<Moments> {
     let g = model.n_genes();
     let units = decoding_units(s);
     let n = cells.len() as f64;
@@ -502,9 +543,7 @@ fn mc_moments(
     tch::no_grad(|| -> Result<()> {
         for chunk in cells.chunks(CHUNK) {
             for p in 0..passes {
-                if interrupted() {
-                    return Err(crate::error::Error::Interrupted);
-                }
+                watch.check()?;
                 // A cell's ρ under batch correction is its mean over the decoding batches.
                 let rho = units
                     .iter()
@@ -522,6 +561,7 @@ fn mc_moments(
                 for (acc, v) in max.iter_mut().zip(cpu(rho.amax(0, false))) {
                     *acc = acc.max(v);
                 }
+                watch.advance(chunk.len());
             }
         }
         Ok(())

@@ -39,7 +39,7 @@
 //!    unchanged makes the prior's null weight large, which is what keeps
 //!    the posterior expected FDR rule calibrated (a flat prior does not).
 
-use super::{decoding_units, stats, DeSettings, DeTable, ScaleModel, CHUNK};
+use super::{decoding_units, stats, DeSettings, DeTable, ScaleModel, Watch, CHUNK};
 use crate::data::{rows_to_tensor, Rows};
 use crate::error::{invalid, Result};
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
@@ -72,7 +72,7 @@ pub fn sample_levels(
     codes: &[u32],
     n_draws: usize,
     s: &DeSettings,
-    interrupted: &dyn Fn() -> bool,
+    watch: &Watch,
 ) -> Result<SampleLevels> {
     let g = model.n_genes();
     let n_samples = codes.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
@@ -82,15 +82,14 @@ pub fn sample_levels(
     unders.extend(decoding_units(s));
     let sums: Vec<Tensor> =
         (0..n_draws).map(|_| Tensor::zeros([n_samples as i64, g as i64], (Kind::Double, Device::Cpu))).collect();
+    watch.expect(cells.len() * n_draws);
     tch::no_grad(|| -> Result<()> {
         for (chunk, chunk_codes) in cells.chunks(CHUNK).zip(codes.chunks(CHUNK)) {
             let x =
                 counts.with_rows(chunk, false, |m, local| rows_to_tensor(m, local, Device::Cpu).to_kind(Kind::Double));
             let at = Tensor::from_slice(&chunk_codes.iter().map(|&c| c as i64).collect::<Vec<_>>());
             for acc in &sums {
-                if interrupted() {
-                    return Err(crate::error::Error::Interrupted);
-                }
+                watch.check()?;
                 // The chunk's counts, corrected for this draw (a new tensor:
                 // `x` itself serves every draw).
                 let corrected = if !correct {
@@ -108,6 +107,7 @@ pub fn sample_levels(
                     &x * ratio
                 };
                 let _ = acc.shallow_clone().index_add_(0, &at, &corrected);
+                watch.advance(chunk.len());
             }
         }
         Ok(())

@@ -194,7 +194,7 @@ fn change_mode_recovers_known_fold_changes_and_calls() {
         let s = DeSettings { n_samples: 2000, n_pairs: 4000, batches: batches.clone(), seed: 3, ..Default::default() };
         let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
-        let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
+        let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap();
         for j in 0..20 {
             // Cell noise is symmetric on the log scale: the mean LFC is the truth.
             assert!(close(t.lfc_mean[j], truth[j], 0.05), "gene {j}: {} vs {}", t.lfc_mean[j], truth[j]);
@@ -223,7 +223,7 @@ fn change_mode_is_reproducible_for_a_seed() {
     let run = || {
         let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(4);
-        differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap()
+        differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap()
     };
     let (x, y) = (run(), run());
     assert_eq!(x.lfc_mean, y.lfc_mean);
@@ -236,7 +236,7 @@ fn vanilla_mode_gives_the_probability_of_higher_expression() {
     let s = DeSettings { method: Method::Vanilla, n_samples: 1000, n_pairs: 2000, seed: 1, ..Default::default() };
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(2);
-    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap();
     assert!(t.proba_up[0] > 0.99 && t.proba_up[4] < 0.01);
     // Equal genes: ρ1 > ρ2 in about half the pairs (both slightly lower in A, whose up genes take mass).
     assert!(t.bayes_factor[0] > 3.0 && t.bayes_factor[4] < -3.0);
@@ -249,7 +249,7 @@ fn mc_dropout_recovers_fold_changes_with_small_uncertainty() {
     let s = DeSettings { method: Method::McDropout, n_samples: 30, seed: 1, ..Default::default() };
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(5);
-    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap();
     for j in 0..20 {
         // Means of 200 cells: lfc is log2 of means ratio, close to the truth.
         assert!(close(t.lfc_mean[j], truth[j], 0.05), "gene {j}");
@@ -263,8 +263,8 @@ fn mc_dropout_recovers_fold_changes_with_small_uncertainty() {
 #[test]
 fn empty_groups_are_an_error() {
     let (m, counts, g1, _) = known();
-    let e =
-        differential_expression(&m, Rows::Memory(&counts), &g1, &[], &DeSettings::default(), &|| false).unwrap_err();
+    let e = differential_expression(&m, Rows::Memory(&counts), &g1, &[], &DeSettings::default(), &Watch::quiet())
+        .unwrap_err();
     assert!(e.to_string().contains("at least one cell"));
 }
 

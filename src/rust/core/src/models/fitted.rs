@@ -3,7 +3,7 @@
 //! in [`from_bytes`]; nothing else in the glue or in R dispatches on kinds.
 
 use crate::data::{CountMatrix, Csr};
-use crate::de::{DeSettings, DeTable};
+use crate::de::{DeSettings, DeTable, Watch};
 use crate::error::{invalid, Error, Result};
 use crate::mapping::MapOptions;
 use crate::train::{EpochRecord, TrainConfig};
@@ -166,7 +166,7 @@ pub trait FittedModel: Send {
         _group2: &[usize],
         _settings: DeSettings,
         _batches: &[String],
-        _interrupted: &dyn Fn() -> bool,
+        _watch: &Watch,
     ) -> Result<DeTable> {
         unavailable(self.kind(), "Bayesian differential_expression()")
     }

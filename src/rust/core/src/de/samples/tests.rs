@@ -1,6 +1,6 @@
 use super::*;
 use crate::data::{Csr, Rows};
-use crate::de::{differential_expression, Method};
+use crate::de::{differential_expression, Method, Watch};
 use crate::nn::Pass;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -165,7 +165,7 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
     // torch's random stream is global: hold it while this test draws.
     let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     crate::device::seed_torch(1);
-    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
+    let t = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap();
     let null_p: Vec<f64> = t.pvalue[n_de..].to_vec();
     let below = null_p.iter().filter(|&&p| p < 0.05).count() as f64 / null_p.len() as f64;
     assert!((0.02..=0.09).contains(&below), "null p < 0.05: {below}");
@@ -196,13 +196,13 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
         &g1,
         &g2,
         &DeSettings { batches: vec![], ..s.clone() },
-        &|| false,
+        &Watch::quiet(),
     )
     .unwrap();
     assert!(batch_calls(&raw) >= 10 * batch_calls(&t).max(1), "{} vs {}", batch_calls(&raw), batch_calls(&t));
     // The same seed, the same table.
     crate::device::seed_torch(1);
-    let again = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &|| false).unwrap();
+    let again = differential_expression(&m, Rows::Memory(&counts), &g1, &g2, &s, &Watch::quiet()).unwrap();
     assert_eq!(again.lfc_mean, t.lfc_mean);
     assert_eq!(again.is_de, t.is_de);
 }
@@ -245,7 +245,7 @@ fn samples_mode_errors_name_the_problem() {
         &g1,
         &g2,
         &DeSettings { sample_of: mixed, ..base.clone() },
-        &|| false,
+        &Watch::quiet(),
     );
     assert!(e.unwrap_err().to_string().contains("cells in both groups"));
     // One sample in group 1.
@@ -257,7 +257,7 @@ fn samples_mode_errors_name_the_problem() {
         &g1,
         &g2,
         &DeSettings { sample_of: one, ..base.clone() },
-        &|| false,
+        &Watch::quiet(),
     );
     assert!(e.unwrap_err().to_string().contains("at least 2 samples per group"), "one sample");
     // A design with as many columns as samples.
@@ -267,7 +267,7 @@ fn samples_mode_errors_name_the_problem() {
         &g1,
         &g2,
         &DeSettings { sample_of: codes, design: vec![1.0; 16], design_columns: 4, ..base },
-        &|| false,
+        &Watch::quiet(),
     );
     assert!(e.unwrap_err().to_string().contains("more samples than design columns"));
 }

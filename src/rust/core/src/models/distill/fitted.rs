@@ -4,7 +4,7 @@
 
 use super::{latent_of, DecoderTask, DistillModel, Student};
 use crate::data::{CountMatrix, Rows};
-use crate::de::{self, DeSettings, DeTable, StudentScales};
+use crate::de::{self, DeSettings, DeTable, StudentScales, Watch};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
@@ -157,7 +157,7 @@ impl FittedModel for DistillModel {
         group2: &[usize],
         mut settings: DeSettings,
         batches: &[String],
-        interrupted: &dyn Fn() -> bool,
+        watch: &Watch,
     ) -> Result<DeTable> {
         settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
         let own = self.own_batches(&cells)?;
@@ -167,7 +167,7 @@ impl FittedModel for DistillModel {
         let keep = counts.columns_of(&self.meta.genes, "output ")?;
         let out = counts.csr.select_columns(&keep);
         let scales = StudentScales { student: &self.student, input: &input, batch: &own };
-        de::differential_expression(&scales, Rows::Memory(&out), group1, group2, &settings, interrupted)
+        de::differential_expression(&scales, Rows::Memory(&out), group1, group2, &settings, watch)
     }
 
     fn map_query(

@@ -2,7 +2,7 @@
 
 use super::{infer, VaeData, VaeModel, VaeTask};
 use crate::data::{columns_of, Covariates, Csr, DiskCells, DiskCsr, Rows, Scan};
-use crate::de::{self, DeSettings, DeTable, VaeScales};
+use crate::de::{self, DeSettings, DeTable, VaeScales, Watch};
 use crate::device::seed_torch;
 use crate::error::Result;
 use crate::mapping::MapOptions;
@@ -24,22 +24,37 @@ impl VaeModel {
         )
     }
 
-    /// `training_latent` of training cells on disk (`scan` of the same file).
-    pub fn training_latent_on_disk(&self, disk: &DiskCsr, scan: &Scan, cov: &Covariates) -> Matrix {
-        Matrix::new(
-            disk.n_rows(),
-            self.meta.config.n_latent,
-            infer::latent(&self.vae, &VaeData::on_disk(disk, scan, cov), true),
-        )
+    /// `training_latent` of training cells on disk (`scan` of the same
+    /// file); `progress(done, all)` as the cells are read.
+    pub fn training_latent_on_disk(
+        &self,
+        disk: &DiskCsr,
+        scan: &Scan,
+        cov: &Covariates,
+        progress: &dyn Fn(usize, usize),
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Matrix> {
+        let data = VaeData::on_disk(disk, scan, cov);
+        let z = infer::latent_watched(&self.vae, &data, true, progress, interrupted)?;
+        Ok(Matrix::new(disk.n_rows(), self.meta.config.n_latent, z))
     }
 
-    /// Latent coordinates of cells on disk, read in blocks.
-    pub fn latent_on_disk(&self, cells: DiskCells, give_mean: bool, seed: u64) -> Result<Matrix> {
+    /// Latent coordinates of cells on disk, read in blocks;
+    /// `progress(done, all)` as they are read.
+    pub fn latent_on_disk(
+        &self,
+        cells: DiskCells,
+        give_mean: bool,
+        seed: u64,
+        progress: &dyn Fn(usize, usize),
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Matrix> {
         let (disk, cov) = self.prepare_on_disk(cells, true)?;
         let n = disk.n_rows();
         let data = VaeData::on_disk(&disk, &unscanned(n), &cov);
         seed_torch(seed);
-        Ok(Matrix::new(n, self.meta.config.n_latent, infer::latent(&self.vae, &data, give_mean)))
+        let z = infer::latent_watched(&self.vae, &data, give_mean, progress, interrupted)?;
+        Ok(Matrix::new(n, self.meta.config.n_latent, z))
     }
 
     /// Bayesian DE between the cells `group1` and `group2` (0-based) of a
@@ -53,7 +68,7 @@ impl VaeModel {
         group2: &[usize],
         mut settings: DeSettings,
         batches: &[String],
-        interrupted: &dyn Fn() -> bool,
+        watch: &Watch,
     ) -> Result<DeTable> {
         settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
         let (disk, cov) = self.prepare_on_disk(cells, false)?;
@@ -69,7 +84,7 @@ impl VaeModel {
             group1,
             group2,
             &settings,
-            interrupted,
+            watch,
         )
     }
 
@@ -175,7 +190,7 @@ impl FittedModel for VaeModel {
         group2: &[usize],
         mut settings: DeSettings,
         batches: &[String],
-        interrupted: &dyn Fn() -> bool,
+        watch: &Watch,
     ) -> Result<DeTable> {
         settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
         let (csr, cov) = self.prepare(cells, false)?;
@@ -187,7 +202,7 @@ impl FittedModel for VaeModel {
             group1,
             group2,
             &settings,
-            interrupted,
+            watch,
         )
     }
 

@@ -3,6 +3,7 @@
 
 use super::{Likelihood, Vae, VaeData};
 use crate::data::Csr;
+use crate::error::Result;
 use tch::{Kind, Tensor};
 
 /// Cells per inference minibatch.
@@ -15,17 +16,38 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 /// Latent coordinates of every cell of `data`, row-major `[n_cells, n_latent]`:
 /// the posterior mean, or one draw from q(z | x).
 pub fn latent(model: &Vae, data: &VaeData, give_mean: bool) -> Vec<f32> {
+    latent_watched(model, data, give_mean, &|_, _| {}, &|| false).expect("not interrupted")
+}
+
+/// `latent`, calling `progress(cells done, all cells)` after each part of
+/// about 16,000 cells and stopping with an error when `interrupted()`: the
+/// pass over 10^6 cells on disk takes minutes.
+pub fn latent_watched(
+    model: &Vae,
+    data: &VaeData,
+    give_mean: bool,
+    progress: &dyn Fn(usize, usize),
+    interrupted: &dyn Fn() -> bool,
+) -> Result<Vec<f32>> {
     let n = data.n_cells();
     let mut out = Vec::with_capacity(n * model.cfg.n_latent);
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<()> {
         for start in (0..n).step_by(CHUNK) {
+            if interrupted() {
+                return Err(crate::error::Error::Interrupted);
+            }
             let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
             let ((qm, qv), _) = model.encode(&data.inputs(&rows, None, model.device()), false);
             let z = if give_mean { qm } else { &qm + qv.sqrt() * qm.randn_like() };
             out.extend(to_vec(&z));
+            let done = start + rows.len();
+            if done % (16 * CHUNK) == 0 || done == n {
+                progress(done, n);
+            }
         }
-    });
-    out
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Expected expression ρ · `library_size` of every cell, row-major
