@@ -38,7 +38,7 @@ use tch::{Device, Kind, Tensor};
 /// Cells per forward pass.
 pub(crate) const CHUNK: usize = 1024;
 /// Cells read at once by passes over counts alone.
-const READ_CHUNK: usize = 16_384;
+const READ_CHUNK: usize = 4_096;
 
 /// How a DE computation is watched: `interrupted()` stops it with an error
 /// between chunks; `progress(done, total)` counts the cells passed through
