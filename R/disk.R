@@ -1,9 +1,10 @@
 #' Counts that stay on disk
 #'
 #' Describes a count matrix in an HDF5 file so that [fit_vae()],
-#' [latent()] (and [add_latent()]) and [differential_expression()] read it
-#' in blocks of cells instead of loading it: training streams minibatches
-#' from the file with bounded memory, whatever the number of cells. You rarely need to call this
+#' [latent()] (and [add_latent()], for a VAE or a distilled model) and
+#' [differential_expression()] read it in blocks of cells instead of
+#' loading it: training streams minibatches from the file with bounded
+#' memory, whatever the number of cells. You rarely need to call this
 #' yourself: those functions accept the file's path, or a
 #' `SingleCellExperiment` whose counts are an HDF5-backed `DelayedMatrix`
 #' (`HDF5Array::TENxMatrix()`, `HDF5Array::HDF5Array()`,
@@ -272,18 +273,38 @@ disk_fingerprint <- function(d) {
   list(path = d$path, size = info$size, mtime = as.numeric(info$mtime), spec = disk_spec(d))
 }
 
-# latent() of on-disk cells under a VAE.
+# latent() of on-disk cells: streamed by the core for a VAE; for another
+# model, in blocks of 20,000 cells read in turn (its latent space of each
+# block, stacked), so the cells are never all in memory either.
 latent_disk <- function(model, d, batch, give_mean, seed, threads) {
-  if (!inherits(model, "scdistill_vae")) {
-    stop("latent() of counts on disk is available for VAEs (fit_vae()); read the cells into memory for a ",
-         class(model)[1], " model", call. = FALSE)
-  }
+  if (!inherits(model, "scdistill_vae")) return(latent_blocks(model, d, batch, give_mean, seed, threads))
   cells <- disk_model_cells(model, d, batch)
   bar <- pass_bar()
   on.exit(bar$done(), add = TRUE)
   z <- rust(rs_vae_latent_disk(model_ptr(model), disk_spec(d), d$genes, cells$batch, cells$categorical,
                                cells$continuous, give_mean, check_seed(seed), resolve_threads(threads), bar$update))
   latent_matrix(z, d$cells, ncol(z))
+}
+
+latent_blocks <- function(model, d, batch, give_mean, seed, threads) {
+  d <- disk_cells_table(d)$disk  # the cell metadata read once
+  b <- disk_cell_values(d, batch, "batch")
+  block <- getOption("scdistill.disk_block", 20000L)  # an option for the tests
+  starts <- seq(1L, d$n_cells, by = block)
+  bar <- new.env()
+  if (length(starts) > 1) {
+    id <- cli::cli_progress_bar(total = d$n_cells, clear = TRUE, .envir = bar,
+                                format = "Encoding the cells {cli::pb_bar} {cli::pb_current}/{cli::pb_total} cells | {cli::pb_eta}")
+    on.exit(cli::cli_progress_done(id = id, .envir = bar), add = TRUE)
+  }
+  parts <- lapply(starts, function(s) {
+    at <- s:min(s + block - 1L, d$n_cells)
+    z <- latent(model, as_counts(d, cells = at), batch = if (!is.null(b)) b[at], give_mean = give_mean, seed = seed,
+                threads = threads)
+    if (length(starts) > 1) cli::cli_progress_update(id = id, set = max(at), .envir = bar)
+    z
+  })
+  do.call(rbind, parts)
 }
 
 # The cells of on-disk counts as the functions that read cell metadata take

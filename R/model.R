@@ -146,7 +146,9 @@ model_features.scdistill_model <- function(model, modality = NULL) model$info$ge
 #'
 #' @param model A `scdistill_model`.
 #' @param x `NULL` or counts of cells to place (see [as_counts()]); for
-#'   a VAE also counts on disk, read in blocks (see [h5_counts()]).
+#'   a VAE or a distilled model also counts on disk (see [h5_counts()]):
+#'   a VAE streams them in blocks, a distilled model reads blocks of 20,000
+#'   cells in turn.
 #' @param batch Batch of the cells of `x` (a column of the cell metadata or
 #'   one value per cell), needed only by models that encode covariates; by
 #'   default the column the model was trained with.

@@ -131,6 +131,18 @@ test_that("write_h5ad() writes counts that stream back to the same latent space"
   expect_error(write_h5ad(sce, file.path(tempdir(), "no", "such", "x.h5ad")), "does not exist")
 })
 
+test_that("latent() of a file under a distilled model reads it in blocks, as in memory", {
+  sce <- run_pca(simulate_counts(n_cells = 700, n_genes = 120, seed = 3), n_pcs = 6, batch = "batch", threads = 2)
+  f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
+  m <- distill(sce, batch = "batch", teacher = given_teacher("PCA", n_hvg = 100), max_epochs_encoder = 3,
+               max_epochs_decoder = 1, threads = 2, progress = FALSE)
+  old <- options(scdistill.disk_block = 250L)  # three blocks
+  on.exit(options(old), add = TRUE)
+  z <- latent(m, f, threads = 2)
+  expect_equal(z, latent(m, sce, threads = 2), tolerance = 1e-6)
+  expect_equal(rownames(z), colnames(sce))
+})
+
 test_that("as_counts() reads a file, or some of its cells, into memory", {
   sce <- simulate_counts(n_cells = 300, n_genes = 40, seed = 6)
   f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
