@@ -1,7 +1,7 @@
 //! The VAE as a [`FittedModel`].
 
 use super::{infer, VaeData, VaeModel, VaeTask};
-use crate::data::{columns_of, Covariates, Csr, DiskCells, DiskCsr, Rows, Scan};
+use crate::data::{columns_of, Covariates, Csr, DiskCells, DiskCsr, Scan};
 use crate::de::{self, DeSettings, DeTable, VaeScales, Watch};
 use crate::device::seed_torch;
 use crate::error::Result;
@@ -76,16 +76,22 @@ impl VaeModel {
         if let Some(&bad) = group1.iter().chain(group2).find(|&&c| c >= n) {
             return crate::error::invalid!("cell {} of a group is outside the {n} cells on disk", bad + 1);
         }
+        self.de_of(&VaeData::on_disk(&disk, &unscanned(n), &cov), group1, group2, &settings, watch)
+    }
+
+    /// DE of cells `group1` and `group2` of `data`, in memory or on disk,
+    /// seeded by the settings.
+    fn de_of(
+        &self,
+        data: &VaeData,
+        group1: &[usize],
+        group2: &[usize],
+        settings: &DeSettings,
+        watch: &Watch,
+    ) -> Result<DeTable> {
         seed_torch(settings.seed);
-        let data = VaeData::on_disk(&disk, &unscanned(n), &cov);
-        de::differential_expression(
-            &VaeScales { model: &self.vae, data: &data },
-            Rows::Disk(&disk),
-            group1,
-            group2,
-            &settings,
-            watch,
-        )
+        let scales = VaeScales { model: &self.vae, data };
+        de::differential_expression(&scales, data.counts, group1, group2, settings, watch)
     }
 
     /// `prepare` of cells on disk: the matrix with the model's genes, in
@@ -194,16 +200,7 @@ impl FittedModel for VaeModel {
     ) -> Result<DeTable> {
         settings.batches = codes_of(batches, &self.meta.batch_levels, "batch")?;
         let (csr, cov) = self.prepare(cells, false)?;
-        seed_torch(settings.seed);
-        let data = VaeData::new(&csr, &cov);
-        de::differential_expression(
-            &VaeScales { model: &self.vae, data: &data },
-            Rows::Memory(&csr),
-            group1,
-            group2,
-            &settings,
-            watch,
-        )
+        self.de_of(&VaeData::new(&csr, &cov), group1, group2, &settings, watch)
     }
 
     fn map_query(
