@@ -494,23 +494,11 @@ pseudobulk_sums <- function(cnt, sel, member, n_cols, values_of, genes) {
     agg <- Matrix::sparseMatrix(i = sel, j = member[sel], x = 1, dims = c(length(cell_names(cnt)), n_cols))
     return(as.matrix(values_of(cnt) %*% agg))
   }
-  pb <- matrix(0, length(genes), n_cols)
-  block <- getOption("scdistill.pseudobulk_block", 20000L)  # an option for the tests
-  starts <- seq(1L, length(sel), by = block)
-  bar <- new.env()
-  if (length(starts) > 1) {
-    id <- cli::cli_progress_bar(total = length(sel), clear = TRUE, .envir = bar,
-                                format = "Pseudobulk {cli::pb_bar} {cli::pb_current}/{cli::pb_total} cells | {cli::pb_eta}")
-    on.exit(cli::cli_progress_done(id = id, .envir = bar), add = TRUE)
-  }
-  for (s in starts) {
-    at <- sel[s:min(s + block - 1L, length(sel))]
-    part <- as_counts(cnt$disk, cells = at)
+  sums <- for_blocks(cnt$disk, NULL, "Pseudobulk", function(part, b, at) {
     agg <- Matrix::sparseMatrix(i = seq_along(at), j = member[at], x = 1, dims = c(length(at), n_cols))
-    pb <- pb + as.matrix(values_of(part) %*% agg)
-    if (length(starts) > 1) cli::cli_progress_update(id = id, set = s + length(at) - 1L, .envir = bar)
-  }
-  pb
+    as.matrix(values_of(part) %*% agg)
+  }, cells = sel)
+  Reduce(`+`, sums)
 }
 
 # `design_data` (one row per sample) with each covariate added: its value

@@ -287,24 +287,45 @@ latent_disk <- function(model, d, batch, give_mean, seed, threads) {
 }
 
 latent_blocks <- function(model, d, batch, give_mean, seed, threads) {
+  do.call(rbind, for_blocks(d, batch, "Encoding the cells", function(part, b, at) {
+    latent(model, part, batch = b, give_mean = give_mean, seed = seed, threads = threads)
+  }))
+}
+
+# elbo_parts() of on-disk cells: the per-cell means of each block of
+# 20,000 cells read in turn, weighted by the blocks' sizes.
+elbo_blocks <- function(model, d, batch, seed, threads) {
+  total <- 0
+  for_blocks(d, batch, "Scoring the cells", function(part, b, at) {
+    cells <- model_cells(model, part, b)
+    v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
+    total <<- total + v * ncol(part$counts)
+  })
+  stats::setNames(total / d$n_cells, c("elbo", "reconstruction", "kl"))
+}
+
+# Calls `f(part, batch, at)` on blocks of 20,000 of the cells `cells` of `d`
+# (default all; indices) read in turn: `part` as as_counts() gives it,
+# `batch` the block's values of `batch` (or NULL), `at` the block's cells.
+# A progress bar labelled `label` shows when there are several blocks.
+# Returns f's values as a list.
+for_blocks <- function(d, batch, label, f, cells = seq_len(d$n_cells)) {
   d <- disk_cells_table(d)$disk  # the cell metadata read once
   b <- disk_cell_values(d, batch, "batch")
   block <- getOption("scdistill.disk_block", 20000L)  # an option for the tests
-  starts <- seq(1L, d$n_cells, by = block)
+  starts <- seq(1L, length(cells), by = block)
   bar <- new.env()
   if (length(starts) > 1) {
-    id <- cli::cli_progress_bar(total = d$n_cells, clear = TRUE, .envir = bar,
-                                format = "Encoding the cells {cli::pb_bar} {cli::pb_current}/{cli::pb_total} cells | {cli::pb_eta}")
+    id <- cli::cli_progress_bar(total = length(cells), clear = TRUE, .envir = bar,
+                                format = paste(label, "{cli::pb_bar} {cli::pb_current}/{cli::pb_total} cells | {cli::pb_eta}"))
     on.exit(cli::cli_progress_done(id = id, .envir = bar), add = TRUE)
   }
-  parts <- lapply(starts, function(s) {
-    at <- s:min(s + block - 1L, d$n_cells)
-    z <- latent(model, as_counts(d, cells = at), batch = if (!is.null(b)) b[at], give_mean = give_mean, seed = seed,
-                threads = threads)
-    if (length(starts) > 1) cli::cli_progress_update(id = id, set = max(at), .envir = bar)
-    z
+  lapply(starts, function(s) {
+    at <- cells[s:min(s + block - 1L, length(cells))]
+    out <- f(as_counts(d, cells = at), if (!is.null(b)) b[at], at)
+    if (length(starts) > 1) cli::cli_progress_update(id = id, set = min(s + block - 1L, length(cells)), .envir = bar)
+    out
   })
-  do.call(rbind, parts)
 }
 
 # The cells of on-disk counts as the functions that read cell metadata take

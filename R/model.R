@@ -295,6 +295,9 @@ sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1,
 #' scvi-tools' `get_elbo()`; `reconstruction_error()` is its reconstruction
 #' part, -log p(x | z). Use them on held-out cells, e.g.
 #' `x[, model$validation_cells]`, the cells held out during training.
+#' Counts on disk (see [h5_counts()]) are read in blocks of 20,000 cells,
+#' each with its own draws of z from `seed`, so the value equals the one in
+#' memory up to the Monte Carlo error of those draws.
 #' A distilled model has no ELBO (its encoder is not variational) and says so.
 #'
 #' @inheritParams normalized_expression
@@ -323,6 +326,8 @@ reconstruction_error <- function(model, x, batch = NULL, seed = 0, threads = NUL
 }
 
 elbo_parts <- function(model, x, batch, seed, threads, ...) {
+  d <- as_disk(x, ...)
+  if (!is.null(d)) return(elbo_blocks(model, d, batch, seed, threads))
   cells <- model_cells(model, x, batch, ...)
   v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
   c(elbo = v[1], reconstruction = v[2], kl = v[3])

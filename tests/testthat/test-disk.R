@@ -143,6 +143,33 @@ test_that("latent() of a file under a distilled model reads it in blocks, as in 
   expect_equal(rownames(z), colnames(sce))
 })
 
+test_that("elbo() of a file reads it in blocks and agrees with the same cells in memory", {
+  s <- sim_file(n_cells = 900, n_genes = 80, seed = 8)
+  mem <- as_counts(s$file)
+  model <- fit_vae(mem, batch = "batch", max_epochs = 5, threads = 2, progress = FALSE)
+  old <- options(scdistill.disk_block = 400L)  # blocks of 400, 400 and 100 cells
+  on.exit(options(old), add = TRUE)
+  on_disk <- elbo(model, s$file, threads = 2)
+  # Each block draws its own z: the same value up to their Monte Carlo error.
+  expect_equal(on_disk, elbo(model, mem, threads = 2), tolerance = 2e-3)
+  # The weighted mean of the blocks' means, exactly.
+  blocks <- list(1:400, 401:800, 801:900)
+  parts <- vapply(blocks, function(b) elbo(model, as_counts(h5_counts(s$file), cells = b), threads = 2), 1)
+  expect_equal(on_disk, sum(parts * lengths(blocks)) / 900)
+  expect_equal(reconstruction_error(model, s$file, threads = 2) < on_disk, TRUE)
+})
+
+test_that("DE reads an experiment whose counts are an HDF5-backed DelayedMatrix", {
+  skip_if_not_installed("HDF5Array")
+  sce <- simulate_counts(n_cells = 800, n_genes = 100, seed = 9)
+  model <- fit_vae(sce, batch = "batch", max_epochs = 5, threads = 2, progress = FALSE)
+  dir <- tempfile()
+  on_disk <- HDF5Array::saveHDF5SummarizedExperiment(sce, dir)
+  expect_false(is.null(scdistill:::as_disk(on_disk)))
+  de <- function(x) differential_expression(model, x, "cell_type", "Group1", "Group2", n_samples = 1000, threads = 2)
+  expect_equal(as.data.frame(de(on_disk)), as.data.frame(de(sce)))
+})
+
 test_that("as_counts() reads a file, or some of its cells, into memory", {
   sce <- simulate_counts(n_cells = 300, n_genes = 40, seed = 6)
   f <- write_h5ad(sce, tempfile(fileext = ".h5ad"))
@@ -179,7 +206,7 @@ test_that("differential_expression() of counts on disk gives the table of the sa
   options(old)
   expect_true(any(grepl("0/4000 created", log)) && any(grepl("4000/4000 terminated", log)))
   # Pseudobulk sums blocks of cells read in turn (here of 300 cells).
-  old <- options(scdistill.pseudobulk_block = 300L)
+  old <- options(scdistill.disk_block = 300L)
   on.exit(options(old), add = TRUE)
   for (on in c("counts", "corrected")) {
     on_disk <- de(h5_counts(s$file), method = "pseudobulk", sample_key = "sample", on = on)
