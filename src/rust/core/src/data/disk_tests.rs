@@ -408,3 +408,51 @@ fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
     );
     assert!(e.unwrap_err().to_string().contains("outside the 1200 cells"));
 }
+
+#[test]
+fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
+    use crate::prep::{hvg_pca, hvg_pca_on_disk, PcaOf, PcaParams};
+    use crate::simulate::{simulate, SimParams};
+    // Past one block of cells (16,384); two batches of unequal size.
+    let s = simulate(&SimParams {
+        n_cells: 20_000,
+        n_genes: 150,
+        group_prob: vec![0.5, 0.3, 0.15, 0.05],
+        batch_prob: vec![0.7, 0.3],
+        seed: 8,
+        ..Default::default()
+    })
+    .unwrap();
+    let path = tmp("pca.h5ad");
+    write_h5ad(&path, &s.counts.csr, 5_000, &s.batch.codes);
+    let d = DiskCsr::open(&path, sparse(), 20_000, 150).unwrap();
+    let params = PcaParams { n_pcs: 8, ..Default::default() };
+    let (h, r) = hvg_pca(&s.counts, 60, Some(&s.batch), PcaOf::Log2Cpm, &params, &|| false).unwrap();
+    let done = std::cell::Cell::new((0, 0));
+    let got = hvg_pca_on_disk(&d, 60, Some(&s.batch), 0.3, Some(8), true, &|a, b| done.set((a, b)), &|| false).unwrap();
+    assert_eq!(done.get(), (80_000, 80_000));
+    assert_eq!(got.hvg.selected, h.selected);
+    assert_eq!(got.hvg.mean, h.mean);
+    let close = |a: &[f64], b: &[f64], tol: f64| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()));
+    assert!(close(&got.hvg.variance_norm, &h.variance_norm, 1e-9));
+    assert_eq!(got.library, s.counts.library_sizes());
+    let p = got.pca.unwrap();
+    assert!(close(&p.sdev, &r.sdev, 1e-9), "{:?} vs {:?}", p.sdev, r.sdev);
+    for j in 0..8 {
+        for i in 0..60 {
+            assert!((p.loadings[(i, j)] - r.loadings[(i, j)]).abs() < 1e-7);
+        }
+        for i in (0..20_000).step_by(7) {
+            assert!((p.scores[(i, j)] - r.scores[(i, j)]).abs() < 1e-6);
+        }
+    }
+    // Genes only: two passes.
+    let only = hvg_pca_on_disk(&d, 60, None, 0.3, None, true, &|a, b| done.set((a, b)), &|| false).unwrap();
+    assert!(only.pca.is_none() && done.get() == (40_000, 40_000));
+    let h1 = crate::prep::highly_variable_genes(&s.counts, 60, None, 0.3).unwrap();
+    assert_eq!(only.hvg.selected, h1.selected);
+    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(60), true, &|_, _| {}, &|| false).unwrap_err();
+    assert!(e.to_string().contains("n_pcs"), "{e}");
+    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(8), true, &|_, _| {}, &|| true).unwrap_err();
+    assert!(matches!(e, crate::error::Error::Interrupted));
+}

@@ -48,10 +48,16 @@ pub fn highly_variable_genes(
 
     let norm_vars: Vec<Vec<f64>> =
         batch.cells_by_level().iter().map(|cells| standardized_variance(counts, cells, span)).collect();
+    Ok(select(mean, variance, &norm_vars, n_top))
+}
 
+/// Ranks the genes by their standardized variances of each batch
+/// (`norm_vars`) and keeps the `n_top` first.
+pub(super) fn select(mean: Vec<f64>, variance: Vec<f64>, norm_vars: &[Vec<f64>], n_top: usize) -> HvgResult {
+    let n_genes = mean.len();
     let mut rank_lists: Vec<Vec<f64>> = vec![Vec::new(); n_genes];
     let mut n_batches = vec![0u32; n_genes];
-    for nv in &norm_vars {
+    for nv in norm_vars {
         let mut order: Vec<usize> = (0..n_genes).collect();
         order.sort_by(|&a, &b| nv[b].total_cmp(&nv[a]).then(a.cmp(&b)));
         for (r, &g) in order.iter().take(n_top).enumerate() {
@@ -73,28 +79,49 @@ pub fn highly_variable_genes(
         by_rank.then(n_batches[b].cmp(&n_batches[a])).then(a.cmp(&b))
     });
     order.truncate(n_top);
-    Ok(HvgResult { mean, variance, variance_norm, rank, n_batches, selected: order })
+    HvgResult { mean, variance, variance_norm, rank, n_batches, selected: order }
 }
 
 /// Variance of counts clipped at mean + sqrt(N)·sd_expected, over sd_expected².
 fn standardized_variance(counts: &CountMatrix, cells: &[usize], span: f64) -> Vec<f64> {
     let g = counts.n_genes();
     let (mean, var) = column_mean_var(&counts.csr, cells);
-    let varying: Vec<usize> = (0..g).filter(|&j| var[j] > 0.0).collect();
+    let reg_sd = expected_sd(&mean, &var, span);
+    let clip = clip_values(&mean, &reg_sd, cells.len());
+    let sums = column_sums(&counts.csr, cells, 2 * g, |j, v, acc| clipped_sums(&clip, j, v, acc));
+    clipped_variance(&sums, &mean, &reg_sd, cells.len())
+}
+
+/// The LOESS fit of log10 variance on log10 mean (genes with variance), as
+/// the expected standard deviation of each gene.
+pub(super) fn expected_sd(mean: &[f64], var: &[f64], span: f64) -> Vec<f64> {
+    let varying: Vec<usize> = (0..mean.len()).filter(|&j| var[j] > 0.0).collect();
     let x: Vec<f64> = varying.iter().map(|&j| mean[j].log10()).collect();
     let y: Vec<f64> = varying.iter().map(|&j| var[j].log10()).collect();
-    let mut log_expected = vec![0.0; g]; // constant genes: expected sd 1, as scanpy
+    let mut log_expected = vec![0.0; mean.len()]; // constant genes: expected sd 1, as scanpy
     for (k, fit) in loess_quadratic(&x, &y, span).into_iter().enumerate() {
         log_expected[varying[k]] = fit;
     }
-    let reg_sd: Vec<f64> = log_expected.iter().map(|&e| 10f64.powf(e).sqrt()).collect();
-    let n = cells.len() as f64;
-    let clip: Vec<f64> = (0..g).map(|j| reg_sd[j] * n.sqrt() + mean[j]).collect();
-    let sums = column_sums(&counts.csr, cells, 2 * g, |j, v, acc| {
-        let c = (v as f64).min(clip[j as usize]);
-        acc[j as usize] += c;
-        acc[g + j as usize] += c * c;
-    });
+    log_expected.iter().map(|&e| 10f64.powf(e).sqrt()).collect()
+}
+
+/// Where each gene's counts are clipped, among `n` cells.
+pub(super) fn clip_values(mean: &[f64], reg_sd: &[f64], n: usize) -> Vec<f64> {
+    mean.iter().zip(reg_sd).map(|(m, sd)| sd * (n as f64).sqrt() + m).collect()
+}
+
+/// Adds a count's clipped value and its square (at `j` and `g + j`).
+#[inline]
+pub(super) fn clipped_sums(clip: &[f64], j: u32, v: f32, acc: &mut [f64]) {
+    let g = clip.len();
+    let c = (v as f64).min(clip[j as usize]);
+    acc[j as usize] += c;
+    acc[g + j as usize] += c * c;
+}
+
+/// The standardized variance from the clipped sums of `n` cells.
+pub(super) fn clipped_variance(sums: &[f64], mean: &[f64], reg_sd: &[f64], n: usize) -> Vec<f64> {
+    let (g, n) = (mean.len(), n as f64);
     (0..g)
         .map(|j| {
             let (s, s2, m) = (sums[j], sums[g + j], mean[j]);

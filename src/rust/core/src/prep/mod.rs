@@ -2,12 +2,14 @@
 //! (seurat_v3), and truncated PCA on the selected genes (of log2 CPM or of
 //! analytic Pearson residuals).
 
+mod disk;
 mod hvg;
 mod loess;
 mod normalize;
 mod pca;
 mod pearson;
 
+pub use disk::{hvg_pca_on_disk, DiskPca};
 pub use hvg::{highly_variable_genes, HvgResult};
 pub use loess::loess_quadratic;
 pub(crate) use normalize::column_mean_var;

@@ -144,18 +144,9 @@ fn top_singular_values(m: &Mat<f64>, k: usize) -> Result<Vec<f64>> {
 /// accumulated in fixed-order chunks), then one dense symmetric
 /// eigendecomposition. Cost Σ_cells nnz² plus O(p³), no iterations.
 fn pca_exact(op: &Centered, k: usize, interrupted: &dyn Fn() -> bool) -> Result<PcaResult> {
-    let (n, p) = (op.x.n_rows, op.x.n_cols);
     let gram = sparse_gram(op.x, interrupted)?;
-    let denom = (n - 1) as f64;
-    let cov = Mat::<f64>::from_fn(p, p, |a, b| {
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        (gram[lo * p + hi] - n as f64 * op.mean[a] * op.mean[b]) * op.scale[a] * op.scale[b] / denom
-    });
-    drop(gram);
-    let (mut loadings, values) = top_eigenpairs(&cov, k)?;
-    flip_signs(&mut loadings);
+    let (loadings, sdev) = gram_components(gram, op.x.n_rows, &op.mean, &op.scale, k)?;
     let scores = op.apply(&loadings);
-    let sdev: Vec<f64> = values.iter().map(|&v| v.max(0.0).sqrt()).collect();
     let total = op.total_variance();
     let variance_ratio = sdev.iter().map(|sd| sd * sd / total).collect();
     Ok(PcaResult {
@@ -167,6 +158,28 @@ fn pca_exact(op: &Centered, k: usize, interrupted: &dyn Fn() -> bool) -> Result<
         scale: op.scale.clone(),
         n_iter: 0,
     })
+}
+
+/// The top `k` components (loadings, sign-flipped, and standard deviations)
+/// of `n` rows from the upper triangle of their Gram matrix XᵀX (`p × p`,
+/// row-major), their column means and the columns' scale factors.
+pub(super) fn gram_components(
+    gram: Vec<f64>,
+    n: usize,
+    mean: &[f64],
+    scale: &[f64],
+    k: usize,
+) -> Result<(Mat<f64>, Vec<f64>)> {
+    let p = mean.len();
+    let denom = (n - 1) as f64;
+    let cov = Mat::<f64>::from_fn(p, p, |a, b| {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        (gram[lo * p + hi] - n as f64 * mean[a] * mean[b]) * scale[a] * scale[b] / denom
+    });
+    drop(gram);
+    let (mut loadings, values) = top_eigenpairs(&cov, k)?;
+    flip_signs(&mut loadings);
+    Ok((loadings, values.iter().map(|&v| v.max(0.0).sqrt()).collect()))
 }
 
 /// The k largest eigenpairs of a symmetric matrix, largest first.
@@ -183,7 +196,7 @@ pub(super) fn top_eigenpairs(c: &Mat<f64>, k: usize) -> Result<(Mat<f64>, Vec<f6
 /// Upper triangle of XᵀX (row-major p × p). Chunks of rows are summed in
 /// their order, a fixed number at a time, so memory stays bounded and the
 /// result does not depend on the thread count.
-fn sparse_gram(x: &Csr, interrupted: &dyn Fn() -> bool) -> Result<Vec<f64>> {
+pub(super) fn sparse_gram(x: &Csr, interrupted: &dyn Fn() -> bool) -> Result<Vec<f64>> {
     const ROWS: usize = 2048;
     const CHUNKS_AT_ONCE: usize = 8;
     let p = x.n_cols;
@@ -247,6 +260,30 @@ struct Centered<'a> {
     var: Vec<f64>,
 }
 
+/// (X − 1μᵀ)·diag(s)·M for M of shape [genes, l]: rows of X times
+/// diag(s)·M, minus μᵀ diag(s) M.
+pub(super) fn centered_product(x: &Csr, mean: &[f64], scale: &[f64], m: &Mat<f64>) -> Mat<f64> {
+    let (p, l) = (x.n_cols, m.ncols());
+    let ms: Vec<f64> = (0..p).flat_map(|j| (0..l).map(move |c| (j, c))).map(|(j, c)| m[(j, c)] * scale[j]).collect();
+    let mut offset = vec![0.0; l];
+    for j in 0..p {
+        for c in 0..l {
+            offset[c] += mean[j] * ms[j * l + c];
+        }
+    }
+    let mut out = vec![0.0; x.n_rows * l];
+    out.par_chunks_mut(l).enumerate().for_each(|(r, dst)| {
+        dst.iter_mut().zip(&offset).for_each(|(d, o)| *d = -o);
+        let (idx, val) = x.row(r);
+        for (&j, &v) in idx.iter().zip(val) {
+            let src = &ms[j as usize * l..(j as usize + 1) * l];
+            let v = v as f64;
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += v * s);
+        }
+    });
+    Mat::from_fn(x.n_rows, l, |i, c| out[i * l + c])
+}
+
 /// Rows per chunk for reductions; fixed so results do not depend on threads.
 const CHUNK: usize = 4096;
 
@@ -262,28 +299,9 @@ impl<'a> Centered<'a> {
         self.var.iter().zip(&self.scale).map(|(v, s)| v * s * s).sum()
     }
 
-    /// A·M for M of shape [genes, l]: rows of X times diag(s)·M, minus μᵀ diag(s) M.
+    /// A·M for M of shape [genes, l].
     fn apply(&self, m: &Mat<f64>) -> Mat<f64> {
-        let (p, l) = (self.x.n_cols, m.ncols());
-        let ms: Vec<f64> =
-            (0..p).flat_map(|j| (0..l).map(move |c| (j, c))).map(|(j, c)| m[(j, c)] * self.scale[j]).collect();
-        let mut offset = vec![0.0; l];
-        for j in 0..p {
-            for c in 0..l {
-                offset[c] += self.mean[j] * ms[j * l + c];
-            }
-        }
-        let mut out = vec![0.0; self.x.n_rows * l];
-        out.par_chunks_mut(l).enumerate().for_each(|(r, dst)| {
-            dst.iter_mut().zip(&offset).for_each(|(d, o)| *d = -o);
-            let (idx, val) = self.x.row(r);
-            for (&j, &v) in idx.iter().zip(val) {
-                let src = &ms[j as usize * l..(j as usize + 1) * l];
-                let v = v as f64;
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += v * s);
-            }
-        });
-        Mat::from_fn(self.x.n_rows, l, |i, c| out[i * l + c])
+        centered_product(self.x, &self.mean, &self.scale, m)
     }
 
     /// Aᵀ·Q for Q of shape [cells, l]: diag(s)·(Xᵀ Q − μ·(1ᵀ Q)).

@@ -68,7 +68,11 @@ pub fn pearson_residual_pca(
 ) -> Result<PcaResult> {
     let (n, g) = (counts.n_cells(), keep.len());
     check_param(theta > 0.0 && theta.is_finite(), "theta", "must be positive")?;
-    check_param(n_pcs >= 1 && n_pcs < n.min(g), "n_pcs", format!("must be smaller than both the number of cells ({n}) and of genes ({g})"))?;
+    check_param(
+        n_pcs >= 1 && n_pcs < n.min(g),
+        "n_pcs",
+        format!("must be smaller than both the number of cells ({n}) and of genes ({g})"),
+    )?;
     faer::set_global_parallelism(Par::Seq);
     let lib = counts.library_sizes();
     let total: f64 = lib.iter().sum();
@@ -97,7 +101,14 @@ pub fn pearson_residual_pca(
                 let m = hi - lo;
                 let rm = MatRef::from_column_major_slice(&r, m, g);
                 let mut gg = vec![0.0; g * g];
-                matmul(MatMut::from_column_major_slice_mut(&mut gg, g, g), Accum::Replace, rm.transpose(), rm, 1.0, Par::Seq);
+                matmul(
+                    MatMut::from_column_major_slice_mut(&mut gg, g, g),
+                    Accum::Replace,
+                    rm.transpose(),
+                    rm,
+                    1.0,
+                    Par::Seq,
+                );
                 let s = (0..g).map(|j| r[j * m..(j + 1) * m].iter().sum()).collect();
                 (gg, s)
             })
@@ -174,10 +185,14 @@ mod tests {
         let pg: Vec<f64> = (0..60).map(|j| dense.iter().map(|r| r[j]).sum::<f64>() / total).collect();
         let clip = (n as f64).sqrt();
         let res: Vec<Vec<f64>> = (0..n)
-            .map(|c| keep.iter().map(|&j| {
-                let mu = lib[c] * pg[j];
-                ((dense[c][j] - mu) / (mu + mu * mu / 100.0).sqrt()).clamp(-clip, clip)
-            }).collect())
+            .map(|c| {
+                keep.iter()
+                    .map(|&j| {
+                        let mu = lib[c] * pg[j];
+                        ((dense[c][j] - mu) / (mu + mu * mu / 100.0).sqrt()).clamp(-clip, clip)
+                    })
+                    .collect()
+            })
             .collect();
         let mean: Vec<f64> = (0..g).map(|j| res.iter().map(|r| r[j]).sum::<f64>() / n as f64).collect();
         // The first PC's scores are the projection of the centred residuals.
