@@ -198,7 +198,7 @@ fn a_mapped_distilled_model_adds_an_embedding_row_and_keeps_the_reference() {
             .collect();
         let genes: Vec<usize> = (0..sp.reference.n_genes()).collect();
         let data = DistillData {
-            counts: &sp.reference,
+            counts: (&sp.reference).into(),
             input_genes: &genes,
             decoder_genes: &genes,
             batch: &batch,

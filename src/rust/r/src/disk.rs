@@ -103,7 +103,7 @@ impl Input {
 }
 
 /// Cells without counts, which the in-memory checks refuse too.
-fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_core::Result<()> {
+pub(crate) fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_core::Result<()> {
     let empty: Vec<usize> = (0..scan.row_sums.len()).filter(|&c| scan.row_sums[c] == 0.0).collect();
     if !empty.is_empty() {
         return Err(scdistill_core::Error::InvalidInput(format!(

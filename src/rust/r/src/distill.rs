@@ -1,20 +1,24 @@
 //! extendr glue of distill() (mirrors R/distill.R).
 
 use crate::convert::from_r;
+use crate::disk::{check_scan, Input};
+use crate::model::pass_record;
 use crate::model::{fitted_to_r, with_epoch_progress};
-use crate::{counts_from_r, fail, from_column_major, int_slice, strings};
+use crate::{fail, from_column_major, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Categorical;
 use scdistill_core::device::parse_device;
-use scdistill_core::models::distill::{DistillConfig, DistillData, DistillModel, Phase};
+use scdistill_core::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, Phase};
 use scdistill_core::train::TrainConfig;
 
 /// Trains a student. `input_genes` / `decoder_genes`: 1-based columns of
 /// the counts; `teacher`: cells × d column-major; `config`, `train_encoder`
 /// and `train_decoder`: named lists of the core's `DistillConfig` and
 /// `TrainConfig` fields; `progress(phase, epoch, train loss, validation
-/// loss)` on the R thread. Returns list(ptr, latent (cells × d)).
+/// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
+/// the pass that reads the library sizes, phase "scan"). Returns list(ptr,
+/// latent (cells × d)).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -34,8 +38,8 @@ fn rs_fit_distill(
     threads: i32,
     progress: Robj,
 ) -> Result<Robj> {
-    let m = counts_from_r(&counts)?;
-    let n = m.n_cells();
+    let input = Input::from_r(&counts)?;
+    let n = input.n_cells();
     let d = teacher_dim.max(0) as usize;
     if teacher.len() != n * d {
         return Err(fail(format!("the teacher embedding has {} values; expected cells ({n}) × {d}", teacher.len())));
@@ -45,26 +49,33 @@ fn rs_fit_distill(
     let cols = |x: &Robj, what: &str| -> Result<Vec<usize>> {
         Ok(int_slice(x, what)?.iter().map(|&c| (c - 1).max(0) as usize).collect())
     };
-    let (input, output) = (cols(&input_genes, "input genes")?, cols(&decoder_genes, "decoder genes")?);
+    let (input_genes, output) = (cols(&input_genes, "input genes")?, cols(&decoder_genes, "decoder genes")?);
     let teacher_rm = from_column_major(teacher, n, d);
     let config: DistillConfig = from_r(&config, "distillation settings")?;
     let t1: TrainConfig = from_r(&train_encoder, "encoder training settings")?;
     let t2: TrainConfig = from_r(&train_decoder, "decoder training settings")?;
     let device = parse_device(device).map_err(fail)?;
-    let data = DistillData {
-        counts: &m,
-        input_genes: &input,
-        decoder_genes: &output,
-        batch: &batch,
-        teacher: &teacher_rm,
-        teacher_dim: d,
-        teacher_name: teacher_name.to_string(),
-    };
     let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
-        let model = DistillModel::fit(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r))?;
-        let z = model.latent(&m)?;
-        Ok((model, z))
+        let scan;
+        let counts = match &input {
+            Input::Memory(m) => DistillCounts::Memory(m),
+            Input::Disk(disk, genes) => {
+                scan = disk.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
+                check_scan(disk, &scan)?;
+                DistillCounts::Disk { disk, genes, scan: &scan }
+            }
+        };
+        let data = DistillData {
+            counts,
+            input_genes: &input_genes,
+            decoder_genes: &output,
+            batch: &batch,
+            teacher: &teacher_rm,
+            teacher_dim: d,
+            teacher_name: teacher_name.to_string(),
+        };
+        DistillModel::fit_with_latent(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r))
     })?;
     let d = model.meta.config.n_latent;
     Ok(fitted_to_r(Box::new(model), crate::r_matrix(&z, n, d).into()))

@@ -456,3 +456,106 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
     let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(8), true, &|_, _| {}, &|| true).unwrap_err();
     assert!(matches!(e, crate::error::Error::Interrupted));
 }
+
+#[test]
+fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
+    use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel};
+    use crate::prep::hvg_pca_on_disk;
+    use crate::simulate::{simulate, SimParams};
+    use crate::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
+    use crate::train::TrainConfig;
+    let n = 2_000;
+    let s = simulate(&SimParams {
+        n_cells: n,
+        n_genes: 150,
+        group_prob: vec![0.5, 0.3, 0.2],
+        batch_prob: vec![0.6, 0.4],
+        seed: 9,
+        ..Default::default()
+    })
+    .unwrap();
+    let path = tmp("distill.h5ad");
+    write_h5ad(&path, &s.counts.csr, 500, &s.batch.codes);
+    let d = DiskCsr::open(&path, sparse(), n, 150).unwrap();
+    // The teacher as distill() computes it from disk: HVGs and PCA in
+    // blocks, Harmony on the scores.
+    let t = hvg_pca_on_disk(&d, 100, Some(&s.batch), 0.3, Some(10), true, &|_, _| {}, &|| false).unwrap();
+    let pcs = t.pca.unwrap();
+    let z: Vec<f64> = (0..n).flat_map(|i| (0..10).map(move |j| (i, j))).map(|(i, j)| pcs.scores[(i, j)]).collect();
+    let cov = HarmonyCovariate {
+        name: "batch".into(),
+        codes: s.batch.codes.clone(),
+        n_levels: 2,
+        theta: 2.0,
+        lambda: None,
+        protected: false,
+    };
+    let z =
+        harmony(Embedding::row_major(&z, n, 10), &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr;
+    let all: Vec<usize> = (0..150).collect();
+    let hvg = t.hvg.selected.clone();
+    let tc = TrainConfig {
+        max_epochs: 30,
+        early_stopping: false,
+        adam_eps: 1e-8,
+        weight_decay: 0.0,
+        kl_warmup: 0.0,
+        seed: 1,
+        ..Default::default()
+    };
+    let scan = d.scan(&|_, _| {}, &|| false).unwrap();
+    let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let fit = |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| {
+        let data = DistillData {
+            counts,
+            input_genes: &hvg,
+            decoder_genes: decoder,
+            batch: &s.batch,
+            teacher: &z,
+            teacher_dim: 10,
+            teacher_name: "harmony".into(),
+        };
+        crate::device::with_threads(2, || {
+            DistillModel::fit_with_latent(
+                &data,
+                DistillConfig::default(),
+                tc.clone(),
+                tc.clone(),
+                Device::Cpu,
+                &|| false,
+                &|_, _| {},
+            )
+        })
+        .unwrap()
+        .unwrap()
+    };
+    let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, scan: &scan };
+    let (disk, z_disk) = fit(on_disk(), &all, &tc);
+    let (memory, z_mem) = fit((&s.counts).into(), &all, &tc);
+    // The student's fit to its teacher (R²) and the decoder's loss: the
+    // streamed order (blocks, windows) trains as well as the full shuffle.
+    let r2 = |zs: &[f32]| {
+        let mean: Vec<f64> = (0..10).map(|j| (0..n).map(|i| z[i * 10 + j]).sum::<f64>() / n as f64).collect();
+        let ss_res: f64 = zs.iter().zip(&z).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+        let ss_tot: f64 = z.iter().enumerate().map(|(k, v)| (v - mean[k % 10]).powi(2)).sum();
+        1.0 - ss_res / ss_tot
+    };
+    let (r_disk, r_mem) = (r2(&z_disk), r2(&z_mem));
+    assert!(r_mem > 0.6 && r_disk > r_mem - 0.05, "R² disk {r_disk} vs memory {r_mem}");
+    let last = |m: &DistillModel| m.meta.history_decoder.last().unwrap().train_loss;
+    assert!((last(&disk) - last(&memory)).abs() < 0.02 * last(&memory), "{} vs {}", last(&disk), last(&memory));
+    // Z from training is the model's Z of the cells; the held-out cells
+    // are whole blocks; the same seed gives the same student.
+    let again = disk.latent(&s.counts).unwrap();
+    assert!(z_disk.iter().zip(&again).all(|(a, b)| (a - b).abs() < 1e-4));
+    let v = &disk.meta.validation_cells;
+    assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / d.block * d.block))));
+    assert_eq!(fit(on_disk(), &all, &tc).1, z_disk);
+    // A decoder of the HVGs only: library sizes over those genes, as in memory.
+    let short = TrainConfig { max_epochs: 2, ..tc.clone() };
+    let (a, _) = fit(on_disk(), &hvg, &short);
+    let (b, _) = fit((&s.counts).into(), &hvg, &short);
+    assert_eq!(a.meta.genes, b.meta.genes);
+    let first = |m: &DistillModel| m.meta.history_decoder[0].train_loss;
+    assert!((first(&a) - first(&b)).abs() < 0.05 * first(&b), "{} vs {}", first(&a), first(&b));
+}

@@ -16,7 +16,7 @@
 //!
 //! Corrected expression is the decoder's ρ for a reference batch.
 
-use crate::data::{Categorical, CountMatrix, Csr};
+use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Rows, Scan};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
@@ -292,11 +292,143 @@ pub fn global_scale(z: &[f64], d: usize) -> (Vec<f64>, f64) {
     (c, if sd > 0.0 { sd } else { 1.0 })
 }
 
+/// A student's training cells as both phases read them.
+enum TrainingCells<'a> {
+    /// log2 CPM of the encoder's genes, and the decoder genes' counts.
+    Memory { input: Csr, counts: Csr },
+    /// Counts on disk, streamed; `scale` is 10^6 / each cell's library
+    /// size (over all the matrix's genes); `decoder_genes` `None`: all.
+    Disk { disk: &'a DiskCsr, input_genes: &'a [usize], decoder_genes: Option<&'a [usize]>, scale: Vec<f64> },
+}
+
+/// Cells read at once by the passes over every cell on disk.
+const DISK_BLOCK: usize = 16_384;
+
+impl TrainingCells<'_> {
+    fn n(&self) -> usize {
+        match self {
+            TrainingCells::Memory { input, .. } => input.n_rows,
+            TrainingCells::Disk { disk, .. } => disk.n_rows(),
+        }
+    }
+
+    /// log2(CPM + 1) of the encoder's genes of `raw`, the counts of the
+    /// cells `rows` (the library sizes over all genes, as in memory).
+    fn input_of(&self, raw: &Csr, rows: &[usize]) -> Csr {
+        match self {
+            TrainingCells::Memory { input, .. } => input.select_rows(rows),
+            TrainingCells::Disk { input_genes, scale, .. } => {
+                raw.select_columns(input_genes).map_values(|r, v| ((v as f64 * scale[rows[r]]) + 1.0).log2() as f32)
+            }
+        }
+    }
+
+    /// The encoder's input of `rows`, read from the epoch's stream when
+    /// `streamed`.
+    fn input(&self, rows: &[usize], streamed: bool, device: Device) -> Tensor {
+        match self {
+            TrainingCells::Memory { input, .. } => crate::data::rows_to_tensor(input, rows, device),
+            TrainingCells::Disk { disk, .. } => Rows::Disk(disk).with_rows(rows, streamed, |m, local| {
+                crate::data::rows_to_tensor(&self.input_of(m, rows), local, device)
+            }),
+        }
+    }
+
+    /// The decoder genes' counts of `rows`.
+    fn counts(&self, rows: &[usize], streamed: bool, device: Device) -> SparseBatch {
+        match self {
+            TrainingCells::Memory { counts, .. } => SparseBatch::from_csr(counts, rows, device),
+            TrainingCells::Disk { disk, decoder_genes, .. } => {
+                Rows::Disk(disk).with_rows(rows, streamed, |m, local| match decoder_genes {
+                    Some(keep) => SparseBatch::from_csr(&m.select_columns(keep), local, device),
+                    None => SparseBatch::from_csr(m, local, device),
+                })
+            }
+        }
+    }
+
+    /// The encoder's input of `rows` (sorted) in memory; on disk they are
+    /// read in runs.
+    fn read_input(&self, rows: &[usize]) -> Result<Csr> {
+        match self {
+            TrainingCells::Memory { input, .. } => Ok(input.select_rows(rows)),
+            TrainingCells::Disk { disk, .. } => Ok(self.input_of(&disk.read_rows(rows)?, rows)),
+        }
+    }
+
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        match self {
+            TrainingCells::Disk { disk, .. } => disk.split(validation_fraction, seed),
+            TrainingCells::Memory { .. } => crate::data::train_validation_split(self.n(), validation_fraction, seed),
+        }
+    }
+
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        match self {
+            TrainingCells::Disk { disk, .. } => {
+                *rows = disk.epoch_order(rows, seed, crate::dist::current().map(|g| (g.rank(), g.world())))
+            }
+            TrainingCells::Memory { .. } => {
+                use rand::seq::SliceRandom;
+                use rand::SeedableRng;
+                rows.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+            }
+        }
+    }
+
+    fn end_epoch(&self) {
+        if let TrainingCells::Disk { disk, .. } = self {
+            disk.end_stream();
+        }
+    }
+
+    /// Z of every cell from the student's encoder, with the decoder genes'
+    /// log library sizes and Σ log x! (one pass over cells on disk).
+    fn latent_and_totals(&self, s: &Student) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
+        match self {
+            TrainingCells::Memory { input, counts } => {
+                Ok((latent_of(s, input), log_library(counts), super::log_factorial(counts)))
+            }
+            TrainingCells::Disk { disk, decoder_genes, .. } => {
+                let n = disk.n_rows();
+                let (mut z, mut lib, mut fact) = (Vec::with_capacity(n * s.cfg.n_latent), vec![], vec![]);
+                for start in (0..n).step_by(DISK_BLOCK) {
+                    let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
+                    let raw = disk.read_range(start, start + rows.len())?;
+                    z.extend(latent_of(s, &self.input_of(&raw, &rows)));
+                    let counts = match decoder_genes {
+                        Some(keep) => raw.select_columns(keep),
+                        None => raw,
+                    };
+                    lib.extend(log_library(&counts));
+                    fact.extend(super::log_factorial(&counts));
+                }
+                Ok((z, lib, fact))
+            }
+        }
+    }
+}
+
+/// Up to `max` of the sorted `rows`, in runs of 256 consecutive ones spread
+/// evenly over them: a sample of cells on disk read with few reads.
+fn sample_in_runs(rows: &[usize], max: usize) -> Vec<usize> {
+    const RUN: usize = 256;
+    if rows.len() <= max {
+        return rows.to_vec();
+    }
+    let n_runs = max.div_ceil(RUN).max(2);
+    (0..n_runs).flat_map(|k| &rows[k * (rows.len() - RUN) / (n_runs - 1)..][..RUN]).copied().collect()
+}
+
 /// Phase 1: encoder input and teacher target.
 struct EncoderTask<'a> {
     student: &'a Student,
-    input: &'a Csr,
+    cells: &'a TrainingCells<'a>,
     target: &'a [f32],
+    /// On disk: the training cells whose statistics the batch norms take
+    /// before validation (read once).
+    sample: std::sync::Mutex<Option<Csr>>,
 }
 
 impl Trainable for EncoderTask<'_> {
@@ -304,12 +436,12 @@ impl Trainable for EncoderTask<'_> {
         &self.student.vs
     }
     fn n_cells(&self) -> usize {
-        self.input.n_rows
+        self.cells.n()
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
         let dev = self.student.device();
         let d = self.student.cfg.n_latent;
-        let x = crate::data::rows_to_tensor(self.input, rows, dev);
+        let x = self.cells.input(rows, train, dev);
         let mut t = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             t.extend_from_slice(&self.target[r * d..(r + 1) * d]);
@@ -317,27 +449,43 @@ impl Trainable for EncoderTask<'_> {
         let target = Tensor::from_slice(&t).view([rows.len() as i64, d as i64]).to_device(dev);
         let z = self.student.encode_standardized(&x, train);
         let mse = (z - target).square().mean_dim(-1, false, Kind::Float);
-        let zero = mse.zeros_like();
-        LossTerms {
-            reconstruction: mse,
-            kl_warmup: zero.shallow_clone(),
-            kl_fixed: zero,
-            deferred: vec![],
-            penalty: None,
-        }
+        LossTerms::plain(mse)
     }
 
     /// The validation loss, and so early stopping and the weights kept, is
     /// that of inference: batch norms with the statistics of the training
-    /// cells (up to 8,192 of them, evenly spaced) as the weights now are.
-    /// Their running averages (momentum 0.01) lag far behind on small data:
-    /// on the 571-cell CellBench example with 256 hidden units the
-    /// validation MSE rose for 10 epochs while the training MSE fell, and
-    /// early stopping kept epoch 1.
+    /// cells (up to 8,192 of them, evenly spaced; on disk, in runs) as the
+    /// weights now are. Their running averages (momentum 0.01) lag far
+    /// behind on small data: on the 571-cell CellBench example with 256
+    /// hidden units the validation MSE rose for 10 epochs while the
+    /// training MSE fell, and early stopping kept epoch 1.
     fn before_validation(&self, train_rows: &[usize]) {
-        let step = train_rows.len().div_ceil(8192).max(1);
-        let rows: Vec<usize> = train_rows.iter().step_by(step).copied().collect();
-        self.student.recalibrate_encoder(self.input, &rows);
+        match self.cells {
+            TrainingCells::Memory { input, .. } => {
+                let step = train_rows.len().div_ceil(8192).max(1);
+                let rows: Vec<usize> = train_rows.iter().step_by(step).copied().collect();
+                self.student.recalibrate_encoder(input, &rows);
+            }
+            TrainingCells::Disk { .. } => {
+                let mut sample = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+                let x = sample.get_or_insert_with(|| {
+                    self.cells.read_input(&sample_in_runs(train_rows, 8192)).unwrap_or_else(|e| panic!("{e}"))
+                });
+                self.student.recalibrate_encoder(x, &(0..x.n_rows).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        self.cells.split(validation_fraction, seed)
+    }
+
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        self.cells.epoch_order(rows, seed)
+    }
+
+    fn end_epoch(&self) {
+        self.cells.end_epoch()
     }
 }
 
@@ -345,7 +493,7 @@ impl Trainable for EncoderTask<'_> {
 struct DecoderTask<'a> {
     student: &'a Student,
     z: &'a [f32],
-    counts: &'a Csr,
+    cells: &'a TrainingCells<'a>,
     batch: &'a [u32],
     log_library: &'a [f32],
     log_factorial: &'a [f32],
@@ -356,7 +504,7 @@ impl Trainable for DecoderTask<'_> {
         &self.student.vs
     }
     fn n_cells(&self) -> usize {
-        self.counts.n_rows
+        self.cells.n()
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
         let s = self.student;
@@ -372,7 +520,7 @@ impl Trainable for DecoderTask<'_> {
             Tensor::from_slice(&rows.iter().map(|&r| self.batch[r] as i64).collect::<Vec<i64>>()).to_device(dev);
         let logits = s.decode_logits(&z, &batch, train);
         let log_library = pick(self.log_library).unsqueeze(1);
-        let nz = SparseBatch::from_csr(self.counts, rows, dev);
+        let nz = self.cells.counts(rows, train, dev);
         let raw = RawDecoded {
             family: Likelihood::Nb,
             logits: &logits,
@@ -384,15 +532,19 @@ impl Trainable for DecoderTask<'_> {
             let mu = log_library.exp() * logits.softmax(-1, Kind::Float);
             nb_log_kernel_rows(&nz, &mu, &s.theta().unsqueeze(0), 1e-8)
         });
-        let nll = -(kernel - pick(self.log_factorial));
-        let zero = nll.zeros_like();
-        LossTerms {
-            reconstruction: nll,
-            kl_warmup: zero.shallow_clone(),
-            kl_fixed: zero,
-            deferred: vec![],
-            penalty: None,
-        }
+        LossTerms::plain(-(kernel - pick(self.log_factorial)))
+    }
+
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        self.cells.split(validation_fraction, seed)
+    }
+
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        self.cells.epoch_order(rows, seed)
+    }
+
+    fn end_epoch(&self) {
+        self.cells.end_epoch()
     }
 }
 
@@ -448,7 +600,7 @@ pub enum Phase {
 /// Training data of [`DistillModel::fit`].
 pub struct DistillData<'a> {
     /// Raw counts of every gene (decoder genes are selected by `decoder_genes`).
-    pub counts: &'a CountMatrix,
+    pub counts: DistillCounts<'a>,
     /// Columns of `counts` the encoder reads.
     pub input_genes: &'a [usize],
     /// Columns of `counts` the decoder writes.
@@ -458,6 +610,42 @@ pub struct DistillData<'a> {
     pub teacher: &'a [f64],
     pub teacher_dim: usize,
     pub teacher_name: String,
+}
+
+/// The counts a student trains on.
+#[derive(Clone, Copy)]
+pub enum DistillCounts<'a> {
+    Memory(&'a CountMatrix),
+    /// Counts that stay on disk, streamed in both phases (see
+    /// `data::DiskCsr`), with their genes' names and the per-cell totals of
+    /// a pass over them (`DiskCsr::scan`).
+    Disk {
+        disk: &'a DiskCsr,
+        genes: &'a [String],
+        scan: &'a Scan,
+    },
+}
+
+impl<'a> From<&'a CountMatrix> for DistillCounts<'a> {
+    fn from(m: &'a CountMatrix) -> Self {
+        DistillCounts::Memory(m)
+    }
+}
+
+impl DistillCounts<'_> {
+    fn n_cells(&self) -> usize {
+        match self {
+            DistillCounts::Memory(m) => m.n_cells(),
+            DistillCounts::Disk { disk, .. } => disk.n_rows(),
+        }
+    }
+
+    fn genes(&self) -> &[String] {
+        match self {
+            DistillCounts::Memory(m) => &m.genes,
+            DistillCounts::Disk { genes, .. } => genes,
+        }
+    }
 }
 
 /// log2(CPM + 1) of the columns `keep`, with library sizes over all genes.
@@ -470,15 +658,29 @@ impl DistillModel {
     /// `n_batch` are filled in from the data.
     pub fn fit(
         data: &DistillData,
-        mut config: DistillConfig,
+        config: DistillConfig,
         train_encoder: TrainConfig,
         train_decoder: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
     ) -> Result<DistillModel> {
-        let m = data.counts;
-        let n = m.n_cells();
+        Ok(Self::fit_with_latent(data, config, train_encoder, train_decoder, device, interrupted, on_epoch)?.0)
+    }
+
+    /// `fit`, and the student's Z of every training cell (row-major), which
+    /// the decoder's phase computed: no further pass over cells on disk.
+    pub fn fit_with_latent(
+        data: &DistillData,
+        mut config: DistillConfig,
+        train_encoder: TrainConfig,
+        train_decoder: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(Phase, &EpochRecord),
+    ) -> Result<(DistillModel, Vec<f32>)> {
+        let n = data.counts.n_cells();
+        let n_genes = data.counts.genes().len();
         if data.teacher.len() != n * data.teacher_dim {
             return invalid!(
                 "the teacher embedding has {} values; expected cells ({n}) × dimensions ({})",
@@ -498,6 +700,9 @@ impl DistillModel {
         if data.input_genes.is_empty() || data.decoder_genes.is_empty() {
             return invalid!("the encoder and the decoder need at least one gene each");
         }
+        if let Some(&j) = data.input_genes.iter().chain(data.decoder_genes).find(|&&j| j >= n_genes) {
+            return invalid!("gene column {} is outside the {n_genes} genes", j + 1);
+        }
         config.n_input = data.input_genes.len();
         config.n_genes = data.decoder_genes.len();
         config.n_latent = data.teacher_dim;
@@ -506,26 +711,49 @@ impl DistillModel {
         config.check()?;
         train_encoder.check()?;
         train_decoder.check()?;
+        let cells = match data.counts {
+            DistillCounts::Memory(m) => TrainingCells::Memory {
+                input: encoder_input(m, data.input_genes),
+                counts: m.csr.select_columns(data.decoder_genes),
+            },
+            DistillCounts::Disk { disk, scan, .. } => {
+                if scan.row_sums.len() != n {
+                    return invalid!("{} scanned cells for a matrix of {n}", scan.row_sums.len());
+                }
+                let all =
+                    data.decoder_genes.len() == n_genes && data.decoder_genes.iter().enumerate().all(|(k, &j)| k == j);
+                TrainingCells::Disk {
+                    disk,
+                    input_genes: data.input_genes,
+                    decoder_genes: (!all).then_some(data.decoder_genes),
+                    scale: scan.row_sums.iter().map(|&l| 1e6 / l).collect(),
+                }
+            }
+        };
         seed_torch(train_encoder.seed);
         let student = Student::new(config.clone(), device)?;
 
         // Phase 1.
-        let input = encoder_input(m, data.input_genes);
         let target = student.set_target(data.teacher, data.teacher_dim);
-        let enc_task = EncoderTask { student: &student, input: &input, target: &target };
+        let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
 
         // Phase 2, unless stopped: Z of every cell from the frozen encoder,
         // its batch norms first set to the statistics inference sees (the
         // running averages left Z about 0.87 times the teacher's scale on
-        // CellBench, at a correlation of 0.998).
+        // CellBench, at a correlation of 0.998): of every cell in memory,
+        // of 32,768 read in runs on disk.
         if !h1.interrupted && h1.diverged_at.is_none() {
-            student.recalibrate_encoder(&input, &(0..n).collect::<Vec<_>>());
+            let every: Vec<usize> = (0..n).collect();
+            match &cells {
+                TrainingCells::Memory { input, .. } => student.recalibrate_encoder(input, &every),
+                TrainingCells::Disk { .. } => {
+                    let x = cells.read_input(&sample_in_runs(&every, 32_768))?;
+                    student.recalibrate_encoder(&x, &(0..x.n_rows).collect::<Vec<_>>());
+                }
+            }
         }
-        let z = latent_of(&student, &input);
-        let counts = m.csr.select_columns(data.decoder_genes);
-        let log_library: Vec<f32> = counts.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
-        let log_factorial = super::log_factorial(&counts);
+        let (z, log_library, log_factorial) = cells.latent_and_totals(&student)?;
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
         } else {
@@ -533,7 +761,7 @@ impl DistillModel {
             let task = DecoderTask {
                 student: &student,
                 z: &z,
-                counts: &counts,
+                cells: &cells,
                 batch: &data.batch.codes,
                 log_library: &log_library,
                 log_factorial: &log_factorial,
@@ -543,7 +771,8 @@ impl DistillModel {
             student.set_encoder_trainable(true);
             h?
         };
-        let pick = |idx: &[usize]| idx.iter().map(|&j| m.genes[j].clone()).collect::<Vec<_>>();
+        let genes = data.counts.genes();
+        let pick = |idx: &[usize]| idx.iter().map(|&j| genes[j].clone()).collect::<Vec<_>>();
         let meta = DistillMeta {
             config,
             input_genes: pick(data.input_genes),
@@ -567,7 +796,7 @@ impl DistillModel {
             teacher: data.teacher_name.clone(),
             query_batches: vec![],
         };
-        Ok(DistillModel { meta, student })
+        Ok((DistillModel { meta, student }, z))
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {

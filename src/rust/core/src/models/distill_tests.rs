@@ -44,7 +44,7 @@ fn fit_with(s: &Simulation, z: &[f64], d: usize, epochs: usize, seed: u64, targe
     let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
     let all: Vec<usize> = (0..s.counts.n_genes()).collect();
     let data = DistillData {
-        counts: &s.counts,
+        counts: (&s.counts).into(),
         input_genes: &all,
         decoder_genes: &all,
         batch: &s.batch,
@@ -203,7 +203,7 @@ fn refuses_bad_teachers_and_missing_genes() {
     let tc = TrainConfig::default();
     let mk = |z: &[f64], dim: usize| {
         let data = DistillData {
-            counts: &s.counts,
+            counts: (&s.counts).into(),
             input_genes: &all,
             decoder_genes: &all,
             batch: &s.batch,

@@ -2,7 +2,7 @@
 //! deterministic (no posterior to draw from) and its decoder has no KL
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
-use super::{latent_of, DecoderTask, DistillModel, Student};
+use super::{latent_of, DecoderTask, DistillModel, Student, TrainingCells};
 use crate::data::{CountMatrix, Rows};
 use crate::de::{self, DeSettings, DeTable, StudentScales, Watch};
 use crate::device::seed_torch;
@@ -82,10 +82,11 @@ impl DistillModel {
         let out = counts.csr.select_columns(&keep);
         let log_library: Vec<f32> = out.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
         let log_factorial = crate::models::log_factorial(&out);
+        let cells = TrainingCells::Memory { input, counts: out };
         let task = DecoderTask {
             student: &student,
             z: &z,
-            counts: &out,
+            cells: &cells,
             batch: &codes,
             log_library: &log_library,
             log_factorial: &log_factorial,
