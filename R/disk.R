@@ -237,10 +237,7 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
                          weight_decay, kl_warmup, early_stopping, patience, min_delta, validation_fraction, seed,
                          device, threads, progress) {
   n_cells <- d$n_cells
-  if (anyDuplicated(d$genes)) {
-    stop("'", d$path, "' names ", sum(duplicated(d$genes)), " gene(s) twice (first: '",
-         d$genes[duplicated(d$genes)][1], "'); genes must be unique", call. = FALSE)
-  }
+  check_disk_genes(d)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
                        min_delta %||% 0, validation_fraction, seed)
   b <- disk_cell_values(d, batch, "batch")
@@ -265,6 +262,30 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
   model <- new_model(fit$ptr, NULL)
   model$fingerprint <- disk_fingerprint(d)
   finish_fit(model, fit$latent, d$cells)
+}
+
+check_disk_genes <- function(d) {
+  if (anyDuplicated(d$genes)) {
+    stop("'", d$path, "' names ", sum(duplicated(d$genes)), " gene(s) twice (first: '",
+         d$genes[duplicated(d$genes)][1], "'); genes must be unique", call. = FALSE)
+  }
+}
+
+# The batch of on-disk cells as a factor (NULL for none): a cell column of
+# the experiment or file, or one value per cell.
+disk_batch <- function(d, batch) {
+  b <- disk_cell_values(d, batch, "batch")
+  if (is.null(b)) NULL else resolve_batch(b, NULL, d$cells)
+}
+
+# Highly variable genes of on-disk counts (and, with n_pcs > 0, the PCA of
+# their log2 CPM), read in blocks; the result as rs_run_pca()'s.
+disk_hvg_pca <- function(d, batch_f, n_hvg, span, n_pcs, scale, threads) {
+  bar <- pass_bar()
+  on.exit(bar$done(), add = TRUE)
+  b <- batch_args(batch_f)
+  rust(rs_disk_hvg_pca(disk_spec(d), b$codes, b$levels, n_hvg, span, as.integer(n_pcs), scale,
+                       resolve_threads(threads), bar$update))
 }
 
 # The identity of on-disk counts: the file, its size and time, the layout.

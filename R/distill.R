@@ -101,10 +101,27 @@ print.scdistill_teacher <- function(x, ...) {
 #' batch-corrected expression, [corrected_expression()].
 #'
 #' @param x Counts: a `SingleCellExperiment`, `Seurat` object, `dgCMatrix`
-#'   or matrix (genes × cells), see [as_counts()].
-#' @param batch The batch of each cell: a column of the cell metadata or one
-#'   value per cell.
+#'   or matrix (genes × cells), see [as_counts()]; or counts on disk, read
+#'   in blocks and streamed, never loaded: the path of an `.h5ad` or 10x
+#'   `.h5` file, an [h5_counts()] object, or a `SingleCellExperiment` whose
+#'   counts are an HDF5-backed `DelayedMatrix` (see "Counts on disk").
+#' @param batch The batch of each cell: a column of the cell metadata (for
+#'   a file, of its `obs`) or one value per cell.
 #' @param teacher [harmony_teacher()] (default) or [given_teacher()].
+#' @section Counts on disk:
+#' The Harmony teacher's genes and PCA are computed from the file in four
+#' passes of 16,384 cells: the same genes and the same exact PCA (of log2
+#' CPM; `method = "pearson_residuals"` needs the counts in memory) as in
+#' memory, see [run_pca()]. Harmony then runs on the PCs of every cell,
+#' which are small (cells × `n_pcs`) and in memory. A further pass reads
+#' the library sizes. Both phases of the student then stream minibatches
+#' from the file as [fit_vae()] does (whole blocks of cells held out for
+#' validation, blocks shuffled in windows); the encoder's batch norms take
+#' their statistics from training cells read in runs (8,192 before each
+#' validation, 32,768 after the first phase), and one pass computes every
+#' cell's Z for the second phase. Memory holds per-cell numbers, Z and Z*,
+#' and a few windows of cells.
+#'
 #' @param n_latent Latent dimensions; `NULL`: the teacher's (for the Harmony
 #'   teacher, `n_latent` sets its number of PCs).
 #' @param n_hidden Width of the hidden layers: one number for both networks,
@@ -203,10 +220,20 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
                  dropout = dropout, norm = norm, target = standardize)
   if (!is.null(n_latent)) n_latent <- check_count(n_latent, "n_latent", min = 2)
 
-  cnt <- as_counts(x, batch = batch, ...)
-  cells <- colnames(cnt$counts)
-  genes <- rownames(cnt$counts)
-  distributed <- join_group(cnt$counts, list(config, t1, t2, as.integer(cnt$batch)))
+  d <- as_disk(x, ...)
+  if (is.null(d)) {
+    cnt <- as_counts(x, batch = batch, ...)
+    counts <- slots(cnt)
+  } else {
+    check_disk_genes(d)
+    cnt <- disk_cells_table(d)
+    d <- cnt$disk
+    cnt$batch <- disk_batch(d, batch)
+    counts <- c(disk_spec(d), list(genes = d$genes))
+  }
+  cells <- cell_names(cnt)
+  genes <- cnt$genes %||% rownames(cnt$counts)
+  distributed <- join_group(if (is.null(d)) cnt$counts else d, list(config, t1, t2, as.integer(cnt$batch)))
   t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress)
   # Every rank computed the teacher; all train on rank 0's.
   z <- if (distributed) rank0_values(t$z) else t$z
@@ -219,10 +246,11 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
 
   bar <- if (progress) distill_bar(t1$max_epochs, t2$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_distill(slots(cnt), as.integer(cnt$batch), levels(cnt$batch), input, output, as.double(z),
+  fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, as.double(z),
                              ncol(z), t$name, config, t1, t2, check_device(device), resolve_threads(threads),
                              bar$update))
   model <- new_model(fit$ptr, cnt$counts)
+  if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
   # The batch's metadata column, where normalized_expression() finds each cell's own batch.
   model$covariates$batch <- if (is.character(batch) && length(batch) == 1 && length(cells) != 1) batch
   model$teacher_latent <- z
@@ -232,12 +260,14 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
 }
 
 # Z* (cells x d, rows in the order of `cnt`), the encoder's genes and a label.
+# Counts on disk (`cnt` from disk_cells_table()) are read in blocks.
 teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress) {
-  cells <- colnames(cnt$counts)
+  cells <- cell_names(cnt)
+  counts <- cnt$disk %||% cnt
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
     if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
-    pcs <- run_pca(cnt, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads,
+    pcs <- run_pca(counts, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads,
                    method = teacher$method)
     if (progress) cli::cli_progress_done()
     args <- utils::modifyList(list(theta = teacher$theta, lambda = NULL, sigma = 0.1, n_clusters = NULL,
@@ -276,7 +306,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   if (!is.null(n_latent) && n_latent != ncol(emb)) {
     stop("the given embedding has ", ncol(emb), " dimensions but `n_latent` = ", n_latent, call. = FALSE)
   }
-  h <- highly_variable_genes(cnt, n_hvg = teacher$n_hvg, batch = cnt$batch, threads = threads)
+  h <- highly_variable_genes(counts, n_hvg = teacher$n_hvg, batch = cnt$batch, threads = threads)
   list(z = emb, hvg = rownames(h)[h$highly_variable], name = label)
 }
 
@@ -296,13 +326,17 @@ two_phase_bar <- function(title, first, e1, e2, validation = TRUE) {
     format = paste(title, "{cli::pb_bar} {phase} epoch {epoch} | loss {format(loss, digits = 5)}",
                    if (validation) "| validation {format(val, digits = 5)}", "| {cli::pb_elapsed}"))
   list(update = function(phase, epoch, loss, val) {
+         if (phase %in% names(pass_labels)) return(pass_progress(state, phase, epoch, loss))
          state$phase <- phase
          state$epoch <- epoch
          state$loss <- loss
          state$val <- val
          cli::cli_progress_update(id = id, set = if (phase == first) epoch else e1 + epoch, .envir = state)
        },
-       done = function() cli::cli_progress_done(id = id, .envir = state))
+       done = function() {
+         if (!is.null(state$pass)) cli::cli_progress_done(id = state$pass$id, .envir = state$pass)
+         cli::cli_progress_done(id = id, .envir = state)
+       })
 }
 
 #' The teacher's embedding of a distilled model
@@ -441,8 +475,9 @@ summary.scdistill_distill <- function(object, label = NULL, x = NULL, threads = 
   if (!is.null(label)) {
     if (is.character(label) && length(label) == 1 && nrow(z) != 1) {
       if (is.null(x)) stop("`label` names a column; pass the training data as `x` too", call. = FALSE)
-      cnt <- as_counts(x)
-      label <- as.character(resolve_cell_factor(label, cnt$cell_data, colnames(cnt$counts), "label"))
+      d <- as_disk(x)
+      cnt <- if (is.null(d)) as_counts(x) else disk_cells_table(d)  # only the cell metadata of a file
+      label <- as.character(resolve_cell_factor(label, cnt$cell_data, cell_names(cnt), "label"))
     }
     if (length(label) != nrow(z)) {
       stop("`label` has ", length(label), " values for the model's ", nrow(z), " training cells", call. = FALSE)

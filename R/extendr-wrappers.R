@@ -170,6 +170,10 @@ rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples
         max_genes_exact, seed, residual_theta, threads)
 }
 
+rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, threads, progress) {
+  .Call(native("wrap__rs_disk_hvg_pca"), spec, batch, levels, n_hvg, span, n_pcs, scale, threads, progress)
+}
+
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
 
 rs_simulate_file <- function(params, path, threads) .Call(native("wrap__rs_simulate_file"), params, path, threads)

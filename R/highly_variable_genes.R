@@ -6,6 +6,13 @@
 #' within each batch and ordered by their median rank among the batches where
 #' they are in the top `n_hvg`, ties broken by the number of such batches.
 #'
+#' Counts on disk (an `.h5ad` or 10x `.h5` path, an [h5_counts()] object,
+#' or an experiment whose counts are an HDF5-backed `DelayedMatrix`) are
+#' read in blocks of 16,384 cells, twice, never all at once; the genes
+#' chosen are those of the same counts in memory (the sums are exact).
+#' `batch` then names a cell column of the experiment or of the file's
+#' `obs`.
+#'
 #' @inheritParams as_counts
 #' @param n_hvg Number of genes to select.
 #' @param span Span of the LOESS fit.
@@ -23,6 +30,11 @@ highly_variable_genes <- function(x, n_hvg = 2000, batch = NULL, span = 0.3, thr
   n_hvg <- check_count(n_hvg, "n_hvg")
   if (!is.numeric(span) || length(span) != 1 || !(span > 0 && span <= 1)) {
     stop("`span` must be a number in (0, 1]", call. = FALSE)
+  }
+  d <- as_disk(x, ...)
+  if (!is.null(d)) {
+    h <- disk_hvg_pca(d, disk_batch(d, batch), n_hvg, span, 0L, TRUE, threads)
+    return(hvg_frame(h$hvg, d$genes))
   }
   cnt <- as_counts(x, batch = batch, ...)
   s <- slots(cnt)

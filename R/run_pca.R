@@ -18,6 +18,12 @@
 #' 0.99999 on real data; a larger tolerance trades accuracy of the trailing
 #' components for speed.
 #'
+#' Counts on disk (see [highly_variable_genes()]) are read in blocks, four
+#' times: twice for the genes, once for the covariance matrix, once for the
+#' scores. The PCA is then always the exact one (its cost grows with the
+#' square of `n_hvg`, not with the cells), and only of log2 CPM; the scores
+#' (cells × `n_pcs`) are in memory.
+#'
 #' @inheritParams highly_variable_genes
 #' @param n_pcs Number of principal components.
 #' @param scale Scale each gene to unit variance before PCA (log2 CPM only).
@@ -53,6 +59,15 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
   n_hvg <- check_count(n_hvg, "n_hvg")
   scale <- check_flag(scale, "scale")
   seed <- check_seed(seed)
+  d <- as_disk(x, ...)
+  if (!is.null(d)) {
+    if (method != "log2cpm") {
+      stop("run_pca(method = \"pearson_residuals\") needs the counts in memory; counts on disk take ",
+           "method = \"log2cpm\"", call. = FALSE)
+    }
+    res <- disk_hvg_pca(d, disk_batch(d, batch), n_hvg, 0.3, n_pcs, scale, threads)
+    return(write_back(x, pca_scores(res, n_pcs, d$cells, d$genes), name %||% reduction_name(x, "PCA")))
+  }
   cnt <- as_counts(x, batch = batch, ...)
   s <- slots(cnt)
   b <- batch_args(cnt$batch)
@@ -67,15 +82,20 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
                          oversamples, max_iter, as.numeric(tol), max_exact, as.numeric(seed),
                          if (method == "pearson_residuals") as.numeric(residual_theta) else 0,
                          resolve_threads(threads)))
+  write_back(x, pca_scores(res, n_pcs, s$cells, s$genes), name %||% reduction_name(x, "PCA"))
+}
+
+# The scores matrix of the glue's PCA result, its attributes as prcomp's.
+pca_scores <- function(res, n_pcs, cells, genes) {
   pcs <- paste0("PC", seq_len(n_pcs))
-  scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(s$cells, pcs))
+  scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(cells, pcs))
   attr(scores, "rotation") <- matrix(res$loadings, ncol = n_pcs,
-                                     dimnames = list(s$genes[res$hvg$selected], pcs))
+                                     dimnames = list(genes[res$hvg$selected], pcs))
   attr(scores, "sdev") <- res$sdev
   attr(scores, "percentVar") <- 100 * res$variance_ratio
   attr(scores, "varExplained") <- res$sdev^2
   attr(scores, "iterations") <- res$n_iter
-  write_back(x, scores, name %||% reduction_name(x, "PCA"))
+  scores
 }
 
 # Seurat names reductions in lower case, Bioconductor in upper case.

@@ -278,7 +278,8 @@ training_bar <- function(max_epochs) {
 # Passes over the cells of counts on disk, as the core reports them: before
 # training (library sizes, checks) and the latent space after it (or of
 # latent()).
-pass_labels <- c(scan = "Reading the counts", latent = "Encoding the cells", de = "Differential expression")
+pass_labels <- c(scan = "Reading the counts", latent = "Encoding the cells", de = "Differential expression",
+                 teacher = "Genes and PCA")
 
 # A progress callback for the core's passes over cells (`update`, handed to
 # Rust), and the end of its bar (`done`, for on.exit()).

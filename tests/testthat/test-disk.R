@@ -216,3 +216,47 @@ test_that("differential_expression() of counts on disk gives the table of the sa
   }
   expect_error(de(s$file, method = "samples", sample_key = "donor"), "'donor' is not a column")
 })
+
+test_that("highly_variable_genes() and run_pca() of a file read it in blocks and agree with memory", {
+  s <- sim_file(n_cells = 1200, n_genes = 150, seed = 11)
+  mem <- as_counts(s$file)
+  expect_equal(highly_variable_genes(s$file, n_hvg = 80, batch = "batch", threads = 2),
+               highly_variable_genes(mem, n_hvg = 80, batch = "batch", threads = 2))
+  # Without a batch, and the batch as one value per cell.
+  expect_equal(highly_variable_genes(s$file, n_hvg = 80, threads = 2)$highly_variable,
+               highly_variable_genes(mem, n_hvg = 80, threads = 2)$highly_variable)
+  p_disk <- run_pca(s$file, n_pcs = 8, n_hvg = 80, batch = mem$batch, threads = 2)
+  p_mem <- run_pca(mem, n_pcs = 8, n_hvg = 80, batch = mem$batch, threads = 2)
+  expect_equal(p_disk, p_mem, tolerance = 1e-8)
+  expect_equal(rownames(p_disk), s$sim$counts$cells)
+  expect_error(run_pca(s$file, n_pcs = 8, method = "pearson_residuals"), "needs the counts in memory")
+  expect_error(highly_variable_genes(s$file, batch = "donor"), "not a cell column")
+})
+
+test_that("distill() trains from a file: the teacher computed in blocks, the student as good as in memory", {
+  s <- sim_file(n_cells = 2000, n_genes = 150, seed = 12)
+  mem <- as_counts(s$file)
+  fit <- function(x) distill(x, batch = "batch", teacher = harmony_teacher(n_hvg = 100), n_latent = 8,
+                             max_epochs_encoder = 15, max_epochs_decoder = 10, threads = 2, progress = FALSE)
+  disk <- fit(s$file)
+  expect_s3_class(disk, "scdistill_distill")
+  # The same teacher: Harmony on the same PCs of the same genes.
+  in_memory <- fit(mem)
+  expect_equal(teacher_latent(disk), teacher_latent(in_memory), tolerance = 1e-6)
+  expect_equal(disk$info$input_genes, in_memory$info$input_genes)
+  # The student: validation cells are whole blocks; its Z read again from
+  # the file equals the one from training; the same seed, the same model.
+  v <- disk$validation_cells
+  expect_true(length(v) >= 200 && all(((v - 1) %/% 16 * 16 + 1) %in% v))
+  expect_equal(latent(disk, s$file, threads = 2), latent(disk), tolerance = 1e-5)
+  expect_equal(latent(fit(s$file)), latent(disk))
+  # As close to the teacher, and as good at separating cell types, as the student trained in memory.
+  r2 <- function(m) summary(m)$r2[["all"]]
+  expect_gt(r2(disk), r2(in_memory) - 0.05)
+  metrics <- summary(disk, label = "cell_type", x = s$file, threads = 2)$metrics
+  expect_gt(metrics["student", "nmi_leiden"], summary(in_memory, label = mem$cell_data$cell_type, threads = 2)$metrics["student", "nmi_leiden"] - 0.05)
+  expect_equal(dim(corrected_expression(disk, as_counts(h5_counts(s$file), cells = 1:50), "Batch1")), c(150L, 50L))
+  expect_error(distill(s$file, batch = "donor", n_latent = 8), "not a cell column")
+  expect_error(distill(s$file, batch = "batch", teacher = harmony_teacher(method = "pearson_residuals"),
+                       n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")
+})

@@ -19,7 +19,7 @@ use scdistill_core::train::TrainConfig;
 /// The matrix an R description points at: list(path, layout = "sparse" |
 /// "dense", data, indices, indptr (sparse) or dataset (dense), n_cells,
 /// n_genes). `keep` (1-based gene columns) subsets the genes.
-fn open_disk(spec: &List) -> Result<DiskCsr> {
+pub(crate) fn open_disk(spec: &List) -> Result<DiskCsr> {
     let get = |k: &str| spec.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
     let text = |k: &str| -> Result<String> {
         get(k)

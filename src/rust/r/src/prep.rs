@@ -86,8 +86,52 @@ fn rs_run_pca(
     ))
 }
 
+/// HVGs (and, when `n_pcs` > 0, the PCA of their log2 CPM) of counts on
+/// disk (`open_disk`'s description), read in blocks; the result as
+/// `rs_run_pca`'s. `progress` as for training, phase "teacher".
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_disk_hvg_pca(
+    spec: List,
+    batch: Robj,
+    levels: Robj,
+    n_hvg: i32,
+    span: f64,
+    n_pcs: i32,
+    scale: bool,
+    threads: i32,
+    progress: Robj,
+) -> Result<List> {
+    let disk = crate::disk::open_disk(&spec)?;
+    let b = categorical_from_r("batch", &batch, &levels, disk.n_rows())?;
+    let k = (n_pcs > 0).then_some(n_pcs as usize);
+    let r = crate::model::with_epoch_progress(threads, &progress, |interrupted, report| {
+        let progress = |done, total| report("teacher", &crate::model::pass_record(done, total));
+        prep::hvg_pca_on_disk(&disk, n_hvg.max(0) as usize, b.as_ref(), span, k, scale, &progress, interrupted)
+    })?;
+    let hvg = hvg_list(&r.hvg);
+    Ok(match r.pca {
+        None => list!(hvg = hvg),
+        Some(p) => {
+            let (n, k, g) = (p.scores.nrows(), p.sdev.len(), p.loadings.nrows());
+            let scores: Vec<f64> = (0..k).flat_map(|j| (0..n).map(move |i| (i, j))).map(|(i, j)| p.scores[(i, j)]).collect();
+            let loadings: Vec<f64> = (0..k).flat_map(|j| (0..g).map(move |i| (i, j))).map(|(i, j)| p.loadings[(i, j)]).collect();
+            list!(
+                scores = scores,
+                loadings = loadings,
+                sdev = p.sdev,
+                variance_ratio = p.variance_ratio,
+                n_iter = 0,
+                hvg = hvg
+            )
+        }
+    })
+}
+
 extendr_module! {
     mod prep;
+    fn rs_disk_hvg_pca;
     fn rs_log2_cpm;
     fn rs_hvg;
     fn rs_run_pca;
