@@ -227,7 +227,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
          class(model)[1], " model read the two groups' cells into memory (as_counts(h5_counts(file), cells = ...)) ",
          "or use method = \"pseudobulk\"", call. = FALSE)
   }
-  cells <- if (is.null(disk)) model_cells(model, cnt, batch) else disk_model_cells(model, disk, batch)
+  cells <- if (is.null(disk)) model_cells(model, cnt, batch) else disk_model_cells(model, cnt$disk, batch)
   distilled <- inherits(model, "scdistill_distill")
   if (is.null(cells$batch)) {
     if (distilled && length(batches)) cells$batch <- rep(levels[1], length(cells$cells))

@@ -1,8 +1,9 @@
 #' Counts that stay on disk
 #'
 #' Describes a count matrix in an HDF5 file so that [fit_vae()],
-#' [latent()] (and [add_latent()], for a VAE or a distilled model) and
-#' [differential_expression()] read it in blocks of cells instead of
+#' [distill()], [latent()] (and [add_latent()], for a VAE or a distilled
+#' model), [differential_expression()], [elbo()], [highly_variable_genes()]
+#' and [run_pca()] read it in blocks of cells instead of
 #' loading it: training streams minibatches from the file with bounded
 #' memory, whatever the number of cells. You rarely need to call this
 #' yourself: those functions accept the file's path, or a
@@ -354,18 +355,18 @@ for_blocks <- function(d, batch, label, f, cells = seq_len(d$n_cells)) {
 # metadata (the experiment's colData, else the .h5ad file's obs columns),
 # and the description to read cells with (`disk`).
 disk_cells_table <- function(d) {
-  cd <- d$cell_data
-  if (is.null(cd)) {
-    cd <- if (length(d$cell_columns)) {
-      as.data.frame(lapply(stats::setNames(d$cell_columns, d$cell_columns), function(nm) h5ad_column(d$path, nm)),
-                    optional = TRUE)
-    } else {
-      data.frame(row.names = seq_len(d$n_cells))[, 0, drop = FALSE]
-    }
-  }
+  cd <- disk_cell_data(d) %||% data.frame(row.names = seq_len(d$n_cells))[, 0, drop = FALSE]
   rownames(cd) <- d$cells
   d$cell_data <- cd
   list(counts = NULL, cells = d$cells, genes = d$genes, cell_data = cd, disk = d)
+}
+
+# The cell metadata of on-disk counts: the experiment's colData, else the
+# .h5ad file's obs columns, else NULL.
+disk_cell_data <- function(d) {
+  if (!is.null(d$cell_data) || !length(d$cell_columns)) return(d$cell_data)
+  as.data.frame(lapply(stats::setNames(d$cell_columns, d$cell_columns), function(nm) h5ad_column(d$path, nm)),
+                optional = TRUE)
 }
 
 # The cells' names, of counts in memory or of disk_cells_table().
@@ -440,11 +441,7 @@ as_counts.scdistill_h5 <- function(x, batch = NULL, cells = NULL, ...) {
   csr <- rust(rs_read_h5_cells(disk_spec(x), idx, resolve_threads(NULL)))
   names <- if (is.null(idx)) x$cells else x$cells[idx]
   m <- csr_to_dgc(csr, x$genes, names)
-  cd <- x$cell_data
-  if (is.null(cd) && length(x$cell_columns)) {
-    cd <- as.data.frame(lapply(stats::setNames(x$cell_columns, x$cell_columns), function(nm) h5ad_column(x$path, nm)),
-                        optional = TRUE)
-  }
+  cd <- disk_cell_data(x)
   if (!is.null(cd)) {
     cd <- cd[if (is.null(idx)) seq_len(x$n_cells) else idx, , drop = FALSE]
     rownames(cd) <- names

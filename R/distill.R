@@ -264,6 +264,10 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
 teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress) {
   cells <- cell_names(cnt)
   counts <- cnt$disk %||% cnt
+  if (!progress) {
+    old <- options(scdistill.pass_bars = FALSE)  # the passes over a file, too
+    on.exit(options(old), add = TRUE)
+  }
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
     if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
@@ -274,14 +278,16 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed), teacher$args)
-    z <- do.call(harmony_fit, c(list(emb = unclass_matrix(pcs), cell_data = cnt$cell_data,
+    hvg <- rownames(attr(pcs, "rotation"))
+    attributes(pcs) <- list(dim = dim(pcs), dimnames = dimnames(pcs))  # in place: no copy of the PCs
+    z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
                                      batch = cnt$batch, protect = teacher$protect,
                                      threads = threads, progress = progress), args))
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
-    return(list(z = z, hvg = rownames(attr(pcs, "rotation")), name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs",
-                                                                          paste(teacher$theta, collapse = "/"),
-                                                                          n_pcs, teacher$method, teacher$n_hvg)))
+    return(list(z = z, hvg = hvg, name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs",
+                                                 paste(teacher$theta, collapse = "/"), n_pcs, teacher$method,
+                                                 teacher$n_hvg)))
   }
   emb <- teacher$embedding
   label <- "given embedding"

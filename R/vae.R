@@ -283,8 +283,11 @@ pass_labels <- c(scan = "Reading the counts", latent = "Encoding the cells", de 
 
 # A progress callback for the core's passes over cells (`update`, handed to
 # Rust), and the end of its bar (`done`, for on.exit()).
+# With options(scdistill.pass_bars = FALSE) (set by callers whose user
+# asked for no progress) it shows nothing.
 pass_bar <- function() {
   state <- new.env()
+  if (isFALSE(getOption("scdistill.pass_bars"))) return(list(update = function(...) NULL, done = function() NULL))
   list(update = function(phase, done, total, ...) pass_progress(state, phase, done, total),
        done = function() if (!is.null(state$pass)) cli::cli_progress_done(id = state$pass$id, .envir = state$pass))
 }
@@ -295,12 +298,13 @@ pass_bar <- function() {
 pass_progress <- function(state, phase, done, total) {
   if (is.null(state$pass)) {
     pass <- new.env()
-    pass$id <- cli::cli_progress_bar(total = total, clear = TRUE, .envir = pass,
+    # A whole number, so that cli writes 1000000 rather than 1e+06.
+    pass$id <- cli::cli_progress_bar(total = as.integer(round(total)), clear = TRUE, .envir = pass,
                                      format = paste(pass_labels[[phase]], "{cli::pb_bar} {cli::pb_current}/{cli::pb_total}",
                                                     "cells | {cli::pb_eta}"))
     state$pass <- pass
   }
-  cli::cli_progress_update(id = state$pass$id, set = done, .envir = state$pass)
+  cli::cli_progress_update(id = state$pass$id, set = as.integer(round(done)), .envir = state$pass)
   if (done >= total) {
     cli::cli_progress_done(id = state$pass$id, .envir = state$pass)
     state$pass <- NULL

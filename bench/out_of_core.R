@@ -1,7 +1,7 @@
 # Training from disk against training in memory (issue 27, part 2).
 #
 #   Rscript bench/out_of_core.R [--cells 100000] [--genes 2000] [--epochs 3] [--threads 2] [--seed 1]
-#                               [--modes disk,memory] [--peer] [--de] [--keep]
+#                               [--modes disk,memory] [--model vae|distill] [--peer] [--de] [--keep]
 #
 # One simulation (10 types in unequal proportions, 3 batches) is written
 # straight to an .h5ad file with simulate_counts(file =) (never held in
@@ -25,6 +25,13 @@
 # change mode at its defaults and MC dropout with 20 passes. Reported:
 # seconds of each, peak RSS of the process, and whether the tables from
 # disk and memory are the same (bench/results/out_of_core_de.csv).
+# With --model distill, distill() instead (Harmony teacher at its defaults,
+# `--epochs` epochs per phase, no early stopping): wall seconds and peak RSS
+# of the whole job (teacher included), seconds per epoch of each phase,
+# validation MSE and NLL, the student's R² on its teacher, how far the
+# teacher computed from disk lies from the one computed in memory, and the
+# student's integration metrics (batch and cell type) on the same 10,000
+# cells (bench/results/out_of_core_distill.csv).
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -34,6 +41,8 @@ epochs <- bench_option(args, "--epochs", 3)
 threads <- bench_option(args, "--threads", 2)
 seed <- bench_option(args, "--seed", 1)
 modes <- strsplit(bench_option(args, "--modes", "disk,memory", as = as.character), ",")[[1]]
+model_kind <- bench_option(args, "--model", "vae", as = as.character)
+stopifnot(model_kind %in% c("vae", "distill"))
 work <- file.path(tempdir(), "out_of_core")
 dir.create(work, showWarnings = FALSE)
 h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
@@ -42,16 +51,28 @@ run_mode <- function(mode) {
   out <- file.path(work, paste0(mode, ".rds"))
   script <- file.path(work, paste0(mode, ".R"))
   load <- if (mode == "disk") sprintf("x <- '%s'", h5ad) else sprintf("x <- as_counts('%s', batch = 'batch')", h5ad)
+  fit <- if (model_kind == "vae") {
+    sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
+                   "threads = %d, progress = FALSE)"), epochs, threads)
+  } else {
+    sprintf(paste0("m <- distill(x, batch = 'batch', max_epochs_encoder = %d, max_epochs_decoder = %d, ",
+                   "early_stopping = FALSE, seed = 0, threads = %d, progress = FALSE)"), epochs, epochs, threads)
+  }
   writeLines(c(
     "suppressMessages(library(scdistill))",
     load,
-    sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
-                   "threads = %d, progress = FALSE)"), epochs, threads),
-    sprintf("saveRDS(list(history = m$history, validation = m$validation_cells, model = m), '%s')", out),
+    fit,
+    if (model_kind == "distill") {
+      sprintf(paste0("saveRDS(list(info = m$info, validation = m$validation_cells, latent = m$latent, ",
+                     "teacher = teacher_latent(m), r2 = summary(m)$r2), '%s')"), out)
+    } else {
+      sprintf("saveRDS(list(history = m$history, validation = m$validation_cells, model = m), '%s')", out)
+    },
     sprintf("save_model(m, '%s', overwrite = TRUE)", file.path(work, paste0(mode, ".scdistill")))
   ), script)
   t <- timed("Rscript", script, quiet = FALSE)
   r <- readRDS(out)
+  if (model_kind == "distill") return(c(r, list(mode = mode, ok = t$ok, wall = t$wall, rss_mb = t$rss_mb)))
   s <- r$history$seconds
   list(mode = mode, ok = t$ok, wall = t$wall, rss_mb = t$rss_mb, first_epoch_s = s[1],
        epoch_s = if (length(s) > 1) mean(s[-1]) else s[1], validation_elbo = utils::tail(r$history$validation_elbo, 1),
@@ -60,6 +81,39 @@ run_mode <- function(mode) {
 
 res <- lapply(modes, run_mode)
 names(res) <- modes
+
+if (model_kind == "distill") {
+  suppressMessages(library(scdistill))
+  held <- res[[1]]$validation
+  set.seed(seed)
+  cells <- sort(sample(held, min(10000, length(held))))
+  cd <- as_counts(h5_counts(h5ad), cells = cells)$cell_data
+  per_epoch <- function(h) if (length(h$seconds) > 1) mean(unlist(h$seconds)[-1]) else unlist(h$seconds)[1]
+  tab <- do.call(rbind, lapply(res, function(r) {
+    m <- integration_metrics(r$latent[cells, ], batch = cd$batch, label = cd$cell_type, threads = threads)
+    e <- r$info$history_encoder
+    d <- r$info$history_decoder
+    data.frame(mode = r$mode, cells = n_cells, genes = n_genes, epochs = epochs, threads = threads,
+               wall_s = round(r$wall, 1), peak_rss_mb = round(r$rss_mb), encoder_epoch_s = round(per_epoch(e), 1),
+               decoder_epoch_s = round(per_epoch(d), 1),
+               validation_mse = signif(utils::tail(unlist(e$validation_elbo), 1), 4),
+               validation_nll = round(utils::tail(unlist(d$validation_elbo), 1), 2),
+               r2_teacher = round(r$r2[["all"]], 4),
+               teacher_vs_first = signif(max(abs(r$teacher - res[[1]]$teacher)), 3),
+               nmi_leiden = round(m$nmi_leiden, 3), asw_label = round(m$silhouette_label, 3),
+               ilisi = round(m$ilisi, 3), total = round(m$total, 3))
+  }))
+  tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
+  print(tab, row.names = FALSE)
+  if (all(c("disk", "memory") %in% modes)) {
+    cat(sprintf("\ndisk / memory: wall %.2fx, peak RSS %.2fx, encoder epoch %.2fx, decoder epoch %.2fx\n",
+                res$disk$wall / res$memory$wall, res$disk$rss_mb / res$memory$rss_mb,
+                tab$encoder_epoch_s[1] / tab$encoder_epoch_s[2], tab$decoder_epoch_s[1] / tab$decoder_epoch_s[2]))
+  }
+  append_csv(tab, file.path(root, "bench", "results", "out_of_core_distill.csv"))
+  if (!"--keep" %in% args) unlink(h5ad)
+  quit(save = "no")
+}
 
 # Both models on the same cells: 10,000 of the disk model's held-out cells.
 held <- res[[1]]$validation

@@ -17,7 +17,8 @@ use scdistill_core::train::TrainConfig;
 /// and `train_decoder`: named lists of the core's `DistillConfig` and
 /// `TrainConfig` fields; `progress(phase, epoch, train loss, validation
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
-/// the pass that reads the library sizes, phase "scan"). Returns list(ptr,
+/// the passes that read the library sizes, phase "scan", and Z, phase
+/// "latent"). Returns list(ptr,
 /// latent (cells × d)).
 /// @noRd
 #[extendr]
@@ -75,7 +76,8 @@ fn rs_fit_distill(
             teacher_dim: d,
             teacher_name: teacher_name.to_string(),
         };
-        DistillModel::fit_with_latent(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r))
+        let encoded = |done, total| report("latent", &pass_record(done, total));
+        DistillModel::fit_with_latent(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded)
     })?;
     let d = model.meta.config.n_latent;
     Ok(fitted_to_r(Box::new(model), crate::r_matrix(&z, n, d).into()))

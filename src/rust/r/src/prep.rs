@@ -70,7 +70,8 @@ fn rs_run_pca(
         max_genes_exact: max_genes_exact.max(0) as usize,
     };
     let of = if residual_theta > 0.0 { prep::PcaOf::PearsonResiduals(residual_theta) } else { prep::PcaOf::Log2Cpm };
-    let (h, r) = run(threads, |interrupted| prep::hvg_pca(&m, n_hvg.max(0) as usize, b.as_ref(), of, &params, interrupted))?;
+    let (h, r) =
+        run(threads, |interrupted| prep::hvg_pca(&m, n_hvg.max(0) as usize, b.as_ref(), of, &params, interrupted))?;
     let k = r.sdev.len();
     let scores: Vec<f64> =
         (0..k).flat_map(|j| (0..m.n_cells()).map(move |i| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
@@ -115,8 +116,10 @@ fn rs_disk_hvg_pca(
         None => list!(hvg = hvg),
         Some(p) => {
             let (n, k, g) = (p.scores.nrows(), p.sdev.len(), p.loadings.nrows());
-            let scores: Vec<f64> = (0..k).flat_map(|j| (0..n).map(move |i| (i, j))).map(|(i, j)| p.scores[(i, j)]).collect();
-            let loadings: Vec<f64> = (0..k).flat_map(|j| (0..g).map(move |i| (i, j))).map(|(i, j)| p.loadings[(i, j)]).collect();
+            // Straight into R's column-major vector (no copy in between: 400 MB at 10^6 cells × 50).
+            let scores = Doubles::from_values((0..n * k).map(|t| p.scores[(t % n, t / n)]));
+            let loadings: Vec<f64> =
+                (0..k).flat_map(|j| (0..g).map(move |i| (i, j))).map(|(i, j)| p.loadings[(i, j)]).collect();
             list!(
                 scores = scores,
                 loadings = loadings,

@@ -524,6 +524,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
                 Device::Cpu,
                 &|| false,
                 &|_, _| {},
+                &|_, _| {},
             )
         })
         .unwrap()

@@ -40,7 +40,7 @@ pub(crate) const CHUNK: usize = 1024;
 /// Cells read at once by passes over counts alone.
 const READ_CHUNK: usize = 4_096;
 
-/// How a DE computation is watched: `interrupted()` stops it with an error
+/// How a long pass over cells (DE, a latent space) is watched: `interrupted()` stops it with an error
 /// between chunks; `progress(done, total)` counts the cells passed through
 /// the model (draws, or cells × passes), about every 16,000 and at the end.
 pub struct Watch<'a> {
@@ -61,13 +61,13 @@ impl<'a> Watch<'a> {
     }
 
     /// The work ahead: `total` cells through the model.
-    fn expect(&self, total: usize) {
+    pub(crate) fn expect(&self, total: usize) {
         self.total.set(total);
         self.done.set(0);
     }
 
     /// Before a chunk: an error when the user interrupted.
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if (self.interrupted)() {
             return Err(crate::error::Error::Interrupted);
         }
@@ -75,7 +75,7 @@ impl<'a> Watch<'a> {
     }
 
     /// After a chunk of `k` cells.
-    fn advance(&self, k: usize) {
+    pub(crate) fn advance(&self, k: usize) {
         let (before, total) = (self.done.get(), self.total.get());
         let now = (before + k).min(total);
         self.done.set(now);

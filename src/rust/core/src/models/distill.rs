@@ -383,8 +383,14 @@ impl TrainingCells<'_> {
     }
 
     /// Z of every cell from the student's encoder, with the decoder genes'
-    /// log library sizes and Σ log x! (one pass over cells on disk).
-    fn latent_and_totals(&self, s: &Student) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// log library sizes and Σ log x! (one pass over cells on disk, its
+    /// progress reported as `progress(done, total)`, interruptible).
+    fn latent_and_totals(
+        &self,
+        s: &Student,
+        progress: &dyn Fn(usize, usize),
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
         match self {
             TrainingCells::Memory { input, counts } => {
@@ -394,6 +400,9 @@ impl TrainingCells<'_> {
                 let n = disk.n_rows();
                 let (mut z, mut lib, mut fact) = (Vec::with_capacity(n * s.cfg.n_latent), vec![], vec![]);
                 for start in (0..n).step_by(DISK_BLOCK) {
+                    if interrupted() {
+                        return Err(crate::error::Error::Interrupted);
+                    }
                     let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
                     let raw = disk.read_range(start, start + rows.len())?;
                     z.extend(latent_of(s, &self.input_of(&raw, &rows)));
@@ -403,6 +412,7 @@ impl TrainingCells<'_> {
                     };
                     lib.extend(log_library(&counts));
                     fact.extend(super::log_factorial(&counts));
+                    progress(start + rows.len(), n);
                 }
                 Ok((z, lib, fact))
             }
@@ -665,11 +675,24 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
     ) -> Result<DistillModel> {
-        Ok(Self::fit_with_latent(data, config, train_encoder, train_decoder, device, interrupted, on_epoch)?.0)
+        let no_report = |_, _| {};
+        Ok(Self::fit_with_latent(
+            data,
+            config,
+            train_encoder,
+            train_decoder,
+            device,
+            interrupted,
+            on_epoch,
+            &no_report,
+        )?
+        .0)
     }
 
     /// `fit`, and the student's Z of every training cell (row-major), which
     /// the decoder's phase computed: no further pass over cells on disk.
+    /// `pass(done, total)` reports that pass over cells on disk.
+    #[allow(clippy::too_many_arguments)]
     pub fn fit_with_latent(
         data: &DistillData,
         mut config: DistillConfig,
@@ -678,6 +701,7 @@ impl DistillModel {
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
+        pass: &dyn Fn(usize, usize),
     ) -> Result<(DistillModel, Vec<f32>)> {
         let n = data.counts.n_cells();
         let n_genes = data.counts.genes().len();
@@ -753,7 +777,7 @@ impl DistillModel {
                 }
             }
         }
-        let (z, log_library, log_factorial) = cells.latent_and_totals(&student)?;
+        let (z, log_library, log_factorial) = cells.latent_and_totals(&student, pass, interrupted)?;
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
         } else {

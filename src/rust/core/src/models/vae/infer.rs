@@ -31,19 +31,16 @@ pub fn latent_watched(
 ) -> Result<Vec<f32>> {
     let n = data.n_cells();
     let mut out = Vec::with_capacity(n * model.cfg.n_latent);
+    let watch = crate::de::Watch::new(interrupted, progress);
+    watch.expect(n);
     tch::no_grad(|| -> Result<()> {
         for start in (0..n).step_by(CHUNK) {
-            if interrupted() {
-                return Err(crate::error::Error::Interrupted);
-            }
+            watch.check()?;
             let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
             let ((qm, qv), _) = model.encode(&data.inputs(&rows, None, model.device()), false);
             let z = if give_mean { qm } else { &qm + qv.sqrt() * qm.randn_like() };
             out.extend(to_vec(&z));
-            let done = start + rows.len();
-            if done % (16 * CHUNK) == 0 || done == n {
-                progress(done, n);
-            }
+            watch.advance(rows.len());
         }
         Ok(())
     })?;
