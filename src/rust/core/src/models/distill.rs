@@ -799,6 +799,9 @@ impl DistillModel {
         let target = student.set_target(data.teacher, data.teacher_dim);
         let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
+        // The target (cells × d) is not needed past phase 1.
+        drop(enc_task);
+        drop(target);
 
         // Phase 2, unless stopped: Z of every cell from the frozen encoder,
         // its batch norms first set to the statistics inference sees (the
