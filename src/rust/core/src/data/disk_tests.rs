@@ -462,7 +462,6 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel};
     use crate::prep::hvg_pca_on_disk;
     use crate::simulate::{simulate, SimParams};
-    use crate::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
     use crate::train::TrainConfig;
     let n = 2_000;
     let s = simulate(&SimParams {
@@ -480,18 +479,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     // The teacher as distill() computes it from disk: HVGs and PCA in
     // blocks, Harmony on the scores.
     let t = hvg_pca_on_disk(&d, 100, Some(&s.batch), 0.3, Some(10), true, &|_, _| {}, &|| false).unwrap();
-    let pcs = t.pca.unwrap();
-    let z: Vec<f64> = (0..n).flat_map(|i| (0..10).map(move |j| (i, j))).map(|(i, j)| pcs.scores[(i, j)]).collect();
-    let cov = HarmonyCovariate {
-        name: "batch".into(),
-        codes: s.batch.codes.clone(),
-        n_levels: 2,
-        theta: 2.0,
-        lambda: None,
-        protected: false,
-    };
-    let z =
-        harmony(Embedding::row_major(&z, n, 10), &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr;
+    let z = crate::models::distill::tests::harmony_of(&t.pca.unwrap().scores, &s.batch);
     let all: Vec<usize> = (0..150).collect();
     let hvg = t.hvg.selected.clone();
     let tc = TrainConfig {

@@ -461,6 +461,23 @@ fn sample_in_runs(rows: &[usize], max: usize) -> Vec<usize> {
     (0..n_runs).flat_map(|k| &rows[k * (rows.len() - RUN) / (n_runs - 1)..][..RUN]).copied().collect()
 }
 
+/// The split, the epoch's order and its end, as the task's `cells` have them.
+macro_rules! cells_split_and_order {
+    () => {
+        fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+            self.cells.split(validation_fraction, seed)
+        }
+
+        fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+            self.cells.epoch_order(rows, seed)
+        }
+
+        fn end_epoch(&self) {
+            self.cells.end_epoch()
+        }
+    };
+}
+
 /// Phase 1: encoder input and teacher target.
 struct EncoderTask<'a> {
     student: &'a Student,
@@ -516,17 +533,7 @@ impl Trainable for EncoderTask<'_> {
         }
     }
 
-    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-        self.cells.split(validation_fraction, seed)
-    }
-
-    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
-        self.cells.epoch_order(rows, seed)
-    }
-
-    fn end_epoch(&self) {
-        self.cells.end_epoch()
-    }
+    cells_split_and_order!();
 }
 
 /// Phase 2: the frozen encoder's Z of every cell, counts and batches.
@@ -575,17 +582,7 @@ impl Trainable for DecoderTask<'_> {
         LossTerms::plain(-(kernel - pick(self.log_factorial)))
     }
 
-    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-        self.cells.split(validation_fraction, seed)
-    }
-
-    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
-        self.cells.epoch_order(rows, seed)
-    }
-
-    fn end_epoch(&self) {
-        self.cells.end_epoch()
-    }
+    cells_split_and_order!();
 }
 
 /// Everything needed to use a trained student again.
@@ -957,4 +954,4 @@ mod fitted;
 
 #[cfg(test)]
 #[path = "distill_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -23,17 +23,22 @@ fn sim(n_cells: usize, seed: u64) -> Simulation {
 fn teacher(s: &Simulation) -> Vec<f64> {
     let x = crate::prep::log2_cpm(&s.counts);
     let pcs = pca(&x, &PcaParams { n_pcs: 10, ..Default::default() }, &|| false).unwrap();
-    let n = s.counts.n_cells();
-    let z: Vec<f64> = (0..n).flat_map(|i| (0..10).map(move |j| (i, j))).map(|(i, j)| pcs.scores[(i, j)]).collect();
+    harmony_of(&pcs.scores, &s.batch)
+}
+
+/// Harmony (θ 2, the batch) on PC scores (cells × d): Z*, row-major.
+pub(crate) fn harmony_of(scores: &faer::Mat<f64>, batch: &crate::data::Categorical) -> Vec<f64> {
+    let (n, d) = (scores.nrows(), scores.ncols());
+    let z: Vec<f64> = (0..n).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| scores[(i, j)]).collect();
     let cov = HarmonyCovariate {
         name: "batch".into(),
-        codes: s.batch.codes.clone(),
-        n_levels: 2,
+        codes: batch.codes.clone(),
+        n_levels: batch.n_levels(),
         theta: 2.0,
         lambda: None,
         protected: false,
     };
-    harmony(Embedding::row_major(&z, n, 10), &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
+    harmony(Embedding::row_major(&z, n, d), &[cov], &HarmonyParams::default(), &|| false, &|_| {}).unwrap().z_corr
 }
 
 fn fit(s: &Simulation, z: &[f64], epochs: usize, seed: u64) -> DistillModel {

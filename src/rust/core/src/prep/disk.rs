@@ -58,10 +58,11 @@ impl Passes<'_> {
 }
 
 /// `n_hvg` seurat_v3 highly variable genes of the counts on disk (batch-aware
-/// with `batch`) and, when `n_pcs` is given, the exact PCA of their log2(CPM
-/// + 1) (library sizes over all the matrix's genes), each gene scaled to
-/// unit variance when `scale`. `progress(done, total)` counts cells over all
-/// passes.
+/// with `batch`) and, when `n_pcs` is given, the exact PCA of their
+/// log2(CPM + 1) (library sizes over all the matrix's genes), each gene
+/// scaled to unit variance when `scale`. `progress(done, total)` counts
+/// cells over all passes.
+#[allow(clippy::too_many_arguments)]
 pub fn hvg_pca_on_disk(
     disk: &DiskCsr,
     n_hvg: usize,
