@@ -241,9 +241,9 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
   check_disk_genes(d)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
                        min_delta %||% 0, validation_fraction, seed)
-  b <- disk_cell_values(d, batch, "batch")
-  batch_f <- if (is.null(b)) factor(rep("all", n_cells)) else resolve_batch(b, NULL, d$cells)
-  batch_name <- if (is.null(b)) "" else if (is.character(batch) && length(batch) == 1) batch else "batch"
+  batch_f <- disk_batch(d, batch)
+  batch_name <- if (is.null(batch_f)) "" else if (is.character(batch) && length(batch) == 1) batch else "batch"
+  batch_f <- batch_f %||% factor(rep("all", n_cells))
   cell_data <- d$cell_data %||% data.frame(row.names = seq_len(0))
   pick <- function(spec, arg) {
     if (is.null(spec)) return(NULL)

@@ -328,15 +328,10 @@ impl TrainingCells<'_> {
         }
     }
 
-    /// log2(CPM + 1) of the encoder's genes of `raw`, the counts of the
-    /// cells `rows` (the library sizes over all genes, as in memory).
-    fn input_of(&self, raw: &Csr, rows: &[usize]) -> Csr {
-        match self {
-            TrainingCells::Memory { input, .. } => input.select_rows(rows),
-            TrainingCells::Disk { input_genes, scale, .. } => {
-                raw.select_columns(input_genes).map_values(|r, v| log2_cpm_f32(v, scale[rows[r]]))
-            }
-        }
+    /// log2(CPM + 1) of the encoder's genes of `raw`, the counts on disk
+    /// of the cells `rows` (the library sizes over all genes, as in memory).
+    fn input_of(input_genes: &[usize], scale: &[f64], raw: &Csr, rows: &[usize]) -> Csr {
+        raw.select_columns(input_genes).map_values(|r, v| log2_cpm_f32(v, scale[rows[r]]))
     }
 
     /// The encoder's input of `rows`, read from the epoch's stream when
@@ -382,7 +377,9 @@ impl TrainingCells<'_> {
     fn read_input(&self, rows: &[usize]) -> Result<Csr> {
         match self {
             TrainingCells::Memory { input, .. } => Ok(input.select_rows(rows)),
-            TrainingCells::Disk { disk, .. } => Ok(self.input_of(&disk.read_rows(rows)?, rows)),
+            TrainingCells::Disk { disk, input_genes, scale, .. } => {
+                Ok(Self::input_of(input_genes, scale, &disk.read_rows(rows)?, rows))
+            }
         }
     }
 
@@ -426,7 +423,7 @@ impl TrainingCells<'_> {
             TrainingCells::Memory { input, counts } => {
                 Ok((latent_of(s, input), log_library(counts), super::log_factorial(counts)))
             }
-            TrainingCells::Disk { disk, decoder_genes, .. } => {
+            TrainingCells::Disk { disk, decoder_genes, input_genes, scale, .. } => {
                 let n = disk.n_rows();
                 let (mut z, mut lib, mut fact) = (Vec::with_capacity(n * s.cfg.n_latent), vec![], vec![]);
                 for start in (0..n).step_by(DISK_BLOCK) {
@@ -435,7 +432,7 @@ impl TrainingCells<'_> {
                     }
                     let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
                     let raw = disk.read_range(start, start + rows.len())?;
-                    z.extend(latent_of(s, &self.input_of(&raw, &rows)));
+                    z.extend(latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
                     let counts = match decoder_genes {
                         Some(keep) => raw.select_columns(keep),
                         None => raw,

@@ -12,7 +12,7 @@
 //! to rounding.
 
 use super::hvg::{clip_values, clipped_sums, clipped_variance, expected_sd, select, HvgResult};
-use super::normalize::column_sums;
+use super::normalize::{column_moments, column_sums, mean_var_of_moments};
 use super::pca::{centered_product, gram_components, sparse_gram, PcaResult};
 use crate::data::{Categorical, Csr, DiskCsr};
 use crate::error::{check_param, Error, Result};
@@ -106,30 +106,15 @@ pub fn hvg_pca_on_disk(
     passes.pass(|start, m| {
         library.extend(m.row_sums());
         for (b, rows) in by_batch(start, m).iter().enumerate() {
-            add(
-                &mut sums[b],
-                column_sums(m, rows, 2 * g, |j, v, acc| {
-                    let v = v as f64;
-                    acc[j as usize] += v;
-                    acc[g + j as usize] += v * v;
-                }),
-            );
+            add(&mut sums[b], column_moments(m, rows));
         }
     })?;
     let sizes = batch.level_sizes();
-    let mean_var = |s: &[f64], s2: &[f64], k: usize| -> (Vec<f64>, Vec<f64>) {
-        let k = k as f64;
-        let mean: Vec<f64> = s.iter().map(|s| s / k).collect();
-        let var = (0..s.len())
-            .map(|j| if k > 1.0 { ((s2[j] - k * mean[j] * mean[j]) / (k - 1.0)).max(0.0) } else { 0.0 })
-            .collect();
-        (mean, var)
-    };
     let total: Vec<f64> = (0..2 * g).map(|j| sums.iter().map(|s| s[j]).sum()).collect();
-    let (mean, variance) = mean_var(&total[..g], &total[g..], n);
+    let (mean, variance) = mean_var_of_moments(&total, n);
     let per_batch: Vec<_> = (0..n_batch)
         .map(|b| {
-            let (m, v) = mean_var(&sums[b][..g], &sums[b][g..], sizes[b]);
+            let (m, v) = mean_var_of_moments(&sums[b], sizes[b]);
             let sd = expected_sd(&m, &v, span);
             let clip = clip_values(&m, &sd, sizes[b]);
             (m, sd, clip)
@@ -163,14 +148,7 @@ pub fn hvg_pca_on_disk(
     passes.pass(|start, m| {
         let x = log2cpm(start, m);
         let every: Vec<usize> = (0..x.n_rows).collect();
-        add(
-            &mut moments,
-            column_sums(&x, &every, 2 * p, |j, v, acc| {
-                let v = v as f64;
-                acc[j as usize] += v;
-                acc[p + j as usize] += v * v;
-            }),
-        );
+        add(&mut moments, column_moments(&x, &every));
         match sparse_gram(&x, interrupted) {
             Ok(part) => add(&mut gram, part),
             Err(e) => failed = Some(e),
@@ -179,7 +157,7 @@ pub fn hvg_pca_on_disk(
     if let Some(e) = failed {
         return Err(e);
     }
-    let (center, var) = mean_var(&moments[..p], &moments[p..], n);
+    let (center, var) = mean_var_of_moments(&moments, n);
     let unit: Vec<f64> = var.iter().map(|&v| if scale && v > 0.0 { 1.0 / v.sqrt() } else { 1.0 }).collect();
     let (loadings, sdev) = gram_components(gram, n, &center, &unit, k)?;
     let total_var: f64 = var.iter().zip(&unit).map(|(v, s)| v * s * s).sum();

@@ -35,20 +35,31 @@ pub(crate) fn column_sums(m: &Csr, rows: &[usize], n_out: usize, f: impl Fn(u32,
     total
 }
 
-/// Per-column mean and unbiased (n − 1) variance over `rows`.
-pub(crate) fn column_mean_var(m: &Csr, rows: &[usize]) -> (Vec<f64>, Vec<f64>) {
+/// Per-column sums and sums of squares over `rows`: `[sums…, squares…]`.
+pub(crate) fn column_moments(m: &Csr, rows: &[usize]) -> Vec<f64> {
     let p = m.n_cols;
-    let sums = column_sums(m, rows, 2 * p, |j, v, acc| {
+    column_sums(m, rows, 2 * p, |j, v, acc| {
         let v = v as f64;
         acc[j as usize] += v;
         acc[p + j as usize] += v * v;
-    });
-    let n = rows.len() as f64;
-    let mean: Vec<f64> = sums[..p].iter().map(|s| s / n).collect();
+    })
+}
+
+/// Per-column mean and unbiased (n − 1) variance of `n` rows from their
+/// `column_moments` (added up over blocks of rows, if need be).
+pub(crate) fn mean_var_of_moments(moments: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let p = moments.len() / 2;
+    let n = n as f64;
+    let mean: Vec<f64> = moments[..p].iter().map(|s| s / n).collect();
     let var = (0..p)
-        .map(|j| if n > 1.0 { ((sums[p + j] - n * mean[j] * mean[j]) / (n - 1.0)).max(0.0) } else { 0.0 })
+        .map(|j| if n > 1.0 { ((moments[p + j] - n * mean[j] * mean[j]) / (n - 1.0)).max(0.0) } else { 0.0 })
         .collect();
     (mean, var)
+}
+
+/// Per-column mean and unbiased (n − 1) variance over `rows`.
+pub(crate) fn column_mean_var(m: &Csr, rows: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    mean_var_of_moments(&column_moments(m, rows), rows.len())
 }
 
 #[cfg(test)]
