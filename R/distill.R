@@ -18,6 +18,11 @@
 #'   Pearson residuals (`"pearson_residuals"`): [run_pca()]'s `method`. The
 #'   encoder reads log2 CPM either way. (Formerly `pca_method`, with
 #'   `"standard"` for `"log2cpm"`; both are still accepted, with a warning.)
+#' @param sketch Harmony is fitted on a sample of this many cells when the
+#'   data have more, and the other cells are corrected by the fit (see
+#'   [run_harmony()]'s `sketch`): the teacher's memory then stops growing
+#'   with Harmony's clusters × cells matrices (2.3 GB at 10^6 cells). `NULL`:
+#'   always fit on all cells.
 #' @param ... Further arguments of [run_harmony()]'s algorithm: `sigma`,
 #'   `lambda`, `n_clusters`, `max_iter`, `max_iter_cluster`,
 #'   `epsilon_cluster`, `epsilon_harmony`, `block_size`, `alpha`, `tau`,
@@ -29,7 +34,7 @@
 #' harmony_teacher(theta = 2, protect = "condition")
 #' @export
 harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
-                            method = c("log2cpm", "pearson_residuals"), ...) {
+                            method = c("log2cpm", "pearson_residuals"), sketch = 2e5, ...) {
   args <- list(...)
   if (!is.null(args$pca_method)) {
     warning("harmony_teacher(pca_method =) is now `method`, as in run_pca()", call. = FALSE)
@@ -47,6 +52,7 @@ harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
          call. = FALSE)
   }
   if (!is.null(args$seed)) args$seed <- check_seed(args$seed)
+  if (!is.null(sketch)) args$sketch <- check_count(sketch, "sketch", min = 2)
   structure(list(kind = "harmony", theta = theta, protect = protect, n_pcs = check_count(n_pcs, "n_pcs", min = 2),
                  n_hvg = check_count(n_hvg, "n_hvg"), method = choose_arg(method, "method"), args = args),
             class = "scdistill_teacher")
@@ -69,9 +75,11 @@ given_teacher <- function(embedding, n_hvg = 2000) {
 #' @export
 print.scdistill_teacher <- function(x, ...) {
   if (x$kind == "harmony") {
-    cat(sprintf("Harmony teacher: %d PCs of %d highly variable genes, theta %s%s\n", x$n_pcs, x$n_hvg,
+    cat(sprintf("Harmony teacher: %d PCs of %d highly variable genes, theta %s%s%s\n", x$n_pcs, x$n_hvg,
                 paste(x$theta, collapse = "/"),
-                if (length(x$protect)) paste0(", protecting ", paste(x$protect, collapse = ", ")) else ""))
+                if (length(x$protect)) paste0(", protecting ", paste(x$protect, collapse = ", ")) else "",
+                if (!is.null(x$args$sketch)) sprintf(", sketch of %s cells above that", format(x$args$sketch, big.mark = ","))
+                else ""))
   } else {
     cat("Given embedding teacher:", if (is.character(x$embedding)) x$embedding else
       sprintf("%d x %d matrix", nrow(x$embedding), ncol(x$embedding)), "\n")
@@ -246,7 +254,9 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
 
   bar <- if (progress) distill_bar(t1$max_epochs, t2$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, as.double(z),
+  # Z* is read in place (400 MB at 10^6 cells and 50 dimensions).
+  if (!is.double(z)) storage.mode(z) <- "double"
+  fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
                              ncol(z), t$name, config, t1, t2, check_device(device), resolve_threads(threads),
                              bar$update))
   model <- new_model(fit$ptr, cnt$counts)
@@ -277,17 +287,20 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     args <- utils::modifyList(list(theta = teacher$theta, lambda = NULL, sigma = 0.1, n_clusters = NULL,
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
-                                   protect_theta = 0, seed = seed), teacher$args)
+                                   protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
     hvg <- rownames(attr(pcs, "rotation"))
     attributes(pcs) <- list(dim = dim(pcs), dimnames = dimnames(pcs))  # in place: no copy of the PCs
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
                                      batch = cnt$batch, protect = teacher$protect,
                                      threads = threads, progress = progress), args))
+    rm(pcs)
+    fitted <- attr(z, "harmony")$fitted_cells
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
-    return(list(z = z, hvg = hvg, name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs",
+    sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
+    return(list(z = z, hvg = hvg, name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s",
                                                  paste(teacher$theta, collapse = "/"), n_pcs, teacher$method,
-                                                 teacher$n_hvg)))
+                                                 teacher$n_hvg, sketched %||% "")))
   }
   emb <- teacher$embedding
   label <- "given embedding"

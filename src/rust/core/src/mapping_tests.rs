@@ -1,4 +1,4 @@
-use crate::data::{Categorical, CountMatrix, Covariates, Csr};
+use crate::data::{Categorical, CountMatrix, Covariates, Csr, Embedding};
 use crate::mapping::MapOptions;
 use crate::models::distill::{DistillConfig, DistillData, DistillModel};
 use crate::models::vae::{Dispersion, VaeConfig, VaeModel};
@@ -202,8 +202,7 @@ fn a_mapped_distilled_model_adds_an_embedding_row_and_keeps_the_reference() {
             input_genes: &genes,
             decoder_genes: &genes,
             batch: &batch,
-            teacher: &teacher,
-            teacher_dim: 3,
+            teacher: Embedding::row_major(&teacher, teacher.len() / 3, 3),
             teacher_name: "groups".into(),
         };
         let r = DistillModel::fit(

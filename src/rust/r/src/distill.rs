@@ -4,10 +4,10 @@ use crate::convert::from_r;
 use crate::disk::{check_scan, Input};
 use crate::model::pass_record;
 use crate::model::{fitted_to_r, with_epoch_progress};
-use crate::{fail, from_column_major, int_slice, strings};
+use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::Categorical;
+use scdistill_core::data::{Categorical, Embedding};
 use scdistill_core::device::parse_device;
 use scdistill_core::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, Phase};
 use scdistill_core::train::TrainConfig;
@@ -51,7 +51,6 @@ fn rs_fit_distill(
         Ok(int_slice(x, what)?.iter().map(|&c| (c - 1).max(0) as usize).collect())
     };
     let (input_genes, output) = (cols(&input_genes, "input genes")?, cols(&decoder_genes, "decoder genes")?);
-    let teacher_rm = from_column_major(teacher, n, d);
     let config: DistillConfig = from_r(&config, "distillation settings")?;
     let t1: TrainConfig = from_r(&train_encoder, "encoder training settings")?;
     let t2: TrainConfig = from_r(&train_decoder, "decoder training settings")?;
@@ -72,8 +71,7 @@ fn rs_fit_distill(
             input_genes: &input_genes,
             decoder_genes: &output,
             batch: &batch,
-            teacher: &teacher_rm,
-            teacher_dim: d,
+            teacher: Embedding::column_major(teacher, n, d),
             teacher_name: teacher_name.to_string(),
         };
         let encoded = |done, total| report("latent", &pass_record(done, total));

@@ -107,7 +107,8 @@ fn rs_run_harmony(
         objective = r.objective,
         cluster_rounds = r.cluster_rounds.iter().map(|&v| v as i32).collect::<Vec<i32>>(),
         n_iter = r.n_iter as i32,
-        converged = r.converged
+        converged = r.converged,
+        fitted_cells = r.fitted_cells as f64
     ))
 }
 

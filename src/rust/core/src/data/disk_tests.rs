@@ -1,5 +1,5 @@
 use super::*;
-use crate::data::H5adWriter;
+use crate::data::{Embedding, H5adWriter};
 use tch::Device;
 
 fn random_counts(n: usize, g: usize, seed: u64) -> Csr {
@@ -499,8 +499,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
             input_genes: &hvg,
             decoder_genes: decoder,
             batch: &s.batch,
-            teacher: &z,
-            teacher_dim: 10,
+            teacher: Embedding::row_major(&z, z.len() / 10, 10),
             teacher_name: "harmony".into(),
         };
         crate::device::with_threads(2, || {

@@ -30,6 +30,21 @@ impl<'a> Embedding<'a> {
         }
     }
 
+    /// The value of cell `i` in dimension `j`, in either layout.
+    #[inline]
+    pub fn get(&self, i: usize, j: usize) -> f64 {
+        if self.column_major {
+            self.values[j * self.n + i]
+        } else {
+            self.values[i * self.d + j]
+        }
+    }
+
+    /// Cell `i`'s coordinates copied into `out` (d values), in either layout.
+    pub fn row_into(&self, i: usize, out: &mut [f64]) {
+        out.iter_mut().enumerate().for_each(|(j, v)| *v = self.get(i, j));
+    }
+
     /// Cell `i`'s coordinates; the embedding must be row-major.
     pub fn row(&self, i: usize) -> &'a [f64] {
         debug_assert!(!self.column_major, "row() of a column-major embedding");

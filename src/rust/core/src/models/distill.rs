@@ -16,7 +16,7 @@
 //!
 //! Corrected expression is the decoder's ρ for a reference batch.
 
-use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Rows, Scan};
+use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Embedding, Rows, Scan};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
@@ -183,19 +183,25 @@ impl Student {
 
     /// The encoder's target: Z* (`[n, d]`, row-major) standardized as
     /// `cfg.target` says; for `Global`, also stores the centre and scale.
-    fn set_target(&self, z: &[f64], d: usize) -> Vec<f32> {
+    fn set_target(&self, z: Embedding) -> Vec<f32> {
         match (&self.z_centre, &self.z_scale) {
             (Some(centre), Some(scale)) => {
-                let (c, sd) = global_scale(z, d);
+                let (c, sd) = global_scale(z);
                 let (mut centre, mut scale) = (centre.shallow_clone(), scale.shallow_clone());
                 let values: Vec<f32> = c.iter().map(|&v| v as f32).collect();
                 tch::no_grad(|| {
                     centre.copy_(&Tensor::from_slice(&values).to_device(self.device()));
                     scale.copy_(&Tensor::from_slice(&[sd as f32]).to_device(self.device()));
                 });
-                z.chunks(d).flat_map(|row| row.iter().zip(&c).map(move |(v, m)| ((v - m) / sd) as f32)).collect()
+                let mut out = Vec::with_capacity(z.n * z.d);
+                let mut row = vec![0.0; z.d];
+                for i in 0..z.n {
+                    z.row_into(i, &mut row);
+                    out.extend(row.iter().zip(&c).map(|(v, m)| ((v - m) / sd) as f32));
+                }
+                out
             }
-            _ => standardize_rows(z, d),
+            _ => standardize_rows(z),
         }
     }
 
@@ -266,11 +272,14 @@ impl Student {
     }
 }
 
-/// Standardizes each row (cell) of `z` (`[n, d]`, row-major) to mean 0 and
+/// Standardizes each row (cell) of `z` to mean 0 and
 /// population standard deviation 1, as scDistill does with the teacher.
-pub fn standardize_rows(z: &[f64], d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(z.len());
-    for row in z.chunks(d) {
+pub fn standardize_rows(z: Embedding) -> Vec<f32> {
+    let d = z.d;
+    let mut out = Vec::with_capacity(z.n * d);
+    let mut row = vec![0.0; d];
+    for i in 0..z.n {
+        z.row_into(i, &mut row);
         let m = row.iter().sum::<f64>() / d as f64;
         let sd = (row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / d as f64).sqrt();
         out.extend(row.iter().map(|v| ((v - m) / (sd + 1e-5)) as f32));
@@ -278,16 +287,22 @@ pub fn standardize_rows(z: &[f64], d: usize) -> Vec<f32> {
     out
 }
 
-/// Per-dimension means of `z` (`[n, d]`, row-major) and the root mean
-/// square of the centred values over all cells and dimensions.
-pub fn global_scale(z: &[f64], d: usize) -> (Vec<f64>, f64) {
-    let n = (z.len() / d).max(1);
+/// Per-dimension means of `z` and the root mean square of the centred
+/// values over all cells and dimensions.
+pub fn global_scale(z: Embedding) -> (Vec<f64>, f64) {
+    let (n, d) = (z.n.max(1), z.d);
     let mut c = vec![0.0; d];
-    for row in z.chunks(d) {
-        c.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+    let mut row = vec![0.0; d];
+    for i in 0..z.n {
+        z.row_into(i, &mut row);
+        c.iter_mut().zip(&row).for_each(|(m, v)| *m += v);
     }
     c.iter_mut().for_each(|m| *m /= n as f64);
-    let ss: f64 = z.chunks(d).map(|row| row.iter().zip(&c).map(|(v, m)| (v - m) * (v - m)).sum::<f64>()).sum();
+    let mut ss = 0.0;
+    for i in 0..z.n {
+        z.row_into(i, &mut row);
+        ss += row.iter().zip(&c).map(|(v, m)| (v - m) * (v - m)).sum::<f64>();
+    }
     let sd = (ss / (n * d) as f64).sqrt();
     (c, if sd > 0.0 { sd } else { 1.0 })
 }
@@ -640,9 +655,8 @@ pub struct DistillData<'a> {
     /// Columns of `counts` the decoder writes.
     pub decoder_genes: &'a [usize],
     pub batch: &'a Categorical,
-    /// Teacher embedding, cells × d, row-major.
-    pub teacher: &'a [f64],
-    pub teacher_dim: usize,
+    /// Teacher embedding, cells × d (an R matrix is read in place).
+    pub teacher: Embedding<'a>,
     pub teacher_name: String,
 }
 
@@ -729,18 +743,16 @@ impl DistillModel {
     ) -> Result<(DistillModel, Vec<f32>)> {
         let n = data.counts.n_cells();
         let n_genes = data.counts.genes().len();
-        if data.teacher.len() != n * data.teacher_dim {
+        let t = data.teacher;
+        if t.n != n || t.values.len() != n * t.d {
             return invalid!(
                 "the teacher embedding has {} values; expected cells ({n}) × dimensions ({})",
-                data.teacher.len(),
-                data.teacher_dim
+                t.values.len(),
+                t.d
             );
         }
-        if let Some(i) = data.teacher.iter().position(|v| !v.is_finite()) {
-            return invalid!(
-                "the teacher embedding has a missing or infinite value (cell {})",
-                i / data.teacher_dim + 1
-            );
+        if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+            return invalid!("the teacher embedding has a missing or infinite value (cell {})", t.at(i).0 + 1);
         }
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
@@ -753,7 +765,7 @@ impl DistillModel {
         }
         config.n_input = data.input_genes.len();
         config.n_genes = data.decoder_genes.len();
-        config.n_latent = data.teacher_dim;
+        config.n_latent = data.teacher.d;
         config.n_batch = data.batch.n_levels();
         // Every check before the global generator is seeded.
         config.check()?;
@@ -790,7 +802,7 @@ impl DistillModel {
         let student = Student::new(config.clone(), device)?;
 
         // Phase 1.
-        let target = student.set_target(data.teacher, data.teacher_dim);
+        let target = student.set_target(data.teacher);
         let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
         // The target (cells × d) is not needed past phase 1.

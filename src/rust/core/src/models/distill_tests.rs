@@ -53,8 +53,7 @@ fn fit_with(s: &Simulation, z: &[f64], d: usize, epochs: usize, seed: u64, targe
         input_genes: &all,
         decoder_genes: &all,
         batch: &s.batch,
-        teacher: z,
-        teacher_dim: d,
+        teacher: Embedding::row_major(z, z.len() / d, d),
         teacher_name: "harmony".into(),
     };
     let tc = TrainConfig {
@@ -212,8 +211,7 @@ fn refuses_bad_teachers_and_missing_genes() {
             input_genes: &all,
             decoder_genes: &all,
             batch: &s.batch,
-            teacher: z,
-            teacher_dim: dim,
+            teacher: Embedding::row_major(z, z.len() / dim, dim),
             teacher_name: String::new(),
         };
         DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc.clone(), Device::Cpu, &|| false, &|_, _| {})

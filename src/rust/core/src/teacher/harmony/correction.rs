@@ -33,7 +33,8 @@ impl Harmony<'_> {
             }
         }
         normalize_columns(&mut self.y, d);
-        self.subtract_batch_terms(&w);
+        self.terms = level_terms(&w, b, d, k);
+        self.subtract_batch_terms();
     }
 
     /// S of the levels of covariate 0 (see `correct`): one matrix product
@@ -183,21 +184,10 @@ impl Harmony<'_> {
 
     /// z_corr = z_orig − Σ_k R_k · (batch terms of W_k), cell by cell, and
     /// z_cos from it.
-    fn subtract_batch_terms(&mut self, w: &[Option<(Vec<f64>, Vec<f64>)>]) {
-        let (d, k, b, n_cov) = (self.d, self.k, self.b, self.n_cov);
-        // Per level, the d × K matrix of batch terms: wl[l][(c, j)] = W_c[l + 1, j].
-        let wl: Vec<Vec<f64>> = (0..b)
-            .map(|l| {
-                let mut m = vec![0.0; d * k];
-                for (c, wc) in w.iter().enumerate() {
-                    if let Some((sol, _)) = wc {
-                        m[c * d..(c + 1) * d].copy_from_slice(&sol[(l + 1) * d..(l + 2) * d]);
-                    }
-                }
-                m
-            })
-            .collect();
-        let active: Vec<bool> = wl.iter().map(|m| m.iter().any(|&v| v != 0.0)).collect();
+    fn subtract_batch_terms(&mut self) {
+        let (d, k, n_cov) = (self.d, self.k, self.n_cov);
+        let wl = &self.terms;
+        let active: Vec<bool> = wl.iter().map(|m| !m.is_empty()).collect();
         self.z_corr.copy_from_slice(&self.z_orig);
         let (r, lev, ranges) = (&self.r, &self.lev, &self.ranges);
         self.z_corr.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, out)| {
@@ -234,6 +224,25 @@ impl Harmony<'_> {
         });
         normalized_f32(&self.z_corr, &mut self.z_cos, d);
     }
+}
+
+/// Per level, the d × K matrix of batch terms, wl[l][(c, j)] = W_c[l + 1, j];
+/// empty for a level that no cluster corrects.
+pub(super) fn level_terms(w: &[Option<(Vec<f64>, Vec<f64>)>], b: usize, d: usize, k: usize) -> Vec<Vec<f64>> {
+    (0..b)
+        .map(|l| {
+            let mut m = vec![0.0; d * k];
+            for (c, wc) in w.iter().enumerate() {
+                if let Some((sol, _)) = wc {
+                    m[c * d..(c + 1) * d].copy_from_slice(&sol[(l + 1) * d..(l + 2) * d]);
+                }
+            }
+            if m.iter().all(|&v| v == 0.0) {
+                m = Vec::new();
+            }
+            m
+        })
+        .collect()
 }
 
 /// The columns `lo..hi` of the K × N matrix `m`, widened to f64.

@@ -27,8 +27,10 @@ use rayon::prelude::*;
 mod clustering;
 mod correction;
 mod kmeans;
+mod map;
 mod params;
 
+pub use map::HarmonyMap;
 use params::check_inputs;
 pub use params::{HarmonyCovariate, HarmonyParams};
 
@@ -50,6 +52,11 @@ pub struct HarmonyResult {
     pub cluster_rounds: Vec<usize>,
     pub n_iter: usize,
     pub converged: bool,
+    /// The fitted clusters and batch terms, which correct other cells of
+    /// the same batches (`HarmonyMap::correct`).
+    pub map: HarmonyMap,
+    /// Cells Harmony was fitted on: all, or the sketch (`HarmonyParams::sketch`).
+    pub fitted_cells: usize,
 }
 
 pub use crate::data::Embedding;
@@ -65,6 +72,9 @@ pub fn harmony(
     on_iter: &dyn Fn(usize),
 ) -> Result<HarmonyResult> {
     check_inputs(z, covariates, params)?;
+    if let Some(m) = params.sketch.filter(|&m| m < z.n) {
+        return map::sketched(z, covariates, params, m, interrupted, on_iter);
+    }
     let mut h = Harmony::new(z, covariates, params)?;
     h.init(interrupted)?;
     let mut converged = false;
@@ -144,6 +154,8 @@ struct Harmony<'a> {
     /// Observed and expected cluster × level counts, stored level-major (b·K + k).
     o: Vec<f64>,
     e: Vec<f64>,
+    /// The last correction's batch terms per level, d × K (empty: none).
+    terms: Vec<Vec<f64>>,
     obj_kmeans: Vec<f64>,
     obj_harmony: Vec<f64>,
     rounds: Vec<usize>,
@@ -302,6 +314,7 @@ impl<'a> Harmony<'a> {
             r: vec![0.0; k * n],
             o: vec![0.0; b * k],
             e: vec![0.0; b * k],
+            terms: vec![Vec::new(); b],
             obj_kmeans: Vec::new(),
             obj_harmony: Vec::new(),
             rounds: Vec::new(),
@@ -327,6 +340,7 @@ impl<'a> Harmony<'a> {
             }
         }
         self.r = Vec::new();
+        let map = HarmonyMap::of(&self);
         HarmonyResult {
             z_corr,
             r,
@@ -335,6 +349,8 @@ impl<'a> Harmony<'a> {
             cluster_rounds: self.rounds,
             n_iter,
             converged,
+            map,
+            fitted_cells: n,
         }
     }
 }

@@ -42,6 +42,11 @@ pub struct HarmonyParams {
     /// Return the soft memberships (N × K single-precision values; 400 MB
     /// at 10^6 cells). Without them `HarmonyResult::r` is empty.
     pub memberships: bool,
+    /// Fit on a sample of this many cells (each batch of the first
+    /// covariate in proportion, at least `SKETCH_FLOOR` of its cells), and
+    /// correct the others with the fitted clusters and batch terms
+    /// (`HarmonyMap`); `None` or at least the number of cells: fit on all.
+    pub sketch: Option<usize>,
 }
 
 impl Default for HarmonyParams {
@@ -59,6 +64,7 @@ impl Default for HarmonyParams {
             batch_prop_cutoff: 1e-5,
             seed: 0,
             memberships: true,
+            sketch: None,
         }
     }
 }
@@ -97,6 +103,14 @@ pub(super) fn check_inputs(z: Embedding, covs: &[HarmonyCovariate], p: &HarmonyP
     check_param(p.max_iter_cluster >= 1, "max_iter_cluster", "must be at least 1")?;
     check_param(p.alpha > 0.0 && p.alpha.is_finite(), "alpha", "must be positive")?;
     check_param(p.tau >= 0.0, "tau", "must be non-negative")?;
+    if let Some(m) = p.sketch {
+        check_param(m >= 2, "sketch", "must be at least 2 cells")?;
+        if m < n && p.memberships {
+            return invalid!(
+                "Harmony on a sketch gives no soft memberships of the other cells; ask for one or the other"
+            );
+        }
+    }
     if let Some(k) = p.n_clusters {
         check_param(k >= 1 && k <= n, "n_clusters", format!("must be between 1 and the number of cells ({n})"))?;
     }

@@ -317,3 +317,109 @@ fn only_a_small_fall_of_the_objective_is_convergence() {
     assert!(objective_settled(0.0, 0.0, 0.01) && !objective_settled(0.0, -1.0, 0.01));
     assert!(!objective_settled(f64::NAN, 1.0, 0.01) && !objective_settled(1.0, f64::INFINITY, 0.01));
 }
+
+/// Cells of 6 types (one 2% of cells) in 3 batches of unequal size, each
+/// batch shifting every type its own way: x (n × d), batch, type.
+fn typed_batches(n: usize, d: usize, seed: u64) -> (Vec<f64>, Vec<u32>, Vec<u32>) {
+    use rand_distr::{Distribution, Normal};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise = Normal::new(0.0, 1.0).unwrap();
+    let shares = [0.3, 0.25, 0.2, 0.15, 0.08, 0.02];
+    let mut centre = vec![0.0; 6 * d];
+    centre.iter_mut().for_each(|v| *v = 8.0 * noise.sample(&mut rng));
+    let mut shift = vec![0.0; 3 * 6 * d];
+    shift.iter_mut().for_each(|v| *v = 1.5 * noise.sample(&mut rng));
+    let (mut x, mut batch, mut label) = (vec![0.0; n * d], vec![0u32; n], vec![0u32; n]);
+    for i in 0..n {
+        let b = [0u32, 0, 0, 1, 1, 2][i % 6];
+        let u: f64 = rng.random();
+        let l = shares
+            .iter()
+            .scan(0.0, |s, &p| {
+                *s += p;
+                Some(*s)
+            })
+            .position(|c| u < c)
+            .unwrap_or(5);
+        (batch[i], label[i]) = (b, l as u32);
+        for j in 0..d {
+            x[i * d + j] = centre[l * d + j] + shift[(b as usize * 6 + l) * d + j] + noise.sample(&mut rng);
+        }
+    }
+    (x, batch, label)
+}
+
+/// Mean squared difference over the variance of `b`.
+fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    let n = b.len() as f64;
+    let mb = b.iter().sum::<f64>() / n;
+    let var = b.iter().map(|v| (v - mb) * (v - mb)).sum::<f64>() / n;
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>() / n / var
+}
+
+#[test]
+fn the_map_of_a_fit_corrects_its_cells_as_the_fit_did() {
+    let d = 8;
+    let (x, batch, label) = typed_batches(3000, d, 5);
+    let covs = [batch_cov(batch.clone(), 3)];
+    let p = HarmonyParams { memberships: false, ..Default::default() };
+    let fit = run(&x, d, &covs, &p);
+    let mut mapped = vec![0.0; x.len()];
+    fit.map.correct(Embedding::row_major(&x, 3000, d), &covs, &mut mapped).unwrap();
+    let err = relative_error(&mapped, &fit.z_corr);
+    let (s_in, s_fit, s_map) = (
+        batch_spread(&x, d, &batch, &label),
+        batch_spread(&fit.z_corr, d, &batch, &label),
+        batch_spread(&mapped, d, &batch, &label),
+    );
+    eprintln!("map of the fit: relative error {err:.2e}; batch spread {s_in:.3} -> fit {s_fit:.3}, map {s_map:.3}");
+    assert!(err < 1e-6, "relative error {err}");
+    assert!(s_map < s_fit * 1.1 + 0.02, "batch spread: fit {s_fit}, map {s_map}");
+    // Wrong shapes are refused.
+    let short = [batch_cov(batch[..10].to_vec(), 3)];
+    assert!(fit.map.correct(Embedding::row_major(&x, 3000, d), &short, &mut mapped).is_err());
+    assert!(fit.map.correct(Embedding::row_major(&x[..3000 * 4], 3000, 4), &covs, &mut mapped[..12000]).is_err());
+}
+
+#[test]
+fn harmony_on_a_sketch_corrects_the_other_cells_like_the_full_run() {
+    let (n, d, m) = (12_000, 8, 3000);
+    let (x, batch, label) = typed_batches(n, d, 9);
+    let covs = [batch_cov(batch.clone(), 3)];
+    let p = HarmonyParams { memberships: false, seed: 4, ..Default::default() };
+    let full = run(&x, d, &covs, &p);
+    let ps = HarmonyParams { sketch: Some(m), ..p.clone() };
+    let sk = run(&x, d, &covs, &ps);
+    // Every batch in proportion, the smallest (1/6 of the cells) above its floor.
+    let cells = map::sketch_cells(&covs[0], m, ps.seed);
+    assert_eq!(sk.fitted_cells, cells.len());
+    assert!((m..m + 3).contains(&cells.len()), "{} cells", cells.len());
+    let in_b2 = cells.iter().filter(|&&i| batch[i] == 2).count();
+    assert!((450..=550).contains(&in_b2), "{in_b2} of batch 3");
+    // The sketch's cells keep Harmony's fit on them.
+    let sub: Vec<f64> = cells.iter().flat_map(|&i| x[i * d..(i + 1) * d].to_vec()).collect();
+    let sub_cov = [batch_cov(cells.iter().map(|&i| batch[i]).collect(), 3)];
+    let alone = run(&sub, d, &sub_cov, &p);
+    for (o, &i) in cells.iter().enumerate() {
+        assert_eq!(&sk.z_corr[i * d..(i + 1) * d], &alone.z_corr[o * d..(o + 1) * d]);
+    }
+    // The other cells are corrected as well as by the full run.
+    let err = relative_error(&sk.z_corr, &full.z_corr);
+    let (s_in, s_full, s_sk) = (
+        batch_spread(&x, d, &batch, &label),
+        batch_spread(&full.z_corr, d, &batch, &label),
+        batch_spread(&sk.z_corr, d, &batch, &label),
+    );
+    eprintln!("sketch of {m}: relative error to the full run {err:.2e}; batch spread {s_in:.3} -> full {s_full:.3}, sketch {s_sk:.3}");
+    assert!(err < 1e-3, "relative error {err}");
+    assert!(s_sk < s_full * 1.15 + 0.02 && s_sk < s_in / 3.0, "batch spread: full {s_full}, sketch {s_sk}");
+    // Reproducible; a sketch as large as the data is the full run.
+    assert_eq!(run(&x, d, &covs, &ps).z_corr, sk.z_corr);
+    let whole = run(&x, d, &covs, &HarmonyParams { sketch: Some(n), ..p.clone() });
+    assert_eq!(whole.z_corr, full.z_corr);
+    assert_eq!(whole.fitted_cells, n);
+    // Memberships of the mapped cells are not computed: asking is an error.
+    let both = HarmonyParams { memberships: true, ..ps };
+    let e = harmony(Embedding::row_major(&x, n, d), &covs, &both, &|| false, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("sketch"), "{e}");
+}
