@@ -257,7 +257,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   # Z* is read in place (400 MB at 10^6 cells and 50 dimensions).
   if (!is.double(z)) storage.mode(z) <- "double"
   fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
-                             ncol(z), t$name, config, t1, t2, check_device(device), resolve_threads(threads),
+                             ncol(z), t$name, t$library, config, t1, t2, check_device(device), resolve_threads(threads),
                              bar$update))
   model <- new_model(fit$ptr, cnt$counts)
   if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
@@ -281,8 +281,17 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
     if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
-    pcs <- run_pca(counts, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed, threads = threads,
-                   method = teacher$method)
+    lib_sizes <- NULL
+    if (is.null(cnt$disk)) {
+      pcs <- run_pca(counts, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed,
+                     threads = threads, method = teacher$method)
+    } else {
+      # As run_pca() of the file; its first pass has the library sizes the student needs.
+      p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, threads)
+      pcs <- p$scores
+      lib_sizes <- p$library
+      rm(p)
+    }
     if (progress) cli::cli_progress_done()
     args <- utils::modifyList(list(theta = teacher$theta, lambda = NULL, sigma = 0.1, n_clusters = NULL,
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
@@ -298,9 +307,9 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
-    return(list(z = z, hvg = hvg, name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s",
-                                                 paste(teacher$theta, collapse = "/"), n_pcs, teacher$method,
-                                                 teacher$n_hvg, sketched %||% "")))
+    return(list(z = z, hvg = hvg, library = lib_sizes,
+                name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s", paste(teacher$theta, collapse = "/"),
+                               n_pcs, teacher$method, teacher$n_hvg, sketched %||% "")))
   }
   emb <- teacher$embedding
   label <- "given embedding"

@@ -61,12 +61,8 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
   seed <- check_seed(seed)
   d <- as_disk(x, ...)
   if (!is.null(d)) {
-    if (method != "log2cpm") {
-      stop("run_pca(method = \"pearson_residuals\") needs the counts in memory; counts on disk take ",
-           "method = \"log2cpm\"", call. = FALSE)
-    }
-    res <- disk_hvg_pca(d, disk_batch(d, batch), n_hvg, 0.3, n_pcs, scale, threads)
-    return(write_back(x, pca_scores(res, n_pcs, d$cells, d$genes), name %||% reduction_name(x, "PCA")))
+    return(write_back(x, disk_pca(d, batch, n_pcs, n_hvg, scale, method, threads)$scores,
+                      name %||% reduction_name(x, "PCA")))
   }
   cnt <- as_counts(x, batch = batch, ...)
   s <- slots(cnt)
@@ -83,6 +79,17 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
                          if (method == "pearson_residuals") as.numeric(residual_theta) else 0,
                          resolve_threads(threads)))
   write_back(x, pca_scores(res, n_pcs, s$cells, s$genes), name %||% reduction_name(x, "PCA"))
+}
+
+# PCA of counts on disk (log2 CPM only): the scores, and each cell's total
+# count from the same pass over the file (distill()'s student reuses them).
+disk_pca <- function(d, batch, n_pcs, n_hvg, scale, method, threads) {
+  if (method != "log2cpm") {
+    stop("run_pca(method = \"pearson_residuals\") needs the counts in memory; counts on disk take ",
+         "method = \"log2cpm\"", call. = FALSE)
+  }
+  res <- disk_hvg_pca(d, disk_batch(d, batch), n_hvg, 0.3, n_pcs, scale, threads)
+  list(scores = pca_scores(res, n_pcs, d$cells, d$genes), library = res$library)
 }
 
 # The scores matrix of the glue's PCA result, its attributes as prcomp's.

@@ -256,6 +256,21 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
   metrics <- summary(disk, label = "cell_type", x = s$file, threads = 2)$metrics
   expect_gt(metrics["student", "nmi_leiden"], summary(in_memory, label = mem$cell_data$cell_type, threads = 2)$metrics["student", "nmi_leiden"] - 0.05)
   expect_equal(dim(corrected_expression(disk, as_counts(h5_counts(s$file), cells = 1:50), "Batch1")), c(150L, 50L))
+  # The library sizes come from the teacher's first pass; a given teacher's
+  # student scans the file for them.
+  given <- distill(s$file, batch = "batch", teacher = given_teacher(teacher_latent(disk), n_hvg = 100),
+                   max_epochs_encoder = 15, max_epochs_decoder = 10, threads = 2, progress = FALSE)
+  expect_setequal(given$info$input_genes, disk$info$input_genes)
+  expect_gt(r2(given), r2(disk) - 0.05)
+  # A cell without counts (its stored values set to 0, in another R process
+  # as above) is named, after the teacher's passes and without a scan.
+  empty <- tempfile(fileext = ".h5ad")
+  file.copy(s$file, empty)
+  edit <- sprintf(paste0('p <- rhdf5::h5read("%s", "X/indptr"); x <- rhdf5::h5read("%s", "X/data"); ',
+                         'x[(p[17] + 1):p[18]] <- 0; rhdf5::h5write(x, "%s", "X/data")'), empty, empty, empty)
+  expect_equal(system2(file.path(R.home("bin"), "Rscript"), c("-e", shQuote(edit))), 0)
+  expect_error(distill(empty, batch = "batch", n_latent = 8, max_epochs_encoder = 2, max_epochs_decoder = 2,
+                       threads = 2, progress = FALSE), "1 cell\\(s\\) have zero total counts \\(first: cell 17\\)")
   expect_error(distill(s$file, batch = "donor", n_latent = 8), "not a cell column")
   expect_error(distill(s$file, batch = "batch", teacher = harmony_teacher(method = "pearson_residuals"),
                        n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")

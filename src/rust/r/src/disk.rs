@@ -104,7 +104,12 @@ impl Input {
 
 /// Cells without counts, which the in-memory checks refuse too.
 pub(crate) fn check_scan(disk: &DiskCsr, scan: &scdistill_core::data::Scan) -> scdistill_core::Result<()> {
-    let empty: Vec<usize> = (0..scan.row_sums.len()).filter(|&c| scan.row_sums[c] == 0.0).collect();
+    check_library(disk, &scan.row_sums)
+}
+
+/// No cell of `disk` may have a zero total (`library`, one per cell).
+pub(crate) fn check_library(disk: &DiskCsr, library: &[f64]) -> scdistill_core::Result<()> {
+    let empty: Vec<usize> = (0..library.len()).filter(|&c| library[c] == 0.0).collect();
     if !empty.is_empty() {
         return Err(scdistill_core::Error::InvalidInput(format!(
             "'{}': {} cell(s) have zero total counts (first: cell {}); remove them before fitting",

@@ -1,7 +1,7 @@
 //! extendr glue of distill() (mirrors R/distill.R).
 
 use crate::convert::from_r;
-use crate::disk::{check_scan, Input};
+use crate::disk::{check_library, Input};
 use crate::model::pass_record;
 use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
@@ -18,7 +18,8 @@ use scdistill_core::train::TrainConfig;
 /// `TrainConfig` fields; `progress(phase, epoch, train loss, validation
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
 /// the passes that read the library sizes, phase "scan", and Z, phase
-/// "latent"). Returns list(ptr,
+/// "latent"); `library`: NULL, or for counts on disk each cell's total
+/// from the teacher's pass (then the file is not scanned for them). Returns list(ptr,
 /// latent (cells × d)).
 /// @noRd
 #[extendr]
@@ -32,6 +33,7 @@ fn rs_fit_distill(
     teacher: &[f64],
     teacher_dim: i32,
     teacher_name: &str,
+    library: Robj,
     config: Robj,
     train_encoder: Robj,
     train_decoder: Robj,
@@ -55,15 +57,20 @@ fn rs_fit_distill(
     let t1: TrainConfig = from_r(&train_encoder, "encoder training settings")?;
     let t2: TrainConfig = from_r(&train_decoder, "decoder training settings")?;
     let device = parse_device(device).map_err(fail)?;
+    // The teacher's library sizes, when its pass over the file has them (read here, on R's thread).
+    let given: Option<&[f64]> = library.as_real_slice();
     let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
-        let scan;
+        let sizes;
         let counts = match &input {
             Input::Memory(m) => DistillCounts::Memory(m),
             Input::Disk(disk, genes) => {
-                scan = disk.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
-                check_scan(disk, &scan)?;
-                DistillCounts::Disk { disk, genes, scan: &scan }
+                sizes = match given {
+                    Some(l) => l.to_vec(),
+                    None => disk.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?.row_sums,
+                };
+                check_library(disk, &sizes)?;
+                DistillCounts::Disk { disk, genes, library: &sizes }
             }
         };
         let data = DistillData {

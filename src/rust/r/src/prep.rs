@@ -126,7 +126,8 @@ fn rs_disk_hvg_pca(
                 sdev = p.sdev,
                 variance_ratio = p.variance_ratio,
                 n_iter = 0,
-                hvg = hvg
+                hvg = hvg,
+                library = r.library
             )
         }
     })

@@ -517,7 +517,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
         .unwrap()
         .unwrap()
     };
-    let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, scan: &scan };
+    let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, library: &scan.row_sums };
     let (disk, z_disk) = fit(on_disk(), &all, &tc);
     let (memory, z_mem) = fit((&s.counts).into(), &all, &tc);
     // The student's fit to its teacher (R²) and the decoder's loss: the

@@ -16,7 +16,7 @@
 //!
 //! Corrected expression is the decoder's ρ for a reference batch.
 
-use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Embedding, Rows, Scan};
+use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Embedding, Rows};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
@@ -665,12 +665,13 @@ pub struct DistillData<'a> {
 pub enum DistillCounts<'a> {
     Memory(&'a CountMatrix),
     /// Counts that stay on disk, streamed in both phases (see
-    /// `data::DiskCsr`), with their genes' names and the per-cell totals of
-    /// a pass over them (`DiskCsr::scan`).
+    /// `data::DiskCsr`), with their genes' names and each cell's total
+    /// count over all genes (`Scan::row_sums`, or the teacher's pass:
+    /// `prep::DiskPca::library`).
     Disk {
         disk: &'a DiskCsr,
         genes: &'a [String],
-        scan: &'a Scan,
+        library: &'a [f64],
     },
 }
 
@@ -776,9 +777,9 @@ impl DistillModel {
                 input: encoder_input(m, data.input_genes),
                 counts: m.csr.select_columns(data.decoder_genes),
             },
-            DistillCounts::Disk { disk, scan, .. } => {
-                if scan.row_sums.len() != n {
-                    return invalid!("{} scanned cells for a matrix of {n}", scan.row_sums.len());
+            DistillCounts::Disk { disk, library, .. } => {
+                if library.len() != n {
+                    return invalid!("{} library sizes for a matrix of {n} cells", library.len());
                 }
                 let all =
                     data.decoder_genes.len() == n_genes && data.decoder_genes.iter().enumerate().all(|(k, &j)| k == j);
@@ -794,7 +795,7 @@ impl DistillModel {
                     input_genes: data.input_genes,
                     position,
                     decoder_genes: (!all).then_some(data.decoder_genes),
-                    scale: scan.row_sums.iter().map(|&l| 1e6 / l).collect(),
+                    scale: library.iter().map(|&l| 1e6 / l).collect(),
                 }
             }
         };

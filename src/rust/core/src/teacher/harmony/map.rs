@@ -14,6 +14,8 @@
 use super::{Embedding, Harmony, HarmonyCovariate, HarmonyParams, HarmonyResult, CHUNK};
 use crate::error::{invalid, Error, Result};
 use crate::numeric::exp_nonpositive;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -89,72 +91,86 @@ impl HarmonyMap {
                 );
             }
         }
-        out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
-            let mut scratch = Scratch::new(self);
-            for (o, row) in rows.chunks_mut(d).enumerate() {
-                let i = ci * CHUNK + o;
-                self.correct_cell(z, i, covariates, row, &mut scratch);
-            }
-        });
+        self.correct_rows(z, 0, covariates, out);
         Ok(())
     }
 
-    /// One cell, `i` of `z`, into `out` (see the module's note).
-    fn correct_cell(&self, z: Embedding, i: usize, covs: &[HarmonyCovariate], out: &mut [f64], s: &mut Scratch) {
+    /// Corrects the cells `lo..` of `z` into `out` (as many rows as it
+    /// holds), in parallel chunks.
+    fn correct_rows(&self, z: Embedding, lo: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
+        let d = self.d;
+        out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
+            self.correct_chunk(z, lo + ci * CHUNK, covs, rows);
+        });
+    }
+
+    /// The cells `first..` of `z` (as many as `out` has rows), see the
+    /// module's note: per round, the memberships of all of them by one
+    /// product with the centroids, and each level's batch terms by one
+    /// product with the memberships of its cells.
+    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
         let (d, k) = (self.d, self.k);
-        z.row_into(i, &mut s.z);
-        s.levels.clear();
-        let mut first = 0;
-        for (c, &nl) in covs.iter().zip(&self.n_levels) {
-            s.levels.push(first + c.codes[i] as usize);
-            first += nl;
+        let m = out.len() / d;
+        let mut zin = vec![0.0; m * d];
+        for (i, row) in zin.chunks_mut(d).enumerate() {
+            z.row_into(first + i, row);
         }
-        s.pen.iter_mut().for_each(|p| *p = 0.0);
-        for &l in &s.levels {
-            s.pen.iter_mut().zip(&self.ln_pen[l * k..(l + 1) * k]).for_each(|(p, q)| *p += q);
+        // The cells of each level, and each cell's summed log penalty (K × m).
+        let mut of_level: Vec<Vec<usize>> = vec![Vec::new(); self.terms.len()];
+        let mut pen = vec![0.0; k * m];
+        for i in 0..m {
+            let mut base = 0;
+            for (c, &nl) in covs.iter().zip(&self.n_levels) {
+                let l = base + c.codes[first + i] as usize;
+                base += nl;
+                of_level[l].push(i);
+                pen[i * k..(i + 1) * k].iter_mut().zip(&self.ln_pen[l * k..(l + 1) * k]).for_each(|(p, q)| *p += q);
+            }
         }
-        out.copy_from_slice(&s.z);
+        let y = MatRef::from_column_major_slice(&self.y, d, k);
+        let (mut u, mut r) = (vec![0.0; m * d], vec![0.0; k * m]);
+        let (mut r_sub, mut shift) = (Vec::new(), Vec::new());
+        out.copy_from_slice(&zin);
         for _ in 0..ROUNDS {
-            let norm = out.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let inv = if norm > 0.0 { 1.0 / norm } else { 1.0 };
-            let mut hi = f64::NEG_INFINITY;
-            for c in 0..k {
-                let dot: f64 = self.y[c * d..(c + 1) * d].iter().zip(out.iter()).map(|(a, b)| a * b).sum();
-                let t = -2.0 * (1.0 - dot * inv) * self.inv_sigma[c] + s.pen[c];
-                s.r[c] = t;
-                hi = hi.max(t);
+            for (dst, src) in u.chunks_mut(d).zip(out.chunks(d)) {
+                let norm = src.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let inv = if norm > 0.0 { 1.0 / norm } else { 1.0 };
+                dst.iter_mut().zip(src).for_each(|(a, b)| *a = b * inv);
             }
-            let mut total = 0.0;
-            for r in s.r.iter_mut() {
-                *r = exp_nonpositive(*r - hi);
-                total += *r;
+            // r = Yᵀ u, then per cell exp(−2 (1 − r) / σ + ln penalty), normalized.
+            let uc = MatRef::from_column_major_slice(&u, d, m);
+            matmul(MatMut::from_column_major_slice_mut(&mut r, k, m), Accum::Replace, y.transpose(), uc, 1.0, Par::Seq);
+            for (col, p) in r.chunks_mut(k).zip(pen.chunks(k)) {
+                let mut hi = f64::NEG_INFINITY;
+                for ((v, &is), &lp) in col.iter_mut().zip(&self.inv_sigma).zip(p) {
+                    *v = -2.0 * (1.0 - *v) * is + lp;
+                    hi = hi.max(*v);
+                }
+                let mut total = 0.0;
+                for v in col.iter_mut() {
+                    *v = exp_nonpositive(*v - hi);
+                    total += *v;
+                }
+                col.iter_mut().for_each(|v| *v /= total);
             }
-            s.r.iter_mut().for_each(|r| *r /= total);
-            out.copy_from_slice(&s.z);
-            for &l in &s.levels {
+            out.copy_from_slice(&zin);
+            for (l, cells) in of_level.iter().enumerate() {
                 let w = &self.terms[l];
-                if w.is_empty() {
+                if w.is_empty() || cells.is_empty() {
                     continue;
                 }
-                for (c, &r) in s.r.iter().enumerate() {
-                    out.iter_mut().zip(&w[c * d..(c + 1) * d]).for_each(|(o, wv)| *o -= r * wv);
+                r_sub.clear();
+                cells.iter().for_each(|&i| r_sub.extend_from_slice(&r[i * k..(i + 1) * k]));
+                shift.resize(d * cells.len(), 0.0);
+                let rc = MatRef::from_column_major_slice(&r_sub, k, cells.len());
+                let wm = MatRef::from_column_major_slice(w, d, k);
+                let dst = MatMut::from_column_major_slice_mut(&mut shift, d, cells.len());
+                matmul(dst, Accum::Replace, wm, rc, 1.0, Par::Seq);
+                for (&i, s) in cells.iter().zip(shift.chunks(d)) {
+                    out[i * d..(i + 1) * d].iter_mut().zip(s).for_each(|(o, v)| *o -= v);
                 }
             }
         }
-    }
-}
-
-/// A task's working space for `correct_cell`.
-struct Scratch {
-    z: Vec<f64>,
-    r: Vec<f64>,
-    pen: Vec<f64>,
-    levels: Vec<usize>,
-}
-
-impl Scratch {
-    fn new(m: &HarmonyMap) -> Self {
-        Scratch { z: vec![0.0; m.d], r: vec![0.0; m.k], pen: vec![0.0; m.k], levels: Vec::new() }
     }
 }
 
@@ -205,16 +221,8 @@ pub(super) fn sketched(
             return Err(Error::Interrupted);
         }
         let hi = (lo + POLL_CELLS).min(n);
-        let out = &mut z_corr[lo * d..hi * d];
-        out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
-            let mut scratch = Scratch::new(&fit.map);
-            for (o, row) in rows.chunks_mut(d).enumerate() {
-                let i = lo + ci * CHUNK + o;
-                if cells.binary_search(&i).is_err() {
-                    fit.map.correct_cell(z, i, covs, row, &mut scratch);
-                }
-            }
-        });
+        // The sketch's cells too (overwritten below): simpler than skipping them.
+        fit.map.correct_rows(z, lo, covs, &mut z_corr[lo * d..hi * d]);
     }
     for (o, &i) in cells.iter().enumerate() {
         z_corr[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[o * d..(o + 1) * d]);
