@@ -120,9 +120,12 @@ print.scdistill_teacher <- function(x, ...) {
 #' The Harmony teacher's genes and PCA are computed from the file in four
 #' passes of 16,384 cells: the same genes and the same exact PCA (of log2
 #' CPM; `method = "pearson_residuals"` needs the counts in memory) as in
-#' memory, see [run_pca()]. Harmony then runs on the PCs of every cell,
-#' which are small (cells × `n_pcs`) and in memory. A further pass reads
-#' the library sizes. Both phases of the student then stream minibatches
+#' memory, see [run_pca()]; the first pass also gives the student its
+#' library sizes. Harmony then corrects the PCs of every cell (cells ×
+#' `n_pcs`, in memory); above 200,000 cells it is fitted on a sketch of
+#' that many and corrects the others with the fit (`harmony_teacher(sketch
+#' =)`, see [run_harmony()]). With [given_teacher()] a pass reads the
+#' library sizes. Both phases of the student then stream minibatches
 #' from the file as [fit_vae()] does (whole blocks of cells held out for
 #' validation, blocks shuffled in windows); the encoder's batch norms take
 #' their statistics from training cells read in runs (8,192 before each
@@ -243,6 +246,9 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   genes <- cnt$genes %||% rownames(cnt$counts)
   distributed <- join_group(if (is.null(d)) cnt$counts else d, list(config, t1, t2, as.integer(cnt$batch)))
   t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress)
+  # The teacher's PCs and their copies (cells x n_pcs each) are garbage now;
+  # training allocates little in R, so R would keep them for the whole fit.
+  if (!is.null(d)) invisible(gc(verbose = FALSE))
   # Every rank computed the teacher; all train on rank 0's.
   z <- if (distributed) rank0_values(t$z) else t$z
   if (!is.null(n_latent) && ncol(z) != n_latent) {
@@ -493,9 +499,13 @@ summary.scdistill_distill <- function(object, label = NULL, x = NULL, threads = 
   if (identical(object$info$config$target, "cell")) {
     z_star <- t(apply(z_star, 1, function(r) (r - mean(r)) / (sqrt(mean((r - mean(r))^2)) + 1e-5)))
   }
+  # One dimension at a time: whole-matrix temporaries were 1.6 GB at 10^6 cells.
   r2 <- function(rows) {
-    zs <- z_star[rows, , drop = FALSE]
-    1 - sum((z[rows, , drop = FALSE] - zs)^2) / sum(sweep(zs, 2, colMeans(zs))^2)
+    ss <- vapply(seq_len(ncol(z)), function(j) {
+      zs <- z_star[rows, j]
+      c(sum((z[rows, j] - zs)^2), sum((zs - mean(zs))^2))
+    }, numeric(2))
+    1 - sum(ss[1, ]) / sum(ss[2, ])
   }
   val <- object$validation_cells
   out <- list(model = object, r2 = c(all = r2(seq_len(nrow(z))), validation = if (length(val) > 1) r2(val) else NA),

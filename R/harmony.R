@@ -61,8 +61,12 @@
 #' reproduces the fit (relative squared error below 10^-6 in the package's
 #' tests). On simulated data of six types in three batches, a sketch of a
 #' quarter of the cells corrected all cells to a relative squared error of
-#' 2.5·10^-5 from the full run. `distill()`'s Harmony teacher uses a sketch
-#' of 200,000 cells on larger data (`harmony_teacher(sketch =)`).
+#' 2.5·10^-5 from the full run. On the 50 PCs of 10^6 simulated cells (10
+#' types, 3 batches), a sketch of 200,000 gave 9.6·10^-5 (every dimension
+#' correlated above 0.9997 with the full run's), the same iLISI, kBET and
+#' Leiden clusters, and a process peak of 2.0 GB against 2.8 GB.
+#' `distill()`'s Harmony teacher uses a sketch of 200,000 cells on larger
+#' data (`harmony_teacher(sketch =)`).
 #' @return For a container, `x` with the corrected embedding added; for a
 #'   matrix, the corrected matrix, with attribute `harmony`: a list with the
 #'   objective per iteration, the number of iterations, whether it
