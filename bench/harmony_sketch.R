@@ -2,7 +2,7 @@
 # memory at atlas scale).
 #
 #   Rscript bench/harmony_sketch.R [--cells 1000000] [--genes 2000] [--sketch 200000] [--threads 2] [--seed 1]
-#                                  [--h5ad FILE]
+#                                  [--h5ad FILE] [--design rare|confounded]
 #
 # One simulation (10 types in unequal proportions, 3 batches) is written to
 # an .h5ad file (or --h5ad names one with `batch` and `cell_type` in obs);
@@ -15,6 +15,11 @@
 # variance; the smallest correlation of a dimension), and
 # integration_metrics() of the PCs and both corrections on the same 10,000
 # cells (bench/results/harmony_sketch.csv).
+# With --design, the data are instead bench/quality.R's harder designs,
+# simulated in memory at --cells before subsampling (about half are kept):
+# `rare` (14 types down to 1%, 4 batches with their own type proportions, two
+# types at a tenth in each) or `confounded` (12 types, 3 batches, each
+# lacking three types); PCA in memory, same settings.
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -24,23 +29,64 @@ sketch <- bench_option(args, "--sketch", 2e5)
 threads <- bench_option(args, "--threads", 2)
 seed <- bench_option(args, "--seed", 1)
 h5ad <- bench_option(args, "--h5ad", "", as = as.character)
+design <- bench_option(args, "--design", "", as = as.character)
 work <- file.path(tempdir(), "harmony_sketch")
 dir.create(work, showWarnings = FALSE)
-if (!nzchar(h5ad)) h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
-
 suppressMessages(library(scdistill))
 options(scdistill.pass_bars = FALSE)
-cd <- scdistill:::disk_cell_data(scdistill:::as_disk(h5ad))
-n_cells <- nrow(cd)
-# The PCs are kept beside the file and reused while it is unchanged.
-pcs_file <- paste0(h5ad, ".pcs.rds")
-if (!file.exists(pcs_file) || file.mtime(pcs_file) < file.mtime(h5ad)) {
-  t_pca <- system.time(pcs <- run_pca(h5ad, n_pcs = 50, n_hvg = 2000, batch = cd$batch, seed = seed,
-                                      threads = threads))[["elapsed"]]
+if (nzchar(design)) {
+  stopifnot(design %in% c("rare", "confounded"))
+  set.seed(seed + 1)
+  if (design == "rare") {
+    prob <- c(0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04, 0.03, 0.03, 0.02, 0.015, 0.01)
+    n_batches <- 4
+    low <- function(n, b) sample.int(n, 2)
+    low_w <- 0.1
+  } else {
+    prob <- c(0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04, 0.04, 0.03, 0.03)
+    n_batches <- 3
+    missing <- split(sample.int(12, 9), rep(1:3, each = 3))
+    low <- function(n, b) missing[[as.integer(sub("\\D+", "", b))]]
+    low_w <- 0.02
+  }
+  sim <- simulate_counts(n_cells = n_cells, n_genes = n_genes, group_prob = prob, n_batches = n_batches,
+                         batch_effect = "medium", format = "list", seed = seed, threads = threads)
+  type <- as.character(sim$cell_data$cell_type)
+  batch <- as.character(sim$cell_data$batch)
+  keep <- integer()
+  for (b in sort(unique(batch), method = "radix")) {
+    w <- stats::runif(length(prob), 0.3, 1)
+    w[low(length(prob), b)] <- low_w
+    for (k in seq_along(prob)) {
+      cells <- which(batch == b & type == sort(unique(type), method = "radix")[k])
+      keep <- c(keep, cells[sample.int(length(cells), round(length(cells) * w[k] * 0.5))])
+    }
+  }
+  keep <- sort(keep)
+  cd <- data.frame(batch = batch[keep], cell_type = type[keep])
+  n_cells <- nrow(cd)
+  pcs_file <- file.path(work, "pcs.rds")
+  pcs <- run_pca(sim$counts[, keep], n_pcs = 50, n_hvg = 2000, batch = cd$batch, seed = seed, threads = threads)
+  rm(sim)
   attributes(pcs) <- list(dim = dim(pcs))
   saveRDS(list(pcs = pcs, batch = cd$batch), pcs_file)
   rm(pcs)
-  cat(sprintf("PCA of %s cells from the file: %.1f s\n", format(n_cells, big.mark = ","), t_pca))
+  cat(sprintf("%s design: %s cells kept, types at %s%% ... %s%%\n", design, format(n_cells, big.mark = ","),
+              round(100 * max(table(cd$cell_type)) / n_cells, 1), round(100 * min(table(cd$cell_type)) / n_cells, 2)))
+} else {
+  if (!nzchar(h5ad)) h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
+  cd <- scdistill:::disk_cell_data(scdistill:::as_disk(h5ad))
+  n_cells <- nrow(cd)
+  # The PCs are kept beside the file and reused while it is unchanged.
+  pcs_file <- paste0(h5ad, ".pcs.rds")
+  if (!file.exists(pcs_file) || file.mtime(pcs_file) < file.mtime(h5ad)) {
+    t_pca <- system.time(pcs <- run_pca(h5ad, n_pcs = 50, n_hvg = 2000, batch = cd$batch, seed = seed,
+                                        threads = threads))[["elapsed"]]
+    attributes(pcs) <- list(dim = dim(pcs))
+    saveRDS(list(pcs = pcs, batch = cd$batch), pcs_file)
+    rm(pcs)
+    cat(sprintf("PCA of %s cells from the file: %.1f s\n", format(n_cells, big.mark = ","), t_pca))
+  }
 }
 
 run_mode <- function(mode) {
@@ -69,7 +115,8 @@ pcs <- readRDS(pcs_file)$pcs
 metrics <- function(z) integration_metrics(z[cells, ], batch = cd$batch[cells], label = cd$cell_type[cells],
                                            threads = threads)
 mt <- rbind(metrics(pcs), metrics(full), metrics(sk))
-tab <- data.frame(method = c("pca", "harmony", "harmony_sketch"), cells = n_cells, sketch = c(NA, NA, sketch),
+tab <- data.frame(data = if (nzchar(design)) design else "file", method = c("pca", "harmony", "harmony_sketch"),
+                  cells = n_cells, sketch = c(NA, NA, sketch),
                   fitted_cells = c(NA, attr(full, "harmony")$fitted_cells, attr(sk, "harmony")$fitted_cells),
                   harmony_s = c(NA, round(res[[1]]$seconds, 1), round(res[[2]]$seconds, 1)),
                   process_s = c(NA, round(res[[1]]$wall, 1), round(res[[2]]$wall, 1)),
