@@ -28,8 +28,11 @@ fn rs_fit_clusters(
 ) -> Result<Robj> {
     let z = latent_rows(&z, d)?;
     let n = z.len() / d.max(1) as usize;
-    let labels =
-        if codes.is_null() { None } else { Some((crate::labels::label_codes(&codes)?, strings(&levels, "levels")?)) };
+    let labels = if codes.is_null() {
+        None
+    } else {
+        Some((crate::labels::label_codes(&codes)?, strings(&levels, "levels")?))
+    };
     let config: ClusterConfig = from_r(&config, "clustering settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let model = with_epoch_progress(threads, &progress, |interrupted, report| {

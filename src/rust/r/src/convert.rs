@@ -14,8 +14,8 @@
 
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
-use extendr_api::Result;
 use scdistill_core::data::{Categorical, CountMatrix, Csr};
+use extendr_api::Result;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value};
 
@@ -77,7 +77,9 @@ pub(crate) fn to_r(v: &Value) -> Robj {
         Value::Bool(b) => (*b).into(),
         Value::Number(n) => number_to_r(n),
         Value::String(s) => s.as_str().into(),
-        Value::Object(map) => List::from_pairs(map.iter().map(|(k, v)| (k.as_str(), to_r(v)))).into(),
+        Value::Object(map) => {
+            List::from_pairs(map.iter().map(|(k, v)| (k.as_str(), to_r(v)))).into()
+        }
         Value::Array(items) => array_to_r(items),
     }
 }
@@ -135,7 +137,8 @@ fn records(items: &[Value]) -> Option<Robj> {
         return None;
     }
     let columns = keys.iter().map(|k| {
-        let col: Vec<Value> = items.iter().map(|v| v.get(k.as_str()).cloned().unwrap_or(Value::Null)).collect();
+        let col: Vec<Value> =
+            items.iter().map(|v| v.get(k.as_str()).cloned().unwrap_or(Value::Null)).collect();
         // A column of whole numbers that also holds fractions stays double.
         let numeric = col.iter().all(|x| x.is_number() || x.is_null());
         let col_r = if numeric && col.iter().any(|x| x.is_f64() || x.is_null()) {
@@ -176,12 +179,7 @@ pub(crate) fn counts_from_r(counts: &List) -> Result<CountMatrix> {
 }
 
 /// A categorical covariate from 1-based R factor codes, or None for NULL.
-pub(crate) fn categorical_from_r(
-    name: &str,
-    codes: &Robj,
-    levels: &Robj,
-    n_cells: usize,
-) -> Result<Option<Categorical>> {
+pub(crate) fn categorical_from_r(name: &str, codes: &Robj, levels: &Robj, n_cells: usize) -> Result<Option<Categorical>> {
     categorical_from_r_min(name, codes, levels, n_cells, 2)
 }
 
@@ -231,6 +229,9 @@ pub(crate) fn r_matrix<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> RMat
     }
     out
 }
+
+
+
 
 /// Validates counts; returns c(n_genes, n_cells, nnz).
 /// @noRd

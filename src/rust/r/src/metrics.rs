@@ -71,16 +71,7 @@ fn rs_integration_metrics(
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
-fn rs_neighbor_preservation(
-    x: Robj,
-    dx: i32,
-    y: Robj,
-    dy: i32,
-    n: i32,
-    k: i32,
-    seed: f64,
-    threads: i32,
-) -> Result<f64> {
+fn rs_neighbor_preservation(x: Robj, dx: i32, y: Robj, dy: i32, n: i32, k: i32, seed: f64, threads: i32) -> Result<f64> {
     let n = n as usize;
     let (xv, yv) = (row_major(&x, n, dx as usize, "x")?, row_major(&y, n, dy as usize, "y")?);
     run(threads, |_| {

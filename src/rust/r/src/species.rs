@@ -9,8 +9,8 @@ use extendr_api::Result;
 use scdistill_core::device::parse_device;
 use scdistill_core::models::species::analysis::TargetCells;
 use scdistill_core::models::species::fitted::Species;
-use scdistill_core::models::species::{SpeciesConfig, SpeciesData, SpeciesModel};
 use scdistill_core::models::Cells;
+use scdistill_core::models::species::{SpeciesConfig, SpeciesData, SpeciesModel};
 use scdistill_core::train::TrainConfig;
 
 /// Trains a cross-species model. `context`/`target`: count lists;
@@ -40,8 +40,7 @@ fn rs_fit_species(
     let cb = categorical_list(&context_batch, c.n_cells())?;
     let tb = categorical_list(&target_batch, t.n_cells())?;
     let labels = categorical_list(&labels, c.n_cells())?;
-    let get =
-        |k: &str| homologs.iter().find(|(n, _)| *n == k).map(|(_, v)| v).ok_or_else(|| fail("internal: homologs"));
+    let get = |k: &str| homologs.iter().find(|(n, _)| *n == k).map(|(_, v)| v).ok_or_else(|| fail("internal: homologs"));
     let ht = strings(&get("target")?, "homologs$target")?;
     let hc = strings(&get("context")?, "homologs$context")?;
     let pairs: Vec<(String, String)> = ht.into_iter().zip(hc).collect();
@@ -143,20 +142,20 @@ fn rs_species_fold_changes(
     let items: Vec<(String, Robj)> = fc
         .into_iter()
         .map(|f| {
-            let cols = list!(
-                n_target_cells = f.n_target_cells as i32,
-                n_used = f.n_used as i32,
-                rho_median_context = f.rho_median_context,
-                mu_median_context = f.mu_median_context,
-                rho_median_target = f.rho_median_target,
-                mu_median_target = f.mu_median_target,
-                lfc = f.lfc,
-                p = f.p,
-                lfc_rand = f.lfc_rand,
-                p_rand = f.p_rand
-            );
-            (f.cell_type, Robj::from(cols))
-        })
+        let cols = list!(
+            n_target_cells = f.n_target_cells as i32,
+            n_used = f.n_used as i32,
+            rho_median_context = f.rho_median_context,
+            mu_median_context = f.mu_median_context,
+            rho_median_target = f.rho_median_target,
+            mu_median_target = f.mu_median_target,
+            lfc = f.lfc,
+            p = f.p,
+            lfc_rand = f.lfc_rand,
+            p_rand = f.p_rand
+        );
+        (f.cell_type, Robj::from(cols))
+    })
         .collect();
     Ok(List::from_pairs(items.iter().map(|(n, v)| (n.as_str(), v.clone()))))
 }

@@ -147,16 +147,7 @@ impl Harmony<'_> {
             }
             // ln of the penalty first: one logarithm and one exponential
             // per entry (a powf is both, and the objective needs the ln).
-            let ln_pen: Vec<f64> = (0..b * k)
-                .map(|i| {
-                    let t = self.theta[i / k];
-                    if t == 0.0 {
-                        0.0
-                    } else {
-                        t * ((2.0 * self.e[i] + 1.0) / (self.o[i] + self.e[i] + 1.0)).ln()
-                    }
-                })
-                .collect();
+            let ln_pen = self.ln_penalty();
             let pen: Vec<f64> = ln_pen.iter().map(|&l| l.exp()).collect();
             // One pass: the new R of each cell, its sums back into the
             // statistics, and its objective terms. With R = scale · f / T,
@@ -192,6 +183,22 @@ impl Harmony<'_> {
             blk += 1;
         }
         Ok(r_term)
+    }
+
+    /// θ ln((2E + 1) / (O + E + 1)) per level and cluster (level-major):
+    /// the log of the diversity penalty under the current statistics.
+    pub(super) fn ln_penalty(&self) -> Vec<f64> {
+        let k = self.k;
+        (0..self.b * k)
+            .map(|i| {
+                let t = self.theta[i / k];
+                if t == 0.0 {
+                    0.0
+                } else {
+                    t * ((2.0 * self.e[i] + 1.0) / (self.o[i] + self.e[i] + 1.0)).ln()
+                }
+            })
+            .collect()
     }
 
     /// harmony 2's objective, scaled by 2000 / N: Σ R·dist + Σ σ R log R

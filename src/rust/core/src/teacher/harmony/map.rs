@@ -51,16 +51,7 @@ pub struct HarmonyMap {
 impl HarmonyMap {
     pub(super) fn of(h: &Harmony) -> Self {
         let k = h.k;
-        let ln_pen = (0..h.b * k)
-            .map(|i| {
-                let t = h.theta[i / k];
-                if t == 0.0 {
-                    0.0
-                } else {
-                    t * ((2.0 * h.e[i] + 1.0) / (h.o[i] + h.e[i] + 1.0)).ln()
-                }
-            })
-            .collect();
+        let ln_pen = h.ln_penalty();
         let n_levels = (0..h.protected_cov.len()).map(|c| h.level_cov.iter().filter(|&&lc| lc == c).count()).collect();
         HarmonyMap {
             d: h.d,
