@@ -78,8 +78,9 @@ print.scdistill_teacher <- function(x, ...) {
     cat(sprintf("Harmony teacher: %d PCs of %d highly variable genes, theta %s%s%s\n", x$n_pcs, x$n_hvg,
                 paste(x$theta, collapse = "/"),
                 if (length(x$protect)) paste0(", protecting ", paste(x$protect, collapse = ", ")) else "",
-                if (!is.null(x$args$sketch)) sprintf(", sketch of %s cells above that", format(x$args$sketch, big.mark = ","))
-                else ""))
+                if (!is.null(x$args$sketch)) {
+                  sprintf(", Harmony on a sketch of %s cells for larger data", format(x$args$sketch, big.mark = ","))
+                } else ""))
   } else {
     cat("Given embedding teacher:", if (is.character(x$embedding)) x$embedding else
       sprintf("%d x %d matrix", nrow(x$embedding), ncol(x$embedding)), "\n")

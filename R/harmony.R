@@ -184,10 +184,6 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
                  epsilon_cluster = epsilon_cluster, epsilon_harmony = epsilon_harmony, block_size = block_size,
                  alpha = alpha, tau = tau, seed = check_seed(seed), memberships = memberships,
                  sketch = if (!is.null(sketch)) check_count(sketch, "sketch", min = 2))
-  if (memberships && !is.null(sketch) && sketch < n) {
-    stop("`memberships = TRUE` needs Harmony fitted on all cells; drop `sketch` (", sketch, " of ", n,
-         " cells) or the memberships", call. = FALSE)
-  }
   bar <- NULL
   if (check_flag(progress, "progress")) {
     id <- cli::cli_progress_bar(total = params$max_iter, clear = FALSE,

@@ -11,7 +11,7 @@
 //! so: the clusters × cells matrices then grow with the sample, not with the
 //! data (2.3 GB at 10^6 cells and 100 clusters).
 
-use super::{Embedding, Harmony, HarmonyCovariate, HarmonyParams, HarmonyResult, CHUNK};
+use super::{normalize_columns, Embedding, Harmony, HarmonyCovariate, HarmonyParams, HarmonyResult, CHUNK};
 use crate::error::{invalid, Error, Result};
 use crate::numeric::exp_nonpositive;
 use faer::linalg::matmul::matmul;
@@ -123,11 +123,8 @@ impl HarmonyMap {
         let (mut r_sub, mut shift) = (Vec::new(), Vec::new());
         out.copy_from_slice(&zin);
         for _ in 0..ROUNDS {
-            for (dst, src) in u.chunks_mut(d).zip(out.chunks(d)) {
-                let norm = src.iter().map(|v| v * v).sum::<f64>().sqrt();
-                let inv = if norm > 0.0 { 1.0 / norm } else { 1.0 };
-                dst.iter_mut().zip(src).for_each(|(a, b)| *a = b * inv);
-            }
+            u.copy_from_slice(out);
+            normalize_columns(&mut u, d);
             // r = Yᵀ u, then per cell exp(−2 (1 − r) / σ + ln penalty), normalized.
             let uc = MatRef::from_column_major_slice(&u, d, m);
             matmul(MatMut::from_column_major_slice_mut(&mut r, k, m), Accum::Replace, y.transpose(), uc, 1.0, Par::Seq);

@@ -107,7 +107,7 @@ pub(super) fn check_inputs(z: Embedding, covs: &[HarmonyCovariate], p: &HarmonyP
         check_param(m >= 2, "sketch", "must be at least 2 cells")?;
         if m < n && p.memberships {
             return invalid!(
-                "Harmony on a sketch gives no soft memberships of the other cells; ask for one or the other"
+                "`memberships = TRUE` needs Harmony fitted on all cells; drop `sketch` ({m} of {n} cells) or the memberships"
             );
         }
     }
