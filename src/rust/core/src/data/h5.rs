@@ -402,7 +402,11 @@ fn read_strings(
             H5Dvlen_reclaim(mem.0, space, H5P_DEFAULT, ptrs.as_mut_ptr() as *mut c_void);
             Ok(out)
         } else {
-            let size = H5Tget_size(file_type).max(1);
+            // One byte more than the file's strings, for the terminator: a
+            // null-padded string that fills its size (numpy's `S` type, as
+            // Cell Ranger and rhdf5 write them) would lose its last
+            // character in a memory type of the same size.
+            let size = H5Tget_size(file_type).max(1) + 1;
             check(H5Tset_size(mem.0, size), what)?;
             let mut buf = vec![0u8; n * size];
             check(read(mem.0, buf.as_mut_ptr() as *mut c_void), what)?;
