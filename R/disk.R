@@ -1,8 +1,9 @@
 #' Counts that stay on disk
 #'
 #' Describes a count matrix in an HDF5 file so that [fit_vae()],
-#' [distill()], [latent()] (and [add_latent()], for a VAE or a distilled
-#' model), [differential_expression()], [elbo()], [highly_variable_genes()]
+#' [distill()], [fit_multimodal()] (a file per modality, or one 10x
+#' multiome file), [latent()] (and [add_latent()], for a VAE, a distilled
+#' or a multimodal model), [differential_expression()], [elbo()], [highly_variable_genes()]
 #' and [run_pca()] read it in blocks of cells instead of
 #' loading it: training streams minibatches from the file with bounded
 #' memory, whatever the number of cells. You rarely need to call this
@@ -26,7 +27,9 @@
 #' of consecutive cells (16 to 1,024 cells each). The validation cells are
 #' whole blocks (a seeded `validation_fraction` of them). Each epoch visits
 #' the training blocks in a random order, in windows of about 32,768 cells
-#' whose cells are shuffled together, while a second thread reads the next
+#' (fewer when the cells hold more than about 1,000 stored values each, as
+#' ATAC peaks do: a window holds at most 2^25 values, or 16 blocks) whose
+#' cells are shuffled together, while a second thread reads the next
 #' window: at most four windows are in memory at once. Before training,
 #' one pass over the file computes each cell's library size and checks the
 #' counts (finite, whole, non-negative; no empty cells).
@@ -91,8 +94,8 @@ h5ad_spec <- function(path, layer, has) {
 
 # One obs column of an .h5ad file: a factor for categorical columns
 # (codes + categories; code -1 is NA), else the values.
-h5ad_column <- function(path, name) {
-  g <- paste0("obs/", name)
+h5ad_column <- function(path, name, group = "obs") {
+  g <- paste0(group, "/", name)
   if (identical(h5_attr(path, g, "encoding-type"), "categorical")) {
     codes <- as.integer(rust(rs_h5_numbers(path, paste0(g, "/codes"))))
     levels <- h5_strings(path, paste0(g, "/categories"))

@@ -46,6 +46,19 @@
 #'   `MultiAssayExperiment`, a `Seurat` object with `RNA` and `ATAC` (or
 #'   `peaks`) assays, or a named list of count matrices (features × cells)
 #'   sharing cell names. Cells measured in only one modality are refused.
+#'
+#'   **On disk**, for data larger than memory: a named list of files (or
+#'   [h5_counts()] objects, or HDF5-backed matrices) holding the same cells
+#'   in the same order, e.g. `list(RNA = "rna.h5ad", ATAC = "atac.h5ad")`;
+#'   one 10x multiome file (`filtered_feature_bc_matrix.h5`, or an `.h5ad`
+#'   file with `var/feature_types`) split by its features' types ("Gene
+#'   Expression" becomes RNA, "Peaks" ATAC); or a `SingleCellExperiment`
+#'   whose counts and `altExp` counts are HDF5-backed. Training streams
+#'   minibatches from every modality in step, as [fit_vae()] does from one
+#'   file (see [h5_counts()]); cell columns come from the first file's `obs`
+#'   or the experiment's `colData`. [latent()] and [add_latent()] read such
+#'   files in blocks of 20,000 cells; other functions need the cells in
+#'   memory.
 #' @param batch `NULL`, a column of the cell metadata, or one value per cell:
 #'   the default of `ambient_covariates`, `dispersion_key` and `library_size_key`.
 #' @param modalities Names of the modalities to use, in order (default: RNA
@@ -89,6 +102,14 @@
 #' model <- fit_multimodal(mo, max_epochs = 40, threads = 2)
 #' model
 #' dim(latent(model))
+#'
+#' # The same cells from two files on disk
+#' rna <- tempfile(fileext = ".h5ad")
+#' atac <- tempfile(fileext = ".h5ad")
+#' write_h5ad(mo, rna)
+#' write_h5ad(SingleCellExperiment::altExp(mo, "ATAC"), atac)
+#' from_disk <- fit_multimodal(list(RNA = rna, ATAC = atac), max_epochs = 10, threads = 2)
+#' dim(latent(from_disk))
 #' @export
 fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_hidden = 128, n_layers = 1,
                            dropout = 0.1, combine = c("concatenate", "mean"), modality_weights = NULL,
@@ -112,8 +133,8 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
   check_positive(library_prior_scale, "library_prior_scale")
   check_positive(decoder_l2, "decoder_l2", zero_ok = TRUE)
   mo <- multimodal_counts(x, modalities)
-  mods <- names(mo$counts)
-  cells <- colnames(mo$counts[[1]])
+  mods <- names(mo$slots)
+  cells <- mo$cells
   n_cells <- length(cells)
 
   per_modality <- function(v, arg, check) {
@@ -162,18 +183,19 @@ fit_multimodal <- function(x, batch = NULL, modalities = NULL, n_latent = 10, n_
   config <- list(combine = combine, n_layers = check_count(n_layers, "n_layers"), dropout = dropout, norm = norm,
                  learn_library = library_size == "learned", library_prior_scale = library_prior_scale,
                  ambient_prior = check_flag(ambient_prior, "ambient_prior"), decoder_l2 = decoder_l2)
-  n_features <- sum(vapply(mo$counts, nrow, integer(1)))
+  n_features <- sum(lengths(lapply(mo$slots, `[[`, "genes")))
   min_delta <- min_delta %||% (2e-4 * n_features)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
                        min_delta, validation_fraction, seed)
   config$modalities <- unname(Map(function(spec, m) c(list(name = m), spec), specs, mods))
 
-  join_group(mo$counts, list(config, tc, covariates))
+  join_group(mo$disk %||% mo$counts, list(config, tc, covariates))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   fit <- rust(rs_fit_multimodal(unname(mo$slots), covariates, config, tc, check_device(device),
                                 resolve_threads(threads), bar$update))
   model <- new_model(fit$ptr, mo$counts)
+  if (!is.null(mo$disk)) model$fingerprint <- lapply(mo$disk, disk_fingerprint)
   model$covariates$batch <- batch_cols
   finish_fit(model, fit$latent, cells)
 }
@@ -216,6 +238,8 @@ covariate_key <- function(cols, cell_data, cells, arg) {
 #' @keywords internal
 #' @noRd
 multimodal_counts <- function(x, modalities = NULL) {
+  on_disk <- multimodal_disk(x, modalities)
+  if (!is.null(on_disk)) return(on_disk)
   cell_data <- NULL
   if (is(x, "SingleCellExperiment")) {
     need("SingleCellExperiment")
@@ -306,7 +330,114 @@ multimodal_counts <- function(x, modalities = NULL) {
     cell_data <- data.frame(row.names = cells)
   }
   slots <- lapply(mats, function(m) list(p = m@p, i = m@i, x = m@x, genes = rownames(m), cells = colnames(m)))
-  list(counts = mats, slots = slots, cell_data = cell_data)
+  list(counts = mats, slots = slots, cell_data = cell_data, cells = cells)
+}
+
+# Paired modalities that stay on disk, as multimodal_counts() returns them
+# with `disk` (the modalities' scdistill_h5 descriptions) in place of
+# `counts`; NULL when `x` is not on disk. `x`: a named list of files,
+# scdistill_h5 objects or HDF5-backed matrices; a SingleCellExperiment whose
+# counts and altExp counts are HDF5-backed; or one file (or scdistill_h5)
+# whose features carry their types, as a 10x multiome matrix does.
+multimodal_disk <- function(x, modalities) {
+  disk_like <- function(e) {
+    (is.character(e) && length(e) == 1) || inherits(e, "scdistill_h5") || methods::is(e, "DelayedMatrix")
+  }
+  cell_data <- NULL
+  if (is.list(x) && !is.data.frame(x) && !inherits(x, "scdistill_h5") && !is.null(names(x)) &&
+      any(vapply(x, disk_like, logical(1)))) {
+    disk <- lapply(x, function(e) if (disk_like(e)) as_disk(e))
+    on <- !vapply(disk, is.null, logical(1))
+    if (!all(on)) {
+      stop("modalities ", paste(names(x)[on], collapse = ", "), " are on disk but ",
+           paste(names(x)[!on], collapse = ", "), " not: give every modality as a file (or all in memory)",
+           call. = FALSE)
+    }
+    modalities <- modalities %||% names(x)
+    missing <- setdiff(modalities, names(x))
+    if (length(missing)) stop("`modalities`: no element ", paste0("'", missing, "'", collapse = ", "), " in `x`",
+                              call. = FALSE)
+    ds <- disk[modalities]
+    cell_data <- attr(x, "cell_data")
+  } else if (methods::is(x, "SingleCellExperiment")) {
+    main_disk <- as_disk(x)
+    if (is.null(main_disk)) return(NULL)
+    main <- SingleCellExperiment::mainExpName(x) %||% "RNA"
+    alts <- SingleCellExperiment::altExpNames(x)
+    modalities <- modalities %||% c(main, alts[toupper(alts) %in% c("ATAC", "PEAKS")][1])
+    ds <- lapply(modalities, function(m) {
+      if (identical(m, main)) return(main_disk)
+      if (!m %in% alts) stop("`modalities`: '", m, "' is neither the main experiment ('", main, "') nor an altExp (",
+                             paste(alts, collapse = ", "), ")", call. = FALSE)
+      as_disk(SingleCellExperiment::altExp(x, m)) %||%
+        stop("the counts of `x` are on disk (HDF5) but those of altExp '", m, "' are not: keep both on disk, ",
+             "or both in memory", call. = FALSE)
+    })
+    names(ds) <- modalities
+    cell_data <- as.data.frame(SummarizedExperiment::colData(x))
+  } else if ((is.character(x) && length(x) == 1) || inherits(x, "scdistill_h5")) {
+    ds <- split_feature_types(as_disk(x), modalities)
+  } else {
+    return(NULL)
+  }
+  for (m in names(ds)) {
+    if (ds[[m]]$layout != "sparse") {
+      stop("modality '", m, "': '", ds[[m]]$path, "' holds a dense matrix; paired modalities on disk must be ",
+           "sparse (AnnData's CSR, or a 10x matrix)", call. = FALSE)
+    }
+    check_disk_genes(ds[[m]])
+  }
+  cells <- ds[[1]]$cells
+  for (m in names(ds)[-1]) {
+    if (!identical(ds[[m]]$cells, cells)) {
+      other <- ds[[m]]$cells
+      stop(sprintf(paste("modalities on disk must hold the same cells in the same order (they are read in step):",
+                         "%s has %s cells, %s has %s, %s of them shared"),
+                   names(ds)[1], fmt_int(length(cells)), m, fmt_int(length(other)),
+                   fmt_int(sum(cells %in% other))), call. = FALSE)
+    }
+  }
+  cell_data <- cell_data %||% disk_cell_data(ds[[1]]) %||% data.frame(row.names = seq_along(cells))[, 0]
+  if (nrow(cell_data) != length(cells)) {
+    stop("the cell metadata have ", nrow(cell_data), " rows for ", fmt_int(length(cells)), " cells", call. = FALSE)
+  }
+  rownames(cell_data) <- cells
+  slots <- lapply(ds, function(d) c(disk_spec(d), list(genes = d$genes)))
+  list(counts = NULL, disk = ds, slots = slots, cell_data = cell_data, cells = cells)
+}
+
+# The modalities of one on-disk matrix whose features carry their types
+# (a 10x multiome file's `features/feature_type`, or an .h5ad file's
+# `var/feature_types`): "Gene Expression" becomes RNA, "Peaks" ATAC.
+split_feature_types <- function(d, modalities) {
+  types <- if (identical(d$format, "10x") && rust(rs_h5_exists(d$path, "matrix/features/feature_type"))) {
+    h5_strings(d$path, "matrix/features/feature_type")
+  } else if (identical(d$format, "h5ad") && rust(rs_h5_exists(d$path, "var/feature_types"))) {
+    as.character(h5ad_column(d$path, "feature_types", group = "var"))
+  }
+  if (!is.null(types) && !is.null(d$keep)) types <- types[d$keep]
+  if (is.null(types) || length(unique(types)) < 2) {
+    stop("'", d$path, "' holds one modality (its features carry no types such as \"Gene Expression\" and ",
+         "\"Peaks\"): give the modalities as a named list of files, e.g. list(RNA = \"rna.h5ad\", ATAC = ",
+         "\"atac.h5ad\")", call. = FALSE)
+  }
+  named <- c("Gene Expression" = "RNA", "Peaks" = "ATAC")
+  label <- ifelse(types %in% names(named), named[types], types)
+  modalities <- modalities %||% default_modalities(unique(label))
+  missing <- setdiff(modalities, label)
+  if (length(missing)) {
+    stop("`modalities`: ", paste0("'", missing, "'", collapse = ", "), " not among the feature types of '", d$path,
+         "' (", paste(unique(label), collapse = ", "), ")", call. = FALSE)
+  }
+  out <- lapply(modalities, function(m) {
+    idx <- which(label == m)
+    part <- d
+    part$keep <- if (is.null(d$keep)) idx else d$keep[idx]
+    part$genes <- d$genes[idx]
+    part
+  })
+  names(out) <- modalities
+  out
 }
 
 # The counts of modality `m` (`expr` is evaluated here, so that its errors
@@ -365,7 +496,12 @@ multimodal_labels <- function(model, cell_data, cells, batch = NULL) {
 model_cells.scdistill_multimodal <- function(model, x, batch = NULL, ...) {
   if (is.null(x)) stop("pass `x`, the paired counts of the cells", call. = FALSE)
   mo <- multimodal_counts(x, modality_names(model))
-  cells <- colnames(mo$counts[[1]])
+  if (!is.null(mo$disk)) {
+    stop("of paired modalities on disk, only fit_multimodal(), latent() and add_latent() read the files in ",
+         "blocks; this function would read them whole. Read the cells you need into memory, e.g. ",
+         "lapply(files, function(f) as_counts(f, cells = 1:5000)$counts)", call. = FALSE)
+  }
+  cells <- mo$cells
   list(counts = unname(mo$slots), categorical = multimodal_labels(model, mo$cell_data, cells, batch), cells = cells)
 }
 
@@ -391,8 +527,11 @@ latent.scdistill_multimodal <- function(model, x = NULL, batch = NULL, give_mean
                                         modality = NULL, ...) {
   give_mean <- check_flag(give_mean, "give_mean")
   modality <- check_modality(model, modality, joint_ok = TRUE)
-  z <- if (is.null(x) && give_mean && !is.null(model$latent)) {
+  mo <- if (!is.null(x)) multimodal_counts(x, modality_names(model))
+  z <- if (give_mean && !is.null(model$latent) && (is.null(x) || same_training_disk(model, mo))) {
     model$latent
+  } else if (!is.null(mo$disk)) {
+    multimodal_disk_latent(model, mo, batch, give_mean, seed, threads)
   } else {
     cells <- model_cells(model, x, batch)
     v <- rust(rs_model_latent(model_ptr(model), cells, list(give_mean = give_mean, seed = check_seed(seed)),
@@ -422,10 +561,13 @@ normalized_expression.scdistill_multimodal <- function(model, x, batch = NULL, t
 add_latent.scdistill_multimodal <- function(x, model, name = NULL, ...) {
   name <- name %||% "multimodal"
   z <- NULL
+  mo <- multimodal_counts(x, modality_names(model))
   if (!is.null(model$latent)) {
-    mo <- multimodal_counts(x, modality_names(model))
-    if (identical(data_fingerprint(mo$counts), model$fingerprint)) z <- model$latent
+    same <- if (is.null(mo$disk)) identical(data_fingerprint(mo$counts), model$fingerprint) else
+      same_training_disk(model, mo)
+    if (same) z <- model$latent
   }
+  if (is.null(z) && !is.null(mo$disk)) z <- multimodal_disk_latent(model, mo, NULL, TRUE, 0, NULL)
   if (is.null(z)) {
     cells <- model_cells(model, x, ...)
     z <- multimodal_latents(rust(rs_model_latent(model_ptr(model), cells, list(give_mean = TRUE, seed = 0),
@@ -436,6 +578,35 @@ add_latent.scdistill_multimodal <- function(x, model, name = NULL, ...) {
   x <- write_back(x, z, name)
   for (m in names(per)) x <- write_back(x, per[[m]], paste0(name, "_", m))
   x
+}
+
+# Whether the paired modalities on disk `mo` are the files the model was
+# trained on, unchanged.
+same_training_disk <- function(model, mo) {
+  !is.null(mo$disk) && identical(unname(lapply(mo$disk, disk_fingerprint)), unname(model$fingerprint))
+}
+
+# latent() of paired modalities on disk: blocks of 20,000 cells read in
+# turn from every modality, encoded, stacked (the modalities' own latent
+# spaces as the "modalities" attribute, as for cells in memory).
+multimodal_disk_latent <- function(model, mo, batch, give_mean, seed, threads) {
+  b <- if (!is.null(batch)) as.character(resolve_cell_factor(batch, mo$cell_data, mo$cells, "batch"))
+  blocks <- for_blocks(mo$disk[[1]], NULL, "Encoding the cells", function(part, ignored, at) {
+    block <- c(list(part$counts), lapply(mo$disk[-1], function(d) as_counts(d, cells = at)$counts))
+    names(block) <- names(mo$disk)
+    attr(block, "cell_data") <- mo$cell_data[at, , drop = FALSE]
+    cells <- model_cells(model, block, if (!is.null(b)) b[at])
+    v <- rust(rs_model_latent(model_ptr(model), cells, list(give_mean = give_mean, seed = check_seed(seed)),
+                              resolve_threads(threads)))
+    multimodal_latents(v, cells$cells, model)
+  })
+  z <- do.call(rbind, blocks)
+  per <- lapply(names(attr(blocks[[1]], "modalities")), function(m) {
+    do.call(rbind, lapply(blocks, function(k) attr(k, "modalities")[[m]]))
+  })
+  names(per) <- names(attr(blocks[[1]], "modalities"))
+  attr(z, "modalities") <- per
+  z
 }
 
 #' @method print scdistill_multimodal

@@ -275,3 +275,77 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
   expect_error(distill(s$file, batch = "batch", teacher = harmony_teacher(method = "pearson_residuals"),
                        n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")
 })
+
+test_that("fit_multimodal() trains from paired files as from memory, and latent() reads them in blocks", {
+  suppressMessages(library(SingleCellExperiment))
+  mo <- simulate_counts(n_cells = 1500, n_genes = 150, n_groups = 4, n_batches = 2, atac = TRUE, n_peaks = 500,
+                        seed = 4)
+  atac <- counts(altExp(mo, "ATAC"))
+  fr <- tempfile(fileext = ".h5ad")
+  fa <- tempfile(fileext = ".h5ad")
+  write_h5ad(mo, fr, columns = "batch")
+  write_h5ad(atac, fa)
+  files <- list(RNA = fr, ATAC = fa)
+  disk <- fit_multimodal(files, batch = "batch", max_epochs = 15, seed = 1, threads = 2)
+  memory <- fit_multimodal(mo, batch = "batch", max_epochs = 15, seed = 1, threads = 2)
+  expect_equal(disk$info$features, memory$info$features)
+  expect_equal(disk$info$ambient$levels, levels(factor(mo$batch)))
+  # Held out by whole blocks of the files (16 cells at this size), and the
+  # batch read from the first file's obs.
+  v <- disk$validation_cells - 1L
+  expect_true(all((v %/% 16L * 16L) %in% v))
+  # Scored alike on the cells in memory, the two train equally well.
+  e <- c(disk = elbo(disk, mo), memory = elbo(memory, mo))
+  expect_lt(abs(e[["disk"]] - e[["memory"]]), 0.02 * abs(e[["memory"]]))
+  # The training latent space is the model's latent space of the files,
+  # in blocks of cells or all at once, and of the cells in memory.
+  z <- latent(disk)
+  expect_equal(dim(z), c(1500, 20))
+  expect_equal(rownames(z), colnames(mo))
+  expect_identical(latent(disk, files), z)
+  copy <- tempfile(fileext = ".h5ad")
+  file.copy(fr, copy)
+  old <- options(scdistill.disk_block = 600L)
+  on.exit(options(old), add = TRUE)
+  expect_equal(latent(disk, list(RNA = copy, ATAC = fa)), z, tolerance = 1e-6)
+  expect_equal(latent(disk, mo), z, tolerance = 1e-6)
+  expect_equal(dim(latent(disk, list(RNA = copy, ATAC = fa), modality = "ATAC")), c(1500, 10))
+  expect_error(normalized_expression(disk, files), "only fit_multimodal\\(\\), latent\\(\\) and add_latent\\(\\)")
+  # Files that do not pair up are refused before training.
+  fewer <- tempfile(fileext = ".h5ad")
+  write_h5ad(atac[, 1:1000], fewer)
+  expect_error(fit_multimodal(list(RNA = fr, ATAC = fewer), max_epochs = 1),
+               "same cells in the same order .*RNA has 1,500 cells, ATAC has 1,000, 1,000 of them shared")
+  expect_error(fit_multimodal(list(RNA = fr, ATAC = atac), max_epochs = 1), "ATAC not: give every modality as a file")
+  expect_error(fit_multimodal(fr, max_epochs = 1), "holds one modality")
+})
+
+test_that("fit_multimodal() splits a 10x multiome file by its features' types", {
+  skip_if_not_installed("HDF5Array")
+  suppressMessages(library(SingleCellExperiment))
+  mo <- simulate_counts(n_cells = 600, n_genes = 80, n_groups = 3, atac = TRUE, n_peaks = 200, seed = 6)
+  both <- rbind(counts(mo), counts(altExp(mo, "ATAC")))
+  h5 <- tempfile(fileext = ".h5")
+  rds <- tempfile(fileext = ".rds")
+  saveRDS(list(x = both@x, i = both@i, p = both@p, dim = dim(both), cells = colnames(both),
+               features = rownames(both)), rds)
+  # Cell Ranger ARC's layout (features x cells, column-compressed, with the
+  # features' types), written in another R process (see the first test).
+  write <- sprintf(paste0('x <- readRDS("%s"); f <- "%s"; w <- function(v, n) rhdf5::h5write(v, f, n); ',
+                          'rhdf5::h5createFile(f); rhdf5::h5createGroup(f, "matrix"); ',
+                          'rhdf5::h5createGroup(f, "matrix/features"); w(x$x, "matrix/data"); ',
+                          'w(x$i, "matrix/indices"); w(x$p, "matrix/indptr"); w(x$dim, "matrix/shape"); ',
+                          'w(x$cells, "matrix/barcodes"); w(x$features, "matrix/features/id"); ',
+                          'w(rep(c("Gene Expression", "Peaks"), c(80, 200)), "matrix/features/feature_type")'),
+                   rds, h5)
+  expect_equal(system2(file.path(R.home("bin"), "Rscript"), c("-e", shQuote(write))), 0)
+  # Fixed-length names that fill their size keep their last character.
+  expect_equal(h5_counts(h5)$cells, colnames(mo))
+  m <- fit_multimodal(h5, max_epochs = 3, seed = 2, threads = 2)
+  expect_equal(m$info$features[[1]], rownames(mo))
+  expect_equal(m$info$features[[2]], rownames(altExp(mo, "ATAC")))
+  expect_equal(scdistill:::modality_names(m), c("RNA", "ATAC"))
+  expect_equal(dim(latent(m)), c(600, 20))
+  expect_error(fit_multimodal(h5, modalities = c("RNA", "ADT"), max_epochs = 1),
+               "'ADT' not among the feature types")
+})

@@ -1,22 +1,54 @@
 //! extendr glue of fit_multimodal() and modality_attribution() (mirrors R/multimodal.R).
 
 use crate::convert::from_r;
-use crate::model::{cells_from_r, fitted_to_r, matrix_to_r, model_as, with_epoch_progress};
+use crate::disk::{check_scan, Input};
+use crate::fail;
+use crate::model::{cells_from_r, fitted_to_r, matrix_to_r, model_as, pass_record, with_epoch_progress};
 use crate::vae::categorical_list;
-use crate::{counts_from_r, fail};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::CountMatrix;
+use scdistill_core::data::{CountMatrix, DiskCsr};
 use scdistill_core::device::parse_device;
 use scdistill_core::models::multimodal::{MultimodalConfig, MultimodalCovariates, MultimodalModel};
-use scdistill_core::train::TrainConfig;
+use scdistill_core::train::{EpochRecord, TrainConfig};
 
-/// The modalities' count matrices from a list of count slot lists.
-fn modality_counts(counts: &List) -> Result<Vec<CountMatrix>> {
-    counts
+/// The modalities' counts from a list of count slot lists, or of on-disk
+/// descriptions (`Input::from_r`); all in memory or all on disk.
+enum Modalities {
+    Memory(Vec<CountMatrix>),
+    Disk(Vec<(DiskCsr, Vec<String>)>),
+}
+
+fn modality_counts(counts: &List) -> Result<Modalities> {
+    let inputs = counts
         .values()
-        .map(|v| counts_from_r(&List::try_from(v).map_err(|_| fail("internal: modality counts must be a list"))?))
-        .collect()
+        .map(|v| Input::from_r(&List::try_from(v).map_err(|_| fail("internal: modality counts must be a list"))?))
+        .collect::<Result<Vec<Input>>>()?;
+    let (mut memory, mut disk) = (vec![], vec![]);
+    for i in inputs {
+        match i {
+            Input::Memory(m) => memory.push(m),
+            Input::Disk(d, genes) => disk.push((d, genes)),
+        }
+    }
+    match (memory.is_empty(), disk.is_empty()) {
+        (_, true) => Ok(Modalities::Memory(memory)),
+        (true, false) => {
+            let (mut disks, genes): (Vec<DiskCsr>, Vec<Vec<String>>) = disk.into_iter().unzip();
+            DiskCsr::in_step(&mut disks).map_err(fail)?;
+            Ok(Modalities::Disk(disks.into_iter().zip(genes).collect()))
+        }
+        _ => Err(fail("internal: modalities partly in memory and partly on disk")),
+    }
+}
+
+impl Modalities {
+    fn n_cells(&self) -> usize {
+        match self {
+            Modalities::Memory(m) => m.first().map_or(0, |m| m.n_cells()),
+            Modalities::Disk(d) => d.first().map_or(0, |(d, _)| d.n_rows()),
+        }
+    }
 }
 
 /// Training covariates: list(ambient, scaling, dispersion, library, decoder, encoder),
@@ -64,16 +96,47 @@ fn rs_fit_multimodal(
     progress: Robj,
 ) -> Result<Robj> {
     let mats = modality_counts(&counts)?;
-    let n = mats.first().map(|m| m.n_cells()).unwrap_or(0);
-    let cov = covariates_from_r(&covariates, n)?;
+    let cov = covariates_from_r(&covariates, mats.n_cells())?;
     let config: MultimodalConfig = from_r(&config, "multimodal settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
-    let refs: Vec<&CountMatrix> = mats.iter().collect();
     let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        let model = MultimodalModel::fit(&refs, &cov, config, train, device, interrupted, &|r| report("train", r))?;
-        let z = model.training_latent(&refs, &cov)?;
-        Ok((model, z))
+        let on_epoch = |r: &EpochRecord| report("train", r);
+        match &mats {
+            Modalities::Memory(m) => {
+                let refs: Vec<&CountMatrix> = m.iter().collect();
+                let model = MultimodalModel::fit(&refs, &cov, config, train, device, interrupted, &on_epoch)?;
+                let z = model.training_latent(&refs, &cov)?;
+                Ok((model, z))
+            }
+            Modalities::Disk(d) => {
+                // One pass per modality for the per-cell totals (and the
+                // checks), reported as one.
+                let total = d.len() * d[0].0.n_rows();
+                let mut scans = Vec::with_capacity(d.len());
+                for (k, (disk, _)) in d.iter().enumerate() {
+                    let at = k * disk.n_rows();
+                    let scan = disk.scan(&|done, _| report("scan", &pass_record(at + done, total)), interrupted)?;
+                    check_scan(disk, &scan)?;
+                    scans.push(scan);
+                }
+                let disks: Vec<&DiskCsr> = d.iter().map(|(d, _)| d).collect();
+                let features: Vec<&[String]> = d.iter().map(|(_, g)| g.as_slice()).collect();
+                let model = MultimodalModel::fit_on_disk(
+                    &disks,
+                    &scans,
+                    &features,
+                    &cov,
+                    config,
+                    train,
+                    device,
+                    interrupted,
+                    &on_epoch,
+                )?;
+                let z = model.training_latent_on_disk(&disks, &scans, &cov)?;
+                Ok((model, z))
+            }
+        }
     })?;
     let parts = List::from_pairs(z.parts.iter().map(|(n, m)| (n.as_str(), matrix_to_r(m))));
     Ok(fitted_to_r(Box::new(model), list!(joint = matrix_to_r(&z.joint), parts = parts).into()))

@@ -38,6 +38,10 @@ const MAX_EXACT_COUNT: f32 = 16_777_216.0;
 /// Cells read at once when scanning the whole matrix.
 const SCAN_CELLS: usize = 16_384;
 
+/// Stored values a streamed window holds at most (beyond its 16 blocks):
+/// 2^25 values, 256 MB as indices and counts.
+const WINDOW_VALUES: usize = 1 << 25;
+
 struct Inner {
     reader: H5Reader,
     layout: Layout,
@@ -230,10 +234,28 @@ impl DiskCsr {
         let inner =
             Inner { reader, layout, n_rows: n_cells, n_file_cols: n_genes, indptr, keep: None, n_cols: n_genes };
         // Blocks: ~1,000 per data set, 16 to 1,024 cells each; windows of
-        // about 32,768 cells (at least 16 blocks) are shuffled together.
+        // about 32,768 cells (at least 16 blocks) are shuffled together, fewer
+        // when the cells are dense enough (ATAC peaks) for a window to pass
+        // WINDOW_VALUES stored values.
         let block = n_cells.div_ceil(1000).clamp(16, 1024);
-        let window_blocks = (32_768 / block).max(16);
+        let per_cell = inner.indptr.last().map_or(1.0, |&nnz| nnz as f64 / n_cells as f64).max(1.0);
+        let window_cells = ((WINDOW_VALUES as f64 / per_cell) as usize).min(32_768);
+        let window_blocks = (window_cells / block).max(16);
         Ok(DiskCsr { inner: Arc::new(inner), block, window_blocks, stream: Mutex::new(None), last: Mutex::new(None) })
+    }
+
+    /// Makes matrices of the same cells (the modalities of paired data)
+    /// stream in step: the smallest window any of them has, for all.
+    pub fn in_step(disks: &mut [DiskCsr]) -> Result<()> {
+        let Some(first) = disks.first() else { return Ok(()) };
+        let (n, block) = (first.n_rows(), first.block);
+        if let Some(d) = disks.iter().find(|d| d.n_rows() != n) {
+            return invalid!("'{}' has {} cells where '{}' has {n}", d.path(), d.n_rows(), first.path());
+        }
+        debug_assert!(disks.iter().all(|d| d.block == block), "blocks depend on the number of cells only");
+        let w = disks.iter().map(|d| d.window_blocks).min().unwrap_or(16);
+        disks.iter_mut().for_each(|d| d.window_blocks = w);
+        Ok(())
     }
 
     /// Keeps only the columns `keep` (in that order) of the genes it has

@@ -74,25 +74,32 @@ impl SparseInput {
     /// each of `cats` in turn: the encoder's input with its covariates
     /// concatenated.
     pub fn log1p_rows(m: &Csr, rows: &[usize], cats: &[Categorical]) -> SparseInput {
+        Self::log1p_rows_at(m, rows, rows, cats)
+    }
+
+    /// `log1p_rows` where the matrix's rows `local` are the cells `cells`
+    /// of the covariates (rows read from disk into a matrix of their own).
+    pub fn log1p_rows_at(m: &Csr, local: &[usize], cells: &[usize], cats: &[Categorical]) -> SparseInput {
+        debug_assert_eq!(local.len(), cells.len());
         let n_cols = m.n_cols + cats.iter().map(|c| c.n_levels()).sum::<usize>();
-        let nnz = rows.iter().map(|&r| m.indptr[r + 1] - m.indptr[r]).sum::<usize>() + rows.len() * cats.len();
+        let nnz = local.iter().map(|&r| m.indptr[r + 1] - m.indptr[r]).sum::<usize>() + local.len() * cats.len();
         let (mut indptr, mut indices, mut values) =
-            (Vec::with_capacity(rows.len() + 1), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+            (Vec::with_capacity(local.len() + 1), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
         indptr.push(0);
         let table = log1p_table();
-        for &r in rows {
+        for (&r, &cell) in local.iter().zip(cells) {
             let (idx, val) = m.row(r);
             indices.extend_from_slice(idx);
             values.extend(val.iter().map(|&v| log1p_count(v, table)));
             let mut offset = m.n_cols;
             for c in cats {
-                indices.push((offset + c.codes[r] as usize) as u32);
+                indices.push((offset + c.codes[cell] as usize) as u32);
                 values.push(1.0);
                 offset += c.n_levels();
             }
             indptr.push(values.len());
         }
-        let rows = Csr { n_rows: rows.len(), n_cols, indptr, indices, values };
+        let rows = Csr { n_rows: local.len(), n_cols, indptr, indices, values };
         SparseInput { rows, by_column: OnceCell::new() }
     }
 

@@ -2,7 +2,7 @@
 //! the covariates of new cells.
 
 use super::{infer, Multimodal, MultimodalConfig, MultimodalCovariates, MultimodalData, MultimodalTask};
-use crate::data::{train_validation_split, Categorical, CountMatrix, Csr};
+use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Scan};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::io;
@@ -10,7 +10,7 @@ use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::fitted::{
     codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
 };
-use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, TrainingRecord};
+use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::any::Any;
@@ -70,23 +70,66 @@ impl MultimodalModel {
     pub fn fit(
         counts: &[&CountMatrix],
         cov: &MultimodalCovariates,
+        config: MultimodalConfig,
+        train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<MultimodalModel> {
+        let features: Vec<&[String]> = counts.iter().map(|c| c.genes.as_slice()).collect();
+        let n_cells: Vec<usize> = counts.iter().map(|c| c.n_cells()).collect();
+        Self::fit_with(&features, &n_cells, cov, config, train_cfg, device, interrupted, on_epoch, || {
+            MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)
+        })
+    }
+
+    /// `fit` on modalities that stay on disk (the same cells in the same
+    /// order, read in step: `DiskCsr::in_step`), streamed epoch by epoch;
+    /// `scans` are their passes of per-cell totals, `features` their
+    /// feature names.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_on_disk(
+        disks: &[&DiskCsr],
+        scans: &[Scan],
+        features: &[&[String]],
+        cov: &MultimodalCovariates,
+        config: MultimodalConfig,
+        train_cfg: TrainConfig,
+        device: Device,
+        interrupted: &dyn Fn() -> bool,
+        on_epoch: &dyn Fn(&EpochRecord),
+    ) -> Result<MultimodalModel> {
+        let n_cells: Vec<usize> = disks.iter().map(|d| d.n_rows()).collect();
+        Self::fit_with(features, &n_cells, cov, config, train_cfg, device, interrupted, on_epoch, || {
+            MultimodalData::on_disk(disks, scans, cov)
+        })
+    }
+
+    /// Fills `config`'s data-dependent sizes, checks everything, then trains
+    /// on the data `data` builds.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_with<'a>(
+        features: &[&[String]],
+        n_cells: &[usize],
+        cov: &MultimodalCovariates,
         mut config: MultimodalConfig,
         mut train_cfg: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(&EpochRecord),
+        data: impl FnOnce() -> Result<MultimodalData<'a>>,
     ) -> Result<MultimodalModel> {
-        if counts.len() != config.modalities.len() {
-            return invalid!("{} count matrices for {} modalities", counts.len(), config.modalities.len());
+        if features.len() != config.modalities.len() {
+            return invalid!("{} count matrices for {} modalities", features.len(), config.modalities.len());
         }
         let n = cov.n_cells();
-        for (c, spec) in counts.iter().zip(&config.modalities) {
-            if c.n_cells() != n {
-                return invalid!("modality `{}` has {} cells where the others have {n}", spec.name, c.n_cells());
+        for (&c, spec) in n_cells.iter().zip(&config.modalities) {
+            if c != n {
+                return invalid!("modality `{}` has {c} cells where the others have {n}", spec.name);
             }
         }
-        for (c, spec) in counts.iter().zip(config.modalities.iter_mut()) {
-            spec.n_features = c.n_genes();
+        for (f, spec) in features.iter().zip(config.modalities.iter_mut()) {
+            spec.n_features = f.len();
         }
         config.n_ambient = cov.ambient.n_levels();
         config.n_scaling = cov.scaling.n_levels();
@@ -101,17 +144,18 @@ impl MultimodalModel {
         // Every check before the global generator is seeded: a refused call
         // leaves libtorch's random state as it was.
         config.check()?;
-        let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
+        let data = data()?;
         seed_torch(train_cfg.seed);
         let mut model = Multimodal::new(config.clone(), device)?;
-        model.init_from_data(&data);
+        model.init_from_data(&data)?;
+        let task = MultimodalTask { model: &model, data: &data };
         // The global terms are shared out over the cells the loop trains on.
-        let n_obs = train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
+        let n_obs = task.split(train_cfg.validation_fraction, train_cfg.seed).0.len();
         model.n_obs = n_obs.max(1) as f64;
         let history = train(&MultimodalTask { model: &model, data: &data }, &train_cfg, interrupted, on_epoch)?;
         let meta = MultimodalMeta {
             config,
-            features: counts.iter().map(|c| c.genes.clone()).collect(),
+            features: features.iter().map(|f| f.to_vec()).collect(),
             ambient: Key::of(&cov.ambient),
             scaling: Key::of(&cov.scaling),
             dispersion: Key::of(&cov.dispersion),
@@ -236,6 +280,17 @@ impl MultimodalModel {
     pub fn training_latent(&self, counts: &[&CountMatrix], cov: &MultimodalCovariates) -> Result<Latent> {
         let data = MultimodalData::new(counts.iter().map(|c| &c.csr).collect(), cov)?;
         Ok(self.latent_of(&data, true))
+    }
+
+    /// `training_latent` of training modalities on disk (`scans` as fitted),
+    /// read in chunks of consecutive cells.
+    pub fn training_latent_on_disk(
+        &self,
+        disks: &[&DiskCsr],
+        scans: &[Scan],
+        cov: &MultimodalCovariates,
+    ) -> Result<Latent> {
+        Ok(self.latent_of(&MultimodalData::on_disk(disks, scans, cov)?, true))
     }
 
     /// The joint and per-modality latent spaces of `data`.
@@ -389,9 +444,9 @@ impl MultimodalModel {
         )?;
         // The query's own starting values where the model takes them from
         // data (ambient profile, library prior); the reference's stay.
-        model.init_from_data(&data);
+        model.init_from_data(&data)?;
         frozen.restore();
-        let n_obs = train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
+        let n_obs = crate::data::train_validation_split(n, train_cfg.validation_fraction, train_cfg.seed).0.len();
         model.n_obs = n_obs.max(1) as f64;
         let task = MultimodalTask { model: &model, data: &data };
         let history = train(&FrozenTask { inner: &task, frozen: &frozen }, &train_cfg, interrupted, on_epoch)?;

@@ -27,11 +27,14 @@
 //! that the minibatch mean of the per-cell losses is an unbiased estimate of
 //! the negative ELBO (plus the penalties) divided by that number.
 
-use crate::data::{Categorical, Csr};
+use crate::data::{Categorical, Csr, DiskCsr, Rows, Scan};
 use crate::error::{check_param, invalid, Result};
 use crate::likelihood::{fused_softplus_rows, nb_log_kernel_rows, PerLevel, SoftplusDecoded, SparseBatch};
 use crate::nn::{kl_normal, linear, Deferred, FcLayers, FcSpec, GaussianEncoder, Input, Norm, Pass, SparseInput};
 use crate::train::{LossTerms, Trainable};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 use tch::nn::{self, Module};
@@ -263,24 +266,53 @@ pub struct MmInputs {
     pub encoder_cov: Option<Tensor>,
 }
 
-/// The paired counts (one CSR per modality, same cells) and covariates.
+/// The paired counts (one matrix per modality, same cells, in memory or
+/// on disk) and covariates.
 pub struct MultimodalData<'a> {
-    pub counts: Vec<&'a Csr>,
+    pub counts: Vec<Rows<'a>>,
     pub cov: &'a MultimodalCovariates,
     pub log_library: Vec<Vec<f32>>,
     pub log_factorial: Vec<Vec<f32>>,
 }
 
+/// Cells read at once by the passes over on-disk modalities.
+const PASS_CELLS: usize = 16_384;
+
 impl<'a> MultimodalData<'a> {
     pub fn new(counts: Vec<&'a Csr>, cov: &'a MultimodalCovariates) -> Result<MultimodalData<'a>> {
-        cov.check()?;
-        let n = cov.n_cells();
-        if let Some(c) = counts.iter().find(|c| c.n_rows != n) {
-            return invalid!("a modality has {} cells where the covariates have {n}", c.n_rows);
-        }
         let log_library =
             counts.iter().map(|c| c.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect()).collect();
         let log_factorial = counts.iter().map(|c| super::log_factorial(c)).collect();
+        Self::checked(counts.into_iter().map(Rows::Memory).collect(), cov, log_library, log_factorial)
+    }
+
+    /// Modalities on disk (the same cells in the same order in each), with
+    /// each one's pass of per-cell totals. Their epochs are streamed in
+    /// step: every modality gets the same blocks and windows (the smallest
+    /// window any of them asks for), so one order serves them all.
+    pub fn on_disk(disks: &[&'a DiskCsr], scans: &[Scan], cov: &'a MultimodalCovariates) -> Result<MultimodalData<'a>> {
+        if scans.len() != disks.len() {
+            return invalid!("internal: {} scans for {} modalities on disk", scans.len(), disks.len());
+        }
+        if disks.iter().any(|d| d.window_blocks != disks[0].window_blocks || d.block != disks[0].block) {
+            return invalid!("internal: modalities on disk must be read in step (see `DiskCsr::in_step`)");
+        }
+        let log_library = scans.iter().map(crate::data::log_libraries).collect();
+        let log_factorial = scans.iter().map(|s| s.log_factorial.clone()).collect();
+        Self::checked(disks.iter().map(|&d| Rows::Disk(d)).collect(), cov, log_library, log_factorial)
+    }
+
+    fn checked(
+        counts: Vec<Rows<'a>>,
+        cov: &'a MultimodalCovariates,
+        log_library: Vec<Vec<f32>>,
+        log_factorial: Vec<Vec<f32>>,
+    ) -> Result<MultimodalData<'a>> {
+        cov.check()?;
+        let n = cov.n_cells();
+        if let Some(c) = counts.iter().find(|c| c.n_rows() != n) {
+            return invalid!("a modality has {} cells where the covariates have {n}", c.n_rows());
+        }
         Ok(MultimodalData { counts, cov, log_library, log_factorial })
     }
 
@@ -288,21 +320,39 @@ impl<'a> MultimodalData<'a> {
         self.cov.n_cells()
     }
 
+    /// The modalities on disk (empty for data in memory).
+    fn disks(&self) -> Vec<&'a DiskCsr> {
+        self.counts.iter().filter_map(|c| if let Rows::Disk(d) = c { Some(*d) } else { None }).collect()
+    }
+
     pub fn inputs(&self, rows: &[usize], device: Device) -> MmInputs {
+        self.inputs_from(rows, device, false)
+    }
+
+    /// `inputs`, reading on-disk cells from the epoch's stream when `streamed`.
+    pub fn inputs_from(&self, rows: &[usize], device: Device, streamed: bool) -> MmInputs {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
         let codes = |c: &Categorical| {
             Tensor::from_slice(&rows.iter().map(|&r| c.codes[r] as i64).collect::<Vec<i64>>()).to_device(device)
         };
-        MmInputs {
-            encoder_input: self
-                .counts
-                .iter()
-                .map(|c| match device {
-                    Device::Cpu => EncoderInput::Sparse(Rc::new(SparseInput::log1p_rows(c, rows, &self.cov.encoder))),
-                    _ => EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c, rows, device)),
+        let (encoder_input, nonzero) = self
+            .counts
+            .iter()
+            .map(|c| {
+                c.with_rows(rows, streamed, |m, local| {
+                    let input = match device {
+                        Device::Cpu => {
+                            EncoderInput::Sparse(Rc::new(SparseInput::log1p_rows_at(m, local, rows, &self.cov.encoder)))
+                        }
+                        _ => EncoderInput::Dense(crate::data::log1p_rows_to_tensor(m, local, device)),
+                    };
+                    (input, SparseBatch::from_csr(m, local, device))
                 })
-                .collect(),
-            nonzero: self.counts.iter().map(|c| SparseBatch::from_csr(c, rows, device)).collect(),
+            })
+            .unzip();
+        MmInputs {
+            encoder_input,
+            nonzero,
             log_library: self.log_library.iter().map(|l| pick(l).unsqueeze(1)).collect(),
             log_factorial: self.log_factorial.iter().map(|l| pick(l)).collect(),
             ambient: codes(&self.cov.ambient),
@@ -316,21 +366,33 @@ impl<'a> MultimodalData<'a> {
 
     /// Per modality and ambient level, the mean over the level's cells of
     /// each feature's normalized expression x / library: [levels, features].
-    fn mean_normalized(&self, m: usize, levels: &Categorical) -> Vec<Vec<f64>> {
-        let c = self.counts[m];
-        let mut sums = vec![vec![0f64; c.n_cols]; levels.n_levels()];
+    /// A modality on disk is read once, in blocks of cells.
+    fn mean_normalized(&self, m: usize, levels: &Categorical) -> Result<Vec<Vec<f64>>> {
+        let n_cols = self.counts[m].n_cols();
+        let mut sums = vec![vec![0f64; n_cols]; levels.n_levels()];
         let mut k = vec![0f64; levels.n_levels()];
-        for r in 0..c.n_rows {
-            let lv = levels.codes[r] as usize;
-            let lib = (self.log_library[m][r] as f64).exp();
-            let (idx, val) = c.row(r);
-            for (&j, &v) in idx.iter().zip(val) {
-                sums[lv][j as usize] += v as f64 / lib;
+        let mut add = |first: usize, c: &Csr| {
+            for local in 0..c.n_rows {
+                let r = first + local;
+                let lv = levels.codes[r] as usize;
+                let lib = (self.log_library[m][r] as f64).exp();
+                let (idx, val) = c.row(local);
+                for (&j, &v) in idx.iter().zip(val) {
+                    sums[lv][j as usize] += v as f64 / lib;
+                }
+                k[lv] += 1.0;
             }
-            k[lv] += 1.0;
+        };
+        match self.counts[m] {
+            Rows::Memory(c) => add(0, c),
+            Rows::Disk(d) => {
+                for start in (0..d.n_rows()).step_by(PASS_CELLS) {
+                    add(start, &d.read_range(start, (start + PASS_CELLS).min(d.n_rows()))?);
+                }
+            }
         }
         sums.iter_mut().zip(&k).for_each(|(s, &k)| s.iter_mut().for_each(|v| *v /= k.max(1.0)));
-        sums
+        Ok(sums)
     }
 }
 
@@ -449,10 +511,10 @@ impl Multimodal {
     /// 0.2 × each level's mean normalized expression, the decoder's output
     /// bias so that softplus(f) starts at the rest (0.8 × the overall mean),
     /// the library prior per library level and the library encoder's start.
-    pub fn init_from_data(&mut self, data: &MultimodalData) {
+    pub fn init_from_data(&mut self, data: &MultimodalData) -> Result<()> {
         let dev = self.device();
         for (m, net) in self.nets.iter_mut().enumerate() {
-            let overall = data.mean_normalized(m, &Categorical::constant("all", data.n_cells()))[0].clone();
+            let overall = data.mean_normalized(m, &Categorical::constant("all", data.n_cells()))?.swap_remove(0);
             let floor = 1e-8;
             let share = if net.ambient.is_some() { 1.0 - AMBIENT_INIT_FRACTION } else { 1.0 };
             // softplus⁻¹(v) = log(expm1(v)), written stably for small v.
@@ -467,7 +529,7 @@ impl Multimodal {
                 net.head.bs.as_mut().expect("head has a bias").copy_(&Tensor::from_slice(&bias).to_device(dev));
             });
             if let Some(beta) = &mut net.ambient {
-                let per_level = data.mean_normalized(m, &data.cov.ambient);
+                let per_level = data.mean_normalized(m, &data.cov.ambient)?;
                 let init: Vec<f32> = per_level
                     .iter()
                     .flat_map(|lv| lv.iter().map(|&v| (AMBIENT_INIT_FRACTION * v).max(floor).ln() as f32))
@@ -501,6 +563,7 @@ impl Multimodal {
                 net.library_vars.copy_(&Tensor::from_slice(&vars).to_device(dev));
             });
         }
+        Ok(())
     }
 
     /// Per modality q(z_m | x_m) (mean, variance) and, with a learned
@@ -740,6 +803,31 @@ impl Trainable for MultimodalTask<'_> {
     }
 
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
-        self.model.loss_terms(&self.data.inputs(rows, self.model.device()), train)
+        self.model.loss_terms(&self.data.inputs_from(rows, self.model.device(), train), train)
+    }
+
+    fn split(&self, validation_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        match self.data.disks().first() {
+            Some(d) => d.split(validation_fraction, seed),
+            None => crate::data::train_validation_split(self.n_cells(), validation_fraction, seed),
+        }
+    }
+
+    /// On disk, every modality streams the same order (same blocks, same
+    /// windows, same seed), each from its own reader thread.
+    fn epoch_order(&self, rows: &mut Vec<usize>, seed: u64) {
+        let disks = self.data.disks();
+        if disks.is_empty() {
+            rows.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+            return;
+        }
+        let ranks = crate::dist::current().map(|g| (g.rank(), g.world()));
+        let orders: Vec<Vec<usize>> = disks.iter().map(|d| d.epoch_order(rows, seed, ranks)).collect();
+        debug_assert!(orders.windows(2).all(|w| w[0] == w[1]), "modalities stream in step");
+        *rows = orders.into_iter().next().unwrap_or_default();
+    }
+
+    fn end_epoch(&self) {
+        self.data.disks().iter().for_each(|d| d.end_stream());
     }
 }

@@ -229,7 +229,7 @@ fn sparse_input_and_fused_likelihood_give_the_tensor_paths_loss_and_gradients() 
     cfg.decoder_l2 = 50.0;
     tch::manual_seed(5);
     let mut model = Multimodal::new(cfg, Device::Cpu).unwrap();
-    model.init_from_data(&data);
+    model.init_from_data(&data).unwrap();
     model.n_obs = 90.0;
     let rows: Vec<usize> = (0..90).step_by(2).collect();
     // dense: dense encoder input; tensor: the likelihood's tensor path too
@@ -241,7 +241,9 @@ fn sparse_input_and_fused_likelihood_give_the_tensor_paths_loss_and_gradients() 
             inp.encoder_input = data
                 .counts
                 .iter()
-                .map(|c| EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c, &rows, Device::Cpu)))
+                .map(|c| {
+                    EncoderInput::Dense(crate::data::log1p_rows_to_tensor(c.memory().unwrap(), &rows, Device::Cpu))
+                })
                 .collect();
         }
         if tensor {
@@ -285,4 +287,135 @@ fn sparse_input_and_fused_likelihood_give_the_tensor_paths_loss_and_gradients() 
             assert!(err < 1e-3 * scale, "gradient {:?}: error {err} at scale {scale}, tensor path {tensor}", b.size());
         }
     }
+}
+
+#[test]
+fn a_model_trained_from_disk_matches_one_trained_in_memory() {
+    use crate::data::{DiskCsr, H5adWriter, Layout};
+    // RNA and peaks side by side in one file (a 10x multiome matrix's
+    // layout), each modality opened as its own columns of it.
+    let s = sim(1_200, 3, 0, 2, 8);
+    let atac = peaks(&s);
+    let (g, p) = (s.counts.n_genes(), atac.n_genes());
+    let both: Vec<(Vec<u32>, Vec<f32>)> = (0..1_200)
+        .map(|c| {
+            let (ri, rv) = s.counts.csr.row(c);
+            let (ai, av) = atac.csr.row(c);
+            (ri.iter().copied().chain(ai.iter().map(|&j| j + g as u32)).collect(), [rv, av].concat())
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("scdistill-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("multiome.h5ad").to_string_lossy().into_owned();
+    let mut w = H5adWriter::create(&path, g + p).unwrap();
+    w.append(&Csr::from_rows(both, g + p)).unwrap();
+    let features: Vec<String> = s.counts.genes.iter().chain(&atac.genes).cloned().collect();
+    w.finish(&s.counts.cells, &features, &[]).unwrap();
+    let open = || {
+        let layout = Layout::Sparse { data: "X/data".into(), indices: "X/indices".into(), indptr: "X/indptr".into() };
+        let d = |keep: Vec<usize>| DiskCsr::open(&path, layout.clone(), 1_200, g + p).unwrap().select_columns(keep);
+        let mut disks = vec![d((0..g).collect()).unwrap(), d((g..g + p).collect()).unwrap()];
+        disks[0].window_blocks = 5;
+        disks[1].window_blocks = 3; // windows of unequal size stream out of step: aligned
+        DiskCsr::in_step(&mut disks).unwrap();
+        let scans: Vec<_> = disks.iter().map(|d| d.scan(&|_, _| {}, &|| false).unwrap()).collect();
+        (disks, scans)
+    };
+    // The batch as an encoder covariate too: the sparse input appends it by
+    // cell, not by the row of the block read.
+    let mut cov = batch_covariates(&s);
+    cov.encoder = vec![s.batch.clone()];
+    let (disks, scans) = open();
+    assert!(disks.iter().all(|d| d.window_blocks == 3));
+    let refs: Vec<&DiskCsr> = disks.iter().collect();
+    let on_disk = MultimodalData::on_disk(&refs, &scans, &cov).unwrap();
+    let in_memory = MultimodalData::new(vec![&s.counts.csr, &atac.csr], &cov).unwrap();
+    assert_eq!(on_disk.log_library, in_memory.log_library);
+    assert_eq!(on_disk.log_factorial, in_memory.log_factorial);
+
+    let _turn = TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = two();
+    cfg.n_encoder_cov = 2;
+    let tc = TrainConfig { max_epochs: 25, early_stopping: false, ..Default::default() };
+    // The same start from either (the ambient profile and the library
+    // prior are read from the file in blocks), and the same loss of any cells.
+    let start = |data: &MultimodalData| {
+        crate::device::seed_torch(1);
+        let mut cfg = cfg.clone();
+        (cfg.modalities[0].n_features, cfg.modalities[1].n_features) = (g, p);
+        (cfg.n_ambient, cfg.n_scaling, cfg.n_dispersion, cfg.n_library) = (2, 2, 2, 2);
+        let mut m = Multimodal::new(cfg, Device::Cpu).unwrap();
+        m.init_from_data(data).unwrap();
+        m
+    };
+    let (a, b) = (start(&on_disk), start(&in_memory));
+    let rows = [901, 3, 517, 4, 1_100, 250];
+    let loss = |m: &Multimodal, data: &MultimodalData| {
+        crate::device::seed_torch(2);
+        let t = m.loss_terms(&data.inputs(&rows, Device::Cpu), false);
+        Vec::<f32>::try_from(t.reconstruction + t.kl_warmup + t.kl_fixed).unwrap()
+    };
+    assert_eq!(loss(&a, &on_disk), loss(&b, &in_memory));
+
+    let fit_disk = || {
+        let (disks, scans) = open();
+        let refs: Vec<&DiskCsr> = disks.iter().collect();
+        let f: Vec<&[String]> = vec![&s.counts.genes, &atac.genes];
+        let m = crate::device::with_threads(2, || {
+            MultimodalModel::fit_on_disk(
+                &refs,
+                &scans,
+                &f,
+                &cov,
+                cfg.clone(),
+                tc.clone(),
+                Device::Cpu,
+                &|| false,
+                &|_| {},
+            )
+        })
+        .unwrap()
+        .unwrap();
+        let z = m.training_latent_on_disk(&refs, &scans, &cov).unwrap();
+        (m, z)
+    };
+    let (disk, z) = fit_disk();
+    let memory = crate::device::with_threads(2, || {
+        MultimodalModel::fit(&[&s.counts, &atac], &cov, cfg.clone(), tc.clone(), Device::Cpu, &|| false, &|_| {})
+    })
+    .unwrap()
+    .unwrap();
+    // Scored alike on every cell in memory: streaming both modalities in
+    // step trains as well as the full shuffle.
+    let all: Vec<usize> = (0..1_200).collect();
+    let score = |m: &MultimodalModel| {
+        crate::device::seed_torch(0);
+        crate::train::evaluate(&MultimodalTask { model: &m.model, data: &in_memory }, &all, 1024).0
+    };
+    let (e_disk, e_mem) = (score(&disk), score(&memory));
+    assert!((e_disk - e_mem).abs() < 0.01 * e_mem.abs(), "-ELBO disk {e_disk} vs memory {e_mem}");
+    // The held-out cells are whole blocks; the latent read from disk is the
+    // one computed in memory; the same seed gives the same model.
+    let block = disks[0].block;
+    let v = &disk.meta.training.validation_cells;
+    assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / block * block))));
+    assert_eq!(z.joint.values, disk.training_latent(&[&s.counts, &atac], &cov).unwrap().joint.values);
+    assert_eq!(fit_disk().1.joint.values, z.joint.values);
+    // Modalities of different cells are refused.
+    let layout = Layout::Sparse { data: "X/data".into(), indices: "X/indices".into(), indptr: "X/indptr".into() };
+    let other = dir.join("other.h5ad").to_string_lossy().into_owned();
+    let mut w = H5adWriter::create(&other, g).unwrap();
+    w.append(&Csr::from_rows(
+        (0..100).map(|c| (s.counts.csr.row(c).0.to_vec(), s.counts.csr.row(c).1.to_vec())).collect(),
+        g,
+    ))
+    .unwrap();
+    w.finish(&s.counts.cells[..100], &s.counts.genes, &[]).unwrap();
+    let mut mixed = vec![
+        DiskCsr::open(&path, layout.clone(), 1_200, g + p).unwrap(),
+        DiskCsr::open(&other, layout, 100, g).unwrap(),
+    ];
+    let err = DiskCsr::in_step(&mut mixed).unwrap_err();
+    assert!(err.to_string().contains("has 100 cells where"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
