@@ -87,6 +87,9 @@ pub struct DiskCsr {
     stream: Mutex<Option<Stream>>,
     /// The last rows `read_rows_cached` read, with their matrix.
     last: Mutex<Option<(Vec<usize>, Arc<Csr>)>>,
+    /// The next epoch's first window, read ahead by the reader thread
+    /// (its cells in order, and what the read gave).
+    ahead: Mutex<Option<(Vec<usize>, Receiver<Result<Window>>)>>,
 }
 
 impl std::fmt::Debug for DiskCsr {
@@ -241,7 +244,14 @@ impl DiskCsr {
         let per_cell = inner.indptr.last().map_or(1.0, |&nnz| nnz as f64 / n_cells as f64).max(1.0);
         let window_cells = ((WINDOW_VALUES as f64 / per_cell) as usize).min(32_768);
         let window_blocks = (window_cells / block).max(16);
-        Ok(DiskCsr { inner: Arc::new(inner), block, window_blocks, stream: Mutex::new(None), last: Mutex::new(None) })
+        Ok(DiskCsr {
+            inner: Arc::new(inner),
+            block,
+            window_blocks,
+            stream: Mutex::new(None),
+            last: Mutex::new(None),
+            ahead: Mutex::new(None),
+        })
     }
 
     /// Makes matrices of the same cells (the modalities of paired data)
@@ -272,6 +282,7 @@ impl DiskCsr {
         inner.n_cols = keep.len();
         inner.keep = Some(keep);
         *self.last.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.ahead.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(self)
     }
 
@@ -401,7 +412,21 @@ impl DiskCsr {
     /// rank p mod world, as the training loop splits minibatches); a few
     /// cells move between ranks so that their shares differ by at most one.
     /// The order is the same on every rank; each reads only its own windows.
+    ///
+    /// While the last window of the epoch is trained on, the reader goes on
+    /// to the first window of the next epoch (the same rows with seed + 1,
+    /// as the training loop asks for them): an epoch need not wait for its
+    /// first read.
     pub fn epoch_order(&self, rows: &[usize], seed: u64, ranks: Option<(usize, usize)>) -> Vec<usize> {
+        let (order, windows) = self.plan(rows, seed, ranks);
+        let (_, next) = self.plan(rows, seed.wrapping_add(1), ranks);
+        self.start_stream(windows, next.into_iter().next());
+        order
+    }
+
+    /// An epoch's order of `rows` and this rank's windows of cells (see
+    /// `epoch_order`).
+    fn plan(&self, rows: &[usize], seed: u64, ranks: Option<(usize, usize)>) -> (Vec<usize>, Vec<Vec<usize>>) {
         let (rank, world) = ranks.unwrap_or((0, 1));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut sorted = rows.to_vec();
@@ -427,10 +452,13 @@ impl DiskCsr {
                 windows[r].push((start, streams[r].len()));
             }
         }
+        let cells_of = |order: &[usize], w: &[(usize, usize)]| -> Vec<Vec<usize>> {
+            w.iter().map(|&(s, e)| order[s..e].to_vec()).collect()
+        };
         if world == 1 {
             let order = streams.pop().unwrap_or_default();
-            self.start_stream(&order, windows.pop().unwrap_or_default());
-            return order;
+            let windows = cells_of(&order, &windows[0]);
+            return (order, windows);
         }
         // Even shares: the ends of the longer streams go to the shorter
         // (which read those cells directly, outside their windows).
@@ -450,31 +478,57 @@ impl DiskCsr {
         let mine = &streams[rank];
         let kept: Vec<(usize, usize)> =
             windows[rank].iter().map(|&(a, b)| (a, b.min(mine.len()))).filter(|&(a, b)| a < b).collect();
-        self.start_stream(mine, kept);
-        (0..n).map(|p| streams[p % world][p / world]).collect()
+        let windows = cells_of(mine, &kept);
+        ((0..n).map(|p| streams[p % world][p / world]).collect(), windows)
     }
 
-    fn start_stream(&self, order: &[usize], windows: Vec<(usize, usize)>) {
-        let cells: Vec<Vec<usize>> = windows.iter().map(|&(s, e)| order[s..e].to_vec()).collect();
+    /// Starts the reader thread on `windows` (the cells of each, in order),
+    /// then on `next`, the next epoch's first window, which it hands over
+    /// through `ahead`. A first window read ahead is not read again.
+    fn start_stream(&self, windows: Vec<Vec<usize>>, next: Option<Vec<usize>>) {
         let (tx, rx) = sync_channel::<Result<Window>>(1);
-        let inner = Arc::clone(&self.inner);
         let reader = DiskCsr {
-            inner,
+            inner: Arc::clone(&self.inner),
             block: self.block,
             window_blocks: self.window_blocks,
             stream: Mutex::new(None),
             last: Mutex::new(None),
+            ahead: Mutex::new(None),
         };
+        let read = move |rows: &[usize]| {
+            reader
+                .read_rows(rows)
+                .map(|m| Window { at: rows.iter().enumerate().map(|(k, &r)| (r, k)).collect(), rows: m })
+        };
+        // The previous epoch's read-ahead serves when it holds these cells
+        // in this order (the same rows and seed); else it is dropped.
+        let (ahead_tx, ahead_rx) = sync_channel::<Result<Window>>(1);
+        let previous = {
+            let mut slot = self.ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let previous = slot.take();
+            *slot = next.as_ref().map(|cells| (cells.clone(), ahead_rx));
+            previous
+        };
+        let ready = previous.and_then(|(cells, rx)| (Some(&cells) == windows.first()).then_some(rx));
         std::thread::spawn(move || {
-            for rows in cells {
-                let got = reader
-                    .read_rows(&rows)
-                    .map(|m| Window { at: rows.iter().enumerate().map(|(k, &r)| (r, k)).collect(), rows: m });
+            let mut windows = windows.into_iter();
+            if let Some(Ok(w)) = ready.map(|rx| rx.recv()) {
+                windows.next();
+                if tx.send(w).is_err() {
+                    return;
+                }
+            }
+            for rows in windows {
+                let got = read(&rows);
                 let failed = got.is_err();
                 // The receiver is gone when training stopped early.
                 if tx.send(got).is_err() || failed {
                     return;
                 }
+            }
+            if let Some(rows) = next {
+                // Nobody waits when training has ended.
+                let _ = ahead_tx.send(read(&rows));
             }
         });
         *self.lock_stream() = Some(Stream { rx, windows: vec![] });

@@ -114,6 +114,17 @@ fn an_epoch_streams_every_training_cell_once_in_block_shuffled_windows() {
         assert_eq!(d.fetch(chunk).unwrap(), d.read_rows(chunk).unwrap());
     }
     d.end_stream();
+    // The next epoch (seed + 1) starts from the window read ahead meanwhile:
+    // the same cells as a fresh reader's, in the same order.
+    let next = d.epoch_order(&train, 10, None);
+    let mut fresh = DiskCsr::open(&path, sparse(), 2_000, 12).unwrap();
+    fresh.window_blocks = 4;
+    assert_eq!(next, fresh.epoch_order(&train, 10, None));
+    fresh.end_stream();
+    for chunk in next.chunks(37) {
+        assert_eq!(d.fetch(chunk).unwrap(), d.read_rows(chunk).unwrap());
+    }
+    d.end_stream();
     // Another seed, another order; the same seed, the same order.
     let again = d.epoch_order(&train, 9, None);
     d.end_stream();
