@@ -54,7 +54,7 @@ test_that("distill() and fit_multimodal() train on two workers", {
   expect_equal(m2$history$validation_elbo, m1$history$validation_elbo, tolerance = 1e-5)
 })
 
-test_that("on-disk counts train on two workers, each reading its own blocks", {
+test_that("on-disk counts train on two workers, each reading its own blocks: fit_vae(), distill(), fit_multimodal()", {
   skip_if_not_installed("processx")
   f <- tempfile(fileext = ".h5ad")
   on.exit(unlink(f), add = TRUE)
@@ -69,6 +69,34 @@ test_that("on-disk counts train on two workers, each reading its own blocks", {
   v2 <- utils::tail(two$history$validation_elbo, 1)
   expect_lt(abs(v2 / v1 - 1), 0.01)
   expect_lt(v2, two$history$validation_elbo[1])
+
+  # distill(): every rank computes the teacher from the file (rank 0's is
+  # used), then streams its own blocks in both phases.
+  dargs <- list(f, batch = "batch", norm = "layer", max_epochs_encoder = 6, max_epochs_decoder = 6, seed = 1,
+                early_stopping = FALSE, progress = FALSE)
+  d1 <- do.call(distill, c(dargs, threads = 1))
+  d2 <- do.call(distill, c(dargs, threads = 2, workers = 2))
+  expect_equal(d2$validation_cells, d1$validation_cells)
+  expect_equal(teacher_latent(d2), teacher_latent(d1))
+  nll <- function(m) utils::tail(unlist(m$info$history_decoder$validation_elbo), 1)
+  expect_lt(abs(nll(d2) / nll(d1) - 1), 0.01)
+
+  # fit_multimodal() on two files streamed in step, on each rank.
+  mo <- simulate_counts(n_cells = 1500, n_genes = 100, n_groups = 3, n_batches = 2, atac = TRUE, n_peaks = 300,
+                        seed = 8, threads = 2)
+  files <- c(RNA = tempfile(fileext = ".h5ad"), ATAC = tempfile(fileext = ".h5ad"))
+  on.exit(unlink(files), add = TRUE)
+  write_h5ad(mo, files[["RNA"]], columns = "batch")
+  write_h5ad(SingleCellExperiment::altExp(mo, "ATAC"), files[["ATAC"]])
+  margs <- list(as.list(files), batch = "batch", norm = "layer", max_epochs = 8, seed = 1, early_stopping = FALSE,
+                progress = FALSE)
+  m1 <- do.call(fit_multimodal, c(margs, threads = 1))
+  m2 <- do.call(fit_multimodal, c(margs, threads = 2, workers = 2))
+  expect_equal(m2$validation_cells, m1$validation_cells)
+  e1 <- utils::tail(m1$history$validation_elbo, 1)
+  e2 <- utils::tail(m2$history$validation_elbo, 1)
+  expect_lt(abs(e2 / e1 - 1), 0.01)
+  expect_lt(e2, m2$history$validation_elbo[1])
 })
 
 test_that("a worker that fails, or ranks that disagree, end the job with an error naming why", {
