@@ -28,7 +28,8 @@
 #' whole blocks (a seeded `validation_fraction` of them). Each epoch visits
 #' the training blocks in a random order, in windows of about 32,768 cells
 #' (fewer when the cells hold more than about 1,000 stored values each, as
-#' ATAC peaks do: a window holds at most 2^25 values, or 16 blocks) whose
+#' ATAC peaks do, or a dense dataset of more than 1,000 genes: a window
+#' holds at most 2^25 values, or 16 blocks) whose
 #' cells are shuffled together, while a second thread reads the next
 #' window: at most four windows are in memory at once. Before training,
 #' one pass over the file computes each cell's library size and checks the

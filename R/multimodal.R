@@ -364,7 +364,14 @@ multimodal_disk <- function(x, modalities) {
     if (is.null(main_disk)) return(NULL)
     main <- SingleCellExperiment::mainExpName(x) %||% "RNA"
     alts <- SingleCellExperiment::altExpNames(x)
-    modalities <- modalities %||% c(main, alts[toupper(alts) %in% c("ATAC", "PEAKS")][1])
+    if (is.null(modalities)) {
+      atac <- alts[toupper(alts) %in% c("ATAC", "PEAKS")]
+      if (!length(atac)) {
+        stop("`x` has no ATAC modality: put the peak counts in altExp(x, \"ATAC\") (it has: ",
+             if (length(alts)) paste(alts, collapse = ", ") else "no altExps", ")", call. = FALSE)
+      }
+      modalities <- c(main, atac[1])
+    }
     ds <- lapply(modalities, function(m) {
       if (identical(m, main)) return(main_disk)
       if (!m %in% alts) stop("`modalities`: '", m, "' is neither the main experiment ('", main, "') nor an altExp (",
@@ -380,13 +387,7 @@ multimodal_disk <- function(x, modalities) {
   } else {
     return(NULL)
   }
-  for (m in names(ds)) {
-    if (ds[[m]]$layout != "sparse") {
-      stop("modality '", m, "': '", ds[[m]]$path, "' holds a dense matrix; paired modalities on disk must be ",
-           "sparse (AnnData's CSR, or a 10x matrix)", call. = FALSE)
-    }
-    check_disk_genes(ds[[m]])
-  }
+  for (m in names(ds)) check_disk_genes(ds[[m]])
   cells <- ds[[1]]$cells
   for (m in names(ds)[-1]) {
     if (!identical(ds[[m]]$cells, cells)) {
@@ -410,8 +411,9 @@ multimodal_disk <- function(x, modalities) {
 # (a 10x multiome file's `features/feature_type`, or an .h5ad file's
 # `var/feature_types`): "Gene Expression" becomes RNA, "Peaks" ATAC.
 split_feature_types <- function(d, modalities) {
-  types <- if (identical(d$format, "10x") && rust(rs_h5_exists(d$path, "matrix/features/feature_type"))) {
-    h5_strings(d$path, "matrix/features/feature_type")
+  tenx_types <- paste0(sub("/data$", "", d$data %||% "matrix/data"), "/features/feature_type")
+  types <- if (identical(d$format, "10x") && rust(rs_h5_exists(d$path, tenx_types))) {
+    h5_strings(d$path, tenx_types)
   } else if (identical(d$format, "h5ad") && rust(rs_h5_exists(d$path, "var/feature_types"))) {
     as.character(h5ad_column(d$path, "feature_types", group = "var"))
   }

@@ -238,10 +238,10 @@ impl DiskCsr {
             Inner { reader, layout, n_rows: n_cells, n_file_cols: n_genes, indptr, keep: None, n_cols: n_genes };
         // Blocks: ~1,000 per data set, 16 to 1,024 cells each; windows of
         // about 32,768 cells (at least 16 blocks) are shuffled together, fewer
-        // when the cells are dense enough (ATAC peaks) for a window to pass
-        // WINDOW_VALUES stored values.
+        // when the cells hold enough values (ATAC peaks; a dense layout reads
+        // every gene) for a window to pass WINDOW_VALUES.
         let block = n_cells.div_ceil(1000).clamp(16, 1024);
-        let per_cell = inner.indptr.last().map_or(1.0, |&nnz| nnz as f64 / n_cells as f64).max(1.0);
+        let per_cell = inner.indptr.last().map_or(n_genes as f64, |&nnz| nnz as f64 / n_cells as f64).max(1.0);
         let window_cells = ((WINDOW_VALUES as f64 / per_cell) as usize).min(32_768);
         let window_blocks = (window_cells / block).max(16);
         Ok(DiskCsr {

@@ -148,9 +148,10 @@ impl MultimodalModel {
         seed_torch(train_cfg.seed);
         let mut model = Multimodal::new(config.clone(), device)?;
         model.init_from_data(&data)?;
-        let task = MultimodalTask { model: &model, data: &data };
-        // The global terms are shared out over the cells the loop trains on.
-        let n_obs = task.split(train_cfg.validation_fraction, train_cfg.seed).0.len();
+        // The global terms are shared out over the cells the loop trains on
+        // (on disk: outside the held-out blocks).
+        let split = MultimodalTask { model: &model, data: &data }.split(train_cfg.validation_fraction, train_cfg.seed);
+        let n_obs = split.0.len();
         model.n_obs = n_obs.max(1) as f64;
         let history = train(&MultimodalTask { model: &model, data: &data }, &train_cfg, interrupted, on_epoch)?;
         let meta = MultimodalMeta {
