@@ -12,6 +12,11 @@
 #' may use. The environment variable `OMP_THREAD_LIMIT`, when set, caps all of
 #' these.
 #'
+#' @section Precision:
+#' Models train in f32. `options(scdistill.bf16 = FALSE)` also keeps in f32
+#' the few ranking steps that use bf16 products on CPUs with native bf16
+#' arithmetic (see the section "Precision" of [align_species()]).
+#'
 #' @section Loading:
 #' `library(scdistill)` is quick: the compiled code, and with it libtorch and
 #' its CUDA libraries (hundreds of MB), is loaded on first use.

@@ -96,7 +96,9 @@ fn vae(a: &[String]) {
 /// simulated species (7 types, 3 batches each, as bench/species_vs_scspecies.R),
 /// at scSpecies' defaults.
 fn species(a: &[String]) {
+    use scdistill_core::models::species::fitted::Species;
     use scdistill_core::models::species::{SpeciesConfig, SpeciesData, SpeciesModel};
+    use scdistill_core::models::Cells;
     use scdistill_core::simulate::SpeciesParams;
     let (n_cells, n_genes, epochs, threads) = (arg(a, 1, 20_000), arg(a, 2, 2_000), arg(a, 3, 2), arg(a, 4, 2));
     let pool = thread_pool(threads).unwrap();
@@ -132,9 +134,22 @@ fn species(a: &[String]) {
             let secs: Vec<f64> = rec.history.iter().map(|r| r.seconds).collect();
             println!("{name}: {:.3} s/epoch (median), {:.2} ms/step", median(&secs), 1e3 * median(&secs) / steps);
         }
+        let fitted = t0.elapsed().as_secs_f64();
+        let labels = two.sim.batch.codes.iter().map(|&c| two.sim.batch.levels[c as usize].clone()).collect();
+        let cells = Cells { counts: vec![two.sim.counts.clone()], batch: Some(labels), ..Default::default() };
+        let (csr, cov) = m.prepare(Species::Target, cells).unwrap();
+        let t1 = Instant::now();
+        let tc = m.target_cells(&csr, &cov);
+        let tr = m.transfer_labels(&tc, 250, 25, &|| false).unwrap();
+        let agree = tr.label.iter().zip(&two.sim.group.codes).filter(|(a, b)| a == b).count();
+        println!(
+            "transfer_labels (250 candidates, top 25): {:.1} s, {:.3} ms/cell ({agree} labels equal to the codes of the truth)",
+            t1.elapsed().as_secs_f64(),
+            1e3 * t1.elapsed().as_secs_f64() / n_cells as f64
+        );
         let nnz = s.counts.csr.indices.len() as f64 / (n_cells * n_genes) as f64;
         println!(
-            "{n_cells} + {n_cells} cells x {n_genes} genes (density {nnz:.3}), {threads} threads: total {:.1} s",
+            "{n_cells} + {n_cells} cells x {n_genes} genes (density {nnz:.3}), {threads} threads: fit {fitted:.1} s, total {:.1} s",
             t0.elapsed().as_secs_f64()
         );
     });

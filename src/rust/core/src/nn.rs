@@ -68,6 +68,33 @@ pub fn linear(p: nn::Path, n_in: usize, n_out: usize) -> nn::Linear {
     nn::linear(p, n_in as i64, n_out as i64, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
 }
 
+/// Whether products on `device` may run in bf16 (f32 accumulation) at
+/// speed: a CPU with native bf16 dot products (AVX512-BF16, which oneDNN
+/// uses). Elsewhere libtorch's bf16 product is an emulation slower than
+/// f32, so callers keep f32.
+pub fn fast_bf16(device: tch::Device) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        device == tch::Device::Cpu && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// `x · Wᵀ + b` of layer `l` with both factors rounded to bf16 (products
+/// accumulated in f32 by oneDNN, the result rounded to bf16 and returned
+/// as f32): no gradient flows through it.
+pub fn linear_bf16(x: &Tensor, l: &nn::Linear) -> Tensor {
+    let y = x.to_kind(Kind::BFloat16).linear::<Tensor>(&l.ws.to_kind(Kind::BFloat16), None).to_kind(Kind::Float);
+    match &l.bs {
+        Some(b) => y + b,
+        None => y,
+    }
+}
+
 /// The linear map of a hidden layer: libtorch's layout (weight
 /// [out, in]), or the weight stored transposed ([in, out], under the name
 /// `weight_t`) so that the layer can read a sparse input (`sparse`).

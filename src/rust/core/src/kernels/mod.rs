@@ -8,6 +8,7 @@ pub mod adam;
 pub mod flush;
 pub mod fused;
 pub mod omp;
+pub mod pool;
 pub(crate) mod simd;
 pub mod sparse;
 pub mod vmath;

@@ -122,17 +122,25 @@ impl CountDecoder {
 
     /// The decoder's heads for latent `z`.
     pub fn heads(&self, z: &Tensor, design: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> DecoderHeads {
-        let h = self.fc.forward(z, Some(design), train);
-        let logits = self.scale_head.forward(&h);
+        self.heads_with(z, design, batch, train.into(), false)
+    }
+
+    /// [`CountDecoder::heads`] with the gene-wide output products in bf16
+    /// when `bf16` (see [`crate::nn::linear_bf16`]): for scoring without
+    /// gradient, where those products are most of the cost.
+    pub fn heads_with(&self, z: &Tensor, design: &Tensor, batch: &Tensor, pass: Pass, bf16: bool) -> DecoderHeads {
+        let h = self.fc.forward(z, Some(design), pass);
+        let out = |l: &nn::Linear| if bf16 { crate::nn::linear_bf16(&h, l) } else { l.forward(&h) };
+        let logits = out(&self.scale_head);
         let log_theta = match (&self.px_r, &self.r_head) {
-            (_, Some(head)) => Some(head.forward(&h)),
+            (_, Some(head)) => Some(out(head)),
             (Some(r), None) if self.dispersion == Dispersion::GeneBatch => {
                 Some(batch.one_hot(self.n_batch as i64).to_kind(Kind::Float).matmul(&r.tr()))
             }
             (Some(r), None) => Some(r.shallow_clone()),
             (None, None) => None,
         };
-        let pi_logits = self.pi_head.as_ref().map(|p| p.forward(&h));
+        let pi_logits = self.pi_head.as_ref().map(out);
         DecoderHeads { logits, log_theta, pi_logits }
     }
 

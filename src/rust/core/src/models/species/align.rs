@@ -57,7 +57,13 @@ pub struct Representations {
 }
 
 /// Runs every cell of `data` through `side`'s encoders (with `inner`).
-pub fn encode_all(side: &Side, inner: &GaussianEncoder, data: &VaeData, device: Device, keep_inter: bool) -> Representations {
+pub fn encode_all(
+    side: &Side,
+    inner: &GaussianEncoder,
+    data: &VaeData,
+    device: Device,
+    keep_inter: bool,
+) -> Representations {
     let n = data.n_cells();
     let rows: Vec<usize> = (0..n).collect();
     let (mut inter, mut mean, mut var, mut lm, mut lv) = (vec![], vec![], vec![], vec![], vec![]);
@@ -74,8 +80,15 @@ pub fn encode_all(side: &Side, inner: &GaussianEncoder, data: &VaeData, device: 
             lv.push(e.ql.1);
         }
     });
-    let cat = |v: Vec<Tensor>| if v.is_empty() { Tensor::zeros([0], (Kind::Float, device)) } else { Tensor::cat(&v, 0) };
-    Representations { inter: cat(inter), mean: cat(mean), var: cat(var), log_library: cat(lm), log_library_var: cat(lv) }
+    let cat =
+        |v: Vec<Tensor>| if v.is_empty() { Tensor::zeros([0], (Kind::Float, device)) } else { Tensor::cat(&v, 0) };
+    Representations {
+        inter: cat(inter),
+        mean: cat(mean),
+        var: cat(var),
+        log_library: cat(lm),
+        log_library_var: cat(lv),
+    }
 }
 
 /// The context cells' representations after the context phase.
@@ -88,7 +101,20 @@ pub fn context_representations(model: &SpeciesModel, data: &VaeData) -> Represen
 /// of log(1 + counts) on the homologous genes (scSpecies' data-level
 /// search: no normalisation, no PCA, all context cells), nearest first;
 /// flat, `k` per target cell.
-pub fn data_neighbours(context: &Csr, target: &Csr, pairs: &[(u32, u32)], k: usize, device: Device) -> Vec<u32> {
+///
+/// With `bf16`, the all-pairs product (most of the cost) runs in bf16 and
+/// picks 2k + 10 candidates per cell, which are then ranked by their exact
+/// f32 similarity: the result differs from the f32 search only where a
+/// true neighbour falls outside those candidates (a near tie at the k-th
+/// place).
+pub fn data_neighbours(
+    context: &Csr,
+    target: &Csr,
+    pairs: &[(u32, u32)],
+    k: usize,
+    device: Device,
+    bf16: bool,
+) -> Vec<u32> {
     let c_cols: Vec<usize> = pairs.iter().map(|p| p.0 as usize).collect();
     let t_cols: Vec<usize> = pairs.iter().map(|p| p.1 as usize).collect();
     let unit = |m: &Csr, cols: &[usize]| -> Tensor {
@@ -99,15 +125,32 @@ pub fn data_neighbours(context: &Csr, target: &Csr, pairs: &[(u32, u32)], k: usi
         x / norm
     };
     let c = unit(context, &c_cols);
-    let ct = c.tr();
     let t = unit(target, &t_cols);
     let k = k.min(context.n_rows) as i64;
+    let wide = (2 * k + 10).min(context.n_rows as i64);
+    let bf16 = bf16 && wide < context.n_rows as i64;
+    let ct = if bf16 { c.to_kind(Kind::BFloat16).tr() } else { c.tr() };
     let mut out = Vec::with_capacity(target.n_rows * k as usize);
     tch::no_grad(|| {
         for start in (0..target.n_rows as i64).step_by(1024) {
             let len = 1024.min(target.n_rows as i64 - start);
-            let sim = t.narrow(0, start, len).matmul(&ct);
-            let (_, idx) = sim.topk(k, 1, true, true);
+            let tb = t.narrow(0, start, len);
+            let idx = if bf16 {
+                let (_, near) = tb.to_kind(Kind::BFloat16).matmul(&ct).topk(wide, 1, true, false);
+                // The exact similarity of each candidate, in blocks of 128 cells.
+                let mut parts = Vec::new();
+                for s in (0..len).step_by(128) {
+                    let l = 128.min(len - s);
+                    let cand = near.narrow(0, s, l);
+                    let rows = c.index_select(0, &cand.flatten(0, -1)).view([l, wide, -1]);
+                    let exact = rows.bmm(&tb.narrow(0, s, l).unsqueeze(2)).squeeze_dim(2);
+                    let (_, best) = exact.topk(k, 1, true, true);
+                    parts.push(cand.gather(1, &best, false));
+                }
+                Tensor::cat(&parts, 0)
+            } else {
+                tb.matmul(&ct).topk(k, 1, true, true).1
+            };
             let v: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1)).expect("indices");
             out.extend(v.into_iter().map(|i| i as u32));
         }
@@ -163,12 +206,14 @@ pub struct AlignmentTargets {
     pulled: Vec<bool>,
     reps: Representations,
     k: usize,
+    /// Score the candidates with bf16 output products.
+    pub bf16: bool,
 }
 
 impl AlignmentTargets {
     pub fn new(candidates: Vec<u32>, pulled: Vec<bool>, reps: Representations, k: usize) -> AlignmentTargets {
         let k = if pulled.is_empty() { k } else { candidates.len() / pulled.len() };
-        AlignmentTargets { candidates, pulled, reps, k }
+        AlignmentTargets { candidates, pulled, reps, k, bf16: false }
     }
 
     pub fn n_aligned(&self) -> usize {
@@ -199,8 +244,10 @@ impl AlignmentTargets {
         }
         let device = z.device();
         let k = self.k;
-        let cand: Vec<i64> =
-            sel.iter().flat_map(|&p| self.candidates[rows[p] * k..(rows[p] + 1) * k].iter().map(|&c| c as i64)).collect();
+        let cand: Vec<i64> = sel
+            .iter()
+            .flat_map(|&p| self.candidates[rows[p] * k..(rows[p] + 1) * k].iter().map(|&c| c as i64))
+            .collect();
         let cand = Tensor::from_slice(&cand).to_device(device);
         let at = Tensor::from_slice(&sel.iter().map(|&p| p as i64).collect::<Vec<_>>()).to_device(device);
         let sel_rows: Vec<usize> = sel.iter().map(|&p| rows[p]).collect();
@@ -208,7 +255,7 @@ impl AlignmentTargets {
             let mu = self.reps.mean.index_select(0, &cand);
             let zc = &mu + self.reps.var.index_select(0, &cand).sqrt() * mu.randn_like();
             let lib = log_library.detach().index_select(0, &at);
-            let nll = decode_candidates_nll(&side.decoder, data, &sel_rows, &zc, k, &lib, pass);
+            let nll = decode_candidates_nll(&side.decoder, data, &sel_rows, &zc, k, &lib, pass, self.bf16);
             let flat = nll.argmin(1, false) + Tensor::arange(sel.len() as i64, (Kind::Int64, device)) * k as i64;
             (cand.index_select(0, &flat), zc.index_select(0, &flat))
         });

@@ -94,6 +94,10 @@ pub struct SpeciesConfig {
     pub eta_start: f64,
     pub eta_max: f64,
     pub eta_epochs: usize,
+    /// Where the CPU has native bf16 (see [`crate::nn::fast_bf16`]), the
+    /// data-level neighbour search and the alignment step's scoring of
+    /// candidates run their products in bf16; training itself stays in f32.
+    pub bf16_scoring: bool,
     pub context: SideShape,
     pub target: SideShape,
 }
@@ -116,6 +120,7 @@ impl Default for SpeciesConfig {
             eta_start: 10.0,
             eta_max: 25.0,
             eta_epochs: 10,
+            bf16_scoring: true,
             context: SideShape::default(),
             target: SideShape::default(),
         }
@@ -128,7 +133,11 @@ impl SpeciesConfig {
         for (name, w) in [("outer", &self.outer), ("inner", &self.inner), ("library", &self.library)] {
             check_param(!w.is_empty() && w.iter().all(|&x| x >= 1), name, "must be one or more positive widths")?;
         }
-        check_param(self.decoder.iter().all(|&x| x >= 1) && !self.decoder.is_empty(), "decoder", "must be one or more positive widths")?;
+        check_param(
+            self.decoder.iter().all(|&x| x >= 1) && !self.decoder.is_empty(),
+            "decoder",
+            "must be one or more positive widths",
+        )?;
         check_param((0.0..1.0).contains(&self.dropout), "dropout", "must be in [0, 1)")?;
         check_param(self.k_neigh >= 1, "k_neigh", "must be at least 1")?;
         check_param(self.top_percent > 0.0 && self.top_percent <= 100.0, "top_percent", "must be in (0, 100]")?;
@@ -320,7 +329,9 @@ impl Trainable for TargetTask<'_> {
         let inp = self.data.inputs(rows, None, self.vs.device());
         let (mut terms, enc, z, l) = self.side.loss(self.inner, &inp, pass);
         if train {
-            terms.penalty = self.align.penalty(self.side, self.data, rows, &enc, &z, &l, self.cfg.alignment, pass)
+            terms.penalty = self
+                .align
+                .penalty(self.side, self.data, rows, &enc, &z, &l, self.cfg.alignment, pass)
                 .map(|p| p * self.eta.get());
         }
         terms
@@ -486,9 +497,13 @@ impl SpeciesModel {
         });
         let t_cov = Covariates::new(target.batch.clone(), vec![], vec![])?;
         let t_data = VaeData::new(&target.counts.csr, &t_cov);
-        let candidates = align::data_neighbours(&context.counts.csr, &target.counts.csr, &pairs, config.k_neigh, device);
-        let aligned = align::agreement(&candidates, &labels.codes, labels.n_levels(), config.k_neigh, config.top_percent);
-        let targets = align::AlignmentTargets::new(candidates, aligned, reps, config.k_neigh);
+        let bf16 = config.bf16_scoring && crate::nn::fast_bf16(device);
+        let candidates =
+            align::data_neighbours(&context.counts.csr, &target.counts.csr, &pairs, config.k_neigh, device, bf16);
+        let aligned =
+            align::agreement(&candidates, &labels.codes, labels.n_levels(), config.k_neigh, config.top_percent);
+        let mut targets = align::AlignmentTargets::new(candidates, aligned, reps, config.k_neigh);
+        targets.bf16 = bf16;
 
         // Phase 2: the target model, the context frozen.
         model.context_vs.freeze();

@@ -296,3 +296,49 @@ fn decoding_a_gene_subset_equals_cutting_the_full_softmax() {
     let gap = (got - &want).abs().max().double_value(&[]);
     assert!(gap < 1e-6, "subset decoding differs by {gap}");
 }
+
+/// The bf16 search (bf16 candidates, exact re-ranking) finds the f32
+/// search's neighbours, in the same order, but for rare near ties; and
+/// without fast bf16 it is the f32 search itself.
+#[test]
+fn the_bf16_neighbour_search_finds_the_f32_neighbours() {
+    let _turn = turn();
+    let (c, t, pairs) = two_species(600, 5);
+    let at = align::homolog_pairs(&pairs, &c.counts.genes, &t.counts.genes).unwrap();
+    let k = 25;
+    let exact = align::data_neighbours(&c.counts.csr, &t.counts.csr, &at, k, Device::Cpu, false);
+    let fast = align::data_neighbours(&c.counts.csr, &t.counts.csr, &at, k, Device::Cpu, true);
+    assert_eq!(exact.len(), t.counts.csr.n_rows * k);
+    let (mut same_set, mut same_place) = (0usize, 0usize);
+    for (a, b) in exact.chunks(k).zip(fast.chunks(k)) {
+        let sa: std::collections::HashSet<_> = a.iter().collect();
+        same_set += b.iter().filter(|j| sa.contains(j)).count();
+        same_place += a.iter().zip(b).filter(|(x, y)| x == y).count();
+    }
+    let n = exact.len() as f64;
+    assert!(same_set as f64 / n > 0.995, "shared neighbours {}", same_set as f64 / n);
+    assert!(same_place as f64 / n > 0.98, "same rank {}", same_place as f64 / n);
+    // Every cell's first neighbour by the exact similarity is kept.
+    let first = exact.chunks(k).zip(fast.chunks(k)).filter(|(a, b)| b.contains(&a[0])).count();
+    assert_eq!(first, t.counts.csr.n_rows);
+}
+
+/// Decoder heads with bf16 output products stay within bf16's rounding of
+/// the f32 heads.
+#[test]
+fn bf16_heads_round_the_f32_heads() {
+    let _turn = turn();
+    let (c, t, pairs) = two_species(200, 4);
+    let m = fit_on(&c, &t, &pairs, 1, 1);
+    let z = Tensor::randn([64, m.meta.config.n_latent as i64], (Kind::Float, Device::Cpu));
+    let batch = Tensor::from_slice(&[0i64, 1]).repeat([32]);
+    let design = batch.one_hot(m.target.shape.n_batch as i64).to_kind(Kind::Float);
+    let dec = &m.target.decoder;
+    let full = dec.heads_with(&z, &design, &batch, Pass::Eval, false);
+    let low = dec.heads_with(&z, &design, &batch, Pass::Eval, true);
+    for (a, b) in [(&full.logits, &low.logits), (full.pi_logits.as_ref().unwrap(), low.pi_logits.as_ref().unwrap())] {
+        let gap = (a - b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]);
+        assert!(gap > 0.0 && gap < 0.02 * scale.max(1.0), "bf16 heads differ by {gap} at scale {scale}");
+    }
+}
