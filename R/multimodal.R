@@ -242,24 +242,8 @@ multimodal_counts <- function(x, modalities = NULL) {
   if (!is.null(on_disk)) return(on_disk)
   cell_data <- NULL
   if (is(x, "SingleCellExperiment")) {
-    need("SingleCellExperiment")
-    main <- SingleCellExperiment::mainExpName(x) %||% "RNA"
-    alts <- SingleCellExperiment::altExpNames(x)
-    if (is.null(modalities)) {
-      atac <- alts[toupper(alts) %in% c("ATAC", "PEAKS")]
-      if (!length(atac)) {
-        stop("`x` has no ATAC modality: put the peak counts in altExp(x, \"ATAC\") (it has: ",
-             if (length(alts)) paste(alts, collapse = ", ") else "no altExps", ")", call. = FALSE)
-      }
-      modalities <- c(main, atac[1])
-    }
-    mats <- lapply(modalities, function(m) {
-      y <- if (identical(m, main)) x else if (m %in% alts) SingleCellExperiment::altExp(x, m) else
-        stop("`modalities`: '", m, "' is neither the main experiment ('", main, "') nor an altExp (",
-             paste(alts, collapse = ", "), ")", call. = FALSE)
-      modality_counts(m, as_counts(y))
-    })
-    names(mats) <- modalities
+    exps <- sce_modalities(x, modalities)
+    mats <- mapply(function(m, y) modality_counts(m, as_counts(y)), names(exps), exps, SIMPLIFY = FALSE)
     cell_data <- as.data.frame(SummarizedExperiment::colData(x))
   } else if (is(x, "MultiAssayExperiment")) {
     need("MultiAssayExperiment")
@@ -333,6 +317,33 @@ multimodal_counts <- function(x, modalities = NULL) {
   list(counts = mats, slots = slots, cell_data = cell_data, cells = cells)
 }
 
+# The experiments of a SingleCellExperiment that hold `modalities` (the main
+# experiment's name, or altExp names), named by modality; by default the
+# main experiment and the first altExp named ATAC or Peaks.
+sce_modalities <- function(x, modalities) {
+  need("SingleCellExperiment")
+  main <- SingleCellExperiment::mainExpName(x) %||% "RNA"
+  alts <- SingleCellExperiment::altExpNames(x)
+  if (is.null(modalities)) {
+    atac <- alts[toupper(alts) %in% c("ATAC", "PEAKS")]
+    if (!length(atac)) {
+      stop("`x` has no ATAC modality: put the peak counts in altExp(x, \"ATAC\") (it has: ",
+           if (length(alts)) paste(alts, collapse = ", ") else "no altExps", ")", call. = FALSE)
+    }
+    modalities <- c(main, atac[1])
+  }
+  exps <- lapply(modalities, function(m) {
+    if (identical(m, main)) return(x)
+    if (!m %in% alts) {
+      stop("`modalities`: '", m, "' is neither the main experiment ('", main, "') nor an altExp (",
+           paste(alts, collapse = ", "), ")", call. = FALSE)
+    }
+    SingleCellExperiment::altExp(x, m)
+  })
+  names(exps) <- modalities
+  exps
+}
+
 # Paired modalities that stay on disk, as multimodal_counts() returns them
 # with `disk` (the modalities' scdistill_h5 descriptions) in place of
 # `counts`; NULL when `x` is not on disk. `x`: a named list of files,
@@ -362,25 +373,14 @@ multimodal_disk <- function(x, modalities) {
   } else if (methods::is(x, "SingleCellExperiment")) {
     main_disk <- as_disk(x)
     if (is.null(main_disk)) return(NULL)
+    exps <- sce_modalities(x, modalities)
     main <- SingleCellExperiment::mainExpName(x) %||% "RNA"
-    alts <- SingleCellExperiment::altExpNames(x)
-    if (is.null(modalities)) {
-      atac <- alts[toupper(alts) %in% c("ATAC", "PEAKS")]
-      if (!length(atac)) {
-        stop("`x` has no ATAC modality: put the peak counts in altExp(x, \"ATAC\") (it has: ",
-             if (length(alts)) paste(alts, collapse = ", ") else "no altExps", ")", call. = FALSE)
-      }
-      modalities <- c(main, atac[1])
-    }
-    ds <- lapply(modalities, function(m) {
+    ds <- mapply(function(m, y) {
       if (identical(m, main)) return(main_disk)
-      if (!m %in% alts) stop("`modalities`: '", m, "' is neither the main experiment ('", main, "') nor an altExp (",
-                             paste(alts, collapse = ", "), ")", call. = FALSE)
-      as_disk(SingleCellExperiment::altExp(x, m)) %||%
+      as_disk(y) %||%
         stop("the counts of `x` are on disk (HDF5) but those of altExp '", m, "' are not: keep both on disk, ",
              "or both in memory", call. = FALSE)
-    })
-    names(ds) <- modalities
+    }, names(exps), exps, SIMPLIFY = FALSE)
     cell_data <- as.data.frame(SummarizedExperiment::colData(x))
   } else if ((is.character(x) && length(x) == 1) || inherits(x, "scdistill_h5")) {
     ds <- split_feature_types(as_disk(x), modalities)

@@ -90,6 +90,18 @@ pub struct DiskCsr {
     /// The next epoch's first window, read ahead by the reader thread
     /// (its cells in order, and what the read gave).
     ahead: Mutex<Option<(Vec<usize>, Receiver<Result<Window>>)>>,
+    /// The next epoch's plan, made for the read-ahead and kept for it.
+    planned: Mutex<Option<Planned>>,
+}
+
+/// An epoch's plan (see `DiskCsr::plan`) with what it was made for.
+struct Planned {
+    rows: Vec<usize>,
+    seed: u64,
+    ranks: Option<(usize, usize)>,
+    window_blocks: usize,
+    order: Vec<usize>,
+    windows: Vec<Vec<usize>>,
 }
 
 impl std::fmt::Debug for DiskCsr {
@@ -251,6 +263,7 @@ impl DiskCsr {
             stream: Mutex::new(None),
             last: Mutex::new(None),
             ahead: Mutex::new(None),
+            planned: Mutex::new(None),
         })
     }
 
@@ -283,6 +296,7 @@ impl DiskCsr {
         inner.keep = Some(keep);
         *self.last.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         *self.ahead.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.planned.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(self)
     }
 
@@ -418,9 +432,25 @@ impl DiskCsr {
     /// as the training loop asks for them): an epoch need not wait for its
     /// first read.
     pub fn epoch_order(&self, rows: &[usize], seed: u64, ranks: Option<(usize, usize)>) -> Vec<usize> {
-        let (order, windows) = self.plan(rows, seed, ranks);
-        let (_, next) = self.plan(rows, seed.wrapping_add(1), ranks);
-        self.start_stream(windows, next.into_iter().next());
+        let mut planned = self.planned.lock().unwrap_or_else(|e| e.into_inner());
+        let made_for = |p: &Planned, seed: u64| {
+            p.seed == seed && p.ranks == ranks && p.window_blocks == self.window_blocks && p.rows == rows
+        };
+        let (order, windows) = match planned.take() {
+            Some(p) if made_for(&p, seed) => (p.order, p.windows),
+            _ => self.plan(rows, seed, ranks),
+        };
+        let next_seed = seed.wrapping_add(1);
+        let (next_order, next_windows) = self.plan(rows, next_seed, ranks);
+        self.start_stream(windows, next_windows.first().cloned());
+        *planned = Some(Planned {
+            rows: rows.to_vec(),
+            seed: next_seed,
+            ranks,
+            window_blocks: self.window_blocks,
+            order: next_order,
+            windows: next_windows,
+        });
         order
     }
 
@@ -494,6 +524,7 @@ impl DiskCsr {
             stream: Mutex::new(None),
             last: Mutex::new(None),
             ahead: Mutex::new(None),
+            planned: Mutex::new(None),
         };
         let read = move |rows: &[usize]| {
             reader
