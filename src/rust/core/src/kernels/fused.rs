@@ -759,7 +759,7 @@ fn add(to: &mut [f32], from: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::data::Csr;
     use crate::likelihood::{
         fused_log_kernel_rows, fused_softplus_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows,
@@ -768,7 +768,7 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     /// Counts with zeros, small and large values (up to 5,000) and an empty row.
-    fn counts(n: usize, g: usize) -> Csr {
+    pub(crate) fn counts(n: usize, g: usize) -> Csr {
         let (mut indptr, mut indices, mut values) = (vec![0], vec![], vec![]);
         for r in 0..n {
             for j in 0..g {

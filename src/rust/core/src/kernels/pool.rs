@@ -294,25 +294,10 @@ fn nonzero_terms<const FMA: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{Csr, SparseBatch};
+    use crate::data::SparseBatch;
+    use crate::kernels::fused::tests::counts;
     use crate::likelihood::{fused_log_kernel_rows, RawDecoded};
     use tch::{Device, Kind, Tensor};
-
-    /// Counts with zeros, small and large values, and an empty row (2).
-    fn counts(n: usize, g: usize) -> Csr {
-        let (mut indptr, mut indices, mut values) = (vec![0], vec![], vec![]);
-        for r in 0..n {
-            for j in 0..g {
-                let h = (r * 7919 + j * 104_729) % 97;
-                if r != 2 && h < 30 {
-                    indices.push(j as u32);
-                    values.push(if h % 5 == 0 { 900.0 } else { (1 + h % 4) as f32 });
-                }
-            }
-            indptr.push(indices.len());
-        }
-        Csr { n_rows: n, n_cols: g, indptr, indices, values }
-    }
 
     /// Each pair's value equals the fused kernel's on the candidate's row
     /// copied out of the pool, for NB and ZINB, θ per gene, candidate or cell, at one

@@ -75,11 +75,11 @@ pub enum ThetaOf {
 }
 
 impl ScorePool {
-    /// The pool of `heads`. When the heads carry one θ row per row (a
-    /// gene-batch dispersion decoded with each row's batch), the rows come
-    /// `k` per scored cell, all under that cell's batch, and θ is kept per
-    /// cell; a gene-cell dispersion keeps θ per candidate.
-    pub fn new(decoder: &CountDecoder, heads: DecoderHeads, k: usize) -> ScorePool {
+    /// The pool of `heads`. When the heads carry one θ row per row, a
+    /// gene-cell dispersion keeps θ per candidate; otherwise (a gene-batch
+    /// dispersion decoded with each row's batch) row i is the i-th scored
+    /// cell's own decoding and θ is kept per cell.
+    pub fn new(decoder: &CountDecoder, heads: DecoderHeads) -> ScorePool {
         let family = decoder.likelihood();
         let host = heads.logits.device() == Device::Cpu && matches!(family, Likelihood::Nb | Likelihood::Zinb);
         let Some(lt) = heads.log_theta.as_ref().filter(|_| host) else { return ScorePool::Heads(heads) };
@@ -90,9 +90,7 @@ impl ScorePool {
         } else if decoder.cell_dispersion() {
             (flat(lt), ThetaOf::Candidate)
         } else {
-            let n = lt.size()[0];
-            let every = Tensor::arange_start_step(0, n, k.max(1) as i64, (Kind::Int64, lt.device()));
-            (flat(&lt.index_select(0, &every)), ThetaOf::Cell)
+            (flat(lt), ThetaOf::Cell)
         };
         // Each tensor freed as soon as it is copied: the pool is the largest
         // thing the analyses hold.
@@ -135,14 +133,9 @@ impl ScorePool {
                 let cand: Vec<u32> = cand.iter().map(|&c| c as u32).collect();
                 let mut ll = vec![0f32; rows.len() * k];
                 data.counts.with_rows(rows, false, |m, local| {
-                    let (mut indptr, mut indices, mut values) = (vec![0usize], vec![], vec![]);
-                    for &r in local {
-                        let (lo, hi) = (m.indptr[r], m.indptr[r + 1]);
-                        indices.extend_from_slice(&m.indices[lo..hi]);
-                        values.extend_from_slice(&m.values[lo..hi]);
-                        indptr.push(indices.len());
-                    }
-                    let counts = crate::kernels::fused::Rows { indptr: &indptr, indices: &indices, values: &values };
+                    let sub = m.select_rows(local);
+                    let counts =
+                        crate::kernels::fused::Rows { indptr: &sub.indptr, indices: &sub.indices, values: &sub.values };
                     crate::kernels::pool::pool_log_likelihood(&pool, counts, &lib, &cand, k, &mut ll);
                 });
                 for (x, v) in ll.iter_mut().enumerate() {
@@ -254,7 +247,7 @@ impl SpeciesModel {
                 let design = t.data.covariates.design(chunk, None, self.device());
                 let batch = t.data.covariates.batch_codes(chunk, None, self.device());
                 let heads = self.target.decoder.heads(&z, &design, &batch, Pass::Eval);
-                let own = ScorePool::new(&self.target.decoder, heads, 1);
+                let own = ScorePool::new(&self.target.decoder, heads);
                 let cand: Vec<i64> = (0..chunk.len() as i64).collect();
                 out.push(own.nll(&self.target.decoder, &t.data, chunk, &cand, &lib, 1));
             }
@@ -309,7 +302,6 @@ impl SpeciesModel {
             let pool = ScorePool::new(
                 &self.target.decoder,
                 heads_under(&self.target.decoder, &self.context_latent, b, self.target.shape.n_batch),
-                1,
             );
             for chunk in cells.chunks(16) {
                 if interrupted() {
@@ -369,7 +361,6 @@ impl SpeciesModel {
             let pool = ScorePool::new(
                 &self.target.decoder,
                 heads_under(&self.target.decoder, &self.context_latent, b, self.target.shape.n_batch),
-                1,
             );
             for tt in 0..n_levels {
                 let mut of_type: Vec<usize> = cells.iter().copied().filter(|&c| labels[c] as usize == tt).collect();
