@@ -105,6 +105,11 @@ print.scdistill_teacher <- function(x, ...) {
 #' for `patience` epochs, and keeps the best weights. (scDistill 0.3.1
 #' watches the training loss instead.)
 #'
+#' On CPUs with native bf16 arithmetic, both phases run their widest products
+#' in bf16 (mixed precision, about 1.6 times faster at the same held-out
+#' losses); `options(scdistill.bf16 = FALSE)` keeps f32. See the section
+#' "Precision" of [scdistill].
+#'
 #' The trained model places new cells without re-running the teacher
 #' ([latent()] with `x`), and decodes every cell to a reference batch:
 #' batch-corrected expression, [corrected_expression()].
@@ -220,7 +225,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
     list(max_epochs = check_count(epochs, arg), batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
          weight_decay = weight_decay, adam_eps = 1e-8, kl_warmup = 0,
          early_stopping = check_flag(early_stopping, "early_stopping"), patience = check_count(patience, "patience"),
-         min_delta = 0, validation_fraction = validation_fraction, seed = seed)
+         min_delta = 0, validation_fraction = validation_fraction, seed = seed, bf16 = use_bf16())
   }
   t1 <- phase(max_epochs_encoder, "max_epochs_encoder")
   t2 <- phase(max_epochs_decoder, "max_epochs_decoder")

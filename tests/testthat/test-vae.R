@@ -48,6 +48,27 @@ test_that("the same seed gives the same model; another seed another", {
   expect_false(isTRUE(all.equal(latent(a), latent(c))))
 })
 
+test_that("mixed precision is used where the CPU has bf16, reaches f32's held-out ELBO, and can be turned off", {
+  has_bf16 <- any(grepl("\\bavx512_bf16\\b", tryCatch(readLines("/proc/cpuinfo", warn = FALSE), error = function(e) "")))
+  mixed <- fit_small(max_epochs = 40, seed = 2)
+  old <- options(scdistill.bf16 = FALSE)
+  plain <- fit_small(max_epochs = 40, seed = 2)
+  options(old)
+  expect_false(plain$info$train$bf16)
+  expect_match(paste(capture.output(summary(plain)), collapse = " "), "bf16")
+  if (!has_bf16) skip("this CPU has no native bf16: both models trained in f32")
+  expect_true(mixed$info$train$bf16)
+  expect_false(isTRUE(all.equal(latent(mixed), latent(plain))))
+  last <- function(m) tail(m$history$validation_elbo, 1)
+  expect_lt(abs(last(mixed) / last(plain) - 1), 0.01)
+  # Inference is f32: the fitted model (bf16 still switched on for
+  # training) and its reloaded copy (never switched on) encode alike.
+  f <- tempfile(fileext = ".safetensors")
+  save_model(mixed, f)
+  expect_identical(latent(mixed, vae_data()), latent(load_model(f), vae_data()))
+  unlink(f)
+})
+
 test_that("normalized expression sums to the library size and decodes to other batches", {
   sce <- vae_data()
   m <- fit_small(max_epochs = 20)

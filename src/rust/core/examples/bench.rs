@@ -1,13 +1,13 @@
 //! Timings of the core without R, one subcommand per job:
 //!
-//!     cargo run --release --example bench -- vae [n_cells] [n_genes] [epochs] [threads] [device]
+//!     cargo run --release --example bench -- vae [n_cells] [n_genes] [epochs] [threads] [device] [f32|bf16]
 //!         (one rank of a data-parallel group when WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT are set)
 //!     cargo run --release --example bench -- multimodal [n_cells] [n_genes] [n_peaks] [epochs] [threads] [device]
 //!     cargo run --release --example bench -- harmony [n] [d] [batches] [threads] [out]
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
 //!     cargo run --release --example bench -- sim [n_cells] [n_genes] [threads]
 //!     cargo run --release --example bench -- allreduce [world] [max_params] [reps]
-//!     cargo run --release --example bench -- species [n_cells] [n_genes] [epochs] [threads]
+//!     cargo run --release --example bench -- species [n_cells] [n_genes] [epochs] [threads] [bf16|f32]
 //!
 //! Arguments are positional; a missing or unreadable one takes its default.
 //! `device` is `cpu` (default), `cuda` or `auto`. One binary for all of them,
@@ -75,7 +75,9 @@ fn vae(a: &[String]) {
         let p = SimParams { n_cells, n_genes, batch_prob: vec![1.0; 4], ..Default::default() };
         let s = simulate(&p).unwrap();
         let cov = Covariates::new(s.batch.clone(), vec![], vec![]).unwrap();
-        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, ..Default::default() };
+        // "bf16": mixed-precision training (TrainConfig::bf16), where the CPU has it.
+        let bf16 = a.get(6).map(String::as_str) == Some("bf16");
+        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, bf16, ..Default::default() };
         let t0 = Instant::now();
         let m = VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, device, &|| false, &|r| {
             eprintln!("epoch {} {:.3} s  train {:.2}  validation {:.2}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)
@@ -101,6 +103,9 @@ fn species(a: &[String]) {
     use scdistill_core::models::Cells;
     use scdistill_core::simulate::SpeciesParams;
     let (n_cells, n_genes, epochs, threads) = (arg(a, 1, 20_000), arg(a, 2, 2_000), arg(a, 3, 2), arg(a, 4, 2));
+    // "f32": train without bf16 products (TrainConfig::bf16);
+    // 10% of each species' cells are held out to compare the ELBO.
+    let f32_only = a.get(5).map(String::as_str) == Some("f32");
     let pool = thread_pool(threads).unwrap();
     pool.install(|| {
         let p = SimParams {
@@ -114,19 +119,30 @@ fn species(a: &[String]) {
         let mut s = simulate(&p).unwrap();
         let two = *s.species.take().unwrap();
         let pairs = two.homolog_names(&s);
-        let tc = TrainConfig { max_epochs: epochs, ..SpeciesConfig::default_training() };
+        let tc = TrainConfig {
+            max_epochs: epochs,
+            validation_fraction: 0.1,
+            bf16: !f32_only,
+            ..SpeciesConfig::default_training()
+        };
+        let config = SpeciesConfig::default();
         let t0 = Instant::now();
         let m = SpeciesModel::fit(
             SpeciesData { counts: &s.counts, batch: s.batch.clone() },
             &s.group,
             SpeciesData { counts: &two.sim.counts, batch: two.sim.batch.clone() },
             &pairs,
-            SpeciesConfig::default(),
+            config,
             tc.clone(),
             tc,
             scdistill_core::device::Device::Cpu,
             &|| false,
-            &|phase, r| eprintln!("phase {phase} epoch {} {:.3} s  train {:.2}", r.epoch, r.seconds, r.train_elbo),
+            &|phase, r| {
+                eprintln!(
+                    "phase {phase} epoch {} {:.3} s  train {:.2}  held-out {:.3}",
+                    r.epoch, r.seconds, r.train_elbo, r.validation_elbo
+                )
+            },
         )
         .unwrap();
         let steps = (n_cells as f64 / 128.0).ceil();
@@ -191,7 +207,9 @@ fn multimodal(a: &[String]) {
             weight: 1.0,
         };
         let cfg = MultimodalConfig { modalities: vec![spec("RNA", true, false), spec("ATAC", false, true)], ..Default::default() };
-        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, ..Default::default() };
+        // "bf16": mixed-precision training (TrainConfig::bf16), where the CPU has it.
+        let bf16 = a.get(6).map(String::as_str) == Some("bf16");
+        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, bf16, ..Default::default() };
         let t0 = Instant::now();
         let m = MultimodalModel::fit(&[&s.counts, &peaks], &cov, cfg, tc, device, &|| false, &|r| {
             eprintln!("epoch {} {:.3} s  train {:.2}  validation {:.2}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)

@@ -86,7 +86,10 @@ pub fn fast_bf16(device: tch::Device) -> bool {
 
 /// `x · Wᵀ + b` of layer `l` with both factors rounded to bf16 (products
 /// accumulated in f32 by oneDNN, the result rounded to bf16 and returned
-/// as f32): no gradient flows through it.
+/// as f32). Under autograd the gradients' products run in bf16 too and
+/// reach `x` and the f32 weight through the casts: mixed-precision
+/// training as torch.autocast does it, the weights and the optimiser
+/// staying in f32.
 pub fn linear_bf16(x: &Tensor, l: &nn::Linear) -> Tensor {
     let y = x.to_kind(Kind::BFloat16).linear::<Tensor>(&l.ws.to_kind(Kind::BFloat16), None).to_kind(Kind::Float);
     match &l.bs {
@@ -167,6 +170,9 @@ pub enum Input<'a> {
 pub struct FcLayers {
     layers: Vec<(Lin, NormLayer, bool)>,
     dropout: f64,
+    /// The first layer's product in bf16 while training (see
+    /// [`FcLayers::set_bf16_training`]).
+    bf16_first: std::sync::atomic::AtomicBool,
 }
 
 impl FcLayers {
@@ -201,7 +207,15 @@ impl FcLayers {
                 (lin, norm, inject)
             })
             .collect();
-        FcLayers { layers, dropout: s.dropout }
+        FcLayers { layers, dropout: s.dropout, bf16_first: Default::default() }
+    }
+
+    /// Runs the first layer's product (the one that reads the genes, most
+    /// of the stack's work) in bf16 in training passes ([`linear_bf16`]);
+    /// inference stays in f32. For CPUs with native bf16
+    /// ([`fast_bf16`]): elsewhere it is slower than f32.
+    pub fn set_bf16_training(&self, on: bool) {
+        self.bf16_first.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The weight matrices of the linear layers (for ridge penalties).
@@ -239,7 +253,16 @@ impl FcLayers {
                             h = Tensor::cat(&[&h, c], 1);
                         }
                     }
-                    lin.forward(&h)
+                    match lin {
+                        Lin::Plain(l)
+                            if i == 0
+                                && pass == Pass::Train
+                                && self.bf16_first.load(std::sync::atomic::Ordering::Relaxed) =>
+                        {
+                            linear_bf16(&h, l)
+                        }
+                        _ => lin.forward(&h),
+                    }
                 }
             };
             h = match norm {
@@ -382,6 +405,11 @@ impl GaussianEncoder {
     }
 
     /// Starts the mean head's outputs around `v` (its bias).
+    /// See [`FcLayers::set_bf16_training`].
+    pub fn set_bf16_training(&self, on: bool) {
+        self.fc.set_bf16_training(on);
+    }
+
     pub fn set_mean_bias(&mut self, v: f64) {
         if let Some(b) = self.mean.bs.as_mut() {
             tch::no_grad(|| {
@@ -508,5 +536,50 @@ mod tests {
         // KL(N(0,1) ‖ N(1,4)) = 0.5 (log 4 + (1 + 1)/4 − 1)
         let kl = kl_normal(&Tensor::from(0.0f64), &Tensor::from(1.0f64), &Tensor::from(1.0f64), &Tensor::from(4.0f64));
         assert!((kl.double_value(&[]) - 0.5 * (4f64.ln() + 0.5 - 1.0)).abs() < 1e-12);
+    }
+
+    /// Mixed-precision layers: gradients reach the input and the f32 weight
+    /// within bf16's rounding of the f32 gradients, and only training
+    /// passes use bf16 (inference is f32, bit for bit).
+    #[test]
+    fn bf16_training_products_carry_gradients_and_leave_inference_in_f32() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = FcSpec {
+            n_in: 400,
+            n_hidden: 32,
+            n_layers: 2,
+            n_cov: 0,
+            dropout: 0.0,
+            norm: Norm::Layer,
+            inject_all: false,
+            sparse_input: false,
+        };
+        let fc = FcLayers::new(&(vs.root() / "a"), spec);
+        let x = Tensor::randn([16, 400], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let w = &fc.layers[0].0.weight().shallow_clone();
+        let grads = |on: bool| {
+            fc.set_bf16_training(on);
+            let y = fc.forward(&x, None, Pass::Train);
+            let (gx, gw) = {
+                let g = Tensor::run_backward(&[y.square().sum(Kind::Float)], &[&x, w], false, false);
+                (g[0].shallow_clone(), g[1].shallow_clone())
+            };
+            (y.detach(), gx, gw)
+        };
+        let (y32, gx32, gw32) = grads(false);
+        let (y16, gx16, gw16) = grads(true);
+        for (name, a, b) in
+            [("output", &y32, &y16), ("input gradient", &gx32, &gx16), ("weight gradient", &gw32, &gw16)]
+        {
+            let rel = ((a - b).norm().double_value(&[])) / a.norm().double_value(&[]);
+            // bf16 keeps 8 bits of mantissa: about 0.4% per rounding.
+            assert!(rel > 0.0 && rel < 0.03, "{name}: bf16 differs from f32 by {rel} (relative)");
+        }
+        // Inference ignores the switch.
+        let e16 = fc.forward(&x, None, Pass::Eval);
+        fc.set_bf16_training(false);
+        assert!(fc.forward(&x, None, Pass::Eval).equal(&e16));
     }
 }

@@ -81,6 +81,8 @@ pub struct CountDecoder {
     likelihood: Likelihood,
     dispersion: Dispersion,
     n_batch: usize,
+    /// Output products in bf16 while training ([`CountDecoder::set_bf16_training`]).
+    bf16_train: std::sync::atomic::AtomicBool,
 }
 
 impl CountDecoder {
@@ -108,7 +110,15 @@ impl CountDecoder {
             likelihood: s.likelihood,
             dispersion: s.dispersion,
             n_batch: s.n_batch,
+            bf16_train: Default::default(),
         }
+    }
+
+    /// Runs the gene-wide output products in bf16 in training passes
+    /// (mixed precision, [`crate::nn::linear_bf16`]); inference stays in
+    /// f32. For CPUs with native bf16 ([`crate::nn::fast_bf16`]).
+    pub fn set_bf16_training(&self, on: bool) {
+        self.bf16_train.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn likelihood(&self) -> Likelihood {
@@ -122,7 +132,9 @@ impl CountDecoder {
 
     /// The decoder's heads for latent `z`.
     pub fn heads(&self, z: &Tensor, design: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> DecoderHeads {
-        self.heads_with(z, design, batch, train.into(), false)
+        let pass = train.into();
+        let bf16 = pass == Pass::Train && self.bf16_train.load(std::sync::atomic::Ordering::Relaxed);
+        self.heads_with(z, design, batch, pass, bf16)
     }
 
     /// [`CountDecoder::heads`] with the gene-wide output products in bf16

@@ -132,6 +132,9 @@ pub struct Student {
     /// (buffers saved with the weights).
     z_centre: Option<Tensor>,
     z_scale: Option<Tensor>,
+    /// The output head's product in bf16 while training
+    /// ([`Student::set_bf16_training`]).
+    bf16_head: std::sync::atomic::AtomicBool,
 }
 
 impl Student {
@@ -178,7 +181,29 @@ impl Student {
             }
             Target::Cell => (None, None),
         };
-        Ok(Student { cfg, vs, enc_fc, enc_out, dec_fc, batch_emb, scale_head, log_theta, z_centre, z_scale })
+        Ok(Student {
+            cfg,
+            vs,
+            enc_fc,
+            enc_out,
+            dec_fc,
+            batch_emb,
+            scale_head,
+            log_theta,
+            z_centre,
+            z_scale,
+            bf16_head: Default::default(),
+        })
+    }
+
+    /// Mixed-precision training of the encoder's first layer and the
+    /// decoder's output head when asked and the device has native bf16
+    /// (see [`TrainConfig::bf16`]); returns whether it is on.
+    pub fn set_bf16_training(&self, asked: bool) -> bool {
+        let on = asked && crate::nn::fast_bf16(self.device());
+        self.enc_fc.set_bf16_training(on);
+        self.bf16_head.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
     }
 
     /// The encoder's target: Z* (`[n, d]`, row-major) standardized as
@@ -252,8 +277,13 @@ impl Student {
             (Some(c), Some(s)) => (z - c) / s,
             _ => z.shallow_clone(),
         };
-        let h = self.dec_fc.forward(&Tensor::cat(&[&z, &e], 1), None, train);
-        self.scale_head.forward(&h)
+        let pass = train.into();
+        let h = self.dec_fc.forward(&Tensor::cat(&[&z, &e], 1), None, pass);
+        if pass == Pass::Train && self.bf16_head.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::nn::linear_bf16(&h, &self.scale_head)
+        } else {
+            self.scale_head.forward(&h)
+        }
     }
 
     pub fn theta(&self) -> Tensor {
@@ -735,8 +765,8 @@ impl DistillModel {
     pub fn fit_with_latent(
         data: &DistillData,
         mut config: DistillConfig,
-        train_encoder: TrainConfig,
-        train_decoder: TrainConfig,
+        mut train_encoder: TrainConfig,
+        mut train_decoder: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
@@ -801,6 +831,8 @@ impl DistillModel {
         };
         seed_torch(train_encoder.seed);
         let student = Student::new(config.clone(), device)?;
+        // Each phase trains only its own side, with its own precision.
+        train_encoder.bf16 = student.set_bf16_training(train_encoder.bf16);
 
         // Phase 1.
         let target = student.set_target(data.teacher);
@@ -826,6 +858,7 @@ impl DistillModel {
             }
         }
         let (z, log_library, log_factorial) = cells.latent_and_totals(&student, pass, interrupted)?;
+        train_decoder.bf16 = student.set_bf16_training(train_decoder.bf16);
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
         } else {

@@ -161,6 +161,19 @@ impl Vae {
         self.vs.device()
     }
 
+    /// Mixed-precision training of the gene-wide products when asked and
+    /// the device has native bf16 (see [`TrainConfig::bf16`]); returns
+    /// whether it is on.
+    pub fn set_bf16_training(&self, asked: bool) -> bool {
+        let on = asked && crate::nn::fast_bf16(self.device());
+        self.encoder.set_bf16_training(on);
+        if let Some(l) = &self.library_encoder {
+            l.set_bf16_training(on);
+        }
+        self.decoder.set_bf16_training(on);
+        on
+    }
+
     /// Sets the per-batch prior of the learned library size from the data:
     /// mean and variance of log total counts within each batch.
     pub fn set_library_prior(&mut self, data: &VaeData) {
@@ -520,6 +533,7 @@ impl VaeModel {
         train_cfg.check()?;
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(config.clone(), device)?;
+        train_cfg.bf16 = vae.set_bf16_training(train_cfg.bf16);
         // On a GPU, keep the counts there when they take at most 8 GiB.
         if let Some(m) = counts.memory() {
             if device != Device::Cpu && DeviceCsr::bytes(m.nnz(), n_cells) <= RESIDENT_MAX_BYTES {
@@ -600,6 +614,7 @@ impl VaeModel {
         let device = self.vae.device();
         seed_torch(train_cfg.seed);
         let mut vae = Vae::new(meta.config.clone(), device)?;
+        train_cfg.bf16 = vae.set_bf16_training(train_cfg.bf16);
         // The design vector is [batch one-hot, further categories, continuous]
         // at the end of a layer's input: new batch columns go after the old ones.
         let n_batch = self.meta.config.n_batch as i64;

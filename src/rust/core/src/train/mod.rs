@@ -138,6 +138,13 @@ pub struct TrainConfig {
     pub min_delta: f64,
     pub validation_fraction: f64,
     pub seed: u64,
+    /// Mixed precision: where the CPU has native bf16 ([`crate::nn::fast_bf16`]),
+    /// the training passes run the products that read or write the genes
+    /// (encoders' first layers, the decoder's output heads) in bf16, with
+    /// f32 weights, optimiser and likelihood; inference stays in f32. Models
+    /// without such layers ignore it. A fitted model's record says whether
+    /// it was used.
+    pub bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -156,6 +163,7 @@ impl Default for TrainConfig {
             min_delta: 0.0,
             validation_fraction: 0.1,
             seed: 0,
+            bf16: false,
         }
     }
 }

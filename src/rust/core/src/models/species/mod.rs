@@ -96,7 +96,8 @@ pub struct SpeciesConfig {
     pub eta_epochs: usize,
     /// Where the CPU has native bf16 (see [`crate::nn::fast_bf16`]), the
     /// data-level neighbour search and the alignment step's scoring of
-    /// candidates run their products in bf16; training itself stays in f32.
+    /// candidates run their products in bf16 (training's own products
+    /// follow the phases' [`TrainConfig::bf16`]).
     pub bf16_scoring: bool,
     pub context: SideShape,
     pub target: SideShape,
@@ -159,6 +160,7 @@ impl SpeciesConfig {
             kl_start: 0.1,
             early_stopping: false,
             validation_fraction: 0.0,
+            bf16: true,
             ..Default::default()
         }
     }
@@ -236,6 +238,17 @@ impl Side {
         });
         let all = data.log_library.iter().map(|&l| l as f64).sum::<f64>() / data.log_library.len().max(1) as f64;
         self.library.set_mean_bias(all);
+    }
+
+    /// Mixed-precision training of the gene-wide products when asked and
+    /// the device has native bf16 (see [`TrainConfig::bf16`]); returns
+    /// whether it is on.
+    fn set_bf16_training(&self, asked: bool) -> bool {
+        let on = asked && crate::nn::fast_bf16(self.library_log_means.device());
+        self.outer.set_bf16_training(on);
+        self.library.set_bf16_training(on);
+        self.decoder.set_bf16_training(on);
+        on
     }
 
     /// Encoders on a minibatch; `inner`: the inner encoder to use.
@@ -450,8 +463,8 @@ impl SpeciesModel {
         target: SpeciesData,
         homologs: &[(String, String)],
         mut config: SpeciesConfig,
-        train_context: TrainConfig,
-        train_target: TrainConfig,
+        mut train_context: TrainConfig,
+        mut train_target: TrainConfig,
         device: Device,
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(usize, &EpochRecord),
@@ -474,6 +487,8 @@ impl SpeciesModel {
         train_target.check()?;
         seed_torch(train_context.seed);
         let mut model = SpeciesModel::build(&config, nc, device)?;
+        train_context.bf16 = model.context.set_bf16_training(train_context.bf16);
+        train_target.bf16 = model.target.set_bf16_training(train_target.bf16);
 
         // Phase 1: the context model.
         let c_cov = Covariates::new(context.batch.clone(), vec![], vec![])?;
