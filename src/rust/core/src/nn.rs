@@ -404,12 +404,12 @@ impl GaussianEncoder {
         }
     }
 
-    /// Starts the mean head's outputs around `v` (its bias).
     /// See [`FcLayers::set_bf16_training`].
     pub fn set_bf16_training(&self, on: bool) {
         self.fc.set_bf16_training(on);
     }
 
+    /// Starts the mean head's outputs around `v` (its bias).
     pub fn set_mean_bias(&mut self, v: f64) {
         if let Some(b) = self.mean.bs.as_mut() {
             tch::no_grad(|| {

@@ -141,9 +141,11 @@ pub struct TrainConfig {
     /// Mixed precision: where the CPU has native bf16 ([`crate::nn::fast_bf16`]),
     /// the training passes run the products that read or write the genes
     /// (encoders' first layers, the decoder's output heads) in bf16, with
-    /// f32 weights, optimiser and likelihood; inference stays in f32. Models
-    /// without such layers ignore it. A fitted model's record says whether
-    /// it was used.
+    /// f32 weights, optimiser and likelihood; inference stays in f32. Used
+    /// by the VAE (and its query mapping), the distiller and the
+    /// cross-species model; the others (the multimodal model, the small
+    /// models on latent spaces) train in f32. A fitted model's record says
+    /// whether it was used.
     pub bf16: bool,
 }
 
