@@ -245,6 +245,7 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
   check_disk_genes(d)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
                        min_delta %||% 0, validation_fraction, seed)
+  tc$bf16 <- use_bf16()
   batch_f <- disk_batch(d, batch)
   batch_name <- if (is.null(batch_f)) "" else if (is.character(batch) && length(batch) == 1) batch else "batch"
   batch_f <- batch_f %||% factor(rep("all", n_cells))

@@ -56,7 +56,15 @@
 #' the connection drops, or at the latest after `options(scdistill.dist_timeout)`
 #' seconds (default 300), which also bounds how long the processes wait for
 #' each other at the start. `options(scdistill.distributed = FALSE)` ignores
-#' the environment variables.
+#' the environment variables. Workers started with `workers =` take the
+#' calling session's `scdistill.*` options.
+#'
+#' Under mixed precision (the default on CPUs with native bf16, see the
+#' section "Precision" of [scdistill]) each process rounds its share of a
+#' gradient's products to bf16 before the gradients are averaged, so a
+#' multi-process run matches a single-process one to bf16's precision rather
+#' than f32's; with `options(scdistill.bf16 = FALSE)` they agree up to the
+#' order of f32 sums. All processes must use the same setting.
 #'
 #' @name distributed
 #' @seealso [dist_rank()], [fit_vae()], `vignette("scdistill")`
@@ -202,7 +210,11 @@ run_workers <- function(fun, args, workers, threads) {
   dir.create(dir)
   on.exit(unlink(dir, recursive = TRUE), add = TRUE)
   call_file <- file.path(dir, "call.rds")
-  saveRDS(list(fun = fun, args = utils::modifyList(args, list(progress = FALSE))), call_file, compress = FALSE)
+  # The workers are fresh sessions: they take this session's package options
+  # (bf16, timeouts, ...), or the ranks would train differently.
+  opts <- options()
+  saveRDS(list(fun = fun, args = utils::modifyList(args, list(progress = FALSE)),
+               options = opts[startsWith(names(opts), "scdistill.")]), call_file, compress = FALSE)
   group <- c(MASTER_ADDR = "127.0.0.1", MASTER_PORT = as.character(rs_free_port()),
              WORLD_SIZE = as.character(workers))
   rscript <- file.path(R.home("bin"), "Rscript")
@@ -275,6 +287,7 @@ call_function <- function(fun, args) {
 # The entry point of a worker process started by run_workers().
 worker_main <- function() {
   spec <- readRDS(Sys.getenv("SCDISTILL_WORKER_CALL"))
+  options(spec$options)
   file.create(Sys.getenv("SCDISTILL_WORKER_READY"))
   ok <- tryCatch({
     call_function(spec$fun, spec$args)

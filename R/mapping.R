@@ -91,6 +91,8 @@ map_query <- function(model, query, batch = NULL, max_epochs = NULL, train_decod
   n_cells <- length(cells$cells)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, 0, early_stopping, patience, 0,
                        validation_fraction, seed)
+  # The multimodal model trains in f32 (see ?scdistill, "Precision").
+  tc$bf16 <- use_bf16() && !inherits(model, "scdistill_multimodal")
   opts <- list(train_decoder_first_layer = check_flag(train_decoder_first_layer, "train_decoder_first_layer"))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)

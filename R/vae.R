@@ -148,6 +148,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   n_cells <- ncol(cnt$counts)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
                        min_delta %||% 0, validation_fraction, seed)
+  tc$bf16 <- use_bf16()
   covs <- cell_covariates(cnt, categorical_covariates, continuous_covariates)
   batch_f <- cnt$batch %||% factor(rep("all", n_cells))
   # The batch's name: its metadata column, "batch" for a vector, "" for none.
@@ -196,11 +197,13 @@ train_settings <- function(n_cells, max_epochs, batch_size, lr, weight_decay, kl
   list(max_epochs = max_epochs, batch_size = check_count(batch_size, "batch_size", min = 2), lr = lr,
        weight_decay = weight_decay, kl_warmup = kl_warmup, early_stopping = check_flag(early_stopping, "early_stopping"),
        patience = check_count(patience, "patience"), min_delta = min_delta,
-       validation_fraction = validation_fraction, seed = check_seed(seed), bf16 = use_bf16())
+       validation_fraction = validation_fraction, seed = check_seed(seed))
 }
 
 # Mixed-precision training (the core's `TrainConfig::bf16`, used only on CPUs
-# with native bf16): on unless options(scdistill.bf16 = FALSE).
+# with native bf16): on unless options(scdistill.bf16 = FALSE). Set in the
+# training settings of the models that implement it (VAE, query mapping,
+# distiller, cross-species), so that the others' records do not claim it.
 use_bf16 <- function() !isFALSE(getOption("scdistill.bf16"))
 
 # Categorical and continuous covariates of the cells: column names of the

@@ -14,6 +14,10 @@ start_rank <- function(code, rank, world, port, log) {
 
 test_that("two workers train the single-process model (same seed and minibatches)", {
   skip_if_not_installed("processx")
+  # f32: under bf16 each rank rounds its half of a gradient product, and the
+  # runs would agree to bf16's precision only. The workers take this option.
+  old <- options(scdistill.bf16 = FALSE)
+  on.exit(options(old), add = TRUE)
   sim <- simulate_counts(n_cells = 500, n_genes = 150, n_groups = 3, n_batches = 2, seed = 4, threads = 2)
   args <- list(sim, batch = "batch", norm = "layer", max_epochs = 6, batch_size = 64, seed = 3, progress = FALSE)
   one <- do.call(fit_vae, c(args, threads = 1))
@@ -35,6 +39,8 @@ test_that("two workers train the single-process model (same seed and minibatches
 
 test_that("distill() and fit_multimodal() train on two workers", {
   skip_if_not_installed("processx")
+  old <- options(scdistill.bf16 = FALSE)
+  on.exit(options(old), add = TRUE)
   sim <- simulate_counts(n_cells = 400, n_genes = 150, n_groups = 3, n_batches = 2, seed = 5, threads = 2)
   args <- list(sim, batch = "batch", teacher = given_teacher(matrix(stats::rnorm(800), 400, 2,
                                                                     dimnames = list(colnames(sim), NULL))),

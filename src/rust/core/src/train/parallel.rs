@@ -81,6 +81,7 @@ impl Parallel {
                 "lr",
                 "kl_warmup",
                 "validation_fraction",
+                "bf16 (mixed precision: options(scdistill.bf16) and a CPU with native bf16)",
             ],
             &[
                 task.n_cells() as f64,
@@ -94,6 +95,7 @@ impl Parallel {
                 cfg.lr,
                 cfg.kl_warmup,
                 cfg.validation_fraction,
+                cfg.bf16 as u8 as f64,
             ],
         )?;
         // The weights travel as floats; the model holds no other kind.

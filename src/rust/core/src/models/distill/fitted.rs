@@ -74,6 +74,7 @@ impl DistillModel {
         let keep = counts.columns_of(&self.meta.genes, "output ")?;
         seed_torch(train_cfg.seed);
         let student = Student::new(meta.config.clone(), self.device())?;
+        train_cfg.bf16 = student.set_bf16_training(train_cfg.bf16);
         let first_layer = opts.train_decoder_first_layer;
         let frozen = transplant(&self.student.vs, &student.vs, &|_, old| (old, 0), &|name| {
             first_layer && name.starts_with("decoder.fc.layer0.linear.")
