@@ -84,6 +84,38 @@ pub fn fast_bf16(device: tch::Device) -> bool {
     }
 }
 
+/// Whether a model asked for mixed precision (`TrainConfig::bf16`) gets
+/// it on `device`: only where [`fast_bf16`] holds.
+pub fn bf16_on(asked: bool, device: tch::Device) -> bool {
+    asked && fast_bf16(device)
+}
+
+/// A layer's switch for mixed precision: when set, its products run in
+/// bf16 ([`linear_bf16`]) in training passes; inference passes stay in
+/// f32. Set it only where [`fast_bf16`] holds: elsewhere bf16 is slower.
+#[derive(Default)]
+pub struct Bf16Switch(std::sync::atomic::AtomicBool);
+
+impl Bf16Switch {
+    pub fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether products of a `pass` run in bf16.
+    pub fn active(&self, pass: Pass) -> bool {
+        pass == Pass::Train && self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `l(x)`, in bf16 where [`Bf16Switch::active`].
+    pub fn linear(&self, x: &Tensor, l: &nn::Linear, pass: Pass) -> Tensor {
+        if self.active(pass) {
+            linear_bf16(x, l)
+        } else {
+            l.forward(x)
+        }
+    }
+}
+
 /// `x · Wᵀ + b` of layer `l` with both factors rounded to bf16 (products
 /// accumulated in f32 by oneDNN, the result rounded to bf16 and returned
 /// as f32). Under autograd the gradients' products run in bf16 too and
@@ -172,7 +204,7 @@ pub struct FcLayers {
     dropout: f64,
     /// The first layer's product in bf16 while training (see
     /// [`FcLayers::set_bf16_training`]).
-    bf16_first: std::sync::atomic::AtomicBool,
+    bf16_first: Bf16Switch,
 }
 
 impl FcLayers {
@@ -215,7 +247,7 @@ impl FcLayers {
     /// inference stays in f32. For CPUs with native bf16
     /// ([`fast_bf16`]): elsewhere it is slower than f32.
     pub fn set_bf16_training(&self, on: bool) {
-        self.bf16_first.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.bf16_first.set(on);
     }
 
     /// The weight matrices of the linear layers (for ridge penalties).
@@ -254,13 +286,7 @@ impl FcLayers {
                         }
                     }
                     match lin {
-                        Lin::Plain(l)
-                            if i == 0
-                                && pass == Pass::Train
-                                && self.bf16_first.load(std::sync::atomic::Ordering::Relaxed) =>
-                        {
-                            linear_bf16(&h, l)
-                        }
+                        Lin::Plain(l) if i == 0 => self.bf16_first.linear(&h, l, pass),
                         _ => lin.forward(&h),
                     }
                 }

@@ -82,7 +82,7 @@ pub struct CountDecoder {
     dispersion: Dispersion,
     n_batch: usize,
     /// Output products in bf16 while training ([`CountDecoder::set_bf16_training`]).
-    bf16_train: std::sync::atomic::AtomicBool,
+    bf16_train: crate::nn::Bf16Switch,
 }
 
 impl CountDecoder {
@@ -118,7 +118,7 @@ impl CountDecoder {
     /// (mixed precision, [`crate::nn::linear_bf16`]); inference stays in
     /// f32. For CPUs with native bf16 ([`crate::nn::fast_bf16`]).
     pub fn set_bf16_training(&self, on: bool) {
-        self.bf16_train.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.bf16_train.set(on);
     }
 
     pub fn likelihood(&self) -> Likelihood {
@@ -133,8 +133,7 @@ impl CountDecoder {
     /// The decoder's heads for latent `z`.
     pub fn heads(&self, z: &Tensor, design: &Tensor, batch: &Tensor, train: impl Into<Pass>) -> DecoderHeads {
         let pass = train.into();
-        let bf16 = pass == Pass::Train && self.bf16_train.load(std::sync::atomic::Ordering::Relaxed);
-        self.heads_with(z, design, batch, pass, bf16)
+        self.heads_with(z, design, batch, pass, self.bf16_train.active(pass))
     }
 
     /// [`CountDecoder::heads`] with the gene-wide output products in bf16

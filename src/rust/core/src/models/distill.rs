@@ -134,7 +134,7 @@ pub struct Student {
     z_scale: Option<Tensor>,
     /// The output head's product in bf16 while training
     /// ([`Student::set_bf16_training`]).
-    bf16_head: std::sync::atomic::AtomicBool,
+    bf16_head: crate::nn::Bf16Switch,
 }
 
 impl Student {
@@ -200,9 +200,9 @@ impl Student {
     /// decoder's output head when asked and the device has native bf16
     /// (see [`TrainConfig::bf16`]); returns whether it is on.
     pub fn set_bf16_training(&self, asked: bool) -> bool {
-        let on = asked && crate::nn::fast_bf16(self.device());
+        let on = crate::nn::bf16_on(asked, self.device());
         self.enc_fc.set_bf16_training(on);
-        self.bf16_head.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.bf16_head.set(on);
         on
     }
 
@@ -279,11 +279,7 @@ impl Student {
         };
         let pass = train.into();
         let h = self.dec_fc.forward(&Tensor::cat(&[&z, &e], 1), None, pass);
-        if pass == Pass::Train && self.bf16_head.load(std::sync::atomic::Ordering::Relaxed) {
-            crate::nn::linear_bf16(&h, &self.scale_head)
-        } else {
-            self.scale_head.forward(&h)
-        }
+        self.bf16_head.linear(&h, &self.scale_head, pass)
     }
 
     pub fn theta(&self) -> Tensor {

@@ -165,7 +165,7 @@ impl Vae {
     /// the device has native bf16 (see [`TrainConfig::bf16`]); returns
     /// whether it is on.
     pub fn set_bf16_training(&self, asked: bool) -> bool {
-        let on = asked && crate::nn::fast_bf16(self.device());
+        let on = crate::nn::bf16_on(asked, self.device());
         self.encoder.set_bf16_training(on);
         if let Some(l) = &self.library_encoder {
             l.set_bf16_training(on);

@@ -244,7 +244,7 @@ impl Side {
     /// the device has native bf16 (see [`TrainConfig::bf16`]); returns
     /// whether it is on.
     fn set_bf16_training(&self, asked: bool) -> bool {
-        let on = asked && crate::nn::fast_bf16(self.library_log_means.device());
+        let on = crate::nn::bf16_on(asked, self.library_log_means.device());
         self.outer.set_bf16_training(on);
         self.library.set_bf16_training(on);
         self.decoder.set_bf16_training(on);
@@ -512,7 +512,7 @@ impl SpeciesModel {
         });
         let t_cov = Covariates::new(target.batch.clone(), vec![], vec![])?;
         let t_data = VaeData::new(&target.counts.csr, &t_cov);
-        let bf16 = config.bf16_scoring && crate::nn::fast_bf16(device);
+        let bf16 = crate::nn::bf16_on(config.bf16_scoring, device);
         let candidates =
             align::data_neighbours(&context.counts.csr, &target.counts.csr, &pairs, config.k_neigh, device, bf16);
         let aligned =
