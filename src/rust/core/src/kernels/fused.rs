@@ -309,7 +309,7 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
             for (r, ((((o, gl), gt), gp), glib)) in jobs.drain(..) {
                 let theta = gene_theta.as_ref().or_else(|| row_level[r].map(|k| &levels[k].1));
                 let row = RowJob { inp, r, gene_theta: theta, gl, gt, gp, glib, sums: want.then_some(&mut *sums) };
-                *o = run_row(row, &mut scratch);
+                *o = if want { run_row(row, &mut scratch) } else { run_value_row(row, &mut scratch) };
             }
         }
     });
@@ -366,7 +366,23 @@ struct RowJob<'a, 'b> {
 }
 
 crate::kernels::simd::wide_copies! {
-    fn run_row(job: RowJob, s: &mut Scratch) -> f32 = fma row
+    fn run_row(job: RowJob, s: &mut Scratch) -> f32 = fma row_with_gradients
+}
+
+crate::kernels::simd::wide_copies! {
+    fn run_value_row(job: RowJob, s: &mut Scratch) -> f32 = fma row_value
+}
+
+#[inline(always)]
+fn row_with_gradients<const FMA: bool>(job: RowJob, s: &mut Scratch) -> f32 {
+    row::<FMA, true>(job, s)
+}
+
+/// The value alone: no gradient term is computed (about half of the work
+/// under ZINB, where scoring without gradient is most of the calls).
+#[inline(always)]
+fn row_value<const FMA: bool>(job: RowJob, s: &mut Scratch) -> f32 {
+    row::<FMA, false>(job, s)
 }
 
 /// Indices of the non-zero-case arrays in `Scratch::nz` (struct of arrays).
@@ -392,11 +408,10 @@ struct RowParams<'a> {
 // and its helpers are #[inline(always)], so that each SIMD copy of
 // `run_row` gets all of them compiled for its instruction set.
 #[inline(always)]
-fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
+fn row<const FMA: bool, const GRAD: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
     let inp = job.inp;
     let g = inp.n_genes;
     let r = job.r;
-    let grad = job.gl.is_some();
     let lam = vmath::exp::<FMA>(inp.log_library[r]);
     for v in [&mut s.f, &mut s.q, &mut s.rho, &mut s.theta, &mut s.lte, &mut s.ite] {
         v.resize(g, 0.0);
@@ -422,10 +437,10 @@ fn row<const FMA: bool>(mut job: RowJob, s: &mut Scratch) -> f32 {
         None => &mut s.sink_p,
     };
     let (f, q) = (&mut s.f[..g], &mut s.q[..g]);
-    zero_case::<FMA>(&rp, f, q, gt, gp);
+    zero_case::<FMA, GRAD>(&rp, f, q, gt, gp);
     let total = vmath::sum(f);
-    let total = add_nonzeros::<FMA>(&rp, &mut s.nz, grad, q, gt, gp, total);
-    if let (Some(gl), Some(glib)) = (job.gl, job.glib) {
+    let total = add_nonzeros::<FMA, GRAD>(&rp, &mut s.nz, q, gt, gp, total);
+    if let (true, Some(gl), Some(glib)) = (GRAD, job.gl, job.glib) {
         row_gradients(&rp, q, f, &s.base, &s.sig, gl, glib, job.sums, gt);
     }
     total
@@ -518,11 +533,18 @@ fn row_theta<'a, const FMA: bool>(
 }
 
 /// Every entry's terms as if its count were zero (the non-zeros, a
-/// minority, are corrected afterwards): the log-likelihood into `f`,
-/// ∂/∂μ into `q`, θ ∂/∂θ into `gt` and ∂/∂π into `gp`.
+/// minority, are corrected afterwards): the log-likelihood into `f`, and
+/// with `GRAD` ∂/∂μ into `q`, θ ∂/∂θ into `gt` and ∂/∂π into `gp`; without,
+/// under ZINB, A into `gt` and softplus(A − π) into `gp`.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: &mut [f32], gp: &mut [f32]) {
+fn zero_case<const FMA: bool, const GRAD: bool>(
+    rp: &RowParams,
+    f: &mut [f32],
+    q: &mut [f32],
+    gt: &mut [f32],
+    gp: &mut [f32],
+) {
     let g = rp.inp.n_genes;
     let (lam, rho, theta, lte, ite, pi) = (rp.lam, &rp.rho[..g], rp.theta, rp.lte, rp.ite, rp.pi);
     match rp.inp.family {
@@ -530,7 +552,9 @@ fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: 
             for k in 0..g {
                 let mu = lam * rho[k];
                 f[k] = -mu;
-                q[k] = -1.0;
+                if GRAD {
+                    q[k] = -1.0;
+                }
             }
         }
         Likelihood::Nb | Likelihood::Zinb => {
@@ -542,11 +566,13 @@ fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: 
                 let mu = lam * rho[k];
                 let th = theta[k];
                 let u = th + mu + EPS;
-                let iu = 1.0 / u;
                 let d_log = lte[k] - vmath::ln::<FMA>(u);
                 f[k] = th * d_log; // A
-                q[k] = -th * iu; // ∂A/∂μ
-                gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
+                if GRAD {
+                    let iu = 1.0 / u;
+                    q[k] = -th * iu; // ∂A/∂μ
+                    gt[k] = (d_log + th * (ite[k] - iu)) * th; // θ ∂A/∂θ
+                }
             }
             if rp.inp.family == Likelihood::Zinb {
                 let (pi, gp) = (&pi[..g], &mut gp[..g]);
@@ -554,10 +580,15 @@ fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: 
                     let p = pi[k];
                     let (sp_t, sig_t) = vmath::softplus_sigmoid::<FMA>(f[k] - p);
                     let (sp_np, sig_np) = vmath::softplus_sigmoid::<FMA>(-p);
+                    if GRAD {
+                        q[k] *= sig_t;
+                        gt[k] *= sig_t;
+                        gp[k] = sig_np - sig_t;
+                    } else {
+                        // A and softplus(A − π), for the non-zeros to read.
+                        (gt[k], gp[k]) = (f[k], sp_t);
+                    }
                     f[k] = sp_t - sp_np;
-                    q[k] *= sig_t;
-                    gt[k] *= sig_t;
-                    gp[k] = sig_np - sig_t;
                 }
             }
         }
@@ -569,10 +600,9 @@ fn zero_case<const FMA: bool>(rp: &RowParams, f: &mut [f32], q: &mut [f32], gt: 
 /// vectorizable loop, the gradients scattered back into `q`, `gt` and `gp`.
 #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 #[inline(always)]
-fn add_nonzeros<const FMA: bool>(
+fn add_nonzeros<const FMA: bool, const GRAD: bool>(
     rp: &RowParams,
     nz: &mut Vec<f32>,
-    grad: bool,
     q: &mut [f32],
     gt: &mut [f32],
     gp: &mut [f32],
@@ -607,18 +637,26 @@ fn add_nonzeros<const FMA: bool>(
             ite_a[i] = ite[j];
             if let Some(gtc) = rp.gene_theta {
                 lgt_a[i] = gtc.lgamma[j];
-                dgt_a[i] = gtc.digamma[j];
+                if GRAD {
+                    dgt_a[i] = gtc.digamma[j];
+                }
             }
         }
         if fam == Likelihood::Zinb {
             pi_a[i] = pi[j];
+            if !GRAD {
+                // A and softplus(A − π) from the zero pass (see `zero_case`).
+                (lte_a[i], ite_a[i]) = (gt[j], gp[j]);
+            }
         }
     }
     if fam != Likelihood::Poisson && rp.gene_theta.is_none() {
         for i in 0..nnz {
-            let (lg, dg) = vmath::lgamma_digamma::<FMA>(th_a[i]);
-            lgt_a[i] = lg;
-            dgt_a[i] = dg;
+            if GRAD {
+                (lgt_a[i], dgt_a[i]) = vmath::lgamma_digamma::<FMA>(th_a[i]);
+            } else {
+                lgt_a[i] = vmath::lgamma::<FMA>(th_a[i]);
+            }
         }
     }
     match fam {
@@ -626,7 +664,9 @@ fn add_nonzeros<const FMA: bool>(
             for i in 0..nnz {
                 let (x, mu) = (xs[i], mu_a[i]);
                 df_a[i] = x * vmath::ln::<FMA>(mu + EPS);
-                dq_a[i] = x / (mu + EPS);
+                if GRAD {
+                    dq_a[i] = x / (mu + EPS);
+                }
             }
         }
         Likelihood::Nb => {
@@ -634,14 +674,18 @@ fn add_nonzeros<const FMA: bool>(
                 let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
                 let u = th + mu + EPS;
                 let iu = 1.0 / u;
-                let im = 1.0 / (mu + EPS);
-                let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
-                df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
-                dq_a[i] = x * (im - iu);
-                dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
+                if GRAD {
+                    let im = 1.0 / (mu + EPS);
+                    let (lg, dg) = vmath::lgamma_digamma::<FMA>(x + th);
+                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+                    dq_a[i] = x * (im - iu);
+                    dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
+                } else {
+                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + vmath::lgamma::<FMA>(x + th) - lgt_a[i];
+                }
             }
         }
-        Likelihood::Zinb => {
+        Likelihood::Zinb if GRAD => {
             for i in 0..nnz {
                 let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
                 let u = th + mu + EPS;
@@ -660,9 +704,18 @@ fn add_nonzeros<const FMA: bool>(
                 pi_a[i] = sig_t - 1.0;
             }
         }
+        Likelihood::Zinb => {
+            // A and softplus(A − π) are the zero pass's (in `lte_a`, `ite_a`).
+            for i in 0..nnz {
+                let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
+                let iu = 1.0 / (th + mu + EPS);
+                let lg = vmath::lgamma::<FMA>(x + th);
+                df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+            }
+        }
     }
     let total = total + vmath::sum(df_a);
-    if grad {
+    if GRAD {
         for (i, &j) in idx.iter().enumerate() {
             let j = j as usize;
             q[j] += dq_a[i];

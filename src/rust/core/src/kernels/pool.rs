@@ -50,13 +50,34 @@ pub enum Theta<'a> {
 #[derive(Default)]
 struct Scratch {
     f: Vec<f32>,
+    /// Per gene of the pair: log u, A and (ZINB) softplus(A − π), which the
+    /// non-zeros' corrections read back instead of computing them again.
+    lu: Vec<f32>,
+    a: Vec<f32>,
+    sp: Vec<f32>,
     theta: Vec<f32>,
     lte: Vec<f32>,
     nz_theta: Vec<f32>,
-    nz_lte: Vec<f32>,
     nz_lgamma: Vec<f32>,
     nz: Vec<f32>,
-    nz_pi: Vec<f32>,
+}
+
+/// What the zero pass writes per gene (see `Scratch`).
+struct PerGene<'a> {
+    f: &'a mut [f32],
+    lu: &'a mut [f32],
+    a: &'a mut [f32],
+    sp: &'a mut [f32],
+}
+
+/// A pair's values at the cell's non-zeros (`Scratch::nz`'s arrays).
+struct NonZeros<'a> {
+    xs: &'a [f32],
+    lgamma: &'a [f32],
+    lu: &'a [f32],
+    a: &'a [f32],
+    sp: &'a [f32],
+    pi: &'a [f32],
 }
 
 /// `out[i · k + c]` = log p(x_i | μ = exp(log_library[i]) · ρ_j, θ, π_j)
@@ -145,14 +166,14 @@ fn cell<const FMA: bool>(pool: &Pool, row: &CellRow, out: &mut [f32], s: &mut Sc
     let (lo, hi) = (row.counts.indptr[row.i], row.counts.indptr[row.i + 1]);
     let (idx, xs) = (&row.counts.indices[lo..hi], &row.counts.values[lo..hi]);
     let nnz = idx.len();
-    s.f.resize(g, 0.0);
+    for v in [&mut s.f, &mut s.lu, &mut s.a, &mut s.sp] {
+        v.resize(g, 0.0);
+    }
     s.theta.resize(g, 0.0);
     s.lte.resize(g, 0.0);
-    for v in [&mut s.nz_theta, &mut s.nz_lte, &mut s.nz_lgamma] {
+    for v in [&mut s.nz_theta, &mut s.nz_lgamma] {
         v.resize(nnz, 0.0);
     }
-    s.nz.resize(nnz, 0.0);
-    s.nz_pi.resize(if zinb { nnz } else { 0 }, 0.0);
     // θ, log(θ + ε) and, at the non-zeros, log Γ(x + θ) − log Γ(θ): once
     // per cell unless θ comes with the candidate.
     let once = match pool.log_theta {
@@ -162,13 +183,13 @@ fn cell<const FMA: bool>(pool: &Pool, row: &CellRow, out: &mut [f32], s: &mut Sc
     };
     if let Some(lt) = once {
         thetas::<FMA>(lt, &mut s.theta[..g], &mut s.lte[..g]);
-        nonzero_constants::<FMA>(idx, xs, &s.theta, &s.lte, &mut s.nz_theta, &mut s.nz_lte, &mut s.nz_lgamma);
+        nonzero_constants::<FMA>(idx, xs, &s.theta, &mut s.nz_theta, &mut s.nz_lgamma);
     }
     for (o, &j) in out.iter_mut().zip(row.candidates) {
         let j = j as usize;
         if let Theta::PerCandidate(t) = pool.log_theta {
             thetas::<FMA>(&t[j * g..(j + 1) * g], &mut s.theta[..g], &mut s.lte[..g]);
-            nonzero_constants::<FMA>(idx, xs, &s.theta, &s.lte, &mut s.nz_theta, &mut s.nz_lte, &mut s.nz_lgamma);
+            nonzero_constants::<FMA>(idx, xs, &s.theta, &mut s.nz_theta, &mut s.nz_lgamma);
         }
         let rho = &pool.rho[j * g..(j + 1) * g];
         let (pi, lsp) = if zinb {
@@ -176,20 +197,30 @@ fn cell<const FMA: bool>(pool: &Pool, row: &CellRow, out: &mut [f32], s: &mut Sc
         } else {
             (&[][..], &[][..])
         };
-        zero_terms::<FMA>(lam, rho, &s.theta[..g], &s.lte[..g], pi, lsp, &mut s.f[..g]);
+        let per_gene = PerGene { f: &mut s.f[..g], lu: &mut s.lu[..g], a: &mut s.a[..g], sp: &mut s.sp[..g] };
+        zero_terms::<FMA>(lam, rho, &s.theta[..g], &s.lte[..g], pi, lsp, per_gene);
         let zero = vmath::sum(&s.f[..g]);
-        let d = &mut s.nz[..nnz];
+        // The non-zeros' corrections: (ρ, log u, A, softplus(A − π), π)
+        // gathered into `s.nz` (five arrays of nnz), then the terms.
+        s.nz.resize(5 * nnz, 0.0);
+        let (d, rest) = s.nz.split_at_mut(nnz);
+        let (lu, rest) = rest.split_at_mut(nnz);
+        let (a, rest) = rest.split_at_mut(nnz);
+        let (sp, p) = rest.split_at_mut(nnz);
         for (x, &c) in idx.iter().enumerate() {
-            d[x] = rho[c as usize];
+            let c = c as usize;
+            d[x] = rho[c];
+            lu[x] = s.lu[c];
         }
         if zinb {
-            let p = &mut s.nz_pi[..nnz];
             for (x, &c) in idx.iter().enumerate() {
-                p[x] = pi[c as usize];
+                let c = c as usize;
+                (a[x], sp[x], p[x]) = (s.a[c], s.sp[c], pi[c]);
             }
         }
-        nonzero_terms::<FMA>(lam, xs, &s.nz_theta[..nnz], &s.nz_lte[..nnz], &s.nz_lgamma[..nnz], &s.nz_pi[..], zinb, d);
-        *o = zero + vmath::sum(&s.nz[..nnz]);
+        let at = NonZeros { xs, lgamma: &s.nz_lgamma[..nnz], lu, a, sp, pi: p };
+        nonzero_terms::<FMA>(lam, &at, zinb, d);
+        *o = zero + vmath::sum(d);
     }
 }
 
@@ -206,31 +237,23 @@ fn thetas<const FMA: bool>(log_theta: &[f32], theta: &mut [f32], lte: &mut [f32]
     }
 }
 
-/// θ and log(θ + ε) gathered at the non-zeros `idx` (counts `xs`), and
-/// log Γ(x + θ) − log Γ(θ) there.
+/// log Γ(x + θ) − log Γ(θ) at the non-zeros `idx` (counts `xs`), θ
+/// gathered into `nt` on the way.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn nonzero_constants<const FMA: bool>(
-    idx: &[u32],
-    xs: &[f32],
-    theta: &[f32],
-    lte: &[f32],
-    nt: &mut [f32],
-    nl: &mut [f32],
-    lg: &mut [f32],
-) {
+fn nonzero_constants<const FMA: bool>(idx: &[u32], xs: &[f32], theta: &[f32], nt: &mut [f32], lg: &mut [f32]) {
     let n = idx.len();
-    let (nt, nl, lg, xs) = (&mut nt[..n], &mut nl[..n], &mut lg[..n], &xs[..n]);
+    let (nt, lg, xs) = (&mut nt[..n], &mut lg[..n], &xs[..n]);
     for (x, &j) in idx.iter().enumerate() {
         nt[x] = theta[j as usize];
-        nl[x] = lte[j as usize];
     }
     for x in 0..n {
         lg[x] = vmath::lgamma::<FMA>(xs[x] + nt[x]) - vmath::lgamma::<FMA>(nt[x]);
     }
 }
 
-/// Every entry's term as if its count were zero, into `f` (slices as
+/// Every entry's term as if its count were zero, into `out.f`, keeping
+/// log u, A and (ZINB) softplus(A − π) for the non-zeros (slices as
 /// arguments, so that the loops vectorize).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
@@ -241,52 +264,44 @@ fn zero_terms<const FMA: bool>(
     lte: &[f32],
     pi: &[f32],
     lsp: &[f32],
-    f: &mut [f32],
+    out: PerGene,
 ) {
+    let PerGene { f, lu, a, sp } = out;
     let g = f.len();
-    let (rho, theta, lte) = (&rho[..g], &theta[..g], &lte[..g]);
+    let (rho, theta, lte, lu) = (&rho[..g], &theta[..g], &lte[..g], &mut lu[..g]);
     for k in 0..g {
         let u = theta[k] + lam * rho[k] + EPS;
-        f[k] = theta[k] * (lte[k] - vmath::ln::<FMA>(u));
+        lu[k] = vmath::ln::<FMA>(u);
+        f[k] = theta[k] * (lte[k] - lu[k]);
     }
     if !pi.is_empty() {
-        let (pi, lsp) = (&pi[..g], &lsp[..g]);
+        let (pi, lsp, a, sp) = (&pi[..g], &lsp[..g], &mut a[..g], &mut sp[..g]);
         for k in 0..g {
-            f[k] = vmath::softplus_sigmoid::<FMA>(f[k] - pi[k]).0 + lsp[k];
+            a[k] = f[k];
+            sp[k] = vmath::softplus_sigmoid::<FMA>(f[k] - pi[k]).0;
+            f[k] = sp[k] + lsp[k];
         }
     }
 }
 
 /// The corrections at the non-zeros: `d` holds ρ at them on entry and the
-/// terms on exit; `pi` the dropout logits at them (ZINB).
-#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+/// terms on exit; `at` the rest of the pair's values there, from the zero
+/// pass (one `ln` per non-zero is left).
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn nonzero_terms<const FMA: bool>(
-    lam: f32,
-    xs: &[f32],
-    theta: &[f32],
-    lte: &[f32],
-    lgamma: &[f32],
-    pi: &[f32],
-    zinb: bool,
-    d: &mut [f32],
-) {
+fn nonzero_terms<const FMA: bool>(lam: f32, at: &NonZeros, zinb: bool, d: &mut [f32]) {
     let n = d.len();
-    let (xs, theta, lte, lgamma) = (&xs[..n], &theta[..n], &lte[..n], &lgamma[..n]);
+    let (xs, lgamma, lu) = (&at.xs[..n], &at.lgamma[..n], &at.lu[..n]);
     if zinb {
-        let pi = &pi[..n];
+        let (a, sp, pi) = (&at.a[..n], &at.sp[..n], &at.pi[..n]);
         for x in 0..n {
-            let (mu, th, p) = (lam * d[x], theta[x], pi[x]);
-            let lu = vmath::ln::<FMA>(th + mu + EPS);
-            let a = th * (lte[x] - lu);
-            let sp_t = vmath::softplus_sigmoid::<FMA>(a - p).0;
-            d[x] = -p + a - sp_t + xs[x] * (vmath::ln::<FMA>(mu + EPS) - lu) + lgamma[x];
+            let mu = lam * d[x];
+            d[x] = -pi[x] + a[x] - sp[x] + xs[x] * (vmath::ln::<FMA>(mu + EPS) - lu[x]) + lgamma[x];
         }
     } else {
         for x in 0..n {
-            let (mu, th) = (lam * d[x], theta[x]);
-            let lu = vmath::ln::<FMA>(th + mu + EPS);
-            d[x] = xs[x] * (vmath::ln::<FMA>(mu + EPS) - lu) + lgamma[x];
+            let mu = lam * d[x];
+            d[x] = xs[x] * (vmath::ln::<FMA>(mu + EPS) - lu[x]) + lgamma[x];
         }
     }
 }

@@ -189,6 +189,36 @@ pub fn decode_candidates_nll(
     nll_of_heads(decoder, data, rows, heads, log_library, k)
 }
 
+/// `cells` ordered so that cells near each other in the latent space
+/// (`latent`, row-major with `d` columns) come together: the leaves, in
+/// order, of a k-d tree split at the median of the widest coordinate down
+/// to 32 cells.
+fn locality_order(latent: &[f32], d: usize, cells: &[usize]) -> Vec<usize> {
+    fn split(latent: &[f32], d: usize, cells: &mut [usize]) {
+        if cells.len() <= 32 || d == 0 {
+            return;
+        }
+        let widest = (0..d)
+            .map(|j| {
+                let (lo, hi) = cells.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &c| {
+                    let v = latent[c * d + j];
+                    (lo.min(v), hi.max(v))
+                });
+                (j, hi - lo)
+            })
+            .fold((0, f32::NEG_INFINITY), |best, w| if w.1 > best.1 { w } else { best })
+            .0;
+        let mid = cells.len() / 2;
+        cells.select_nth_unstable_by(mid, |&a, &b| latent[a * d + widest].total_cmp(&latent[b * d + widest]));
+        let (left, right) = cells.split_at_mut(mid);
+        split(latent, d, left);
+        split(latent, d, right);
+    }
+    let mut cells = cells.to_vec();
+    split(latent, d, &mut cells);
+    cells
+}
+
 /// The decoder heads of every row of `z` under batch `b` (one-hot of
 /// `n_batch`), in evaluation mode; a per-batch θ is kept as one row.
 fn heads_under(decoder: &CountDecoder, z: &Tensor, b: usize, n_batch: usize) -> DecoderHeads {
@@ -295,10 +325,15 @@ impl SpeciesModel {
         let neighbours = latent_neighbours(&t.reps.mean, &self.context_latent, k);
         let n_levels = self.meta.label_levels.len();
         let mut out = Transfer { label: vec![0; n], confidence: vec![0.0; n], similarity: vec![0.0; n] };
+        let latent: Vec<f32> = Vec::try_from(t.reps.mean.to_device(Device::Cpu).flatten(0, -1)).expect("floats");
         for (b, cells) in t.data.covariates.batch.cells_by_level().iter().enumerate() {
             if cells.is_empty() {
                 continue;
             }
+            // Cells near in the latent space share most of their candidates:
+            // scored one after the other, they find the candidates' decoded
+            // rows still in cache (each cell's result is its own).
+            let cells = locality_order(&latent, self.meta.config.n_latent, cells);
             let pool = ScorePool::new(
                 &self.target.decoder,
                 heads_under(&self.target.decoder, &self.context_latent, b, self.target.shape.n_batch),
