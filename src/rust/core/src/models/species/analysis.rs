@@ -193,7 +193,7 @@ pub fn decode_candidates_nll(
 /// (`latent`, row-major with `d` columns) come together: the leaves, in
 /// order, of a k-d tree split at the median of the widest coordinate down
 /// to 32 cells.
-fn locality_order(latent: &[f32], d: usize, cells: &[usize]) -> Vec<usize> {
+pub(crate) fn locality_order(latent: &[f32], d: usize, cells: &[usize]) -> Vec<usize> {
     fn split(latent: &[f32], d: usize, cells: &mut [usize]) {
         if cells.len() <= 32 || d == 0 {
             return;

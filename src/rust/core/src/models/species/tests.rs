@@ -342,3 +342,32 @@ fn bf16_heads_round_the_f32_heads() {
         assert!(gap > 0.0 && gap < 0.02 * scale.max(1.0), "bf16 heads differ by {gap} at scale {scale}");
     }
 }
+
+/// The scoring order of label transfer is a permutation of the cells that
+/// puts latent neighbours together: consecutive cells are far closer than
+/// in the given order.
+#[test]
+fn locality_order_permutes_the_cells_and_keeps_neighbours_together() {
+    use super::analysis::locality_order;
+    let (n, d) = (2_000usize, 3usize);
+    // Points on a line through 3-d space, given in a scrambled order.
+    let latent: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let t = ((i * 7_919) % n) as f32 / n as f32;
+            [t, 2.0 * t, -t]
+        })
+        .collect();
+    let cells: Vec<usize> = (0..n).rev().collect();
+    let order = locality_order(&latent, d, &cells);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+    let step = |o: &[usize]| -> f32 {
+        o.windows(2)
+            .map(|w| (0..d).map(|j| (latent[w[0] * d + j] - latent[w[1] * d + j]).powi(2)).sum::<f32>().sqrt())
+            .sum::<f32>()
+    };
+    // Sorted along the line, the path is its length (√6); leaves of 32
+    // cells in any inner order stay within a few times that.
+    assert!(step(&order) < 0.1 * step(&cells), "{} vs {}", step(&order), step(&cells));
+}
