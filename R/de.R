@@ -201,6 +201,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
   if (!is.null(model) || method != "pseudobulk") check_model(model)
   check_fraction(fdr_target, "fdr_target")
   seed <- check_seed(seed)
+  if (method != "pseudobulk" && inherits(model, "scdistill_multimodal")) bayesian_de_unavailable(model)
   disk <- as_disk(x, ...)
   cnt <- if (is.null(disk)) as_counts(x, ...) else disk_cells_table(disk)
   groups <- de_groups(groupby, group1, group2, cnt)
@@ -216,11 +217,7 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
     stop("`method = \"mc_dropout\"` needs a model trained with dropout > 0; this one has none", call. = FALSE)
   }
   levels <- model$info$batch_levels
-  if (is.null(levels)) {
-    stop("Bayesian differential_expression() is not available for ", sub("scdistill_", "", class(model)[1]),
-         " models; use ",
-         "`method = \"pseudobulk\"`", call. = FALSE)
-  }
+  if (is.null(levels)) bayesian_de_unavailable(model)
   batches <- de_batches(batch_correction %||% (method == "samples"), levels)
   if (!is.null(disk) && !inherits(model, "scdistill_vae")) {
     stop("Bayesian differential_expression() of counts on disk is available for VAEs (fit_vae()); for a ",
@@ -704,4 +701,9 @@ summary.scdistill_de <- function(object, ...) {
   }
   if (!is.null(p$on)) cat("  on", p$on, "\n")
   invisible(object)
+}
+
+bayesian_de_unavailable <- function(model) {
+  stop("Bayesian differential_expression() is not available for ", sub("scdistill_", "", class(model)[1]),
+       " models; use `method = \"pseudobulk\"`", call. = FALSE)
 }

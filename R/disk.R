@@ -319,16 +319,17 @@ latent_blocks <- function(model, d, batch, give_mean, seed, threads) {
   }))
 }
 
-# elbo_parts() of on-disk cells: the per-cell means of each block of
-# 20,000 cells read in turn, weighted by the blocks' sizes.
-elbo_blocks <- function(model, d, batch, seed, threads) {
+# elbo_parts() of on-disk cells (`src` from disk_source()): the per-cell
+# means of each block of 20,000 cells read in turn, weighted by the blocks'
+# sizes.
+elbo_blocks <- function(model, src, batch, seed, threads) {
   total <- 0
-  for_blocks(d, batch, "Scoring the cells", function(part, b, at) {
+  src$blocks(batch, "Scoring the cells", function(part, b, at) {
     cells <- model_cells(model, part, b)
     v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
-    total <<- total + v * ncol(part$counts)
+    total <<- total + v * length(at)
   })
-  stats::setNames(total / d$n_cells, c("elbo", "reconstruction", "kl"))
+  stats::setNames(total / src$n_cells, c("elbo", "reconstruction", "kl"))
 }
 
 # Calls `f(part, batch, at)` on blocks of 20,000 of the cells `cells` of `d`

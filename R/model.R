@@ -202,12 +202,19 @@ latent.scdistill_model <- function(model, x = NULL, batch = NULL, give_mean = TR
 #' function with `transform_batch = reference_batch`, on the log2 CPM scale
 #' by default).
 #'
+#' Counts on disk (see [h5_counts()]; for a multimodal model, paired files
+#' as [fit_multimodal()] takes them) are read in blocks of 20,000 cells,
+#' so they are never all in memory; the result is still a dense matrix in
+#' memory (8 bytes a value), and a call whose result would pass
+#' `options(scdistill.max_dense_gb)` (default 16 GB) stops and says so.
+#' With `n_samples > 1`, block k draws from `seed + k - 1`.
+#'
 #' (Named `normalized_expression()` rather than `expression()`, which would
 #' mask base R's `expression()` used in plot labels.)
 #'
 #' @inheritParams latent
-#' @param x Counts of the cells (see [as_counts()]), usually the data the
-#'   model was trained on.
+#' @param x Counts of the cells (see [as_counts()]; or counts on disk, see
+#'   [h5_counts()]), usually the data the model was trained on.
 #' @param batch Batch of the cells of `x`: a column of the cell metadata or
 #'   one value per cell; by default the column the model was trained with.
 #' @param transform_batch `NULL` (each cell's own batch) or one or more
@@ -250,10 +257,50 @@ expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL
   opts$seed <- check_seed(opts$seed)
   if (!is.null(opts$transform_batch)) opts$transform_batch <- as.character(opts$transform_batch)
   log1p <- check_flag(log1p, "log1p")
-  cells <- model_cells(model, x, batch, ...)
-  out <- rust(rs_model_expression(model_ptr(model), cells, opts, resolve_threads(threads)))
-  dimnames(out) <- list(model_features(model, modality), cells$cells)
-  if (log1p) log1p(out) else out
+  threads <- resolve_threads(threads)
+  decode <- function(cells, opts) {
+    out <- rust(rs_model_expression(model_ptr(model), cells, opts, threads))
+    dimnames(out) <- list(model_features(model, modality), cells$cells)
+    if (log1p) log1p(out) else out
+  }
+  src <- disk_source(model, x, ...)
+  if (is.null(src)) return(decode(model_cells(model, x, batch, ...), opts))
+  check_dense_size(length(model_features(model, modality)), src$n_cells)
+  # Counts on disk: blocks of cells read in turn, block k drawing from seed + k - 1.
+  k <- 0L
+  do.call(cbind, src$blocks(batch, "Decoding the cells", function(part, b, at) {
+    k <<- k + 1L
+    decode(model_cells(model, part, b), utils::modifyList(opts, list(seed = opts$seed + k - 1)))
+  }))
+}
+
+# Counts on disk as the block readers take them: `n_cells`, and
+# `blocks(batch, label, f)`, which calls f(part, batch, at) on blocks of
+# cells read in turn (for_blocks(); for a multimodal model, its paired
+# modalities read in step, multimodal_blocks()). NULL when `x` is in memory.
+disk_source <- function(model, x, ...) {
+  if (inherits(model, "scdistill_multimodal")) {
+    mo <- multimodal_disk(x, modality_names(model))
+    if (is.null(mo)) return(NULL)
+    return(list(n_cells = length(mo$cells),
+                blocks = function(batch, label, f) multimodal_blocks(mo, batch, label, f)))
+  }
+  d <- as_disk(x, ...)
+  if (is.null(d)) return(NULL)
+  list(n_cells = d$n_cells, blocks = function(batch, label, f) for_blocks(d, batch, label, f))
+}
+
+# Stops before a dense features x cells result that would take more than
+# `getOption("scdistill.max_dense_gb", 16)` GB (8 bytes a value).
+check_dense_size <- function(n_features, n_cells) {
+  gb <- 8 * as.numeric(n_features) * n_cells / 1e9
+  limit <- getOption("scdistill.max_dense_gb", 16)
+  if (gb > limit) {
+    stop(sprintf(paste("the result would be a dense %s x %s matrix (%.1f GB, more than",
+                       "options(scdistill.max_dense_gb = %s)): ask for fewer cells, e.g.",
+                       "as_counts(h5_counts(file), cells = ...), or raise the option"),
+                 fmt_int(n_features), fmt_int(n_cells), gb, format(limit)), call. = FALSE)
+  }
 }
 
 #' Posterior predictive counts
@@ -262,7 +309,8 @@ expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL
 #' q(z | x), then counts from the observation model (NB as a Gamma-Poisson
 #' mixture, zeros added for ZINB). Useful for posterior predictive checks.
 #' Available for VAEs from [fit_vae()] (not `regularized = TRUE`); other
-#' models say so.
+#' models say so. Counts on disk (see [h5_counts()]) are read in blocks of
+#' 20,000 cells, block k drawing from `seed + k - 1`.
 #'
 #' @inheritParams normalized_expression
 #' @param n_samples Number of count matrices to draw.
@@ -282,9 +330,24 @@ sample_counts <- function(model, x, ...) {
 #' @export
 sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1, seed = 0, threads = NULL, ...) {
   n_samples <- check_count(n_samples, "n_samples")
-  cells <- model_cells(model, x, batch, ...)
-  draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, check_seed(seed), resolve_threads(threads)))
-  out <- lapply(draws, csr_to_dgc, features = model_features(model), cells = cells$cells)
+  seed <- check_seed(seed)
+  threads <- resolve_threads(threads)
+  draw <- function(cells, seed) {
+    draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
+    lapply(draws, csr_to_dgc, features = model_features(model), cells = cells$cells)
+  }
+  src <- disk_source(model, x, ...)
+  out <- if (is.null(src)) {
+    draw(model_cells(model, x, batch, ...), seed)
+  } else {
+    # Blocks of cells read in turn, block k drawing from seed + k - 1.
+    k <- 0L
+    parts <- src$blocks(batch, "Drawing counts", function(part, b, at) {
+      k <<- k + 1L
+      draw(model_cells(model, part, b), seed + k - 1)
+    })
+    lapply(seq_len(n_samples), function(s) do.call(cbind, lapply(parts, `[[`, s)))
+  }
   if (n_samples == 1) out[[1]] else out
 }
 
@@ -295,7 +358,8 @@ sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1,
 #' scvi-tools' `get_elbo()`; `reconstruction_error()` is its reconstruction
 #' part, -log p(x | z). Use them on held-out cells, e.g.
 #' `x[, model$validation_cells]`, the cells held out during training.
-#' Counts on disk (see [h5_counts()]) are read in blocks of 20,000 cells,
+#' Counts on disk (see [h5_counts()]; for a multimodal model, paired files
+#' as [fit_multimodal()] takes them) are read in blocks of 20,000 cells,
 #' each with its own draws of z from `seed`, so the value equals the one in
 #' memory up to the Monte Carlo error of those draws.
 #' A distilled model has no ELBO (its encoder is not variational) and says so.
@@ -326,8 +390,8 @@ reconstruction_error <- function(model, x, batch = NULL, seed = 0, threads = NUL
 }
 
 elbo_parts <- function(model, x, batch, seed, threads, ...) {
-  d <- as_disk(x, ...)
-  if (!is.null(d)) return(elbo_blocks(model, d, batch, seed, threads))
+  src <- disk_source(model, x, ...)
+  if (!is.null(src)) return(elbo_blocks(model, src, batch, seed, threads))
   cells <- model_cells(model, x, batch, ...)
   v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
   c(elbo = v[1], reconstruction = v[2], kl = v[3])

@@ -56,8 +56,9 @@
 #'   whose counts and `altExp` counts are HDF5-backed. Training streams
 #'   minibatches from every modality in step, as [fit_vae()] does from one
 #'   file (see [h5_counts()]); cell columns come from the first file's `obs`
-#'   or the experiment's `colData`. [latent()] and [add_latent()] read such
-#'   files in blocks of 20,000 cells; other functions need the cells in
+#'   or the experiment's `colData`. [latent()], [add_latent()],
+#'   [normalized_expression()], [elbo()] and [modality_attribution()] read
+#'   such files in blocks of 20,000 cells; other functions need the cells in
 #'   memory.
 #' @param batch `NULL`, a column of the cell metadata, or one value per cell:
 #'   the default of `ambient_covariates`, `dispersion_key` and `library_size_key`.
@@ -499,9 +500,10 @@ model_cells.scdistill_multimodal <- function(model, x, batch = NULL, ...) {
   if (is.null(x)) stop("pass `x`, the paired counts of the cells", call. = FALSE)
   mo <- multimodal_counts(x, modality_names(model))
   if (!is.null(mo$disk)) {
-    stop("of paired modalities on disk, only fit_multimodal(), latent() and add_latent() read the files in ",
-         "blocks; this function would read them whole. Read the cells you need into memory, e.g. ",
-         "lapply(files, function(f) as_counts(f, cells = 1:5000)$counts)", call. = FALSE)
+    stop("of paired modalities on disk, fit_multimodal(), latent(), add_latent(), normalized_expression(), ",
+         "elbo() and modality_attribution() read the files in blocks; this function would read them whole. ",
+         "Read the cells you need into memory, e.g. lapply(files, function(f) as_counts(f, cells = 1:5000)$counts)",
+         call. = FALSE)
   }
   cells <- mo$cells
   list(counts = unname(mo$slots), categorical = multimodal_labels(model, mo$cell_data, cells, batch), cells = cells)
@@ -592,12 +594,8 @@ same_training_disk <- function(model, mo) {
 # turn from every modality, encoded, stacked (the modalities' own latent
 # spaces as the "modalities" attribute, as for cells in memory).
 multimodal_disk_latent <- function(model, mo, batch, give_mean, seed, threads) {
-  b <- if (!is.null(batch)) as.character(resolve_cell_factor(batch, mo$cell_data, mo$cells, "batch"))
-  blocks <- for_blocks(mo$disk[[1]], NULL, "Encoding the cells", function(part, ignored, at) {
-    block <- c(list(part$counts), lapply(mo$disk[-1], function(d) as_counts(d, cells = at)$counts))
-    names(block) <- names(mo$disk)
-    attr(block, "cell_data") <- mo$cell_data[at, , drop = FALSE]
-    cells <- model_cells(model, block, if (!is.null(b)) b[at])
+  blocks <- multimodal_blocks(mo, batch, "Encoding the cells", function(block, b, at) {
+    cells <- model_cells(model, block, b)
     v <- rust(rs_model_latent(model_ptr(model), cells, list(give_mean = give_mean, seed = check_seed(seed)),
                               resolve_threads(threads)))
     multimodal_latents(v, cells$cells, model)
@@ -609,6 +607,21 @@ multimodal_disk_latent <- function(model, mo, batch, give_mean, seed, threads) {
   names(per) <- names(attr(blocks[[1]], "modalities"))
   attr(z, "modalities") <- per
   z
+}
+
+# Calls `f(block, batch, at)` on blocks of 20,000 cells of the paired
+# modalities on disk `mo` (from multimodal_disk()), read in turn from every
+# modality: `block` the block's counts as model_cells() takes them (a named
+# list, the cell metadata as attribute "cell_data"), `batch` the block's
+# values of `batch` (or NULL), `at` its cells. Returns f's values as a list.
+multimodal_blocks <- function(mo, batch, label, f) {
+  b <- if (!is.null(batch)) as.character(resolve_cell_factor(batch, mo$cell_data, mo$cells, "batch"))
+  for_blocks(mo$disk[[1]], NULL, label, function(part, ignored, at) {
+    block <- c(list(part$counts), lapply(mo$disk[-1], function(d) as_counts(d, cells = at)$counts))
+    names(block) <- names(mo$disk)
+    attr(block, "cell_data") <- mo$cell_data[at, , drop = FALSE]
+    f(block, if (!is.null(b)) b[at], at)
+  })
 }
 
 #' @method print scdistill_multimodal
@@ -648,7 +661,9 @@ print.scdistill_multimodal <- function(x, ...) {
 #' differentiation, one pass per latent dimension.
 #'
 #' @param model A model from [fit_multimodal()].
-#' @param x The paired counts of the cells (usually the training data).
+#' @param x The paired counts of the cells (usually the training data): in
+#'   memory, or paired files on disk as [fit_multimodal()] takes them, read
+#'   in blocks of 20,000 cells.
 #' @param threads CPU threads.
 #' @return An array cells × modalities × latent dimensions, of class
 #'   `scdistill_attribution`, with attribute `share`: per cell, each
@@ -662,9 +677,22 @@ print.scdistill_multimodal <- function(x, ...) {
 #' @export
 modality_attribution <- function(model, x, threads = NULL) {
   check_multimodal(model, "modality_attribution()")
-  inp <- model_cells(model, x)
-  v <- rust(rs_multimodal_attribution(model_ptr(model), inp, resolve_threads(threads)))
   mods <- modality_names(model)
+  attribute <- function(inp) {
+    list(v = rust(rs_multimodal_attribution(model_ptr(model), inp, resolve_threads(threads))), cells = inp$cells)
+  }
+  mo <- multimodal_disk(x, mods)
+  inp <- if (is.null(mo)) {
+    attribute(model_cells(model, x))
+  } else {
+    # Paired files: blocks of cells in turn. The core's buffer is row-major
+    # with the cells first, so the blocks' buffers are joined end to end.
+    parts <- multimodal_blocks(mo, NULL, "Attributing the cells", function(block, b, at) {
+      attribute(model_cells(model, block))
+    })
+    list(v = unlist(lapply(parts, `[[`, "v")), cells = unlist(lapply(parts, `[[`, "cells")))
+  }
+  v <- inp$v
   d <- length(v) / length(mods) / max(length(inp$cells), 1)
   n <- length(inp$cells)
   # The core's buffer is row-major [cells, modalities, latent].

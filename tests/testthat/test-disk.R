@@ -162,6 +162,35 @@ test_that("elbo() of a file reads it in blocks and agrees with the same cells in
   expect_equal(reconstruction_error(model, s$file, threads = 2) < on_disk, TRUE)
 })
 
+test_that("normalized_expression() and sample_counts() of a file read it in blocks and agree with memory", {
+  s <- sim_file(n_cells = 700, n_genes = 60, seed = 11)
+  mem <- as_counts(s$file)
+  model <- fit_vae(mem, batch = "batch", max_epochs = 3, threads = 2, progress = FALSE)
+  old <- options(scdistill.disk_block = 300L)  # blocks of 300, 300 and 100 cells
+  on.exit(options(old), add = TRUE)
+  rho <- normalized_expression(model, s$file, threads = 2)
+  expect_equal(dim(rho), c(60, 700))
+  expect_equal(rho, normalized_expression(model, mem, threads = 2), tolerance = 1e-6)
+  to <- model$info$batch_levels[2]
+  expect_equal(normalized_expression(model, s$file, transform_batch = to, log1p = TRUE, threads = 2),
+               normalized_expression(model, mem, transform_batch = to, log1p = TRUE, threads = 2), tolerance = 1e-6)
+  # Block k draws from seed + k - 1: the second block is the draw of its cells alone under seed + 1.
+  draws <- sample_counts(model, s$file, seed = 4, threads = 2)
+  expect_s4_class(draws, "dgCMatrix")
+  expect_equal(dimnames(draws), dimnames(rho))
+  block2 <- as_counts(h5_counts(s$file), cells = 301:600)
+  expect_equal(draws[, 301:600], sample_counts(model, block2, seed = 5, threads = 2))
+  expect_false(identical(draws[, 301:600], sample_counts(model, block2, seed = 4, threads = 2)))
+  two <- sample_counts(model, s$file, n_samples = 2, seed = 4, threads = 2)
+  expect_length(two, 2)
+  expect_equal(two[[1]][, 601:700], sample_counts(model, as_counts(h5_counts(s$file), cells = 601:700),
+                                                  n_samples = 2, seed = 6, threads = 2)[[1]])
+  # A dense result larger than the option allows is refused before any reading.
+  small <- options(scdistill.max_dense_gb = 1e-4)
+  expect_error(normalized_expression(model, s$file), "dense 60 x 700 matrix \\(0\\.0 GB")
+  options(small)
+})
+
 test_that("DE reads an experiment whose counts are an HDF5-backed DelayedMatrix", {
   skip_if_not_installed("HDF5Array")
   sce <- simulate_counts(n_cells = 800, n_genes = 100, seed = 9)
@@ -313,7 +342,23 @@ test_that("fit_multimodal() trains from paired files as from memory, and latent(
   expect_equal(latent(disk, list(RNA = copy, ATAC = fa)), z, tolerance = 1e-6)
   expect_equal(latent(disk, mo), z, tolerance = 1e-6)
   expect_equal(dim(latent(disk, list(RNA = copy, ATAC = fa), modality = "ATAC")), c(1500, 10))
-  expect_error(normalized_expression(disk, files), "only fit_multimodal\\(\\), latent\\(\\) and add_latent\\(\\)")
+  # Expression, ELBO and attribution of the files, in blocks of 600, 600 and
+  # 300 cells, equal those of the cells in memory.
+  expect_equal(normalized_expression(disk, files, modality = "ATAC", threads = 2),
+               normalized_expression(disk, mo, modality = "ATAC", threads = 2), tolerance = 1e-6)
+  rna <- normalized_expression(disk, files, transform_batch = levels(factor(mo$batch))[1], threads = 2)
+  expect_equal(dim(rna), c(150, 1500))
+  expect_equal(rna, normalized_expression(disk, mo, transform_batch = levels(factor(mo$batch))[1], threads = 2),
+               tolerance = 1e-6)
+  # Each block draws z from `seed`: equal to the weighted blocks in memory.
+  blocks <- list(1:600, 601:1200, 1201:1500)
+  parts <- vapply(blocks, function(b) elbo(disk, mo[, b], seed = 2, threads = 2), 1)
+  expect_equal(elbo(disk, files, seed = 2, threads = 2), sum(parts * lengths(blocks)) / 1500, tolerance = 1e-6)
+  a <- modality_attribution(disk, files, threads = 2)
+  expect_equal(unclass(a), unclass(modality_attribution(disk, mo, threads = 2)), tolerance = 1e-6)
+  expect_equal(dimnames(a)[[1]], colnames(mo))
+  expect_error(differential_expression(disk, files, groupby = "batch", group1 = "1"),
+               "not available for multimodal models")
   # Files that do not pair up are refused before training.
   fewer <- tempfile(fileext = ".h5ad")
   write_h5ad(atac[, 1:1000], fewer)
