@@ -687,22 +687,83 @@ fn mahalanobis_keep(x: &Tensor, limit: f64) -> Vec<usize> {
 /// For each row of `q`, the `k` nearest rows of `r` (Euclidean), nearest
 /// first; flat.
 pub fn latent_neighbours(q: &Tensor, r: &Tensor, k: usize) -> Vec<u32> {
-    let k = k.min(r.size()[0] as usize) as i64;
+    let nr = r.size()[0] as usize;
+    let n = q.size()[0] as usize;
+    let k = k.min(nr);
+    let mut out = vec![0u32; n * k];
+    if k == 0 || n == 0 {
+        return out;
+    }
+    let (q, r) = (q.to_device(Device::Cpu), r.to_device(Device::Cpu));
     let rt = r.tr();
-    let rn = r.square().sum_dim_intlist(-1, false, Kind::Float).unsqueeze(0);
-    let mut out = Vec::new();
+    let rn: Vec<f32> = Vec::try_from(r.square().sum_dim_intlist(-1, false, Kind::Float)).expect("floats");
+    let qn: Vec<f32> = Vec::try_from(q.square().sum_dim_intlist(-1, false, Kind::Float)).expect("floats");
     tch::no_grad(|| {
-        let n = q.size()[0];
-        for start in (0..n).step_by(2048) {
-            let len = 2048.min(n - start);
-            let qb = q.narrow(0, start, len);
-            let d2 = qb.square().sum_dim_intlist(-1, true, Kind::Float) + &rn - qb.matmul(&rt) * 2.0;
-            let (_, idx) = d2.topk(k, 1, false, true);
-            let v: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1)).expect("indices");
-            out.extend(v.into_iter().map(|i| i as u32));
+        // Blocks of 256 query rows: their products with every reference row
+        // (50 MB at 50,000 references) into one buffer, read in place.
+        let buffer = Tensor::empty([256.min(n as i64), nr as i64], (Kind::Float, Device::Cpu));
+        for start in (0..n).step_by(256) {
+            let len = 256.min(n - start);
+            let mm = buffer.narrow(0, 0, len as i64);
+            let _ = q.narrow(0, start as i64, len as i64).matmul_out(&mm, &rt);
+            // SAFETY: `mm` is the first len rows of the contiguous f32 CPU
+            // buffer, which outlives `dots`.
+            let dots = unsafe { std::slice::from_raw_parts(mm.data_ptr() as *const f32, len * nr) };
+            // The rows shared out among libtorch's OpenMP team (which has
+            // just run the product), in contiguous parts.
+            let threads = (tch::get_num_threads().max(1) as usize).min(len);
+            let parts: Vec<std::sync::Mutex<&mut [u32]>> = out[start * k..(start + len) * k]
+                .chunks_mut(len.div_ceil(threads) * k)
+                .map(std::sync::Mutex::new)
+                .collect();
+            crate::kernels::omp::run(threads, &|member, members| {
+                let mut cand = Vec::new();
+                for (p, part) in parts.iter().enumerate().skip(member).step_by(members) {
+                    let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+                    let first = p * len.div_ceil(threads);
+                    for (x, o) in part.chunks_mut(k).enumerate() {
+                        let (qi, dot) = (qn[start + first + x], &dots[(first + x) * nr..(first + x + 1) * nr]);
+                        // |q|² + |r|² − 2 q·r, in the order of the tensor expression it replaced.
+                        nearest_k(nr, |j| (qi + rn[j]) - dot[j] * 2.0, k, &mut cand, o);
+                    }
+                }
+            });
         }
     });
     out
+}
+
+/// The indices of the `k` smallest of `d(0..n)` into `out`, ascending
+/// (ties: the lower index first). Only the entries at or under a threshold
+/// are ranked: a value from a strided sample of d that about 2k + 100
+/// entries fall under; where fewer than k do, every entry is ranked.
+fn nearest_k(n: usize, d: impl Fn(usize) -> f32, k: usize, cand: &mut Vec<(f32, u32)>, out: &mut [u32]) {
+    let before = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    cand.clear();
+    if n > 8 * k + 1024 {
+        let stride = (n / 4096).max(1);
+        let mut sample: Vec<f32> = (0..n).step_by(stride).map(&d).collect();
+        let at = ((2 * k + 100) / stride).min(sample.len() - 1);
+        let threshold = *sample.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
+        for j in 0..n {
+            let v = d(j);
+            if v <= threshold {
+                cand.push((v, j as u32));
+            }
+        }
+    }
+    if cand.len() < k {
+        cand.clear();
+        cand.extend((0..n).map(|j| (d(j), j as u32)));
+    }
+    if cand.len() > k {
+        cand.select_nth_unstable_by(k - 1, before);
+    }
+    let first = &mut cand[..k];
+    first.sort_unstable_by(before);
+    for (o, c) in out.iter_mut().zip(first.iter()) {
+        *o = c.1;
+    }
 }
 
 /// The mode of `v` as the midpoint of the fullest bin of a histogram with

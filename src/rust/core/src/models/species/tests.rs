@@ -371,3 +371,36 @@ fn locality_order_permutes_the_cells_and_keeps_neighbours_together() {
     // cells in any inner order stay within a few times that.
     assert!(step(&order) < 0.1 * step(&cells), "{} vs {}", step(&order), step(&cells));
 }
+
+/// The latent neighbours are the k nearest by a full sort (nearest first,
+/// ties by index), on the thresholded path (many references) and the
+/// plain one (few).
+#[test]
+fn latent_neighbours_are_the_nearest_by_a_full_sort() {
+    let _t = turn();
+    tch::manual_seed(5);
+    for (n_ref, k) in [(6_000i64, 40usize), (300, 40), (50, 80)] {
+        let q = tch::Tensor::randn([37, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let r = tch::Tensor::randn([n_ref, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let got = analysis::latent_neighbours(&q, &r, k);
+        let k = k.min(n_ref as usize);
+        assert_eq!(got.len(), 37 * k);
+        let qv: Vec<f32> = Vec::try_from(q.flatten(0, -1)).unwrap();
+        let rv: Vec<f32> = Vec::try_from(r.flatten(0, -1)).unwrap();
+        for i in 0..37 {
+            let d: Vec<f32> =
+                (0..n_ref as usize).map(|j| (0..4).map(|c| (qv[i * 4 + c] - rv[j * 4 + c]).powi(2)).sum()).collect();
+            let mut order: Vec<usize> = (0..n_ref as usize).collect();
+            order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
+            let mine: Vec<usize> = got[i * k..(i + 1) * k].iter().map(|&j| j as usize).collect();
+            // The same set, in increasing distance (rounding of the two
+            // formulas may swap near ties).
+            let mut a = mine.clone();
+            let mut b = order[..k].to_vec();
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b, "query {i}, {n_ref} references");
+            assert!(mine.windows(2).all(|w| d[w[0]] <= d[w[1]] + 1e-5));
+        }
+    }
+}
