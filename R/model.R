@@ -225,6 +225,9 @@ latent.scdistill_model <- function(model, x = NULL, batch = NULL, give_mean = TR
 #' @param n_samples Draws from q(z | x) to average (1: the posterior mean).
 #'   A distilled model is deterministic and refuses more than 1.
 #' @param log1p Return log1p of the values.
+#' @param genes Genes (features) to return, as names or positions; default
+#'   all. With many cells, a subset keeps the dense result small: counts on
+#'   disk are decoded block by block and only these rows kept.
 #' @param seed Seed of the draws when `n_samples > 1`.
 #' @param modality For a multimodal model: the modality to decode (default:
 #'   the first, RNA); its normalized accessibility for ATAC.
@@ -245,27 +248,31 @@ normalized_expression <- function(model, x, ...) {
 #' @rdname normalized_expression
 #' @export
 normalized_expression.scdistill_model <- function(model, x, batch = NULL, transform_batch = NULL, library_size = 1,
-                                                  n_samples = 1, log1p = FALSE, seed = 0, threads = NULL, ...) {
+                                                  n_samples = 1, log1p = FALSE, seed = 0, threads = NULL,
+                                                  genes = NULL, ...) {
   expression_of(model, x, batch, list(transform_batch = transform_batch, library_size = library_size,
-                                      n_samples = n_samples, seed = seed), log1p, threads, ...)
+                                      n_samples = n_samples, seed = seed), log1p, threads, genes = genes, ...)
 }
 
 # The decoded expression of `cells` under `opts` (checked here), features x cells.
-expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL, ...) {
+expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL, genes = NULL, ...) {
   check_positive(opts$library_size, "library_size")
   opts$n_samples <- check_count(opts$n_samples, "n_samples")
   opts$seed <- check_seed(opts$seed)
   if (!is.null(opts$transform_batch)) opts$transform_batch <- as.character(opts$transform_batch)
   log1p <- check_flag(log1p, "log1p")
   threads <- resolve_threads(threads)
+  features <- model_features(model, modality)
+  keep <- if (!is.null(genes)) feature_index(genes, features) else seq_along(features)
   decode <- function(cells, opts) {
     out <- rust(rs_model_expression(model_ptr(model), cells, opts, threads))
-    dimnames(out) <- list(model_features(model, modality), cells$cells)
+    dimnames(out) <- list(features, cells$cells)
+    if (length(keep) < length(features)) out <- out[keep, , drop = FALSE]
     if (log1p) log1p(out) else out
   }
   src <- disk_source(model, x, ...)
   if (is.null(src)) return(decode(model_cells(model, x, batch, ...), opts))
-  check_dense_size(length(model_features(model, modality)), src$n_cells)
+  check_dense_size(length(keep), src$n_cells)
   # Counts on disk: blocks of cells read in turn, block k drawing from seed + k - 1.
   k <- 0L
   do.call(cbind, src$blocks(batch, "Decoding the cells", function(part, b, at) {
@@ -288,6 +295,24 @@ disk_source <- function(model, x, ...) {
   d <- as_disk(x, ...)
   if (is.null(d)) return(NULL)
   list(n_cells = d$n_cells, blocks = function(batch, label, f) for_blocks(d, batch, label, f))
+}
+
+# The positions of `genes` (names or positions) among `features`; unknown
+# ones are an error naming them.
+feature_index <- function(genes, features) {
+  if (is.numeric(genes)) {
+    bad <- genes[is.na(genes) | genes != round(genes) | genes < 1 | genes > length(features)]
+    if (length(bad)) stop("`genes`: positions must be 1 to ", length(features), "; got ", bad[1], call. = FALSE)
+    return(as.integer(genes))
+  }
+  if (!is.character(genes) || !length(genes)) stop("`genes` must be gene names or positions", call. = FALSE)
+  idx <- match(genes, features)
+  if (anyNA(idx)) {
+    missing <- genes[is.na(idx)]
+    stop("`genes`: ", length(missing), " not among the model's ", length(features), " genes (first: '", missing[1],
+         "')", call. = FALSE)
+  }
+  idx
 }
 
 # Stops before a dense features x cells result that would take more than

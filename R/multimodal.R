@@ -553,11 +553,12 @@ latent.scdistill_multimodal <- function(model, x = NULL, batch = NULL, give_mean
 #' @export
 normalized_expression.scdistill_multimodal <- function(model, x, batch = NULL, transform_batch = NULL,
                                                        library_size = 1, n_samples = 1, log1p = FALSE, seed = 0,
-                                                       threads = NULL, modality = NULL, ambient = FALSE, ...) {
+                                                       threads = NULL, modality = NULL, ambient = FALSE,
+                                                       genes = NULL, ...) {
   modality <- check_modality(model, modality, joint_ok = FALSE)
   opts <- list(transform_batch = transform_batch, library_size = library_size, n_samples = n_samples, seed = seed,
                modality = match(modality, modality_names(model)) - 1L, ambient = check_flag(ambient, "ambient"))
-  expression_of(model, x, batch, opts, log1p, threads, modality = modality)
+  expression_of(model, x, batch, opts, log1p, threads, modality = modality, genes = genes)
 }
 
 #' @rdname add_latent

@@ -331,15 +331,17 @@ species_cached <- function(model, cells) {
 #' @rdname normalized_expression
 #' @export
 normalized_expression.scdistill_species <- function(model, x, batch = NULL, species = "auto", transform_batch = NULL,
-                                                    library_size = 1, log1p = FALSE, threads = NULL, ...) {
+                                                    library_size = 1, log1p = FALSE, threads = NULL, genes = NULL,
+                                                    ...) {
   cells <- model_cells(model, x, batch, species = species)
   check_positive(library_size, "library_size")
   m <- rust(rs_model_expression(model_ptr(model), cells[c("counts", "batch")],
                                 list(transform_batch = as.character(transform_batch), library_size = library_size,
                                      species = cells$species),
                                 resolve_threads(threads)))
-  genes <- unlist(model$info[[paste0(cells$species, "_genes")]])
-  dimnames(m) <- list(genes, cells$cells)
+  features <- unlist(model$info[[paste0(cells$species, "_genes")]])
+  dimnames(m) <- list(features, cells$cells)
+  if (!is.null(genes)) m <- m[feature_index(genes, features), , drop = FALSE]
   if (check_flag(log1p, "log1p")) log1p(m) else m
 }
 

@@ -171,6 +171,13 @@ test_that("normalized_expression() and sample_counts() of a file read it in bloc
   rho <- normalized_expression(model, s$file, threads = 2)
   expect_equal(dim(rho), c(60, 700))
   expect_equal(rho, normalized_expression(model, mem, threads = 2), tolerance = 1e-6)
+  # A subset of genes: the same rows, by name or position, from disk or memory.
+  some <- rownames(rho)[c(5, 2, 40)]
+  expect_equal(normalized_expression(model, s$file, genes = some, threads = 2), rho[some, ])
+  expect_equal(normalized_expression(model, mem, genes = c(5, 2, 40), threads = 2), rho[some, ], tolerance = 1e-6)
+  expect_error(normalized_expression(model, mem, genes = c(some, "nope", "none")),
+               "`genes`: 2 not among the model's 60 genes \\(first: 'nope'\\)")
+  expect_error(normalized_expression(model, mem, genes = 61), "positions must be 1 to 60; got 61")
   to <- model$info$batch_levels[2]
   expect_equal(normalized_expression(model, s$file, transform_batch = to, log1p = TRUE, threads = 2),
                normalized_expression(model, mem, transform_batch = to, log1p = TRUE, threads = 2), tolerance = 1e-6)
@@ -344,8 +351,9 @@ test_that("fit_multimodal() trains from paired files as from memory, and latent(
   expect_equal(dim(latent(disk, list(RNA = copy, ATAC = fa), modality = "ATAC")), c(1500, 10))
   # Expression, ELBO and attribution of the files, in blocks of 600, 600 and
   # 300 cells, equal those of the cells in memory.
-  expect_equal(normalized_expression(disk, files, modality = "ATAC", threads = 2),
-               normalized_expression(disk, mo, modality = "ATAC", threads = 2), tolerance = 1e-6)
+  atac_disk <- normalized_expression(disk, files, modality = "ATAC", threads = 2)
+  expect_equal(atac_disk, normalized_expression(disk, mo, modality = "ATAC", threads = 2), tolerance = 1e-6)
+  expect_equal(normalized_expression(disk, files, modality = "ATAC", genes = 10:12, threads = 2), atac_disk[10:12, ])
   rna <- normalized_expression(disk, files, transform_batch = levels(factor(mo$batch))[1], threads = 2)
   expect_equal(dim(rna), c(150, 1500))
   expect_equal(rna, normalized_expression(disk, mo, transform_batch = levels(factor(mo$batch))[1], threads = 2),

@@ -42,6 +42,12 @@ test_that("labels carry across species, the latent spaces are shared, and one fi
   expect_gt(mean(nearest == as.character(d$target$cell_type)), 0.85)
   sce <- add_latent(d$target, fit)
   expect_true("scSpecies" %in% SingleCellExperiment::reducedDimNames(sce))
+  # Decoded expression of the target's own genes, or of a few of them.
+  rho <- normalized_expression(fit, d$target[, 1:50])
+  expect_equal(dimnames(rho), list(rownames(d$target), colnames(d$target)[1:50]))
+  expect_equal(unname(colSums(rho)), rep(1, 50), tolerance = 1e-5)
+  few <- rownames(d$target)[c(3, 1)]
+  expect_equal(normalized_expression(fit, d$target[, 1:50], genes = few), rho[few, ])
 
   # Similarity: each target type is closest to its own context type.
   # (60 target x 20 context cells left Group3 within 0.6 of Group4 on one
