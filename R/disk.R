@@ -324,7 +324,7 @@ latent_blocks <- function(model, d, batch, give_mean, seed, threads) {
 # sizes.
 elbo_blocks <- function(model, src, batch, seed, threads) {
   total <- 0
-  src$blocks(batch, "Scoring the cells", function(part, b, at) {
+  src$blocks(batch, "Scoring the cells", function(part, b, at, k) {
     cells <- model_cells(model, part, b)
     v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
     total <<- total + v * length(at)
@@ -459,4 +459,56 @@ as_counts.scdistill_h5 <- function(x, batch = NULL, cells = NULL, ...) {
 #' @export
 as_counts.character <- function(x, batch = NULL, ...) {
   as_counts(h5_counts(x), batch = batch, ...)
+}
+
+# Where a dense result is to be written: NULL (nowhere: the result stays in
+# memory), else list(path, name), checked.
+h5_target <- function(h5_file, h5_name) {
+  if (is.null(h5_file)) return(NULL)
+  if (!is.character(h5_file) || length(h5_file) != 1 || is.na(h5_file) || !nzchar(h5_file)) {
+    stop("`h5_file` must be one file path", call. = FALSE)
+  }
+  if (!is.character(h5_name) || length(h5_name) != 1 || is.na(h5_name) || !nzchar(h5_name) ||
+      grepl("/", h5_name, fixed = TRUE)) {
+    stop("`h5_name` must be one dataset name, without '/'", call. = FALSE)
+  }
+  if (!requireNamespace("HDF5Array", quietly = TRUE)) {
+    stop("`h5_file` needs the Bioconductor package HDF5Array (Debian: r-bioc-hdf5array) to read the result back",
+         call. = FALSE)
+  }
+  list(path = path.expand(h5_file), name = h5_name)
+}
+
+# A features x cells result written to dataset `name` of `path` one block of
+# cells at a time (write(m, first): m the block's columns, `first` the
+# position of its first cell); finish(features, cells) stores the names and
+# returns the HDF5-backed DelayedMatrix. The values are stored as 4-byte
+# floats (the model's precision), one row of the dataset per cell, as
+# HDF5Array stores an R matrix. abandon() (on exit) removes a file this
+# sink created when the result was not finished.
+h5_sink <- function(h5, n_features, n_cells) {
+  created <- !file.exists(h5$path)
+  done <- FALSE
+  rust(rs_h5_dense_create(h5$path, h5$name, n_cells, n_features))
+  list(
+    write = function(m, first) {
+      storage.mode(m) <- "double"
+      rust(rs_h5_dense_write(h5$path, h5$name, first, m))
+    },
+    finish = function(features, cells) {
+      HDF5Array::h5writeDimnames(list(features, cells), h5$path, h5$name)
+      done <<- TRUE
+      HDF5Array::HDF5Array(h5$path, h5$name)
+    },
+    abandon = function() if (!done && created) unlink(h5$path)
+  )
+}
+
+# An in-memory result written to `h5` (from h5_target()) and returned as
+# the HDF5-backed DelayedMatrix.
+h5_write_matrix <- function(h5, m) {
+  sink <- h5_sink(h5, nrow(m), ncol(m))
+  on.exit(sink$abandon(), add = TRUE)
+  if (ncol(m) > 0) sink$write(m, 1)
+  sink$finish(rownames(m), colnames(m))
 }

@@ -70,6 +70,14 @@ rs_h5_shape <- function(path, name) .Call(native("wrap__rs_h5_shape"), path, nam
 
 rs_h5_numbers <- function(path, name) .Call(native("wrap__rs_h5_numbers"), path, name)
 
+rs_h5_dense_create <- function(path, name, n_rows, n_cols) {
+  .Call(native("wrap__rs_h5_dense_create"), path, name, n_rows, n_cols)
+}
+
+rs_h5_dense_write <- function(path, name, start, values) {
+  .Call(native("wrap__rs_h5_dense_write"), path, name, start, values)
+}
+
 rs_read_h5_cells <- function(spec, rows, threads) .Call(native("wrap__rs_read_h5_cells"), spec, rows, threads)
 
 rs_dist_join <- function(addr, port, rank, world, timeout) {

@@ -204,9 +204,14 @@ latent.scdistill_model <- function(model, x = NULL, batch = NULL, give_mean = TR
 #'
 #' Counts on disk (see [h5_counts()]; for a multimodal model, paired files
 #' as [fit_multimodal()] takes them) are read in blocks of 20,000 cells,
-#' so they are never all in memory; the result is still a dense matrix in
-#' memory (8 bytes a value), and a call whose result would pass
-#' `options(scdistill.max_dense_gb)` (default 16 GB) stops and says so.
+#' so they are never all in memory. The result is a dense matrix in memory
+#' (8 bytes a value), and a call whose result would pass
+#' `options(scdistill.max_dense_gb)` (default 16 GB) stops and says so,
+#' unless it goes to a file: with `h5_file`, each block is written to that
+#' HDF5 file as it is decoded (4 bytes a value) and the result is an
+#' HDF5-backed `DelayedMatrix` (package HDF5Array) that can be used, or
+#' put in an assay, like a matrix without ever being in memory; later,
+#' `HDF5Array::HDF5Array(h5_file, h5_name)` opens it again, names included.
 #' With `n_samples > 1`, block k draws from `seed + k - 1`.
 #'
 #' (Named `normalized_expression()` rather than `expression()`, which would
@@ -233,12 +238,24 @@ latent.scdistill_model <- function(model, x = NULL, batch = NULL, give_mean = TR
 #'   the first, RNA); its normalized accessibility for ATAC.
 #' @param ambient For a multimodal model: include the ambient background
 #'   (default `FALSE`: what the cell itself expresses).
-#' @return A genes × cells dense matrix.
+#' @param h5_file `NULL` (the result in memory) or an HDF5 file to write the
+#'   result to, block by block: a new file, or an existing HDF5 file that
+#'   gets one more dataset (an existing dataset is never overwritten).
+#' @param h5_name The dataset's name in `h5_file`.
+#' @return A genes × cells dense matrix; with `h5_file`, an HDF5-backed
+#'   `DelayedMatrix` of the same values (stored as 4-byte floats).
 #' @examples
 #' sce <- example_cellbench()
 #' model <- fit_vae(sce[1:500, ], batch = "batch", max_epochs = 20, threads = 2)
 #' rho <- normalized_expression(model, sce[1:500, ], transform_batch = "p1", library_size = 1e4)
 #' rho[1:3, 1:3]
+#' # The same written to an HDF5 file as it is decoded, kept out of memory:
+#' if (requireNamespace("HDF5Array", quietly = TRUE)) {
+#'   file <- tempfile(fileext = ".h5")
+#'   on_disk <- normalized_expression(model, sce[1:500, ], transform_batch = "p1", library_size = 1e4,
+#'                                    h5_file = file)
+#'   print(on_disk[1:3, 1:3])
+#' }
 #' @export
 normalized_expression <- function(model, x, ...) {
   check_model(model)
@@ -249,13 +266,16 @@ normalized_expression <- function(model, x, ...) {
 #' @export
 normalized_expression.scdistill_model <- function(model, x, batch = NULL, transform_batch = NULL, library_size = 1,
                                                   n_samples = 1, log1p = FALSE, seed = 0, threads = NULL,
-                                                  genes = NULL, ...) {
+                                                  genes = NULL, h5_file = NULL, h5_name = "normalized", ...) {
   expression_of(model, x, batch, list(transform_batch = transform_batch, library_size = library_size,
-                                      n_samples = n_samples, seed = seed), log1p, threads, genes = genes, ...)
+                                      n_samples = n_samples, seed = seed), log1p, threads, genes = genes,
+                h5 = h5_target(h5_file, h5_name), ...)
 }
 
 # The decoded expression of `cells` under `opts` (checked here), features x cells.
-expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL, genes = NULL, ...) {
+# With `h5` (from h5_target()), the result goes to that HDF5 dataset block by
+# block and comes back as an HDF5-backed DelayedMatrix.
+expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL, genes = NULL, h5 = NULL, ...) {
   check_positive(opts$library_size, "library_size")
   opts$n_samples <- check_count(opts$n_samples, "n_samples")
   opts$seed <- check_seed(opts$seed)
@@ -271,30 +291,51 @@ expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL
     if (log1p) log1p(out) else out
   }
   src <- disk_source(model, x, ...)
-  if (is.null(src)) return(decode(model_cells(model, x, batch, ...), opts))
-  check_dense_size(length(keep), src$n_cells)
+  if (is.null(src)) {
+    m <- decode(model_cells(model, x, batch, ...), opts)
+    return(if (is.null(h5)) m else h5_write_matrix(h5, m))
+  }
+  if (is.null(h5)) {
+    check_dense_size(length(keep), src$n_cells)
+  } else {
+    sink <- h5_sink(h5, length(keep), src$n_cells)
+    on.exit(sink$abandon(), add = TRUE)
+  }
   # Counts on disk: blocks of cells read in turn, block k drawing from seed + k - 1.
-  k <- 0L
-  do.call(cbind, src$blocks(batch, "Decoding the cells", function(part, b, at) {
-    k <<- k + 1L
-    decode(model_cells(model, part, b), utils::modifyList(opts, list(seed = opts$seed + k - 1)))
-  }))
+  parts <- src$blocks(batch, "Decoding the cells", function(part, b, at, k) {
+    m <- decode(model_cells(model, part, b), utils::modifyList(opts, list(seed = opts$seed + k - 1)))
+    if (is.null(h5)) return(m)
+    sink$write(m, at[1])
+    colnames(m)
+  })
+  if (is.null(h5)) do.call(cbind, parts) else sink$finish(features[keep], unlist(parts))
 }
 
 # Counts on disk as the block readers take them: `n_cells`, and
-# `blocks(batch, label, f)`, which calls f(part, batch, at) on blocks of
-# cells read in turn (for_blocks(); for a multimodal model, its paired
-# modalities read in step, multimodal_blocks()). NULL when `x` is in memory.
+# `blocks(batch, label, f)`, which calls f(part, batch, at, k) on blocks of
+# cells read in turn, k = 1, 2, ... the block's number (for_blocks(); for a
+# multimodal model, its paired modalities read in step, multimodal_blocks()).
+# NULL when `x` is in memory.
 disk_source <- function(model, x, ...) {
   if (inherits(model, "scdistill_multimodal")) {
     mo <- multimodal_disk(x, modality_names(model))
     if (is.null(mo)) return(NULL)
     return(list(n_cells = length(mo$cells),
-                blocks = function(batch, label, f) multimodal_blocks(mo, batch, label, f)))
+                blocks = function(batch, label, f) multimodal_blocks(mo, batch, label, numbered(f))))
   }
   d <- as_disk(x, ...)
   if (is.null(d)) return(NULL)
-  list(n_cells = d$n_cells, blocks = function(batch, label, f) for_blocks(d, batch, label, f))
+  list(n_cells = d$n_cells, blocks = function(batch, label, f) for_blocks(d, batch, label, numbered(f)))
+}
+
+# `f` with the number of the call (1, 2, ...) as one more, last argument:
+# the readers call it on their blocks in order.
+numbered <- function(f) {
+  k <- 0L
+  function(...) {
+    k <<- k + 1L
+    f(..., k)
+  }
 }
 
 # The positions of `genes` (names or positions) among `features`; unknown
@@ -322,8 +363,9 @@ check_dense_size <- function(n_features, n_cells) {
   limit <- getOption("scdistill.max_dense_gb", 16)
   if (gb > limit) {
     stop(sprintf(paste("the result would be a dense %s x %s matrix (%.1f GB, more than",
-                       "options(scdistill.max_dense_gb = %s)): ask for fewer cells, e.g.",
-                       "as_counts(h5_counts(file), cells = ...), or raise the option"),
+                       "options(scdistill.max_dense_gb = %s)): write it to a file with `h5_file =`,",
+                       "ask for fewer genes (`genes =`) or cells, e.g. as_counts(h5_counts(file), cells = ...),",
+                       "or raise the option"),
                  fmt_int(n_features), fmt_int(n_cells), gb, format(limit)), call. = FALSE)
   }
 }
@@ -366,9 +408,7 @@ sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1,
     draw(model_cells(model, x, batch, ...), seed)
   } else {
     # Blocks of cells read in turn, block k drawing from seed + k - 1.
-    k <- 0L
-    parts <- src$blocks(batch, "Drawing counts", function(part, b, at) {
-      k <<- k + 1L
+    parts <- src$blocks(batch, "Drawing counts", function(part, b, at, k) {
       draw(model_cells(model, part, b), seed + k - 1)
     })
     lapply(seq_len(n_samples), function(s) do.call(cbind, lapply(parts, `[[`, s)))

@@ -554,11 +554,12 @@ latent.scdistill_multimodal <- function(model, x = NULL, batch = NULL, give_mean
 normalized_expression.scdistill_multimodal <- function(model, x, batch = NULL, transform_batch = NULL,
                                                        library_size = 1, n_samples = 1, log1p = FALSE, seed = 0,
                                                        threads = NULL, modality = NULL, ambient = FALSE,
-                                                       genes = NULL, ...) {
+                                                       genes = NULL, h5_file = NULL, h5_name = "normalized", ...) {
   modality <- check_modality(model, modality, joint_ok = FALSE)
   opts <- list(transform_batch = transform_batch, library_size = library_size, n_samples = n_samples, seed = seed,
                modality = match(modality, modality_names(model)) - 1L, ambient = check_flag(ambient, "ambient"))
-  expression_of(model, x, batch, opts, log1p, threads, modality = modality, genes = genes)
+  expression_of(model, x, batch, opts, log1p, threads, modality = modality, genes = genes,
+                h5 = h5_target(h5_file, h5_name))
 }
 
 #' @rdname add_latent

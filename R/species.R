@@ -332,7 +332,8 @@ species_cached <- function(model, cells) {
 #' @export
 normalized_expression.scdistill_species <- function(model, x, batch = NULL, species = "auto", transform_batch = NULL,
                                                     library_size = 1, log1p = FALSE, threads = NULL, genes = NULL,
-                                                    ...) {
+                                                    h5_file = NULL, h5_name = "normalized", ...) {
+  h5 <- h5_target(h5_file, h5_name)
   cells <- model_cells(model, x, batch, species = species)
   check_positive(library_size, "library_size")
   m <- rust(rs_model_expression(model_ptr(model), cells[c("counts", "batch")],
@@ -342,7 +343,8 @@ normalized_expression.scdistill_species <- function(model, x, batch = NULL, spec
   features <- unlist(model$info[[paste0(cells$species, "_genes")]])
   dimnames(m) <- list(features, cells$cells)
   if (!is.null(genes)) m <- m[feature_index(genes, features), , drop = FALSE]
-  if (check_flag(log1p, "log1p")) log1p(m) else m
+  if (check_flag(log1p, "log1p")) m <- log1p(m)
+  if (is.null(h5)) m else h5_write_matrix(h5, m)
 }
 
 #' @rdname add_latent

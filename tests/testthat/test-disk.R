@@ -198,6 +198,41 @@ test_that("normalized_expression() and sample_counts() of a file read it in bloc
   options(small)
 })
 
+test_that("normalized_expression(h5_file =) writes the result block by block and returns it on disk", {
+  skip_if_not_installed("HDF5Array")
+  s <- sim_file(n_cells = 700, n_genes = 60, seed = 11)
+  mem <- as_counts(s$file)
+  model <- fit_vae(mem, batch = "batch", max_epochs = 2, threads = 2, progress = FALSE)
+  old <- options(scdistill.disk_block = 300L, scdistill.max_dense_gb = 1e-4)  # 3 blocks; memory refused
+  on.exit(options(old), add = TRUE)
+  out <- tempfile(fileext = ".h5")
+  to <- model$info$batch_levels[2]
+  some <- c(7, 3, 50)
+  d <- normalized_expression(model, s$file, transform_batch = to, log1p = TRUE, genes = some, threads = 2,
+                             h5_file = out)
+  expect_s4_class(d, "DelayedMatrix")
+  expect_equal(HDF5Array::path(d), normalizePath(out))
+  options(scdistill.max_dense_gb = 16)
+  want <- normalized_expression(model, mem, transform_batch = to, log1p = TRUE, genes = some, threads = 2)
+  # Stored as 4-byte floats, the model's own precision; names kept in the file.
+  expect_equal(as.matrix(d), want, tolerance = 1e-6)
+  again <- HDF5Array::HDF5Array(out, "normalized")
+  expect_equal(dimnames(again), dimnames(want))
+  expect_equal(as.matrix(again), as.matrix(d))
+  # One more dataset joins the file; an existing one is never overwritten.
+  whole <- normalized_expression(model, mem, threads = 2, h5_file = out, h5_name = "all")
+  expect_equal(as.matrix(whole), normalized_expression(model, mem, threads = 2), tolerance = 1e-6)
+  expect_error(normalized_expression(model, mem, threads = 2, h5_file = out),
+               "already has a dataset 'normalized'.*nothing was overwritten")
+  expect_equal(as.matrix(HDF5Array::HDF5Array(out, "normalized")), as.matrix(d))
+  expect_error(normalized_expression(model, mem, h5_file = out, h5_name = "a/b"), "`h5_name` must be one dataset name")
+  expect_error(normalized_expression(model, mem, h5_file = c("a", "b")), "`h5_file` must be one file path")
+  # A failed call leaves no file behind it made.
+  gone <- tempfile(fileext = ".h5")
+  expect_error(normalized_expression(model, s$file, batch = "nope", h5_file = gone), "nope")
+  expect_false(file.exists(gone))
+})
+
 test_that("DE reads an experiment whose counts are an HDF5-backed DelayedMatrix", {
   skip_if_not_installed("HDF5Array")
   sce <- simulate_counts(n_cells = 800, n_genes = 100, seed = 9)

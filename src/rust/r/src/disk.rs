@@ -8,7 +8,7 @@ use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Covariates;
-use scdistill_core::data::{CountMatrix, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout};
+use scdistill_core::data::{CountMatrix, DenseH5, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout};
 use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
@@ -290,6 +290,22 @@ fn rs_h5_numbers(path: &str, name: &str) -> Result<Vec<f64>> {
     r.read_1d::<f64>(name, 0, dims[0]).map_err(fail)
 }
 
+/// Creates an `n_rows` × `n_cols` f32 dataset `name` in `path` (a new file
+/// or one more dataset of an HDF5 file; never overwrites).
+/// @noRd
+#[extendr]
+fn rs_h5_dense_create(path: &str, name: &str, n_rows: f64, n_cols: f64) -> Result<()> {
+    DenseH5::create(path, name, n_rows as usize, n_cols as usize).map_err(fail)
+}
+
+/// Writes an R matrix (features × cells, column-major: rows of cells) into
+/// rows `start` (1-based) onward of dataset `name` of `path`.
+/// @noRd
+#[extendr]
+fn rs_h5_dense_write(path: &str, name: &str, start: f64, values: &[f64]) -> Result<()> {
+    DenseH5::write_rows(path, name, start as usize - 1, values).map_err(fail)
+}
+
 /// Cells `rows` (1-based; NULL: all) of a matrix on disk as a CSR slot list.
 /// @noRd
 #[extendr]
@@ -315,6 +331,8 @@ extendr_module! {
     fn rs_h5_attr;
     fn rs_h5_shape;
     fn rs_h5_numbers;
+    fn rs_h5_dense_create;
+    fn rs_h5_dense_write;
     fn rs_vae_latent_disk;
     fn rs_vae_de_disk;
     fn rs_write_h5ad;

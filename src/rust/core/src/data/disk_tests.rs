@@ -558,3 +558,34 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     let first = |m: &DistillModel| m.meta.history_decoder[0].train_loss;
     assert!((first(&a) - first(&b)).abs() < 0.05 * first(&b), "{} vs {}", first(&a), first(&b));
 }
+
+#[test]
+fn a_dense_result_written_in_blocks_reads_back_and_nothing_is_overwritten() {
+    use crate::data::DenseH5;
+    let path = tmp("dense.h5");
+    let _ = std::fs::remove_file(&path);
+    let (n, g) = (2500, 7);
+    let values: Vec<f64> = (0..n * g).map(|i| (i as f64).sqrt() - 3.25).collect();
+    DenseH5::create(&path, "normalized", n, g).unwrap();
+    for start in (0..n).step_by(1000) {
+        let end = (start + 1000).min(n);
+        DenseH5::write_rows(&path, "normalized", start, &values[start * g..end * g]).unwrap();
+    }
+    let r = H5Reader::open(&path).unwrap();
+    assert_eq!(r.shape("normalized").unwrap(), (vec![n as u64, g as u64], true));
+    let back: Vec<f32> = r.read_rows_2d("normalized", 0, n as u64, g as u64).unwrap();
+    assert!(back.iter().zip(&values).all(|(&b, &v)| b == v as f32));
+    drop(r);
+    // A second dataset joins the same file; the first cannot be made again.
+    DenseH5::create(&path, "other", 3, 2).unwrap();
+    let again = DenseH5::create(&path, "normalized", n, g).unwrap_err().to_string();
+    assert!(again.contains("already has a dataset 'normalized'"), "{again}");
+    let back2: Vec<f32> = H5Reader::open(&path).unwrap().read_rows_2d("normalized", 2499, 1, g as u64).unwrap();
+    assert_eq!(back2, back[2499 * g..].to_vec());
+    // A block past the end, or not whole rows, is refused.
+    let past = DenseH5::write_rows(&path, "other", 2, &[1.0; 4]).unwrap_err().to_string();
+    assert!(past.contains("do not fit dataset 'other' (3 x 2)"), "{past}");
+    assert!(DenseH5::write_rows(&path, "other", 0, &[1.0; 3]).is_err());
+    assert!(DenseH5::create(&path, "a/b", 1, 1).is_err());
+    let _ = std::fs::remove_file(&path);
+}

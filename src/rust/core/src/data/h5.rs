@@ -1,6 +1,7 @@
 //! The few HDF5 calls the package needs, on the system's libhdf5 (C API,
 //! 1.10 or later): open a file, read a hyperslab of a 1-D or 2-D numeric
-//! dataset, and write an AnnData (`.h5ad`) file cell block by cell block.
+//! dataset, write an AnnData (`.h5ad`) file cell block by cell block, and
+//! write a dense 2-D dataset (a result too large for memory) block by block.
 //!
 //! The serial HDF5 library is not thread-safe: every call made here holds
 //! one process-wide lock (`LOCK`), so a prefetching reader thread and the
@@ -20,7 +21,9 @@ type hsize_t = u64;
 const H5P_DEFAULT: hid_t = 0;
 const H5S_ALL: hid_t = 0;
 const H5F_ACC_RDONLY: c_uint = 0;
+const H5F_ACC_RDWR: c_uint = 1;
 const H5F_ACC_TRUNC: c_uint = 2;
+const H5F_ACC_EXCL: c_uint = 4;
 const H5S_SELECT_SET: c_int = 0;
 const H5S_SCALAR: c_int = 0;
 const H5T_CSET_UTF8: c_int = 1;
@@ -663,5 +666,104 @@ impl H5adWriter {
             frame("var", genes, &[])
         })
         .map_err(|e| Error::InvalidInput(format!("writing '{}': {e}", self.path)))
+    }
+}
+
+/// A dense 2-D dataset of f32 written block of rows by block of rows: a
+/// result with one row per cell (as HDF5Array stores an R matrix of
+/// features × cells: the dimensions reversed, so a block of cells is a
+/// block of rows). Each call opens the file and closes it again, so
+/// nothing stays open between the blocks (the caller keeps no handle).
+pub struct DenseH5;
+
+impl DenseH5 {
+    /// Creates dataset `name` of `n_rows` × `n_cols` f32 in `path`: in a new
+    /// file, or added to an existing HDF5 file; a dataset already there is
+    /// an error (nothing is overwritten). Chunks hold whole rows, about 2^20
+    /// values each.
+    pub fn create(path: &str, name: &str, n_rows: usize, n_cols: usize) -> Result<()> {
+        if name.is_empty() || name.contains('/') {
+            return Err(Error::InvalidInput(format!("the dataset name {name:?} must be non-empty, without '/'")));
+        }
+        if n_rows == 0 || n_cols == 0 {
+            return Err(Error::InvalidInput(format!("a {n_rows} x {n_cols} dataset has nothing to write")));
+        }
+        let exists = std::path::Path::new(path).exists();
+        if exists && H5Reader::open(path)?.exists(name)? {
+            return Err(Error::InvalidInput(format!(
+                "'{path}' already has a dataset '{name}': give another file or dataset name (nothing was overwritten)"
+            )));
+        }
+        let (cpath, cn) = (c_name(path)?, c_name(name)?);
+        locked(|| {
+            // SAFETY: NUL-terminated names; default properties. A new file
+            // is created exclusively (no race with one made meanwhile).
+            let raw = unsafe {
+                if exists {
+                    H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT)
+                } else {
+                    H5Fcreate(cpath.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT)
+                }
+            };
+            let file = id(raw, H5Fclose, || format!("cannot open or create '{path}' for writing"))?;
+            let dims = [n_rows as hsize_t, n_cols as hsize_t];
+            let chunk = [((1usize << 20) / n_cols).clamp(1, n_rows) as hsize_t, n_cols as hsize_t];
+            // SAFETY: a 2-D space and a chunked creation list of rank 2.
+            let space = id(unsafe { H5Screate_simple(2, dims.as_ptr(), std::ptr::null()) }, H5Sclose, || {
+                "space".into()
+            })?;
+            let dcpl = id(unsafe { H5Pcreate(H5P_CLS_DATASET_CREATE_ID_g) }, H5Pclose, || "creation list".into())?;
+            check(unsafe { H5Pset_chunk(dcpl.0, 2, chunk.as_ptr()) }, || format!("chunking '{name}'"))?;
+            id(
+                unsafe {
+                    H5Dcreate2(file.0, cn.as_ptr(), H5T_NATIVE_FLOAT_g, space.0, H5P_DEFAULT, dcpl.0, H5P_DEFAULT)
+                },
+                H5Dclose,
+                || format!("creating dataset '{name}' in '{path}'"),
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Writes `values` (row-major, whole rows) into rows `start..` of
+    /// dataset `name` of `path`, converting from f64.
+    pub fn write_rows(path: &str, name: &str, start: usize, values: &[f64]) -> Result<()> {
+        let (cpath, cn) = (c_name(path)?, c_name(name)?);
+        locked(|| {
+            let what = || format!("writing dataset '{name}' of '{path}'");
+            // SAFETY: NUL-terminated names; the selection is checked against
+            // the dataset's extent before the write, which reads
+            // `rows × n_cols` f64 from `values`.
+            let file = id(unsafe { H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT) }, H5Fclose, what)?;
+            let d = id(unsafe { H5Dopen2(file.0, cn.as_ptr(), H5P_DEFAULT) }, H5Dclose, what)?;
+            let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, what)?;
+            let mut dims = [0u64; 2];
+            if unsafe { H5Sget_simple_extent_ndims(space.0) } != 2 {
+                return Err(Error::InvalidInput(format!("dataset '{name}' of '{path}' is not 2-D")));
+            }
+            check(unsafe { H5Sget_simple_extent_dims(space.0, dims.as_mut_ptr(), std::ptr::null_mut()) }, what)?;
+            let n_cols = dims[1] as usize;
+            if values.is_empty() {
+                return Ok(());
+            }
+            let rows = values.len() / n_cols;
+            if rows * n_cols != values.len() || (start + rows) as u64 > dims[0] {
+                return Err(Error::InvalidInput(format!(
+                    "{} values from row {} do not fit dataset '{name}' ({} x {n_cols}) of '{path}'",
+                    values.len(),
+                    start + 1,
+                    dims[0]
+                )));
+            }
+            let count = [rows as hsize_t, n_cols as hsize_t];
+            select(&space, &[start as u64, 0], &count, what)?;
+            let mem = id(unsafe { H5Screate_simple(2, count.as_ptr(), std::ptr::null()) }, H5Sclose, what)?;
+            check(
+                unsafe {
+                    H5Dwrite(d.0, H5T_NATIVE_DOUBLE_g, mem.0, space.0, H5P_DEFAULT, values.as_ptr() as *const c_void)
+                },
+                what,
+            )
+        })
     }
 }
