@@ -117,49 +117,7 @@ if (model_kind == "distill") {
                 tab$encoder_epoch_s[1] / tab$encoder_epoch_s[2], tab$decoder_epoch_s[1] / tab$decoder_epoch_s[2]))
   }
   append_csv(tab, file.path(root, "bench", "results", "out_of_core_distill.csv"))
-  if ("--expression" %in% args) {
-  model_file <- file.path(work, paste0(modes[1], ".scdistill"))
-  expr_mode <- function(mode) {
-    out <- file.path(work, paste0("expr_", mode, ".rds"))
-    script <- file.path(work, paste0("expr_", mode, ".R"))
-    h5 <- file.path(work, "expression.h5")
-    unlink(h5)
-    call <- if (mode == "disk") {
-      sprintf(paste0("e <- normalized_expression(m, '%s', transform_batch = 'Batch1', library_size = 1e4, ",
-                     "h5_file = '%s', threads = %d)"), h5ad, h5, threads)
-    } else {
-      sprintf(paste0("x <- as_counts('%s', batch = 'batch'); t0 <- proc.time()[['elapsed']]; ",
-                     "e <- normalized_expression(m, x, transform_batch = 'Batch1', library_size = 1e4, threads = %d)"),
-              h5ad, threads)
-    }
-    writeLines(c(
-      "suppressMessages(library(scdistill))",
-      sprintf("m <- load_model('%s')", model_file),
-      "t0 <- proc.time()[['elapsed']]",
-      call,
-      "s <- proc.time()[['elapsed']] - t0",
-      sprintf("set.seed(1); at <- sort(sample(ncol(e), min(2000, ncol(e))))"),
-      sprintf("saveRDS(list(s = s, some = as.matrix(e[, at]), bytes = if ('%s' == 'disk') file.size('%s') else 8 * length(e)), '%s')",
-              mode, h5, out)
-    ), script)
-    t <- timed("Rscript", script, quiet = FALSE)
-    c(readRDS(out), list(ok = t$ok, wall = t$wall, rss_mb = t$rss_mb))
-  }
-  ex <- lapply(modes, expr_mode)
-  names(ex) <- modes
-  diff <- if (all(c("disk", "memory") %in% modes)) max(abs(ex$disk$some - ex$memory$some)) else NA
-  ex_tab <- do.call(rbind, lapply(modes, function(m) {
-    r <- ex[[m]]
-    data.frame(mode = m, cells = n_cells, genes = n_genes, threads = threads, seconds = round(r$s, 1),
-               wall_s = round(r$wall, 1), peak_rss_mb = round(r$rss_mb), result_mb = round(r$bytes / 1e6),
-               max_abs_diff = signif(diff, 3))
-  }))
-  ex_tab$date <- format(Sys.time(), "%Y-%m-%d %H:%M")
-  cat("\nnormalized_expression(), every cell decoded to Batch1:\n")
-  print(ex_tab, row.names = FALSE)
-  append_csv(ex_tab, file.path(root, "bench", "results", "out_of_core_expression.csv"))
-}
-if (!"--keep" %in% args) unlink(h5ad)
+  if (!"--keep" %in% args) unlink(h5ad)
   quit(save = "no")
 }
 
