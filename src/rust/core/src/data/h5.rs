@@ -211,6 +211,34 @@ fn select(space: &Id, start: &[u64], count: &[u64], what: impl FnOnce() -> Strin
     )
 }
 
+/// The dimensions of a simple dataspace.
+fn extent(space: &Id, what: impl Fn() -> String) -> Result<Vec<u64>> {
+    // SAFETY: an open dataspace; `dims` is sized by the rank asked first.
+    let rank = unsafe { H5Sget_simple_extent_ndims(space.0) };
+    check(rank, &what)?;
+    let mut dims = vec![0u64; rank as usize];
+    check(unsafe { H5Sget_simple_extent_dims(space.0, dims.as_mut_ptr(), std::ptr::null_mut()) }, &what)?;
+    Ok(dims)
+}
+
+/// Writes `values` into the block of `count` elements from `start` of the
+/// open dataset `d` whose dataspace is `space` (HDF5 converts from `T`).
+fn write_slab<T: H5Native>(
+    d: &Id,
+    space: &Id,
+    start: &[u64],
+    count: &[u64],
+    values: &[T],
+    what: impl Fn() -> String,
+) -> Result<()> {
+    debug_assert_eq!(count.iter().product::<u64>(), values.len() as u64);
+    select(space, start, count, &what)?;
+    // SAFETY: a memory space of exactly the selected elements, which
+    // `values` holds.
+    let mem = id(unsafe { H5Screate_simple(count.len() as c_int, count.as_ptr(), std::ptr::null()) }, H5Sclose, &what)?;
+    check(unsafe { H5Dwrite(d.0, T::native(), mem.0, space.0, H5P_DEFAULT, values.as_ptr() as *const c_void) }, what)
+}
+
 /// Element types a dataset is read into (HDF5 converts from the stored type).
 pub trait H5Native: Copy + Default {
     fn native() -> hid_t;
@@ -285,12 +313,7 @@ impl H5Reader {
             let d = self.dataset(name)?;
             // SAFETY: an open dataset; dims sized by the rank asked first.
             let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, || format!("dataspace of '{name}'"))?;
-            let rank = unsafe { H5Sget_simple_extent_ndims(space.0) };
-            check(rank, || format!("rank of '{name}'"))?;
-            let mut dims = vec![0u64; rank as usize];
-            check(unsafe { H5Sget_simple_extent_dims(space.0, dims.as_mut_ptr(), std::ptr::null_mut()) }, || {
-                format!("dimensions of '{name}'")
-            })?;
+            let dims = extent(&space, || format!("dimensions of '{name}'"))?;
             let t = id(unsafe { H5Dget_type(d.0) }, H5Tclose, || format!("type of '{name}'"))?;
             let class = unsafe { H5Tget_class(t.0) };
             Ok((dims, class == H5T_INTEGER || class == H5T_FLOAT))
@@ -540,10 +563,7 @@ fn append_1d<T: H5Native>(d: &Id, len: u64, values: &[T], name: &str) -> Result<
     // `n` elements from `values` there.
     check(unsafe { H5Dset_extent(d.0, new_len.as_ptr()) }, what)?;
     let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, what)?;
-    let count = [n];
-    select(&space, &[len], &count, what)?;
-    let mem = id(unsafe { H5Screate_simple(1, count.as_ptr(), std::ptr::null()) }, H5Sclose, what)?;
-    check(unsafe { H5Dwrite(d.0, T::native(), mem.0, space.0, H5P_DEFAULT, values.as_ptr() as *const c_void) }, what)
+    write_slab(d, &space, &[len], &[n], values, what)
 }
 
 /// A string-array dataset (anndata's "string-array" encoding).
@@ -709,9 +729,8 @@ impl DenseH5 {
             let dims = [n_rows as hsize_t, n_cols as hsize_t];
             let chunk = [((1usize << 20) / n_cols).clamp(1, n_rows) as hsize_t, n_cols as hsize_t];
             // SAFETY: a 2-D space and a chunked creation list of rank 2.
-            let space = id(unsafe { H5Screate_simple(2, dims.as_ptr(), std::ptr::null()) }, H5Sclose, || {
-                "space".into()
-            })?;
+            let space =
+                id(unsafe { H5Screate_simple(2, dims.as_ptr(), std::ptr::null()) }, H5Sclose, || "space".into())?;
             let dcpl = id(unsafe { H5Pcreate(H5P_CLS_DATASET_CREATE_ID_g) }, H5Pclose, || "creation list".into())?;
             check(unsafe { H5Pset_chunk(dcpl.0, 2, chunk.as_ptr()) }, || format!("chunking '{name}'"))?;
             id(
@@ -731,17 +750,16 @@ impl DenseH5 {
         let (cpath, cn) = (c_name(path)?, c_name(name)?);
         locked(|| {
             let what = || format!("writing dataset '{name}' of '{path}'");
-            // SAFETY: NUL-terminated names; the selection is checked against
-            // the dataset's extent before the write, which reads
-            // `rows × n_cols` f64 from `values`.
+            // SAFETY: NUL-terminated names; an open file and dataset. The
+            // block is checked against the dataset's extent before
+            // `write_slab`.
             let file = id(unsafe { H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT) }, H5Fclose, what)?;
             let d = id(unsafe { H5Dopen2(file.0, cn.as_ptr(), H5P_DEFAULT) }, H5Dclose, what)?;
             let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, what)?;
-            let mut dims = [0u64; 2];
-            if unsafe { H5Sget_simple_extent_ndims(space.0) } != 2 {
+            let dims = extent(&space, what)?;
+            if dims.len() != 2 {
                 return Err(Error::InvalidInput(format!("dataset '{name}' of '{path}' is not 2-D")));
             }
-            check(unsafe { H5Sget_simple_extent_dims(space.0, dims.as_mut_ptr(), std::ptr::null_mut()) }, what)?;
             let n_cols = dims[1] as usize;
             if values.is_empty() {
                 return Ok(());
@@ -755,15 +773,7 @@ impl DenseH5 {
                     dims[0]
                 )));
             }
-            let count = [rows as hsize_t, n_cols as hsize_t];
-            select(&space, &[start as u64, 0], &count, what)?;
-            let mem = id(unsafe { H5Screate_simple(2, count.as_ptr(), std::ptr::null()) }, H5Sclose, what)?;
-            check(
-                unsafe {
-                    H5Dwrite(d.0, H5T_NATIVE_DOUBLE_g, mem.0, space.0, H5P_DEFAULT, values.as_ptr() as *const c_void)
-                },
-                what,
-            )
+            write_slab(&d, &space, &[start as u64, 0], &[rows as hsize_t, n_cols as hsize_t], values, what)
         })
     }
 }
