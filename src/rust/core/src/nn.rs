@@ -90,20 +90,40 @@ pub fn bf16_on(asked: bool, device: tch::Device) -> bool {
     asked && fast_bf16(device)
 }
 
+/// Which weights a bf16 shadow was cast from: raised at the start of each
+/// training run ([`new_weights_generation`]), so that a shadow never
+/// outlives the run whose optimiser keeps it current.
+static WEIGHTS_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Marks every bf16 shadow stale: weights may have changed outside the
+/// optimiser (a new training run, loaded or restored weights).
+pub fn new_weights_generation() {
+    WEIGHTS_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A layer's switch for mixed precision: when set, its products run in
 /// bf16 ([`linear_bf16`]) in training passes; inference passes stay in
 /// f32. Set it only where [`fast_bf16`] holds: elsewhere bf16 is slower.
+///
+/// A layer that reads a bf16 input ([`Input::DenseBf16`]) also keeps a
+/// bf16 shadow of its weight, cast once per training run and then
+/// rewritten by the optimiser at each step (`kernels::adam`).
 #[derive(Default)]
-pub struct Bf16Switch(std::sync::atomic::AtomicBool);
+pub struct Bf16Switch {
+    on: std::sync::atomic::AtomicBool,
+    shadow: std::sync::Mutex<Option<(u64, Tensor)>>,
+    grad: GradBuffer,
+}
 
 impl Bf16Switch {
     pub fn set(&self, on: bool) {
-        self.0.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.on.store(on, std::sync::atomic::Ordering::Relaxed);
+        *self.shadow.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether products of a `pass` run in bf16.
     pub fn active(&self, pass: Pass) -> bool {
-        pass == Pass::Train && self.0.load(std::sync::atomic::Ordering::Relaxed)
+        pass == Pass::Train && self.on.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `l(x)`, in bf16 where [`Bf16Switch::active`].
@@ -112,6 +132,21 @@ impl Bf16Switch {
             linear_bf16(x, l)
         } else {
             l.forward(x)
+        }
+    }
+
+    /// The bf16 shadow of `w`: the one kept for this training run, or a
+    /// fresh cast.
+    fn shadow(&self, w: &Tensor) -> Tensor {
+        let generation = WEIGHTS_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+        let mut kept = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        match &*kept {
+            Some((g, t)) if *g == generation && t.size() == w.size() => t.shallow_clone(),
+            _ => {
+                let t = tch::no_grad(|| w.detach().to_kind(Kind::BFloat16).contiguous());
+                *kept = Some((generation, t.shallow_clone()));
+                t
+            }
         }
     }
 }
@@ -196,6 +231,13 @@ pub struct FcSpec {
 pub enum Input<'a> {
     Dense(&'a Tensor, Option<&'a Tensor>),
     Sparse(&'a std::rc::Rc<SparseInput>, Option<&'a Tensor>),
+    /// A dense bf16 input with its covariates already appended (as
+    /// `Sparse`), for training passes of a stack whose first product runs
+    /// in bf16 ([`FcLayers::set_bf16_training`]): the product reads the
+    /// weight's bf16 shadow and its gradient is deferred (see
+    /// [`crate::kernels::sparse::linear_bf16_deferred`]). Elsewhere it is
+    /// widened to f32 and read as a dense input.
+    DenseBf16(&'a Tensor, Option<&'a Tensor>),
 }
 
 /// `n_layers` × [Linear → norm → ReLU → Dropout], covariates injected.
@@ -267,6 +309,15 @@ impl FcLayers {
         let pass = pass.into();
         let (mut h, cov, first) = match x {
             Input::Dense(x, cov) => (x.shallow_clone(), cov, None),
+            Input::DenseBf16(x, cov) => match &self.layers[0].0 {
+                Lin::Plain(l) if self.bf16_first.active(pass) && x.device() == Device::Cpu => {
+                    let shadow = self.bf16_first.shadow(&l.ws);
+                    let (y, d) = sparse::linear_bf16_deferred(x, &l.ws, &shadow, l.bs.as_ref(), &self.bf16_first.grad);
+                    deferred.extend(d);
+                    (Tensor::new(), cov, Some(y))
+                }
+                lin => (Tensor::new(), cov, Some(lin.forward(&x.to_kind(Kind::Float)))),
+            },
             Input::Sparse(s, cov) => match &self.layers[0].0 {
                 Lin::Transposed { wt, bs, grad } if wt.device() == Device::Cpu && wt.kind() == Kind::Float => {
                     let (y, d) = sparse::linear_t(s, wt, bs, grad);
@@ -397,9 +448,31 @@ pub fn dropout(h: &Tensor, p: f64) -> Tensor {
     // SAFETY: a fresh contiguous f32 tensor of exactly numel elements, seen
     // first as its raw 32-bit words (filled with random bits) then as floats.
     let bits = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut u32, mask.numel()) };
-    rng.fill(bits);
-    for b in bits.iter_mut() {
-        *b = if (*b as u64) < keep { scale.to_bits() } else { 0 };
+    let fill = |rng: &mut ChaCha8Rng, bits: &mut [u32]| {
+        rng.fill(bits);
+        for b in bits.iter_mut() {
+            *b = if (*b as u64) < keep { scale.to_bits() } else { 0 };
+        }
+    };
+    // On libtorch's OpenMP team in parts, each from its own position in
+    // the one stream (a 32-bit draw is one word of it): the same mask as
+    // one pass, as the serial part of a training step shrinks.
+    let threads = (tch::get_num_threads().max(1) as usize).min(bits.len() / 4096);
+    if threads < 2 {
+        fill(&mut rng, bits);
+    } else {
+        let per = bits.len().div_ceil(threads);
+        let parts: Vec<_> =
+            bits.chunks_mut(per).enumerate().map(|(k, b)| std::sync::Mutex::new((k * per, b))).collect();
+        crate::kernels::omp::run(threads, &|member, members| {
+            for part in parts.iter().skip(member).step_by(members) {
+                let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+                let (start, bits) = &mut *part;
+                let mut rng = rng.clone();
+                rng.set_word_pos(*start as u128);
+                fill(&mut rng, bits);
+            }
+        });
     }
     match rows {
         Some((_, rows)) => h * mask.index_select(0, &rows),
@@ -546,6 +619,18 @@ mod tests {
         tch::manual_seed(3);
         assert!(dropout(&h, 0.25).equal(&a), "same seed, same mask");
         assert!(!dropout(&h, 0.25).equal(&a), "the next draw differs");
+        // Drawn in parts on two threads, the mask is the one-thread mask.
+        let before = tch::get_num_threads();
+        let masks: Vec<Tensor> = [1, 2]
+            .iter()
+            .map(|&t| {
+                tch::set_num_threads(t);
+                tch::manual_seed(5);
+                dropout(&h, 0.25)
+            })
+            .collect();
+        tch::set_num_threads(before);
+        assert!(masks[0].equal(&masks[1]), "one and two threads draw different masks");
         // The gradient is the mask.
         let x = Tensor::ones([4, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let y = dropout(&x, 0.5);
@@ -607,5 +692,77 @@ mod tests {
         let e16 = fc.forward(&x, None, Pass::Eval);
         fc.set_bf16_training(false);
         assert!(fc.forward(&x, None, Pass::Eval).equal(&e16));
+    }
+
+    /// A bf16 input read through the weight's shadow gives the output and
+    /// the weight gradient of the cast path (`linear_bf16`), the gradient
+    /// deferred; the optimiser's step then leaves the shadow equal to the
+    /// cast of the updated weight, and a new training run casts afresh.
+    #[test]
+    fn a_bf16_input_reads_the_shadow_and_the_optimiser_keeps_it_current() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = FcSpec {
+            n_in: 300,
+            n_hidden: 24,
+            n_layers: 2,
+            n_cov: 3,
+            dropout: 0.0,
+            norm: Norm::Layer,
+            inject_all: false,
+            sparse_input: false,
+        };
+        let fc = FcLayers::new(&(vs.root() / "a"), spec);
+        fc.set_bf16_training(true);
+        // Counts (exact in bf16) and a one-hot design.
+        let x = Tensor::randint(9, [32, 300], (Kind::Float, Device::Cpu));
+        let cov = Tensor::arange(32, (Kind::Int64, Device::Cpu)).remainder(3).one_hot(3).to_kind(Kind::Float);
+        let xb = Tensor::cat(&[&x, &cov], 1).to_kind(Kind::BFloat16);
+        let w = fc.layers[0].0.weight().shallow_clone();
+
+        // The cast path: autograd's gradient of the weight.
+        let y_cast = fc.forward(&x, Some(&cov), Pass::Train);
+        let g_cast = Tensor::run_backward(&[y_cast.square().sum(Kind::Float)], &[&w], false, false)[0].shallow_clone();
+        // The shadow path: the same output; the weight's gradient deferred, in bf16.
+        let mut deferred = Vec::new();
+        let y = fc.forward_input(Input::DenseBf16(&xb, Some(&cov)), Pass::Train, &mut deferred);
+        assert_eq!(deferred.len(), 1);
+        let rel = |a: &Tensor, b: &Tensor| (a - b).norm().double_value(&[]) / a.norm().double_value(&[]);
+        assert!(rel(&y_cast, &y) < 1e-6, "outputs differ by {}", rel(&y_cast, &y));
+        y.square().sum(Kind::Float).backward();
+        assert!(!w.grad().defined() || w.grad().abs().max().double_value(&[]) == 0.0, "autograd reached the weight");
+        let (param, g) = deferred[0].gradient().expect("a gradient");
+        assert_eq!(param.data_ptr(), w.data_ptr());
+        assert_eq!(g.kind(), Kind::BFloat16);
+        // Both are bf16 products of the same factors (rounded once).
+        assert!(
+            rel(&g_cast, &g.to_kind(Kind::Float)) < 0.01,
+            "gradients differ by {}",
+            rel(&g_cast, &g.to_kind(Kind::Float))
+        );
+
+        // The optimiser updates the weight and rewrites its shadow.
+        let mut adam = crate::kernels::adam::Adam::new(&vs, 1e-2, 0.0, 1e-8).expect("CPU f32");
+        let extra = vec![(param, g)];
+        let shadows: Vec<(Tensor, Tensor)> = deferred.iter().filter_map(|d| d.shadow()).collect();
+        let before = w.detach().copy();
+        adam.step(&extra, &shadows);
+        assert!(!w.equal(&before), "the weight did not move");
+        assert!(shadows[0].1.equal(&w.detach().to_kind(Kind::BFloat16)), "the shadow is not the updated weight");
+        // The next product reads it: equal to the cast path on the new weight.
+        let y2 = fc.forward_input(Input::DenseBf16(&xb, Some(&cov)), Pass::Train, &mut Vec::new());
+        assert!(rel(&fc.forward(&x, Some(&cov), Pass::Train), &y2) < 1e-6);
+
+        // A weight changed outside the optimiser is seen after a new generation.
+        tch::no_grad(|| {
+            let _ = w.shallow_clone().g_mul_scalar_(0.5);
+        });
+        new_weights_generation();
+        let y3 = fc.forward_input(Input::DenseBf16(&xb, Some(&cov)), Pass::Train, &mut Vec::new());
+        assert!(rel(&fc.forward(&x, Some(&cov), Pass::Train), &y3) < 1e-6);
+        // Inference widens the bf16 input and runs in f32.
+        let e = fc.forward_input(Input::DenseBf16(&xb, Some(&cov)), Pass::Eval, &mut Vec::new());
+        assert!(e.equal(&fc.forward(&x, Some(&cov), Pass::Eval)));
     }
 }

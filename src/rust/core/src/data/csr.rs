@@ -45,6 +45,52 @@ impl Csr {
         self.dense_rows_map_into(rows, out, |v| log1p_count(v, table));
     }
 
+    /// Rows `rows` as bf16 bits, densely into `out` (row-major, `rows.len()
+    /// × (n_cols + n_cov)`): the values (their log(1 + value) when `log`),
+    /// then each row's `n_cov` covariates from `cov` (row-major). This is
+    /// the first layer's input of a mixed-precision encoder, written in one
+    /// pass (rounded to nearest even, as libtorch's cast).
+    pub fn dense_bf16_rows_into(&self, rows: &[usize], log: bool, cov: &[f32], n_cov: usize, out: &mut [u16]) {
+        use crate::kernels::adam::f32_to_bf16;
+        let width = self.n_cols + n_cov;
+        debug_assert_eq!(out.len(), rows.len() * width);
+        debug_assert_eq!(cov.len(), rows.len() * n_cov);
+        let table = log1p_table();
+        let fill = |first: usize, rows: &[usize], out: &mut [u16]| {
+            out.fill(0);
+            for (k, &r) in rows.iter().enumerate() {
+                let dst = &mut out[k * width..(k + 1) * width];
+                let (idx, val) = self.row(r);
+                for (&j, &v) in idx.iter().zip(val) {
+                    dst[j as usize] = f32_to_bf16(if log { log1p_count(v, table) } else { v });
+                }
+                let c = &cov[(first + k) * n_cov..(first + k + 1) * n_cov];
+                for (d, &x) in dst[self.n_cols..].iter_mut().zip(c) {
+                    *d = f32_to_bf16(x);
+                }
+            }
+        };
+        // On libtorch's OpenMP team (see `kernels::omp`), as `dense_rows_into`.
+        let threads = (tch::get_num_threads().max(1) as usize).min(rows.len());
+        if threads < 2 || out.len() < 1 << 16 {
+            return fill(0, rows, out);
+        }
+        let per = rows.len().div_ceil(threads);
+        let blocks: Vec<_> = rows
+            .chunks(per)
+            .zip(out.chunks_mut(per * width))
+            .enumerate()
+            .map(|(b, (rows, out))| std::sync::Mutex::new((b * per, rows, out)))
+            .collect();
+        crate::kernels::omp::run(threads, &|member, members| {
+            for block in blocks.iter().skip(member).step_by(members) {
+                let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+                let (first, rows, out) = &mut *block;
+                fill(*first, rows, out);
+            }
+        });
+    }
+
     fn dense_rows_map_into(&self, rows: &[usize], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
         debug_assert_eq!(out.len(), rows.len() * self.n_cols);
         let fill = |rows: &[usize], out: &mut [f32]| {

@@ -11,6 +11,11 @@
 //!
 //! Parameters that do not require a gradient (frozen), or have none yet, are
 //! left alone, as PyTorch does.
+//!
+//! A gradient may come in bf16 (a mixed-precision product's, see
+//! `nn::Bf16Switch`), and a parameter may have a bf16 shadow: the copy its
+//! bf16 products read. The update writes the shadow in the same pass, so
+//! that no layer casts its weight to bf16 at every step.
 
 use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
@@ -28,12 +33,15 @@ pub struct Adam {
     params: Vec<(Tensor, Vec<f32>, Vec<f32>)>,
 }
 
-/// Raw slices of one block, moved to the thread that updates it.
+/// Raw slices of one block, moved to the thread that updates it: the
+/// gradient is f32 or bf16 (`g16`), the shadow null when there is none.
 struct Block {
     p: *mut f32,
     g: *const f32,
+    g16: *const u16,
     m: *mut f32,
     v: *mut f32,
+    shadow: *mut u16,
     len: usize,
 }
 
@@ -60,9 +68,12 @@ impl Adam {
     }
 
     /// One update. A parameter listed in `extra` (parameter, gradient pairs
-    /// computed outside autograd) takes that gradient, added to autograd's
-    /// if it has one.
-    pub fn step(&mut self, extra: &[(Tensor, Tensor)]) {
+    /// computed outside autograd, f32 or bf16) takes that gradient, added to
+    /// autograd's if it has one. A parameter listed in `shadows`
+    /// (parameter, contiguous bf16 tensor of its shape) has its shadow
+    /// rewritten from the updated values (rounded to nearest even, as
+    /// libtorch's cast).
+    pub fn step(&mut self, extra: &[(Tensor, Tensor)], shadows: &[(Tensor, Tensor)]) {
         self.t += 1;
         let step_size = self.lr / (1.0 - BETA1.powi(self.t));
         let sqrt_bc2 = (1.0 - BETA2.powi(self.t)).sqrt();
@@ -78,18 +89,33 @@ impl Adam {
             if !p.requires_grad() || !g.defined() {
                 continue;
             }
+            let g = if g.kind() == Kind::BFloat16 || g.kind() == Kind::Float { g } else { g.to_kind(Kind::Float) };
             let g = if g.is_contiguous() { g } else { g.contiguous() };
             let n = m.len();
-            let (pp, gp) = (p.data_ptr() as *mut f32, g.data_ptr() as *const f32);
+            let shadow = shadows
+                .iter()
+                .find(|(q, s)| {
+                    q.data_ptr() == p.data_ptr() && s.kind() == Kind::BFloat16 && s.is_contiguous() && s.numel() == n
+                })
+                .map_or(std::ptr::null_mut(), |(_, s)| s.data_ptr() as *mut u16);
+            let pp = p.data_ptr() as *mut f32;
+            let (gp, gp16) = match g.kind() {
+                Kind::BFloat16 => (std::ptr::null(), g.data_ptr() as *const u16),
+                _ => (g.data_ptr() as *const f32, std::ptr::null()),
+            };
             for start in (0..n).step_by(BLOCK) {
                 let len = BLOCK.min(n - start);
-                // SAFETY: start + len ≤ n, the length of all four buffers.
+                // SAFETY: start + len ≤ n, the length of all the buffers
+                // (a null pointer stays null: it is never offset).
                 unsafe {
+                    let at16 = |q: *const u16| if q.is_null() { q } else { q.add(start) };
                     blocks.push(Mutex::new(Some(Block {
                         p: pp.add(start),
-                        g: gp.add(start),
+                        g: if gp.is_null() { gp } else { gp.add(start) },
+                        g16: at16(gp16),
                         m: m.as_mut_ptr().add(start),
                         v: v.as_mut_ptr().add(start),
+                        shadow: at16(shadow) as *mut u16,
                         len,
                     })));
                 }
@@ -102,15 +128,36 @@ impl Adam {
             for b in blocks.iter().skip(member).step_by(members) {
                 let Some(b) = b.lock().unwrap_or_else(|e| e.into_inner()).take() else { continue };
                 // SAFETY: see `Block`.
-                let (p, g, m, v) = unsafe {
+                let (p, m, v) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(b.p, b.len),
-                        std::slice::from_raw_parts(b.g, b.len),
                         std::slice::from_raw_parts_mut(b.m, b.len),
                         std::slice::from_raw_parts_mut(b.v, b.len),
                     )
                 };
-                update(p, g, m, v, wd, eps, step_size, sqrt_bc2);
+                // SAFETY: as above; a non-null pointer covers `len` elements.
+                let g16 = (!b.g16.is_null()).then(|| unsafe { std::slice::from_raw_parts(b.g16, b.len) });
+                let shadow = (!b.shadow.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(b.shadow, b.len) });
+                match (g16, shadow) {
+                    (Some(g), Some(s)) => update_mixed(p, g, m, v, s, wd, eps, step_size, sqrt_bc2),
+                    (g16, shadow) => {
+                        let widened: Vec<f32>;
+                        let g = match g16 {
+                            Some(g) => {
+                                widened = g.iter().map(|&h| bf16_to_f32(h)).collect();
+                                &widened[..]
+                            }
+                            // SAFETY: as above (the gradient is f32 when not bf16).
+                            None => unsafe { std::slice::from_raw_parts(b.g, b.len) },
+                        };
+                        update(p, g, m, v, wd, eps, step_size, sqrt_bc2);
+                        if let Some(s) = shadow {
+                            for (s, &x) in s.iter_mut().zip(p.iter()) {
+                                *s = f32_to_bf16(x);
+                            }
+                        }
+                    }
+                }
             }
         });
         drop(grads);
@@ -148,6 +195,58 @@ fn update_portable(
     }
 }
 
+crate::kernels::simd::wide_copies! {
+    /// `update` from a bf16 gradient, writing the bf16 shadow of the result.
+    fn update_mixed(
+        p: &mut [f32], g: &[u16], m: &mut [f32], v: &mut [f32], s: &mut [u16], wd: f32, eps: f32, step_size: f32,
+        sqrt_bc2: f32,
+    ) = update_mixed_portable
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn update_mixed_portable(
+    p: &mut [f32],
+    g: &[u16],
+    m: &mut [f32],
+    v: &mut [f32],
+    s: &mut [u16],
+    wd: f32,
+    eps: f32,
+    step_size: f32,
+    sqrt_bc2: f32,
+) {
+    let n = p.len();
+    let (g, m, v, s) = (&g[..n], &mut m[..n], &mut v[..n], &mut s[..n]);
+    for i in 0..n {
+        let gi = bf16_to_f32(g[i]) + wd * p[i];
+        let mi = BETA1 * m[i] + (1.0 - BETA1) * gi;
+        let vi = BETA2 * v[i] + (1.0 - BETA2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let pi = p[i] - step_size * mi / (vi.sqrt() / sqrt_bc2 + eps);
+        p[i] = pi;
+        s[i] = f32_to_bf16(pi);
+    }
+}
+
+/// A bf16's bits as the f32 it is (exact).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// The bf16 nearest `x` (ties to even; NaN stays NaN), as libtorch rounds.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        0x7FC0
+    } else {
+        ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,7 +274,7 @@ mod tests {
                 torch.zero_grad();
                 loss.backward();
                 if fused {
-                    ours.step(&[]);
+                    ours.step(&[], &[]);
                 } else {
                     torch.step();
                 }
@@ -188,5 +287,36 @@ mod tests {
             assert!(err < 1e-6, "max difference {err}");
         }
         assert!(b[2].equal(&b[3]), "a frozen parameter moved");
+    }
+
+    /// A bf16 gradient updates as its (exact) f32 widening does, and a
+    /// shadow ends as the bf16 rounding of the updated parameter.
+    #[test]
+    fn a_bf16_gradient_and_a_shadow_follow_the_f32_update() {
+        let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+        let run = |mixed: bool| {
+            tch::manual_seed(2);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let p = vs.root().randn_standard("p", &[70_000]);
+            let mut adam = Adam::new(&vs, 1e-2, 1e-3, 1e-8).unwrap();
+            let shadow = p.detach().to_kind(Kind::BFloat16);
+            for step in 0..3 {
+                let g =
+                    Tensor::from_slice(&(0..70_000).map(|i| ((i * 7 + step) % 13) as f32 - 6.0).collect::<Vec<_>>())
+                        .to_kind(Kind::BFloat16);
+                let g = if mixed { g } else { g.to_kind(Kind::Float) };
+                let shadows = if mixed { vec![(p.shallow_clone(), shadow.shallow_clone())] } else { vec![] };
+                adam.step(&[(p.shallow_clone(), g)], &shadows);
+            }
+            (p.detach().copy(), shadow)
+        };
+        let (p32, _) = run(false);
+        let (p16, shadow) = run(true);
+        assert!(p32.equal(&p16), "the bf16 gradient updated differently");
+        assert!(shadow.equal(&p16.to_kind(Kind::BFloat16)), "the shadow is not libtorch's rounding of the parameter");
+        // Ties round to even, NaN stays NaN.
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3F80_8000)), 0x3F80);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3F81_8000)), 0x3F82);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
     }
 }

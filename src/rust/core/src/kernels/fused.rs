@@ -240,8 +240,14 @@ pub fn log_likelihood(inp: &Inputs, out: &mut [f32], grads: Option<Grads>) {
         levels = present.into_iter().zip(GeneTheta::many(&rows)).collect();
     } else if has_theta && !shared {
         let row = |r: usize| &inp.log_theta[r * g..(r + 1) * g];
+        // Rows compared as bits (one memcmp; equal bits are equal values).
+        let bits = |r: usize| -> &[u8] {
+            let v = row(r);
+            // SAFETY: the bytes of a live f32 slice.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        };
         for (r, level) in row_level.iter_mut().enumerate() {
-            let seen = levels.iter().position(|&(rep, _)| row(rep)[..1] == row(r)[..1] && row(rep) == row(r));
+            let seen = levels.iter().position(|&(rep, _)| bits(rep) == bits(r));
             *level = match seen {
                 Some(k) => Some(k),
                 None if levels.len() < MAX_THETA_LEVELS => {

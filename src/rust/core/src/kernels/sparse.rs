@@ -329,42 +329,111 @@ crate::kernels::simd::wide_copies! {
 /// `output` = X · Wᵀ entered the graph as a leaf.
 pub struct Deferred {
     weight: Tensor,
-    input: Rc<SparseInput>,
+    input: DeferredInput,
     output: Tensor,
     buffer: GradBuffer,
 }
 
-/// Where a transposed layer keeps its weight's gradient between steps (the
+/// What the deferred product read.
+enum DeferredInput {
+    /// A sparse input and a transposed f32 weight ([`linear_t`]).
+    Sparse(Rc<SparseInput>),
+    /// A dense bf16 input [rows, in] and the bf16 shadow of a weight
+    /// [out, in] that the optimiser keeps ([`linear_bf16_deferred`]).
+    Bf16 { input: Tensor, shadow: Tensor },
+}
+
+/// Where a deferred layer keeps its weight's gradient between steps (the
 /// optimizer reads it within the step; a fresh 10 MB tensor per step costs
 /// more in page faults than the product written into it).
 pub type GradBuffer = std::sync::Arc<Mutex<Option<Tensor>>>;
 
 impl Deferred {
-    /// The weight and its gradient Xᵀ · ∂output; None when the output got
-    /// no gradient (it did not reach the loss). The gradient lives in the
-    /// layer's buffer: valid until the layer's next `gradient`.
+    /// The weight and its gradient Xᵀ · ∂output (f32 for a sparse input,
+    /// bf16 for a bf16 one); None when the output got no gradient (it did
+    /// not reach the loss). The gradient lives in the layer's buffer: valid
+    /// until the layer's next `gradient`.
     pub fn gradient(&self) -> Option<(Tensor, Tensor)> {
         let g = self.output.grad();
         if !g.defined() {
             return None;
         }
-        let g = g.contiguous();
-        let width = self.weight.size()[1] as usize;
-        let kept =
-            self.buffer.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|t| t.size() == self.weight.size());
-        let d = kept.unwrap_or_else(|| Tensor::empty(self.weight.size(), (Kind::Float, Device::Cpu)));
-        // SAFETY: `g` is a contiguous f32 [rows, width] tensor and `d` a fresh
-        // contiguous f32 tensor of the weight's shape; neither is aliased.
-        let (gs, ds) = unsafe {
-            (
-                std::slice::from_raw_parts(g.data_ptr() as *const f32, g.numel()),
-                std::slice::from_raw_parts_mut(d.data_ptr() as *mut f32, d.numel()),
-            )
+        let kind = match self.input {
+            DeferredInput::Sparse(_) => Kind::Float,
+            DeferredInput::Bf16 { .. } => Kind::BFloat16,
         };
-        self.input.matmul_t(gs, width, ds, threads());
+        let kept = self
+            .buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|t| t.size() == self.weight.size() && t.kind() == kind);
+        let d = kept.unwrap_or_else(|| Tensor::empty(self.weight.size(), (kind, Device::Cpu)));
+        match &self.input {
+            DeferredInput::Sparse(input) => {
+                let g = g.contiguous();
+                let width = self.weight.size()[1] as usize;
+                // SAFETY: `g` is a contiguous f32 [rows, width] tensor and `d` a
+                // contiguous f32 tensor of the weight's shape; neither is aliased.
+                let (gs, ds) = unsafe {
+                    (
+                        std::slice::from_raw_parts(g.data_ptr() as *const f32, g.numel()),
+                        std::slice::from_raw_parts_mut(d.data_ptr() as *mut f32, d.numel()),
+                    )
+                };
+                input.matmul_t(gs, width, ds, threads());
+            }
+            // ∂W = ∂outputᵀ · X in bf16 with f32 accumulation: the product
+            // libtorch's autograd makes for a bf16 linear layer.
+            DeferredInput::Bf16 { input, .. } => {
+                tch::no_grad(|| {
+                    let _ = g.to_kind(Kind::BFloat16).tr().mm_out(&d, input);
+                });
+            }
+        }
         *self.buffer.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.shallow_clone());
         Some((self.weight.shallow_clone(), d))
     }
+
+    /// The weight and the bf16 shadow its product read, which the optimiser
+    /// rewrites when it updates the weight; None for a sparse input.
+    pub fn shadow(&self) -> Option<(Tensor, Tensor)> {
+        match &self.input {
+            DeferredInput::Bf16 { shadow, .. } => Some((self.weight.shallow_clone(), shadow.shallow_clone())),
+            DeferredInput::Sparse(_) => None,
+        }
+    }
+}
+
+/// X · Wᵀ + b with X a dense bf16 input [rows, in] (already what the layer
+/// reads, covariates included) and `shadow` the bf16 copy of the f32
+/// weight `w` [out, in]: mixed precision as [`crate::nn::linear_bf16`],
+/// without casting the weight or the input at each step. When autograd
+/// is recording, the product is a leaf and the `Deferred` returned with it
+/// turns its gradient into the weight's (in bf16, read by the optimiser,
+/// which also rewrites `shadow`).
+pub fn linear_bf16_deferred(
+    x: &Tensor,
+    w: &Tensor,
+    shadow: &Tensor,
+    bs: Option<&Tensor>,
+    buffer: &GradBuffer,
+) -> (Tensor, Option<Deferred>) {
+    let out = tch::no_grad(|| x.linear::<Tensor>(shadow, None).to_kind(Kind::Float));
+    // An operation on the weight requires a gradient exactly when autograd
+    // is recording and the weight is trainable.
+    let recording = (w.narrow(0, 0, 1).narrow(1, 0, 1) * 1.0).requires_grad();
+    if !recording {
+        return (bs.map_or_else(|| out.shallow_clone(), |b| &out + b), None);
+    }
+    let out = out.set_requires_grad(true);
+    let deferred = Deferred {
+        weight: w.shallow_clone(),
+        input: DeferredInput::Bf16 { input: x.shallow_clone(), shadow: shadow.shallow_clone() },
+        output: out.shallow_clone(),
+        buffer: std::sync::Arc::clone(buffer),
+    };
+    (bs.map_or_else(|| out.shallow_clone(), |b| &out + b), Some(deferred))
 }
 
 /// X · Wᵀ + b for the transposed weight `wt` [columns × width] (a CPU f32
@@ -392,7 +461,7 @@ pub fn linear_t(x: &Rc<SparseInput>, wt: &Tensor, bs: &Tensor, buffer: &GradBuff
     let out = out.set_requires_grad(true);
     let deferred = Deferred {
         weight: wt.shallow_clone(),
-        input: Rc::clone(x),
+        input: DeferredInput::Sparse(Rc::clone(x)),
         output: out.shallow_clone(),
         buffer: std::sync::Arc::clone(buffer),
     };

@@ -318,6 +318,41 @@ impl<'a> VaeData<'a> {
         self.inputs_from(rows, batch_as, device, false)
     }
 
+    /// `inputs` for a training step whose encoders' first products run in
+    /// bf16 on the CPU ([`crate::nn::Input::DenseBf16`]): `log1p_x` is left
+    /// undefined and the encoders' input comes beside it, as bf16
+    /// [rows, genes + design], the counts (their log(1 + x) when `log`)
+    /// with the design appended, written in one pass.
+    pub fn inputs_bf16(&self, rows: &[usize], log: bool, streamed: bool) -> (Inputs, Tensor) {
+        let device = Device::Cpu;
+        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>());
+        let design = self.covariates.design(rows, None, device);
+        let n_cov = design.size()[1] as usize;
+        let (x, nonzero) = self.counts.with_rows(rows, streamed, |m, local| {
+            let x = Tensor::empty([rows.len() as i64, (m.n_cols + n_cov) as i64], (Kind::BFloat16, device));
+            // SAFETY: a fresh contiguous bf16 tensor of exactly this many
+            // elements, written as its 16-bit words; the design is a
+            // contiguous f32 [rows, n_cov] tensor.
+            let (out, cov) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(x.data_ptr() as *mut u16, x.numel()),
+                    std::slice::from_raw_parts(design.data_ptr() as *const f32, design.numel()),
+                )
+            };
+            m.dense_bf16_rows_into(local, log, cov, n_cov, out);
+            (x, SparseBatch::from_csr(m, local, device))
+        });
+        let inputs = Inputs {
+            log1p_x: Tensor::new(),
+            log_library: pick(&self.log_library).unsqueeze(1),
+            batch: self.covariates.batch_codes(rows, None, device),
+            design,
+            log_factorial: pick(&self.log_factorial),
+            nonzero,
+        };
+        (inputs, x)
+    }
+
     /// `inputs`, reading on-disk cells from the epoch's stream when `streamed`.
     pub fn inputs_from(&self, rows: &[usize], batch_as: Option<u32>, device: Device, streamed: bool) -> Inputs {
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);

@@ -39,17 +39,23 @@ impl Optimizer {
     }
 
     /// One step; `extra` holds (parameter, gradient) pairs computed outside
-    /// autograd (added to autograd's gradients).
-    fn step(&mut self, extra: &[(Tensor, Tensor)]) {
+    /// autograd (added to autograd's gradients), `shadows` (parameter, bf16
+    /// copy) pairs whose copies must follow the update.
+    fn step(&mut self, extra: &[(Tensor, Tensor)], shadows: &[(Tensor, Tensor)]) {
         match &mut self.fused {
-            Some(a) => a.step(extra),
+            Some(a) => a.step(extra, shadows),
             None => {
                 // libtorch's optimizer reads `.grad`: put the gradient there
                 // through a product whose gradient it is.
                 for (p, g) in extra {
-                    (p * g.detach()).sum(Kind::Float).backward();
+                    (p * g.detach().to_kind(p.kind())).sum(Kind::Float).backward();
                 }
-                self.torch.step()
+                self.torch.step();
+                tch::no_grad(|| {
+                    for (p, s) in shadows {
+                        s.shallow_clone().copy_(p);
+                    }
+                });
             }
         }
     }
@@ -290,6 +296,7 @@ fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
 }
 
 fn restore(vs: &nn::VarStore, saved: &HashMap<String, Tensor>) {
+    crate::nn::new_weights_generation();
     tch::no_grad(|| {
         for (k, mut v) in vs.variables() {
             if let Some(s) = saved.get(&k) {
@@ -315,6 +322,8 @@ pub fn train(
     on_epoch: &dyn Fn(&EpochRecord),
 ) -> Result<History> {
     cfg.check()?;
+    // Weights may have changed since any bf16 shadow was cast.
+    crate::nn::new_weights_generation();
     let (mut train_rows, validation_rows) = task.split(cfg.validation_fraction, cfg.seed);
     check_param(train_rows.len() >= 2, "validation_fraction", "leaves fewer than 2 cells to train on")?;
     let vs = task.var_store();
@@ -393,12 +402,21 @@ pub fn train(
             };
             opt.zero_grad();
             loss.backward();
-            let extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
+            let mut extra: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.gradient()).collect();
+            let shadows: Vec<(Tensor, Tensor)> = t.deferred.iter().filter_map(|d| d.shadow()).collect();
             let stop = match &par {
-                Some(p) => p.reduce_gradients(&extra, interrupted())?,
+                Some(p) => {
+                    // Summed over the ranks in f32 (a bf16 gradient is exact in f32).
+                    for (_, g) in &mut extra {
+                        if g.kind() != Kind::Float {
+                            *g = g.to_kind(Kind::Float);
+                        }
+                    }
+                    p.reduce_gradients(&extra, interrupted())?
+                }
                 None => false,
             };
-            opt.step(&extra);
+            opt.step(&extra, &shadows);
             task.after_step();
             tch::no_grad(|| {
                 sum_loss += per_cell.detach().sum(Kind::Double);

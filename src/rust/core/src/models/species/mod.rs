@@ -32,7 +32,7 @@ use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
 use crate::likelihood::Likelihood;
-use crate::nn::{kl_normal, FcLayers, FcSpec, GaussianEncoder, Norm, Pass};
+use crate::nn::{kl_normal, Deferred, FcLayers, FcSpec, GaussianEncoder, Input, Norm, Pass};
 use crate::train::{train, EpochRecord, LossTerms, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -176,6 +176,9 @@ pub struct Side {
     library_log_means: Tensor,
     library_log_vars: Tensor,
     log_input: bool,
+    /// Training steps read the encoders' input as bf16 (set with the
+    /// mixed-precision products, see [`Side::set_bf16_training`]).
+    bf16_input: Cell<bool>,
     pub shape: SideShape,
 }
 
@@ -223,6 +226,7 @@ impl Side {
             library_log_means: root.zeros_no_train("library_log_means", &[shape.n_batch as i64]),
             library_log_vars: root.ones_no_train("library_log_vars", &[shape.n_batch as i64]),
             log_input: cfg.log_input,
+            bf16_input: Cell::new(false),
             shape,
         }
     }
@@ -248,29 +252,64 @@ impl Side {
         self.outer.set_bf16_training(on);
         self.library.set_bf16_training(on);
         self.decoder.set_bf16_training(on);
+        self.bf16_input.set(on);
         on
+    }
+
+    /// A minibatch of `data` as this side's loss reads it: in a training
+    /// pass with mixed precision on, with the encoders' input as bf16 (see
+    /// [`VaeData::inputs_bf16`]).
+    fn inputs(&self, data: &VaeData, rows: &[usize], pass: Pass) -> (Inputs, Option<Tensor>) {
+        if pass == Pass::Train && self.bf16_input.get() {
+            let (inp, x) = data.inputs_bf16(rows, self.log_input, false);
+            (inp, Some(x))
+        } else {
+            (data.inputs(rows, None, self.library_log_means.device()), None)
+        }
     }
 
     /// Encoders on a minibatch; `inner`: the inner encoder to use.
     pub fn encode(&self, inner: &GaussianEncoder, inp: &Inputs, pass: Pass) -> Encoded {
+        self.encode_with(inner, inp, None, pass, &mut Vec::new())
+    }
+
+    /// `encode`, reading `first` (the bf16 input of [`Side::inputs`]) when
+    /// given; the gradients of products that read it are left on `deferred`.
+    fn encode_with(
+        &self,
+        inner: &GaussianEncoder,
+        inp: &Inputs,
+        first: Option<&Tensor>,
+        pass: Pass,
+        deferred: &mut Vec<Deferred>,
+    ) -> Encoded {
         let raw;
-        let x = if self.log_input {
-            &inp.log1p_x
-        } else {
-            raw = inp.log1p_x.expm1();
-            &raw
+        let x = match first {
+            Some(x) => Input::DenseBf16(x, Some(&inp.design)),
+            None if self.log_input => Input::Dense(&inp.log1p_x, Some(&inp.design)),
+            None => {
+                raw = inp.log1p_x.expm1();
+                Input::Dense(&raw, Some(&inp.design))
+            }
         };
-        let inter = self.outer.forward(x, Some(&inp.design), pass);
+        let inter = self.outer.forward_input(x, pass, deferred);
         let qz = inner.forward(&inter, None, pass);
-        let ql = self.library.forward(x, Some(&inp.design), pass);
+        let ql = self.library.forward_input(x, pass, deferred);
         Encoded { inter, qz, ql }
     }
 
     /// Negative ELBO terms: reconstruction, and the KL of z and of the
     /// library (both warmed up, as scSpecies); with the encodings and the
     /// draws of z and log l.
-    fn loss(&self, inner: &GaussianEncoder, inp: &Inputs, pass: Pass) -> (LossTerms, Encoded, Tensor, Tensor) {
-        let enc = self.encode(inner, inp, pass);
+    fn loss(
+        &self,
+        inner: &GaussianEncoder,
+        inp: &Inputs,
+        first: Option<&Tensor>,
+        pass: Pass,
+    ) -> (LossTerms, Encoded, Tensor, Tensor) {
+        let mut deferred = Vec::new();
+        let enc = self.encode_with(inner, inp, first, pass, &mut deferred);
         let (qm, qv) = &enc.qz;
         let (lm, lv) = &enc.ql;
         let z = qm + qv.sqrt() * crate::dist::randn_rows(qm);
@@ -285,7 +324,7 @@ impl Side {
             reconstruction,
             kl_warmup: kl_z + kl_l,
             kl_fixed: Tensor::zeros([1], (Kind::Float, qm.device())),
-            deferred: vec![],
+            deferred,
             penalty: None,
         };
         (terms, enc, z, l)
@@ -307,9 +346,10 @@ impl Trainable for ContextTask<'_> {
         self.data.n_cells()
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
-        let inp = self.data.inputs(rows, None, self.vs.device());
+        let pass: Pass = train.into();
+        let (inp, first) = self.side.inputs(self.data, rows, pass);
         let inner = self.side.inner.as_ref().expect("the context has an inner encoder");
-        self.side.loss(inner, &inp, train.into()).0
+        self.side.loss(inner, &inp, first.as_ref(), pass).0
     }
 }
 
@@ -339,8 +379,8 @@ impl Trainable for TargetTask<'_> {
     }
     fn loss(&self, rows: &[usize], train: bool) -> LossTerms {
         let pass: Pass = train.into();
-        let inp = self.data.inputs(rows, None, self.vs.device());
-        let (mut terms, enc, z, l) = self.side.loss(self.inner, &inp, pass);
+        let (inp, first) = self.side.inputs(self.data, rows, pass);
+        let (mut terms, enc, z, l) = self.side.loss(self.inner, &inp, first.as_ref(), pass);
         if train {
             terms.penalty = self
                 .align
