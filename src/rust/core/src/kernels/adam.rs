@@ -186,13 +186,19 @@ fn update_portable(
     let n = p.len();
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
     for i in 0..n {
-        let gi = g[i] + wd * p[i];
-        let mi = BETA1 * m[i] + (1.0 - BETA1) * gi;
-        let vi = BETA2 * v[i] + (1.0 - BETA2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= step_size * mi / (vi.sqrt() / sqrt_bc2 + eps);
+        p[i] = adam_rule(p[i], g[i], &mut m[i], &mut v[i], wd, eps, step_size, sqrt_bc2);
     }
+}
+
+/// The rule of the module's header for one element: the new parameter,
+/// the moments updated in place.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn adam_rule(p: f32, g: f32, m: &mut f32, v: &mut f32, wd: f32, eps: f32, step_size: f32, sqrt_bc2: f32) -> f32 {
+    let g = g + wd * p;
+    *m = BETA1 * *m + (1.0 - BETA1) * g;
+    *v = BETA2 * *v + (1.0 - BETA2) * g * g;
+    p - step_size * *m / (v.sqrt() / sqrt_bc2 + eps)
 }
 
 crate::kernels::simd::wide_copies! {
@@ -219,14 +225,8 @@ fn update_mixed_portable(
     let n = p.len();
     let (g, m, v, s) = (&g[..n], &mut m[..n], &mut v[..n], &mut s[..n]);
     for i in 0..n {
-        let gi = bf16_to_f32(g[i]) + wd * p[i];
-        let mi = BETA1 * m[i] + (1.0 - BETA1) * gi;
-        let vi = BETA2 * v[i] + (1.0 - BETA2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        let pi = p[i] - step_size * mi / (vi.sqrt() / sqrt_bc2 + eps);
-        p[i] = pi;
-        s[i] = f32_to_bf16(pi);
+        p[i] = adam_rule(p[i], bf16_to_f32(g[i]), &mut m[i], &mut v[i], wd, eps, step_size, sqrt_bc2);
+        s[i] = f32_to_bf16(p[i]);
     }
 }
 
