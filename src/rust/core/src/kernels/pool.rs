@@ -166,6 +166,7 @@ fn cell<const FMA: bool>(pool: &Pool, row: &CellRow, out: &mut [f32], s: &mut Sc
     let (lo, hi) = (row.counts.indptr[row.i], row.counts.indptr[row.i + 1]);
     let (idx, xs) = (&row.counts.indices[lo..hi], &row.counts.values[lo..hi]);
     let nnz = idx.len();
+    let at_nz = vmath::Indices::new(idx, g);
     for v in [&mut s.f, &mut s.lu, &mut s.a, &mut s.sp] {
         v.resize(g, 0.0);
     }
@@ -207,16 +208,12 @@ fn cell<const FMA: bool>(pool: &Pool, row: &CellRow, out: &mut [f32], s: &mut Sc
         let (lu, rest) = rest.split_at_mut(nnz);
         let (a, rest) = rest.split_at_mut(nnz);
         let (sp, p) = rest.split_at_mut(nnz);
-        for (x, &c) in idx.iter().enumerate() {
-            let c = c as usize;
-            d[x] = rho[c];
-            lu[x] = s.lu[c];
-        }
+        vmath::gather(rho, at_nz, d);
+        vmath::gather(&s.lu, at_nz, lu);
         if zinb {
-            for (x, &c) in idx.iter().enumerate() {
-                let c = c as usize;
-                (a[x], sp[x], p[x]) = (s.a[c], s.sp[c], pi[c]);
-            }
+            vmath::gather(&s.a, at_nz, a);
+            vmath::gather(&s.sp, at_nz, sp);
+            vmath::gather(pi, at_nz, p);
         }
         let at = NonZeros { xs, lgamma: &s.nz_lgamma[..nnz], lu, a, sp, pi: p };
         nonzero_terms::<FMA>(lam, &at, zinb, d);

@@ -163,6 +163,60 @@ pub fn sum(v: &[f32]) -> f32 {
     s
 }
 
+crate::kernels::simd::wide_copies! {
+    /// Σ a·b over the shorter slice, with 16 independent partial sums in a
+    /// fixed order (no fused multiply-add: every copy gives the same bits).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_body
+}
+
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for k in 0..16 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    for (k, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[k] += x * y;
+    }
+    acc.iter().sum()
+}
+
+/// Indices known to be below `bound`: checked once, then used by
+/// `gather` on any slice of at least `bound` values without a bounds check
+/// per element (the non-zeros of a count row, gathered many times).
+#[derive(Clone, Copy)]
+pub struct Indices<'a> {
+    idx: &'a [u32],
+    bound: usize,
+}
+
+impl<'a> Indices<'a> {
+    /// Panics if an index is not below `bound`.
+    #[inline(always)]
+    pub fn new(idx: &'a [u32], bound: usize) -> Indices<'a> {
+        let top = idx.iter().fold(0u32, |m, &j| m.max(j));
+        assert!(idx.is_empty() || (top as usize) < bound, "index {top} out of {bound} values");
+        Indices { idx, bound }
+    }
+}
+
+/// out[i] = src[idx[i]] for i < min(number of indices, len out).
+#[inline(always)]
+pub fn gather(src: &[f32], idx: Indices, out: &mut [f32]) {
+    assert!(src.len() >= idx.bound, "gather from {} values, indices up to {}", src.len(), idx.bound);
+    let n = idx.idx.len().min(out.len());
+    let (ix, out) = (&idx.idx[..n], &mut out[..n]);
+    for i in 0..n {
+        // SAFETY: i < n = the length of both slices; ix[i] < bound ≤ len src.
+        unsafe { *out.get_unchecked_mut(i) = *src.get_unchecked(*ix.get_unchecked(i) as usize) };
+    }
+}
+
 /// max v (−∞ for an empty slice; NaN if any element is NaN).
 #[inline(always)]
 pub fn max(v: &[f32]) -> f32 {

@@ -115,6 +115,21 @@ pub fn data_neighbours(
     device: Device,
     bf16: bool,
 ) -> Vec<u32> {
+    neighbours_with(context, target, pairs, k, device, bf16, device == Device::Cpu)
+}
+
+/// `data_neighbours`, with the exact re-ranking of the bf16 candidates read
+/// in place from the unit rows (`in_place`, CPU only) or made of gathered
+/// rows by libtorch (any device).
+pub(super) fn neighbours_with(
+    context: &Csr,
+    target: &Csr,
+    pairs: &[(u32, u32)],
+    k: usize,
+    device: Device,
+    bf16: bool,
+    in_place: bool,
+) -> Vec<u32> {
     let c_cols: Vec<usize> = pairs.iter().map(|p| p.0 as usize).collect();
     let t_cols: Vec<usize> = pairs.iter().map(|p| p.1 as usize).collect();
     let unit = |m: &Csr, cols: &[usize]| -> Tensor {
@@ -122,40 +137,105 @@ pub fn data_neighbours(
         let rows: Vec<usize> = (0..h.n_rows).collect();
         let x = crate::data::log1p_rows_to_tensor(&h, &rows, device);
         let norm = x.square().sum_dim_intlist(-1, true, Kind::Float).sqrt().clamp_min(1e-12);
-        x / norm
+        (x / norm).contiguous()
     };
     let c = unit(context, &c_cols);
     let t = unit(target, &t_cols);
+    let nc = context.n_rows as i64;
     let k = k.min(context.n_rows) as i64;
-    let wide = (2 * k + 10).min(context.n_rows as i64);
-    let bf16 = bf16 && wide < context.n_rows as i64;
+    let wide = (2 * k + 10).min(nc);
+    let bf16 = bf16 && wide < nc;
     let ct = if bf16 { c.to_kind(Kind::BFloat16).tr() } else { c.tr() };
+    let block = 1024.min(target.n_rows.max(1) as i64);
+    // One product buffer for all blocks: a fresh one per block costs its
+    // page faults again (100 MB at 50,000 context cells).
+    let product = Tensor::empty([block, nc], (ct.kind(), device));
     let mut out = Vec::with_capacity(target.n_rows * k as usize);
     tch::no_grad(|| {
-        for start in (0..target.n_rows as i64).step_by(1024) {
-            let len = 1024.min(target.n_rows as i64 - start);
+        for start in (0..target.n_rows as i64).step_by(block as usize) {
+            let len = block.min(target.n_rows as i64 - start);
             let tb = t.narrow(0, start, len);
-            let idx = if bf16 {
-                let (_, near) = tb.to_kind(Kind::BFloat16).matmul(&ct).topk(wide, 1, true, false);
+            let p = product.narrow(0, 0, len);
+            if !bf16 {
+                let _ = tb.mm_out(&p, &ct);
+                let idx = p.topk(k, 1, true, true).1;
+                out.extend(
+                    Vec::<i64>::try_from(idx.to_device(Device::Cpu).flatten(0, -1))
+                        .expect("indices")
+                        .into_iter()
+                        .map(|i| i as u32),
+                );
+                continue;
+            }
+            let _ = tb.to_kind(Kind::BFloat16).mm_out(&p, &ct);
+            let near = p.topk(wide, 1, true, false).1;
+            if in_place {
+                let near = Vec::<i64>::try_from(near.flatten(0, -1)).expect("indices");
+                rerank_in_place(&c, &t, start as usize, &near, wide as usize, k as usize, &mut out);
+            } else {
                 // The exact similarity of each candidate, in blocks of 128 cells.
-                let mut parts = Vec::new();
                 for s in (0..len).step_by(128) {
                     let l = 128.min(len - s);
                     let cand = near.narrow(0, s, l);
                     let rows = c.index_select(0, &cand.flatten(0, -1)).view([l, wide, -1]);
                     let exact = rows.bmm(&tb.narrow(0, s, l).unsqueeze(2)).squeeze_dim(2);
                     let (_, best) = exact.topk(k, 1, true, true);
-                    parts.push(cand.gather(1, &best, false));
+                    let idx = cand.gather(1, &best, false).to_device(Device::Cpu).flatten(0, -1);
+                    out.extend(Vec::<i64>::try_from(idx).expect("indices").into_iter().map(|i| i as u32));
                 }
-                Tensor::cat(&parts, 0)
-            } else {
-                tb.matmul(&ct).topk(k, 1, true, true).1
-            };
-            let v: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1)).expect("indices");
-            out.extend(v.into_iter().map(|i| i as u32));
+            }
         }
     });
     out
+}
+
+/// The exact re-ranking on the CPU: for target cells `first..` (one row of
+/// `wide` candidates each in `near`), the `k` candidates with the largest
+/// f32 dot product of the unit rows of `t` and `c` (ties: the lower context
+/// index), appended to `out`. Reads the rows where they lie, on the
+/// OpenMP team; each cell's result does not depend on the team's size.
+fn rerank_in_place(c: &Tensor, t: &Tensor, first: usize, near: &[i64], wide: usize, k: usize, out: &mut Vec<u32>) {
+    let h = c.size()[1] as usize;
+    let (nc, nt) = (c.size()[0] as usize, t.size()[0] as usize);
+    assert!(c.is_contiguous() && t.is_contiguous() && c.kind() == Kind::Float && t.kind() == Kind::Float);
+    // SAFETY: contiguous f32 CPU tensors of these shapes, alive for the call.
+    let cs = unsafe { std::slice::from_raw_parts(c.data_ptr() as *const f32, nc * h) };
+    let ts = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, nt * h) };
+    let n = near.len() / wide;
+    let at = out.len();
+    out.resize(at + n * k, 0);
+    let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
+    let parts: Vec<std::sync::Mutex<&mut [u32]>> = {
+        let mut rest = &mut out[at..];
+        let mut v = Vec::new();
+        for p in 0..threads {
+            let cells = (p + 1) * n / threads - p * n / threads;
+            let (mine, tail) = rest.split_at_mut(cells * k);
+            v.push(std::sync::Mutex::new(mine));
+            rest = tail;
+        }
+        v
+    };
+    crate::kernels::omp::run(threads, &|member, members| {
+        let mut sims: Vec<(f32, u32)> = Vec::with_capacity(wide);
+        for (p, part) in parts.iter().enumerate().skip(member).step_by(members) {
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let lo = p * n / threads;
+            for (x, o) in part.chunks_mut(k).enumerate() {
+                let i = lo + x;
+                let row = &ts[(first + i) * h..(first + i + 1) * h];
+                sims.clear();
+                for &j in &near[i * wide..(i + 1) * wide] {
+                    let j = j as usize;
+                    sims.push((crate::kernels::vmath::dot(row, &cs[j * h..(j + 1) * h]), j as u32));
+                }
+                sims.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                for (o, s) in o.iter_mut().zip(&sims) {
+                    *o = s.1;
+                }
+            }
+        }
+    });
 }
 
 /// scSpecies' choice of the target cells to pull: each cell's majority

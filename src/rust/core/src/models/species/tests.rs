@@ -321,6 +321,11 @@ fn the_bf16_neighbour_search_finds_the_f32_neighbours() {
     // Every cell's first neighbour by the exact similarity is kept.
     let first = exact.chunks(k).zip(fast.chunks(k)).filter(|(a, b)| b.contains(&a[0])).count();
     assert_eq!(first, t.counts.csr.n_rows);
+    // The re-ranking read in place (the CPU's) and the one of gathered rows
+    // (any device's) agree but for the order of near ties.
+    let gathered = align::neighbours_with(&c.counts.csr, &t.counts.csr, &at, k, Device::Cpu, true, false);
+    let same = fast.iter().zip(&gathered).filter(|(a, b)| a == b).count();
+    assert!(same as f64 / n > 0.999, "same rank in both re-rankings {}", same as f64 / n);
 }
 
 /// Decoder heads with bf16 output products stay within bf16's rounding of
