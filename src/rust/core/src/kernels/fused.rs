@@ -83,6 +83,11 @@ pub struct Inputs<'a> {
     pub ambient: Option<Levels<'a>>,
     pub scaling: Option<Levels<'a>>,
     pub counts: Rows<'a>,
+    /// With `false`, a value-only call leaves log Γ(x + θ) − log Γ(θ) out of
+    /// the rows whose θ is shared (per gene, or a level of the table or of
+    /// repeated rows): their values are then log-likelihoods up to a term of
+    /// the row's counts and θ alone, enough to rank rows that share both.
+    pub count_terms: bool,
 }
 
 /// Where the gradients of each row's log-likelihood go (same layouts as the
@@ -634,26 +639,30 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
     let (df_a, rest) = rest.split_at_mut(nnz);
     let (dq_a, rest) = rest.split_at_mut(nnz);
     let (dt_a, _) = rest.split_at_mut(nnz);
-    for (i, &j) in idx.iter().enumerate() {
-        let j = j as usize;
-        mu_a[i] = lam * rho[j];
-        if fam != Likelihood::Poisson {
-            th_a[i] = theta[j];
-            lte_a[i] = lte[j];
-            ite_a[i] = ite[j];
-            if let Some(gtc) = rp.gene_theta {
-                lgt_a[i] = gtc.lgamma[j];
-                if GRAD {
-                    dgt_a[i] = gtc.digamma[j];
-                }
+    // log Γ(x + θ) − log Γ(θ) left out (see `Inputs::count_terms`).
+    let skip = !GRAD && !inp.count_terms && rp.gene_theta.is_some();
+    let at_nz = vmath::Indices::new(idx, inp.n_genes);
+    vmath::gather(rho, at_nz, mu_a);
+    for m in mu_a.iter_mut() {
+        *m *= lam;
+    }
+    if fam != Likelihood::Poisson {
+        vmath::gather(theta, at_nz, th_a);
+        vmath::gather(lte, at_nz, lte_a);
+        vmath::gather(ite, at_nz, ite_a);
+        if let (Some(gtc), false) = (rp.gene_theta, skip) {
+            vmath::gather(&gtc.lgamma, at_nz, lgt_a);
+            if GRAD {
+                vmath::gather(&gtc.digamma, at_nz, dgt_a);
             }
         }
-        if fam == Likelihood::Zinb {
-            pi_a[i] = pi[j];
-            if !GRAD {
-                // A and softplus(A − π) from the zero pass (see `zero_case`).
-                (lte_a[i], ite_a[i]) = (gt[j], gp[j]);
-            }
+    }
+    if fam == Likelihood::Zinb {
+        vmath::gather(pi, at_nz, pi_a);
+        if !GRAD {
+            // A and softplus(A − π) from the zero pass (see `zero_case`).
+            vmath::gather(gt, at_nz, lte_a);
+            vmath::gather(gp, at_nz, ite_a);
         }
     }
     if fam != Likelihood::Poisson && rp.gene_theta.is_none() {
@@ -673,6 +682,12 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
                 if GRAD {
                     dq_a[i] = x / (mu + EPS);
                 }
+            }
+        }
+        Likelihood::Nb if skip => {
+            for i in 0..nnz {
+                let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
+                df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * (1.0 / (th + mu + EPS)));
             }
         }
         Likelihood::Nb => {
@@ -712,11 +727,19 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
         }
         Likelihood::Zinb => {
             // A and softplus(A − π) are the zero pass's (in `lte_a`, `ite_a`).
-            for i in 0..nnz {
-                let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
-                let iu = 1.0 / (th + mu + EPS);
-                let lg = vmath::lgamma::<FMA>(x + th);
-                df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+            if skip {
+                for i in 0..nnz {
+                    let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
+                    let iu = 1.0 / (th + mu + EPS);
+                    df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu);
+                }
+            } else {
+                for i in 0..nnz {
+                    let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
+                    let iu = 1.0 / (th + mu + EPS);
+                    let lg = vmath::lgamma::<FMA>(x + th);
+                    df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
+                }
             }
         }
     }
@@ -912,6 +935,35 @@ pub(crate) mod tests {
             let v = fused_log_kernel_rows(&c, &raw).unwrap();
             assert!(!v.requires_grad() && v.allclose(&reference.detach(), 1e-4, 1e-2, false));
         });
+        // For ranking: rows with a shared θ (per gene, or one of a few
+        // repeated rows) leave out Σ log Γ(x + θ) − log Γ(θ) over their
+        // non-zeros; the others keep the full value.
+        let ranked = crate::likelihood::fused_log_kernel_rows_for_ranking(&c, &raw).unwrap();
+        let mut dense = vec![0f32; (n * g) as usize];
+        for r in 0..n as usize {
+            for p in m.indptr[r]..m.indptr[r + 1] {
+                dense[r * g as usize + m.indices[p] as usize] = m.values[p];
+            }
+        }
+        let x = Tensor::from_slice(&dense).view([n, g]);
+        let th = theta.detach().expand([n, g], false);
+        let count_terms = ((&x + &th).lgamma() - th.lgamma()).where_self(&x.gt(0.0), &x.zeros_like()).sum_dim_intlist(
+            -1,
+            false,
+            Kind::Float,
+        );
+        let full = reference.detach();
+        let left_out = &full - &count_terms;
+        let shared = |r: i64| family != Likelihood::Poisson && (theta_levels <= 16 || r < 16);
+        for r in 0..n {
+            let (got, want) = (ranked.double_value(&[r]), if shared(r) { &left_out } else { &full }.double_value(&[r]));
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs() + 1e-2,
+                "{family:?} {theta_levels} ranking value of row {r}: {got} vs {want} (full {}, count terms {})",
+                full.double_value(&[r]),
+                count_terms.double_value(&[r])
+            );
+        }
     }
 
     #[test]

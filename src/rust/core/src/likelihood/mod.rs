@@ -208,6 +208,18 @@ fn row_dot(t: &Tensor, grad: &Tensor) -> Tensor {
 /// gradients wired into autograd. `None` when the kernel does not apply (not
 /// on the CPU, not f32, or no host copy of the counts): use the tensor path.
 pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> {
+    fused_rows(c, d, true)
+}
+
+/// `fused_log_kernel_rows` without gradients, for ranking rows that share
+/// their counts and θ (a cell's decoded candidates): log Γ(x + θ) − log Γ(θ)
+/// is left out where θ is shared (per gene or per batch), so each value is
+/// the log-likelihood up to a term of the row's counts and θ alone.
+pub fn fused_log_kernel_rows_for_ranking(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> {
+    fused_rows(c, d, false)
+}
+
+fn fused_rows(c: &SparseBatch, d: &RawDecoded, count_terms: bool) -> Option<Tensor> {
     let host = c.host.as_ref()?;
     let parts = [Some(d.logits), Some(d.log_library), d.log_theta, d.pi_logits];
     if !parts.iter().flatten().all(|t| float_cpu(t)) {
@@ -222,7 +234,8 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
     let log_theta = d.log_theta.map(flat).unwrap_or_else(empty);
     let pi = d.pi_logits.map(flat).unwrap_or_else(empty);
     let shared_theta = log_theta.numel() == g as usize;
-    let want_grad = parts.iter().flatten().any(|t| t.requires_grad());
+    // Values for ranking come without gradients.
+    let want_grad = count_terms && parts.iter().flatten().any(|t| t.requires_grad());
     let value = Tensor::empty([n], (Kind::Float, Device::Cpu));
     let g_logits = empty_unless(want_grad, &[n, g]);
     let g_lib = empty_unless(want_grad, &[n]);
@@ -244,6 +257,7 @@ pub fn fused_log_kernel_rows(c: &SparseBatch, d: &RawDecoded) -> Option<Tensor> 
             scaling: None,
             bias: &[],
             counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
+            count_terms,
         };
         let grads = want_grad.then(|| fused::Grads {
             logits: view_mut(&g_logits),
@@ -377,6 +391,7 @@ pub fn fused_softplus_rows(c: &SparseBatch, d: &SoftplusDecoded) -> Option<Tenso
             ambient: levels(&ambient),
             scaling: levels(&scaling),
             counts: fused::Rows { indptr: &host.indptr, indices: &host.indices, values: &host.values },
+            count_terms: true,
         };
         let grads = want_grad.then(|| fused::Grads {
             logits: view_mut(&g_f),

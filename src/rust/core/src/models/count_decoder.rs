@@ -5,8 +5,8 @@
 //! The VAE and both species of the cross-species model decode through it.
 
 use crate::likelihood::{
-    fused_log_kernel_rows, nb_log_kernel_rows, poisson_log_kernel_rows, zinb_log_kernel_rows, Likelihood, RawDecoded,
-    SparseBatch,
+    fused_log_kernel_rows, fused_log_kernel_rows_for_ranking, nb_log_kernel_rows, poisson_log_kernel_rows,
+    zinb_log_kernel_rows, Likelihood, RawDecoded, SparseBatch,
 };
 use crate::nn::{linear, FcLayers, FcSpec, Pass};
 use serde::{Deserialize, Serialize};
@@ -207,6 +207,33 @@ impl CountDecoder {
             return kernel - log_factorial;
         }
         self.log_likelihood(x, log_factorial, &self.distribution(heads, log_library))
+    }
+
+    /// `log_likelihood_heads` for ranking rows that share their counts and θ
+    /// (candidates decoded for one cell, θ not by cell): where the fused CPU
+    /// kernel runs, each value leaves out the terms of the row's counts and
+    /// θ alone (log Γ(x + θ) − log Γ(θ) and log Γ(x + 1)); elsewhere it is
+    /// the full value. Differences between such rows are the same.
+    pub fn ranking_log_likelihood_heads(
+        &self,
+        x: &SparseBatch,
+        log_factorial: &Tensor,
+        heads: DecoderHeads,
+        log_library: &Tensor,
+    ) -> Tensor {
+        let raw = RawDecoded {
+            family: self.likelihood,
+            logits: &heads.logits,
+            log_library,
+            log_theta: heads.log_theta.as_ref(),
+            pi_logits: heads.pi_logits.as_ref(),
+        };
+        if !self.cell_dispersion() {
+            if let Some(kernel) = fused_log_kernel_rows_for_ranking(x, &raw) {
+                return kernel;
+            }
+        }
+        self.log_likelihood_heads(x, log_factorial, heads, log_library)
     }
 
     /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).

@@ -47,7 +47,7 @@ pub fn candidate_nll(
             .map(|t| if t.dim() == 2 { t.index_select(0, pick) } else { t.shallow_clone() }),
         pi_logits: pool.pi_logits.as_ref().map(|t| t.index_select(0, pick)),
     };
-    nll_of_heads(decoder, data, rows, heads, log_library, k)
+    nll_of_heads(decoder, data, rows, heads, log_library, k, false)
 }
 
 /// Decoded candidates that many cells are scored against: on the CPU under
@@ -147,7 +147,10 @@ impl ScorePool {
     }
 }
 
-/// `candidate_nll` with the heads already one row per (cell, candidate).
+/// `candidate_nll` with the heads already one row per (cell, candidate);
+/// with `ranking`, each value may leave out terms of the cell's counts and
+/// θ alone (see `CountDecoder::ranking_log_likelihood_heads`): the order of
+/// a cell's candidates is kept, not the values.
 fn nll_of_heads(
     decoder: &CountDecoder,
     data: &VaeData,
@@ -155,6 +158,7 @@ fn nll_of_heads(
     heads: DecoderHeads,
     log_library: &Tensor,
     k: usize,
+    ranking: bool,
 ) -> Tensor {
     let device = heads.logits.device();
     let rep: Vec<usize> = rows.iter().flat_map(|&r| std::iter::repeat_n(r, k)).collect();
@@ -162,11 +166,18 @@ fn nll_of_heads(
     let lf: Vec<f32> = rep.iter().map(|&r| data.log_factorial[r]).collect();
     let lf = Tensor::from_slice(&lf).to_device(device);
     let lib = log_library.repeat_interleave_self_int(k as i64, Some(0), None);
-    (-decoder.log_likelihood_heads(&x, &lf, heads, &lib)).view([rows.len() as i64, k as i64])
+    let ll = if ranking {
+        decoder.ranking_log_likelihood_heads(&x, &lf, heads, &lib)
+    } else {
+        decoder.log_likelihood_heads(&x, &lf, heads, &lib)
+    };
+    (-ll).view([rows.len() as i64, k as i64])
 }
 
 /// `candidate_nll` for candidate latents `z` ([rows · k, d]) decoded with
-/// each cell's own batch (output products in bf16 when `bf16`).
+/// each cell's own batch (output products in bf16 when `bf16`), for ranking
+/// each cell's candidates: a value may leave out terms of the cell's counts
+/// and θ alone, the same for all its candidates.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_candidates_nll(
     decoder: &CountDecoder,
@@ -186,7 +197,7 @@ pub fn decode_candidates_nll(
     // rows beat a pool here (3.8 against 5.0 ms per training step), which
     // pays off only when many cells share the pool's rows.
     let heads = decoder.heads_with(z, &design, &batch, pass, bf16);
-    nll_of_heads(decoder, data, rows, heads, log_library, k)
+    nll_of_heads(decoder, data, rows, heads, log_library, k, true)
 }
 
 /// `cells` ordered so that cells near each other in the latent space
