@@ -89,8 +89,6 @@ impl Adam {
             if !p.requires_grad() || !g.defined() {
                 continue;
             }
-            let g = if g.kind() == Kind::BFloat16 || g.kind() == Kind::Float { g } else { g.to_kind(Kind::Float) };
-            let g = if g.is_contiguous() { g } else { g.contiguous() };
             let n = m.len();
             let shadow = shadows
                 .iter()
@@ -98,6 +96,14 @@ impl Adam {
                     q.data_ptr() == p.data_ptr() && s.kind() == Kind::BFloat16 && s.is_contiguous() && s.numel() == n
                 })
                 .map_or(std::ptr::null_mut(), |(_, s)| s.data_ptr() as *mut u16);
+            // A bf16 gradient is read as such where it updates a shadow too;
+            // any other gradient is widened to f32 here.
+            let g = match g.kind() {
+                Kind::Float => g,
+                Kind::BFloat16 if !shadow.is_null() => g,
+                _ => g.to_kind(Kind::Float),
+            };
+            let g = if g.is_contiguous() { g } else { g.contiguous() };
             let pp = p.data_ptr() as *mut f32;
             let (gp, gp16) = match g.kind() {
                 Kind::BFloat16 => (std::ptr::null(), g.data_ptr() as *const u16),
@@ -140,16 +146,10 @@ impl Adam {
                 let shadow = (!b.shadow.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(b.shadow, b.len) });
                 match (g16, shadow) {
                     (Some(g), Some(s)) => update_mixed(p, g, m, v, s, wd, eps, step_size, sqrt_bc2),
-                    (g16, shadow) => {
-                        let widened: Vec<f32>;
-                        let g = match g16 {
-                            Some(g) => {
-                                widened = g.iter().map(|&h| bf16_to_f32(h)).collect();
-                                &widened[..]
-                            }
-                            // SAFETY: as above (the gradient is f32 when not bf16).
-                            None => unsafe { std::slice::from_raw_parts(b.g, b.len) },
-                        };
+                    (Some(_), None) => unreachable!("a bf16 gradient is kept only with a shadow"),
+                    (None, shadow) => {
+                        // SAFETY: as above (the gradient is f32 when not bf16).
+                        let g = unsafe { std::slice::from_raw_parts(b.g, b.len) };
                         update(p, g, m, v, wd, eps, step_size, sqrt_bc2);
                         if let Some(s) = shadow {
                             for (s, &x) in s.iter_mut().zip(p.iter()) {
@@ -289,12 +289,13 @@ mod tests {
         assert!(b[2].equal(&b[3]), "a frozen parameter moved");
     }
 
-    /// A bf16 gradient updates as its (exact) f32 widening does, and a
-    /// shadow ends as the bf16 rounding of the updated parameter.
+    /// A bf16 gradient updates as its (exact) f32 widening does, with a
+    /// shadow or without, and a shadow ends as the bf16 rounding of the
+    /// updated parameter.
     #[test]
     fn a_bf16_gradient_and_a_shadow_follow_the_f32_update() {
         let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
-        let run = |mixed: bool| {
+        let run = |grad16: bool, mixed: bool| {
             tch::manual_seed(2);
             let vs = nn::VarStore::new(Device::Cpu);
             let p = vs.root().randn_standard("p", &[70_000]);
@@ -304,15 +305,16 @@ mod tests {
                 let g =
                     Tensor::from_slice(&(0..70_000).map(|i| ((i * 7 + step) % 13) as f32 - 6.0).collect::<Vec<_>>())
                         .to_kind(Kind::BFloat16);
-                let g = if mixed { g } else { g.to_kind(Kind::Float) };
+                let g = if grad16 { g } else { g.to_kind(Kind::Float) };
                 let shadows = if mixed { vec![(p.shallow_clone(), shadow.shallow_clone())] } else { vec![] };
                 adam.step(&[(p.shallow_clone(), g)], &shadows);
             }
             (p.detach().copy(), shadow)
         };
-        let (p32, _) = run(false);
-        let (p16, shadow) = run(true);
+        let (p32, _) = run(false, false);
+        let (p16, shadow) = run(true, true);
         assert!(p32.equal(&p16), "the bf16 gradient updated differently");
+        assert!(p32.equal(&run(true, false).0), "the bf16 gradient without a shadow updated differently");
         assert!(shadow.equal(&p16.to_kind(Kind::BFloat16)), "the shadow is not libtorch's rounding of the parameter");
         // Ties round to even, NaN stays NaN.
         assert_eq!(f32_to_bf16(f32::from_bits(0x3F80_8000)), 0x3F80);

@@ -325,7 +325,6 @@ impl<'a> VaeData<'a> {
     /// with the design appended, written in one pass.
     pub fn inputs_bf16(&self, rows: &[usize], log: bool, streamed: bool) -> (Inputs, Tensor) {
         let device = Device::Cpu;
-        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>());
         let design = self.covariates.design(rows, None, device);
         let n_cov = design.size()[1] as usize;
         let (x, nonzero) = self.counts.with_rows(rows, streamed, |m, local| {
@@ -342,20 +341,34 @@ impl<'a> VaeData<'a> {
             m.dense_bf16_rows_into(local, log, cov, n_cov, out);
             (x, SparseBatch::from_csr(m, local, device))
         });
-        let inputs = Inputs {
-            log1p_x: Tensor::new(),
+        (self.with_cell_constants(rows, None, device, Tensor::new(), design, nonzero), x)
+    }
+
+    /// `Inputs` of `rows` from their counts' parts (`log1p_x`, `nonzero`)
+    /// and design, with the per-cell constants: log library, batch codes
+    /// (every cell's set to `batch_as` if given), log Γ(x + 1).
+    fn with_cell_constants(
+        &self,
+        rows: &[usize],
+        batch_as: Option<u32>,
+        device: Device,
+        log1p_x: Tensor,
+        design: Tensor,
+        nonzero: SparseBatch,
+    ) -> Inputs {
+        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
+        Inputs {
+            log1p_x,
             log_library: pick(&self.log_library).unsqueeze(1),
-            batch: self.covariates.batch_codes(rows, None, device),
             design,
+            batch: self.covariates.batch_codes(rows, batch_as, device),
             log_factorial: pick(&self.log_factorial),
             nonzero,
-        };
-        (inputs, x)
+        }
     }
 
     /// `inputs`, reading on-disk cells from the epoch's stream when `streamed`.
     pub fn inputs_from(&self, rows: &[usize], batch_as: Option<u32>, device: Device, streamed: bool) -> Inputs {
-        let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(device);
         let (log1p_x, nonzero) = match &self.resident {
             Some(d) if d.device() == device => {
                 let (x, nonzero) = d.rows(rows);
@@ -365,14 +378,8 @@ impl<'a> VaeData<'a> {
                 (crate::data::log1p_rows_to_tensor(m, local, device), SparseBatch::from_csr(m, local, device))
             }),
         };
-        Inputs {
-            log1p_x,
-            log_library: pick(&self.log_library).unsqueeze(1),
-            design: self.covariates.design(rows, batch_as, device),
-            batch: self.covariates.batch_codes(rows, batch_as, device),
-            log_factorial: pick(&self.log_factorial),
-            nonzero,
-        }
+        let design = self.covariates.design(rows, batch_as, device);
+        self.with_cell_constants(rows, batch_as, device, log1p_x, design, nonzero)
     }
 }
 
