@@ -341,4 +341,21 @@ mod tests {
         assert!(max(&w).is_nan());
         assert_eq!(sum(&[]), 0.0);
     }
+
+    /// `dot` sums every product (over the shorter slice); `gather` reads
+    /// the indexed values and refuses an index out of range up front.
+    #[test]
+    fn dots_and_gathers_see_every_element() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..40).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+        assert_eq!(dot(&a, &b).to_bits(), dot(&b[..37], &a).to_bits());
+        let idx = [3u32, 0, 36, 3];
+        let mut out = [0f32; 4];
+        gather(&a, Indices::new(&idx, a.len()), &mut out);
+        assert_eq!(out, [a[3], a[0], a[36], a[3]]);
+        assert!(std::panic::catch_unwind(|| Indices::new(&[37u32], 37)).is_err());
+        assert!(std::panic::catch_unwind(|| gather(&a[..10], Indices::new(&idx, 37), &mut [0f32; 4])).is_err());
+    }
 }
