@@ -70,7 +70,7 @@ impl Csr {
                 }
             }
         };
-        on_row_blocks(rows, out, width, 1 << 16, fill);
+        crate::kernels::omp::on_row_blocks(rows, out, width, 1 << 16, fill);
     }
 
     fn dense_rows_map_into(&self, rows: &[usize], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
@@ -85,7 +85,7 @@ impl Csr {
                 }
             }
         };
-        on_row_blocks(rows, out, self.n_cols, 1 << 18, |_, rows, out| fill(rows, out));
+        crate::kernels::omp::on_row_blocks(rows, out, self.n_cols, 1 << 18, |_, rows, out| fill(rows, out));
     }
 
     /// Keeps the columns in `keep` (in that order): a new CSR whose column `k`
@@ -268,38 +268,6 @@ pub(crate) fn log1p_count(v: f32, table: &[f32]) -> f32 {
     } else {
         v.ln_1p()
     }
-}
-
-/// `fill(first, rows, out)` over blocks of whole rows of `out` (`width`
-/// values per row; `first`: the block's first row in `rows`). A minibatch
-/// of a wide modality is written between two libtorch operations: on
-/// libtorch's OpenMP team (see `kernels::omp`) when `out` has at least
-/// `min_len` values, else in one call.
-fn on_row_blocks<T: Send>(
-    rows: &[usize],
-    out: &mut [T],
-    width: usize,
-    min_len: usize,
-    fill: impl Fn(usize, &[usize], &mut [T]) + Sync,
-) {
-    let threads = (tch::get_num_threads().max(1) as usize).min(rows.len());
-    if threads < 2 || width == 0 || out.len() < min_len {
-        return fill(0, rows, out);
-    }
-    let per = rows.len().div_ceil(threads);
-    let blocks: Vec<_> = rows
-        .chunks(per)
-        .zip(out.chunks_mut(per * width))
-        .enumerate()
-        .map(|(b, (rows, out))| std::sync::Mutex::new((b * per, rows, out)))
-        .collect();
-    crate::kernels::omp::run(threads, &|member, members| {
-        for block in blocks.iter().skip(member).step_by(members) {
-            let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
-            let (first, rows, out) = &mut *block;
-            fill(*first, rows, out);
-        }
-    });
 }
 
 #[cfg(test)]

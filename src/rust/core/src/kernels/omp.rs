@@ -97,6 +97,39 @@ pub fn run(threads: usize, body: &(dyn Fn(usize, usize) + Sync)) {
     }
 }
 
+/// `fill(first, rows, out)` over blocks of whole rows of `out` (`width`
+/// values per row of `rows`; `first`: the block's first position in
+/// `rows`), on the OpenMP team when more than one thread is set and `out`
+/// has at least `min_len` values, else in one call. For work between two
+/// libtorch operations that is cut by rows (a minibatch written densely, a
+/// re-ranking per cell): each row's result must depend on the row alone.
+pub fn on_row_blocks<T: Send>(
+    rows: &[usize],
+    out: &mut [T],
+    width: usize,
+    min_len: usize,
+    fill: impl Fn(usize, &[usize], &mut [T]) + Sync,
+) {
+    let threads = (tch::get_num_threads().max(1) as usize).min(rows.len());
+    if threads < 2 || width == 0 || out.len() < min_len {
+        return fill(0, rows, out);
+    }
+    let per = rows.len().div_ceil(threads);
+    let blocks: Vec<_> = rows
+        .chunks(per)
+        .zip(out.chunks_mut(per * width))
+        .enumerate()
+        .map(|(b, (rows, out))| std::sync::Mutex::new((b * per, rows, out)))
+        .collect();
+    run(threads, &|member, members| {
+        for block in blocks.iter().skip(member).step_by(members) {
+            let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+            let (first, rows, out) = &mut *block;
+            fill(*first, rows, out);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -196,14 +196,7 @@ impl CountDecoder {
         heads: DecoderHeads,
         log_library: &Tensor,
     ) -> Tensor {
-        let raw = RawDecoded {
-            family: self.likelihood,
-            logits: &heads.logits,
-            log_library,
-            log_theta: heads.log_theta.as_ref(),
-            pi_logits: heads.pi_logits.as_ref(),
-        };
-        if let Some(kernel) = fused_log_kernel_rows(x, &raw) {
+        if let Some(kernel) = fused_log_kernel_rows(x, &self.raw(&heads, log_library)) {
             return kernel - log_factorial;
         }
         self.log_likelihood(x, log_factorial, &self.distribution(heads, log_library))
@@ -221,19 +214,23 @@ impl CountDecoder {
         heads: DecoderHeads,
         log_library: &Tensor,
     ) -> Tensor {
-        let raw = RawDecoded {
+        if !self.cell_dispersion() {
+            if let Some(kernel) = fused_log_kernel_rows_for_ranking(x, &self.raw(&heads, log_library)) {
+                return kernel;
+            }
+        }
+        self.log_likelihood_heads(x, log_factorial, heads, log_library)
+    }
+
+    /// The heads as the fused kernel reads them.
+    fn raw<'a>(&self, heads: &'a DecoderHeads, log_library: &'a Tensor) -> RawDecoded<'a> {
+        RawDecoded {
             family: self.likelihood,
             logits: &heads.logits,
             log_library,
             log_theta: heads.log_theta.as_ref(),
             pi_logits: heads.pi_logits.as_ref(),
-        };
-        if !self.cell_dispersion() {
-            if let Some(kernel) = fused_log_kernel_rows_for_ranking(x, &raw) {
-                return kernel;
-            }
         }
-        self.log_likelihood_heads(x, log_factorial, heads, log_library)
     }
 
     /// log p(x | decoded) per cell, the full value (log Γ(x+1) included).

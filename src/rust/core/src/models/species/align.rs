@@ -204,35 +204,19 @@ fn rerank_in_place(c: &Tensor, t: &Tensor, first: usize, near: &[i64], wide: usi
     let n = near.len() / wide;
     let at = out.len();
     out.resize(at + n * k, 0);
-    let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
-    let parts: Vec<std::sync::Mutex<&mut [u32]>> = {
-        let mut rest = &mut out[at..];
-        let mut v = Vec::new();
-        for p in 0..threads {
-            let cells = (p + 1) * n / threads - p * n / threads;
-            let (mine, tail) = rest.split_at_mut(cells * k);
-            v.push(std::sync::Mutex::new(mine));
-            rest = tail;
-        }
-        v
-    };
-    crate::kernels::omp::run(threads, &|member, members| {
+    let cells: Vec<usize> = (0..n).collect();
+    crate::kernels::omp::on_row_blocks(&cells, &mut out[at..], k, 0, |_, cells, out| {
         let mut sims: Vec<(f32, u32)> = Vec::with_capacity(wide);
-        for (p, part) in parts.iter().enumerate().skip(member).step_by(members) {
-            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
-            let lo = p * n / threads;
-            for (x, o) in part.chunks_mut(k).enumerate() {
-                let i = lo + x;
-                let row = &ts[(first + i) * h..(first + i + 1) * h];
-                sims.clear();
-                for &j in &near[i * wide..(i + 1) * wide] {
-                    let j = j as usize;
-                    sims.push((crate::kernels::vmath::dot(row, &cs[j * h..(j + 1) * h]), j as u32));
-                }
-                sims.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                for (o, s) in o.iter_mut().zip(&sims) {
-                    *o = s.1;
-                }
+        for (&i, o) in cells.iter().zip(out.chunks_mut(k)) {
+            let row = &ts[(first + i) * h..(first + i + 1) * h];
+            sims.clear();
+            for &j in &near[i * wide..(i + 1) * wide] {
+                let j = j as usize;
+                sims.push((crate::kernels::vmath::dot(row, &cs[j * h..(j + 1) * h]), j as u32));
+            }
+            sims.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (o, s) in o.iter_mut().zip(&sims) {
+                *o = s.1;
             }
         }
     });
