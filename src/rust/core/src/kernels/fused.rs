@@ -684,12 +684,6 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
                 }
             }
         }
-        Likelihood::Nb if skip => {
-            for i in 0..nnz {
-                let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
-                df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * (1.0 / (th + mu + EPS)));
-            }
-        }
         Likelihood::Nb => {
             for i in 0..nnz {
                 let (x, mu, th) = (xs[i], mu_a[i], th_a[i]);
@@ -702,7 +696,7 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
                     dq_a[i] = x * (im - iu);
                     dt_a[i] = (-x * iu + dg - dgt_a[i]) * th;
                 } else {
-                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu) + vmath::lgamma::<FMA>(x + th) - lgt_a[i];
+                    df_a[i] = x * vmath::ln::<FMA>((mu + EPS) * iu); // count terms below
                 }
             }
         }
@@ -726,21 +720,20 @@ fn add_nonzeros<const FMA: bool, const GRAD: bool>(
             }
         }
         Likelihood::Zinb => {
-            // A and softplus(A − π) are the zero pass's (in `lte_a`, `ite_a`).
-            if skip {
-                for i in 0..nnz {
-                    let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
-                    let iu = 1.0 / (th + mu + EPS);
-                    df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu);
-                }
-            } else {
-                for i in 0..nnz {
-                    let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
-                    let iu = 1.0 / (th + mu + EPS);
-                    let lg = vmath::lgamma::<FMA>(x + th);
-                    df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu) + lg - lgt_a[i];
-                }
+            // A and softplus(A − π) are the zero pass's (in `lte_a`, `ite_a`);
+            // the count terms below.
+            for i in 0..nnz {
+                let (x, mu, th, p) = (xs[i], mu_a[i], th_a[i], pi_a[i]);
+                let iu = 1.0 / (th + mu + EPS);
+                df_a[i] = -p + lte_a[i] - ite_a[i] + x * vmath::ln::<FMA>((mu + EPS) * iu);
             }
+        }
+    }
+    // The values' count terms log Γ(x + θ) − log Γ(θ), added in the order of
+    // the full expression; left out for ranking (`Inputs::count_terms`).
+    if !GRAD && fam != Likelihood::Poisson && !skip {
+        for i in 0..nnz {
+            df_a[i] = df_a[i] + vmath::lgamma::<FMA>(xs[i] + th_a[i]) - lgt_a[i];
         }
     }
     let total = total + vmath::sum(df_a);
