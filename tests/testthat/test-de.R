@@ -238,6 +238,21 @@ test_that("the samples method treats samples as replicates: calibrated calls, kn
   expect_true(all(sign(de$lfc_mean[called & truth]) == sign(true_lfc[called & truth])))
   expect_false(anyNA(de$pvalue))
   expect_true(all(de$padj >= de$pvalue))
+  # LFC != 0 by default, called at the FDR target of the moderated t-test
+  # after the empirical null (widened, never narrowed).
+  expect_identical(p$delta, 0)
+  expect_false(p$delta_estimated)
+  expect_identical(de$is_de, de$padj <= 0.05)
+  expect_true(length(p$null_sd) %in% 1:3 && all(p$null_sd > 0.5))
+  expect_output(summary(de), "empirical null sd")
+  # A given delta asks |LFC| > delta of the posterior: fewer calls, each
+  # with most of its posterior beyond delta.
+  strict <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
+                                    sample_key = "sample", delta = 1, threads = 2)
+  expect_identical(attr(strict, "params")$delta, 1)
+  expect_lt(sum(strict$is_de), sum(de$is_de))
+  expect_true(all(strict$proba_de[strict$is_de] > 0.5))
+  expect_identical(strict$pvalue, de$pvalue)
   # Reproducible for a seed.
   again <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
                                    sample_key = "sample", threads = 2)

@@ -275,6 +275,10 @@ pub struct DeTable {
     pub residual_df: f64,
     /// Samples method: the prior weight of LFC = 0 (adaptive shrinkage).
     pub null_weight: f64,
+    /// Samples method with batch correction: the empirical null's standard
+    /// deviation of the z-scores per band of mean level (low to high);
+    /// empty without correction.
+    pub null_sd: Vec<f64>,
 }
 
 impl DeTable {

@@ -103,9 +103,19 @@ impl ScaleModel for Replicates {
     }
 }
 
-fn replicates(n_per_group: usize, bio: f64, seed: u64) -> (Replicates, Csr, Vec<usize>, Vec<usize>, Vec<u32>, usize) {
+/// `batch_error`: the sd (natural log) of a per-gene error of batch 1's
+/// effect in the data that the model does not know: its correction then
+/// leaves that error in every batch-1 sample.
+fn replicates(
+    n_per_group: usize,
+    bio: f64,
+    batch_error: f64,
+    seed: u64,
+) -> (Replicates, Csr, Vec<usize>, Vec<usize>, Vec<u32>, usize) {
     let (genes, n_de, cells_per_sample) = (1000, 50, 40);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let error: Vec<f64> =
+        (0..genes).map(|_| (Normal::new(0.0, batch_error.max(1e-12)).unwrap().sample(&mut rng)).exp()).collect();
     let base: Vec<f64> = (0..genes).map(|j| 1.0 + (j % 7) as f64).collect();
     let dev = Normal::new(0.0, bio).unwrap();
     let n_samples = 2 * n_per_group;
@@ -128,7 +138,12 @@ fn replicates(n_per_group: usize, bio: f64, seed: u64) -> (Replicates, Csr, Vec<
     let rows = sample_of_cell
         .iter()
         .map(|&s| {
-            let p = under_batch(&profiles[s], batch_of_sample[s]);
+            let mut p = under_batch(&profiles[s], batch_of_sample[s]);
+            if batch_of_sample[s] == 1 {
+                for (v, e) in p.iter_mut().zip(&error) {
+                    *v *= *e as f32;
+                }
+            }
             let (mut idx, mut val) = (vec![], vec![]);
             for (j, &share) in p.iter().enumerate() {
                 let c = rand_distr::Poisson::new(2000.0 * share as f64).unwrap().sample(&mut rng);
@@ -153,7 +168,7 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
     // 4 against 4 samples, biological sd 0.3 between samples: the unchanged
     // genes' p-values are uniform (5% below 0.05, within noise), the
     // posterior FDR calls keep the target, and the true changes are found.
-    let (m, counts, g1, g2, codes, n_de) = replicates(4, 0.3, 7);
+    let (m, counts, g1, g2, codes, n_de) = replicates(4, 0.3, 0.0, 7);
     let s = DeSettings {
         method: Method::Samples,
         n_samples: 10,
@@ -208,6 +223,83 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
 }
 
 #[test]
+fn the_empirical_null_absorbs_the_errors_of_the_batch_correction() {
+    // Batch 1 (group 1's samples) has a per-gene effect the model does not
+    // know (sd 0.25): its correction leaves it in group 1, where a t-test
+    // over samples cannot tell it from a change. Counted as the model's
+    // (one batch degree of freedom), the statistics are widened by their
+    // central spread: the unchanged genes' p-values are near uniform again
+    // and the calls keep the target, where without it they do not.
+    let (m, counts, g1, g2, codes, n_de) = replicates(4, 0.2, 0.15, 11);
+    let s = DeSettings {
+        method: Method::Samples,
+        n_samples: 4,
+        sample_of: codes,
+        batches: vec![0, 1],
+        batch_df: 1,
+        seed: 1,
+        ..Default::default()
+    };
+    let _torch = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |s: &DeSettings| {
+        crate::device::seed_torch(1);
+        differential_expression(&m, Rows::Memory(&counts), &g1, &g2, s, &Watch::quiet()).unwrap()
+    };
+    let below = |t: &DeTable| t.pvalue[n_de..].iter().filter(|&&p| p < 0.05).count() as f64 / (1000 - n_de) as f64;
+    let false_calls = |t: &DeTable| t.is_de[n_de..].iter().filter(|&&c| c).count();
+    let calls = |t: &DeTable| t.is_de.iter().filter(|&&c| c).count();
+    let t = run(&s);
+    assert_eq!(t.null_sd.len(), 2);
+    assert!(t.null_sd.iter().all(|&v| v > 1.1), "{:?}", t.null_sd);
+    assert!(below(&t) <= 0.09, "null p < 0.05: {}", below(&t));
+    assert!((false_calls(&t) as f64) <= 0.1 * calls(&t) as f64 + 1.0, "{} false of {}", false_calls(&t), calls(&t));
+    let found = t.is_de[..n_de].iter().filter(|&&c| c).count();
+    assert!(found >= 30, "found {found}");
+    // The same data without the widening (no batch degrees of freedom):
+    // the errors pass as changes.
+    let plain = run(&DeSettings { batch_df: 0, ..s.clone() });
+    assert!(plain.null_sd.is_empty());
+    assert!(below(&plain) > 0.15, "{}", below(&plain));
+    assert!(false_calls(&plain) > 3 * false_calls(&t).max(3), "{} vs {}", false_calls(&plain), false_calls(&t));
+}
+
+#[test]
+fn central_matching_recovers_the_null_spread() {
+    // z-scores of unchanged genes N(0, σ²) and 10% changed ones at ±(4 ±
+    // 1.5): the fit on the centre finds σ within 5%.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for sd in [1.0, 1.3] {
+        let null = Normal::new(0.0, sd).unwrap();
+        let alt = Normal::new(4.0, 1.5).unwrap();
+        let z: Vec<f64> = (0..3000)
+            .map(|i| {
+                if i % 10 == 0 {
+                    alt.sample(&mut rng) * if i % 20 == 0 { 1.0 } else { -1.0 }
+                } else {
+                    null.sample(&mut rng)
+                }
+            })
+            .collect();
+        let fit = central_sd(&z);
+        assert!(close(fit / sd, 1.0, 0.05), "σ {sd}: {fit}");
+    }
+    assert!(central_sd(&[1.0; 10]).is_nan());
+    // Spread growing with level: three bands, interpolated, never below 1.
+    let level: Vec<f64> = (0..3000).map(|i| i as f64).collect();
+    let z: Vec<f64> =
+        (0..3000).map(|i| Normal::new(0.0, [0.8, 1.2, 1.5][i / 1000]).unwrap().sample(&mut rng)).collect();
+    let (per_gene, bands) = empirical_null(&z, &level);
+    assert_eq!(bands.len(), 3);
+    for (b, want) in bands.iter().zip([0.8, 1.2, 1.5]) {
+        assert!(close(*b / want, 1.0, 0.12), "{bands:?}");
+    }
+    assert!(per_gene.iter().all(|&v| v >= 1.0));
+    assert_eq!(per_gene[0], 1.0);
+    assert!(close(per_gene[1500], bands[1], 1e-9) || close(per_gene[1499], bands[1], 0.01));
+    assert!(close(per_gene[2999], bands[2], 1e-12));
+}
+
+#[test]
 fn the_shrinkage_posterior_keeps_its_point_mass_at_zero() {
     // Mostly nulls (β̂ ~ N(0, 1)) and a few large effects: the prior's null
     // weight is high; a null-looking gene's posterior sits mostly on 0, so
@@ -234,7 +326,7 @@ fn the_shrinkage_posterior_keeps_its_point_mass_at_zero() {
 
 #[test]
 fn samples_mode_errors_name_the_problem() {
-    let (m, counts, g1, g2, codes, _) = replicates(2, 0.3, 1);
+    let (m, counts, g1, g2, codes, _) = replicates(2, 0.3, 0.0, 1);
     let base = DeSettings { method: Method::Samples, n_samples: 2, ..Default::default() };
     // A sample with cells in both groups.
     let mut mixed = codes.clone();
