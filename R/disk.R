@@ -321,12 +321,15 @@ latent_blocks <- function(model, d, batch, give_mean, seed, threads) {
 
 # elbo_parts() of on-disk cells (`src` from disk_source()): the per-cell
 # means of each block of 20,000 cells read in turn, weighted by the blocks'
-# sizes.
+# sizes. Block k draws from seed + k - 1, as sample_counts() and
+# normalized_expression() of a file do, so that blocks do not repeat one
+# another's draws of z.
 elbo_blocks <- function(model, src, batch, seed, threads) {
   total <- 0
+  seed <- check_seed(seed)
   src$blocks(batch, "Scoring the cells", function(part, b, at, k) {
     cells <- model_cells(model, part, b)
-    v <- rust(rs_model_elbo(model_ptr(model), cells, check_seed(seed), resolve_threads(threads)))
+    v <- rust(rs_model_elbo(model_ptr(model), cells, seed + k - 1, resolve_threads(threads)))
     total <<- total + v * length(at)
   })
   stats::setNames(total / src$n_cells, c("elbo", "reconstruction", "kl"))
@@ -477,6 +480,31 @@ h5_target <- function(h5_file, h5_name) {
          call. = FALSE)
   }
   list(path = path.expand(h5_file), name = h5_name)
+}
+
+# The `.h5ad` files of sample_counts(h5ad_file =): one new file per draw,
+# in folders that exist; NULL when none is asked for.
+h5ad_targets <- function(h5ad_file, n_samples) {
+  if (is.null(h5ad_file)) return(NULL)
+  if (!is.character(h5ad_file) || anyNA(h5ad_file) || !all(nzchar(h5ad_file))) {
+    stop("`h5ad_file` must be file paths", call. = FALSE)
+  }
+  if (length(h5ad_file) != n_samples) {
+    stop("`h5ad_file` needs one file per draw: ", n_samples, " for n_samples = ", n_samples, ", got ",
+         length(h5ad_file), call. = FALSE)
+  }
+  files <- path.expand(h5ad_file)
+  if (anyDuplicated(files)) stop("`h5ad_file` names the same file twice: '", files[duplicated(files)][1], "'", call. = FALSE)
+  there <- files[file.exists(files)]
+  if (length(there)) {
+    stop("`h5ad_file`: '", there[1], "' exists; remove it or choose another name (files are never overwritten)",
+         call. = FALSE)
+  }
+  folders <- dirname(files)
+  if (!all(dir.exists(folders))) {
+    stop("`h5ad_file`: the folder '", folders[!dir.exists(folders)][1], "' does not exist", call. = FALSE)
+  }
+  files
 }
 
 # A features x cells result written to dataset `name` of `path` one block of

@@ -60,6 +60,14 @@ rs_vae_de_disk <- function(ptr, spec, genes, batch, categorical, continuous, gro
 
 rs_write_h5ad <- function(path, counts, columns) .Call(native("wrap__rs_write_h5ad"), path, counts, columns)
 
+rs_h5ad_create <- function(path, n_genes) .Call(native("wrap__rs_h5ad_create"), path, n_genes)
+
+rs_h5ad_append <- function(path, n_genes, csr) .Call(native("wrap__rs_h5ad_append"), path, n_genes, csr)
+
+rs_h5ad_finish <- function(path, n_genes, cells, genes) {
+  .Call(native("wrap__rs_h5ad_finish"), path, n_genes, cells, genes)
+}
+
 rs_h5_exists <- function(path, names) .Call(native("wrap__rs_h5_exists"), path, names)
 
 rs_h5_strings <- function(path, name) .Call(native("wrap__rs_h5_strings"), path, name)

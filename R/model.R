@@ -379,14 +379,30 @@ check_dense_size <- function(n_features, n_cells) {
 #' models say so. Counts on disk (see [h5_counts()]) are read in blocks of
 #' 20,000 cells, block k drawing from `seed + k - 1`.
 #'
+#' The draws of an atlas do not fit in memory any more than its counts do:
+#' with `h5ad_file`, each block's draws are appended to AnnData `.h5ad`
+#' files (one per draw, cells × genes CSR, as [write_h5ad()] writes) as they
+#' are made, and only the current block is ever held. The files read back
+#' like any counts on disk, with the same draws as in memory for the same
+#' seed.
+#'
 #' @inheritParams normalized_expression
 #' @param n_samples Number of count matrices to draw.
-#' @return A genes × cells `dgCMatrix`, or a list of them when `n_samples > 1`.
+#' @param h5ad_file `NULL` (the draws in memory) or new `.h5ad` files to
+#'   write them to, one per draw (`n_samples` paths); existing files are
+#'   never overwritten, and a file left unfinished by an error is removed.
+#' @return A genes × cells `dgCMatrix`, or a list of them when `n_samples >
+#'   1`; with `h5ad_file`, [h5_counts()] descriptions of the files (a list
+#'   of them when `n_samples > 1`).
 #' @examples
 #' sce <- example_cellbench()
 #' model <- fit_vae(sce[1:500, ], batch = "batch", likelihood = "nb", max_epochs = 20, threads = 2)
 #' sim <- sample_counts(model, sce[1:500, ])
 #' summary(Matrix::colSums(sim) / Matrix::colSums(SingleCellExperiment::counts(sce[1:500, ])))
+#' # Written to a file as they are drawn, and read back:
+#' f <- tempfile(fileext = ".h5ad")
+#' on_disk <- sample_counts(model, sce[1:500, ], h5ad_file = f)
+#' all.equal(as_counts(on_disk)$counts, sim)
 #' @export
 sample_counts <- function(model, x, ...) {
   check_model(model)
@@ -395,15 +411,38 @@ sample_counts <- function(model, x, ...) {
 
 #' @rdname sample_counts
 #' @export
-sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1, seed = 0, threads = NULL, ...) {
+sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1, seed = 0, threads = NULL,
+                                          h5ad_file = NULL, ...) {
   n_samples <- check_count(n_samples, "n_samples")
   seed <- check_seed(seed)
   threads <- resolve_threads(threads)
+  files <- h5ad_targets(h5ad_file, n_samples)
+  features <- model_features(model)
   draw <- function(cells, seed) {
     draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
-    lapply(draws, csr_to_dgc, features = model_features(model), cells = cells$cells)
+    lapply(draws, csr_to_dgc, features = features, cells = cells$cells)
   }
   src <- disk_source(model, x, ...)
+  if (!is.null(files)) {
+    # Each block's draws appended to the files, then dropped.
+    done <- FALSE
+    on.exit(if (!done) unlink(files), add = TRUE)
+    for (f in files) rust(rs_h5ad_create(f, length(features)))
+    write <- function(cells, seed) {
+      draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
+      for (s in seq_along(files)) rust(rs_h5ad_append(files[s], length(features), draws[[s]]))
+      cells$cells
+    }
+    cells <- if (is.null(src)) {
+      write(model_cells(model, x, batch, ...), seed)
+    } else {
+      unlist(src$blocks(batch, "Drawing counts", function(part, b, at, k) write(model_cells(model, part, b), seed + k - 1)))
+    }
+    for (f in files) rust(rs_h5ad_finish(f, length(features), cells, features))
+    done <- TRUE
+    out <- lapply(files, h5_counts)
+    return(if (n_samples == 1) out[[1]] else out)
+  }
   out <- if (is.null(src)) {
     draw(model_cells(model, x, batch, ...), seed)
   } else {
@@ -425,7 +464,7 @@ sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1,
 #' `x[, model$validation_cells]`, the cells held out during training.
 #' Counts on disk (see [h5_counts()]; for a multimodal model, paired files
 #' as [fit_multimodal()] takes them) are read in blocks of 20,000 cells,
-#' each with its own draws of z from `seed`, so the value equals the one in
+#' block k drawing z from `seed + k - 1`, so the value equals the one in
 #' memory up to the Monte Carlo error of those draws.
 #' A distilled model has no ELBO (its encoder is not variational) and says so.
 #'

@@ -155,10 +155,15 @@ test_that("elbo() of a file reads it in blocks and agrees with the same cells in
   on_disk <- elbo(model, s$file, threads = 2)
   # Each block draws its own z: the same value up to their Monte Carlo error.
   expect_equal(on_disk, elbo(model, mem, threads = 2), tolerance = 2e-3)
-  # The weighted mean of the blocks' means, exactly.
+  # The weighted mean of the blocks' means, exactly, block k drawing from
+  # seed + k - 1 (the same draws in every block would be one draw reused).
   blocks <- list(1:400, 401:800, 801:900)
-  parts <- vapply(blocks, function(b) elbo(model, as_counts(h5_counts(s$file), cells = b), threads = 2), 1)
+  parts <- vapply(seq_along(blocks), function(k) {
+    elbo(model, as_counts(h5_counts(s$file), cells = blocks[[k]]), seed = k - 1, threads = 2)
+  }, 1)
   expect_equal(on_disk, sum(parts * lengths(blocks)) / 900)
+  same_seed <- vapply(blocks, function(b) elbo(model, as_counts(h5_counts(s$file), cells = b), threads = 2), 1)
+  expect_false(isTRUE(all.equal(on_disk, sum(same_seed * lengths(blocks)) / 900, tolerance = 1e-9)))
   expect_equal(reconstruction_error(model, s$file, threads = 2) < on_disk, TRUE)
 })
 
@@ -192,6 +197,25 @@ test_that("normalized_expression() and sample_counts() of a file read it in bloc
   expect_length(two, 2)
   expect_equal(two[[1]][, 601:700], sample_counts(model, as_counts(h5_counts(s$file), cells = 601:700),
                                                   n_samples = 2, seed = 6, threads = 2)[[1]])
+  # Written to .h5ad files as they are drawn (one per draw): the same draws,
+  # read back from disk.
+  f <- tempfile(fileext = c(".a.h5ad", ".b.h5ad"))
+  on.exit(unlink(f), add = TRUE)
+  files <- sample_counts(model, s$file, n_samples = 2, seed = 4, h5ad_file = f, threads = 2)
+  expect_length(files, 2)
+  expect_equal(as_counts(files[[1]])$counts, two[[1]])
+  expect_equal(as_counts(files[[2]])$counts, two[[2]])
+  g <- tempfile(fileext = ".h5ad")
+  on.exit(unlink(g), add = TRUE)
+  one <- sample_counts(model, mem, seed = 3, h5ad_file = g, threads = 2)
+  expect_equal(as_counts(one)$counts, sample_counts(model, mem, seed = 3, threads = 2))
+  # Errors that name the problem; nothing overwritten, nothing half-written left.
+  expect_error(sample_counts(model, mem, h5ad_file = g), "exists; remove it or choose another name")
+  expect_error(sample_counts(model, mem, n_samples = 2, h5ad_file = tempfile()), "one file per draw: 2")
+  expect_error(sample_counts(model, mem, h5ad_file = file.path(tempfile(), "x.h5ad")), "folder .* does not exist")
+  h <- tempfile(fileext = ".h5ad")
+  expect_error(sample_counts(model, s$file, batch = "nope", h5ad_file = h, threads = 2), "nope")
+  expect_false(file.exists(h))
   # A dense result larger than the option allows is refused before any reading.
   small <- options(scdistill.max_dense_gb = 1e-4)
   expect_error(normalized_expression(model, s$file), "dense 60 x 700 matrix \\(0\\.0 GB")
@@ -393,9 +417,9 @@ test_that("fit_multimodal() trains from paired files as from memory, and latent(
   expect_equal(dim(rna), c(150, 1500))
   expect_equal(rna, normalized_expression(disk, mo, transform_batch = levels(factor(mo$batch))[1], threads = 2),
                tolerance = 1e-6)
-  # Each block draws z from `seed`: equal to the weighted blocks in memory.
+  # Block k draws z from seed + k - 1: equal to the weighted blocks in memory.
   blocks <- list(1:600, 601:1200, 1201:1500)
-  parts <- vapply(blocks, function(b) elbo(disk, mo[, b], seed = 2, threads = 2), 1)
+  parts <- vapply(seq_along(blocks), function(k) elbo(disk, mo[, blocks[[k]]], seed = 2 + k - 1, threads = 2), 1)
   expect_equal(elbo(disk, files, seed = 2, threads = 2), sum(parts * lengths(blocks)) / 1500, tolerance = 1e-6)
   a <- modality_attribution(disk, files, threads = 2)
   expect_equal(unclass(a), unclass(modality_attribution(disk, mo, threads = 2)), tolerance = 1e-6)

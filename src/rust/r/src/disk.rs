@@ -242,6 +242,57 @@ fn rs_write_h5ad(path: &str, counts: List, columns: List) -> Result<()> {
     })
 }
 
+/// Creates the `.h5ad` file `path` for cells of `n_genes` genes, to be
+/// written block by block (`rs_h5ad_append`) and closed by
+/// `rs_h5ad_finish`; nothing stays open between the calls.
+/// @noRd
+#[extendr]
+fn rs_h5ad_create(path: &str, n_genes: f64) -> Result<()> {
+    H5adWriter::create(path, n_genes as usize).map(|_| ()).map_err(fail)
+}
+
+/// Appends cells to a file `rs_h5ad_create` made: `csr` = list(p, i, x),
+/// the slots of a genes × cells dgCMatrix (rows of cells, 0-based).
+/// @noRd
+#[extendr]
+fn rs_h5ad_append(path: &str, n_genes: f64, csr: List) -> Result<()> {
+    let get =
+        |k: &str| csr.iter().find(|(n, _)| *n == k).map(|(_, v)| v).ok_or_else(|| fail(format!("internal: `{k}`")));
+    let (p, i, x) = (get("p")?, get("i")?, get("x")?);
+    let (p, i) = (int_slice(&p, "p")?, int_slice(&i, "i")?);
+    let x: Vec<f32> =
+        x.as_real_slice().ok_or_else(|| fail("internal: `x` must be doubles"))?.iter().map(|&v| v as f32).collect();
+    let g = n_genes as usize;
+    let ok = !p.is_empty()
+        && p[0] == 0
+        && p.windows(2).all(|w| w[0] <= w[1])
+        && p[p.len() - 1] as usize == i.len()
+        && x.len() == i.len()
+        && i.iter().all(|&j| j >= 0 && (j as usize) < g);
+    if !ok {
+        return Err(fail("internal: a malformed block of cells for the .h5ad file"));
+    }
+    let block = scdistill_core::data::Csr {
+        n_rows: p.len() - 1,
+        n_cols: g,
+        indptr: p.iter().map(|&v| v as usize).collect(),
+        indices: i.iter().map(|&j| j as u32).collect(),
+        values: x,
+    };
+    let mut w = H5adWriter::reopen(path, g).map_err(fail)?;
+    w.append(&block).map_err(fail)
+}
+
+/// Writes the cell and gene names of a file `rs_h5ad_append` wrote and
+/// closes it for good.
+/// @noRd
+#[extendr]
+fn rs_h5ad_finish(path: &str, n_genes: f64, cells: Robj, genes: Robj) -> Result<()> {
+    let (cells, genes) = (strings(&cells, "cells")?, strings(&genes, "genes")?);
+    let w = H5adWriter::reopen(path, n_genes as usize).map_err(fail)?;
+    w.finish(&cells, &genes, &[]).map_err(fail)
+}
+
 /// Which of `names` exist in the HDF5 file `path` (an error when it is
 /// not an HDF5 file). The package reads HDF5 metadata here rather than with
 /// rhdf5: an rhdf5 call that ends in an R error (a file that is not HDF5,
@@ -336,4 +387,7 @@ extendr_module! {
     fn rs_vae_latent_disk;
     fn rs_vae_de_disk;
     fn rs_write_h5ad;
+    fn rs_h5ad_create;
+    fn rs_h5ad_append;
+    fn rs_h5ad_finish;
 }

@@ -41,6 +41,34 @@ pub(crate) fn write_h5ad(path: &str, m: &Csr, block: usize, batch: &[u32]) {
     w.finish(&names("c", m.n_rows), &names("g", m.n_cols), &cols).unwrap();
 }
 
+#[test]
+fn an_h5ad_file_reopened_between_blocks_is_the_one_written_in_one_go() {
+    // Each block appended by a writer reopened for it (nothing kept open in
+    // between): the same file as one writer's, and `reopen` of a file that
+    // is not this package's says so.
+    let m = random_counts(230, 30, 4);
+    let path = tmp("reopened.h5ad");
+    H5adWriter::create(&path, 30).unwrap();
+    for s in (0..230).step_by(64) {
+        let rows: Vec<usize> = (s..(s + 64).min(230)).collect();
+        let mut w = H5adWriter::reopen(&path, 30).unwrap();
+        assert_eq!(w.n_rows(), s as u64);
+        w.append(&m.select_rows(&rows)).unwrap();
+    }
+    let w = H5adWriter::reopen(&path, 30).unwrap();
+    assert_eq!(w.n_rows(), 230);
+    w.finish(&names("c", 230), &names("g", 30), &[]).unwrap();
+    let d = DiskCsr::open(&path, sparse(), 230, 30).unwrap();
+    assert_eq!(d.read_range(0, 230).unwrap(), m);
+    let r = crate::data::H5Reader::open(&path).unwrap();
+    assert_eq!(r.strings("obs/_index").unwrap(), names("c", 230));
+    // A file without X/data.
+    let other = tmp("dense-only.h5");
+    crate::data::DenseH5::create(&other, "values", 3, 2).unwrap();
+    let e = H5adWriter::reopen(&other, 2).err().expect("not an h5ad file");
+    assert!(e.to_string().contains("X"), "{e}");
+}
+
 fn sparse() -> Layout {
     Layout::Sparse { data: "X/data".into(), indices: "X/indices".into(), indptr: "X/indptr".into() }
 }

@@ -618,6 +618,46 @@ impl H5adWriter {
         })
     }
 
+    /// Opens a file that `create` made (and `append` may have written) to
+    /// append more cells or finish it: where it stands is read back from
+    /// the lengths of its datasets, so a caller can write block by block
+    /// without keeping the file open in between.
+    pub fn reopen(path: &str, n_genes: usize) -> Result<H5adWriter> {
+        let name = c_name(path)?;
+        locked(|| {
+            // SAFETY: a NUL-terminated name; default properties.
+            let raw = unsafe { H5Fopen(name.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT) };
+            let file = id(raw, H5Fclose, || format!("cannot open '{path}' to write"))?;
+            let x = open_group(file.0, "X")?;
+            let open = |n: &str| -> Result<(Id, u64)> {
+                let c = c_name(n)?;
+                // SAFETY: an open group, a NUL-terminated name.
+                let d = id(unsafe { H5Dopen2(x.0, c.as_ptr(), H5P_DEFAULT) }, H5Dclose, || {
+                    format!("'{path}' has no dataset 'X/{n}': not a file this package is writing")
+                })?;
+                let space = id(unsafe { H5Dget_space(d.0) }, H5Sclose, || format!("dataspace of 'X/{n}'"))?;
+                let len = extent(&space, || format!("length of 'X/{n}'"))?.first().copied().unwrap_or(0);
+                Ok((d, len))
+            };
+            let (data, nnz) = open("data")?;
+            let (indices, _) = open("indices")?;
+            let (indptr, rows) = open("indptr")?;
+            Ok(H5adWriter {
+                file,
+                path: path.to_string(),
+                x: [data, indices, indptr],
+                n_genes: n_genes as u64,
+                n_rows: rows.saturating_sub(1),
+                nnz,
+            })
+        })
+    }
+
+    /// Cells written so far.
+    pub fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
     /// Appends the cells of `block` (cells × genes).
     pub fn append(&mut self, block: &super::Csr) -> Result<()> {
         if block.n_cols as u64 != self.n_genes {
