@@ -655,13 +655,16 @@ pseudobulk_edger <- function(pb, design_data, design) {
 #' @export
 plot.scdistill_de <- function(x, n_labels = 10, ...) {
   p <- attr(x, "params")
-  pb <- identical(p$method, "pseudobulk")
+  # The axis of the calls: adjusted p-values for pseudobulk and for samples
+  # at delta = 0 (called by BH), Bayes factors otherwise.
+  pb <- identical(p$method, "pseudobulk") || (identical(p$method, "samples") && !isTRUE(p$delta > 0))
   y <- if (pb) -log10(pmax(x$padj, 1e-300)) else x$bayes_factor
   ylab <- if (pb) "-log10 adjusted p-value" else if (p$method == "vanilla") "log Bayes factor (group1 > group2)" else "log Bayes factor"
   col <- ifelse(x$is_de & x$lfc_mean > 0, "#d1495b", ifelse(x$is_de, "#1b6ca8", "grey70"))
   graphics::plot(x$lfc_mean, y, pch = 19, cex = 0.5, col = col, xlab = sprintf("log2 fold change (%s / %s)", p$group1, p$group2),
                  ylab = ylab, main = sprintf("%s: %d of %d genes called", p$method, sum(x$is_de, na.rm = TRUE), nrow(x)), ...)
   if (!pb && is.numeric(p$delta) && p$method != "vanilla") graphics::abline(v = c(-1, 1) * p$delta, lty = 3, col = "grey40")
+  if (pb && is.numeric(p$fdr_target)) graphics::abline(h = -log10(p$fdr_target), lty = 3, col = "grey40")
   top <- utils::head(order(-y * x$is_de, -abs(x$lfc_mean)), n_labels)
   top <- top[x$is_de[top] %in% TRUE]
   if (length(top)) graphics::text(x$lfc_mean[top], y[top], x$gene[top], pos = 3, cex = 0.7)
@@ -697,7 +700,9 @@ summary.scdistill_de <- function(object, ...) {
               format(p$n_cells1, big.mark = ","), format(p$n_cells2, big.mark = ",")))
   cat(sprintf("  %d of %d genes called at FDR %g: %d up, %d down\n", sum(called), nrow(object),
               p$fdr_target, up, down))
-  if (is.numeric(p$delta)) {
+  if (identical(p$method, "samples") && !isTRUE(p$delta > 0)) {
+    cat("  tested: LFC != 0 (moderated t-test over samples, Benjamini-Hochberg)\n")
+  } else if (is.numeric(p$delta)) {
     cat(sprintf("  delta %.3g (%s)\n", p$delta, if (isTRUE(p$delta_estimated)) "estimated" else "given"))
   }
   if (!is.null(p$samples1)) {

@@ -245,6 +245,12 @@ test_that("the samples method treats samples as replicates: calibrated calls, kn
   expect_identical(de$is_de, de$padj <= 0.05)
   expect_true(length(p$null_sd) %in% 1:3 && all(p$null_sd > 0.5))
   expect_output(summary(de), "empirical null sd")
+  expect_output(summary(de), "tested: LFC != 0")
+  f <- tempfile(fileext = ".png")
+  grDevices::png(f)
+  expect_identical(plot(de), de)
+  grDevices::dev.off()
+  unlink(f)
   # A given delta asks |LFC| > delta of the posterior: fewer calls, each
   # with most of its posterior beyond delta.
   strict <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
