@@ -167,7 +167,7 @@ fn replicates(
 fn samples_mode_is_calibrated_under_replicate_variation() {
     // 4 against 4 samples, biological sd 0.3 between samples: the unchanged
     // genes' p-values are uniform (5% below 0.05, within noise), the
-    // posterior FDR calls keep the target, and the true changes are found.
+    // calls (BH at δ = 0) keep the target, and the true changes are found.
     let (m, counts, g1, g2, codes, n_de) = replicates(4, 0.3, 0.0, 7);
     let s = DeSettings {
         method: Method::Samples,
@@ -225,7 +225,7 @@ fn samples_mode_is_calibrated_under_replicate_variation() {
 #[test]
 fn the_empirical_null_absorbs_the_errors_of_the_batch_correction() {
     // Batch 1 (group 1's samples) has a per-gene effect the model does not
-    // know (sd 0.25): its correction leaves it in group 1, where a t-test
+    // know (sd 0.15): its correction leaves it in group 1, where a t-test
     // over samples cannot tell it from a change. Counted as the model's
     // (one batch degree of freedom), the statistics are widened by their
     // central spread: the unchanged genes' p-values are near uniform again
