@@ -51,7 +51,8 @@
 #'   follows the mean level (limma-trend; Smyth 2004). The model learnt the
 #'   batch effects from the same samples, so its correction costs the
 #'   residuals one degree of freedom per batch beyond the first, as a batch
-#'   term in the design would. Adaptive shrinkage
+#'   term in the design would (none when `covariates` already hold the
+#'   batch: the design's columns take them). Adaptive shrinkage
 #'   (Stephens 2017) then learns the distribution of true LFCs over genes (a
 #'   point mass at 0 and centred normals) and gives each gene its
 #'   posterior: `lfc_mean`, `lfc_median`, `lfc_sd` and the 95% interval
@@ -253,8 +254,11 @@ differential_expression <- function(model, x, groupby = NULL, group1, group2 = N
     # The model's batch effects were learnt from these samples: their
     # degrees of freedom are not the residuals' (see ?differential_expression).
     n_batches <- if (length(batches)) length(unique(as.character(cells$batch)[c(reps$idx1, reps$idx2)])) else 1L
+    # Unless the design's covariates already span the batches: their
+    # columns then take those degrees of freedom.
+    batch_df <- if (n_batches > 1 && design_spans_batches(reps, cells$batch)) 0L else n_batches - 1L
     settings <- c(settings, list(sample_of = reps$codes, design = as.vector(reps$design),
-                                 design_columns = ncol(reps$design), batch_df = n_batches - 1L))
+                                 design_columns = ncol(reps$design), batch_df = batch_df))
   } else {
     warn_cell_level(method, cnt, groups, sample_key)
   }
@@ -333,6 +337,17 @@ de_replicates <- function(cnt, groups, sample_key, covariates, min_cells) {
   list(idx1 = idx1, idx2 = idx2, codes = as.integer(codes), design = unname(design), formula = paste(deparse(formula), collapse = ""),
        key = if (is.character(key) && length(key) == 1) key else "(given)", n1 = length(keep1), n2 = length(keep2),
        dropped = dropped)
+}
+
+# Whether the sample-level design of de_replicates() spans the cells'
+# batches: every sample in one batch, and the batch indicators within the
+# column space of the design (a batch covariate, or one finer than it).
+design_spans_batches <- function(reps, batch) {
+  b <- as.character(batch)[c(reps$idx1, reps$idx2)]
+  per_sample <- tapply(b, reps$codes, function(v) if (length(unique(v)) == 1) v[1] else NA_character_)
+  if (anyNA(per_sample)) return(FALSE)
+  indicators <- stats::model.matrix(~ factor(per_sample))
+  qr(cbind(reps$design, indicators))$rank == qr(reps$design)$rank
 }
 
 # Cell indices (1-based) of the two groups and their labels.

@@ -259,6 +259,13 @@ test_that("the samples method treats samples as replicates: calibrated calls, kn
   expect_lt(sum(strict$is_de), sum(de$is_de))
   expect_true(all(strict$proba_de[strict$is_de] > 0.5))
   expect_identical(strict$pvalue, de$pvalue)
+  # The batch as a covariate as well: its column takes the correction's
+  # degree of freedom once, not twice (12 samples - 3 columns).
+  with_batch <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
+                                        sample_key = "sample", covariates = "batch", threads = 2)
+  expect_match(attr(with_batch, "params")$design, "~batch \\+ group")
+  expect_identical(attr(with_batch, "params")$residual_df, 9)
+  expect_length(attr(with_batch, "params")$null_sd, length(p$null_sd))
   # Reproducible for a seed.
   again <- differential_expression(model, sim, "condition", "treated", "control", method = "samples",
                                    sample_key = "sample", threads = 2)

@@ -222,8 +222,12 @@ pub struct DeSettings {
     pub design: Vec<f64>,
     pub design_columns: usize,
     /// Samples method: degrees of freedom the model's batch correction took
-    /// from the samples (batches among them − 1; 0 without correction).
+    /// from the samples (batches among them − 1; 0 without correction, or
+    /// when the design's covariates already span the batches).
     pub batch_df: usize,
+    /// Samples method: after the model's batch correction, widen the
+    /// z-scores by the empirical null's spread (`samples::empirical_null`).
+    pub empirical_null: bool,
 }
 
 impl Default for DeSettings {
@@ -243,6 +247,7 @@ impl Default for DeSettings {
             design: vec![],
             design_columns: 0,
             batch_df: 0,
+            empirical_null: true,
         }
     }
 }

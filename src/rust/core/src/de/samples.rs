@@ -385,7 +385,7 @@ pub fn samples_table(
     // unchanged genes dominate, the centre of the z-scores, per band of
     // mean level (Efron 2004's empirical null), and the statistics are
     // widened by it (never narrowed).
-    if s.batch_df > 0 {
+    if s.empirical_null && !s.batches.is_empty() {
         let z_scores: Vec<f64> = beta_z.iter().zip(&se).map(|(b, e)| b / e).collect();
         let (per_gene, bands) = empirical_null(&z_scores, &level);
         for j in 0..g {
