@@ -106,7 +106,8 @@
 #'   "nothing": ε is the 0.9-quantile of those maxima, the larger of the
 #'   two groups', divided by the number of genes as scvi-tools 1.4.2 does
 #'   (and at least 1e-10). Give `pseudocount` to fix it.
-#' - **Threshold δ**: unless given, a three-component Gaussian mixture is
+#' - **Threshold δ** (change, vanilla, MC dropout; samples test LFC ≠ 0
+#'   unless δ is given): unless given, a three-component Gaussian mixture is
 #'   fitted to the genes' mean LFCs (down, unchanged, up; started from a
 #'   k-means split, as scikit-learn's `GaussianMixture`) and δ is 0.6 times
 #'   the mean absolute value of its two extreme means, but at least

@@ -1,6 +1,6 @@
 """Runs one reference tool on data written by bench/run.R; writes its embedding.
 
-    python bench/peers.py METHOD DIR [--epochs N] [--threads N]
+    python bench/peers.py METHOD DIR [--epochs N] [--threads N] [--seed S] [--out NAME]
 
 DIR holds counts.mtx (genes x cells, raw counts), obs.csv (cell, batch, label)
 and pca.csv (cells x PCs, the package's PCA). METHOD:
@@ -13,10 +13,12 @@ and pca.csv (cells x PCs, the package's PCA). METHOD:
              stopping on). Its teacher reads harmonypy < 2's Z_corr (d x N);
              harmonypy 2.1.0 gives N x d, so run_harmony is wrapped at runtime
              to hand it the old layout.
---threads sets torch's threads (scvi, scdistill_py).
+--threads sets torch's threads (scvi, scdistill_py); --seed their seed (default
+0), for comparisons over several seeds.
 Writes DIR/<METHOD>.csv (cells x dims) and DIR/<METHOD>.json (seconds spent
-in the method itself, without reading the data); scdistill_py also writes its
-teacher's embedding to DIR/scdistill_py_teacher.csv.
+in the method itself, without reading the data), or DIR/<NAME>.csv/.json with
+--out; scdistill_py also writes its teacher's embedding to
+DIR/scdistill_py_teacher.csv.
 """
 import argparse
 import json
@@ -34,6 +36,8 @@ p.add_argument("method", choices=["harmonypy", "scvi", "scdistill_py"])
 p.add_argument("dir")
 p.add_argument("--epochs", type=int, default=None)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--seed", type=int, default=0, help="seed of torch/numpy (scdistill_py) and scvi.settings.seed (scvi)")
+p.add_argument("--out", default=None, help="name of the embedding file (default: the method's)")
 a = p.parse_args()
 
 obs = pd.read_csv(os.path.join(a.dir, "obs.csv"), index_col=0)
@@ -54,8 +58,8 @@ elif a.method == "scdistill_py":
     import torch
 
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    np.random.seed(0)
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
     counts = scipy.io.mmread(os.path.join(a.dir, "counts.mtx")).T.tocsr().astype(np.float32)
     genes = [f"g{i}" for i in range(counts.shape[1])]
     ad = anndata.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
@@ -77,7 +81,7 @@ else:
     torch.set_num_threads(a.threads)
     counts = scipy.io.mmread(os.path.join(a.dir, "counts.mtx")).T.tocsr().astype(np.float32)
     ad = anndata.AnnData(X=counts, obs=obs)
-    scvi.settings.seed = 0
+    scvi.settings.seed = a.seed
     t0 = time.perf_counter()
     scvi.model.SCVI.setup_anndata(ad, batch_key="batch")
     model = scvi.model.SCVI(ad)
@@ -85,6 +89,7 @@ else:
     emb = model.get_latent_representation()
     seconds = time.perf_counter() - t0
 
-pd.DataFrame(emb, index=obs.index).to_csv(os.path.join(a.dir, f"{a.method}.csv"))
-with open(os.path.join(a.dir, f"{a.method}.json"), "w") as f:
+out = a.out or a.method
+pd.DataFrame(emb, index=obs.index).to_csv(os.path.join(a.dir, f"{out}.csv"))
+with open(os.path.join(a.dir, f"{out}.json"), "w") as f:
     json.dump({"method": a.method, "seconds": seconds}, f)
