@@ -95,3 +95,44 @@ simulate_h5ad <- function(work, n_cells, n_genes, seed, threads) {
   cat(sprintf("  %.1f s, peak RSS %.0f MB, file %.0f MB\n", sim$wall, sim$rss_mb, file.info(h5ad)$size / 2^20))
   h5ad
 }
+
+# The data sets of bench/quality.R (and bench/vae_seeds.R), as described there.
+# Simulated counts, subsampled per batch to batch-specific type proportions:
+# `low(n_types, b)` gives the types of batch b whose weight is `low_w`.
+simulate_subsampled <- function(group_prob, n_batches, low, low_w, sim_cells, seed, threads) {
+  s <- simulate_counts(n_cells = sim_cells, n_genes = 3000, group_prob = group_prob, n_batches = n_batches,
+                       batch_effect = "medium", format = "list", seed = seed, threads = threads)
+  type <- as.character(s$cell_data$cell_type)
+  batch <- as.character(s$cell_data$batch)
+  types <- sort(unique(type), method = "radix")
+  set.seed(seed)
+  keep <- integer()
+  for (b in sort(unique(batch), method = "radix")) {
+    w <- stats::runif(length(types), 0.3, 1)
+    w[low(length(types), b)] <- low_w
+    for (k in seq_along(types)) {
+      cells <- which(batch == b & type == types[k])
+      n <- round(length(cells) * w[k] * 0.5)
+      keep <- c(keep, cells[sample.int(length(cells), n)])
+    }
+  }
+  keep <- sort(keep)
+  hvg_subset(list(counts = s$counts[, keep], batch = batch[keep], label = type[keep]), threads)
+}
+
+quality_data <- function(name, root, threads, seed = 3L, sim_cells = 12000L) {
+  if (name == "cellbench") {
+    return(load_cellbench_hvg(root, threads))
+  }
+  if (name == "sim_rare") {
+    return(simulate_subsampled(c(0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04, 0.03, 0.03, 0.02, 0.015, 0.01),
+                               n_batches = 4, low = function(n, b) sample.int(n, 2), low_w = 0.1,
+                               sim_cells = sim_cells, seed = seed, threads = threads))
+  }
+  # sim_confounded: 9 of the 12 types drawn once, three missing from each batch.
+  set.seed(seed + 1)
+  missing <- split(sample.int(12, 9), rep(1:3, each = 3))
+  simulate_subsampled(c(0.2, 0.15, 0.12, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04, 0.04, 0.03, 0.03), n_batches = 3,
+                      low = function(n, b) missing[[as.integer(sub("\\D+", "", b))]], low_w = 0.02,
+                      sim_cells = sim_cells, seed = seed, threads = threads)
+}
