@@ -8,7 +8,9 @@ use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Covariates;
-use scdistill_core::data::{CountMatrix, DenseH5, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout};
+use scdistill_core::data::{
+    csr_from_csc_slots, CountMatrix, DenseH5, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout,
+};
 use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
@@ -259,27 +261,9 @@ fn rs_h5ad_append(path: &str, n_genes: f64, csr: List) -> Result<()> {
     let get =
         |k: &str| csr.iter().find(|(n, _)| *n == k).map(|(_, v)| v).ok_or_else(|| fail(format!("internal: `{k}`")));
     let (p, i, x) = (get("p")?, get("i")?, get("x")?);
-    let (p, i) = (int_slice(&p, "p")?, int_slice(&i, "i")?);
-    let x: Vec<f32> =
-        x.as_real_slice().ok_or_else(|| fail("internal: `x` must be doubles"))?.iter().map(|&v| v as f32).collect();
-    let g = n_genes as usize;
-    let ok = !p.is_empty()
-        && p[0] == 0
-        && p.windows(2).all(|w| w[0] <= w[1])
-        && p[p.len() - 1] as usize == i.len()
-        && x.len() == i.len()
-        && i.iter().all(|&j| j >= 0 && (j as usize) < g);
-    if !ok {
-        return Err(fail("internal: a malformed block of cells for the .h5ad file"));
-    }
-    let block = scdistill_core::data::Csr {
-        n_rows: p.len() - 1,
-        n_cols: g,
-        indptr: p.iter().map(|&v| v as usize).collect(),
-        indices: i.iter().map(|&j| j as u32).collect(),
-        values: x,
-    };
-    let mut w = H5adWriter::reopen(path, g).map_err(fail)?;
+    let x = x.as_real_slice().ok_or_else(|| fail("internal: `x` must be doubles"))?;
+    let block = csr_from_csc_slots(int_slice(&p, "p")?, int_slice(&i, "i")?, x, n_genes as usize).map_err(fail)?;
+    let mut w = H5adWriter::reopen(path, n_genes as usize).map_err(fail)?;
     w.append(&block).map_err(fail)
 }
 

@@ -29,21 +29,7 @@ impl CountMatrix {
         cells: Vec<String>,
     ) -> Result<CountMatrix> {
         Self::check_csc_genes_by_cells(p, i, x, &genes, &cells)?;
-        let n_cells = p.len() - 1;
-        let mut indptr = Vec::with_capacity(n_cells + 1);
-        let mut indices = Vec::with_capacity(x.len());
-        let mut values = Vec::with_capacity(x.len());
-        indptr.push(0);
-        for c in 0..n_cells {
-            for k in p[c] as usize..p[c + 1] as usize {
-                if x[k] != 0.0 {
-                    indices.push(i[k] as u32);
-                    values.push(x[k] as f32);
-                }
-            }
-            indptr.push(indices.len());
-        }
-        let csr = Csr { n_rows: n_cells, n_cols: genes.len(), indptr, indices, values };
+        let csr = build_csr(p, i, x, genes.len());
         Ok(CountMatrix { csr, genes, cells })
     }
 
@@ -143,6 +129,38 @@ pub(crate) fn check_names(names: &[String], what: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The cells × genes CSR of a genes × cells CSC's slots (the same arrays),
+/// checked for structure only (pointers, index ranges and order), not for
+/// values or empty cells: for matrices the package made itself, such as
+/// posterior predictive draws, where a cell may draw no counts. Stored zeros
+/// are dropped.
+pub fn csr_from_csc_slots(p: &[i32], i: &[i32], x: &[f64], n_genes: usize) -> Result<Csr> {
+    if p.is_empty() {
+        return invalid!("malformed sparse matrix: no column pointers");
+    }
+    check_structure(p, i, x, n_genes)?;
+    Ok(build_csr(p, i, x, n_genes))
+}
+
+/// The CSR of checked CSC slots, without the stored zeros.
+fn build_csr(p: &[i32], i: &[i32], x: &[f64], n_genes: usize) -> Csr {
+    let n_cells = p.len() - 1;
+    let mut indptr = Vec::with_capacity(n_cells + 1);
+    let mut indices = Vec::with_capacity(x.len());
+    let mut values = Vec::with_capacity(x.len());
+    indptr.push(0);
+    for c in 0..n_cells {
+        for k in p[c] as usize..p[c + 1] as usize {
+            if x[k] != 0.0 {
+                indices.push(i[k] as u32);
+                values.push(x[k] as f32);
+            }
+        }
+        indptr.push(indices.len());
+    }
+    Csr { n_rows: n_cells, n_cols: n_genes, indptr, indices, values }
 }
 
 fn check_structure(p: &[i32], i: &[i32], x: &[f64], n_genes: usize) -> Result<()> {
@@ -287,6 +305,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unsorted"), "{e}");
+    }
+
+    #[test]
+    fn csc_slots_are_checked_for_structure_only() {
+        // A cell without counts is allowed (a posterior draw may have none);
+        // stored zeros are dropped; a malformed structure is refused.
+        let m = csr_from_csc_slots(&[0, 2, 3], &[0, 2, 1], &[1., 5., 0.], 3).unwrap();
+        assert_eq!((m.n_rows, m.n_cols), (2, 3));
+        assert_eq!((m.indptr.clone(), m.indices.clone(), m.values.clone()), (vec![0, 2, 2], vec![0, 2], vec![1., 5.]));
+        let e = csr_from_csc_slots(&[0, 2], &[1, 0], &[1., 1.], 2).unwrap_err().to_string();
+        assert!(e.contains("unsorted"), "{e}");
+        let e = csr_from_csc_slots(&[0, 1], &[3], &[1.], 3).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+        assert!(csr_from_csc_slots(&[], &[], &[], 3).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod sparse_batch;
 mod split;
 
 pub(crate) use counts::quote_some;
-pub use counts::{columns_of, CountMatrix};
+pub use counts::{columns_of, csr_from_csc_slots, CountMatrix};
 pub use covariates::{Categorical, Covariates};
 pub use csr::Csr;
 pub(crate) use csr::{log1p_count, log1p_table};
