@@ -418,38 +418,33 @@ sample_counts.scdistill_model <- function(model, x, batch = NULL, n_samples = 1,
   threads <- resolve_threads(threads)
   files <- h5ad_targets(h5ad_file, n_samples)
   features <- model_features(model)
-  draw <- function(cells, seed) {
-    draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
-    lapply(draws, csr_to_dgc, features = features, cells = cells$cells)
-  }
-  src <- disk_source(model, x, ...)
   if (!is.null(files)) {
-    # Each block's draws appended to the files, then dropped.
     done <- FALSE
     on.exit(if (!done) unlink(files), add = TRUE)
     for (f in files) rust(rs_h5ad_create(f, length(features)))
-    write <- function(cells, seed) {
-      draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
-      for (s in seq_along(files)) rust(rs_h5ad_append(files[s], length(features), draws[[s]]))
-      cells$cells
-    }
-    cells <- if (is.null(src)) {
-      write(model_cells(model, x, batch, ...), seed)
-    } else {
-      unlist(src$blocks(batch, "Drawing counts", function(part, b, at, k) write(model_cells(model, part, b), seed + k - 1)))
-    }
-    for (f in files) rust(rs_h5ad_finish(f, length(features), cells, features))
-    done <- TRUE
-    out <- lapply(files, h5_counts)
-    return(if (n_samples == 1) out[[1]] else out)
   }
-  out <- if (is.null(src)) {
-    draw(model_cells(model, x, batch, ...), seed)
+  # One block's draws: kept as matrices, or appended to the files and
+  # dropped (then only the cells' names are kept).
+  draw <- function(cells, seed) {
+    draws <- rust(rs_model_sample(model_ptr(model), cells, n_samples, seed, threads))
+    if (is.null(files)) return(lapply(draws, csr_to_dgc, features = features, cells = cells$cells))
+    for (s in seq_along(files)) rust(rs_h5ad_append(files[s], length(features), draws[[s]]))
+    cells$cells
+  }
+  src <- disk_source(model, x, ...)
+  parts <- if (is.null(src)) {
+    list(draw(model_cells(model, x, batch, ...), seed))
   } else {
     # Blocks of cells read in turn, block k drawing from seed + k - 1.
-    parts <- src$blocks(batch, "Drawing counts", function(part, b, at, k) {
-      draw(model_cells(model, part, b), seed + k - 1)
-    })
+    src$blocks(batch, "Drawing counts", function(part, b, at, k) draw(model_cells(model, part, b), seed + k - 1))
+  }
+  out <- if (!is.null(files)) {
+    for (f in files) rust(rs_h5ad_finish(f, length(features), unlist(parts), features))
+    done <- TRUE
+    lapply(files, h5_counts)
+  } else if (length(parts) == 1) {
+    parts[[1]]
+  } else {
     lapply(seq_len(n_samples), function(s) do.call(cbind, lapply(parts, `[[`, s)))
   }
   if (n_samples == 1) out[[1]] else out
