@@ -445,8 +445,7 @@ pub fn central_sd(z: &[f64]) -> f64 {
     let mut sd = 1.4826 * stats::quantile(&mut abs, 0.5);
     for _ in 0..5 {
         let c = 2.0 * sd;
-        let inside: Vec<f64> = abs.iter().copied().filter(|&v| v <= c).collect();
-        let (n, ss) = (inside.len() as f64, inside.iter().map(|v| v * v).sum::<f64>());
+        let (n, ss) = abs.iter().filter(|&&v| v <= c).fold((0.0, 0.0), |(n, ss), v| (n + 1.0, ss + v * v));
         // −log likelihood of the central values under N(0, σ²) truncated to
         // [−c, c].
         let nll = |s: f64| ss / (2.0 * s * s) + n * s.ln() + n * (2.0 * Normal::standard().cdf(c / s) - 1.0).ln();
