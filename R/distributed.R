@@ -9,8 +9,8 @@
 #' and settings, the trained model is the one a single process trains, up to
 #' the order of floating-point sums (batch normalisation aside: as in
 #' PyTorch's `DistributedDataParallel`, each process normalises with its own
-#' cells' statistics; `norm = "layer"` or `"none"` gives the single-process
-#' model).
+#' cells' statistics; `norm = "layer"`, `distill()`'s and `fit_multimodal()`'s
+#' default, or `"none"` gives the single-process model).
 #'
 #' **On one machine**, give `workers = N` to the fitting function: it starts
 #' `N - 1` background R processes (`Rscript`) and takes part itself as the

