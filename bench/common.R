@@ -12,6 +12,33 @@ bench_option <- function(args, flag, default, as = as.integer) {
   if (is.na(i)) default else as(args[i + 1])
 }
 
+# The input of a Python peer in `dir` (created if needed), as the peer
+# scripts read it: counts.mtx (genes x cells, Matrix Market) and obs.csv
+# (one row per cell, indexed by the cell names `cells`, with the columns of
+# data frame `obs`); with `counts = NULL` only obs.csv. Returns `dir`, invisibly.
+write_peer_input <- function(dir, counts, obs, cells = colnames(counts)) {
+  dir.create(dir, showWarnings = FALSE, recursive = TRUE)
+  if (!is.null(counts)) invisible(Matrix::writeMM(counts, file.path(dir, "counts.mtx")))
+  utils::write.csv(data.frame(cell = cells, obs, check.names = FALSE), file.path(dir, "obs.csv"), row.names = FALSE)
+  invisible(dir)
+}
+
+# scib-metrics' scores (bench/scib_score.py in the peers' venv `python`) of
+# the embeddings `embs` (a named list of cells x dims matrices, rows in the
+# order of `cells`), with `pre` the unintegrated PCA and `obs` the cells'
+# batch and label; works in `dir` (emptied). A data frame, one row per
+# embedding in the order of `embs`. `root`: the repository.
+scib_scores <- function(python, dir, obs, cells, pre, embs, threads, root = bench_root()) {
+  unlink(dir, recursive = TRUE)
+  write_peer_input(dir, NULL, obs, cells = cells)
+  utils::write.csv(data.frame(pre, row.names = cells), file.path(dir, "pre.csv"))
+  for (e in names(embs)) utils::write.csv(data.frame(embs[[e]], row.names = cells), file.path(dir, paste0("emb_", e, ".csv")))
+  status <- system2(python, c(file.path(root, "bench", "scib_score.py"), dir, "--threads", threads),
+                    stdout = FALSE, stderr = file.path(dirname(dir), "scib.log"))
+  if (status != 0) stop("scib-metrics failed; see ", file.path(dirname(dir), "scib.log"))
+  utils::read.csv(file.path(dir, "scib.csv"), row.names = 1, check.names = FALSE)[names(embs), , drop = FALSE]
+}
+
 # The Python of the peers' venv, created by bench/setup_peers.sh on first use
 # (the script prints its path last).
 peers_python <- function(root) {

@@ -107,12 +107,10 @@ run_scenario <- function(sc) {
   }
   if (peers && file.exists(python)) {
     dir <- file.path(out_dir, paste0("de_", sc, tag, "_data"))
-    dir.create(dir, showWarnings = FALSE)
-    Matrix::writeMM(SingleCellExperiment::counts(sim), file.path(dir, "counts.mtx"))
+    write_peer_input(dir, SingleCellExperiment::counts(sim),
+                     data.frame(batch = sim$batch, cell_type = sim$cell_type, condition = sim$condition,
+                                sample = sim$sample))
     writeLines(rownames(sim), file.path(dir, "genes.txt"))
-    utils::write.csv(data.frame(cell = colnames(sim), batch = sim$batch, cell_type = sim$cell_type,
-                                condition = sim$condition, sample = sim$sample),
-                     file.path(dir, "obs.csv"), row.names = FALSE)
     peer_args <- c(file.path(root, "bench", "de_peer.py"), dir, "--threads", threads,
                    if (!is.na(epochs)) c("--epochs", epochs), if (!per_type) "--population")
     status <- system2(python, peer_args, stdout = FALSE, stderr = file.path(dir, "peer.log"))

@@ -35,10 +35,8 @@ load_data <- function(name) {
 run_one <- function(name) {
   d <- load_data(name)
   work <- file.path(tempdir(), paste0("distill_", name))
-  dir.create(work, showWarnings = FALSE)
   obs <- data.frame(batch = d$batch, label = d$label, row.names = colnames(d$counts))
-  invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
-  utils::write.csv(obs, file.path(work, "obs.csv"))
+  write_peer_input(work, d$counts, obs)
   saveRDS(list(counts = d$counts, obs = obs), file.path(work, "data.rds"))
   cat(sprintf("\n== %s: %s cells x %s genes, %d batches, %d threads\n", name, format(ncol(d$counts), big.mark = ","),
               format(nrow(d$counts), big.mark = ","), length(unique(d$batch)), threads))

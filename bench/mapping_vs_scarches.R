@@ -70,8 +70,7 @@ run_one <- function(name) {
   ref <- obs$role == "reference"
   obs$label <- ifelse(ref & stats::runif(nrow(obs)) < 0.5, obs$truth, "Unknown")
   obs$label[!ref] <- "Unknown"
-  invisible(writeMM(counts, file.path(work, "counts.mtx")))
-  utils::write.csv(obs[c("batch", "label", "role")], file.path(work, "obs.csv"))
+  write_peer_input(work, counts, obs[c("batch", "label", "role")])
   saveRDS(list(counts = counts, obs = obs), file.path(work, "data.rds"))
   cat(sprintf("\n== %s: %s reference + %s query cells x %s genes; %d + %d epochs, labels %d; %d threads\n", name,
               fmt(sum(ref)), fmt(sum(!ref)), fmt(nrow(counts)), epochs, query_epochs, label_epochs, threads))

@@ -120,10 +120,8 @@ print_md <- function(tab, title) {
 run_one <- function(name) {
   d <- load_data(name)
   work <- file.path(tempdir(), paste0("quality_", name))
-  dir.create(work, showWarnings = FALSE)
   obs <- data.frame(batch = d$batch, label = d$label, row.names = colnames(d$counts))
-  invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
-  utils::write.csv(obs, file.path(work, "obs.csv"))
+  write_peer_input(work, d$counts, obs)
   saveRDS(list(counts = d$counts, batch = d$batch, label = d$label), file.path(work, "data.rds"), compress = FALSE)
   props <- sort(table(d$label) / length(d$label))
   cat(sprintf("\n== %s: %s cells x %s genes, %d batches, %d types (smallest %s), %d threads, epochs %s\n", name,

@@ -47,8 +47,8 @@ dir.create(work, showWarnings = FALSE)
 cat(sprintf("data: %s, %s cells x %s genes, %d batches; methods: %s\n", data_name,
             format(ncol(d$counts), big.mark = ","), format(nrow(d$counts), big.mark = ","),
             length(unique(d$batch)), paste(methods, collapse = ", ")))
-if (any(c("scvi", "scdistill_py") %in% methods)) invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
-utils::write.csv(data.frame(batch = d$batch, label = d$label, row.names = colnames(d$counts)), file.path(work, "obs.csv"))
+write_peer_input(work, if (any(c("scvi", "scdistill_py") %in% methods)) d$counts,
+                 data.frame(batch = d$batch, label = d$label), cells = colnames(d$counts))
 saveRDS(d, file.path(work, "data.rds"), compress = FALSE)
 
 # One of the package's methods, timed in its own process: `body` computes

@@ -49,8 +49,7 @@ run_one <- function(name) {
   while ((n - n_val) %% 128 %in% 1:2) n_val <- n_val + 1
   split <- ifelse(seq_len(n) %in% sample(n, n_val), "validation", "train")
   obs <- data.frame(batch = d$batch, label = d$label, split = split, row.names = colnames(d$counts))
-  invisible(writeMM(d$counts, file.path(work, "counts.mtx")))
-  utils::write.csv(obs, file.path(work, "obs.csv"))
+  write_peer_input(work, d$counts, obs)
   saveRDS(list(counts = d$counts, obs = obs), file.path(work, "data.rds"))
   cat(sprintf("\n== %s: %s cells (%s train) x %s genes, %d batches, %d epochs, %d threads\n", name,
               format(n, big.mark = ","), format(sum(split == "train"), big.mark = ","),
