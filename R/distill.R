@@ -136,9 +136,8 @@ print.scdistill_teacher <- function(x, ...) {
 #' validation, blocks shuffled in windows); with `norm = "batch"` the
 #' encoder's batch norms take their statistics from training cells read in
 #' runs (8,192 before each validation, 32,768 after the first phase). One
-#' pass then computes every
-#' cell's Z for the second phase. Memory holds per-cell numbers, Z and Z*,
-#' and a few windows of cells.
+#' pass then computes every cell's Z for the second phase. Memory holds
+#' per-cell numbers, Z and Z*, and a few windows of cells.
 #'
 #' @param n_latent Latent dimensions; `NULL`: the teacher's (for the Harmony
 #'   teacher, `n_latent` sets its number of PCs).
@@ -155,11 +154,11 @@ print.scdistill_teacher <- function(x, ...) {
 #'   own, so a cell's Z does not depend on the other cells of its minibatch:
 #'   several processes train the model one process trains (see
 #'   [distributed]), and from disk no runs of cells are read for batch
-#'   statistics. Over four seeds it also scored higher than
-#'   batch norm: scIB totals 0.872 against 0.857 on CellBench, 0.681
-#'   against 0.668 and 0.703 against 0.706 on simulations with 12 types
-#'   (confounded, and several rare); scDistill 0.3.1 scored 0.866, 0.681 and
-#'   0.700 (`bench/RESULTS.md`).
+#'   statistics. Mean scIB totals over four seeds, layer against batch
+#'   norms: 0.872 against 0.857 on CellBench, 0.681 against 0.668 and 0.703
+#'   against 0.706 on simulations with 12 types (confounded) and 14 (several
+#'   rare); scDistill 0.3.1 scored 0.866, 0.681 and 0.700. Under
+#'   scib-metrics the two norms were within 0.005 (`bench/RESULTS.md`).
 #' @param standardize How Z* is scaled for the encoder to learn it.
 #'   `"global"` (default): each dimension centred, all divided by one number
 #'   (Z*'s overall root mean square); the student's Z is reported in the
