@@ -177,7 +177,8 @@ print.scdistill_teacher <- function(x, ...) {
 #'   data sets 512 leaves a step or two per epoch, and on the 571-cell
 #'   CellBench example the student then learned the teacher poorly
 #'   (validation MSE 0.90 after 100 epochs, against 0.31 with 128; measured
-#'   with the per-cell target, `standardize = "cell"`).
+#'   with the per-cell target, `standardize = "cell"`). For a larger
+#'   minibatch, raise `lr` with [scaled_lr()].
 #' @param early_stopping,patience,validation_fraction Early stopping on the
 #'   held-out cells.
 #' @param seed Seed: the same seed gives the same model on CPU.

@@ -63,7 +63,8 @@
 #' @param encode_covariates Give the covariates to the encoder too.
 #' @param max_epochs Epochs; `NULL` means scvi-tools' rule
 #'   `min(round(20000 / n_cells * 400), 400)`.
-#' @param batch_size Cells per minibatch.
+#' @param batch_size Cells per minibatch; for a larger one, raise `lr` with
+#'   [scaled_lr()].
 #' @param lr,weight_decay Adam learning rate and weight decay (Adam's eps is 0.01, as scvi-tools).
 #' @param kl_warmup Fraction of the planned steps over which the KL weight rises from 0 to 1.
 #' @param early_stopping,patience Early stopping on the validation loss.

@@ -177,6 +177,20 @@ test_that("train_params() is shared by the models and cannot be given twice", {
   expect_error(fit_vae(x, train = list(lr = 1)), "train_params\\(\\)")
 })
 
+test_that("scaled_lr() raises the learning rate with the minibatch, by the linear or square-root rule", {
+  expect_equal(scaled_lr(128), 1e-3)
+  expect_equal(scaled_lr(512), 4e-3)
+  expect_equal(scaled_lr(512, rule = "sqrt"), 2e-3)
+  expect_equal(scaled_lr(64, base_lr = 4e-3, base_batch_size = 256), 1e-3)
+  expect_error(scaled_lr(1000.5), "`batch_size`")
+  expect_error(scaled_lr(512, rule = "cube"), "`rule` must be one of")
+  expect_error(scaled_lr(512, base_lr = -1), "`base_lr`")
+  tp <- train_params(batch_size = 256, lr = scaled_lr(256), max_epochs = 1, threads = 2)
+  vae <- fit_vae(cellbench_small(100), batch = "batch", train = tp)
+  expect_equal(vae$info$train$lr, 2e-3)
+  expect_identical(vae$info$train$batch_size, 256L)
+})
+
 test_that("an interrupt stops a script but returns the model interactively", {
   skip_on_os("windows")
   rscript <- file.path(R.home("bin"), "Rscript")
