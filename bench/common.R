@@ -23,20 +23,31 @@ write_peer_input <- function(dir, counts, obs, cells = colnames(counts)) {
   invisible(dir)
 }
 
-# scib-metrics' scores (bench/scib_score.py in the peers' venv `python`) of
-# the embeddings `embs` (a named list of cells x dims matrices, rows in the
-# order of `cells`), with `pre` the unintegrated PCA and `obs` the cells'
-# batch and label; works in `dir` (emptied). A data frame, one row per
-# embedding in the order of `embs`. `root`: the repository.
-scib_scores <- function(python, dir, obs, cells, pre, embs, threads, root = bench_root()) {
+# The input of bench/scib_score.py in `dir` (emptied first): obs.csv (the
+# cells' batch and label in `obs`, indexed by `cells`), pre.csv (`pre`, the
+# unintegrated PCA) and one emb_<name>.csv per embedding of the named list
+# `embs` (cells x dims matrices, rows in the order of `cells`).
+write_scib_input <- function(dir, obs, cells, pre, embs) {
   unlink(dir, recursive = TRUE)
   write_peer_input(dir, NULL, obs, cells = cells)
   utils::write.csv(data.frame(pre, row.names = cells), file.path(dir, "pre.csv"))
   for (e in names(embs)) utils::write.csv(data.frame(embs[[e]], row.names = cells), file.path(dir, paste0("emb_", e, ".csv")))
+}
+
+# scib_score.py's scores in `dir`, one row per embedding named in `embs`, in that order.
+read_scib <- function(dir, embs) {
+  utils::read.csv(file.path(dir, "scib.csv"), row.names = 1, check.names = FALSE)[names(embs), , drop = FALSE]
+}
+
+# scib-metrics' scores of the embeddings `embs` (see write_scib_input()),
+# from bench/scib_score.py in the peers' venv `python`, working in `dir`.
+# `root`: the repository.
+scib_scores <- function(python, dir, obs, cells, pre, embs, threads, root = bench_root()) {
+  write_scib_input(dir, obs, cells, pre, embs)
   status <- system2(python, c(file.path(root, "bench", "scib_score.py"), dir, "--threads", threads),
                     stdout = FALSE, stderr = file.path(dirname(dir), "scib.log"))
   if (status != 0) stop("scib-metrics failed; see ", file.path(dirname(dir), "scib.log"))
-  utils::read.csv(file.path(dir, "scib.csv"), row.names = 1, check.names = FALSE)[names(embs), , drop = FALSE]
+  read_scib(dir, embs)
 }
 
 # The Python of the peers' venv, created by bench/setup_peers.sh on first use

@@ -161,17 +161,11 @@ run_one <- function(name) {
                                             threads = threads))
   ours_s <- proc.time()[["elapsed"]] - t0
 
+  # scib-metrics in its own process, timed like the methods.
   sdir <- file.path(work, "scib")
-  unlink(sdir, recursive = TRUE)
-  dir.create(sdir)
-  utils::write.csv(obs, file.path(sdir, "obs.csv"))
-  utils::write.csv(embs$pca, file.path(sdir, "pre.csv"))
-  for (e in names(embs)) utils::write.csv(embs[[e]], file.path(sdir, paste0("emb_", e, ".csv")))
+  write_scib_input(sdir, obs, rownames(obs), embs$pca, embs)
   r_scib <- timed(python, c(file.path(root, "bench", "scib_score.py"), sdir, "--threads", threads), quiet = FALSE)
-  scib <- if (r_scib$ok) {
-    s <- utils::read.csv(file.path(sdir, "scib.csv"), row.names = 1, check.names = FALSE)
-    s[names(embs), , drop = FALSE]
-  } else NULL
+  scib <- if (r_scib$ok) read_scib(sdir, embs) else NULL
   cat(sprintf("scoring: integration_metrics() %.1f s; scib-metrics %s\n", ours_s,
               if (r_scib$ok) sprintf("%.1f s (process, %.0f MB)", r_scib$wall, r_scib$rss_mb) else "FAILED"))
 
