@@ -192,7 +192,9 @@ rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, thre
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)
 
-rs_simulate_file <- function(params, path, threads) .Call(native("wrap__rs_simulate_file"), params, path, threads)
+rs_simulate_file <- function(params, path, atac_path, threads) {
+  .Call(native("wrap__rs_simulate_file"), params, path, atac_path, threads)
+}
 
 rs_fit_species <- function(context, context_batch, labels, target, target_batch, homologs, config, train_context,
                             train_target, device, threads, progress) {

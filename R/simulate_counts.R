@@ -103,7 +103,11 @@
 #'   result is then the `"list"` format with `counts` an [h5_counts()]
 #'   object pointing at the file; the file's cell columns are `cell_type`,
 #'   `batch` (and `condition`, `sample` when simulated). Readable by
-#'   AnnData/scanpy. Not with `atac`, `species` or `ambient`.
+#'   AnnData/scanpy. With `atac`, two files, `c(RNA = , ATAC = )` (unnamed:
+#'   RNA first): the peaks go to the second, with the same cells and
+#'   columns, and `atac` in the result is its [h5_counts()] object, so that
+#'   `fit_multimodal(list(RNA = s$counts, ATAC = s$atac))` trains on the
+#'   pair from disk. Not with `species` or `ambient`.
 #' @param threads Number of threads (see [torch_config()]).
 #' @param ... Splatter-level parameters by name: `mean_shape` (0.6),
 #'   `mean_rate` (0.3), `lib_loc` (7.6, about 2,000 counts per cell; Splatter
@@ -208,18 +212,38 @@ simulate_counts <- function(n_cells = 5000, n_genes = 2000, n_groups = 5, n_batc
 }
 
 # simulate_counts(file = ): the counts written to an .h5ad file in blocks,
-# never held; the truth returned as format "list" with `counts` the file.
+# never held (with ATAC, the peaks to a second file); the truth returned as
+# format "list" with `counts` (and `atac`) the files.
 simulate_to_file <- function(params, file, atac, species, amb, threads) {
-  if (!is.character(file) || length(file) != 1 || is.na(file)) stop("`file` must be one file name", call. = FALSE)
-  if (isTRUE(atac) || (!is.null(species) && !isFALSE(species)) || !is.null(amb)) {
-    stop("`file` writes one species' RNA counts: it cannot be combined with `atac`, `species` or `ambient`",
-         call. = FALSE)
+  n_files <- if (isTRUE(atac)) 2L else 1L
+  if (!is.character(file) || length(file) != n_files || anyNA(file) || any(!nzchar(file))) {
+    stop(if (n_files == 2) "with `atac`, `file` must be two file names, c(RNA = , ATAC = )" else
+      "`file` must be one file name", call. = FALSE)
   }
-  if (!dir.exists(dirname(file))) stop("the folder of `file` ('", dirname(file), "') does not exist", call. = FALSE)
-  res <- rust(rs_simulate_file(params, path.expand(file), resolve_threads(threads)))
-  res$counts <- list(p = integer(length(res$cells) + 1), i = integer(), x = numeric())
+  if (n_files == 2 && !is.null(names(file))) {
+    if (!setequal(names(file), c("RNA", "ATAC"))) {
+      stop("`file` must be named RNA and ATAC (or unnamed, RNA first), not ", paste(names(file), collapse = ", "),
+           call. = FALSE)
+    }
+    file <- file[c("RNA", "ATAC")]
+  }
+  if (n_files == 2 && path.expand(file[[1]]) == path.expand(file[[2]])) {
+    stop("`file` names the same file for RNA and ATAC", call. = FALSE)
+  }
+  if ((!is.null(species) && !isFALSE(species)) || !is.null(amb)) {
+    stop("`file` writes one species' counts: it cannot be combined with `species` or `ambient`", call. = FALSE)
+  }
+  for (f in file) {
+    if (!dir.exists(dirname(f))) stop("the folder of `file` ('", dirname(f), "') does not exist", call. = FALSE)
+  }
+  atac_file <- if (n_files == 2) path.expand(file[[2]]) else ""
+  res <- rust(rs_simulate_file(params, path.expand(file[[1]]), atac_file, resolve_threads(threads)))
+  empty <- list(p = integer(length(res$cells) + 1), i = integer(), x = numeric())
+  res$counts <- empty
+  if (!is.null(res$atac)) res$atac$counts <- empty
   out <- simulation_result(res, params, "list")
-  out$counts <- h5_counts(file)
+  out$counts <- h5_counts(file[[1]])
+  if (n_files == 2) out$atac <- h5_counts(file[[2]])
   out
 }
 

@@ -25,7 +25,30 @@ test_that("simulate_counts(file =) writes the cells simulate_counts() draws, as 
   expect_equal(scdistill:::h5ad_column(s$file, "batch"), mem$cell_data$batch)
   expect_equal(s$sim$cell_data$cell_type, mem$cell_data$cell_type)
   expect_output(print(h), "50 genes x 400 cells on disk")
-  expect_error(simulate_counts(n_cells = 100, file = tempfile(fileext = ".h5ad"), atac = TRUE), "cannot be combined")
+  expect_error(simulate_counts(n_cells = 100, file = tempfile(fileext = ".h5ad"), atac = TRUE),
+               "with `atac`, `file` must be two file names")
+  expect_error(simulate_counts(n_cells = 100, file = tempfile(fileext = ".h5ad"), ambient = TRUE), "cannot be combined")
+})
+
+test_that("simulate_counts(atac = TRUE, file =) writes the paired files fit_multimodal() trains on", {
+  f <- c(ATAC = tempfile(fileext = ".h5ad"), RNA = tempfile(fileext = ".h5ad"))
+  args <- list(n_cells = 300, n_genes = 40, n_groups = 3, atac = TRUE, n_peaks = 120, seed = 5)
+  s <- do.call(simulate_counts, c(args, list(file = f)))
+  mem <- do.call(simulate_counts, c(args, list(format = "list")))
+  expect_s3_class(s$atac, "scdistill_h5")
+  expect_equal(dim(s$atac), c(120, 300))
+  expect_equal(s$atac$path, f[["ATAC"]])
+  expect_equal(s$counts$path, f[["RNA"]])
+  expect_equal(as_counts(s$counts)$counts, mem$counts)
+  expect_equal(as_counts(s$atac)$counts, mem$atac)
+  expect_equal(s$peak_data, mem$peak_data)
+  expect_equal(s$cell_data[c("cell_type", "batch")], mem$cell_data[c("cell_type", "batch")])
+  expect_equal(scdistill:::h5ad_column(f[["ATAC"]], "cell_type"), mem$cell_data$cell_type)
+  m <- fit_multimodal(list(RNA = s$counts, ATAC = s$atac), batch = "batch", max_epochs = 2, seed = 1, threads = 2)
+  expect_equal(rownames(latent(m)), colnames(mem$counts))
+  expect_error(do.call(simulate_counts, c(args, list(file = f[1]))), "two file names, c\\(RNA = , ATAC = \\)")
+  expect_error(do.call(simulate_counts, c(args, list(file = c(RNA = f[[1]], ADT = f[[2]])))), "named RNA and ATAC")
+  expect_error(do.call(simulate_counts, c(args, list(file = c(f[[1]], f[[1]])))), "the same file")
 })
 
 test_that("fit_vae() trains from a file as from memory, reproducibly, and latent() reads new cells from disk", {

@@ -110,13 +110,15 @@ fn rs_simulate(params: List, threads: i32) -> Result<List> {
     Ok(simulation_to_r(s))
 }
 
-/// `rs_simulate` writing the counts to an .h5ad file at `path` in blocks
-/// (the list's counts are empty).
+/// `rs_simulate` writing the counts to an .h5ad file at `path` in blocks,
+/// and the ATAC peaks, if simulated, to `atac_path` ("" for none; the
+/// list's counts are empty).
 /// @noRd
 #[extendr]
-fn rs_simulate_file(params: List, path: &str, threads: i32) -> Result<List> {
+fn rs_simulate_file(params: List, path: &str, atac_path: &str, threads: i32) -> Result<List> {
     let p = sim_params_from_r(&params)?;
-    let s = run(threads, |_| simulate::simulate_to_h5ad(&p, path))?;
+    let atac = (!atac_path.is_empty()).then_some(atac_path);
+    let s = run(threads, |_| simulate::simulate_to_h5ad(&p, path, atac))?;
     Ok(simulation_to_r(s))
 }
 

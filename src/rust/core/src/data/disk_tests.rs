@@ -334,15 +334,44 @@ fn a_simulation_written_to_a_file_holds_the_cells_simulate_draws() {
         ..Default::default()
     };
     let path = tmp("sim.h5ad");
-    let s = simulate_to_h5ad(&p, &path).unwrap();
+    let s = simulate_to_h5ad(&p, &path, None).unwrap();
     assert_eq!(s.counts.csr.n_rows, 0);
     let want = simulate(&p).unwrap();
     assert_eq!(s.library_size, want.library_size);
     assert_eq!(s.batch.codes, want.batch.codes);
     let d = DiskCsr::open(&path, sparse(), 20_000, 30).unwrap();
     assert_eq!(d.read_range(0, 20_000).unwrap(), want.counts.csr);
-    let species = SimParams { species: Some(Default::default()), ..p };
-    assert!(simulate_to_h5ad(&species, &tmp("sp.h5ad")).unwrap_err().to_string().contains("one species"));
+    let species = SimParams { species: Some(Default::default()), ..p.clone() };
+    assert!(simulate_to_h5ad(&species, &tmp("sp.h5ad"), None).unwrap_err().to_string().contains("one species"));
+    assert!(simulate_to_h5ad(&p, &tmp("r.h5ad"), Some(&tmp("a.h5ad"))).unwrap_err().to_string().contains("no ATAC"));
+}
+
+#[test]
+fn a_paired_simulation_written_to_two_files_holds_the_cells_and_peaks_simulate_draws() {
+    use crate::simulate::{simulate, simulate_to_h5ad, AtacParams, SimParams};
+    // Past one block of cells, with ATAC: both files hold every cell, in order.
+    let p = SimParams {
+        n_cells: 17_000,
+        n_genes: 20,
+        group_prob: vec![0.6, 0.4],
+        batch_prob: vec![0.5, 0.5],
+        seed: 9,
+        atac: Some(AtacParams { n_peaks: 40, ..Default::default() }),
+        ..Default::default()
+    };
+    let (rna, peaks) = (tmp("paired_rna.h5ad"), tmp("paired_atac.h5ad"));
+    let s = simulate_to_h5ad(&p, &rna, Some(&peaks)).unwrap();
+    let a = s.atac.as_ref().unwrap();
+    assert_eq!((s.counts.csr.n_rows, a.counts.n_rows), (0, 0));
+    let want = simulate(&p).unwrap();
+    let want_atac = want.atac.as_ref().unwrap();
+    assert_eq!(a.linked_gene, want_atac.linked_gene);
+    assert_eq!(a.group_factor, want_atac.group_factor);
+    assert_eq!(DiskCsr::open(&rna, sparse(), 17_000, 20).unwrap().read_range(0, 17_000).unwrap(), want.counts.csr);
+    let on_disk = DiskCsr::open(&peaks, sparse(), 17_000, 40).unwrap().read_range(0, 17_000).unwrap();
+    assert!(want_atac.counts.nnz() > 17_000);
+    assert_eq!(on_disk, want_atac.counts);
+    assert!(simulate_to_h5ad(&p, &tmp("r2.h5ad"), None).unwrap_err().to_string().contains("second file"));
 }
 
 #[test]

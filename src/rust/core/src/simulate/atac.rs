@@ -8,7 +8,7 @@
 //! clips them at 1.
 
 use super::SimParams;
-use crate::data::Csr;
+use crate::data::{Csr, H5adWriter};
 use crate::error::{check_param, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -76,7 +76,10 @@ pub struct AtacSimulation {
 
 /// Peaks for cells with the given cell type, batch and condition codes.
 /// `gene_group_factor` and `gene_condition_factor` are the RNA's (after any
-/// copying for `atac_only_groups`).
+/// copying for `atac_only_groups`). With `file`, the cells' peaks are
+/// appended to it block by block ([`super::FILE_BLOCK`] cells at a time)
+/// and the returned counts have no rows: each cell has its own random
+/// stream, so the file holds the cells drawn without it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn simulate_atac(
     p: &SimParams,
@@ -87,7 +90,8 @@ pub(super) fn simulate_atac(
     gene_group_factor: &[Vec<f64>],
     gene_condition_factor: &[Vec<f64>],
     seed: u64,
-) -> AtacSimulation {
+    file: Option<&mut H5adWriter>,
+) -> Result<AtacSimulation> {
     let n_groups = p.n_groups();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(u64::MAX - 1);
@@ -136,7 +140,7 @@ pub(super) fn simulate_atac(
     let batch_factor: Vec<Vec<f64>> = (0..p.n_batches())
         .map(|_| (0..a.n_peaks).map(|_| super::lognormal_factor(&mut rng, &batch_effect, 0.5)).collect())
         .collect();
-    let (counts, _) = Csr::build_rows(group.len(), a.n_peaks, |i, idx, val| {
+    let cell = |i: usize, idx: &mut Vec<u32>, val: &mut Vec<f32>| {
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0xA7AC);
         r.set_stream(i as u64 + 1);
         let (t, b) = (group[i] as usize, batch[i] as usize);
@@ -160,6 +164,17 @@ pub(super) fn simulate_atac(
                 val.push(if a.binary { 1.0 } else { c as f32 });
             }
         }
-    });
-    AtacSimulation { counts, peaks: (1..=a.n_peaks).map(|k| format!("Peak{k}")).collect(), linked_gene, group_factor }
+    };
+    let counts = match file {
+        None => Csr::build_rows(group.len(), a.n_peaks, cell).0,
+        Some(w) => {
+            for start in (0..group.len()).step_by(super::FILE_BLOCK) {
+                let len = super::FILE_BLOCK.min(group.len() - start);
+                w.append(&Csr::build_rows(len, a.n_peaks, |k, idx, val| cell(start + k, idx, val)).0)?;
+            }
+            Csr { n_rows: 0, n_cols: a.n_peaks, indptr: vec![0], ..Default::default() }
+        }
+    };
+    let peaks = (1..=a.n_peaks).map(|k| format!("Peak{k}")).collect();
+    Ok(AtacSimulation { counts, peaks, linked_gene, group_factor })
 }

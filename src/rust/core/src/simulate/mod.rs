@@ -225,16 +225,25 @@ fn homolog_truth(first: &Simulation, second: &Simulation, homolog: &[Option<u32>
 /// `simulate`, writing the counts to an AnnData file at `path` in blocks of
 /// cells instead of holding them: the same cells as `simulate` draws (each
 /// cell has its own random stream), with the cell types, batches and (when
-/// simulated) conditions and samples as categorical cell columns. The
-/// returned simulation has the truth and names but no counts (0 rows).
-/// Without a second species or ATAC modality.
-pub fn simulate_to_h5ad(p: &SimParams, path: &str) -> Result<Simulation> {
+/// simulated) conditions and samples as categorical cell columns. With an
+/// ATAC modality its peaks go to `atac_path`, a second file with the same
+/// cells and columns (as `fit_multimodal` reads paired files). The returned
+/// simulation has the truth and names but no counts (0 rows). One species.
+pub fn simulate_to_h5ad(p: &SimParams, path: &str, atac_path: Option<&str>) -> Result<Simulation> {
     p.validate()?;
-    if p.species.is_some() || p.atac.is_some() {
-        return invalid!("a simulation written to a file has one species and RNA only");
+    if p.species.is_some() {
+        return invalid!("a simulation written to a file has one species");
     }
+    let mut atac = match (&p.atac, atac_path) {
+        (Some(a), Some(f)) => Some(crate::data::H5adWriter::create(f, a.n_peaks)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return invalid!("a simulation with ATAC written to a file needs a second file for the peaks")
+        }
+        (None, Some(_)) => return invalid!("a file for ATAC peaks, but the simulation has no ATAC modality"),
+    };
     let mut w = crate::data::H5adWriter::create(path, p.n_genes)?;
-    let s = simulate_one(p, None, "", Some(&mut w))?;
+    let s = simulate_one(p, None, "", Some(Files { rna: &mut w, atac: atac.as_mut() }))?;
     let mut cols: Vec<(String, Vec<u32>, Vec<String>)> = vec![];
     // The column names simulate_counts() gives its cell metadata.
     for c in [Some(&s.group), Some(&s.batch), s.condition.as_ref(), s.sample.as_ref()].into_iter().flatten() {
@@ -242,7 +251,16 @@ pub fn simulate_to_h5ad(p: &SimParams, path: &str) -> Result<Simulation> {
         cols.push((name, c.codes.clone(), c.levels.clone()));
     }
     w.finish(&s.counts.cells, &s.counts.genes, &cols)?;
+    if let (Some(w), Some(a)) = (atac, &s.atac) {
+        w.finish(&s.counts.cells, &a.peaks, &cols)?;
+    }
     Ok(s)
+}
+
+/// Where `simulate_one` writes its cells instead of holding them.
+struct Files<'a> {
+    rna: &'a mut crate::data::H5adWriter,
+    atac: Option<&'a mut crate::data::H5adWriter>,
 }
 
 /// Cells drawn at once when a simulation is written to a file.
@@ -252,7 +270,7 @@ fn simulate_one(
     p: &SimParams,
     inherited: Option<&Inherited>,
     prefix: &str,
-    file: Option<&mut crate::data::H5adWriter>,
+    files: Option<Files<'_>>,
 ) -> Result<Simulation> {
     let (n_genes, n_groups, n_batches) = (p.n_genes, p.n_groups(), p.n_batches());
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
@@ -319,7 +337,11 @@ fn simulate_one(
         cell_counts(p, prof, &bcv_scale, lib, &mut r, idx, val);
         lib
     };
-    let (csr, library_size) = match file {
+    let (rna_file, atac_file) = match files {
+        Some(f) => (Some(f.rna), f.atac),
+        None => (None, None),
+    };
+    let (csr, library_size) = match rna_file {
         None => Csr::build_rows(p.n_cells, n_genes, cell),
         Some(w) => {
             let mut libs = Vec::with_capacity(p.n_cells);
@@ -332,8 +354,8 @@ fn simulate_one(
             (Csr { n_rows: 0, n_cols: n_genes, indptr: vec![0], ..Default::default() }, libs)
         }
     };
-    let atac = p.atac.as_ref().map(|a| {
-        atac::simulate_atac(
+    let atac = match p.atac.as_ref() {
+        Some(a) => Some(atac::simulate_atac(
             p,
             a,
             &cells.group,
@@ -342,8 +364,10 @@ fn simulate_one(
             &programs.group_factor,
             &programs.condition_factor,
             p.seed,
-        )
-    });
+            atac_file,
+        )?),
+        None => None,
+    };
 
     let counts = CountMatrix {
         csr,
