@@ -5,7 +5,7 @@
 #
 # One paired RNA + ATAC simulation (10 types in unequal proportions, 3
 # batches) is drawn in its own R process and written to two .h5ad files
-# (RNA with its cell columns, ATAC). Then, each in its own R process under
+# (RNA and ATAC, each with the cell columns) block by block. Then, each in its own R process under
 # /usr/bin/time:
 #   disk   fit_multimodal(list(RNA = <file>, ATAC = <file>)), both modalities
 #          streamed from the files in step;
@@ -34,16 +34,18 @@ atac <- file.path(work, "atac.h5ad")
 
 cat(sprintf("simulating %s cells x (%d genes + %d peaks)\n", format(n_cells, big.mark = ","), n_genes, n_peaks))
 sim_script <- file.path(work, "simulate.R")
+# Written block by block (simulate_counts(file =)): the pair is never held,
+# so the simulation's size is not bounded by memory.
 writeLines(c(
   "suppressMessages(library(scdistill))",
   sprintf(paste0("s <- simulate_counts(n_cells = %d, n_genes = %d, n_groups = 10, n_batches = 3, ",
-                 "group_prob = c(20, 15, 12, 10, 10, 8, 8, 7, 6, 4), atac = TRUE, n_peaks = %d, seed = %d)"),
-          n_cells, n_genes, n_peaks, seed),
-  sprintf("write_h5ad(s, '%s', columns = c('batch', 'cell_type'))", rna),
-  sprintf("write_h5ad(SingleCellExperiment::altExp(s, 'ATAC'), '%s')", atac)
+                 "group_prob = c(20, 15, 12, 10, 10, 8, 8, 7, 6, 4), atac = TRUE, n_peaks = %d, seed = %d, ",
+                 "file = c(RNA = '%s', ATAC = '%s'), threads = %d)"),
+          n_cells, n_genes, n_peaks, seed, rna, atac, threads)
 ), sim_script)
 sim <- timed("Rscript", sim_script, quiet = FALSE)
-cat(sprintf("  %.1f s; files %.0f + %.0f MB\n", sim$wall, file.info(rna)$size / 2^20, file.info(atac)$size / 2^20))
+cat(sprintf("  %.1f s, peak RSS %.0f MB; files %.0f + %.0f MB\n", sim$wall, sim$rss_mb,
+            file.info(rna)$size / 2^20, file.info(atac)$size / 2^20))
 
 run_mode <- function(mode) {
   out <- file.path(work, paste0(mode, ".rds"))
