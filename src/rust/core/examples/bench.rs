@@ -1,8 +1,9 @@
 //! Timings of the core without R, one subcommand per job:
 //!
-//!     cargo run --release --example bench -- vae [n_cells] [n_genes] [epochs] [threads] [device] [f32|bf16]
-//!         (one rank of a data-parallel group when WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT are set)
-//!     cargo run --release --example bench -- multimodal [n_cells] [n_genes] [n_peaks] [epochs] [threads] [device]
+//!     cargo run --release --example bench -- vae [n_cells] [n_genes] [epochs] [threads] [device] [f32|bf16] [batch_size]
+//!         (one rank of a data-parallel group when WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT are set;
+//!         a batch_size other than 128 scales the learning rate linearly, as scaled_lr() in R)
+//!     cargo run --release --example bench -- multimodal [n_cells] [n_genes] [n_peaks] [epochs] [threads] [device] [f32|bf16]
 //!     cargo run --release --example bench -- harmony [n] [d] [batches] [threads] [out]
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
 //!     cargo run --release --example bench -- sim [n_cells] [n_genes] [threads]
@@ -77,15 +78,20 @@ fn vae(a: &[String]) {
         let cov = Covariates::new(s.batch.clone(), vec![], vec![]).unwrap();
         // "bf16": mixed-precision training (TrainConfig::bf16), where the CPU has it.
         let bf16 = a.get(6).map(String::as_str) == Some("bf16");
-        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, bf16, ..Default::default() };
+        let defaults = TrainConfig::default();
+        let batch_size = arg(a, 7, defaults.batch_size);
+        let lr = defaults.lr * batch_size as f64 / defaults.batch_size as f64;
+        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, bf16, batch_size, lr, ..defaults };
         let t0 = Instant::now();
         let m = VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, device, &|| false, &|r| {
             eprintln!("epoch {} {:.3} s  train {:.2}  validation {:.2}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)
         })
         .unwrap();
         let secs: Vec<f64> = m.meta.training.history.iter().map(|r| r.seconds).collect();
+        let held_out = m.meta.training.history.last().map_or(f64::NAN, |r| r.validation_elbo);
         println!(
-            "{n_cells} cells x {n_genes} genes, {threads} threads, {:?}: {:.3} s/epoch (median), {:.0} cells/s, total {:.1} s",
+            "{n_cells} cells x {n_genes} genes, {threads} threads, {:?}, minibatch {batch_size} (lr {lr}): {:.3} s/epoch \
+             (median), {:.0} training cells/s, held-out -ELBO {held_out:.2}, total {:.1} s",
             device,
             median(&secs),
             n_cells as f64 * 0.9 / median(&secs),
@@ -208,7 +214,7 @@ fn multimodal(a: &[String]) {
         };
         let cfg = MultimodalConfig { modalities: vec![spec("RNA", true, false), spec("ATAC", false, true)], ..Default::default() };
         // "bf16": mixed-precision training (TrainConfig::bf16), where the CPU has it.
-        let bf16 = a.get(6).map(String::as_str) == Some("bf16");
+        let bf16 = a.get(7).map(String::as_str) == Some("bf16");
         let tc = TrainConfig { max_epochs: epochs, early_stopping: false, bf16, ..Default::default() };
         let t0 = Instant::now();
         let m = MultimodalModel::fit(&[&s.counts, &peaks], &cov, cfg, tc, device, &|| false, &|r| {
@@ -216,9 +222,12 @@ fn multimodal(a: &[String]) {
         })
         .unwrap();
         let secs: Vec<f64> = m.meta.training.history.iter().map(|r| r.seconds).collect();
+        let held_out = m.meta.training.history.last().map_or(f64::NAN, |r| r.validation_elbo);
         println!(
-            "{n_cells} cells x {n_genes} genes + {n_peaks} peaks, {threads} threads, {device:?}: {:.3} s/epoch (median), total {:.1} s",
+            "{n_cells} cells x {n_genes} genes + {n_peaks} peaks, {threads} threads, {device:?}: {:.3} s/epoch (median), \
+             {:.0} training cells/s, held-out -ELBO {held_out:.2}, total {:.1} s",
             median(&secs),
+            n_cells as f64 * 0.9 / median(&secs),
             t0.elapsed().as_secs_f64()
         );
     });
