@@ -16,6 +16,9 @@
 # biological variation between samples (simulate_counts(sample_sd = X);
 # 0.25 is a typical donor spread): the case where treating cells as
 # replicates calls donor differences and the samples method should not.
+# The samples method also runs on models trained with the condition
+# protected (distill() with harmony_teacher(protect = "condition"); fit_vae()
+# with the condition as a categorical covariate).
 suppressMessages(library(scdistill))
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -57,6 +60,12 @@ run_scenario <- function(sc) {
   dst <- if (is.null(ep)) distill(sim, batch = "batch", threads = threads) else
     distill(sim, batch = "batch", max_epochs_encoder = ep, max_epochs_decoder = ep, threads = threads)
   t_dst <- as.numeric(Sys.time() - t0, units = "secs")
+  # The groups protected in training: Harmony keeps the condition in the
+  # teacher's embedding; the VAE's decoder is given it as a covariate.
+  prot <- harmony_teacher(protect = "condition")
+  dst_prot <- if (is.null(ep)) distill(sim, batch = "batch", teacher = prot, threads = threads) else
+    distill(sim, batch = "batch", teacher = prot, max_epochs_encoder = ep, max_epochs_decoder = ep, threads = threads)
+  vae_cond <- fit_vae(sim, batch = "batch", categorical_covariates = "condition", max_epochs = ep, threads = threads)
   cat(sprintf("training: fit_vae %.1f s, distill %.1f s\n", t_vae, t_dst))
   methods <- list(
     vae_change = function(x) differential_expression(vae, x, "condition", "treated", "control", threads = threads),
@@ -69,6 +78,12 @@ run_scenario <- function(sc) {
     distill_samples = function(x) differential_expression(dst, x, "condition", "treated", "control",
                                                           method = "samples", sample_key = "sample",
                                                           threads = threads),
+    distill_samples_protected = function(x) differential_expression(dst_prot, x, "condition", "treated", "control",
+                                                                    method = "samples", sample_key = "sample",
+                                                                    threads = threads),
+    vae_samples_condition = function(x) differential_expression(vae_cond, x, "condition", "treated", "control",
+                                                                method = "samples", sample_key = "sample",
+                                                                threads = threads),
     distill_change_bc = function(x) differential_expression(dst, x, "condition", "treated", "control",
                                                             batch_correction = TRUE, threads = threads),
     distill_mc_dropout = function(x) differential_expression(dst, x, "condition", "treated", "control",

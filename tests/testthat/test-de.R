@@ -283,6 +283,31 @@ test_that("the samples method treats samples as replicates: calibrated calls, kn
                "at least 2 samples per group")
 })
 
+test_that("the samples method says when batches hold one group only and the groups were not protected", {
+  # 100/50/0% treated: the first and last batch hold one condition each.
+  sim <- simulate_counts(n_cells = 1500, n_genes = 300, n_groups = 2, n_batches = 3, treated_fraction = c(1, 0.5, 0),
+                         condition_de_prob = 0.1, condition_shared = TRUE, condition_lfc = 1.2, seed = 4)
+  de <- function(m, x = sim) differential_expression(m, x, "condition", "treated", "control", method = "samples",
+                                                     sample_key = "sample", threads = 2)
+  fit <- function(...) distill(sim, batch = "batch", max_epochs_encoder = 5, max_epochs_decoder = 5, threads = 2, ...)
+  plain <- fit()
+  expect_message(de(plain), paste0("batch\\(es\\) 'Batch1', 'Batch3' hold cells of one group only.*LFCs\\)\\. A ",
+                                   "distilled model .*harmony_teacher\\(protect = \"condition\"\\)"))
+  protected <- fit(teacher = harmony_teacher(protect = "condition"))
+  expect_identical(protected$teacher$protect, "condition")
+  expect_no_message(de(protected))
+  # A loaded model has no teacher to ask: the message says it cannot tell.
+  f <- tempfile(fileext = ".scdistill")
+  save_model(protected, f)
+  expect_message(de(load_model(f)), "Unless this model's teacher protected the groups")
+  # A VAE is pointed to a protecting teacher or to pseudobulk.
+  vae <- fit_vae(sim, batch = "batch", max_epochs = 2, threads = 2)
+  expect_message(de(vae), "or method = \"pseudobulk\" with the batch")
+  # Every batch holds both groups: nothing to say.
+  mixed <- sim[, sim$batch == "Batch2"]
+  expect_no_message(de(plain, mixed))
+})
+
 test_that("summary() of a DE table counts the calls by direction and shows the design", {
   sim <- de_sim()
   pb <- differential_expression(NULL, sim, "condition", "treated", "control", method = "pseudobulk",
