@@ -653,16 +653,23 @@ note_unprotected <- function(model, groupby, groups, batch) {
   only <- sort(setdiff(union(in1, in2), intersect(in1, in2)))
   if (!length(only)) return(invisible())
   distilled <- inherits(model, "scdistill_distill")
-  if (distilled && groupby %in% model$teacher$protect) return(invisible())
-  recipe <- sprintf("distill(..., teacher = harmony_teacher(protect = \"%s\"))", groupby)
+  if (distilled && groupby %in% teacher_protects(model)) return(invisible())
   message("samples: batch(es) ", paste0("'", only[seq_len(min(3, length(only)))], "'", collapse = ", "),
           if (length(only) > 3) sprintf(" and %d more", length(only) - 3), " hold cells of one group only, so the ",
           "model learnt their batch effects from one group and its correction may remove part of the group ",
-          "difference (fewer calls, smaller LFCs). ",
-          if (distilled && is.null(model$teacher)) "Unless this model's teacher protected the groups, a" else "A",
-          " distilled model whose teacher protects them keeps it: ", recipe,
+          "difference (fewer calls, smaller LFCs). A distilled model whose teacher protects them keeps it: ",
+          sprintf("distill(..., teacher = harmony_teacher(protect = \"%s\"))", groupby),
           if (!distilled) "; or method = \"pseudobulk\" with the batch as a covariate" else "")
   invisible()
+}
+
+# The covariates a distilled model's Harmony teacher protected: from the
+# teacher, or from the teacher's name that the model keeps (a loaded model).
+teacher_protects <- function(model) {
+  if (!is.null(model$teacher)) return(if (is.character(model$teacher$protect)) model$teacher$protect else character())
+  hit <- regmatches(model$info$teacher %||% "", regexpr("protecting [^,]+", model$info$teacher %||% ""))
+  if (!length(hit)) return(character())
+  strsplit(sub("^protecting ", "", hit), " + ", fixed = TRUE)[[1]]
 }
 
 pseudobulk_deseq2 <- function(pb, design_data, design) {

@@ -10,7 +10,10 @@
 #'
 #' @param theta Harmony's diversity penalty (one per batch variable).
 #' @param protect Biological covariates Harmony must not regress out (column
-#'   names of the cell metadata), see [run_harmony()].
+#'   names of the cell metadata), see [run_harmony()]. The model names them
+#'   in its teacher's description (`print(model)`, kept by [save_model()]),
+#'   where `differential_expression(method = "samples")` looks for the
+#'   groups it compares (see there, on confounded designs).
 #' @param n_pcs Principal components handed to Harmony; also the latent
 #'   dimension of the student unless `distill(n_latent =)` says otherwise.
 #' @param n_hvg Highly variable genes: the PCA's genes and the encoder's input.
@@ -329,9 +332,14 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
+    # The protected covariates are part of the name the model keeps (and
+    # saves): differential_expression() reads them back from it.
+    protecting <- if (is.character(teacher$protect) && length(teacher$protect)) {
+      paste0(", protecting ", paste(teacher$protect, collapse = " + "))
+    } else if (length(teacher$protect)) ", protecting given covariates"
     return(list(z = z, hvg = hvg, library = lib_sizes,
-                name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s", paste(teacher$theta, collapse = "/"),
-                               n_pcs, teacher$method, teacher$n_hvg, sketched %||% "")))
+                name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s%s", paste(teacher$theta, collapse = "/"),
+                               n_pcs, teacher$method, teacher$n_hvg, protecting %||% "", sketched %||% "")))
   }
   emb <- teacher$embedding
   label <- "given embedding"

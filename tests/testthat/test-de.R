@@ -296,10 +296,17 @@ test_that("the samples method says when batches hold one group only and the grou
   protected <- fit(teacher = harmony_teacher(protect = "condition"))
   expect_identical(protected$teacher$protect, "condition")
   expect_no_message(de(protected))
-  # A loaded model has no teacher to ask: the message says it cannot tell.
+  # A loaded model keeps what its teacher protected in the teacher's name.
+  expect_match(protected$info$teacher, "protecting condition$")
   f <- tempfile(fileext = ".scdistill")
   save_model(protected, f)
-  expect_message(de(load_model(f)), "Unless this model's teacher protected the groups")
+  expect_no_message(de(load_model(f)))
+  save_model(plain, f, overwrite = TRUE)
+  expect_message(de(load_model(f)), "hold cells of one group only")
+  two <- fit(teacher = harmony_teacher(protect = c("cell_type", "condition")))
+  expect_match(two$info$teacher, "protecting cell_type \\+ condition$")
+  two$teacher <- NULL
+  expect_identical(scdistill:::teacher_protects(two), c("cell_type", "condition"))
   # A VAE is pointed to a protecting teacher or to pseudobulk.
   vae <- fit_vae(sim, batch = "batch", max_epochs = 2, threads = 2)
   expect_message(de(vae), "or method = \"pseudobulk\" with the batch")
