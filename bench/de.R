@@ -2,7 +2,7 @@
 # scvi-tools 1.4.2 (change mode) and scDistill 0.3.1 (pseudobulk, MC dropout).
 #
 #   Rscript bench/de.R [s1 s2 ... s6] [--cells N] [--threads N] [--epochs N] [--sample-sd X] [--per-type]
-#       [--no-peers]
+#       [--no-peers] [--seed N] [--only REGEX]
 #
 # For each scenario (default all six, at their own sizes unless --cells):
 # treated against control cells of every cell type together, as scDistill's
@@ -16,6 +16,8 @@
 # biological variation between samples (simulate_counts(sample_sd = X);
 # 0.25 is a typical donor spread): the case where treating cells as
 # replicates calls donor differences and the samples method should not.
+# --seed draws another simulation of the same design (default 1); --only
+# runs only the methods whose names match REGEX (e.g. "samples|pseudobulk").
 # The samples method also runs on models trained with the condition
 # protected (distill() with harmony_teacher(protect = "condition"); fit_vae()
 # with the condition as a categorical covariate).
@@ -28,9 +30,12 @@ threads <- opt("--threads", 2)
 cells <- opt("--cells", NA)
 epochs <- opt("--epochs", NA)
 sample_sd <- opt("--sample-sd", 0)
+sim_seed <- opt("--seed", 1)
+only <- bench_option(args, "--only", NA, as = as.character)
 peers <- !"--no-peers" %in% args
 per_type <- "--per-type" %in% args
-tag <- paste0(if (per_type) "_per_type" else "", if (sample_sd > 0) sprintf("_sd%g", sample_sd) else "")
+tag <- paste0(if (per_type) "_per_type" else "", if (sample_sd > 0) sprintf("_sd%g", sample_sd) else "",
+              if (sim_seed != 1) sprintf("_seed%g", sim_seed) else "")
 scenarios <- grep("^s[1-6]$", args, value = TRUE)
 if (!length(scenarios)) scenarios <- paste0("s", 1:6)
 python <- file.path(Sys.getenv("HOME"), ".local", "share", "scdistill", "peers", "bin", "python")
@@ -46,7 +51,7 @@ score <- function(calls, lfc, truth, true_lfc) {
 }
 
 run_scenario <- function(sc) {
-  sim <- simulation_scenario(sc, n_cells = if (is.na(cells)) NULL else cells, sample_sd = sample_sd, seed = 1,
+  sim <- simulation_scenario(sc, n_cells = if (is.na(cells)) NULL else cells, sample_sd = sample_sd, seed = sim_seed,
                              threads = threads)
   rd <- SummarizedExperiment::rowData(sim)
   types <- sort(unique(as.character(sim$cell_type)))
@@ -97,6 +102,7 @@ run_scenario <- function(sc) {
     pseudobulk_edger = function(x) differential_expression(NULL, x, "condition", "treated", "control",
                                                            method = "pseudobulk", sample_key = "sample",
                                                            test = "edgeR"))
+  if (!is.na(only)) methods <- methods[grepl(only, names(methods))]
   # The comparisons: one over all cells, or one per cell type.
   parts <- if (per_type) types else "all"
   truth_of <- function(part, what) rd[[if (part == "all") what else paste0(what, "_", part)]]
