@@ -25,7 +25,9 @@
 #   3. the VAE at 10^6 cells, 2 epochs, minibatch 1,024;
 #   4. fit_multimodal()'s model, 10^5 cells x (2,000 genes + 10,000 peaks),
 #      2 epochs;
-#   5. step 1 as one rank of a data-parallel group of world size 1
+#   5. distill()'s student, both phases, 10^5 cells, 3 epochs each (50 PCs
+#      as the teacher, not timed);
+#   6. step 1 as one rank of a data-parallel group of world size 1
 #      (WORLD_SIZE=1, env:// rendezvous): the gradient exchange on device
 #      tensors (issue 28's single-GPU path).
 set -uo pipefail
@@ -88,7 +90,7 @@ step() {
     say "FAILED (exit $rc after $((SECONDS - t0)) s):"
     say "$(printf '%s\n' "$out" | tail -n 5)"
   else
-    say "$(printf '%s\n' "$out" | grep -v '^epoch ' | tail -n 2)"
+    say "$(printf '%s\n' "$out" | grep -v -E '^(Encoder |Decoder )?epoch ' | tail -n 3)"
   fi
 }
 
@@ -100,9 +102,10 @@ for bs in 1024 4096; do
 done
 step "3. VAE, 10x the cells, minibatch 1024" vae "$((cells * 10))" 2000 2 "$threads" "$device" f32 1024
 step "4. multimodal" multimodal "$cells" 2000 10000 2 "$threads" "$device"
+step "5. distiller, both phases" distill "$cells" 2000 "$epochs" "$threads" "$device"
 port=$((29500 + RANDOM % 1000))
 WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-  step "5. VAE as rank 0 of a data-parallel group of 1" vae "$cells" 2000 "$epochs" "$threads" "$device" f32 128
+  step "6. VAE as rank 0 of a data-parallel group of 1" vae "$cells" 2000 "$epochs" "$threads" "$device" f32 128
 say ""
 say "gpu.sh: $failed step(s) failed"
 exit $((failed > 0))

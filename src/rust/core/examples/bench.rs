@@ -4,6 +4,7 @@
 //!         (one rank of a data-parallel group when WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT are set;
 //!         a batch_size other than 128 scales the learning rate linearly, as scaled_lr() in R)
 //!     cargo run --release --example bench -- multimodal [n_cells] [n_genes] [n_peaks] [epochs] [threads] [device] [f32|bf16]
+//!     cargo run --release --example bench -- distill [n_cells] [n_genes] [epochs] [threads] [device]
 //!     cargo run --release --example bench -- harmony [n] [d] [batches] [threads] [out]
 //!     cargo run --release --example bench -- knn [cells] [dims] [k] [centre_sd_x10]
 //!     cargo run --release --example bench -- sim [n_cells] [n_genes] [threads]
@@ -31,7 +32,7 @@ use std::io::Write;
 use std::time::Instant;
 
 const USAGE: &str =
-    "usage: bench <vae|multimodal|harmony|knn|sim|allreduce|species> [arguments]; see the top of examples/bench.rs";
+    "usage: bench <vae|multimodal|distill|harmony|knn|sim|allreduce|species> [arguments]; see the top of examples/bench.rs";
 
 fn main() {
     let mut a: Vec<String> = std::env::args().collect();
@@ -44,6 +45,7 @@ fn main() {
     match job.as_str() {
         "vae" => vae(&a),
         "multimodal" => multimodal(&a),
+        "distill" => distill(&a),
         "harmony" => harmony_job(&a),
         "knn" => knn_job(&a),
         "sim" => sim(&a),
@@ -96,6 +98,55 @@ fn vae(a: &[String]) {
             median(&secs),
             n_cells as f64 * 0.9 / median(&secs),
             t0.elapsed().as_secs_f64()
+        );
+    });
+}
+
+/// Seconds per epoch of both phases of `distill()`'s student on simulated
+/// counts, with 50 PCs of log2 CPM (scaled) as the teacher: the teacher's
+/// quality does not matter for the timing, and its computation is not timed.
+fn distill(a: &[String]) {
+    use scdistill_core::data::Embedding;
+    use scdistill_core::models::distill::{encoder_input, DistillConfig, DistillCounts, DistillData, DistillModel};
+    use scdistill_core::prep::{pca, PcaParams};
+    let (n_cells, n_genes, epochs, threads) = (arg(a, 1, 20_000), arg(a, 2, 2_000), arg(a, 3, 3), arg(a, 4, 2));
+    let device = parse_device(a.get(5).map(String::as_str).unwrap_or("cpu")).unwrap();
+    let pool = thread_pool(threads).unwrap();
+    pool.install(|| {
+        let p = SimParams { n_cells, n_genes, batch_prob: vec![1.0; 4], ..Default::default() };
+        let s = simulate(&p).unwrap();
+        let genes: Vec<usize> = (0..n_genes).collect();
+        let t0 = Instant::now();
+        let r = pca(&encoder_input(&s.counts, &genes), &PcaParams::default(), &|| false).unwrap();
+        let d = r.scores.ncols();
+        let z: Vec<f64> = (0..n_cells).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
+        let teacher_s = t0.elapsed().as_secs_f64();
+        let data = DistillData {
+            counts: DistillCounts::Memory(&s.counts),
+            input_genes: &genes,
+            decoder_genes: &genes,
+            batch: &s.batch,
+            teacher: Embedding::row_major(&z, n_cells, d),
+            teacher_name: "PCA".into(),
+        };
+        let tc = TrainConfig { max_epochs: epochs, early_stopping: false, ..Default::default() };
+        let t1 = Instant::now();
+        let m = DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc, device, &|| false, &|phase, r| {
+            eprintln!("{phase:?} epoch {} {:.3} s  train {:.3}  validation {:.3}", r.epoch, r.seconds, r.train_elbo, r.validation_elbo)
+        })
+        .unwrap();
+        for (name, h) in [("encoder", &m.meta.history_encoder), ("decoder", &m.meta.history_decoder)] {
+            let secs: Vec<f64> = h.iter().map(|r| r.seconds).collect();
+            let held_out = h.last().map_or(f64::NAN, |r| r.validation_elbo);
+            println!(
+                "{name}: {:.3} s/epoch (median), {:.0} training cells/s, held-out loss {held_out:.3}",
+                median(&secs),
+                n_cells as f64 * 0.9 / median(&secs)
+            );
+        }
+        println!(
+            "{n_cells} cells x {n_genes} genes, {threads} threads, {device:?}: teacher (PCA) {teacher_s:.1} s, both phases {:.1} s",
+            t1.elapsed().as_secs_f64()
         );
     });
 }
