@@ -668,7 +668,8 @@ note_unprotected <- function(model, groupby, groups, batch) {
 # teacher, or from the teacher's name that the model keeps (a loaded model).
 teacher_protects <- function(model) {
   if (!is.null(model$teacher)) return(if (is.character(model$teacher$protect)) model$teacher$protect else character())
-  hit <- regmatches(model$info$teacher %||% "", regexpr("protecting [^,]+", model$info$teacher %||% ""))
+  name <- model$info$teacher %||% ""
+  hit <- regmatches(name, regexpr("protecting [^,]+", name))
   if (!length(hit)) return(character())
   strsplit(sub("^protecting ", "", hit), " + ", fixed = TRUE)[[1]]
 }

@@ -62,33 +62,29 @@ run_scenario <- function(sc) {
   vae <- fit_vae(sim, batch = "batch", max_epochs = ep, threads = threads)
   t_vae <- as.numeric(Sys.time() - t0, units = "secs")
   t0 <- Sys.time()
-  dst <- if (is.null(ep)) distill(sim, batch = "batch", threads = threads) else
-    distill(sim, batch = "batch", max_epochs_encoder = ep, max_epochs_decoder = ep, threads = threads)
+  # `--epochs` caps both phases; without it each phase has its default.
+  fit_distill <- function(...) if (is.null(ep)) distill(sim, batch = "batch", threads = threads, ...) else
+    distill(sim, batch = "batch", max_epochs_encoder = ep, max_epochs_decoder = ep, threads = threads, ...)
+  dst <- fit_distill()
   t_dst <- as.numeric(Sys.time() - t0, units = "secs")
   # The groups protected in training: Harmony keeps the condition in the
   # teacher's embedding; the VAE's decoder is given it as a covariate.
-  prot <- harmony_teacher(protect = "condition")
-  dst_prot <- if (is.null(ep)) distill(sim, batch = "batch", teacher = prot, threads = threads) else
-    distill(sim, batch = "batch", teacher = prot, max_epochs_encoder = ep, max_epochs_decoder = ep, threads = threads)
+  dst_prot <- fit_distill(teacher = harmony_teacher(protect = "condition"))
   vae_cond <- fit_vae(sim, batch = "batch", categorical_covariates = "condition", max_epochs = ep, threads = threads)
   cat(sprintf("training: fit_vae %.1f s, distill %.1f s\n", t_vae, t_dst))
+  samples <- function(model) function(x) differential_expression(model, x, "condition", "treated", "control",
+                                                                 method = "samples", sample_key = "sample",
+                                                                 threads = threads)
   methods <- list(
     vae_change = function(x) differential_expression(vae, x, "condition", "treated", "control", threads = threads),
     vae_change_bc = function(x) differential_expression(vae, x, "condition", "treated", "control",
                                                         batch_correction = TRUE, threads = threads),
     vae_mc_dropout = function(x) differential_expression(vae, x, "condition", "treated", "control",
                                                          method = "mc_dropout", threads = threads),
-    vae_samples = function(x) differential_expression(vae, x, "condition", "treated", "control",
-                                                      method = "samples", sample_key = "sample", threads = threads),
-    distill_samples = function(x) differential_expression(dst, x, "condition", "treated", "control",
-                                                          method = "samples", sample_key = "sample",
-                                                          threads = threads),
-    distill_samples_protected = function(x) differential_expression(dst_prot, x, "condition", "treated", "control",
-                                                                    method = "samples", sample_key = "sample",
-                                                                    threads = threads),
-    vae_samples_condition = function(x) differential_expression(vae_cond, x, "condition", "treated", "control",
-                                                                method = "samples", sample_key = "sample",
-                                                                threads = threads),
+    vae_samples = samples(vae),
+    distill_samples = samples(dst),
+    distill_samples_protected = samples(dst_prot),
+    vae_samples_condition = samples(vae_cond),
     distill_change_bc = function(x) differential_expression(dst, x, "condition", "treated", "control",
                                                             batch_correction = TRUE, threads = threads),
     distill_mc_dropout = function(x) differential_expression(dst, x, "condition", "treated", "control",

@@ -77,9 +77,9 @@ pub struct AtacSimulation {
 /// Peaks for cells with the given cell type, batch and condition codes.
 /// `gene_group_factor` and `gene_condition_factor` are the RNA's (after any
 /// copying for `atac_only_groups`). With `file`, the cells' peaks are
-/// appended to it block by block ([`super::FILE_BLOCK`] cells at a time)
-/// and the returned counts have no rows: each cell has its own random
-/// stream, so the file holds the cells drawn without it.
+/// appended to it block by block (`super::rows_or_file`) and the returned
+/// counts have no rows: each cell has its own random stream, so the file
+/// holds the cells drawn without it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn simulate_atac(
     p: &SimParams,
@@ -165,16 +165,7 @@ pub(super) fn simulate_atac(
             }
         }
     };
-    let counts = match file {
-        None => Csr::build_rows(group.len(), a.n_peaks, cell).0,
-        Some(w) => {
-            for start in (0..group.len()).step_by(super::FILE_BLOCK) {
-                let len = super::FILE_BLOCK.min(group.len() - start);
-                w.append(&Csr::build_rows(len, a.n_peaks, |k, idx, val| cell(start + k, idx, val)).0)?;
-            }
-            Csr { n_rows: 0, n_cols: a.n_peaks, indptr: vec![0], ..Default::default() }
-        }
-    };
+    let (counts, _) = super::rows_or_file(group.len(), a.n_peaks, file, cell)?;
     let peaks = (1..=a.n_peaks).map(|k| format!("Peak{k}")).collect();
     Ok(AtacSimulation { counts, peaks, linked_gene, group_factor })
 }

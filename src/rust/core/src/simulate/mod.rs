@@ -266,6 +266,26 @@ struct Files<'a> {
 /// Cells drawn at once when a simulation is written to a file.
 const FILE_BLOCK: usize = 16_384;
 
+/// The rows `row` draws (as `Csr::build_rows`, with the value it keeps per
+/// row), or, with a file, the same rows appended to it [`FILE_BLOCK`] at a
+/// time and a matrix of no rows in their place.
+fn rows_or_file<T: Send>(
+    n_rows: usize,
+    n_cols: usize,
+    file: Option<&mut crate::data::H5adWriter>,
+    row: impl Fn(usize, &mut Vec<u32>, &mut Vec<f32>) -> T + Sync,
+) -> Result<(Csr, Vec<T>)> {
+    let Some(w) = file else { return Ok(Csr::build_rows(n_rows, n_cols, row)) };
+    let mut kept = Vec::with_capacity(n_rows);
+    for start in (0..n_rows).step_by(FILE_BLOCK) {
+        let len = FILE_BLOCK.min(n_rows - start);
+        let (part, k) = Csr::build_rows(len, n_cols, |i, idx, val| row(start + i, idx, val));
+        w.append(&part)?;
+        kept.extend(k);
+    }
+    Ok((Csr { n_rows: 0, n_cols, indptr: vec![0], ..Default::default() }, kept))
+}
+
 fn simulate_one(
     p: &SimParams,
     inherited: Option<&Inherited>,
@@ -341,19 +361,7 @@ fn simulate_one(
         Some(f) => (Some(f.rna), f.atac),
         None => (None, None),
     };
-    let (csr, library_size) = match rna_file {
-        None => Csr::build_rows(p.n_cells, n_genes, cell),
-        Some(w) => {
-            let mut libs = Vec::with_capacity(p.n_cells);
-            for start in (0..p.n_cells).step_by(FILE_BLOCK) {
-                let len = FILE_BLOCK.min(p.n_cells - start);
-                let (part, l) = Csr::build_rows(len, n_genes, |k, idx, val| cell(start + k, idx, val));
-                w.append(&part)?;
-                libs.extend(l);
-            }
-            (Csr { n_rows: 0, n_cols: n_genes, indptr: vec![0], ..Default::default() }, libs)
-        }
-    };
+    let (csr, library_size) = rows_or_file(p.n_cells, n_genes, rna_file, cell)?;
     let atac = match p.atac.as_ref() {
         Some(a) => Some(atac::simulate_atac(
             p,
