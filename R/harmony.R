@@ -54,7 +54,10 @@
 #'   the diversity penalty, then the batch terms; three rounds, as in
 #'   Symphony's mapping to a Harmony reference). Memory then grows with the
 #'   sample instead of the data: the clusters × cells matrices take about
-#'   2.3 GB at 10^6 cells. Not with `memberships = TRUE`. See "Sketch".
+#'   2.3 GB at 10^6 cells. The corrected cells are written straight into
+#'   the result, so the input and the result (cells × dimensions each) are
+#'   all that grows with the cells. Not with `memberships = TRUE`. See
+#'   "Sketch".
 #' @section Sketch:
 #' With `sketch`, the sampled cells get Harmony's fit on the sample, and the
 #' rest are placed by it. On cells that Harmony was fitted on, this placement

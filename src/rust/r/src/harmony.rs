@@ -5,7 +5,7 @@ use crate::worker;
 use crate::{fail, r_matrix, threads_from_r};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::teacher::{harmony, Embedding, HarmonyCovariate, HarmonyParams};
+use scdistill_core::teacher::{harmony_into, Embedding, HarmonyCovariate, HarmonyParams};
 use std::sync::Mutex;
 
 /// One batch variable from R: list(name, codes (1-based), n_levels, theta,
@@ -82,21 +82,27 @@ fn rs_run_harmony(
             }
         }
     };
+    // The corrected cells go straight into the R matrix returned.
+    let mut z = RMatrix::<f64>::new(n, d);
+    let out = z.data_mut();
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
-            harmony(Embedding::column_major(x, n, d), &covs, &p, interrupted, &|i| {
-                done.lock().unwrap_or_else(|e| e.into_inner()).push(i)
-            })
+            harmony_into(
+                Embedding::column_major(x, n, d),
+                &covs,
+                &p,
+                interrupted,
+                &|i| done.lock().unwrap_or_else(|e| e.into_inner()).push(i),
+                out,
+            )
         },
         tick,
     )
     .map_err(fail)?
     .map_err(fail)?;
-    // Each large array is freed as soon as its R matrix exists (peak memory
-    // at 10^6 cells).
-    let z = r_matrix(&r.z_corr, n, d);
-    r.z_corr = Vec::new();
+    // The memberships are freed as soon as their R matrix exists (peak
+    // memory at 10^6 cells).
     let k = r.n_clusters;
     let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
     r.r = Vec::new();

@@ -184,6 +184,9 @@ pub fn sketch_cells(cov: &HarmonyCovariate, m: usize, seed: u64) -> Vec<usize> {
 
 /// Harmony fitted on a sketch of `m` cells (`sketch_cells`); the others
 /// corrected by the fit's `HarmonyMap`, the sketch's cells keep their fit.
+/// The corrected cells are handed to `put(first, rows)` in blocks (rows
+/// row-major, in order), so no cells × d matrix is made here; `z_corr` of
+/// the result is empty.
 pub(super) fn sketched(
     z: Embedding,
     covs: &[HarmonyCovariate],
@@ -191,6 +194,7 @@ pub(super) fn sketched(
     m: usize,
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
+    put: &mut dyn FnMut(usize, &[f64]),
 ) -> Result<HarmonyResult> {
     let (n, d) = (z.n, z.d);
     let cells = sketch_cells(&covs[0], m, params.seed);
@@ -201,19 +205,26 @@ pub(super) fn sketched(
         .map(|c| HarmonyCovariate { codes: cells.iter().map(|&i| c.codes[i]).collect(), ..c.clone() })
         .collect();
     let p = HarmonyParams { sketch: None, ..params.clone() };
-    let fit = super::harmony(Embedding::row_major(&sub, cells.len(), d), &sub_covs, &p, interrupted, on_iter)?;
+    let mut fit = super::harmony(Embedding::row_major(&sub, cells.len(), d), &sub_covs, &p, interrupted, on_iter)?;
     drop((sub, sub_covs));
-    let mut z_corr = vec![0.0; n * d];
+    let mut block = vec![0.0; POLL_CELLS.min(n) * d];
+    // The sketch's cells (sorted) in turn.
+    let mut next = 0;
     for lo in (0..n).step_by(POLL_CELLS) {
         if interrupted() {
             return Err(Error::Interrupted);
         }
         let hi = (lo + POLL_CELLS).min(n);
+        let out = &mut block[..(hi - lo) * d];
         // The sketch's cells too (overwritten below): simpler than skipping them.
-        fit.map.correct_rows(z, lo, covs, &mut z_corr[lo * d..hi * d]);
+        fit.map.correct_rows(z, lo, covs, out);
+        while next < cells.len() && cells[next] < hi {
+            let i = cells[next] - lo;
+            out[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[next * d..(next + 1) * d]);
+            next += 1;
+        }
+        put(lo, out);
     }
-    for (o, &i) in cells.iter().enumerate() {
-        z_corr[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[o * d..(o + 1) * d]);
-    }
-    Ok(HarmonyResult { z_corr, fitted_cells: cells.len(), ..fit })
+    fit.z_corr = Vec::new();
+    Ok(HarmonyResult { fitted_cells: cells.len(), ..fit })
 }

@@ -19,7 +19,7 @@
 //! coefficients, like the intercept, are never subtracted: batch effects are
 //! estimated while holding the condition fixed, and the condition effect stays.
 
-use crate::error::Result;
+use crate::error::{invalid, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -73,7 +73,11 @@ pub fn harmony(
 ) -> Result<HarmonyResult> {
     check_inputs(z, covariates, params)?;
     if let Some(m) = params.sketch.filter(|&m| m < z.n) {
-        return map::sketched(z, covariates, params, m, interrupted, on_iter);
+        let d = z.d;
+        let mut z_corr = vec![0.0; z.n * d];
+        let mut put = |lo: usize, rows: &[f64]| z_corr[lo * d..lo * d + rows.len()].copy_from_slice(rows);
+        let r = map::sketched(z, covariates, params, m, interrupted, on_iter, &mut put)?;
+        return Ok(HarmonyResult { z_corr, ..r });
     }
     let mut h = Harmony::new(z, covariates, params)?;
     h.init(interrupted)?;
@@ -91,6 +95,38 @@ pub fn harmony(
         }
     }
     Ok(h.finish(n_iter, converged))
+}
+
+/// `harmony`, with the corrected cells written into `out` (cells × d,
+/// column-major: an R matrix, filled in place) and `z_corr` of the result
+/// left empty. On a sketch the cells are corrected block by block straight
+/// into `out`, so no other cells × d matrix is made (400 MB at 10^6 cells
+/// and 50 dimensions).
+pub fn harmony_into(
+    z: Embedding,
+    covariates: &[HarmonyCovariate],
+    params: &HarmonyParams,
+    interrupted: &dyn Fn() -> bool,
+    on_iter: &dyn Fn(usize),
+    out: &mut [f64],
+) -> Result<HarmonyResult> {
+    let (n, d) = (z.n, z.d);
+    if out.len() != n * d {
+        return invalid!("room for {} corrected values; expected cells ({n}) × dimensions ({d})", out.len());
+    }
+    let mut put = |lo: usize, rows: &[f64]| {
+        for (i, row) in rows.chunks(d).enumerate() {
+            row.iter().enumerate().for_each(|(j, &v)| out[j * n + lo + i] = v);
+        }
+    };
+    if let Some(m) = params.sketch.filter(|&m| m < n) {
+        check_inputs(z, covariates, params)?;
+        return map::sketched(z, covariates, params, m, interrupted, on_iter, &mut put);
+    }
+    let mut r = harmony(z, covariates, params, interrupted, on_iter)?;
+    put(0, &r.z_corr);
+    r.z_corr = Vec::new();
+    Ok(r)
 }
 
 /// Whether the objective fell from `old` to `new` by less than the fraction

@@ -423,3 +423,23 @@ fn harmony_on_a_sketch_corrects_the_other_cells_like_the_full_run() {
     let e = harmony(Embedding::row_major(&x, n, d), &covs, &both, &|| false, &|_| {}).unwrap_err();
     assert!(e.to_string().contains("sketch"), "{e}");
 }
+
+#[test]
+fn harmony_into_fills_a_column_major_matrix_with_the_same_result() {
+    // Past one block of the sketch's mapping (POLL_CELLS), and a full run.
+    for (n, sketch) in [(70_000, Some(2000)), (3000, None)] {
+        let d = 4;
+        let (x, batch, _) = typed_batches(n, d, 5);
+        let covs = [batch_cov(batch, 3)];
+        let p = HarmonyParams { memberships: false, sketch, seed: 2, ..Default::default() };
+        let rows = run(&x, d, &covs, &p);
+        let mut out = vec![f64::NAN; n * d];
+        let r = harmony_into(Embedding::row_major(&x, n, d), &covs, &p, &|| false, &|_| {}, &mut out).unwrap();
+        assert!(r.z_corr.is_empty());
+        assert_eq!(r.fitted_cells, rows.fitted_cells);
+        assert!((0..n * d).all(|k| out[(k % d) * n + k / d] == rows.z_corr[k]), "n = {n}");
+        let mut short = vec![0.0; n * d - 1];
+        let e = harmony_into(Embedding::row_major(&x, n, d), &covs, &p, &|| false, &|_| {}, &mut short).unwrap_err();
+        assert!(e.to_string().contains("room for"), "{e}");
+    }
+}
