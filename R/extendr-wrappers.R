@@ -103,9 +103,9 @@ rs_dist_broadcast <- function(values) .Call(native("wrap__rs_dist_broadcast"), v
 rs_free_port <- function() .Call(native("wrap__rs_free_port"))
 
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
-                            library, config, train_encoder, train_decoder, device, threads, progress) {
+                            library, config, train_encoder, train_decoder, device, threads, progress, cells) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
-        teacher_name, library, config, train_encoder, train_decoder, device, threads, progress)
+        teacher_name, library, config, train_encoder, train_decoder, device, threads, progress, cells)
 }
 
 rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {
@@ -165,6 +165,8 @@ rs_model_de <- function(ptr, cells, group1, group2, settings, threads, progress)
 rs_model_map_query <- function(ptr, cells, options, train, threads, progress) {
   .Call(native("wrap__rs_model_map_query"), ptr, cells, options, train, threads, progress)
 }
+
+rs_release_memory <- function() .Call(native("wrap__rs_release_memory"))
 
 rs_fit_multimodal <- function(counts, covariates, config, train, device, threads, progress) {
   .Call(native("wrap__rs_fit_multimodal"), counts, covariates, config, train, device, threads, progress)

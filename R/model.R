@@ -682,5 +682,9 @@ plot.scdistill_model <- function(x, which = c("elbo", "reconstruction", "kl"), .
 }
 
 latent_matrix <- function(values, cells, n_latent) {
-  matrix(values, ncol = n_latent, dimnames = list(cells, paste0("latent_", seq_len(n_latent))))
+  names <- list(cells, paste0("latent_", seq_len(n_latent)))
+  # A matrix the core already named is kept as it is: naming it here would
+  # copy it (400 MB at 10^6 cells and 50 dimensions).
+  if (is.matrix(values) && identical(dimnames(values), names)) return(values)
+  matrix(values, ncol = n_latent, dimnames = names)
 }

@@ -324,7 +324,3 @@ pass_progress <- function(state, phase, done, total) {
   }
   invisible(NULL)
 }
-
-latent_matrix <- function(values, cells, n_latent) {
-  matrix(values, ncol = n_latent, dimnames = list(cells, paste0("latent_", seq_len(n_latent))))
-}

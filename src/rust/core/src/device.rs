@@ -102,6 +102,26 @@ pub fn seed_torch(seed: u64) {
     }
 }
 
+/// Hands the allocator's free pages back to the system (glibc's
+/// `malloc_trim`). Threads that read and train leave freed memory in their
+/// malloc arenas, and the process keeps it: after `distill()` of 10^6 cells
+/// from disk, 0.9 GB of its 2.4 GB were free pages. Called at the end of
+/// each pass over cells on disk and after training; a no-op where the C
+/// library is not glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: malloc_trim only returns free pages to the system; any
+        // thread may call it at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,8 +19,8 @@ use scdistill_core::train::TrainConfig;
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
 /// the passes that read the library sizes, phase "scan", and Z, phase
 /// "latent"); `library`: NULL, or for counts on disk each cell's total
-/// from the teacher's pass (then the file is not scanned for them). Returns list(ptr,
-/// latent (cells × d)).
+/// from the teacher's pass (then the file is not scanned for them); `cells`
+/// the cells' names. Returns list(ptr, latent (cells × d, named)).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -40,6 +40,7 @@ fn rs_fit_distill(
     device: &str,
     threads: i32,
     progress: Robj,
+    cells: Robj,
 ) -> Result<Robj> {
     let input = Input::from_r(&counts)?;
     let n = input.n_cells();
@@ -59,7 +60,11 @@ fn rs_fit_distill(
     let device = parse_device(device).map_err(fail)?;
     // The teacher's library sizes, when its pass over the file has them (read here, on R's thread).
     let given: Option<&[f64]> = library.as_real_slice();
-    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
+    // The student's Z is written straight into the R matrix returned (no
+    // other copy: 400 MB at 10^6 cells and 50 dimensions).
+    let mut latent = RMatrix::<f64>::new(n, d);
+    let z = latent.data_mut();
+    let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
         let sizes;
         let counts = match &input {
@@ -82,10 +87,13 @@ fn rs_fit_distill(
             teacher_name: teacher_name.to_string(),
         };
         let encoded = |done, total| report("latent", &pass_record(done, total));
-        DistillModel::fit_with_latent(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded)
+        DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)
     })?;
-    let d = model.meta.config.n_latent;
-    Ok(fitted_to_r(Box::new(model), crate::r_matrix(&z, n, d).into()))
+    // Named here: naming it in R would copy it.
+    let mut z: Robj = latent.into();
+    let columns: Vec<String> = (1..=d).map(|j| format!("latent_{j}")).collect();
+    z.set_attrib("dimnames", list!(cells, columns))?;
+    Ok(fitted_to_r(Box::new(model), z))
 }
 
 extendr_module! {

@@ -274,9 +274,18 @@ pub(crate) fn with_epoch_progress<T: Send>(
             }
         }
     };
-    worker::run_with_ticks(threads_from_r(threads)?, |interrupted| work(interrupted, &report), tick)
-        .map_err(fail)?
-        .map_err(fail)
+    let done = worker::run_with_ticks(threads_from_r(threads)?, |interrupted| work(interrupted, &report), tick);
+    // What the training threads freed goes back to the system.
+    scdistill_core::device::release_free_memory();
+    done.map_err(fail)?.map_err(fail)
+}
+
+/// Hands the allocator's free pages back to the system (after R's gc(), as
+/// `distill()` does once its teacher's matrices are garbage).
+/// @noRd
+#[extendr]
+fn rs_release_memory() {
+    scdistill_core::device::release_free_memory();
 }
 
 /// A fitted model and its training cells' latent space, as R receives both.
@@ -295,4 +304,5 @@ extendr_module! {
     fn rs_model_sample;
     fn rs_model_de;
     fn rs_model_map_query;
+    fn rs_release_memory;
 }

@@ -611,6 +611,7 @@ impl DiskCsr {
     /// Ends the current epoch's stream (the reader stops at its next send).
     pub fn end_stream(&self) {
         *self.lock_stream() = None;
+        crate::device::release_free_memory();
     }
 }
 

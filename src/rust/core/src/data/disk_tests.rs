@@ -570,8 +570,10 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
             teacher: Embedding::row_major(&z, z.len() / 10, 10),
             teacher_name: "harmony".into(),
         };
-        crate::device::with_threads(2, || {
-            DistillModel::fit_with_latent(
+        // Z comes column-major (R's layout); here row-major, as latent() gives it.
+        let mut zc = vec![0.0; n * 10];
+        let m = crate::device::with_threads(2, || {
+            DistillModel::fit_into(
                 &data,
                 DistillConfig::default(),
                 tc.clone(),
@@ -580,10 +582,12 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
                 &|| false,
                 &|_, _| {},
                 &|_, _| {},
+                &mut zc,
             )
         })
         .unwrap()
-        .unwrap()
+        .unwrap();
+        (m, (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>())
     };
     let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, library: &scan.row_sums };
     let (disk, z_disk) = fit(on_disk(), &all, &tc);

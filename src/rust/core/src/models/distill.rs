@@ -206,10 +206,11 @@ impl Student {
         on
     }
 
-    /// The encoder's target: Z* (`[n, d]`, row-major) standardized as
-    /// `cfg.target` says; for `Global`, also stores the centre and scale.
-    fn set_target(&self, z: Embedding) -> Vec<f32> {
-        match (&self.z_centre, &self.z_scale) {
+    /// The encoder's target: Z* standardized as `cfg.target` says, read a
+    /// minibatch at a time (no copy of Z*); for `Global`, also stores the
+    /// centre and scale.
+    fn set_target<'a>(&self, z: Embedding<'a>) -> TargetRows<'a> {
+        let global = match (&self.z_centre, &self.z_scale) {
             (Some(centre), Some(scale)) => {
                 let (c, sd) = global_scale(z);
                 let (mut centre, mut scale) = (centre.shallow_clone(), scale.shallow_clone());
@@ -218,16 +219,11 @@ impl Student {
                     centre.copy_(&Tensor::from_slice(&values).to_device(self.device()));
                     scale.copy_(&Tensor::from_slice(&[sd as f32]).to_device(self.device()));
                 });
-                let mut out = Vec::with_capacity(z.n * z.d);
-                let mut row = vec![0.0; z.d];
-                for i in 0..z.n {
-                    z.row_into(i, &mut row);
-                    out.extend(row.iter().zip(&c).map(|(v, m)| ((v - m) / sd) as f32));
-                }
-                out
+                Some((c, sd))
             }
-            _ => standardize_rows(z),
-        }
+            _ => None,
+        };
+        TargetRows { z, global }
     }
 
     pub fn device(&self) -> Device {
@@ -298,19 +294,34 @@ impl Student {
     }
 }
 
-/// Standardizes each row (cell) of `z` to mean 0 and
-/// population standard deviation 1, as scDistill does with the teacher.
-pub fn standardize_rows(z: Embedding) -> Vec<f32> {
-    let d = z.d;
-    let mut out = Vec::with_capacity(z.n * d);
-    let mut row = vec![0.0; d];
-    for i in 0..z.n {
-        z.row_into(i, &mut row);
-        let m = row.iter().sum::<f64>() / d as f64;
-        let sd = (row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / d as f64).sqrt();
-        out.extend(row.iter().map(|v| ((v - m) / (sd + 1e-5)) as f32));
+/// The encoder's target of given cells: rows of Z* (read in place, in
+/// either layout) minus the centre over the scale (`global`), or each
+/// standardized to mean 0 and population standard deviation 1 (`None`),
+/// as scDistill does with the teacher.
+struct TargetRows<'a> {
+    z: Embedding<'a>,
+    global: Option<(Vec<f64>, f64)>,
+}
+
+impl TargetRows<'_> {
+    /// The targets of `rows`, row-major.
+    fn rows(&self, rows: &[usize]) -> Vec<f32> {
+        let d = self.z.d;
+        let mut out = Vec::with_capacity(rows.len() * d);
+        let mut row = vec![0.0; d];
+        for &i in rows {
+            self.z.row_into(i, &mut row);
+            match &self.global {
+                Some((c, sd)) => out.extend(row.iter().zip(c).map(|(v, m)| ((v - m) / sd) as f32)),
+                None => {
+                    let m = row.iter().sum::<f64>() / d as f64;
+                    let sd = (row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / d as f64).sqrt();
+                    out.extend(row.iter().map(|v| ((v - m) / (sd + 1e-5)) as f32));
+                }
+            }
+        }
+        out
     }
-    out
 }
 
 /// Per-dimension means of `z` and the root mean square of the centred
@@ -450,30 +461,41 @@ impl TrainingCells<'_> {
         }
     }
 
-    /// Z of every cell from the student's encoder, with the decoder genes'
-    /// log library sizes and Σ log x! (one pass over cells on disk, its
-    /// progress reported as `progress(done, total)`, interruptible).
+    /// Z of every cell from the student's encoder into `z` (cells × d,
+    /// column-major, as R holds a matrix), with the decoder genes' log
+    /// library sizes and Σ log x! (one pass over cells on disk, its
+    /// progress reported as `progress(done, total)`, interruptible). Blocks
+    /// of cells are encoded in turn, so no other copy of Z is made.
     fn latent_and_totals(
         &self,
         s: &Student,
+        z: &mut [f64],
         progress: &dyn Fn(usize, usize),
         interrupted: &dyn Fn() -> bool,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (n, d) = (self.n(), s.cfg.n_latent);
         let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
+        let mut store = |start: usize, zs: &[f32]| {
+            for (i, row) in zs.chunks(d).enumerate() {
+                row.iter().enumerate().for_each(|(j, &v)| z[j * n + start + i] = v as f64);
+            }
+        };
         match self {
             TrainingCells::Memory { input, counts } => {
-                Ok((latent_of(s, input), log_library(counts), super::log_factorial(counts)))
+                for start in (0..n).step_by(DISK_BLOCK) {
+                    store(start, &latent_rows(s, input, start, (start + DISK_BLOCK).min(n)));
+                }
+                Ok((log_library(counts), super::log_factorial(counts)))
             }
             TrainingCells::Disk { disk, decoder_genes, input_genes, scale, .. } => {
-                let n = disk.n_rows();
-                let (mut z, mut lib, mut fact) = (Vec::with_capacity(n * s.cfg.n_latent), vec![], vec![]);
+                let (mut lib, mut fact) = (Vec::with_capacity(n), Vec::with_capacity(n));
                 for start in (0..n).step_by(DISK_BLOCK) {
                     if interrupted() {
                         return Err(crate::error::Error::Interrupted);
                     }
                     let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
                     let raw = disk.read_range(start, start + rows.len())?;
-                    z.extend(latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
+                    store(start, &latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
                     let counts = match decoder_genes {
                         Some(keep) => raw.select_columns(keep),
                         None => raw,
@@ -482,7 +504,8 @@ impl TrainingCells<'_> {
                     fact.extend(super::log_factorial(&counts));
                     progress(start + rows.len(), n);
                 }
-                Ok((z, lib, fact))
+                crate::device::release_free_memory();
+                Ok((lib, fact))
             }
         }
     }
@@ -520,7 +543,7 @@ macro_rules! cells_split_and_order {
 struct EncoderTask<'a> {
     student: &'a Student,
     cells: &'a TrainingCells<'a>,
-    target: &'a [f32],
+    target: &'a TargetRows<'a>,
     /// On disk: the training cells whose statistics the batch norms take
     /// before validation (read once).
     sample: std::sync::Mutex<Option<Csr>>,
@@ -537,11 +560,7 @@ impl Trainable for EncoderTask<'_> {
         let dev = self.student.device();
         let d = self.student.cfg.n_latent;
         let x = self.cells.input(rows, train, dev);
-        let mut t = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            t.extend_from_slice(&self.target[r * d..(r + 1) * d]);
-        }
-        let target = Tensor::from_slice(&t).view([rows.len() as i64, d as i64]).to_device(dev);
+        let target = Tensor::from_slice(&self.target.rows(rows)).view([rows.len() as i64, d as i64]).to_device(dev);
         let z = self.student.encode_standardized(&x, train);
         let mse = (z - target).square().mean_dim(-1, false, Kind::Float);
         LossTerms::plain(mse)
@@ -577,7 +596,8 @@ impl Trainable for EncoderTask<'_> {
 /// Phase 2: the frozen encoder's Z of every cell, counts and batches.
 struct DecoderTask<'a> {
     student: &'a Student,
-    z: &'a [f32],
+    /// Z of every cell, read in place.
+    z: Embedding<'a>,
     cells: &'a TrainingCells<'a>,
     batch: &'a [u32],
     log_library: &'a [f32],
@@ -597,7 +617,7 @@ impl Trainable for DecoderTask<'_> {
         let d = s.cfg.n_latent;
         let mut zb = Vec::with_capacity(rows.len() * d);
         for &r in rows {
-            zb.extend_from_slice(&self.z[r * d..(r + 1) * d]);
+            zb.extend((0..d).map(|j| self.z.get(r, j) as f32));
         }
         let z = Tensor::from_slice(&zb).view([rows.len() as i64, d as i64]).to_device(dev);
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
@@ -740,25 +760,17 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
     ) -> Result<DistillModel> {
-        let no_report = |_, _| {};
-        Ok(Self::fit_with_latent(
-            data,
-            config,
-            train_encoder,
-            train_decoder,
-            device,
-            interrupted,
-            on_epoch,
-            &no_report,
-        )?
-        .0)
+        let mut z = vec![0.0; data.teacher.n * data.teacher.d];
+        Self::fit_into(data, config, train_encoder, train_decoder, device, interrupted, on_epoch, &|_, _| {}, &mut z)
     }
 
-    /// `fit`, and the student's Z of every training cell (row-major), which
-    /// the decoder's phase computed: no further pass over cells on disk.
-    /// `pass(done, total)` reports that pass over cells on disk.
+    /// `fit`, writing the student's Z of every training cell, which the
+    /// decoder's phase computes, into `z` (cells × d, column-major: an R
+    /// matrix allocated by the caller, filled in place): no further pass
+    /// over cells on disk, and no other copy of Z. `pass(done, total)`
+    /// reports that pass over cells on disk.
     #[allow(clippy::too_many_arguments)]
-    pub fn fit_with_latent(
+    pub fn fit_into(
         data: &DistillData,
         mut config: DistillConfig,
         mut train_encoder: TrainConfig,
@@ -767,7 +779,8 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
         pass: &dyn Fn(usize, usize),
-    ) -> Result<(DistillModel, Vec<f32>)> {
+        z: &mut [f64],
+    ) -> Result<DistillModel> {
         let n = data.counts.n_cells();
         let n_genes = data.counts.genes().len();
         let t = data.teacher;
@@ -780,6 +793,9 @@ impl DistillModel {
         }
         if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
             return invalid!("the teacher embedding has a missing or infinite value (cell {})", t.at(i).0 + 1);
+        }
+        if z.len() != n * t.d {
+            return invalid!("room for {} latent values; expected cells ({n}) × dimensions ({})", z.len(), t.d);
         }
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
@@ -834,9 +850,7 @@ impl DistillModel {
         let target = student.set_target(data.teacher);
         let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
-        // The target (cells × d) is not needed past phase 1.
         drop(enc_task);
-        drop(target);
 
         // Phase 2, unless stopped: Z of every cell from the frozen encoder,
         // its batch norms first set to the statistics inference sees (the
@@ -853,7 +867,7 @@ impl DistillModel {
                 }
             }
         }
-        let (z, log_library, log_factorial) = cells.latent_and_totals(&student, pass, interrupted)?;
+        let (log_library, log_factorial) = cells.latent_and_totals(&student, z, pass, interrupted)?;
         train_decoder.bf16 = student.set_bf16_training(train_decoder.bf16);
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
@@ -861,7 +875,7 @@ impl DistillModel {
             student.set_encoder_trainable(false);
             let task = DecoderTask {
                 student: &student,
-                z: &z,
+                z: Embedding::column_major(z, n, config.n_latent),
                 cells: &cells,
                 batch: &data.batch.codes,
                 log_library: &log_library,
@@ -897,7 +911,7 @@ impl DistillModel {
             teacher: data.teacher_name.clone(),
             query_batches: vec![],
         };
-        Ok((DistillModel { meta, student }, z))
+        Ok(DistillModel { meta, student })
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -975,11 +989,15 @@ impl DistillModel {
 }
 
 fn latent_of(s: &Student, input: &Csr) -> Vec<f32> {
-    let n = input.n_rows;
-    let mut out = Vec::with_capacity(n * s.cfg.n_latent);
+    latent_rows(s, input, 0, input.n_rows)
+}
+
+/// Z of the rows `lo..hi` of `input`, row-major.
+fn latent_rows(s: &Student, input: &Csr, lo: usize, hi: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity((hi - lo) * s.cfg.n_latent);
     tch::no_grad(|| {
-        for start in (0..n).step_by(CHUNK) {
-            let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
+        for start in (lo..hi).step_by(CHUNK) {
+            let rows: Vec<usize> = (start..(start + CHUNK).min(hi)).collect();
             let x = crate::data::rows_to_tensor(input, &rows, s.device());
             out.extend(
                 Vec::<f32>::try_from(s.encode(&x, false).to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default(),

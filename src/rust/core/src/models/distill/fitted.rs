@@ -3,7 +3,7 @@
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
 use super::{latent_of, DecoderTask, DistillModel, Student, TrainingCells};
-use crate::data::{CountMatrix, Rows};
+use crate::data::{CountMatrix, Embedding, Rows};
 use crate::de::{self, DeSettings, DeTable, StudentScales, Watch};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
@@ -79,14 +79,15 @@ impl DistillModel {
         let frozen = transplant(&self.student.vs, &student.vs, &|_, old| (old, 0), &|name| {
             first_layer && name.starts_with("decoder.fc.layer0.linear.")
         })?;
-        let z = latent_of(&student, &input);
+        // In f64 as the training cells' Z is held (the same values).
+        let z: Vec<f64> = latent_of(&student, &input).into_iter().map(f64::from).collect();
         let out = counts.csr.select_columns(&keep);
         let log_library: Vec<f32> = out.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
         let log_factorial = crate::models::log_factorial(&out);
         let cells = TrainingCells::Memory { input, counts: out };
         let task = DecoderTask {
             student: &student,
-            z: &z,
+            z: Embedding::row_major(&z, n, meta.config.n_latent),
             cells: &cells,
             batch: &codes,
             log_library: &log_library,
