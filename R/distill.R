@@ -145,7 +145,7 @@ print.scdistill_teacher <- function(x, ...) {
 #' writes straight into the R matrices with no other copy, and a few
 #' numbers per cell; besides them memory holds a few windows of cells.
 #' Pages the training threads freed are handed back to the system after
-#' the teacher and after each pass over the file. On 10^6 simulated cells
+#' the teacher, after each epoch's pass over the file and after the fit. On 10^6 simulated cells
 #' × 2,000 genes in a file, the process peaked at 2.35 GB and held 1.5 GB
 #' after the fit; at 2·10^6 cells it peaked at 3.7 GB
 #' (`bench/out_of_core.R`).
@@ -295,7 +295,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   if (!is.double(z)) storage.mode(z) <- "double"
   fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
                              ncol(z), t$name, t$library, config, t1, t2, check_device(device), resolve_threads(threads),
-                             bar$update, cells))
+                             bar$update, latent_dimnames(cells, ncol(z))))
   model <- new_model(fit$ptr, cnt$counts)
   if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
   # The batch's metadata column, where normalized_expression() finds each cell's own batch.

@@ -681,10 +681,13 @@ plot.scdistill_model <- function(x, which = c("elbo", "reconstruction", "kl"), .
   invisible(x)
 }
 
+# The dimnames of a latent space of the cells `cells`.
+latent_dimnames <- function(cells, n_latent) list(cells, paste0("latent_", seq_len(n_latent)))
+
 latent_matrix <- function(values, cells, n_latent) {
-  names <- list(cells, paste0("latent_", seq_len(n_latent)))
-  # A matrix the core already named is kept as it is: naming it here would
-  # copy it (400 MB at 10^6 cells and 50 dimensions).
+  names <- latent_dimnames(cells, n_latent)
+  # A matrix the core already named (given latent_dimnames()) is kept as it
+  # is: naming it here would copy it (400 MB at 10^6 cells and 50 dimensions).
   if (is.matrix(values) && identical(dimnames(values), names)) return(values)
   matrix(values, ncol = n_latent, dimnames = names)
 }

@@ -106,8 +106,8 @@ pub fn seed_torch(seed: u64) {
 /// `malloc_trim`). Threads that read and train leave freed memory in their
 /// malloc arenas, and the process keeps it: after `distill()` of 10^6 cells
 /// from disk, 0.9 GB of its 2.4 GB were free pages. Called at the end of
-/// each pass over cells on disk and after training; a no-op where the C
-/// library is not glibc.
+/// each epoch's stream from disk, after `distill()`'s Z pass and after
+/// every fit; a no-op where the C library is not glibc.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -19,8 +19,9 @@ use scdistill_core::train::TrainConfig;
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
 /// the passes that read the library sizes, phase "scan", and Z, phase
 /// "latent"); `library`: NULL, or for counts on disk each cell's total
-/// from the teacher's pass (then the file is not scanned for them); `cells`
-/// the cells' names. Returns list(ptr, latent (cells × d, named)).
+/// from the teacher's pass (then the file is not scanned for them);
+/// `dimnames` the latent's (R's `latent_dimnames()`). Returns list(ptr,
+/// latent (cells × d, named)).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -40,7 +41,7 @@ fn rs_fit_distill(
     device: &str,
     threads: i32,
     progress: Robj,
-    cells: Robj,
+    dimnames: Robj,
 ) -> Result<Robj> {
     let input = Input::from_r(&counts)?;
     let n = input.n_cells();
@@ -91,8 +92,7 @@ fn rs_fit_distill(
     })?;
     // Named here: naming it in R would copy it.
     let mut z: Robj = latent.into();
-    let columns: Vec<String> = (1..=d).map(|j| format!("latent_{j}")).collect();
-    z.set_attrib("dimnames", list!(cells, columns))?;
+    z.set_attrib("dimnames", dimnames)?;
     Ok(fitted_to_r(Box::new(model), z))
 }
 

@@ -369,7 +369,8 @@ fn log2_cpm_f32(count: f32, scale: f64) -> f32 {
     (count * scale as f32 + 1.0).log2()
 }
 
-/// Cells read at once by the passes over every cell on disk.
+/// Cells read at once by the passes over every cell on disk, and encoded
+/// at once by the Z pass in memory too.
 const DISK_BLOCK: usize = 16_384;
 
 impl TrainingCells<'_> {
