@@ -295,7 +295,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   if (!is.double(z)) storage.mode(z) <- "double"
   fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
                              ncol(z), t$name, t$library, config, t1, t2, check_device(device), resolve_threads(threads),
-                             bar$update, latent_dimnames(cells, ncol(z))))
+                             bar$update))
   model <- new_model(fit$ptr, cnt$counts)
   if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
   # The batch's metadata column, where normalized_expression() finds each cell's own batch.

@@ -44,6 +44,8 @@ rs_fine_tune_clusters <- function(ptr, bytes, cells, weight, train, threads, pro
 
 rs_assign_clusters <- function(bytes, z, d, threads) .Call(native("wrap__rs_assign_clusters"), bytes, z, d, threads)
 
+rs_shape_in_place <- function(x, dim, attributes) .Call(native("wrap__rs_shape_in_place"), x, dim, attributes)
+
 rs_validate_counts <- function(counts) .Call(native("wrap__rs_validate_counts"), counts)
 
 rs_vae_latent_disk <- function(ptr, spec, genes, batch, categorical, continuous, give_mean, seed, threads, progress)
@@ -103,9 +105,9 @@ rs_dist_broadcast <- function(values) .Call(native("wrap__rs_dist_broadcast"), v
 rs_free_port <- function() .Call(native("wrap__rs_free_port"))
 
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
-                            library, config, train_encoder, train_decoder, device, threads, progress, dimnames) {
+                            library, config, train_encoder, train_decoder, device, threads, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
-        teacher_name, library, config, train_encoder, train_decoder, device, threads, progress, dimnames)
+        teacher_name, library, config, train_encoder, train_decoder, device, threads, progress)
 }
 
 rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {

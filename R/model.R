@@ -681,13 +681,10 @@ plot.scdistill_model <- function(x, which = c("elbo", "reconstruction", "kl"), .
   invisible(x)
 }
 
-# The dimnames of a latent space of the cells `cells`.
-latent_dimnames <- function(cells, n_latent) list(cells, paste0("latent_", seq_len(n_latent)))
-
-latent_matrix <- function(values, cells, n_latent) {
-  names <- latent_dimnames(cells, n_latent)
-  # A matrix the core already named (given latent_dimnames()) is kept as it
-  # is: naming it here would copy it (400 MB at 10^6 cells and 50 dimensions).
-  if (is.matrix(values) && identical(dimnames(values), names)) return(values)
-  matrix(values, ncol = n_latent, dimnames = names)
+# The glue's latent of the cells `cells` named (and given the attributes in
+# `...`) in place: a copy would take 400 MB at 10^6 cells and 50
+# dimensions, at the end of every fit.
+latent_matrix <- function(values, cells, n_latent, ...) {
+  shape_in_place(values, if (!is.matrix(values)) c(length(values) %/% n_latent, n_latent),
+                 list(cells, paste0("latent_", seq_len(n_latent))), ...)
 }

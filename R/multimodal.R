@@ -462,14 +462,12 @@ default_modalities <- function(available) {
 # The latent spaces from the glue (list(joint, parts)) as the joint matrix
 # with each modality's own in attribute "modalities".
 multimodal_latents <- function(values, cells, model) {
-  joint <- latent_matrix(values$joint, cells, ncol(values$joint))
   per <- lapply(names(values$parts), function(m) {
     z <- values$parts[[m]]
-    matrix(z, ncol = ncol(z), dimnames = list(cells, paste0(m, "_", seq_len(ncol(z)))))
+    shape_in_place(z, dimnames = list(cells, paste0(m, "_", seq_len(ncol(z)))))
   })
   names(per) <- names(values$parts)
-  attr(joint, "modalities") <- per
-  joint
+  latent_matrix(values$joint, cells, ncol(values$joint), modalities = per)
 }
 
 modality_names <- function(model) as.character(model$info$config$modalities$name)

@@ -95,15 +95,14 @@ disk_pca <- function(d, batch, n_pcs, n_hvg, scale, method, threads) {
 # The scores matrix of the glue's PCA result, its attributes as prcomp's.
 pca_scores <- function(res, n_pcs, cells, genes) {
   pcs <- paste0("PC", seq_len(n_pcs))
-  scores <- matrix(res$scores, ncol = n_pcs, dimnames = list(cells, pcs))
-  attr(scores, "rotation") <- matrix(res$loadings, ncol = n_pcs,
-                                     dimnames = list(genes[res$hvg$selected], pcs))
-  attr(scores, "sdev") <- res$sdev
-  attr(scores, "percentVar") <- 100 * res$variance_ratio
-  attr(scores, "varExplained") <- res$sdev^2
-  attr(scores, "iterations") <- res$n_iter
-  scores
+  rotation <- matrix(res$loadings, ncol = n_pcs, dimnames = list(genes[res$hvg$selected], pcs))
+  # Shaped and given its attributes in place: matrix() or attr<- would copy
+  # all cells' scores.
+  shape_in_place(res$scores, c(length(cells), n_pcs), list(cells, pcs), rotation = rotation,
+                 sdev = res$sdev, percentVar = 100 * res$variance_ratio, varExplained = res$sdev^2,
+                 iterations = res$n_iter)
 }
+
 
 # Seurat names reductions in lower case, Bioconductor in upper case.
 reduction_name <- function(x, name) if (is(x, "Seurat")) tolower(name) else name

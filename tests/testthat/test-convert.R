@@ -106,6 +106,27 @@ test_that("minibatches cut from CSR into tensors equal the matrix columns", {
   expect_error(scdistill:::rs_dense_cells(scdistill:::slots(as_counts(d)), 13L), "out of range")
 })
 
+test_that("glue results get their shape and names in place, never a copy, and wrong shapes are refused", {
+  shape <- scdistill:::shape_in_place
+  x <- as.double(1:6)
+  traced <- capabilities("profmem")
+  if (traced) tracemem(x)
+  printed <- capture.output(y <- shape(x, c(3, 2), list(letters[1:3], c("u", "v")), note = "kept"))
+  if (traced) {
+    untracemem(x)
+    expect_identical(printed, character(0)) # tracemem reports every copy
+  }
+  expect_identical(y, structure(as.double(1:6), dim = 3:2, dimnames = list(letters[1:3], c("u", "v")), note = "kept"))
+  expect_identical(dim(x), 3:2) # the same object: that is why it is only for the glue's fresh results
+  m <- shape(matrix(as.double(1:4), 2), dimnames = list(NULL, c("a", "b")))
+  expect_identical(dimnames(m), list(NULL, c("a", "b")))
+  expect_error(shape(as.double(1:6), c(4, 2), list(NULL, NULL)), "6 values cannot be shaped")
+  expect_error(shape(as.double(1:6), c(3, 2), list(letters[1:2], NULL)), "dimension 1 must be 3 strings")
+  expect_error(shape(as.double(1:6), c(3, 2), list(NULL)), "list of two")
+  # Integers are copied into a new matrix.
+  expect_identical(shape(1:4, c(2, 2), list(c("a", "b"), NULL)), matrix(1:4, 2, dimnames = list(c("a", "b"), NULL)))
+})
+
 test_that("write_back puts reductions where SCE and Seurat users look, and checks cells", {
   skip_if_not_installed("SingleCellExperiment")
   d <- toy_dgc()

@@ -19,9 +19,8 @@ use scdistill_core::train::TrainConfig;
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
 /// the passes that read the library sizes, phase "scan", and Z, phase
 /// "latent"); `library`: NULL, or for counts on disk each cell's total
-/// from the teacher's pass (then the file is not scanned for them);
-/// `dimnames` the latent's (R's `latent_dimnames()`). Returns list(ptr,
-/// latent (cells × d, named)).
+/// from the teacher's pass (then the file is not scanned for them).
+/// Returns list(ptr, latent (cells × d)).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +40,6 @@ fn rs_fit_distill(
     device: &str,
     threads: i32,
     progress: Robj,
-    dimnames: Robj,
 ) -> Result<Robj> {
     let input = Input::from_r(&counts)?;
     let n = input.n_cells();
@@ -90,10 +88,7 @@ fn rs_fit_distill(
         let encoded = |done, total| report("latent", &pass_record(done, total));
         DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)
     })?;
-    // Named here: naming it in R would copy it.
-    let mut z: Robj = latent.into();
-    z.set_attrib("dimnames", dimnames)?;
-    Ok(fitted_to_r(Box::new(model), z))
+    Ok(fitted_to_r(Box::new(model), latent.into()))
 }
 
 extendr_module! {
