@@ -75,6 +75,9 @@ test_that("the student's Z is in the teacher's units; summary() compares the two
   expect_equal(unname(sqrt(rowMeans(sweep(zc, 1, rowMeans(zc))^2))), rep(1, nrow(zc)), tolerance = 1e-3)
   expect_identical(c1$info$config$target, "cell")
   expect_gt(summary(c1)$r2[["all"]], 0.5)
+  zs <- t(apply(teacher_latent(c1), 1, function(r) (r - mean(r)) / (sqrt(mean((r - mean(r))^2)) + 1e-5)))
+  expect_equal(summary(c1)$r2[["all"]], 1 - sum((c1$latent - zs)^2) / sum(sweep(zs, 2, colMeans(zs))^2),
+               tolerance = 1e-10)
   expect_error(distill_small(standardize = "rows"), "`standardize` must be one of")
   # Widths: c(encoder, decoder) by default, one number for both.
   expect_identical(unlist(m$info$config[c("n_hidden", "n_hidden_decoder")]), c(n_hidden = 256L, n_hidden_decoder = 128L))
