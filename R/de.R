@@ -665,9 +665,11 @@ note_unprotected <- function(model, groupby, groups, batch) {
 }
 
 # The covariates a distilled model's Harmony teacher protected: from the
-# teacher, or from the teacher's name that the model keeps (a loaded model).
+# teacher, else from the model's description (a loaded model), else, for a
+# model file from before they were recorded there, from the teacher's name.
 teacher_protects <- function(model) {
   if (!is.null(model$teacher)) return(if (is.character(model$teacher$protect)) model$teacher$protect else character())
+  if ("teacher_protects" %in% names(model$info)) return(as.character(unlist(model$info$teacher_protects)))
   name <- model$info$teacher %||% ""
   hit <- regmatches(name, regexpr("protecting [^,]+", name))
   if (!length(hit)) return(character())

@@ -10,9 +10,10 @@
 #'
 #' @param theta Harmony's diversity penalty (one per batch variable).
 #' @param protect Biological covariates Harmony must not regress out (column
-#'   names of the cell metadata), see [run_harmony()]. The model names them
-#'   in its teacher's description (`print(model)`, kept by [save_model()]),
-#'   where `differential_expression(method = "samples")` looks for the
+#'   names of the cell metadata), see [run_harmony()]. The model records
+#'   them (`model$info$teacher_protects`, and in its teacher's description
+#'   for `print(model)`; both kept by [save_model()]), and
+#'   `differential_expression(method = "samples")` looks there for the
 #'   groups it compares (see there, on confounded designs).
 #' @param n_pcs Principal components handed to Harmony; also the latent
 #'   dimension of the student unless `distill(n_latent =)` says otherwise.
@@ -294,7 +295,8 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   # Z* is read in place (400 MB at 10^6 cells and 50 dimensions).
   if (!is.double(z)) storage.mode(z) <- "double"
   fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
-                             ncol(z), t$name, t$library, config, t1, t2, check_device(device), resolve_threads(threads),
+                             ncol(z), t$name, t$protects, t$library, config, t1, t2, check_device(device),
+                             resolve_threads(threads),
                              bar$update))
   model <- new_model(fit$ptr, cnt$counts)
   if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
@@ -344,12 +346,13 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     attr(z, "harmony") <- NULL
     colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
-    # The protected covariates are part of the name the model keeps (and
-    # saves): differential_expression() reads them back from it.
-    protecting <- if (is.character(teacher$protect) && length(teacher$protect)) {
+    # The protected covariates (named by their columns) are kept in the
+    # model's description, where differential_expression() looks for them.
+    protects <- if (is.character(teacher$protect)) teacher$protect else character()
+    protecting <- if (length(protects)) {
       paste0(", protecting ", paste(teacher$protect, collapse = " + "))
     } else if (length(teacher$protect)) ", protecting given covariates"
-    return(list(z = z, hvg = hvg, library = lib_sizes,
+    return(list(z = z, hvg = hvg, library = lib_sizes, protects = protects,
                 name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s%s", paste(teacher$theta, collapse = "/"),
                                n_pcs, teacher$method, teacher$n_hvg, protecting %||% "", sketched %||% "")))
   }

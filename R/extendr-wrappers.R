@@ -105,9 +105,10 @@ rs_dist_broadcast <- function(values) .Call(native("wrap__rs_dist_broadcast"), v
 rs_free_port <- function() .Call(native("wrap__rs_free_port"))
 
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
-                            library, config, train_encoder, train_decoder, device, threads, progress) {
+                            teacher_protects, library, config, train_encoder, train_decoder, device, threads,
+                            progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
-        teacher_name, library, config, train_encoder, train_decoder, device, threads, progress)
+        teacher_name, teacher_protects, library, config, train_encoder, train_decoder, device, threads, progress)
 }
 
 rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {

@@ -306,6 +306,15 @@ test_that("the samples method says when batches hold one group only and the grou
   two <- fit(teacher = harmony_teacher(protect = c("cell_type", "condition")))
   expect_match(two$info$teacher, "protecting cell_type \\+ condition$")
   two$teacher <- NULL
+  expect_identical(unlist(two$info$teacher_protects), c("cell_type", "condition"))
+  two$info$teacher <- "renamed" # the description, not the name, says what was protected
+  expect_identical(scdistill:::teacher_protects(two), c("cell_type", "condition"))
+  unprotected <- plain
+  unprotected$teacher <- NULL
+  expect_identical(scdistill:::teacher_protects(unprotected), character())
+  # A model file from before the description recorded them: read from the name.
+  two$info$teacher_protects <- NULL
+  two$info$teacher <- "harmony (theta 2) on 50 PCs (log2cpm) of 2000 HVGs, protecting cell_type + condition"
   expect_identical(scdistill:::teacher_protects(two), c("cell_type", "condition"))
   # A VAE is pointed to a protecting teacher or to pseudobulk.
   vae <- fit_vae(sim, batch = "batch", max_epochs = 2, threads = 2)

@@ -128,6 +128,7 @@ fn distill(a: &[String]) {
             batch: &s.batch,
             teacher: Embedding::row_major(&z, n_cells, d),
             teacher_name: "PCA".into(),
+            teacher_protects: vec![],
         };
         let tc = TrainConfig { max_epochs: epochs, early_stopping: false, ..Default::default() };
         let t1 = Instant::now();

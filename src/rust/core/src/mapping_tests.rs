@@ -204,6 +204,7 @@ fn a_mapped_distilled_model_adds_an_embedding_row_and_keeps_the_reference() {
             batch: &batch,
             teacher: Embedding::row_major(&teacher, teacher.len() / 3, 3),
             teacher_name: "groups".into(),
+            teacher_protects: vec![],
         };
         let r = DistillModel::fit(
             &data,

@@ -19,8 +19,9 @@ use scdistill_core::train::TrainConfig;
 /// loss)` on the R thread (for counts on disk, `Input::from_r`'s, also
 /// the passes that read the library sizes, phase "scan", and Z, phase
 /// "latent"); `library`: NULL, or for counts on disk each cell's total
-/// from the teacher's pass (then the file is not scanned for them).
-/// Returns list(ptr, latent (cells × d)).
+/// from the teacher's pass (then the file is not scanned for them);
+/// `teacher_protects` the covariates the teacher kept (character, kept in
+/// the model's description). Returns list(ptr, latent (cells × d)).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -33,6 +34,7 @@ fn rs_fit_distill(
     teacher: &[f64],
     teacher_dim: i32,
     teacher_name: &str,
+    teacher_protects: Robj,
     library: Robj,
     config: Robj,
     train_encoder: Robj,
@@ -53,6 +55,7 @@ fn rs_fit_distill(
         Ok(int_slice(x, what)?.iter().map(|&c| (c - 1).max(0) as usize).collect())
     };
     let (input_genes, output) = (cols(&input_genes, "input genes")?, cols(&decoder_genes, "decoder genes")?);
+    let protects = if teacher_protects.len() == 0 { vec![] } else { strings(&teacher_protects, "teacher_protects")? };
     let config: DistillConfig = from_r(&config, "distillation settings")?;
     let t1: TrainConfig = from_r(&train_encoder, "encoder training settings")?;
     let t2: TrainConfig = from_r(&train_decoder, "decoder training settings")?;
@@ -84,6 +87,7 @@ fn rs_fit_distill(
             batch: &batch,
             teacher: Embedding::column_major(teacher, n, d),
             teacher_name: teacher_name.to_string(),
+            teacher_protects: protects.clone(),
         };
         let encoded = |done, total| report("latent", &pass_record(done, total));
         DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)

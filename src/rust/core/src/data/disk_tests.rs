@@ -569,6 +569,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
             batch: &s.batch,
             teacher: Embedding::row_major(&z, z.len() / 10, 10),
             teacher_name: "harmony".into(),
+            teacher_protects: vec![],
         };
         // Z comes column-major (R's layout); here row-major, as latent() gives it.
         let mut zc = vec![0.0; n * 10];

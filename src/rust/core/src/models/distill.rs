@@ -669,6 +669,10 @@ pub struct DistillMeta {
     pub validation_cells: Vec<usize>,
     /// Description of the teacher (free text from the caller).
     pub teacher: String,
+    /// The covariates the teacher kept (Harmony's `protect`), as the caller
+    /// names them; `None` in files from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_protects: Option<Vec<String>>,
     /// Batches added by `map_query()` (the last levels of `batch_levels`).
     #[serde(default)]
     pub query_batches: Vec<String>,
@@ -705,6 +709,8 @@ pub struct DistillData<'a> {
     /// Teacher embedding, cells × d (an R matrix is read in place).
     pub teacher: Embedding<'a>,
     pub teacher_name: String,
+    /// The covariates the teacher kept (kept in the model's description).
+    pub teacher_protects: Vec<String>,
 }
 
 /// The counts a student trains on.
@@ -910,6 +916,7 @@ impl DistillModel {
             n_cells: n,
             validation_cells: h1.validation_cells,
             teacher: data.teacher_name.clone(),
+            teacher_protects: Some(data.teacher_protects.clone()),
             query_batches: vec![],
         };
         Ok(DistillModel { meta, student })

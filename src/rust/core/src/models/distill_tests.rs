@@ -55,6 +55,7 @@ fn fit_with(s: &Simulation, z: &[f64], d: usize, epochs: usize, seed: u64, targe
         batch: &s.batch,
         teacher: Embedding::row_major(z, z.len() / d, d),
         teacher_name: "harmony".into(),
+        teacher_protects: vec![],
     };
     let tc = TrainConfig {
         max_epochs: epochs,
@@ -190,6 +191,13 @@ fn same_seed_same_model_and_files_round_trip() {
         DistillModel::from_bytes(&a.to_bytes().unwrap(), Device::Cpu).unwrap()
     };
     assert_eq!(back.meta.genes, a.meta.genes);
+    assert_eq!(back.meta.teacher_protects, Some(vec![]));
+    // A file from before the protected covariates were recorded reads as
+    // "not known" (R then reads them from the teacher's name).
+    let mut old = serde_json::to_value(&a.meta).unwrap();
+    old.as_object_mut().unwrap().remove("teacher_protects");
+    let old: DistillMeta = serde_json::from_value(old).unwrap();
+    assert_eq!(old.teacher_protects, None);
     assert_eq!(back.latent(&s.counts).unwrap(), a.latent(&s.counts).unwrap());
     assert_eq!(back.corrected(&s.counts, &[1]).unwrap(), a.corrected(&s.counts, &[1]).unwrap());
     // The encoder did not move in phase 2: Z equals phase 1's best.
@@ -213,6 +221,7 @@ fn refuses_bad_teachers_and_missing_genes() {
             batch: &s.batch,
             teacher: Embedding::row_major(z, z.len() / dim, dim),
             teacher_name: String::new(),
+            teacher_protects: vec![],
         };
         DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc.clone(), Device::Cpu, &|| false, &|_, _| {})
             .unwrap_err()
