@@ -107,17 +107,29 @@ fn rs_disk_hvg_pca(
     let disk = crate::disk::open_disk(&spec)?;
     let b = categorical_from_r("batch", &batch, &levels, disk.n_rows())?;
     let k = (n_pcs > 0).then_some(n_pcs as usize);
+    // The last pass writes the scores straight into the R matrix returned
+    // (no copy in between: 2 GB at 5·10^6 cells × 50).
+    let mut scores = RMatrix::<f64>::new(disk.n_rows(), k.unwrap_or(0));
+    let out = scores.data_mut();
     let r = crate::model::with_epoch_progress(threads, &progress, |interrupted, report| {
         let progress = |done, total| report("teacher", &crate::model::pass_record(done, total));
-        prep::hvg_pca_on_disk(&disk, n_hvg.max(0) as usize, b.as_ref(), span, k, scale, &progress, interrupted)
+        prep::hvg_pca_on_disk_into(
+            &disk,
+            n_hvg.max(0) as usize,
+            b.as_ref(),
+            span,
+            k,
+            scale,
+            &progress,
+            interrupted,
+            out,
+        )
     })?;
     let hvg = hvg_list(&r.hvg);
     Ok(match r.pca {
         None => list!(hvg = hvg),
         Some(p) => {
-            let (n, k, g) = (p.scores.nrows(), p.sdev.len(), p.loadings.nrows());
-            // Straight into R's column-major vector (no copy in between: 400 MB at 10^6 cells × 50).
-            let scores = Doubles::from_values((0..n * k).map(|t| p.scores[(t % n, t / n)]));
+            let (k, g) = (p.sdev.len(), p.loadings.nrows());
             let loadings: Vec<f64> =
                 (0..k).flat_map(|j| (0..g).map(move |i| (i, j))).map(|(i, j)| p.loadings[(i, j)]).collect();
             list!(

@@ -479,7 +479,7 @@ fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
 
 #[test]
 fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
-    use crate::prep::{hvg_pca, hvg_pca_on_disk, PcaOf, PcaParams};
+    use crate::prep::{hvg_pca, hvg_pca_on_disk, hvg_pca_on_disk_into, PcaOf, PcaParams};
     use crate::simulate::{simulate, SimParams};
     // Past one block of cells (16,384); two batches of unequal size.
     let s = simulate(&SimParams {
@@ -514,6 +514,16 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
             assert!((p.scores[(i, j)] - r.scores[(i, j)]).abs() < 1e-6);
         }
     }
+    // Into a column-major buffer (R's matrix), with no matrix of its own:
+    // the same scores; a buffer of the wrong size is refused before a pass.
+    let mut buf = vec![f64::NAN; 20_000 * 8];
+    let no_progress = |_, _| {};
+    let into =
+        hvg_pca_on_disk_into(&d, 60, Some(&s.batch), 0.3, Some(8), true, &no_progress, &|| false, &mut buf).unwrap();
+    assert_eq!(into.pca.as_ref().unwrap().scores.nrows(), 0);
+    assert!((0..8).all(|j| (0..20_000).all(|i| buf[j * 20_000 + i] == p.scores[(i, j)])));
+    let e = hvg_pca_on_disk_into(&d, 60, None, 0.3, Some(8), true, &no_progress, &|| true, &mut buf[1..]).unwrap_err();
+    assert!(e.to_string().contains("scores"), "{e}");
     // Genes only: two passes.
     let only = hvg_pca_on_disk(&d, 60, None, 0.3, None, true, &|a, b| done.set((a, b)), &|| false).unwrap();
     assert!(only.pca.is_none() && done.get() == (40_000, 40_000));

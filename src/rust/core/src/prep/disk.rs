@@ -73,6 +73,31 @@ pub fn hvg_pca_on_disk(
     progress: &dyn Fn(usize, usize),
     interrupted: &dyn Fn() -> bool,
 ) -> Result<DiskPca> {
+    let n = disk.n_rows();
+    let mut scores = vec![0.0; n * n_pcs.unwrap_or(0)];
+    let mut r = hvg_pca_on_disk_into(disk, n_hvg, batch, span, n_pcs, scale, progress, interrupted, &mut scores)?;
+    if let Some(p) = r.pca.as_mut() {
+        p.scores = faer::Mat::from_fn(n, p.sdev.len(), |i, j| scores[j * n + i]);
+    }
+    Ok(r)
+}
+
+/// [`hvg_pca_on_disk`] with the scores written into `scores`, cells ×
+/// `n_pcs` column-major (R's layout; empty without `n_pcs`), as the last
+/// pass computes them: no second copy of all cells' scores (2 GB at
+/// 5·10^6 cells and 50 PCs). The returned `scores` matrix is then empty.
+#[allow(clippy::too_many_arguments)]
+pub fn hvg_pca_on_disk_into(
+    disk: &DiskCsr,
+    n_hvg: usize,
+    batch: Option<&Categorical>,
+    span: f64,
+    n_pcs: Option<usize>,
+    scale: bool,
+    progress: &dyn Fn(usize, usize),
+    interrupted: &dyn Fn() -> bool,
+    scores: &mut [f64],
+) -> Result<DiskPca> {
     check_param(n_hvg >= 1, "n_hvg", "must be at least 1")?;
     check_param(span > 0.0 && span <= 1.0, "span", "must be in (0, 1]")?;
     let (n, g) = (disk.n_rows(), disk.n_cols());
@@ -88,6 +113,8 @@ pub fn hvg_pca_on_disk(
             format!("must be smaller than both the number of cells ({n}) and of genes ({n_top})"),
         )?;
     }
+    let want = n * n_pcs.unwrap_or(0);
+    check_param(scores.len() == want, "scores", format!("has room for {} values, not {want}", scores.len()))?;
     let passes = Passes { disk, n_passes: if n_pcs.is_some() { 4 } else { 2 }, done: 0.into(), progress, interrupted };
     let n_batch = batch.n_levels();
     // Local rows of each batch in a block.
@@ -163,16 +190,15 @@ pub fn hvg_pca_on_disk(
     let total_var: f64 = var.iter().zip(&unit).map(|(v, s)| v * s * s).sum();
     let variance_ratio = sdev.iter().map(|sd| sd * sd / total_var).collect();
 
-    // Pass 4: scores.
-    let mut scores = faer::Mat::<f64>::zeros(n, k);
+    // Pass 4: scores, into the caller's column-major matrix.
     passes.pass(|start, m| {
         let s = centered_product(&log2cpm(start, m), &center, &unit, &loadings);
         for c in 0..k {
-            for r in 0..s.nrows() {
-                scores[(start + r, c)] = s[(r, c)];
-            }
+            let column = &mut scores[c * n + start..c * n + start + s.nrows()];
+            column.iter_mut().enumerate().for_each(|(r, v)| *v = s[(r, c)]);
         }
     })?;
+    let scores = faer::Mat::<f64>::zeros(0, k);
     let pca = PcaResult { scores, loadings, sdev, variance_ratio, center, scale: unit, n_iter: 0 };
     Ok(DiskPca { hvg, pca: Some(pca), library })
 }
