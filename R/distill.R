@@ -337,14 +337,16 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
     hvg <- rownames(attr(pcs, "rotation"))
-    attributes(pcs) <- list(dim = dim(pcs), dimnames = dimnames(pcs))  # in place: no copy of the PCs
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
                                      batch = cnt$batch, protect = teacher$protect,
                                      threads = threads, progress = progress), args))
     rm(pcs)
     fitted <- attr(z, "harmony")$fitted_cells
-    attr(z, "harmony") <- NULL
-    colnames(z) <- paste0("harmony_", seq_len(ncol(z)))
+    # Renamed, and Harmony's record dropped, in place: `attr<-` or
+    # `colnames<-` on the result (still referenced from harmony_fit()'s
+    # call) would wrap it, and the core would then copy all of Z* to read
+    # it (2 GB at 5*10^6 cells).
+    z <- shape_in_place(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z)))), harmony = NULL)
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
     # The protected covariates (named by their columns) are kept in the
     # model's description, where differential_expression() looks for them.

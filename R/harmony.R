@@ -198,18 +198,13 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
   # embedding (400 MB at 10^6 cells and 50 dimensions) unless it is integer.
   if (!is.double(emb)) storage.mode(emb) <- "double"
   res <- rust(rs_run_harmony(emb, n, ncol(emb), covs, params, resolve_threads(threads), bar))
-  # The results arrive as matrices and get their names in place.
-  z <- res$z
-  res$z <- NULL
-  dimnames(z) <- list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb))))
   fit <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
               n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds, fitted_cells = res$fitted_cells)
-  if (memberships) {
-    r <- res$r
-    res$r <- NULL
-    dimnames(r) <- list(rownames(emb), NULL)
-    fit$memberships <- r
-  }
-  attr(z, "harmony") <- fit
-  z
+  # The results arrive as matrices and get their names in place: `res`
+  # still holds them, so `dimnames<-` or `attr<-` would copy them (400 MB
+  # at 10^6 cells and 50 dimensions; the memberships twice that).
+  if (memberships) fit$memberships <- shape_in_place(res$r, dimnames = list(rownames(emb), NULL))
+  shape_in_place(res$z, dimnames = list(rownames(emb), colnames(emb) %||% paste0("harmony_", seq_len(ncol(emb)))),
+                 harmony = fit)
 }
+

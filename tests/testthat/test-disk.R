@@ -399,6 +399,26 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
                        n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")
 })
 
+test_that("distill() holds one matrix each of the PCs, Z* and Z, in memory and from a file: no copies", {
+  skip_if_not(capabilities("profmem"), "R was built without memory profiling")
+  s <- sim_file(n_cells = 3000, n_genes = 200, seed = 5)
+  bytes <- 3000 * 20 * 8 # cells x n_pcs doubles
+  big <- function(x) {
+    log <- tempfile()
+    Rprofmem(log, threshold = bytes - 1)
+    on.exit(Rprofmem(NULL))
+    distill(x, batch = "batch", teacher = harmony_teacher(n_pcs = 20, n_hvg = 150, sketch = 1000),
+            max_epochs_encoder = 1, max_epochs_decoder = 1, threads = 2, progress = FALSE)
+    Rprofmem(NULL)
+    sizes <- as.numeric(sub(" *:.*", "", grep("^[0-9]+ *:", readLines(log), value = TRUE)))
+    sum(sizes >= bytes & sizes < bytes + 1000)
+  }
+  # The PCA's scores, Harmony's Z* and the student's Z: renaming them, or
+  # handing Z* to the core, used to copy them.
+  expect_identical(big(s$file), 3L)
+  expect_identical(big(as_counts(s$file, batch = "batch")), 3L)
+})
+
 test_that("fit_multimodal() trains from paired files as from memory, and latent() reads them in blocks", {
   suppressMessages(library(SingleCellExperiment))
   mo <- simulate_counts(n_cells = 1500, n_genes = 150, n_groups = 4, n_batches = 2, atac = TRUE, n_peaks = 500,

@@ -241,7 +241,8 @@ pub(crate) fn r_matrix<T: Copy + Into<f64>>(v: &[T], n: usize, d: usize) -> RMat
 /// @noRd
 #[extendr]
 fn rs_shape_in_place(x: Robj, dim: Robj, attributes: List) -> Result<Robj> {
-    if x.as_real_slice().is_none() {
+    // The type, not the values: reading an ALTREP wrapper's values would copy them.
+    if x.rtype() != Rtype::Doubles {
         return Err(fail("internal: only a double vector is shaped in place"));
     }
     // `dim`: NULL or an integer vector (R's `as.integer()`).
