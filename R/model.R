@@ -93,9 +93,17 @@ on_interrupt <- function() {
 # names (10x barcodes repeat across samples) differ here.
 data_fingerprint <- function(m) {
   if (is.list(m) && !is(m, "Matrix")) return(lapply(m, data_fingerprint))
-  w <- as.numeric(m@i %% 7919L) + 1
-  list(dim = dim(m), cells = colnames(m), genes = rownames(m), nnz = length(m@x), sum = sum(m@x),
-       weighted = sum(m@x * w), p = sum(as.numeric(m@p)))
+  # The weighted sum in chunks of 2^22 counts: over the whole matrix its
+  # temporaries took 28 bytes per stored count (5 GB for 2*10^8) at the
+  # end of every fit.
+  n <- length(m@x)
+  weighted <- 0
+  for (from in seq_len(ceiling(n / 2^22)) * 2^22 - 2^22 + 1) {
+    k <- from:min(n, from + 2^22 - 1)
+    weighted <- weighted + sum(m@x[k] * (as.numeric(m@i[k] %% 7919L) + 1))
+  }
+  list(dim = dim(m), cells = colnames(m), genes = rownames(m), nnz = n, sum = sum(m@x), weighted = weighted,
+       p = sum(as.numeric(m@p)))
 }
 
 # The training latent space when `data` is the training data itself.
