@@ -293,8 +293,9 @@ expression_of <- function(model, x, batch, opts, log1p, threads, modality = NULL
   features <- model_features(model, modality)
   keep <- if (!is.null(genes)) feature_index(genes, features) else seq_along(features)
   decode <- function(cells, opts) {
-    out <- rust(rs_model_expression(model_ptr(model), cells, opts, threads))
-    dimnames(out) <- list(features, cells$cells)
+    # Named in place: `dimnames<-` would copy all of it (the call still holds it).
+    out <- shape_in_place(rust(rs_model_expression(model_ptr(model), cells, opts, threads)),
+                          dimnames = list(features, cells$cells))
     if (length(keep) < length(features)) out <- out[keep, , drop = FALSE]
     if (log1p) log1p(out) else out
   }

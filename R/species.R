@@ -341,7 +341,8 @@ normalized_expression.scdistill_species <- function(model, x, batch = NULL, spec
                                      species = cells$species),
                                 resolve_threads(threads)))
   features <- unlist(model$info[[paste0(cells$species, "_genes")]])
-  dimnames(m) <- list(features, cells$cells)
+  # Named in place: `dimnames<-` would copy all of it (the call still holds it).
+  m <- shape_in_place(m, dimnames = list(features, cells$cells))
   if (!is.null(genes)) m <- m[feature_index(genes, features), , drop = FALSE]
   if (check_flag(log1p, "log1p")) m <- log1p(m)
   if (is.null(h5)) m else h5_write_matrix(h5, m)
