@@ -339,22 +339,25 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
     hvg <- rownames(attr(pcs, "rotation"))
+    # Harmony overwrites the PCs, which nothing else holds, with Z*: no
+    # second cells x n_pcs matrix (2 GB at 5*10^6 cells and 50 PCs).
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
                                      batch = cnt$batch, protect = teacher$protect,
-                                     threads = threads, progress = progress), args))
+                                     threads = threads, progress = progress, in_place = TRUE), args))
     rm(pcs)
     fitted <- attr(z, "harmony")$fitted_cells
-    # Renamed, and Harmony's record dropped, in place: `attr<-` or
-    # `colnames<-` on the result (still referenced from harmony_fit()'s
-    # call) would wrap it, and the core would then copy all of Z* to read
-    # it (2 GB at 5*10^6 cells).
-    z <- shape_in_place(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z)))), harmony = NULL)
+    # Renamed, and the PCA's and Harmony's records dropped, in place:
+    # `attr<-` or `colnames<-` on the result (still referenced from
+    # harmony_fit()'s call) would wrap it, and the core would then copy all
+    # of Z* to read it.
+    z <- shape_in_place(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z)))), harmony = NULL,
+                        rotation = NULL, sdev = NULL, percentVar = NULL, varExplained = NULL, iterations = NULL)
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
     # The protected covariates (named by their columns) are kept in the
     # model's description, where differential_expression() looks for them.
     protects <- if (is.character(teacher$protect)) teacher$protect else character()
     protecting <- if (length(protects)) {
-      paste0(", protecting ", paste(teacher$protect, collapse = " + "))
+      paste0(", protecting ", paste(protects, collapse = " + "))
     } else if (length(teacher$protect)) ", protecting given covariates"
     return(list(z = z, hvg = hvg, library = lib_sizes, protects = protects,
                 name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s%s", paste(teacher$theta, collapse = "/"),

@@ -121,8 +121,8 @@ rs_neighbor_doublet_fraction <- function(z, d, n_observed, k, seed, threads) {
   .Call(native("wrap__rs_neighbor_doublet_fraction"), z, d, n_observed, k, seed, threads)
 }
 
-rs_run_harmony <- function(x, n, d, covariates, params, threads, progress) {
-  .Call(native("wrap__rs_run_harmony"), x, n, d, covariates, params, threads, progress)
+rs_run_harmony <- function(x, n, d, covariates, params, threads, progress, in_place) {
+  .Call(native("wrap__rs_run_harmony"), x, n, d, covariates, params, threads, progress, in_place)
 }
 
 rs_fit_labels <- function(z, d, codes, levels, config, train, threads, progress) {

@@ -167,7 +167,8 @@ harmony_covariates <- function(values, cell_data, cells, arg, theta, lambda, pro
 
 harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_clusters, max_iter,
                         max_iter_cluster, epsilon_cluster, epsilon_harmony, block_size, alpha, tau,
-                        protect_theta, seed, threads, progress, memberships = FALSE, sketch = NULL) {
+                        protect_theta, seed, threads, progress, memberships = FALSE, sketch = NULL,
+                        in_place = FALSE) {
   n <- nrow(emb)
   if (n < 2 || ncol(emb) < 1) stop("the embedding needs at least 2 cells and 1 dimension", call. = FALSE)
   if (anyNA(emb)) stop("the embedding has ", sum(is.na(emb)), " missing value(s)", call. = FALSE)
@@ -196,8 +197,10 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
   }
   # The core reads R's column-major values as they are: no copy of the
   # embedding (400 MB at 10^6 cells and 50 dimensions) unless it is integer.
+  # `in_place`: the embedding is overwritten by its correction, only for a
+  # matrix nothing else refers to (distill()'s own PCs).
   if (!is.double(emb)) storage.mode(emb) <- "double"
-  res <- rust(rs_run_harmony(emb, n, ncol(emb), covs, params, resolve_threads(threads), bar))
+  res <- rust(rs_run_harmony(emb, n, ncol(emb), covs, params, resolve_threads(threads), bar, in_place))
   fit <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
               n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds, fitted_cells = res$fitted_cells)
   # The results arrive as matrices and get their names in place: `res`

@@ -88,4 +88,15 @@ test_that("Harmony on a sketch corrects the other cells as the full run does", {
   expect_error(run_harmony(x, batch = b, progress = FALSE, sketch = 2000, memberships = TRUE),
                "needs Harmony fitted on all cells")
   expect_error(run_harmony(x, batch = b, progress = FALSE, sketch = 0.5), "`sketch` must be a whole number")
+  # distill()'s teacher has Harmony overwrite its own PCs: the same values,
+  # on a sketch and fitted on all cells, and the input is the result.
+  for (sketch in list(2000, NULL)) {
+    mine <- x + 0
+    z <- harmony_fit(mine, NULL, b, NULL, theta = 2, lambda = NULL, sigma = 0.1, n_clusters = NULL,
+                     max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3, epsilon_harmony = 1e-2,
+                     block_size = 0.05, alpha = 0.2, tau = 0, protect_theta = 0, seed = 1, threads = 2,
+                     progress = FALSE, sketch = sketch, in_place = TRUE)
+    expect_identical(z[, ], (if (is.null(sketch)) full else sk)[, ])
+    expect_identical(mine[, ], z[, ])
+  }
 })

@@ -5,7 +5,7 @@ use crate::worker;
 use crate::{fail, r_matrix, threads_from_r};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::teacher::{harmony_into, Embedding, HarmonyCovariate, HarmonyParams};
+use scdistill_core::teacher::{harmony_into, Embedding, HarmonyCells, HarmonyCovariate, HarmonyParams};
 use std::sync::Mutex;
 
 /// One batch variable from R: list(name, codes (1-based), n_levels, theta,
@@ -42,20 +42,24 @@ fn codes<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>
 /// lists (name, codes 1-based, n_levels, theta, lambda (NA: estimated),
 /// protected); `params` the named settings. `progress(iteration)` is called
 /// on the R thread. Returns the corrected matrix (column-major) and the fit.
+/// With `in_place`, `x` itself is corrected and returned: only for a
+/// double matrix that nothing else in R refers to (`distill()`'s own PCs).
 /// @noRd
 #[extendr]
+#[allow(clippy::too_many_arguments)]
 fn rs_run_harmony(
-    x: &[f64],
+    x: Robj,
     n: i32,
     d: i32,
     covariates: List,
     params: List,
     threads: i32,
     progress: Robj,
+    in_place: bool,
 ) -> Result<List> {
     let (n, d) = (n.max(0) as usize, d.max(0) as usize);
-    if x.len() != n * d {
-        return Err(fail("internal: embedding size does not match"));
+    if x.len() != n * d || x.rtype() != Rtype::Doubles {
+        return Err(fail("internal: the embedding is not a double matrix of its size"));
     }
     let covs = covariates
         .values()
@@ -82,20 +86,21 @@ fn rs_run_harmony(
             }
         }
     };
-    // The corrected cells go straight into the R matrix returned.
-    let mut z = RMatrix::<f64>::new(n, d);
-    let out = z.data_mut();
+    // The corrected cells go straight into the R matrix returned: a new
+    // one, or `x`.
+    let mut fresh = RMatrix::<f64>::new(if in_place { 0 } else { n }, if in_place { 0 } else { d });
+    let (input, mut x) = (x.clone(), x);
+    let cells = if in_place {
+        let values = x.as_real_slice_mut().ok_or_else(|| fail("internal: the embedding is not double"))?;
+        HarmonyCells::InPlace { values, n, d }
+    } else {
+        let z = input.as_real_slice().ok_or_else(|| fail("internal: the embedding is not double"))?;
+        HarmonyCells::Apart { z: Embedding::column_major(z, n, d), out: fresh.data_mut() }
+    };
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
         |interrupted| {
-            harmony_into(
-                Embedding::column_major(x, n, d),
-                &covs,
-                &p,
-                interrupted,
-                &|i| done.lock().unwrap_or_else(|e| e.into_inner()).push(i),
-                out,
-            )
+            harmony_into(cells, &covs, &p, interrupted, &|i| done.lock().unwrap_or_else(|e| e.into_inner()).push(i))
         },
         tick,
     )
@@ -106,6 +111,7 @@ fn rs_run_harmony(
     let k = r.n_clusters;
     let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
     r.r = Vec::new();
+    let z: Robj = if in_place { input } else { fresh.into() };
     Ok(list!(
         z = z,
         r = memberships,

@@ -4,4 +4,4 @@
 
 mod harmony;
 
-pub use harmony::{harmony, harmony_into, Embedding, HarmonyCovariate, HarmonyParams, HarmonyResult};
+pub use harmony::{harmony, harmony_into, Embedding, HarmonyCells, HarmonyCovariate, HarmonyParams, HarmonyResult};

@@ -82,16 +82,16 @@ impl HarmonyMap {
                 );
             }
         }
-        self.correct_rows(z, 0, covariates, out);
+        self.correct_rows(z, covariates, 0, out);
         Ok(())
     }
 
-    /// Corrects the cells `lo..` of `z` into `out` (as many rows as it
-    /// holds), in parallel chunks.
-    fn correct_rows(&self, z: Embedding, lo: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
+    /// Corrects the cells of `z` into `out` (row-major, as many rows as `z`),
+    /// in parallel chunks; their covariates are those of cells `cov_lo..`.
+    fn correct_rows(&self, z: Embedding, covs: &[HarmonyCovariate], cov_lo: usize, out: &mut [f64]) {
         let d = self.d;
         out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
-            self.correct_chunk(z, lo + ci * CHUNK, covs, rows);
+            self.correct_chunk(z, ci * CHUNK, covs, cov_lo, rows);
         });
     }
 
@@ -99,7 +99,7 @@ impl HarmonyMap {
     /// module's note: per round, the memberships of all of them by one
     /// product with the centroids, and each level's batch terms by one
     /// product with the memberships of its cells.
-    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
+    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], cov_lo: usize, out: &mut [f64]) {
         let (d, k) = (self.d, self.k);
         let m = out.len() / d;
         let mut zin = vec![0.0; m * d];
@@ -112,7 +112,7 @@ impl HarmonyMap {
         for i in 0..m {
             let mut base = 0;
             for (c, &nl) in covs.iter().zip(&self.n_levels) {
-                let l = base + c.codes[first + i] as usize;
+                let l = base + c.codes[cov_lo + first + i] as usize;
                 base += nl;
                 of_level[l].push(i);
                 pen[i * k..(i + 1) * k].iter_mut().zip(&self.ln_pen[l * k..(l + 1) * k]).for_each(|(p, q)| *p += q);
@@ -182,23 +182,76 @@ pub fn sketch_cells(cov: &HarmonyCovariate, m: usize, seed: u64) -> Vec<usize> {
     cells
 }
 
+/// The cells a sketched fit reads and the place their corrections go.
+pub(super) trait Store {
+    /// The cells as they are now (before a block is written, its cells).
+    fn cells(&self) -> Embedding<'_>;
+    /// Corrected cells `first..`, row-major.
+    fn write(&mut self, first: usize, rows: &[f64]);
+}
+
+/// Cells read from `z` and written into `out`, cells × d.
+pub(super) struct Apart<'a> {
+    pub z: Embedding<'a>,
+    pub out: &'a mut [f64],
+    pub column_major: bool,
+}
+
+impl Store for Apart<'_> {
+    fn cells(&self) -> Embedding<'_> {
+        self.z
+    }
+
+    fn write(&mut self, first: usize, rows: &[f64]) {
+        put(self.out, self.z.n, self.z.d, self.column_major, first, rows);
+    }
+}
+
+/// Cells × d column-major, overwritten by their corrections.
+pub(super) struct InPlace<'a> {
+    pub values: &'a mut [f64],
+    pub n: usize,
+}
+
+impl Store for InPlace<'_> {
+    fn cells(&self) -> Embedding<'_> {
+        Embedding::column_major(self.values, self.n, self.values.len() / self.n.max(1))
+    }
+
+    fn write(&mut self, first: usize, rows: &[f64]) {
+        let d = self.values.len() / self.n.max(1);
+        put(self.values, self.n, d, true, first, rows);
+    }
+}
+
+/// Row-major `rows` as cells `first..` of the n × d matrix `out`.
+fn put(out: &mut [f64], n: usize, d: usize, column_major: bool, first: usize, rows: &[f64]) {
+    if column_major {
+        for (i, row) in rows.chunks(d).enumerate() {
+            row.iter().enumerate().for_each(|(j, &v)| out[j * n + first + i] = v);
+        }
+    } else {
+        out[first * d..first * d + rows.len()].copy_from_slice(rows);
+    }
+}
+
 /// Harmony fitted on a sketch of `m` cells (`sketch_cells`); the others
 /// corrected by the fit's `HarmonyMap`, the sketch's cells keep their fit.
-/// The corrected cells are handed to `put(first, rows)` in blocks (rows
-/// row-major, in order), so no cells × d matrix is made here; `z_corr` of
-/// the result is empty.
+/// The corrected cells are written to `store` in blocks, each after all its
+/// cells were read, so a store may overwrite the cells it reads; no other
+/// cells × d matrix is made. `z_corr` of the result is empty.
 pub(super) fn sketched(
-    z: Embedding,
+    store: &mut dyn Store,
     covs: &[HarmonyCovariate],
     params: &HarmonyParams,
     m: usize,
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
-    put: &mut dyn FnMut(usize, &[f64]),
 ) -> Result<HarmonyResult> {
-    let (n, d) = (z.n, z.d);
+    let (n, d) = (store.cells().n, store.cells().d);
     let cells = sketch_cells(&covs[0], m, params.seed);
     let mut sub = vec![0.0; cells.len() * d];
+    let z = store.cells();
     sub.par_chunks_mut(d).zip(cells.par_iter()).for_each(|(row, &i)| z.row_into(i, row));
     let sub_covs: Vec<HarmonyCovariate> = covs
         .iter()
@@ -207,7 +260,7 @@ pub(super) fn sketched(
     let p = HarmonyParams { sketch: None, ..params.clone() };
     let mut fit = super::harmony(Embedding::row_major(&sub, cells.len(), d), &sub_covs, &p, interrupted, on_iter)?;
     drop((sub, sub_covs));
-    let mut block = vec![0.0; POLL_CELLS.min(n) * d];
+    let (mut block, mut corrected) = (vec![0.0; POLL_CELLS.min(n) * d], vec![0.0; POLL_CELLS.min(n) * d]);
     // The sketch's cells (sorted) in turn.
     let mut next = 0;
     for lo in (0..n).step_by(POLL_CELLS) {
@@ -215,15 +268,17 @@ pub(super) fn sketched(
             return Err(Error::Interrupted);
         }
         let hi = (lo + POLL_CELLS).min(n);
-        let out = &mut block[..(hi - lo) * d];
+        let (zin, out) = (&mut block[..(hi - lo) * d], &mut corrected[..(hi - lo) * d]);
+        let z = store.cells();
+        zin.par_chunks_mut(d).enumerate().for_each(|(i, row)| z.row_into(lo + i, row));
         // The sketch's cells too (overwritten below): simpler than skipping them.
-        fit.map.correct_rows(z, lo, covs, out);
+        fit.map.correct_rows(Embedding::row_major(zin, hi - lo, d), covs, lo, out);
         while next < cells.len() && cells[next] < hi {
             let i = cells[next] - lo;
             out[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[next * d..(next + 1) * d]);
             next += 1;
         }
-        put(lo, out);
+        store.write(lo, out);
     }
     fit.z_corr = Vec::new();
     Ok(HarmonyResult { fitted_cells: cells.len(), ..fit })

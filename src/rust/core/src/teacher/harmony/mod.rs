@@ -73,10 +73,9 @@ pub fn harmony(
 ) -> Result<HarmonyResult> {
     check_inputs(z, covariates, params)?;
     if let Some(m) = params.sketch.filter(|&m| m < z.n) {
-        let d = z.d;
-        let mut z_corr = vec![0.0; z.n * d];
-        let mut put = |lo: usize, rows: &[f64]| z_corr[lo * d..lo * d + rows.len()].copy_from_slice(rows);
-        let r = map::sketched(z, covariates, params, m, interrupted, on_iter, &mut put)?;
+        let mut z_corr = vec![0.0; z.n * z.d];
+        let mut cells = map::Apart { z, out: &mut z_corr, column_major: false };
+        let r = map::sketched(&mut cells, covariates, params, m, interrupted, on_iter)?;
         return Ok(HarmonyResult { z_corr, ..r });
     }
     let mut h = Harmony::new(z, covariates, params)?;
@@ -97,34 +96,58 @@ pub fn harmony(
     Ok(h.finish(n_iter, converged))
 }
 
-/// `harmony`, with the corrected cells written into `out` (cells × d,
-/// column-major: an R matrix, filled in place) and `z_corr` of the result
-/// left empty. On a sketch the cells are corrected block by block straight
-/// into `out`, so no other cells × d matrix is made (400 MB at 10^6 cells
-/// and 50 dimensions).
+/// Where [`harmony_into`] reads the cells and writes them corrected; both
+/// are cells × d, column-major (R matrices, filled in place).
+pub enum HarmonyCells<'a> {
+    /// Read from `z`, written into `out`.
+    Apart { z: Embedding<'a>, out: &'a mut [f64] },
+    /// Corrected where they are: a matrix that only the caller holds (the
+    /// PCs `distill()`'s teacher computed), so that no second cells × d
+    /// matrix exists (2 GB at 5·10^6 cells and 50 dimensions).
+    InPlace { values: &'a mut [f64], n: usize, d: usize },
+}
+
+/// `harmony`, with the corrected cells written as `cells` says and `z_corr`
+/// of the result left empty. On a sketch the cells are corrected block by
+/// block straight into the output, so no other cells × d matrix is made.
 pub fn harmony_into(
-    z: Embedding,
+    cells: HarmonyCells,
     covariates: &[HarmonyCovariate],
     params: &HarmonyParams,
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
-    out: &mut [f64],
 ) -> Result<HarmonyResult> {
-    let (n, d) = (z.n, z.d);
-    if out.len() != n * d {
-        return invalid!("room for {} corrected values; expected cells ({n}) × dimensions ({d})", out.len());
-    }
-    let mut put = |lo: usize, rows: &[f64]| {
-        for (i, row) in rows.chunks(d).enumerate() {
-            row.iter().enumerate().for_each(|(j, &v)| out[j * n + lo + i] = v);
+    let mut apart;
+    let mut in_place;
+    let store: &mut dyn map::Store = match cells {
+        HarmonyCells::Apart { z, out } => {
+            if out.len() != z.n * z.d {
+                return invalid!(
+                    "room for {} corrected values; expected cells ({}) × dimensions ({})",
+                    out.len(),
+                    z.n,
+                    z.d
+                );
+            }
+            apart = map::Apart { z, out, column_major: true };
+            &mut apart
+        }
+        HarmonyCells::InPlace { values, n, d } => {
+            if values.len() != n * d {
+                return invalid!("the embedding has {} values, not cells ({n}) × dimensions ({d})", values.len());
+            }
+            in_place = map::InPlace { values, n };
+            &mut in_place
         }
     };
-    if let Some(m) = params.sketch.filter(|&m| m < n) {
-        check_inputs(z, covariates, params)?;
-        return map::sketched(z, covariates, params, m, interrupted, on_iter, &mut put);
+    check_inputs(store.cells(), covariates, params)?;
+    if let Some(m) = params.sketch.filter(|&m| m < store.cells().n) {
+        return map::sketched(store, covariates, params, m, interrupted, on_iter);
     }
-    let mut r = harmony(z, covariates, params, interrupted, on_iter)?;
-    put(0, &r.z_corr);
+    // The fit holds its own copies of the cells, so the result can
+    // overwrite them after it.
+    let mut r = harmony(store.cells(), covariates, params, interrupted, on_iter)?;
+    store.write(0, &r.z_corr);
     r.z_corr = Vec::new();
     Ok(r)
 }

@@ -433,13 +433,23 @@ fn harmony_into_fills_a_column_major_matrix_with_the_same_result() {
         let covs = [batch_cov(batch, 3)];
         let p = HarmonyParams { memberships: false, sketch, seed: 2, ..Default::default() };
         let rows = run(&x, d, &covs, &p);
+        let same = |out: &[f64]| (0..n * d).all(|k| out[(k % d) * n + k / d] == rows.z_corr[k]);
         let mut out = vec![f64::NAN; n * d];
-        let r = harmony_into(Embedding::row_major(&x, n, d), &covs, &p, &|| false, &|_| {}, &mut out).unwrap();
+        let apart = HarmonyCells::Apart { z: Embedding::row_major(&x, n, d), out: &mut out };
+        let r = harmony_into(apart, &covs, &p, &|| false, &|_| {}).unwrap();
         assert!(r.z_corr.is_empty());
         assert_eq!(r.fitted_cells, rows.fitted_cells);
-        assert!((0..n * d).all(|k| out[(k % d) * n + k / d] == rows.z_corr[k]), "n = {n}");
+        assert!(same(&out), "n = {n}");
+        // Corrected where they are: the cells column-major, overwritten.
+        let mut values: Vec<f64> = (0..n * d).map(|k| x[(k % n) * d + k / n]).collect();
+        let r = harmony_into(HarmonyCells::InPlace { values: &mut values, n, d }, &covs, &p, &|| false, &|_| {});
+        assert_eq!(r.unwrap().fitted_cells, rows.fitted_cells);
+        assert!(same(&values), "in place, n = {n}");
         let mut short = vec![0.0; n * d - 1];
-        let e = harmony_into(Embedding::row_major(&x, n, d), &covs, &p, &|| false, &|_| {}, &mut short).unwrap_err();
+        let apart = HarmonyCells::Apart { z: Embedding::row_major(&x, n, d), out: &mut short };
+        let e = harmony_into(apart, &covs, &p, &|| false, &|_| {}).unwrap_err();
         assert!(e.to_string().contains("room for"), "{e}");
+        let e = harmony_into(HarmonyCells::InPlace { values: &mut short, n, d }, &covs, &p, &|| false, &|_| {});
+        assert!(e.unwrap_err().to_string().contains("not cells"));
     }
 }
