@@ -619,6 +619,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     // are whole blocks; the same seed gives the same student.
     let again = disk.latent(&s.counts).unwrap();
     assert!(z_disk.iter().zip(&again).all(|(a, b)| (a - b).abs() < 1e-4));
+    assert_eq!(z_mem, memory.latent(&s.counts).unwrap());
     let v = &disk.meta.validation_cells;
     assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / d.block * d.block))));
     assert_eq!(fit(on_disk(), &all, &tc).1, z_disk);

@@ -462,31 +462,25 @@ impl TrainingCells<'_> {
         }
     }
 
-    /// Z of every cell from the student's encoder into `z` (cells × d,
-    /// column-major, as R holds a matrix), with the decoder genes' log
-    /// library sizes and Σ log x! (one pass over cells on disk, its
-    /// progress reported as `progress(done, total)`, interruptible). Blocks
-    /// of cells are encoded in turn, so no other copy of Z is made.
+    /// Z of every cell from the student's encoder, in blocks of
+    /// `DISK_BLOCK` cells (see [`LatentBlocks`]), with the decoder genes'
+    /// log library sizes and Σ log x! (one pass over cells on disk, its
+    /// progress reported as `progress(done, total)`, interruptible).
     fn latent_and_totals(
         &self,
         s: &Student,
-        z: &mut [f64],
         progress: &dyn Fn(usize, usize),
         interrupted: &dyn Fn() -> bool,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    ) -> Result<(LatentBlocks, Vec<f32>, Vec<f32>)> {
         let (n, d) = (self.n(), s.cfg.n_latent);
         let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
-        let mut store = |start: usize, zs: &[f32]| {
-            for (i, row) in zs.chunks(d).enumerate() {
-                row.iter().enumerate().for_each(|(j, &v)| z[j * n + start + i] = v as f64);
-            }
-        };
+        let mut z = LatentBlocks { n, d, blocks: Vec::with_capacity(n.div_ceil(DISK_BLOCK)) };
         match self {
             TrainingCells::Memory { input, counts } => {
                 for start in (0..n).step_by(DISK_BLOCK) {
-                    store(start, &latent_rows(s, input, start, (start + DISK_BLOCK).min(n)));
+                    z.blocks.push(latent_rows(s, input, start, (start + DISK_BLOCK).min(n)));
                 }
-                Ok((log_library(counts), super::log_factorial(counts)))
+                Ok((z, log_library(counts), super::log_factorial(counts)))
             }
             TrainingCells::Disk { disk, decoder_genes, input_genes, scale, .. } => {
                 let (mut lib, mut fact) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -496,7 +490,7 @@ impl TrainingCells<'_> {
                     }
                     let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
                     let raw = disk.read_range(start, start + rows.len())?;
-                    store(start, &latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
+                    z.blocks.push(latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
                     let counts = match decoder_genes {
                         Some(keep) => raw.select_columns(keep),
                         None => raw,
@@ -506,7 +500,40 @@ impl TrainingCells<'_> {
                     progress(start + rows.len(), n);
                 }
                 crate::device::release_free_memory();
-                Ok((lib, fact))
+                Ok((z, lib, fact))
+            }
+        }
+    }
+}
+
+/// Z of every cell as the encoder gives it, in single precision and in
+/// blocks of `DISK_BLOCK` cells (row-major): what the decoder's phase
+/// reads. Only after that phase is it written into the caller's cells × d
+/// double matrix (R's), each block freed as it is written, so the two are
+/// never held whole at once, and never beside the phase's windows of cells
+/// and training buffers (at 5·10^6 cells and 50 dimensions: 1 GB here, and
+/// the 2 GB matrix filled only at the end). The values are those the
+/// decoder would read back from the double matrix.
+struct LatentBlocks {
+    n: usize,
+    d: usize,
+    blocks: Vec<Vec<f32>>,
+}
+
+impl LatentBlocks {
+    #[inline]
+    fn row(&self, i: usize) -> &[f32] {
+        let k = (i % DISK_BLOCK) * self.d;
+        &self.blocks[i / DISK_BLOCK][k..k + self.d]
+    }
+
+    /// Into `z` (cells × d, column-major), freeing each block once written.
+    fn write_into(self, z: &mut [f64]) {
+        let (n, d) = (self.n, self.d);
+        for (b, block) in self.blocks.into_iter().enumerate() {
+            let start = b * DISK_BLOCK;
+            for (i, row) in block.chunks(d).enumerate() {
+                row.iter().enumerate().for_each(|(j, &v)| z[j * n + start + i] = f64::from(v));
             }
         }
     }
@@ -597,8 +624,8 @@ impl Trainable for EncoderTask<'_> {
 /// Phase 2: the frozen encoder's Z of every cell, counts and batches.
 struct DecoderTask<'a> {
     student: &'a Student,
-    /// Z of every cell, read in place.
-    z: Embedding<'a>,
+    /// Z of every cell.
+    z: &'a LatentBlocks,
     cells: &'a TrainingCells<'a>,
     batch: &'a [u32],
     log_library: &'a [f32],
@@ -618,7 +645,7 @@ impl Trainable for DecoderTask<'_> {
         let d = s.cfg.n_latent;
         let mut zb = Vec::with_capacity(rows.len() * d);
         for &r in rows {
-            zb.extend((0..d).map(|j| self.z.get(r, j) as f32));
+            zb.extend_from_slice(self.z.row(r));
         }
         let z = Tensor::from_slice(&zb).view([rows.len() as i64, d as i64]).to_device(dev);
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
@@ -773,9 +800,9 @@ impl DistillModel {
 
     /// `fit`, writing the student's Z of every training cell, which the
     /// decoder's phase computes, into `z` (cells × d, column-major: an R
-    /// matrix allocated by the caller, filled in place): no further pass
-    /// over cells on disk, and no other copy of Z. `pass(done, total)`
-    /// reports that pass over cells on disk.
+    /// matrix allocated by the caller, filled in place at the end of the
+    /// fit, see `LatentBlocks`): no further pass over cells on disk.
+    /// `pass(done, total)` reports that pass over cells on disk.
     #[allow(clippy::too_many_arguments)]
     pub fn fit_into(
         data: &DistillData,
@@ -874,7 +901,7 @@ impl DistillModel {
                 }
             }
         }
-        let (log_library, log_factorial) = cells.latent_and_totals(&student, z, pass, interrupted)?;
+        let (latent, log_library, log_factorial) = cells.latent_and_totals(&student, pass, interrupted)?;
         train_decoder.bf16 = student.set_bf16_training(train_decoder.bf16);
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
@@ -882,7 +909,7 @@ impl DistillModel {
             student.set_encoder_trainable(false);
             let task = DecoderTask {
                 student: &student,
-                z: Embedding::column_major(z, n, config.n_latent),
+                z: &latent,
                 cells: &cells,
                 batch: &data.batch.codes,
                 log_library: &log_library,
@@ -893,6 +920,9 @@ impl DistillModel {
             student.set_encoder_trainable(true);
             h?
         };
+        // The phase's windows and buffers are gone: now the caller's matrix.
+        crate::device::release_free_memory();
+        latent.write_into(z);
         let genes = data.counts.genes();
         let pick = |idx: &[usize]| idx.iter().map(|&j| genes[j].clone()).collect::<Vec<_>>();
         let meta = DistillMeta {

@@ -250,3 +250,21 @@ fn decoding_under_each_cells_own_batch_matches_decoding_to_that_batch() {
     }
     assert!(m.decoded(&s.counts, &[0], &[]).is_err(), "one label for many cells");
 }
+
+#[test]
+fn latent_blocks_give_every_cell_and_fill_the_column_major_matrix() {
+    // Two full blocks and a part: the decoder's rows, then R's matrix.
+    let (n, d) = (2 * DISK_BLOCK + 7, 3);
+    let value = |i: usize, j: usize| (i * d + j) as f32 * 0.5;
+    let blocks = (0..n)
+        .step_by(DISK_BLOCK)
+        .map(|s| (s..(s + DISK_BLOCK).min(n)).flat_map(|i| (0..d).map(move |j| value(i, j))).collect())
+        .collect();
+    let z = LatentBlocks { n, d, blocks };
+    for i in [0, DISK_BLOCK - 1, DISK_BLOCK, n - 1] {
+        assert_eq!(z.row(i), [value(i, 0), value(i, 1), value(i, 2)]);
+    }
+    let mut out = vec![f64::NAN; n * d];
+    z.write_into(&mut out);
+    assert!((0..n).all(|i| (0..d).all(|j| out[j * n + i] == f64::from(value(i, j)))));
+}

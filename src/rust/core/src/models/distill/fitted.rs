@@ -2,8 +2,8 @@
 //! deterministic (no posterior to draw from) and its decoder has no KL
 //! term, so draws, ELBOs and posterior predictive samples are refused.
 
-use super::{latent_of, DecoderTask, DistillModel, Student, TrainingCells};
-use crate::data::{CountMatrix, Embedding, Rows};
+use super::{DecoderTask, DistillModel, Student, TrainingCells};
+use crate::data::{CountMatrix, Rows};
 use crate::de::{self, DeSettings, DeTable, StudentScales, Watch};
 use crate::device::seed_torch;
 use crate::error::{invalid, Result};
@@ -79,15 +79,12 @@ impl DistillModel {
         let frozen = transplant(&self.student.vs, &student.vs, &|_, old| (old, 0), &|name| {
             first_layer && name.starts_with("decoder.fc.layer0.linear.")
         })?;
-        // In f64 as the training cells' Z is held (the same values).
-        let z: Vec<f64> = latent_of(&student, &input).into_iter().map(f64::from).collect();
-        let out = counts.csr.select_columns(&keep);
-        let log_library: Vec<f32> = out.row_sums().iter().map(|&s| s.max(1.0).ln() as f32).collect();
-        let log_factorial = crate::models::log_factorial(&out);
-        let cells = TrainingCells::Memory { input, counts: out };
+        // Z and the totals as for the training cells.
+        let cells = TrainingCells::Memory { input, counts: counts.csr.select_columns(&keep) };
+        let (z, log_library, log_factorial) = cells.latent_and_totals(&student, &|_, _| {}, interrupted)?;
         let task = DecoderTask {
             student: &student,
-            z: Embedding::row_major(&z, n, meta.config.n_latent),
+            z: &z,
             cells: &cells,
             batch: &codes,
             log_library: &log_library,
