@@ -142,16 +142,17 @@ print.scdistill_teacher <- function(x, ...) {
 #' runs (8,192 before each validation, 32,768 after the first phase). One
 #' pass then computes every cell's Z for the second phase. What grows with
 #' the cells is what `distill()` returns, Z and Z* (cells × `n_latent`
-#' doubles each: 800 bytes per cell at 50 dimensions), the teacher's PCs
-#' (as many, until Harmony has corrected them), and a few numbers per cell;
-#' the core writes each of these matrices straight into R, and none is
-#' copied. Besides them memory holds a few windows of cells. Pages the
-#' training threads freed are handed back to the system after the teacher,
-#' after each epoch's pass over the file and after the fit. On 10^6
-#' simulated cells × 2,000 genes in a file, the process peaked at 2.3 GB
-#' and held 1.5 GB after the fit; at 2·10^6 cells it peaked at 3.7 GB, and
-#' at 5·10^6 cells (where Z, Z* and the PCs are 2 GB each) Harmony's phase
-#' took 5.4 GB (`bench/out_of_core.R`, `bench/RESULTS.md`).
+#' doubles each: 800 bytes per cell at 50 dimensions), and a few numbers
+#' per cell. The core writes these matrices straight into R and none is
+#' copied: Harmony overwrites the teacher's PCs with Z*, and the student
+#' holds Z in single precision while its decoder trains, writing it into
+#' the returned matrix after that phase. Besides them memory holds a few
+#' windows of cells. Pages the training threads freed are handed back to
+#' the system after the teacher, after each epoch's pass over the file and
+#' after the fit. On 10^6 simulated cells × 2,000 genes in a file, the
+#' process peaked at 2.2 GB and held 1.6 GB after the fit; at 5·10^6
+#' cells it peaked at 5.8 GB and held 5.3 GB, 4 GB of which are Z and Z*
+#' (`bench/out_of_core.R`, `bench/RESULTS.md`).
 #'
 #' @param n_latent Latent dimensions; `NULL`: the teacher's (for the Harmony
 #'   teacher, `n_latent` sets its number of PCs).
