@@ -103,7 +103,8 @@ run_harmony <- function(x, batch, theta = 2, lambda = NULL, sigma = 0.1, n_clust
                    progress = progress, memberships = is.matrix(x) && check_flag(memberships, "memberships"),
                    sketch = sketch)
   if (is.matrix(x)) return(z)
-  attr(z, "harmony") <- NULL
+  # The record dropped in place: `attr<-` copied all of Z* here.
+  z <- shape_in_place(z, dimnames = dimnames(z), harmony = NULL)
   write_back(x, z, name %||% reduction_name(x, "HARMONY"))
 }
 

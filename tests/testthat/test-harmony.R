@@ -100,3 +100,28 @@ test_that("Harmony on a sketch corrects the other cells as the full run does", {
     expect_identical(mine[, ], z[, ])
   }
 })
+
+test_that("run_harmony() on a SingleCellExperiment stores Z* without copying it", {
+  skip_if_not(capabilities("profmem"), "R was built without memory profiling")
+  suppressMessages(library(SingleCellExperiment))
+  set.seed(2)
+  n <- 3000
+  cells <- paste0("c", seq_len(n))
+  sce <- SingleCellExperiment(list(counts = matrix(0L, 2, n, dimnames = list(c("g1", "g2"), cells))),
+                              colData = data.frame(batch = rep(c("a", "b"), n / 2), row.names = cells))
+  reducedDim(sce, "PCA") <- matrix(rnorm(n * 10), n, dimnames = list(cells, NULL))
+  bytes <- n * 10 * 8
+  log <- tempfile()
+  Rprofmem(log, threshold = bytes - 1)
+  out <- run_harmony(sce, batch = "batch", progress = FALSE, threads = 2)
+  Rprofmem(NULL)
+  hits <- grep("^[0-9]+ *:", readLines(log), value = TRUE)
+  sizes <- as.numeric(sub(" *:.*", "", hits))
+  # Allocations of Z*'s size made by run_harmony() itself: dropping the fit's
+  # record with `attr<-` copied it.
+  own <- grepl('^[0-9]+ *:"run_harmony"( |$)', hits) & sizes >= bytes & sizes < bytes + 1000
+  expect_false(any(own))
+  z <- reducedDim(out, "HARMONY")
+  expect_null(attr(z, "harmony"))
+  expect_identical(dimnames(z), list(cells, paste0("harmony_", 1:10)))
+})
