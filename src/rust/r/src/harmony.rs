@@ -89,12 +89,12 @@ fn rs_run_harmony(
     // The corrected cells go straight into the R matrix returned: a new
     // one, or `x`.
     let mut fresh = RMatrix::<f64>::new(if in_place { 0 } else { n }, if in_place { 0 } else { d });
-    let (input, mut x) = (x.clone(), x);
+    let mut x = x;
     let cells = if in_place {
         let values = x.as_real_slice_mut().ok_or_else(|| fail("internal: the embedding is not double"))?;
         HarmonyCells::InPlace { values, n, d }
     } else {
-        let z = input.as_real_slice().ok_or_else(|| fail("internal: the embedding is not double"))?;
+        let z = x.as_real_slice().ok_or_else(|| fail("internal: the embedding is not double"))?;
         HarmonyCells::Apart { z: Embedding::column_major(z, n, d), out: fresh.data_mut() }
     };
     let mut r = worker::run_with_ticks(
@@ -111,7 +111,7 @@ fn rs_run_harmony(
     let k = r.n_clusters;
     let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
     r.r = Vec::new();
-    let z: Robj = if in_place { input } else { fresh.into() };
+    let z: Robj = if in_place { x } else { fresh.into() };
     Ok(list!(
         z = z,
         r = memberships,

@@ -82,16 +82,16 @@ impl HarmonyMap {
                 );
             }
         }
-        self.correct_rows(z, covariates, 0, out);
+        self.correct_rows(z, 0, covariates, out);
         Ok(())
     }
 
-    /// Corrects the cells of `z` into `out` (row-major, as many rows as `z`),
-    /// in parallel chunks; their covariates are those of cells `cov_lo..`.
-    fn correct_rows(&self, z: Embedding, covs: &[HarmonyCovariate], cov_lo: usize, out: &mut [f64]) {
+    /// Corrects the cells `lo..` of `z` into `out` (as many rows as it
+    /// holds), in parallel chunks.
+    fn correct_rows(&self, z: Embedding, lo: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
         let d = self.d;
         out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
-            self.correct_chunk(z, ci * CHUNK, covs, cov_lo, rows);
+            self.correct_chunk(z, lo + ci * CHUNK, covs, rows);
         });
     }
 
@@ -99,7 +99,7 @@ impl HarmonyMap {
     /// module's note: per round, the memberships of all of them by one
     /// product with the centroids, and each level's batch terms by one
     /// product with the memberships of its cells.
-    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], cov_lo: usize, out: &mut [f64]) {
+    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
         let (d, k) = (self.d, self.k);
         let m = out.len() / d;
         let mut zin = vec![0.0; m * d];
@@ -112,7 +112,7 @@ impl HarmonyMap {
         for i in 0..m {
             let mut base = 0;
             for (c, &nl) in covs.iter().zip(&self.n_levels) {
-                let l = base + c.codes[cov_lo + first + i] as usize;
+                let l = base + c.codes[first + i] as usize;
                 base += nl;
                 of_level[l].push(i);
                 pen[i * k..(i + 1) * k].iter_mut().zip(&self.ln_pen[l * k..(l + 1) * k]).for_each(|(p, q)| *p += q);
@@ -211,16 +211,16 @@ impl Store for Apart<'_> {
 pub(super) struct InPlace<'a> {
     pub values: &'a mut [f64],
     pub n: usize,
+    pub d: usize,
 }
 
 impl Store for InPlace<'_> {
     fn cells(&self) -> Embedding<'_> {
-        Embedding::column_major(self.values, self.n, self.values.len() / self.n.max(1))
+        Embedding::column_major(self.values, self.n, self.d)
     }
 
     fn write(&mut self, first: usize, rows: &[f64]) {
-        let d = self.values.len() / self.n.max(1);
-        put(self.values, self.n, d, true, first, rows);
+        put(self.values, self.n, self.d, true, first, rows);
     }
 }
 
@@ -238,8 +238,9 @@ fn put(out: &mut [f64], n: usize, d: usize, column_major: bool, first: usize, ro
 /// Harmony fitted on a sketch of `m` cells (`sketch_cells`); the others
 /// corrected by the fit's `HarmonyMap`, the sketch's cells keep their fit.
 /// The corrected cells are written to `store` in blocks, each after all its
-/// cells were read, so a store may overwrite the cells it reads; no other
-/// cells × d matrix is made. `z_corr` of the result is empty.
+/// cells were read (into the block's corrections), so a store may overwrite
+/// the cells it reads; no other cells × d matrix is made. `z_corr` of the
+/// result is empty.
 pub(super) fn sketched(
     store: &mut dyn Store,
     covs: &[HarmonyCovariate],
@@ -260,7 +261,7 @@ pub(super) fn sketched(
     let p = HarmonyParams { sketch: None, ..params.clone() };
     let mut fit = super::harmony(Embedding::row_major(&sub, cells.len(), d), &sub_covs, &p, interrupted, on_iter)?;
     drop((sub, sub_covs));
-    let (mut block, mut corrected) = (vec![0.0; POLL_CELLS.min(n) * d], vec![0.0; POLL_CELLS.min(n) * d]);
+    let mut block = vec![0.0; POLL_CELLS.min(n) * d];
     // The sketch's cells (sorted) in turn.
     let mut next = 0;
     for lo in (0..n).step_by(POLL_CELLS) {
@@ -268,11 +269,9 @@ pub(super) fn sketched(
             return Err(Error::Interrupted);
         }
         let hi = (lo + POLL_CELLS).min(n);
-        let (zin, out) = (&mut block[..(hi - lo) * d], &mut corrected[..(hi - lo) * d]);
-        let z = store.cells();
-        zin.par_chunks_mut(d).enumerate().for_each(|(i, row)| z.row_into(lo + i, row));
+        let out = &mut block[..(hi - lo) * d];
         // The sketch's cells too (overwritten below): simpler than skipping them.
-        fit.map.correct_rows(Embedding::row_major(zin, hi - lo, d), covs, lo, out);
+        fit.map.correct_rows(store.cells(), lo, covs, out);
         while next < cells.len() && cells[next] < hi {
             let i = cells[next] - lo;
             out[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[next * d..(next + 1) * d]);

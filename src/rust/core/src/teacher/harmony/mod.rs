@@ -136,16 +136,16 @@ pub fn harmony_into(
             if values.len() != n * d {
                 return invalid!("the embedding has {} values, not cells ({n}) × dimensions ({d})", values.len());
             }
-            in_place = map::InPlace { values, n };
+            in_place = map::InPlace { values, n, d };
             &mut in_place
         }
     };
-    check_inputs(store.cells(), covariates, params)?;
     if let Some(m) = params.sketch.filter(|&m| m < store.cells().n) {
+        check_inputs(store.cells(), covariates, params)?;
         return map::sketched(store, covariates, params, m, interrupted, on_iter);
     }
-    // The fit holds its own copies of the cells, so the result can
-    // overwrite them after it.
+    // The fit (which checks the inputs) holds its own copies of the cells,
+    // so the result can overwrite them after it.
     let mut r = harmony(store.cells(), covariates, params, interrupted, on_iter)?;
     store.write(0, &r.z_corr);
     r.z_corr = Vec::new();
