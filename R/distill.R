@@ -340,6 +340,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
     hvg <- rownames(attr(pcs, "rotation"))
+    pca_record <- setdiff(names(attributes(pcs)), c("dim", "dimnames"))
     # Harmony overwrites the PCs, which nothing else holds, with Z*: no
     # second cells x n_pcs matrix (2 GB at 5*10^6 cells and 50 PCs).
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
@@ -351,8 +352,9 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     # `attr<-` or `colnames<-` on the result (still referenced from
     # harmony_fit()'s call) would wrap it, and the core would then copy all
     # of Z* to read it.
-    z <- shape_in_place(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z)))), harmony = NULL,
-                        rotation = NULL, sdev = NULL, percentVar = NULL, varExplained = NULL, iterations = NULL)
+    dropped <- sapply(c(pca_record, "harmony"), function(a) NULL, simplify = FALSE)
+    z <- do.call(shape_in_place, c(list(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z))))),
+                                   dropped))
     sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
     # The protected covariates (named by their columns) are kept in the
     # model's description, where differential_expression() looks for them.
