@@ -154,6 +154,14 @@ print.scdistill_teacher <- function(x, ...) {
 #' cells it peaked at 5.8 GB and held 5.3 GB, 4 GB of which are Z and Z*
 #' (`bench/out_of_core.R`, `bench/RESULTS.md`).
 #'
+#' With `h5_file`, neither is held: Z* goes to the file once Harmony has
+#' it, and the encoder reads its targets back from there a block of cells
+#' at a time (those of the window being trained on); the pass that
+#' computes Z writes it there, and the decoder reads it back likewise.
+#' What then grows with the cells is the teacher's PCs while Harmony
+#' corrects them (cells × `n_pcs` doubles, in memory) and a few numbers
+#' per cell. The model is the same, and so are Z and Z*.
+#'
 #' @param n_latent Latent dimensions; `NULL`: the teacher's (for the Harmony
 #'   teacher, `n_latent` sets its number of PCs).
 #' @param n_hidden Width of the hidden layers: one number for both networks,
@@ -206,10 +214,20 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param workers Train on this many processes on this machine, `threads`
 #'   split between them (data-parallel, see [distributed]; every process
 #'   computes the teacher, and all train on the first's).
+#' @param h5_file `NULL` (default: Z and Z* in memory), or an HDF5 file to
+#'   write them into, as datasets `latent` and `teacher_latent` (cells ×
+#'   dimensions, with the cells' names; `HDF5Array::HDF5Array(h5_file,
+#'   "latent")` opens them again). The model then holds them as
+#'   HDF5-backed matrices. With counts on disk, Z* goes to the file as soon
+#'   as the teacher has it, and the student reads it back a block of cells
+#'   at a time, so that neither Z* nor Z is held in memory (see "Counts on
+#'   disk"). A new file, or an HDF5 file without those datasets: nothing is
+#'   overwritten. Needs the Bioconductor package HDF5Array.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_distill` model (also a `scdistill_model`), with
 #'   `$latent` (the student's embedding of the training cells) and
-#'   `$teacher_latent` (Z* as the teacher gave it).
+#'   `$teacher_latent` (Z* as the teacher gave it): matrices, or with
+#'   `h5_file` HDF5-backed `DelayedMatrix` objects.
 #' @references Based on the scDistill approach (PyPI `scdistill` 0.3.1).
 #' @examples
 #' sce <- example_cellbench()
@@ -227,8 +245,11 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
                     decoder_genes = c("all", "hvg"),
                     max_epochs_encoder = 100, max_epochs_decoder = 100, batch_size = 128, lr = 1e-3,
                     weight_decay = 0, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
-                    device = "auto", threads = NULL, progress = interactive(), train = NULL, workers = 1, ...) {
+                    device = "auto", threads = NULL, progress = interactive(), train = NULL, workers = 1,
+                    h5_file = NULL, ...) {
+  h5 <- distill_h5_target(h5_file)
   if (check_count(workers, "workers") > 1) {
+    if (!is.null(h5)) stop("`h5_file` is for one process (`workers = 1`)", call. = FALSE)
     return(run_workers("distill", called_with(match.call(), parent.frame()), workers, threads))
   }
   apply_train_params(train, environment(), names(match.call())[-1], "distill",
@@ -290,6 +311,8 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
     stop("the teacher embedding has ", ncol(z), " dimensions but `n_latent` = ", n_latent,
          "; leave `n_latent = NULL` to use the teacher's", call. = FALSE)
   }
+  z_names <- colnames(z)
+  z_dim <- ncol(z)
   input <- match(t$hvg, genes)
   output <- if (decoder_genes == "all") seq_along(genes) else input
 
@@ -297,18 +320,67 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
   # Z* is read in place (400 MB at 10^6 cells and 50 dimensions).
   if (!is.double(z)) storage.mode(z) <- "double"
-  fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, z,
-                             ncol(z), t$name, t$protects, t$library, config, t1, t2, check_device(device),
+  teacher_z <- z
+  if (!is.null(h5)) {
+    made <- !file.exists(h5$path)
+    on.exit(if (made && !isTRUE(done)) unlink(h5$path), add = TRUE)
+    done <- FALSE
+    rust(rs_h5_cells_write(h5$path, "teacher_latent", z, ncol(z)))
+    if (!is.null(d)) {
+      # The student reads Z* back from the file a block at a time.
+      teacher_z <- list(path = h5$path, name = "teacher_latent")
+      t$z <- NULL
+      rm(z)
+      invisible(gc(verbose = FALSE))
+      rs_release_memory()
+    }
+  }
+  fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, teacher_z,
+                             z_dim, t$name, t$protects, t$library, config, t1, t2, check_device(device),
                              resolve_threads(threads),
+                             if (!is.null(h5)) list(path = h5$path, name = "latent"),
                              bar$update))
   model <- new_model(fit$ptr, cnt$counts)
   if (!is.null(d)) model$fingerprint <- disk_fingerprint(d)
   # The batch's metadata column, where normalized_expression() finds each cell's own batch.
   model$covariates$batch <- if (is.character(batch) && length(batch) == 1 && length(cells) != 1) batch
-  model$teacher_latent <- z
+  latent <- fit$latent
+  if (is.null(h5)) {
+    model$teacher_latent <- teacher_z
+  } else {
+    rm(teacher_z)
+    model$teacher_latent <- h5_cells(h5$path, "teacher_latent", cells, z_names)
+    latent <- h5_cells(h5$path, "latent", cells, paste0("latent_", seq_len(z_dim)))
+    done <- TRUE
+  }
   model$teacher_batch <- cnt$batch
   model$teacher <- teacher
-  finish_fit(model, fit$latent, cells)
+  finish_fit(model, latent, cells)
+}
+
+# Where distill(h5_file =) writes Z and Z*: NULL, or list(path), checked
+# before anything is computed (a dataset already there is an error).
+distill_h5_target <- function(h5_file) {
+  h5 <- h5_target(h5_file, "latent")
+  if (is.null(h5)) return(NULL)
+  if (!dir.exists(dirname(h5$path))) {
+    stop("`h5_file`: the folder '", dirname(h5$path), "' does not exist", call. = FALSE)
+  }
+  if (file.exists(h5$path)) {
+    there <- rust(rs_h5_exists(h5$path, c("latent", "teacher_latent")))
+    if (any(there)) {
+      stop("`h5_file` '", h5_file, "' already has a dataset '", c("latent", "teacher_latent")[there][1],
+           "': give another file (nothing is overwritten)", call. = FALSE)
+    }
+  }
+  list(path = h5$path)
+}
+
+# A cells x d dataset written by the core (CellsH5), named and opened as an
+# HDF5-backed matrix.
+h5_cells <- function(path, name, cells, dims) {
+  HDF5Array::h5writeDimnames(list(cells, dims), path, name)
+  HDF5Array::HDF5Array(path, name)
 }
 
 # Z* (cells x d, rows in the order of `cnt`), the encoder's genes and a label.
@@ -545,19 +617,25 @@ summary.scdistill_distill <- function(object, label = NULL, x = NULL, threads = 
          "so the student cannot be compared with it", call. = FALSE)
   }
   z <- object$latent
-  if (identical(object$info$config$target, "cell")) {
-    # Each row standardized as the student's target was (vectorized: apply()
-    # over rows took a call and three temporaries per cell).
-    z_star <- z_star - rowMeans(z_star)
-    z_star <- z_star / (sqrt(rowMeans(z_star^2)) + 1e-5)
-  }
-  # One dimension at a time: whole-matrix temporaries were 1.6 GB at 10^6 cells.
+  per_cell <- identical(object$info$config$target, "cell")
+  # Sums over blocks of cells, each block read once (Z and Z* may be on
+  # disk, see distill(h5_file =)); whole-matrix temporaries were 1.6 GB at
+  # 10^6 cells. SS_tot = sum(x^2) - sum(x)^2 / n per dimension.
   r2 <- function(rows) {
-    ss <- vapply(seq_len(ncol(z)), function(j) {
-      zs <- z_star[rows, j]
-      c(sum((z[rows, j] - zs)^2), sum((zs - mean(zs))^2))
-    }, numeric(2))
-    1 - sum(ss[1, ]) / sum(ss[2, ])
+    res <- 0
+    s1 <- s2 <- numeric(ncol(z))
+    for (b in split(rows, ceiling(seq_along(rows) / 65536))) {
+      zs <- as.matrix(z_star[b, , drop = FALSE])
+      if (per_cell) {
+        # Each row standardized as the student's target was.
+        zs <- zs - rowMeans(zs)
+        zs <- zs / (sqrt(rowMeans(zs^2)) + 1e-5)
+      }
+      res <- res + sum((as.matrix(z[b, , drop = FALSE]) - zs)^2)
+      s1 <- s1 + colSums(zs)
+      s2 <- s2 + colSums(zs^2)
+    }
+    1 - res / sum(s2 - s1^2 / length(rows))
   }
   val <- object$validation_cells
   out <- list(model = object, r2 = c(all = r2(seq_len(nrow(z))), validation = if (length(val) > 1) r2(val) else NA),
@@ -576,7 +654,8 @@ summary.scdistill_distill <- function(object, label = NULL, x = NULL, threads = 
       stop("this model does not carry its training cells' batches (fitted by an older version); ",
            "call integration_metrics() on latent(model) and teacher_latent(model)", call. = FALSE)
     }
-    m <- integration_metrics(list(student = z, teacher = object$teacher_latent), batch = object$teacher_batch,
+    m <- integration_metrics(list(student = as.matrix(z), teacher = as.matrix(object$teacher_latent)),
+                             batch = object$teacher_batch,
                              label = label, threads = threads)
     m <- as.data.frame(m)
     out$metrics <- rbind(m, `student - teacher` = m["student", ] - m["teacher", ])

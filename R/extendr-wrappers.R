@@ -88,6 +88,8 @@ rs_h5_dense_write <- function(path, name, start, values) {
   .Call(native("wrap__rs_h5_dense_write"), path, name, start, values)
 }
 
+rs_h5_cells_write <- function(path, name, values, d) .Call(native("wrap__rs_h5_cells_write"), path, name, values, d)
+
 rs_read_h5_cells <- function(spec, rows, threads) .Call(native("wrap__rs_read_h5_cells"), spec, rows, threads)
 
 rs_dist_join <- function(addr, port, rank, world, timeout) {
@@ -106,9 +108,10 @@ rs_free_port <- function() .Call(native("wrap__rs_free_port"))
 
 rs_fit_distill <- function(counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim, teacher_name,
                             teacher_protects, library, config, train_encoder, train_decoder, device, threads,
-                            progress) {
+                            latent_file, progress) {
   .Call(native("wrap__rs_fit_distill"), counts, batch, levels, input_genes, decoder_genes, teacher, teacher_dim,
-        teacher_name, teacher_protects, library, config, train_encoder, train_decoder, device, threads, progress)
+        teacher_name, teacher_protects, library, config, train_encoder, train_decoder, device, threads,
+        latent_file, progress)
 }
 
 rs_simulate_doublets <- function(counts, batch, n_batches, ratio, seed) {

@@ -51,8 +51,9 @@ check_model <- function(model) {
 # diverged run.
 finish_fit <- function(model, latent, cells) {
   # A multimodal model's latent comes as list(joint, parts).
+  # One on disk (distill(h5_file =)) comes named.
   model$latent <- if (is.matrix(latent)) latent_matrix(latent, cells, ncol(latent)) else
-    multimodal_latents(latent, cells, model)
+    if (is(latent, "DelayedMatrix")) latent else multimodal_latents(latent, cells, model)
   i <- model$info
   diverged <- unlist(i$diverged_at)
   if (length(diverged)) {

@@ -37,7 +37,9 @@
 # validation MSE and NLL, the student's R² on its teacher, how far the
 # teacher computed from disk lies from the one computed in memory, and the
 # student's integration metrics (batch and cell type) on the same 10,000
-# cells (bench/results/out_of_core_distill.csv).
+# cells (bench/results/out_of_core_distill.csv). Mode `disk_h5` (with
+# --model distill) trains from the file as `disk` does, with Z and Z* written
+# to an HDF5 file (`distill(h5_file =)`).
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -56,13 +58,17 @@ h5ad <- simulate_h5ad(work, n_cells, n_genes, seed, threads)
 run_mode <- function(mode) {
   out <- file.path(work, paste0(mode, ".rds"))
   script <- file.path(work, paste0(mode, ".R"))
-  load <- if (mode == "disk") sprintf("x <- '%s'", h5ad) else sprintf("x <- as_counts('%s', batch = 'batch')", h5ad)
+  load <- if (mode %in% c("disk", "disk_h5")) sprintf("x <- '%s'", h5ad) else
+    sprintf("x <- as_counts('%s', batch = 'batch')", h5ad)
+  results <- file.path(work, "results.h5")
+  if (mode == "disk_h5") unlink(results)
   fit <- if (model_kind == "vae") {
     sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
                    "threads = %d, progress = FALSE)"), epochs, threads)
   } else {
     sprintf(paste0("m <- distill(x, batch = 'batch', max_epochs_encoder = %d, max_epochs_decoder = %d, ",
-                   "early_stopping = FALSE, seed = 0, threads = %d, progress = FALSE)"), epochs, epochs, threads)
+                   "early_stopping = FALSE, seed = 0, threads = %d, progress = FALSE%s)"), epochs, epochs, threads,
+            if (mode == "disk_h5") sprintf(", h5_file = '%s'", results) else "")
   }
   writeLines(c(
     "suppressMessages(library(scdistill))",
@@ -96,7 +102,7 @@ if (model_kind == "distill") {
   cd <- as_counts(h5_counts(h5ad), cells = cells)$cell_data
   per_epoch <- function(h) if (length(h$seconds) > 1) mean(unlist(h$seconds)[-1]) else unlist(h$seconds)[1]
   tab <- do.call(rbind, lapply(res, function(r) {
-    m <- integration_metrics(r$latent[cells, ], batch = cd$batch, label = cd$cell_type, threads = threads)
+    m <- integration_metrics(as.matrix(r$latent[cells, ]), batch = cd$batch, label = cd$cell_type, threads = threads)
     e <- r$info$history_encoder
     d <- r$info$history_decoder
     data.frame(mode = r$mode, cells = n_cells, genes = n_genes, epochs = epochs, threads = threads,
@@ -105,7 +111,8 @@ if (model_kind == "distill") {
                validation_mse = signif(utils::tail(unlist(e$validation_elbo), 1), 4),
                validation_nll = round(utils::tail(unlist(d$validation_elbo), 1), 2),
                r2_teacher = round(r$r2[["all"]], 4),
-               teacher_vs_first = signif(max(abs(r$teacher - res[[1]]$teacher)), 3),
+               teacher_vs_first = signif(max(abs(as.matrix(r$teacher[cells, ]) - as.matrix(res[[1]]$teacher[cells, ]))), 3),
+               latent_vs_first = signif(max(abs(as.matrix(r$latent[cells, ]) - as.matrix(res[[1]]$latent[cells, ]))), 3),
                nmi_leiden = round(m$nmi_leiden, 3), asw_label = round(m$silhouette_label, 3),
                ilisi = round(m$ilisi, 3), total = round(m$total, 3))
   }))

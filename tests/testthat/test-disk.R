@@ -399,6 +399,42 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
                        n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")
 })
 
+test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* back from it: the model of memory", {
+  skip_if_not_installed("HDF5Array")
+  s <- sim_file(n_cells = 2000, n_genes = 150, seed = 12)
+  fit <- function(x, ...) {
+    distill(x, batch = "batch", teacher = harmony_teacher(n_hvg = 100), n_latent = 8, max_epochs_encoder = 5,
+            max_epochs_decoder = 3, threads = 2, progress = FALSE, ...)
+  }
+  h5 <- tempfile(fileext = ".h5")
+  on_file <- fit(s$file, h5_file = h5)
+  in_memory <- fit(s$file)
+  expect_s4_class(latent(on_file), "DelayedMatrix")
+  expect_s4_class(teacher_latent(on_file), "DelayedMatrix")
+  # The same values and names, Z as the encoder gave it (single precision).
+  expect_identical(as.matrix(teacher_latent(on_file)), teacher_latent(in_memory))
+  expect_identical(as.matrix(latent(on_file)), latent(in_memory))
+  expect_identical(as.matrix(HDF5Array::HDF5Array(h5, "latent")), latent(in_memory))
+  expect_identical(on_file$info$history_decoder$validation_elbo, in_memory$info$history_decoder$validation_elbo)
+  expect_equal(summary(on_file)$r2, summary(in_memory)$r2)
+  # Counts in memory train as before; the results go to the file at the end.
+  mem <- as_counts(s$file)
+  h5m <- tempfile(fileext = ".h5")
+  expect_identical(as.matrix(latent(fit(mem, h5_file = h5m))), latent(fit(mem)))
+  # Nothing is overwritten, and that is known before any work.
+  expect_error(fit(s$file, h5_file = h5), "already has a dataset 'latent'")
+  expect_error(fit(s$file, h5_file = file.path(tempfile(), "z.h5")), "does not exist")
+  expect_error(fit(s$file, h5_file = tempfile(fileext = ".h5"), workers = 2), "one process")
+  expect_error(fit(s$file, h5_file = c("a.h5", "b.h5")), "one file path")
+  # A fit that fails leaves no file of its own behind.
+  failed <- tempfile(fileext = ".h5")
+  z <- matrix(rnorm(6000), 2000, 3)
+  z[5, 2] <- Inf
+  expect_error(distill(s$file, batch = "batch", teacher = given_teacher(z, n_hvg = 100), threads = 2,
+                       progress = FALSE, h5_file = failed), "infinite value \\(cell 5\\)")
+  expect_false(file.exists(failed))
+})
+
 test_that("distill() holds two cells x n_pcs matrices, in memory and from a file: the PCs that become Z*, and Z", {
   skip_if_not(capabilities("profmem"), "R was built without memory profiling")
   s <- sim_file(n_cells = 3000, n_genes = 200, seed = 5)

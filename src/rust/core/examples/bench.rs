@@ -126,7 +126,7 @@ fn distill(a: &[String]) {
             input_genes: &genes,
             decoder_genes: &genes,
             batch: &s.batch,
-            teacher: Embedding::row_major(&z, n_cells, d),
+            teacher: Embedding::row_major(&z, n_cells, d).into(),
             teacher_name: "PCA".into(),
             teacher_protects: vec![],
         };

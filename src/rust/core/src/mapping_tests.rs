@@ -202,7 +202,7 @@ fn a_mapped_distilled_model_adds_an_embedding_row_and_keeps_the_reference() {
             input_genes: &genes,
             decoder_genes: &genes,
             batch: &batch,
-            teacher: Embedding::row_major(&teacher, teacher.len() / 3, 3),
+            teacher: Embedding::row_major(&teacher, teacher.len() / 3, 3).into(),
             teacher_name: "groups".into(),
             teacher_protects: vec![],
         };

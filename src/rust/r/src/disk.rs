@@ -9,7 +9,7 @@ use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::Covariates;
 use scdistill_core::data::{
-    csr_from_csc_slots, CountMatrix, DenseH5, DiskCells, DiskCsr, H5Reader, H5adWriter, Layout,
+    csr_from_csc_slots, CellsH5, CountMatrix, DenseH5, DiskCells, DiskCsr, Embedding, H5Reader, H5adWriter, Layout,
 };
 use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
@@ -341,6 +341,27 @@ fn rs_h5_dense_write(path: &str, name: &str, start: f64, values: &[f64]) -> Resu
     DenseH5::write_rows(path, name, start as usize - 1, values).map_err(fail)
 }
 
+/// Writes a cells × `d` double matrix (R's, read in place) into a new f64
+/// dataset `name` of `path` as `CellsH5` stores it (so that
+/// `HDF5Array::HDF5Array(path, name)` reads it back as cells × d), a block
+/// of cells at a time.
+/// @noRd
+#[extendr]
+fn rs_h5_cells_write(path: &str, name: &str, values: &[f64], d: i32) -> Result<()> {
+    let d = d.max(1) as usize;
+    let n = values.len() / d;
+    let file = CellsH5::create(path, name, n, d, false).map_err(fail)?;
+    let z = Embedding::column_major(values, n, d);
+    const BLOCK: usize = 16_384;
+    for start in (0..n).step_by(BLOCK) {
+        let end = (start + BLOCK).min(n);
+        let mut rows = vec![0.0; (end - start) * d];
+        rows.chunks_mut(d).enumerate().for_each(|(k, r)| z.row_into(start + k, r));
+        file.write(start, &rows).map_err(fail)?;
+    }
+    Ok(())
+}
+
 /// Cells `rows` (1-based; NULL: all) of a matrix on disk as a CSR slot list.
 /// @noRd
 #[extendr]
@@ -368,6 +389,7 @@ extendr_module! {
     fn rs_h5_numbers;
     fn rs_h5_dense_create;
     fn rs_h5_dense_write;
+    fn rs_h5_cells_write;
     fn rs_vae_latent_disk;
     fn rs_vae_de_disk;
     fn rs_write_h5ad;

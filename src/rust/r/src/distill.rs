@@ -7,9 +7,11 @@ use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::{Categorical, Embedding};
+use scdistill_core::data::{Categorical, CellsH5, Embedding};
 use scdistill_core::device::parse_device;
-use scdistill_core::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, Phase};
+use scdistill_core::models::distill::{
+    DistillConfig, DistillCounts, DistillData, DistillModel, LatentOut, Phase, Teacher,
+};
 use scdistill_core::train::TrainConfig;
 
 /// Trains a student. `input_genes` / `decoder_genes`: 1-based columns of
@@ -20,6 +22,10 @@ use scdistill_core::train::TrainConfig;
 /// the passes that read the library sizes, phase "scan", and Z, phase
 /// "latent"); `library`: NULL, or for counts on disk each cell's total
 /// from the teacher's pass (then the file is not scanned for them);
+/// `teacher` may instead be list(path, name), an HDF5 dataset that
+/// `rs_h5_cells_write()` wrote (counts on disk only); `latent_file`: NULL,
+/// or list(path, name) of a new dataset to write Z into (then `latent` is
+/// NULL);
 /// `teacher_protects` the covariates the teacher kept (character, kept in
 /// the model's description). Returns list(ptr, latent (cells × d)).
 /// @noRd
@@ -31,7 +37,7 @@ fn rs_fit_distill(
     levels: Robj,
     input_genes: Robj,
     decoder_genes: Robj,
-    teacher: &[f64],
+    teacher: Robj,
     teacher_dim: i32,
     teacher_name: &str,
     teacher_protects: Robj,
@@ -41,14 +47,37 @@ fn rs_fit_distill(
     train_decoder: Robj,
     device: &str,
     threads: i32,
+    latent_file: Robj,
     progress: Robj,
 ) -> Result<Robj> {
     let input = Input::from_r(&counts)?;
     let n = input.n_cells();
     let d = teacher_dim.max(0) as usize;
-    if teacher.len() != n * d {
-        return Err(fail(format!("the teacher embedding has {} values; expected cells ({n}) × {d}", teacher.len())));
-    }
+    let file = |spec: &Robj, what: &str| -> Result<(String, String)> {
+        let l = spec.as_list().ok_or_else(|| fail(format!("{what} must be list(path, name)")))?;
+        let field = |k: &str| l.iter().find(|(n, _)| *n == k).and_then(|(_, v)| v.as_str().map(String::from));
+        match (field("path"), field("name")) {
+            (Some(p), Some(m)) => Ok((p, m)),
+            _ => Err(fail(format!("{what} must be list(path, name)"))),
+        }
+    };
+    let teacher = if teacher.is_list() {
+        let (path, name) = file(&teacher, "the teacher's file")?;
+        Teacher::File(CellsH5::open(&path, &name, n, d).map_err(fail)?)
+    } else {
+        let values = teacher.as_real_slice().ok_or_else(|| fail("the teacher embedding must be a double matrix"))?;
+        if values.len() != n * d {
+            return Err(fail(format!("the teacher embedding has {} values; expected cells ({n}) × {d}", values.len())));
+        }
+        Teacher::Memory(Embedding::column_major(values, n, d))
+    };
+    // Checked before training: a dataset already there is an error now, not after the fit.
+    let out_file = if latent_file.is_null() {
+        None
+    } else {
+        let (path, name) = file(&latent_file, "`latent_file`")?;
+        Some(CellsH5::create(&path, &name, n, d, true).map_err(fail)?)
+    };
     let codes: Vec<u32> = int_slice(&batch, "batch")?.iter().map(|&c| (c - 1).max(0) as u32).collect();
     let batch = Categorical::new("batch", codes, strings(&levels, "levels")?, n, 1).map_err(fail)?;
     let cols = |x: &Robj, what: &str| -> Result<Vec<usize>> {
@@ -63,9 +92,12 @@ fn rs_fit_distill(
     // The teacher's library sizes, when its pass over the file has them (read here, on R's thread).
     let given: Option<&[f64]> = library.as_real_slice();
     // The student's Z is written straight into the R matrix returned (no
-    // other copy: 400 MB at 10^6 cells and 50 dimensions).
-    let mut latent = RMatrix::<f64>::new(n, d);
-    let z = latent.data_mut();
+    // other copy: 400 MB at 10^6 cells and 50 dimensions), or to its file.
+    let mut latent = RMatrix::<f64>::new(if out_file.is_some() { 0 } else { n }, d);
+    let z = match out_file {
+        Some(f) => LatentOut::File(f),
+        None => LatentOut::Memory(latent.data_mut()),
+    };
     let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
         let sizes;
@@ -85,14 +117,14 @@ fn rs_fit_distill(
             input_genes: &input_genes,
             decoder_genes: &output,
             batch: &batch,
-            teacher: Embedding::column_major(teacher, n, d),
+            teacher,
             teacher_name: teacher_name.to_string(),
             teacher_protects: protects.clone(),
         };
         let encoded = |done, total| report("latent", &pass_record(done, total));
         DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)
     })?;
-    Ok(fitted_to_r(Box::new(model), latent.into()))
+    Ok(fitted_to_r(Box::new(model), if latent.nrows() == 0 { Robj::from(()) } else { latent.into() }))
 }
 
 extendr_module! {

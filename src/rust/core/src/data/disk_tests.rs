@@ -1,5 +1,5 @@
 use super::*;
-use crate::data::{Embedding, H5adWriter};
+use crate::data::{CellsH5, Embedding, H5adWriter};
 use tch::Device;
 
 fn random_counts(n: usize, g: usize, seed: u64) -> Csr {
@@ -537,7 +537,7 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
 
 #[test]
 fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
-    use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel};
+    use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, LatentOut};
     use crate::prep::hvg_pca_on_disk;
     use crate::simulate::{simulate, SimParams};
     use crate::train::TrainConfig;
@@ -577,7 +577,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
             input_genes: &hvg,
             decoder_genes: decoder,
             batch: &s.batch,
-            teacher: Embedding::row_major(&z, z.len() / 10, 10),
+            teacher: Embedding::row_major(&z, z.len() / 10, 10).into(),
             teacher_name: "harmony".into(),
             teacher_protects: vec![],
         };
@@ -593,7 +593,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
                 &|| false,
                 &|_, _| {},
                 &|_, _| {},
-                &mut zc,
+                LatentOut::Memory(&mut zc),
             )
         })
         .unwrap()
@@ -623,6 +623,66 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     let v = &disk.meta.validation_cells;
     assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / d.block * d.block))));
     assert_eq!(fit(on_disk(), &all, &tc).1, z_disk);
+    // Z* read from a file a block at a time, and Z written to one: the same
+    // student and the same Z, which the file keeps in single precision, as
+    // the encoder gave it.
+    let file = tmp("distill-results.h5");
+    let _ = std::fs::remove_file(&file);
+    let teacher = CellsH5::create(&file, "teacher_latent", n, 10, false).unwrap();
+    for start in (0..n).step_by(700) {
+        let end = (start + 700).min(n);
+        teacher.write(start, &z[start * 10..end * 10]).unwrap();
+    }
+    assert_eq!(teacher.read(0, n).unwrap(), z);
+    let out = CellsH5::create(&file, "latent", n, 10, true).unwrap();
+    let data = DistillData {
+        counts: on_disk(),
+        input_genes: &hvg,
+        decoder_genes: &all,
+        batch: &s.batch,
+        teacher: crate::models::distill::Teacher::File(teacher.clone()),
+        teacher_name: "harmony".into(),
+        teacher_protects: vec![],
+    };
+    let from_file = crate::device::with_threads(2, || {
+        let cfg = DistillConfig::default();
+        DistillModel::fit_into(
+            &data,
+            cfg,
+            tc.clone(),
+            tc.clone(),
+            Device::Cpu,
+            &|| false,
+            &|_, _| {},
+            &|_, _| {},
+            LatentOut::File(out.clone()),
+        )
+    })
+    .unwrap()
+    .unwrap();
+    let losses = |m: &DistillModel| {
+        let h = m.meta.history_encoder.iter().chain(&m.meta.history_decoder);
+        h.map(|e| (e.train_loss, e.validation_elbo)).collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&from_file), losses(&disk));
+    let back: Vec<f32> = out.read(0, n).unwrap().iter().map(|&v| v as f32).collect();
+    assert_eq!(back, z_disk);
+    // Counts in memory need Z* in memory.
+    let memory_counts = DistillData { counts: (&s.counts).into(), ..data };
+    let err = DistillModel::fit(
+        &memory_counts,
+        DistillConfig::default(),
+        tc.clone(),
+        tc.clone(),
+        Device::Cpu,
+        &|| false,
+        &|_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("for counts on disk only"), "{err}");
+    let _ = std::fs::remove_file(&file);
     // A decoder of the HVGs only: library sizes over those genes, as in memory.
     let short = TrainConfig { max_epochs: 2, ..tc.clone() };
     let (a, _) = fit(on_disk(), &hvg, &short);
@@ -660,5 +720,33 @@ fn a_dense_result_written_in_blocks_reads_back_and_nothing_is_overwritten() {
     assert!(past.contains("do not fit dataset 'other' (3 x 2)"), "{past}");
     assert!(DenseH5::write_rows(&path, "other", 0, &[1.0; 3]).is_err());
     assert!(DenseH5::create(&path, "a/b", 1, 1).is_err());
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn cells_written_to_a_file_in_blocks_read_back_in_other_blocks() {
+    let path = tmp("cells.h5");
+    let _ = std::fs::remove_file(&path);
+    let (n, d) = (3000, 5);
+    let z: Vec<f64> = (0..n * d).map(|i| (i as f64 * 0.37).sin() * 1e3 + 1.0 / 3.0).collect();
+    let f = CellsH5::create(&path, "teacher", n, d, false).unwrap();
+    for start in (0..n).step_by(1024) {
+        let end = (start + 1024).min(n);
+        f.write(start, &z[start * d..end * d]).unwrap();
+    }
+    // Stored as R reads an HDF5Array: dimensions × cells.
+    assert_eq!(H5Reader::open(&path).unwrap().shape("teacher").unwrap().0, vec![d as u64, n as u64]);
+    assert_eq!(f.read(0, n).unwrap(), z);
+    assert_eq!(f.read(1500, 7).unwrap(), z[1500 * d..1507 * d].to_vec());
+    assert_eq!(CellsH5::open(&path, "teacher", n, d).unwrap(), f);
+    let shape = CellsH5::open(&path, "teacher", n, d + 1).unwrap_err().to_string();
+    assert!(shape.contains("not 3000 cells x 6 dimensions"), "{shape}");
+    // Single precision keeps what f32 holds.
+    let g = CellsH5::create(&path, "latent", n, d, true).unwrap();
+    g.write(0, &z).unwrap();
+    assert!(g.read(0, n).unwrap().iter().zip(&z).all(|(&b, &v)| b == f64::from(v as f32)));
+    let past = f.write(n - 1, &z[..2 * d]).unwrap_err().to_string();
+    assert!(past.contains("do not fit dataset 'teacher' (3000 cells x 5)"), "{past}");
+    assert!(CellsH5::create(&path, "teacher", n, d, false).is_err());
     let _ = std::fs::remove_file(&path);
 }

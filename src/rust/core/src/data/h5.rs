@@ -729,6 +729,49 @@ impl H5adWriter {
     }
 }
 
+/// Creates the chunked 2-D dataset `name` of `dims` and element type
+/// `dtype()` in `path`: in a new file, or added to an existing HDF5 file; a
+/// dataset already there is an error (nothing is overwritten).
+fn create_2d(path: &str, name: &str, dims: [usize; 2], chunk: [usize; 2], dtype: fn() -> hid_t) -> Result<()> {
+    if name.is_empty() || name.contains('/') {
+        return Err(Error::InvalidInput(format!("the dataset name {name:?} must be non-empty, without '/'")));
+    }
+    if dims[0] == 0 || dims[1] == 0 {
+        return Err(Error::InvalidInput(format!("a {} x {} dataset has nothing to write", dims[0], dims[1])));
+    }
+    let exists = std::path::Path::new(path).exists();
+    if exists && H5Reader::open(path)?.exists(name)? {
+        return Err(Error::InvalidInput(format!(
+            "'{path}' already has a dataset '{name}': give another file or dataset name (nothing was overwritten)"
+        )));
+    }
+    let (cpath, cn) = (c_name(path)?, c_name(name)?);
+    locked(|| {
+        // SAFETY: NUL-terminated names; default properties. A new file is
+        // created exclusively (no race with one made meanwhile).
+        let raw = unsafe {
+            if exists {
+                H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT)
+            } else {
+                H5Fcreate(cpath.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT)
+            }
+        };
+        let file = id(raw, H5Fclose, || format!("cannot open or create '{path}' for writing"))?;
+        let dims = dims.map(|v| v as hsize_t);
+        let chunk = chunk.map(|v| v as hsize_t);
+        // SAFETY: a 2-D space and a chunked creation list of rank 2.
+        let space = id(unsafe { H5Screate_simple(2, dims.as_ptr(), std::ptr::null()) }, H5Sclose, || "space".into())?;
+        let dcpl = id(unsafe { H5Pcreate(H5P_CLS_DATASET_CREATE_ID_g) }, H5Pclose, || "creation list".into())?;
+        check(unsafe { H5Pset_chunk(dcpl.0, 2, chunk.as_ptr()) }, || format!("chunking '{name}'"))?;
+        id(
+            unsafe { H5Dcreate2(file.0, cn.as_ptr(), dtype(), space.0, H5P_DEFAULT, dcpl.0, H5P_DEFAULT) },
+            H5Dclose,
+            || format!("creating dataset '{name}' in '{path}'"),
+        )?;
+        Ok(())
+    })
+}
+
 /// A dense 2-D dataset of f32 written block of rows by block of rows: a
 /// result with one row per cell (as HDF5Array stores an R matrix of
 /// features × cells: the dimensions reversed, so a block of cells is a
@@ -742,46 +785,9 @@ impl DenseH5 {
     /// an error (nothing is overwritten). Chunks hold whole rows, about 2^20
     /// values each.
     pub fn create(path: &str, name: &str, n_rows: usize, n_cols: usize) -> Result<()> {
-        if name.is_empty() || name.contains('/') {
-            return Err(Error::InvalidInput(format!("the dataset name {name:?} must be non-empty, without '/'")));
-        }
-        if n_rows == 0 || n_cols == 0 {
-            return Err(Error::InvalidInput(format!("a {n_rows} x {n_cols} dataset has nothing to write")));
-        }
-        let exists = std::path::Path::new(path).exists();
-        if exists && H5Reader::open(path)?.exists(name)? {
-            return Err(Error::InvalidInput(format!(
-                "'{path}' already has a dataset '{name}': give another file or dataset name (nothing was overwritten)"
-            )));
-        }
-        let (cpath, cn) = (c_name(path)?, c_name(name)?);
-        locked(|| {
-            // SAFETY: NUL-terminated names; default properties. A new file
-            // is created exclusively (no race with one made meanwhile).
-            let raw = unsafe {
-                if exists {
-                    H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT)
-                } else {
-                    H5Fcreate(cpath.as_ptr(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT)
-                }
-            };
-            let file = id(raw, H5Fclose, || format!("cannot open or create '{path}' for writing"))?;
-            let dims = [n_rows as hsize_t, n_cols as hsize_t];
-            let chunk = [((1usize << 20) / n_cols).clamp(1, n_rows) as hsize_t, n_cols as hsize_t];
-            // SAFETY: a 2-D space and a chunked creation list of rank 2.
-            let space =
-                id(unsafe { H5Screate_simple(2, dims.as_ptr(), std::ptr::null()) }, H5Sclose, || "space".into())?;
-            let dcpl = id(unsafe { H5Pcreate(H5P_CLS_DATASET_CREATE_ID_g) }, H5Pclose, || "creation list".into())?;
-            check(unsafe { H5Pset_chunk(dcpl.0, 2, chunk.as_ptr()) }, || format!("chunking '{name}'"))?;
-            id(
-                unsafe {
-                    H5Dcreate2(file.0, cn.as_ptr(), H5T_NATIVE_FLOAT_g, space.0, H5P_DEFAULT, dcpl.0, H5P_DEFAULT)
-                },
-                H5Dclose,
-                || format!("creating dataset '{name}' in '{path}'"),
-            )?;
-            Ok(())
-        })
+        let chunk = [((1usize << 20) / n_cols.max(1)).clamp(1, n_rows.max(1)), n_cols];
+        // SAFETY: set by H5open(), which `locked` calls first.
+        create_2d(path, name, [n_rows, n_cols], chunk, || unsafe { H5T_NATIVE_FLOAT_g })
     }
 
     /// Writes `values` (row-major, whole rows) into rows `start..` of
@@ -815,5 +821,89 @@ impl DenseH5 {
             }
             write_slab(&d, &space, &[start as u64, 0], &[rows as hsize_t, n_cols as hsize_t], values, what)
         })
+    }
+}
+
+/// A cells × `d` matrix of f64 values in dataset `name` of an HDF5 file,
+/// stored as HDF5Array stores an R matrix of cells × d (the dataset is
+/// d × cells, so `HDF5Array::HDF5Array(path, name)` reads it back as the
+/// cells × d matrix, no transpose), in chunks of whole cells. The values
+/// are stored as f64, or as f32 (`single`) for values that are f32
+/// already. Read and written a block of cells at a time, in the core's
+/// row-major order; each call opens the file and closes it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellsH5 {
+    pub path: String,
+    pub name: String,
+    pub n: usize,
+    pub d: usize,
+}
+
+impl CellsH5 {
+    /// Creates the dataset (see [`create_2d`]: nothing is overwritten).
+    pub fn create(path: &str, name: &str, n: usize, d: usize, single: bool) -> Result<CellsH5> {
+        let chunk = [d, ((1usize << 20) / d.max(1)).clamp(1, n.max(1))];
+        // SAFETY (both): set by H5open(), which `locked` calls first.
+        let dtype: fn() -> hid_t =
+            if single { || unsafe { H5T_NATIVE_FLOAT_g } } else { || unsafe { H5T_NATIVE_DOUBLE_g } };
+        create_2d(path, name, [d, n], chunk, dtype)?;
+        Ok(CellsH5 { path: path.to_string(), name: name.to_string(), n, d })
+    }
+
+    /// An existing dataset of `n` cells in `d` dimensions; any other shape
+    /// is an error naming it.
+    pub fn open(path: &str, name: &str, n: usize, d: usize) -> Result<CellsH5> {
+        let (dims, _) = H5Reader::open(path)?.shape(name)?;
+        if dims != [d as u64, n as u64] {
+            return Err(Error::InvalidInput(format!(
+                "dataset '{name}' of '{path}' holds {dims:?} values, not {n} cells x {d} dimensions"
+            )));
+        }
+        Ok(CellsH5 { path: path.to_string(), name: name.to_string(), n, d })
+    }
+
+    /// Writes `rows` (whole cells, row-major) as cells `start..`.
+    pub fn write(&self, start: usize, rows: &[f64]) -> Result<()> {
+        let d = self.d;
+        let count = rows.len() / d.max(1);
+        if count * d != rows.len() || start + count > self.n {
+            return Err(Error::InvalidInput(format!(
+                "{} values from cell {} do not fit dataset '{}' ({} cells x {d})",
+                rows.len(),
+                start + 1,
+                self.name,
+                self.n
+            )));
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        // Dimension-major, as stored.
+        let mut t = vec![0.0; rows.len()];
+        for (i, row) in rows.chunks(d).enumerate() {
+            row.iter().enumerate().for_each(|(j, &v)| t[j * count + i] = v);
+        }
+        let (cpath, cn) = (c_name(&self.path)?, c_name(&self.name)?);
+        locked(|| {
+            let what = || format!("writing dataset '{}' of '{}'", self.name, self.path);
+            // SAFETY: NUL-terminated names; an open file and dataset whose
+            // extent `open`/`create` checked; the block is inside it.
+            let file = id(unsafe { H5Fopen(cpath.as_ptr(), H5F_ACC_RDWR, H5P_DEFAULT) }, H5Fclose, what)?;
+            let ds = id(unsafe { H5Dopen2(file.0, cn.as_ptr(), H5P_DEFAULT) }, H5Dclose, what)?;
+            let space = id(unsafe { H5Dget_space(ds.0) }, H5Sclose, what)?;
+            write_slab(&ds, &space, &[0, start as u64], &[d as u64, count as u64], &t, what)
+        })
+    }
+
+    /// Cells `start..start + count`, row-major.
+    pub fn read(&self, start: usize, count: usize) -> Result<Vec<f64>> {
+        let d = self.d;
+        let t: Vec<f64> =
+            H5Reader::open(&self.path)?.read_slab(&self.name, &[0, start as u64], &[d as u64, count as u64])?;
+        let mut rows = vec![0.0; t.len()];
+        for (j, dim) in t.chunks(count.max(1)).enumerate() {
+            dim.iter().enumerate().for_each(|(i, &v)| rows[i * d + j] = v);
+        }
+        Ok(rows)
     }
 }

@@ -19,7 +19,7 @@ pub use csr::Csr;
 pub(crate) use csr::{log1p_count, log1p_table};
 pub use disk::{log_libraries, DiskCells, DiskCsr, Layout, Scan};
 pub use embedding::Embedding;
-pub use h5::{DenseH5, H5Reader, H5adWriter};
+pub use h5::{CellsH5, DenseH5, H5Reader, H5adWriter};
 pub use resident::DeviceCsr;
 pub use sparse_batch::{HostRows, SparseBatch};
 pub use split::{log1p_rows_to_tensor, rows_to_tensor, train_validation_split};

@@ -16,7 +16,7 @@
 //!
 //! Corrected expression is the decoder's ρ for a reference batch.
 
-use crate::data::{Categorical, CountMatrix, Csr, DiskCsr, Embedding, Rows};
+use crate::data::{Categorical, CellsH5, CountMatrix, Csr, DiskCsr, Embedding, Rows};
 use crate::device::seed_torch;
 use crate::error::{check_param, invalid, Result};
 use crate::io;
@@ -209,10 +209,10 @@ impl Student {
     /// The encoder's target: Z* standardized as `cfg.target` says, read a
     /// minibatch at a time (no copy of Z*); for `Global`, also stores the
     /// centre and scale.
-    fn set_target<'a>(&self, z: Embedding<'a>) -> TargetRows<'a> {
+    fn set_target<'a>(&self, z: Teacher<'a>, cache: BlockCache) -> Result<TargetRows<'a>> {
         let global = match (&self.z_centre, &self.z_scale) {
             (Some(centre), Some(scale)) => {
-                let (c, sd) = global_scale(z);
+                let (c, sd) = global_scale(&z)?;
                 let (mut centre, mut scale) = (centre.shallow_clone(), scale.shallow_clone());
                 let values: Vec<f32> = c.iter().map(|&v| v as f32).collect();
                 tch::no_grad(|| {
@@ -223,7 +223,7 @@ impl Student {
             }
             _ => None,
         };
-        TargetRows { z, global }
+        Ok(TargetRows { z, global, cache })
     }
 
     pub fn device(&self) -> Device {
@@ -294,23 +294,152 @@ impl Student {
     }
 }
 
-/// The encoder's target of given cells: rows of Z* (read in place, in
-/// either layout) minus the centre over the scale (`global`), or each
-/// standardized to mean 0 and population standard deviation 1 (`None`),
-/// as scDistill does with the teacher.
+/// Z*, the teacher's embedding the encoder learns: in memory (an R matrix
+/// is read in place, in either layout), or the cells of an HDF5 dataset,
+/// read a block at a time (counts on disk, whose Z* then need not be held:
+/// 2 GB at 5·10^6 cells and 50 dimensions).
+#[derive(Debug, Clone)]
+pub enum Teacher<'a> {
+    Memory(Embedding<'a>),
+    File(CellsH5),
+}
+
+impl<'a> From<Embedding<'a>> for Teacher<'a> {
+    fn from(z: Embedding<'a>) -> Self {
+        Teacher::Memory(z)
+    }
+}
+
+impl Teacher<'_> {
+    pub fn n(&self) -> usize {
+        match self {
+            Teacher::Memory(z) => z.n,
+            Teacher::File(f) => f.n,
+        }
+    }
+
+    pub fn d(&self) -> usize {
+        match self {
+            Teacher::Memory(z) => z.d,
+            Teacher::File(f) => f.d,
+        }
+    }
+
+    /// Every cell's row in order, `FILE_BLOCK` cells at a time:
+    /// `f(first cell, rows)`, row-major.
+    fn for_each_block(&self, f: &mut dyn FnMut(usize, &[f64])) -> Result<()> {
+        let (n, d) = (self.n(), self.d());
+        for start in (0..n).step_by(FILE_BLOCK) {
+            let end = (start + FILE_BLOCK).min(n);
+            let rows = match self {
+                Teacher::Memory(z) => {
+                    let mut rows = vec![0.0; (end - start) * d];
+                    rows.chunks_mut(d).enumerate().for_each(|(k, r)| z.row_into(start + k, r));
+                    rows
+                }
+                Teacher::File(file) => file.read(start, end - start)?,
+            };
+            f(start, &rows);
+        }
+        Ok(())
+    }
+
+    /// An error naming the first cell with a missing or infinite value.
+    fn check_finite(&self) -> Result<()> {
+        let bad = match self {
+            Teacher::Memory(z) => z.values.iter().position(|v| !v.is_finite()).map(|i| z.at(i).0),
+            Teacher::File(_) => {
+                let mut bad = None;
+                self.for_each_block(&mut |start, rows| {
+                    if bad.is_none() {
+                        bad = rows.iter().position(|v| !v.is_finite()).map(|i| start + i / self.d());
+                    }
+                })?;
+                bad
+            }
+        };
+        match bad {
+            Some(cell) => invalid!("the teacher embedding has a missing or infinite value (cell {})", cell + 1),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Blocks of cells of a file (Z*, or Z) read most recently, row-major, the
+/// last one used at the end. For cells on disk the blocks are those of the
+/// counts (`DiskCsr::block` cells), and as many are kept as a streamed
+/// window has, and a few more: a window's cells come from blocks spread
+/// over the whole file, and its minibatches from all of them, so each
+/// block is read once per epoch. (Blocks of 16,384 cells, 8 kept, were
+/// read again for nearly every minibatch: a first epoch at 10^6 cells ran
+/// for over ten minutes instead of two.)
+struct BlockCache {
+    block: usize,
+    keep: usize,
+    kept: std::sync::Mutex<Vec<(usize, std::sync::Arc<Vec<f64>>)>>,
+}
+
+impl BlockCache {
+    fn for_cells(cells: &TrainingCells) -> BlockCache {
+        let (block, keep) = match cells {
+            TrainingCells::Disk { disk, .. } => (disk.block, disk.window_blocks + 8),
+            TrainingCells::Memory { .. } => (DISK_BLOCK, 8),
+        };
+        // In tests a few, so that small data are read again as blocks leave.
+        let keep = if cfg!(test) { 4 } else { keep };
+        BlockCache { block, keep, kept: Default::default() }
+    }
+
+    /// Block `b` of `file`. A read error is a panic naming the file, as a
+    /// failed read of the counts is (the loss returns no `Result`); R turns
+    /// it into an error.
+    fn block(&self, file: &CellsH5, b: usize) -> std::sync::Arc<Vec<f64>> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = kept.iter().rposition(|(i, _)| *i == b) {
+            let hit = kept.remove(k);
+            kept.push(hit.clone());
+            return hit.1;
+        }
+        let start = b * self.block;
+        let rows = file.read(start, self.block.min(file.n - start)).unwrap_or_else(|e| panic!("{e}"));
+        if kept.len() >= self.keep {
+            kept.remove(0);
+        }
+        kept.push((b, std::sync::Arc::new(rows)));
+        kept[kept.len() - 1].1.clone()
+    }
+
+    /// Row `i` of `file` (`d` values) through the cache.
+    fn row_into(&self, file: &CellsH5, i: usize, out: &mut [f64]) {
+        let k = (i % self.block) * file.d;
+        out.copy_from_slice(&self.block(file, i / self.block)[k..k + file.d]);
+    }
+}
+
+/// Cells read at once by the passes over all of a file of Z*; in tests
+/// fewer, so that small data span several.
+const FILE_BLOCK: usize = if cfg!(test) { 100 } else { DISK_BLOCK };
+
+/// The encoder's target of given cells: rows of Z* minus the centre over
+/// the scale (`global`), or each standardized to mean 0 and population
+/// standard deviation 1 (`None`), as scDistill does with the teacher.
 struct TargetRows<'a> {
-    z: Embedding<'a>,
+    z: Teacher<'a>,
     global: Option<(Vec<f64>, f64)>,
+    cache: BlockCache,
 }
 
 impl TargetRows<'_> {
     /// The targets of `rows`, row-major.
     fn rows(&self, rows: &[usize]) -> Vec<f32> {
-        let d = self.z.d;
+        let d = self.z.d();
         let mut out = Vec::with_capacity(rows.len() * d);
         let mut row = vec![0.0; d];
         for &i in rows {
-            self.z.row_into(i, &mut row);
+            match &self.z {
+                Teacher::Memory(z) => z.row_into(i, &mut row),
+                Teacher::File(f) => self.cache.row_into(f, i, &mut row),
+            }
             match &self.global {
                 Some((c, sd)) => out.extend(row.iter().zip(c).map(|(v, m)| ((v - m) / sd) as f32)),
                 None => {
@@ -325,23 +454,32 @@ impl TargetRows<'_> {
 }
 
 /// Per-dimension means of `z` and the root mean square of the centred
-/// values over all cells and dimensions.
-pub fn global_scale(z: Embedding) -> (Vec<f64>, f64) {
-    let (n, d) = (z.n.max(1), z.d);
+/// values over all cells and dimensions (two passes over its cells).
+pub fn global_scale(z: &Teacher) -> Result<(Vec<f64>, f64)> {
+    let (n, d) = (z.n().max(1), z.d());
     let mut c = vec![0.0; d];
-    let mut row = vec![0.0; d];
-    for i in 0..z.n {
-        z.row_into(i, &mut row);
-        c.iter_mut().zip(&row).for_each(|(m, v)| *m += v);
-    }
+    z.for_each_block(&mut |_, rows| {
+        for row in rows.chunks(d) {
+            c.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+        }
+    })?;
     c.iter_mut().for_each(|m| *m /= n as f64);
     let mut ss = 0.0;
-    for i in 0..z.n {
-        z.row_into(i, &mut row);
-        ss += row.iter().zip(&c).map(|(v, m)| (v - m) * (v - m)).sum::<f64>();
-    }
+    z.for_each_block(&mut |_, rows| {
+        for row in rows.chunks(d) {
+            ss += row.iter().zip(&c).map(|(v, m)| (v - m) * (v - m)).sum::<f64>();
+        }
+    })?;
     let sd = (ss / (n * d) as f64).sqrt();
-    (c, if sd > 0.0 { sd } else { 1.0 })
+    Ok((c, if sd > 0.0 { sd } else { 1.0 }))
+}
+
+/// Where the student's Z of every training cell goes: a cells × d
+/// column-major matrix of the caller's (R's), or cells of an HDF5 dataset
+/// (stored as f32, the encoder's precision).
+pub enum LatentOut<'a> {
+    Memory(&'a mut [f64]),
+    File(CellsH5),
 }
 
 /// A student's training cells as both phases read them.
@@ -465,13 +603,16 @@ impl TrainingCells<'_> {
     /// Z of every cell from the student's encoder, in blocks of
     /// `DISK_BLOCK` cells (see [`LatentBlocks`]), with the decoder genes'
     /// log library sizes and Σ log x! (one pass over cells on disk, its
-    /// progress reported as `progress(done, total)`, interruptible).
+    /// progress reported as `progress(done, total)`, interruptible). For
+    /// cells on disk with `file`, each block goes to that file as it is
+    /// encoded, and the decoder reads it back from there.
     fn latent_and_totals(
         &self,
         s: &Student,
+        file: Option<&CellsH5>,
         progress: &dyn Fn(usize, usize),
         interrupted: &dyn Fn() -> bool,
-    ) -> Result<(LatentBlocks, Vec<f32>, Vec<f32>)> {
+    ) -> Result<(LatentStore, Vec<f32>, Vec<f32>)> {
         let (n, d) = (self.n(), s.cfg.n_latent);
         let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
         let mut z = LatentBlocks { n, d, blocks: Vec::with_capacity(n.div_ceil(DISK_BLOCK)) };
@@ -480,7 +621,7 @@ impl TrainingCells<'_> {
                 for start in (0..n).step_by(DISK_BLOCK) {
                     z.blocks.push(latent_rows(s, input, start, (start + DISK_BLOCK).min(n)));
                 }
-                Ok((z, log_library(counts), super::log_factorial(counts)))
+                Ok((LatentStore::Held(z), log_library(counts), super::log_factorial(counts)))
             }
             TrainingCells::Disk { disk, decoder_genes, input_genes, scale, .. } => {
                 let (mut lib, mut fact) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -490,7 +631,11 @@ impl TrainingCells<'_> {
                     }
                     let rows: Vec<usize> = (start..(start + DISK_BLOCK).min(n)).collect();
                     let raw = disk.read_range(start, start + rows.len())?;
-                    z.blocks.push(latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows)));
+                    let block = latent_of(s, &Self::input_of(input_genes, scale, &raw, &rows));
+                    match file {
+                        Some(f) => f.write(start, &block.iter().map(|&v| f64::from(v)).collect::<Vec<_>>())?,
+                        None => z.blocks.push(block),
+                    }
                     let counts = match decoder_genes {
                         Some(keep) => raw.select_columns(keep),
                         None => raw,
@@ -500,6 +645,10 @@ impl TrainingCells<'_> {
                     progress(start + rows.len(), n);
                 }
                 crate::device::release_free_memory();
+                let z = match file {
+                    Some(f) => LatentStore::File(f.clone(), BlockCache::for_cells(self)),
+                    None => LatentStore::Held(z),
+                };
                 Ok((z, lib, fact))
             }
         }
@@ -544,6 +693,42 @@ impl LatentBlocks {
             }
         }
         crate::device::release_free_memory();
+    }
+
+    /// Into the cells of `file`, a block at a time, each freed once written.
+    fn write_file(self, file: &CellsH5) -> Result<()> {
+        for (b, block) in self.blocks.into_iter().enumerate() {
+            let rows: Vec<f64> = block.iter().map(|&v| f64::from(v)).collect();
+            drop(block);
+            file.write(b * DISK_BLOCK, &rows)?;
+        }
+        crate::device::release_free_memory();
+        Ok(())
+    }
+}
+
+/// Z of every cell for the decoder's phase: held (see [`LatentBlocks`]), or
+/// for cells on disk whose Z goes to a file, written there by the Z pass and
+/// read back a block at a time (1 GB less at 5·10^6 cells and 50
+/// dimensions).
+enum LatentStore {
+    Held(LatentBlocks),
+    File(CellsH5, BlockCache),
+}
+
+impl LatentStore {
+    /// The rows `rows` of Z, row-major, appended to `out`.
+    fn extend_rows(&self, rows: &[usize], out: &mut Vec<f32>) {
+        match self {
+            LatentStore::Held(z) => rows.iter().for_each(|&r| out.extend_from_slice(z.row(r))),
+            LatentStore::File(f, cache) => {
+                let mut row = vec![0.0; f.d];
+                for &r in rows {
+                    cache.row_into(f, r, &mut row);
+                    out.extend(row.iter().map(|&v| v as f32));
+                }
+            }
+        }
     }
 }
 
@@ -633,7 +818,7 @@ impl Trainable for EncoderTask<'_> {
 struct DecoderTask<'a> {
     student: &'a Student,
     /// Z of every cell.
-    z: &'a LatentBlocks,
+    z: &'a LatentStore,
     cells: &'a TrainingCells<'a>,
     batch: &'a [u32],
     log_library: &'a [f32],
@@ -652,9 +837,7 @@ impl Trainable for DecoderTask<'_> {
         let dev = s.device();
         let d = s.cfg.n_latent;
         let mut zb = Vec::with_capacity(rows.len() * d);
-        for &r in rows {
-            zb.extend_from_slice(self.z.row(r));
-        }
+        self.z.extend_rows(rows, &mut zb);
         let z = Tensor::from_slice(&zb).view([rows.len() as i64, d as i64]).to_device(dev);
         let pick = |v: &[f32]| Tensor::from_slice(&rows.iter().map(|&r| v[r]).collect::<Vec<f32>>()).to_device(dev);
         let batch =
@@ -741,8 +924,9 @@ pub struct DistillData<'a> {
     /// Columns of `counts` the decoder writes.
     pub decoder_genes: &'a [usize],
     pub batch: &'a Categorical,
-    /// Teacher embedding, cells × d (an R matrix is read in place).
-    pub teacher: Embedding<'a>,
+    /// Teacher embedding, cells × d (an R matrix is read in place), or
+    /// its file.
+    pub teacher: Teacher<'a>,
     pub teacher_name: String,
     /// The covariates the teacher kept (kept in the model's description).
     pub teacher_protects: Vec<String>,
@@ -802,14 +986,15 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
     ) -> Result<DistillModel> {
-        let mut z = vec![0.0; data.teacher.n * data.teacher.d];
-        Self::fit_into(data, config, train_encoder, train_decoder, device, interrupted, on_epoch, &|_, _| {}, &mut z)
+        let mut z = vec![0.0; data.teacher.n() * data.teacher.d()];
+        let z = LatentOut::Memory(&mut z);
+        Self::fit_into(data, config, train_encoder, train_decoder, device, interrupted, on_epoch, &|_, _| {}, z)
     }
 
     /// `fit`, writing the student's Z of every training cell, which the
-    /// decoder's phase computes, into `z` (cells × d, column-major: an R
-    /// matrix allocated by the caller, filled in place at the end of the
-    /// fit, see `LatentBlocks`): no further pass over cells on disk.
+    /// decoder's phase computes, into `z` (an R matrix allocated by the
+    /// caller, or an HDF5 dataset), at the end of the fit (see
+    /// `LatentBlocks`): no further pass over cells on disk.
     /// `pass(done, total)` reports that pass over cells on disk.
     #[allow(clippy::too_many_arguments)]
     pub fn fit_into(
@@ -821,24 +1006,34 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
         pass: &dyn Fn(usize, usize),
-        z: &mut [f64],
+        z: LatentOut,
     ) -> Result<DistillModel> {
         let n = data.counts.n_cells();
         let n_genes = data.counts.genes().len();
-        let t = data.teacher;
-        if t.n != n || t.values.len() != n * t.d {
+        let t = &data.teacher;
+        let d = t.d();
+        let size = match t {
+            Teacher::Memory(e) => e.values.len(),
+            Teacher::File(f) => f.n * d,
+        };
+        if t.n() != n || size != n * d {
+            return invalid!("the teacher embedding has {size} values; expected cells ({n}) × dimensions ({d})");
+        }
+        let room = match &z {
+            LatentOut::Memory(z) => z.len(),
+            LatentOut::File(f) => f.n * f.d,
+        };
+        if room != n * d {
+            return invalid!("room for {room} latent values; expected cells ({n}) × dimensions ({d})");
+        }
+        if let (DistillCounts::Memory(_), Teacher::File(f)) = (&data.counts, t) {
             return invalid!(
-                "the teacher embedding has {} values; expected cells ({n}) × dimensions ({})",
-                t.values.len(),
-                t.d
+                "the teacher embedding in '{}' is read a block at a time, for counts on disk only; \
+                 with counts in memory it must be in memory too",
+                f.path
             );
         }
-        if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
-            return invalid!("the teacher embedding has a missing or infinite value (cell {})", t.at(i).0 + 1);
-        }
-        if z.len() != n * t.d {
-            return invalid!("room for {} latent values; expected cells ({n}) × dimensions ({})", z.len(), t.d);
-        }
+        t.check_finite()?;
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
         }
@@ -850,7 +1045,7 @@ impl DistillModel {
         }
         config.n_input = data.input_genes.len();
         config.n_genes = data.decoder_genes.len();
-        config.n_latent = data.teacher.d;
+        config.n_latent = d;
         config.n_batch = data.batch.n_levels();
         // Every check before the global generator is seeded.
         config.check()?;
@@ -889,7 +1084,7 @@ impl DistillModel {
         train_encoder.bf16 = student.set_bf16_training(train_encoder.bf16);
 
         // Phase 1.
-        let target = student.set_target(data.teacher);
+        let target = student.set_target(data.teacher.clone(), BlockCache::for_cells(&cells))?;
         let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
         drop(enc_task);
@@ -909,7 +1104,12 @@ impl DistillModel {
                 }
             }
         }
-        let (latent, log_library, log_factorial) = cells.latent_and_totals(&student, pass, interrupted)?;
+        // Counts on disk and Z to a file: written there by the Z pass.
+        let z_file = match (&cells, &z) {
+            (TrainingCells::Disk { .. }, LatentOut::File(f)) => Some(f),
+            _ => None,
+        };
+        let (latent, log_library, log_factorial) = cells.latent_and_totals(&student, z_file, pass, interrupted)?;
         train_decoder.bf16 = student.set_bf16_training(train_decoder.bf16);
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()
@@ -930,7 +1130,11 @@ impl DistillModel {
         };
         // The phase's windows and buffers are gone: now the caller's matrix.
         crate::device::release_free_memory();
-        latent.write_into(z);
+        match (latent, z) {
+            (LatentStore::Held(latent), LatentOut::Memory(z)) => latent.write_into(z),
+            (LatentStore::Held(latent), LatentOut::File(f)) => latent.write_file(&f)?,
+            (LatentStore::File(..), _) => {}
+        }
         let genes = data.counts.genes();
         let pick = |idx: &[usize]| idx.iter().map(|&j| genes[j].clone()).collect::<Vec<_>>();
         let meta = DistillMeta {

@@ -53,7 +53,7 @@ fn fit_with(s: &Simulation, z: &[f64], d: usize, epochs: usize, seed: u64, targe
         input_genes: &all,
         decoder_genes: &all,
         batch: &s.batch,
-        teacher: Embedding::row_major(z, z.len() / d, d),
+        teacher: Embedding::row_major(z, z.len() / d, d).into(),
         teacher_name: "harmony".into(),
         teacher_protects: vec![],
     };
@@ -219,7 +219,7 @@ fn refuses_bad_teachers_and_missing_genes() {
             input_genes: &all,
             decoder_genes: &all,
             batch: &s.batch,
-            teacher: Embedding::row_major(z, z.len() / dim, dim),
+            teacher: Embedding::row_major(z, z.len() / dim, dim).into(),
             teacher_name: String::new(),
             teacher_protects: vec![],
         };

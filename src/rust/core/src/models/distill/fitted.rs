@@ -81,7 +81,7 @@ impl DistillModel {
         })?;
         // Z and the totals as for the training cells.
         let cells = TrainingCells::Memory { input, counts: counts.csr.select_columns(&keep) };
-        let (z, log_library, log_factorial) = cells.latent_and_totals(&student, &|_, _| {}, interrupted)?;
+        let (z, log_library, log_factorial) = cells.latent_and_totals(&student, None, &|_, _| {}, interrupted)?;
         let task = DecoderTask {
             student: &student,
             z: &z,
