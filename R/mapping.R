@@ -218,7 +218,7 @@ plot_mapping <- function(model, predictions = NULL, reference_labels = NULL, ref
   pred <- mapping_predictions(predictions, n_q)
   if (is.null(umap)) {
     need("uwot")
-    z <- rbind(zr, zq)
+    z <- rbind(as.matrix(zr), as.matrix(zq))  # either may be in a file (distill(h5_file =))
     umap <- withr_seed(1, uwot::umap(z, n_neighbors = min(15, nrow(z) - 1), n_threads = 1))
   }
   if (nrow(umap) != n_ref + n_q) stop("`umap` has ", nrow(umap), " rows for ", n_ref + n_q, " cells", call. = FALSE)

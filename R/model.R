@@ -107,10 +107,11 @@ data_fingerprint <- function(m) {
        p = sum(as.numeric(m@p)))
 }
 
-# The training latent space when `data` is the training data itself.
+# The training latent space when `data` is the training data itself (in
+# memory: one in a file, from distill(h5_file =), is read).
 cached_latent <- function(model, data) {
   if (!is.null(model$latent) && !is.null(model$fingerprint) && identical(data_fingerprint(data), model$fingerprint)) {
-    model$latent
+    if (is(model$latent, "DelayedMatrix")) as.matrix(model$latent) else model$latent
   }
 }
 

@@ -420,7 +420,11 @@ test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* 
   # Counts in memory train as before; the results go to the file at the end.
   mem <- as_counts(s$file)
   h5m <- tempfile(fileext = ".h5")
-  expect_identical(as.matrix(latent(fit(mem, h5_file = h5m))), latent(fit(mem)))
+  on_file_mem <- fit(mem, h5_file = h5m)
+  z_mem <- latent(fit(mem))
+  expect_identical(as.matrix(latent(on_file_mem)), z_mem)
+  # What reuses the training cells' latent space reads it from the file.
+  expect_identical(scdistill:::cached_latent(on_file_mem, mem$counts), z_mem)
   # Nothing is overwritten, and that is known before any work.
   expect_error(fit(s$file, h5_file = h5), "already has a dataset 'latent'")
   expect_error(fit(s$file, h5_file = file.path(tempfile(), "z.h5")), "does not exist")
