@@ -154,13 +154,16 @@ print.scdistill_teacher <- function(x, ...) {
 #' cells it peaked at 5.8 GB and held 5.3 GB, 4 GB of which are Z and Z*
 #' (`bench/out_of_core.R`, `bench/RESULTS.md`).
 #'
-#' With `h5_file`, neither is held: Z* goes to the file once Harmony has
-#' it, and the encoder reads its targets back from there a block of cells
-#' at a time (those of the window being trained on); the pass that
-#' computes Z writes it there, and the decoder reads it back likewise.
-#' What then grows with the cells is the teacher's PCs while Harmony
-#' corrects them (cells × `n_pcs` doubles, in memory) and a few numbers
-#' per cell. The model is the same, and so are Z and Z*.
+#' With `h5_file`, none of these matrices is held. The PCA's last pass
+#' writes the scores into the file, and Harmony corrects them there: it
+#' reads its sketch in one pass and corrects the cells a block of 65,536 at
+#' a time, read from the file and written back (without a sketch all PCs
+#' are read for the fit). The encoder reads its targets back from there a
+#' block of cells at a time (those of the window being trained on); the
+#' pass that computes Z writes it there, and the decoder reads it back
+#' likewise. What then grows with the cells is a few numbers per cell
+#' (names, batches, library sizes, the epoch's order). The model is the
+#' same, and so are Z and Z*.
 #'
 #' @param n_latent Latent dimensions; `NULL`: the teacher's (for the Harmony
 #'   teacher, `n_latent` sets its number of PCs).
@@ -218,10 +221,11 @@ print.scdistill_teacher <- function(x, ...) {
 #'   write them into, as datasets `latent` and `teacher_latent` (cells ×
 #'   dimensions, with the cells' names; `HDF5Array::HDF5Array(h5_file,
 #'   "latent")` opens them again). The model then holds them as
-#'   HDF5-backed matrices. With counts on disk, Z* goes to the file as soon
-#'   as the teacher has it, and the student reads it back a block of cells
-#'   at a time, so that neither Z* nor Z is held in memory (see "Counts on
-#'   disk"). A new file, or an HDF5 file without those datasets: nothing is
+#'   HDF5-backed matrices. With counts on disk, the Harmony teacher makes
+#'   Z* in the file (its PCA's scores written there and corrected there; a
+#'   given embedding is written there), and the student reads it back a
+#'   block of cells at a time, so that neither the PCs, Z* nor Z is held in
+#'   memory (see "Counts on disk"). A new file, or an HDF5 file without those datasets: nothing is
 #'   overwritten. Needs the Bioconductor package HDF5Array.
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_distill` model (also a `scdistill_model`), with
@@ -297,7 +301,14 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   cells <- cell_names(cnt)
   genes <- cnt$genes %||% rownames(cnt$counts)
   distributed <- join_group(if (is.null(d)) cnt$counts else d, list(config, t1, t2, as.integer(cnt$batch)))
-  t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress)
+  if (!is.null(h5)) {
+    made <- !file.exists(h5$path)
+    done <- FALSE
+    on.exit(if (made && !done) unlink(h5$path), add = TRUE)
+  }
+  # Counts on disk with `h5_file`: Harmony's Z* is made in the file (PCA
+  # scores written there, corrected there), and `t$file` names it.
+  t <- teacher_embedding(teacher, x, cnt, n_latent, seed, threads, progress, h5 = if (!is.null(d)) h5)
   # The teacher's PCs and their copies (cells x n_pcs each) are garbage now;
   # training allocates little in R, so R would keep them for the whole fit.
   # Pages freed by the teacher's passes go back to the system.
@@ -307,32 +318,32 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   }
   # Every rank computed the teacher; all train on rank 0's.
   z <- if (distributed) rank0_values(t$z) else t$z
-  if (!is.null(n_latent) && ncol(z) != n_latent) {
-    stop("the teacher embedding has ", ncol(z), " dimensions but `n_latent` = ", n_latent,
+  z_names <- if (is.null(t$file)) colnames(z) else t$dim_names
+  z_dim <- if (is.null(t$file)) ncol(z) else length(z_names)
+  if (!is.null(n_latent) && z_dim != n_latent) {
+    stop("the teacher embedding has ", z_dim, " dimensions but `n_latent` = ", n_latent,
          "; leave `n_latent = NULL` to use the teacher's", call. = FALSE)
   }
-  z_names <- colnames(z)
-  z_dim <- ncol(z)
   input <- match(t$hvg, genes)
   output <- if (decoder_genes == "all") seq_along(genes) else input
 
   bar <- if (progress) distill_bar(t1$max_epochs, t2$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  # Z* is read in place (400 MB at 10^6 cells and 50 dimensions).
-  if (!is.double(z)) storage.mode(z) <- "double"
-  teacher_z <- z
-  if (!is.null(h5)) {
-    made <- !file.exists(h5$path)
-    on.exit(if (made && !isTRUE(done)) unlink(h5$path), add = TRUE)
-    done <- FALSE
-    rust(rs_h5_cells_write(h5$path, "teacher_latent", z, ncol(z)))
-    if (!is.null(d)) {
-      # The student reads Z* back from the file a block at a time.
-      teacher_z <- list(path = h5$path, name = "teacher_latent")
-      t$z <- NULL
-      rm(z)
-      invisible(gc(verbose = FALSE))
-      rs_release_memory()
+  # Z* is read in place (400 MB at 10^6 cells and 50 dimensions), or from
+  # its file a block at a time.
+  teacher_z <- t$file
+  if (is.null(teacher_z)) {
+    if (!is.double(z)) storage.mode(z) <- "double"
+    teacher_z <- z
+    if (!is.null(h5)) {
+      rust(rs_h5_cells_write(h5$path, "teacher_latent", z, ncol(z)))
+      if (!is.null(d)) {
+        teacher_z <- list(path = h5$path, name = "teacher_latent")
+        t$z <- NULL
+        rm(z)
+        invisible(gc(verbose = FALSE))
+        rs_release_memory()
+      }
     }
   }
   fit <- rust(rs_fit_distill(counts, as.integer(cnt$batch), levels(cnt$batch), input, output, teacher_z,
@@ -384,8 +395,12 @@ h5_cells <- function(path, name, cells, dims) {
 }
 
 # Z* (cells x d, rows in the order of `cnt`), the encoder's genes and a label.
-# Counts on disk (`cnt` from disk_cells_table()) are read in blocks.
-teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress) {
+# Counts on disk (`cnt` from disk_cells_table()) are read in blocks. With
+# `h5` (counts on disk, distill(h5_file =)) Harmony's Z* is made in its
+# dataset `teacher_latent`: the PCA's last pass writes the scores there and
+# Harmony corrects them there a block at a time; `z` is then NULL and `file`
+# names the dataset, `dim_names` its dimensions.
+teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress, h5 = NULL) {
   cells <- cell_names(cnt)
   counts <- cnt$disk %||% cnt
   if (!progress) {
@@ -396,13 +411,17 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     n_pcs <- n_latent %||% teacher$n_pcs
     if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
     lib_sizes <- NULL
+    file <- NULL
     if (is.null(cnt$disk)) {
       pcs <- run_pca(counts, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed,
                      threads = threads, method = teacher$method)
+      hvg <- rownames(attr(pcs, "rotation"))
     } else {
       # As run_pca() of the file; its first pass has the library sizes the student needs.
-      p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, threads)
-      pcs <- p$scores
+      if (!is.null(h5)) file <- list(path = h5$path, name = "teacher_latent")
+      p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, threads, file)
+      pcs <- if (is.null(file)) p$scores else c(file, list(cells = cells, d = n_pcs))
+      hvg <- p$hvg %||% rownames(attr(pcs, "rotation"))
       lib_sizes <- p$library
       rm(p)
     }
@@ -411,8 +430,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
-    hvg <- rownames(attr(pcs, "rotation"))
-    pca_record <- setdiff(names(attributes(pcs)), c("dim", "dimnames"))
+    pca_record <- setdiff(names(attributes(pcs)), c("dim", "dimnames", "names"))
     # Harmony overwrites the PCs, which nothing else holds, with Z*: no
     # second cells x n_pcs matrix (2 GB at 5*10^6 cells and 50 PCs).
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,
@@ -420,21 +438,25 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                      threads = threads, progress = progress, in_place = TRUE), args))
     rm(pcs)
     fitted <- attr(z, "harmony")$fitted_cells
-    # Renamed, and the PCA's and Harmony's records dropped, in place:
-    # `attr<-` or `colnames<-` on the result (still referenced from
-    # harmony_fit()'s call) would wrap it, and the core would then copy all
-    # of Z* to read it.
-    dropped <- sapply(c(pca_record, "harmony"), function(a) NULL, simplify = FALSE)
-    z <- do.call(shape_in_place, c(list(z, dimnames = list(rownames(z), paste0("harmony_", seq_len(ncol(z))))),
-                                   dropped))
-    sketched <- if (fitted < nrow(z)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
+    dim_names <- paste0("harmony_", seq_len(n_pcs))
+    if (is.null(file)) {
+      # Renamed, and the PCA's and Harmony's records dropped, in place:
+      # `attr<-` or `colnames<-` on the result (still referenced from
+      # harmony_fit()'s call) would wrap it, and the core would then copy
+      # all of Z* to read it.
+      dropped <- sapply(c(pca_record, "harmony"), function(a) NULL, simplify = FALSE)
+      z <- do.call(shape_in_place, c(list(z, dimnames = list(rownames(z), dim_names)), dropped))
+    } else {
+      z <- NULL
+    }
+    sketched <- if (fitted < length(cells)) sprintf(", fitted on a sketch of %s cells", format(fitted, big.mark = ","))
     # The protected covariates (named by their columns) are kept in the
     # model's description, where differential_expression() looks for them.
     protects <- if (is.character(teacher$protect)) teacher$protect else character()
     protecting <- if (length(protects)) {
       paste0(", protecting ", paste(protects, collapse = " + "))
     } else if (length(teacher$protect)) ", protecting given covariates"
-    return(list(z = z, hvg = hvg, library = lib_sizes, protects = protects,
+    return(list(z = z, file = file, dim_names = dim_names, hvg = hvg, library = lib_sizes, protects = protects,
                 name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s%s", paste(teacher$theta, collapse = "/"),
                                n_pcs, teacher$method, teacher$n_hvg, protecting %||% "", sketched %||% "")))
   }

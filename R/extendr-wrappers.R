@@ -194,8 +194,9 @@ rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples
         max_genes_exact, seed, residual_theta, threads)
 }
 
-rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, threads, progress) {
-  .Call(native("wrap__rs_disk_hvg_pca"), spec, batch, levels, n_hvg, span, n_pcs, scale, threads, progress)
+rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, threads, scores_file, progress) {
+  .Call(native("wrap__rs_disk_hvg_pca"), spec, batch, levels, n_hvg, span, n_pcs, scale, threads, scores_file,
+        progress)
 }
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)

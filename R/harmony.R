@@ -170,10 +170,15 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
                         max_iter_cluster, epsilon_cluster, epsilon_harmony, block_size, alpha, tau,
                         protect_theta, seed, threads, progress, memberships = FALSE, sketch = NULL,
                         in_place = FALSE) {
-  n <- nrow(emb)
-  if (n < 2 || ncol(emb) < 1) stop("the embedding needs at least 2 cells and 1 dimension", call. = FALSE)
-  if (anyNA(emb)) stop("the embedding has ", sum(is.na(emb)), " missing value(s)", call. = FALSE)
-  cells <- rownames(emb) %||% paste0("cell_", seq_len(n))
+  # `emb` may be list(path, name, cells, d): cells x d in an HDF5 file
+  # (rs_h5_cells_write()'s layout), corrected there (distill(h5_file =));
+  # the core checks its values as it reads them.
+  in_file <- is.list(emb)
+  n <- if (in_file) length(emb$cells) else nrow(emb)
+  d <- if (in_file) emb$d else ncol(emb)
+  if (n < 2 || d < 1) stop("the embedding needs at least 2 cells and 1 dimension", call. = FALSE)
+  if (!in_file && anyNA(emb)) stop("the embedding has ", sum(is.na(emb)), " missing value(s)", call. = FALSE)
+  cells <- if (in_file) emb$cells else rownames(emb) %||% paste0("cell_", seq_len(n))
   check_positive(sigma, "sigma")
   check_fraction(block_size, "block_size", upper_open = FALSE)
   check_positive(alpha, "alpha")
@@ -200,10 +205,15 @@ harmony_fit <- function(emb, cell_data, batch, protect, theta, lambda, sigma, n_
   # embedding (400 MB at 10^6 cells and 50 dimensions) unless it is integer.
   # `in_place`: the embedding is overwritten by its correction, only for a
   # matrix nothing else refers to (distill()'s own PCs).
-  if (!is.double(emb)) storage.mode(emb) <- "double"
-  res <- rust(rs_run_harmony(emb, n, ncol(emb), covs, params, resolve_threads(threads), bar, in_place))
+  if (in_file) {
+    spec <- list(path = emb$path, name = emb$name)
+  } else if (!is.double(emb)) {
+    storage.mode(emb) <- "double"
+  }
+  res <- rust(rs_run_harmony(if (in_file) spec else emb, n, d, covs, params, resolve_threads(threads), bar, in_place))
   fit <- list(objective = res$objective, n_iter = res$n_iter, converged = res$converged,
               n_clusters = res$n_clusters, cluster_rounds = res$cluster_rounds, fitted_cells = res$fitted_cells)
+  if (in_file) return(structure(emb, harmony = fit))
   # The results arrive as matrices and get their names in place: `res`
   # still holds them, so `dimnames<-` or `attr<-` would copy them (400 MB
   # at 10^6 cells and 50 dimensions; the memberships twice that).

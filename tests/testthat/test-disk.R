@@ -402,9 +402,9 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
 test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* back from it: the model of memory", {
   skip_if_not_installed("HDF5Array")
   s <- sim_file(n_cells = 2000, n_genes = 150, seed = 12)
-  fit <- function(x, ...) {
-    distill(x, batch = "batch", teacher = harmony_teacher(n_hvg = 100), n_latent = 8, max_epochs_encoder = 5,
-            max_epochs_decoder = 3, threads = 2, progress = FALSE, ...)
+  fit <- function(x, teacher = harmony_teacher(n_hvg = 100), epochs = c(5, 3), ...) {
+    distill(x, batch = "batch", teacher = teacher, n_latent = 8, max_epochs_encoder = epochs[1],
+            max_epochs_decoder = epochs[2], threads = 2, progress = FALSE, ...)
   }
   h5 <- tempfile(fileext = ".h5")
   on_file <- fit(s$file, h5_file = h5)
@@ -417,6 +417,16 @@ test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* 
   expect_identical(as.matrix(HDF5Array::HDF5Array(h5, "latent")), latent(in_memory))
   expect_identical(on_file$info$history_decoder$validation_elbo, in_memory$info$history_decoder$validation_elbo)
   expect_equal(summary(on_file)$r2, summary(in_memory)$r2)
+  # With counts on disk Z* is made in the file (the PCA's scores written
+  # there, Harmony correcting them there); fitted on a sketch, the other
+  # cells are corrected a block at a time, read from the file and written
+  # back: the same Z* as in memory.
+  sketch <- harmony_teacher(n_hvg = 100, sketch = 600)
+  sk_file <- fit(s$file, sketch, c(1, 1), h5_file = tempfile(fileext = ".h5"))
+  sk_mem <- fit(s$file, sketch, c(1, 1))
+  expect_match(sk_file$info$teacher, "fitted on a sketch of 1,\\d{3} cells")
+  expect_identical(sk_file$info$teacher, sk_mem$info$teacher)
+  expect_identical(as.matrix(teacher_latent(sk_file)), teacher_latent(sk_mem))
   # Counts in memory train as before; the results go to the file at the end.
   mem <- as_counts(s$file)
   h5m <- tempfile(fileext = ".h5")

@@ -23,11 +23,7 @@ use scdistill_core::train::TrainConfig;
 /// n_genes). `keep` (1-based gene columns) subsets the genes.
 pub(crate) fn open_disk(spec: &List) -> Result<DiskCsr> {
     let get = |k: &str| spec.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
-    let text = |k: &str| -> Result<String> {
-        get(k)
-            .and_then(|v| v.as_str().map(String::from))
-            .ok_or_else(|| fail(format!("internal: on-disk `{k}` missing")))
-    };
+    let text = |k: &str| list_text(spec, k).ok_or_else(|| fail(format!("internal: on-disk `{k}` missing")));
     let number = |k: &str| -> Result<usize> {
         get(k)
             .and_then(|v| v.as_real().or_else(|| v.as_integer().map(f64::from)))
@@ -43,6 +39,20 @@ pub(crate) fn open_disk(spec: &List) -> Result<DiskCsr> {
     match get("keep").filter(|v| !v.is_null()) {
         Some(k) => d.select_columns(int_slice(&k, "keep")?.iter().map(|&j| (j - 1) as usize).collect()).map_err(fail),
         None => Ok(d),
+    }
+}
+
+/// The text field `key` of an R list, if it has one.
+pub(crate) fn list_text(l: &List, key: &str) -> Option<String> {
+    l.iter().find(|(n, _)| *n == key).and_then(|(_, v)| v.as_str().map(String::from))
+}
+
+/// An HDF5 dataset named from R as list(path, name): its path and name.
+pub(crate) fn h5_dataset(spec: &Robj, what: &str) -> Result<(String, String)> {
+    let l = spec.as_list().ok_or_else(|| fail(format!("{what} must be list(path, name)")))?;
+    match (list_text(&l, "path"), list_text(&l, "name")) {
+        (Some(p), Some(m)) => Ok((p, m)),
+        _ => Err(fail(format!("{what} must be list(path, name)"))),
     }
 }
 

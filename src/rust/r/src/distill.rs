@@ -1,7 +1,7 @@
 //! extendr glue of distill() (mirrors R/distill.R).
 
 use crate::convert::from_r;
-use crate::disk::{check_library, Input};
+use crate::disk::{check_library, h5_dataset, Input};
 use crate::model::pass_record;
 use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
@@ -53,16 +53,8 @@ fn rs_fit_distill(
     let input = Input::from_r(&counts)?;
     let n = input.n_cells();
     let d = teacher_dim.max(0) as usize;
-    let file = |spec: &Robj, what: &str| -> Result<(String, String)> {
-        let l = spec.as_list().ok_or_else(|| fail(format!("{what} must be list(path, name)")))?;
-        let field = |k: &str| l.iter().find(|(n, _)| *n == k).and_then(|(_, v)| v.as_str().map(String::from));
-        match (field("path"), field("name")) {
-            (Some(p), Some(m)) => Ok((p, m)),
-            _ => Err(fail(format!("{what} must be list(path, name)"))),
-        }
-    };
     let teacher = if teacher.is_list() {
-        let (path, name) = file(&teacher, "the teacher's file")?;
+        let (path, name) = h5_dataset(&teacher, "the teacher's file")?;
         Teacher::File(CellsH5::open(&path, &name, n, d).map_err(fail)?)
     } else {
         let values = teacher.as_real_slice().ok_or_else(|| fail("the teacher embedding must be a double matrix"))?;
@@ -75,7 +67,7 @@ fn rs_fit_distill(
     let out_file = if latent_file.is_null() {
         None
     } else {
-        let (path, name) = file(&latent_file, "`latent_file`")?;
+        let (path, name) = h5_dataset(&latent_file, "`latent_file`")?;
         Some(CellsH5::create(&path, &name, n, d, true).map_err(fail)?)
     };
     let codes: Vec<u32> = int_slice(&batch, "batch")?.iter().map(|&c| (c - 1).max(0) as u32).collect();
@@ -93,10 +85,10 @@ fn rs_fit_distill(
     let given: Option<&[f64]> = library.as_real_slice();
     // The student's Z is written straight into the R matrix returned (no
     // other copy: 400 MB at 10^6 cells and 50 dimensions), or to its file.
-    let mut latent = RMatrix::<f64>::new(if out_file.is_some() { 0 } else { n }, d);
+    let mut latent = None;
     let z = match out_file {
         Some(f) => LatentOut::File(f),
-        None => LatentOut::Memory(latent.data_mut()),
+        None => LatentOut::Memory(latent.insert(RMatrix::<f64>::new(n, d)).data_mut()),
     };
     let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
@@ -124,7 +116,7 @@ fn rs_fit_distill(
         let encoded = |done, total| report("latent", &pass_record(done, total));
         DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)
     })?;
-    Ok(fitted_to_r(Box::new(model), if latent.nrows() == 0 { Robj::from(()) } else { latent.into() }))
+    Ok(fitted_to_r(Box::new(model), latent.map_or_else(|| Robj::from(()), Robj::from)))
 }
 
 extendr_module! {

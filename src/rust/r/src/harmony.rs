@@ -5,6 +5,7 @@ use crate::worker;
 use crate::{fail, r_matrix, threads_from_r};
 use extendr_api::prelude::*;
 use extendr_api::Result;
+use scdistill_core::data::CellsH5;
 use scdistill_core::teacher::{harmony_into, Embedding, HarmonyCells, HarmonyCovariate, HarmonyParams};
 use std::sync::Mutex;
 
@@ -44,6 +45,8 @@ fn codes<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>
 /// on the R thread. Returns the corrected matrix (column-major) and the fit.
 /// With `in_place`, `x` itself is corrected and returned: only for a
 /// double matrix that nothing else in R refers to (`distill()`'s own PCs).
+/// `x` may instead be list(path, name), a cells × d dataset as
+/// `rs_h5_cells_write` stores it, corrected in the file (`z` is then NULL).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -58,7 +61,13 @@ fn rs_run_harmony(
     in_place: bool,
 ) -> Result<List> {
     let (n, d) = (n.max(0) as usize, d.max(0) as usize);
-    if x.len() != n * d || x.rtype() != Rtype::Doubles {
+    let file = if x.is_list() {
+        let (path, name) = crate::disk::h5_dataset(&x, "the embedding's file")?;
+        Some(CellsH5::open(&path, &name, n, d).map_err(fail)?)
+    } else {
+        None
+    };
+    if file.is_none() && (x.len() != n * d || x.rtype() != Rtype::Doubles) {
         return Err(fail("internal: the embedding is not a double matrix of its size"));
     }
     let covs = covariates
@@ -86,16 +95,20 @@ fn rs_run_harmony(
             }
         }
     };
-    // The corrected cells go straight into the R matrix returned: a new
-    // one, or `x`.
-    let mut fresh = RMatrix::<f64>::new(if in_place { 0 } else { n }, if in_place { 0 } else { d });
+    // The corrected cells go straight into the R matrix returned (a new
+    // one, or `x`), or into their file.
+    let mut fresh = None;
     let mut x = x;
-    let cells = if in_place {
+    let file_given = file.is_some();
+    let cells = if let Some(f) = file {
+        HarmonyCells::File(f)
+    } else if in_place {
         let values = x.as_real_slice_mut().ok_or_else(|| fail("internal: the embedding is not double"))?;
         HarmonyCells::InPlace { values, n, d }
     } else {
         let z = x.as_real_slice().ok_or_else(|| fail("internal: the embedding is not double"))?;
-        HarmonyCells::Apart { z: Embedding::column_major(z, n, d), out: fresh.data_mut() }
+        let out = fresh.insert(RMatrix::<f64>::new(n, d)).data_mut();
+        HarmonyCells::Apart { z: Embedding::column_major(z, n, d), out }
     };
     let mut r = worker::run_with_ticks(
         threads_from_r(threads)?,
@@ -111,7 +124,11 @@ fn rs_run_harmony(
     let k = r.n_clusters;
     let memberships: Robj = if p.memberships { r_matrix(&r.r, n, k).into() } else { ().into() };
     r.r = Vec::new();
-    let z: Robj = if in_place { x } else { fresh.into() };
+    let z: Robj = match fresh {
+        Some(m) => m.into(),
+        None if file_given => ().into(),
+        None => x,
+    };
     Ok(list!(
         z = z,
         r = memberships,

@@ -2,10 +2,11 @@
 //! (mirrors R/log2_cpm.R, R/highly_variable_genes.R, R/run_pca.R).
 
 use crate::convert::{categorical_from_r, counts_from_r, csr_to_r};
-use crate::run;
+use crate::{fail, run};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::prep;
+use scdistill_core::data::CellsH5;
+use scdistill_core::prep::{self, ScoresOut};
 
 /// log2(CPM + 1) as the slots of a genes × cells dgCMatrix: list(p, i, x).
 /// @noRd
@@ -90,6 +91,8 @@ fn rs_run_pca(
 /// HVGs (and, when `n_pcs` > 0, the PCA of their log2 CPM) of counts on
 /// disk (`open_disk`'s description), read in blocks; the result as
 /// `rs_run_pca`'s. `progress` as for training, phase "teacher".
+/// `scores_file`: NULL, or list(path, name) of a new dataset the scores go
+/// to (cells × n_pcs as `rs_h5_cells_write` stores it; `scores` is then NULL).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -102,15 +105,25 @@ fn rs_disk_hvg_pca(
     n_pcs: i32,
     scale: bool,
     threads: i32,
+    scores_file: Robj,
     progress: Robj,
 ) -> Result<List> {
     let disk = crate::disk::open_disk(&spec)?;
     let b = categorical_from_r("batch", &batch, &levels, disk.n_rows())?;
     let k = (n_pcs > 0).then_some(n_pcs as usize);
     // The last pass writes the scores straight into the R matrix returned
-    // (no copy in between: 2 GB at 5·10^6 cells × 50).
-    let mut scores = RMatrix::<f64>::new(disk.n_rows(), k.unwrap_or(0));
-    let out = scores.data_mut();
+    // (no copy in between: 2 GB at 5·10^6 cells × 50), or to their file.
+    let file = if scores_file.is_null() {
+        None
+    } else {
+        let (path, name) = crate::disk::h5_dataset(&scores_file, "`scores_file`")?;
+        Some(CellsH5::create(&path, &name, disk.n_rows(), k.unwrap_or(0), false).map_err(fail)?)
+    };
+    let mut scores = None;
+    let out = match &file {
+        Some(f) => ScoresOut::File(f),
+        None => ScoresOut::Memory(scores.insert(RMatrix::<f64>::new(disk.n_rows(), k.unwrap_or(0))).data_mut()),
+    };
     let r = crate::model::with_epoch_progress(threads, &progress, |interrupted, report| {
         let progress = |done, total| report("teacher", &crate::model::pass_record(done, total));
         prep::hvg_pca_on_disk_into(
@@ -133,7 +146,7 @@ fn rs_disk_hvg_pca(
             let loadings: Vec<f64> =
                 (0..k).flat_map(|j| (0..g).map(move |i| (i, j))).map(|(i, j)| p.loadings[(i, j)]).collect();
             list!(
-                scores = scores,
+                scores = scores.map_or_else(|| Robj::from(()), Robj::from),
                 loadings = loadings,
                 sdev = p.sdev,
                 variance_ratio = p.variance_ratio,

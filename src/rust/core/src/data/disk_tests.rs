@@ -479,7 +479,7 @@ fn de_of_cells_on_disk_equals_de_of_the_same_cells_in_memory() {
 
 #[test]
 fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
-    use crate::prep::{hvg_pca, hvg_pca_on_disk, hvg_pca_on_disk_into, PcaOf, PcaParams};
+    use crate::prep::{hvg_pca, hvg_pca_on_disk, hvg_pca_on_disk_into, PcaOf, PcaParams, ScoresOut};
     use crate::simulate::{simulate, SimParams};
     // Past one block of cells (16,384); two batches of unequal size.
     let s = simulate(&SimParams {
@@ -518,12 +518,25 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
     // the same scores; a buffer of the wrong size is refused before a pass.
     let mut buf = vec![f64::NAN; 20_000 * 8];
     let no_progress = |_, _| {};
-    let into =
-        hvg_pca_on_disk_into(&d, 60, Some(&s.batch), 0.3, Some(8), true, &no_progress, &|| false, &mut buf).unwrap();
-    assert_eq!(into.pca.as_ref().unwrap().scores.nrows(), 0);
+    let into = |out: ScoresOut, stop: bool| {
+        hvg_pca_on_disk_into(&d, 60, Some(&s.batch), 0.3, Some(8), true, &no_progress, &|| stop, out)
+    };
+    let r = into(ScoresOut::Memory(&mut buf), false).unwrap();
+    assert_eq!(r.pca.as_ref().unwrap().scores.nrows(), 0);
     assert!((0..8).all(|j| (0..20_000).all(|i| buf[j * 20_000 + i] == p.scores[(i, j)])));
-    let e = hvg_pca_on_disk_into(&d, 60, None, 0.3, Some(8), true, &no_progress, &|| true, &mut buf[1..]).unwrap_err();
+    let e = into(ScoresOut::Memory(&mut buf[1..]), true).unwrap_err();
     assert!(e.to_string().contains("scores"), "{e}");
+    // Into a file, a block at a time: the same scores, read back.
+    let scores = tmp("scores.h5");
+    let _ = std::fs::remove_file(&scores);
+    let file = CellsH5::create(&scores, "pcs", 20_000, 8, false).unwrap();
+    into(ScoresOut::File(&file), false).unwrap();
+    let back = file.read(0, 20_000).unwrap();
+    assert!((0..8).all(|j| (0..20_000).all(|i| back[i * 8 + j] == p.scores[(i, j)])));
+    let wide = CellsH5::create(&scores, "wide", 20_000, 9, false).unwrap();
+    let e = into(ScoresOut::File(&wide), true).unwrap_err();
+    assert!(e.to_string().contains("dataset 'wide' holds 20000 cells x 9, not 20000 x 8"), "{e}");
+    let _ = std::fs::remove_file(&scores);
     // Genes only: two passes.
     let only = hvg_pca_on_disk(&d, 60, None, 0.3, None, true, &|a, b| done.set((a, b)), &|| false).unwrap();
     assert!(only.pca.is_none() && done.get() == (40_000, 40_000));
@@ -537,7 +550,7 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
 
 #[test]
 fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
-    use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, LatentOut};
+    use crate::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, LatentOut, Teacher};
     use crate::prep::hvg_pca_on_disk;
     use crate::simulate::{simulate, SimParams};
     use crate::train::TrainConfig;
@@ -571,35 +584,41 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     };
     let scan = d.scan(&|_, _| {}, &|| false).unwrap();
     let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
-    let fit = |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| {
-        let data = DistillData {
-            counts,
-            input_genes: &hvg,
-            decoder_genes: decoder,
-            batch: &s.batch,
-            teacher: Embedding::row_major(&z, z.len() / 10, 10).into(),
-            teacher_name: "harmony".into(),
-            teacher_protects: vec![],
+    // Z* in memory or in a file; Z into R's matrix or into a file (`out`).
+    let in_memory = || Teacher::from(Embedding::row_major(&z, n, 10));
+    let fit_to =
+        |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig, teacher: Teacher, out: Option<&CellsH5>| {
+            let data = DistillData {
+                counts,
+                input_genes: &hvg,
+                decoder_genes: decoder,
+                batch: &s.batch,
+                teacher,
+                teacher_name: "harmony".into(),
+                teacher_protects: vec![],
+            };
+            let mut zc = vec![0.0; n * 10];
+            let latent = match out {
+                Some(f) => LatentOut::File(f.clone()),
+                None => LatentOut::Memory(&mut zc),
+            };
+            let m = crate::device::with_threads(2, || {
+                let cfg = DistillConfig::default();
+                let (t1, t2) = (tc.clone(), tc.clone());
+                DistillModel::fit_into(&data, cfg, t1, t2, Device::Cpu, &|| false, &|_, _| {}, &|_, _| {}, latent)
+            })
+            .unwrap()
+            .unwrap();
+            // Z comes column-major (R's layout), or from the file in single
+            // precision; here row-major, as latent() gives it.
+            let z = match out {
+                Some(f) => f.read(0, n).unwrap().iter().map(|&v| v as f32).collect(),
+                None => (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>(),
+            };
+            (m, z)
         };
-        // Z comes column-major (R's layout); here row-major, as latent() gives it.
-        let mut zc = vec![0.0; n * 10];
-        let m = crate::device::with_threads(2, || {
-            DistillModel::fit_into(
-                &data,
-                DistillConfig::default(),
-                tc.clone(),
-                tc.clone(),
-                Device::Cpu,
-                &|| false,
-                &|_, _| {},
-                &|_, _| {},
-                LatentOut::Memory(&mut zc),
-            )
-        })
-        .unwrap()
-        .unwrap();
-        (m, (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>())
-    };
+    let fit =
+        |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| fit_to(counts, decoder, tc, in_memory(), None);
     let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, library: &scan.row_sums };
     let (disk, z_disk) = fit(on_disk(), &all, &tc);
     let (memory, z_mem) = fit((&s.counts).into(), &all, &tc);
@@ -635,38 +654,30 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     }
     assert_eq!(teacher.read(0, n).unwrap(), z);
     let out = CellsH5::create(&file, "latent", n, 10, true).unwrap();
-    let data = DistillData {
-        counts: on_disk(),
-        input_genes: &hvg,
-        decoder_genes: &all,
-        batch: &s.batch,
-        teacher: crate::models::distill::Teacher::File(teacher.clone()),
-        teacher_name: "harmony".into(),
-        teacher_protects: vec![],
-    };
-    let from_file = crate::device::with_threads(2, || {
-        let cfg = DistillConfig::default();
-        DistillModel::fit_into(
-            &data,
-            cfg,
-            tc.clone(),
-            tc.clone(),
-            Device::Cpu,
-            &|| false,
-            &|_, _| {},
-            &|_, _| {},
-            LatentOut::File(out.clone()),
-        )
-    })
-    .unwrap()
-    .unwrap();
+    let (from_file, back) = fit_to(on_disk(), &all, &tc, Teacher::File(teacher.clone()), Some(&out));
     let losses = |m: &DistillModel| {
         let h = m.meta.history_encoder.iter().chain(&m.meta.history_decoder);
         h.map(|e| (e.train_loss, e.validation_elbo)).collect::<Vec<_>>()
     };
     assert_eq!(losses(&from_file), losses(&disk));
-    let back: Vec<f32> = out.read(0, n).unwrap().iter().map(|&v| v as f32).collect();
     assert_eq!(back, z_disk);
+    // A value that is not finite in Z*'s file is named by its cell.
+    let mut bad = z[1234 * 10..1235 * 10].to_vec();
+    bad[3] = f64::INFINITY;
+    teacher.write(1234, &bad).unwrap();
+    let (counts, genes) = (on_disk(), &all[..]);
+    let data = DistillData {
+        counts,
+        input_genes: &hvg,
+        decoder_genes: genes,
+        batch: &s.batch,
+        teacher: Teacher::File(teacher.clone()),
+        teacher_name: "harmony".into(),
+        teacher_protects: vec![],
+    };
+    let err =
+        DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc.clone(), Device::Cpu, &|| false, &|_, _| {});
+    assert!(err.err().unwrap().to_string().contains("missing or infinite value (cell 1235)"));
     // Counts in memory need Z* in memory.
     let memory_counts = DistillData { counts: (&s.counts).into(), ..data };
     let err = DistillModel::fit(

@@ -207,23 +207,18 @@ impl Student {
     }
 
     /// The encoder's target: Z* standardized as `cfg.target` says, read a
-    /// minibatch at a time (no copy of Z*); for `Global`, also stores the
-    /// centre and scale.
-    fn set_target<'a>(&self, z: Teacher<'a>, cache: BlockCache) -> Result<TargetRows<'a>> {
-        let global = match (&self.z_centre, &self.z_scale) {
-            (Some(centre), Some(scale)) => {
-                let (c, sd) = global_scale(&z)?;
-                let (mut centre, mut scale) = (centre.shallow_clone(), scale.shallow_clone());
-                let values: Vec<f32> = c.iter().map(|&v| v as f32).collect();
-                tch::no_grad(|| {
-                    centre.copy_(&Tensor::from_slice(&values).to_device(self.device()));
-                    scale.copy_(&Tensor::from_slice(&[sd as f32]).to_device(self.device()));
-                });
-                Some((c, sd))
-            }
-            _ => None,
-        };
-        Ok(TargetRows { z, global, cache })
+    /// minibatch at a time (no copy of Z*); for `Global`, `global` is Z*'s
+    /// centre and scale ([`global_scale`]), which the student stores.
+    fn set_target<'a>(&self, z: TargetSource<'a>, global: Option<(Vec<f64>, f64)>) -> TargetRows<'a> {
+        if let (Some(centre), Some(scale), Some((c, sd))) = (&self.z_centre, &self.z_scale, &global) {
+            let (mut centre, mut scale) = (centre.shallow_clone(), scale.shallow_clone());
+            let values: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+            tch::no_grad(|| {
+                centre.copy_(&Tensor::from_slice(&values).to_device(self.device()));
+                scale.copy_(&Tensor::from_slice(&[*sd as f32]).to_device(self.device()));
+            });
+        }
+        TargetRows { z, global }
     }
 
     pub fn device(&self) -> Device {
@@ -351,17 +346,26 @@ impl Teacher<'_> {
             Teacher::File(_) => {
                 let mut bad = None;
                 self.for_each_block(&mut |start, rows| {
-                    if bad.is_none() {
-                        bad = rows.iter().position(|v| !v.is_finite()).map(|i| start + i / self.d());
-                    }
+                    bad = bad.or_else(|| first_not_finite(start, rows, self.d()));
                 })?;
                 bad
             }
         };
-        match bad {
-            Some(cell) => invalid!("the teacher embedding has a missing or infinite value (cell {})", cell + 1),
-            None => Ok(()),
-        }
+        not_finite(bad)
+    }
+}
+
+/// The first cell of `rows` (cells `start..`, `d` values each, row-major)
+/// with a missing or infinite value.
+fn first_not_finite(start: usize, rows: &[f64], d: usize) -> Option<usize> {
+    rows.iter().position(|v| !v.is_finite()).map(|i| start + i / d)
+}
+
+/// An error naming `cell`, a teacher's cell with a value that is not finite.
+fn not_finite(cell: Option<usize>) -> Result<()> {
+    match cell {
+        Some(cell) => invalid!("the teacher embedding has a missing or infinite value (cell {})", cell + 1),
+        None => Ok(()),
     }
 }
 
@@ -380,14 +384,10 @@ struct BlockCache {
 }
 
 impl BlockCache {
-    fn for_cells(cells: &TrainingCells) -> BlockCache {
-        let (block, keep) = match cells {
-            TrainingCells::Disk { disk, .. } => (disk.block, disk.window_blocks + 8),
-            TrainingCells::Memory { .. } => (DISK_BLOCK, 8),
-        };
+    fn for_disk(disk: &DiskCsr) -> BlockCache {
         // In tests a few, so that small data are read again as blocks leave.
-        let keep = if cfg!(test) { 4 } else { keep };
-        BlockCache { block, keep, kept: Default::default() }
+        let keep = if cfg!(test) { 4 } else { disk.window_blocks + 8 };
+        BlockCache { block: disk.block, keep, kept: Default::default() }
     }
 
     /// Block `b` of `file`. A read error is a panic naming the file, as a
@@ -420,25 +420,34 @@ impl BlockCache {
 /// fewer, so that small data span several.
 const FILE_BLOCK: usize = if cfg!(test) { 100 } else { DISK_BLOCK };
 
+/// Where the encoder's targets are read: Z* in memory, or in a file (only
+/// with counts on disk) through a cache of the counts' blocks.
+enum TargetSource<'a> {
+    Memory(Embedding<'a>),
+    File(CellsH5, BlockCache),
+}
+
 /// The encoder's target of given cells: rows of Z* minus the centre over
 /// the scale (`global`), or each standardized to mean 0 and population
 /// standard deviation 1 (`None`), as scDistill does with the teacher.
 struct TargetRows<'a> {
-    z: Teacher<'a>,
+    z: TargetSource<'a>,
     global: Option<(Vec<f64>, f64)>,
-    cache: BlockCache,
 }
 
 impl TargetRows<'_> {
     /// The targets of `rows`, row-major.
     fn rows(&self, rows: &[usize]) -> Vec<f32> {
-        let d = self.z.d();
+        let d = match &self.z {
+            TargetSource::Memory(z) => z.d,
+            TargetSource::File(f, _) => f.d,
+        };
         let mut out = Vec::with_capacity(rows.len() * d);
         let mut row = vec![0.0; d];
         for &i in rows {
             match &self.z {
-                Teacher::Memory(z) => z.row_into(i, &mut row),
-                Teacher::File(f) => self.cache.row_into(f, i, &mut row),
+                TargetSource::Memory(z) => z.row_into(i, &mut row),
+                TargetSource::File(f, cache) => cache.row_into(f, i, &mut row),
             }
             match &self.global {
                 Some((c, sd)) => out.extend(row.iter().zip(c).map(|(v, m)| ((v - m) / sd) as f32)),
@@ -454,15 +463,20 @@ impl TargetRows<'_> {
 }
 
 /// Per-dimension means of `z` and the root mean square of the centred
-/// values over all cells and dimensions (two passes over its cells).
+/// values over all cells and dimensions (two passes over its cells); an
+/// error naming the first cell whose values are not all finite (the first
+/// pass is the check: Z* in a file is read twice, not three times).
 pub fn global_scale(z: &Teacher) -> Result<(Vec<f64>, f64)> {
     let (n, d) = (z.n().max(1), z.d());
     let mut c = vec![0.0; d];
-    z.for_each_block(&mut |_, rows| {
+    let mut bad = None;
+    z.for_each_block(&mut |start, rows| {
+        bad = bad.or_else(|| first_not_finite(start, rows, d));
         for row in rows.chunks(d) {
             c.iter_mut().zip(row).for_each(|(m, v)| *m += v);
         }
     })?;
+    not_finite(bad)?;
     c.iter_mut().for_each(|m| *m /= n as f64);
     let mut ss = 0.0;
     z.for_each_block(&mut |_, rows| {
@@ -646,7 +660,7 @@ impl TrainingCells<'_> {
                 }
                 crate::device::release_free_memory();
                 let z = match file {
-                    Some(f) => LatentStore::File(f.clone(), BlockCache::for_cells(self)),
+                    Some(f) => LatentStore::File(f.clone(), BlockCache::for_disk(disk)),
                     None => LatentStore::Held(z),
                 };
                 Ok((z, lib, fact))
@@ -1026,14 +1040,28 @@ impl DistillModel {
         if room != n * d {
             return invalid!("room for {room} latent values; expected cells ({n}) × dimensions ({d})");
         }
-        if let (DistillCounts::Memory(_), Teacher::File(f)) = (&data.counts, t) {
-            return invalid!(
-                "the teacher embedding in '{}' is read a block at a time, for counts on disk only; \
-                 with counts in memory it must be in memory too",
-                f.path
-            );
-        }
-        t.check_finite()?;
+        let source = match (&data.counts, t) {
+            (_, Teacher::Memory(z)) => TargetSource::Memory(*z),
+            (DistillCounts::Disk { disk, .. }, Teacher::File(f)) => {
+                TargetSource::File(f.clone(), BlockCache::for_disk(disk))
+            }
+            (DistillCounts::Memory(_), Teacher::File(f)) => {
+                return invalid!(
+                    "the teacher embedding in '{}' is read a block at a time, for counts on disk only; \
+                     with counts in memory it must be in memory too",
+                    f.path
+                )
+            }
+        };
+        // Z*'s centre and scale for a global target, whose first pass checks
+        // its values; otherwise a check of its own.
+        let global = match config.target {
+            Target::Global => Some(global_scale(t)?),
+            Target::Cell => {
+                t.check_finite()?;
+                None
+            }
+        };
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
         }
@@ -1084,7 +1112,7 @@ impl DistillModel {
         train_encoder.bf16 = student.set_bf16_training(train_encoder.bf16);
 
         // Phase 1.
-        let target = student.set_target(data.teacher.clone(), BlockCache::for_cells(&cells))?;
+        let target = student.set_target(source, global);
         let enc_task = EncoderTask { student: &student, cells: &cells, target: &target, sample: Default::default() };
         let h1 = train(&enc_task, &train_encoder, interrupted, &|r| on_epoch(Phase::Encoder, r))?;
         drop(enc_task);

@@ -14,7 +14,7 @@
 use super::hvg::{clip_values, clipped_sums, clipped_variance, expected_sd, select, HvgResult};
 use super::normalize::{column_moments, column_sums, mean_var_of_moments};
 use super::pca::{centered_product, gram_components, sparse_gram, PcaResult};
-use crate::data::{Categorical, Csr, DiskCsr};
+use crate::data::{Categorical, CellsH5, Csr, DiskCsr};
 use crate::error::{check_param, Error, Result};
 
 /// Cells read at once: a multiple of the in-memory reductions' chunks.
@@ -75,16 +75,25 @@ pub fn hvg_pca_on_disk(
 ) -> Result<DiskPca> {
     let n = disk.n_rows();
     let mut scores = vec![0.0; n * n_pcs.unwrap_or(0)];
-    let mut r = hvg_pca_on_disk_into(disk, n_hvg, batch, span, n_pcs, scale, progress, interrupted, &mut scores)?;
+    let out = ScoresOut::Memory(&mut scores);
+    let mut r = hvg_pca_on_disk_into(disk, n_hvg, batch, span, n_pcs, scale, progress, interrupted, out)?;
     if let Some(p) = r.pca.as_mut() {
         p.scores = faer::Mat::from_fn(n, p.sdev.len(), |i, j| scores[j * n + i]);
     }
     Ok(r)
 }
 
-/// [`hvg_pca_on_disk`] with the scores written into `scores`, cells ×
-/// `n_pcs` column-major (R's layout; empty without `n_pcs`), as the last
-/// pass computes them: no second copy of all cells' scores (2 GB at
+/// Where [`hvg_pca_on_disk_into`] writes the scores.
+pub enum ScoresOut<'a> {
+    /// Cells × `n_pcs` column-major (R's layout; empty without `n_pcs`).
+    Memory(&'a mut [f64]),
+    /// A dataset of cells × `n_pcs`, written a block at a time: the scores
+    /// are never all in memory (`distill(h5_file =)`).
+    File(&'a CellsH5),
+}
+
+/// [`hvg_pca_on_disk`] with the scores written where `scores` says as the
+/// last pass computes them: no second copy of all cells' scores (2 GB at
 /// 5·10^6 cells and 50 PCs). The returned `scores` matrix is then empty.
 #[allow(clippy::too_many_arguments)]
 pub fn hvg_pca_on_disk_into(
@@ -96,7 +105,7 @@ pub fn hvg_pca_on_disk_into(
     scale: bool,
     progress: &dyn Fn(usize, usize),
     interrupted: &dyn Fn() -> bool,
-    scores: &mut [f64],
+    mut scores: ScoresOut,
 ) -> Result<DiskPca> {
     check_param(n_hvg >= 1, "n_hvg", "must be at least 1")?;
     check_param(span > 0.0 && span <= 1.0, "span", "must be in (0, 1]")?;
@@ -113,8 +122,17 @@ pub fn hvg_pca_on_disk_into(
             format!("must be smaller than both the number of cells ({n}) and of genes ({n_top})"),
         )?;
     }
-    let want = n * n_pcs.unwrap_or(0);
-    check_param(scores.len() == want, "scores", format!("has room for {} values, not {want}", scores.len()))?;
+    let k = n_pcs.unwrap_or(0);
+    match &scores {
+        ScoresOut::Memory(v) => {
+            check_param(v.len() == n * k, "scores", format!("has room for {} values, not {}", v.len(), n * k))?
+        }
+        ScoresOut::File(f) => check_param(
+            f.n == n && f.d == k,
+            "scores",
+            format!("dataset '{}' holds {} cells x {}, not {n} x {k}", f.name, f.n, f.d),
+        )?,
+    }
     let passes = Passes { disk, n_passes: if n_pcs.is_some() { 4 } else { 2 }, done: 0.into(), progress, interrupted };
     let n_batch = batch.n_levels();
     // Local rows of each batch in a block.
@@ -190,14 +208,30 @@ pub fn hvg_pca_on_disk_into(
     let total_var: f64 = var.iter().zip(&unit).map(|(v, s)| v * s * s).sum();
     let variance_ratio = sdev.iter().map(|sd| sd * sd / total_var).collect();
 
-    // Pass 4: scores, into the caller's column-major matrix.
+    // Pass 4: scores, into the caller's column-major matrix or its file.
+    let mut failed = None;
     passes.pass(|start, m| {
         let s = centered_product(&log2cpm(start, m), &center, &unit, &loadings);
-        for c in 0..k {
-            let column = &mut scores[c * n + start..c * n + start + s.nrows()];
-            column.iter_mut().enumerate().for_each(|(r, v)| *v = s[(r, c)]);
+        match &mut scores {
+            ScoresOut::Memory(v) => {
+                for c in 0..k {
+                    let column = &mut v[c * n + start..c * n + start + s.nrows()];
+                    column.iter_mut().enumerate().for_each(|(r, v)| *v = s[(r, c)]);
+                }
+            }
+            ScoresOut::File(f) if failed.is_none() => {
+                let rows: Vec<f64> =
+                    (0..s.nrows()).flat_map(|r| (0..k).map(move |c| (r, c))).map(|(r, c)| s[(r, c)]).collect();
+                if let Err(e) = f.write(start, &rows) {
+                    failed = Some(e);
+                }
+            }
+            ScoresOut::File(_) => {}
         }
     })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let scores = faer::Mat::<f64>::zeros(0, k);
     let pca = PcaResult { scores, loadings, sdev, variance_ratio, center, scale: unit, n_iter: 0 };
     Ok(DiskPca { hvg, pca: Some(pca), library })

@@ -9,7 +9,7 @@ mod normalize;
 mod pca;
 mod pearson;
 
-pub use disk::{hvg_pca_on_disk, hvg_pca_on_disk_into, DiskPca};
+pub use disk::{hvg_pca_on_disk, hvg_pca_on_disk_into, DiskPca, ScoresOut};
 pub use hvg::{highly_variable_genes, HvgResult};
 pub use loess::loess_quadratic;
 pub(crate) use normalize::column_mean_var;

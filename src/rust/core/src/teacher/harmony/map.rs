@@ -12,6 +12,7 @@
 //! data (2.3 GB at 10^6 cells and 100 clusters).
 
 use super::{normalize_columns, Embedding, Harmony, HarmonyCovariate, HarmonyParams, HarmonyResult, CHUNK};
+use crate::data::CellsH5;
 use crate::error::{invalid, Error, Result};
 use crate::numeric::exp_nonpositive;
 use faer::linalg::matmul::matmul;
@@ -82,29 +83,31 @@ impl HarmonyMap {
                 );
             }
         }
-        self.correct_rows(z, 0, covariates, out);
+        self.correct_rows(z, 0, 0, covariates, out);
         Ok(())
     }
 
-    /// Corrects the cells `lo..` of `z` into `out` (as many rows as it
-    /// holds), in parallel chunks.
-    fn correct_rows(&self, z: Embedding, lo: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
+    /// Corrects the cells `at..` of `z` into `out` (as many rows as it
+    /// holds), in parallel chunks; their levels are those from `lo` in
+    /// `covs` (`z` may be a block of the cells, read from a file).
+    fn correct_rows(&self, z: Embedding, at: usize, lo: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
         let d = self.d;
         out.par_chunks_mut(d * CHUNK).enumerate().for_each(|(ci, rows)| {
-            self.correct_chunk(z, lo + ci * CHUNK, covs, rows);
+            self.correct_chunk(z, at + ci * CHUNK, lo + ci * CHUNK, covs, rows);
         });
     }
 
-    /// The cells `first..` of `z` (as many as `out` has rows), see the
-    /// module's note: per round, the memberships of all of them by one
-    /// product with the centroids, and each level's batch terms by one
-    /// product with the memberships of its cells.
-    fn correct_chunk(&self, z: Embedding, first: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
+    /// The cells `at..` of `z`, whose levels are those from `first` in
+    /// `covs` (as many as `out` has rows), see the module's note: per
+    /// round, the memberships of all of them by one product with the
+    /// centroids, and each level's batch terms by one product with the
+    /// memberships of its cells.
+    fn correct_chunk(&self, z: Embedding, at: usize, first: usize, covs: &[HarmonyCovariate], out: &mut [f64]) {
         let (d, k) = (self.d, self.k);
         let m = out.len() / d;
         let mut zin = vec![0.0; m * d];
         for (i, row) in zin.chunks_mut(d).enumerate() {
-            z.row_into(first + i, row);
+            z.row_into(at + i, row);
         }
         // The cells of each level, and each cell's summed log penalty (K × m).
         let mut of_level: Vec<Vec<usize>> = vec![Vec::new(); self.terms.len()];
@@ -184,10 +187,34 @@ pub fn sketch_cells(cov: &HarmonyCovariate, m: usize, seed: u64) -> Vec<usize> {
 
 /// The cells a sketched fit reads and the place their corrections go.
 pub(super) trait Store {
-    /// The cells as they are now (before a block is written, its cells).
-    fn cells(&self) -> Embedding<'_>;
+    /// Cells × dimensions.
+    fn shape(&self) -> (usize, usize);
+    /// All the cells as they are now, where they are in memory (before a
+    /// block is written, its cells); `None` for cells in a file.
+    fn in_memory(&self) -> Option<Embedding<'_>>;
+    /// Cells `lo..hi`, row-major, into `buf` (only for cells in a file).
+    fn read(&self, lo: usize, hi: usize, buf: &mut Vec<f64>) -> Result<()>;
     /// Corrected cells `first..`, row-major.
-    fn write(&mut self, first: usize, rows: &[f64]);
+    fn write(&mut self, first: usize, rows: &[f64]) -> Result<()>;
+}
+
+/// Cells `lo..hi` of `store` and the row of cell `lo` in what is returned:
+/// all cells in memory, or the block read into `buf`, whose values are
+/// checked here (a file's cells were not checked before).
+fn block<'s>(store: &'s dyn Store, lo: usize, hi: usize, buf: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)> {
+    if let Some(z) = store.in_memory() {
+        return Ok((z, lo));
+    }
+    let d = store.shape().1;
+    store.read(lo, hi, buf)?;
+    if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
+        return invalid!(
+            "the embedding has a missing or infinite value (cell {}, dimension {})",
+            lo + i / d + 1,
+            i % d + 1
+        );
+    }
+    Ok((Embedding::row_major(buf, hi - lo, d), 0))
 }
 
 /// Cells read from `z` and written into `out`, cells × d.
@@ -198,12 +225,21 @@ pub(super) struct Apart<'a> {
 }
 
 impl Store for Apart<'_> {
-    fn cells(&self) -> Embedding<'_> {
-        self.z
+    fn shape(&self) -> (usize, usize) {
+        (self.z.n, self.z.d)
     }
 
-    fn write(&mut self, first: usize, rows: &[f64]) {
+    fn in_memory(&self) -> Option<Embedding<'_>> {
+        Some(self.z)
+    }
+
+    fn read(&self, _: usize, _: usize, _: &mut Vec<f64>) -> Result<()> {
+        unreachable!("cells in memory are not read")
+    }
+
+    fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
         put(self.out, self.z.n, self.z.d, self.column_major, first, rows);
+        Ok(())
     }
 }
 
@@ -215,12 +251,44 @@ pub(super) struct InPlace<'a> {
 }
 
 impl Store for InPlace<'_> {
-    fn cells(&self) -> Embedding<'_> {
-        Embedding::column_major(self.values, self.n, self.d)
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.d)
     }
 
-    fn write(&mut self, first: usize, rows: &[f64]) {
+    fn in_memory(&self) -> Option<Embedding<'_>> {
+        Some(Embedding::column_major(self.values, self.n, self.d))
+    }
+
+    fn read(&self, _: usize, _: usize, _: &mut Vec<f64>) -> Result<()> {
+        unreachable!("cells in memory are not read")
+    }
+
+    fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
         put(self.values, self.n, self.d, true, first, rows);
+        Ok(())
+    }
+}
+
+/// Cells in an HDF5 dataset, overwritten by their corrections: neither the
+/// cells nor their corrections are ever all in memory.
+pub(super) struct InFile(pub CellsH5);
+
+impl Store for InFile {
+    fn shape(&self) -> (usize, usize) {
+        (self.0.n, self.0.d)
+    }
+
+    fn in_memory(&self) -> Option<Embedding<'_>> {
+        None
+    }
+
+    fn read(&self, lo: usize, hi: usize, buf: &mut Vec<f64>) -> Result<()> {
+        *buf = self.0.read(lo, hi - lo)?;
+        Ok(())
+    }
+
+    fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
+        self.0.write(first, rows)
     }
 }
 
@@ -249,11 +317,33 @@ pub(super) fn sketched(
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
 ) -> Result<HarmonyResult> {
-    let (n, d) = (store.cells().n, store.cells().d);
+    let (n, d) = store.shape();
     let cells = sketch_cells(&covs[0], m, params.seed);
     let mut sub = vec![0.0; cells.len() * d];
-    let z = store.cells();
-    sub.par_chunks_mut(d).zip(cells.par_iter()).for_each(|(row, &i)| z.row_into(i, row));
+    let mut buf = Vec::new();
+    match store.in_memory() {
+        Some(z) => sub.par_chunks_mut(d).zip(cells.par_iter()).for_each(|(row, &i)| z.row_into(i, row)),
+        // From a file, one pass over its blocks.
+        None => {
+            let mut next = 0;
+            for lo in (0..n).step_by(POLL_CELLS) {
+                if interrupted() {
+                    return Err(Error::Interrupted);
+                }
+                let hi = (lo + POLL_CELLS).min(n);
+                let first = next;
+                while next < cells.len() && cells[next] < hi {
+                    next += 1;
+                }
+                if first < next {
+                    let (z, at) = block(&*store, lo, hi, &mut buf)?;
+                    for (row, &i) in sub[first * d..next * d].chunks_mut(d).zip(&cells[first..next]) {
+                        z.row_into(at + i - lo, row);
+                    }
+                }
+            }
+        }
+    }
     let sub_covs: Vec<HarmonyCovariate> = covs
         .iter()
         .map(|c| HarmonyCovariate { codes: cells.iter().map(|&i| c.codes[i]).collect(), ..c.clone() })
@@ -261,7 +351,7 @@ pub(super) fn sketched(
     let p = HarmonyParams { sketch: None, ..params.clone() };
     let mut fit = super::harmony(Embedding::row_major(&sub, cells.len(), d), &sub_covs, &p, interrupted, on_iter)?;
     drop((sub, sub_covs));
-    let mut block = vec![0.0; POLL_CELLS.min(n) * d];
+    let mut corrected = vec![0.0; POLL_CELLS.min(n) * d];
     // The sketch's cells (sorted) in turn.
     let mut next = 0;
     for lo in (0..n).step_by(POLL_CELLS) {
@@ -269,15 +359,16 @@ pub(super) fn sketched(
             return Err(Error::Interrupted);
         }
         let hi = (lo + POLL_CELLS).min(n);
-        let out = &mut block[..(hi - lo) * d];
+        let out = &mut corrected[..(hi - lo) * d];
         // The sketch's cells too (overwritten below): simpler than skipping them.
-        fit.map.correct_rows(store.cells(), lo, covs, out);
+        let (z, at) = block(&*store, lo, hi, &mut buf)?;
+        fit.map.correct_rows(z, at, lo, covs, out);
         while next < cells.len() && cells[next] < hi {
             let i = cells[next] - lo;
             out[i * d..(i + 1) * d].copy_from_slice(&fit.z_corr[next * d..(next + 1) * d]);
             next += 1;
         }
-        store.write(lo, out);
+        store.write(lo, out)?;
     }
     fit.z_corr = Vec::new();
     Ok(HarmonyResult { fitted_cells: cells.len(), ..fit })

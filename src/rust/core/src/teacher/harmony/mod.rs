@@ -31,7 +31,7 @@ mod map;
 mod params;
 
 pub use map::HarmonyMap;
-use params::check_inputs;
+use params::{check_design, check_inputs};
 pub use params::{HarmonyCovariate, HarmonyParams};
 
 /// Cells per parallel work item (fixed, so sums do not depend on threads).
@@ -59,6 +59,7 @@ pub struct HarmonyResult {
     pub fitted_cells: usize,
 }
 
+use crate::data::CellsH5;
 pub use crate::data::Embedding;
 
 /// Corrects `z` (cells × dimensions, row- or column-major) for the
@@ -96,8 +97,8 @@ pub fn harmony(
     Ok(h.finish(n_iter, converged))
 }
 
-/// Where [`harmony_into`] reads the cells and writes them corrected; both
-/// are cells × d, column-major (R matrices, filled in place).
+/// Where [`harmony_into`] reads the cells and writes them corrected, cells
+/// × d: column-major R matrices, filled in place, or a file.
 pub enum HarmonyCells<'a> {
     /// Read from `z`, written into `out`.
     Apart { z: Embedding<'a>, out: &'a mut [f64] },
@@ -105,6 +106,10 @@ pub enum HarmonyCells<'a> {
     /// PCs `distill()`'s teacher computed), so that no second cells × d
     /// matrix exists (2 GB at 5·10^6 cells and 50 dimensions).
     InPlace { values: &'a mut [f64], n: usize, d: usize },
+    /// Corrected where they are, in an HDF5 dataset (`distill(h5_file =)`
+    /// of counts on disk: the PCA wrote its scores there). With a sketch,
+    /// only the sketch and a block of cells are ever in memory.
+    File(CellsH5),
 }
 
 /// `harmony`, with the corrected cells written as `cells` says and `z_corr`
@@ -119,6 +124,7 @@ pub fn harmony_into(
 ) -> Result<HarmonyResult> {
     let mut apart;
     let mut in_place;
+    let mut in_file;
     let store: &mut dyn map::Store = match cells {
         HarmonyCells::Apart { z, out } => {
             if out.len() != z.n * z.d {
@@ -139,15 +145,33 @@ pub fn harmony_into(
             in_place = map::InPlace { values, n, d };
             &mut in_place
         }
+        HarmonyCells::File(cells) => {
+            in_file = map::InFile(cells);
+            &mut in_file
+        }
     };
-    if let Some(m) = params.sketch.filter(|&m| m < store.cells().n) {
-        check_inputs(store.cells(), covariates, params)?;
+    let (n, d) = store.shape();
+    if let Some(m) = params.sketch.filter(|&m| m < n) {
+        match store.in_memory() {
+            Some(z) => check_inputs(z, covariates, params)?,
+            None => check_design(n, d, covariates, params)?,
+        }
         return map::sketched(store, covariates, params, m, interrupted, on_iter);
     }
     // The fit (which checks the inputs) holds its own copies of the cells,
-    // so the result can overwrite them after it.
-    let mut r = harmony(store.cells(), covariates, params, interrupted, on_iter)?;
-    store.write(0, &r.z_corr);
+    // so the result can overwrite them after it. Cells in a file are all
+    // read: a fit on all cells holds several times as much anyway.
+    let mut all = Vec::new();
+    let z = match store.in_memory() {
+        Some(z) => z,
+        None => {
+            store.read(0, n, &mut all)?;
+            Embedding::row_major(&all, n, d)
+        }
+    };
+    let mut r = harmony(z, covariates, params, interrupted, on_iter)?;
+    drop(all);
+    store.write(0, &r.z_corr)?;
     r.z_corr = Vec::new();
     Ok(r)
 }

@@ -75,12 +75,18 @@ pub(super) fn check_inputs(z: Embedding, covs: &[HarmonyCovariate], p: &HarmonyP
     if z.values.len() != n * d {
         return invalid!("the embedding has {} values, not cells × dimensions = {}", z.values.len(), n * d);
     }
-    if n < 2 || d < 1 {
-        return invalid!("Harmony needs at least 2 cells and 1 dimension (got {n} × {d})");
-    }
     if let Some(i) = z.values.iter().position(|v| !v.is_finite()) {
         let (cell, dim) = z.at(i);
         return invalid!("the embedding has a missing or infinite value (cell {}, dimension {})", cell + 1, dim + 1);
+    }
+    check_design(n, d, covs, p)
+}
+
+/// `check_inputs` less the cells' values (those of cells in a file are
+/// checked as they are read).
+pub(super) fn check_design(n: usize, d: usize, covs: &[HarmonyCovariate], p: &HarmonyParams) -> Result<()> {
+    if n < 2 || d < 1 {
+        return invalid!("Harmony needs at least 2 cells and 1 dimension (got {n} × {d})");
     }
     if !covs.iter().any(|c| !c.protected) {
         return invalid!("Harmony needs at least one batch covariate to correct for");

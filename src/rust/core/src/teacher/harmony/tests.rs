@@ -1,6 +1,7 @@
 use super::correction::solve;
 use super::kmeans::SEED_POOL;
 use super::*;
+use crate::data::CellsH5;
 use crate::error::Error;
 use rand::Rng;
 
@@ -445,6 +446,24 @@ fn harmony_into_fills_a_column_major_matrix_with_the_same_result() {
         let r = harmony_into(HarmonyCells::InPlace { values: &mut values, n, d }, &covs, &p, &|| false, &|_| {});
         assert_eq!(r.unwrap().fitted_cells, rows.fitted_cells);
         assert!(same(&values), "in place, n = {n}");
+        // Corrected where they are in a file: the same values, read back.
+        let dir = std::env::temp_dir().join(format!("scdistill-harmony-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("z{n}.h5")).to_string_lossy().into_owned();
+        let _ = std::fs::remove_file(&path);
+        let file = CellsH5::create(&path, "z", n, d, false).unwrap();
+        file.write(0, &x).unwrap();
+        let r = harmony_into(HarmonyCells::File(file.clone()), &covs, &p, &|| false, &|_| {}).unwrap();
+        assert_eq!(r.fitted_cells, rows.fitted_cells);
+        assert_eq!(file.read(0, n).unwrap(), rows.z_corr, "in a file, n = {n}");
+        // A value that is not finite is named by its cell, whether all cells
+        // are read for the fit or a block at a time around a sketch.
+        let mut bad = x.clone();
+        bad[(n - 1) * d + 2] = f64::NAN;
+        file.write(0, &bad).unwrap();
+        let e = harmony_into(HarmonyCells::File(file), &covs, &p, &|| false, &|_| {}).unwrap_err().to_string();
+        assert!(e.contains(&format!("missing or infinite value (cell {n}, dimension 3)")), "{e}");
+        let _ = std::fs::remove_file(&path);
         let mut short = vec![0.0; n * d - 1];
         let apart = HarmonyCells::Apart { z: Embedding::row_major(&x, n, d), out: &mut short };
         let e = harmony_into(apart, &covs, &p, &|| false, &|_| {}).unwrap_err();
