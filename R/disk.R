@@ -464,6 +464,13 @@ as_counts.character <- function(x, batch = NULL, ...) {
   as_counts(h5_counts(x), batch = batch, ...)
 }
 
+# Names of the rows and columns of an HDF5 dataset, as HDF5Array stores
+# them. rhdf5 writes each as one chunk and, past 10^6 names, says so in a
+# message meant for someone choosing chunks: not for our users.
+h5_dimnames <- function(dimnames, path, name) {
+  suppressMessages(HDF5Array::h5writeDimnames(dimnames, path, name))
+}
+
 # Where a dense result is to be written: NULL (nowhere: the result stays in
 # memory), else list(path, name), checked.
 h5_target <- function(h5_file, h5_name) {
@@ -524,7 +531,7 @@ h5_sink <- function(h5, n_features, n_cells) {
       rust(rs_h5_dense_write(h5$path, h5$name, first, m))
     },
     finish = function(features, cells) {
-      HDF5Array::h5writeDimnames(list(features, cells), h5$path, h5$name)
+      h5_dimnames(list(features, cells), h5$path, h5$name)
       done <<- TRUE
       HDF5Array::HDF5Array(h5$path, h5$name)
     },
