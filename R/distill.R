@@ -423,7 +423,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
       if (!is.null(h5)) file <- list(path = h5$path, name = "teacher_latent")
       p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, threads, file)
       pcs <- if (is.null(file)) p$scores else c(file, list(cells = cells, d = n_pcs))
-      hvg <- p$hvg %||% rownames(attr(pcs, "rotation"))
+      hvg <- p$hvg
       lib_sizes <- p$library
       rm(p)
     }
@@ -432,7 +432,8 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
                                    max_iter = 10, max_iter_cluster = 4, epsilon_cluster = 1e-3,
                                    epsilon_harmony = 1e-2, block_size = 0.05, alpha = 0.2, tau = 0,
                                    protect_theta = 0, seed = seed, sketch = NULL), teacher$args)
-    pca_record <- setdiff(names(attributes(pcs)), c("dim", "dimnames", "names"))
+    # The PCA's record, dropped from Z* below (a file's scores have none).
+    pca_record <- if (is.null(file)) setdiff(names(attributes(pcs)), c("dim", "dimnames", "names"))
     # Harmony overwrites the PCs, which nothing else holds, with Z*: no
     # second cells x n_pcs matrix (2 GB at 5*10^6 cells and 50 PCs).
     z <- do.call(harmony_fit, c(list(emb = pcs, cell_data = cnt$cell_data,

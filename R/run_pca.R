@@ -81,8 +81,9 @@ run_pca <- function(x, n_pcs = 50, n_hvg = 2000, batch = NULL, scale = TRUE, nam
   write_back(x, pca_scores(res, n_pcs, s$cells, s$genes), name %||% reduction_name(x, "PCA"))
 }
 
-# PCA of counts on disk (log2 CPM only): the scores, and each cell's total
-# count from the same pass over the file (distill()'s student reuses them).
+# PCA of counts on disk (log2 CPM only): the scores, the highly variable
+# genes, and each cell's total count from the same pass over the file
+# (distill()'s student reuses them).
 disk_pca <- function(d, batch, n_pcs, n_hvg, scale, method, threads, scores_file = NULL) {
   if (method != "log2cpm") {
     stop("run_pca(method = \"pearson_residuals\") needs the counts in memory; counts on disk take ",
@@ -90,8 +91,8 @@ disk_pca <- function(d, batch, n_pcs, n_hvg, scale, method, threads, scores_file
   }
   res <- disk_hvg_pca(d, disk_batch(d, batch), n_hvg, 0.3, n_pcs, scale, threads, scores_file)
   # With `scores_file` the scores are only in the file (see distill(h5_file =)).
-  if (!is.null(scores_file)) return(list(hvg = d$genes[res$hvg$selected], library = res$library))
-  list(scores = pca_scores(res, n_pcs, d$cells, d$genes), library = res$library)
+  scores <- if (is.null(scores_file)) pca_scores(res, n_pcs, d$cells, d$genes)
+  list(scores = scores, hvg = d$genes[res$hvg$selected], library = res$library)
 }
 
 # The scores matrix of the glue's PCA result, its attributes as prcomp's.

@@ -607,18 +607,18 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
                 let (t1, t2) = (tc.clone(), tc.clone());
                 DistillModel::fit_into(&data, cfg, t1, t2, Device::Cpu, &|| false, &|_, _| {}, &|_, _| {}, latent)
             })
-            .unwrap()
-            .unwrap();
+            .unwrap()?;
             // Z comes column-major (R's layout), or from the file in single
             // precision; here row-major, as latent() gives it.
             let z = match out {
                 Some(f) => f.read(0, n).unwrap().iter().map(|&v| v as f32).collect(),
                 None => (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>(),
             };
-            (m, z)
+            Ok::<_, crate::error::Error>((m, z))
         };
-    let fit =
-        |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| fit_to(counts, decoder, tc, in_memory(), None);
+    let fit = |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| {
+        fit_to(counts, decoder, tc, in_memory(), None).unwrap()
+    };
     let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, library: &scan.row_sums };
     let (disk, z_disk) = fit(on_disk(), &all, &tc);
     let (memory, z_mem) = fit((&s.counts).into(), &all, &tc);
@@ -654,7 +654,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     }
     assert_eq!(teacher.read(0, n).unwrap(), z);
     let out = CellsH5::create(&file, "latent", n, 10, true).unwrap();
-    let (from_file, back) = fit_to(on_disk(), &all, &tc, Teacher::File(teacher.clone()), Some(&out));
+    let (from_file, back) = fit_to(on_disk(), &all, &tc, Teacher::File(teacher.clone()), Some(&out)).unwrap();
     let losses = |m: &DistillModel| {
         let h = m.meta.history_encoder.iter().chain(&m.meta.history_decoder);
         h.map(|e| (e.train_loss, e.validation_elbo)).collect::<Vec<_>>()
@@ -665,33 +665,11 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     let mut bad = z[1234 * 10..1235 * 10].to_vec();
     bad[3] = f64::INFINITY;
     teacher.write(1234, &bad).unwrap();
-    let (counts, genes) = (on_disk(), &all[..]);
-    let data = DistillData {
-        counts,
-        input_genes: &hvg,
-        decoder_genes: genes,
-        batch: &s.batch,
-        teacher: Teacher::File(teacher.clone()),
-        teacher_name: "harmony".into(),
-        teacher_protects: vec![],
-    };
-    let err =
-        DistillModel::fit(&data, DistillConfig::default(), tc.clone(), tc.clone(), Device::Cpu, &|| false, &|_, _| {});
-    assert!(err.err().unwrap().to_string().contains("missing or infinite value (cell 1235)"));
+    let in_file = || Teacher::File(teacher.clone());
+    let err = fit_to(on_disk(), &all, &tc, in_file(), None).err().unwrap().to_string();
+    assert!(err.contains("missing or infinite value (cell 1235)"), "{err}");
     // Counts in memory need Z* in memory.
-    let memory_counts = DistillData { counts: (&s.counts).into(), ..data };
-    let err = DistillModel::fit(
-        &memory_counts,
-        DistillConfig::default(),
-        tc.clone(),
-        tc.clone(),
-        Device::Cpu,
-        &|| false,
-        &|_, _| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = fit_to((&s.counts).into(), &all, &tc, in_file(), None).err().unwrap().to_string();
     assert!(err.contains("for counts on disk only"), "{err}");
     let _ = std::fs::remove_file(&file);
     // A decoder of the HVGs only: library sizes over those genes, as in memory.

@@ -1053,17 +1053,13 @@ impl DistillModel {
                 )
             }
         };
-        // Z*'s centre and scale for a global target, whose first pass checks
-        // its values; otherwise a check of its own.
-        let global = match config.target {
-            Target::Global => Some(global_scale(t)?),
-            Target::Cell => {
-                t.check_finite()?;
-                None
-            }
-        };
         if data.batch.codes.len() != n {
             return invalid!("{} batch values for {} cells", data.batch.codes.len(), n);
+        }
+        if let DistillCounts::Disk { library, .. } = data.counts {
+            if library.len() != n {
+                return invalid!("{} library sizes for a matrix of {n} cells", library.len());
+            }
         }
         if data.input_genes.is_empty() || data.decoder_genes.is_empty() {
             return invalid!("the encoder and the decoder need at least one gene each");
@@ -1079,15 +1075,22 @@ impl DistillModel {
         config.check()?;
         train_encoder.check()?;
         train_decoder.check()?;
+        // Z*'s centre and scale for a global target, whose first pass checks
+        // its values (passes over Z* in a file, so after the cheap checks);
+        // otherwise a check of its own.
+        let global = match config.target {
+            Target::Global => Some(global_scale(t)?),
+            Target::Cell => {
+                t.check_finite()?;
+                None
+            }
+        };
         let cells = match data.counts {
             DistillCounts::Memory(m) => TrainingCells::Memory {
                 input: encoder_input(m, data.input_genes),
                 counts: m.csr.select_columns(data.decoder_genes),
             },
             DistillCounts::Disk { disk, library, .. } => {
-                if library.len() != n {
-                    return invalid!("{} library sizes for a matrix of {n} cells", library.len());
-                }
                 let all =
                     data.decoder_genes.len() == n_genes && data.decoder_genes.iter().enumerate().all(|(k, &j)| k == j);
                 let mut position = vec![u32::MAX; n_genes];

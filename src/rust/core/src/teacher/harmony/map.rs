@@ -189,32 +189,12 @@ pub fn sketch_cells(cov: &HarmonyCovariate, m: usize, seed: u64) -> Vec<usize> {
 pub(super) trait Store {
     /// Cells × dimensions.
     fn shape(&self) -> (usize, usize);
-    /// All the cells as they are now, where they are in memory (before a
-    /// block is written, its cells); `None` for cells in a file.
-    fn in_memory(&self) -> Option<Embedding<'_>>;
-    /// Cells `lo..hi`, row-major, into `buf` (only for cells in a file).
-    fn read(&self, lo: usize, hi: usize, buf: &mut Vec<f64>) -> Result<()>;
+    /// Cells `lo..hi` and the row of cell `lo` in what is returned: all the
+    /// cells where they are in memory (as they are now, so before a block is
+    /// written, its cells), or the block read into `buf`.
+    fn block<'s>(&'s self, lo: usize, hi: usize, buf: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)>;
     /// Corrected cells `first..`, row-major.
     fn write(&mut self, first: usize, rows: &[f64]) -> Result<()>;
-}
-
-/// Cells `lo..hi` of `store` and the row of cell `lo` in what is returned:
-/// all cells in memory, or the block read into `buf`, whose values are
-/// checked here (a file's cells were not checked before).
-fn block<'s>(store: &'s dyn Store, lo: usize, hi: usize, buf: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)> {
-    if let Some(z) = store.in_memory() {
-        return Ok((z, lo));
-    }
-    let d = store.shape().1;
-    store.read(lo, hi, buf)?;
-    if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
-        return invalid!(
-            "the embedding has a missing or infinite value (cell {}, dimension {})",
-            lo + i / d + 1,
-            i % d + 1
-        );
-    }
-    Ok((Embedding::row_major(buf, hi - lo, d), 0))
 }
 
 /// Cells read from `z` and written into `out`, cells × d.
@@ -229,12 +209,8 @@ impl Store for Apart<'_> {
         (self.z.n, self.z.d)
     }
 
-    fn in_memory(&self) -> Option<Embedding<'_>> {
-        Some(self.z)
-    }
-
-    fn read(&self, _: usize, _: usize, _: &mut Vec<f64>) -> Result<()> {
-        unreachable!("cells in memory are not read")
+    fn block<'s>(&'s self, lo: usize, _: usize, _: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)> {
+        Ok((self.z, lo))
     }
 
     fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
@@ -255,12 +231,8 @@ impl Store for InPlace<'_> {
         (self.n, self.d)
     }
 
-    fn in_memory(&self) -> Option<Embedding<'_>> {
-        Some(Embedding::column_major(self.values, self.n, self.d))
-    }
-
-    fn read(&self, _: usize, _: usize, _: &mut Vec<f64>) -> Result<()> {
-        unreachable!("cells in memory are not read")
+    fn block<'s>(&'s self, lo: usize, _: usize, _: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)> {
+        Ok((Embedding::column_major(self.values, self.n, self.d), lo))
     }
 
     fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
@@ -278,13 +250,19 @@ impl Store for InFile {
         (self.0.n, self.0.d)
     }
 
-    fn in_memory(&self) -> Option<Embedding<'_>> {
-        None
-    }
-
-    fn read(&self, lo: usize, hi: usize, buf: &mut Vec<f64>) -> Result<()> {
+    /// The block's values are checked here: unlike cells in memory, those
+    /// in a file were not checked before the fit.
+    fn block<'s>(&'s self, lo: usize, hi: usize, buf: &'s mut Vec<f64>) -> Result<(Embedding<'s>, usize)> {
+        let d = self.0.d;
         *buf = self.0.read(lo, hi - lo)?;
-        Ok(())
+        if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
+            return invalid!(
+                "the embedding has a missing or infinite value (cell {}, dimension {})",
+                lo + i / d + 1,
+                i % d + 1
+            );
+        }
+        Ok((Embedding::row_major(buf, hi - lo, d), 0))
     }
 
     fn write(&mut self, first: usize, rows: &[f64]) -> Result<()> {
@@ -321,26 +299,21 @@ pub(super) fn sketched(
     let cells = sketch_cells(&covs[0], m, params.seed);
     let mut sub = vec![0.0; cells.len() * d];
     let mut buf = Vec::new();
-    match store.in_memory() {
-        Some(z) => sub.par_chunks_mut(d).zip(cells.par_iter()).for_each(|(row, &i)| z.row_into(i, row)),
-        // From a file, one pass over its blocks.
-        None => {
-            let mut next = 0;
-            for lo in (0..n).step_by(POLL_CELLS) {
-                if interrupted() {
-                    return Err(Error::Interrupted);
-                }
-                let hi = (lo + POLL_CELLS).min(n);
-                let first = next;
-                while next < cells.len() && cells[next] < hi {
-                    next += 1;
-                }
-                if first < next {
-                    let (z, at) = block(&*store, lo, hi, &mut buf)?;
-                    for (row, &i) in sub[first * d..next * d].chunks_mut(d).zip(&cells[first..next]) {
-                        z.row_into(at + i - lo, row);
-                    }
-                }
+    // One pass over the blocks (of a file; in memory, the same cells).
+    let mut next = 0;
+    for lo in (0..n).step_by(POLL_CELLS) {
+        if interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let hi = (lo + POLL_CELLS).min(n);
+        let first = next;
+        while next < cells.len() && cells[next] < hi {
+            next += 1;
+        }
+        if first < next {
+            let (z, at) = store.block(lo, hi, &mut buf)?;
+            for (row, &i) in sub[first * d..next * d].chunks_mut(d).zip(&cells[first..next]) {
+                z.row_into(at + i - lo, row);
             }
         }
     }
@@ -361,7 +334,7 @@ pub(super) fn sketched(
         let hi = (lo + POLL_CELLS).min(n);
         let out = &mut corrected[..(hi - lo) * d];
         // The sketch's cells too (overwritten below): simpler than skipping them.
-        let (z, at) = block(&*store, lo, hi, &mut buf)?;
+        let (z, at) = store.block(lo, hi, &mut buf)?;
         fit.map.correct_rows(z, at, lo, covs, out);
         while next < cells.len() && cells[next] < hi {
             let i = cells[next] - lo;

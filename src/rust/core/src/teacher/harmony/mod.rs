@@ -122,6 +122,9 @@ pub fn harmony_into(
     interrupted: &dyn Fn() -> bool,
     on_iter: &dyn Fn(usize),
 ) -> Result<HarmonyResult> {
+    // With a sketch, the cells are checked here (those in a file block by
+    // block as they are read); without, by the fit.
+    let sketch = |n: usize| params.sketch.filter(|&m| m < n);
     let mut apart;
     let mut in_place;
     let mut in_file;
@@ -135,6 +138,9 @@ pub fn harmony_into(
                     z.d
                 );
             }
+            if sketch(z.n).is_some() {
+                check_inputs(z, covariates, params)?;
+            }
             apart = map::Apart { z, out, column_major: true };
             &mut apart
         }
@@ -142,33 +148,29 @@ pub fn harmony_into(
             if values.len() != n * d {
                 return invalid!("the embedding has {} values, not cells ({n}) × dimensions ({d})", values.len());
             }
+            if sketch(n).is_some() {
+                check_inputs(Embedding::column_major(values, n, d), covariates, params)?;
+            }
             in_place = map::InPlace { values, n, d };
             &mut in_place
         }
         HarmonyCells::File(cells) => {
+            if sketch(cells.n).is_some() {
+                check_design(cells.n, cells.d, covariates, params)?;
+            }
             in_file = map::InFile(cells);
             &mut in_file
         }
     };
-    let (n, d) = store.shape();
-    if let Some(m) = params.sketch.filter(|&m| m < n) {
-        match store.in_memory() {
-            Some(z) => check_inputs(z, covariates, params)?,
-            None => check_design(n, d, covariates, params)?,
-        }
+    let n = store.shape().0;
+    if let Some(m) = sketch(n) {
         return map::sketched(store, covariates, params, m, interrupted, on_iter);
     }
-    // The fit (which checks the inputs) holds its own copies of the cells,
-    // so the result can overwrite them after it. Cells in a file are all
-    // read: a fit on all cells holds several times as much anyway.
+    // The fit holds its own copies of the cells, so the result can
+    // overwrite them after it. Cells in a file are all read: a fit on all
+    // cells holds several times as much anyway.
     let mut all = Vec::new();
-    let z = match store.in_memory() {
-        Some(z) => z,
-        None => {
-            store.read(0, n, &mut all)?;
-            Embedding::row_major(&all, n, d)
-        }
-    };
+    let (z, _) = store.block(0, n, &mut all)?;
     let mut r = harmony(z, covariates, params, interrupted, on_iter)?;
     drop(all);
     store.write(0, &r.z_corr)?;
