@@ -471,6 +471,20 @@ h5_dimnames <- function(dimnames, path, name) {
   suppressMessages(HDF5Array::h5writeDimnames(dimnames, path, name))
 }
 
+# Undoes results that were not finished: the file, where it was created for
+# them, else the datasets `names` and their names' groups (HDF5Array's
+# ".<name>_dimnames"), so that the user's file holds what it held before
+# and the same call can be made again.
+h5_forget <- function(path, names, created) {
+  if (created) return(invisible(unlink(path)))
+  if (!file.exists(path)) return(invisible())
+  there <- tryCatch(rhdf5::h5ls(path, recursive = FALSE)$name, error = function(e) character())
+  for (name in intersect(c(names, paste0(".", names, "_dimnames")), there)) {
+    try(rhdf5::h5delete(path, name), silent = TRUE)
+  }
+  invisible()
+}
+
 # Where a dense result is to be written: NULL (nowhere: the result stays in
 # memory), else list(path, name), checked.
 h5_target <- function(h5_file, h5_name) {
@@ -519,8 +533,8 @@ h5ad_targets <- function(h5ad_file, n_samples) {
 # position of its first cell); finish(features, cells) stores the names and
 # returns the HDF5-backed DelayedMatrix. The values are stored as 4-byte
 # floats (the model's precision), one row of the dataset per cell, as
-# HDF5Array stores an R matrix. abandon() (on exit) removes a file this
-# sink created when the result was not finished.
+# HDF5Array stores an R matrix. abandon() (on exit) removes what the sink
+# wrote when the result was not finished (the file, if it made it).
 h5_sink <- function(h5, n_features, n_cells) {
   created <- !file.exists(h5$path)
   done <- FALSE
@@ -535,7 +549,7 @@ h5_sink <- function(h5, n_features, n_cells) {
       done <<- TRUE
       HDF5Array::HDF5Array(h5$path, h5$name)
     },
-    abandon = function() if (!done && created) unlink(h5$path)
+    abandon = function() if (!done) h5_forget(h5$path, h5$name, created)
   )
 }
 

@@ -306,7 +306,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   if (!is.null(h5)) {
     made <- !file.exists(h5$path)
     done <- FALSE
-    on.exit(if (made && !done) unlink(h5$path), add = TRUE)
+    on.exit(if (!done) h5_forget(h5$path, c("latent", "teacher_latent"), made), add = TRUE)
   }
   # Counts on disk with `h5_file`: Harmony's Z* is made in the file (PCA
   # scores written there, corrected there), and `t$file` names it.

@@ -274,6 +274,12 @@ test_that("normalized_expression(h5_file =) writes the result block by block and
   expect_equal(as.matrix(HDF5Array::HDF5Array(out, "normalized")), as.matrix(d))
   expect_error(normalized_expression(model, mem, h5_file = out, h5_name = "a/b"), "`h5_name` must be one dataset name")
   expect_error(normalized_expression(model, mem, h5_file = c("a", "b")), "`h5_file` must be one file path")
+  # An unfinished result is taken out of a file the user had; the file stays.
+  sink <- scdistill:::h5_sink(list(path = out, name = "part"), 3, 10)
+  sink$write(matrix(1, 3, 4), 1)
+  sink$abandon()
+  expect_false("part" %in% rhdf5::h5ls(out)$name)
+  expect_equal(as.matrix(HDF5Array::HDF5Array(out, "normalized")), as.matrix(d))
   # A failed call leaves no file behind it made.
   gone <- tempfile(fileext = ".h5")
   expect_error(normalized_expression(model, s$file, batch = "nope", h5_file = gone), "nope")
@@ -447,6 +453,19 @@ test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* 
   expect_error(distill(s$file, batch = "batch", teacher = given_teacher(z, n_hvg = 100), threads = 2,
                        progress = FALSE, h5_file = failed), "infinite value \\(cell 5\\)")
   expect_false(file.exists(failed))
+  # In a file the user had, a failed fit removes what it wrote there and
+  # nothing else, so the same call can be made again.
+  theirs <- tempfile(fileext = ".h5")
+  HDF5Array::writeHDF5Array(matrix(1:6, 2, dimnames = list(c("a", "b"), NULL)), theirs, "mine", with.dimnames = TRUE)
+  before <- rhdf5::h5ls(theirs)
+  expect_error(distill(s$file, batch = "batch", teacher = given_teacher(z, n_hvg = 100), threads = 2,
+                       progress = FALSE, h5_file = theirs), "infinite value \\(cell 5\\)")
+  expect_identical(rhdf5::h5ls(theirs), before)
+  z[5, 2] <- 0
+  again <- distill(s$file, batch = "batch", teacher = given_teacher(z, n_hvg = 100), max_epochs_encoder = 1,
+                   max_epochs_decoder = 1, threads = 2, progress = FALSE, h5_file = theirs)
+  expect_identical(dim(latent(again)), c(2000L, 3L))
+  expect_identical(as.matrix(HDF5Array::HDF5Array(theirs, "mine")), matrix(1:6, 2, dimnames = list(c("a", "b"), NULL)))
 })
 
 test_that("distill() holds two cells x n_pcs matrices, in memory and from a file: the PCs that become Z*, and Z", {
