@@ -240,7 +240,7 @@ disk_cell_values <- function(d, spec, arg) {
 # cell columns; the genes all the file's.
 fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates, config, max_epochs, batch_size, lr,
                          weight_decay, kl_warmup, early_stopping, patience, min_delta, validation_fraction, seed,
-                         device, threads, progress) {
+                         device, threads, progress, h5 = NULL) {
   n_cells <- d$n_cells
   check_disk_genes(d)
   tc <- train_settings(n_cells, max_epochs, batch_size, lr, weight_decay, kl_warmup, early_stopping, patience,
@@ -262,9 +262,11 @@ fit_vae_disk <- function(d, batch, categorical_covariates, continuous_covariates
   join_group(d, list(config, tc))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_vae(c(disk_spec(d), list(genes = d$genes)), factor_arg(batch_f, batch_name),
-                         covs$categorical_r, covs$continuous, config, tc, check_device(device),
-                         resolve_threads(threads), bar$update))
+  fit <- latent_into(h5, d$cells, config$n_latent, function(file) {
+    rust(rs_fit_vae(c(disk_spec(d), list(genes = d$genes)), factor_arg(batch_f, batch_name),
+                    covs$categorical_r, covs$continuous, config, tc, check_device(device),
+                    resolve_threads(threads), file, bar$update))
+  })
   model <- new_model(fit$ptr, NULL)
   model$fingerprint <- disk_fingerprint(d)
   finish_fit(model, fit$latent, d$cells)

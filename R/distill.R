@@ -253,7 +253,7 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
                     weight_decay = 0, early_stopping = TRUE, patience = 10, validation_fraction = 0.1, seed = 1,
                     device = "auto", threads = NULL, progress = interactive(), train = NULL, workers = 1,
                     h5_file = NULL, ...) {
-  h5 <- distill_h5_target(h5_file)
+  h5 <- results_h5_target(h5_file, c("latent", "teacher_latent"))
   if (check_count(workers, "workers") > 1) {
     if (!is.null(h5)) stop("`h5_file` is for one process (`workers = 1`)", call. = FALSE)
     return(run_workers("distill", called_with(match.call(), parent.frame()), workers, threads))
@@ -371,18 +371,19 @@ distill <- function(x, batch, teacher = harmony_teacher(), n_latent = NULL, n_hi
   finish_fit(model, latent, cells)
 }
 
-# Where distill(h5_file =) writes Z and Z*: NULL, or list(path), checked
-# before anything is computed (a dataset already there is an error).
-distill_h5_target <- function(h5_file) {
+# Where a fit writes its results (distill(h5_file =): Z and Z*;
+# fit_vae(h5_file =): the latent space): NULL, or list(path), checked before
+# anything is computed (a dataset `names` already there is an error).
+results_h5_target <- function(h5_file, names) {
   h5 <- h5_target(h5_file, "latent")
   if (is.null(h5)) return(NULL)
   if (!dir.exists(dirname(h5$path))) {
     stop("`h5_file`: the folder '", dirname(h5$path), "' does not exist", call. = FALSE)
   }
   if (file.exists(h5$path)) {
-    there <- rust(rs_h5_exists(h5$path, c("latent", "teacher_latent")))
+    there <- rust(rs_h5_exists(h5$path, names))
     if (any(there)) {
-      stop("`h5_file` '", h5_file, "' already has a dataset '", c("latent", "teacher_latent")[there][1],
+      stop("`h5_file` '", h5_file, "' already has a dataset '", names[there][1],
            "': give another file (nothing is overwritten)", call. = FALSE)
     }
   }

@@ -241,7 +241,8 @@ rs_fit_umap <- function(z, d, config, train, threads, progress) {
 
 rs_project_umap <- function(bytes, z, d, threads) .Call(native("wrap__rs_project_umap"), bytes, z, d, threads)
 
-rs_fit_vae <- function(counts, batch, categorical, continuous, config, train, device, threads, progress) {
+rs_fit_vae <- function(counts, batch, categorical, continuous, config, train, device, threads, latent_file, progress)
+                        {
   .Call(native("wrap__rs_fit_vae"), counts, batch, categorical, continuous, config, train, device, threads,
-        progress)
+        latent_file, progress)
 }

@@ -93,6 +93,15 @@
 #'   well as) the arguments of the same names.
 #' @param workers Train on this many processes on this machine, `threads`
 #'   split between them (data-parallel, see [distributed]); 1 trains here.
+#' @param h5_file `NULL` (default: the latent space in memory), or an HDF5
+#'   file to write the training cells' latent space into as it is encoded:
+#'   dataset `latent`, cells × `n_latent` 4-byte floats with the cells'
+#'   names. [latent()] of the model then returns it as an HDF5-backed
+#'   `DelayedMatrix` (package HDF5Array). A new file, or an HDF5 file without
+#'   a dataset `latent` (nothing is overwritten; a failed fit takes out what
+#'   it wrote). Meant for atlases on disk, where the latent space is the one
+#'   result that grows with the cells (0.8 GB in memory at 10^7 cells and 10
+#'   dimensions).
 #' @param ... Passed to [as_counts()] (e.g. `assay.type`).
 #' @return A `scdistill_vae` model (a `scdistill_model`): use [latent()], [normalized_expression()],
 #'   [sample_counts()], [elbo()], `plot()` (training history), `summary()`,
@@ -114,8 +123,10 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
                     max_epochs = NULL, batch_size = 128, lr = 1e-3, weight_decay = 1e-6, kl_warmup = 0.5,
                     early_stopping = TRUE, patience = 45, min_delta = NULL, validation_fraction = 0.1,
                     seed = 0, device = "auto", threads = NULL, progress = interactive(), regularized = FALSE,
-                    train = NULL, workers = 1, ...) {
+                    train = NULL, workers = 1, h5_file = NULL, ...) {
+  h5 <- results_h5_target(h5_file, "latent")
   if (check_count(workers, "workers") > 1) {
+    if (!is.null(h5)) stop("`h5_file` is for one process (`workers = 1`)", call. = FALSE)
     return(run_workers("fit_vae", called_with(match.call(), parent.frame()), workers, threads))
   }
   apply_train_params(train, environment(), names(match.call())[-1], "fit_vae")
@@ -125,6 +136,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
     if (length(given)) {
       stop("`", given[1], "` does not apply to `regularized = TRUE` (see ?fit_vae)", call. = FALSE)
     }
+    if (!is.null(h5)) stop("`h5_file` does not apply to `regularized = TRUE`", call. = FALSE)
     return(fit_regularized(x, batch, n_latent, n_hidden, n_layers, dropout, library_size, norm, max_epochs,
                            batch_size, lr, weight_decay, kl_warmup, early_stopping, patience, min_delta,
                            validation_fraction, seed, device, threads, progress, ...))
@@ -143,7 +155,7 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   if (!is.null(d)) {
     return(fit_vae_disk(d, batch, categorical_covariates, continuous_covariates, config, max_epochs, batch_size, lr,
                         weight_decay, kl_warmup, early_stopping, patience, min_delta, validation_fraction, seed,
-                        device, threads, progress))
+                        device, threads, progress, h5))
   }
   cnt <- as_counts(x, batch = batch, ...)
   n_cells <- ncol(cnt$counts)
@@ -159,9 +171,27 @@ fit_vae <- function(x, batch = NULL, n_latent = 10, n_hidden = 128, n_layers = 1
   join_group(cnt$counts, list(config, tc, covs$categorical_r, covs$continuous))
   bar <- if (check_flag(progress, "progress")) training_bar(tc$max_epochs) else NULL
   if (!is.null(bar)) on.exit(bar$done(), add = TRUE)
-  fit <- rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, tc,
-                         check_device(device), resolve_threads(threads), bar$update))
-  finish_fit(new_model(fit$ptr, cnt$counts), fit$latent, colnames(cnt$counts))
+  cells <- colnames(cnt$counts)
+  fit <- latent_into(h5, cells, config$n_latent, function(file) {
+    rust(rs_fit_vae(slots(cnt), batch_arg, covs$categorical_r, covs$continuous, config, tc,
+                    check_device(device), resolve_threads(threads), file, bar$update))
+  })
+  finish_fit(new_model(fit$ptr, cnt$counts), fit$latent, cells)
+}
+
+# Runs fit(latent_file), a glue call that trains and writes the training
+# cells' latent space: into its matrix (`h5` NULL), or into dataset `latent`
+# of `h5`, returned named and opened. A fit that fails takes out what it
+# wrote there.
+latent_into <- function(h5, cells, n_latent, fit) {
+  if (is.null(h5)) return(fit(NULL))
+  made <- !file.exists(h5$path)
+  done <- FALSE
+  on.exit(if (!done) h5_forget(h5$path, "latent", made), add = TRUE)
+  res <- fit(list(path = h5$path, name = "latent"))
+  res$latent <- h5_cells(h5$path, "latent", cells, paste0("latent_", seq_len(n_latent)))
+  done <- TRUE
+  res
 }
 
 # fit_vae(regularized = TRUE): the multimodal model on one modality. The

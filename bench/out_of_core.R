@@ -1,7 +1,7 @@
 # Training from disk against training in memory (issue 27, part 2).
 #
 #   Rscript bench/out_of_core.R [--cells 100000] [--genes 2000] [--epochs 3] [--threads 2] [--seed 1]
-#                               [--modes disk,memory] [--model vae|distill] [--peer] [--de] [--expression] [--keep]
+#                               [--modes disk,memory,disk_h5] [--model vae|distill] [--peer] [--de] [--expression] [--keep]
 #
 # One simulation (10 types in unequal proportions, 3 batches) is written
 # straight to an .h5ad file with simulate_counts(file =) (never held in
@@ -37,9 +37,9 @@
 # validation MSE and NLL, the student's R² on its teacher, how far the
 # teacher computed from disk lies from the one computed in memory, and the
 # student's integration metrics (batch and cell type) on the same 10,000
-# cells (bench/results/out_of_core_distill.csv). Mode `disk_h5` (with
-# --model distill) trains from the file as `disk` does, with Z and Z* written
-# to an HDF5 file (`distill(h5_file =)`).
+# cells (bench/results/out_of_core_distill.csv). Mode `disk_h5` trains from
+# the file as `disk` does, with the latent space written to an HDF5 file
+# (`fit_vae(h5_file =)`; for distill() Z and Z*, `distill(h5_file =)`).
 args <- commandArgs(TRUE)
 source(file.path(dirname(sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))), "common.R"))
 root <- bench_root()
@@ -64,7 +64,8 @@ run_mode <- function(mode) {
   if (mode == "disk_h5") unlink(results)
   fit <- if (model_kind == "vae") {
     sprintf(paste0("m <- fit_vae(x, batch = 'batch', max_epochs = %d, early_stopping = FALSE, seed = 0, ",
-                   "threads = %d, progress = FALSE)"), epochs, threads)
+                   "threads = %d, progress = FALSE%s)"), epochs, threads,
+            if (mode == "disk_h5") sprintf(", h5_file = '%s'", results) else "")
   } else {
     sprintf(paste0("m <- distill(x, batch = 'batch', max_epochs_encoder = %d, max_epochs_decoder = %d, ",
                    "early_stopping = FALSE, seed = 0, threads = %d, progress = FALSE%s)"), epochs, epochs, threads,

@@ -405,6 +405,48 @@ test_that("distill() trains from a file: the teacher computed in blocks, the stu
                        n_latent = 8, threads = 2, progress = FALSE), "needs the counts in memory")
 })
 
+test_that("fit_vae(h5_file =) writes the latent space to a file as it is encoded: the model of memory", {
+  skip_if_not_installed("HDF5Array")
+  s <- sim_file(n_cells = 1200, n_genes = 80, seed = 13)
+  fit <- function(x, ...) fit_vae(x, batch = "batch", n_latent = 6, max_epochs = 3, threads = 2, progress = FALSE, ...)
+  h5 <- tempfile(fileext = ".h5")
+  on_file <- fit(s$file, h5_file = h5)
+  in_memory <- fit(s$file)
+  expect_s4_class(latent(on_file), "DelayedMatrix")
+  # The same model, and the same values (single precision, as the encoder
+  # gives them) and names, opened again from the file.
+  expect_identical(on_file$history$validation_elbo, in_memory$history$validation_elbo)
+  expect_identical(as.matrix(latent(on_file)), latent(in_memory))
+  expect_identical(as.matrix(HDF5Array::HDF5Array(h5, "latent")), latent(in_memory))
+  # Counts in memory too; what reuses the training cells' latent space reads it from the file.
+  mem <- as_counts(s$file)
+  m_file <- fit(mem, h5_file = tempfile(fileext = ".h5"))
+  z_mem <- latent(fit(mem))
+  expect_identical(as.matrix(latent(m_file)), z_mem)
+  expect_identical(scdistill:::cached_latent(m_file, mem$counts), z_mem)
+  # Nothing is overwritten, and that is known before any work.
+  expect_error(fit(s$file, h5_file = h5), "already has a dataset 'latent'")
+  expect_error(fit(s$file, h5_file = tempfile(fileext = ".h5"), workers = 2), "one process")
+  expect_error(fit(mem, regularized = TRUE, h5_file = tempfile(fileext = ".h5")), "does not apply to `regularized")
+  expect_error(fit(mem, h5_file = file.path(tempfile(), "z.h5")), "does not exist")
+  # A fit that fails (a cell without counts, found by the core after the
+  # dataset was made) leaves no file of its own, and takes out of the
+  # user's file what it wrote there.
+  empty <- tempfile(fileext = ".h5ad")
+  file.copy(s$file, empty)
+  edit <- sprintf(paste0('p <- rhdf5::h5read("%s", "X/indptr"); x <- rhdf5::h5read("%s", "X/data"); ',
+                         'x[(p[17] + 1):p[18]] <- 0; rhdf5::h5write(x, "%s", "X/data")'), empty, empty, empty)
+  expect_equal(system2(file.path(R.home("bin"), "Rscript"), c("-e", shQuote(edit))), 0)
+  gone <- tempfile(fileext = ".h5")
+  expect_error(fit(empty, h5_file = gone), "zero total counts \\(first: cell 17\\)")
+  expect_false(file.exists(gone))
+  theirs <- tempfile(fileext = ".h5")
+  HDF5Array::writeHDF5Array(matrix(1:6, 2), theirs, "mine")
+  before <- rhdf5::h5ls(theirs)
+  expect_error(fit(empty, h5_file = theirs), "zero total counts")
+  expect_identical(rhdf5::h5ls(theirs), before)
+})
+
 test_that("distill(h5_file =) writes Z and Z* to a file, the student reading Z* back from it: the model of memory", {
   skip_if_not_installed("HDF5Array")
   s <- sim_file(n_cells = 2000, n_genes = 150, seed = 12)

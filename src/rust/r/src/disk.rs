@@ -14,7 +14,7 @@ use scdistill_core::data::{
 use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
 use scdistill_core::models::vae::{VaeConfig, VaeModel};
-use scdistill_core::models::Matrix;
+use scdistill_core::models::{LatentOut, Matrix};
 use scdistill_core::train::EpochRecord;
 use scdistill_core::train::TrainConfig;
 
@@ -86,6 +86,8 @@ impl Input {
     /// phase "train" and, on disk, that pass's progress as phase "scan"
     /// and the latent pass's as phase "latent" (`pass_record`).
     #[allow(clippy::too_many_arguments)]
+    /// Trains a VAE and writes its training cells' latent space into `out`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn fit_vae(
         &self,
         cov: &Covariates,
@@ -94,21 +96,23 @@ impl Input {
         device: Device,
         interrupted: &dyn Fn() -> bool,
         report: &dyn Fn(&str, &EpochRecord),
-    ) -> scdistill_core::Result<(VaeModel, Matrix)> {
+        out: &mut LatentOut,
+    ) -> scdistill_core::Result<VaeModel> {
         let on_epoch = |r: &EpochRecord| report("train", r);
+        let d = config.n_latent;
         match self {
             Input::Memory(m) => {
                 let model = VaeModel::fit(m, cov, config, train, device, interrupted, &on_epoch)?;
-                let z = model.training_latent(&m.csr, cov);
-                Ok((model, z))
+                out.write_rows(d, 0, &model.training_latent(&m.csr, cov).values)?;
+                Ok(model)
             }
             Input::Disk(d, genes) => {
                 let scan = d.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
                 check_scan(d, &scan)?;
                 let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, &on_epoch)?;
                 let encoded = |done, total| report("latent", &pass_record(done, total));
-                let z = model.training_latent_on_disk(d, &scan, cov, &encoded, interrupted)?;
-                Ok((model, z))
+                model.training_latent_on_disk(d, &scan, cov, &encoded, interrupted, out)?;
+                Ok(model)
             }
         }
     }

@@ -1,13 +1,15 @@
 //! extendr glue of fit_vae() (mirrors R/vae.R).
 
 use crate::convert::from_r;
-use crate::model::{fitted_to_r, matrix_to_r, with_epoch_progress};
+use crate::disk::h5_dataset;
+use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::{Categorical, Covariates};
+use scdistill_core::data::{Categorical, CellsH5, Covariates};
 use scdistill_core::device::parse_device;
 use scdistill_core::models::vae::VaeConfig;
+use scdistill_core::models::LatentOut;
 use scdistill_core::train::TrainConfig;
 
 /// A categorical covariate of `n` cells from list(name, codes (1-based), levels).
@@ -44,7 +46,11 @@ pub(crate) fn covariates_from_r(batch: &List, categorical: &List, continuous: &L
 /// `VaeConfig` and `TrainConfig` fields. `progress` (an R function of the
 /// phase, epoch, training loss and validation -ELBO, or NULL) is called on
 /// the R thread as epochs finish, and on disk as the pass before training
-/// reads the cells (phase "scan": cells read, all cells). Returns list(ptr, latent).
+/// reads the cells (phase "scan": cells read, all cells). The training
+/// cells' latent space is written into the R matrix returned, or with
+/// `latent_file` = list(path, name) into that new HDF5 dataset (cells × d,
+/// f32, created before training). Returns list(ptr, latent) (latent NULL
+/// with a file).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -57,17 +63,28 @@ fn rs_fit_vae(
     train: Robj,
     device: &str,
     threads: i32,
+    latent_file: Robj,
     progress: Robj,
 ) -> Result<Robj> {
     let input = crate::disk::Input::from_r(&counts)?;
-    let cov = covariates_from_r(&batch, &categorical, &continuous, input.n_cells())?;
+    let n = input.n_cells();
+    let cov = covariates_from_r(&batch, &categorical, &continuous, n)?;
     let config: VaeConfig = from_r(&config, "VAE settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
-    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
-        input.fit_vae(&cov, config, train, device, interrupted, report)
+    let d = config.n_latent;
+    // A dataset already there is an error now, not after the fit.
+    let mut latent = None;
+    let mut out = if latent_file.is_null() {
+        LatentOut::Memory(latent.insert(RMatrix::<f64>::new(n, d)).data_mut())
+    } else {
+        let (path, name) = h5_dataset(&latent_file, "`latent_file`")?;
+        LatentOut::File(CellsH5::create(&path, &name, n, d, true).map_err(fail)?)
+    };
+    let model = with_epoch_progress(threads, &progress, |interrupted, report| {
+        input.fit_vae(&cov, config, train, device, interrupted, report, &mut out)
     })?;
-    Ok(fitted_to_r(Box::new(model), matrix_to_r(&z)))
+    Ok(fitted_to_r(Box::new(model), latent.map_or_else(|| Robj::from(()), Robj::from)))
 }
 
 extendr_module! {

@@ -488,13 +488,8 @@ pub fn global_scale(z: &Teacher) -> Result<(Vec<f64>, f64)> {
     Ok((c, if sd > 0.0 { sd } else { 1.0 }))
 }
 
-/// Where the student's Z of every training cell goes: a cells × d
-/// column-major matrix of the caller's (R's), or cells of an HDF5 dataset
-/// (stored as f32, the encoder's precision).
-pub enum LatentOut<'a> {
-    Memory(&'a mut [f64]),
-    File(CellsH5),
-}
+/// Where the student's Z of every training cell goes.
+pub use super::LatentOut;
 
 /// A student's training cells as both phases read them.
 enum TrainingCells<'a> {
@@ -1033,10 +1028,7 @@ impl DistillModel {
         if t.n() != n || size != n * d {
             return invalid!("the teacher embedding has {size} values; expected cells ({n}) × dimensions ({d})");
         }
-        let room = match &z {
-            LatentOut::Memory(z) => z.len(),
-            LatentOut::File(f) => f.n * f.d,
-        };
+        let room = z.len();
         if room != n * d {
             return invalid!("room for {room} latent values; expected cells ({n}) × dimensions ({d})");
         }

@@ -2,7 +2,7 @@
 //! the model. A new model implements [`FittedModel`] and registers its kind
 //! in [`from_bytes`]; nothing else in the glue or in R dispatches on kinds.
 
-use crate::data::{CountMatrix, Csr};
+use crate::data::{CellsH5, CountMatrix, Csr};
 use crate::de::{DeSettings, DeTable, Watch};
 use crate::error::{invalid, Error, Result};
 use crate::mapping::MapOptions;
@@ -31,6 +31,43 @@ pub struct Cells {
 impl Cells {
     pub fn n_cells(&self) -> usize {
         self.counts.first().map_or(0, CountMatrix::n_cells)
+    }
+}
+
+/// Where a fit puts the latent space of its training cells: a cells × d
+/// column-major matrix of the caller's (R's, filled in place), or the cells
+/// of an HDF5 dataset (stored as f32, the encoder's precision), so that it
+/// is never all in memory.
+pub enum LatentOut<'a> {
+    Memory(&'a mut [f64]),
+    File(CellsH5),
+}
+
+impl LatentOut<'_> {
+    /// Values it has room for.
+    pub fn len(&self) -> usize {
+        match self {
+            LatentOut::Memory(z) => z.len(),
+            LatentOut::File(f) => f.n * f.d,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row-major `rows` (whole cells of `d` values) as cells `first..`.
+    pub fn write_rows(&mut self, d: usize, first: usize, rows: &[f32]) -> Result<()> {
+        match self {
+            LatentOut::Memory(z) => {
+                let n = z.len() / d.max(1);
+                for (i, row) in rows.chunks(d).enumerate() {
+                    row.iter().enumerate().for_each(|(j, &v)| z[j * n + first + i] = f64::from(v));
+                }
+                Ok(())
+            }
+            LatentOut::File(f) => f.write(first, &rows.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub mod vae;
 
 pub use fitted::{
     codes_of, from_bytes, kind_name, levels_list, one_or_many, Cells, Elbo, ExpressionOptions, FittedModel, Latent,
-    LatentOptions, Matrix,
+    LatentOptions, LatentOut, Matrix,
 };
 
 /// libtorch's generator and thread count are global: tests that train, or

@@ -4,10 +4,11 @@ use super::{infer, VaeData, VaeModel, VaeTask};
 use crate::data::{columns_of, Covariates, Csr, DiskCells, DiskCsr, Scan};
 use crate::de::{self, DeSettings, DeTable, VaeScales, Watch};
 use crate::device::seed_torch;
-use crate::error::Result;
+use crate::error::{invalid, Result};
 use crate::mapping::MapOptions;
 use crate::models::fitted::{
-    codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
+    codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, LatentOut,
+    Matrix,
 };
 use crate::train::{EpochRecord, TrainConfig};
 use serde_json::Value;
@@ -25,7 +26,8 @@ impl VaeModel {
     }
 
     /// `training_latent` of training cells on disk (`scan` of the same
-    /// file); `progress(done, all)` as the cells are read.
+    /// file) into `out`, a minibatch at a time; `progress(done, all)` as the
+    /// cells are read.
     pub fn training_latent_on_disk(
         &self,
         disk: &DiskCsr,
@@ -33,10 +35,31 @@ impl VaeModel {
         cov: &Covariates,
         progress: &dyn Fn(usize, usize),
         interrupted: &dyn Fn() -> bool,
-    ) -> Result<Matrix> {
+        out: &mut LatentOut,
+    ) -> Result<()> {
+        let d = self.meta.config.n_latent;
+        if out.len() != disk.n_rows() * d {
+            return invalid!(
+                "room for {} latent values; expected cells ({}) × dimensions ({d})",
+                out.len(),
+                disk.n_rows()
+            );
+        }
         let data = VaeData::on_disk(disk, scan, cov);
-        let z = infer::latent_watched(&self.vae, &data, true, progress, interrupted)?;
-        Ok(Matrix::new(disk.n_rows(), self.meta.config.n_latent, z))
+        // Written 65,536 cells at a time: a file is opened once per write.
+        let (mut held, mut at) = (Vec::new(), 0);
+        infer::latent_each(&self.vae, &data, true, progress, interrupted, &mut |first, z| {
+            if held.is_empty() {
+                at = first;
+            }
+            held.extend_from_slice(z);
+            if held.len() >= (1 << 16) * d {
+                out.write_rows(d, at, &held)?;
+                held.clear();
+            }
+            Ok(())
+        })?;
+        out.write_rows(d, at, &held)
     }
 
     /// Latent coordinates of cells on disk, read in blocks;

@@ -29,8 +29,25 @@ pub fn latent_watched(
     progress: &dyn Fn(usize, usize),
     interrupted: &dyn Fn() -> bool,
 ) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(data.n_cells() * model.cfg.n_latent);
+    latent_each(model, data, give_mean, progress, interrupted, &mut |_, z| {
+        out.extend_from_slice(z);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// `latent_watched`, each minibatch's rows handed to `emit(first cell,
+/// row-major values)` in the cells' order instead of gathered.
+pub fn latent_each(
+    model: &Vae,
+    data: &VaeData,
+    give_mean: bool,
+    progress: &dyn Fn(usize, usize),
+    interrupted: &dyn Fn() -> bool,
+    emit: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
     let n = data.n_cells();
-    let mut out = Vec::with_capacity(n * model.cfg.n_latent);
     let watch = crate::de::Watch::new(interrupted, progress);
     watch.expect(n);
     tch::no_grad(|| -> Result<()> {
@@ -39,12 +56,11 @@ pub fn latent_watched(
             let rows: Vec<usize> = (start..(start + CHUNK).min(n)).collect();
             let ((qm, qv), _) = model.encode(&data.inputs(&rows, None, model.device()), false);
             let z = if give_mean { qm } else { &qm + qv.sqrt() * qm.randn_like() };
-            out.extend(to_vec(&z));
+            emit(start, &to_vec(&z))?;
             watch.advance(rows.len());
         }
         Ok(())
-    })?;
-    Ok(out)
+    })
 }
 
 /// Expected expression ρ · `library_size` of every cell, row-major
