@@ -13,7 +13,7 @@ use scdistill_core::data::{
 };
 use scdistill_core::de::Watch;
 use scdistill_core::device::Device;
-use scdistill_core::models::vae::{VaeConfig, VaeModel};
+use scdistill_core::models::vae::{VaeConfig, VaeData, VaeModel};
 use scdistill_core::models::{LatentOut, Matrix};
 use scdistill_core::train::EpochRecord;
 use scdistill_core::train::TrainConfig;
@@ -53,6 +53,42 @@ pub(crate) fn h5_dataset(spec: &Robj, what: &str) -> Result<(String, String)> {
     match (list_text(&l, "path"), list_text(&l, "name")) {
         (Some(p), Some(m)) => Ok((p, m)),
         _ => Err(fail(format!("{what} must be list(path, name)"))),
+    }
+}
+
+/// Where a fit puts its training cells' latent space (cells × d): a new
+/// dataset named by `latent_file` (list(path, name)), made now, so that
+/// one already there is an error before any work, not after the fit; or,
+/// when `latent_file` is NULL, the R matrix the fit fills in place (no
+/// other copy of it) and then returns.
+pub(crate) enum LatentTarget {
+    File(CellsH5),
+    Matrix(RMatrix<f64>),
+}
+
+impl LatentTarget {
+    pub(crate) fn from_r(latent_file: &Robj, n: usize, d: usize) -> Result<LatentTarget> {
+        if latent_file.is_null() {
+            return Ok(LatentTarget::Matrix(RMatrix::<f64>::new(n, d)));
+        }
+        let (path, name) = h5_dataset(latent_file, "`latent_file`")?;
+        Ok(LatentTarget::File(CellsH5::create(&path, &name, n, d, true).map_err(fail)?))
+    }
+
+    /// What the core writes into.
+    pub(crate) fn out(&mut self) -> LatentOut<'_> {
+        match self {
+            LatentTarget::File(f) => LatentOut::File(f.clone()),
+            LatentTarget::Matrix(m) => LatentOut::Memory(m.data_mut()),
+        }
+    }
+
+    /// The filled matrix for R, or NULL when it went to the file.
+    pub(crate) fn into_r(self) -> Robj {
+        match self {
+            LatentTarget::File(_) => Robj::from(()),
+            LatentTarget::Matrix(m) => Robj::from(m),
+        }
     }
 }
 
@@ -99,19 +135,18 @@ impl Input {
         out: &mut LatentOut,
     ) -> scdistill_core::Result<VaeModel> {
         let on_epoch = |r: &EpochRecord| report("train", r);
-        let d = config.n_latent;
+        let encoded = |done, total| report("latent", &pass_record(done, total));
         match self {
             Input::Memory(m) => {
                 let model = VaeModel::fit(m, cov, config, train, device, interrupted, &on_epoch)?;
-                out.write_rows(d, 0, &model.training_latent(&m.csr, cov).values)?;
+                model.training_latent_into(&VaeData::new(&m.csr, cov), &encoded, interrupted, out)?;
                 Ok(model)
             }
             Input::Disk(d, genes) => {
                 let scan = d.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
                 check_scan(d, &scan)?;
                 let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, &on_epoch)?;
-                let encoded = |done, total| report("latent", &pass_record(done, total));
-                model.training_latent_on_disk(d, &scan, cov, &encoded, interrupted, out)?;
+                model.training_latent_into(&VaeData::on_disk(d, &scan, cov), &encoded, interrupted, out)?;
                 Ok(model)
             }
         }

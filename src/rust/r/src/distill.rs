@@ -1,7 +1,7 @@
 //! extendr glue of distill() (mirrors R/distill.R).
 
 use crate::convert::from_r;
-use crate::disk::{check_library, h5_dataset, Input};
+use crate::disk::{check_library, h5_dataset, Input, LatentTarget};
 use crate::model::pass_record;
 use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
@@ -9,9 +9,7 @@ use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{Categorical, CellsH5, Embedding};
 use scdistill_core::device::parse_device;
-use scdistill_core::models::distill::{
-    DistillConfig, DistillCounts, DistillData, DistillModel, LatentOut, Phase, Teacher,
-};
+use scdistill_core::models::distill::{DistillConfig, DistillCounts, DistillData, DistillModel, Phase, Teacher};
 use scdistill_core::train::TrainConfig;
 
 /// Trains a student. `input_genes` / `decoder_genes`: 1-based columns of
@@ -63,13 +61,9 @@ fn rs_fit_distill(
         }
         Teacher::Memory(Embedding::column_major(values, n, d))
     };
-    // Checked before training: a dataset already there is an error now, not after the fit.
-    let out_file = if latent_file.is_null() {
-        None
-    } else {
-        let (path, name) = h5_dataset(&latent_file, "`latent_file`")?;
-        Some(CellsH5::create(&path, &name, n, d, true).map_err(fail)?)
-    };
+    // The student's Z: written straight into the R matrix returned (no
+    // other copy: 400 MB at 10^6 cells and 50 dimensions), or to its file.
+    let mut latent = LatentTarget::from_r(&latent_file, n, d)?;
     let codes: Vec<u32> = int_slice(&batch, "batch")?.iter().map(|&c| (c - 1).max(0) as u32).collect();
     let batch = Categorical::new("batch", codes, strings(&levels, "levels")?, n, 1).map_err(fail)?;
     let cols = |x: &Robj, what: &str| -> Result<Vec<usize>> {
@@ -83,13 +77,7 @@ fn rs_fit_distill(
     let device = parse_device(device).map_err(fail)?;
     // The teacher's library sizes, when its pass over the file has them (read here, on R's thread).
     let given: Option<&[f64]> = library.as_real_slice();
-    // The student's Z is written straight into the R matrix returned (no
-    // other copy: 400 MB at 10^6 cells and 50 dimensions), or to its file.
-    let mut latent = None;
-    let z = match out_file {
-        Some(f) => LatentOut::File(f),
-        None => LatentOut::Memory(latent.insert(RMatrix::<f64>::new(n, d)).data_mut()),
-    };
+    let z = latent.out();
     let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         let phase = |p: Phase| if p == Phase::Encoder { "encoder" } else { "decoder" };
         let sizes;
@@ -116,7 +104,7 @@ fn rs_fit_distill(
         let encoded = |done, total| report("latent", &pass_record(done, total));
         DistillModel::fit_into(&data, config, t1, t2, device, interrupted, &|p, r| report(phase(p), r), &encoded, z)
     })?;
-    Ok(fitted_to_r(Box::new(model), latent.map_or_else(|| Robj::from(()), Robj::from)))
+    Ok(fitted_to_r(Box::new(model), latent.into_r()))
 }
 
 extendr_module! {

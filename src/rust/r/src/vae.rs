@@ -1,15 +1,14 @@
 //! extendr glue of fit_vae() (mirrors R/vae.R).
 
 use crate::convert::from_r;
-use crate::disk::h5_dataset;
+use crate::disk::LatentTarget;
 use crate::model::{fitted_to_r, with_epoch_progress};
 use crate::{fail, int_slice, strings};
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scdistill_core::data::{Categorical, CellsH5, Covariates};
+use scdistill_core::data::{Categorical, Covariates};
 use scdistill_core::device::parse_device;
 use scdistill_core::models::vae::VaeConfig;
-use scdistill_core::models::LatentOut;
 use scdistill_core::train::TrainConfig;
 
 /// A categorical covariate of `n` cells from list(name, codes (1-based), levels).
@@ -72,19 +71,12 @@ fn rs_fit_vae(
     let config: VaeConfig = from_r(&config, "VAE settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
-    let d = config.n_latent;
-    // A dataset already there is an error now, not after the fit.
-    let mut latent = None;
-    let mut out = if latent_file.is_null() {
-        LatentOut::Memory(latent.insert(RMatrix::<f64>::new(n, d)).data_mut())
-    } else {
-        let (path, name) = h5_dataset(&latent_file, "`latent_file`")?;
-        LatentOut::File(CellsH5::create(&path, &name, n, d, true).map_err(fail)?)
-    };
+    let mut latent = LatentTarget::from_r(&latent_file, n, config.n_latent)?;
+    let mut out = latent.out();
     let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         input.fit_vae(&cov, config, train, device, interrupted, report, &mut out)
     })?;
-    Ok(fitted_to_r(Box::new(model), latent.map_or_else(|| Robj::from(()), Robj::from)))
+    Ok(fitted_to_r(Box::new(model), latent.into_r()))
 }
 
 extendr_module! {

@@ -319,6 +319,25 @@ fn a_vae_trained_from_disk_matches_one_trained_in_memory() {
     let z_mem = disk.training_latent(&s.counts.csr, &cov);
     let diff = z_disk.values.iter().zip(&z_mem.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff < 1e-4, "latent differs by {diff}");
+    // The training cells' latent space written as it is encoded: into a
+    // column-major matrix, from memory, the same values as gathered; into
+    // a file, from disk, those the matrix holds from disk.
+    use crate::models::LatentOut;
+    let k = VaeConfig::default().n_latent;
+    let into = |data: &VaeData, out: &mut LatentOut| disk.training_latent_into(data, &|_, _| {}, &|| false, out);
+    let mut z_cols = vec![0.0; 1_500 * k];
+    into(&VaeData::new(&s.counts.csr, &cov), &mut LatentOut::Memory(&mut z_cols)).unwrap();
+    assert!((0..1_500).all(|i| (0..k).all(|j| z_cols[j * 1_500 + i] == f64::from(z_mem.values[i * k + j]))));
+    let scan = d.scan(&|_, _| {}, &|| false).unwrap();
+    let from_disk = VaeData::on_disk(&d, &scan, &cov);
+    into(&from_disk, &mut LatentOut::Memory(&mut z_cols)).unwrap();
+    let file = crate::data::CellsH5::create(&tmp("vae_latent.h5"), "latent", 1_500, k, true).unwrap();
+    into(&from_disk, &mut LatentOut::File(file.clone())).unwrap();
+    let rows = file.read(0, 1_500).unwrap();
+    assert!((0..1_500).all(|i| (0..k).all(|j| rows[i * k + j] == z_cols[j * 1_500 + i])));
+    // Room for other than every cell is refused.
+    let err = into(&from_disk, &mut LatentOut::Memory(&mut z_cols[..10])).unwrap_err().to_string();
+    assert!(err.contains("room for 10 latent values"), "{err}");
 }
 
 #[test]

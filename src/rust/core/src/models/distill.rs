@@ -624,7 +624,7 @@ impl TrainingCells<'_> {
     ) -> Result<(LatentStore, Vec<f32>, Vec<f32>)> {
         let (n, d) = (self.n(), s.cfg.n_latent);
         let log_library = |m: &Csr| -> Vec<f32> { m.row_sums().iter().map(|&t| t.max(1.0).ln() as f32).collect() };
-        let mut z = LatentBlocks { n, d, blocks: Vec::with_capacity(n.div_ceil(DISK_BLOCK)) };
+        let mut z = LatentBlocks { d, blocks: Vec::with_capacity(n.div_ceil(DISK_BLOCK)) };
         match self {
             TrainingCells::Memory { input, counts } => {
                 for start in (0..n).step_by(DISK_BLOCK) {
@@ -666,14 +666,14 @@ impl TrainingCells<'_> {
 
 /// Z of every cell as the encoder gives it, in single precision and in
 /// blocks of `DISK_BLOCK` cells (row-major): what the decoder's phase
-/// reads. Only after that phase is it written into the caller's cells × d
-/// double matrix (R's), each block freed as it is written, so the two are
+/// reads. Only after that phase is it written into the caller's
+/// `LatentOut` (R's cells × d double matrix, or a file), each block freed
+/// as it is written, so the two are
 /// never held whole at once, and never beside the phase's windows of cells
 /// and training buffers (at 5·10^6 cells and 50 dimensions: 1 GB here, and
 /// the 2 GB matrix filled only at the end). The values are those the
 /// decoder would read back from the double matrix.
 struct LatentBlocks {
-    n: usize,
     d: usize,
     blocks: Vec<Vec<f32>>,
 }
@@ -685,32 +685,20 @@ impl LatentBlocks {
         &self.blocks[i / DISK_BLOCK][k..k + self.d]
     }
 
-    /// Into `z` (cells × d, column-major), freeing each block once written.
-    /// Freed blocks stay with the allocator until handed back, which is
-    /// done every 64 blocks (without it, all of Z was held twice at the
-    /// end: the process peaked at 6.56 GB, not about 5.6, at 5·10^6 cells).
-    fn write_into(self, z: &mut [f64]) {
-        let (n, d) = (self.n, self.d);
+    /// Into `out`, freeing each block once written. Freed blocks stay
+    /// with the allocator until handed back, which is done every 64 blocks
+    /// (without it, all of Z was held twice at the end: the process peaked
+    /// at 6.56 GB, not about 5.6, at 5·10^6 cells).
+    fn write_to(self, out: &mut LatentOut) -> Result<()> {
+        let mut cells = out.in_order(self.d);
         for (b, block) in self.blocks.into_iter().enumerate() {
-            let start = b * DISK_BLOCK;
-            for (i, row) in block.chunks(d).enumerate() {
-                row.iter().enumerate().for_each(|(j, &v)| z[j * n + start + i] = f64::from(v));
-            }
+            cells.push(b * DISK_BLOCK, &block)?;
             drop(block);
             if b % 64 == 63 {
                 crate::device::release_free_memory();
             }
         }
-        crate::device::release_free_memory();
-    }
-
-    /// Into the cells of `file`, a block at a time, each freed once written.
-    fn write_file(self, file: &CellsH5) -> Result<()> {
-        for (b, block) in self.blocks.into_iter().enumerate() {
-            let rows: Vec<f64> = block.iter().map(|&v| f64::from(v)).collect();
-            drop(block);
-            file.write(b * DISK_BLOCK, &rows)?;
-        }
+        cells.finish()?;
         crate::device::release_free_memory();
         Ok(())
     }
@@ -1015,7 +1003,7 @@ impl DistillModel {
         interrupted: &dyn Fn() -> bool,
         on_epoch: &dyn Fn(Phase, &EpochRecord),
         pass: &dyn Fn(usize, usize),
-        z: LatentOut,
+        mut z: LatentOut,
     ) -> Result<DistillModel> {
         let n = data.counts.n_cells();
         let n_genes = data.counts.genes().len();
@@ -1153,10 +1141,8 @@ impl DistillModel {
         };
         // The phase's windows and buffers are gone: now the caller's matrix.
         crate::device::release_free_memory();
-        match (latent, z) {
-            (LatentStore::Held(latent), LatentOut::Memory(z)) => latent.write_into(z),
-            (LatentStore::Held(latent), LatentOut::File(f)) => latent.write_file(&f)?,
-            (LatentStore::File(..), _) => {}
+        if let LatentStore::Held(latent) = latent {
+            latent.write_to(&mut z)?;
         }
         let genes = data.counts.genes();
         let pick = |idx: &[usize]| idx.iter().map(|&j| genes[j].clone()).collect::<Vec<_>>();

@@ -252,19 +252,29 @@ fn decoding_under_each_cells_own_batch_matches_decoding_to_that_batch() {
 }
 
 #[test]
-fn latent_blocks_give_every_cell_and_fill_the_column_major_matrix() {
-    // Two full blocks and a part: the decoder's rows, then R's matrix.
-    let (n, d) = (2 * DISK_BLOCK + 7, 3);
+fn latent_blocks_give_every_cell_and_fill_the_column_major_matrix_or_a_file() {
+    // Four full blocks and a part, past one write of cells into a file
+    // (65,536): the decoder's rows, then R's matrix or the file.
+    let (n, d) = (4 * DISK_BLOCK + 7, 3);
     let value = |i: usize, j: usize| (i * d + j) as f32 * 0.5;
-    let blocks = (0..n)
-        .step_by(DISK_BLOCK)
-        .map(|s| (s..(s + DISK_BLOCK).min(n)).flat_map(|i| (0..d).map(move |j| value(i, j))).collect())
-        .collect();
-    let z = LatentBlocks { n, d, blocks };
+    let blocks = || -> Vec<Vec<f32>> {
+        (0..n)
+            .step_by(DISK_BLOCK)
+            .map(|s| (s..(s + DISK_BLOCK).min(n)).flat_map(|i| (0..d).map(move |j| value(i, j))).collect())
+            .collect()
+    };
+    let z = LatentBlocks { d, blocks: blocks() };
     for i in [0, DISK_BLOCK - 1, DISK_BLOCK, n - 1] {
         assert_eq!(z.row(i), [value(i, 0), value(i, 1), value(i, 2)]);
     }
     let mut out = vec![f64::NAN; n * d];
-    z.write_into(&mut out);
+    z.write_to(&mut LatentOut::Memory(&mut out)).unwrap();
     assert!((0..n).all(|i| (0..d).all(|j| out[j * n + i] == f64::from(value(i, j)))));
+    let path = std::env::temp_dir().join(format!("scdistill-latent-blocks-{}.h5", std::process::id()));
+    let path = path.to_str().unwrap();
+    let file = crate::data::CellsH5::create(path, "z", n, d, true).unwrap();
+    LatentBlocks { d, blocks: blocks() }.write_to(&mut LatentOut::File(file.clone())).unwrap();
+    let rows = file.read(0, n).unwrap();
+    let _ = std::fs::remove_file(path);
+    assert!((0..n).all(|i| (0..d).all(|j| rows[i * d + j] == f64::from(value(i, j)))));
 }

@@ -25,41 +25,24 @@ impl VaeModel {
         )
     }
 
-    /// `training_latent` of training cells on disk (`scan` of the same
-    /// file) into `out`, a minibatch at a time; `progress(done, all)` as the
-    /// cells are read.
-    pub fn training_latent_on_disk(
+    /// `training_latent` of the training cells of `data` (in memory or on
+    /// disk, as fitted) into `out`, in order, a minibatch at a time:
+    /// never all cells in single precision beside `out`.
+    /// `progress(done, all)` as the cells are encoded.
+    pub fn training_latent_into(
         &self,
-        disk: &DiskCsr,
-        scan: &Scan,
-        cov: &Covariates,
+        data: &VaeData,
         progress: &dyn Fn(usize, usize),
         interrupted: &dyn Fn() -> bool,
         out: &mut LatentOut,
     ) -> Result<()> {
-        let d = self.meta.config.n_latent;
-        if out.len() != disk.n_rows() * d {
-            return invalid!(
-                "room for {} latent values; expected cells ({}) × dimensions ({d})",
-                out.len(),
-                disk.n_rows()
-            );
+        let (n, d) = (data.n_cells(), self.meta.config.n_latent);
+        if out.len() != n * d {
+            return invalid!("room for {} latent values; expected cells ({n}) × dimensions ({d})", out.len());
         }
-        let data = VaeData::on_disk(disk, scan, cov);
-        // Written 65,536 cells at a time: a file is opened once per write.
-        let (mut held, mut at) = (Vec::new(), 0);
-        infer::latent_each(&self.vae, &data, true, progress, interrupted, &mut |first, z| {
-            if held.is_empty() {
-                at = first;
-            }
-            held.extend_from_slice(z);
-            if held.len() >= (1 << 16) * d {
-                out.write_rows(d, at, &held)?;
-                held.clear();
-            }
-            Ok(())
-        })?;
-        out.write_rows(d, at, &held)
+        let mut cells = out.in_order(d);
+        infer::latent_each(&self.vae, data, true, progress, interrupted, &mut |first, z| cells.push(first, z))?;
+        cells.finish()
     }
 
     /// Latent coordinates of cells on disk, read in blocks;
