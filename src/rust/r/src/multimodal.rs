@@ -3,13 +3,14 @@
 use crate::convert::from_r;
 use crate::disk::{check_scan, Input};
 use crate::fail;
-use crate::model::{cells_from_r, fitted_to_r, matrix_to_r, model_as, pass_record, with_epoch_progress};
+use crate::model::{cells_from_r, fitted_to_r, model_as, pass_record, with_epoch_progress};
 use crate::vae::categorical_list;
 use extendr_api::prelude::*;
 use extendr_api::Result;
 use scdistill_core::data::{CountMatrix, DiskCsr};
 use scdistill_core::device::parse_device;
-use scdistill_core::models::multimodal::{MultimodalConfig, MultimodalCovariates, MultimodalModel};
+use scdistill_core::models::multimodal::{MultimodalConfig, MultimodalCovariates, MultimodalData, MultimodalModel};
+use scdistill_core::models::LatentOut;
 use scdistill_core::train::{EpochRecord, TrainConfig};
 
 /// The modalities' counts from a list of count slot lists, or of on-disk
@@ -100,14 +101,24 @@ fn rs_fit_multimodal(
     let config: MultimodalConfig = from_r(&config, "multimodal settings")?;
     let train: TrainConfig = from_r(&train, "training settings")?;
     let device = parse_device(device).map_err(fail)?;
-    let (model, z) = with_epoch_progress(threads, &progress, |interrupted, report| {
+    // The latent spaces are written straight into the R matrices returned
+    // (no f32 copy of all cells beside them), as the cells are encoded.
+    let n = mats.n_cells();
+    let mut joint = RMatrix::<f64>::new(n, config.n_latent());
+    let names: Vec<String> = config.modalities.iter().map(|m| m.name.clone()).collect();
+    let mut parts: Vec<RMatrix<f64>> = config.modalities.iter().map(|m| RMatrix::<f64>::new(n, m.n_latent)).collect();
+    let mut joint_out = LatentOut::Memory(joint.data_mut());
+    let mut part_outs: Vec<LatentOut> = parts.iter_mut().map(|p| LatentOut::Memory(p.data_mut())).collect();
+    let model = with_epoch_progress(threads, &progress, |interrupted, report| {
         let on_epoch = |r: &EpochRecord| report("train", r);
+        let encoded = |done, total| report("latent", &pass_record(done, total));
         match &mats {
             Modalities::Memory(m) => {
                 let refs: Vec<&CountMatrix> = m.iter().collect();
                 let model = MultimodalModel::fit(&refs, &cov, config, train, device, interrupted, &on_epoch)?;
-                let z = model.training_latent(&refs, &cov)?;
-                Ok((model, z))
+                let data = MultimodalData::new(refs.iter().map(|c| &c.csr).collect(), &cov)?;
+                model.training_latent_into(&data, &encoded, interrupted, &mut joint_out, &mut part_outs)?;
+                Ok(model)
             }
             Modalities::Disk(d) => {
                 // One pass per modality for the per-cell totals (and the
@@ -133,13 +144,16 @@ fn rs_fit_multimodal(
                     interrupted,
                     &on_epoch,
                 )?;
-                let z = model.training_latent_on_disk(&disks, &scans, &cov)?;
-                Ok((model, z))
+                let data = MultimodalData::on_disk(&disks, &scans, &cov)?;
+                model.training_latent_into(&data, &encoded, interrupted, &mut joint_out, &mut part_outs)?;
+                Ok(model)
             }
         }
     })?;
-    let parts = List::from_pairs(z.parts.iter().map(|(n, m)| (n.as_str(), matrix_to_r(m))));
-    Ok(fitted_to_r(Box::new(model), list!(joint = matrix_to_r(&z.joint), parts = parts).into()))
+    drop((joint_out, part_outs));
+    let parts: Vec<(&str, Robj)> = names.iter().map(String::as_str).zip(parts.into_iter().map(Robj::from)).collect();
+    let parts = List::from_pairs(parts);
+    Ok(fitted_to_r(Box::new(model), list!(joint = joint, parts = parts).into()))
 }
 
 /// Modality attribution, row-major [cells, modalities, n_latent] as a flat vector.

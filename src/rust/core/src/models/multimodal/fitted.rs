@@ -8,7 +8,7 @@ use crate::error::{invalid, Result};
 use crate::io;
 use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::fitted::{
-    codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, Matrix,
+    codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, LatentOut, Matrix,
 };
 use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
@@ -283,15 +283,41 @@ impl MultimodalModel {
         Ok(self.latent_of(&data, true))
     }
 
-    /// `training_latent` of training modalities on disk (`scans` as fitted),
-    /// read in chunks of consecutive cells.
-    pub fn training_latent_on_disk(
+    /// `training_latent` of the training cells of `data` (in memory or on
+    /// disk, as fitted) into `joint` and one `parts` per modality, in
+    /// order, a minibatch at a time: never all cells in single precision
+    /// beside them. `progress(done, all)` as the cells are encoded.
+    pub fn training_latent_into(
         &self,
-        disks: &[&DiskCsr],
-        scans: &[Scan],
-        cov: &MultimodalCovariates,
-    ) -> Result<Latent> {
-        Ok(self.latent_of(&MultimodalData::on_disk(disks, scans, cov)?, true))
+        data: &MultimodalData,
+        progress: &dyn Fn(usize, usize),
+        interrupted: &dyn Fn() -> bool,
+        joint: &mut LatentOut,
+        parts: &mut [LatentOut],
+    ) -> Result<()> {
+        let n = data.n_cells();
+        let specs = &self.meta.config.modalities;
+        let dims: Vec<usize> = specs.iter().map(|m| m.n_latent).collect();
+        let d = self.meta.config.n_latent();
+        if parts.len() != dims.len() {
+            return invalid!("{} latent outputs for the model's {} modalities", parts.len(), dims.len());
+        }
+        for (out, (&k, spec)) in std::iter::once((&*joint, (&d, None)))
+            .chain(parts.iter().zip(dims.iter().zip(specs.iter().map(|m| Some(&m.name)))))
+        {
+            if out.len() != n * k {
+                let what = spec.map_or_else(|| "the joint latent space".to_string(), |m| format!("modality '{m}'"));
+                return invalid!("room for {} values of {what}; expected cells ({n}) × dimensions ({k})", out.len());
+            }
+        }
+        let mut joint = joint.in_order(d);
+        let mut parts: Vec<_> = parts.iter_mut().zip(&dims).map(|(p, &k)| p.in_order(k)).collect();
+        infer::latent_each(&self.model, data, true, progress, interrupted, &mut |first, z, per| {
+            joint.push(first, z)?;
+            parts.iter_mut().zip(per).try_for_each(|(out, p)| out.push(first, p))
+        })?;
+        joint.finish()?;
+        parts.into_iter().try_for_each(|p| p.finish())
     }
 
     /// The joint and per-modality latent spaces of `data`.

@@ -3,6 +3,7 @@
 //! expression and accessibility, modality attribution.
 
 use super::{Multimodal, MultimodalData};
+use crate::error::Result;
 use crate::nn::Pass;
 use tch::{Kind, Tensor};
 
@@ -23,19 +24,47 @@ pub fn latent(model: &Multimodal, data: &MultimodalData, give_mean: bool) -> (Ve
     let n = data.n_cells();
     let mut joint = Vec::with_capacity(n * model.cfg.n_latent());
     let mut per: Vec<Vec<f32>> = model.cfg.modalities.iter().map(|m| Vec::with_capacity(n * m.n_latent)).collect();
+    latent_each(model, data, give_mean, &|_, _| {}, &|| false, &mut |_, z, parts| {
+        joint.extend_from_slice(z);
+        per.iter_mut().zip(parts).for_each(|(out, p)| out.extend_from_slice(p));
+        Ok(())
+    })
+    .expect("not interrupted");
+    (joint, per)
+}
+
+/// What [`latent_each`] hands each minibatch to: its first cell, the joint
+/// rows and each modality's rows (row-major).
+pub type Emit<'e> = dyn FnMut(usize, &[f32], &[Vec<f32>]) -> Result<()> + 'e;
+
+/// `latent`, each minibatch handed to `emit(first cell, joint rows, each
+/// modality's rows)` in the cells' order instead of gathered;
+/// `progress(cells done, all cells)` as they are encoded, and an error
+/// when `interrupted()` (10^6 cells on disk take minutes).
+pub fn latent_each(
+    model: &Multimodal,
+    data: &MultimodalData,
+    give_mean: bool,
+    progress: &dyn Fn(usize, usize),
+    interrupted: &dyn Fn() -> bool,
+    emit: &mut Emit,
+) -> Result<()> {
+    let n = data.n_cells();
+    let watch = crate::de::Watch::new(interrupted, progress);
+    watch.expect(n);
     let draw = |m: &Tensor, v: &Tensor| if give_mean { m.shallow_clone() } else { m + v.sqrt() * m.randn_like() };
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<()> {
         for rows in chunks(n) {
+            watch.check()?;
             let inp = data.inputs(&rows, model.device());
             let (qz, _) = model.encode_modalities(&inp, Pass::Eval);
             let (qm, qv) = model.combine(&qz);
-            joint.extend(to_vec(&draw(&qm, &qv)));
-            for (out, (m, v)) in per.iter_mut().zip(&qz) {
-                out.extend(to_vec(&draw(m, v)));
-            }
+            let parts: Vec<Vec<f32>> = qz.iter().map(|(m, v)| to_vec(&draw(m, v))).collect();
+            emit(rows[0], &to_vec(&draw(&qm, &qv)), &parts)?;
+            watch.advance(rows.len());
         }
-    });
-    (joint, per)
+        Ok(())
+    })
 }
 
 /// Expected expression (or accessibility) per unit library of modality

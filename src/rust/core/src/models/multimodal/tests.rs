@@ -292,6 +292,7 @@ fn sparse_input_and_fused_likelihood_give_the_tensor_paths_loss_and_gradients() 
 #[test]
 fn a_model_trained_from_disk_matches_one_trained_in_memory() {
     use crate::data::{DiskCsr, H5adWriter, Layout};
+    use crate::models::LatentOut;
     // RNA and peaks side by side in one file (a 10x multiome matrix's
     // layout), each modality opened as its own columns of it.
     let s = sim(1_200, 3, 0, 2, 8);
@@ -376,8 +377,23 @@ fn a_model_trained_from_disk_matches_one_trained_in_memory() {
         })
         .unwrap()
         .unwrap();
-        let z = m.training_latent_on_disk(&refs, &scans, &cov).unwrap();
-        (m, z)
+        // The training cells' latent spaces written as they are encoded
+        // into column-major matrices (R's).
+        let data = MultimodalData::on_disk(&refs, &scans, &cov).unwrap();
+        let dims: Vec<usize> = cfg.modalities.iter().map(|m| m.n_latent).collect();
+        let mut joint = vec![0.0; 1_200 * cfg.n_latent()];
+        let mut parts: Vec<Vec<f64>> = dims.iter().map(|&k| vec![0.0; 1_200 * k]).collect();
+        let mut outs: Vec<LatentOut> = parts.iter_mut().map(|p| LatentOut::Memory(p)).collect();
+        let seen = std::cell::Cell::new((0, 0));
+        let progress = |done, all| seen.set((done, all));
+        m.training_latent_into(&data, &progress, &|| false, &mut LatentOut::Memory(&mut joint), &mut outs).unwrap();
+        assert_eq!(seen.get(), (1_200, 1_200), "progress reaches every cell");
+        let stopped = m.training_latent_into(&data, &progress, &|| true, &mut LatentOut::Memory(&mut joint), &mut outs);
+        assert!(stopped.is_err(), "an interrupt stops the pass");
+        let bad =
+            m.training_latent_into(&data, &|_, _| {}, &|| false, &mut LatentOut::Memory(&mut joint), &mut outs[..1]);
+        assert!(bad.unwrap_err().to_string().contains("1 latent outputs for the model's 2 modalities"));
+        (m, (joint, parts))
     };
     let (disk, z) = fit_disk();
     let memory = crate::device::with_threads(2, || {
@@ -399,8 +415,13 @@ fn a_model_trained_from_disk_matches_one_trained_in_memory() {
     let block = disks[0].block;
     let v = &disk.meta.training.validation_cells;
     assert!(!v.is_empty() && v.iter().all(|&r| v.contains(&(r / block * block))));
-    assert_eq!(z.joint.values, disk.training_latent(&[&s.counts, &atac], &cov).unwrap().joint.values);
-    assert_eq!(fit_disk().1.joint.values, z.joint.values);
+    let cols = |m: &crate::models::Matrix| -> Vec<f64> {
+        (0..m.cols).flat_map(|j| (0..m.rows).map(move |i| f64::from(m.values[i * m.cols + j]))).collect()
+    };
+    let mem = disk.training_latent(&[&s.counts, &atac], &cov).unwrap();
+    assert_eq!(z.0, cols(&mem.joint));
+    assert!(z.1.iter().zip(&mem.parts).all(|(p, (_, m))| *p == cols(m)));
+    assert_eq!(fit_disk().1 .0, z.0);
     // Modalities of different cells are refused.
     let layout = Layout::Sparse { data: "X/data".into(), indices: "X/indices".into(), indptr: "X/indptr".into() };
     let other = dir.join("other.h5ad").to_string_lossy().into_owned();
