@@ -287,13 +287,14 @@ disk_batch <- function(d, batch) {
 }
 
 # Highly variable genes of on-disk counts (and, with n_pcs > 0, the PCA of
-# their log2 CPM), read in blocks; the result as rs_run_pca()'s.
-disk_hvg_pca <- function(d, batch_f, n_hvg, span, n_pcs, scale, threads, scores_file = NULL) {
+# their log2 counts per `scale_factor` + 1), read in blocks; the result as
+# rs_run_pca()'s.
+disk_hvg_pca <- function(d, batch_f, n_hvg, span, n_pcs, scale, threads, scores_file = NULL, scale_factor = 1e4) {
   bar <- pass_bar()
   on.exit(bar$done(), add = TRUE)
   b <- batch_args(batch_f)
   rust(rs_disk_hvg_pca(disk_spec(d), b$codes, b$levels, n_hvg, span, as.integer(n_pcs), scale,
-                       resolve_threads(threads), scores_file, bar$update))
+                       as.numeric(scale_factor), resolve_threads(threads), scores_file, bar$update))
 }
 
 # The identity of on-disk counts: the file, its size and time, the layout.

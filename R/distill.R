@@ -2,7 +2,8 @@
 #'
 #' A teacher gives [distill()] the batch-free embedding Z* its student
 #' learns. `harmony_teacher()` computes it: seurat_v3 highly variable genes
-#' (batch-aware), PCA of their log2(CPM + 1) (see [run_pca()]), then
+#' (batch-aware), PCA of their log-normalized counts (log2 per 10^4 + 1, see
+#' [run_pca()]), then
 #' [run_harmony()]. `given_teacher()` uses an embedding you already have
 #' (fastMNN, Seurat RPCA/CCA, scVI, ...), so that you can distil from the
 #' method you trust; the student's encoder then reads the `n_hvg` highly
@@ -18,10 +19,12 @@
 #' @param n_pcs Principal components handed to Harmony; also the latent
 #'   dimension of the student unless `distill(n_latent =)` says otherwise.
 #' @param n_hvg Highly variable genes: the PCA's genes and the encoder's input.
-#' @param method PCA of log2(CPM + 1) (`"log2cpm"`) or of analytic
-#'   Pearson residuals (`"pearson_residuals"`): [run_pca()]'s `method`. The
-#'   encoder reads log2 CPM either way. (Formerly `pca_method`, with
-#'   `"standard"` for `"log2cpm"`; both are still accepted, with a warning.)
+#' @param method,scale_factor The PCA's values, as [run_pca()]'s: log2 of
+#'   counts per `scale_factor` + 1 (`"log"`, default), the same per 10^6
+#'   (`"log2cpm"`, the default of earlier versions), or analytic Pearson
+#'   residuals (`"pearson_residuals"`). The encoder reads log2 CPM either
+#'   way. (Formerly `pca_method`, with `"standard"` for `"log2cpm"`; both are
+#'   still accepted, with a warning.)
 #' @param sketch Harmony is fitted on a sample of this many cells when the
 #'   data have more, and the other cells are corrected by the fit (see
 #'   [run_harmony()]'s `sketch`): the teacher's memory then stops growing
@@ -38,7 +41,8 @@
 #' harmony_teacher(theta = 2, protect = "condition")
 #' @export
 harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
-                            method = c("log2cpm", "pearson_residuals"), sketch = 2e5, ...) {
+                            method = c("log", "pearson_residuals", "log2cpm"), scale_factor = 1e4,
+                            sketch = 2e5, ...) {
   args <- list(...)
   if (!is.null(args$pca_method)) {
     warning("harmony_teacher(pca_method =) is now `method`, as in run_pca()", call. = FALSE)
@@ -57,9 +61,20 @@ harmony_teacher <- function(theta = 2, protect = NULL, n_pcs = 50, n_hvg = 2000,
   }
   if (!is.null(args$seed)) args$seed <- check_seed(args$seed)
   if (!is.null(sketch)) args$sketch <- check_count(sketch, "sketch", min = 2)
+  method <- choose_arg(method, "method")
+  scale_factor <- if (method == "log2cpm") 1e6 else check_positive(scale_factor, "scale_factor")
   structure(list(kind = "harmony", theta = theta, protect = protect, n_pcs = check_count(n_pcs, "n_pcs", min = 2),
-                 n_hvg = check_count(n_hvg, "n_hvg"), method = choose_arg(method, "method"), args = args),
+                 n_hvg = check_count(n_hvg, "n_hvg"), method = if (method == "log2cpm") "log" else method,
+                 scale_factor = scale_factor, args = args),
             class = "scdistill_teacher")
+}
+
+# The teacher's PCA values in words, for progress and the model's description.
+pca_values <- function(teacher) {
+  if (teacher$method != "log") return(teacher$method)
+  sf <- teacher$scale_factor %||% 1e6
+  switch(format(sf, scientific = FALSE), `10000` = "log2 CP10k", `1000000` = "log2 CPM",
+         paste("log2 per", format(sf, big.mark = ",", scientific = FALSE)))
 }
 
 #' @rdname harmony_teacher
@@ -79,7 +94,7 @@ given_teacher <- function(embedding, n_hvg = 2000) {
 #' @export
 print.scdistill_teacher <- function(x, ...) {
   if (x$kind == "harmony") {
-    cat(sprintf("Harmony teacher: %d PCs of %d highly variable genes, theta %s%s%s\n", x$n_pcs, x$n_hvg,
+    cat(sprintf("Harmony teacher: %d PCs (%s) of %d highly variable genes, theta %s%s%s\n", x$n_pcs, pca_values(x), x$n_hvg,
                 paste(x$theta, collapse = "/"),
                 if (length(x$protect)) paste0(", protecting ", paste(x$protect, collapse = ", ")) else "",
                 if (!is.null(x$args$sketch)) {
@@ -128,8 +143,9 @@ print.scdistill_teacher <- function(x, ...) {
 #' @param teacher [harmony_teacher()] (default) or [given_teacher()].
 #' @section Counts on disk:
 #' The Harmony teacher's genes and PCA are computed from the file in four
-#' passes of 16,384 cells: the same genes and the same exact PCA (of log2
-#' CPM; `method = "pearson_residuals"` needs the counts in memory) as in
+#' passes of 16,384 cells: the same genes and the same exact PCA (of the
+#' log-normalized counts; `method = "pearson_residuals"` needs the counts in
+#' memory) as in
 #' memory, see [run_pca()]; the first pass also gives the student its
 #' library sizes. Harmony then corrects the PCs of every cell (cells ×
 #' `n_pcs`, in memory); above 200,000 cells it is fitted on a sketch of
@@ -412,17 +428,19 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
   }
   if (teacher$kind == "harmony") {
     n_pcs <- n_latent %||% teacher$n_pcs
-    if (progress) cli::cli_progress_step("Teacher: PCA ({teacher$method}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
+    values <- pca_values(teacher)
+    if (progress) cli::cli_progress_step("Teacher: PCA ({values}) of {teacher$n_hvg} highly variable genes, {n_pcs} PCs")
     lib_sizes <- NULL
     file <- NULL
     if (is.null(cnt$disk)) {
       pcs <- run_pca(counts, n_pcs = n_pcs, n_hvg = teacher$n_hvg, batch = cnt$batch, seed = seed,
-                     threads = threads, method = teacher$method)
+                     threads = threads, method = teacher$method, scale_factor = teacher$scale_factor)
       hvg <- rownames(attr(pcs, "rotation"))
     } else {
       # As run_pca() of the file; its first pass has the library sizes the student needs.
       if (!is.null(h5)) file <- list(path = h5$path, name = "teacher_latent")
-      p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, threads, file)
+      p <- disk_pca(cnt$disk, cnt$batch, n_pcs, teacher$n_hvg, TRUE, teacher$method, teacher$scale_factor, threads,
+                    file)
       pcs <- if (is.null(file)) p$scores else c(file, list(cells = cells, d = n_pcs))
       hvg <- p$hvg
       lib_sizes <- p$library
@@ -462,7 +480,7 @@ teacher_embedding <- function(teacher, x, cnt, n_latent, seed, threads, progress
     } else if (length(teacher$protect)) ", protecting given covariates"
     return(list(z = z, file = file, dim_names = dim_names, hvg = hvg, library = lib_sizes, protects = protects,
                 name = sprintf("harmony (theta %s) on %d PCs (%s) of %d HVGs%s%s", paste(teacher$theta, collapse = "/"),
-                               n_pcs, teacher$method, teacher$n_hvg, protecting %||% "", sketched %||% "")))
+                               n_pcs, values, teacher$n_hvg, protecting %||% "", sketched %||% "")))
   }
   emb <- teacher$embedding
   label <- "given embedding"

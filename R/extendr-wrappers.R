@@ -189,14 +189,15 @@ rs_hvg <- function(counts, batch, levels, n_hvg, span, threads) {
 }
 
 rs_run_pca <- function(counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol, max_genes_exact,
-                        seed, residual_theta, threads) {
+                        seed, residual_theta, scale_factor, threads) {
   .Call(native("wrap__rs_run_pca"), counts, batch, levels, n_pcs, n_hvg, scale, n_oversamples, max_iter, tol,
-        max_genes_exact, seed, residual_theta, threads)
+        max_genes_exact, seed, residual_theta, scale_factor, threads)
 }
 
-rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, threads, scores_file, progress) {
-  .Call(native("wrap__rs_disk_hvg_pca"), spec, batch, levels, n_hvg, span, n_pcs, scale, threads, scores_file,
-        progress)
+rs_disk_hvg_pca <- function(spec, batch, levels, n_hvg, span, n_pcs, scale, scale_factor, threads, scores_file,
+                             progress) {
+  .Call(native("wrap__rs_disk_hvg_pca"), spec, batch, levels, n_hvg, span, n_pcs, scale, scale_factor, threads,
+        scores_file, progress)
 }
 
 rs_simulate <- function(params, threads) .Call(native("wrap__rs_simulate"), params, threads)

@@ -1,14 +1,16 @@
-# The teacher's normalization before its PCA (issue 23): log2(CPM + 1), what
-# run_pca() and harmony_teacher() do today (a pseudocount of one count per
-# million), against the log of counts per 10^4 + 1 of Seurat's NormalizeData()
-# and scanpy's normalize_total(target_sum = 1e4) + log1p (a pseudocount 100
-# times larger relative to the counts, so one read against none weighs less).
+# The teacher's normalization before its PCA (issue 23): log2(CPM + 1), the
+# default of run_pca() and harmony_teacher() until stop 62 (now
+# method = "log2cpm"; a pseudocount of one count per million), against the log
+# of counts per 10^4 + 1 of Seurat's NormalizeData() and scanpy's
+# normalize_total(target_sum = 1e4) + log1p, their default since (in base 2,
+# the same PCs once each gene is scaled): a pseudocount 100 times larger
+# relative to the counts, so one read against none weighs less.
 # Everything else as harmony_teacher() at its defaults: the genes of
 # bench/quality.R's data (2,000, all highly variable), each scaled to unit
 # variance and clipped at 10, 50 exact PCs (prcomp), run_harmony() at its
 # defaults; the student is distill(teacher = given_teacher(Z*), seed = s),
-# so it reads log2 CPM either way. With "log2cpm" this reproduces distill()'s
-# own teacher and scores.
+# so it reads log2 CPM either way. Each row reproduces distill()'s own
+# teacher with harmony_teacher(method =) "log2cpm" or "log" (the default).
 #
 #   Rscript bench/normalization.R [--data cellbench,sim_rare,sim_confounded] [--seeds 1,2,3]
 #                                 [--threads 2] [--seed 3] [--sim-cells 12000] [--out FILE.csv]

@@ -17,9 +17,12 @@ ref_standardized_variance <- function(m) {
   rowSums((clipped - mu)^2) / ((n - 1) * sd_exp^2)
 }
 
-ref_log2_cpm <- function(m) {
+ref_log2_cpm <- function(m) ref_log_norm(m, 1e6)
+
+# log2(counts / cell total * scale_factor + 1): run_pca()'s default values.
+ref_log_norm <- function(m, scale_factor = 1e4) {
   m <- as.matrix(m)
-  log2(t(t(m) / colSums(m)) * 1e6 + 1)
+  log2(t(t(m) / colSums(m)) * scale_factor + 1)
 }
 
 read_cellbench <- function() {

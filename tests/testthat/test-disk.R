@@ -356,6 +356,9 @@ test_that("highly_variable_genes() and run_pca() of a file read it in blocks and
   p_mem <- run_pca(mem, n_pcs = 8, n_hvg = 80, batch = mem$batch, threads = 2)
   expect_equal(p_disk, p_mem, tolerance = 1e-8)
   expect_equal(rownames(p_disk), s$sim$counts$cells)
+  # Per 10^6 too (the file's passes take the scale factor).
+  expect_equal(run_pca(s$file, n_pcs = 8, n_hvg = 80, batch = mem$batch, method = "log2cpm", threads = 2),
+               run_pca(mem, n_pcs = 8, n_hvg = 80, batch = mem$batch, method = "log2cpm", threads = 2), tolerance = 1e-8)
   expect_error(run_pca(s$file, n_pcs = 8, method = "pearson_residuals"), "needs the counts in memory")
   expect_error(highly_variable_genes(s$file, batch = "donor"), "not a cell column")
 })

@@ -223,7 +223,12 @@ test_that("plot() of integration metrics draws every score, kBET and Leiden incl
 test_that("harmony_teacher() takes run_pca()'s `method`; `pca_method` still works with a warning", {
   expect_identical(harmony_teacher(method = "pearson_residuals")$method, "pearson_residuals")
   expect_warning(t <- harmony_teacher(pca_method = "standard"), "now `method`")
-  expect_identical(t$method, "log2cpm")
+  expect_identical(t[c("method", "scale_factor")], list(method = "log", scale_factor = 1e6))
+  # The default: log2 counts per 10^4 + 1, named in what the teacher prints.
+  expect_identical(harmony_teacher()[c("method", "scale_factor")], list(method = "log", scale_factor = 1e4))
+  expect_output(print(harmony_teacher()), "50 PCs \\(log2 CP10k\\)")
+  expect_output(print(harmony_teacher(method = "log2cpm")), "\\(log2 CPM\\)")
+  expect_output(print(harmony_teacher(scale_factor = 5000)), "\\(log2 per 5,000\\)")
 })
 
 test_that("a model trained without validation cells saves and loads (its NaN history survives)", {

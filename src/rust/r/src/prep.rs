@@ -40,7 +40,8 @@ fn rs_hvg(counts: List, batch: Robj, levels: Robj, n_hvg: i32, span: f64, thread
     Ok(hvg_list(&h))
 }
 
-/// HVG selection, log2(CPM+1) of those genes, and truncated PCA.
+/// HVG selection, log2(counts per `scale_factor` + 1) of those genes (or
+/// their Pearson residuals when `residual_theta` > 0), and truncated PCA.
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -57,6 +58,7 @@ fn rs_run_pca(
     max_genes_exact: i32,
     seed: f64,
     residual_theta: f64,
+    scale_factor: f64,
     threads: i32,
 ) -> Result<List> {
     let m = counts_from_r(&counts)?;
@@ -70,7 +72,11 @@ fn rs_run_pca(
         seed: seed as u64,
         max_genes_exact: max_genes_exact.max(0) as usize,
     };
-    let of = if residual_theta > 0.0 { prep::PcaOf::PearsonResiduals(residual_theta) } else { prep::PcaOf::Log2Cpm };
+    let of = if residual_theta > 0.0 {
+        prep::PcaOf::PearsonResiduals(residual_theta)
+    } else {
+        prep::PcaOf::Log(scale_factor)
+    };
     let (h, r) =
         run(threads, |interrupted| prep::hvg_pca(&m, n_hvg.max(0) as usize, b.as_ref(), of, &params, interrupted))?;
     let k = r.sdev.len();
@@ -88,7 +94,8 @@ fn rs_run_pca(
     ))
 }
 
-/// HVGs (and, when `n_pcs` > 0, the PCA of their log2 CPM) of counts on
+/// HVGs (and, when `n_pcs` > 0, the PCA of their log2 counts per
+/// `scale_factor` + 1) of counts on
 /// disk (`open_disk`'s description), read in blocks; the result as
 /// `rs_run_pca`'s. `progress` as for training, phase "teacher".
 /// `scores_file`: NULL, or list(path, name) of a new dataset the scores go
@@ -104,6 +111,7 @@ fn rs_disk_hvg_pca(
     span: f64,
     n_pcs: i32,
     scale: bool,
+    scale_factor: f64,
     threads: i32,
     scores_file: Robj,
     progress: Robj,
@@ -133,6 +141,7 @@ fn rs_disk_hvg_pca(
             span,
             k,
             scale,
+            scale_factor,
             &progress,
             interrupted,
             out,

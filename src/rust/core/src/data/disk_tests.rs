@@ -514,9 +514,10 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
     write_h5ad(&path, &s.counts.csr, 5_000, &s.batch.codes);
     let d = DiskCsr::open(&path, sparse(), 20_000, 150).unwrap();
     let params = PcaParams { n_pcs: 8, ..Default::default() };
-    let (h, r) = hvg_pca(&s.counts, 60, Some(&s.batch), PcaOf::Log2Cpm, &params, &|| false).unwrap();
+    let (h, r) = hvg_pca(&s.counts, 60, Some(&s.batch), PcaOf::Log(1e4), &params, &|| false).unwrap();
     let done = std::cell::Cell::new((0, 0));
-    let got = hvg_pca_on_disk(&d, 60, Some(&s.batch), 0.3, Some(8), true, &|a, b| done.set((a, b)), &|| false).unwrap();
+    let got =
+        hvg_pca_on_disk(&d, 60, Some(&s.batch), 0.3, Some(8), true, 1e4, &|a, b| done.set((a, b)), &|| false).unwrap();
     assert_eq!(done.get(), (80_000, 80_000));
     assert_eq!(got.hvg.selected, h.selected);
     assert_eq!(got.hvg.mean, h.mean);
@@ -538,7 +539,7 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
     let mut buf = vec![f64::NAN; 20_000 * 8];
     let no_progress = |_, _| {};
     let into = |out: ScoresOut, stop: bool| {
-        hvg_pca_on_disk_into(&d, 60, Some(&s.batch), 0.3, Some(8), true, &no_progress, &|| stop, out)
+        hvg_pca_on_disk_into(&d, 60, Some(&s.batch), 0.3, Some(8), true, 1e4, &no_progress, &|| stop, out)
     };
     let r = into(ScoresOut::Memory(&mut buf), false).unwrap();
     assert_eq!(r.pca.as_ref().unwrap().scores.nrows(), 0);
@@ -557,13 +558,13 @@ fn hvgs_and_pca_of_counts_on_disk_equal_those_computed_in_memory() {
     assert!(e.to_string().contains("dataset 'wide' holds 20000 cells x 9, not 20000 x 8"), "{e}");
     let _ = std::fs::remove_file(&scores);
     // Genes only: two passes.
-    let only = hvg_pca_on_disk(&d, 60, None, 0.3, None, true, &|a, b| done.set((a, b)), &|| false).unwrap();
+    let only = hvg_pca_on_disk(&d, 60, None, 0.3, None, true, 1e4, &|a, b| done.set((a, b)), &|| false).unwrap();
     assert!(only.pca.is_none() && done.get() == (40_000, 40_000));
     let h1 = crate::prep::highly_variable_genes(&s.counts, 60, None, 0.3).unwrap();
     assert_eq!(only.hvg.selected, h1.selected);
-    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(60), true, &|_, _| {}, &|| false).unwrap_err();
+    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(60), true, 1e4, &|_, _| {}, &|| false).unwrap_err();
     assert!(e.to_string().contains("n_pcs"), "{e}");
-    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(8), true, &|_, _| {}, &|| true).unwrap_err();
+    let e = hvg_pca_on_disk(&d, 60, None, 0.3, Some(8), true, 1e4, &|_, _| {}, &|| true).unwrap_err();
     assert!(matches!(e, crate::error::Error::Interrupted));
 }
 
@@ -588,7 +589,7 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     let d = DiskCsr::open(&path, sparse(), n, 150).unwrap();
     // The teacher as distill() computes it from disk: HVGs and PCA in
     // blocks, Harmony on the scores.
-    let t = hvg_pca_on_disk(&d, 100, Some(&s.batch), 0.3, Some(10), true, &|_, _| {}, &|| false).unwrap();
+    let t = hvg_pca_on_disk(&d, 100, Some(&s.batch), 0.3, Some(10), true, 1e4, &|_, _| {}, &|| false).unwrap();
     let z = crate::models::distill::tests::harmony_of(&t.pca.unwrap().scores, &s.batch);
     let all: Vec<usize> = (0..150).collect();
     let hvg = t.hvg.selected.clone();

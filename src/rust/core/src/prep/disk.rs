@@ -59,8 +59,9 @@ impl Passes<'_> {
 
 /// `n_hvg` seurat_v3 highly variable genes of the counts on disk (batch-aware
 /// with `batch`) and, when `n_pcs` is given, the exact PCA of their
-/// log2(CPM + 1) (library sizes over all the matrix's genes), each gene
-/// scaled to unit variance when `scale`. `progress(done, total)` counts
+/// log2(counts per `scale_factor` + 1) (library sizes over all the matrix's
+/// genes; [`super::log_normalized`]), each gene scaled to unit variance
+/// when `scale`. `progress(done, total)` counts
 /// cells over all passes.
 #[allow(clippy::too_many_arguments)]
 pub fn hvg_pca_on_disk(
@@ -70,13 +71,14 @@ pub fn hvg_pca_on_disk(
     span: f64,
     n_pcs: Option<usize>,
     scale: bool,
+    scale_factor: f64,
     progress: &dyn Fn(usize, usize),
     interrupted: &dyn Fn() -> bool,
 ) -> Result<DiskPca> {
     let n = disk.n_rows();
     let mut scores = vec![0.0; n * n_pcs.unwrap_or(0)];
     let out = ScoresOut::Memory(&mut scores);
-    let mut r = hvg_pca_on_disk_into(disk, n_hvg, batch, span, n_pcs, scale, progress, interrupted, out)?;
+    let mut r = hvg_pca_on_disk_into(disk, n_hvg, batch, span, n_pcs, scale, scale_factor, progress, interrupted, out)?;
     if let Some(p) = r.pca.as_mut() {
         p.scores = faer::Mat::from_fn(n, p.sdev.len(), |i, j| scores[j * n + i]);
     }
@@ -103,12 +105,14 @@ pub fn hvg_pca_on_disk_into(
     span: f64,
     n_pcs: Option<usize>,
     scale: bool,
+    scale_factor: f64,
     progress: &dyn Fn(usize, usize),
     interrupted: &dyn Fn() -> bool,
     mut scores: ScoresOut,
 ) -> Result<DiskPca> {
     check_param(n_hvg >= 1, "n_hvg", "must be at least 1")?;
     check_param(span > 0.0 && span <= 1.0, "span", "must be in (0, 1]")?;
+    check_param(scale_factor > 0.0 && scale_factor.is_finite(), "scale_factor", "must be a positive number")?;
     let (n, g) = (disk.n_rows(), disk.n_cols());
     let all = Categorical::constant("all", n);
     let batch = batch.unwrap_or(&all);
@@ -181,17 +185,17 @@ pub fn hvg_pca_on_disk_into(
         return Ok(DiskPca { hvg, pca: None, library });
     };
 
-    // Pass 3: the HVGs' log2 CPM, its column sums and Gram matrix.
+    // Pass 3: the HVGs' log-normalized values, their column sums and Gram matrix.
     let p = hvg.selected.len();
-    let log2cpm = |start: usize, m: &Csr| -> Csr {
-        let scale: Vec<f64> = (0..m.n_rows).map(|r| 1e6 / library[start + r]).collect();
+    let lognorm = |start: usize, m: &Csr| -> Csr {
+        let scale: Vec<f64> = (0..m.n_rows).map(|r| scale_factor / library[start + r]).collect();
         m.select_columns(&hvg.selected).map_values(|r, v| ((v as f64 * scale[r]) + 1.0).log2() as f32)
     };
     let mut moments = vec![0.0; 2 * p];
     let mut gram = vec![0.0; p * p];
     let mut failed = None;
     passes.pass(|start, m| {
-        let x = log2cpm(start, m);
+        let x = lognorm(start, m);
         let every: Vec<usize> = (0..x.n_rows).collect();
         add(&mut moments, column_moments(&x, &every));
         match sparse_gram(&x, interrupted) {
@@ -211,7 +215,7 @@ pub fn hvg_pca_on_disk_into(
     // Pass 4: scores, into the caller's column-major matrix or its file.
     let mut failed = None;
     passes.pass(|start, m| {
-        let s = centered_product(&log2cpm(start, m), &center, &unit, &loadings);
+        let s = centered_product(&lognorm(start, m), &center, &unit, &loadings);
         match &mut scores {
             ScoresOut::Memory(v) => {
                 for c in 0..k {

@@ -1,6 +1,6 @@
-//! Preprocessing: library sizes, log2(CPM+1), highly variable genes
-//! (seurat_v3), and truncated PCA on the selected genes (of log2 CPM or of
-//! analytic Pearson residuals).
+//! Preprocessing: library sizes, log-normalization (log2 of counts per
+//! 10^4 or 10^6 + 1), highly variable genes (seurat_v3), and truncated PCA
+//! on the selected genes (log-normalized or analytic Pearson residuals).
 
 mod disk;
 mod hvg;
@@ -13,7 +13,7 @@ pub use disk::{hvg_pca_on_disk, hvg_pca_on_disk_into, DiskPca, ScoresOut};
 pub use hvg::{highly_variable_genes, HvgResult};
 pub use loess::loess_quadratic;
 pub(crate) use normalize::column_mean_var;
-pub use normalize::log2_cpm;
+pub use normalize::{log2_cpm, log_normalized};
 pub use pca::{pca, PcaParams, PcaResult};
 pub use pearson::pearson_residual_pca;
 
@@ -23,8 +23,9 @@ use crate::error::Result;
 /// What a PCA is of.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PcaOf {
-    /// log2(CPM + 1), library sizes over all genes.
-    Log2Cpm,
+    /// log2(counts per this many + 1), library sizes over all genes
+    /// ([`log_normalized`]).
+    Log(f64),
     /// Analytic Pearson residuals with this NB overdispersion θ.
     PearsonResiduals(f64),
 }
@@ -42,7 +43,9 @@ pub fn hvg_pca(
     let h = highly_variable_genes(counts, n_hvg, batch, 0.3)?;
     let r = match of {
         PcaOf::PearsonResiduals(theta) => pearson_residual_pca(counts, &h.selected, params.n_pcs, theta, interrupted)?,
-        PcaOf::Log2Cpm => pca(&log2_cpm(counts).select_columns(&h.selected), params, interrupted)?,
+        PcaOf::Log(scale_factor) => {
+            pca(&log_normalized(counts, scale_factor).select_columns(&h.selected), params, interrupted)?
+        }
     };
     Ok((h, r))
 }

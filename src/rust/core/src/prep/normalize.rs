@@ -4,7 +4,13 @@ use crate::data::{CountMatrix, Csr};
 
 /// log2(counts / library size × 10^6 + 1), keeping the sparsity pattern.
 pub fn log2_cpm(counts: &CountMatrix) -> Csr {
-    let scale: Vec<f64> = counts.library_sizes().iter().map(|&l| 1e6 / l).collect();
+    log_normalized(counts, 1e6)
+}
+
+/// log2(counts / library size × `scale_factor` + 1), keeping the sparsity
+/// pattern: Seurat's LogNormalize (in base 2) for 10^4, log2 CPM for 10^6.
+pub fn log_normalized(counts: &CountMatrix, scale_factor: f64) -> Csr {
+    let scale: Vec<f64> = counts.library_sizes().iter().map(|&l| scale_factor / l).collect();
     counts.csr.map_values(|r, v| ((v as f64 * scale[r]) + 1.0).log2() as f32)
 }
 
@@ -78,6 +84,12 @@ mod tests {
         .unwrap();
         let l = log2_cpm(&m);
         let want = [(250_000f64 + 1.0).log2(), (750_000f64 + 1.0).log2(), (1e6f64 + 1.0).log2()];
+        for (a, b) in l.values.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-5);
+        }
+        // Per 10^4: 1 of 4 counts is 2,500 per 10^4.
+        let l = log_normalized(&m, 1e4);
+        let want = [2_501f64.log2(), 7_501f64.log2(), 10_001f64.log2()];
         for (a, b) in l.values.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-5);
         }
