@@ -139,31 +139,17 @@ impl Input {
         match self {
             Input::Memory(m) => {
                 let model = VaeModel::fit(m, cov, config, train, device, interrupted, &on_epoch)?;
-                let stop = after_training(model.meta.training.interrupted, interrupted);
-                model.training_latent_into(&VaeData::new(&m.csr, cov), &encoded, stop, out)?;
+                model.training_latent_into(&VaeData::for_encoding(&m.csr, cov), &encoded, interrupted, out)?;
                 Ok(model)
             }
             Input::Disk(d, genes) => {
                 let scan = d.scan(&|done, total| report("scan", &pass_record(done, total)), interrupted)?;
                 check_scan(d, &scan)?;
                 let model = VaeModel::fit_on_disk(d, &scan, genes, cov, config, train, device, interrupted, &on_epoch)?;
-                let stop = after_training(model.meta.training.interrupted, interrupted);
-                model.training_latent_into(&VaeData::on_disk(d, &scan, cov), &encoded, stop, out)?;
+                model.training_latent_into(&VaeData::on_disk(d, &scan, cov), &encoded, interrupted, out)?;
                 Ok(model)
             }
         }
-    }
-}
-
-/// What stops the pass that encodes the training cells after the fit. A
-/// fit that an interrupt ended still returns its model (R hands it back or
-/// stops with it), so that pass then runs to its end: the interrupt stays
-/// raised and would otherwise lose the model.
-pub(crate) fn after_training(fit_interrupted: bool, interrupted: &dyn Fn() -> bool) -> &dyn Fn() -> bool {
-    if fit_interrupted {
-        &|| false
-    } else {
-        interrupted
     }
 }
 

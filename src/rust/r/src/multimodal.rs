@@ -1,7 +1,7 @@
 //! extendr glue of fit_multimodal() and modality_attribution() (mirrors R/multimodal.R).
 
 use crate::convert::from_r;
-use crate::disk::{after_training, check_scan, Input};
+use crate::disk::{check_scan, Input};
 use crate::fail;
 use crate::model::{cells_from_r, fitted_to_r, model_as, pass_record, with_epoch_progress};
 use crate::vae::categorical_list;
@@ -117,8 +117,7 @@ fn rs_fit_multimodal(
                 let refs: Vec<&CountMatrix> = m.iter().collect();
                 let model = MultimodalModel::fit(&refs, &cov, config, train, device, interrupted, &on_epoch)?;
                 let data = MultimodalData::new(refs.iter().map(|c| &c.csr).collect(), &cov)?;
-                let stop = after_training(model.meta.training.interrupted, interrupted);
-                model.training_latent_into(&data, &encoded, stop, &mut joint_out, &mut part_outs)?;
+                model.training_latent_into(&data, &encoded, interrupted, &mut joint_out, &mut part_outs)?;
                 Ok(model)
             }
             Modalities::Disk(d) => {
@@ -146,8 +145,7 @@ fn rs_fit_multimodal(
                     &on_epoch,
                 )?;
                 let data = MultimodalData::on_disk(&disks, &scans, &cov)?;
-                let stop = after_training(model.meta.training.interrupted, interrupted);
-                model.training_latent_into(&data, &encoded, stop, &mut joint_out, &mut part_outs)?;
+                model.training_latent_into(&data, &encoded, interrupted, &mut joint_out, &mut part_outs)?;
                 Ok(model)
             }
         }

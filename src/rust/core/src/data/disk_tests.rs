@@ -606,38 +606,42 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     let _turn = crate::models::TORCH.lock().unwrap_or_else(|e| e.into_inner());
     // Z* in memory or in a file; Z into R's matrix or into a file (`out`).
     let in_memory = || Teacher::from(Embedding::row_major(&z, n, 10));
-    let fit_to =
-        |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig, teacher: Teacher, out: Option<&CellsH5>| {
-            let data = DistillData {
-                counts,
-                input_genes: &hvg,
-                decoder_genes: decoder,
-                batch: &s.batch,
-                teacher,
-                teacher_name: "harmony".into(),
-                teacher_protects: vec![],
-            };
-            let mut zc = vec![0.0; n * 10];
-            let latent = match out {
-                Some(f) => LatentOut::File(f.clone()),
-                None => LatentOut::Memory(&mut zc),
-            };
-            let m = crate::device::with_threads(2, || {
-                let cfg = DistillConfig::default();
-                let (t1, t2) = (tc.clone(), tc.clone());
-                DistillModel::fit_into(&data, cfg, t1, t2, Device::Cpu, &|| false, &|_, _| {}, &|_, _| {}, latent)
-            })
-            .unwrap()?;
-            // Z comes column-major (R's layout), or from the file in single
-            // precision; here row-major, as latent() gives it.
-            let z = match out {
-                Some(f) => f.read(0, n).unwrap().iter().map(|&v| v as f32).collect(),
-                None => (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>(),
-            };
-            Ok::<_, crate::error::Error>((m, z))
+    let fit_to = |counts: DistillCounts,
+                  decoder: &[usize],
+                  tc: &TrainConfig,
+                  teacher: Teacher,
+                  out: Option<&CellsH5>,
+                  stop: &(dyn Fn() -> bool + Sync)| {
+        let data = DistillData {
+            counts,
+            input_genes: &hvg,
+            decoder_genes: decoder,
+            batch: &s.batch,
+            teacher,
+            teacher_name: "harmony".into(),
+            teacher_protects: vec![],
         };
+        let mut zc = vec![0.0; n * 10];
+        let latent = match out {
+            Some(f) => LatentOut::File(f.clone()),
+            None => LatentOut::Memory(&mut zc),
+        };
+        let m = crate::device::with_threads(2, || {
+            let cfg = DistillConfig::default();
+            let (t1, t2) = (tc.clone(), tc.clone());
+            DistillModel::fit_into(&data, cfg, t1, t2, Device::Cpu, stop, &|_, _| {}, &|_, _| {}, latent)
+        })
+        .unwrap()?;
+        // Z comes column-major (R's layout), or from the file in single
+        // precision; here row-major, as latent() gives it.
+        let z = match out {
+            Some(f) => f.read(0, n).unwrap().iter().map(|&v| v as f32).collect(),
+            None => (0..n * 10).map(|k| zc[(k % 10) * n + k / 10] as f32).collect::<Vec<f32>>(),
+        };
+        Ok::<_, crate::error::Error>((m, z))
+    };
     let fit = |counts: DistillCounts, decoder: &[usize], tc: &TrainConfig| {
-        fit_to(counts, decoder, tc, in_memory(), None).unwrap()
+        fit_to(counts, decoder, tc, in_memory(), None, &|| false).unwrap()
     };
     let on_disk = || DistillCounts::Disk { disk: &d, genes: &s.counts.genes, library: &scan.row_sums };
     let (disk, z_disk) = fit(on_disk(), &all, &tc);
@@ -674,7 +678,8 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     }
     assert_eq!(teacher.read(0, n).unwrap(), z);
     let out = CellsH5::create(&file, "latent", n, 10, true).unwrap();
-    let (from_file, back) = fit_to(on_disk(), &all, &tc, Teacher::File(teacher.clone()), Some(&out)).unwrap();
+    let (from_file, back) =
+        fit_to(on_disk(), &all, &tc, Teacher::File(teacher.clone()), Some(&out), &|| false).unwrap();
     let losses = |m: &DistillModel| {
         let h = m.meta.history_encoder.iter().chain(&m.meta.history_decoder);
         h.map(|e| (e.train_loss, e.validation_elbo)).collect::<Vec<_>>()
@@ -686,12 +691,21 @@ fn a_student_distilled_from_disk_matches_one_distilled_in_memory() {
     bad[3] = f64::INFINITY;
     teacher.write(1234, &bad).unwrap();
     let in_file = || Teacher::File(teacher.clone());
-    let err = fit_to(on_disk(), &all, &tc, in_file(), None).err().unwrap().to_string();
+    let err = fit_to(on_disk(), &all, &tc, in_file(), None, &|| false).err().unwrap().to_string();
     assert!(err.contains("missing or infinite value (cell 1235)"), "{err}");
     // Counts in memory need Z* in memory.
-    let err = fit_to((&s.counts).into(), &all, &tc, in_file(), None).err().unwrap().to_string();
+    let err = fit_to((&s.counts).into(), &all, &tc, in_file(), None, &|| false).err().unwrap().to_string();
     assert!(err.contains("for counts on disk only"), "{err}");
     let _ = std::fs::remove_file(&file);
+    // Ctrl-C in the encoder's phase: the model comes back with Z of every
+    // cell, which the interrupt, still raised, does not stop.
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let stop = || calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 3;
+    let (cut, z_cut) = fit_to(on_disk(), &all, &tc, in_memory(), None, &stop).unwrap();
+    assert!(cut.meta.interrupted && cut.meta.history_decoder.is_empty());
+    assert!(cut.meta.history_encoder.len() < 30, "{} epochs", cut.meta.history_encoder.len());
+    let again = cut.latent(&s.counts).unwrap();
+    assert!(z_cut.iter().zip(&again).all(|(a, b)| (a - b).abs() < 1e-4) && z_cut.iter().any(|&v| v != 0.0));
     // A decoder of the HVGs only: library sizes over those genes, as in memory.
     let short = TrainConfig { max_epochs: 2, ..tc.clone() };
     let (a, _) = fit(on_disk(), &hvg, &short);

@@ -1120,7 +1120,10 @@ impl DistillModel {
             (TrainingCells::Disk { .. }, LatentOut::File(f)) => Some(f),
             _ => None,
         };
-        let (latent, log_library, log_factorial) = cells.latent_and_totals(&student, z_file, pass, interrupted)?;
+        // Z of every cell even after an interrupted encoder phase: the
+        // model is returned with it.
+        let z_pass = super::after_fit(h1.interrupted, interrupted);
+        let (latent, log_library, log_factorial) = cells.latent_and_totals(&student, z_file, pass, z_pass)?;
         train_decoder.bf16 = student.set_bf16_training(train_decoder.bf16);
         let h2 = if h1.interrupted || h1.diverged_at.is_some() {
             History::default()

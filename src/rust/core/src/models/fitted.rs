@@ -124,6 +124,18 @@ impl InOrder<'_, '_> {
     }
 }
 
+/// What stops the pass that encodes the training cells after a fit. A fit
+/// that an interrupt ended still returns its model, and the interrupt stays
+/// raised: that pass then runs to its end, or the model would be lost with
+/// it.
+pub fn after_fit(fit_interrupted: bool, interrupted: &dyn Fn() -> bool) -> &dyn Fn() -> bool {
+    if fit_interrupted {
+        &|| false
+    } else {
+        interrupted
+    }
+}
+
 /// A row-major matrix of results, `rows × cols`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {

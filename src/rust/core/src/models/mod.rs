@@ -17,8 +17,8 @@ pub mod umap;
 pub mod vae;
 
 pub use fitted::{
-    codes_of, from_bytes, kind_name, levels_list, one_or_many, Cells, Elbo, ExpressionOptions, FittedModel, Latent,
-    LatentOptions, LatentOut, Matrix,
+    after_fit, codes_of, from_bytes, kind_name, levels_list, one_or_many, Cells, Elbo, ExpressionOptions, FittedModel,
+    Latent, LatentOptions, LatentOut, Matrix,
 };
 
 /// libtorch's generator and thread count are global: tests that train, or

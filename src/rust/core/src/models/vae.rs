@@ -272,6 +272,20 @@ impl<'a> VaeData<'a> {
         VaeData { counts: Rows::Memory(counts), covariates, log_library, log_factorial, resident: None }
     }
 
+    /// As [`VaeData::new`] for passes that encode or decode but never
+    /// evaluate the likelihood: Σ log x! is left at zero, not computed (one
+    /// log-gamma per non-zero count).
+    pub fn for_encoding(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
+        let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
+        VaeData {
+            counts: Rows::Memory(counts),
+            covariates,
+            log_library,
+            log_factorial: vec![0.0; counts.n_rows],
+            resident: None,
+        }
+    }
+
     /// Data on disk, with the per-cell totals of a pass over it.
     pub fn on_disk(counts: &'a DiskCsr, scan: &Scan, covariates: &'a Covariates) -> VaeData<'a> {
         VaeData {

@@ -156,7 +156,16 @@ fn interrupts_stop_training_and_keep_a_usable_model() {
     let m = VaeModel::fit(&s.counts, &cov, VaeConfig::default(), tc, Device::Cpu, &stop, &|_| {}).unwrap();
     assert!(m.meta.training.interrupted);
     assert!(m.meta.training.history.len() <= 4, "{} epochs", m.meta.training.history.len());
-    assert!(latent_of(&m, &s).iter().all(|v| v.is_finite()));
+    let z = latent_of(&m, &s);
+    assert!(z.iter().all(|v| v.is_finite()));
+    // The pass that encodes the training cells after the fit runs to its
+    // end although the interrupt is still raised (the model would be lost
+    // with it), and without Σ log x! it encodes as with it.
+    let d = m.meta.config.n_latent;
+    let mut into = vec![0.0; 300 * d];
+    let out = &mut crate::models::LatentOut::Memory(&mut into);
+    m.training_latent_into(&VaeData::for_encoding(&s.counts.csr, &cov), &|_, _| {}, &stop, out).unwrap();
+    assert!((0..300 * d).all(|k| into[(k % d) * 300 + k / d] == f64::from(z[k])));
 }
 
 #[test]

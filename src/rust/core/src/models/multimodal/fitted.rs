@@ -8,7 +8,8 @@ use crate::error::{invalid, Result};
 use crate::io;
 use crate::mapping::{new_levels, transplant, FrozenTask, MapOptions};
 use crate::models::fitted::{
-    codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, LatentOut, Matrix,
+    after_fit, codes_of, describe_meta, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, LatentOut,
+    Matrix,
 };
 use crate::train::{default_max_epochs, train, EpochRecord, TrainConfig, Trainable, TrainingRecord};
 use serde::{Deserialize, Serialize};
@@ -286,7 +287,9 @@ impl MultimodalModel {
     /// `training_latent` of the training cells of `data` (in memory or on
     /// disk, as fitted) into `joint` and one `parts` per modality, in
     /// order, a minibatch at a time: never all cells in single precision
-    /// beside them. `progress(done, all)` as the cells are encoded.
+    /// beside them. `progress(done, all)` as the cells are encoded; after a
+    /// fit that an interrupt ended, that interrupt does not stop it
+    /// ([`after_fit`]).
     pub fn training_latent_into(
         &self,
         data: &MultimodalData,
@@ -312,6 +315,7 @@ impl MultimodalModel {
         }
         let mut joint = joint.in_order(d);
         let mut parts: Vec<_> = parts.iter_mut().zip(&dims).map(|(p, &k)| p.in_order(k)).collect();
+        let interrupted = after_fit(self.meta.training.interrupted, interrupted);
         infer::latent_each(&self.model, data, true, progress, interrupted, &mut |first, z, per| {
             joint.push(first, z)?;
             parts.iter_mut().zip(per).try_for_each(|(out, p)| out.push(first, p))

@@ -72,7 +72,7 @@ impl SpeciesModel {
     /// and `batch` as fitted): no gene matching, no copy of the counts.
     pub fn training_latent(&self, s: Species, counts: &Csr, batch: &Categorical) -> Result<Matrix> {
         let cov = Covariates::new(batch.clone(), vec![], vec![])?;
-        let reps = encode_all(self.side(s), self.inner_of(s), &VaeData::new(counts, &cov), self.device(), false);
+        let reps = encode_all(self.side(s), self.inner_of(s), &VaeData::for_encoding(counts, &cov), self.device(), false);
         let values: Vec<f32> = Vec::try_from(reps.mean.to_device(Device::Cpu).flatten(0, -1))?;
         Ok(Matrix::new(counts.n_rows, self.meta.config.n_latent, values))
     }
@@ -115,7 +115,7 @@ impl FittedModel for SpeciesModel {
     fn latent(&self, cells: Cells, opts: &LatentOptions) -> Result<Latent> {
         let s = Species::parse(&opts.species)?;
         let (csr, cov) = self.prepare(s, cells)?;
-        let data = VaeData::new(&csr, &cov);
+        let data = VaeData::for_encoding(&csr, &cov);
         let reps = encode_all(self.side(s), self.inner_of(s), &data, self.device(), false);
         let z = if opts.give_mean {
             reps.mean
@@ -142,7 +142,7 @@ impl FittedModel for SpeciesModel {
         };
         let transform = codes_of(&opts.transform_batch, levels, "`transform_batch`")?;
         let side = self.side(s);
-        let data = VaeData::new(&csr, &cov);
+        let data = VaeData::for_encoding(&csr, &cov);
         let reps = encode_all(side, self.inner_of(s), &data, self.device(), false);
         let n = csr.n_rows;
         let device = self.device();

@@ -7,8 +7,8 @@ use crate::device::seed_torch;
 use crate::error::{invalid, Result};
 use crate::mapping::MapOptions;
 use crate::models::fitted::{
-    codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions, LatentOut,
-    Matrix,
+    after_fit, codes_of, describe_meta, refuse, Cells, Elbo, ExpressionOptions, FittedModel, Latent, LatentOptions,
+    LatentOut, Matrix,
 };
 use crate::train::{EpochRecord, TrainConfig};
 use serde_json::Value;
@@ -21,14 +21,15 @@ impl VaeModel {
         Matrix::new(
             counts.n_rows,
             self.meta.config.n_latent,
-            infer::latent(&self.vae, &VaeData::new(counts, cov), true),
+            infer::latent(&self.vae, &VaeData::for_encoding(counts, cov), true),
         )
     }
 
     /// `training_latent` of the training cells of `data` (in memory or on
     /// disk, as fitted) into `out`, in order, a minibatch at a time:
     /// never all cells in single precision beside `out`.
-    /// `progress(done, all)` as the cells are encoded.
+    /// `progress(done, all)` as the cells are encoded; after a fit that an
+    /// interrupt ended, that interrupt does not stop it ([`after_fit`]).
     pub fn training_latent_into(
         &self,
         data: &VaeData,
@@ -41,6 +42,7 @@ impl VaeModel {
             return invalid!("room for {} latent values; expected cells ({n}) × dimensions ({d})", out.len());
         }
         let mut cells = out.in_order(d);
+        let interrupted = after_fit(self.meta.training.interrupted, interrupted);
         infer::latent_each(&self.vae, data, true, progress, interrupted, &mut |first, z| cells.push(first, z))?;
         cells.finish()
     }
@@ -163,7 +165,7 @@ impl FittedModel for VaeModel {
     fn latent(&self, cells: Cells, opts: &LatentOptions) -> Result<Latent> {
         let (csr, cov) = self.prepare(cells, true)?;
         seed_torch(opts.seed);
-        let z = infer::latent(&self.vae, &VaeData::new(&csr, &cov), opts.give_mean);
+        let z = infer::latent(&self.vae, &VaeData::for_encoding(&csr, &cov), opts.give_mean);
         Ok(Latent { joint: Matrix::new(csr.n_rows, self.meta.config.n_latent, z), parts: vec![] })
     }
 
@@ -173,7 +175,7 @@ impl FittedModel for VaeModel {
         let targets = codes_of(&opts.transform_batch, &self.meta.batch_levels, "`transform_batch`")?;
         let (csr, cov) = self.prepare(cells, false)?;
         seed_torch(opts.seed);
-        let data = VaeData::new(&csr, &cov);
+        let data = VaeData::for_encoding(&csr, &cov);
         let x = infer::expression(&self.vae, &data, &targets, opts.library_size, opts.n_samples.max(1));
         Ok(Matrix::new(csr.n_rows, self.meta.config.n_genes, x))
     }
@@ -191,7 +193,7 @@ impl FittedModel for VaeModel {
     fn sample_counts(&self, cells: Cells, n_samples: usize, seed: u64) -> Result<Vec<Csr>> {
         let (csr, cov) = self.prepare(cells, false)?;
         seed_torch(seed);
-        let data = VaeData::new(&csr, &cov);
+        let data = VaeData::for_encoding(&csr, &cov);
         Ok((0..n_samples.max(1)).map(|_| infer::sample_counts(&self.vae, &data)).collect())
     }
 
