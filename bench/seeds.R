@@ -6,14 +6,16 @@
 # seeds; this script measures that spread.
 #
 #   Rscript bench/seeds.R [--model vae|distill] [--data sim_confounded,sim_rare] [--seeds 1,2,3]
-#                         [--norms layer,batch] [--scib] [--threads 2] [--seed 3] [--sim-cells 12000]
+#                         [--norms layer,batch] [--input-scales 1e4,1e6] [--scib] [--threads 2] [--seed 3] [--sim-cells 12000]
 #
 # --seed and --sim-cells make the data as bench/quality.R does (--data may
 # also name cellbench). For each data set and model seed s:
 #   --model vae (default): fit_vae(seed = s) in this process and
 #     bench/peers.py scvi --seed s (scvi.settings.seed) in the peers' venv;
 #   --model distill: distill(seed = s) once per --norms value (the encoder's
-#     norm; default the package's default only), its teacher (teacher_s), and
+#     norm; default the package's default only) and per --input-scales
+#     value (distill(input_scale_factor =); default the package's), its
+#     teacher (teacher_s), and
 #     bench/peers.py scdistill_py --seed s (torch and numpy seeds).
 # Everything is scored in one integration_metrics() call (pre: run_pca() of
 # the same genes); with --scib also by scib-metrics' Benchmarker
@@ -27,6 +29,7 @@ if (!model %in% c("vae", "distill")) stop("--model must be vae or distill")
 data_sets <- strsplit(bench_option(args, "--data", "sim_confounded,sim_rare", as = identity), ",")[[1]]
 seeds <- as.integer(strsplit(bench_option(args, "--seeds", "1,2,3", as = identity), ",")[[1]])
 norms <- strsplit(bench_option(args, "--norms", NA_character_, as = identity), ",")[[1]]
+input_scales <- strsplit(bench_option(args, "--input-scales", NA_character_, as = identity), ",")[[1]]
 with_scib <- "--scib" %in% args
 threads <- bench_option(args, "--threads", 2L)
 seed <- bench_option(args, "--seed", 3L)
@@ -70,10 +73,12 @@ for (name in data_sets) {
       embs[[paste0("fit_vae_", s)]] <- latent(m, d$counts)
       embs[[paste0("scvi_", s)]] <- peer("scvi", work, s)
     } else {
-      for (nm in norms) {
+      for (nm in norms) for (sf in input_scales) {
         m <- do.call(distill, c(list(d$counts, batch = d$batch, seed = s, threads = threads, progress = FALSE),
-                                if (!is.na(nm)) list(norm = nm)))
-        embs[[paste0("distill", if (!is.na(nm)) paste0("_", nm), "_", s)]] <- m$latent
+                                if (!is.na(nm)) list(norm = nm),
+                                if (!is.na(sf)) list(input_scale_factor = as.numeric(sf))))
+        embs[[paste0("distill", if (!is.na(nm)) paste0("_", nm), if (!is.na(sf)) paste0("_sf", sf), "_", s)]] <-
+          m$latent
       }
       embs[[paste0("teacher_", s)]] <- teacher_latent(m)
       embs[[paste0("scdistill_py_", s)]] <- peer("scdistill_py", work, s)

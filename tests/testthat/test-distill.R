@@ -33,7 +33,7 @@ test_that("the student learns the teacher: cell lines apart, plates mixed", {
   expect_lt(min(h1$validation_elbo), 0.6 * h1$validation_elbo[1])
   expect_lt(tail(h2$validation_elbo, 1), h2$validation_elbo[1])
   expect_length(h2$epoch, 30)
-  expect_match(capture.output(print(m))[1], "1,000 input genes -> 10 latent dimensions -> 3,000 genes")
+  expect_match(capture.output(print(m))[1], "1,000 input genes \\(log2 CPM\\) -> 10 latent dimensions -> 3,000 genes")
   # Placing the training cells again gives the stored latent space.
   expect_equal(latent(m, sce), z, tolerance = 1e-6)
 })
@@ -133,6 +133,18 @@ test_that("models save, load and place new cells; same seed, same model", {
   expect_identical(a$info$config$norm, "batch")
   save_model(a, f, overwrite = TRUE)
   expect_equal(latent(load_model(f), sce), latent(a), tolerance = 1e-6)
+  # The encoder's input scale: recorded, it matters, and a loaded model
+  # reads new cells as it was fitted (1e5, not the 1e6 of the default and
+  # of files that have none).
+  expect_equal(m$info$config$input_scale_factor, 1e6)
+  e5 <- distill_small(max_epochs_encoder = 3, max_epochs_decoder = 2, seed = 5, norm = "batch",
+                      input_scale_factor = 1e5)
+  expect_equal(e5$info$config$input_scale_factor, 1e5)
+  expect_output(print(e5), "input genes \\(log2 per 100,000\\)")
+  expect_gt(max(abs(latent(e5) - latent(a))), 1e-3)
+  save_model(e5, f, overwrite = TRUE)
+  expect_equal(latent(load_model(f), sce), latent(e5), tolerance = 1e-6)
+  expect_error(distill_small(input_scale_factor = 0), "input_scale_factor")
   expect_error(sample_counts(m, sce), "not available for distilled models")
 })
 

@@ -117,7 +117,7 @@ fn distill(a: &[String]) {
         let s = simulate(&p).unwrap();
         let genes: Vec<usize> = (0..n_genes).collect();
         let t0 = Instant::now();
-        let r = pca(&encoder_input(&s.counts, &genes), &PcaParams::default(), &|| false).unwrap();
+        let r = pca(&encoder_input(&s.counts, &genes, 1e6), &PcaParams::default(), &|| false).unwrap();
         let d = r.scores.ncols();
         let z: Vec<f64> = (0..n_cells).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| r.scores[(i, j)]).collect();
         let teacher_s = t0.elapsed().as_secs_f64();

@@ -34,7 +34,7 @@ const CHUNK: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DistillConfig {
-    /// Genes the encoder reads (log2 CPM).
+    /// Genes the encoder reads (log-normalized, `input_scale_factor`).
     pub n_input: usize,
     /// Genes the decoder writes.
     pub n_genes: usize,
@@ -55,6 +55,15 @@ pub struct DistillConfig {
     /// The encoder's target; models saved before it existed learned `Cell`.
     #[serde(default = "Target::cell")]
     pub target: Target,
+    /// The encoder reads log2(count / library · `input_scale_factor` + 1)
+    /// of its genes: log2 CPM by default (10^6), as every model saved
+    /// before the setting existed.
+    #[serde(default = "per_million")]
+    pub input_scale_factor: f64,
+}
+
+fn per_million() -> f64 {
+    1e6
 }
 
 /// How the teacher's Z* is standardized into the encoder's target.
@@ -95,6 +104,7 @@ impl Default for DistillConfig {
             n_batch: 1,
             batch_embedding: 10,
             target: Target::Global,
+            input_scale_factor: per_million(),
         }
     }
 }
@@ -113,7 +123,9 @@ impl DistillConfig {
         check_param(self.n_layers >= 1, "n_layers", "must be at least 1")?;
         check_param((0.0..1.0).contains(&self.dropout), "dropout", "must be in [0, 1)")?;
         check_param(self.n_batch >= 1, "n_batch", "must be at least 1")?;
-        check_param(self.batch_embedding >= 1, "batch_embedding", "must be at least 1")
+        check_param(self.batch_embedding >= 1, "batch_embedding", "must be at least 1")?;
+        let sf = self.input_scale_factor;
+        check_param(sf.is_finite() && sf > 0.0, "input_scale_factor", "must be a positive number")
     }
 }
 
@@ -493,11 +505,12 @@ pub use super::LatentOut;
 
 /// A student's training cells as both phases read them.
 enum TrainingCells<'a> {
-    /// log2 CPM of the encoder's genes, and the decoder genes' counts.
+    /// The encoder's input (log-normalized), and the decoder genes' counts.
     Memory { input: Csr, counts: Csr },
-    /// Counts on disk, streamed; `scale` is 10^6 / each cell's library
-    /// size (over all the matrix's genes); `position` each gene's column in
-    /// the encoder's input (`u32::MAX`: none); `decoder_genes` `None`: all.
+    /// Counts on disk, streamed; `scale` is `input_scale_factor` / each
+    /// cell's library size (over all the matrix's genes); `position` each
+    /// gene's column in the encoder's input (`u32::MAX`: none);
+    /// `decoder_genes` `None`: all.
     Disk {
         disk: &'a DiskCsr,
         input_genes: &'a [usize],
@@ -512,7 +525,7 @@ enum TrainingCells<'a> {
 /// an epoch 1.8 times as long as from memory). It differs from the f64
 /// value in memory by an ulp or two.
 #[inline]
-fn log2_cpm_f32(count: f32, scale: f64) -> f32 {
+fn log_normalized_f32(count: f32, scale: f64) -> f32 {
     (count * scale as f32 + 1.0).log2()
 }
 
@@ -531,7 +544,7 @@ impl TrainingCells<'_> {
     /// log2(CPM + 1) of the encoder's genes of `raw`, the counts on disk
     /// of the cells `rows` (the library sizes over all genes, as in memory).
     fn input_of(input_genes: &[usize], scale: &[f64], raw: &Csr, rows: &[usize]) -> Csr {
-        raw.select_columns(input_genes).map_values(|r, v| log2_cpm_f32(v, scale[rows[r]]))
+        raw.select_columns(input_genes).map_values(|r, v| log_normalized_f32(v, scale[rows[r]]))
     }
 
     /// The encoder's input of `rows`, read from the epoch's stream when
@@ -549,7 +562,7 @@ impl TrainingCells<'_> {
                         for (&j, &v) in idx.iter().zip(val) {
                             let k = position[j as usize];
                             if k != u32::MAX {
-                                dst[k as usize] = log2_cpm_f32(v, scale[rows[r]]);
+                                dst[k as usize] = log_normalized_f32(v, scale[rows[r]]);
                             }
                         }
                     }
@@ -966,9 +979,10 @@ impl DistillCounts<'_> {
     }
 }
 
-/// log2(CPM + 1) of the columns `keep`, with library sizes over all genes.
-pub fn encoder_input(counts: &CountMatrix, keep: &[usize]) -> Csr {
-    crate::prep::log2_cpm(counts).select_columns(keep)
+/// log2(count / library · `scale_factor` + 1) of the columns `keep`, with
+/// library sizes over all genes.
+pub fn encoder_input(counts: &CountMatrix, keep: &[usize], scale_factor: f64) -> Csr {
+    crate::prep::log_normalized(counts, scale_factor).select_columns(keep)
 }
 
 impl DistillModel {
@@ -1067,7 +1081,7 @@ impl DistillModel {
         };
         let cells = match data.counts {
             DistillCounts::Memory(m) => TrainingCells::Memory {
-                input: encoder_input(m, data.input_genes),
+                input: encoder_input(m, data.input_genes, config.input_scale_factor),
                 counts: m.csr.select_columns(data.decoder_genes),
             },
             DistillCounts::Disk { disk, library, .. } => {
@@ -1085,7 +1099,7 @@ impl DistillModel {
                     input_genes: data.input_genes,
                     position,
                     decoder_genes: (!all).then_some(data.decoder_genes),
-                    scale: library.iter().map(|&l| 1e6 / l).collect(),
+                    scale: library.iter().map(|&l| config.input_scale_factor / l).collect(),
                 }
             }
         };
@@ -1190,11 +1204,11 @@ impl DistillModel {
         Ok(DistillModel { meta, student })
     }
 
-    /// Encoder input of new cells: log2 CPM (library over all their genes)
+    /// Encoder input of new cells: log-normalized as in training (library over all their genes)
     /// of the model's input genes, matched by name.
     pub fn input_for(&self, counts: &CountMatrix) -> Result<Csr> {
         let keep = counts.columns_of(&self.meta.input_genes, "input ")?;
-        Ok(encoder_input(counts, &keep))
+        Ok(encoder_input(counts, &keep, self.meta.config.input_scale_factor))
     }
 
     /// Latent Z of every cell, row-major `[n, n_latent]`.

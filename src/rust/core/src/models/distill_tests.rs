@@ -164,16 +164,21 @@ fn the_student_keeps_clusters_that_lie_along_one_direction() {
 }
 
 #[test]
-fn models_saved_before_the_target_setting_learned_per_cell_targets_with_one_width() {
+fn models_saved_before_a_setting_existed_read_as_they_were_fitted() {
     let mut v = serde_json::to_value(DistillConfig::default()).unwrap();
     assert_eq!(v["target"], "global");
     assert_eq!(v["n_hidden_decoder"], 128);
-    v.as_object_mut().unwrap().remove("target");
-    v.as_object_mut().unwrap().remove("n_hidden_decoder");
+    assert_eq!(v["input_scale_factor"], 1e6);
+    for key in ["target", "n_hidden_decoder", "input_scale_factor"] {
+        v.as_object_mut().unwrap().remove(key);
+    }
     let old: DistillConfig = serde_json::from_value(v).unwrap();
+    // Per-cell targets, one width for both networks, and log2 CPM input.
     assert_eq!(old.target, Target::Cell);
-    // One width for both networks, as before the two could differ.
     assert_eq!(old.decoder_width(), old.n_hidden);
+    assert_eq!(old.input_scale_factor, 1e6);
+    let zero = DistillConfig { n_input: 1, n_genes: 1, n_latent: 2, input_scale_factor: 0.0, ..Default::default() };
+    assert!(zero.check().unwrap_err().to_string().contains("input_scale_factor"));
 }
 
 #[test]
@@ -199,6 +204,20 @@ fn same_seed_same_model_and_files_round_trip() {
     let old: DistillMeta = serde_json::from_value(old).unwrap();
     assert_eq!(old.teacher_protects, None);
     assert_eq!(back.latent(&s.counts).unwrap(), a.latent(&s.counts).unwrap());
+    // The encoder reads log2(count / library · 10^6 + 1), library over all
+    // genes; a loaded model as it was fitted.
+    assert_eq!(back.meta.config.input_scale_factor, 1e6);
+    let x = back.input_for(&s.counts).unwrap();
+    for r in [0, 150, 299] {
+        let (cols, counts) = s.counts.csr.row(r);
+        let library: f64 = counts.iter().map(|&c| f64::from(c)).sum();
+        let (x_cols, x_values) = x.row(r);
+        assert_eq!(x_cols, cols);
+        for (&v, &c) in x_values.iter().zip(counts) {
+            let by_hand = (f64::from(c) / library * 1e6 + 1.0).log2();
+            assert!((f64::from(v) - by_hand).abs() < 1e-5, "cell {r}: {v} against {by_hand}");
+        }
+    }
     assert_eq!(back.corrected(&s.counts, &[1]).unwrap(), a.corrected(&s.counts, &[1]).unwrap());
     // The encoder did not move in phase 2: Z equals phase 1's best.
     assert_eq!(a.meta.history_decoder.len(), 3);
