@@ -23,8 +23,9 @@
 #'   counts per `scale_factor` + 1 (`"log"`, default), the same per 10^6
 #'   (`"log2cpm"`, the default of earlier versions), or analytic Pearson
 #'   residuals (`"pearson_residuals"`). The encoder reads log2 CPM either
-#'   way (see [distill()]'s `input_scale_factor`). (Formerly `pca_method`, with `"standard"` for `"log2cpm"`; both are
-#'   still accepted, with a warning.)
+#'   way (see [distill()]'s `input_scale_factor`). (Formerly `pca_method`,
+#'   with `"standard"` for `"log2cpm"`; both are still accepted, with a
+#'   warning.)
 #' @param sketch Harmony is fitted on a sample of this many cells when the
 #'   data have more, and the other cells are corrected by the fit (see
 #'   [run_harmony()]'s `sketch`): the teacher's memory then stops growing

@@ -541,8 +541,9 @@ impl TrainingCells<'_> {
         }
     }
 
-    /// log2(CPM + 1) of the encoder's genes of `raw`, the counts on disk
-    /// of the cells `rows` (the library sizes over all genes, as in memory).
+    /// The encoder's input (log-normalized by `scale`) of the encoder's genes
+    /// of `raw`, the counts on disk of the cells `rows` (the library sizes
+    /// over all genes, as in memory).
     fn input_of(input_genes: &[usize], scale: &[f64], raw: &Csr, rows: &[usize]) -> Csr {
         raw.select_columns(input_genes).map_values(|r, v| log_normalized_f32(v, scale[rows[r]]))
     }
@@ -1204,8 +1205,8 @@ impl DistillModel {
         Ok(DistillModel { meta, student })
     }
 
-    /// Encoder input of new cells: log-normalized as in training (library over all their genes)
-    /// of the model's input genes, matched by name.
+    /// Encoder input of new cells: the model's input genes, matched by
+    /// name, log-normalized as in training (library over all their genes).
     pub fn input_for(&self, counts: &CountMatrix) -> Result<Csr> {
         let keep = counts.columns_of(&self.meta.input_genes, "input ")?;
         Ok(encoder_input(counts, &keep, self.meta.config.input_scale_factor))

@@ -72,7 +72,8 @@ impl SpeciesModel {
     /// and `batch` as fitted): no gene matching, no copy of the counts.
     pub fn training_latent(&self, s: Species, counts: &Csr, batch: &Categorical) -> Result<Matrix> {
         let cov = Covariates::new(batch.clone(), vec![], vec![])?;
-        let reps = encode_all(self.side(s), self.inner_of(s), &VaeData::for_encoding(counts, &cov), self.device(), false);
+        let reps =
+            encode_all(self.side(s), self.inner_of(s), &VaeData::for_encoding(counts, &cov), self.device(), false);
         let values: Vec<f32> = Vec::try_from(reps.mean.to_device(Device::Cpu).flatten(0, -1))?;
         Ok(Matrix::new(counts.n_rows, self.meta.config.n_latent, values))
     }
