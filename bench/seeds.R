@@ -6,7 +6,7 @@
 # seeds; this script measures that spread.
 #
 #   Rscript bench/seeds.R [--model vae|distill] [--data sim_confounded,sim_rare] [--seeds 1,2,3]
-#                         [--norms layer,batch] [--input-scales 1e4,1e6] [--scib] [--threads 2] [--seed 3] [--sim-cells 12000]
+#                         [--norms layer,batch] [--input-scales 1e4,1e6] [--n-pcs 30,50] [--scib] [--threads 2] [--seed 3] [--sim-cells 12000]
 #
 # --seed and --sim-cells make the data as bench/quality.R does (--data may
 # also name cellbench). For each data set and model seed s:
@@ -14,8 +14,9 @@
 #     bench/peers.py scvi --seed s (scvi.settings.seed) in the peers' venv;
 #   --model distill: distill(seed = s) once per --norms value (the encoder's
 #     norm; default the package's default only) and per --input-scales
-#     value (distill(input_scale_factor =); default the package's), its
-#     teacher (teacher_s), and
+#     value (distill(input_scale_factor =); default the package's) and per
+#     --n-pcs value (harmony_teacher(n_pcs =); default the package's), its
+#     teacher (teacher_s, or teacher_pcsN_s per --n-pcs value), and
 #     bench/peers.py scdistill_py --seed s (torch and numpy seeds).
 # Everything is scored in one integration_metrics() call (pre: run_pca() of
 # the same genes); with --scib also by scib-metrics' Benchmarker
@@ -30,6 +31,7 @@ data_sets <- strsplit(bench_option(args, "--data", "sim_confounded,sim_rare", as
 seeds <- as.integer(strsplit(bench_option(args, "--seeds", "1,2,3", as = identity), ",")[[1]])
 norms <- strsplit(bench_option(args, "--norms", NA_character_, as = identity), ",")[[1]]
 input_scales <- strsplit(bench_option(args, "--input-scales", NA_character_, as = identity), ",")[[1]]
+n_pcs <- as.integer(strsplit(bench_option(args, "--n-pcs", NA_character_, as = identity), ",")[[1]])
 with_scib <- "--scib" %in% args
 threads <- bench_option(args, "--threads", 2L)
 seed <- bench_option(args, "--seed", 3L)
@@ -73,14 +75,18 @@ for (name in data_sets) {
       embs[[paste0("fit_vae_", s)]] <- latent(m, d$counts)
       embs[[paste0("scvi_", s)]] <- peer("scvi", work, s)
     } else {
-      for (nm in norms) for (sf in input_scales) {
-        m <- do.call(distill, c(list(d$counts, batch = d$batch, seed = s, threads = threads, progress = FALSE),
-                                if (!is.na(nm)) list(norm = nm),
-                                if (!is.na(sf)) list(input_scale_factor = as.numeric(sf))))
-        embs[[paste0("distill", if (!is.na(nm)) paste0("_", nm), if (!is.na(sf)) paste0("_sf", sf), "_", s)]] <-
-          m$latent
+      for (np in n_pcs) {
+        pcs <- if (!is.na(np)) paste0("_pcs", np) else ""
+        for (nm in norms) for (sf in input_scales) {
+          m <- do.call(distill, c(list(d$counts, batch = d$batch, seed = s, threads = threads, progress = FALSE),
+                                  if (!is.na(nm)) list(norm = nm),
+                                  if (!is.na(sf)) list(input_scale_factor = as.numeric(sf)),
+                                  if (!is.na(np)) list(teacher = harmony_teacher(n_pcs = np))))
+          embs[[paste0("distill", if (!is.na(nm)) paste0("_", nm), if (!is.na(sf)) paste0("_sf", sf), pcs, "_", s)]] <-
+            m$latent
+        }
+        embs[[paste0("teacher", pcs, "_", s)]] <- teacher_latent(m)
       }
-      embs[[paste0("teacher_", s)]] <- teacher_latent(m)
       embs[[paste0("scdistill_py_", s)]] <- peer("scdistill_py", work, s)
     }
   }
