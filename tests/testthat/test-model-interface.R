@@ -226,7 +226,7 @@ test_that("harmony_teacher() takes run_pca()'s `method`; `pca_method` still work
   expect_identical(t[c("method", "scale_factor")], list(method = "log", scale_factor = 1e6))
   # The default: log2 counts per 10^4 + 1, named in what the teacher prints.
   expect_identical(harmony_teacher()[c("method", "scale_factor")], list(method = "log", scale_factor = 1e4))
-  expect_output(print(harmony_teacher()), "50 PCs \\(log2 CP10k\\)")
+  expect_output(print(harmony_teacher()), "30 PCs \\(log2 CP10k\\)")
   expect_output(print(harmony_teacher(method = "log2cpm")), "\\(log2 CPM\\)")
   expect_output(print(harmony_teacher(scale_factor = 5000)), "\\(log2 per 5,000\\)")
 })
