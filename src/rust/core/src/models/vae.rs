@@ -267,23 +267,19 @@ pub struct VaeData<'a> {
 
 impl<'a> VaeData<'a> {
     pub fn new(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
-        let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
-        let log_factorial = super::log_factorial(counts);
-        VaeData { counts: Rows::Memory(counts), covariates, log_library, log_factorial, resident: None }
+        Self::in_memory(counts, covariates, super::log_factorial(counts))
     }
 
     /// As [`VaeData::new`] for passes that encode or decode but never
     /// evaluate the likelihood: Σ log x! is left at zero, not computed (one
     /// log-gamma per non-zero count).
     pub fn for_encoding(counts: &'a Csr, covariates: &'a Covariates) -> VaeData<'a> {
+        Self::in_memory(counts, covariates, vec![0.0; counts.n_rows])
+    }
+
+    fn in_memory(counts: &'a Csr, covariates: &'a Covariates, log_factorial: Vec<f32>) -> VaeData<'a> {
         let log_library = counts.row_sums().iter().map(|&s| (s.max(1.0)).ln() as f32).collect();
-        VaeData {
-            counts: Rows::Memory(counts),
-            covariates,
-            log_library,
-            log_factorial: vec![0.0; counts.n_rows],
-            resident: None,
-        }
+        VaeData { counts: Rows::Memory(counts), covariates, log_library, log_factorial, resident: None }
     }
 
     /// Data on disk, with the per-cell totals of a pass over it.
